@@ -1,0 +1,91 @@
+//! `outpost-control`: one member of the Outpost control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use outpost_control::store::{Compaction, Config, Store};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "One member of the Outpost control plane")]
+struct Args {
+    /// This member's id, unique in the cluster.
+    #[arg(long, default_value_t = 1, env = "OUTPOST_ID")]
+    id: u64,
+    /// Where the store and certificates live.
+    #[arg(long, default_value = ".outpost/control", env = "OUTPOST_DATA_DIR")]
+    data_dir: PathBuf,
+    /// UDP address for member (Raft) traffic.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    peer_listen: SocketAddr,
+    /// Address other members reach this one at (defaults to --peer-listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// TCP address of the admin interface (keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:7481")]
+    admin_listen: SocketAddr,
+    /// Directory holding the peer CA (defaults to DATA_DIR/pki).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// Join the cluster through this member's peer address instead of starting a new one.
+    #[arg(long)]
+    join: Option<String>,
+    /// Keep this many revisions of watch history (instead of --retain-seconds).
+    #[arg(long)]
+    retain_revisions: Option<u64>,
+    /// Keep watch history for this long.
+    #[arg(long, default_value_t = 300)]
+    retain_seconds: u64,
+    /// Build a snapshot every this many log entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
+    /// Log entries kept behind a snapshot.
+    #[arg(long, default_value_t = 1_000)]
+    keep_logs: u64,
+    /// Raft election timeout in milliseconds.
+    #[arg(long, default_value_t = 800)]
+    election_ms: u64,
+    /// Seconds between watch progress notifications.
+    #[arg(long, default_value_t = 5)]
+    progress_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .init();
+    let a = Args::parse();
+    let mut cfg = Config::new(a.id, &a.data_dir, a.peer_listen);
+    cfg.advertise = a.advertise;
+    cfg.pki_dir = a.pki_dir;
+    cfg.join = a.join;
+    cfg.compaction = match a.retain_revisions {
+        Some(n) => Compaction::Revisions(n),
+        None => Compaction::Age(Duration::from_secs(a.retain_seconds)),
+    };
+    cfg.snapshot_every = a.snapshot_every;
+    cfg.keep_logs = a.keep_logs;
+    cfg.election_timeout = Duration::from_millis(a.election_ms);
+    cfg.heartbeat = Duration::from_millis((a.election_ms / 8).max(20));
+    cfg.progress_every = Duration::from_secs(a.progress_seconds.max(1));
+    let store = Store::open(cfg)
+        .await
+        .with_context(|| format!("starting the store in {}", a.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(a.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin interface on {}", a.admin_listen))?;
+    tracing::info!(admin = %a.admin_listen, "admin interface listening");
+    let app = outpost_control::admin::router(store.clone());
+    tokio::select! {
+        r = axum::serve(listener, app) => r.context("admin interface")?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+    }
+    store.shutdown().await;
+    Ok(())
+}

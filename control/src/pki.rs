@@ -1,0 +1,185 @@
+//! Certificates for the control plane's members.
+//!
+//! Members authenticate each other with mutual TLS under a peer CA of their own, separate from
+//! the CA that will sign API and node certificates, so that no node or user certificate can
+//! ever pass for a Raft member. Files live in one directory:
+//!
+//! ```text
+//! peer-ca.crt  peer-ca.key      the peer CA (copied to each member that may issue)
+//! member.crt   member.key       this member's certificate, SAN `member.outpost`
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The name every member certificate carries and every member connects to.
+pub const MEMBER_NAME: &str = "member.outpost";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Bad { path: PathBuf, detail: String },
+    #[error("no peer CA in {0}: copy peer-ca.crt and peer-ca.key from a member of the cluster")]
+    NoCa(PathBuf),
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// A member's TLS identity and the CA it trusts.
+pub struct PeerIdentity {
+    pub ca: CertificateDer<'static>,
+    pub cert: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(data.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Create a peer CA in `dir` (which must not have one yet).
+pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "outpost peer CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = params.self_signed(&key)?;
+    write_private(&dir.join("peer-ca.key"), &key.serialize_pem())?;
+    fs::write(dir.join("peer-ca.crt"), cert.pem()).map_err(|source| PkiError::Io {
+        path: dir.join("peer-ca.crt"),
+        source,
+    })
+}
+
+/// Load this member's identity from `dir`, issuing its certificate from the CA there if it
+/// has none yet. With `create` a missing CA is generated (the first member of a cluster).
+pub fn load_or_issue(dir: &Path, create: bool) -> Result<PeerIdentity, PkiError> {
+    let ca_crt = dir.join("peer-ca.crt");
+    let ca_key = dir.join("peer-ca.key");
+    if !ca_crt.exists() {
+        if !create {
+            return Err(PkiError::NoCa(dir.into()));
+        }
+        create_ca(dir)?;
+    }
+    let crt = dir.join("member.crt");
+    let key = dir.join("member.key");
+    if !crt.exists() || !key.exists() {
+        let ca_pem = read(&ca_crt)?;
+        let ca_key_pair = KeyPair::from_pem(&read(&ca_key)?).map_err(|e| PkiError::Bad {
+            path: ca_key.clone(),
+            detail: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)?;
+        let member_key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![MEMBER_NAME.to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, MEMBER_NAME);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&member_key, &issuer)?;
+        // Write the key first: a crash between the two leaves no certificate without its key.
+        let _ = fs::remove_file(&key);
+        write_private(&key, &member_key.serialize_pem())?;
+        fs::write(&crt, cert.pem()).map_err(|source| PkiError::Io {
+            path: crt.clone(),
+            source,
+        })?;
+    }
+    let bad = |path: &Path, e: rustls::pki_types::pem::Error| PkiError::Bad {
+        path: path.into(),
+        detail: e.to_string(),
+    };
+    Ok(PeerIdentity {
+        ca: CertificateDer::from_pem_slice(read(&ca_crt)?.as_bytes())
+            .map_err(|e| bad(&ca_crt, e))?,
+        cert: CertificateDer::from_pem_slice(read(&crt)?.as_bytes()).map_err(|e| bad(&crt, e))?,
+        key: PrivateKeyDer::from_pem_slice(read(&key)?.as_bytes()).map_err(|e| bad(&key, e))?,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(id: &PeerIdentity) -> Result<Arc<rustls::RootCertStore>, PkiError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(id.ca.clone())
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    Ok(Arc::new(roots))
+}
+
+/// Server side: present our certificate, require a client certificate from the peer CA.
+pub fn server_config(id: &PeerIdentity, alpn: &[u8]) -> Result<rustls::ServerConfig, PkiError> {
+    let tls = |e: rustls::Error| PkiError::Tls(e.to_string());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, provider())
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// Client side: trust only the peer CA, present our certificate.
+pub fn client_config(id: &PeerIdentity, alpn: &[u8]) -> Result<rustls::ClientConfig, PkiError> {
+    let tls = |e: rustls::Error| PkiError::Tls(e.to_string());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_root_certificates(roots(id)?)
+        .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}

@@ -1,0 +1,274 @@
+//! The store against openraft's storage suite, across close and reopen, and its watch and
+//! snapshot contracts, in process with real fjall on disk and real QUIC on loopback.
+
+use std::time::Duration;
+
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::StorageError;
+use outpost_api::store::{Expect, Outcome};
+use outpost_control::store::log::{LogStore, Syncer};
+use outpost_control::store::sm::{self, StateMachine};
+use outpost_control::store::watch::Hub;
+use outpost_control::store::{
+    Compaction, Config, Consistency, Error, Store, TypeConfig, WatchItem,
+};
+use tempfile::TempDir;
+
+struct Fjall;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Fjall {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
+        let io = |e: String| {
+            StorageError::from(openraft::StorageIOError::read(&std::io::Error::other(e)))
+        };
+        let dir = TempDir::new().map_err(|e| io(e.to_string()))?;
+        let db = fjall::Database::builder(dir.path().join("db"))
+            .open()
+            .map_err(|e| io(e.to_string()))?;
+        let syncer = Syncer::start(db.clone());
+        let log = LogStore::open(&db, syncer.clone()).map_err(|e| io(e.to_string()))?;
+        let sm = StateMachine::open(&db, dir.path(), syncer, Hub::default())
+            .map_err(|e| io(e.to_string()))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
+    Suite::test_all(Fjall)
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut c = Config::new(1, dir, "127.0.0.1:0".parse().expect("addr"));
+    c.election_timeout = Duration::from_millis(150);
+    c.heartbeat = Duration::from_millis(30);
+    c
+}
+
+fn committed(o: &Outcome) -> u64 {
+    match o {
+        Outcome::Committed { revision, .. } => *revision,
+        other => panic!("expected a commit, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reopen_keeps_every_acknowledged_write() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    let mut last = 0;
+    for i in 0..200 {
+        last = committed(
+            &store
+                .put(
+                    &format!("/k/{i:03}"),
+                    format!("v{i}").into_bytes(),
+                    Expect::Any,
+                )
+                .await?,
+        );
+    }
+    let before = store.hash().await?;
+    store.shutdown().await;
+    drop(store);
+
+    let store = Store::open(config(dir.path())).await?;
+    let r = store
+        .range("/k/", None, 0, Consistency::Linearizable)
+        .await?;
+    assert_eq!(r.kvs.len(), 200);
+    assert_eq!(r.revision, last);
+    assert_eq!(store.hash().await?, before);
+    let kv = store
+        .get("/k/007", Consistency::Linearizable)
+        .await?
+        .expect("key 7");
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision, kv.version),
+        (&b"v7"[..], 8, 1)
+    );
+    // Revisions go on from where they were.
+    assert_eq!(
+        committed(&store.put("/k/new", vec![], Expect::Absent).await?),
+        last + 1
+    );
+    store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn compare_and_swap_and_paged_range() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    let r1 = committed(&store.put("/a", b"1".to_vec(), Expect::Absent).await?);
+    assert!(matches!(
+        store.put("/a", b"x".to_vec(), Expect::Absent).await?,
+        Outcome::Failed { op: 0, .. }
+    ));
+    assert!(matches!(
+        store
+            .put("/a", b"x".to_vec(), Expect::ModRevision(r1 + 5))
+            .await?,
+        Outcome::Failed { .. }
+    ));
+    let r2 = committed(
+        &store
+            .put("/a", b"2".to_vec(), Expect::ModRevision(r1))
+            .await?,
+    );
+    assert_eq!(r2, r1 + 1);
+    for i in 0..25 {
+        store
+            .put(&format!("/p/{i:02}"), vec![], Expect::Any)
+            .await?;
+    }
+    store.put("/q", vec![], Expect::Any).await?;
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .range("/p/", after.as_deref(), 10, Consistency::Serializable)
+            .await?;
+        seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+        if !page.more {
+            break;
+        }
+        after = page.kvs.last().map(|kv| kv.key.clone());
+    }
+    let want: Vec<String> = (0..25).map(|i| format!("/p/{i:02}")).collect();
+    assert_eq!(seen, want);
+    store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_resumes_exactly_once_and_reports_compaction() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let mut cfg = config(dir.path());
+    cfg.compaction = Compaction::Revisions(1_000_000);
+    cfg.progress_every = Duration::from_secs(1);
+    let store = Store::open(cfg).await?;
+    for i in 0..10 {
+        store.put(&format!("/w/{i}"), vec![], Expect::Any).await?;
+        store
+            .put(&format!("/other/{i}"), vec![], Expect::Any)
+            .await?;
+    }
+    // From the start: every /w/ revision once, in order, then live ones.
+    let mut w = store.watch("/w/", 0).await?;
+    let mut revs = Vec::new();
+    for _ in 0..10 {
+        match w.next().await {
+            Some(WatchItem::Revision(r)) => revs.push(r.revision),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(revs, (0..10).map(|i| 1 + 2 * i).collect::<Vec<u64>>());
+    let live = committed(&store.put("/w/live", vec![], Expect::Any).await?);
+    match tokio::time::timeout(Duration::from_secs(5), w.next()).await? {
+        Some(WatchItem::Revision(r)) => assert_eq!(r.revision, live),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Idle: a progress notification at the current revision.
+    match tokio::time::timeout(Duration::from_secs(5), w.next()).await? {
+        Some(WatchItem::Progress(p)) => assert_eq!(p, live),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Resume after revision 9: /w/ writes 11, 13, ..., 19, then the live one.
+    let mut w = store.watch("/w/", 9).await?;
+    for want in [11, 13, 15, 17, 19, live] {
+        match w.next().await {
+            Some(WatchItem::Revision(r)) => assert_eq!(r.revision, want),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Compact, then a watch from before the compaction point fails distinctly.
+    store
+        .write(outpost_api::store::Command::Compact { revision: 12 })
+        .await?;
+    match store.watch("/w/", 5).await {
+        Err(Error::Compacted {
+            requested: 5,
+            compacted: 12,
+        }) => {}
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("watch from a compacted revision must fail"),
+    }
+    let mut w = store.watch("/w/", 12).await?;
+    match w.next().await {
+        Some(WatchItem::Revision(r)) => assert_eq!(r.revision, 13),
+        other => panic!("unexpected {other:?}"),
+    }
+    store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn automatic_compaction_by_revisions() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let mut cfg = config(dir.path());
+    cfg.compaction = Compaction::Revisions(10);
+    let store = Store::open(cfg).await?;
+    for i in 0..50 {
+        store.put(&format!("/c/{i}"), vec![], Expect::Any).await?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.status().compacted < 40 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic compaction: {:?}",
+            store.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        store.watch("", 1).await,
+        Err(Error::Compacted { .. })
+    ));
+    store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshot_survives_reopen_and_corruption_is_refused() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    for i in 0..100 {
+        store
+            .put(&format!("/s/{i}"), vec![b'x'; 100], Expect::Any)
+            .await?;
+    }
+    store.snapshot().await?;
+    let snap_dir = dir.path().join("snapshots");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let file = loop {
+        let found = std::fs::read_dir(&snap_dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "snap"));
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(std::time::Instant::now() < deadline, "no snapshot built");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sm::verify(&file)?;
+    let hash = store.hash().await?;
+    store.shutdown().await;
+    drop(store);
+    let store = Store::open(config(dir.path())).await?;
+    assert_eq!(store.hash().await?, hash);
+    store.shutdown().await;
+
+    // One flipped byte in a copy of the snapshot: the checksum catches it.
+    let copy = dir.path().join("copy.snap");
+    let mut bytes = std::fs::read(&file)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&copy, &bytes)?;
+    let err = sm::verify(&copy).expect_err("corrupt snapshot accepted");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    std::fs::write(&copy, &bytes[..10])?;
+    assert!(sm::verify(&copy).is_err());
+    Ok(())
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building, testing and benchmarking Outpost needs on a fresh Debian 12 machine.
+# Idempotent: each step checks before it installs. Run as root (or with sudo available).
+set -euo pipefail
+
+need_apt=()
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)   # etcd-client's build (bench)
+command -v cc >/dev/null || need_apt+=(build-essential)
+if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
+  command -v etcd >/dev/null || need_apt+=(etcd-server)
+  command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true

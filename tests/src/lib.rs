@@ -1,1 +1,302 @@
-//! placeholder
+//! Harness for the end-to-end suite: starts real Outpost processes on loopback, kills them
+//! with SIGKILL, restarts them, and talks to them from outside as a user would.
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Where the workspace's binaries are: `OUTPOST_BIN_DIR`, or beside the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("OUTPOST_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // <target>/<profile>/deps/<test> → <target>/<profile>/<name>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|p| p.join(name))
+        .expect("target directory")
+}
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port")
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+/// One `outpost-control` process.
+pub struct Member {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub peer: String,
+    pub admin: String,
+    pub extra: Vec<String>,
+    join: Option<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Member {
+    pub fn new(id: u64, root: &Path, extra: &[&str]) -> Self {
+        Member {
+            id,
+            dir: root.join(format!("m{id}")),
+            peer: format!("127.0.0.1:{}", free_udp_port()),
+            admin: format!("127.0.0.1:{}", free_tcp_port()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            join: None,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Start the process; `join` names a member to join through on first start.
+    pub fn start(&mut self, join: Option<&Member>) -> anyhow::Result<()> {
+        if let Some(j) = join {
+            self.join = Some(j.peer.clone());
+            // A new member gets the cluster's peer CA, as an operator would copy it.
+            let pki = self.dir.join("pki");
+            std::fs::create_dir_all(&pki)?;
+            for f in ["peer-ca.crt", "peer-ca.key"] {
+                let to = pki.join(f);
+                if !to.exists() {
+                    std::fs::copy(j.dir.join("pki").join(f), &to)?;
+                }
+            }
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.join(format!("log.{}", self.starts)))?;
+        let mut cmd = Command::new(bin("outpost-control"));
+        cmd.args(["--id", &self.id.to_string()])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--peer-listen", &self.peer, "--admin-listen", &self.admin])
+            .args(["--election-ms", "400"])
+            .args(&self.extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(j) = &self.join {
+            cmd.args(["--join", j]);
+        }
+        self.child = Some(cmd.spawn().context("spawning outpost-control")?);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Everything this member has logged, across restarts.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("log.{n}"))).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client")
+}
+
+pub async fn status(c: &reqwest::Client, m: &Member) -> anyhow::Result<Value> {
+    Ok(c.get(m.url("/v1/status"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// Wait until `f` holds, polling; fail with `what` after `secs`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last_err = String::new();
+    loop {
+        match f().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what} (last error: {last_err})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The id of the member that says it leads.
+pub async fn leader(c: &reqwest::Client, members: &[&Member]) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for m in members.iter().filter(|m| m.running()) {
+            if let Ok(s) = status(c, m).await {
+                if s["state"] == "Leader" {
+                    return s["id"].as_u64().context("leader id");
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no leader within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Start a cluster of `n` members: the first initializes it, the rest join through it.
+pub async fn cluster(root: &Path, n: u64, extra: &[&str]) -> anyhow::Result<Vec<Member>> {
+    let c = client();
+    let mut members: Vec<Member> = (1..=n).map(|id| Member::new(id, root, extra)).collect();
+    members[0].start(None)?;
+    eventually(30, "the first member", || async {
+        Ok(status(&c, &members[0]).await?["state"] == "Leader")
+    })
+    .await?;
+    for i in 1..members.len() {
+        let (head, tail) = members.split_at_mut(i);
+        tail[0].start(Some(&head[0]))?;
+    }
+    eventually(60, "all members to be voters", || async {
+        let s = status(&c, &members[0]).await?;
+        Ok(s["voters"].as_array().map_or(0, |v| v.len()) == n as usize)
+    })
+    .await?;
+    Ok(members)
+}
+
+/// Put with retries across members: the write is idempotent, so a retry after a lost reply
+/// is safe. Returns the revision from the acknowledgement.
+pub async fn put_anywhere(
+    c: &reqwest::Client,
+    members: &[&Member],
+    key: &str,
+    value: &str,
+    start: usize,
+) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = start;
+    loop {
+        let live: Vec<&&Member> = members.iter().filter(|m| m.running()).collect();
+        if !live.is_empty() {
+            let m = live[i % live.len()];
+            let res = c
+                .post(m.url("/v1/put"))
+                .json(&serde_json::json!({"key": key, "value": value}))
+                .send()
+                .await;
+            if let Ok(r) = res {
+                if r.status().is_success() {
+                    let v: Value = r.json().await?;
+                    return v["revision"].as_u64().context("revision in reply");
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("could not write {key} within a minute");
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// All keys under `prefix` as one member sees them (linearizable).
+pub async fn range(
+    c: &reqwest::Client,
+    m: &Member,
+    prefix: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let v: Value = c
+        .get(m.url("/v1/range"))
+        .query(&[("prefix", prefix)])
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(v["kvs"]
+        .as_array()
+        .context("kvs")?
+        .iter()
+        .map(|kv| {
+            (
+                kv["key"].as_str().unwrap_or_default().to_string(),
+                kv["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Wait until every running member reports the same revision and key-space hash.
+pub async fn converged(c: &reqwest::Client, members: &[&Member]) -> anyhow::Result<(u64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut seen = Vec::new();
+        for m in members.iter().filter(|m| m.running()) {
+            let r = async {
+                let v: Value = c
+                    .get(m.url("/v1/hash"))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                anyhow::Ok((
+                    v["revision"].as_u64().unwrap_or(0),
+                    v["hash"].as_str().unwrap_or("").to_string(),
+                ))
+            }
+            .await;
+            match r {
+                Ok(x) => seen.push(x),
+                Err(_) => break,
+            }
+        }
+        let all = seen.len() == members.iter().filter(|m| m.running()).count();
+        if all && !seen.is_empty() && seen.windows(2).all(|w| w[0] == w[1]) {
+            return Ok(seen[0].clone());
+        }
+        if Instant::now() > deadline {
+            bail!("members did not converge within 60s: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

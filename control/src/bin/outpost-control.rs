@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
     let mut cfg = Config::new(a.id, &a.data_dir, a.peer_listen);

@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
         Cmd::Up {

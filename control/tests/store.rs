@@ -272,3 +272,68 @@ async fn snapshot_survives_reopen_and_corruption_is_refused() -> anyhow::Result<
     assert!(sm::verify(&copy).is_err());
     Ok(())
 }
+
+/// A QUIC client endpoint presenting the member identity found in `pki`.
+fn peer_client(pki: &std::path::Path) -> anyhow::Result<quinn::Endpoint> {
+    use outpost_control::pki;
+    use outpost_control::store::net::ALPN;
+    let id = pki::load_or_issue(pki, false)?;
+    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(pki::client_config(&id, ALPN)?)?;
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(tls)));
+    Ok(ep)
+}
+
+#[tokio::test]
+async fn peer_from_another_cluster_is_refused() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    let addr: std::net::SocketAddr = store.status().addr.parse()?;
+
+    let other = TempDir::new()?;
+    outpost_control::pki::create_ca(other.path())?;
+    let ep = peer_client(other.path())?;
+    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, outpost_control::pki::MEMBER_NAME)?).await?;
+    assert!(conn.is_err(), "a certificate from another cluster's CA must not connect");
+
+    // The member is unharmed.
+    assert!(matches!(store.put("/after", vec![], Expect::Any).await?, Outcome::Committed { .. }));
+    store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbled_and_oversized_frames_are_refused() -> anyhow::Result<()> {
+    use outpost_control::store::net::{read_frame, Reply};
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    let addr: std::net::SocketAddr = store.status().addr.parse()?;
+
+    // A legitimate peer certificate, so the frames themselves are what is judged.
+    let peer = TempDir::new()?;
+    for f in ["peer-ca.crt", "peer-ca.key"] {
+        std::fs::copy(dir.path().join("pki").join(f), peer.path().join(f))?;
+    }
+    let ep = peer_client(peer.path())?;
+    for frame in [
+        [&5u32.to_be_bytes()[..], b"hello"].concat(),
+        [&3u32.to_be_bytes()[..], &[0xff, 0x00, 0x13][..]].concat(),
+        u32::MAX.to_be_bytes().to_vec(),
+    ] {
+        let conn = ep.connect(addr, outpost_control::pki::MEMBER_NAME)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&frame).await?;
+        send.finish()?;
+        match tokio::time::timeout(Duration::from_secs(5), read_frame::<Reply>(&mut recv)).await? {
+            Ok(Reply::Refused(why)) => assert!(!why.is_empty()),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // The member closes a connection that sent garbage.
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        assert!(closed.is_ok(), "connection left open after a bad frame");
+    }
+    assert!(matches!(store.put("/after", vec![], Expect::Any).await?, Outcome::Committed { .. }));
+    assert_eq!(store.get("/after", Consistency::Linearizable).await?.map(|kv| kv.version), Some(1));
+    store.shutdown().await;
+    Ok(())
+}

@@ -408,6 +408,8 @@ async fn handle<H: Handler>(
         Err(e) => {
             let _ = write_frame(&mut send, &Reply::Refused(e.to_string())).await;
             let _ = send.finish();
+            // Let the refusal reach the peer before the connection is closed under it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
             return Err(e);
         }
     };

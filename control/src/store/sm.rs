@@ -545,7 +545,7 @@ fn load_snapshot(
             Item::Header { .. } => return Err(corrupt("second header".into())),
         }
         n += 1;
-        if n % LOAD_BATCH == 0 {
+        if n.is_multiple_of(LOAD_BATCH) {
             std::mem::replace(&mut batch, shared.db.batch()).commit()?;
         }
     }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit, integration and end-to-end tests.
+# Installs what it needs first (scripts/setup.sh). Builds once into a target directory shared
+# across runs and clones (CARGO_TARGET_DIR, default ~/.cache/outpost/target), then runs every
+# test, including those marked #[ignore = "needs root …"], in parallel with nextest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outpost/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the workspace's binaries; build them before any test runs.
+cargo build --workspace --bins --locked
+cargo nextest run --workspace --locked --run-ignored all --no-fail-fast
+# Doc tests are not run by nextest.
+cargo test --workspace --doc --locked

@@ -70,6 +70,9 @@ pub enum Command {
     Txn(Vec<Op>),
     /// Drop watch history at or below `revision`.
     Compact { revision: u64 },
+    /// Several commands in one log entry, applied in order, each as if alone (each
+    /// transaction gets its own revision). This is how concurrent writes share one disk sync.
+    Batch(Vec<Command>),
 }
 
 /// A key with its value and revisions.
@@ -120,6 +123,8 @@ pub enum Outcome {
     Compacted { compacted: u64, revision: u64 },
     /// The entry carried no command (a blank or membership entry).
     None,
+    /// One outcome per command of a `Command::Batch`.
+    Batch(Vec<Outcome>),
 }
 
 /// Events of one revision, delivered together.

@@ -1,1 +1,318 @@
-fn main() {}
+//! Benchmarks against the peers, measured in the same run. Not tests: they print figures.
+//!
+//! `outpost-bench store`: durable writes of the replicated store against etcd 3.4 (Debian's
+//! `etcd-server`), 1 and 3 members on loopback, 256-byte values: one client's latency
+//! (p50/p99) and the throughput of many concurrent clients. fsync stays on for both.
+
+use std::net::{TcpListener, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use outpost_api::store::{Expect, Outcome};
+use outpost_control::store::{Config, Store};
+
+#[derive(Parser)]
+#[command(about = "Outpost benchmarks against their peers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Store writes against etcd.
+    Store {
+        /// Sequential writes for the one-client latency figures.
+        #[arg(long, default_value_t = 2000)]
+        ops: usize,
+        /// Concurrent clients for the throughput figure.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Seconds of concurrent load per system.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Connections the etcd clients share (like etcd's own benchmark --conns).
+        #[arg(long, default_value_t = 100)]
+        etcd_conns: usize,
+    },
+}
+
+const VALUE: usize = 256;
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    p50_us: f64,
+    p99_us: f64,
+    writes_per_s: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+/// Run the one-client and many-client loads against a `put` function.
+async fn measure<F, Fut>(
+    put: F,
+    ops: usize,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<Figures>
+where
+    F: Fn(String, Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let value = vec![b'v'; VALUE];
+    for i in 0..100 {
+        put(format!("/warm/{i}"), value.clone()).await?;
+    }
+    let mut lat = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let t = Instant::now();
+        put(format!("/seq/{i:08}"), value.clone()).await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let put = put.clone();
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < stop {
+                put(format!("/conc/{c:05}/{}", n % 64), value.clone()).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(Figures {
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        writes_per_s: total as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
+fn port_tcp() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn port_udp() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn outpost(
+    members: u64,
+    ops: usize,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<Figures> {
+    let root = tempfile::tempdir()?;
+    let mut stores = Vec::new();
+    let mut first_peer = String::new();
+    for id in 1..=members {
+        let dir = root.path().join(format!("m{id}"));
+        let mut cfg = Config::new(id, &dir, format!("127.0.0.1:{}", port_udp()?).parse()?);
+        if id > 1 {
+            std::fs::create_dir_all(dir.join("pki"))?;
+            for f in ["peer-ca.crt", "peer-ca.key"] {
+                std::fs::copy(root.path().join("m1/pki").join(f), dir.join("pki").join(f))?;
+            }
+            cfg.join = Some(first_peer.clone());
+        }
+        let s = Store::open(cfg).await?;
+        if id == 1 {
+            first_peer = s.status().addr;
+            // Wait for the first member to lead before the others join it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while s.status().leader != Some(1) {
+                anyhow::ensure!(Instant::now() < deadline, "no leader");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        stores.push(s);
+    }
+    let leader = stores[0].clone();
+    let put = move |k: String, v: Vec<u8>| {
+        let s = leader.clone();
+        async move {
+            match s.put(&k, v, Expect::Any).await? {
+                Outcome::Committed { .. } => Ok(()),
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+    };
+    let f = measure(put, ops, clients, seconds).await?;
+    for s in &stores {
+        s.shutdown().await;
+    }
+    Ok(f)
+}
+
+struct Etcd {
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+    endpoints: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_etcd(members: usize) -> anyhow::Result<Etcd> {
+    let dir = tempfile::tempdir()?;
+    let peers: Vec<(String, u16, u16)> = (0..members)
+        .map(|i| Ok((format!("e{i}"), port_tcp()?, port_tcp()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let initial: Vec<String> = peers
+        .iter()
+        .map(|(n, _, p)| format!("{n}=http://127.0.0.1:{p}"))
+        .collect();
+    let mut children = Vec::new();
+    let mut endpoints = Vec::new();
+    for (name, client, peer) in &peers {
+        let c = Command::new("etcd")
+            .args(["--name", name])
+            .arg("--data-dir")
+            .arg(dir.path().join(name))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "error",
+                "--logger",
+                "zap",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "starting etcd (apt-get install etcd-server, or OUTPOST_BENCH=1 scripts/setup.sh)",
+            )?;
+        children.push(c);
+        endpoints.push(format!("127.0.0.1:{client}"));
+    }
+    Ok(Etcd {
+        children,
+        _dir: dir,
+        endpoints,
+    })
+}
+
+async fn etcd(
+    members: usize,
+    ops: usize,
+    clients: usize,
+    seconds: u64,
+    conns: usize,
+) -> anyhow::Result<Figures> {
+    let e = start_etcd(members)?;
+    // Talk to the leader, as our figures do: find it by asking each member.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let mut found = None;
+        for ep in &e.endpoints {
+            if let Ok(mut c) = etcd_client::Client::connect([ep.as_str()], None).await {
+                if let Ok(s) = c.status().await {
+                    if s.leader() != 0 && s.leader() == s.header().map_or(0, |h| h.member_id()) {
+                        found = Some(ep.clone());
+                    }
+                }
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "etcd elected no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut pool = Vec::new();
+    for _ in 0..conns.max(1) {
+        pool.push(
+            etcd_client::Client::connect([leader.as_str()], None)
+                .await?
+                .kv_client(),
+        );
+    }
+    let pool = Arc::new(pool);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let put = move |k: String, v: Vec<u8>| {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
+        let mut kv = pool[i].clone();
+        async move {
+            kv.put(k, v, None).await?;
+            Ok(())
+        }
+    };
+    measure(put, ops, clients, seconds).await
+}
+
+fn row(name: &str, ours: f64, theirs: f64, unit: &str, higher_better: bool) {
+    let ratio = if higher_better {
+        ours / theirs
+    } else {
+        theirs / ours
+    };
+    println!("  {name:<26} outpost {ours:>10.1} {unit:<8} etcd {theirs:>10.1} {unit:<8} ratio {ratio:>5.2}x");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Store {
+            ops,
+            clients,
+            seconds,
+            etcd_conns,
+        } => {
+            println!("store writes, {VALUE}-byte values, fsync on; one client x {ops} sequential writes, {clients} clients x {seconds}s");
+            println!("(ratio > 1 means Outpost is better: faster latency or more writes/s)");
+            for members in [1u64, 3] {
+                let ours = outpost(members, ops, clients, seconds).await?;
+                let theirs = etcd(members as usize, ops, clients, seconds, etcd_conns).await?;
+                println!("{members} member(s):");
+                row("one client p50", ours.p50_us, theirs.p50_us, "us", false);
+                row("one client p99", ours.p99_us, theirs.p99_us, "us", false);
+                row(
+                    &format!("{clients} clients"),
+                    ours.writes_per_s,
+                    theirs.writes_per_s,
+                    "writes/s",
+                    true,
+                );
+            }
+        }
+    }
+    Ok(())
+}

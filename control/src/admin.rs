@@ -83,7 +83,7 @@ fn outcome(o: Outcome) -> Response {
         )
             .into_response(),
         Outcome::Compacted { compacted, revision } => Json(json!({"compacted": compacted, "revision": revision})).into_response(),
-        Outcome::None => Json(json!({})).into_response(),
+        Outcome::None | Outcome::Batch(_) => Json(json!({})).into_response(),
     }
 }
 

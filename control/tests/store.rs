@@ -293,11 +293,21 @@ async fn peer_from_another_cluster_is_refused() -> anyhow::Result<()> {
     let other = TempDir::new()?;
     outpost_control::pki::create_ca(other.path())?;
     let ep = peer_client(other.path())?;
-    let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, outpost_control::pki::MEMBER_NAME)?).await?;
-    assert!(conn.is_err(), "a certificate from another cluster's CA must not connect");
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep.connect(addr, outpost_control::pki::MEMBER_NAME)?,
+    )
+    .await?;
+    assert!(
+        conn.is_err(),
+        "a certificate from another cluster's CA must not connect"
+    );
 
     // The member is unharmed.
-    assert!(matches!(store.put("/after", vec![], Expect::Any).await?, Outcome::Committed { .. }));
+    assert!(matches!(
+        store.put("/after", vec![], Expect::Any).await?,
+        Outcome::Committed { .. }
+    ));
     store.shutdown().await;
     Ok(())
 }
@@ -332,8 +342,73 @@ async fn garbled_and_oversized_frames_are_refused() -> anyhow::Result<()> {
         let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         assert!(closed.is_ok(), "connection left open after a bad frame");
     }
-    assert!(matches!(store.put("/after", vec![], Expect::Any).await?, Outcome::Committed { .. }));
-    assert_eq!(store.get("/after", Consistency::Linearizable).await?.map(|kv| kv.version), Some(1));
+    assert!(matches!(
+        store.put("/after", vec![], Expect::Any).await?,
+        Outcome::Committed { .. }
+    ));
+    assert_eq!(
+        store
+            .get("/after", Consistency::Linearizable)
+            .await?
+            .map(|kv| kv.version),
+        Some(1)
+    );
     store.shutdown().await;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_batched_with_one_revision_each() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    store.put("/cas", b"0".to_vec(), Expect::Absent).await?;
+    let base = store.status().revision;
+    // Many writers at once: they share log entries but each gets its own revision.
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            s.put(&format!("/b/{i}"), vec![1], Expect::Absent).await
+        }));
+    }
+    // Compare-and-swaps racing on one key inside those batches: exactly one may win.
+    let mut cas = Vec::new();
+    for i in 0..20 {
+        let s = store.clone();
+        cas.push(tokio::spawn(async move {
+            s.put("/cas", format!("{i}").into_bytes(), Expect::ModRevision(1))
+                .await
+        }));
+    }
+    let mut revs = Vec::new();
+    for t in tasks {
+        revs.push(committed(&t.await??));
+    }
+    let wins = futures_count(cas).await?;
+    assert_eq!(
+        wins, 1,
+        "exactly one compare-and-swap on the same revision wins"
+    );
+    revs.sort();
+    revs.dedup();
+    assert_eq!(revs.len(), 300, "every write has its own revision");
+    assert_eq!(store.status().revision, base + 301);
+    let r = store
+        .range("/b/", None, 0, Consistency::Linearizable)
+        .await?;
+    assert_eq!(r.kvs.len(), 300);
+    store.shutdown().await;
+    Ok(())
+}
+
+async fn futures_count(
+    tasks: Vec<tokio::task::JoinHandle<Result<Outcome, Error>>>,
+) -> anyhow::Result<usize> {
+    let mut wins = 0;
+    for t in tasks {
+        if let Outcome::Committed { .. } = t.await?? {
+            wins += 1;
+        }
+    }
+    Ok(wins)
 }

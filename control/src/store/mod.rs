@@ -213,6 +213,68 @@ struct Inner {
     endpoint: quinn::Endpoint,
     timeout: Duration,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    proposals: mpsc::Sender<Proposal>,
+}
+
+type Proposal = (
+    Command,
+    tokio::sync::oneshot::Sender<Result<Outcome, ForwardError>>,
+);
+
+/// Most commands in one batched log entry.
+const MAX_BATCH: usize = 1024;
+
+/// Proposes local writes to Raft one log entry at a time. openraft 0.9 syncs each proposal
+/// before it takes the next, so the writes that arrive meanwhile are gathered and proposed
+/// together as one `Command::Batch`: one disk sync for all of them.
+async fn propose_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Proposal>) {
+    let mut queue: Vec<Proposal> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        queue.push(first);
+        while queue.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => queue.push(p),
+                Err(_) => break,
+            }
+        }
+        let (cmds, replies): (Vec<Command>, Vec<_>) = queue.drain(..).unzip();
+        let one = cmds.len() == 1;
+        let cmd = if one {
+            cmds.into_iter()
+                .next()
+                .unwrap_or(Command::Batch(Vec::new()))
+        } else {
+            Command::Batch(cmds)
+        };
+        match raft.client_write(cmd).await {
+            Ok(r) => match (one, r.data) {
+                (false, Outcome::Batch(outcomes)) if outcomes.len() == replies.len() => {
+                    for (tx, o) in replies.into_iter().zip(outcomes) {
+                        let _ = tx.send(Ok(o));
+                    }
+                }
+                (true, o) => {
+                    for tx in replies {
+                        let _ = tx.send(Ok(o.clone()));
+                    }
+                }
+                (_, other) => {
+                    let e = ForwardError::Failed(format!(
+                        "batch applied with a mismatched outcome {other:?}"
+                    ));
+                    for tx in replies {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            },
+            Err(e) => {
+                let e = net::forward_error(e);
+                for tx in replies {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// A running member of the store.
@@ -320,6 +382,7 @@ impl Store {
         .validate()
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let peers = Arc::new(Peers::new(endpoint.clone()));
+        let (proposals, proposal_rx) = mpsc::channel(MAX_BATCH * 4);
         let raft = Raft::new(
             cfg.id,
             Arc::new(raft_cfg),
@@ -342,8 +405,11 @@ impl Store {
                 endpoint: endpoint.clone(),
                 timeout: Duration::from_secs(10),
                 tasks: std::sync::Mutex::new(Vec::new()),
+                proposals,
             }),
         };
+        let proposer = tokio::spawn(propose_loop(store.inner.raft.clone(), proposal_rx));
+        store.track(proposer);
         let server = tokio::spawn(net::serve(endpoint, Arc::new(Local(store.clone()))));
         store.track(server);
         tracing::info!(id = cfg.id, %addr, "store member listening");
@@ -502,9 +568,9 @@ impl Store {
                 },
             };
             let err = match attempt {
-                None => match self.inner.raft.client_write(cmd.clone()).await {
-                    Ok(r) => return Ok(r.data),
-                    Err(e) => net::forward_error(e),
+                None => match self.propose(cmd.clone()).await {
+                    Ok(o) => return Ok(o),
+                    Err(e) => e,
                 },
                 Some(addr) => match self
                     .inner
@@ -526,6 +592,18 @@ impl Store {
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Propose on this member (which should be the leader) through the batcher.
+    async fn propose(&self, cmd: Command) -> Result<Outcome, ForwardError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .proposals
+            .send((cmd, tx))
+            .await
+            .map_err(|_| ForwardError::Failed("the store has stopped".into()))?;
+        rx.await
+            .map_err(|_| ForwardError::Failed("the store has stopped".into()))?
     }
 
     /// Apply `ops` atomically (see [`Outcome`]).

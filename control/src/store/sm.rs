@@ -180,46 +180,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     state.membership = StoredMembership::new(Some(entry.log_id), m);
                     Outcome::None
                 }
-                EntryPayload::Normal(Command::Txn(ops)) => {
-                    let mut view = Overlay {
-                        kv: &sh.kv,
-                        pending: &pending,
+                EntryPayload::Normal(cmd) => {
+                    let mut step = Step {
+                        sh,
+                        state: &mut state,
+                        batch: &mut batch,
+                        pending: &mut pending,
+                        published: &mut published,
                     };
-                    let applied = apply_txn(&mut view, state.revision, &ops).map_err(sm_err)?;
-                    if !applied.events.is_empty() {
-                        state.revision += 1;
-                        for (k, v) in applied.writes {
-                            match &v {
-                                Some(kv) => batch.insert(&sh.kv, k.as_str(), encode(kv)),
-                                None => batch.remove(&sh.kv, k.as_str()),
-                            }
-                            pending.insert(k, v);
-                        }
-                        batch.insert(
-                            &sh.history,
-                            rev_key(state.revision),
-                            encode(&applied.events),
-                        );
-                        published.push(Revision {
-                            revision: state.revision,
-                            events: applied.events,
-                        });
-                    }
-                    applied.outcome
-                }
-                EntryPayload::Normal(Command::Compact { revision }) => {
-                    let target = revision.min(state.revision);
-                    if target > state.compacted {
-                        let range = rev_key(state.compacted + 1)..=rev_key(target);
-                        for item in sh.history.range(range) {
-                            batch.remove(&sh.history, item.key().map_err(sm_err)?);
-                        }
-                        state.compacted = target;
-                    }
-                    Outcome::Compacted {
-                        compacted: state.compacted,
-                        revision: state.revision,
-                    }
+                    step.command(cmd).map_err(sm_err)?
                 }
             };
             out.push(outcome);
@@ -281,6 +250,70 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(SnapFile { path }),
         }))
+    }
+}
+
+/// One apply batch in progress: the fjall batch, the writes it holds and the revisions to
+/// publish once it is committed.
+struct Step<'a> {
+    sh: &'a Shared,
+    state: &'a mut SmState,
+    batch: &'a mut fjall::OwnedWriteBatch,
+    pending: &'a mut HashMap<String, Option<KeyValue>>,
+    published: &'a mut Vec<Revision>,
+}
+
+impl Step<'_> {
+    fn command(&mut self, cmd: Command) -> Result<Outcome, Error> {
+        let sh = self.sh;
+        Ok(match cmd {
+            Command::Txn(ops) => {
+                let mut view = Overlay {
+                    kv: &sh.kv,
+                    pending: self.pending,
+                };
+                let applied = apply_txn(&mut view, self.state.revision, &ops)?;
+                if !applied.events.is_empty() {
+                    self.state.revision += 1;
+                    for (k, v) in applied.writes {
+                        match &v {
+                            Some(kv) => self.batch.insert(&sh.kv, k.as_str(), encode(kv)),
+                            None => self.batch.remove(&sh.kv, k.as_str()),
+                        }
+                        self.pending.insert(k, v);
+                    }
+                    self.batch.insert(
+                        &sh.history,
+                        rev_key(self.state.revision),
+                        encode(&applied.events),
+                    );
+                    self.published.push(Revision {
+                        revision: self.state.revision,
+                        events: applied.events,
+                    });
+                }
+                applied.outcome
+            }
+            Command::Compact { revision } => {
+                let target = revision.min(self.state.revision);
+                if target > self.state.compacted {
+                    let range = rev_key(self.state.compacted + 1)..=rev_key(target);
+                    for item in sh.history.range(range) {
+                        self.batch.remove(&sh.history, item.key()?);
+                    }
+                    self.state.compacted = target;
+                }
+                Outcome::Compacted {
+                    compacted: self.state.compacted,
+                    revision: self.state.revision,
+                }
+            }
+            Command::Batch(cmds) => Outcome::Batch(
+                cmds.into_iter()
+                    .map(|c| self.command(c))
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
     }
 }
 

@@ -14,6 +14,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the workspace's binaries; build them before any test runs.
 cargo build --workspace --bins --locked
-cargo nextest run --workspace --locked --run-ignored all --no-fail-fast
-# Doc tests are not run by nextest.
+# Doc tests are not run by nextest; run them first so nextest's summary closes the output.
 cargo test --workspace --doc --locked
+cargo nextest run --workspace --locked --run-ignored all --no-fail-fast

@@ -121,6 +121,7 @@ impl StateMachine {
             let meta: SnapshotMeta<u64, BasicNode> = decode(&v)?;
             let path = shared.snap_dir.join(format!("{}.snap", meta.snapshot_id));
             tracing::warn!(snapshot = %meta.snapshot_id, "finishing an interrupted snapshot install");
+            verify(&path)?;
             load_snapshot(&shared, &meta, &path)?;
         }
         let state = match shared.meta.get(STATE)? {
@@ -533,12 +534,12 @@ fn install(shared: &Shared, meta: &SnapshotMeta<u64, BasicNode>, from: &Path) ->
     Ok(())
 }
 
+/// Replace the keyspaces with a snapshot file's content. The caller has verified the file.
 fn load_snapshot(
     shared: &Shared,
     meta: &SnapshotMeta<u64, BasicNode>,
     path: &Path,
 ) -> Result<(), Error> {
-    verify(path)?;
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut r = BufReader::new(f);
     let corrupt = |detail: String| Error::Corrupt {

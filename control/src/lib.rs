@@ -1,11 +1,12 @@
 //! The Outpost control plane.
 //!
 //! It owns the replicated store ([`store`]: openraft over fjall, members talking QUIC with
-//! mutual TLS), the member certificates ([`pki`]) and, for now, a small loopback admin
-//! interface ([`admin`]) to drive the store from outside. The Kubernetes API server, the
-//! scheduler and the controllers will stand on the same store. It does not run workloads:
-//! that is the node agent's job.
+//! mutual TLS), the certificates ([`pki`]: the peer CA between members, the cluster CA for
+//! the API and its clients), the Kubernetes API server on that store ([`api`]) and a small
+//! loopback admin interface to the store ([`admin`]). The scheduler and the controllers will
+//! stand on the same API. It does not run workloads: that is the node agent's job.
 
 pub mod admin;
+pub mod api;
 pub mod pki;
 pub mod store;

@@ -183,3 +183,127 @@ pub fn client_config(id: &PeerIdentity, alpn: &[u8]) -> Result<rustls::ClientCon
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }
+
+/// The cluster CA (`ca.crt`, `ca.key` in `dir`) signs the API server's certificate and every
+/// user and node client certificate. It is created with the first member.
+pub fn ensure_cluster_ca(dir: &Path) -> Result<(), PkiError> {
+    if dir.join("ca.crt").exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "outpost cluster CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let cert = params.self_signed(&key)?;
+    let _ = fs::remove_file(dir.join("ca.key"));
+    write_private(&dir.join("ca.key"), &key.serialize_pem())?;
+    fs::write(dir.join("ca.crt"), cert.pem()).map_err(|source| PkiError::Io {
+        path: dir.join("ca.crt"),
+        source,
+    })
+}
+
+fn cluster_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let ca_key = dir.join("ca.key");
+    let key = KeyPair::from_pem(&read(&ca_key)?).map_err(|e| PkiError::Bad {
+        path: ca_key.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(Issuer::from_ca_cert_pem(&read(&dir.join("ca.crt"))?, key)?)
+}
+
+/// A client certificate from the cluster CA: `cn` is the user, `orgs` the groups.
+/// Returns (certificate PEM, key PEM).
+pub fn issue_client(dir: &Path, cn: &str, orgs: &[&str]) -> Result<(String, String), PkiError> {
+    let issuer = cluster_issuer(dir)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    for o in orgs {
+        params.distinguished_name.push(DnType::OrganizationName, *o);
+    }
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The API server's TLS config: a serving certificate for `names` (DNS names or IPs) from
+/// the cluster CA, issued anew at each start; client certificates from the same CA are
+/// requested but optional.
+pub fn api_server_config(dir: &Path, names: &[String]) -> Result<rustls::ServerConfig, PkiError> {
+    let tls = |e: rustls::Error| PkiError::Tls(e.to_string());
+    let issuer = cluster_issuer(dir)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    for n in names {
+        params
+            .subject_alt_names
+            .push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => rcgen::SanType::IpAddress(ip),
+                Err(_) => rcgen::SanType::DnsName(
+                    n.clone()
+                        .try_into()
+                        .map_err(|e: rcgen::Error| PkiError::Tls(e.to_string()))?,
+                ),
+            });
+    }
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "outpost-apiserver");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    let ca_path = dir.join("ca.crt");
+    let ca =
+        CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes()).map_err(|e| PkiError::Bad {
+            path: ca_path.clone(),
+            detail: e.to_string(),
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).map_err(tls)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert.der().clone(), ca], key_der)
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A kubeconfig for `server` that authenticates with a client certificate.
+pub fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, user: &str) -> String {
+    use base64::Engine;
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: outpost\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: outpost\n  context:\n    cluster: outpost\n    user: {user}\ncurrent-context: outpost\n",
+        b(ca_pem),
+        b(cert_pem),
+        b(key_pem)
+    )
+}
+
+/// Write `data` to `path` readable by its owner only, replacing what was there.
+pub fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
+    let _ = fs::remove_file(path);
+    write_private(path, data)
+}

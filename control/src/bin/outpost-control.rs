@@ -50,6 +50,15 @@ struct Args {
     /// Seconds between watch progress notifications.
     #[arg(long, default_value_t = 5)]
     progress_seconds: u64,
+    /// Serve the Kubernetes API (HTTPS) on this address.
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
+    /// Names and addresses for the API's certificate, besides localhost and 127.0.0.1.
+    #[arg(long = "tls-san")]
+    tls_san: Vec<String>,
+    /// Kubernetes token file (`token,user,uid,"group1,group2"` per line).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -64,8 +73,8 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = Config::new(a.id, &a.data_dir, a.peer_listen);
     cfg.advertise = a.advertise;
-    cfg.pki_dir = a.pki_dir;
-    cfg.join = a.join;
+    cfg.pki_dir = a.pki_dir.clone();
+    cfg.join = a.join.clone();
     cfg.compaction = match a.retain_revisions {
         Some(n) => Compaction::Revisions(n),
         None => Compaction::Age(Duration::from_secs(a.retain_seconds)),
@@ -75,9 +84,36 @@ async fn main() -> anyhow::Result<()> {
     cfg.election_timeout = Duration::from_millis(a.election_ms);
     cfg.heartbeat = Duration::from_millis((a.election_ms / 8).max(20));
     cfg.progress_every = Duration::from_secs(a.progress_seconds.max(1));
+    let pki_dir = a.pki_dir.clone().unwrap_or_else(|| a.data_dir.join("pki"));
+    if a.join.is_none() {
+        outpost_control::pki::ensure_cluster_ca(&pki_dir).context("creating the cluster CA")?;
+    }
     let store = Store::open(cfg)
         .await
         .with_context(|| format!("starting the store in {}", a.data_dir.display()))?;
+    let mut api_task = None;
+    if let Some(listen) = a.api_listen {
+        if !pki_dir.join("ca.crt").exists() {
+            anyhow::bail!(
+                "no cluster CA in {}: copy ca.crt and ca.key from a member of the cluster",
+                pki_dir.display()
+            );
+        }
+        let mut names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".into(),
+            listen.ip().to_string(),
+        ];
+        names.extend(a.tls_san.clone());
+        let cfg = outpost_control::api::ServeConfig {
+            listen,
+            pki_dir: pki_dir.clone(),
+            names,
+            token_file: a.token_file.clone(),
+        };
+        let (_, task) = outpost_control::api::start(store.clone(), cfg).await?;
+        api_task = Some(task);
+    }
     let listener = tokio::net::TcpListener::bind(a.admin_listen)
         .await
         .with_context(|| format!("binding the admin interface on {}", a.admin_listen))?;
@@ -86,6 +122,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         r = axum::serve(listener, app) => r.context("admin interface")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+    }
+    if let Some(t) = api_task {
+        t.abort();
     }
     store.shutdown().await;
     Ok(())

@@ -1,0 +1,587 @@
+//! Admission: defaulting and validation of objects, as the Kubernetes API server does them.
+//! Pure functions over JSON values; whatever needs the store (service IPs, namespaces) is
+//! done by the caller.
+
+use serde_json::{json, Map, Value};
+
+use super::error::Cause;
+use super::select::Labels;
+
+fn obj(v: &mut Value) -> &mut Map<String, Value> {
+    if !v.is_object() {
+        *v = Value::Object(Map::new());
+    }
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("made an object above"),
+    }
+}
+
+/// Set `v[key]` to `default` if it is absent or null.
+fn or(v: &mut Value, key: &str, default: Value) {
+    let m = obj(v);
+    if m.get(key).is_none_or(Value::is_null) {
+        m.insert(key.to_string(), default);
+    }
+}
+
+fn child<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
+    obj(v).entry(key.to_string()).or_insert(json!({}))
+}
+
+/// Quantities come in as numbers from YAML (`cpu: 1`); the API always holds strings.
+pub fn normalize_quantities(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if matches!(
+                    k.as_str(),
+                    "limits" | "requests" | "capacity" | "allocatable" | "hard" | "used"
+                ) {
+                    if let Value::Object(q) = x {
+                        for qv in q.values_mut() {
+                            if let Value::Number(n) = qv {
+                                *qv = Value::String(n.to_string());
+                            }
+                        }
+                    }
+                }
+                normalize_quantities(x);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize_quantities),
+        _ => {}
+    }
+}
+
+fn default_container(c: &mut Value) {
+    let image = c.get("image").and_then(Value::as_str).unwrap_or("");
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let policy = if image.contains('@') {
+        "IfNotPresent"
+    } else {
+        match last.split_once(':') {
+            Some((_, "latest")) | None => "Always",
+            Some(_) => "IfNotPresent",
+        }
+    };
+    or(c, "imagePullPolicy", json!(policy));
+    or(c, "terminationMessagePath", json!("/dev/termination-log"));
+    or(c, "terminationMessagePolicy", json!("File"));
+    or(c, "resources", json!({}));
+    if let Some(Value::Array(ports)) = obj(c).get_mut("ports") {
+        for p in ports {
+            or(p, "protocol", json!("TCP"));
+        }
+    }
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(p) = obj(c).get_mut(probe) {
+            if p.is_object() {
+                or(p, "timeoutSeconds", json!(1));
+                or(p, "periodSeconds", json!(10));
+                or(p, "successThreshold", json!(1));
+                or(p, "failureThreshold", json!(3));
+            }
+        }
+    }
+}
+
+/// Pod spec defaults (also inside every workload's template).
+pub fn default_pod_spec(spec: &mut Value, restart: &str) {
+    or(spec, "restartPolicy", json!(restart));
+    or(spec, "dnsPolicy", json!("ClusterFirst"));
+    or(spec, "terminationGracePeriodSeconds", json!(30));
+    or(spec, "schedulerName", json!("default-scheduler"));
+    or(spec, "securityContext", json!({}));
+    for list in ["containers", "initContainers"] {
+        if let Some(Value::Array(cs)) = obj(spec).get_mut(list) {
+            cs.iter_mut().for_each(default_container);
+        }
+    }
+    if let Some(Value::Array(vols)) = obj(spec).get_mut("volumes") {
+        for v in vols {
+            for (src, field) in [("configMap", "defaultMode"), ("secret", "defaultMode")] {
+                if let Some(s) = obj(v).get_mut(src) {
+                    or(s, field, json!(420));
+                }
+            }
+        }
+    }
+}
+
+fn default_template(o: &mut Value, restart: &str) {
+    let tpl = child(child(o, "spec"), "template");
+    default_pod_spec(child(tpl, "spec"), restart);
+}
+
+/// Defaults for `kind` (`uid` is the object's new UID, used by Jobs for their selector).
+pub fn defaults(group: &str, kind: &str, o: &mut Value) {
+    normalize_quantities(o);
+    match (group, kind) {
+        ("", "Pod") => {
+            let spec = child(o, "spec");
+            default_pod_spec(spec, "Always");
+            or(spec, "serviceAccountName", json!("default"));
+            or(spec, "enableServiceLinks", json!(true));
+            or(spec, "priority", json!(0));
+            or(spec, "preemptionPolicy", json!("PreemptLowerPriority"));
+            let tolerations = obj(spec)
+                .entry("tolerations".to_string())
+                .or_insert(json!([]));
+            if let Value::Array(ts) = tolerations {
+                for key in [
+                    "node.kubernetes.io/not-ready",
+                    "node.kubernetes.io/unreachable",
+                ] {
+                    if !ts.iter().any(|t| t["key"] == key) {
+                        ts.push(json!({"key": key, "operator": "Exists",
+                            "effect": "NoExecute", "tolerationSeconds": 300}));
+                    }
+                }
+            }
+        }
+        ("apps", "Deployment") => {
+            let spec = child(o, "spec");
+            or(spec, "replicas", json!(1));
+            or(
+                spec,
+                "strategy",
+                json!({"type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
+            );
+            let strategy = child(spec, "strategy");
+            or(strategy, "type", json!("RollingUpdate"));
+            if strategy["type"] == "RollingUpdate" {
+                let ru = child(strategy, "rollingUpdate");
+                or(ru, "maxUnavailable", json!("25%"));
+                or(ru, "maxSurge", json!("25%"));
+            }
+            or(spec, "revisionHistoryLimit", json!(10));
+            or(spec, "progressDeadlineSeconds", json!(600));
+            default_template(o, "Always");
+        }
+        ("apps", "ReplicaSet") => {
+            or(child(o, "spec"), "replicas", json!(1));
+            default_template(o, "Always");
+        }
+        ("apps", "DaemonSet") => {
+            let spec = child(o, "spec");
+            or(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+            );
+            or(spec, "revisionHistoryLimit", json!(10));
+            default_template(o, "Always");
+        }
+        ("apps", "StatefulSet") => {
+            let spec = child(o, "spec");
+            or(spec, "replicas", json!(1));
+            or(spec, "podManagementPolicy", json!("OrderedReady"));
+            or(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+            );
+            or(spec, "revisionHistoryLimit", json!(10));
+            or(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            default_template(o, "Always");
+        }
+        ("batch", "Job") => {
+            let spec = child(o, "spec");
+            or(spec, "parallelism", json!(1));
+            or(spec, "completions", json!(1));
+            or(spec, "backoffLimit", json!(6));
+            or(spec, "completionMode", json!("NonIndexed"));
+            or(spec, "suspend", json!(false));
+            or(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
+            default_template(o, "Never");
+        }
+        ("batch", "CronJob") => {
+            let spec = child(o, "spec");
+            or(spec, "concurrencyPolicy", json!("Allow"));
+            or(spec, "suspend", json!(false));
+            or(spec, "successfulJobsHistoryLimit", json!(3));
+            or(spec, "failedJobsHistoryLimit", json!(1));
+            let job = child(child(spec, "jobTemplate"), "spec");
+            default_pod_spec(child(child(job, "template"), "spec"), "Never");
+        }
+        ("", "Service") => {
+            let spec = child(o, "spec");
+            or(spec, "type", json!("ClusterIP"));
+            or(spec, "sessionAffinity", json!("None"));
+            if spec["type"] != "ExternalName" {
+                or(spec, "ipFamilies", json!(["IPv4"]));
+                or(spec, "ipFamilyPolicy", json!("SingleStack"));
+                or(spec, "internalTrafficPolicy", json!("Cluster"));
+            }
+            if let Some(Value::Array(ports)) = obj(spec).get_mut("ports") {
+                for p in ports {
+                    or(p, "protocol", json!("TCP"));
+                    let port = p.get("port").cloned().unwrap_or(Value::Null);
+                    or(p, "targetPort", port);
+                }
+            }
+        }
+        ("", "Namespace") => {
+            let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let labels = child(child(o, "metadata"), "labels");
+            obj(labels).insert("kubernetes.io/metadata.name".into(), json!(name));
+            or(child(o, "spec"), "finalizers", json!(["kubernetes"]));
+            or(child(o, "status"), "phase", json!("Active"));
+        }
+        ("", "Secret") => or(o, "type", json!("Opaque")),
+        _ => {}
+    }
+}
+
+/// A Job's selector and template labels tie its pods to it through its UID.
+pub fn job_selector(o: &mut Value, uid: &str) {
+    let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let spec = child(o, "spec");
+    if spec.get("selector").is_none_or(Value::is_null) {
+        obj(spec).insert(
+            "selector".into(),
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+        );
+    }
+    let labels = child(child(child(spec, "template"), "metadata"), "labels");
+    let m = obj(labels);
+    m.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
+    m.insert("controller-uid".into(), json!(uid));
+    m.insert("batch.kubernetes.io/job-name".into(), json!(name));
+    m.insert("job-name".into(), json!(name));
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+const LABEL_HINT: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+const SUBDOMAIN_HINT: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+
+/// Names that must be DNS labels rather than subdomains.
+fn label_named(kind: &str) -> bool {
+    matches!(kind, "Namespace" | "Service")
+}
+
+/// Is `name` acceptable for `kind`? (For `generateName` prefixes as well.)
+pub fn check_name(kind: &str, name: &str) -> Option<Cause> {
+    let ok = if label_named(kind) {
+        dns_label(name)
+    } else if matches!(
+        kind,
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding"
+    ) {
+        !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+    } else {
+        dns_subdomain(name)
+    };
+    (!ok).then(|| {
+        let hint = if label_named(kind) {
+            LABEL_HINT
+        } else {
+            SUBDOMAIN_HINT
+        };
+        Cause::invalid("metadata.name", name, hint)
+    })
+}
+
+fn label_key_ok(k: &str) -> bool {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
+    name_ok && prefix.is_none_or(dns_subdomain)
+}
+
+fn label_value_ok(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()))
+}
+
+fn check_labels(labels: &Value, field: &str, out: &mut Vec<Cause>) {
+    if let Some(m) = labels.as_object() {
+        for (k, v) in m {
+            if !label_key_ok(k) {
+                out.push(Cause::invalid(field, k, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+            }
+            match v.as_str() {
+                Some(s) if label_value_ok(s) => {}
+                _ => out.push(Cause::invalid(
+                    format!("{field}"),
+                    &v.to_string(),
+                    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+                )),
+            }
+        }
+    }
+}
+
+fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
+    let containers = spec.get("containers").and_then(Value::as_array);
+    match containers {
+        None => out.push(Cause::required(format!("{at}.containers"))),
+        Some(cs) if cs.is_empty() => out.push(Cause::required(format!("{at}.containers"))),
+        Some(cs) => {
+            let mut seen = Vec::new();
+            for (i, c) in cs.iter().enumerate() {
+                let f = format!("{at}.containers[{i}]");
+                match c.get("name").and_then(Value::as_str) {
+                    None | Some("") => out.push(Cause::required(format!("{f}.name"))),
+                    Some(n) if !dns_label(n) => {
+                        out.push(Cause::invalid(format!("{f}.name"), n, LABEL_HINT))
+                    }
+                    Some(n) if seen.contains(&n) => out.push(Cause::new(
+                        "FieldValueDuplicate",
+                        format!("{f}.name"),
+                        format!("Duplicate value: \"{n}\""),
+                    )),
+                    Some(n) => seen.push(n),
+                }
+                if c.get("image")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .is_empty()
+                {
+                    out.push(Cause::required(format!("{f}.image")));
+                }
+                if let Some(ports) = c.get("ports").and_then(Value::as_array) {
+                    for (j, p) in ports.iter().enumerate() {
+                        let n = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
+                        if !(1..=65535).contains(&n) {
+                            out.push(Cause::invalid(
+                                format!("{f}.ports[{j}].containerPort"),
+                                &n.to_string(),
+                                "must be between 1 and 65535, inclusive",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = spec.get("restartPolicy").and_then(Value::as_str) {
+        if !matches!(p, "Always" | "OnFailure" | "Never") {
+            out.push(Cause::new(
+                "FieldValueNotSupported",
+                format!("{at}.restartPolicy"),
+                format!("Unsupported value: \"{p}\": supported values: \"Always\", \"OnFailure\", \"Never\""),
+            ));
+        }
+    }
+}
+
+fn check_selector_template(o: &Value, out: &mut Vec<Cause>) {
+    let spec = &o["spec"];
+    match spec.get("selector") {
+        None | Some(Value::Null) => out.push(Cause::required("spec.selector")),
+        Some(sel) => {
+            let labels = &spec["template"]["metadata"]["labels"];
+            let selector = Labels::from_selector(sel);
+            if selector.is_empty() {
+                out.push(Cause::invalid(
+                    "spec.selector",
+                    "{}",
+                    "empty selector is invalid for deployment",
+                ));
+            } else if !selector.matches(labels) {
+                out.push(Cause::invalid(
+                    "spec.template.metadata.labels",
+                    &labels.to_string(),
+                    "`selector` does not match template `labels`",
+                ));
+            }
+        }
+    }
+    if let Some(r) = spec.get("replicas").and_then(Value::as_i64) {
+        if r < 0 {
+            out.push(Cause::invalid(
+                "spec.replicas",
+                &r.to_string(),
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+}
+
+/// Field-level problems with `o`, a `kind` object whose defaults are already set.
+pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
+    let mut out = Vec::new();
+    let meta = &o["metadata"];
+    match meta.get("name").and_then(Value::as_str) {
+        None | Some("") => out.push(Cause::new(
+            "FieldValueRequired",
+            "metadata.name",
+            "name or generateName is required",
+        )),
+        Some(n) => out.extend(check_name(kind, n)),
+    }
+    check_labels(&meta["labels"], "metadata.labels", &mut out);
+    match (group, kind) {
+        ("", "Pod") => check_pod_spec(&o["spec"], "spec", &mut out),
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
+            check_selector_template(o, &mut out);
+            check_labels(
+                &o["spec"]["template"]["metadata"]["labels"],
+                "spec.template.metadata.labels",
+                &mut out,
+            );
+            check_pod_spec(
+                &o["spec"]["template"]["spec"],
+                "spec.template.spec",
+                &mut out,
+            );
+        }
+        ("batch", "Job") => {
+            check_pod_spec(
+                &o["spec"]["template"]["spec"],
+                "spec.template.spec",
+                &mut out,
+            );
+            if o["spec"]["template"]["spec"]["restartPolicy"] == "Always" {
+                out.push(Cause::new(
+                    "FieldValueNotSupported",
+                    "spec.template.spec.restartPolicy",
+                    "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
+                ));
+            }
+        }
+        ("", "Service") => {
+            let spec = &o["spec"];
+            let ports = spec["ports"].as_array().cloned().unwrap_or_default();
+            let headless = spec["clusterIP"] == "None";
+            if ports.is_empty() && spec["type"] != "ExternalName" && !headless {
+                out.push(Cause::required("spec.ports"));
+            }
+            for (i, p) in ports.iter().enumerate() {
+                let n = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+                if !(1..=65535).contains(&n) {
+                    out.push(Cause::invalid(
+                        format!("spec.ports[{i}].port"),
+                        &n.to_string(),
+                        "must be between 1 and 65535, inclusive",
+                    ));
+                }
+                if ports.len() > 1 && p.get("name").and_then(Value::as_str).is_none() {
+                    out.push(Cause::required(format!("spec.ports[{i}].name")));
+                }
+            }
+            if let Some(t) = spec["type"].as_str() {
+                if !matches!(
+                    t,
+                    "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+                ) {
+                    out.push(Cause::new(
+                        "FieldValueNotSupported",
+                        "spec.type",
+                        format!("Unsupported value: \"{t}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+                    ));
+                }
+            }
+        }
+        ("", "ConfigMap" | "Secret") => {
+            for field in ["data", "binaryData", "stringData"] {
+                if let Some(m) = o[field].as_object() {
+                    for k in m.keys() {
+                        let ok = !k.is_empty()
+                            && k.len() <= 253
+                            && k.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                        if !ok {
+                            out.push(Cause::invalid(
+                                format!("{field}[{k}]"),
+                                k,
+                                "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_defaults() {
+        let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "a", "image": "nginx", "ports": [{"containerPort": 80}],
+             "resources": {"limits": {"cpu": 1}}},
+            {"name": "b", "image": "reg/x:1.2"}]}});
+        defaults("", "Pod", &mut p);
+        let s = &p["spec"];
+        assert_eq!(s["restartPolicy"], "Always");
+        assert_eq!(s["dnsPolicy"], "ClusterFirst");
+        assert_eq!(s["terminationGracePeriodSeconds"], 30);
+        assert_eq!(s["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(s["containers"][1]["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(s["containers"][0]["ports"][0]["protocol"], "TCP");
+        assert_eq!(s["containers"][0]["resources"]["limits"]["cpu"], "1");
+        assert!(validate("", "Pod", &p).is_empty());
+    }
+
+    #[test]
+    fn deployment_checks() {
+        let mut d = json!({"metadata": {"name": "web"}, "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "other"}}, "spec": {"containers": [{"name": "c"}]}}}});
+        defaults("apps", "Deployment", &mut d);
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        let causes = validate("apps", "Deployment", &d);
+        let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.template.metadata.labels",
+                "spec.template.spec.containers[0].image"
+            ]
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("Pod", "a.b-c").is_none());
+        assert!(check_name("Service", "a.b").is_some());
+        assert!(check_name("Pod", "Upper").is_some());
+        let o = json!({"metadata": {"name": "x", "labels": {"bad key!": "v"}}});
+        assert_eq!(validate("", "ConfigMap", &o).len(), 1);
+    }
+}

@@ -1,0 +1,351 @@
+//! Who is asking, and may they: users from client certificates and bearer tokens, RBAC over
+//! the stored Roles and Bindings, and the bootstrap policy. The rule matching is pure.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// An authenticated user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub name: String,
+    pub uid: String,
+    pub groups: Vec<String>,
+}
+
+impl User {
+    pub fn is_master(&self) -> bool {
+        self.groups.iter().any(|g| g == "system:masters")
+    }
+}
+
+/// What a request wants to do, as RBAC sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attrs {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    /// Set for non-resource requests (`/version`, `/healthz`).
+    pub path: Option<String>,
+}
+
+/// Static bearer tokens, in the Kubernetes token-file format: `token,user,uid,"g1,g2"`.
+pub fn load_tokens(path: &Path) -> std::io::Result<HashMap<String, User>> {
+    let mut out = HashMap::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let mut parts = line.splitn(4, ',');
+        let (Some(token), Some(name)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let uid = parts.next().unwrap_or("").to_string();
+        let groups = parts
+            .next()
+            .unwrap_or("")
+            .trim_matches('"')
+            .split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(String::from)
+            .collect();
+        out.insert(
+            token.to_string(),
+            User {
+                name: name.to_string(),
+                uid,
+                groups,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn has(list: &Value, want: &str) -> bool {
+    list.as_array()
+        .is_some_and(|a| a.iter().any(|x| x == "*" || x == want))
+}
+
+/// Does one PolicyRule allow `a`?
+pub fn rule_allows(rule: &Value, a: &Attrs) -> bool {
+    if !has(&rule["verbs"], &a.verb) {
+        return false;
+    }
+    if let Some(path) = &a.path {
+        return rule["nonResourceURLs"].as_array().is_some_and(|urls| {
+            urls.iter().filter_map(Value::as_str).any(|u| {
+                u == "*" || u == path || u.strip_suffix('*').is_some_and(|p| path.starts_with(p))
+            })
+        });
+    }
+    if !has(&rule["apiGroups"], &a.group) {
+        return false;
+    }
+    let combined = if a.subresource.is_empty() {
+        a.resource.clone()
+    } else {
+        format!("{}/{}", a.resource, a.subresource)
+    };
+    let res_ok = rule["resources"].as_array().is_some_and(|rs| {
+        rs.iter().filter_map(Value::as_str).any(|r| {
+            r == "*"
+                || r == combined
+                || (!a.subresource.is_empty() && r == format!("*/{}", a.subresource))
+        })
+    });
+    if !res_ok {
+        return false;
+    }
+    match rule["resourceNames"].as_array() {
+        Some(names) if !names.is_empty() => names.iter().any(|n| n == a.name.as_str()),
+        _ => true,
+    }
+}
+
+/// Does a binding's subject list include `u`?
+pub fn subject_matches(subjects: &Value, u: &User) -> bool {
+    subjects.as_array().is_some_and(|ss| {
+        ss.iter().any(|s| {
+            let name = s["name"].as_str().unwrap_or("");
+            match s["kind"].as_str() {
+                Some("User") => name == u.name,
+                Some("Group") => u.groups.iter().any(|g| g == name),
+                Some("ServiceAccount") => {
+                    u.name
+                        == format!(
+                            "system:serviceaccount:{}:{name}",
+                            s["namespace"].as_str().unwrap_or("")
+                        )
+                }
+                _ => false,
+            }
+        })
+    })
+}
+
+/// The RBAC objects a decision needs.
+#[derive(Debug, Default)]
+pub struct Policy {
+    pub cluster_roles: HashMap<String, Value>,
+    /// (namespace, name) → Role.
+    pub roles: HashMap<(String, String), Value>,
+    pub cluster_bindings: Vec<Value>,
+    pub bindings: Vec<Value>,
+}
+
+impl Policy {
+    /// The rules granted to `u` in namespace `ns` ("" for cluster-wide only).
+    pub fn rules_for(&self, u: &User, ns: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let role_rules = |rr: &Value, bns: &str| -> Vec<Value> {
+            let name = rr["name"].as_str().unwrap_or("").to_string();
+            let role = match rr["kind"].as_str() {
+                Some("ClusterRole") => self.cluster_roles.get(&name),
+                _ => self.roles.get(&(bns.to_string(), name)),
+            };
+            role.and_then(|r| r["rules"].as_array().cloned())
+                .unwrap_or_default()
+        };
+        for b in &self.cluster_bindings {
+            if subject_matches(&b["subjects"], u) {
+                out.extend(role_rules(&b["roleRef"], ""));
+            }
+        }
+        for b in &self.bindings {
+            let bns = b["metadata"]["namespace"].as_str().unwrap_or("");
+            if bns == ns && !ns.is_empty() && subject_matches(&b["subjects"], u) {
+                out.extend(role_rules(&b["roleRef"], bns));
+            }
+        }
+        out
+    }
+
+    pub fn allows(&self, u: &User, a: &Attrs) -> bool {
+        u.is_master()
+            || self
+                .rules_for(u, &a.namespace)
+                .iter()
+                .any(|r| rule_allows(r, a))
+    }
+}
+
+/// Objects every cluster starts with: the well-known namespaces and the bootstrap RBAC policy.
+pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
+    let ns = |n: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
+    let cr = |name: &str, rules: Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                            "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+               "rules": rules})
+    };
+    let crb = |name: &str, role: &str, group: &str| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]})
+    };
+    let read = json!(["get", "list", "watch"]);
+    let write = json!(["create", "delete", "deletecollection", "patch", "update"]);
+    vec![
+        ("", "Namespace", ns("default")),
+        ("", "Namespace", ns("kube-system")),
+        ("", "Namespace", ns("kube-public")),
+        ("", "Namespace", ns("kube-node-lease")),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "cluster-admin",
+                json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                       {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "admin",
+                json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "edit",
+                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io"],
+                        "resources": ["*"], "verbs": read.as_array().into_iter().flatten()
+                            .chain(write.as_array().into_iter().flatten()).collect::<Vec<_>>()}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "view",
+                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io", "events.k8s.io", "node.k8s.io"],
+                        "resources": ["*"], "verbs": read}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "system:discovery",
+                json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/healthz", "/livez",
+                        "/readyz", "/openapi", "/openapi/*", "/version", "/version/"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "system:basic-user",
+                json!([{"apiGroups": ["authorization.k8s.io"],
+                        "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+                       {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            crb("cluster-admin", "cluster-admin", "system:masters"),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            crb(
+                "system:discovery",
+                "system:discovery",
+                "system:authenticated",
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            crb(
+                "system:basic-user",
+                "system:basic-user",
+                "system:authenticated",
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(verb: &str, group: &str, res: &str, sub: &str, ns: &str) -> Attrs {
+        Attrs {
+            verb: verb.into(),
+            group: group.into(),
+            resource: res.into(),
+            subresource: sub.into(),
+            namespace: ns.into(),
+            name: "x".into(),
+            path: None,
+        }
+    }
+
+    #[test]
+    fn bindings_grant_rules() {
+        let mut p = Policy::default();
+        for (_, kind, o) in bootstrap_objects() {
+            if kind == "ClusterRole" {
+                p.cluster_roles
+                    .insert(o["metadata"]["name"].as_str().unwrap().into(), o);
+            } else if kind == "ClusterRoleBinding" {
+                p.cluster_bindings.push(o);
+            }
+        }
+        p.roles.insert(
+            ("team".into(), "pod-reader".into()),
+            json!({"rules": [{"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]}]}),
+        );
+        p.bindings.push(json!({"metadata": {"namespace": "team"},
+            "roleRef": {"kind": "Role", "name": "pod-reader"},
+            "subjects": [{"kind": "User", "name": "alice"}]}));
+        let alice = User {
+            name: "alice".into(),
+            uid: String::new(),
+            groups: vec!["system:authenticated".into()],
+        };
+        assert!(p.allows(&alice, &attrs("list", "", "pods", "", "team")));
+        assert!(p.allows(&alice, &attrs("get", "", "pods", "log", "team")));
+        assert!(!p.allows(&alice, &attrs("delete", "", "pods", "", "team")));
+        assert!(!p.allows(&alice, &attrs("list", "", "pods", "", "other")));
+        assert!(!p.allows(&alice, &attrs("get", "", "pods", "exec", "team")));
+        let mut version = attrs("get", "", "", "", "");
+        version.path = Some("/version".into());
+        assert!(p.allows(&alice, &version));
+        let admin = User {
+            name: "admin".into(),
+            uid: String::new(),
+            groups: vec!["system:masters".into()],
+        };
+        assert!(p.allows(&admin, &attrs("delete", "apps", "deployments", "", "x")));
+    }
+
+    #[test]
+    fn token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens.csv");
+        std::fs::write(&f, "abc,bob,u1,\"dev,ops\"\n# comment\nxyz,carol\n").unwrap();
+        let t = load_tokens(&f).unwrap();
+        assert_eq!(t["abc"].groups, ["dev", "ops"]);
+        assert_eq!(t["xyz"].name, "carol");
+        assert!(load_tokens(&dir.path().join("none")).unwrap().is_empty());
+    }
+}

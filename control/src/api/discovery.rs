@@ -1,0 +1,193 @@
+//! Discovery: `/version`, aggregated discovery (`apidiscovery.k8s.io` v2 and v2beta1) and
+//! the legacy `APIVersions` / `APIGroupList` / `APIResourceList` forms.
+
+use serde_json::{json, Value};
+
+use super::resources::{group_version, groups, Resource, RESOURCES};
+
+/// The Kubernetes version we answer to. kubectl's dispatcher picks its client by `minor`.
+pub fn version() -> Value {
+    json!({
+        "major": "1", "minor": "32", "gitVersion": "v1.32.0-outpost",
+        "gitCommit": env!("CARGO_PKG_VERSION"), "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23.4", "compiler": "gc",
+        "platform": format!("linux/{}", match std::env::consts::ARCH {
+            "x86_64" => "amd64", "aarch64" => "arm64", other => other,
+        }),
+    })
+}
+
+/// Which aggregated form the `Accept` header asks for, if any.
+pub fn aggregated_version(accept: &str) -> Option<&'static str> {
+    let asks = |v: &str| {
+        accept.split(',').any(|part| {
+            part.contains("g=apidiscovery.k8s.io")
+                && part.contains("as=APIGroupDiscoveryList")
+                && part.split(';').any(|p| p.trim() == format!("v={v}"))
+        })
+    };
+    if asks("v2") {
+        Some("v2")
+    } else if asks("v2beta1") {
+        Some("v2beta1")
+    } else {
+        None
+    }
+}
+
+pub fn content_type(v: &str) -> String {
+    format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList")
+}
+
+fn scope(r: &Resource) -> &'static str {
+    if r.namespaced {
+        "Namespaced"
+    } else {
+        "Cluster"
+    }
+}
+
+fn aggregated_resource(r: &Resource) -> Value {
+    let subs: Vec<Value> = r
+        .subresources
+        .iter()
+        .map(|s| {
+            let (g, v, k) = s.response_kind(r);
+            json!({"subresource": s.name(), "responseKind": {"group": g, "version": v, "kind": k},
+                   "verbs": s.verbs()})
+        })
+        .collect();
+    let mut o = json!({
+        "resource": r.plural,
+        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+        "scope": scope(r), "singularResource": r.singular, "verbs": r.verbs(),
+    });
+    if !r.short.is_empty() {
+        o["shortNames"] = json!(r.short);
+    }
+    if !r.categories.is_empty() {
+        o["categories"] = json!(r.categories);
+    }
+    if !subs.is_empty() {
+        o["subresources"] = Value::Array(subs);
+    }
+    o
+}
+
+/// `/api` (`core` true) or `/apis` as an `APIGroupDiscoveryList`.
+pub fn aggregated(core: bool, version: &str) -> Value {
+    let items: Vec<Value> = groups()
+        .into_iter()
+        .filter(|(g, _)| g.is_empty() == core)
+        .map(|(g, v)| {
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|r| r.group == g && r.version == v)
+                .map(aggregated_resource)
+                .collect();
+            json!({"metadata": {"name": g, "creationTimestamp": null},
+                   "versions": [{"version": v, "resources": resources, "freshness": "Current"}]})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+           "metadata": {}, "items": items})
+}
+
+/// Legacy `/api`.
+pub fn api_versions(server: &str) -> Value {
+    json!({"kind": "APIVersions", "versions": ["v1"],
+           "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server}]})
+}
+
+fn api_group(g: &str, v: &str) -> Value {
+    let gv = json!({"groupVersion": group_version(g, v), "version": v});
+    json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+/// Legacy `/apis`.
+pub fn api_group_list() -> Value {
+    let groups: Vec<Value> = groups()
+        .into_iter()
+        .filter(|(g, _)| !g.is_empty())
+        .map(|(g, v)| api_group(g, v))
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// Legacy `/apis/{group}`.
+pub fn group(name: &str) -> Option<Value> {
+    groups()
+        .into_iter()
+        .find(|(g, _)| *g == name && !g.is_empty())
+        .map(|(g, v)| {
+            let mut o = api_group(g, v);
+            o["kind"] = json!("APIGroup");
+            o["apiVersion"] = json!("v1");
+            o
+        })
+}
+
+/// Legacy `/api/v1` or `/apis/{group}/{version}`.
+pub fn resource_list(g: &str, v: &str) -> Option<Value> {
+    let mut out = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.group == g && r.version == v) {
+        let mut o = json!({"name": r.plural, "singularName": r.singular,
+            "namespaced": r.namespaced, "kind": r.kind, "verbs": r.verbs()});
+        if !r.short.is_empty() {
+            o["shortNames"] = json!(r.short);
+        }
+        if !r.categories.is_empty() {
+            o["categories"] = json!(r.categories);
+        }
+        out.push(o);
+        for s in r.subresources {
+            let (sg, sv, sk) = s.response_kind(r);
+            let mut o = json!({"name": format!("{}/{}", r.plural, s.name()), "singularName": "",
+                "namespaced": r.namespaced, "kind": sk, "verbs": s.verbs()});
+            if (sg, sv) != (r.group, r.version) {
+                o["group"] = json!(sg);
+                o["version"] = json!(sv);
+            }
+            out.push(o);
+        }
+    }
+    (!out.is_empty()).then(|| {
+        json!({"kind": "APIResourceList", "apiVersion": "v1",
+               "groupVersion": group_version(g, v), "resources": out})
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let k132 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(k132), Some("v2"));
+        let k127 = "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(k127), Some("v2beta1"));
+        assert_eq!(aggregated_version("application/json"), None);
+    }
+
+    #[test]
+    fn every_resource_has_response_kind_and_eviction_is_cross_group() {
+        let apis = aggregated(false, "v2");
+        for g in apis["items"].as_array().unwrap() {
+            for r in g["versions"][0]["resources"].as_array().unwrap() {
+                assert!(r["responseKind"]["kind"].is_string(), "{r}");
+            }
+        }
+        let core = resource_list("", "v1").unwrap();
+        let ev = core["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "pods/eviction")
+            .unwrap();
+        assert_eq!(
+            (ev["group"].as_str(), ev["version"].as_str()),
+            (Some("policy"), Some("v1"))
+        );
+    }
+}

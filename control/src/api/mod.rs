@@ -1,0 +1,397 @@
+//! The Kubernetes API server, on axum, over the replicated [`crate::store`].
+//!
+//! ```text
+//! request ─▶ authenticate (client cert CN/O, bearer token) ─▶ route (path → resource, verb)
+//!         ─▶ authorize (RBAC) ─▶ rest: admit (defaults, validation) ─▶ store txn ─▶ JSON/Table
+//! ```
+//!
+//! Objects are stored as JSON under `/registry/{group}/{resource}/{namespace}/{name}`; an
+//! object's resourceVersion is the store revision of its last change. [`router`] is what the
+//! binaries serve (behind TLS, see [`serve`]) and what tests call without a socket.
+
+pub mod admit;
+pub mod auth;
+pub mod discovery;
+pub mod error;
+pub mod openapi;
+pub mod patch;
+pub mod proto;
+pub mod resources;
+mod rest;
+pub mod select;
+pub mod serve;
+pub mod ssa;
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::Value;
+
+use crate::store::Store;
+pub use auth::User;
+pub use error::ApiError;
+use resources::Resource;
+
+/// Request bodies larger than this are refused (the Kubernetes API server's limit is 3 MiB).
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// The API server's state.
+pub struct Api {
+    pub store: Store,
+    /// Bearer tokens → users.
+    pub tokens: HashMap<String, User>,
+    /// `host:port` clients reach this server at (legacy discovery reports it).
+    pub server: String,
+    /// The service CIDR ClusterIPs come from.
+    pub service_net: (Ipv4Addr, u8),
+}
+
+impl Api {
+    pub fn new(store: Store, server: String) -> Api {
+        Api {
+            store,
+            tokens: HashMap::new(),
+            server,
+            service_net: (Ipv4Addr::new(10, 96, 0, 0), 16),
+        }
+    }
+}
+
+/// The authenticated peer of a connection, set by the TLS layer from its client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct Peer(pub Option<User>);
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new().fallback(handle).with_state(api)
+}
+
+/// Query parameters.
+#[derive(Debug, Default, Clone)]
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        Query(
+            form_urlencoded::parse(q.unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1" | "True"))
+    }
+    pub fn all(&self, k: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(kk, _)| kk == k)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+pub(crate) fn json_response(code: StatusCode, v: &Value, content_type: &str) -> Response {
+    let mut r = (code, serde_json::to_vec(v).unwrap_or_default()).into_response();
+    if let Ok(ct) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    r
+}
+
+fn ok(v: &Value) -> Response {
+    json_response(StatusCode::OK, v, "application/json")
+}
+
+fn authenticate(api: &Api, peer: Option<&Peer>, headers: &HeaderMap) -> Option<User> {
+    if let Some(tok) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+    {
+        return api.tokens.get(tok.trim()).cloned().map(|mut u| {
+            u.groups.push("system:authenticated".into());
+            u
+        });
+    }
+    peer.and_then(|p| p.0.clone()).map(|mut u| {
+        u.groups.push("system:authenticated".into());
+        u
+    })
+}
+
+async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let user = authenticate(&api, req.extensions().get::<Peer>(), req.headers());
+    let span = tracing::debug_span!("request", %method, %path,
+        user = user.as_ref().map(|u| u.name.as_str()).unwrap_or(""));
+    let _g = span.enter();
+    if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {
+        return (StatusCode::OK, "ok").into_response();
+    }
+    let Some(user) = user else {
+        return ApiError::Unauthorized.into_response();
+    };
+    match dispatch(&api, user, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::TooLarge(MAX_BODY))
+}
+
+/// Decode a request body by its Content-Type (JSON when none is given).
+pub fn decode_body(content_type: Option<&str>, bytes: &[u8]) -> Result<Value, ApiError> {
+    let base = content_type
+        .and_then(|c| c.split(';').next())
+        .map(str::trim)
+        .unwrap_or("");
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest("the request body is empty".into()));
+    }
+    match base {
+        "" | "application/json" | "*/*" | "application/json-patch+json"
+        | "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            serde_json::from_slice(bytes).map_err(|e| {
+                ApiError::BadRequest(format!("couldn't decode the request body as JSON: {e}"))
+            })
+        }
+        "application/yaml" | "application/apply-patch+yaml" | "application/x-yaml" => {
+            serde_json::from_slice(bytes).or_else(|_| {
+                serde_norway::from_slice::<Value>(bytes).map_err(|e| {
+                    ApiError::BadRequest(format!("couldn't decode the request body as YAML: {e}"))
+                })
+            })
+        }
+        "application/vnd.kubernetes.protobuf" => proto::decode(bytes),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format ({other}) - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf"
+        ))),
+    }
+}
+
+/// Where a resource request points.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub res: &'static Resource,
+    pub ns: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
+    let nf = || ApiError::NoRoute("the server could not find the requested resource".into());
+    let (ns, rest) = match rest {
+        ["namespaces", ns, plural, tail @ ..]
+            if !(group.is_empty()
+                && matches!(*plural, "status" | "finalize")
+                && tail.is_empty()) =>
+        {
+            (Some(ns.to_string()), {
+                let mut v = vec![*plural];
+                v.extend_from_slice(tail);
+                v
+            })
+        }
+        _ => (None, rest.to_vec()),
+    };
+    let (plural, name, sub) = match rest.as_slice() {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some(n.to_string()), None),
+        [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
+        _ => return Err(nf()),
+    };
+    let res = resources::find(group, version, plural).ok_or_else(nf)?;
+    if ns.is_some() && !res.namespaced {
+        return Err(nf());
+    }
+    if res.namespaced && ns.is_none() && name.is_some() {
+        return Err(nf());
+    }
+    if name.as_deref() == Some("") {
+        return Err(nf());
+    }
+    Ok(Target { res, ns, name, sub })
+}
+
+async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().trim_end_matches('/').to_string();
+    let query = Query::parse(parts.uri.query());
+    let accept = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let non_resource = |p: &str| auth::Attrs {
+        verb: method_verb(&parts.method).into(),
+        group: String::new(),
+        resource: String::new(),
+        subresource: String::new(),
+        namespace: String::new(),
+        name: String::new(),
+        path: Some(p.to_string()),
+    };
+    let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] if !rest.is_empty() => ("", "v1", rest),
+        ["apis", g, v, rest @ ..] if !rest.is_empty() => (g, v, rest),
+        _ => {
+            let p = if path.is_empty() { "/" } else { path.as_str() };
+            rest::authorize(api, &user, &non_resource(p)).await?;
+            if parts.method != Method::GET {
+                return Err(ApiError::MethodNotAllowed(format!(
+                    "{} is not supported on {p}",
+                    parts.method
+                )));
+            }
+            return non_resource_get(api, &segs, &accept);
+        }
+    };
+    let target = parse_target(group, version, rest)?;
+    let body = read_body(body).await?;
+    rest::serve(api, user, parts.method, &parts.headers, query, target, body).await
+}
+
+fn method_verb(m: &Method) -> &'static str {
+    match *m {
+        Method::GET | Method::HEAD => "get",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "unknown",
+    }
+}
+
+fn non_resource_get(api: &Api, segs: &[&str], accept: &str) -> Result<Response, ApiError> {
+    let nf = || ApiError::NoRoute("the server could not find the requested resource".into());
+    match segs {
+        ["version"] => Ok(ok(&discovery::version())),
+        ["api"] | ["apis"] => {
+            let core = segs[0] == "api";
+            match discovery::aggregated_version(accept) {
+                Some(v) => Ok(json_response(
+                    StatusCode::OK,
+                    &discovery::aggregated(core, v),
+                    &discovery::content_type(v),
+                )),
+                None if core => Ok(ok(&discovery::api_versions(&api.server))),
+                None => Ok(ok(&discovery::api_group_list())),
+            }
+        }
+        ["api", "v1"] => discovery::resource_list("", "v1")
+            .map(|v| ok(&v))
+            .ok_or_else(nf),
+        ["apis", g] => discovery::group(g).map(|v| ok(&v)).ok_or_else(nf),
+        ["apis", g, v] => discovery::resource_list(g, v)
+            .map(|v| ok(&v))
+            .ok_or_else(nf),
+        ["openapi", "v3"] => Ok(ok(&openapi::root())),
+        ["openapi", "v3", rest @ ..] => {
+            let doc = openapi::doc(&rest.join("/")).ok_or_else(nf)?;
+            let mut r = (StatusCode::OK, doc.body.clone()).into_response();
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, immutable, max-age=31536000"),
+            );
+            if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", doc.hash)) {
+                h.insert(header::ETAG, etag);
+            }
+            Ok(r)
+        }
+        _ => Err(nf()),
+    }
+}
+
+/// How to serve the API.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    /// Holds the cluster CA (`ca.crt`, `ca.key`).
+    pub pki_dir: std::path::PathBuf,
+    /// Names and addresses the serving certificate covers.
+    pub names: Vec<String>,
+    /// A Kubernetes token file (`token,user,uid,"groups"`), if any.
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificates: {0}")]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// Bind the API port, create the cluster's bootstrap objects once the store has a leader,
+/// and serve until the returned task is aborted. Returns the bound address.
+pub async fn start(
+    store: Store,
+    cfg: ServeConfig,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), StartError> {
+    let tls = crate::pki::api_server_config(&cfg.pki_dir, &cfg.names)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Io {
+            what: format!("binding the API on {}", cfg.listen),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Io {
+        what: "API address".into(),
+        source,
+    })?;
+    let mut api = Api::new(store, addr.to_string());
+    if let Some(f) = &cfg.token_file {
+        api.tokens = auth::load_tokens(f).map_err(|source| StartError::Io {
+            what: format!("reading {}", f.display()),
+            source,
+        })?;
+    }
+    let api = Arc::new(api);
+    let boot = api.clone();
+    let task = tokio::spawn(async move {
+        tokio::spawn(async move {
+            for attempt in 0u32.. {
+                match rest::bootstrap(&boot).await {
+                    Ok(()) => break,
+                    Err(e) if attempt % 20 == 19 => {
+                        tracing::warn!(error = %e, "bootstrap objects not created yet; retrying")
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        });
+        if let Err(e) = serve::serve(listener, Arc::new(tls), router(api)).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    tracing::info!(%addr, "Kubernetes API listening");
+    Ok((addr, task))
+}

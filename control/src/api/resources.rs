@@ -1,0 +1,214 @@
+//! The resources the API serves: names, scope, subresources, and the k8s-openapi type behind
+//! each kind (used to check bodies and to build the OpenAPI documents).
+
+use schemars::SchemaGenerator;
+use serde_json::Value;
+
+/// A subresource the server implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    Status,
+    Scale,
+    Binding,
+    Eviction,
+}
+
+impl Sub {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sub::Status => "status",
+            Sub::Scale => "scale",
+            Sub::Binding => "binding",
+            Sub::Eviction => "eviction",
+        }
+    }
+
+    /// (group, version, kind) of what the subresource answers with.
+    pub fn response_kind(self, r: &Resource) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Sub::Status => (r.group, r.version, r.kind),
+            Sub::Scale => ("autoscaling", "v1", "Scale"),
+            Sub::Binding => ("", "v1", "Binding"),
+            Sub::Eviction => ("policy", "v1", "Eviction"),
+        }
+    }
+
+    pub fn verbs(self) -> &'static [&'static str] {
+        match self {
+            Sub::Status | Sub::Scale => &["get", "patch", "update"],
+            Sub::Binding | Sub::Eviction => &["create"],
+        }
+    }
+}
+
+/// One resource type.
+#[derive(Debug)]
+pub struct Resource {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub short: &'static [&'static str],
+    pub namespaced: bool,
+    pub categories: &'static [&'static str],
+    pub subresources: &'static [Sub],
+    /// False for review kinds: create answers, nothing is stored.
+    pub stored: bool,
+}
+
+impl Resource {
+    pub fn api_version(&self) -> String {
+        group_version(self.group, self.version)
+    }
+
+    /// `deployments.apps`, as messages name the resource.
+    pub fn qualified(&self) -> String {
+        super::error::qualified(self.group, self.plural)
+    }
+
+    pub fn verbs(&self) -> &'static [&'static str] {
+        if self.stored {
+            &[
+                "create",
+                "delete",
+                "deletecollection",
+                "get",
+                "list",
+                "patch",
+                "update",
+                "watch",
+            ]
+        } else {
+            &["create"]
+        }
+    }
+
+    pub fn has(&self, s: Sub) -> bool {
+        self.subresources.contains(&s)
+    }
+
+    /// Store key prefix of every object of this resource (in `ns` if given).
+    pub fn prefix(&self, ns: Option<&str>) -> String {
+        let g = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        match ns {
+            Some(ns) if self.namespaced => format!("/registry/{g}/{}/{ns}/", self.plural),
+            _ => format!("/registry/{g}/{}/", self.plural),
+        }
+    }
+
+    pub fn key(&self, ns: Option<&str>, name: &str) -> String {
+        format!("{}{name}", self.prefix(ns))
+    }
+}
+
+pub fn group_version(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    }
+}
+
+macro_rules! resources {
+    ($( $ty:path => { $group:literal, $version:literal, $kind:literal, $plural:literal, $singular:literal,
+        short: [$($short:literal),*], namespaced: $ns:literal, categories: [$($cat:literal),*],
+        subs: [$($sub:ident),*], stored: $stored:literal } ),* $(,)?) => {
+        /// Every resource, in discovery order.
+        pub static RESOURCES: &[Resource] = &[
+            $( Resource { group: $group, version: $version, kind: $kind, plural: $plural,
+                singular: $singular, short: &[$($short),*], namespaced: $ns,
+                categories: &[$($cat),*], subresources: &[$(Sub::$sub),*], stored: $stored } ),*
+        ];
+
+        /// Decode `v` as the k8s-openapi type of `kind`: a wrong type anywhere is an error.
+        pub fn check_types(group: &str, kind: &str, v: &Value) -> Result<(), String> {
+            match (group, kind) {
+                $( ($group, $kind) => serde_json::from_value::<$ty>(v.clone()).map(|_| ()).map_err(|e| e.to_string()), )*
+                _ => Ok(()),
+            }
+        }
+
+        /// The JSON schema of `kind`'s type, its dependencies added to `generator`.
+        pub fn schema(group: &str, kind: &str, generator: &mut SchemaGenerator) -> Option<schemars::Schema> {
+            match (group, kind) {
+                $( ($group, $kind) => Some(generator.subschema_for::<$ty>()), )*
+                _ => None,
+            }
+        }
+
+        /// The schema name (`io.k8s.api.apps.v1.Deployment`) of `kind`'s type.
+        pub fn schema_name(group: &str, kind: &str) -> Option<String> {
+            use schemars::JsonSchema;
+            match (group, kind) {
+                $( ($group, $kind) => Some(<$ty as JsonSchema>::schema_name().into_owned()), )*
+                _ => None,
+            }
+        }
+    };
+}
+
+use k8s_openapi::api::{
+    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz, batch::v1 as batch,
+    coordination::v1 as coord, core::v1 as core, discovery::v1 as disc, events::v1 as events,
+    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
+};
+
+resources! {
+    core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
+    core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
+    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction], stored: true },
+    core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
+    core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },
+    core::Secret => { "", "v1", "Secret", "secrets", "secret", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    core::ServiceAccount => { "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", short: ["sa"], namespaced: true, categories: [], subs: [], stored: true },
+    core::Event => { "", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
+    events::Event => { "events.k8s.io", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
+    coord::Lease => { "coordination.k8s.io", "v1", "Lease", "leases", "lease", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    apps::Deployment => { "apps", "v1", "Deployment", "deployments", "deployment", short: ["deploy"], namespaced: true, categories: ["all"], subs: [Status, Scale], stored: true },
+    apps::ReplicaSet => { "apps", "v1", "ReplicaSet", "replicasets", "replicaset", short: ["rs"], namespaced: true, categories: ["all"], subs: [Status, Scale], stored: true },
+    apps::DaemonSet => { "apps", "v1", "DaemonSet", "daemonsets", "daemonset", short: ["ds"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    apps::StatefulSet => { "apps", "v1", "StatefulSet", "statefulsets", "statefulset", short: ["sts"], namespaced: true, categories: ["all"], subs: [Status, Scale], stored: true },
+    apps::ControllerRevision => { "apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    batch::Job => { "batch", "v1", "Job", "jobs", "job", short: [], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    batch::CronJob => { "batch", "v1", "CronJob", "cronjobs", "cronjob", short: ["cj"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    disc::EndpointSlice => { "discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    policy::PodDisruptionBudget => { "policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", "poddisruptionbudget", short: ["pdb"], namespaced: true, categories: [], subs: [Status], stored: true },
+    rbac::Role => { "rbac.authorization.k8s.io", "v1", "Role", "roles", "role", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    rbac::ClusterRole => { "rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    rbac::RoleBinding => { "rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "rolebinding", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    rbac::ClusterRoleBinding => { "rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", "clusterrolebinding", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    authz::SelfSubjectAccessReview => { "authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", "selfsubjectaccessreview", short: [], namespaced: false, categories: [], subs: [], stored: false },
+    authz::SelfSubjectRulesReview => { "authorization.k8s.io", "v1", "SelfSubjectRulesReview", "selfsubjectrulesreviews", "selfsubjectrulesreview", short: [], namespaced: false, categories: [], subs: [], stored: false },
+    authn::SelfSubjectReview => { "authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", "selfsubjectreview", short: [], namespaced: false, categories: [], subs: [], stored: false },
+}
+
+/// The resource `plural` of `group/version`.
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+pub fn by_kind(group: &str, kind: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.kind == kind)
+}
+
+/// The API groups, each with its one version, in discovery order (core first).
+pub fn groups() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for r in RESOURCES {
+        if !out.contains(&(r.group, r.version)) {
+            out.push((r.group, r.version));
+        }
+    }
+    out
+}

@@ -1,0 +1,1855 @@
+//! The verbs on resources: get, list, watch, create, update, patch, apply, delete,
+//! deletecollection, the status/scale/binding/eviction subresources, the access reviews,
+//! and the cascading deletes the API does on behalf of owners and namespaces.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use futures::future::BoxFuture;
+use outpost_api::store::{EventKind, Expect, KeyValue, Op, Outcome};
+use serde_json::{json, Map, Value};
+
+use super::auth::{self, Attrs, Policy, User};
+use super::error::{ApiError, Cause};
+use super::resources::{self, Resource, Sub, RESOURCES};
+use super::select::{Fields, Labels};
+use super::table::{self, Include};
+use super::{admit, openapi, patch, ssa, Api, Query, Target};
+use crate::store::{Consistency, WatchItem};
+
+pub fn now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+fn now_secs() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// A stored value as the API shows it: resourceVersion is the key's mod revision.
+fn from_kv(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut v: Value = serde_json::from_slice(&kv.value).map_err(internal)?;
+    set_rv(&mut v, kv.mod_revision);
+    Ok(v)
+}
+
+fn set_rv(v: &mut Value, rv: u64) {
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.insert("resourceVersion".into(), json!(rv.to_string()));
+    }
+}
+
+fn to_stored(v: &Value) -> Vec<u8> {
+    let mut v = v.clone();
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("selfLink");
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+fn rv_of(v: &Value) -> Option<u64> {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .and_then(|s| s.parse().ok())
+}
+
+fn name_of(v: &Value) -> &str {
+    v["metadata"]["name"].as_str().unwrap_or("")
+}
+
+fn meta(v: &mut Value) -> &mut Map<String, Value> {
+    if !v["metadata"].is_object() {
+        v["metadata"] = json!({});
+    }
+    match &mut v["metadata"] {
+        Value::Object(m) => m,
+        _ => unreachable!("made an object above"),
+    }
+}
+
+/// Everything but metadata and status: what a generation counts changes of.
+fn spec_part(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    v
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|a| a.split(',').any(|p| p.contains("as=Table")))
+}
+
+fn include(q: &Query) -> Include {
+    match q.get("includeObject") {
+        Some("None") => Include::None,
+        Some("Object") => Include::Object,
+        _ => Include::Metadata,
+    }
+}
+
+const TABLE_CT: &str = "application/json;as=Table;v=v1;g=meta.k8s.io";
+
+pub(super) async fn load_policy(api: &Api) -> Result<Policy, ApiError> {
+    let mut p = Policy::default();
+    for (plural, _) in [("clusterroles", 0), ("roles", 1)] {
+        let r = resources::find("rbac.authorization.k8s.io", "v1", plural)
+            .ok_or_else(|| internal("rbac"))?;
+        for kv in api
+            .store
+            .range(&r.prefix(None), None, 0, Consistency::Serializable)
+            .await?
+            .kvs
+        {
+            let v: Value = serde_json::from_slice(&kv.value).map_err(internal)?;
+            let name = name_of(&v).to_string();
+            match v["metadata"]["namespace"].as_str() {
+                Some(ns) if plural == "roles" => {
+                    p.roles.insert((ns.to_string(), name), v);
+                }
+                _ => {
+                    p.cluster_roles.insert(name, v);
+                }
+            }
+        }
+    }
+    for plural in ["clusterrolebindings", "rolebindings"] {
+        let r = resources::find("rbac.authorization.k8s.io", "v1", plural)
+            .ok_or_else(|| internal("rbac"))?;
+        for kv in api
+            .store
+            .range(&r.prefix(None), None, 0, Consistency::Serializable)
+            .await?
+            .kvs
+        {
+            let v: Value = serde_json::from_slice(&kv.value).map_err(internal)?;
+            if plural == "rolebindings" {
+                p.bindings.push(v);
+            } else {
+                p.cluster_bindings.push(v);
+            }
+        }
+    }
+    Ok(p)
+}
+
+pub(super) async fn authorize(api: &Api, user: &User, a: &Attrs) -> Result<(), ApiError> {
+    if user.is_master() || load_policy(api).await?.allows(user, a) {
+        return Ok(());
+    }
+    let what = match &a.path {
+        Some(p) => format!("path \"{p}\""),
+        None => {
+            let res = if a.subresource.is_empty() {
+                a.resource.clone()
+            } else {
+                format!("{}/{}", a.resource, a.subresource)
+            };
+            let scope = if a.namespace.is_empty() {
+                "at the cluster scope".to_string()
+            } else {
+                format!("in the namespace \"{}\"", a.namespace)
+            };
+            let name = if a.name.is_empty() {
+                String::new()
+            } else {
+                format!(" \"{}\"", a.name)
+            };
+            format!(
+                "resource \"{res}\" in API group \"{}\"{name} {scope}",
+                a.group
+            )
+        }
+    };
+    Err(ApiError::Forbidden {
+        message: format!("User \"{}\" cannot {} {what}", user.name, a.verb),
+    })
+}
+
+/// One request on a resource.
+struct Ctx<'a> {
+    api: &'a Arc<Api>,
+    user: User,
+    res: &'static Resource,
+    ns: Option<String>,
+    q: Query,
+    manager: String,
+    dry_run: bool,
+}
+
+impl Ctx<'_> {
+    fn nf(&self, name: &str) -> ApiError {
+        ApiError::not_found(&self.res.qualified(), name)
+    }
+    fn key(&self, name: &str) -> String {
+        self.res.key(self.ns.as_deref(), name)
+    }
+}
+
+pub(super) async fn serve(
+    api: &Arc<Api>,
+    user: User,
+    method: Method,
+    headers: &HeaderMap,
+    q: Query,
+    t: Target,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let watch = q.flag("watch");
+    let verb = match (&method, &t.name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) if watch => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, Some(_)) => "delete",
+        (&Method::DELETE, None) => "deletecollection",
+        _ => {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "{method} is not supported"
+            )))
+        }
+    };
+    let attrs = Attrs {
+        verb: verb.into(),
+        group: t.res.group.into(),
+        resource: t.res.plural.into(),
+        subresource: t.sub.clone().unwrap_or_default(),
+        namespace: t.ns.clone().unwrap_or_default(),
+        name: t.name.clone().unwrap_or_default(),
+        path: None,
+    };
+    let reviews = !t.res.stored;
+    if !reviews {
+        authorize(api, &user, &attrs).await?;
+    }
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|a| a.split('/').next())
+        .unwrap_or("unknown")
+        .to_string();
+    let manager = q.get("fieldManager").map(String::from).unwrap_or(agent);
+    let dry_run = q.all("dryRun").contains(&"All");
+    let ctx = Ctx {
+        api,
+        user,
+        res: t.res,
+        ns: t.ns.clone(),
+        q,
+        manager,
+        dry_run,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|h| h.to_str().ok());
+    let table = wants_table(headers);
+    let sub = match t.sub.as_deref() {
+        None => None,
+        Some(s) => Some(
+            t.res
+                .subresources
+                .iter()
+                .copied()
+                .find(|x| x.name() == s)
+                .ok_or_else(|| {
+                    ApiError::NoRoute("the server could not find the requested resource".into())
+                })?,
+        ),
+    };
+    if reviews {
+        if method != Method::POST {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "{method} is not supported on {}",
+                t.res.plural
+            )));
+        }
+        let body = super::decode_body(content_type, &body)?;
+        return review(&ctx, body).await;
+    }
+    let name = t.name.clone().unwrap_or_default();
+    match (method, sub) {
+        (Method::GET, None) if t.name.is_some() => {
+            let o = get(&ctx, &name).await?;
+            if table {
+                let tbl = table::table(
+                    ctx.res.kind,
+                    std::slice::from_ref(&o),
+                    json!({"resourceVersion": o["metadata"]["resourceVersion"]}),
+                    include(&ctx.q),
+                    true,
+                    now_secs(),
+                );
+                return Ok(super::json_response(StatusCode::OK, &tbl, TABLE_CT));
+            }
+            Ok(respond(StatusCode::OK, &o))
+        }
+        (Method::GET, None) if watch => watch_stream(ctx, table).await,
+        (Method::GET, None) => list(&ctx, table).await,
+        (Method::GET, Some(Sub::Status)) => Ok(respond(StatusCode::OK, &get(&ctx, &name).await?)),
+        (Method::GET, Some(Sub::Scale)) => {
+            let o = get(&ctx, &name).await?;
+            Ok(respond(StatusCode::OK, &scale_of(&o)))
+        }
+        (Method::POST, None) => {
+            let body = super::decode_body(content_type, &body)?;
+            let o = create(&ctx, body).await?;
+            Ok(respond(StatusCode::CREATED, &o))
+        }
+        (Method::POST, Some(Sub::Binding)) => {
+            let body = super::decode_body(content_type, &body)?;
+            bind(&ctx, &name, body).await
+        }
+        (Method::POST, Some(Sub::Eviction)) => {
+            get(&ctx, &name).await?;
+            delete(&ctx, &name, &json!({})).await?;
+            Ok(respond(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            ))
+        }
+        (Method::PUT, sub) => {
+            let body = super::decode_body(content_type, &body)?;
+            let o = replace(&ctx, &name, body, sub).await?;
+            Ok(respond(StatusCode::OK, &o))
+        }
+        (Method::PATCH, sub) => {
+            let kind = content_type
+                .and_then(patch::Kind::from_content_type)
+                .ok_or_else(|| {
+                    ApiError::UnsupportedMediaType(format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {})",
+                        content_type.unwrap_or("none")
+                    ))
+                })?;
+            let body = super::decode_body(content_type, &body)?;
+            let (code, o) = patch_object(&ctx, &name, kind, body, sub).await?;
+            Ok(respond(code, &o))
+        }
+        (Method::DELETE, None) if t.name.is_some() => {
+            let opts = if body.is_empty() {
+                json!({})
+            } else {
+                super::decode_body(content_type, &body)?
+            };
+            let o = delete(&ctx, &name, &opts).await?;
+            Ok(respond(StatusCode::OK, &o))
+        }
+        (Method::DELETE, None) => {
+            let opts = if body.is_empty() {
+                json!({})
+            } else {
+                super::decode_body(content_type, &body)?
+            };
+            delete_collection(&ctx, &opts).await
+        }
+        (m, s) => Err(ApiError::MethodNotAllowed(format!(
+            "{m} is not supported on {}{}",
+            t.res.plural,
+            s.map(|s| format!("/{}", s.name())).unwrap_or_default()
+        ))),
+    }
+}
+
+fn respond(code: StatusCode, v: &Value) -> Response {
+    super::json_response(code, v, "application/json")
+}
+
+async fn get_kv(ctx: &Ctx<'_>, name: &str) -> Result<KeyValue, ApiError> {
+    ctx.api
+        .store
+        .get(&ctx.key(name), Consistency::Linearizable)
+        .await?
+        .ok_or_else(|| ctx.nf(name))
+}
+
+async fn get(ctx: &Ctx<'_>, name: &str) -> Result<Value, ApiError> {
+    from_kv(&get_kv(ctx, name).await?)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Continue {
+    rv: u64,
+    start: String,
+}
+
+fn selectors(ctx: &Ctx<'_>) -> Result<(Labels, Fields), ApiError> {
+    let labels =
+        Labels::parse(ctx.q.get("labelSelector").unwrap_or("")).map_err(ApiError::BadRequest)?;
+    let fields = Fields::parse(ctx.res.kind, ctx.q.get("fieldSelector").unwrap_or(""))
+        .map_err(ApiError::BadRequest)?;
+    Ok((labels, fields))
+}
+
+fn matches(v: &Value, labels: &Labels, fields: &Fields) -> bool {
+    labels.matches(&v["metadata"]["labels"]) && fields.matches(v)
+}
+
+/// Objects of the resource in the request's namespace (or all), filtered, one page.
+async fn list_objects(
+    ctx: &Ctx<'_>,
+    labels: &Labels,
+    fields: &Fields,
+    limit: usize,
+    start: Option<String>,
+    c: Consistency,
+) -> Result<(Vec<Value>, u64, Option<String>), ApiError> {
+    let prefix = ctx.res.prefix(ctx.ns.as_deref());
+    let mut out = Vec::new();
+    let mut after = start;
+    let mut revision = 0;
+    let mut consistency = c;
+    // A field selector on the name reads one key instead of the whole prefix.
+    if let Some(name) = fields.name() {
+        if ctx.ns.is_some() || !ctx.res.namespaced {
+            let kv = ctx.api.store.get(&ctx.key(name), c).await?;
+            let rev = ctx.api.store.status().revision;
+            if let Some(kv) = kv {
+                let v = from_kv(&kv)?;
+                if matches(&v, labels, fields) {
+                    out.push(v);
+                }
+            }
+            return Ok((out, rev, None));
+        }
+    }
+    loop {
+        let page = if limit == 0 {
+            0
+        } else {
+            (limit - out.len()).max(64)
+        };
+        let r = ctx
+            .api
+            .store
+            .range(&prefix, after.as_deref(), page, consistency)
+            .await?;
+        consistency = Consistency::Serializable;
+        if revision == 0 {
+            revision = r.revision;
+        }
+        let mut last = None;
+        for kv in &r.kvs {
+            last = Some(kv.key.clone());
+            let v = from_kv(kv)?;
+            if matches(&v, labels, fields) {
+                out.push(v);
+                if limit > 0 && out.len() == limit {
+                    // More may follow: continue after this key.
+                    let more =
+                        r.more || kv.key != r.kvs.last().map(|k| k.key.clone()).unwrap_or_default();
+                    let token = more.then(|| {
+                        let c = Continue {
+                            rv: revision,
+                            start: kv.key.clone(),
+                        };
+                        base64::Engine::encode(
+                            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                            serde_json::to_vec(&c).unwrap_or_default(),
+                        )
+                    });
+                    return Ok((out, revision, token));
+                }
+            }
+        }
+        if !r.more {
+            return Ok((out, revision, None));
+        }
+        after = last;
+    }
+}
+
+async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(ctx)?;
+    let limit: usize = ctx.q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let start = match ctx.q.get("continue").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(tok) => {
+            let bytes =
+                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, tok)
+                    .map_err(|_| ApiError::BadRequest("continue key is not valid".into()))?;
+            let c: Continue = serde_json::from_slice(&bytes)
+                .map_err(|_| ApiError::BadRequest("continue key is not valid".into()))?;
+            if !c.start.starts_with(&ctx.res.prefix(ctx.ns.as_deref())) {
+                return Err(ApiError::BadRequest("continue key is not valid".into()));
+            }
+            Some(c.start)
+        }
+    };
+    let consistency = match ctx.q.get("resourceVersion") {
+        Some("0") => Consistency::Serializable,
+        _ => Consistency::Linearizable,
+    };
+    let (items, rev, cont) = list_objects(ctx, &labels, &fields, limit, start, consistency).await?;
+    let mut lm = json!({"resourceVersion": rev.to_string()});
+    if let Some(c) = cont {
+        lm["continue"] = json!(c);
+    }
+    if table {
+        let tbl = table::table(ctx.res.kind, &items, lm, include(&ctx.q), true, now_secs());
+        return Ok(super::json_response(StatusCode::OK, &tbl, TABLE_CT));
+    }
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|mut v| {
+            if let Some(m) = v.as_object_mut() {
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
+            v
+        })
+        .collect();
+    Ok(respond(
+        StatusCode::OK,
+        &json!({"kind": format!("{}List", ctx.res.kind), "apiVersion": ctx.res.api_version(),
+                "metadata": lm, "items": items}),
+    ))
+}
+
+fn watch_line(kind: &str, object: Value) -> Bytes {
+    let mut b = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(&ctx)?;
+    let bookmarks = ctx.q.flag("allowWatchBookmarks");
+    let timeout = ctx
+        .q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or_else(|| Duration::from_secs(1800 + rand::random::<u64>() % 1800));
+    let rv = ctx.q.get("resourceVersion").unwrap_or("").to_string();
+    let (initial, from) = match rv.as_str() {
+        "" | "0" => {
+            let c = if rv.is_empty() {
+                Consistency::Linearizable
+            } else {
+                Consistency::Serializable
+            };
+            let (items, rev, _) = list_objects(&ctx, &labels, &fields, 0, None, c).await?;
+            (items, rev)
+        }
+        n => (
+            Vec::new(),
+            n.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("invalid resource version: {n}")))?,
+        ),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let store = ctx.api.store.clone();
+    let res = ctx.res;
+    let prefix = res.prefix(ctx.ns.as_deref());
+    let inc = include(&ctx.q);
+    let api_version = res.api_version();
+    tokio::spawn(async move {
+        let mut headers = true;
+        let mut wrap = |o: Value| -> Value {
+            if table {
+                let t = table::table(
+                    res.kind,
+                    std::slice::from_ref(&o),
+                    json!({"resourceVersion": o["metadata"]["resourceVersion"]}),
+                    inc,
+                    headers,
+                    now_secs(),
+                );
+                headers = false;
+                t
+            } else {
+                o
+            }
+        };
+        for o in initial {
+            if tx.send(Ok(watch_line("ADDED", wrap(o)))).await.is_err() {
+                return;
+            }
+        }
+        let mut w = match store.watch(&prefix, from).await {
+            Ok(w) => w,
+            Err(e) => {
+                let status = ApiError::from(e).status();
+                let _ = tx.send(Ok(watch_line("ERROR", status))).await;
+                return;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let item = tokio::select! {
+                i = w.next() => i,
+                _ = tokio::time::sleep_until(deadline) => None,
+                _ = tx.closed() => None,
+            };
+            let Some(item) = item else { return };
+            match item {
+                WatchItem::Progress(rev) => {
+                    if bookmarks {
+                        let o = json!({"kind": res.kind, "apiVersion": api_version,
+                                       "metadata": {"resourceVersion": rev.to_string()}});
+                        if tx.send(Ok(watch_line("BOOKMARK", o))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                WatchItem::Revision(r) => {
+                    for ev in &r.events {
+                        let Some((kind, obj)) = event(
+                            &ev.kind,
+                            &ev.kv,
+                            ev.prev.as_ref(),
+                            r.revision,
+                            &labels,
+                            &fields,
+                        ) else {
+                            continue;
+                        };
+                        if tx.send(Ok(watch_line(kind, wrap(obj)))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut r = Response::new(Body::from_stream(stream));
+    let ct = if table { TABLE_CT } else { "application/json" };
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static(ct),
+    );
+    Ok(r)
+}
+
+/// The watch event a store change is, seen through the selectors.
+fn event(
+    kind: &EventKind,
+    kv: &KeyValue,
+    prev: Option<&KeyValue>,
+    revision: u64,
+    labels: &Labels,
+    fields: &Fields,
+) -> Option<(&'static str, Value)> {
+    let old = prev.and_then(|p| from_kv(p).ok());
+    let old_matches = old.as_ref().is_some_and(|o| matches(o, labels, fields));
+    match kind {
+        EventKind::Put => {
+            let new = from_kv(kv).ok()?;
+            match (matches(&new, labels, fields), old_matches) {
+                (true, true) => Some(("MODIFIED", new)),
+                (true, false) => Some(("ADDED", new)),
+                (false, true) => Some(("DELETED", new)),
+                (false, false) => None,
+            }
+        }
+        EventKind::Delete => {
+            let mut last = old.or_else(|| from_kv(kv).ok())?;
+            if !matches(&last, labels, fields) {
+                return None;
+            }
+            set_rv(&mut last, revision);
+            Some(("DELETED", last))
+        }
+    }
+}
+
+fn check_kind(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
+    let Some(m) = o.as_object_mut() else {
+        return Err(ApiError::BadRequest(
+            "the request body must be a JSON object".into(),
+        ));
+    };
+    let av = ctx.res.api_version();
+    match m.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => {
+            m.insert("apiVersion".into(), json!(av));
+        }
+        Some(v) if v == av => {}
+        Some(v) => {
+            return Err(ApiError::BadRequest(format!(
+                "the API version in the data ({v}) does not match the expected API version ({av})"
+            )))
+        }
+    }
+    match m.get("kind").and_then(Value::as_str) {
+        None | Some("") => {
+            m.insert("kind".into(), json!(ctx.res.kind));
+        }
+        Some(k) if k == ctx.res.kind => {}
+        Some(k) => {
+            return Err(ApiError::BadRequest(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                ctx.res.kind
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn check_namespace(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
+    let m = meta(o);
+    if !ctx.res.namespaced {
+        m.remove("namespace");
+        return Ok(());
+    }
+    let want = ctx.ns.clone().unwrap_or_default();
+    match m.get("namespace").and_then(Value::as_str) {
+        None | Some("") => {
+            m.insert("namespace".into(), json!(want));
+        }
+        Some(n) if n == want => {}
+        Some(_) => return Err(ApiError::BadRequest(
+            "the namespace of the provided object does not match the namespace sent on the request"
+                .into(),
+        )),
+    }
+    Ok(())
+}
+
+/// Type check, strict field check and validation.
+fn check(ctx: &Ctx<'_>, o: &Value, input: &Value) -> Result<(), ApiError> {
+    let strict = matches!(ctx.q.get("fieldValidation"), Some("Strict"));
+    if strict {
+        let unknown = openapi::unknown_fields(ctx.res.group, ctx.res.version, ctx.res.kind, input);
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+            return Err(ApiError::BadRequest(format!(
+                "strict decoding error: {}",
+                list.join(", ")
+            )));
+        }
+    }
+    resources::check_types(ctx.res.group, ctx.res.kind, o)
+        .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
+    let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
+    if !causes.is_empty() {
+        return Err(ApiError::Invalid {
+            group: ctx.res.group.into(),
+            kind: ctx.res.kind.into(),
+            name: name_of(o).into(),
+            causes,
+        });
+    }
+    Ok(())
+}
+
+async fn namespace_ready(ctx: &Ctx<'_>, ns: &str) -> Result<(), ApiError> {
+    let nsr = resources::find("", "v1", "namespaces").ok_or_else(|| internal("namespaces"))?;
+    let kv = ctx
+        .api
+        .store
+        .get(&nsr.key(None, ns), Consistency::Serializable)
+        .await?
+        .ok_or_else(|| ApiError::not_found("namespaces", ns))?;
+    let v = from_kv(&kv)?;
+    if !v["metadata"]["deletionTimestamp"].is_null() {
+        return Err(ApiError::Forbidden {
+            message: format!(
+                "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                ctx.res.plural, ""
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random::<u32>() as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Store ops that reserve a Service's cluster IP and node ports alongside it.
+fn service_reservations(api: &Api, svc: &mut Value, taken: &[String]) -> Result<Vec<Op>, ApiError> {
+    let mut ops = Vec::new();
+    let ty = svc["spec"]["type"]
+        .as_str()
+        .unwrap_or("ClusterIP")
+        .to_string();
+    if ty == "ExternalName" {
+        return Ok(ops);
+    }
+    let (base, bits) = api.service_net;
+    let size = 1u32 << (32 - bits);
+    let requested = svc["spec"]["clusterIP"].as_str().map(String::from);
+    let ip = match requested.as_deref() {
+        Some("None") => None,
+        Some(ip) if !ip.is_empty() => {
+            let parsed: Ipv4Addr = ip.parse().map_err(|_| ApiError::Invalid {
+                group: String::new(),
+                kind: "Service".into(),
+                name: name_of(svc).into(),
+                causes: vec![Cause::invalid(
+                    "spec.clusterIPs[0]",
+                    ip,
+                    "must be a valid IP address",
+                )],
+            })?;
+            Some(parsed)
+        }
+        _ => {
+            // Start at a random offset; .0 and .1 are the network and the `kubernetes` service.
+            let start = 2 + rand::random::<u32>() % (size - 3);
+            (0..size - 3)
+                .map(|i| Ipv4Addr::from(u32::from(base) + 2 + (start - 2 + i) % (size - 3)))
+                .find(|ip| !taken.contains(&ip.to_string()))
+        }
+    };
+    if let Some(ip) = ip {
+        let s = ip.to_string();
+        svc["spec"]["clusterIP"] = json!(s);
+        svc["spec"]["clusterIPs"] = json!([s]);
+        ops.push(Op::Put {
+            key: format!("/registry/ranges/serviceips/{s}"),
+            value: name_of(svc).as_bytes().to_vec(),
+            expect: Expect::Absent,
+        });
+    } else {
+        svc["spec"]["clusterIPs"] = json!(["None"]);
+    }
+    if ty == "NodePort" || ty == "LoadBalancer" {
+        if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
+            for p in ports {
+                let port = match p["nodePort"].as_u64() {
+                    Some(n) => n,
+                    None => 30000 + u64::from(rand::random::<u32>() % 2768),
+                };
+                p["nodePort"] = json!(port);
+                ops.push(Op::Put {
+                    key: format!("/registry/ranges/servicenodeports/{port}"),
+                    value: Vec::new(),
+                    expect: Expect::Absent,
+                });
+            }
+        }
+    }
+    Ok(ops)
+}
+
+fn release_ops(res: &Resource, v: &Value) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if res.group.is_empty() && res.kind == "Service" {
+        if let Some(ip) = v["spec"]["clusterIP"]
+            .as_str()
+            .filter(|ip| *ip != "None" && !ip.is_empty())
+        {
+            ops.push(Op::Delete {
+                key: format!("/registry/ranges/serviceips/{ip}"),
+                expect: Expect::Any,
+            });
+        }
+        for p in v["spec"]["ports"].as_array().into_iter().flatten() {
+            if let Some(n) = p["nodePort"].as_u64() {
+                ops.push(Op::Delete {
+                    key: format!("/registry/ranges/servicenodeports/{n}"),
+                    expect: Expect::Any,
+                });
+            }
+        }
+    }
+    ops
+}
+
+async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
+    let input = body.clone();
+    let mut o = body;
+    check_kind(ctx, &mut o)?;
+    check_namespace(ctx, &mut o)?;
+    if let Some(ns) = &ctx.ns {
+        namespace_ready(ctx, ns).await?;
+    }
+    let m = meta(&mut o);
+    for k in [
+        "resourceVersion",
+        "uid",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+        "managedFields",
+    ] {
+        m.remove(k);
+    }
+    let generate = m
+        .get("generateName")
+        .and_then(Value::as_str)
+        .map(String::from);
+    let named = m
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    if !named {
+        if let Some(prefix) = &generate {
+            m.insert("name".into(), json!(format!("{prefix}{}", random_suffix())));
+        }
+    }
+    let uid = uuid::Uuid::new_v4().to_string();
+    let ts = now();
+    let m = meta(&mut o);
+    m.insert("uid".into(), json!(uid));
+    m.insert("creationTimestamp".into(), json!(ts));
+    admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
+    if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
+        admit::job_selector(&mut o, &uid);
+    }
+    if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
+        let phase = o["status"]["phase"].is_null();
+        if phase {
+            o["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+        }
+    }
+    if o.get("spec").is_some() {
+        meta(&mut o).insert("generation".into(), json!(1));
+    }
+    ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
+    check(ctx, &o, &input)?;
+    write_new(ctx, o, generate.is_some() && !named).await
+}
+
+/// Store a new object (retrying generated names and reservations that collide).
+async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value, ApiError> {
+    let is_service = ctx.res.group.is_empty() && ctx.res.kind == "Service";
+    let taken: Vec<String> = if is_service && !ctx.dry_run {
+        ctx.api
+            .store
+            .range(
+                "/registry/ranges/serviceips/",
+                None,
+                0,
+                Consistency::Serializable,
+            )
+            .await?
+            .kvs
+            .into_iter()
+            .filter_map(|kv| kv.key.rsplit('/').next().map(String::from))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let original = o.clone();
+    for attempt in 0..8 {
+        let mut ops = Vec::new();
+        if is_service {
+            o = original.clone();
+            let mut taken = taken.clone();
+            if attempt > 0 {
+                taken.clear();
+            }
+            ops.extend(service_reservations(ctx.api, &mut o, &taken)?);
+        }
+        if ctx.dry_run {
+            return Ok(o);
+        }
+        let name = name_of(&o).to_string();
+        let mut all = vec![Op::Put {
+            key: ctx.key(&name),
+            value: to_stored(&o),
+            expect: Expect::Absent,
+        }];
+        all.extend(ops);
+        match ctx.api.store.txn(all).await? {
+            Outcome::Committed { revision, .. } => {
+                set_rv(&mut o, revision);
+                after_create(ctx, &o).await;
+                return Ok(o);
+            }
+            Outcome::Failed { op: 0, .. } if generated => {
+                let prefix = o["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                meta(&mut o).insert("name".into(), json!(format!("{prefix}{}", random_suffix())));
+            }
+            Outcome::Failed { op: 0, .. } => {
+                return Err(ApiError::AlreadyExists {
+                    group: ctx.res.group.into(),
+                    kind: ctx.res.plural.into(),
+                    name,
+                })
+            }
+            Outcome::Failed { .. }
+                if o["spec"]["clusterIP"] == original["spec"]["clusterIP"]
+                    && original["spec"]["clusterIP"].is_string() =>
+            {
+                return Err(ApiError::Invalid {
+                    group: String::new(),
+                    kind: "Service".into(),
+                    name,
+                    causes: vec![Cause::invalid(
+                        "spec.clusterIPs",
+                        o["spec"]["clusterIP"].as_str().unwrap_or(""),
+                        "failed to allocate IP: provided IP is already allocated",
+                    )],
+                });
+            }
+            Outcome::Failed { .. } => continue,
+            other => return Err(internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+    Err(ApiError::Unavailable(
+        "could not allocate a name or address; try again".into(),
+    ))
+}
+
+/// What follows a create: every namespace gets its `default` service account.
+async fn after_create(ctx: &Ctx<'_>, o: &Value) {
+    if (ctx.res.group, ctx.res.kind) == ("", "Namespace") {
+        let ns = name_of(o).to_string();
+        if let Some(sa) = resources::find("", "v1", "serviceaccounts") {
+            let v = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": "default", "namespace": ns,
+                             "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()}});
+            let _ = ctx
+                .api
+                .store
+                .put(&sa.key(Some(&ns), "default"), to_stored(&v), Expect::Absent)
+                .await;
+        }
+    }
+}
+
+/// Carry what a client may not change from `old` to `new`, bump generation, and validate.
+fn prepare_update(
+    ctx: &Ctx<'_>,
+    old: &Value,
+    new: &mut Value,
+    sub: Option<Sub>,
+    record: bool,
+) -> Result<(), ApiError> {
+    check_kind(ctx, new)?;
+    check_namespace(ctx, new)?;
+    if name_of(new) != name_of(old) {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({}) does not match the name on the URL ({})",
+            name_of(new),
+            name_of(old)
+        )));
+    }
+    let keep = [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ];
+    for k in keep {
+        match old["metadata"].get(k) {
+            Some(v) => {
+                meta(new).insert(k.into(), v.clone());
+            }
+            None => {
+                meta(new).remove(k);
+            }
+        }
+    }
+    if sub == Some(Sub::Status) {
+        let status = new.get("status").cloned();
+        let labels = new["metadata"].get("labels").cloned();
+        let annotations = new["metadata"].get("annotations").cloned();
+        let managed = new["metadata"].get("managedFields").cloned();
+        *new = old.clone();
+        match status {
+            Some(s) => new["status"] = s,
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+        let m = meta(new);
+        for (k, v) in [
+            ("labels", labels),
+            ("annotations", annotations),
+            ("managedFields", managed),
+        ] {
+            match v {
+                Some(v) => {
+                    m.insert(k.into(), v);
+                }
+                None => {
+                    m.remove(k);
+                }
+            }
+        }
+    } else if ctx.res.has(Sub::Status) {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+    admit::defaults(ctx.res.group, ctx.res.kind, new);
+    if spec_part(old) != spec_part(new) && new.get("spec").is_some() {
+        let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+        meta(new).insert("generation".into(), json!(g));
+    }
+    if record {
+        let subname = sub.map(|s| s.name()).unwrap_or("");
+        ssa::record_update(
+            Some(old),
+            new,
+            &ctx.manager,
+            &ctx.res.api_version(),
+            subname,
+            &now(),
+        );
+    }
+    Ok(())
+}
+
+/// The read-modify-write loop behind update, patch and apply. `change` gets the current
+/// object and returns the new one; a stale resourceVersion in its result is a conflict.
+async fn update_with<F>(
+    ctx: &Ctx<'_>,
+    name: &str,
+    sub: Option<Sub>,
+    input_check: bool,
+    change: F,
+) -> Result<Value, ApiError>
+where
+    F: Fn(&Value) -> Result<(Value, bool), ApiError>,
+{
+    for _ in 0..16 {
+        let kv = get_kv(ctx, name).await?;
+        let old = from_kv(&kv)?;
+        let (mut new, record) = change(&old)?;
+        let pinned = rv_of(&new);
+        if let Some(rv) = pinned {
+            if rv != kv.mod_revision {
+                return Err(ApiError::modified(&ctx.res.qualified(), name));
+            }
+        }
+        let input = new.clone();
+        prepare_update(ctx, &old, &mut new, sub, record)?;
+        check(ctx, &new, if input_check { &input } else { &Value::Null })?;
+        set_rv(&mut new, kv.mod_revision);
+        if new == old || ctx.dry_run {
+            return Ok(new);
+        }
+        let finalized = !new["metadata"]["deletionTimestamp"].is_null()
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty);
+        let key = ctx.key(name);
+        let mut ops = vec![if finalized {
+            Op::Delete {
+                key: key.clone(),
+                expect: Expect::ModRevision(kv.mod_revision),
+            }
+        } else {
+            Op::Put {
+                key: key.clone(),
+                value: to_stored(&new),
+                expect: Expect::ModRevision(kv.mod_revision),
+            }
+        }];
+        if finalized {
+            ops.extend(release_ops(ctx.res, &new));
+        }
+        match ctx.api.store.txn(ops).await? {
+            Outcome::Committed { revision, .. } => {
+                set_rv(&mut new, revision);
+                if finalized {
+                    spawn_cascade(ctx.api.clone(), ctx.res, new.clone(), "Background");
+                }
+                return Ok(new);
+            }
+            Outcome::Failed { .. } if pinned.is_some() => {
+                return Err(ApiError::modified(&ctx.res.qualified(), name))
+            }
+            Outcome::Failed { .. } => continue,
+            other => return Err(internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+    Err(ApiError::modified(&ctx.res.qualified(), name))
+}
+
+async fn replace(
+    ctx: &Ctx<'_>,
+    name: &str,
+    body: Value,
+    sub: Option<Sub>,
+) -> Result<Value, ApiError> {
+    match sub {
+        Some(Sub::Scale) => return scale_update(ctx, name, |_| Ok(body.clone())).await,
+        Some(Sub::Binding | Sub::Eviction) => {
+            return Err(ApiError::MethodNotAllowed("only POST is supported".into()))
+        }
+        _ => {}
+    }
+    if !body.is_object() {
+        return Err(ApiError::BadRequest(
+            "the request body must be a JSON object".into(),
+        ));
+    }
+    update_with(ctx, name, sub, true, |_| Ok((body.clone(), true))).await
+}
+
+async fn patch_object(
+    ctx: &Ctx<'_>,
+    name: &str,
+    kind: patch::Kind,
+    body: Value,
+    sub: Option<Sub>,
+) -> Result<(StatusCode, Value), ApiError> {
+    let apply_patch = |doc: &mut Value| -> Result<(), ApiError> {
+        match kind {
+            patch::Kind::Json => patch::json_patch(doc, &body),
+            patch::Kind::Merge => patch::merge_patch(doc, &body),
+            patch::Kind::Strategic => patch::strategic(doc, &body),
+            patch::Kind::Apply => Ok(()),
+        }
+        .map_err(|e| ApiError::BadRequest(format!("the patch could not be applied: {e}")))
+    };
+    if sub == Some(Sub::Scale) {
+        let o = scale_update(ctx, name, |scale| {
+            let mut s = scale.clone();
+            apply_patch(&mut s)?;
+            Ok(s)
+        })
+        .await?;
+        return Ok((StatusCode::OK, o));
+    }
+    if kind != patch::Kind::Apply {
+        let o = update_with(ctx, name, sub, kind != patch::Kind::Json, |old| {
+            let mut doc = old.clone();
+            apply_patch(&mut doc)?;
+            // A patch that leaves resourceVersion as it was does not pin it.
+            if doc["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"] {
+                meta(&mut doc).remove("resourceVersion");
+            }
+            Ok((doc, true))
+        })
+        .await?;
+        return Ok((StatusCode::OK, o));
+    }
+    // Server-side apply.
+    if ctx.q.get("fieldManager").is_none_or(str::is_empty) {
+        return Err(ApiError::BadRequest(
+            "PATCH, application/apply-patch+yaml requires fieldManager to be set".into(),
+        ));
+    }
+    let mut config = body;
+    check_kind(ctx, &mut config)?;
+    admit::normalize_quantities(&mut config);
+    if name_of(&config) != name {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            name_of(&config)
+        )));
+    }
+    let force = ctx.q.flag("force");
+    let av = ctx.res.api_version();
+    let manager = ctx.manager.clone();
+    let ts = now();
+    let conflict = |cs: Vec<ssa::Conflict>| {
+        let n = cs.len();
+        let list: Vec<String> = cs
+            .iter()
+            .map(|c| {
+                format!(
+                    "conflict with \"{}\" using {}: {}",
+                    c.manager, c.api_version, c.field
+                )
+            })
+            .collect();
+        let message = if n == 1 {
+            format!("Apply failed with 1 conflict: {}", list[0])
+        } else {
+            format!("Apply failed with {n} conflicts: {}", list.join("\n"))
+        };
+        ApiError::Conflict {
+            kind: ctx.res.qualified(),
+            name: name.into(),
+            message,
+            causes: cs
+                .iter()
+                .map(|c| {
+                    Cause::new(
+                        "FieldManagerConflict",
+                        c.field.clone(),
+                        format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+                    )
+                })
+                .collect(),
+        }
+    };
+    let exists = ctx
+        .api
+        .store
+        .get(&ctx.key(name), Consistency::Linearizable)
+        .await?
+        .is_some();
+    if !exists {
+        let mut base = json!({"apiVersion": av, "kind": ctx.res.kind, "metadata": {"name": name}});
+        if let Some(ns) = &ctx.ns {
+            base["metadata"]["namespace"] = json!(ns);
+        }
+        let applied = ssa::apply(&base, &config, &manager, &av, force, &ts).map_err(conflict)?;
+        let mut o = applied;
+        check_namespace(ctx, &mut o)?;
+        if let Some(ns) = &ctx.ns {
+            namespace_ready(ctx, ns).await?;
+        }
+        let uid = uuid::Uuid::new_v4().to_string();
+        meta(&mut o).insert("uid".into(), json!(uid));
+        meta(&mut o).insert("creationTimestamp".into(), json!(ts));
+        admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
+        if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
+            admit::job_selector(&mut o, &uid);
+        }
+        if o.get("spec").is_some() {
+            meta(&mut o).insert("generation".into(), json!(1));
+        }
+        check(ctx, &o, &config)?;
+        let o = write_new(ctx, o, false).await?;
+        return Ok((StatusCode::CREATED, o));
+    }
+    let o = update_with(ctx, name, sub, false, |old| {
+        let mut cfg = config.clone();
+        if let Some(m) = cfg["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        let strict = matches!(ctx.q.get("fieldValidation"), Some("Strict"));
+        if strict {
+            let unknown =
+                openapi::unknown_fields(ctx.res.group, ctx.res.version, ctx.res.kind, &cfg);
+            if !unknown.is_empty() {
+                let list: Vec<String> = unknown
+                    .iter()
+                    .map(|f| format!("unknown field \"{f}\""))
+                    .collect();
+                return Err(ApiError::BadRequest(format!(
+                    "strict decoding error: {}",
+                    list.join(", ")
+                )));
+            }
+        }
+        let new = ssa::apply(old, &cfg, &manager, &av, force, &ts).map_err(conflict)?;
+        Ok((new, false))
+    })
+    .await?;
+    Ok((StatusCode::OK, o))
+}
+
+fn scale_of(o: &Value) -> Value {
+    let selector = Labels::from_selector(&o["spec"]["selector"]).to_query();
+    let m = &o["metadata"];
+    json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+                     "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(0)},
+        "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector}})
+}
+
+async fn scale_update<F>(ctx: &Ctx<'_>, name: &str, f: F) -> Result<Value, ApiError>
+where
+    F: Fn(&Value) -> Result<Value, ApiError>,
+{
+    let o = update_with(ctx, name, Some(Sub::Scale), false, |old| {
+        let scale = scale_of(old);
+        let new_scale = f(&scale)?;
+        let replicas = new_scale["spec"]["replicas"]
+            .as_i64()
+            .ok_or_else(|| ApiError::Invalid {
+                group: "autoscaling".into(),
+                kind: "Scale".into(),
+                name: name.into(),
+                causes: vec![Cause::required("spec.replicas")],
+            })?;
+        if replicas < 0 {
+            return Err(ApiError::Invalid {
+                group: "autoscaling".into(),
+                kind: "Scale".into(),
+                name: name.into(),
+                causes: vec![Cause::invalid(
+                    "spec.replicas",
+                    &replicas.to_string(),
+                    "must be greater than or equal to 0",
+                )],
+            });
+        }
+        let mut new = old.clone();
+        new["spec"]["replicas"] = json!(replicas);
+        match rv_of(&new_scale) {
+            Some(rv) => new["metadata"]["resourceVersion"] = json!(rv.to_string()),
+            None => {
+                meta(&mut new).remove("resourceVersion");
+            }
+        }
+        Ok((new, true))
+    })
+    .await?;
+    Ok(scale_of(&o))
+}
+
+async fn bind(ctx: &Ctx<'_>, name: &str, body: Value) -> Result<Response, ApiError> {
+    let node = body["target"]["name"].as_str().unwrap_or("").to_string();
+    if node.is_empty() {
+        return Err(ApiError::Invalid {
+            group: String::new(),
+            kind: "Binding".into(),
+            name: name.into(),
+            causes: vec![Cause::required("target.name")],
+        });
+    }
+    update_with(ctx, name, None, false, |old| {
+        match old["spec"]["nodeName"].as_str() {
+            Some(n) if !n.is_empty() => Err(ApiError::Conflict {
+                kind: "pods".into(),
+                name: name.into(),
+                message: format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{n}\""),
+                causes: vec![],
+            }),
+            _ => {
+                let mut new = old.clone();
+                new["spec"]["nodeName"] = json!(node);
+                meta(&mut new).remove("resourceVersion");
+                Ok((new, true))
+            }
+        }
+    })
+    .await?;
+    Ok(respond(
+        StatusCode::CREATED,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
+}
+
+/// Delete options from the body and the query (the Python client sends them as parameters).
+fn delete_options(ctx: &Ctx<'_>, body: &Value) -> (String, Option<String>, Option<String>, bool) {
+    let policy = body["propagationPolicy"]
+        .as_str()
+        .or(ctx.q.get("propagationPolicy"))
+        .or(match body["orphanDependents"].as_bool() {
+            Some(true) => Some("Orphan"),
+            _ => None,
+        })
+        .unwrap_or("Background")
+        .to_string();
+    let uid = body["preconditions"]["uid"].as_str().map(String::from);
+    let rv = body["preconditions"]["resourceVersion"]
+        .as_str()
+        .map(String::from);
+    let dry = ctx.dry_run
+        || body["dryRun"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "All"));
+    (policy, uid, rv, dry)
+}
+
+async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiError> {
+    let (policy, uid, rv, dry) = delete_options(ctx, body);
+    if !matches!(policy.as_str(), "Background" | "Foreground" | "Orphan") {
+        return Err(ApiError::BadRequest(format!(
+            "unknown propagationPolicy {policy:?}"
+        )));
+    }
+    for _ in 0..16 {
+        let kv = get_kv(ctx, name).await?;
+        let mut o = from_kv(&kv)?;
+        if uid.as_deref().is_some_and(|u| o["metadata"]["uid"] != u)
+            || rv
+                .as_deref()
+                .is_some_and(|r| r != kv.mod_revision.to_string())
+        {
+            return Err(ApiError::Conflict {
+                kind: ctx.res.qualified(),
+                name: name.into(),
+                message: format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the precondition was not met",
+                    ctx.res.qualified()
+                ),
+                causes: vec![],
+            });
+        }
+        if dry {
+            return Ok(o);
+        }
+        let namespace = ctx.res.kind == "Namespace" && ctx.res.group.is_empty();
+        let finalizers = o["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        let pending = namespace || finalizers || policy == "Foreground";
+        if pending {
+            if !o["metadata"]["deletionTimestamp"].is_null() {
+                return Ok(o);
+            }
+            let m = meta(&mut o);
+            m.insert("deletionTimestamp".into(), json!(now()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            if policy == "Foreground" {
+                let f = m.entry("finalizers".to_string()).or_insert(json!([]));
+                if let Value::Array(list) = f {
+                    if !list.iter().any(|x| x == "foregroundDeletion") {
+                        list.push(json!("foregroundDeletion"));
+                    }
+                }
+            }
+            if namespace {
+                o["status"]["phase"] = json!("Terminating");
+            }
+            match ctx
+                .api
+                .store
+                .put(
+                    &ctx.key(name),
+                    to_stored(&o),
+                    Expect::ModRevision(kv.mod_revision),
+                )
+                .await?
+            {
+                Outcome::Committed { revision, .. } => {
+                    set_rv(&mut o, revision);
+                    if namespace {
+                        spawn_namespace_cleanup(ctx.api.clone(), name.to_string());
+                    } else if policy == "Foreground" {
+                        spawn_foreground(ctx.api.clone(), ctx.res, o.clone());
+                    }
+                    return Ok(o);
+                }
+                Outcome::Failed { .. } => continue,
+                other => return Err(internal(format!("unexpected outcome {other:?}"))),
+            }
+        }
+        if policy == "Orphan" {
+            orphan_dependents(ctx.api, &o).await?;
+        }
+        let mut ops = vec![Op::Delete {
+            key: ctx.key(name),
+            expect: Expect::ModRevision(kv.mod_revision),
+        }];
+        ops.extend(release_ops(ctx.res, &o));
+        match ctx.api.store.txn(ops).await? {
+            Outcome::Committed { .. } => {
+                if policy == "Background" {
+                    spawn_cascade(ctx.api.clone(), ctx.res, o.clone(), "Background");
+                }
+                return Ok(o);
+            }
+            Outcome::Failed { .. } => continue,
+            other => return Err(internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+    Err(ApiError::modified(&ctx.res.qualified(), name))
+}
+
+async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(ctx)?;
+    let (items, _, _) =
+        list_objects(ctx, &labels, &fields, 0, None, Consistency::Linearizable).await?;
+    let mut gone = Vec::new();
+    for o in items {
+        let name = name_of(&o).to_string();
+        let sub = Ctx {
+            api: ctx.api,
+            user: ctx.user.clone(),
+            res: ctx.res,
+            ns: o["metadata"]["namespace"]
+                .as_str()
+                .map(String::from)
+                .or(ctx.ns.clone()),
+            q: ctx.q.clone(),
+            manager: ctx.manager.clone(),
+            dry_run: ctx.dry_run,
+        };
+        match delete(&sub, &name, body).await {
+            Ok(v) => gone.push(v),
+            Err(ApiError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(respond(
+        StatusCode::OK,
+        &json!({"kind": format!("{}List", ctx.res.kind), "apiVersion": ctx.res.api_version(),
+                "metadata": {}, "items": gone}),
+    ))
+}
+
+/// Objects whose ownerReferences name `uid`, as (resource, object).
+async fn dependents(
+    api: &Api,
+    uid: &str,
+    ns: Option<&str>,
+) -> Result<Vec<(&'static Resource, Value)>, ApiError> {
+    let mut out = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.stored) {
+        if ns.is_some() && !r.namespaced && r.kind != "Namespace" {
+            // Namespaced owners cannot own cluster-scoped objects.
+            continue;
+        }
+        let prefix = r.prefix(ns);
+        for kv in api
+            .store
+            .range(&prefix, None, 0, Consistency::Serializable)
+            .await?
+            .kvs
+        {
+            if !kv.value.windows(uid.len()).any(|w| w == uid.as_bytes()) {
+                continue;
+            }
+            let v = from_kv(&kv)?;
+            let owned = v["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().any(|o| o["uid"] == uid));
+            if owned {
+                out.push((r, v));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>) -> Ctx<'a> {
+    Ctx {
+        api,
+        user: User {
+            name: "system:serviceaccount:kube-system:generic-garbage-collector".into(),
+            uid: String::new(),
+            groups: vec!["system:masters".into()],
+        },
+        res,
+        ns,
+        q: Query::default(),
+        manager: "outpost-gc".into(),
+        dry_run: false,
+    }
+}
+
+async fn orphan_dependents(api: &Arc<Api>, owner: &Value) -> Result<(), ApiError> {
+    let uid = owner["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    let ns = owner["metadata"]["namespace"].as_str().map(String::from);
+    for (r, d) in dependents(api, &uid, ns.as_deref()).await? {
+        let ctx = system_ctx(
+            api,
+            r,
+            d["metadata"]["namespace"].as_str().map(String::from),
+        );
+        let res = update_with(&ctx, name_of(&d), None, false, |old| {
+            let mut new = old.clone();
+            if let Some(Value::Array(refs)) = new["metadata"].get_mut("ownerReferences") {
+                refs.retain(|o| o["uid"] != uid.as_str());
+            }
+            meta(&mut new).remove("resourceVersion");
+            Ok((new, true))
+        })
+        .await;
+        match res {
+            Ok(_) | Err(ApiError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Delete what `owner` owned (the garbage collector's job for background deletes).
+fn cascade(api: Arc<Api>, owner: Value, policy: &'static str) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let uid = owner["metadata"]["uid"].as_str().unwrap_or("").to_string();
+        let ns = owner["metadata"]["namespace"].as_str().map(String::from);
+        let Ok(deps) = dependents(&api, &uid, ns.as_deref()).await else {
+            return;
+        };
+        for (r, d) in deps {
+            let ctx = system_ctx(
+                &api,
+                r,
+                d["metadata"]["namespace"].as_str().map(String::from),
+            );
+            if let Err(e) = delete(&ctx, name_of(&d), &json!({"propagationPolicy": policy})).await {
+                if !matches!(e, ApiError::NotFound { .. }) {
+                    tracing::warn!(error = %e, name = name_of(&d), "cascading delete failed");
+                }
+            }
+        }
+    })
+}
+
+fn spawn_cascade(api: Arc<Api>, res: &'static Resource, owner: Value, policy: &'static str) {
+    if !res.stored {
+        return;
+    }
+    tokio::spawn(cascade(api, owner, policy));
+}
+
+fn spawn_foreground(api: Arc<Api>, res: &'static Resource, owner: Value) {
+    tokio::spawn(async move {
+        let uid = owner["metadata"]["uid"].as_str().unwrap_or("").to_string();
+        let ns = owner["metadata"]["namespace"].as_str().map(String::from);
+        for _ in 0..600 {
+            cascade(api.clone(), owner.clone(), "Foreground").await;
+            match dependents(&api, &uid, ns.as_deref()).await {
+                Ok(d) if d.is_empty() => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let ctx = system_ctx(&api, res, ns);
+        let r = update_with(&ctx, name_of(&owner), None, false, |old| {
+            let mut new = old.clone();
+            if let Some(Value::Array(f)) = new["metadata"].get_mut("finalizers") {
+                f.retain(|x| x != "foregroundDeletion");
+            }
+            meta(&mut new).remove("resourceVersion");
+            Ok((new, true))
+        })
+        .await;
+        if let Err(e) = r {
+            if !matches!(e, ApiError::NotFound { .. }) {
+                tracing::warn!(error = %e, "finishing a foreground delete failed");
+            }
+        }
+    });
+}
+
+fn spawn_namespace_cleanup(api: Arc<Api>, ns: String) {
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            let mut left = 0;
+            for r in RESOURCES.iter().filter(|r| r.stored && r.namespaced) {
+                let Ok(page) = api
+                    .store
+                    .range(&r.prefix(Some(&ns)), None, 0, Consistency::Serializable)
+                    .await
+                else {
+                    left += 1;
+                    continue;
+                };
+                for kv in page.kvs {
+                    left += 1;
+                    let mut ops = vec![Op::Delete {
+                        key: kv.key.clone(),
+                        expect: Expect::ModRevision(kv.mod_revision),
+                    }];
+                    if let Ok(v) = from_kv(&kv) {
+                        ops.extend(release_ops(r, &v));
+                    }
+                    let _ = api.store.txn(ops).await;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        let Some(nsr) = resources::find("", "v1", "namespaces") else {
+            return;
+        };
+        let _ = api.store.delete(&nsr.key(None, &ns), Expect::Any).await;
+    });
+}
+
+async fn review(ctx: &Ctx<'_>, mut body: Value) -> Result<Response, ApiError> {
+    check_kind(ctx, &mut body)?;
+    let user = &ctx.user;
+    let policy = load_policy(ctx.api).await?;
+    match ctx.res.kind {
+        "SelfSubjectAccessReview" => {
+            let spec = &body["spec"];
+            let attrs = if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
+                let s = |k: &str| ra[k].as_str().unwrap_or("").to_string();
+                Attrs {
+                    verb: s("verb"),
+                    group: s("group"),
+                    resource: s("resource"),
+                    subresource: s("subresource"),
+                    namespace: s("namespace"),
+                    name: s("name"),
+                    path: None,
+                }
+            } else {
+                let na = &spec["nonResourceAttributes"];
+                Attrs {
+                    verb: na["verb"].as_str().unwrap_or("").into(),
+                    group: String::new(),
+                    resource: String::new(),
+                    subresource: String::new(),
+                    namespace: String::new(),
+                    name: String::new(),
+                    path: Some(na["path"].as_str().unwrap_or("").into()),
+                }
+            };
+            let allowed = policy.allows(user, &attrs);
+            body["status"] = if allowed {
+                json!({"allowed": true, "reason": "allowed by RBAC"})
+            } else {
+                json!({"allowed": false})
+            };
+        }
+        "SelfSubjectRulesReview" => {
+            let ns = body["spec"]["namespace"].as_str().unwrap_or("").to_string();
+            let mut rules = policy.rules_for(user, &ns);
+            if user.is_master() && rules.is_empty() {
+                rules.push(json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}));
+            }
+            let (mut res_rules, mut non) = (Vec::new(), Vec::new());
+            for r in rules {
+                if r.get("nonResourceURLs")
+                    .is_some_and(|u| u.as_array().is_some_and(|a| !a.is_empty()))
+                {
+                    non.push(json!({"verbs": r["verbs"], "nonResourceURLs": r["nonResourceURLs"]}));
+                } else {
+                    let mut o = json!({"verbs": r["verbs"], "apiGroups": r["apiGroups"], "resources": r["resources"]});
+                    if r["resourceNames"].is_array() {
+                        o["resourceNames"] = r["resourceNames"].clone();
+                    }
+                    res_rules.push(o);
+                }
+            }
+            body["status"] =
+                json!({"resourceRules": res_rules, "nonResourceRules": non, "incomplete": false});
+        }
+        _ => {
+            body["status"] = json!({"userInfo": {"username": user.name, "uid": user.uid, "groups": user.groups}});
+        }
+    }
+    meta(&mut body).insert("creationTimestamp".into(), Value::Null);
+    Ok(respond(StatusCode::CREATED, &body))
+}
+
+/// Create the objects every cluster starts with (idempotent; runs on every start).
+pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
+    for (group, kind, o) in auth::bootstrap_objects() {
+        let r = resources::by_kind(group, kind).ok_or_else(|| internal(kind))?;
+        let ctx = system_ctx(api, r, None);
+        match create(&ctx, o).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // The `kubernetes` service holds the first address of the service network.
+    let svc = resources::find("", "v1", "services").ok_or_else(|| internal("services"))?;
+    let ip = Ipv4Addr::from(u32::from(api.service_net.0) + 1).to_string();
+    let ctx = system_ctx(api, svc, Some("default".into()));
+    let o = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {"clusterIP": ip, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}});
+    match create(&ctx, o).await {
+        Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+        Err(ApiError::Invalid { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

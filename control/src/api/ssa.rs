@@ -1,0 +1,536 @@
+//! Field ownership (`metadata.managedFields`) and server-side apply. Pure.
+//!
+//! A field is a path of map keys, keyed-list items (`k:{"name":"c"}`) and set members
+//! (`v:"x"`); lists without a merge key are owned whole. An apply takes ownership of the
+//! fields in its configuration, fails with a conflict when another manager owns one of them
+//! with a different value (unless forced), and removes fields its manager applied before
+//! and no longer applies. Updates (create, PUT, the other patches) take ownership of what
+//! they changed without conflicts. This follows structured-merge-diff with the merge keys of
+//! [`super::patch`], without its type-aware atomic maps.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Map, Value};
+
+/// One step of a field path, in its fieldsV1 spelling (`f:spec`, `k:{"name":"c"}`, `v:"x"`).
+pub type Field = Vec<String>;
+
+fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
+    let has = |k: &str| items.iter().any(|i| i.get(k).is_some());
+    Some(match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "schedulingGates"
+        | "resourceClaims" => "name",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "ports" if has("containerPort") => "containerPort",
+        "ports" if has("port") => "port",
+        "conditions" | "addresses" => "type",
+        "hostAliases" | "podIPs" | "hostIPs" => "ip",
+        "topologySpreadConstraints" => "topologyKey",
+        "ownerReferences" => "uid",
+        _ => return None,
+    })
+}
+
+fn set_list(field: &str) -> bool {
+    matches!(field, "finalizers" | "podCIDRs")
+}
+
+/// Paths the server owns, never tracked.
+fn ignored(path: &[String]) -> bool {
+    match path {
+        [a] => a == "f:apiVersion" || a == "f:kind" || a == "f:status",
+        [m, f, ..] if m == "f:metadata" => matches!(
+            f.as_str(),
+            "f:name"
+                | "f:namespace"
+                | "f:uid"
+                | "f:resourceVersion"
+                | "f:generation"
+                | "f:creationTimestamp"
+                | "f:managedFields"
+                | "f:deletionTimestamp"
+                | "f:deletionGracePeriodSeconds"
+                | "f:selfLink"
+        ),
+        [s, ..] => s == "f:status",
+        _ => false,
+    }
+}
+
+fn collect(v: &Value, field_name: &str, at: &mut Field, out: &mut BTreeSet<Field>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, x) in m {
+                at.push(format!("f:{k}"));
+                if !ignored(at) {
+                    collect(x, k, at, out);
+                }
+                at.pop();
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            if let Some(key) = merge_key(field_name, items) {
+                for item in items {
+                    let Some(kv) = item.get(key) else {
+                        out.insert(at.clone());
+                        return;
+                    };
+                    at.push(format!("k:{}", json!({key: kv})));
+                    out.insert(at.clone());
+                    collect(item, "", at, out);
+                    at.pop();
+                }
+            } else if set_list(field_name) {
+                for item in items {
+                    at.push(format!("v:{item}"));
+                    out.insert(at.clone());
+                    at.pop();
+                }
+            } else {
+                out.insert(at.clone());
+            }
+        }
+        _ => {
+            out.insert(at.clone());
+        }
+    }
+}
+
+/// Every field set in `v`.
+pub fn fields(v: &Value) -> BTreeSet<Field> {
+    let mut out = BTreeSet::new();
+    collect(v, "", &mut Vec::new(), &mut out);
+    out
+}
+
+/// The value at `path` in `v`, if any.
+pub fn value_at<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut cur = v;
+    for step in path {
+        if let Some(k) = step.strip_prefix("f:") {
+            cur = cur.get(k)?;
+        } else if let Some(k) = step.strip_prefix("k:") {
+            let key: Map<String, Value> = serde_json::from_str(k).ok()?;
+            cur = cur
+                .as_array()?
+                .iter()
+                .find(|i| key.iter().all(|(kk, kv)| i.get(kk) == Some(kv)))?;
+        } else if let Some(x) = step.strip_prefix("v:") {
+            let want: Value = serde_json::from_str(x).ok()?;
+            cur = cur.as_array()?.iter().find(|i| **i == want)?;
+        } else {
+            return None;
+        }
+    }
+    Some(cur)
+}
+
+/// Remove the value at `path` from `v`.
+pub fn remove_at(v: &mut Value, path: &[String]) {
+    let Some((last, parent)) = path.split_last() else {
+        return;
+    };
+    let mut cur = v;
+    for step in parent {
+        let next = if let Some(k) = step.strip_prefix("f:") {
+            cur.get_mut(k)
+        } else if let Some(k) = step.strip_prefix("k:") {
+            let Ok(key) = serde_json::from_str::<Map<String, Value>>(k) else {
+                return;
+            };
+            cur.as_array_mut().and_then(|a| {
+                a.iter_mut()
+                    .find(|i| key.iter().all(|(kk, kv)| i.get(kk) == Some(kv)))
+            })
+        } else {
+            None
+        };
+        match next {
+            Some(n) => cur = n,
+            None => return,
+        }
+    }
+    if let Some(k) = last.strip_prefix("f:") {
+        if let Some(m) = cur.as_object_mut() {
+            m.remove(k);
+        }
+    } else if let Some(k) = last.strip_prefix("k:") {
+        if let (Ok(key), Some(a)) = (
+            serde_json::from_str::<Map<String, Value>>(k),
+            cur.as_array_mut(),
+        ) {
+            a.retain(|i| !key.iter().all(|(kk, kv)| i.get(kk) == Some(kv)));
+        }
+    } else if let Some(x) = last.strip_prefix("v:") {
+        if let (Ok(want), Some(a)) = (serde_json::from_str::<Value>(x), cur.as_array_mut()) {
+            a.retain(|i| *i != want);
+        }
+    }
+}
+
+/// A field set in the fieldsV1 form.
+pub fn to_v1(set: &BTreeSet<Field>) -> Value {
+    fn insert(m: &mut Map<String, Value>, path: &[String], keyed: bool) {
+        match path.split_first() {
+            None => {
+                if keyed {
+                    m.insert(".".into(), json!({}));
+                }
+            }
+            Some((step, rest)) => {
+                if let Value::Object(child) = m.entry(step.clone()).or_insert_with(|| json!({})) {
+                    insert(child, rest, keyed);
+                }
+            }
+        }
+    }
+    let mut root = Map::new();
+    for path in set {
+        insert(
+            &mut root,
+            path,
+            path.last().is_some_and(|s| s.starts_with("k:")),
+        );
+    }
+    Value::Object(root)
+}
+
+/// A fieldsV1 value back to a set of paths.
+pub fn from_v1(v: &Value) -> BTreeSet<Field> {
+    fn walk(v: &Value, at: &mut Field, out: &mut BTreeSet<Field>) {
+        let Some(m) = v.as_object() else { return };
+        let leaf = m.is_empty() || (m.len() == 1 && m.contains_key("."));
+        if leaf || m.contains_key(".") {
+            if !at.is_empty() {
+                out.insert(at.clone());
+            }
+        }
+        for (k, x) in m {
+            if k == "." {
+                continue;
+            }
+            at.push(k.clone());
+            walk(x, at, out);
+            at.pop();
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(v, &mut Vec::new(), &mut out);
+    out
+}
+
+/// One `managedFields` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub manager: String,
+    pub operation: String,
+    pub api_version: String,
+    pub time: String,
+    pub subresource: String,
+    pub fields: BTreeSet<Field>,
+}
+
+pub fn entries(obj: &Value) -> Vec<Entry> {
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| Entry {
+            manager: e["manager"].as_str().unwrap_or("").into(),
+            operation: e["operation"].as_str().unwrap_or("Update").into(),
+            api_version: e["apiVersion"].as_str().unwrap_or("").into(),
+            time: e["time"].as_str().unwrap_or("").into(),
+            subresource: e["subresource"].as_str().unwrap_or("").into(),
+            fields: from_v1(&e["fieldsV1"]),
+        })
+        .collect()
+}
+
+pub fn store_entries(obj: &mut Value, es: &[Entry]) {
+    let list: Vec<Value> = es
+        .iter()
+        .filter(|e| !e.fields.is_empty())
+        .map(|e| {
+            let mut o = json!({"manager": e.manager, "operation": e.operation,
+                "apiVersion": e.api_version, "time": e.time, "fieldsType": "FieldsV1",
+                "fieldsV1": to_v1(&e.fields)});
+            if !e.subresource.is_empty() {
+                o["subresource"] = json!(e.subresource);
+            }
+            o
+        })
+        .collect();
+    if let Some(m) = obj["metadata"].as_object_mut() {
+        if list.is_empty() {
+            m.remove("managedFields");
+        } else {
+            m.insert("managedFields".into(), Value::Array(list));
+        }
+    }
+}
+
+/// Record an update by `manager`: it owns what changed from `old` to `new`.
+pub fn record_update(
+    old: Option<&Value>,
+    new: &mut Value,
+    manager: &str,
+    api_version: &str,
+    subresource: &str,
+    now: &str,
+) {
+    // A request that rewrites managedFields itself (kubectl's client-side to server-side
+    // apply migration does) gets what it wrote.
+    let mut es = match old {
+        Some(o) if o["metadata"]["managedFields"] == new["metadata"]["managedFields"] => entries(o),
+        _ => entries(new),
+    };
+    let changed: BTreeSet<Field> = fields(new)
+        .into_iter()
+        .filter(|f| old.is_none_or(|o| value_at(o, f) != value_at(new, f)))
+        .collect();
+    if changed.is_empty() {
+        store_entries(new, &es);
+        return;
+    }
+    for e in es.iter_mut() {
+        e.fields.retain(|f| !changed.contains(f));
+    }
+    match es
+        .iter_mut()
+        .find(|e| e.manager == manager && e.operation == "Update" && e.subresource == subresource)
+    {
+        Some(e) => {
+            e.fields.extend(changed);
+            e.time = now.into();
+        }
+        None => es.push(Entry {
+            manager: manager.into(),
+            operation: "Update".into(),
+            api_version: api_version.into(),
+            time: now.into(),
+            subresource: subresource.into(),
+            fields: changed,
+        }),
+    }
+    store_entries(new, &es);
+}
+
+/// A field another manager owns with a different value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    pub manager: String,
+    pub api_version: String,
+    pub field: String,
+}
+
+/// `.spec.containers[name="c"].image`, as kubectl prints conflicts.
+pub fn display(path: &[String]) -> String {
+    let mut s = String::new();
+    for step in path {
+        if let Some(k) = step.strip_prefix("f:") {
+            s.push('.');
+            s.push_str(k);
+        } else if let Some(k) = step.strip_prefix("k:") {
+            let key: Map<String, Value> = serde_json::from_str(k).unwrap_or_default();
+            let parts: Vec<String> = key.iter().map(|(a, b)| format!("{a}={b}")).collect();
+            s.push_str(&format!("[{}]", parts.join(",")));
+        } else if let Some(v) = step.strip_prefix("v:") {
+            s.push_str(&format!("[{v}]"));
+        }
+    }
+    s
+}
+
+/// Server-side apply of `config` by `manager` onto `live`. Returns the new object, whose
+/// managedFields are updated, or the conflicts.
+pub fn apply(
+    live: &Value,
+    config: &Value,
+    manager: &str,
+    api_version: &str,
+    force: bool,
+    now: &str,
+) -> Result<Value, Vec<Conflict>> {
+    let mut es = entries(live);
+    let applied = fields(config);
+    let mut conflicts = Vec::new();
+    let mut contested: BTreeSet<Field> = BTreeSet::new();
+    for e in es.iter().filter(|e| e.manager != manager) {
+        for f in e.fields.intersection(&applied) {
+            let (a, b) = (value_at(live, f), value_at(config, f));
+            let differs = match (a, b) {
+                (Some(Value::Object(_)), Some(Value::Object(_))) => false,
+                (Some(Value::Array(_)), Some(Value::Array(_)))
+                    if f.last().is_some_and(|s| s.starts_with("k:")) =>
+                {
+                    false
+                }
+                _ => a != b,
+            };
+            if differs {
+                contested.insert(f.clone());
+                conflicts.push(Conflict {
+                    manager: e.manager.clone(),
+                    api_version: e.api_version.clone(),
+                    field: display(f),
+                });
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        return Err(conflicts);
+    }
+    let before: BTreeSet<Field> = es
+        .iter()
+        .find(|e| e.manager == manager && e.operation == "Apply")
+        .map(|e| e.fields.clone())
+        .unwrap_or_default();
+    let mut out = live.clone();
+    let mut patch = config.clone();
+    if let Some(m) = patch["metadata"].as_object_mut() {
+        m.remove("managedFields");
+        m.remove("resourceVersion");
+    }
+    // Apply configurations merge like a strategic patch without deletions.
+    let _ = super::patch::strategic(&mut out, &patch);
+    for e in es.iter_mut().filter(|e| e.manager != manager) {
+        e.fields.retain(|f| !contested.contains(f));
+    }
+    let others: BTreeSet<Field> = es
+        .iter()
+        .filter(|e| !(e.manager == manager && e.operation == "Apply"))
+        .flat_map(|e| e.fields.iter().cloned())
+        .collect();
+    // Deepest first, so an item goes before the list that held it.
+    let mut gone: Vec<&Field> = before
+        .iter()
+        .filter(|f| !applied.contains(*f) && !others.contains(*f))
+        .filter(|f| !applied.iter().any(|a| a.starts_with(f)))
+        .collect();
+    gone.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    for f in gone {
+        remove_at(&mut out, f);
+    }
+    match es
+        .iter_mut()
+        .find(|e| e.manager == manager && e.operation == "Apply")
+    {
+        Some(e) => {
+            e.fields = applied;
+            e.time = now.into();
+            e.api_version = api_version.into();
+        }
+        None => es.push(Entry {
+            manager: manager.into(),
+            operation: "Apply".into(),
+            api_version: api_version.into(),
+            time: now.into(),
+            subresource: String::new(),
+            fields: applied,
+        }),
+    }
+    store_entries(&mut out, &es);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deploy(replicas: i64, image: &str) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "labels": {"a": "1"}},
+               "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "c", "image": image}]}}}})
+    }
+
+    #[test]
+    fn fields_v1_round_trip() {
+        let f = fields(&deploy(2, "x"));
+        assert!(f.contains(&vec!["f:spec".to_string(), "f:replicas".to_string()]));
+        let v1 = to_v1(&f);
+        assert_eq!(
+            v1["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"c\"}"]["."],
+            json!({})
+        );
+        assert_eq!(from_v1(&v1), f);
+    }
+
+    #[test]
+    fn apply_conflicts_and_force() {
+        let now = "2026-01-01T00:00:00Z";
+        let live = apply(
+            &json!({"metadata": {"name": "d"}}),
+            &deploy(2, "x"),
+            "a",
+            "apps/v1",
+            false,
+            now,
+        )
+        .unwrap();
+        assert_eq!(live["spec"]["replicas"], 2);
+        // Same value from another manager is shared ownership, not a conflict.
+        let shared = apply(&live, &deploy(2, "x"), "b", "apps/v1", false, now).unwrap();
+        assert_eq!(entries(&shared).len(), 2);
+        let err = apply(&live, &deploy(3, "x"), "b", "apps/v1", false, now).unwrap_err();
+        assert_eq!(err[0].field, ".spec.replicas");
+        assert_eq!(err[0].manager, "a");
+        let forced = apply(&live, &deploy(3, "x"), "b", "apps/v1", true, now).unwrap();
+        assert_eq!(forced["spec"]["replicas"], 3);
+        // Manager a no longer owns replicas; it may now drop it without removing it.
+        let mut smaller = deploy(3, "x");
+        smaller["spec"].as_object_mut().unwrap().remove("replicas");
+        smaller["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("labels");
+        let after = apply(&forced, &smaller, "a", "apps/v1", false, now).unwrap();
+        assert_eq!(after["spec"]["replicas"], 3);
+        // b still applies the label, so it stays.
+        assert_eq!(after["metadata"]["labels"]["a"], "1");
+        // A field only its own applier held goes when that applier stops sending it.
+        let alone = apply(
+            &json!({"metadata": {"name": "d"}}),
+            &deploy(1, "x"),
+            "a",
+            "apps/v1",
+            false,
+            now,
+        )
+        .unwrap();
+        let dropped = apply(&alone, &smaller, "a", "apps/v1", false, now).unwrap();
+        assert!(
+            dropped["metadata"]["labels"].get("a").is_none(),
+            "{dropped}"
+        );
+    }
+
+    #[test]
+    fn updates_take_ownership() {
+        let now = "t";
+        let mut v = deploy(1, "x");
+        record_update(None, &mut v, "kubectl-create", "apps/v1", "", now);
+        let old = v.clone();
+        let mut new = v.clone();
+        new["spec"]["replicas"] = json!(5);
+        record_update(
+            Some(&old),
+            &mut new,
+            "kubectl-scale",
+            "apps/v1",
+            "scale",
+            now,
+        );
+        let es = entries(&new);
+        let scale = es.iter().find(|e| e.manager == "kubectl-scale").unwrap();
+        assert_eq!(scale.fields.len(), 1);
+        let err = apply(&new, &deploy(2, "x"), "kubectl", "apps/v1", false, now).unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert_eq!(err[0].manager, "kubectl-scale");
+    }
+}

@@ -300,3 +300,236 @@ pub async fn converged(c: &reqwest::Client, members: &[&Member]) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The output of one kubectl run.
+#[derive(Debug)]
+pub struct Run {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Fail with the whole output unless the command succeeded.
+    pub fn expect_ok(self, what: &str) -> anyhow::Result<Run> {
+        if !self.ok {
+            bail!(
+                "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+    pub fn expect_err(self, what: &str) -> anyhow::Result<Run> {
+        if self.ok {
+            bail!("{what} should have failed:\nstdout: {}", self.stdout);
+        }
+        Ok(self)
+    }
+}
+
+/// A kubectl binary: the one on PATH, or `kubectl.1.NN` installed beside its real file.
+pub fn kubectl_bin(minor: Option<&str>) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").context("PATH")?;
+    let onpath = std::env::split_paths(&path)
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())
+        .context("kubectl is not on PATH; the end-to-end suite drives the real kubectl")?;
+    match minor {
+        None => Ok(onpath),
+        Some(v) => {
+            let real = std::fs::canonicalize(&onpath)?;
+            let p = real
+                .parent()
+                .context("kubectl dir")?
+                .join(format!("kubectl.{v}"));
+            if !p.is_file() {
+                bail!("{} is missing", p.display());
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// Run `bin` with `args` against `kubeconfig`, discovery cached under `cache`.
+pub fn kubectl_with(
+    bin: &Path,
+    kubeconfig: &Path,
+    cache: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<Run> {
+    use std::io::Write;
+    std::fs::create_dir_all(cache)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(args)
+        .env("HOME", cache)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())?;
+    }
+    let out = wait_timeout(child, Duration::from_secs(60))?;
+    Ok(Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn wait_timeout(mut child: Child, limit: Duration) -> anyhow::Result<std::process::Output> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "command timed out; stdout: {} stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `outpost up` as a user runs it: a one-machine cluster and its kubeconfig.
+pub struct Up {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub api: String,
+    admin: String,
+    cache: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Up {
+    pub fn start(root: &Path) -> anyhow::Result<Up> {
+        let mut up = Up {
+            dir: root.join("outpost"),
+            kubeconfig: root.join("outpost").join("kubeconfig"),
+            api: format!("127.0.0.1:{}", free_tcp_port()),
+            admin: format!("127.0.0.1:{}", free_tcp_port()),
+            cache: root.join("kube-cache"),
+            child: None,
+            starts: 0,
+        };
+        std::fs::create_dir_all(&up.cache)?;
+        up.launch()?;
+        Ok(up)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.join(format!("up.log.{}", self.starts)))?;
+        let _ = std::fs::remove_file(&self.kubeconfig);
+        let child = Command::new(bin("outpost"))
+            .args(["up", "--listen", &self.api, "--admin-listen", &self.admin])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning outpost up")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.kubeconfig.exists() {
+                if let Ok(r) = self.kubectl(&["get", "namespace", "default", "-o", "name"]) {
+                    if r.ok {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("outpost up did not come up in 30s: {}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stop (SIGKILL) and start again on the same data dir.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.launch()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("up.log.{n}"))).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Run> {
+        kubectl_with(
+            &kubectl_bin(None)?,
+            &self.kubeconfig,
+            &self.cache,
+            args,
+            None,
+        )
+    }
+
+    pub fn kubectl_in(&self, args: &[&str], stdin: &str) -> anyhow::Result<Run> {
+        kubectl_with(
+            &kubectl_bin(None)?,
+            &self.kubeconfig,
+            &self.cache,
+            args,
+            Some(stdin),
+        )
+    }
+
+    /// kubectl 1.NN, from beside the real kubectl.
+    pub fn kubectl_v(&self, minor: &str, args: &[&str]) -> anyhow::Result<Run> {
+        let cache = self.cache.join(minor);
+        std::fs::create_dir_all(&cache)?;
+        kubectl_with(
+            &kubectl_bin(Some(minor))?,
+            &self.kubeconfig,
+            &cache,
+            args,
+            None,
+        )
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

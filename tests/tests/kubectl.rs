@@ -1,0 +1,763 @@
+//! The real kubectl against `outpost up`: discovery, reads, writes, patches, server-side
+//! apply, deletes with each cascade, watch, auth, restarts, and older and newer kubectl.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use outpost_tests::{kubectl_bin, kubectl_with, Up};
+use serde_json::Value;
+
+const DEPLOY: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web, tier: front}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.25
+        env: [{name: A, value: "1"}]
+        ports: [{containerPort: 80}]
+        resources: {limits: {cpu: "1", memory: 64Mi}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 80}]
+"#;
+
+fn json(s: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(s).with_context(|| format!("not JSON: {s}"))
+}
+
+fn up() -> anyhow::Result<(tempfile::TempDir, Up)> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    Ok((dir, up))
+}
+
+#[test]
+fn discovery_and_reads() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    let info = up.kubectl(&["cluster-info"])?.expect_ok("cluster-info")?;
+    ensure!(info.stdout.contains(&up.api), "{}", info.stdout);
+    let v = up
+        .kubectl(&["version", "-o", "json"])?
+        .expect_ok("version")?;
+    ensure!(json(&v.stdout)?["serverVersion"]["minor"] == "32");
+    let res = up.kubectl(&["api-resources"])?.expect_ok("api-resources")?;
+    for r in [
+        "deployments",
+        "pods",
+        "roles",
+        "leases",
+        "runtimeclasses",
+        "endpointslices",
+        "selfsubjectaccessreviews",
+    ] {
+        ensure!(
+            res.stdout.contains(r),
+            "api-resources lacks {r}:\n{}",
+            res.stdout
+        );
+    }
+    let wide = up
+        .kubectl(&["api-resources", "-o", "wide"])?
+        .expect_ok("api-resources -o wide")?;
+    ensure!(
+        wide.stdout
+            .contains("create,delete,deletecollection,get,list,patch,update,watch"),
+        "{}",
+        wide.stdout
+    );
+    let vs = up.kubectl(&["api-versions"])?.expect_ok("api-versions")?;
+    ensure!(vs.stdout.lines().any(|l| l == "apps/v1") && vs.stdout.lines().any(|l| l == "v1"));
+    let ns = up
+        .kubectl(&["get", "namespaces", "-o", "name"])?
+        .expect_ok("get ns")?;
+    for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        ensure!(
+            ns.stdout.contains(&format!("namespace/{n}")),
+            "{}",
+            ns.stdout
+        );
+    }
+
+    up.kubectl_in(&["apply", "-f", "-"], DEPLOY)?
+        .expect_ok("apply")?;
+    let wide = up
+        .kubectl(&["get", "deploy", "-o", "wide"])?
+        .expect_ok("get -o wide")?;
+    let header = wide.stdout.lines().next().unwrap_or("");
+    for col in [
+        "NAME",
+        "READY",
+        "UP-TO-DATE",
+        "AVAILABLE",
+        "AGE",
+        "CONTAINERS",
+        "IMAGES",
+        "SELECTOR",
+    ] {
+        ensure!(header.contains(col), "missing {col}: {header}");
+    }
+    ensure!(wide.stdout.contains("nginx:1.25") && wide.stdout.contains("app=web"));
+    let svc = up.kubectl(&["get", "svc", "web"])?.expect_ok("get svc")?;
+    ensure!(
+        svc.stdout.contains("ClusterIP")
+            && svc.stdout.contains("80/TCP")
+            && svc.stdout.contains("10.96."),
+        "{}",
+        svc.stdout
+    );
+    let y = up
+        .kubectl(&["get", "deploy", "web", "-o", "yaml"])?
+        .expect_ok("-o yaml")?;
+    ensure!(
+        y.stdout.contains("revisionHistoryLimit: 10")
+            && y.stdout.contains("imagePullPolicy: IfNotPresent")
+    );
+    let j = json(
+        &up.kubectl(&["get", "deploy", "web", "-o", "json"])?
+            .expect_ok("-o json")?
+            .stdout,
+    )?;
+    ensure!(j["metadata"]["generation"] == 1 && j["metadata"]["uid"].is_string());
+    ensure!(j["metadata"]["resourceVersion"]
+        .as_str()
+        .is_some_and(|s| s.parse::<u64>().is_ok()));
+    let jp = up.kubectl(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].ports[0].protocol}",
+    ])?;
+    ensure!(jp.stdout == "TCP", "{}", jp.stdout);
+    let all = up
+        .kubectl(&["get", "deploy,svc", "-A"])?
+        .expect_ok("get -A")?;
+    ensure!(
+        all.stdout.contains("NAMESPACE") && all.stdout.contains("default"),
+        "{}",
+        all.stdout
+    );
+    let l = up
+        .kubectl(&["get", "deploy", "-l", "tier=front", "-o", "name"])?
+        .expect_ok("-l")?;
+    ensure!(l.stdout.trim() == "deployment.apps/web");
+    let none = up
+        .kubectl(&["get", "deploy", "-l", "tier in (back)", "-o", "name"])?
+        .expect_ok("-l in")?;
+    ensure!(none.stdout.trim().is_empty());
+    let fs = up.kubectl(&[
+        "get",
+        "svc",
+        "-A",
+        "--field-selector",
+        "metadata.name=kubernetes",
+        "-o",
+        "name",
+    ])?;
+    ensure!(fs.stdout.trim() == "service/kubernetes", "{}", fs.stdout);
+    let bad = up
+        .kubectl(&["get", "cm", "--field-selector", "spec.nodeName=x"])?
+        .expect_err("bad field selector")?;
+    ensure!(
+        bad.stderr
+            .contains("field label not supported: spec.nodeName"),
+        "{}",
+        bad.stderr
+    );
+    let chunked = up
+        .kubectl(&["get", "ns", "--chunk-size=1", "-o", "name"])?
+        .expect_ok("chunked")?;
+    ensure!(chunked.stdout.lines().count() == 4, "{}", chunked.stdout);
+    let d = up
+        .kubectl(&["describe", "deploy", "web"])?
+        .expect_ok("describe")?;
+    ensure!(
+        d.stdout.contains("Replicas:") && d.stdout.contains("nginx:1.25"),
+        "{}",
+        d.stdout
+    );
+    let e = up
+        .kubectl(&["explain", "deployment.spec.replicas"])?
+        .expect_ok("explain")?;
+    ensure!(
+        e.stdout.contains("replicas") && e.stdout.contains("<integer>"),
+        "{}",
+        e.stdout
+    );
+    let missing = up
+        .kubectl(&["get", "deploy", "nope"])?
+        .expect_err("get missing")?;
+    ensure!(
+        missing.stderr.contains("Error from server (NotFound)"),
+        "{}",
+        missing.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn writes_patches_and_errors() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    up.kubectl_in(&["apply", "-f", "-"], DEPLOY)?
+        .expect_ok("apply")?;
+    let again = up
+        .kubectl_in(&["apply", "-f", "-"], DEPLOY)?
+        .expect_ok("apply again")?;
+    ensure!(
+        again.stdout.contains("deployment.apps/web unchanged"),
+        "{}",
+        again.stdout
+    );
+    let changed = DEPLOY
+        .replace("nginx:1.25", "nginx:1.27")
+        .replace("replicas: 2", "replicas: 3");
+    let r = up
+        .kubectl_in(&["apply", "-f", "-"], &changed)?
+        .expect_ok("apply change")?;
+    ensure!(
+        r.stdout.contains("deployment.apps/web configured"),
+        "{}",
+        r.stdout
+    );
+    let j = json(&up.kubectl(&["get", "deploy", "web", "-o", "json"])?.stdout)?;
+    ensure!(j["spec"]["replicas"] == 3 && j["metadata"]["generation"] == 2);
+    ensure!(j["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27");
+    ensure!(j["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "1");
+
+    up.kubectl(&["create", "ns", "team"])?
+        .expect_ok("create ns")?;
+    up.kubectl(&[
+        "create",
+        "deployment",
+        "hello",
+        "--image=busybox:1.36",
+        "-n",
+        "team",
+    ])?
+    .expect_ok("create deployment")?;
+    up.kubectl(&[
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=a=b",
+        "-n",
+        "team",
+    ])?
+    .expect_ok("create cm")?;
+    let dup = up
+        .kubectl(&[
+            "create",
+            "configmap",
+            "cfg",
+            "--from-literal=a=b",
+            "-n",
+            "team",
+        ])?
+        .expect_err("dup")?;
+    ensure!(
+        dup.stderr.contains("configmaps \"cfg\" already exists"),
+        "{}",
+        dup.stderr
+    );
+    let nons = up
+        .kubectl(&["create", "configmap", "x", "-n", "nope"])?
+        .expect_err("missing ns")?;
+    ensure!(
+        nons.stderr.contains("namespaces \"nope\" not found"),
+        "{}",
+        nons.stderr
+    );
+
+    up.kubectl(&["patch", "deploy", "web", "-p", r#"{"spec":{"template":{"spec":{"containers":[{"name":"nginx","env":[{"name":"B","value":"2"}]}]}}}}"#])?.expect_ok("strategic")?;
+    up.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"merged":"yes"}}}"#,
+    ])?
+    .expect_ok("merge")?;
+    up.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":4}]"#,
+    ])?
+    .expect_ok("json")?;
+    up.kubectl(&["label", "deploy", "web", "team=edge"])?
+        .expect_ok("label")?;
+    up.kubectl(&["annotate", "deploy", "web", "note=hello"])?
+        .expect_ok("annotate")?;
+    let j = json(&up.kubectl(&["get", "deploy", "web", "-o", "json"])?.stdout)?;
+    let env = &j["spec"]["template"]["spec"]["containers"][0]["env"];
+    ensure!(
+        env.as_array().map(Vec::len) == Some(2),
+        "strategic merge kept A and added B: {env}"
+    );
+    ensure!(
+        j["metadata"]["labels"]["merged"] == "yes" && j["metadata"]["labels"]["team"] == "edge"
+    );
+    ensure!(j["metadata"]["annotations"]["note"] == "hello" && j["spec"]["replicas"] == 4);
+    up.kubectl(&["scale", "deploy", "web", "--replicas=1"])?
+        .expect_ok("scale")?;
+    let rep = up.kubectl(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"])?;
+    ensure!(rep.stdout == "1", "{}", rep.stdout);
+    up.kubectl(&[
+        "scale",
+        "deploy",
+        "web",
+        "--current-replicas=1",
+        "--replicas=2",
+    ])?
+    .expect_ok("scale --current-replicas")?;
+    up.kubectl(&[
+        "scale",
+        "deploy",
+        "web",
+        "--current-replicas=7",
+        "--replicas=3",
+    ])?
+    .expect_err("scale with a wrong precondition")?;
+
+    // A stale resourceVersion is a conflict.
+    let mut stale = json(
+        &up.kubectl(&["get", "cm", "cfg", "-n", "team", "-o", "json"])?
+            .stdout,
+    )?;
+    up.kubectl(&["label", "cm", "cfg", "-n", "team", "bump=1"])?
+        .expect_ok("bump")?;
+    stale["data"]["a"] = "c".into();
+    let c = up
+        .kubectl_in(&["replace", "-f", "-"], &stale.to_string())?
+        .expect_err("stale replace")?;
+    ensure!(
+        c.stderr.contains("the object has been modified"),
+        "{}",
+        c.stderr
+    );
+
+    // A bad manifest gets field-level errors.
+    let bad =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec:\n  containers: [{name: c}]\n";
+    let e = up
+        .kubectl_in(&["apply", "-f", "-"], bad)?
+        .expect_err("bad pod")?;
+    ensure!(
+        e.stderr
+            .contains("spec.containers[0].image: Required value"),
+        "{}",
+        e.stderr
+    );
+    let unknown = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: u}\ndatta: {a: b}\n";
+    let e = up
+        .kubectl_in(&["apply", "-f", "-"], unknown)?
+        .expect_err("unknown field")?;
+    ensure!(e.stderr.contains("unknown field \"datta\""), "{}", e.stderr);
+    let dry = up
+        .kubectl(&[
+            "create",
+            "configmap",
+            "dry",
+            "--dry-run=server",
+            "-o",
+            "name",
+        ])?
+        .expect_ok("dry run")?;
+    ensure!(dry.stdout.contains("configmap/dry"));
+    up.kubectl(&["get", "cm", "dry"])?
+        .expect_err("dry run stored nothing")?;
+    Ok(())
+}
+
+#[test]
+fn server_side_apply_conflicts() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    let cm = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ssa}}\ndata: {{key: \"{v}\"}}\n"
+        )
+    };
+    let r = up
+        .kubectl_in(&["apply", "--server-side", "-f", "-"], &cm("one"))?
+        .expect_ok("ssa create")?;
+    ensure!(r.stdout.contains("serverside-applied"), "{}", r.stdout);
+    up.kubectl_in(&["apply", "--server-side", "-f", "-"], &cm("two"))?
+        .expect_ok("ssa update")?;
+    let e = up
+        .kubectl_in(
+            &["apply", "--server-side", "--field-manager=other", "-f", "-"],
+            &cm("three"),
+        )?
+        .expect_err("conflict")?;
+    ensure!(
+        e.stderr.contains("conflict with \"kubectl\"") && e.stderr.contains(".data.key"),
+        "{}",
+        e.stderr
+    );
+    up.kubectl_in(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=other",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        &cm("three"),
+    )?
+    .expect_ok("forced")?;
+    let j = json(
+        &up.kubectl(&["get", "cm", "ssa", "-o", "json", "--show-managed-fields"])?
+            .stdout,
+    )?;
+    ensure!(j["data"]["key"] == "three");
+    let managers: Vec<&str> = j["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    ensure!(managers.contains(&"other"), "{managers:?}");
+    // Client-side apply, then server-side apply of the same manifest, as users migrate.
+    up.kubectl_in(&["apply", "-f", "-"], DEPLOY)?
+        .expect_ok("csa")?;
+    up.kubectl_in(&["apply", "--server-side", "-f", "-"], DEPLOY)?
+        .expect_ok("ssa after csa")?;
+    Ok(())
+}
+
+fn owned_rs(up: &Up, name: &str) -> anyhow::Result<()> {
+    let uid = up
+        .kubectl(&["get", "deploy", name, "-o", "jsonpath={.metadata.uid}"])?
+        .expect_ok("uid")?
+        .stdout;
+    let rs = format!(
+        r#"{{"apiVersion":"apps/v1","kind":"ReplicaSet","metadata":{{"name":"{name}-rs","labels":{{"app":"{name}"}},
+        "ownerReferences":[{{"apiVersion":"apps/v1","kind":"Deployment","name":"{name}","uid":"{uid}","controller":true}}]}},
+        "spec":{{"replicas":0,"selector":{{"matchLabels":{{"app":"{name}"}}}},"template":{{"metadata":{{"labels":{{"app":"{name}"}}}},
+        "spec":{{"containers":[{{"name":"c","image":"busybox"}}]}}}}}}}}"#
+    );
+    up.kubectl_in(&["create", "-f", "-"], &rs)?
+        .expect_ok("create owned rs")?;
+    Ok(())
+}
+
+fn gone(up: &Up, what: &str) -> anyhow::Result<bool> {
+    let r = up.kubectl(&["get", what, "--ignore-not-found", "-o", "name"])?;
+    Ok(r.ok && r.stdout.trim().is_empty())
+}
+
+fn until(secs: u64, what: &str, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f()? {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn deletes_with_each_cascade() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    for (name, cascade) in [("bg", "background"), ("fg", "foreground"), ("or", "orphan")] {
+        up.kubectl(&["create", "deployment", name, "--image=busybox"])?
+            .expect_ok("create")?;
+        owned_rs(&up, name)?;
+        let r = up
+            .kubectl(&["delete", "deploy", name, &format!("--cascade={cascade}")])?
+            .expect_ok("delete")?;
+        ensure!(r.stdout.contains("deleted"), "{}", r.stdout);
+        ensure!(
+            gone(&up, &format!("deploy/{name}"))?,
+            "{cascade}: the deployment is still there"
+        );
+        let rs = format!("rs/{name}-rs");
+        if cascade == "orphan" {
+            let j = json(
+                &up.kubectl(&["get", &rs, "-o", "json"])?
+                    .expect_ok("orphan kept")?
+                    .stdout,
+            )?;
+            ensure!(
+                j["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty),
+                "{j}"
+            );
+        } else {
+            until(20, "dependents to go", || gone(&up, &rs))?;
+        }
+    }
+    up.kubectl(&["create", "configmap", "w"])?.expect_ok("cm")?;
+    up.kubectl(&[
+        "patch",
+        "cm",
+        "w",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ])?
+    .expect_ok("finalizer")?;
+    up.kubectl(&["delete", "cm", "w", "--wait=false"])?
+        .expect_ok("delete held")?;
+    let j = json(
+        &up.kubectl(&["get", "cm", "w", "-o", "json"])?
+            .expect_ok("still there")?
+            .stdout,
+    )?;
+    ensure!(j["metadata"]["deletionTimestamp"].is_string());
+    let waiter = std::thread::spawn({
+        let kc = up.kubeconfig.clone();
+        let cache = up.cache_dir().to_path_buf();
+        move || -> anyhow::Result<outpost_tests::Run> {
+            kubectl_with(
+                &kubectl_bin(None)?,
+                &kc,
+                &cache,
+                &["wait", "--for=delete", "cm/w", "--timeout=30s"],
+                None,
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    up.kubectl(&[
+        "patch",
+        "cm",
+        "w",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])?
+    .expect_ok("release")?;
+    let w = waiter
+        .join()
+        .map_err(|_| anyhow::anyhow!("waiter panicked"))??;
+    w.expect_ok("wait --for=delete")?;
+    ensure!(gone(&up, "cm/w")?);
+    // Deleting a namespace removes what it held.
+    up.kubectl(&["create", "ns", "tmp"])?.expect_ok("ns")?;
+    up.kubectl(&["create", "configmap", "x", "-n", "tmp"])?
+        .expect_ok("cm in ns")?;
+    up.kubectl(&["delete", "ns", "tmp", "--timeout=30s"])?
+        .expect_ok("delete ns")?;
+    ensure!(gone(&up, "ns/tmp")?);
+    Ok(())
+}
+
+#[test]
+fn watch_streams_changes() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    let mut child = std::process::Command::new(kubectl_bin(None)?)
+        .arg("--kubeconfig")
+        .arg(&up.kubeconfig)
+        .arg("--cache-dir")
+        .arg(up.cache_dir())
+        .args(["get", "configmaps", "-w", "--output-watch-events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    up.kubectl(&["create", "configmap", "seen"])?
+        .expect_ok("create")?;
+    up.kubectl(&["delete", "configmap", "seen"])?
+        .expect_ok("delete")?;
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !lines.iter().any(|l: &String| l.contains("DELETED")) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            lines.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.contains("ADDED") && l.contains("seen")),
+        "{lines:?}"
+    );
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.contains("DELETED") && l.contains("seen")),
+        "{lines:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn authentication_and_rbac() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("outpost").join("control").join("pki");
+    std::fs::create_dir_all(&pki)?;
+    std::fs::write(
+        pki.join("tokens.csv"),
+        "s3cret-token,alice,u-alice,\"devs\"\n",
+    )?;
+    let up = Up::start(dir.path())?;
+    let yes = up
+        .kubectl(&["auth", "can-i", "delete", "nodes"])?
+        .expect_ok("admin can-i")?;
+    ensure!(yes.stdout.trim() == "yes");
+    let who = up
+        .kubectl(&["auth", "whoami", "-o", "json"])?
+        .expect_ok("whoami")?;
+    ensure!(json(&who.stdout)?["status"]["userInfo"]["username"] == "admin");
+
+    // alice has a token and, at first, no role.
+    let text = std::fs::read_to_string(&up.kubeconfig)?;
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .context("server")?;
+    let ca = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .context("ca")?;
+    let alice_cfg = dir.path().join("alice");
+    std::fs::write(&alice_cfg, format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: alice\n  user:\n    token: s3cret-token\ncontexts:\n- name: c\n  context: {{cluster: c, user: alice, namespace: default}}\ncurrent-context: c\n"))?;
+    let anon_cfg = dir.path().join("anon");
+    std::fs::write(&anon_cfg, text.split("users:").next().unwrap_or("").to_string()
+        + "users:\n- name: nobody\n  user: {token: not-a-token}\ncontexts:\n- name: c\n  context: {cluster: outpost, user: nobody}\ncurrent-context: c\n")?;
+    let cache = dir.path().join("alice-cache");
+    let kb = kubectl_bin(None)?;
+    let alice = |args: &[&str]| kubectl_with(&kb, &alice_cfg, &cache, args, None);
+    let no = alice(&["auth", "can-i", "list", "pods"])?;
+    ensure!(no.stdout.trim() == "no", "{no:?}");
+    let f = alice(&["get", "pods"])?.expect_err("forbidden")?;
+    ensure!(
+        f.stderr.contains("Forbidden") && f.stderr.contains("User \"alice\" cannot list"),
+        "alice get pods: {f:?}"
+    );
+    up.kubectl(&[
+        "create",
+        "role",
+        "reader",
+        "--verb=get,list,watch",
+        "--resource=pods,configmaps",
+    ])?
+    .expect_ok("role")?;
+    up.kubectl(&[
+        "create",
+        "rolebinding",
+        "devs-read",
+        "--role=reader",
+        "--group=devs",
+    ])?
+    .expect_ok("binding")?;
+    let ok = alice(&["auth", "can-i", "list", "pods"])?;
+    ensure!(ok.stdout.trim() == "yes", "{ok:?}");
+    alice(&["get", "pods"])?.expect_ok("alice lists pods")?;
+    let other_ns = alice(&["auth", "can-i", "list", "pods", "-n", "kube-system"])?;
+    ensure!(other_ns.stdout.trim() == "no");
+    alice(&["create", "configmap", "x"])?.expect_err("alice may not create")?;
+
+    let anon = kubectl_with(
+        &kb,
+        &anon_cfg,
+        &dir.path().join("anon-cache"),
+        &["get", "--raw", "/api/v1/namespaces"],
+        None,
+    )?
+    .expect_err("anonymous")?;
+    ensure!(
+        anon.stderr.contains("Unauthorized") || anon.stderr.contains("logged in"),
+        "{}",
+        anon.stderr
+    );
+    let unknown = kubectl_with(
+        &kb,
+        &anon_cfg,
+        &dir.path().join("anon-cache"),
+        &["get", "ns"],
+        None,
+    )?
+    .expect_err("unknown token")?;
+    ensure!(
+        unknown
+            .stderr
+            .contains("You must be logged in to the server"),
+        "{}",
+        unknown.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn restart_keeps_every_object() -> anyhow::Result<()> {
+    let (_d, mut up) = up()?;
+    up.kubectl_in(&["apply", "-f", "-"], DEPLOY)?
+        .expect_ok("apply")?;
+    up.kubectl(&["create", "ns", "keep"])?.expect_ok("ns")?;
+    let before = json(&up.kubectl(&["get", "deploy", "web", "-o", "json"])?.stdout)?;
+    up.restart()?;
+    let after = json(
+        &up.kubectl(&["get", "deploy", "web", "-o", "json"])?
+            .expect_ok("after restart")?
+            .stdout,
+    )?;
+    ensure!(before["metadata"]["uid"] == after["metadata"]["uid"]);
+    ensure!(before["metadata"]["resourceVersion"] == after["metadata"]["resourceVersion"]);
+    up.kubectl(&["get", "ns", "keep"])?.expect_ok("ns kept")?;
+    up.kubectl(&["create", "configmap", "new"])?
+        .expect_ok("writes after restart")?;
+    Ok(())
+}
+
+#[test]
+fn older_and_newer_kubectl() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    for v in ["1.27", "1.33"] {
+        let ns = format!("k{}", v.replace('.', "-"));
+        let r = up.kubectl_v(v, &["version"])?.expect_ok("version")?;
+        ensure!(r.stdout.contains("v1.32.0-outpost"), "{}", r.stdout);
+        up.kubectl_v(v, &["create", "namespace", &ns])?
+            .expect_ok("create ns")?;
+        up.kubectl_v(
+            v,
+            &["create", "configmap", "c", "-n", &ns, "--from-literal=a=1"],
+        )?
+        .expect_ok("create cm")?;
+        let g = up
+            .kubectl_v(v, &["get", "cm", "-n", &ns])?
+            .expect_ok("get")?;
+        ensure!(g.stdout.contains("DATA"), "{}", g.stdout);
+        up.kubectl_v(v, &["label", "cm", "c", "-n", &ns, "x=y"])?
+            .expect_ok("label")?;
+        up.kubectl_v(v, &["delete", "namespace", &ns])?
+            .expect_ok("delete ns")?;
+    }
+    Ok(())
+}

@@ -6,6 +6,8 @@ set -euo pipefail
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)   # etcd-client's build (bench)
 command -v cc >/dev/null || need_apt+=(build-essential)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
   command -v etcd >/dev/null || need_apt+=(etcd-server)
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)
@@ -20,3 +22,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# The official Python Kubernetes client, for the end-to-end suite.
+PY="$HOME/.cache/outpost/py"
+if ! "$PY/bin/python" -c "import kubernetes" 2>/dev/null; then
+  python3 -m venv "$PY"
+  "$PY/bin/pip" install -q kubernetes
+fi
+command -v kubectl >/dev/null || echo "warning: kubectl is not on PATH; the end-to-end suite needs it" >&2

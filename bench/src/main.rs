@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 use outpost_api::store::{Expect, Outcome};
 use outpost_control::store::{Config, Store};
 
+mod api;
+
 #[derive(Parser)]
 #[command(about = "Outpost benchmarks against their peers")]
 struct Cli {
@@ -37,6 +39,27 @@ enum Cmd {
         /// Connections the etcd clients share (like etcd's own benchmark --conns).
         #[arg(long, default_value_t = 100)]
         etcd_conns: usize,
+    },
+    /// Pod creates through the Kubernetes API, memory idle and with 10,000 pods.
+    Api {
+        /// Sequential creates for the one-client latency figures.
+        #[arg(long, default_value_t = 1000)]
+        ops: usize,
+        /// Concurrent clients for the throughput figure.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds of each load.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Creates per second of the paced (open-loop) load.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Cluster sizes to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 3])]
+        members: Vec<u64>,
+        /// Extra `outpost-control` flags, e.g. `--control-arg=--snapshot-every=100000`.
+        #[arg(long = "control-arg", allow_hyphen_values = true)]
+        control_args: Vec<String>,
     },
 }
 
@@ -310,6 +333,52 @@ async fn main() -> anyhow::Result<()> {
                     theirs.writes_per_s,
                     "writes/s",
                     true,
+                );
+            }
+        }
+        Cmd::Api {
+            ops,
+            clients,
+            seconds,
+            rate,
+            members: sizes,
+            control_args,
+        } => {
+            println!("pod creates through the API (HTTPS, {}-byte JSON pods, fsync on) vs etcd puts of the same bodies", api::pod("seq-0").len());
+            println!("(ratio > 1 means Outpost is better; etcd stores bytes, Outpost admits, validates and stores an object)");
+            for members in sizes {
+                let ours =
+                    api::outpost(members, ops, clients, seconds, rate, &control_args).await?;
+                let (e50, e99, eput) = api::etcd(members as usize, ops, clients, seconds).await?;
+                println!("{members} member(s):");
+                row(
+                    "one client p50",
+                    ours.p50_ms * 1000.0,
+                    e50 * 1000.0,
+                    "us",
+                    false,
+                );
+                row(
+                    "one client p99",
+                    ours.p99_ms * 1000.0,
+                    e99 * 1000.0,
+                    "us",
+                    false,
+                );
+                row(
+                    &format!("{clients} clients"),
+                    ours.creates_per_s,
+                    eput,
+                    "ops/s",
+                    true,
+                );
+                println!(
+                    "  paced {rate}/s: achieved {:.0}/s, p99 {:.2} ms",
+                    ours.paced_rate, ours.paced_p99_ms
+                );
+                println!(
+                    "  control plane RSS (member 1): idle {:.1} MB, with 10,000 pods {:.1} MB",
+                    ours.rss_idle_mb, ours.rss_10k_mb
                 );
             }
         }

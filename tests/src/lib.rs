@@ -43,6 +43,8 @@ pub struct Member {
     pub peer: String,
     pub admin: String,
     pub extra: Vec<String>,
+    /// Kubernetes API address, when the member serves the API.
+    pub api: Option<String>,
     join: Option<String>,
     child: Option<Child>,
     starts: u32,
@@ -56,6 +58,7 @@ impl Member {
             peer: format!("127.0.0.1:{}", free_udp_port()),
             admin: format!("127.0.0.1:{}", free_tcp_port()),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            api: None,
             join: None,
             child: None,
             starts: 0,
@@ -69,7 +72,7 @@ impl Member {
             // A new member gets the cluster's peer CA, as an operator would copy it.
             let pki = self.dir.join("pki");
             std::fs::create_dir_all(&pki)?;
-            for f in ["peer-ca.crt", "peer-ca.key"] {
+            for f in ["peer-ca.crt", "peer-ca.key", "ca.crt", "ca.key"] {
                 let to = pki.join(f);
                 if !to.exists() {
                     std::fs::copy(j.dir.join("pki").join(f), &to)?;
@@ -91,6 +94,9 @@ impl Member {
             .stderr(log);
         if let Some(j) = &self.join {
             cmd.args(["--join", j]);
+        }
+        if let Some(a) = &self.api {
+            cmd.args(["--api-listen", a]);
         }
         self.child = Some(cmd.spawn().context("spawning outpost-control")?);
         Ok(())
@@ -184,8 +190,23 @@ pub async fn leader(c: &reqwest::Client, members: &[&Member]) -> anyhow::Result<
 
 /// Start a cluster of `n` members: the first initializes it, the rest join through it.
 pub async fn cluster(root: &Path, n: u64, extra: &[&str]) -> anyhow::Result<Vec<Member>> {
+    cluster_with(root, n, extra, false).await
+}
+
+/// Like [`cluster`]; with `api` each member also serves the Kubernetes API.
+pub async fn cluster_with(
+    root: &Path,
+    n: u64,
+    extra: &[&str],
+    api: bool,
+) -> anyhow::Result<Vec<Member>> {
     let c = client();
     let mut members: Vec<Member> = (1..=n).map(|id| Member::new(id, root, extra)).collect();
+    if api {
+        for m in &mut members {
+            m.api = Some(format!("127.0.0.1:{}", free_tcp_port()));
+        }
+    }
     members[0].start(None)?;
     eventually(30, "the first member", || async {
         Ok(status(&c, &members[0]).await?["state"] == "Leader")

@@ -340,7 +340,7 @@ fn check_labels(labels: &Value, field: &str, out: &mut Vec<Cause>) {
             match v.as_str() {
                 Some(s) if label_value_ok(s) => {}
                 _ => out.push(Cause::invalid(
-                    format!("{field}"),
+                    field,
                     &v.to_string(),
                     "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
                 )),

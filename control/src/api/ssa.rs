@@ -207,10 +207,8 @@ pub fn from_v1(v: &Value) -> BTreeSet<Field> {
     fn walk(v: &Value, at: &mut Field, out: &mut BTreeSet<Field>) {
         let Some(m) = v.as_object() else { return };
         let leaf = m.is_empty() || (m.len() == 1 && m.contains_key("."));
-        if leaf || m.contains_key(".") {
-            if !at.is_empty() {
-                out.insert(at.clone());
-            }
+        if (leaf || m.contains_key(".")) && !at.is_empty() {
+            out.insert(at.clone());
         }
         for (k, x) in m {
             if k == "." {

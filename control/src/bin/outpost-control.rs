@@ -38,8 +38,8 @@ struct Args {
     /// Keep watch history for this long.
     #[arg(long, default_value_t = 300)]
     retain_seconds: u64,
-    /// Build a snapshot every this many log entries.
-    #[arg(long, default_value_t = 10_000)]
+    /// Build a snapshot every this many log entries (etcd's --snapshot-count default).
+    #[arg(long, default_value_t = 100_000)]
     snapshot_every: u64,
     /// Log entries kept behind a snapshot.
     #[arg(long, default_value_t = 1_000)]

@@ -11,7 +11,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::mpsc;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, PersistMode};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogId, StorageError, StorageIOError, Vote};
 use tokio::sync::oneshot;
@@ -97,8 +97,8 @@ impl LogStore {
     pub fn open(db: &Database, syncer: Syncer) -> Result<Self, super::Error> {
         Ok(LogStore {
             db: db.clone(),
-            log: db.keyspace("raft_log", KeyspaceCreateOptions::default)?,
-            meta: db.keyspace("raft_meta", KeyspaceCreateOptions::default)?,
+            log: db.keyspace("raft_log", super::keyspace_options)?,
+            meta: db.keyspace("raft_meta", super::keyspace_options)?,
             syncer,
         })
     }

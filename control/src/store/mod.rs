@@ -161,7 +161,7 @@ impl Config {
             pki_dir: None,
             join: None,
             compaction: Compaction::Age(Duration::from_secs(300)),
-            snapshot_every: 10_000,
+            snapshot_every: 100_000,
             keep_logs: 1_000,
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(800),
@@ -898,13 +898,22 @@ impl Store {
     }
 }
 
+/// Keyspace options: memtables flush at 16 MiB rather than fjall's 64 MiB, so that a small
+/// board does not hold tens of megabytes of recent writes in memory per keyspace.
+pub(crate) fn keyspace_options() -> fjall::KeyspaceCreateOptions {
+    fjall::KeyspaceCreateOptions::default().max_memtable_size(16 * 1024 * 1024)
+}
+
 /// Open the member's database. A previous instance may still be letting go of it (a process
 /// exiting, or an in-process store whose tasks are finishing), so a lock is waited out for a
 /// while before it counts as "another member runs here".
 async fn open_db(dir: &Path) -> Result<Database, Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Database::builder(dir.join("db")).open() {
+        match Database::builder(dir.join("db"))
+            .cache_size(16 * 1024 * 1024)
+            .open()
+        {
             Ok(db) => return Ok(db),
             Err(fjall::Error::Locked) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -15,7 +15,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
+use fjall::{Database, Keyspace, Readable};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
@@ -108,9 +108,9 @@ impl StateMachine {
         fs::create_dir_all(&snap_dir).map_err(|e| Error::io(&snap_dir, e))?;
         let shared = Arc::new(Shared {
             db: db.clone(),
-            kv: db.keyspace("kv", KeyspaceCreateOptions::default)?,
-            history: db.keyspace("history", KeyspaceCreateOptions::default)?,
-            meta: db.keyspace("sm_meta", KeyspaceCreateOptions::default)?,
+            kv: db.keyspace("kv", super::keyspace_options)?,
+            history: db.keyspace("history", super::keyspace_options)?,
+            meta: db.keyspace("sm_meta", super::keyspace_options)?,
             snap_dir,
             state: RwLock::new(SmState::default()),
             hub,

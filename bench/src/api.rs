@@ -1,0 +1,349 @@
+//! `outpost-bench api`: pod creates through the Kubernetes API (HTTPS, client certificate,
+//! JSON bodies of a typical pod), on 1 and 3 `outpost-control` processes with fsync on, beside
+//! etcd 3.4 storing the same bodies; plus the control plane's memory idle and with 10,000
+//! pods stored.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::{percentile, port_tcp, port_udp, start_etcd};
+
+pub fn pod(name: &str) -> String {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "bench", "tier": "edge"},
+                     "annotations": {"outpost.dev/bench": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.local/app:1.4.2",
+            "args": ["--port", "8080", "--log-level", "info"],
+            "env": [{"name": "MODE", "value": "edge"}, {"name": "REGION", "value": "eu-west"}],
+            "ports": [{"containerPort": 8080, "name": "http"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                          "limits": {"cpu": "500m", "memory": "128Mi"}},
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}],
+            "nodeSelector": {"kubernetes.io/arch": "arm64"}}
+    })
+    .to_string()
+}
+
+struct Member {
+    child: Child,
+    api: String,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn control_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.parent().context("exe dir")?.join("outpost-control");
+    if !p.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p outpost-control",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn start(root: &Path, members: u64, extra: &[String]) -> anyhow::Result<Vec<Member>> {
+    let bin = control_bin()?;
+    let mut out: Vec<Member> = Vec::new();
+    let mut first_peer = String::new();
+    for id in 1..=members {
+        let dir = root.join(format!("m{id}"));
+        let peer = format!("127.0.0.1:{}", port_udp()?);
+        let api = format!("127.0.0.1:{}", port_tcp()?);
+        let admin = format!("127.0.0.1:{}", port_tcp()?);
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "--id",
+            &id.to_string(),
+            "--peer-listen",
+            &peer,
+            "--api-listen",
+            &api,
+            "--admin-listen",
+            &admin,
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if id > 1 {
+            std::fs::create_dir_all(dir.join("pki"))?;
+            for f in ["peer-ca.crt", "peer-ca.key", "ca.crt", "ca.key"] {
+                std::fs::copy(root.join("m1/pki").join(f), dir.join("pki").join(f))?;
+            }
+            cmd.args(["--join", &first_peer]);
+        }
+        let child = cmd.spawn().context("starting outpost-control")?;
+        out.push(Member { child, api });
+        let m = out.last().context("member")?;
+        let _ = m;
+        wait_status(&admin, id == 1)?;
+        if id == 1 {
+            first_peer = peer;
+        }
+    }
+    Ok(out)
+}
+
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn wait_status(admin: &str, leader: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(body) = http_get(admin, "/v1/status") {
+            if !leader || body.contains("\"Leader\"") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("member at {admin} did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn client(pki: &Path) -> anyhow::Result<reqwest::Client> {
+    let (cert, key) = outpost_control::pki::issue_client(pki, "bench", &["system:masters"])?;
+    let ca = std::fs::read(pki.join("ca.crt"))?;
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .identity(reqwest::Identity::from_pem(
+            format!("{cert}{key}").as_bytes(),
+        )?)
+        .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+async fn create(c: &reqwest::Client, api: &str, ns: &str, name: &str) -> anyhow::Result<()> {
+    let r = c
+        .post(format!("https://{api}/api/v1/namespaces/{ns}/pods"))
+        .header("content-type", "application/json")
+        .body(pod(name))
+        .send()
+        .await?;
+    if r.status() != reqwest::StatusCode::CREATED {
+        bail!(
+            "create {name}: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub struct Figures {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub creates_per_s: f64,
+    pub paced_rate: f64,
+    pub paced_p99_ms: f64,
+    pub rss_idle_mb: f64,
+    pub rss_10k_mb: f64,
+}
+
+/// Sequential latency, throughput of `clients`, and p99 at a paced `rate` for `seconds`.
+pub async fn outpost(
+    members: u64,
+    ops: usize,
+    clients: usize,
+    seconds: u64,
+    rate: u64,
+    extra: &[String],
+) -> anyhow::Result<Figures> {
+    let root = tempfile::tempdir()?;
+    let ms = tokio::task::block_in_place(|| start(root.path(), members, extra))?;
+    let c = client(&root.path().join("m1/pki"))?;
+    let api = ms[0].api.clone();
+    // Wait for the bootstrap namespaces, then let the process settle before measuring idle.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c
+        .get(format!("https://{api}/api/v1/namespaces/default"))
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .ok()
+        != Some(true)
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the API did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = ms[0].child.id();
+    let rss_idle = rss_kib(pid);
+    for i in 0..50 {
+        create(&c, &api, "default", &format!("warm-{i}")).await?;
+    }
+    let mut lat = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let t = Instant::now();
+        create(&c, &api, "default", &format!("seq-{i}")).await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let (c, api, count) = (c.clone(), api.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while Instant::now() < stop {
+                create(&c, &api, "default", &format!("conc-{w}-{n}")).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let throughput = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    // Open loop: one create every 1/rate seconds, whatever the answers do.
+    let total = (rate * seconds) as usize;
+    let mut paced = Vec::with_capacity(total);
+    let t0 = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    for i in 0..total {
+        let due = t0 + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let (c, api) = (c.clone(), api.clone());
+        paced.push(tokio::spawn(async move {
+            let t = Instant::now();
+            create(&c, &api, "default", &format!("paced-{i}")).await?;
+            anyhow::Ok(t.elapsed())
+        }));
+    }
+    let mut plat = Vec::with_capacity(total);
+    for p in paced {
+        plat.push(p.await??);
+    }
+    let achieved = total as f64 / t0.elapsed().as_secs_f64();
+    plat.sort();
+    // Fill up to 10,000 pods stored, then measure memory at rest.
+    let stored: usize = 50 + ops + count.load(Ordering::Relaxed) + total;
+    let fill = 10_000usize.saturating_sub(stored);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (c, api, next) = (c.clone(), api.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= fill {
+                    return anyhow::Ok(());
+                }
+                create(&c, &api, "default", &format!("fill-{i}")).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_10k = rss_kib(pid);
+    Ok(Figures {
+        p50_ms: percentile(&lat, 0.5) / 1000.0,
+        p99_ms: percentile(&lat, 0.99) / 1000.0,
+        creates_per_s: throughput,
+        paced_rate: achieved,
+        paced_p99_ms: percentile(&plat, 0.99) / 1000.0,
+        rss_idle_mb: rss_idle as f64 / 1024.0,
+        rss_10k_mb: rss_10k as f64 / 1024.0,
+    })
+}
+
+/// etcd storing the same pod bodies: (p50 ms, p99 ms, puts/s).
+pub async fn etcd(
+    members: usize,
+    ops: usize,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let e = start_etcd(members)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut kv = loop {
+        if let Ok(c) = etcd_client::Client::connect(e.endpoints.clone(), None).await {
+            let mut kv = c.kv_client();
+            if kv.put("/ready", "1", None).await.is_ok() {
+                break kv;
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "etcd did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut lat = Vec::new();
+    for i in 0..ops {
+        let t = Instant::now();
+        kv.put(
+            format!("/registry/pods/default/seq-{i}"),
+            pod(&format!("seq-{i}")),
+            None,
+        )
+        .await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let mut kv = kv.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while Instant::now() < stop {
+                kv.put(format!("/registry/pods/default/c-{w}-{n}"), pod("c"), None)
+                    .await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok((
+        percentile(&lat, 0.5) / 1000.0,
+        percentile(&lat, 0.99) / 1000.0,
+        total as f64 / start.elapsed().as_secs_f64(),
+    ))
+}

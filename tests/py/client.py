@@ -1,0 +1,70 @@
+"""The official Python `kubernetes` client against Outpost: list, watch, create, patch,
+server-side apply, errors. Run by tests/tests/python_client.rs with KUBECONFIG set."""
+import threading
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+config.load_kube_config()
+core = client.CoreV1Api()
+apps = client.AppsV1Api()
+
+assert client.VersionApi().get_code().minor == "32"
+names = {n.metadata.name for n in core.list_namespace().items}
+assert {"default", "kube-system"} <= names, names
+
+core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="py")))
+events = []
+rv = core.list_namespaced_config_map("py").metadata.resource_version
+
+
+def follow():
+    w = watch.Watch()
+    for ev in w.stream(core.list_namespaced_config_map, "py", resource_version=rv, timeout_seconds=10):
+        events.append((ev["type"], ev["object"].metadata.name, ev["object"].data))
+        if ev["type"] == "DELETED":
+            w.stop()
+
+
+t = threading.Thread(target=follow)
+t.start()
+cm = core.create_namespaced_config_map("py", {"apiVersion": "v1", "kind": "ConfigMap",
+                                               "metadata": {"name": "c", "labels": {"a": "1"}},
+                                               "data": {"k": "v"}})
+assert cm.metadata.uid and cm.metadata.resource_version
+core.patch_namespaced_config_map("c", "py", {"data": {"k": "v2"}})  # strategic merge
+core.patch_namespaced_config_map("c", "py", [{"op": "add", "path": "/data/j", "value": "x"}])  # JSON patch
+got = core.read_namespaced_config_map("c", "py")
+assert got.data == {"k": "v2", "j": "x"}, got.data
+assert [c.metadata.name for c in core.list_namespaced_config_map("py", label_selector="a=1").items] == ["c"]
+assert core.list_namespaced_config_map("py", label_selector="a=2").items == []
+
+dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+       "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "d"}},
+                "template": {"metadata": {"labels": {"app": "d"}},
+                             "spec": {"containers": [{"name": "c", "image": "busybox",
+                                                      "resources": {"limits": {"cpu": "1"}}}]}}}}
+made = apps.create_namespaced_deployment("py", dep)
+assert made.spec.template.spec.containers[0].resources.limits["cpu"] == "1"
+apps.patch_namespaced_deployment_scale("d", "py", {"spec": {"replicas": 3}})
+assert apps.read_namespaced_deployment_scale("d", "py").spec.replicas == 3
+applied = apps.patch_namespaced_deployment("d", "py", dep, field_manager="py", force=True,
+                                          _content_type="application/apply-patch+yaml")
+assert applied.spec.replicas == 1
+
+try:
+    core.create_namespaced_config_map("py", {"metadata": {"name": "c"}})
+    raise SystemExit("duplicate create succeeded")
+except ApiException as e:
+    assert e.status == 409, e.status
+try:
+    core.read_namespaced_config_map("nope", "py")
+    raise SystemExit("read of a missing object succeeded")
+except ApiException as e:
+    assert e.status == 404 and "not found" in e.body
+
+core.delete_namespaced_config_map("c", "py")
+t.join(15)
+kinds = [e[0] for e in events]
+assert kinds[0] == "ADDED" and "MODIFIED" in kinds and kinds[-1] == "DELETED", events
+print("python client: ok", kinds)

@@ -1,0 +1,40 @@
+//! The official Python `kubernetes` client (installed by scripts/setup.sh into
+//! ~/.cache/outpost/py) against `outpost up`.
+
+use anyhow::{ensure, Context};
+use outpost_tests::Up;
+
+fn python() -> anyhow::Result<std::path::PathBuf> {
+    let p = std::env::var_os("OUTPOST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::Path::new(&h).join(".cache/outpost/py/bin/python"))
+        })
+        .context("no HOME")?;
+    ensure!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    Ok(p)
+}
+
+#[test]
+fn list_watch_create_patch() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/client.py");
+    let out = std::process::Command::new(python()?)
+        .arg(&script)
+        .env("KUBECONFIG", &up.kubeconfig)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
+    ensure!(stdout.contains("python client: ok"), "{stdout}");
+    Ok(())
+}

@@ -71,8 +71,8 @@ fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
     f.sync_all().map_err(io)
 }
 
-/// Create a peer CA in `dir` (which must not have one yet).
-pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
+/// Create a self-signed CA named `cn` in `dir` as `{stem}.crt` and `{stem}.key`.
+fn create_named_ca(dir: &Path, stem: &str, cn: &str) -> Result<(), PkiError> {
     fs::create_dir_all(dir).map_err(|source| PkiError::Io {
         path: dir.into(),
         source,
@@ -80,16 +80,28 @@ pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "outpost peer CA");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let cert = params.self_signed(&key)?;
-    write_private(&dir.join("peer-ca.key"), &key.serialize_pem())?;
-    fs::write(dir.join("peer-ca.crt"), cert.pem()).map_err(|source| PkiError::Io {
-        path: dir.join("peer-ca.crt"),
+    let key_path = dir.join(format!("{stem}.key"));
+    let crt_path = dir.join(format!("{stem}.crt"));
+    // A crash after the key and before the certificate leaves a key to be replaced next time.
+    let _ = fs::remove_file(&key_path);
+    write_private(&key_path, &key.serialize_pem())?;
+    fs::write(&crt_path, cert.pem()).map_err(|source| PkiError::Io {
+        path: crt_path,
         source,
     })
+}
+
+/// Create a peer CA in `dir` (which must not have one yet).
+pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
+    create_named_ca(dir, "peer-ca", "outpost peer CA")
 }
 
 /// Load this member's identity from `dir`, issuing its certificate from the CA there if it
@@ -190,29 +202,7 @@ pub fn ensure_cluster_ca(dir: &Path) -> Result<(), PkiError> {
     if dir.join("ca.crt").exists() {
         return Ok(());
     }
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        path: dir.into(),
-        source,
-    })?;
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "outpost cluster CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
-    let cert = params.self_signed(&key)?;
-    let _ = fs::remove_file(dir.join("ca.key"));
-    write_private(&dir.join("ca.key"), &key.serialize_pem())?;
-    fs::write(dir.join("ca.crt"), cert.pem()).map_err(|source| PkiError::Io {
-        path: dir.join("ca.crt"),
-        source,
-    })
+    create_named_ca(dir, "ca", "outpost cluster CA")
 }
 
 fn cluster_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {

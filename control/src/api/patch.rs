@@ -52,14 +52,11 @@ enum ListMerge {
     Primitive,
 }
 
-fn list_strategy(field: &str, patch_items: &[Value], live_items: &[Value]) -> ListMerge {
-    let has = |k: &str| {
-        patch_items
-            .iter()
-            .chain(live_items)
-            .any(|i| i.get(k).is_some())
-    };
-    match field {
+/// The merge key of a list field, as the Go types' `patchMergeKey` tags say; `has` tells
+/// whether the list's items carry a key (ports are keyed by containerPort in containers and
+/// by port in services). Shared with field ownership ([`super::ssa`]).
+pub fn merge_key(field: &str, has: impl Fn(&str) -> bool) -> Option<&'static str> {
+    Some(match field {
         "containers"
         | "initContainers"
         | "ephemeralContainers"
@@ -67,17 +64,35 @@ fn list_strategy(field: &str, patch_items: &[Value], live_items: &[Value]) -> Li
         | "volumes"
         | "imagePullSecrets"
         | "schedulingGates"
-        | "resourceClaims" => ListMerge::Key("name"),
-        "volumeMounts" => ListMerge::Key("mountPath"),
-        "volumeDevices" => ListMerge::Key("devicePath"),
-        "ports" if has("containerPort") => ListMerge::Key("containerPort"),
-        "ports" if has("port") => ListMerge::Key("port"),
-        "conditions" | "addresses" => ListMerge::Key("type"),
-        "hostAliases" | "podIPs" | "hostIPs" => ListMerge::Key("ip"),
-        "topologySpreadConstraints" => ListMerge::Key("topologyKey"),
-        "ownerReferences" => ListMerge::Key("uid"),
-        "finalizers" | "podCIDRs" => ListMerge::Primitive,
-        _ => ListMerge::Replace,
+        | "resourceClaims" => "name",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "ports" if has("containerPort") => "containerPort",
+        "ports" if has("port") => "port",
+        "conditions" | "addresses" => "type",
+        "hostAliases" | "podIPs" | "hostIPs" => "ip",
+        "topologySpreadConstraints" => "topologyKey",
+        "ownerReferences" => "uid",
+        _ => return None,
+    })
+}
+
+/// Lists of primitives merged as sets.
+pub fn set_list(field: &str) -> bool {
+    matches!(field, "finalizers" | "podCIDRs")
+}
+
+fn list_strategy(field: &str, patch_items: &[Value], live_items: &[Value]) -> ListMerge {
+    let has = |k: &str| {
+        patch_items
+            .iter()
+            .chain(live_items)
+            .any(|i| i.get(k).is_some())
+    };
+    match merge_key(field, has) {
+        Some(k) => ListMerge::Key(k),
+        None if set_list(field) => ListMerge::Primitive,
+        None => ListMerge::Replace,
     }
 }
 

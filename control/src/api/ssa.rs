@@ -12,34 +12,13 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 
+use super::patch::set_list;
+
 /// One step of a field path, in its fieldsV1 spelling (`f:spec`, `k:{"name":"c"}`, `v:"x"`).
 pub type Field = Vec<String>;
 
 fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
-    let has = |k: &str| items.iter().any(|i| i.get(k).is_some());
-    Some(match field {
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "env"
-        | "volumes"
-        | "imagePullSecrets"
-        | "schedulingGates"
-        | "resourceClaims" => "name",
-        "volumeMounts" => "mountPath",
-        "volumeDevices" => "devicePath",
-        "ports" if has("containerPort") => "containerPort",
-        "ports" if has("port") => "port",
-        "conditions" | "addresses" => "type",
-        "hostAliases" | "podIPs" | "hostIPs" => "ip",
-        "topologySpreadConstraints" => "topologyKey",
-        "ownerReferences" => "uid",
-        _ => return None,
-    })
-}
-
-fn set_list(field: &str) -> bool {
-    matches!(field, "finalizers" | "podCIDRs")
+    super::patch::merge_key(field, |k| items.iter().any(|i| i.get(k).is_some()))
 }
 
 /// Paths the server owns, never tracked.

@@ -326,6 +326,12 @@ fn non_resource_get(api: &Api, segs: &[&str], accept: &str) -> Result<Response, 
     }
 }
 
+/// Create the objects every cluster starts with (namespaces, bootstrap RBAC, the
+/// `kubernetes` service). Idempotent; [`start`] runs it on every member.
+pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
+    rest::bootstrap(api).await
+}
+
 /// How to serve the API.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {

@@ -305,6 +305,19 @@ fn non_resource_get(api: &Api, segs: &[&str], accept: &str) -> Result<Response, 
             .map(|v| ok(&v))
             .ok_or_else(nf),
         ["openapi", "v3"] => Ok(ok(&openapi::root())),
+        ["openapi", "v2"] | ["swagger-2.0.0.pb-v1"] | ["swagger.json"] => {
+            let proto = accept.contains("protobuf") || segs[0] == "swagger-2.0.0.pb-v1";
+            let (body, ct) = if proto {
+                (openapi::v2::proto_doc(), openapi::v2::PROTO_TYPE)
+            } else {
+                (openapi::v2::json_doc(), "application/json")
+            };
+            let mut r = (StatusCode::OK, body.to_vec()).into_response();
+            if let Ok(v) = HeaderValue::from_str(ct) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            Ok(r)
+        }
         ["openapi", "v3", rest @ ..] => {
             let doc = openapi::doc(&rest.join("/")).ok_or_else(nf)?;
             let mut r = (StatusCode::OK, doc.body.clone()).into_response();

@@ -241,3 +241,200 @@ mod tests {
         );
     }
 }
+
+/// OpenAPI v2 (swagger 2.0), for kubectl 1.27 and 1.28, which read only v2, and for tools
+/// that read `/openapi/v2`. The JSON form carries the definitions; the protobuf form
+/// (gnostic's `openapi.v2.Document`, which those kubectl versions ask for) carries the paths
+/// with their group-version-kind and parameters, which is what kubectl checks to learn that
+/// the server validates fields itself; without definitions kubectl falls back to the
+/// types compiled into it for apply patches.
+pub mod v2 {
+    use std::sync::OnceLock;
+
+    use schemars::generate::SchemaSettings;
+    use serde_json::{json, Map, Value};
+
+    use super::super::resources::{self, RESOURCES};
+    use super::gv_path;
+
+    /// What the Kubernetes API server answers with (clients ask with `@v1.0`, which Go's MIME
+    /// parser refuses in a Content-Type).
+    pub const PROTO_TYPE: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+    /// (path, method, resource) of every operation.
+    fn operations() -> Vec<(String, &'static str, &'static resources::Resource)> {
+        let mut out = Vec::new();
+        for r in RESOURCES {
+            let base = if r.namespaced {
+                format!(
+                    "/{}/namespaces/{{namespace}}/{}",
+                    gv_path(r.group, r.version),
+                    r.plural
+                )
+            } else {
+                format!("/{}/{}", gv_path(r.group, r.version), r.plural)
+            };
+            out.push((base.clone(), "post", r));
+            if r.stored {
+                out.push((base.clone(), "get", r));
+                for m in ["get", "put", "patch", "delete"] {
+                    out.push((format!("{base}/{{name}}"), m, r));
+                }
+            }
+        }
+        out
+    }
+
+    const PARAMS: [&str; 3] = ["dryRun", "fieldManager", "fieldValidation"];
+
+    pub fn json_doc() -> &'static [u8] {
+        static DOC: OnceLock<Vec<u8>> = OnceLock::new();
+        DOC.get_or_init(|| {
+            let mut generator = SchemaSettings::openapi3()
+                .with(|s| {
+                    s.meta_schema = None;
+                    s.definitions_path = "/definitions".into();
+                })
+                .into_generator();
+            let mut paths: Map<String, Value> = Map::new();
+            for (path, method, r) in operations() {
+                let _ = resources::schema(r.group, r.kind, &mut generator);
+                let params: Vec<Value> = PARAMS
+                    .iter()
+                    .map(|p| json!({"name": p, "in": "query", "type": "string", "uniqueItems": true}))
+                    .collect();
+                let op = json!({
+                    "operationId": format!("{method}{}", r.kind),
+                    "x-kubernetes-action": method,
+                    "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+                    "parameters": params,
+                    "responses": {"200": {"description": "OK"}},
+                });
+                if let Value::Object(item) = paths.entry(path).or_insert_with(|| json!({})) {
+                    item.insert(method.into(), op);
+                }
+            }
+            let mut defs = generator.take_definitions(true);
+            for r in RESOURCES {
+                if let Some(Value::Object(s)) = resources::schema_name(r.group, r.kind).and_then(|n| defs.get_mut(&n)) {
+                    s.insert(
+                        "x-kubernetes-group-version-kind".into(),
+                        json!([{"group": r.group, "version": r.version, "kind": r.kind}]),
+                    );
+                }
+            }
+            let doc = json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"},
+                             "paths": paths, "definitions": defs});
+            serde_json::to_vec(&doc).unwrap_or_default()
+        })
+    }
+
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn field(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
+        varint(out, (u64::from(tag) << 3) | 2);
+        varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+
+    fn named_any(name: &str, yaml: &str) -> Vec<u8> {
+        let mut any = Vec::new();
+        field(&mut any, 2, yaml.as_bytes()); // Any.yaml
+        let mut out = Vec::new();
+        field(&mut out, 1, name.as_bytes());
+        field(&mut out, 2, &any);
+        out
+    }
+
+    fn query_param(name: &str) -> Vec<u8> {
+        let mut q = Vec::new(); // QueryParameterSubSchema
+        field(&mut q, 2, b"query");
+        field(&mut q, 4, name.as_bytes());
+        field(&mut q, 6, b"string");
+        let mut nb = Vec::new(); // NonBodyParameter.query_parameter_sub_schema
+        field(&mut nb, 3, &q);
+        let mut p = Vec::new(); // Parameter.non_body_parameter
+        field(&mut p, 2, &nb);
+        let mut item = Vec::new(); // ParametersItem.parameter
+        field(&mut item, 1, &p);
+        item
+    }
+
+    fn operation(method: &str, r: &resources::Resource) -> Vec<u8> {
+        let mut op = Vec::new();
+        field(&mut op, 5, format!("{method}{}", r.kind).as_bytes());
+        for p in PARAMS {
+            field(&mut op, 8, &query_param(p));
+        }
+        let mut resp = Vec::new(); // Response.description
+        field(&mut resp, 1, b"OK");
+        let mut rv = Vec::new(); // ResponseValue.response
+        field(&mut rv, 1, &resp);
+        let mut named = Vec::new();
+        field(&mut named, 1, b"200");
+        field(&mut named, 2, &rv);
+        let mut responses = Vec::new();
+        field(&mut responses, 1, &named);
+        field(&mut op, 9, &responses);
+        let group = if r.group.is_empty() { "\"\"" } else { r.group };
+        let gvk = format!("group: {group}\nkind: {}\nversion: {}\n", r.kind, r.version);
+        field(
+            &mut op,
+            13,
+            &named_any("x-kubernetes-group-version-kind", &gvk),
+        );
+        field(&mut op, 13, &named_any("x-kubernetes-action", method));
+        op
+    }
+
+    /// The gnostic protobuf form.
+    pub fn proto_doc() -> &'static [u8] {
+        static DOC: OnceLock<Vec<u8>> = OnceLock::new();
+        DOC.get_or_init(|| {
+            let mut items: Vec<(String, Vec<(&'static str, Vec<u8>)>)> = Vec::new();
+            for (path, method, r) in operations() {
+                let op = operation(method, r);
+                match items.iter_mut().find(|(p, _)| *p == path) {
+                    Some((_, ops)) => ops.push((method, op)),
+                    None => items.push((path, vec![(method, op)])),
+                }
+            }
+            let mut paths = Vec::new();
+            for (path, ops) in items {
+                let mut item = Vec::new(); // PathItem
+                for (method, op) in ops {
+                    let tag = match method {
+                        "get" => 2,
+                        "put" => 3,
+                        "post" => 4,
+                        "delete" => 5,
+                        _ => 8,
+                    };
+                    field(&mut item, tag, &op);
+                }
+                let mut named = Vec::new(); // NamedPathItem
+                field(&mut named, 1, path.as_bytes());
+                field(&mut named, 2, &item);
+                field(&mut paths, 2, &named);
+            }
+            let mut info = Vec::new();
+            field(&mut info, 1, b"Kubernetes");
+            field(&mut info, 2, b"v1.32.0");
+            let mut doc = Vec::new();
+            field(&mut doc, 1, b"2.0");
+            field(&mut doc, 2, &info);
+            field(&mut doc, 8, &paths);
+            doc
+        })
+    }
+}

@@ -329,23 +329,7 @@ pub mod v2 {
         })
     }
 
-    fn varint(out: &mut Vec<u8>, mut v: u64) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-
-    fn field(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
-        varint(out, (u64::from(tag) << 3) | 2);
-        varint(out, bytes.len() as u64);
-        out.extend_from_slice(bytes);
-    }
+    use super::super::proto::put_bytes as field;
 
     fn named_any(name: &str, yaml: &str) -> Vec<u8> {
         let mut any = Vec::new();
@@ -401,7 +385,8 @@ pub mod v2 {
     pub fn proto_doc() -> &'static [u8] {
         static DOC: OnceLock<Vec<u8>> = OnceLock::new();
         DOC.get_or_init(|| {
-            let mut items: Vec<(String, Vec<(&'static str, Vec<u8>)>)> = Vec::new();
+            type Ops = Vec<(&'static str, Vec<u8>)>;
+            let mut items: Vec<(String, Ops)> = Vec::new();
             for (path, method, r) in operations() {
                 let op = operation(method, r);
                 match items.iter_mut().find(|(p, _)| *p == path) {

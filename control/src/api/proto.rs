@@ -351,6 +351,26 @@ fn decode_envelope(bytes: &[u8]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// Append a varint (protobuf wire encoding).
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Append a length-delimited field `tag`.
+pub fn put_bytes(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
+    put_varint(out, (u64::from(tag) << 3) | 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
 /// Decode a protobuf body into the JSON form of its object.
 pub fn decode(bytes: &[u8]) -> Result<Value, ApiError> {
     decode_envelope(bytes)
@@ -364,22 +384,8 @@ mod tests {
     fn tag(out: &mut Vec<u8>, t: u32, wire: u8) {
         varint(out, u64::from(t) << 3 | u64::from(wire));
     }
-    fn varint(out: &mut Vec<u8>, mut v: u64) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-    fn bytes(out: &mut Vec<u8>, t: u32, b: &[u8]) {
-        tag(out, t, 2);
-        varint(out, b.len() as u64);
-        out.extend_from_slice(b);
-    }
+    use super::put_bytes as bytes;
+    use super::put_varint as varint;
     fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
         let mut tm = Vec::new();
         bytes(&mut tm, 1, api_version.as_bytes());

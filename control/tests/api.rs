@@ -200,6 +200,33 @@ async fn bad_input_gets_a_status_and_changes_nothing() -> anyhow::Result<()> {
     let (_, o) = call(&app, "GET", &format!("{cms}/ok"), None, Body::empty()).await?;
     assert_eq!(o["data"]["k"], "v");
 
+    // deletecollection removes what the selector picks, and only that.
+    for (name, tier) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        let body = json!({"metadata": {"name": name, "labels": {"tier": tier}}}).to_string();
+        assert_eq!(
+            call(&app, "POST", cms, None, body).await?.0,
+            StatusCode::CREATED
+        );
+    }
+    let (code, gone) = call(
+        &app,
+        "DELETE",
+        &format!("{cms}?labelSelector=tier%3Dx"),
+        None,
+        Body::empty(),
+    )
+    .await?;
+    assert_eq!(code, StatusCode::OK, "{gone}");
+    assert_eq!(gone["items"].as_array().map(Vec::len), Some(2));
+    let (_, left) = call(&app, "GET", cms, None, Body::empty()).await?;
+    let names: Vec<&str> = left["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names, ["c", "ok"]);
+
     // No credentials: 401 with a Status.
     let req = Request::builder()
         .uri("/api/v1/namespaces")

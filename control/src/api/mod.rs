@@ -33,6 +33,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::store::Store;
 pub use auth::User;
@@ -137,14 +138,13 @@ async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
     let user = authenticate(&api, req.extensions().get::<Peer>(), req.headers());
     let span = tracing::debug_span!("request", %method, %path,
         user = user.as_ref().map(|u| u.name.as_str()).unwrap_or(""));
-    let _g = span.enter();
     if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {
         return (StatusCode::OK, "ok").into_response();
     }
     let Some(user) = user else {
         return ApiError::Unauthorized.into_response();
     };
-    match dispatch(&api, user, req).await {
+    match dispatch(&api, user, req).instrument(span).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }

@@ -128,7 +128,7 @@ macro_rules! resources {
         /// Decode `v` as the k8s-openapi type of `kind`: a wrong type anywhere is an error.
         pub fn check_types(group: &str, kind: &str, v: &Value) -> Result<(), String> {
             match (group, kind) {
-                $( ($group, $kind) => serde_json::from_value::<$ty>(v.clone()).map(|_| ()).map_err(|e| e.to_string()), )*
+                $( ($group, $kind) => <$ty as serde::Deserialize>::deserialize(v).map(|_| ()).map_err(|e| e.to_string()), )*
                 _ => Ok(()),
             }
         }

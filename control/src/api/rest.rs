@@ -107,41 +107,34 @@ const TABLE_CT: &str = "application/json;as=Table;v=v1;g=meta.k8s.io";
 
 pub(super) async fn load_policy(api: &Api) -> Result<Policy, ApiError> {
     let mut p = Policy::default();
-    for (plural, _) in [("clusterroles", 0), ("roles", 1)] {
+    for plural in [
+        "clusterroles",
+        "roles",
+        "clusterrolebindings",
+        "rolebindings",
+    ] {
         let r = resources::find("rbac.authorization.k8s.io", "v1", plural)
             .ok_or_else(|| internal("rbac"))?;
-        for kv in api
+        let page = api
             .store
             .range(&r.prefix(None), None, 0, Consistency::Serializable)
-            .await?
-            .kvs
-        {
+            .await?;
+        for kv in page.kvs {
             let v: Value = serde_json::from_slice(&kv.value).map_err(internal)?;
+            let ns = v["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let name = name_of(&v).to_string();
-            match v["metadata"]["namespace"].as_str() {
-                Some(ns) if plural == "roles" => {
-                    p.roles.insert((ns.to_string(), name), v);
-                }
-                _ => {
+            match plural {
+                "clusterroles" => {
                     p.cluster_roles.insert(name, v);
                 }
-            }
-        }
-    }
-    for plural in ["clusterrolebindings", "rolebindings"] {
-        let r = resources::find("rbac.authorization.k8s.io", "v1", plural)
-            .ok_or_else(|| internal("rbac"))?;
-        for kv in api
-            .store
-            .range(&r.prefix(None), None, 0, Consistency::Serializable)
-            .await?
-            .kvs
-        {
-            let v: Value = serde_json::from_slice(&kv.value).map_err(internal)?;
-            if plural == "rolebindings" {
-                p.bindings.push(v);
-            } else {
-                p.cluster_bindings.push(v);
+                "roles" => {
+                    p.roles.insert((ns, name), v);
+                }
+                "clusterrolebindings" => p.cluster_bindings.push(v),
+                _ => p.bindings.push(v),
             }
         }
     }
@@ -445,15 +438,14 @@ async fn list_objects(
             revision = r.revision;
         }
         let mut last = None;
-        for kv in &r.kvs {
+        for (i, kv) in r.kvs.iter().enumerate() {
             last = Some(kv.key.clone());
             let v = from_kv(kv)?;
             if matches(&v, labels, fields) {
                 out.push(v);
                 if limit > 0 && out.len() == limit {
                     // More may follow: continue after this key.
-                    let more =
-                        r.more || kv.key != r.kvs.last().map(|k| k.key.clone()).unwrap_or_default();
+                    let more = r.more || i + 1 < r.kvs.len();
                     let token = more.then(|| {
                         let c = Continue {
                             rv: revision,
@@ -754,7 +746,7 @@ fn check(ctx: &Ctx<'_>, o: &Value, input: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn namespace_ready(ctx: &Ctx<'_>, ns: &str) -> Result<(), ApiError> {
+async fn namespace_ready(ctx: &Ctx<'_>, ns: &str, name: &str) -> Result<(), ApiError> {
     let nsr = resources::find("", "v1", "namespaces").ok_or_else(|| internal("namespaces"))?;
     let kv = ctx
         .api
@@ -766,8 +758,8 @@ async fn namespace_ready(ctx: &Ctx<'_>, ns: &str) -> Result<(), ApiError> {
     if !v["metadata"]["deletionTimestamp"].is_null() {
         return Err(ApiError::Forbidden {
             message: format!(
-                "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
-                ctx.res.plural, ""
+                "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                ctx.res.qualified()
             ),
         });
     }
@@ -878,7 +870,8 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     check_kind(ctx, &mut o)?;
     check_namespace(ctx, &mut o)?;
     if let Some(ns) = &ctx.ns {
-        namespace_ready(ctx, ns).await?;
+        let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+        namespace_ready(ctx, ns, &name).await?;
     }
     let m = meta(&mut o);
     for k in [
@@ -947,15 +940,12 @@ async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value
     } else {
         Vec::new()
     };
+    let mut taken = taken;
     let original = o.clone();
-    for attempt in 0..8 {
+    for _ in 0..8 {
         let mut ops = Vec::new();
         if is_service {
-            o = original.clone();
-            let mut taken = taken.clone();
-            if attempt > 0 {
-                taken.clear();
-            }
+            o["spec"] = original["spec"].clone();
             ops.extend(service_reservations(ctx.api, &mut o, &taken)?);
         }
         if ctx.dry_run {
@@ -1003,7 +993,12 @@ async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value
                     )],
                 });
             }
-            Outcome::Failed { .. } => continue,
+            Outcome::Failed { .. } => {
+                // Another create took this address (or node port) meanwhile; pick again.
+                if let Some(ip) = o["spec"]["clusterIP"].as_str() {
+                    taken.push(ip.to_string());
+                }
+            }
             other => return Err(internal(format!("unexpected outcome {other:?}"))),
         }
     }
@@ -1313,7 +1308,7 @@ async fn patch_object(
         let mut o = applied;
         check_namespace(ctx, &mut o)?;
         if let Some(ns) = &ctx.ns {
-            namespace_ready(ctx, ns).await?;
+            namespace_ready(ctx, ns, name).await?;
         }
         let uid = uuid::Uuid::new_v4().to_string();
         meta(&mut o).insert("uid".into(), json!(uid));
@@ -1849,7 +1844,6 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
         "spec": {"clusterIP": ip, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}});
     match create(&ctx, o).await {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
-        Err(ApiError::Invalid { .. }) => Ok(()),
         Err(e) => Err(e),
     }
 }

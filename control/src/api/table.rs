@@ -195,7 +195,7 @@ fn ts(v: &Value) -> Option<i64> {
         .map(|t| t.as_second())
 }
 
-fn age(v: &Value, now: i64) -> String {
+fn age_text(v: &Value, now: i64) -> String {
     ts(v).map_or("<unknown>".into(), |t| human_duration(now - t))
 }
 
@@ -257,7 +257,7 @@ fn pod_status(o: &Value) -> String {
 fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
     let meta = &o["metadata"];
     let name = json!(meta["name"].as_str().unwrap_or(""));
-    let age = json!(age(&meta["creationTimestamp"], now));
+    let age = json!(age_text(&meta["creationTimestamp"], now));
     let spec = &o["spec"];
     let st = &o["status"];
     match kind {
@@ -545,7 +545,7 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 io["name"].as_str().unwrap_or("")
             );
             vec![
-                json!(age_of(last, now)),
+                json!(age_text(last, now)),
                 json!(o["type"].as_str().unwrap_or("")),
                 json!(o["reason"].as_str().unwrap_or("")),
                 json!(object),
@@ -602,10 +602,6 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
         }
         _ => vec![name, meta["creationTimestamp"].clone()],
     }
-}
-
-fn age_of(v: &Value, now: i64) -> String {
-    age(v, now)
 }
 
 /// The Table columns for `kind`.

@@ -349,33 +349,37 @@ async fn main() -> anyhow::Result<()> {
             for members in sizes {
                 let ours =
                     api::outpost(members, ops, clients, seconds, rate, &control_args).await?;
-                let (e50, e99, eput) = api::etcd(members as usize, ops, clients, seconds).await?;
+                let etcd = api::etcd(members as usize, ops, clients, seconds, rate).await?;
                 println!("{members} member(s):");
                 row(
                     "one client p50",
                     ours.p50_ms * 1000.0,
-                    e50 * 1000.0,
+                    etcd.p50_ms * 1000.0,
                     "us",
                     false,
                 );
                 row(
                     "one client p99",
                     ours.p99_ms * 1000.0,
-                    e99 * 1000.0,
+                    etcd.p99_ms * 1000.0,
                     "us",
                     false,
                 );
                 row(
                     &format!("{clients} clients"),
                     ours.creates_per_s,
-                    eput,
+                    etcd.puts_per_s,
                     "ops/s",
                     true,
                 );
-                println!(
-                    "  paced {rate}/s: achieved {:.0}/s, p99 {:.2} ms",
-                    ours.paced_rate, ours.paced_p99_ms
+                row(
+                    &format!("paced {rate}/s p99"),
+                    ours.paced_p99_ms * 1000.0,
+                    etcd.paced_p99_ms * 1000.0,
+                    "us",
+                    false,
                 );
+                println!("  paced load achieved {:.0}/s", ours.paced_rate);
                 println!(
                     "  control plane RSS (member 1): idle {:.1} MB, with 10,000 pods {:.1} MB",
                     ours.rss_idle_mb, ours.rss_10k_mb

@@ -284,6 +284,16 @@ fn peer_client(pki: &std::path::Path) -> anyhow::Result<quinn::Endpoint> {
     Ok(ep)
 }
 
+/// A client endpoint with a member identity of the cluster whose data is in `member_dir`.
+fn fellow_member(member_dir: &std::path::Path) -> anyhow::Result<(TempDir, quinn::Endpoint)> {
+    let peer = TempDir::new()?;
+    for f in ["peer-ca.crt", "peer-ca.key"] {
+        std::fs::copy(member_dir.join("pki").join(f), peer.path().join(f))?;
+    }
+    let ep = peer_client(peer.path())?;
+    Ok((peer, ep))
+}
+
 #[tokio::test]
 async fn peer_from_another_cluster_is_refused() -> anyhow::Result<()> {
     let dir = TempDir::new()?;
@@ -320,11 +330,7 @@ async fn garbled_and_oversized_frames_are_refused() -> anyhow::Result<()> {
     let addr: std::net::SocketAddr = store.status().addr.parse()?;
 
     // A legitimate peer certificate, so the frames themselves are what is judged.
-    let peer = TempDir::new()?;
-    for f in ["peer-ca.crt", "peer-ca.key"] {
-        std::fs::copy(dir.path().join("pki").join(f), peer.path().join(f))?;
-    }
-    let ep = peer_client(peer.path())?;
+    let (_peer, ep) = fellow_member(dir.path())?;
     for frame in [
         [&5u32.to_be_bytes()[..], b"hello"].concat(),
         [&3u32.to_be_bytes()[..], &[0xff, 0x00, 0x13][..]].concat(),
@@ -352,6 +358,43 @@ async fn garbled_and_oversized_frames_are_refused() -> anyhow::Result<()> {
             .await?
             .map(|kv| kv.version),
         Some(1)
+    );
+    store.shutdown().await;
+    Ok(())
+}
+
+/// A caller that gives up on a request (openraft cancels an append after its timeout) loses
+/// that request only: the member keeps the connection and its other requests.
+#[tokio::test]
+async fn abandoned_request_keeps_the_connection() -> anyhow::Result<()> {
+    use outpost_control::store::net::{read_frame, write_frame, Reply, Request};
+    let dir = TempDir::new()?;
+    let store = Store::open(config(dir.path())).await?;
+    let addr: std::net::SocketAddr = store.status().addr.parse()?;
+    let (_peer, ep) = fellow_member(dir.path())?;
+    let conn = ep.connect(addr, outpost_control::pki::MEMBER_NAME)?.await?;
+
+    // Abandoned halfway through sending the request.
+    let (mut send, _recv) = conn.open_bi().await?;
+    send.write_all(&100u32.to_be_bytes()).await?;
+    send.write_all(&[0u8; 10]).await?;
+    send.reset(0u32.into())?;
+    // Abandoned while waiting for the reply.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &Request::ReadIndex).await?;
+    send.finish()?;
+    recv.stop(0u32.into())?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &Request::ReadIndex).await?;
+    send.finish()?;
+    let reply =
+        tokio::time::timeout(Duration::from_secs(5), read_frame::<Reply>(&mut recv)).await??;
+    assert!(matches!(reply, Reply::ReadIndex(Ok(_))), "{reply:?}");
+    assert!(
+        conn.close_reason().is_none(),
+        "the member closed the connection"
     );
     store.shutdown().await;
     Ok(())

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use futures::StreamExt;
 use outpost_tests::*;
 use serde_json::Value;
@@ -226,5 +227,64 @@ async fn watch_resumes_across_leader_change() -> anyhow::Result<()> {
     stop.store(1, Ordering::SeqCst);
     let seen = watcher.await?;
     assert_eq!(seen, truth, "the watcher saw every event once, in order");
+    Ok(())
+}
+
+/// Five members survive two failures, including the leader; a dead member is removed and the
+/// remaining four carry on, all agreeing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_tolerate_two_failures_and_remove_one() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut ms = cluster(root.path(), 5, &[]).await?;
+    let c = client();
+    put_range(&c, &ms, 0..20, "a").await?;
+    let old = leader(&c, &ms.iter().collect::<Vec<_>>()).await?;
+    let other = if old == 5 { 4 } else { 5 };
+    ms[(old - 1) as usize].kill();
+    ms[(other - 1) as usize].kill();
+    put_range(&c, &ms, 20..40, "b").await?;
+    let new = leader(&c, &ms.iter().collect::<Vec<_>>()).await?;
+    assert_ne!(new, old);
+
+    // Remove the second dead member through a survivor; four voters remain.
+    let via = ms.iter().find(|m| m.running()).context("a survivor")?;
+    let r = c
+        .delete(via.url(&format!("/v1/members/{other}")))
+        .send()
+        .await?;
+    assert!(r.status().is_success(), "remove: {}", r.text().await?);
+    eventually(30, "four voters", || async {
+        let s = status(&c, via).await?;
+        let voters: Vec<u64> = s["voters"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        Ok(voters.len() == 4 && !voters.contains(&other))
+    })
+    .await?;
+
+    // The old leader returns; writes still commit and the four converge.
+    ms[(old - 1) as usize].start(None)?;
+    put_range(&c, &ms, 40..60, "c").await?;
+    let live: Vec<&Member> = ms.iter().filter(|m| m.running()).collect();
+    assert_eq!(live.len(), 4);
+    converged(&c, &live).await?;
+    for m in &live {
+        assert_eq!(range(&c, m, "/f/").await?.len(), 60, "member {}", m.id);
+    }
+    Ok(())
+}
+
+/// Write `/f/{i}` = `value` for each i, through whichever members are up.
+async fn put_range(
+    c: &reqwest::Client,
+    ms: &[Member],
+    keys: std::ops::Range<usize>,
+    value: &str,
+) -> anyhow::Result<()> {
+    let all: Vec<&Member> = ms.iter().collect();
+    for i in keys {
+        put_anywhere(c, &all, &format!("/f/{i}"), value, i).await?;
+    }
     Ok(())
 }

@@ -387,6 +387,7 @@ impl Store {
             cfg.id,
             Arc::new(raft_cfg),
             net::Factory {
+                id: cfg.id,
                 peers: peers.clone(),
             },
             log_store,

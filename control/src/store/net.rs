@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, InstallSnapshotError, NetworkError, RPCError,
-    RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
+    RaftError, RemoteError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     SnapshotResponse, VoteRequest, VoteResponse,
@@ -113,19 +113,17 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut RecvStream,
 ) -> std::io::Result<T> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(std::io::Error::other)?;
+    let gone = |e| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e);
+    recv.read_exact(&mut len).await.map_err(gone)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!(
-            "frame of {len} bytes over the limit"
-        )));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes over the limit"),
+        ));
     }
     let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf)
-        .await
-        .map_err(std::io::Error::other)?;
+    recv.read_exact(&mut buf).await.map_err(gone)?;
     decode(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
@@ -236,11 +234,13 @@ impl Peers {
 /// Builds a client per target for openraft.
 #[derive(Clone)]
 pub struct Factory {
+    pub id: u64,
     pub peers: Arc<Peers>,
 }
 
 pub struct Client {
     peers: Arc<Peers>,
+    id: u64,
     target: u64,
     addr: String,
 }
@@ -251,6 +251,7 @@ impl RaftNetworkFactory<TypeConfig> for Factory {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Client {
         Client {
             peers: self.peers.clone(),
+            id: self.id,
             target,
             addr: node.addr.clone(),
         }
@@ -268,15 +269,27 @@ fn unexpected<E: std::error::Error>(addr: &str) -> RPCError<u64, BasicNode, E> {
 }
 
 impl Client {
+    /// A reply that is late is a timeout, not an unreachable member: openraft backs off for
+    /// half a second from an unreachable one, and a follower that was only slow for a moment
+    /// (a busy CPU, a large batch) would then stall commits for that long.
     async fn rpc<E: std::error::Error>(
         &self,
         req: Request,
+        action: RPCTypes,
         opt: &RPCOption,
     ) -> Result<Reply, RPCError<u64, BasicNode, E>> {
         self.peers
             .call(&self.addr, &req, opt.hard_ttl())
             .await
-            .map_err(|e| unreachable(&e))
+            .map_err(|e| match e {
+                NetError::Timeout { .. } => RPCError::Timeout(Timeout {
+                    action,
+                    id: self.id,
+                    target: self.target,
+                    timeout: opt.hard_ttl(),
+                }),
+                e => unreachable(&e),
+            })
     }
 }
 
@@ -286,7 +299,10 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.rpc(Request::Append(rpc), &option).await? {
+        match self
+            .rpc(Request::Append(rpc), RPCTypes::AppendEntries, &option)
+            .await?
+        {
             Reply::Append(Ok(r)) => Ok(r),
             Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(unexpected(&self.addr)),
@@ -312,7 +328,10 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.rpc(Request::Vote(rpc), &option).await? {
+        match self
+            .rpc(Request::Vote(rpc), RPCTypes::Vote, &option)
+            .await?
+        {
             Reply::Vote(Ok(r)) => Ok(r),
             Reply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(unexpected(&self.addr)),
@@ -388,9 +407,17 @@ pub async fn serve<H: Handler>(endpoint: Endpoint, handler: Arc<H>) {
                 let handler = handler.clone();
                 let conn = conn.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(&*handler, send, recv).await {
-                        tracing::warn!(%remote, error = %e, "bad request from a member; closing its connection");
-                        conn.close(1u32.into(), b"bad request");
+                    match handle(&*handler, send, recv).await {
+                        Ok(()) => {}
+                        Err(Failure::Bad(e)) => {
+                            tracing::warn!(%remote, error = %e, "bad request from a member; closing its connection");
+                            conn.close(1u32.into(), b"bad request");
+                        }
+                        // The caller gave up on this request (a timeout); its other requests on
+                        // the connection are still good.
+                        Err(Failure::Gone(e)) => {
+                            tracing::debug!(%remote, error = %e, "a member left before its reply")
+                        }
                     }
                 });
             }
@@ -398,19 +425,30 @@ pub async fn serve<H: Handler>(endpoint: Endpoint, handler: Arc<H>) {
     }
 }
 
+/// Why serving one request stopped.
+enum Failure {
+    /// The request itself was garbled: the peer is not speaking our protocol.
+    Bad(std::io::Error),
+    /// The caller stopped sending or waiting, usually on a timeout.
+    Gone(std::io::Error),
+}
+
 async fn handle<H: Handler>(
     h: &H,
     mut send: SendStream,
     mut recv: RecvStream,
-) -> std::io::Result<()> {
+) -> Result<(), Failure> {
     let req: Request = match read_frame(&mut recv).await {
         Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+            return Err(Failure::Gone(e))
+        }
         Err(e) => {
             let _ = write_frame(&mut send, &Reply::Refused(e.to_string())).await;
             let _ = send.finish();
             // Let the refusal reach the peer before the connection is closed under it.
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            return Err(e);
+            return Err(Failure::Bad(e));
         }
     };
     let reply = match req {
@@ -424,8 +462,11 @@ async fn handle<H: Handler>(
         Request::Join { id, addr } => Reply::Join(h.join(id, addr).await),
         Request::Leave { id } => Reply::Join(h.leave(id).await),
     };
-    write_frame(&mut send, &reply).await?;
-    send.finish().map_err(std::io::Error::other)?;
+    write_frame(&mut send, &reply)
+        .await
+        .map_err(Failure::Gone)?;
+    send.finish()
+        .map_err(|e| Failure::Gone(std::io::Error::other(e)))?;
     Ok(())
 }
 

@@ -1,2 +1,318 @@
-//! Wasm pods on wasmtime and wasmtime-wasi: WASI preview 1 modules, preview 2 components and
-//! wasi:http servers. Not built yet: see the open issue "Edge nodes over QUIC running Wasm pods".
+//! Runs Wasm workloads for the node agent. It owns the one wasmtime `Engine` of a node
+//! (pooling allocator, epoch interruption), the compiled modules (cached by digest), and the
+//! running of WASI preview 1 commands: args, env, preopened directories, stdout and stderr to
+//! files, a memory limit enforced by a resource limiter, a CPU limit enforced at epoch
+//! deadlines, and a stop signal. It reports what the guest did as an [`Exit`] that the agent
+//! turns into a container state the way the kubelet would.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig,
+    ResourceLimiter, Store, UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+/// How often the epoch advances: the granularity of CPU throttling and of stopping a guest.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Instances the pooling allocator keeps slots for; one per running container.
+const SLOTS: u32 = 256;
+
+/// Largest linear memory any guest may have, whatever its limit says.
+const MAX_MEMORY: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The bytes are not a Wasm module this runtime can compile.
+    #[error("not a valid Wasm module: {0}")]
+    Invalid(String),
+    /// The module needs something the runtime does not provide.
+    #[error("module imports what Outpost does not provide: {0}")]
+    Unsupported(String),
+    /// The module has no `_start` (it is a library, not a command).
+    #[error("module is not a WASI command: {0}")]
+    NotCommand(String),
+    #[error("{what}: {detail}")]
+    Io { what: String, detail: String },
+}
+
+/// How a guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// It returned from `_start` (code 0) or called `proc_exit`.
+    Code(i32),
+    /// It asked for more memory than its limit.
+    OutOfMemory { limit: u64 },
+    /// It was stopped from outside.
+    Stopped,
+    /// It trapped.
+    Trap(String),
+}
+
+impl Exit {
+    /// The exit code the kubelet would report.
+    pub fn code(&self) -> i32 {
+        match self {
+            Exit::Code(c) => *c,
+            Exit::OutOfMemory { .. } => 137,
+            Exit::Stopped => 143,
+            Exit::Trap(_) => 128 + 6,
+        }
+    }
+
+    /// The container-state reason the kubelet would report.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Exit::Code(0) => "Completed",
+            Exit::OutOfMemory { .. } => "OOMKilled",
+            _ => "Error",
+        }
+    }
+}
+
+/// What to run and with which limits.
+#[derive(Debug, Clone, Default)]
+pub struct Command {
+    /// argv, including argv[0].
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Host directories preopened in the guest: (host, guest path, writable).
+    pub dirs: Vec<(PathBuf, String, bool)>,
+    pub stdout: Option<PathBuf>,
+    pub stderr: Option<PathBuf>,
+    /// Bytes of linear memory the guest may hold in total.
+    pub memory: Option<u64>,
+    /// CPU the guest may use, in thousandths of a core (`resources.limits.cpu`).
+    pub millicores: Option<u64>,
+}
+
+/// The node's Wasm engine.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Guest>,
+    modules: Mutex<HashMap<String, Module>>,
+    ticking: Arc<AtomicBool>,
+}
+
+struct Guest {
+    wasi: WasiP1Ctx,
+    limits: Limits,
+}
+
+/// Memory and table growth policy of one guest.
+struct Limits {
+    memory: Option<u64>,
+    hit: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        match self.memory {
+            Some(max) if desired as u64 > max => {
+                self.hit = true;
+                Err(wasmtime::Error::msg(format!(
+                    "memory limit of {max} bytes reached (asked for {desired})"
+                )))
+            }
+            _ => Ok(true),
+        }
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Io {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+impl Runtime {
+    pub fn new() -> Result<Runtime, Error> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_memories(SLOTS)
+            .total_tables(SLOTS)
+            .total_core_instances(SLOTS)
+            .max_memory_size(MAX_MEMORY);
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(|e| Error::Io {
+            what: "creating the Wasm engine".into(),
+            detail: e.to_string(),
+        })?;
+        let mut linker: Linker<Guest> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |g: &mut Guest| &mut g.wasi).map_err(
+            |e| Error::Io {
+                what: "linking WASI".into(),
+                detail: e.to_string(),
+            },
+        )?;
+        let ticking = Arc::new(AtomicBool::new(true));
+        {
+            let engine = engine.clone();
+            let ticking = ticking.clone();
+            std::thread::Builder::new()
+                .name("outpost-epoch".into())
+                .spawn(move || {
+                    while ticking.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(io("starting the epoch thread"))?;
+        }
+        Ok(Runtime {
+            engine,
+            linker,
+            modules: Mutex::new(HashMap::new()),
+            ticking,
+        })
+    }
+
+    /// Compile `bytes`, or return the module already compiled under `digest`.
+    pub fn module(&self, digest: &str, bytes: &[u8]) -> Result<Module, Error> {
+        if let Some(m) = self.cached(digest) {
+            return Ok(m);
+        }
+        let m = Module::new(&self.engine, bytes).map_err(|e| Error::Invalid(format!("{e:#}")))?;
+        if let Ok(mut c) = self.modules.lock() {
+            c.insert(digest.to_string(), m.clone());
+        }
+        Ok(m)
+    }
+
+    pub fn cached(&self, digest: &str) -> Option<Module> {
+        self.modules.lock().ok()?.get(digest).cloned()
+    }
+
+    /// Run a WASI command to its end on this thread. `stop` ends it from outside within a
+    /// tick.
+    pub fn run(
+        &self,
+        module: &Module,
+        cmd: &Command,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Exit, Error> {
+        let pre = self
+            .linker
+            .instantiate_pre(module)
+            .map_err(|e| Error::Unsupported(format!("{e:#}")))?;
+        let mut b = WasiCtxBuilder::new();
+        b.args(&cmd.args).envs(&cmd.env);
+        for (host, guest, writable) in &cmd.dirs {
+            let perms = if *writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            b.preopened_dir(host, guest, perms).map_err(|e| Error::Io {
+                what: format!("opening {} for the guest", host.display()),
+                detail: e.to_string(),
+            })?;
+        }
+        if let Some(p) = &cmd.stdout {
+            b.stdout(wasmtime_wasi::cli::OutputFile::new(append(p)?));
+        }
+        if let Some(p) = &cmd.stderr {
+            b.stderr(wasmtime_wasi::cli::OutputFile::new(append(p)?));
+        }
+        let guest = Guest {
+            wasi: b.build_p1(),
+            limits: Limits {
+                memory: cmd.memory,
+                hit: false,
+            },
+        };
+        let mut store = Store::new(&self.engine, guest);
+        store.limiter(|g| &mut g.limits);
+        store.set_epoch_deadline(1);
+        // Each tick the guest ran, it sleeps long enough to hold its share of one core.
+        let pause = cmd
+            .millicores
+            .filter(|m| *m < 1000)
+            .map(|m| TICK.mul_f64((1000 - m.max(10)) as f64 / m.max(10) as f64));
+        let stop_flag = stop.clone();
+        store.epoch_deadline_callback(move |_| {
+            if stop_flag.load(Ordering::Relaxed) {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+            Ok(UpdateDeadline::Continue(1))
+        });
+        let run = pre.instantiate(&mut store).and_then(|inst| {
+            let start = inst
+                .get_typed_func::<(), ()>(&mut store, "_start")
+                .map_err(|e| wasmtime::Error::msg(NotCommand(e.to_string())))?;
+            start.call(&mut store, ())
+        });
+        let limits = &store.data().limits;
+        Ok(match run {
+            Ok(()) => Exit::Code(0),
+            Err(e) => {
+                if let Some(x) = e.downcast_ref::<I32Exit>() {
+                    Exit::Code(x.0)
+                } else if let Some(NotCommand(why)) = e.downcast_ref::<NotCommand>() {
+                    return Err(Error::NotCommand(why.clone()));
+                } else if limits.hit {
+                    Exit::OutOfMemory {
+                        limit: limits.memory.unwrap_or(0),
+                    }
+                } else if stop.load(Ordering::Relaxed)
+                    && e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt)
+                {
+                    Exit::Stopped
+                } else {
+                    Exit::Trap(format!("{e:#}"))
+                }
+            }
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct NotCommand(String);
+
+impl std::fmt::Display for NotCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotCommand {}
+
+fn append(p: &PathBuf) -> Result<std::fs::File, Error> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(io(format!("opening {}", p.display())))
+}

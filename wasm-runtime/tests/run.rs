@@ -1,0 +1,117 @@
+//! WASI preview 1 commands through the real wasmtime engine: output, exit codes, limits,
+//! stopping, and modules that must be refused.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_wasm_runtime::{Command, Error, Exit, Runtime};
+
+const HELLO: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from wasm\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+const EXIT3: &str = r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const 3))))"#;
+
+const HOG: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))))"#;
+
+const SPIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $l (br $l))))"#;
+
+fn cmd() -> Command {
+    Command {
+        args: vec!["app".into()],
+        ..Default::default()
+    }
+}
+
+fn run(rt: &Runtime, wat: &str, c: &Command) -> Result<Exit, Error> {
+    let m = rt.module(&format!("{:x}", wat.len()), wat.as_bytes())?;
+    rt.run(&m, c, &Arc::new(AtomicBool::new(false)))
+}
+
+#[test]
+fn hello_writes_stdout_and_exits_zero() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("stdout.log");
+    let c = Command {
+        stdout: Some(out.clone()),
+        ..cmd()
+    };
+    let exit = run(&rt, HELLO, &c)?;
+    assert_eq!(exit, Exit::Code(0));
+    assert_eq!(exit.reason(), "Completed");
+    assert_eq!(std::fs::read_to_string(&out)?, "hello from wasm\n");
+    Ok(())
+}
+
+#[test]
+fn proc_exit_code_is_reported() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    let exit = run(&rt, EXIT3, &cmd())?;
+    assert_eq!(exit, Exit::Code(3));
+    assert_eq!((exit.code(), exit.reason()), (3, "Error"));
+    Ok(())
+}
+
+#[test]
+fn memory_limit_stops_the_hog() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    let c = Command {
+        memory: Some(4 << 20),
+        ..cmd()
+    };
+    let exit = run(&rt, HOG, &c)?;
+    assert_eq!(exit, Exit::OutOfMemory { limit: 4 << 20 });
+    assert_eq!((exit.code(), exit.reason()), (137, "OOMKilled"));
+    Ok(())
+}
+
+#[test]
+fn stop_ends_a_spinning_guest() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    let m = rt.module("spin", SPIN.as_bytes())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        s.store(true, Ordering::Relaxed);
+    });
+    let t = Instant::now();
+    let exit = rt.run(&m, &cmd(), &stop)?;
+    assert_eq!(exit, Exit::Stopped);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    Ok(())
+}
+
+#[test]
+fn bad_modules_are_refused_with_a_reason() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    match rt.module("junk", b"\0asm\x01\0\0\0garbage") {
+        Err(Error::Invalid(why)) => assert!(!why.is_empty()),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let odd = r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#;
+    match run(&rt, odd, &cmd()) {
+        Err(Error::Unsupported(why)) => assert!(why.contains("launch_missiles"), "{why}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    let lib = r#"(module (func (export "add") (param i32 i32) (result i32) local.get 0))"#;
+    assert!(matches!(run(&rt, lib, &cmd()), Err(Error::NotCommand(_))));
+    // The runtime still runs good modules afterwards.
+    assert_eq!(run(&rt, EXIT3, &cmd())?, Exit::Code(3));
+    Ok(())
+}

@@ -237,27 +237,12 @@ pub async fn outpost(
         t.await??;
     }
     let throughput = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    // Open loop: one create every 1/rate seconds, whatever the answers do.
-    let total = (rate * seconds) as usize;
-    let mut paced = Vec::with_capacity(total);
-    let t0 = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    for i in 0..total {
-        let due = t0 + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
+    let (plat, achieved) = paced(rate, seconds, |i| {
         let (c, api) = (c.clone(), api.clone());
-        paced.push(tokio::spawn(async move {
-            let t = Instant::now();
-            create(&c, &api, "default", &format!("paced-{i}")).await?;
-            anyhow::Ok(t.elapsed())
-        }));
-    }
-    let mut plat = Vec::with_capacity(total);
-    for p in paced {
-        plat.push(p.await??);
-    }
-    let achieved = total as f64 / t0.elapsed().as_secs_f64();
-    plat.sort();
+        async move { create(&c, &api, "default", &format!("paced-{i}")).await }
+    })
+    .await?;
+    let total = plat.len();
     // Fill up to 10,000 pods stored, then measure memory at rest.
     let stored: usize = 50 + ops + count.load(Ordering::Relaxed) + total;
     let fill = 10_000usize.saturating_sub(stored);
@@ -289,6 +274,36 @@ pub async fn outpost(
         rss_idle_mb: rss_idle as f64 / 1024.0,
         rss_10k_mb: rss_10k as f64 / 1024.0,
     })
+}
+
+/// Open loop: start `op(i)` every 1/`rate` seconds for `seconds`, whatever the answers do,
+/// each on its own task. Returns the latencies (from each task's start), sorted, and the
+/// rate achieved.
+async fn paced<F, Fut>(rate: u64, seconds: u64, op: F) -> anyhow::Result<(Vec<Duration>, f64)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let total = (rate * seconds) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until((t0 + interval * i as u32).into()).await;
+        let fut = op(i);
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            fut.await?;
+            anyhow::Ok(t.elapsed())
+        }));
+    }
+    let mut lat = Vec::with_capacity(total);
+    for t in tasks {
+        lat.push(t.await??);
+    }
+    let achieved = total as f64 / t0.elapsed().as_secs_f64();
+    lat.sort();
+    Ok((lat, achieved))
 }
 
 /// etcd's figures for the same bodies and loads.
@@ -351,26 +366,15 @@ pub async fn etcd(
         total += t.await??;
     }
     let puts_per_s = total as f64 / start.elapsed().as_secs_f64();
-    // The same open-loop load as ours.
-    let n = (rate * seconds) as usize;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let t0 = Instant::now();
-    let mut paced = Vec::with_capacity(n);
-    for i in 0..n {
-        tokio::time::sleep_until((t0 + interval * i as u32).into()).await;
+    let (plat, _) = paced(rate, seconds, |i| {
         let mut kv = kv.clone();
-        paced.push(tokio::spawn(async move {
-            let t = Instant::now();
+        async move {
             kv.put(format!("/registry/pods/default/paced-{i}"), pod("p"), None)
                 .await?;
-            anyhow::Ok(t.elapsed())
-        }));
-    }
-    let mut plat = Vec::with_capacity(n);
-    for p in paced {
-        plat.push(p.await??);
-    }
-    plat.sort();
+            Ok(())
+        }
+    })
+    .await?;
     Ok(EtcdFigures {
         p50_ms: percentile(&lat, 0.5) / 1000.0,
         p99_ms: percentile(&lat, 0.99) / 1000.0,

@@ -62,7 +62,8 @@ impl Exit {
             Exit::Code(c) => *c,
             Exit::OutOfMemory { .. } => 137,
             Exit::Stopped => 143,
-            Exit::Trap(_) => 128 + 6,
+            // As a native program that aborts (SIGABRT) would.
+            Exit::Trap(_) => 134,
         }
     }
 
@@ -251,7 +252,8 @@ impl Runtime {
         let pause = cmd
             .millicores
             .filter(|m| *m < 1000)
-            .map(|m| TICK.mul_f64((1000 - m.max(10)) as f64 / m.max(10) as f64));
+            .map(|m| m.max(10))
+            .map(|m| TICK.mul_f64((1000 - m) as f64 / m as f64));
         let stop_flag = stop.clone();
         store.epoch_deadline_callback(move |_| {
             if stop_flag.load(Ordering::Relaxed) {

@@ -38,7 +38,8 @@ fn cmd() -> Command {
 }
 
 fn run(rt: &Runtime, wat: &str, c: &Command) -> Result<Exit, Error> {
-    let m = rt.module(&format!("{:x}", wat.len()), wat.as_bytes())?;
+    // The text itself is the cache key: two modules must never share one.
+    let m = rt.module(wat, wat.as_bytes())?;
     rt.run(&m, c, &Arc::new(AtomicBool::new(false)))
 }
 
@@ -77,6 +78,34 @@ fn memory_limit_stops_the_hog() -> anyhow::Result<()> {
     let exit = run(&rt, HOG, &c)?;
     assert_eq!(exit, Exit::OutOfMemory { limit: 4 << 20 });
     assert_eq!((exit.code(), exit.reason()), (137, "OOMKilled"));
+    Ok(())
+}
+
+const COUNT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (local $i i32)
+    (local.set $i (i32.const 100000000))
+    (loop $l (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br_if $l (local.get $i)))))"#;
+
+#[test]
+fn cpu_limit_slows_a_busy_guest() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    let t = Instant::now();
+    assert_eq!(run(&rt, COUNT, &cmd())?, Exit::Code(0));
+    let free = t.elapsed();
+    let c = Command {
+        millicores: Some(100),
+        ..cmd()
+    };
+    let t = Instant::now();
+    assert_eq!(run(&rt, COUNT, &c)?, Exit::Code(0));
+    let limited = t.elapsed();
+    // A tenth of a core should take about ten times as long; allow for a busy machine.
+    assert!(
+        limited > free * 3 && limited > Duration::from_millis(100),
+        "unlimited {free:?}, limited to 100m {limited:?}"
+    );
     Ok(())
 }
 

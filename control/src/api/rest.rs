@@ -716,22 +716,28 @@ fn check_namespace(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// With `fieldValidation=Strict`, fields the schema does not know are a 400.
+fn strict_fields(ctx: &Ctx<'_>, input: &Value) -> Result<(), ApiError> {
+    if ctx.q.get("fieldValidation") != Some("Strict") {
+        return Ok(());
+    }
+    let unknown = openapi::unknown_fields(ctx.res.group, ctx.res.version, ctx.res.kind, input);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    Err(ApiError::BadRequest(format!(
+        "strict decoding error: {}",
+        list.join(", ")
+    )))
+}
+
 /// Type check, strict field check and validation.
 fn check(ctx: &Ctx<'_>, o: &Value, input: &Value) -> Result<(), ApiError> {
-    let strict = matches!(ctx.q.get("fieldValidation"), Some("Strict"));
-    if strict {
-        let unknown = openapi::unknown_fields(ctx.res.group, ctx.res.version, ctx.res.kind, input);
-        if !unknown.is_empty() {
-            let list: Vec<String> = unknown
-                .iter()
-                .map(|f| format!("unknown field \"{f}\""))
-                .collect();
-            return Err(ApiError::BadRequest(format!(
-                "strict decoding error: {}",
-                list.join(", ")
-            )));
-        }
-    }
+    strict_fields(ctx, input)?;
     resources::check_types(ctx.res.group, ctx.res.kind, o)
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
     let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
@@ -1329,21 +1335,7 @@ async fn patch_object(
         if let Some(m) = cfg["metadata"].as_object_mut() {
             m.remove("resourceVersion");
         }
-        let strict = matches!(ctx.q.get("fieldValidation"), Some("Strict"));
-        if strict {
-            let unknown =
-                openapi::unknown_fields(ctx.res.group, ctx.res.version, ctx.res.kind, &cfg);
-            if !unknown.is_empty() {
-                let list: Vec<String> = unknown
-                    .iter()
-                    .map(|f| format!("unknown field \"{f}\""))
-                    .collect();
-                return Err(ApiError::BadRequest(format!(
-                    "strict decoding error: {}",
-                    list.join(", ")
-                )));
-            }
-        }
+        strict_fields(ctx, &cfg)?;
         let new = ssa::apply(old, &cfg, &manager, &av, force, &ts).map_err(conflict)?;
         Ok((new, false))
     })

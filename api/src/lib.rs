@@ -1,9 +1,11 @@
 //! Types shared by the Outpost control plane and the node agent.
 //!
 //! This crate owns the shapes that cross a process boundary: the commands the replicated store
-//! applies, the key-value records and watch events it hands back. It holds data and the small
-//! pure rules that go with it (prefix matching, precondition checks), never IO: it does not
-//! depend on tokio, quinn, axum or wasmtime, so both sides can use it without pulling in the
-//! other's runtime.
+//! applies, the key-value records and watch events it hands back, and the node link's messages
+//! and frames ([`link`]). It holds data and the small pure rules that go with it (prefix
+//! matching, precondition checks, token syntax). It does no IO of its own and does not depend
+//! on quinn, axum or wasmtime, so both sides can use it without pulling in the other's
+//! runtime; the `io` feature adds frame reading and writing over tokio's IO traits.
 
+pub mod link;
 pub mod store;

@@ -234,9 +234,6 @@ pub fn issue_client(dir: &Path, cn: &str, orgs: &[&str]) -> Result<(String, Stri
 /// the cluster CA, issued anew at each start; client certificates from the same CA are
 /// requested but optional.
 pub fn api_server_config(dir: &Path, names: &[String]) -> Result<rustls::ServerConfig, PkiError> {
-    let tls = |e: rustls::Error| PkiError::Tls(e.to_string());
-    let issuer = cluster_issuer(dir)?;
-    let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     for n in names {
         params
@@ -254,13 +251,27 @@ pub fn api_server_config(dir: &Path, names: &[String]) -> Result<rustls::ServerC
         .distinguished_name
         .push(DnType::CommonName, "outpost-apiserver");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    serving(
+        dir,
+        params,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )
+}
+
+/// A serving config with a fresh key and a certificate from the cluster CA for `params`; the
+/// chain includes the CA. Client certificates from the same CA are accepted, not required.
+fn serving(
+    dir: &Path,
+    params: CertificateParams,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: Vec<Vec<u8>>,
+) -> Result<rustls::ServerConfig, PkiError> {
+    let tls = |e: rustls::Error| PkiError::Tls(e.to_string());
+    let issuer = cluster_issuer(dir)?;
+    let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    let ca_path = dir.join("ca.crt");
-    let ca =
-        CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes()).map_err(|e| PkiError::Bad {
-            path: ca_path.clone(),
-            detail: e.to_string(),
-        })?;
+    let ca = cluster_ca_der(dir)?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).map_err(tls)?;
     let verifier =
@@ -271,12 +282,12 @@ pub fn api_server_config(dir: &Path, names: &[String]) -> Result<rustls::ServerC
     let key_der = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
         .map_err(|e| PkiError::Tls(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .map_err(tls)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert.der().clone(), ca], key_der)
         .map_err(tls)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn;
     Ok(cfg)
 }
 
@@ -296,4 +307,71 @@ pub fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, use
 pub fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
     let _ = fs::remove_file(path);
     write_private(path, data)
+}
+
+/// The cluster CA certificate in DER.
+pub fn cluster_ca_der(dir: &Path) -> Result<CertificateDer<'static>, PkiError> {
+    let path = dir.join("ca.crt");
+    CertificateDer::from_pem_slice(read(&path)?.as_bytes()).map_err(|e| PkiError::Bad {
+        path,
+        detail: e.to_string(),
+    })
+}
+
+/// The hex SHA-256 of the cluster CA's DER: what a bootstrap token pins.
+pub fn ca_hash(dir: &Path) -> Result<String, PkiError> {
+    use sha2::Digest;
+    let der = cluster_ca_der(dir)?;
+    Ok(sha2::Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// How long a node certificate is valid. Far longer than any autonomy window, so a node that
+/// was offline for all of it can still reconnect; nodes renew when a third is left.
+pub const NODE_CERT_DAYS: i64 = 365;
+
+/// Sign a node's CSR as `system:node:<node>` in group `system:nodes`, whatever the CSR's
+/// subject says: the name comes from the join (or the connection), never from the CSR.
+pub fn sign_node(dir: &Path, csr_pem: &str, node: &str) -> Result<String, PkiError> {
+    let issuer = cluster_issuer(dir)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:nodes");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("system:node:{node}"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let now = time_now();
+    params.not_before = now - std::time::Duration::from_secs(300);
+    params.not_after = now + std::time::Duration::from_secs(NODE_CERT_DAYS as u64 * 86_400);
+    csr.params = params;
+    Ok(csr.signed_by(&issuer)?.pem())
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+/// The node gateway's TLS config: a certificate for [`outpost_api::link::GATEWAY_NAME`]
+/// from the cluster CA (issued at each start, chain includes the CA so a joining node can
+/// check its pin), client certificates from the cluster CA accepted but not required (a
+/// joining node has none yet; node connections are checked for one by the gateway).
+pub fn gateway_server_config(dir: &Path) -> Result<rustls::ServerConfig, PkiError> {
+    use outpost_api::link::{ALPN_JOIN, ALPN_NODE, GATEWAY_NAME};
+    let mut params = CertificateParams::new(vec![GATEWAY_NAME.to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, GATEWAY_NAME);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    serving(
+        dir,
+        params,
+        &[&rustls::version::TLS13],
+        vec![ALPN_NODE.to_vec(), ALPN_JOIN.to_vec()],
+    )
 }

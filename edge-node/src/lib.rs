@@ -1,3 +1,26 @@
-//! The Outpost node agent (the kubelet): reaches the control plane over QUIC, keeps its pods
-//! running from a local cache while offline, and runs them through the Wasm runtime or the
-//! OCI shim. Not built yet: see the open issue "Edge nodes over QUIC running Wasm pods".
+//! The Outpost node agent (the kubelet).
+//!
+//! It owns everything on an edge machine: joining the cluster and the QUIC link to the
+//! control plane ([`link`]), the local cache that lets pods run with no link at all
+//! ([`cache`]), each pod's state machine ([`pod`]), container logs ([`logs`]), and the agent
+//! that reconciles the pods bound to this node with what runs here ([`agent`]). Wasm pods run
+//! through `outpost-wasm-runtime`.
+
+pub mod agent;
+pub mod cache;
+pub mod link;
+pub mod logs;
+pub mod pod;
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
+}

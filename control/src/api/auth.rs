@@ -202,6 +202,14 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
         ("", "Namespace", ns("kube-system")),
         ("", "Namespace", ns("kube-public")),
         ("", "Namespace", ns("kube-node-lease")),
+        // Pods that name this class run on the nodes' Wasm runtime.
+        (
+            "node.k8s.io",
+            "RuntimeClass",
+            json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                   "metadata": {"name": "wasm"}, "handler": "wasm",
+                   "scheduling": {"nodeSelector": {"outpost.dev/runtime-wasm": "true"}}}),
+        ),
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",

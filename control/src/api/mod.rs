@@ -13,7 +13,9 @@ pub mod admit;
 pub mod auth;
 pub mod discovery;
 pub mod error;
+pub mod node;
 pub mod openapi;
+pub mod outpost;
 pub mod patch;
 pub mod proto;
 pub mod resources;
@@ -39,6 +41,7 @@ use crate::store::Store;
 pub use auth::User;
 pub use error::ApiError;
 use resources::Resource;
+pub use rest::now;
 
 /// Request bodies larger than this are refused (the Kubernetes API server's limit is 3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -52,6 +55,10 @@ pub struct Api {
     pub server: String,
     /// The service CIDR ClusterIPs come from.
     pub service_net: (Ipv4Addr, u8),
+    /// The cluster CA's directory, where tokens and node certificates come from.
+    pub pki_dir: Option<std::path::PathBuf>,
+    /// Nodes connected to this member's gateway.
+    pub links: Arc<crate::gateway::Links>,
 }
 
 impl Api {
@@ -61,6 +68,8 @@ impl Api {
             tokens: HashMap::new(),
             server,
             service_net: (Ipv4Addr::new(10, 96, 0, 0), 16),
+            pki_dir: None,
+            links: Arc::default(),
         }
     }
 }
@@ -250,6 +259,14 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
         name: String::new(),
         path: Some(p.to_string()),
     };
+    if let ["outpost", "v1", rest @ ..] = segs.as_slice() {
+        let mut attrs = non_resource(&path);
+        if parts.method == Method::POST {
+            attrs.verb = "create".into();
+        }
+        rest::authorize(api, &user, &attrs).await?;
+        return outpost::serve(api, &parts.method, rest, &query, body).await;
+    }
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["api", "v1", rest @ ..] if !rest.is_empty() => ("", "v1", rest),
         ["apis", g, v, rest @ ..] if !rest.is_empty() => (g, v, rest),
@@ -355,6 +372,8 @@ pub struct ServeConfig {
     pub names: Vec<String>,
     /// A Kubernetes token file (`token,user,uid,"groups"`), if any.
     pub token_file: Option<std::path::PathBuf>,
+    /// UDP address of the node gateway, if this member serves nodes.
+    pub gateway: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,14 +385,23 @@ pub enum StartError {
         what: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Gateway(#[from] crate::gateway::StartError),
 }
 
-/// Bind the API port, create the cluster's bootstrap objects once the store has a leader,
-/// and serve until the returned task is aborted. Returns the bound address.
-pub async fn start(
-    store: Store,
-    cfg: ServeConfig,
-) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), StartError> {
+/// A running API server.
+pub struct Started {
+    pub addr: std::net::SocketAddr,
+    /// Where the node gateway listens, if it was asked for.
+    pub gateway: Option<std::net::SocketAddr>,
+    pub api: Arc<Api>,
+    /// Serves until aborted (with the gateway).
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Bind the API port (and the node gateway), create the cluster's bootstrap objects once the
+/// store has a leader, and serve until the returned task is aborted.
+pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError> {
     let tls = crate::pki::api_server_config(&cfg.pki_dir, &cfg.names)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -386,6 +414,7 @@ pub async fn start(
         source,
     })?;
     let mut api = Api::new(store, addr.to_string());
+    api.pki_dir = Some(cfg.pki_dir.clone());
     if let Some(f) = &cfg.token_file {
         api.tokens = auth::load_tokens(f).map_err(|source| StartError::Io {
             what: format!("reading {}", f.display()),
@@ -393,8 +422,26 @@ pub async fn start(
         })?;
     }
     let api = Arc::new(api);
+    let gateway = match cfg.gateway {
+        Some(listen) => Some(crate::gateway::start(api.clone(), listen, &cfg.pki_dir)?),
+        None => None,
+    };
     let boot = api.clone();
+    let app = router(api.clone());
+    let mut helpers: Vec<tokio::task::AbortHandle> =
+        gateway.iter().map(|(_, t)| t.abort_handle()).collect();
+    helpers.push(tokio::spawn(crate::scheduler::run(api.clone())).abort_handle());
     let task = tokio::spawn(async move {
+        // Aborting the API's task takes the gateway and the scheduler with it.
+        struct Abort(Vec<tokio::task::AbortHandle>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                for h in &self.0 {
+                    h.abort();
+                }
+            }
+        }
+        let _helpers = Abort(helpers);
         tokio::spawn(async move {
             for attempt in 0u32.. {
                 match rest::bootstrap(&boot).await {
@@ -407,10 +454,15 @@ pub async fn start(
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
         });
-        if let Err(e) = serve::serve(listener, Arc::new(tls), router(api)).await {
+        if let Err(e) = serve::serve(listener, Arc::new(tls), app).await {
             tracing::error!(error = %e, "API server stopped");
         }
     });
     tracing::info!(%addr, "Kubernetes API listening");
-    Ok((addr, task))
+    Ok(Started {
+        addr,
+        gateway: gateway.map(|(a, _)| a),
+        api,
+        task,
+    })
 }

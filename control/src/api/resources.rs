@@ -11,6 +11,8 @@ pub enum Sub {
     Scale,
     Binding,
     Eviction,
+    /// A container's output, fetched from its node.
+    Log,
 }
 
 impl Sub {
@@ -20,6 +22,7 @@ impl Sub {
             Sub::Scale => "scale",
             Sub::Binding => "binding",
             Sub::Eviction => "eviction",
+            Sub::Log => "log",
         }
     }
 
@@ -30,6 +33,7 @@ impl Sub {
             Sub::Scale => ("autoscaling", "v1", "Scale"),
             Sub::Binding => ("", "v1", "Binding"),
             Sub::Eviction => ("policy", "v1", "Eviction"),
+            Sub::Log => ("", "v1", "Pod"),
         }
     }
 
@@ -37,6 +41,7 @@ impl Sub {
         match self {
             Sub::Status | Sub::Scale => &["get", "patch", "update"],
             Sub::Binding | Sub::Eviction => &["create"],
+            Sub::Log => &["get"],
         }
     }
 }
@@ -161,7 +166,7 @@ use k8s_openapi::api::{
 resources! {
     core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
-    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction], stored: true },
+    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log], stored: true },
     core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },

@@ -142,6 +142,9 @@ pub(super) async fn load_policy(api: &Api) -> Result<Policy, ApiError> {
 }
 
 pub(super) async fn authorize(api: &Api, user: &User, a: &Attrs) -> Result<(), ApiError> {
+    if let Some(node) = super::node::node_name(user) {
+        return super::node::authorize(api, node, a, None).await;
+    }
     if user.is_master() || load_policy(api).await?.allows(user, a) {
         return Ok(());
     }
@@ -229,7 +232,9 @@ pub(super) async fn serve(
         path: None,
     };
     let reviews = !t.res.stored;
-    if !reviews {
+    if let Some(node) = super::node::node_name(&user) {
+        super::node::authorize(api, node, &attrs, q.get("fieldSelector")).await?;
+    } else if !reviews {
         authorize(api, &user, &attrs).await?;
     }
     let agent = headers
@@ -295,6 +300,7 @@ pub(super) async fn serve(
         }
         (Method::GET, None) if watch => watch_stream(ctx, table).await,
         (Method::GET, None) => list(&ctx, table).await,
+        (Method::GET, Some(Sub::Log)) => logs(&ctx, &name).await,
         (Method::GET, Some(Sub::Status)) => Ok(respond(StatusCode::OK, &get(&ctx, &name).await?)),
         (Method::GET, Some(Sub::Scale)) => {
             let o = get(&ctx, &name).await?;
@@ -302,6 +308,13 @@ pub(super) async fn serve(
         }
         (Method::POST, None) => {
             let body = super::decode_body(content_type, &body)?;
+            if let Some(node) = super::node::node_name(&ctx.user) {
+                if ctx.res.kind == "Node" && body["metadata"]["name"].as_str() != Some(node) {
+                    return Err(ApiError::Forbidden {
+                        message: format!("node \"{node}\" may only create its own Node object"),
+                    });
+                }
+            }
             let o = create(&ctx, body).await?;
             Ok(respond(StatusCode::CREATED, &o))
         }
@@ -358,6 +371,110 @@ pub(super) async fn serve(
             s.map(|s| format!("/{}", s.name())).unwrap_or_default()
         ))),
     }
+}
+
+/// `kubectl logs`: the pod's node streams the container's output through its link.
+async fn logs(ctx: &Ctx<'_>, name: &str) -> Result<Response, ApiError> {
+    use outpost_api::link::{Down, LogRequest};
+    let pod = get(ctx, name).await?;
+    let names: Vec<String> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod["spec"][k].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect();
+    let container = match ctx.q.get("container") {
+        Some(c) if names.iter().any(|n| n == c) => c.to_string(),
+        Some(c) => {
+            return Err(ApiError::BadRequest(format!(
+                "container {c} is not valid for pod {name}"
+            )))
+        }
+        None if pod["spec"]["containers"].as_array().map(Vec::len) == Some(1) => pod["spec"]
+            ["containers"][0]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                names.join(" ")
+            )))
+        }
+    };
+    let node = pod["spec"]["nodeName"].as_str().unwrap_or("");
+    if node.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let num = |k: &str| -> Result<Option<u64>, ApiError> {
+        ctx.q
+            .get(k)
+            .map(|v| {
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|n| *n >= 0 || k == "tailLines")
+                    .map(|n| n.max(0) as u64)
+                    .ok_or_else(|| ApiError::BadRequest(format!("{k} must be a number, got {v:?}")))
+            })
+            .transpose()
+    };
+    let tail = match ctx.q.get("tailLines") {
+        Some(v) if v.trim_start().starts_with('-') => None,
+        _ => num("tailLines")?,
+    };
+    let since = match (num("sinceSeconds")?, ctx.q.get("sinceTime")) {
+        (Some(s), _) => Some(s),
+        (None, Some(t)) => {
+            let t: jiff::Timestamp = t
+                .parse()
+                .map_err(|e| ApiError::BadRequest(format!("sinceTime: {e}")))?;
+            Some(jiff::Timestamp::now().duration_since(t).as_secs().max(0) as u64)
+        }
+        (None, None) => None,
+    };
+    let req = LogRequest {
+        namespace: ctx.ns.clone().unwrap_or_default(),
+        pod: name.to_string(),
+        container,
+        follow: ctx.q.flag("follow"),
+        previous: ctx.q.flag("previous"),
+        timestamps: ctx.q.flag("timestamps"),
+        tail_lines: tail,
+        since_seconds: since,
+        limit_bytes: num("limitBytes")?,
+    };
+    let (head, mut recv) = ctx
+        .api
+        .links
+        .open(node, &Down::Logs(req))
+        .await
+        .map_err(ApiError::Internal)?;
+    if head.status != 200 {
+        let msg = recv.read_to_end(64 << 10).await.unwrap_or_default();
+        let msg = String::from_utf8_lossy(&msg).trim().to_string();
+        return Err(match head.status {
+            404 => ApiError::NotFound {
+                kind: "pods".into(),
+                name: name.into(),
+            },
+            400 => ApiError::BadRequest(msg),
+            _ => ApiError::Internal(msg),
+        });
+    }
+    let stream = futures::stream::unfold(recv, |mut recv| async move {
+        match recv.read_chunk(64 << 10, true).await {
+            Ok(Some(c)) => Some((Ok::<_, std::io::Error>(c.bytes), recv)),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), recv)),
+        }
+    });
+    let mut r = Response::new(axum::body::Body::from_stream(stream));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain"),
+    );
+    Ok(r)
 }
 
 fn respond(code: StatusCode, v: &Value) -> Response {
@@ -1481,6 +1598,40 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
         let finalizers = o["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
+        if let Some(grace) = pod_grace(ctx, &o, body) {
+            // A pod on a node stops there first; the node deletes it once its containers
+            // have ended (or the pod is force-deleted with a grace period of 0).
+            let shorter = o["metadata"]["deletionGracePeriodSeconds"]
+                .as_i64()
+                .is_none_or(|g| grace < g);
+            if !o["metadata"]["deletionTimestamp"].is_null() && !shorter {
+                return Ok(o);
+            }
+            let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
+            let m = meta(&mut o);
+            m.insert(
+                "deletionTimestamp".into(),
+                json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+            );
+            m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            match ctx
+                .api
+                .store
+                .put(
+                    &ctx.key(name),
+                    to_stored(&o),
+                    Expect::ModRevision(kv.mod_revision),
+                )
+                .await?
+            {
+                Outcome::Committed { revision, .. } => {
+                    set_rv(&mut o, revision);
+                    return Ok(o);
+                }
+                Outcome::Failed { .. } => continue,
+                other => return Err(internal(format!("unexpected outcome {other:?}"))),
+            }
+        }
         let pending = namespace || finalizers || policy == "Foreground";
         if pending {
             if !o["metadata"]["deletionTimestamp"].is_null() {
@@ -1500,28 +1651,15 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
             if namespace {
                 o["status"]["phase"] = json!("Terminating");
             }
-            match ctx
-                .api
-                .store
-                .put(
-                    &ctx.key(name),
-                    to_stored(&o),
-                    Expect::ModRevision(kv.mod_revision),
-                )
-                .await?
-            {
-                Outcome::Committed { revision, .. } => {
-                    set_rv(&mut o, revision);
-                    if namespace {
-                        spawn_namespace_cleanup(ctx.api.clone(), name.to_string());
-                    } else if policy == "Foreground" {
-                        spawn_foreground(ctx.api.clone(), ctx.res, o.clone());
-                    }
-                    return Ok(o);
-                }
-                Outcome::Failed { .. } => continue,
-                other => return Err(internal(format!("unexpected outcome {other:?}"))),
+            if !mark_deleting(ctx, name, kv.mod_revision, &mut o).await? {
+                continue;
             }
+            if namespace {
+                spawn_namespace_cleanup(ctx.api.clone(), name.to_string());
+            } else if policy == "Foreground" {
+                spawn_foreground(ctx.api.clone(), ctx.res, o.clone());
+            }
+            return Ok(o);
         }
         if policy == "Orphan" {
             orphan_dependents(ctx.api, &o).await?;
@@ -1543,6 +1681,48 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
         }
     }
     Err(ApiError::modified(&ctx.res.qualified(), name))
+}
+
+/// Store `o` (now carrying a deletion timestamp) if the object is still at `rev`; false if
+/// it changed meanwhile and the delete must look again.
+async fn mark_deleting(
+    ctx: &Ctx<'_>,
+    name: &str,
+    rev: u64,
+    o: &mut Value,
+) -> Result<bool, ApiError> {
+    match ctx
+        .api
+        .store
+        .put(&ctx.key(name), to_stored(o), Expect::ModRevision(rev))
+        .await?
+    {
+        Outcome::Committed { revision, .. } => {
+            set_rv(o, revision);
+            Ok(true)
+        }
+        Outcome::Failed { .. } => Ok(false),
+        other => Err(internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+/// The grace period a delete gives a pod that is running on a node, or `None` when the pod
+/// goes at once (not on a node, already finished, or a grace period of 0).
+fn pod_grace(ctx: &Ctx<'_>, o: &Value, body: &Value) -> Option<i64> {
+    if ctx.res.kind != "Pod" || !ctx.res.group.is_empty() {
+        return None;
+    }
+    if o["spec"]["nodeName"].as_str().unwrap_or("").is_empty()
+        || matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let grace = body["gracePeriodSeconds"]
+        .as_i64()
+        .or_else(|| ctx.q.get("gracePeriodSeconds")?.parse().ok())
+        .or_else(|| o["spec"]["terminationGracePeriodSeconds"].as_i64())
+        .unwrap_or(30);
+    (grace > 0).then_some(grace)
 }
 
 async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiError> {

@@ -59,6 +59,9 @@ struct Args {
     /// Kubernetes token file (`token,user,uid,"group1,group2"` per line).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// UDP address of the node gateway (defaults to the API's address, on UDP).
+    #[arg(long)]
+    node_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -110,9 +113,10 @@ async fn main() -> anyhow::Result<()> {
             pki_dir: pki_dir.clone(),
             names,
             token_file: a.token_file.clone(),
+            gateway: Some(a.node_listen.unwrap_or(listen)),
         };
-        let (_, task) = outpost_control::api::start(store.clone(), cfg).await?;
-        api_task = Some(task);
+        let started = outpost_control::api::start(store.clone(), cfg).await?;
+        api_task = Some(started.task);
     }
     let listener = tokio::net::TcpListener::bind(a.admin_listen)
         .await

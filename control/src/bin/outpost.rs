@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_control::api::{self, ServeConfig};
+use outpost_control::client::{self, Client};
 use outpost_control::pki;
 use outpost_control::store::{Config, Store};
 
@@ -19,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run a one-machine cluster until interrupted; writes DATA_DIR/kubeconfig.
+    /// Run a one-machine cluster (control plane and a node) until interrupted; writes
+    /// DATA_DIR/kubeconfig.
     Up {
         /// Where the cluster keeps its state; starting again with the same dir keeps it.
         #[arg(long, default_value = ".outpost")]
@@ -33,6 +35,27 @@ enum Cmd {
         /// Admin interface of the store (loopback only).
         #[arg(long, default_value = "127.0.0.1:7481")]
         admin_listen: SocketAddr,
+        /// Run the control plane only, without a node on this machine.
+        #[arg(long)]
+        no_node: bool,
+        /// The name of this machine's node (defaults to the host name).
+        #[arg(long)]
+        node_name: Option<String>,
+    },
+    /// Bootstrap tokens for nodes to join.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        /// The kubeconfig to reach the cluster with (as kubectl finds it by default).
+        #[arg(long, global = true)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// The control plane's Wasm module store.
+    Module {
+        #[command(subcommand)]
+        cmd: ModuleCmd,
+        #[arg(long, global = true)]
+        kubeconfig: Option<PathBuf>,
     },
     /// Print a kubeconfig with a new client certificate from the cluster CA.
     Kubeconfig {
@@ -48,6 +71,31 @@ enum Cmd {
         /// Groups (the certificate's O); `system:masters` may do anything.
         #[arg(long = "group")]
         groups: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Print a new token: `outpost-node --server HOST:PORT --token TOKEN` joins with it.
+    Create {
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModuleCmd {
+    /// Store a Wasm module or component; prints the image reference (by digest) pods use
+    /// for it. It is also named (by default after the file), so `module:NAME` works too.
+    Push {
+        file: PathBuf,
+        /// The name pods may use instead of the digest (`module:NAME`).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -79,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             tls_san,
             admin_listen,
+            no_node,
+            node_name,
         } => {
             let control = data_dir.join("control");
             let pki_dir = control.join("pki");
@@ -97,16 +147,23 @@ async fn main() -> anyhow::Result<()> {
             ];
             names.push(listen.ip().to_string());
             names.extend(tls_san);
-            let (addr, api_task) = api::start(
+            let started = api::start(
                 store.clone(),
                 ServeConfig {
                     listen,
                     pki_dir: pki_dir.clone(),
                     names,
                     token_file: Some(pki_dir.join("tokens.csv")),
+                    gateway: Some(listen),
                 },
             )
             .await?;
+            let (addr, api_task) = (started.addr, started.task);
+            let node_task = if no_node {
+                None
+            } else {
+                Some(local_node(&data_dir, &pki_dir, started.gateway, node_name)?)
+            };
             let host = if addr.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {
@@ -136,8 +193,53 @@ async fn main() -> anyhow::Result<()> {
                 r = axum::serve(admin, outpost_control::admin::router(store.clone())) => r?,
                 _ = tokio::signal::ctrl_c() => {}
             }
+            if let Some(t) = node_task {
+                t.abort();
+            }
             api_task.abort();
             store.shutdown().await;
+        }
+        Cmd::Token {
+            cmd: TokenCmd::Create { ttl, uses },
+            kubeconfig,
+        } => {
+            let c = Client::from_kubeconfig(&client::kubeconfig_path(kubeconfig.as_deref()))?;
+            let v = c
+                .json(
+                    "POST",
+                    &format!("/outpost/v1/tokens?ttl={ttl}&uses={uses}"),
+                    "application/json",
+                    Vec::new(),
+                )
+                .await
+                .context("creating a token")?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        Cmd::Module {
+            cmd: ModuleCmd::Push { file, name },
+            kubeconfig,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                file.file_stem()
+                    .map(|s| s.to_string_lossy().to_lowercase().replace('_', "-"))
+                    .unwrap_or_default()
+            });
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let c = Client::from_kubeconfig(&client::kubeconfig_path(kubeconfig.as_deref()))?;
+            let v = c
+                .json(
+                    "POST",
+                    &format!("/outpost/v1/modules?name={name}"),
+                    "application/wasm",
+                    bytes,
+                )
+                .await
+                .with_context(|| format!("pushing {}", file.display()))?;
+            println!("{}", v["image"].as_str().unwrap_or_default());
+            if let Some(n) = v["name"].as_str() {
+                eprintln!("also available as {n}");
+            }
         }
         Cmd::Kubeconfig {
             pki_dir,
@@ -150,4 +252,41 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// This machine's own node, in this process: a certificate straight from the cluster CA (no
+/// token needed), then the same agent and link any node uses, to the local gateway.
+fn local_node(
+    data_dir: &Path,
+    pki_dir: &Path,
+    gateway: Option<SocketAddr>,
+    name: Option<String>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use outpost_edge_node::{agent, link};
+    let gateway = gateway.context("the node gateway is not running")?;
+    let dir = data_dir.join("node");
+    let node_pki = link::Pki::new(&dir);
+    if !node_pki.joined() {
+        let name = name.unwrap_or_else(agent::hostname);
+        let (cert, key) =
+            pki::issue_client(pki_dir, &format!("system:node:{name}"), &["system:nodes"])?;
+        let ca = std::fs::read_to_string(pki_dir.join("ca.crt"))?;
+        link::install(&node_pki, &ca, &cert, &key)?;
+    }
+    let server = if gateway.ip().is_unspecified() {
+        format!("127.0.0.1:{}", gateway.port())
+    } else {
+        gateway.to_string()
+    };
+    let cfg = agent::Config {
+        data_dir: dir,
+        server: Some(server),
+        token: None,
+        name: None,
+    };
+    Ok(tokio::spawn(async move {
+        if let Err(e) = agent::run(cfg).await {
+            tracing::error!(error = %e, "the local node stopped");
+        }
+    }))
 }

@@ -1,0 +1,222 @@
+//! The node authorizer: what a node agent (user `system:node:<name>`, group `system:nodes`)
+//! may do. A node reads only the pods bound to it and the config maps and secrets those pods
+//! use, and writes only its own Node, its own Lease, its pods' status, events, and the final
+//! delete of its own pods once they have stopped. Nothing in RBAC can widen this.
+
+use serde_json::Value;
+
+use super::auth::{Attrs, User};
+use super::{resources, Api, ApiError};
+use crate::store::Consistency;
+
+/// The node a user is, if it is one.
+pub fn node_name(user: &User) -> Option<&str> {
+    if !user.groups.iter().any(|g| g == "system:nodes") {
+        return None;
+    }
+    user.name
+        .strip_prefix("system:node:")
+        .filter(|n| !n.is_empty())
+}
+
+/// Whether a pod (JSON) uses the config map (`secret` false) or secret named `name`.
+pub fn pod_uses(pod: &Value, secret: bool, name: &str) -> bool {
+    let spec = &pod["spec"];
+    let is = |v: &Value| v.as_str() == Some(name);
+    let volume = |v: &Value| {
+        (if secret {
+            is(&v["secret"]["secretName"])
+        } else {
+            is(&v["configMap"]["name"])
+        }) || v["projected"]["sources"].as_array().is_some_and(|s| {
+            s.iter().any(|src| {
+                if secret {
+                    is(&src["secret"]["name"])
+                } else {
+                    is(&src["configMap"]["name"])
+                }
+            })
+        })
+    };
+    let (key_ref, from_ref) = if secret {
+        ("secretKeyRef", "secretRef")
+    } else {
+        ("configMapKeyRef", "configMapRef")
+    };
+    let container = |c: &Value| {
+        c["env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| is(&e["valueFrom"][key_ref]["name"])))
+            || c["envFrom"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| is(&e[from_ref]["name"])))
+    };
+    let list = |k: &str| spec[k].as_array().cloned().unwrap_or_default();
+    list("volumes").iter().any(volume)
+        || list("containers").iter().any(container)
+        || list("initContainers").iter().any(container)
+        || (secret && list("imagePullSecrets").iter().any(|s| is(&s["name"])))
+}
+
+fn deny(node: &str, a: &Attrs, why: &str) -> ApiError {
+    let what = match &a.path {
+        Some(p) => format!("path \"{p}\""),
+        None if a.subresource.is_empty() => format!("{} \"{}\"", a.resource, a.name),
+        None => format!("{}/{} \"{}\"", a.resource, a.subresource, a.name),
+    };
+    ApiError::Forbidden {
+        message: format!("node \"{node}\" cannot {} {what}: {why}", a.verb),
+    }
+}
+
+async fn pod(api: &Api, ns: &str, name: &str) -> Result<Option<Value>, ApiError> {
+    let res = resources::find("", "v1", "pods").ok_or_else(|| ApiError::Internal("pods".into()))?;
+    let kv = api
+        .store
+        .get(&res.key(Some(ns), name), Consistency::Serializable)
+        .await?;
+    Ok(kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+}
+
+async fn bound(api: &Api, node: &str, ns: &str, name: &str) -> Result<bool, ApiError> {
+    // A pod that does not exist is the node's to ask about: the answer will be 404, which
+    // tells a node that lost a delete that the pod is gone.
+    Ok(pod(api, ns, name)
+        .await?
+        .is_none_or(|p| p["spec"]["nodeName"].as_str() == Some(node)))
+}
+
+async fn used_by_node_pod(
+    api: &Api,
+    node: &str,
+    ns: &str,
+    secret: bool,
+    name: &str,
+) -> Result<bool, ApiError> {
+    let res = resources::find("", "v1", "pods").ok_or_else(|| ApiError::Internal("pods".into()))?;
+    let page = api
+        .store
+        .range(&res.prefix(Some(ns)), None, 0, Consistency::Serializable)
+        .await?;
+    Ok(page.kvs.iter().any(|kv| {
+        serde_json::from_slice::<Value>(&kv.value).is_ok_and(|p| {
+            p["spec"]["nodeName"].as_str() == Some(node) && pod_uses(&p, secret, name)
+        })
+    }))
+}
+
+/// Decide a node's request. `fields` is the request's field selector (for lists and
+/// watches of pods).
+pub async fn authorize(
+    api: &Api,
+    node: &str,
+    a: &Attrs,
+    fields: Option<&str>,
+) -> Result<(), ApiError> {
+    let read = matches!(a.verb.as_str(), "get" | "list" | "watch");
+    if let Some(p) = &a.path {
+        let ok = a.verb == "get"
+            && (p.starts_with("/outpost/v1/modules/")
+                || p.starts_with("/outpost/v1/names/")
+                || p == "/version"
+                || p == "/api"
+                || p == "/apis"
+                || p.starts_with("/api/")
+                || p.starts_with("/apis/")
+                || p.starts_with("/openapi/"));
+        return if ok {
+            Ok(())
+        } else {
+            Err(deny(node, a, "nodes may only read discovery and modules"))
+        };
+    }
+    let own = a.name == node;
+    let sub = a.subresource.as_str();
+    let ok = match (a.group.as_str(), a.resource.as_str()) {
+        ("", "nodes") => match a.verb.as_str() {
+            "get" | "list" | "watch" => true,
+            // The name of a created node is checked against the body at create.
+            "create" => sub.is_empty(),
+            "update" | "patch" => own && matches!(sub, "" | "status"),
+            _ => false,
+        },
+        ("", "pods") => match (a.verb.as_str(), sub) {
+            ("list" | "watch", "") => {
+                let want = format!("spec.nodeName={node}");
+                if fields.map(str::trim) != Some(want.as_str()) {
+                    return Err(deny(
+                        node,
+                        a,
+                        &format!("a node may only list its own pods (fieldSelector={want})"),
+                    ));
+                }
+                true
+            }
+            ("get", "" | "status") | ("update" | "patch", "status") | ("delete", "") => {
+                bound(api, node, &a.namespace, &a.name).await?
+            }
+            _ => false,
+        },
+        ("", plural @ ("configmaps" | "secrets")) if a.verb == "get" => {
+            used_by_node_pod(api, node, &a.namespace, plural == "secrets", &a.name).await?
+        }
+        ("", "events") | ("events.k8s.io", "events") => {
+            matches!(a.verb.as_str(), "create" | "update" | "patch")
+        }
+        ("coordination.k8s.io", "leases") => {
+            a.namespace == "kube-node-lease" && (own || a.verb == "create") && a.verb != "delete"
+        }
+        ("node.k8s.io", "runtimeclasses")
+        | ("", "services" | "endpoints" | "namespaces")
+        | ("discovery.k8s.io", "endpointslices") => read,
+        ("authorization.k8s.io", "selfsubjectaccessreviews") => a.verb == "create",
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(deny(
+            node,
+            a,
+            "nodes may only touch their own Node, Lease and pods, and what their pods use",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn finds_every_way_a_pod_uses_a_config_map_or_secret() {
+        let p = json!({"spec": {
+            "volumes": [{"name": "a", "configMap": {"name": "cm-vol"}},
+                        {"name": "b", "secret": {"secretName": "s-vol"}},
+                        {"name": "c", "projected": {"sources": [{"configMap": {"name": "cm-proj"}}]}}],
+            "containers": [{"name": "x",
+                "env": [{"name": "E", "valueFrom": {"secretKeyRef": {"name": "s-env", "key": "k"}}}],
+                "envFrom": [{"configMapRef": {"name": "cm-from"}}]}],
+            "imagePullSecrets": [{"name": "s-pull"}]}});
+        for n in ["cm-vol", "cm-proj", "cm-from"] {
+            assert!(pod_uses(&p, false, n), "{n}");
+            assert!(!pod_uses(&p, true, n), "{n} is not a secret");
+        }
+        for n in ["s-vol", "s-env", "s-pull"] {
+            assert!(pod_uses(&p, true, n), "{n}");
+        }
+        assert!(!pod_uses(&p, false, "other"));
+    }
+
+    #[test]
+    fn only_node_users_are_nodes() {
+        let u = |name: &str, g: &str| User {
+            name: name.into(),
+            uid: String::new(),
+            groups: vec![g.into()],
+        };
+        assert_eq!(node_name(&u("system:node:a", "system:nodes")), Some("a"));
+        assert_eq!(node_name(&u("system:node:a", "system:masters")), None);
+        assert_eq!(node_name(&u("system:node:", "system:nodes")), None);
+    }
+}

@@ -1,0 +1,483 @@
+//! The node gateway: the QUIC endpoint nodes connect to.
+//!
+//! ```text
+//! node ──QUIC──▶ ALPN outpost-join/1: token + CSR ─▶ client certificate (system:node:NAME)
+//!      ──QUIC──▶ ALPN outpost-node/1 (mutual TLS) ─▶ per stream: Up::Call ─▶ API router as
+//!                the node ─▶ Head + body; Up::Renew (lease, in memory); Up::Certify
+//!      ◀──────── Down::Logs streams the API opens toward the node (works behind NAT)
+//! ```
+//!
+//! A node's API requests go through the same router, admission and authorization as anyone's,
+//! under the node's own identity, so the node authorizer in [`crate::api`] is the one place
+//! that decides what a node may touch. Lease renewals are kept in memory: a heartbeat is not a
+//! durable write.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request};
+use axum::Router;
+use futures::StreamExt;
+use outpost_api::link::{
+    read_frame, write_frame, Down, Head, JoinReply, JoinRequest, Up, ALPN_JOIN, ALPN_NODE,
+    MAX_FRAME,
+};
+use outpost_api::store::{Expect, Outcome};
+use quinn::{Connection, RecvStream, SendStream};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::api::{Api, Peer, User};
+use crate::store::Consistency;
+
+/// Where bootstrap tokens live in the store.
+pub const TOKEN_PREFIX: &str = "/outpost/tokens/";
+
+/// The nodes connected to this member.
+#[derive(Default)]
+pub struct Links {
+    nodes: Mutex<HashMap<String, Link>>,
+}
+
+#[derive(Clone)]
+struct Link {
+    conn: Connection,
+    renewed: Instant,
+}
+
+impl Links {
+    /// Node names connected here, with the time since each last renewed its lease.
+    pub fn connected(&self) -> Vec<(String, Duration)> {
+        self.nodes
+            .lock()
+            .map(|n| {
+                n.iter()
+                    .map(|(k, l)| (k.clone(), l.renewed.elapsed()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn conn(&self, node: &str) -> Option<Connection> {
+        self.nodes.lock().ok()?.get(node).map(|l| l.conn.clone())
+    }
+
+    fn insert(&self, node: &str, conn: Connection) {
+        if let Ok(mut n) = self.nodes.lock() {
+            if let Some(old) = n.insert(
+                node.to_string(),
+                Link {
+                    conn,
+                    renewed: Instant::now(),
+                },
+            ) {
+                old.conn
+                    .close(2u32.into(), b"replaced by a newer connection");
+            }
+        }
+    }
+
+    fn remove(&self, node: &str, conn: &Connection) {
+        if let Ok(mut n) = self.nodes.lock() {
+            if n.get(node)
+                .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
+            {
+                n.remove(node);
+            }
+        }
+    }
+
+    fn renew(&self, node: &str) {
+        if let Ok(mut n) = self.nodes.lock() {
+            if let Some(l) = n.get_mut(node) {
+                l.renewed = Instant::now();
+            }
+        }
+    }
+
+    /// Open a stream toward `node` and send `req`; returns the node's answer and the body.
+    pub async fn open(&self, node: &str, req: &Down) -> Result<(Head, RecvStream), String> {
+        let conn = self
+            .conn(node)
+            .ok_or_else(|| format!("node \"{node}\" is not connected to this control plane"))?;
+        let err = |e: &dyn std::fmt::Display| format!("node \"{node}\": {e}");
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(&e))?;
+        write_frame(&mut send, req, MAX_FRAME)
+            .await
+            .map_err(|e| err(&e))?;
+        let _ = send.finish();
+        let head: Head =
+            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, MAX_FRAME))
+                .await
+                .map_err(|_| err(&"no answer within 10 s"))?
+                .map_err(|e| err(&e))?;
+        Ok((head, recv))
+    }
+}
+
+struct Gateway {
+    api: Arc<Api>,
+    router: Router,
+    pki_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificates: {0}")]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("node gateway on {addr}: {detail}")]
+    Bind { addr: SocketAddr, detail: String },
+}
+
+/// Bind the gateway on `listen` (UDP) and serve nodes until the returned task is aborted.
+pub fn start(
+    api: Arc<Api>,
+    listen: SocketAddr,
+    pki_dir: &Path,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StartError> {
+    let tls = crate::pki::gateway_server_config(pki_dir)?;
+    let bind = |detail: String| StartError::Bind {
+        addr: listen,
+        detail,
+    };
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| bind(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport()));
+    let endpoint = quinn::Endpoint::server(server, listen).map_err(|e| bind(e.to_string()))?;
+    let addr = endpoint.local_addr().map_err(|e| bind(e.to_string()))?;
+    let gw = Arc::new(Gateway {
+        router: crate::api::router(api.clone()),
+        api,
+        pki_dir: pki_dir.to_path_buf(),
+    });
+    tracing::info!(%addr, "node gateway listening");
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => gw.connection(conn).await,
+                    Err(e) => tracing::info!(%remote, error = %e, "refused a node connection"),
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Keep-alives well inside the idle timeout, so a quiet link through NAT stays mapped.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = Duration::from_secs(20).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+fn node_of(conn: &Connection) -> Option<(String, User)> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let user = crate::api::serve::user_from_cert(certs.first()?)?;
+    let node = user.name.strip_prefix("system:node:")?.to_string();
+    (user.groups.iter().any(|g| g == "system:nodes") && !node.is_empty()).then_some((node, user))
+}
+
+impl Gateway {
+    async fn connection(self: Arc<Self>, conn: Connection) {
+        let alpn = conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        match alpn.as_deref() {
+            Some(ALPN_JOIN) => self.join(conn).await,
+            Some(ALPN_NODE) => self.node(conn).await,
+            _ => conn.close(1u32.into(), b"unknown protocol"),
+        }
+    }
+
+    async fn join(&self, conn: Connection) {
+        let remote = conn.remote_address();
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+        else {
+            return;
+        };
+        let reply = match read_frame::<_, JoinRequest>(&mut recv, 64 << 10).await {
+            Ok(req) => match self.admit(&req).await {
+                Ok(cert) => {
+                    tracing::info!(%remote, node = %req.node, "node joined");
+                    match std::fs::read_to_string(self.pki_dir.join("ca.crt")) {
+                        Ok(ca) => JoinReply::Issued { cert, ca },
+                        Err(e) => JoinReply::Refused(format!("reading the cluster CA: {e}")),
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(%remote, node = %req.node, reason = %why, "join refused");
+                    JoinReply::Refused(why)
+                }
+            },
+            Err(e) => JoinReply::Refused(format!("garbled join request: {e}")),
+        };
+        if write_frame(&mut send, &reply, MAX_FRAME).await.is_ok() {
+            let _ = send.finish();
+            // Let the reply reach the node before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+    }
+
+    /// Check the token, use it up, and sign the node's CSR.
+    async fn admit(&self, req: &JoinRequest) -> Result<String, String> {
+        if !valid_node_name(&req.node) {
+            return Err(format!(
+                "\"{}\" is not a valid node name: lowercase letters, digits, '-' and '.', at most 253",
+                req.node
+            ));
+        }
+        let key = format!("{TOKEN_PREFIX}{}", req.id);
+        let store = &self.api.store;
+        let internal =
+            |e: &dyn std::fmt::Display| format!("the control plane could not check the token: {e}");
+        for _ in 0..8 {
+            let Some(kv) = store
+                .get(&key, Consistency::Linearizable)
+                .await
+                .map_err(|e| internal(&e))?
+            else {
+                return Err("unknown token".into());
+            };
+            let mut t: Value = serde_json::from_slice(&kv.value).map_err(|e| internal(&e))?;
+            if t["secretSha256"].as_str() != Some(&sha256_hex(req.secret.as_bytes())) {
+                return Err("unknown token".into());
+            }
+            if t["expires"].as_i64().unwrap_or(0) <= unix_now() {
+                return Err(
+                    "the token has expired; create a new one with `outpost token create`".into(),
+                );
+            }
+            let left = t["usesLeft"].as_i64().unwrap_or(0);
+            if left <= 0 {
+                return Err(
+                    "the token has already been used; create a new one with `outpost token create`"
+                        .into(),
+                );
+            }
+            t["usesLeft"] = json!(left - 1);
+            let value = serde_json::to_vec(&t).map_err(|e| internal(&e))?;
+            match store
+                .put(&key, value, Expect::ModRevision(kv.mod_revision))
+                .await
+                .map_err(|e| internal(&e))?
+            {
+                Outcome::Committed { .. } => {
+                    return crate::pki::sign_node(&self.pki_dir, &req.csr, &req.node)
+                        .map_err(|e| format!("bad certificate signing request: {e}"))
+                }
+                _ => continue,
+            }
+        }
+        Err("the token is being used by other joins; try again".into())
+    }
+
+    async fn node(self: Arc<Self>, conn: Connection) {
+        let Some((node, user)) = node_of(&conn) else {
+            conn.close(
+                3u32.into(),
+                b"a node certificate from this cluster's CA is required",
+            );
+            return;
+        };
+        tracing::info!(%node, remote = %conn.remote_address(), "node connected");
+        self.api.links.insert(&node, conn.clone());
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            let gw = self.clone();
+            let (node, user) = (node.clone(), user.clone());
+            tokio::spawn(async move { gw.up(&node, &user, send, recv).await });
+        }
+        self.api.links.remove(&node, &conn);
+        tracing::info!(%node, "node disconnected");
+    }
+
+    async fn up(&self, node: &str, user: &User, mut send: SendStream, mut recv: RecvStream) {
+        let msg = match read_frame::<_, Up>(&mut recv, MAX_FRAME).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "refused a frame from a node");
+                let _ = answer(&mut send, 400, format!("refused: {e}").as_bytes()).await;
+                return;
+            }
+        };
+        match msg {
+            Up::Renew => {
+                self.api.links.renew(node);
+                let _ = answer(&mut send, 200, b"").await;
+            }
+            Up::Certify { csr } => match crate::pki::sign_node(&self.pki_dir, &csr, node) {
+                Ok(cert) => {
+                    let _ = answer(&mut send, 200, cert.as_bytes()).await;
+                }
+                Err(e) => {
+                    let _ = answer(&mut send, 400, format!("bad CSR: {e}").as_bytes()).await;
+                }
+            },
+            Up::Call {
+                method,
+                path,
+                content_type,
+                body,
+            } => {
+                if let Err(e) = self
+                    .call(user, &method, &path, content_type, body, send)
+                    .await
+                {
+                    tracing::debug!(%node, %path, error = %e, "call ended early");
+                }
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        user: &User,
+        method: &str,
+        path: &str,
+        content_type: Option<String>,
+        body: Vec<u8>,
+        mut send: SendStream,
+    ) -> Result<(), String> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, "outpost-node");
+        if let Some(ct) = &content_type {
+            b = b.header(header::CONTENT_TYPE, ct);
+        }
+        let mut req = match b.body(Body::from(body)) {
+            Ok(r) => r,
+            Err(e) => {
+                return answer(&mut send, 400, format!("bad request: {e}").as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        req.extensions_mut().insert(Peer(Some(user.clone())));
+        let resp = match self.router.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let head = Head {
+            status: resp.status().as_u16(),
+            content_type: resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+        };
+        write_frame(&mut send, &head, MAX_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = resp.into_body().into_data_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            send.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        }
+        send.finish().map_err(|e| e.to_string())
+    }
+}
+
+async fn answer(send: &mut SendStream, status: u16, body: &[u8]) -> std::io::Result<()> {
+    write_frame(
+        send,
+        &Head {
+            status,
+            content_type: Some("text/plain".into()),
+        },
+        MAX_FRAME,
+    )
+    .await?;
+    send.write_all(body).await?;
+    send.finish().map_err(std::io::Error::other)
+}
+
+/// A DNS-1123 subdomain, as Kubernetes requires of node names.
+pub fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Store a new bootstrap token valid for `ttl` and `uses` joins; returns it in full.
+pub async fn create_token(api: &Api, ttl: Duration, uses: u32) -> Result<String, String> {
+    use rand::Rng;
+    let pki = api
+        .pki_dir
+        .as_deref()
+        .ok_or("this API server has no cluster CA configured")?;
+    let ca_hash = crate::pki::ca_hash(pki).map_err(|e| e.to_string())?;
+    // ThreadRng is not Send: draw everything before the first await.
+    let token = {
+        let mut rng = rand::rng();
+        let mut hex = |n: usize| -> String {
+            (0..n)
+                .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+                .collect()
+        };
+        outpost_api::link::Token {
+            ca_hash,
+            id: hex(6),
+            secret: hex(32),
+        }
+    };
+    let record = json!({
+        "secretSha256": sha256_hex(token.secret.as_bytes()),
+        "expires": unix_now() + ttl.as_secs() as i64,
+        "usesLeft": uses,
+    });
+    let out = api
+        .store
+        .put(
+            &format!("{TOKEN_PREFIX}{}", token.id),
+            serde_json::to_vec(&record).map_err(|e| e.to_string())?,
+            Expect::Absent,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match out {
+        Outcome::Committed { .. } => Ok(token.to_string()),
+        other => Err(format!("storing the token: {other:?}")),
+    }
+}

@@ -1,0 +1,1346 @@
+//! The agent: the node's pods, its link to the control plane, and the loop that reconciles
+//! the two.
+//!
+//! ```text
+//! cache ──at start──▶ pods run at once, link or not
+//! link: register Node ─▶ list + watch own pods (resume from revision, relist on 410)
+//!       ─▶ ensure / stop / finish-delete each pod ─▶ status patches (only on change)
+//!       ◀─ Down::Logs streams; lease renewals every 10 s (in memory on the control plane)
+//! ```
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost_api::link::{read_frame, write_frame, Down, Head, LogRequest, Token, MAX_FRAME};
+use outpost_wasm_runtime::{Command, Exit, Runtime};
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::cache::Cache;
+use crate::link::{self, Link, LinkError, Pki};
+use crate::logs;
+use crate::pod::{self, Container, Next, State};
+
+/// How the agent is started.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `HOST:PORT` of a gateway; remembered after the first start.
+    pub server: Option<String>,
+    /// A bootstrap token, needed only to join.
+    pub token: Option<String>,
+    /// The node's name when joining (defaults to the host name).
+    pub name: Option<String>,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// A stop signal a pod's tasks and its running guests both see.
+#[derive(Clone)]
+struct Stop {
+    flag: Arc<AtomicBool>,
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Stop {
+    fn new() -> Stop {
+        Stop {
+            flag: Arc::new(AtomicBool::new(false)),
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+    fn stop(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.tx.send_replace(true);
+    }
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+    /// Sleep for `d` unless stopped first; true if stopped.
+    async fn sleep(&self, d: Duration) -> bool {
+        let mut rx = self.tx.subscribe();
+        if *rx.borrow() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => self.stopped(),
+            _ = rx.wait_for(|s| *s) => true,
+        }
+    }
+}
+
+struct PodRun {
+    ns: String,
+    name: String,
+    spec: Value,
+    stop: Stop,
+    containers: Arc<Mutex<Vec<Container>>>,
+    /// True once every container task has ended.
+    finished: watch::Receiver<bool>,
+}
+
+struct StatusUpdate {
+    uid: String,
+    ns: String,
+    name: String,
+    status: Value,
+}
+
+pub struct Agent {
+    dir: PathBuf,
+    node: String,
+    pki: Pki,
+    cache: Cache,
+    runtime: Arc<Runtime>,
+    link: watch::Sender<Option<Link>>,
+    pods: Mutex<HashMap<String, PodRun>>,
+    status_tx: mpsc::UnboundedSender<StatusUpdate>,
+    host_ip: Mutex<String>,
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "outpost-node".into())
+}
+
+/// Join if needed, start the pods the cache holds, then keep the link up forever.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let cache = Cache::open(&cfg.data_dir)?;
+    let server = match (&cfg.server, cache.meta("server")) {
+        (Some(s), _) => {
+            cache.put_meta("server", s)?;
+            Some(s.clone())
+        }
+        (None, s) => s,
+    };
+    let pki = Pki::new(&cfg.data_dir);
+    if !pki.joined() {
+        let (Some(server), Some(token)) = (&server, &cfg.token) else {
+            anyhow::bail!(
+                "this node has not joined a cluster yet: pass --server HOST:PORT and --token (from `outpost token create`)"
+            );
+        };
+        let token = Token::parse(token).map_err(anyhow::Error::msg)?;
+        let name = cfg.name.clone().unwrap_or_else(hostname);
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match link::join(server, &token, &name, &pki).await {
+                Ok(()) => {
+                    tracing::info!(node = %name, %server, "joined the cluster");
+                    break;
+                }
+                Err(LinkError::Refused(why)) => anyhow::bail!("joining {server}: {why}"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the control plane to join; retrying");
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+    let node = pki.node_name()?;
+    let runtime = Arc::new(Runtime::new()?);
+    let (status_tx, status_rx) = mpsc::unbounded_channel();
+    let agent = Arc::new(Agent {
+        dir: cfg.data_dir.clone(),
+        node,
+        pki,
+        cache,
+        runtime,
+        link: watch::channel(None).0,
+        pods: Mutex::new(HashMap::new()),
+        status_tx,
+        host_ip: Mutex::new(String::new()),
+    });
+    let cached = agent.cache.pods();
+    tracing::info!(node = %agent.node, pods = cached.len(), "node agent starting");
+    for p in cached {
+        agent.ensure(p);
+    }
+    tokio::spawn(agent.clone().report(status_rx));
+    match server {
+        Some(s) => agent.link_loop(s).await,
+        None => {
+            tracing::warn!("no control plane address known; running cached pods only");
+            std::future::pending::<()>().await;
+        }
+    }
+    Ok(())
+}
+
+fn jitter(d: Duration) -> Duration {
+    use rand::Rng;
+    d + d.mul_f64(rand::rng().random_range(0.0..0.5))
+}
+
+impl Agent {
+    async fn link_loop(self: Arc<Self>, server: String) {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match Link::connect(&server, &self.pki).await {
+                Ok(l) => {
+                    let began = Instant::now();
+                    let why = self.clone().session(&server, l.clone()).await;
+                    self.link.send_replace(None);
+                    l.conn.close(0u32.into(), b"session ended");
+                    tracing::warn!(error = %why, "link to the control plane lost; reconnecting");
+                    if began.elapsed() > Duration::from_secs(30) {
+                        delay = Duration::from_millis(500);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot reach the control plane"),
+            }
+            tokio::time::sleep(jitter(delay)).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// One connected session; returns why it ended.
+    async fn session(self: Arc<Self>, server: &str, link: Link) -> String {
+        if let Ok(ip) = local_ip(server).await {
+            if let Ok(mut h) = self.host_ip.lock() {
+                *h = ip;
+            }
+        }
+        if let Err(e) = self.register(&link).await {
+            return format!("registering the node: {e}");
+        }
+        tracing::info!(node = %self.node, %server, "connected to the control plane");
+        self.link.send_replace(Some(link.clone()));
+        let down = tokio::spawn(self.clone().serve_down(link.clone()));
+        let renew = {
+            let (link, me) = (link.clone(), self.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = link.renew().await {
+                        return format!("lease renewal: {e}");
+                    }
+                    me.maybe_recertify(&link).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            })
+        };
+        let why = tokio::select! {
+            w = self.watch_pods(&link) => w,
+            w = renew => w.unwrap_or_else(|e| e.to_string()),
+        };
+        down.abort();
+        why
+    }
+
+    async fn maybe_recertify(&self, link: &Link) {
+        let Ok((left, whole)) = self.pki.cert_lifetime() else {
+            return;
+        };
+        if left < whole / 3 {
+            match link.recertify(&self.pki, &self.node).await {
+                Ok(()) => tracing::info!("node certificate renewed"),
+                Err(e) => tracing::warn!(error = %e, "renewing the node certificate failed"),
+            }
+        }
+    }
+
+    fn node_object(&self) -> Value {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mem_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let ip = self.host_ip.lock().map(|h| h.clone()).unwrap_or_default();
+        let t = now();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let resources =
+            json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": "110"});
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.node, "labels": {
+                "kubernetes.io/arch": arch, "kubernetes.io/os": "linux",
+                "kubernetes.io/hostname": self.node, "beta.kubernetes.io/arch": arch,
+                "beta.kubernetes.io/os": "linux", "outpost.dev/runtime-wasm": "true"}},
+            "status": {
+                "capacity": resources, "allocatable": resources,
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                     "message": "outpost-node is posting ready status",
+                     "lastHeartbeatTime": t, "lastTransitionTime": t},
+                    {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+                     "message": "", "lastHeartbeatTime": t, "lastTransitionTime": t},
+                    {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure",
+                     "message": "", "lastHeartbeatTime": t, "lastTransitionTime": t},
+                    {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID",
+                     "message": "", "lastHeartbeatTime": t, "lastTransitionTime": t}],
+                "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": self.node}],
+                "nodeInfo": {"architecture": arch, "operatingSystem": "linux",
+                    "kubeletVersion": "v1.33.0-outpost", "kubeProxyVersion": "",
+                    "containerRuntimeVersion": "wasmtime://48.0", "kernelVersion": kernel,
+                    "osImage": os_image(), "machineID": "", "systemUUID": "", "bootID": ""},
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            }
+        })
+    }
+
+    /// Create the Node object, or bring its status up to date.
+    async fn register(&self, link: &Link) -> Result<(), LinkError> {
+        let obj = self.node_object();
+        let a = link
+            .call(
+                "POST",
+                "/api/v1/nodes",
+                Some(("application/json", obj.to_string().into_bytes())),
+            )
+            .await?;
+        if a.ok() {
+            // Create keeps the spec and metadata; the status goes through its subresource.
+        } else if a.status != 409 {
+            return Err(LinkError::Refused(a.message()));
+        }
+        let patch = json!({"metadata": {"labels": obj["metadata"]["labels"]}});
+        let a = link
+            .call(
+                "PATCH",
+                &format!("/api/v1/nodes/{}", self.node),
+                Some((
+                    "application/merge-patch+json",
+                    patch.to_string().into_bytes(),
+                )),
+            )
+            .await?;
+        if !a.ok() {
+            return Err(LinkError::Refused(a.message()));
+        }
+        let status = json!({"status": obj["status"]});
+        let a = link
+            .call(
+                "PATCH",
+                &format!("/api/v1/nodes/{}/status", self.node),
+                Some((
+                    "application/merge-patch+json",
+                    status.to_string().into_bytes(),
+                )),
+            )
+            .await?;
+        if !a.ok() {
+            return Err(LinkError::Refused(a.message()));
+        }
+        Ok(())
+    }
+
+    /// List, then watch, the pods bound to this node until the link fails.
+    async fn watch_pods(self: &Arc<Self>, link: &Link) -> String {
+        let sel = format!("fieldSelector=spec.nodeName%3D{}", self.node);
+        let mut rv: Option<String> = None;
+        loop {
+            let from = match &rv {
+                Some(r) => r.clone(),
+                None => {
+                    let a = match link.call("GET", &format!("/api/v1/pods?{sel}"), None).await {
+                        Ok(a) if a.ok() => a,
+                        Ok(a) => return format!("listing pods: {}", a.message()),
+                        Err(e) => return format!("listing pods: {e}"),
+                    };
+                    let list = a.json();
+                    let items = list["items"].as_array().cloned().unwrap_or_default();
+                    self.reconcile(items);
+                    list["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("0")
+                        .to_string()
+                }
+            };
+            rv = Some(from.clone());
+            let path = format!(
+                "/api/v1/pods?{sel}&watch=true&allowWatchBookmarks=true&resourceVersion={from}"
+            );
+            let (status, recv) = match link.stream(&path).await {
+                Ok(s) => s,
+                Err(e) => return format!("watching pods: {e}"),
+            };
+            if status == 410 {
+                rv = None;
+                continue;
+            }
+            if status != 200 {
+                return format!("watching pods: status {status}");
+            }
+            let mut lines = tokio::io::BufReader::new(recv).lines();
+            loop {
+                let line = match lines.next_line().await {
+                    Ok(Some(l)) => l,
+                    Ok(None) => break,
+                    Err(e) => return format!("pod watch: {e}"),
+                };
+                let Ok(ev) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                let obj = &ev["object"];
+                if let Some(r) = obj["metadata"]["resourceVersion"].as_str() {
+                    rv = Some(r.to_string());
+                }
+                match ev["type"].as_str() {
+                    Some("ADDED" | "MODIFIED") => self.ensure(obj.clone()),
+                    Some("DELETED") => {
+                        if let Some(uid) = obj["metadata"]["uid"].as_str() {
+                            self.gone(uid);
+                        }
+                    }
+                    Some("ERROR") => {
+                        // 410: the revision was compacted; relist.
+                        rv = None;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Make the running pods match a full list from the control plane.
+    fn reconcile(self: &Arc<Self>, items: Vec<Value>) {
+        let want: std::collections::HashSet<String> = items
+            .iter()
+            .filter_map(|p| p["metadata"]["uid"].as_str().map(String::from))
+            .collect();
+        let mut known: Vec<String> = self
+            .pods
+            .lock()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        known.extend(
+            self.cache
+                .pods()
+                .iter()
+                .filter_map(|p| p["metadata"]["uid"].as_str().map(String::from)),
+        );
+        for uid in known {
+            if !want.contains(&uid) {
+                self.gone(&uid);
+            }
+        }
+        for p in items {
+            self.ensure(p);
+        }
+    }
+
+    /// A pod from the control plane (or the cache): run it, keep it, or stop it.
+    fn ensure(self: &Arc<Self>, pod: Value) {
+        let Some(uid) = pod["metadata"]["uid"].as_str().map(String::from) else {
+            return;
+        };
+        if pod["spec"]["nodeName"].as_str() != Some(self.node.as_str()) {
+            return;
+        }
+        let mut kept = pod.clone();
+        if let Some(m) = kept.as_object_mut() {
+            m.remove("status");
+        }
+        if let Some(m) = kept["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+        }
+        if let Err(e) = self.cache.put_pod(&uid, &kept) {
+            tracing::error!(error = %e, "caching a pod");
+        }
+        if !pod["metadata"]["deletionTimestamp"].is_null() {
+            self.clone().finish(uid);
+            return;
+        }
+        let same = self
+            .pods
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&uid).map(|r| r.spec == pod["spec"]));
+        match same {
+            Some(true) => {}
+            Some(false) => {
+                // A changed spec (an image update): stop the old run, start the new.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.stop_and_wait(&uid).await;
+                    if let Ok(mut p) = me.pods.lock() {
+                        p.remove(&uid);
+                    }
+                    me.start(&uid, pod);
+                });
+            }
+            None => self.start(&uid, pod),
+        }
+    }
+
+    async fn stop_and_wait(&self, uid: &str) {
+        let waiter = self.pods.lock().ok().and_then(|p| {
+            p.get(uid).map(|r| {
+                r.stop.stop();
+                r.finished.clone()
+            })
+        });
+        if let Some(mut f) = waiter {
+            let _ = f.wait_for(|d| *d).await;
+        }
+    }
+
+    /// The pod was deleted with a grace period: stop it, then delete it for good.
+    fn finish(self: Arc<Self>, uid: String) {
+        tokio::spawn(async move {
+            self.stop_and_wait(&uid).await;
+            let pod = self
+                .cache
+                .pods()
+                .into_iter()
+                .find(|p| p["metadata"]["uid"] == uid.as_str());
+            let Some(pod) = pod else { return };
+            let (ns, name) = (
+                pod["metadata"]["namespace"].as_str().unwrap_or("default"),
+                pod["metadata"]["name"].as_str().unwrap_or(""),
+            );
+            let link = self.link.borrow().clone();
+            let Some(link) = link else {
+                // Offline: the next list will show the pod still deleting, and we come back.
+                return;
+            };
+            let body = json!({"gracePeriodSeconds": 0, "preconditions": {"uid": uid}});
+            match link
+                .call(
+                    "DELETE",
+                    &format!("/api/v1/namespaces/{ns}/pods/{name}"),
+                    Some(("application/json", body.to_string().into_bytes())),
+                )
+                .await
+            {
+                Ok(a) if a.ok() || a.status == 404 || a.status == 409 => self.forget(&uid),
+                Ok(a) => {
+                    tracing::warn!(pod = %name, error = %a.message(), "deleting a stopped pod")
+                }
+                Err(e) => tracing::warn!(pod = %name, error = %e, "deleting a stopped pod"),
+            }
+        });
+    }
+
+    /// The pod is gone from the control plane: stop it and forget it.
+    fn gone(self: &Arc<Self>, uid: &str) {
+        let me = self.clone();
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            me.stop_and_wait(&uid).await;
+            me.forget(&uid);
+        });
+    }
+
+    fn forget(&self, uid: &str) {
+        if let Ok(mut p) = self.pods.lock() {
+            p.remove(uid);
+        }
+        let _ = self.cache.remove_pod(uid);
+        let _ = std::fs::remove_dir_all(self.dir.join("pods").join(uid));
+    }
+
+    fn start(self: &Arc<Self>, uid: &str, pod: Value) {
+        let ns = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let specs: Vec<Value> = pod["spec"]["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let containers = Arc::new(Mutex::new(
+            specs
+                .iter()
+                .map(|c| {
+                    Container::new(
+                        c["name"].as_str().unwrap_or(""),
+                        c["image"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let stop = Stop::new();
+        let (changed_tx, changed_rx) = watch::channel(0u64);
+        let changed_tx = Arc::new(changed_tx);
+        let (finished_tx, finished_rx) = watch::channel(false);
+        if let Ok(mut p) = self.pods.lock() {
+            p.insert(
+                uid.to_string(),
+                PodRun {
+                    ns: ns.clone(),
+                    name: name.clone(),
+                    spec: pod["spec"].clone(),
+                    stop: stop.clone(),
+                    containers: containers.clone(),
+                    finished: finished_rx,
+                },
+            );
+        }
+        let started = now();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let w = Worker {
+                agent: self.clone(),
+                uid: uid.to_string(),
+                pod: pod.clone(),
+                spec,
+                index: i,
+                containers: containers.clone(),
+                stop: stop.clone(),
+                changed: changed_tx.clone(),
+            };
+            tokio::spawn(w.run());
+        }
+        drop(changed_tx);
+        // The reporter: a status each time a container changes, until all have ended.
+        let me = self.clone();
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            let mut rx = changed_rx;
+            let mut prev = Value::Null;
+            loop {
+                let list = containers.lock().map(|c| c.clone()).unwrap_or_default();
+                let ip = me.host_ip.lock().map(|h| h.clone()).unwrap_or_default();
+                let mut status = pod::status(&list, &started, &ip, &now());
+                keep_transition_times(&mut status, &prev);
+                if status != prev {
+                    prev = status.clone();
+                    let _ = me.status_tx.send(StatusUpdate {
+                        uid: uid.clone(),
+                        ns: ns.clone(),
+                        name: name.clone(),
+                        status,
+                    });
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            finished_tx.send_replace(true);
+        });
+    }
+
+    /// Send pod status to the control plane, newest per pod, when the link is up.
+    async fn report(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<StatusUpdate>) {
+        let mut pending: HashMap<String, StatusUpdate> = HashMap::new();
+        let mut links = self.link.subscribe();
+        loop {
+            let link = links.borrow_and_update().clone();
+            if let Some(link) = link.filter(|_| !pending.is_empty()) {
+                let uids: Vec<String> = pending.keys().cloned().collect();
+                for uid in uids {
+                    let Some(u) = pending.get(&uid) else { continue };
+                    let body = json!({"metadata": {"uid": u.uid}, "status": u.status});
+                    let path = format!("/api/v1/namespaces/{}/pods/{}/status", u.ns, u.name);
+                    match link
+                        .call(
+                            "PATCH",
+                            &path,
+                            Some((
+                                "application/merge-patch+json",
+                                body.to_string().into_bytes(),
+                            )),
+                        )
+                        .await
+                    {
+                        Ok(a) if a.ok() || a.status == 404 => {
+                            pending.remove(&uid);
+                        }
+                        Ok(a) => {
+                            tracing::warn!(pod = %u.name, error = %a.message(), "status update refused");
+                            pending.remove(&uid);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "status update failed; will retry");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                u = rx.recv() => match u {
+                    Some(u) => { pending.insert(u.uid.clone(), u); }
+                    None => return,
+                },
+                r = links.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(5)), if !pending.is_empty() => {}
+            }
+            // Take what else is queued before calling out.
+            while let Ok(u) = rx.try_recv() {
+                pending.insert(u.uid.clone(), u);
+            }
+        }
+    }
+
+    /// Serve the streams the control plane opens toward this node.
+    async fn serve_down(self: Arc<Self>, link: Link) {
+        while let Ok((mut send, mut recv)) = link.conn.accept_bi().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                match read_frame::<_, Down>(&mut recv, MAX_FRAME).await {
+                    Ok(Down::Logs(req)) => me.logs(&req, &mut send).await,
+                    Err(e) => {
+                        let _ = reply(&mut send, 400, &format!("refused: {e}")).await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn logs(&self, req: &LogRequest, send: &mut quinn::SendStream) {
+        let found = self.pods.lock().ok().and_then(|p| {
+            p.iter()
+                .find(|(_, r)| r.ns == req.namespace && r.name == req.pod)
+                .map(|(uid, r)| (uid.clone(), r.containers.clone(), r.finished.clone()))
+        });
+        let Some((uid, containers, finished)) = found else {
+            let _ = reply(
+                send,
+                404,
+                &format!("pod \"{}\" is not on this node", req.pod),
+            )
+            .await;
+            return;
+        };
+        let c = containers
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().find(|c| c.name == req.container).cloned());
+        let Some(c) = c else {
+            let _ = reply(
+                send,
+                400,
+                &format!(
+                    "container {} is not valid for pod {}",
+                    req.container, req.pod
+                ),
+            )
+            .await;
+            return;
+        };
+        let run = if req.previous {
+            if c.last.is_none() {
+                let _ = reply(
+                    send,
+                    400,
+                    &format!(
+                        "previous terminated container \"{}\" in pod \"{}\" not found",
+                        req.container, req.pod
+                    ),
+                )
+                .await;
+                return;
+            }
+            c.restarts.saturating_sub(1)
+        } else {
+            c.restarts
+        };
+        let path = logs::file(&self.dir, &uid, &req.container, run);
+        let head = Head {
+            status: 200,
+            content_type: Some("text/plain".into()),
+        };
+        if write_frame(send, &head, MAX_FRAME).await.is_err() {
+            return;
+        }
+        let name = req.container.clone();
+        let running = move || {
+            !*finished.borrow()
+                && containers.lock().is_ok_and(|c| {
+                    c.iter().find(|c| c.name == name).is_some_and(|c| {
+                        c.restarts == run && matches!(c.state, State::Running { .. })
+                    })
+                })
+        };
+        let follow_current = !req.previous;
+        let mut req = req.clone();
+        req.follow &= follow_current;
+        let _ = logs::serve(&path, &req, send, running).await;
+        let _ = send.finish();
+    }
+
+    /// A config map or secret a pod uses: fresh from the control plane when linked, else
+    /// from the cache.
+    async fn object(&self, kind: &str, ns: &str, name: &str) -> Result<Value, String> {
+        let link = self.link.borrow().clone();
+        if let Some(link) = link {
+            match link
+                .call(
+                    "GET",
+                    &format!("/api/v1/namespaces/{ns}/{kind}/{name}"),
+                    None,
+                )
+                .await
+            {
+                Ok(a) if a.ok() => {
+                    let v = a.json();
+                    let _ = self.cache.put_object(kind, ns, name, &v);
+                    return Ok(v);
+                }
+                Ok(a) if a.status == 404 => {
+                    return Err(format!("{} \"{name}\" not found", singular(kind)))
+                }
+                Ok(a) => return Err(a.message()),
+                Err(_) => {}
+            }
+        }
+        self.cache.object(kind, ns, name).ok_or_else(|| {
+            format!(
+                "{} \"{name}\" is not cached and the control plane is unreachable",
+                singular(kind)
+            )
+        })
+    }
+
+    /// The digest a module name points at: asked of the control plane when linked (as a tag
+    /// is pulled), else the last answer, from the cache.
+    async fn resolve(&self, name: &str) -> Result<String, String> {
+        let link = self.link.borrow().clone();
+        if let Some(link) = link {
+            match link.call("GET", &format!("/outpost/v1/names/{name}"), None).await {
+                Ok(a) if a.ok() => {
+                    let hex = a.json()["digest"]
+                        .as_str()
+                        .and_then(|d| d.strip_prefix("sha256:"))
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = self.cache.put_meta(&format!("name/{name}"), &hex);
+                    return Ok(hex);
+                }
+                Ok(a) if a.status == 404 => {
+                    return Err(format!("no module named \"{name}\": push one with `outpost module push FILE --name {name}`"))
+                }
+                Ok(a) => return Err(a.message()),
+                Err(_) => {}
+            }
+        }
+        self.cache.meta(&format!("name/{name}")).ok_or_else(|| {
+            format!("module:{name} was never resolved here and the control plane is unreachable")
+        })
+    }
+
+    /// The module an image names: from the cache, else from the control plane's store.
+    async fn module(&self, image: &str) -> Result<(String, Vec<u8>), (String, String)> {
+        let pull = |m: String| ("ErrImagePull".to_string(), m);
+        let Some(reference) = image.strip_prefix("module:") else {
+            return Err(pull(format!(
+                "image \"{image}\" is not a Wasm module this node can fetch: use module:NAME or the reference `outpost module push FILE` prints (module:sha256:...)"
+            )));
+        };
+        let hex = match reference.strip_prefix("sha256:") {
+            Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => h.to_string(),
+            Some(_) => {
+                return Err(pull(format!(
+                    "image \"{image}\": a digest is sha256: and 64 hex digits"
+                )))
+            }
+            None => self.resolve(reference).await.map_err(pull)?,
+        };
+        let hex = hex.as_str();
+        let digest = format!("sha256:{hex}");
+        if let Some(b) = self.cache.module(&digest) {
+            return Ok((digest, b));
+        }
+        let link = self.link.borrow().clone();
+        let Some(link) = link else {
+            return Err(pull(format!(
+                "module {digest} is not cached and the control plane is unreachable"
+            )));
+        };
+        let a = link
+            .call("GET", &format!("/outpost/v1/modules/{digest}"), None)
+            .await
+            .map_err(|e| pull(format!("fetching {digest}: {e}")))?;
+        if !a.ok() {
+            return Err(pull(format!("fetching {digest}: {}", a.message())));
+        }
+        if crate::sha256_hex(&a.body) != hex {
+            return Err(pull(format!(
+                "module {digest} arrived with the wrong digest"
+            )));
+        }
+        self.cache
+            .put_module(&digest, &a.body)
+            .map_err(|e| pull(e.to_string()))?;
+        Ok((digest, a.body))
+    }
+}
+
+fn singular(kind: &str) -> &str {
+    match kind {
+        "configmaps" => "configmap",
+        "secrets" => "secret",
+        k => k,
+    }
+}
+
+/// Conditions keep their last transition time while their status stays the same.
+fn keep_transition_times(status: &mut Value, prev: &Value) {
+    let Some(conds) = status["conditions"].as_array_mut() else {
+        return;
+    };
+    for c in conds {
+        let old = prev["conditions"]
+            .as_array()
+            .and_then(|p| p.iter().find(|o| o["type"] == c["type"]));
+        if let Some(o) = old.filter(|o| o["status"] == c["status"]) {
+            c["lastTransitionTime"] = o["lastTransitionTime"].clone();
+        }
+    }
+}
+
+async fn reply(send: &mut quinn::SendStream, status: u16, msg: &str) -> std::io::Result<()> {
+    let head = Head {
+        status,
+        content_type: Some("text/plain".into()),
+    };
+    write_frame(send, &head, MAX_FRAME).await?;
+    send.write_all(msg.as_bytes()).await?;
+    send.finish().map_err(std::io::Error::other)
+}
+
+fn os_image() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| "Linux".into())
+}
+
+/// The address this host uses toward `server`.
+async fn local_ip(server: &str) -> std::io::Result<String> {
+    let to = tokio::net::lookup_host(server)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let s = tokio::net::UdpSocket::bind(bind).await?;
+    s.connect(to).await?;
+    Ok(s.local_addr()?.ip().to_string())
+}
+
+/// One container's loop: prepare, run, decide, back off.
+struct Worker {
+    agent: Arc<Agent>,
+    uid: String,
+    pod: Value,
+    spec: Value,
+    index: usize,
+    containers: Arc<Mutex<Vec<Container>>>,
+    stop: Stop,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Worker {
+    fn update(&self, f: impl FnOnce(&mut Container)) {
+        if let Ok(mut c) = self.containers.lock() {
+            if let Some(c) = c.get_mut(self.index) {
+                f(c);
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn name(&self) -> &str {
+        self.spec["name"].as_str().unwrap_or("")
+    }
+
+    async fn run(self) {
+        let policy = self.pod["spec"]["restartPolicy"]
+            .as_str()
+            .unwrap_or("Always")
+            .to_string();
+        let mut failures = 0u32;
+        let mut restarts = 0u32;
+        loop {
+            if self.stop.stopped() {
+                return;
+            }
+            let prepared = self.prepare(restarts).await;
+            let (module, cmd) = match prepared {
+                Ok(p) => {
+                    failures = 0;
+                    p
+                }
+                Err((reason, message)) => {
+                    tracing::warn!(pod = %self.pod["metadata"]["name"], container = %self.name(), %reason, %message, "container cannot start");
+                    self.update(|c| c.state = State::waiting(&reason, message));
+                    let d = pod::backoff(failures);
+                    failures += 1;
+                    if self.stop.sleep(d).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let started = now();
+            let t0 = Instant::now();
+            self.update(|c| {
+                c.state = State::Running {
+                    started: started.clone(),
+                };
+                c.restarts = restarts;
+            });
+            let runtime = self.agent.runtime.clone();
+            let flag = self.stop.flag.clone();
+            let exit = tokio::task::spawn_blocking(move || runtime.run(&module, &cmd, &flag))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let (code, reason, message) = match &exit {
+                Ok(Exit::OutOfMemory { limit }) => (
+                    137,
+                    "OOMKilled".to_string(),
+                    format!("memory limit of {limit} bytes reached"),
+                ),
+                Ok(Exit::Trap(t)) => (134, "Error".into(), t.clone()),
+                Ok(e) => (e.code(), e.reason().to_string(), String::new()),
+                Err(e) => (128, "StartError".into(), e.clone()),
+            };
+            let ended = State::Terminated {
+                code,
+                reason,
+                message,
+                started,
+                finished: now(),
+            };
+            if self.stop.stopped() {
+                self.update(|c| c.state = ended);
+                return;
+            }
+            match pod::after_exit(&policy, code, restarts, t0.elapsed()) {
+                Next::Stay => {
+                    self.update(|c| {
+                        c.state = ended;
+                        c.done = true;
+                    });
+                    return;
+                }
+                Next::Restart(d) => {
+                    let msg = format!(
+                        "back-off {}s restarting failed container={} pod={}_{}({})",
+                        d.as_secs(),
+                        self.name(),
+                        self.pod["metadata"]["name"].as_str().unwrap_or(""),
+                        self.pod["metadata"]["namespace"].as_str().unwrap_or(""),
+                        self.uid
+                    );
+                    self.update(|c| {
+                        c.last = Some(ended);
+                        c.state = State::waiting("CrashLoopBackOff", msg);
+                    });
+                    if self.stop.sleep(d).await {
+                        return;
+                    }
+                    restarts += 1;
+                }
+            }
+        }
+    }
+
+    /// Everything a run needs: the compiled module and the command. Errors are a waiting
+    /// reason and message, as `kubectl describe` shows them.
+    async fn prepare(
+        &self,
+        run: u32,
+    ) -> Result<(outpost_wasm_runtime::Module, Command), (String, String)> {
+        let image = self.spec["image"].as_str().unwrap_or("");
+        let (digest, bytes) = self.agent.module(image).await?;
+        self.update(|c| c.image_id = digest.clone());
+        let runtime = self.agent.runtime.clone();
+        let d = digest.clone();
+        let module = tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
+            .await
+            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
+            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?;
+        let config = |m: String| ("CreateContainerConfigError".to_string(), m);
+        let env = self.env().await.map_err(config)?;
+        let dirs = self.volumes().await.map_err(config)?;
+        let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
+            .map_err(|e| config(format!("log file: {e}")))?;
+        let strings = |k: &str| -> Vec<String> {
+            self.spec[k]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut args = strings("command");
+        if args.is_empty() {
+            args.push(self.name().to_string());
+        }
+        args.extend(strings("args"));
+        let limits = &self.spec["resources"]["limits"];
+        let memory = match limits["memory"].as_str() {
+            Some(q) => {
+                Some(pod::bytes(q).ok_or_else(|| config(format!("bad memory limit {q:?}")))?)
+            }
+            None => None,
+        };
+        let millicores = match limits["cpu"].as_str() {
+            Some(q) => {
+                Some(pod::millicores(q).ok_or_else(|| config(format!("bad cpu limit {q:?}")))?)
+            }
+            None => None,
+        };
+        Ok((
+            module,
+            Command {
+                args,
+                env,
+                dirs,
+                stdout: Some(log.clone()),
+                stderr: Some(log),
+                memory,
+                millicores,
+            },
+        ))
+    }
+
+    async fn env(&self) -> Result<Vec<(String, String)>, String> {
+        let ns = self.pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut set = |k: String, v: String| {
+            out.retain(|(kk, _)| *kk != k);
+            out.push((k, v));
+        };
+        for from in self.spec["envFrom"].as_array().cloned().unwrap_or_default() {
+            let prefix = from["prefix"].as_str().unwrap_or("");
+            let (kind, r) = if from["configMapRef"].is_object() {
+                ("configmaps", &from["configMapRef"])
+            } else {
+                ("secrets", &from["secretRef"])
+            };
+            let name = r["name"].as_str().unwrap_or("");
+            match self.agent.object(kind, ns, name).await {
+                Ok(o) => {
+                    for (k, v) in data_of(kind, &o) {
+                        set(format!("{prefix}{k}"), v);
+                    }
+                }
+                Err(_) if r["optional"].as_bool() == Some(true) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for e in self.spec["env"].as_array().cloned().unwrap_or_default() {
+            let name = e["name"].as_str().unwrap_or("").to_string();
+            if let Some(v) = e["value"].as_str() {
+                set(name, v.to_string());
+                continue;
+            }
+            let vf = &e["valueFrom"];
+            let keyed = [
+                ("configmaps", "configMapKeyRef"),
+                ("secrets", "secretKeyRef"),
+            ];
+            if let Some((kind, r)) = keyed
+                .iter()
+                .find(|(_, k)| vf[*k].is_object())
+                .map(|(kind, k)| (*kind, &vf[*k]))
+            {
+                let obj = r["name"].as_str().unwrap_or("");
+                let key = r["key"].as_str().unwrap_or("");
+                let optional = r["optional"].as_bool() == Some(true);
+                match self.agent.object(kind, ns, obj).await {
+                    Ok(o) => match data_of(kind, &o).into_iter().find(|(k, _)| k == key) {
+                        Some((_, v)) => set(name, v),
+                        None if optional => {}
+                        None => {
+                            return Err(format!(
+                                "couldn't find key {key} in {} {ns}/{obj}",
+                                singular(kind)
+                            ))
+                        }
+                    },
+                    Err(_) if optional => {}
+                    Err(e) => return Err(e),
+                }
+            } else if let Some(path) = vf["fieldRef"]["fieldPath"].as_str() {
+                let ip = self
+                    .agent
+                    .host_ip
+                    .lock()
+                    .map(|h| h.clone())
+                    .unwrap_or_default();
+                let v = match path {
+                    "metadata.name" => self.pod["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    "metadata.namespace" => ns.to_string(),
+                    "metadata.uid" => self.uid.clone(),
+                    "spec.nodeName" => self.agent.node.clone(),
+                    "spec.serviceAccountName" => self.pod["spec"]["serviceAccountName"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string(),
+                    "status.podIP" | "status.hostIP" => ip,
+                    p => {
+                        let label = p
+                            .strip_prefix("metadata.labels['")
+                            .map(|l| ("labels", l))
+                            .or_else(|| {
+                                p.strip_prefix("metadata.annotations['")
+                                    .map(|a| ("annotations", a))
+                            });
+                        match label.and_then(|(m, k)| Some((m, k.strip_suffix("']")?))) {
+                            Some((m, k)) => self.pod["metadata"][m][k]
+                                .as_str()
+                                .unwrap_or("")
+                                .to_string(),
+                            None => return Err(format!("unsupported fieldRef {p:?}")),
+                        }
+                    }
+                };
+                set(name, v);
+            } else if vf["resourceFieldRef"].is_object() {
+                return Err(format!(
+                    "env {name}: resourceFieldRef is not supported for Wasm pods"
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pod's volumes this container mounts, as preopened directories.
+    async fn volumes(&self) -> Result<Vec<(PathBuf, String, bool)>, String> {
+        let ns = self.pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let vols = self.pod["spec"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let base = self.agent.dir.join("pods").join(&self.uid).join("volumes");
+        let mut out = Vec::new();
+        for m in self.spec["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let vname = m["name"].as_str().unwrap_or("");
+            let guest = m["mountPath"].as_str().unwrap_or("").to_string();
+            if m["subPath"].as_str().is_some_and(|s| !s.is_empty()) {
+                return Err(format!(
+                    "volume mount {vname}: subPath is not supported for Wasm pods"
+                ));
+            }
+            let v = vols
+                .iter()
+                .find(|v| v["name"] == vname)
+                .ok_or_else(|| format!("volume mount {vname}: no such volume in the pod"))?;
+            let ro = m["readOnly"].as_bool() == Some(true);
+            let dir = base.join(vname);
+            let io = |e: std::io::Error| format!("volume {vname}: {e}");
+            if v["emptyDir"].is_object() {
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                out.push((dir, guest, !ro));
+            } else if let Some(p) = v["hostPath"]["path"].as_str() {
+                let p = PathBuf::from(p);
+                if !p.exists() {
+                    if v["hostPath"]["type"].as_str() == Some("DirectoryOrCreate") {
+                        std::fs::create_dir_all(&p).map_err(io)?;
+                    } else {
+                        return Err(format!(
+                            "volume {vname}: hostPath {} does not exist",
+                            p.display()
+                        ));
+                    }
+                }
+                out.push((p, guest, !ro));
+            } else if v["configMap"].is_object() || v["secret"].is_object() {
+                let (kind, r, name) = if v["configMap"].is_object() {
+                    (
+                        "configmaps",
+                        &v["configMap"],
+                        v["configMap"]["name"].as_str().unwrap_or(""),
+                    )
+                } else {
+                    (
+                        "secrets",
+                        &v["secret"],
+                        v["secret"]["secretName"].as_str().unwrap_or(""),
+                    )
+                };
+                let data = match self.agent.object(kind, ns, name).await {
+                    Ok(o) => data_of(kind, &o),
+                    Err(_) if r["optional"].as_bool() == Some(true) => Vec::new(),
+                    Err(e) => return Err(e),
+                };
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                let items = r["items"].as_array().cloned().unwrap_or_default();
+                for (k, val) in data {
+                    let path = if items.is_empty() {
+                        Some(k.clone())
+                    } else {
+                        items
+                            .iter()
+                            .find(|i| i["key"] == k.as_str())
+                            .and_then(|i| i["path"].as_str().map(String::from))
+                    };
+                    let Some(path) =
+                        path.filter(|p| !p.split('/').any(|s| s == "..") && !p.starts_with('/'))
+                    else {
+                        continue;
+                    };
+                    let f = dir.join(path);
+                    if let Some(parent) = f.parent() {
+                        std::fs::create_dir_all(parent).map_err(io)?;
+                    }
+                    std::fs::write(&f, val).map_err(io)?;
+                }
+                out.push((dir, guest, false));
+            } else {
+                return Err(format!(
+                    "volume {vname}: only emptyDir, hostPath, configMap and secret volumes are supported for Wasm pods"
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The key/value pairs of a config map (data) or secret (data, base64-decoded).
+fn data_of(kind: &str, o: &Value) -> Vec<(String, String)> {
+    let Some(d) = o["data"].as_object() else {
+        return Vec::new();
+    };
+    d.iter()
+        .filter_map(|(k, v)| {
+            let s = v.as_str()?;
+            let s = if kind == "secrets" {
+                String::from_utf8(crate::base64_decode(s)?).ok()?
+            } else {
+                s.to_string()
+            };
+            Some((k.clone(), s))
+        })
+        .collect()
+}

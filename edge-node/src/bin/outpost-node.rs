@@ -1,0 +1,50 @@
+//! `outpost-node`: the node agent. Joins a cluster once with a bootstrap token, then runs the
+//! pods bound to this machine, with or without a link to the control plane.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use outpost_edge_node::agent::{self, Config};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "The Outpost node agent")]
+struct Args {
+    /// The control plane's node gateway, HOST:PORT (UDP; the API's port by default).
+    /// Remembered in the data dir after the first start.
+    #[arg(long, env = "OUTPOST_SERVER")]
+    server: Option<String>,
+    /// Bootstrap token from `outpost token create`; needed only to join.
+    #[arg(long, env = "OUTPOST_TOKEN")]
+    token: Option<String>,
+    /// Where the node keeps its identity, cache, pods and logs.
+    #[arg(
+        long,
+        default_value = "/var/lib/outpost-node",
+        env = "OUTPOST_DATA_DIR"
+    )]
+    data_dir: PathBuf,
+    /// The node's name when it joins (defaults to the host name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = Config {
+        data_dir: a.data_dir,
+        server: a.server,
+        token: a.token,
+        name: a.name,
+    };
+    tokio::select! {
+        r = agent::run(cfg) => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

@@ -1,0 +1,156 @@
+//! The node's own store (fjall): everything it needs to run its pods with no control plane.
+//! Pod objects by uid, the config maps and secrets they use, module bytes by digest, and the
+//! revision the pod watch reached. Writes happen only when something changed, and are synced
+//! before the agent acts on them, so a board's flash sees no write per heartbeat.
+
+use std::path::Path;
+
+use fjall::{Database, Keyspace, PersistMode};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+#[error("node cache: {0}")]
+pub struct CacheError(String);
+
+fn err(e: impl std::fmt::Display) -> CacheError {
+    CacheError(e.to_string())
+}
+
+pub struct Cache {
+    db: Database,
+    pods: Keyspace,
+    objects: Keyspace,
+    modules: Keyspace,
+    meta: Keyspace,
+}
+
+impl Cache {
+    pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        let db = Database::builder(dir.join("cache"))
+            .cache_size(4 << 20)
+            .open()
+            .map_err(err)?;
+        let opts = || fjall::KeyspaceCreateOptions::default().max_memtable_size(4 << 20);
+        Ok(Cache {
+            pods: db.keyspace("pods", opts).map_err(err)?,
+            objects: db.keyspace("objects", opts).map_err(err)?,
+            modules: db.keyspace("modules", opts).map_err(err)?,
+            meta: db.keyspace("meta", opts).map_err(err)?,
+            db,
+        })
+    }
+
+    fn sync(&self) -> Result<(), CacheError> {
+        self.db.persist(PersistMode::SyncData).map_err(err)
+    }
+
+    /// Put `value` under `key` unless it is already there; true if it wrote.
+    fn put_if_changed(&self, ks: &Keyspace, key: &str, value: &[u8]) -> Result<bool, CacheError> {
+        if ks.get(key).map_err(err)?.as_deref() == Some(value) {
+            return Ok(false);
+        }
+        ks.insert(key, value).map_err(err)?;
+        self.sync()?;
+        Ok(true)
+    }
+
+    pub fn pods(&self) -> Vec<Value> {
+        self.pods
+            .iter()
+            .filter_map(|g| g.value().ok())
+            .filter_map(|v| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    pub fn put_pod(&self, uid: &str, pod: &Value) -> Result<bool, CacheError> {
+        let bytes = serde_json::to_vec(pod).map_err(err)?;
+        self.put_if_changed(&self.pods, uid, &bytes)
+    }
+
+    pub fn remove_pod(&self, uid: &str) -> Result<(), CacheError> {
+        if self.pods.get(uid).map_err(err)?.is_some() {
+            self.pods.remove(uid).map_err(err)?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// `kind` is `configmaps` or `secrets`.
+    pub fn object(&self, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        let v = self.objects.get(format!("{kind}/{ns}/{name}")).ok()??;
+        serde_json::from_slice(&v).ok()
+    }
+
+    pub fn put_object(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        v: &Value,
+    ) -> Result<(), CacheError> {
+        let mut v = v.clone();
+        // The resource version changes with every write to the object, even unchanged ones.
+        if let Some(m) = v["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+        }
+        let bytes = serde_json::to_vec(&v).map_err(err)?;
+        self.put_if_changed(&self.objects, &format!("{kind}/{ns}/{name}"), &bytes)
+            .map(|_| ())
+    }
+
+    pub fn module(&self, digest: &str) -> Option<Vec<u8>> {
+        self.modules.get(digest).ok()?.map(|v| v.to_vec())
+    }
+
+    pub fn has_module(&self, digest: &str) -> bool {
+        self.modules.get(digest).ok().flatten().is_some()
+    }
+
+    pub fn put_module(&self, digest: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        self.put_if_changed(&self.modules, digest, bytes)
+            .map(|_| ())
+    }
+
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let v = self.meta.get(key).ok()??;
+        String::from_utf8(v.to_vec()).ok()
+    }
+
+    pub fn put_meta(&self, key: &str, value: &str) -> Result<(), CacheError> {
+        self.put_if_changed(&self.meta, key, value.as_bytes())
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn writes_only_changes_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Cache::open(dir.path()).unwrap();
+            let p = json!({"metadata": {"uid": "u1", "name": "a"}});
+            assert!(c.put_pod("u1", &p).unwrap());
+            assert!(
+                !c.put_pod("u1", &p).unwrap(),
+                "an unchanged pod is not written again"
+            );
+            c.put_module("sha256:x", b"\0asm").unwrap();
+            c.put_object("configmaps", "ns", "cm", &json!({"data": {"k": "v"}}))
+                .unwrap();
+        }
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.pods().len(), 1);
+        assert_eq!(c.module("sha256:x").as_deref(), Some(&b"\0asm"[..]));
+        assert_eq!(
+            c.object("configmaps", "ns", "cm").unwrap()["data"]["k"],
+            "v"
+        );
+        c.remove_pod("u1").unwrap();
+        assert!(c.pods().is_empty());
+    }
+}

@@ -1,0 +1,310 @@
+//! One pod's life on the node: an explicit state machine per container, the kubelet's restart
+//! rules and back-off, and the pod status they add up to.
+//!
+//! ```text
+//!            prepare ok              exit
+//! Waiting ──────────────▶ Running ─────────▶ Terminated ──policy says stay──▶ done
+//! (ContainerCreating,                              │
+//!  ErrImagePull, ...)  ◀── back-off (CrashLoopBackOff) ◀── policy says restart
+//! ```
+//!
+//! The transitions and the status are pure functions; [`crate::agent`] drives them with IO.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// A container's state, as the kubelet reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    Waiting {
+        reason: String,
+        message: String,
+    },
+    Running {
+        started: String,
+    },
+    Terminated {
+        code: i32,
+        reason: String,
+        message: String,
+        started: String,
+        finished: String,
+    },
+}
+
+impl State {
+    pub fn waiting(reason: &str, message: impl Into<String>) -> State {
+        State::Waiting {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        match self {
+            State::Waiting { reason, message } if message.is_empty() => {
+                json!({"waiting": {"reason": reason}})
+            }
+            State::Waiting { reason, message } => {
+                json!({"waiting": {"reason": reason, "message": message}})
+            }
+            State::Running { started } => json!({"running": {"startedAt": started}}),
+            State::Terminated {
+                code,
+                reason,
+                message,
+                started,
+                finished,
+            } => {
+                let mut t = json!({"exitCode": code, "reason": reason,
+                    "startedAt": started, "finishedAt": finished});
+                if !message.is_empty() {
+                    t["message"] = json!(message);
+                }
+                json!({ "terminated": t })
+            }
+        }
+    }
+}
+
+/// One container of a pod, as the node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Container {
+    pub name: String,
+    pub image: String,
+    pub image_id: String,
+    pub state: State,
+    /// The previous run's end, once there was one.
+    pub last: Option<State>,
+    pub restarts: u32,
+    /// The policy says this container will not run again.
+    pub done: bool,
+}
+
+impl Container {
+    pub fn new(name: &str, image: &str) -> Container {
+        Container {
+            name: name.into(),
+            image: image.into(),
+            image_id: String::new(),
+            state: State::waiting("ContainerCreating", ""),
+            last: None,
+            restarts: 0,
+            done: false,
+        }
+    }
+}
+
+/// What happens after a container ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Restart(Duration),
+    Stay,
+}
+
+/// The kubelet's rule: `Always` restarts, `OnFailure` restarts a non-zero exit, `Never`
+/// never does. Restarts back off from 10 s, doubling to 5 minutes; a run of 10 minutes or
+/// more resets the back-off.
+pub fn after_exit(policy: &str, code: i32, restarts: u32, ran: Duration) -> Next {
+    let again = match policy {
+        "Never" => false,
+        "OnFailure" => code != 0,
+        _ => true,
+    };
+    if !again {
+        return Next::Stay;
+    }
+    Next::Restart(backoff(if ran >= Duration::from_secs(600) {
+        0
+    } else {
+        restarts
+    }))
+}
+
+pub fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(10u64.saturating_mul(1 << restarts.min(5)).min(300))
+}
+
+/// The pod phase the containers add up to.
+pub fn phase(containers: &[Container]) -> &'static str {
+    if !containers.is_empty() && containers.iter().all(|c| c.done) {
+        let ok = containers
+            .iter()
+            .all(|c| matches!(c.state, State::Terminated { code: 0, .. }));
+        return if ok { "Succeeded" } else { "Failed" };
+    }
+    let started = containers
+        .iter()
+        .any(|c| matches!(c.state, State::Running { .. }) || c.last.is_some() || c.done);
+    if started {
+        "Running"
+    } else {
+        "Pending"
+    }
+}
+
+/// The pod's `status`, as the kubelet would write it.
+pub fn status(containers: &[Container], started: &str, host_ip: &str, now: &str) -> Value {
+    let phase = phase(containers);
+    let running = |c: &Container| matches!(c.state, State::Running { .. });
+    let ready = !containers.is_empty() && containers.iter().all(running);
+    let cond = |t: &str, ok: bool, reason: Option<&str>| {
+        let mut c = json!({"type": t, "status": if ok { "True" } else { "False" },
+            "lastProbeTime": null, "lastTransitionTime": now});
+        if let Some(r) = reason {
+            c["reason"] = json!(r);
+        }
+        c
+    };
+    let not_ready = (!ready).then_some(if phase == "Succeeded" || phase == "Failed" {
+        "PodCompleted"
+    } else {
+        "ContainersNotReady"
+    });
+    let statuses: Vec<Value> = containers
+        .iter()
+        .map(|c| {
+            let mut s = json!({
+                "name": c.name, "image": c.image, "imageID": c.image_id,
+                "ready": running(c), "started": running(c),
+                "restartCount": c.restarts, "state": c.state.json(),
+                "lastState": c.last.as_ref().map(State::json).unwrap_or(json!({})),
+            });
+            if !matches!(c.state, State::Waiting { .. }) || c.last.is_some() {
+                s["containerID"] = json!(format!("wasm://{}", c.name));
+            }
+            s
+        })
+        .collect();
+    json!({
+        "phase": phase,
+        "conditions": [
+            cond("PodReadyToStartContainers", true, None),
+            cond("Initialized", true, None),
+            cond("Ready", ready, not_ready),
+            cond("ContainersReady", ready, not_ready),
+            cond("PodScheduled", true, None),
+        ],
+        "hostIP": host_ip,
+        "hostIPs": [{"ip": host_ip}],
+        "podIP": host_ip,
+        "podIPs": [{"ip": host_ip}],
+        "startTime": started,
+        "qosClass": "BestEffort",
+        "containerStatuses": statuses,
+    })
+}
+
+/// A quantity in bytes (`64Mi`, `1G`, `512k`, `1e6`).
+pub fn bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (num, unit) = q.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mul: f64 = match unit {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "m" => 1e-3,
+        _ => return None,
+    };
+    (n >= 0.0).then(|| (n * mul).ceil() as u64)
+}
+
+/// A CPU quantity in millicores (`500m`, `1`, `0.25`).
+pub fn millicores(q: &str) -> Option<u64> {
+    let q = q.trim();
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().ok(),
+        None => q
+            .parse::<f64>()
+            .ok()
+            .filter(|n| *n >= 0.0)
+            .map(|n| (n * 1000.0).ceil() as u64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(code: i32, done: bool) -> Container {
+        Container {
+            state: State::Terminated {
+                code,
+                reason: "x".into(),
+                message: String::new(),
+                started: "t".into(),
+                finished: "t".into(),
+            },
+            done,
+            ..Container::new("c", "i")
+        }
+    }
+
+    #[test]
+    fn restart_policy_and_backoff() {
+        let s = Duration::from_secs(1);
+        assert_eq!(after_exit("Never", 1, 0, s), Next::Stay);
+        assert_eq!(after_exit("OnFailure", 0, 0, s), Next::Stay);
+        assert_eq!(
+            after_exit("OnFailure", 2, 0, s),
+            Next::Restart(Duration::from_secs(10))
+        );
+        assert_eq!(
+            after_exit("Always", 0, 1, s),
+            Next::Restart(Duration::from_secs(20))
+        );
+        assert_eq!(
+            after_exit("Always", 1, 9, s),
+            Next::Restart(Duration::from_secs(300))
+        );
+        let long = Duration::from_secs(700);
+        assert_eq!(
+            after_exit("Always", 1, 9, long),
+            Next::Restart(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn phases() {
+        assert_eq!(phase(&[Container::new("a", "i")]), "Pending");
+        assert_eq!(phase(&[ended(0, true)]), "Succeeded");
+        assert_eq!(phase(&[ended(0, true), ended(1, true)]), "Failed");
+        assert_eq!(phase(&[ended(1, false)]), "Running");
+        let mut backing_off = Container::new("a", "i");
+        backing_off.last = Some(ended(1, false).state);
+        backing_off.state = State::waiting("CrashLoopBackOff", "back-off");
+        assert_eq!(phase(&[backing_off.clone()]), "Running");
+        let s = status(&[backing_off], "t0", "10.0.0.1", "t1");
+        assert_eq!(
+            s["containerStatuses"][0]["state"]["waiting"]["reason"],
+            "CrashLoopBackOff"
+        );
+        assert_eq!(
+            s["containerStatuses"][0]["lastState"]["terminated"]["exitCode"],
+            1
+        );
+        assert_eq!(s["conditions"][2]["status"], "False");
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(bytes("64Mi"), Some(64 << 20));
+        assert_eq!(bytes("1G"), Some(1_000_000_000));
+        assert_eq!(bytes("1e3"), Some(1000));
+        assert_eq!(bytes("12x"), None);
+        assert_eq!(millicores("250m"), Some(250));
+        assert_eq!(millicores("1.5"), Some(1500));
+        assert_eq!(millicores("-1"), None);
+    }
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds the Wasm examples (examples/*) and copies them to examples/out/NAME.wasm.
+# Adds the rustup targets they need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outpost/target}"
+cargo build -q --release --manifest-path examples/Cargo.toml --target wasm32-wasip1
+mkdir -p examples/out
+for n in hello cpu-burner memory-hog; do
+  cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/$n.wasm" "examples/out/$n.wasm"
+done
+ls -l examples/out

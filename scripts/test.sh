@@ -12,8 +12,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The end-to-end tests start the workspace's binaries; build them before any test runs.
+# The end-to-end tests start the workspace's binaries and run the Wasm examples; build them
+# before any test runs.
 cargo build --workspace --bins --locked
+./scripts/examples.sh >/dev/null
 # Doc tests are not run by nextest; run them first so nextest's summary closes the output.
 cargo test --workspace --doc --locked
 cargo nextest run --workspace --locked --run-ignored all --no-fail-fast

@@ -155,6 +155,8 @@ impl Pki {
     }
 }
 
+const PIN_MISMATCH: &str = "the server's CA does not match the token's CA hash";
+
 /// Accepts the gateway's certificate only if its chain holds the CA the token pins, and the
 /// certificate is valid under that CA.
 #[derive(Debug)]
@@ -289,7 +291,11 @@ pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<
         }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN_JOIN.to_vec()];
-    let (_ep, conn) = dial(server, tls).await?;
+    let (_ep, conn) = dial(server, tls).await.map_err(|e| match e {
+        // Retrying cannot make a different CA the pinned one.
+        LinkError::Connect(m) if m.contains(PIN_MISMATCH) => LinkError::Refused(m),
+        e => e,
+    })?;
     let stream = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
     let req = JoinRequest {

@@ -442,11 +442,18 @@ pub struct Up {
     cache: PathBuf,
     child: Option<Child>,
     starts: u32,
+    extra: Vec<String>,
 }
 
 impl Up {
     pub fn start(root: &Path) -> anyhow::Result<Up> {
+        Up::start_with(root, &[])
+    }
+
+    /// `outpost up` with extra flags (e.g. `--no-node`).
+    pub fn start_with(root: &Path, extra: &[&str]) -> anyhow::Result<Up> {
         let mut up = Up {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             dir: root.join("outpost"),
             kubeconfig: root.join("outpost").join("kubeconfig"),
             api: format!("127.0.0.1:{}", free_tcp_port()),
@@ -467,6 +474,7 @@ impl Up {
         let _ = std::fs::remove_file(&self.kubeconfig);
         let child = Command::new(bin("outpost"))
             .args(["up", "--listen", &self.api, "--admin-listen", &self.admin])
+            .args(&self.extra)
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "info,openraft=warn")
@@ -546,6 +554,143 @@ impl Up {
 
     pub fn cache_dir(&self) -> &Path {
         &self.cache
+    }
+
+    /// Where nodes join and connect: the API's address, on UDP.
+    pub fn gateway(&self) -> String {
+        self.api.clone()
+    }
+
+    /// The `outpost` command against this cluster (module push, token create).
+    pub fn outpost(&self, args: &[&str]) -> anyhow::Result<Run> {
+        let child = Command::new(bin("outpost"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running outpost")?;
+        let out = wait_timeout(child, Duration::from_secs(60))?;
+        Ok(Run {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// `kubectl get` one field with jsonpath, retried until `want` says yes.
+    pub fn wait_field(
+        &self,
+        secs: u64,
+        args: &[&str],
+        jsonpath: &str,
+        want: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let path = format!("jsonpath={jsonpath}");
+        let mut all: Vec<&str> = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", &path]);
+        let mut last = String::new();
+        loop {
+            if let Ok(r) = self.kubectl(&all) {
+                last = format!("{}{}", r.stdout, r.stderr);
+                if r.ok && want(r.stdout.trim()) {
+                    return Ok(r.stdout.trim().to_string());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("waited {secs}s for {args:?} {jsonpath}; last: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A Wasm example built by `scripts/examples.sh`.
+pub fn example(name: &str) -> anyhow::Result<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/out")
+        .join(format!("{name}.wasm"));
+    if !p.is_file() {
+        bail!(
+            "{} is missing: run scripts/examples.sh (the test command does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// One `outpost-node` process.
+pub struct Node {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    pub fn new(dir: &Path) -> Node {
+        Node {
+            dir: dir.to_path_buf(),
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Start the agent with `args` (after `--data-dir DIR`).
+    pub fn start(&mut self, args: &[&str]) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.join(format!("node.log.{}", self.starts)))?;
+        let child = Command::new(bin("outpost-node"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning outpost-node")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Wait for the agent to exit on its own (a refused join); its status.
+    pub fn wait_exit(&mut self, secs: u64) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("outpost-node still running after {secs}s: {}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("node.log.{n}"))).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -1,0 +1,456 @@
+//! Edge nodes end to end: `outpost up` with its own node and joined `outpost-node`
+//! processes, Wasm pods driven by the real kubectl, the node link's refusals, and a node that
+//! keeps its pods through a control-plane outage and an agent restart.
+
+use std::time::{Duration, Instant};
+
+use outpost_tests::{example, Node, Up};
+
+fn push(up: &Up, name: &str) -> anyhow::Result<String> {
+    let path = example(name)?;
+    let r = up
+        .outpost(&["module", "push", path.to_str().unwrap_or_default()])?
+        .expect_ok("outpost module push")?;
+    let image = r.stdout.trim().to_string();
+    assert!(image.starts_with("module:sha256:"), "{image}");
+    Ok(image)
+}
+
+fn pod_yaml(name: &str, image: &str, policy: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: wasm\n  restartPolicy: {policy}\n  containers:\n  - name: main\n    image: {image}\n{extra}"
+    )
+}
+
+#[test]
+fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    for n in ["hello", "memory-hog", "cpu-burner"] {
+        push(&up, n)?;
+    }
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for n in ["hello", "memory-hog", "cpu-burner"] {
+        let f = examples.join(n).join("pod.yaml");
+        up.kubectl(&["apply", "-f", f.to_str().unwrap_or_default()])?
+            .expect_ok("kubectl apply")?;
+    }
+    // hello prints and exits 0: Succeeded, and its output is what kubectl logs shows.
+    up.wait_field(60, &["pod", "hello"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let logs = up.kubectl(&["logs", "hello"])?.expect_ok("kubectl logs")?;
+    assert!(logs.stdout.contains("Hello, world!"), "{}", logs.stdout);
+    assert!(
+        logs.stdout.contains("args: from the edge"),
+        "{}",
+        logs.stdout
+    );
+    assert!(logs.stdout.contains("pod: hello"), "{}", logs.stdout);
+    // The memory hog is stopped at its limit with the kubelet's reason.
+    up.wait_field(60, &["pod", "memory-hog"], "{.status.phase}", |p| {
+        p == "Failed"
+    })?;
+    let reason = up.wait_field(
+        5,
+        &["pod", "memory-hog"],
+        "{.status.containerStatuses[0].state.terminated.reason}/{.status.containerStatuses[0].state.terminated.exitCode}",
+        |r| !r.is_empty(),
+    )?;
+    assert_eq!(reason, "OOMKilled/137");
+    // The burner runs, shows in `get pods` as Running on the local node, logs as it goes.
+    up.wait_field(60, &["pod", "cpu-burner"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let node = up.wait_field(5, &["pod", "cpu-burner"], "{.spec.nodeName}", |n| {
+        !n.is_empty()
+    })?;
+    up.wait_field(
+        10,
+        &["node", &node],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )?;
+    let t = Instant::now();
+    loop {
+        let r = up
+            .kubectl(&["logs", "cpu-burner", "--tail", "1"])?
+            .expect_ok("logs --tail")?;
+        if r.stdout.contains("rounds/s") {
+            assert_eq!(r.stdout.trim().lines().count(), 1, "{}", r.stdout);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no output from the burner"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Graceful delete: the node stops the guest and removes the pod.
+    let t = Instant::now();
+    up.kubectl(&["delete", "pod", "cpu-burner", "--timeout", "30s"])?
+        .expect_ok("kubectl delete")?;
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "delete took {:?}",
+        t.elapsed()
+    );
+    up.kubectl(&["get", "pod", "cpu-burner"])?
+        .expect_err("the pod is gone")?;
+    // A module that is not there, and an image that is not a module: clear reasons.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("missing", "module:no-such-module", "Never", ""),
+    )?
+    .expect_ok("apply")?;
+    let msg = up.wait_field(
+        30,
+        &["pod", "missing"],
+        "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+        |m| m.starts_with("ErrImagePull"),
+    )?;
+    assert!(msg.contains("no module named"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn a_crashing_pod_backs_off() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let image = push(&up, "hello")?;
+    // hello exits at once; restartPolicy Always restarts it with the kubelet's back-off.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("crashy", &image, "Always", ""),
+    )?
+    .expect_ok("apply")?;
+    let state = up.wait_field(
+        30,
+        &["pod", "crashy"],
+        "{.status.containerStatuses[0].state.waiting.reason}",
+        |r| r == "CrashLoopBackOff",
+    )?;
+    assert_eq!(state, "CrashLoopBackOff");
+    let last = up.wait_field(
+        5,
+        &["pod", "crashy"],
+        "{.status.containerStatuses[0].lastState.terminated.exitCode}",
+        |c| !c.is_empty(),
+    )?;
+    assert_eq!(last, "0");
+    // The first back-off is 10 s; then it runs again and the count goes up.
+    up.wait_field(
+        40,
+        &["pod", "crashy"],
+        "{.status.containerStatuses[0].restartCount}",
+        |c| c.parse::<u32>().unwrap_or(0) >= 1,
+    )?;
+    let prev = up
+        .kubectl(&["logs", "crashy", "--previous"])?
+        .expect_ok("logs --previous")?;
+    assert!(prev.stdout.contains("Hello"), "{}", prev.stdout);
+    Ok(())
+}
+
+#[test]
+fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let token = up
+        .outpost(&["token", "create"])?
+        .expect_ok("token create")?
+        .stdout
+        .trim()
+        .to_string();
+    assert!(token.starts_with("op1."), "{token}");
+    let mut edge = Node::new(&dir.path().join("edge-1"));
+    edge.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &token,
+        "--name",
+        "edge-1",
+    ])?;
+    up.wait_field(
+        30,
+        &["node", "edge-1"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    let arch = up.wait_field(
+        5,
+        &["node", "edge-1"],
+        "{.metadata.labels.kubernetes\\.io/arch}",
+        |a| !a.is_empty(),
+    )?;
+    assert!(["amd64", "arm64"].contains(&arch.as_str()), "{arch}");
+
+    // The token was for one join: a second node is refused, and says why.
+    let mut second = Node::new(&dir.path().join("edge-2"));
+    second.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &token,
+        "--name",
+        "edge-2",
+    ])?;
+    assert!(!second.wait_exit(30)?.success());
+    assert!(
+        second.logs().contains("already been used"),
+        "{}",
+        second.logs()
+    );
+    // A token whose CA hash is not this cluster's: the node will not trust the gateway.
+    let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+    parts[1] = "0".repeat(64);
+    let mut third = Node::new(&dir.path().join("edge-3"));
+    third.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &parts.join("."),
+        "--name",
+        "edge-3",
+    ])?;
+    let status = third.wait_exit(40);
+    third.kill();
+    assert!(
+        third.logs().contains("does not match the token's CA hash"),
+        "{status:?} {}",
+        third.logs()
+    );
+
+    // A pod pinned to edge-1 runs there, and kubectl logs reaches it through its link.
+    let image = push(&up, "hello")?;
+    let extra = "  nodeName: edge-1\n";
+    let yaml =
+        pod_yaml("on-edge", &image, "Never", "").replace("spec:\n", &format!("spec:\n{extra}"));
+    up.kubectl_in(&["apply", "-f", "-"], &yaml)?
+        .expect_ok("apply")?;
+    up.wait_field(60, &["pod", "on-edge"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    let logs = up.kubectl(&["logs", "on-edge"])?.expect_ok("logs")?;
+    assert!(logs.stdout.contains("Hello, edge!"), "{}", logs.stdout);
+
+    // The node's own certificate, used against the API: its pods yes, anything else no.
+    let pki = edge.dir.join("pki");
+    let kc = dir.path().join("edge-kubeconfig");
+    let server = format!("https://{}", up.gateway());
+    let b64 = |f: &str| -> anyhow::Result<String> {
+        let out = std::process::Command::new("base64")
+            .args(["-w0"])
+            .arg(pki.join(f))
+            .output()?;
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: node\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: node\ncurrent-context: c\n",
+            b64("ca.crt")?,
+            b64("node.crt")?,
+            b64("node.key")?
+        ),
+    )?;
+    let as_node = |args: &[&str]| {
+        outpost_tests::kubectl_with(
+            &outpost_tests::kubectl_bin(None)?,
+            &kc,
+            &dir.path().join("edge-cache"),
+            args,
+            None,
+        )
+    };
+    let own = as_node(&[
+        "get",
+        "pods",
+        "-A",
+        "--field-selector",
+        "spec.nodeName=edge-1",
+        "-o",
+        "name",
+    ])?
+    .expect_ok("a node lists its own pods")?;
+    assert!(own.stdout.contains("on-edge"), "{}", own.stdout);
+    let all = as_node(&["get", "pods", "-A"])?.expect_err("a node lists every pod")?;
+    assert!(
+        all.stderr.contains("Forbidden") || all.stderr.contains("forbidden"),
+        "{}",
+        all.stderr
+    );
+    let other = as_node(&[
+        "get",
+        "pods",
+        "-A",
+        "--field-selector",
+        "spec.nodeName=edge-2",
+    ])?
+    .expect_err("a node lists another node's pods")?;
+    assert!(
+        other.stderr.to_lowercase().contains("forbidden"),
+        "{}",
+        other.stderr
+    );
+    let secrets = as_node(&["get", "secret", "-n", "kube-system", "nope"])?
+        .expect_err("a node reads a secret no pod of its uses")?;
+    assert!(
+        secrets.stderr.to_lowercase().contains("forbidden"),
+        "{}",
+        secrets.stderr
+    );
+    let label = as_node(&["label", "node", "edge-2-does-not-exist", "x=y"])?
+        .expect_err("a node changes another node")?;
+    assert!(!label.ok);
+    Ok(())
+}
+
+/// Seconds of output in a log file, and its first line (a restart rewrites both).
+fn log_state(path: &std::path::Path) -> (usize, String) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    (
+        text.lines().count(),
+        text.lines().next().unwrap_or("").to_string(),
+    )
+}
+
+fn only_log(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let pods = dir.join("pods");
+    for uid in std::fs::read_dir(&pods)? {
+        let p = uid?.path().join("logs/main/0.log");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("no log file under {}", pods.display())
+}
+
+#[test]
+fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut up = Up::start_with(dir.path(), &["--no-node"])?;
+    let token = up
+        .outpost(&["token", "create"])?
+        .expect_ok("token")?
+        .stdout
+        .trim()
+        .to_string();
+    let mut edge = Node::new(&dir.path().join("edge"));
+    edge.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &token,
+        "--name",
+        "edge",
+    ])?;
+    let image = push(&up, "cpu-burner")?;
+    let limits = "    resources:\n      limits:\n        cpu: 100m\n";
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("burner", &image, "Always", limits),
+    )?
+    .expect_ok("apply")?;
+    up.wait_field(60, &["pod", "burner"], "{.status.phase}", |p| {
+        p == "Running"
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    let started = up.wait_field(
+        5,
+        &["pod", "burner"],
+        "{.status.containerStatuses[0].state.running.startedAt}",
+        |s| !s.is_empty(),
+    )?;
+    let log = only_log(&edge.dir)?;
+    let t = Instant::now();
+    while log_state(&log).0 < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no output from the burner"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The control plane goes away: the pod keeps running.
+    up.kill();
+    let before = log_state(&log);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = log_state(&log);
+    assert!(
+        after.0 > before.0,
+        "the pod stopped writing with the control plane down"
+    );
+    assert_eq!(after.1, before.1, "the pod was restarted");
+
+    // The agent dies too, and starts again with no control plane: the pod is back from the
+    // cache within 10 s.
+    edge.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    edge.start(&[])?;
+    let t = Instant::now();
+    loop {
+        // A new run starts a new log file: output again, from a different first line.
+        let (lines, first) = log_state(&log);
+        if lines >= 1 && first != after.1 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the pod did not come back from the cache within 10 s: {}",
+            edge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let restarted = log_state(&log).1;
+
+    // The control plane returns: the node reconnects, reports the run it started while
+    // offline, and leaves it alone.
+    up.restart()?;
+    let again = up
+        .wait_field(
+            60,
+            &["pod", "burner"],
+            "{.status.containerStatuses[0].state.running.startedAt}",
+            |s| s > started.as_str(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    assert!(again > started);
+    std::thread::sleep(Duration::from_secs(2));
+    let now = log_state(&log);
+    assert_eq!(
+        now.1,
+        restarted,
+        "reconnecting restarted the pod: {}",
+        edge.logs()
+    );
+    let restarts = up.wait_field(
+        5,
+        &["pod", "burner"],
+        "{.status.containerStatuses[0].restartCount}",
+        |c| !c.is_empty(),
+    )?;
+    assert_eq!(restarts, "0");
+    // Deleted with the node linked (forced, so the control plane forgets it at once): the
+    // node stops the pod and clears it away.
+    up.kubectl(&["delete", "pod", "burner", "--grace-period=0", "--force"])?
+        .expect_ok("force delete")?;
+    let pod_dir = log
+        .ancestors()
+        .nth(3)
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let t = Instant::now();
+    while pod_dir.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the deleted pod was not cleared: {}",
+            edge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

@@ -134,9 +134,9 @@ pub fn phase(containers: &[Container]) -> &'static str {
             .all(|c| matches!(c.state, State::Terminated { code: 0, .. }));
         return if ok { "Succeeded" } else { "Failed" };
     }
-    let started = containers
-        .iter()
-        .any(|c| matches!(c.state, State::Running { .. }) || c.last.is_some() || c.done);
+    let started = containers.iter().any(|c| {
+        matches!(c.state, State::Running { .. } | State::Terminated { .. }) || c.last.is_some()
+    });
     if started {
         "Running"
     } else {

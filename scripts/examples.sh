@@ -8,7 +8,7 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outpost/target}"
 cargo build -q --release --manifest-path examples/Cargo.toml --target wasm32-wasip1
 mkdir -p examples/out
-for n in hello cpu-burner memory-hog; do
+for n in hello cpu-burner memory-hog sleeper; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/$n.wasm" "examples/out/$n.wasm"
 done
 ls -l examples/out

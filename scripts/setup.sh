@@ -18,6 +18,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
+# The Wasm peer of `outpost-bench node`: the wasmtime CLI of the same major version.
+if [ "${OUTPOST_BENCH:-0}" = 1 ] && ! wasmtime --version 2>/dev/null | grep -q '^wasmtime 48'; then
+  cargo install --locked wasmtime-cli --version '^48'
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

@@ -30,9 +30,9 @@ pub fn pod(name: &str) -> String {
     .to_string()
 }
 
-struct Member {
-    child: Child,
-    api: String,
+pub(crate) struct Member {
+    pub child: Child,
+    pub api: String,
 }
 
 impl Drop for Member {
@@ -42,7 +42,7 @@ impl Drop for Member {
     }
 }
 
-fn control_bin() -> anyhow::Result<PathBuf> {
+pub(crate) fn control_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.parent().context("exe dir")?.join("outpost-control");
     if !p.exists() {
@@ -54,7 +54,7 @@ fn control_bin() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn start(root: &Path, members: u64, extra: &[String]) -> anyhow::Result<Vec<Member>> {
+pub(crate) fn start(root: &Path, members: u64, extra: &[String]) -> anyhow::Result<Vec<Member>> {
     let bin = control_bin()?;
     let mut out: Vec<Member> = Vec::new();
     let mut first_peer = String::new();
@@ -124,7 +124,7 @@ fn wait_status(admin: &str, leader: bool) -> anyhow::Result<()> {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -136,7 +136,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn client(pki: &Path) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client(pki: &Path) -> anyhow::Result<reqwest::Client> {
     let (cert, key) = outpost_control::pki::issue_client(pki, "bench", &["system:masters"])?;
     let ca = std::fs::read(pki.join("ca.crt"))?;
     Ok(reqwest::Client::builder()

@@ -3,6 +3,9 @@
 //! `outpost-bench store`: durable writes of the replicated store against etcd 3.4 (Debian's
 //! `etcd-server`), 1 and 3 members on loopback, 256-byte values: one client's latency
 //! (p50/p99) and the throughput of many concurrent clients. fsync stays on for both.
+//!
+//! `outpost-bench api`: pod creates through the Kubernetes API against etcd (see `api`).
+//! `outpost-bench node`: Wasm pods end to end against the `wasmtime` CLI (see `node`).
 
 use std::net::{TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,7 @@ use outpost_api::store::{Expect, Outcome};
 use outpost_control::store::{Config, Store};
 
 mod api;
+mod node;
 
 #[derive(Parser)]
 #[command(about = "Outpost benchmarks against their peers")]
@@ -60,6 +64,15 @@ enum Cmd {
         /// Extra `outpost-control` flags, e.g. `--control-arg=--snapshot-every=100000`.
         #[arg(long = "control-arg", allow_hyphen_values = true)]
         control_args: Vec<String>,
+    },
+    /// Wasm pods end to end: create→Running, a burst of short pods, agent memory.
+    Node {
+        /// Pods created one after another for the latency figures.
+        #[arg(long, default_value_t = 200)]
+        pods: usize,
+        /// Short pods created at once for the starts/s figure.
+        #[arg(long, default_value_t = 1000)]
+        burst: usize,
     },
 }
 
@@ -384,6 +397,38 @@ async fn main() -> anyhow::Result<()> {
                     "  control plane RSS (member 1): idle {:.1} MB, with 10,000 pods {:.1} MB",
                     ours.rss_idle_mb, ours.rss_10k_mb
                 );
+            }
+        }
+        Cmd::Node { pods, burst } => {
+            println!("Wasm pods through the API, scheduler, node link and agent (1 member, 1 node, release builds)");
+            let f = node::run(pods, burst).await?;
+            println!("  first pod (compiles the module)  {:>8.1} ms", f.first_ms);
+            println!(
+                "  create->Running p50 ({pods} pods)   {:>8.1} ms   (target <= 20)",
+                f.p50_ms
+            );
+            println!(
+                "  create->Running p99               {:>8.1} ms   (target <= 100)",
+                f.p99_ms
+            );
+            println!(
+                "  burst of {} short pods            {:>8.0} starts/s (target >= 1000)",
+                f.burst, f.burst_per_s
+            );
+            println!(
+                "  agent RSS idle                    {:>8.1} MB   (target <= 15)",
+                f.rss_idle_mb
+            );
+            println!(
+                "  agent RSS with 100 running pods   {:>8.1} MB   (target <= 40)",
+                f.rss_100_mb
+            );
+            match f.peer_p50_ms {
+                Some(p) => println!(
+                    "  `wasmtime run hello.wasm` p50     {p:>8.1} ms   ratio {:.2}x (its start / our create->Running)",
+                    p / f.p50_ms
+                ),
+                None => println!("  wasmtime CLI peer: not installed"),
             }
         }
     }

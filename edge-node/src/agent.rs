@@ -10,12 +10,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_api::link::{read_frame, write_frame, Down, Head, LogRequest, Token, MAX_FRAME};
-use outpost_wasm_runtime::{Command, Exit, Runtime};
+use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, watch};
@@ -43,37 +42,11 @@ fn now() -> String {
         .to_string()
 }
 
-/// A stop signal a pod's tasks and its running guests both see.
-#[derive(Clone)]
-struct Stop {
-    flag: Arc<AtomicBool>,
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Stop {
-    fn new() -> Stop {
-        Stop {
-            flag: Arc::new(AtomicBool::new(false)),
-            tx: Arc::new(watch::channel(false).0),
-        }
-    }
-    fn stop(&self) {
-        self.flag.store(true, Ordering::Relaxed);
-        self.tx.send_replace(true);
-    }
-    fn stopped(&self) -> bool {
-        self.flag.load(Ordering::Relaxed)
-    }
-    /// Sleep for `d` unless stopped first; true if stopped.
-    async fn sleep(&self, d: Duration) -> bool {
-        let mut rx = self.tx.subscribe();
-        if *rx.borrow() {
-            return true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(d) => self.stopped(),
-            _ = rx.wait_for(|s| *s) => true,
-        }
+/// Sleep for `d` unless `stop` comes first; true if stopped.
+async fn nap(stop: &Stop, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => stop.stopped(),
+        _ = stop.wait() => true,
     }
 }
 
@@ -81,7 +54,7 @@ struct PodRun {
     ns: String,
     name: String,
     spec: Value,
-    stop: Stop,
+    stop: Arc<Stop>,
     containers: Arc<Mutex<Vec<Container>>>,
     /// True once every container task has ended.
     finished: watch::Receiver<bool>,
@@ -948,7 +921,7 @@ struct Worker {
     spec: Value,
     index: usize,
     containers: Arc<Mutex<Vec<Container>>>,
-    stop: Stop,
+    stop: Arc<Stop>,
     changed: Arc<watch::Sender<u64>>,
 }
 
@@ -988,7 +961,7 @@ impl Worker {
                     self.update(|c| c.state = State::waiting(&reason, message));
                     let d = pod::backoff(failures);
                     failures += 1;
-                    if self.stop.sleep(d).await {
+                    if nap(&self.stop, d).await {
                         return;
                     }
                     continue;
@@ -1003,8 +976,8 @@ impl Worker {
                 c.restarts = restarts;
             });
             let runtime = self.agent.runtime.clone();
-            let flag = self.stop.flag.clone();
-            let exit = tokio::task::spawn_blocking(move || runtime.run(&module, &cmd, &flag))
+            let stop = self.stop.clone();
+            let exit = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
@@ -1050,7 +1023,7 @@ impl Worker {
                         c.last = Some(ended);
                         c.state = State::waiting("CrashLoopBackOff", msg);
                     });
-                    if self.stop.sleep(d).await {
+                    if nap(&self.stop, d).await {
                         return;
                     }
                     restarts += 1;

@@ -349,7 +349,7 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         "edge",
     ])?;
     let image = push(&up, "cpu-burner")?;
-    let limits = "    resources:\n      limits:\n        cpu: 100m\n";
+    let limits = "    resources:\n      limits:\n        cpu: 500m\n";
     up.kubectl_in(
         &["apply", "-f", "-"],
         &pod_yaml("burner", &image, "Always", limits),

@@ -1,8 +1,9 @@
 //! Runs Wasm workloads for the node agent. It owns the one wasmtime `Engine` of a node
-//! (pooling allocator, epoch interruption), the compiled modules (cached by digest), and the
-//! running of WASI preview 1 commands: args, env, preopened directories, stdout and stderr to
-//! files, a memory limit enforced by a resource limiter, a CPU limit enforced at epoch
-//! deadlines, and a stop signal. It reports what the guest did as an [`Exit`] that the agent
+//! (pooling allocator, epoch interruption, async support), the compiled modules (cached by
+//! digest), and the running of WASI preview 1 commands: args, env, preopened directories,
+//! stdout and stderr to files, a memory limit enforced by a resource limiter, a CPU limit
+//! enforced at epoch deadlines, and a [`Stop`] signal. Guests run as tokio tasks: a guest
+//! waiting in a host call (a sleep) holds no thread and is stopped as promptly as a busy one. It reports what the guest did as an [`Exit`] that the agent
 //! turns into a container state the way the kubelet would.
 
 use std::collections::HashMap;
@@ -10,6 +11,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 pub use wasmtime::Module;
 use wasmtime::{
@@ -94,6 +97,39 @@ pub struct Command {
     pub millicores: Option<u64>,
 }
 
+/// Ends a running guest from outside, whatever it is doing.
+#[derive(Default)]
+pub struct Stop {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    pub fn new() -> Arc<Stop> {
+        Arc::new(Stop::default())
+    }
+
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once `stop` has been called.
+    pub async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.stopped() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
 /// The node's Wasm engine.
 pub struct Runtime {
     engine: Engine,
@@ -155,6 +191,7 @@ impl Runtime {
         pool.total_memories(SLOTS)
             .total_tables(SLOTS)
             .total_core_instances(SLOTS)
+            .total_stacks(SLOTS)
             .max_memory_size(MAX_MEMORY);
         let mut cfg = Config::new();
         cfg.epoch_interruption(true)
@@ -164,7 +201,7 @@ impl Runtime {
             detail: e.to_string(),
         })?;
         let mut linker: Linker<Guest> = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |g: &mut Guest| &mut g.wasi).map_err(
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |g: &mut Guest| &mut g.wasi).map_err(
             |e| Error::Io {
                 what: "linking WASI".into(),
                 detail: e.to_string(),
@@ -208,14 +245,17 @@ impl Runtime {
         self.modules.lock().ok()?.get(digest).cloned()
     }
 
-    /// Run a WASI command to its end on this thread. `stop` ends it from outside within a
-    /// tick.
-    pub fn run(
-        &self,
-        module: &Module,
-        cmd: &Command,
-        stop: &Arc<AtomicBool>,
-    ) -> Result<Exit, Error> {
+    /// Run a WASI command to its end. A busy guest yields to the executor every tick; `stop`
+    /// ends the guest within a tick, or at once if it is waiting in a host call.
+    pub async fn run(&self, module: &Module, cmd: &Command, stop: &Stop) -> Result<Exit, Error> {
+        tokio::select! {
+            r = self.run_guest(module, cmd) => r,
+            // Dropping the guest's future tears its fiber and instance down.
+            _ = stop.wait() => Ok(Exit::Stopped),
+        }
+    }
+
+    async fn run_guest(&self, module: &Module, cmd: &Command) -> Result<Exit, Error> {
         let pre = self
             .linker
             .instantiate_pre(module)
@@ -255,38 +295,31 @@ impl Runtime {
             .filter(|m| *m < 1000)
             .map(|m| m.max(10))
             .map(|m| TICK.mul_f64((1000 - m) as f64 / m as f64));
-        let stop_flag = stop.clone();
         store.epoch_deadline_callback(move |_| {
-            if stop_flag.load(Ordering::Relaxed) {
-                return Ok(UpdateDeadline::Interrupt);
-            }
-            if let Some(p) = pause {
-                std::thread::sleep(p);
-            }
-            Ok(UpdateDeadline::Continue(1))
+            // Yield at every tick so one busy guest never holds an executor thread; under a
+            // CPU limit, sleep long enough to hold only its share of one core.
+            Ok(match pause {
+                Some(p) => UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(p))),
+                None => UpdateDeadline::Yield(1),
+            })
         });
-        let run = pre.instantiate(&mut store).and_then(|inst| {
-            let start = inst
-                .get_typed_func::<(), ()>(&mut store, "_start")
-                .map_err(|e| wasmtime::Error::msg(NotCommand(e.to_string())))?;
-            start.call(&mut store, ())
-        });
+        let run = match pre.instantiate_async(&mut store).await {
+            Ok(inst) => match inst.get_typed_func::<(), ()>(&mut store, "_start") {
+                Ok(start) => start.call_async(&mut store, ()).await,
+                Err(e) => return Err(Error::NotCommand(e.to_string())),
+            },
+            Err(e) => Err(e),
+        };
         let limits = &store.data().limits;
         Ok(match run {
             Ok(()) => Exit::Code(0),
             Err(e) => {
                 if let Some(x) = e.downcast_ref::<I32Exit>() {
                     Exit::Code(x.0)
-                } else if let Some(NotCommand(why)) = e.downcast_ref::<NotCommand>() {
-                    return Err(Error::NotCommand(why.clone()));
                 } else if limits.hit {
                     Exit::OutOfMemory {
                         limit: limits.memory.unwrap_or(0),
                     }
-                } else if stop.load(Ordering::Relaxed)
-                    && e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt)
-                {
-                    Exit::Stopped
                 } else {
                     Exit::Trap(format!("{e:#}"))
                 }
@@ -300,17 +333,6 @@ impl Drop for Runtime {
         self.ticking.store(false, Ordering::Relaxed);
     }
 }
-
-#[derive(Debug)]
-struct NotCommand(String);
-
-impl std::fmt::Display for NotCommand {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NotCommand {}
 
 fn append(p: &PathBuf) -> Result<std::fs::File, Error> {
     std::fs::OpenOptions::new()

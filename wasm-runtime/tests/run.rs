@@ -1,11 +1,9 @@
 //! WASI preview 1 commands through the real wasmtime engine: output, exit codes, limits,
 //! stopping, and modules that must be refused.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_wasm_runtime::{Command, Error, Exit, Runtime};
+use outpost_wasm_runtime::{Command, Error, Exit, Runtime, Stop};
 
 const HELLO: &str = r#"(module
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
@@ -37,14 +35,14 @@ fn cmd() -> Command {
     }
 }
 
-fn run(rt: &Runtime, wat: &str, c: &Command) -> Result<Exit, Error> {
+async fn run(rt: &Runtime, wat: &str, c: &Command) -> Result<Exit, Error> {
     // The text itself is the cache key: two modules must never share one.
     let m = rt.module(wat, wat.as_bytes())?;
-    rt.run(&m, c, &Arc::new(AtomicBool::new(false)))
+    rt.run(&m, c, &Stop::default()).await
 }
 
-#[test]
-fn hello_writes_stdout_and_exits_zero() -> anyhow::Result<()> {
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_writes_stdout_and_exits_zero() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("stdout.log");
@@ -52,30 +50,30 @@ fn hello_writes_stdout_and_exits_zero() -> anyhow::Result<()> {
         stdout: Some(out.clone()),
         ..cmd()
     };
-    let exit = run(&rt, HELLO, &c)?;
+    let exit = run(&rt, HELLO, &c).await?;
     assert_eq!(exit, Exit::Code(0));
     assert_eq!(exit.reason(), "Completed");
     assert_eq!(std::fs::read_to_string(&out)?, "hello from wasm\n");
     Ok(())
 }
 
-#[test]
-fn proc_exit_code_is_reported() -> anyhow::Result<()> {
+#[tokio::test(flavor = "multi_thread")]
+async fn proc_exit_code_is_reported() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
-    let exit = run(&rt, EXIT3, &cmd())?;
+    let exit = run(&rt, EXIT3, &cmd()).await?;
     assert_eq!(exit, Exit::Code(3));
     assert_eq!((exit.code(), exit.reason()), (3, "Error"));
     Ok(())
 }
 
-#[test]
-fn memory_limit_stops_the_hog() -> anyhow::Result<()> {
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_limit_stops_the_hog() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
     let c = Command {
         memory: Some(4 << 20),
         ..cmd()
     };
-    let exit = run(&rt, HOG, &c)?;
+    let exit = run(&rt, HOG, &c).await?;
     assert_eq!(exit, Exit::OutOfMemory { limit: 4 << 20 });
     assert_eq!((exit.code(), exit.reason()), (137, "OOMKilled"));
     Ok(())
@@ -88,18 +86,18 @@ const COUNT: &str = r#"(module
     (loop $l (local.set $i (i32.sub (local.get $i) (i32.const 1)))
       (br_if $l (local.get $i)))))"#;
 
-#[test]
-fn cpu_limit_slows_a_busy_guest() -> anyhow::Result<()> {
+#[tokio::test(flavor = "multi_thread")]
+async fn cpu_limit_slows_a_busy_guest() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
     let t = Instant::now();
-    assert_eq!(run(&rt, COUNT, &cmd())?, Exit::Code(0));
+    assert_eq!(run(&rt, COUNT, &cmd()).await?, Exit::Code(0));
     let free = t.elapsed();
     let c = Command {
         millicores: Some(100),
         ..cmd()
     };
     let t = Instant::now();
-    assert_eq!(run(&rt, COUNT, &c)?, Exit::Code(0));
+    assert_eq!(run(&rt, COUNT, &c).await?, Exit::Code(0));
     let limited = t.elapsed();
     // A tenth of a core should take about ten times as long; allow for a busy machine.
     assert!(
@@ -109,38 +107,77 @@ fn cpu_limit_slows_a_busy_guest() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn stop_ends_a_spinning_guest() -> anyhow::Result<()> {
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_ends_a_spinning_guest() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
     let m = rt.module("spin", SPIN.as_bytes())?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::new();
     let s = stop.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        s.store(true, Ordering::Relaxed);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.stop();
     });
     let t = Instant::now();
-    let exit = rt.run(&m, &cmd(), &stop)?;
+    let exit = rt.run(&m, &cmd(), &stop).await?;
     assert_eq!(exit, Exit::Stopped);
     assert!(t.elapsed() < Duration::from_secs(5));
     Ok(())
 }
 
-#[test]
-fn bad_modules_are_refused_with_a_reason() -> anyhow::Result<()> {
+const SLEEP: &str = r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    ;; one clock subscription at 0: userdata 0, tag 0 (clock), id 1 (monotonic), 1 hour
+    (i64.store (i32.const 16) (i64.const 1))
+    (i64.store (i32.const 24) (i64.const 3600000000000))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_ends_a_sleeping_guest_and_sleepers_hold_no_thread() -> anyhow::Result<()> {
+    let rt = std::sync::Arc::new(Runtime::new()?);
+    let m = rt.module("sleep", SLEEP.as_bytes())?;
+    // More sleeping guests than the runtime has worker threads: all of them wait at once.
+    let stops: Vec<_> = (0..64).map(|_| Stop::new()).collect();
+    let mut runs = Vec::new();
+    for s in &stops {
+        let (rt, m, s) = (rt.clone(), m.clone(), s.clone());
+        runs.push(tokio::spawn(async move { rt.run(&m, &cmd(), &s).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        runs.iter().all(|r| !r.is_finished()),
+        "a sleeper ended early"
+    );
+    let t = Instant::now();
+    for s in &stops {
+        s.stop();
+    }
+    for r in runs {
+        assert_eq!(r.await??, Exit::Stopped);
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_modules_are_refused_with_a_reason() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
     match rt.module("junk", b"\0asm\x01\0\0\0garbage") {
         Err(Error::Invalid(why)) => assert!(!why.is_empty()),
         other => panic!("expected Invalid, got {other:?}"),
     }
     let odd = r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#;
-    match run(&rt, odd, &cmd()) {
+    match run(&rt, odd, &cmd()).await {
         Err(Error::Unsupported(why)) => assert!(why.contains("launch_missiles"), "{why}"),
         other => panic!("expected Unsupported, got {other:?}"),
     }
     let lib = r#"(module (func (export "add") (param i32 i32) (result i32) local.get 0))"#;
-    assert!(matches!(run(&rt, lib, &cmd()), Err(Error::NotCommand(_))));
+    assert!(matches!(
+        run(&rt, lib, &cmd()).await,
+        Err(Error::NotCommand(_))
+    ));
     // The runtime still runs good modules afterwards.
-    assert_eq!(run(&rt, EXIT3, &cmd())?, Exit::Code(3));
+    assert_eq!(run(&rt, EXIT3, &cmd()).await?, Exit::Code(3));
     Ok(())
 }

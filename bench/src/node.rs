@@ -1,0 +1,328 @@
+//! `outpost-bench node`: Wasm pods through the whole path (kubectl's API call, scheduler,
+//! node link, agent, wasmtime) on one `outpost-control` and one joined `outpost-node`, both
+//! release builds on loopback: create→Running latency, a burst of short pods, and the agent's
+//! memory idle and with 100 running pods. The peer is the `wasmtime` CLI starting the same
+//! module from the command line, in the same run.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::api::{client, rss_kib, start};
+use super::percentile;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn example(name: &str) -> anyhow::Result<Vec<u8>> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/out")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&p).with_context(|| format!("{}: run scripts/examples.sh first", p.display()))
+}
+
+fn pod(name: &str, image: &str, policy: &str) -> String {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "bench"}},
+        "spec": {"runtimeClassName": "wasm", "restartPolicy": policy,
+                 "containers": [{"name": "main", "image": image,
+                     "resources": {"limits": {"memory": "16Mi"}}}]}})
+    .to_string()
+}
+
+pub struct Figures {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub first_ms: f64,
+    pub burst: usize,
+    pub burst_per_s: f64,
+    pub rss_idle_mb: f64,
+    pub rss_100_mb: f64,
+    pub peer_p50_ms: Option<f64>,
+}
+
+/// Phase changes of pods in `default`, as (name, phase, when seen).
+async fn watch_phases(
+    c: reqwest::Client,
+    api: String,
+    tx: mpsc::UnboundedSender<(String, String, Instant)>,
+) -> anyhow::Result<()> {
+    let r = c
+        .get(format!(
+            "https://{api}/api/v1/namespaces/default/pods?watch=true&resourceVersion=0"
+        ))
+        .timeout(Duration::from_secs(3600))
+        .send()
+        .await?;
+    let mut body = r.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            let o = &ev["object"];
+            let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let phase = o["status"]["phase"].as_str().unwrap_or("").to_string();
+            let started = o["status"]["containerStatuses"][0]["state"]
+                .as_object()
+                .is_some_and(|s| s.contains_key("running") || s.contains_key("terminated"));
+            let phase = if ev["type"] == "DELETED" {
+                "Deleted".to_string()
+            } else if started && phase == "Pending" {
+                "Started".to_string()
+            } else {
+                phase
+            };
+            if tx.send((name, phase, Instant::now())).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Wait until `name` is seen in one of `phases`; when it was seen.
+async fn wait(
+    rx: &mut mpsc::UnboundedReceiver<(String, String, Instant)>,
+    name: String,
+    phases: &[&str],
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((n, p, at))) if n == name && phases.contains(&p.as_str()) => return Ok(at),
+            Ok(Some(_)) => {}
+            _ => bail!("{name} did not reach {phases:?} within 30 s"),
+        }
+    }
+}
+
+async fn post(c: &reqwest::Client, url: String, ct: &str, body: Vec<u8>) -> anyhow::Result<Value> {
+    let r = c
+        .post(url)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await?;
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{status}: {}", v["message"]);
+    }
+    Ok(v)
+}
+
+fn wasmtime_peer(module: &Path, runs: usize) -> anyhow::Result<Option<f64>> {
+    if Command::new("wasmtime").arg("--version").output().is_err() {
+        eprintln!("note: the wasmtime CLI is not installed (OUTPOST_BENCH=1 scripts/setup.sh installs it); no peer figure");
+        return Ok(None);
+    }
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = Command::new("wasmtime").arg("run").arg(module).output()?;
+        if !out.status.success() {
+            bail!("wasmtime run: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(Some(percentile(&times, 0.5) / 1000.0))
+}
+
+pub async fn run(pods: usize, burst: usize) -> anyhow::Result<Figures> {
+    let root = tempfile::tempdir()?;
+    let ms = tokio::task::block_in_place(|| start(root.path(), 1, &[]))?;
+    let api = ms[0].api.clone();
+    let c = client(&root.path().join("m1/pki"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = c
+            .get(format!(
+                "https://{api}/apis/node.k8s.io/v1/runtimeclasses/wasm"
+            ))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the control plane did not bootstrap");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = post(
+        &c,
+        format!("https://{api}/outpost/v1/tokens"),
+        "application/json",
+        vec![],
+    )
+    .await?;
+    let token = token["token"].as_str().unwrap_or_default().to_string();
+    let node_bin: PathBuf = super::api::control_bin()?.with_file_name("outpost-node");
+    let agent = Agent(
+        Command::new(&node_bin)
+            .args(["--server", &api, "--token", &token, "--name", "bench-node"])
+            .arg("--data-dir")
+            .arg(root.path().join("node"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release -p outpost-edge-node)",
+                    node_bin.display()
+                )
+            })?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .get(format!("https://{api}/api/v1/nodes/bench-node"))
+            .send()
+            .await?;
+        if r.status().is_success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for name in ["sleeper", "hello"] {
+        post(
+            &c,
+            format!("https://{api}/outpost/v1/modules?name={name}"),
+            "application/wasm",
+            example(name)?,
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kib(agent.0.id()) as f64 / 1024.0;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(watch_phases(c.clone(), api.clone(), tx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let create = |name: String, image: &'static str, policy: &'static str| {
+        let c = c.clone();
+        let url = format!("https://{api}/api/v1/namespaces/default/pods");
+        async move {
+            post(
+                &c,
+                url,
+                "application/json",
+                pod(&name, image, policy).into_bytes(),
+            )
+            .await
+        }
+    };
+    // The first pod pays for compiling the module; reported apart.
+    let t = Instant::now();
+    create("warm".into(), "module:sleeper", "Always").await?;
+    let first = wait(&mut rx, "warm".into(), &["Running"]).await? - t;
+    let mut lat = Vec::new();
+    let mut rss_100 = 0.0;
+    for i in 0..pods {
+        let name = format!("sleeper-{i}");
+        let t = Instant::now();
+        create(name.clone(), "module:sleeper", "Always").await?;
+        lat.push(wait(&mut rx, name, &["Running"]).await? - t);
+        if i + 1 == 100 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rss_100 = rss_kib(agent.0.id()) as f64 / 1024.0;
+        }
+    }
+    lat.sort();
+    // Clear the sleepers, then a burst of short pods: creates from 64 clients at once, until
+    // every pod has started.
+    c.delete(format!("https://{api}/api/v1/namespaces/default/pods"))
+        .send()
+        .await?;
+    let mut left = pods + 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left > 0 {
+        let gone = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            rx.recv(),
+        )
+        .await;
+        match gone {
+            Ok(Some((_, p, _))) if p == "Deleted" => left -= 1,
+            Ok(Some(_)) => {}
+            _ => bail!("{left} sleepers were not deleted within 60 s"),
+        }
+    }
+    let t0 = Instant::now();
+    let names: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
+    let creates = futures::stream::iter(names.clone())
+        .map(|n| create(n, "module:hello", "Never"))
+        .buffer_unordered(64)
+        .collect::<Vec<_>>();
+    let mut started: HashMap<String, Instant> = HashMap::new();
+    let watcher = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while started.len() < burst {
+            match tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                rx.recv(),
+            )
+            .await
+            {
+                Ok(Some((n, p, at)))
+                    if n.starts_with("burst-")
+                        && matches!(p.as_str(), "Started" | "Running" | "Succeeded" | "Failed") =>
+                {
+                    started.entry(n).or_insert(at);
+                }
+                Ok(Some(_)) => {}
+                _ => bail!(
+                    "only {} of {burst} burst pods started within 120 s",
+                    started.len()
+                ),
+            }
+        }
+        Ok(())
+    };
+    let (results, watched) = tokio::join!(creates, watcher);
+    for r in results {
+        r?;
+    }
+    watched?;
+    let last = started.values().max().copied().unwrap_or(t0);
+    let burst_s = (last - t0).as_secs_f64();
+    let peer = tokio::task::block_in_place(|| {
+        let f = root.path().join("hello.wasm");
+        std::fs::write(&f, example("hello")?)?;
+        wasmtime_peer(&f, 30)
+    })?;
+    drop(agent);
+    Ok(Figures {
+        p50_ms: percentile(&lat, 0.5) / 1000.0,
+        p99_ms: percentile(&lat, 0.99) / 1000.0,
+        first_ms: first.as_secs_f64() * 1000.0,
+        burst,
+        burst_per_s: burst as f64 / burst_s,
+        rss_idle_mb: rss_idle,
+        rss_100_mb: rss_100,
+        peer_p50_ms: peer,
+    })
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Request};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -134,6 +135,7 @@ async fn pass(api: &Arc<Api>, told: &mut HashMap<String, String>) -> Result<(), 
             *load.entry(n.to_string()).or_default() += 1;
         }
     }
+    let mut binds = Vec::new();
     for pod in pending {
         let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
         let name = pod["metadata"]["name"].as_str().unwrap_or("");
@@ -160,23 +162,8 @@ async fn pass(api: &Arc<Api>, told: &mut HashMap<String, String>) -> Result<(), 
             .and_then(|n| n["metadata"]["name"].as_str().map(String::from));
         match best {
             Some(node) => {
-                let body = json!({"apiVersion": "v1", "kind": "Binding",
-                    "metadata": {"name": name, "namespace": ns},
-                    "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-                let (status, v) = call(
-                    api,
-                    "POST",
-                    &format!("/api/v1/namespaces/{ns}/pods/{name}/binding"),
-                    "application/json",
-                    body,
-                )
-                .await;
-                if (200..300).contains(&status) {
-                    *load.entry(node.clone()).or_default() += 1;
-                    tracing::info!(pod = %format!("{ns}/{name}"), %node, "bound");
-                } else {
-                    tracing::debug!(pod = %name, %status, message = %v["message"], "binding failed");
-                }
+                *load.entry(node.clone()).or_default() += 1;
+                binds.push((ns.to_string(), name.to_string(), node));
             }
             None => {
                 let mut parts: Vec<String> =
@@ -210,6 +197,29 @@ async fn pass(api: &Arc<Api>, told: &mut HashMap<String, String>) -> Result<(), 
             }
         }
     }
+    // Bindings are independent writes: many in flight share the store's group commit.
+    futures::stream::iter(binds)
+        .map(|(ns, name, node)| async move {
+            let body = json!({"apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": name, "namespace": ns},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+            let (status, v) = call(
+                api,
+                "POST",
+                &format!("/api/v1/namespaces/{ns}/pods/{name}/binding"),
+                "application/json",
+                body,
+            )
+            .await;
+            if (200..300).contains(&status) {
+                tracing::debug!(pod = %format!("{ns}/{name}"), %node, "bound");
+            } else {
+                tracing::debug!(pod = %name, %status, message = %v["message"], "binding failed");
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
     Ok(())
 }
 

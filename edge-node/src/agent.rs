@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use outpost_api::link::{read_frame, write_frame, Down, Head, LogRequest, Token, MAX_FRAME};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
@@ -618,32 +619,41 @@ impl Agent {
         loop {
             let link = links.borrow_and_update().clone();
             if let Some(link) = link.filter(|_| !pending.is_empty()) {
-                let uids: Vec<String> = pending.keys().cloned().collect();
-                for uid in uids {
-                    let Some(u) = pending.get(&uid) else { continue };
-                    let body = json!({"metadata": {"uid": u.uid}, "status": u.status});
-                    let path = format!("/api/v1/namespaces/{}/pods/{}/status", u.ns, u.name);
-                    match link
-                        .call(
-                            "PATCH",
-                            &path,
-                            Some((
-                                "application/merge-patch+json",
-                                body.to_string().into_bytes(),
-                            )),
-                        )
-                        .await
-                    {
-                        Ok(a) if a.ok() || a.status == 404 => {
-                            pending.remove(&uid);
+                // Independent patches: many in flight at once, the newest status of each pod.
+                let batch: Vec<StatusUpdate> = pending.drain().map(|(_, u)| u).collect();
+                let results = futures::stream::iter(batch)
+                    .map(|u| {
+                        let link = link.clone();
+                        async move {
+                            let body = json!({"metadata": {"uid": u.uid}, "status": u.status});
+                            let path =
+                                format!("/api/v1/namespaces/{}/pods/{}/status", u.ns, u.name);
+                            let r = link
+                                .call(
+                                    "PATCH",
+                                    &path,
+                                    Some((
+                                        "application/merge-patch+json",
+                                        body.to_string().into_bytes(),
+                                    )),
+                                )
+                                .await;
+                            (u, r)
                         }
+                    })
+                    .buffer_unordered(32)
+                    .collect::<Vec<_>>()
+                    .await;
+                for (u, r) in results {
+                    match r {
+                        Ok(a) if a.ok() || a.status == 404 => {}
                         Ok(a) => {
-                            tracing::warn!(pod = %u.name, error = %a.message(), "status update refused");
-                            pending.remove(&uid);
+                            tracing::warn!(pod = %u.name, error = %a.message(), "status update refused")
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "status update failed; will retry");
-                            break;
+                            // Keep it for the next try unless a newer one came meanwhile.
+                            pending.entry(u.uid.clone()).or_insert(u);
                         }
                     }
                 }

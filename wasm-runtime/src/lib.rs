@@ -135,6 +135,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<Guest>,
     modules: Mutex<HashMap<String, Module>>,
+    compiling: Mutex<()>,
     ticking: Arc<AtomicBool>,
 }
 
@@ -225,12 +226,19 @@ impl Runtime {
             engine,
             linker,
             modules: Mutex::new(HashMap::new()),
+            compiling: Mutex::new(()),
             ticking,
         })
     }
 
-    /// Compile `bytes`, or return the module already compiled under `digest`.
+    /// Compile `bytes`, or return the module already compiled under `digest`. One compile
+    /// at a time: a burst of pods of one module compiles it once, not once per pod (and
+    /// each compile already uses every core).
     pub fn module(&self, digest: &str, bytes: &[u8]) -> Result<Module, Error> {
+        if let Some(m) = self.cached(digest) {
+            return Ok(m);
+        }
+        let _one = self.compiling.lock();
         if let Some(m) = self.cached(digest) {
             return Ok(m);
         }

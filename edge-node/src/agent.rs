@@ -80,12 +80,28 @@ pub struct Agent {
     host_ip: Mutex<String>,
 }
 
+/// The host name as a node name: lowercase, and anything a DNS label may not hold becomes
+/// '-' (`Pi_4` → `pi-4`).
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_lowercase())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "outpost-node".into())
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_matches(|c| c == '-' || c == '.').to_string();
+    if name.is_empty() {
+        "outpost-node".into()
+    } else {
+        name
+    }
 }
 
 /// Join if needed, start the pods the cache holds, then keep the link up forever.
@@ -1047,7 +1063,7 @@ impl Worker {
     async fn prepare(
         &self,
         run: u32,
-    ) -> Result<(outpost_wasm_runtime::Module, Command), (String, String)> {
+    ) -> Result<(outpost_wasm_runtime::Program, Command), (String, String)> {
         let image = self.spec["image"].as_str().unwrap_or("");
         let (digest, bytes) = self.agent.module(image).await?;
         self.update(|c| c.image_id = digest.clone());

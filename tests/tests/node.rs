@@ -97,6 +97,29 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
     );
     up.kubectl(&["get", "pod", "cpu-burner"])?
         .expect_err("the pod is gone")?;
+    // The same program as a WASI preview 2 component runs the same way.
+    let p2 = push(&up, "hello-p2")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml(
+            "hello-p2",
+            &p2,
+            "Never",
+            "    args: [\"as\", \"a\", \"component\"]\n",
+        ),
+    )?
+    .expect_ok("apply the component")?;
+    up.wait_field(60, &["pod", "hello-p2"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let logs = up
+        .kubectl(&["logs", "hello-p2"])?
+        .expect_ok("logs of the component")?;
+    assert!(
+        logs.stdout.contains("args: as a component"),
+        "{}",
+        logs.stdout
+    );
     // A module that is not there, and an image that is not a module: clear reasons.
     up.kubectl_in(
         &["apply", "-f", "-"],
@@ -452,5 +475,130 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    Ok(())
+}
+
+/// A UDP relay between a node and the gateway that can drop everything for a while, as a
+/// cut link does. Ends with the test.
+struct Relay {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(to: &str) -> anyhow::Result<Relay> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let front = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let back = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        back.connect(to)?;
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        }
+        let addr = front.local_addr()?.to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let (f2, b2) = (front.try_clone()?, back.try_clone()?);
+        let (c1, d1, cl1) = (cut.clone(), done.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !d1.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    if let Ok(mut c) = cl1.lock() {
+                        *c = Some(from);
+                    }
+                    if !c1.load(Ordering::Relaxed) {
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+            }
+        });
+        let (c2, d2) = (cut.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !d2.load(Ordering::Relaxed) {
+                if let Ok(n) = b2.recv(&mut buf) {
+                    let to = client.lock().ok().and_then(|c| *c);
+                    if let (false, Some(to)) = (c2.load(Ordering::Relaxed), to) {
+                        let _ = f2.send_to(&buf[..n], to);
+                    }
+                }
+            }
+        });
+        Ok(Relay { addr, cut, done })
+    }
+
+    fn cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_cut_link_heals_without_restarts() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start_with(dir.path(), &["--no-node"])?;
+    let token = up
+        .outpost(&["token", "create"])?
+        .expect_ok("token")?
+        .stdout
+        .trim()
+        .to_string();
+    let relay = Relay::start(&up.gateway())?;
+    let mut edge = Node::new(&dir.path().join("edge"));
+    edge.start(&["--server", &relay.addr, "--token", &token, "--name", "edge"])?;
+    let image = push(&up, "sleeper")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("steady", &image, "Always", ""),
+    )?
+    .expect_ok("apply")?;
+    let started = up
+        .wait_field(
+            60,
+            &["pod", "steady"],
+            "{.status.containerStatuses[0].state.running.startedAt}",
+            |s| !s.is_empty(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    // Cut for longer than the link's idle timeout (20 s), so the connection is lost for good.
+    relay.cut(true);
+    let t = Instant::now();
+    while !edge.logs().contains("link to the control plane lost") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the cut went unnoticed: {}",
+            edge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("link lost after {:?}", t.elapsed());
+    // While the node is away a second pod is bound to it; it starts once the link is back.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("later", &image, "Always", ""),
+    )?
+    .expect_ok("apply while cut")?;
+    relay.cut(false);
+    up.wait_field(60, &["pod", "later"], "{.status.phase}", |p| p == "Running")
+        .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    let after = up.wait_field(5, &["pod", "steady"], "{.status.containerStatuses[0].state.running.startedAt}|{.status.containerStatuses[0].restartCount}", |s| !s.is_empty())?;
+    assert_eq!(
+        after,
+        format!("{started}|0"),
+        "the running pod was restarted across the cut"
+    );
+    let reconnects = edge
+        .logs()
+        .matches("connected to the control plane")
+        .count();
+    assert!(reconnects >= 2, "{}", edge.logs());
     Ok(())
 }

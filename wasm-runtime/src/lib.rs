@@ -1,10 +1,11 @@
 //! Runs Wasm workloads for the node agent. It owns the one wasmtime `Engine` of a node
-//! (pooling allocator, epoch interruption, async support), the compiled modules (cached by
-//! digest), and the running of WASI preview 1 commands: args, env, preopened directories,
-//! stdout and stderr to files, a memory limit enforced by a resource limiter, a CPU limit
-//! enforced at epoch deadlines, and a [`Stop`] signal. Guests run as tokio tasks: a guest
-//! waiting in a host call (a sleep) holds no thread and is stopped as promptly as a busy one. It reports what the guest did as an [`Exit`] that the agent
-//! turns into a container state the way the kubelet would.
+//! (pooling allocator, epoch interruption, async support), the compiled programs (cached by
+//! digest), and the running of WASI commands, preview 1 modules and preview 2 components
+//! (`wasi:cli/run`): args, env, preopened directories, stdout and stderr to files, a memory
+//! limit enforced by a resource limiter, a CPU limit enforced at epoch deadlines, and a
+//! [`Stop`] signal. Guests run as tokio tasks: a guest waiting in a host call (a sleep) holds
+//! no thread and is stopped as promptly as a busy one. It reports what the guest did as an
+//! [`Exit`] that the agent turns into a container state the way the kubelet would.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,13 +15,15 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+pub use wasmtime::component::Component;
+use wasmtime::component::{self, ResourceTable};
 pub use wasmtime::Module;
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, Linker, PoolingAllocationConfig, ResourceLimiter,
     Store, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// How often the epoch advances: the granularity of CPU throttling and of stopping a guest.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -130,11 +133,24 @@ impl Stop {
     }
 }
 
+/// Compiled code: a core module (WASI preview 1) or a component (WASI preview 2).
+#[derive(Clone)]
+pub enum Program {
+    Core(Module),
+    Component(Component),
+}
+
+/// Whether `bytes` are a component rather than a core module (the layer in the preamble).
+pub fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes.starts_with(b"\0asm") && bytes[6..8] == [1, 0]
+}
+
 /// The node's Wasm engine.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<Guest>,
-    modules: Mutex<HashMap<String, Module>>,
+    components: component::Linker<Guest2>,
+    modules: Mutex<HashMap<String, Program>>,
     compiling: Mutex<()>,
     ticking: Arc<AtomicBool>,
 }
@@ -142,6 +158,38 @@ pub struct Runtime {
 struct Guest {
     wasi: WasiP1Ctx,
     limits: Limits,
+}
+
+/// The store data of a preview 2 component.
+struct Guest2 {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limits: Limits,
+}
+
+impl WasiView for Guest2 {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+trait HasLimits: Send + 'static {
+    fn limits(&mut self) -> &mut Limits;
+}
+
+impl HasLimits for Guest {
+    fn limits(&mut self) -> &mut Limits {
+        &mut self.limits
+    }
+}
+
+impl HasLimits for Guest2 {
+    fn limits(&mut self) -> &mut Limits {
+        &mut self.limits
+    }
 }
 
 /// Memory and table growth policy of one guest.
@@ -208,6 +256,11 @@ impl Runtime {
                 detail: e.to_string(),
             },
         )?;
+        let mut components: component::Linker<Guest2> = component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(|e| Error::Io {
+            what: "linking WASI preview 2".into(),
+            detail: e.to_string(),
+        })?;
         let ticking = Arc::new(AtomicBool::new(true));
         {
             let engine = engine.clone();
@@ -225,6 +278,7 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            components,
             modules: Mutex::new(HashMap::new()),
             compiling: Mutex::new(()),
             ticking,
@@ -234,7 +288,7 @@ impl Runtime {
     /// Compile `bytes`, or return the module already compiled under `digest`. One compile
     /// at a time: a burst of pods of one module compiles it once, not once per pod (and
     /// each compile already uses every core).
-    pub fn module(&self, digest: &str, bytes: &[u8]) -> Result<Module, Error> {
+    pub fn module(&self, digest: &str, bytes: &[u8]) -> Result<Program, Error> {
         if let Some(m) = self.cached(digest) {
             return Ok(m);
         }
@@ -242,20 +296,25 @@ impl Runtime {
         if let Some(m) = self.cached(digest) {
             return Ok(m);
         }
-        let m = Module::new(&self.engine, bytes).map_err(|e| Error::Invalid(format!("{e:#}")))?;
+        let invalid = |e: wasmtime::Error| Error::Invalid(format!("{e:#}"));
+        let m = if is_component(bytes) {
+            Program::Component(Component::new(&self.engine, bytes).map_err(invalid)?)
+        } else {
+            Program::Core(Module::new(&self.engine, bytes).map_err(invalid)?)
+        };
         if let Ok(mut c) = self.modules.lock() {
             c.insert(digest.to_string(), m.clone());
         }
         Ok(m)
     }
 
-    pub fn cached(&self, digest: &str) -> Option<Module> {
+    pub fn cached(&self, digest: &str) -> Option<Program> {
         self.modules.lock().ok()?.get(digest).cloned()
     }
 
     /// Run a WASI command to its end. A busy guest yields to the executor every tick; `stop`
     /// ends the guest within a tick, or at once if it is waiting in a host call.
-    pub async fn run(&self, module: &Module, cmd: &Command, stop: &Stop) -> Result<Exit, Error> {
+    pub async fn run(&self, module: &Program, cmd: &Command, stop: &Stop) -> Result<Exit, Error> {
         tokio::select! {
             r = self.run_guest(module, cmd) => r,
             // Dropping the guest's future tears its fiber and instance down.
@@ -263,39 +322,71 @@ impl Runtime {
         }
     }
 
-    async fn run_guest(&self, module: &Module, cmd: &Command) -> Result<Exit, Error> {
-        let pre = self
-            .linker
-            .instantiate_pre(module)
-            .map_err(|e| Error::Unsupported(format!("{e:#}")))?;
-        let mut b = WasiCtxBuilder::new();
-        b.args(&cmd.args).envs(&cmd.env);
-        for (host, guest, writable) in &cmd.dirs {
-            let perms = if *writable {
-                FsPerms::ReadWrite
-            } else {
-                FsPerms::ReadOnly
-            };
-            b.preopened_dir(host, guest, perms).map_err(|e| Error::Io {
-                what: format!("opening {} for the guest", host.display()),
-                detail: e.to_string(),
-            })?;
-        }
-        if let Some(p) = &cmd.stdout {
-            b.stdout(wasmtime_wasi::cli::OutputFile::new(append(p)?));
-        }
-        if let Some(p) = &cmd.stderr {
-            b.stderr(wasmtime_wasi::cli::OutputFile::new(append(p)?));
-        }
-        let guest = Guest {
-            wasi: b.build_p1(),
-            limits: Limits {
-                memory: cmd.memory,
-                hit: false,
-            },
+    async fn run_guest(&self, program: &Program, cmd: &Command) -> Result<Exit, Error> {
+        let limits = Limits {
+            memory: cmd.memory,
+            hit: false,
         };
-        let mut store = Store::new(&self.engine, guest);
-        store.limiter(|g| &mut g.limits);
+        let b = wasi_builder(cmd)?;
+        match program {
+            Program::Core(module) => {
+                let pre = self
+                    .linker
+                    .instantiate_pre(module)
+                    .map_err(|e| Error::Unsupported(format!("{e:#}")))?;
+                let mut b = b;
+                let mut store = self.store(
+                    Guest {
+                        wasi: b.build_p1(),
+                        limits,
+                    },
+                    cmd,
+                );
+                let run = match pre.instantiate_async(&mut store).await {
+                    Ok(inst) => match inst.get_typed_func::<(), ()>(&mut store, "_start") {
+                        Ok(start) => start.call_async(&mut store, ()).await,
+                        Err(e) => return Err(Error::NotCommand(e.to_string())),
+                    },
+                    Err(e) => Err(e),
+                };
+                Ok(exit_of(run, &store.data().limits))
+            }
+            Program::Component(component) => {
+                let pre = self
+                    .components
+                    .instantiate_pre(component)
+                    .map_err(|e| Error::Unsupported(format!("{e:#}")))?;
+                let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre)
+                    .map_err(|e| Error::NotCommand(format!("{e:#}")))?;
+                let mut b = b;
+                let mut store = self.store(
+                    Guest2 {
+                        ctx: b.build(),
+                        table: ResourceTable::new(),
+                        limits,
+                    },
+                    cmd,
+                );
+                let run = match pre.instantiate_async(&mut store).await {
+                    Ok(command) => command
+                        .wasi_cli_run()
+                        .call_run(&mut store)
+                        .await
+                        .map(|r| r.map_or(1, |()| 0)),
+                    Err(e) => Err(e),
+                };
+                Ok(match run {
+                    Ok(code) => Exit::Code(code),
+                    Err(e) => exit_of(Err(e), &store.data().limits),
+                })
+            }
+        }
+    }
+
+    /// A store with the memory limiter and the CPU policy at each epoch deadline.
+    fn store<T: HasLimits>(&self, data: T, cmd: &Command) -> Store<T> {
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|g| g.limits());
         store.set_epoch_deadline(1);
         // Each tick the guest ran, it sleeps long enough to hold its share of one core.
         let pause = cmd
@@ -311,28 +402,49 @@ impl Runtime {
                 None => UpdateDeadline::Yield(1),
             })
         });
-        let run = match pre.instantiate_async(&mut store).await {
-            Ok(inst) => match inst.get_typed_func::<(), ()>(&mut store, "_start") {
-                Ok(start) => start.call_async(&mut store, ()).await,
-                Err(e) => return Err(Error::NotCommand(e.to_string())),
-            },
-            Err(e) => Err(e),
+        store
+    }
+}
+
+/// The WASI context a command gets: args, env, preopened directories, output files.
+fn wasi_builder(cmd: &Command) -> Result<WasiCtxBuilder, Error> {
+    let mut b = WasiCtxBuilder::new();
+    b.args(&cmd.args).envs(&cmd.env);
+    for (host, guest, writable) in &cmd.dirs {
+        let perms = if *writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
         };
-        let limits = &store.data().limits;
-        Ok(match run {
-            Ok(()) => Exit::Code(0),
-            Err(e) => {
-                if let Some(x) = e.downcast_ref::<I32Exit>() {
-                    Exit::Code(x.0)
-                } else if limits.hit {
-                    Exit::OutOfMemory {
-                        limit: limits.memory.unwrap_or(0),
-                    }
-                } else {
-                    Exit::Trap(format!("{e:#}"))
+        b.preopened_dir(host, guest, perms).map_err(|e| Error::Io {
+            what: format!("opening {} for the guest", host.display()),
+            detail: e.to_string(),
+        })?;
+    }
+    if let Some(p) = &cmd.stdout {
+        b.stdout(wasmtime_wasi::cli::OutputFile::new(append(p)?));
+    }
+    if let Some(p) = &cmd.stderr {
+        b.stderr(wasmtime_wasi::cli::OutputFile::new(append(p)?));
+    }
+    Ok(b)
+}
+
+/// How a guest that returned `run` ended.
+fn exit_of(run: wasmtime::Result<()>, limits: &Limits) -> Exit {
+    match run {
+        Ok(()) => Exit::Code(0),
+        Err(e) => {
+            if let Some(x) = e.downcast_ref::<I32Exit>() {
+                Exit::Code(x.0)
+            } else if limits.hit {
+                Exit::OutOfMemory {
+                    limit: limits.memory.unwrap_or(0),
                 }
+            } else {
+                Exit::Trap(format!("{e:#}"))
             }
-        })
+        }
     }
 }
 

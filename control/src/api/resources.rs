@@ -13,6 +13,10 @@ pub enum Sub {
     Eviction,
     /// A container's output, fetched from its node.
     Log,
+    /// Streams into a container; answered with a clear error until nodes serve them.
+    Exec,
+    Attach,
+    PortForward,
 }
 
 impl Sub {
@@ -23,6 +27,9 @@ impl Sub {
             Sub::Binding => "binding",
             Sub::Eviction => "eviction",
             Sub::Log => "log",
+            Sub::Exec => "exec",
+            Sub::Attach => "attach",
+            Sub::PortForward => "portforward",
         }
     }
 
@@ -34,6 +41,8 @@ impl Sub {
             Sub::Binding => ("", "v1", "Binding"),
             Sub::Eviction => ("policy", "v1", "Eviction"),
             Sub::Log => ("", "v1", "Pod"),
+            Sub::Exec | Sub::Attach => ("", "v1", "PodExecOptions"),
+            Sub::PortForward => ("", "v1", "PodPortForwardOptions"),
         }
     }
 
@@ -42,6 +51,7 @@ impl Sub {
             Sub::Status | Sub::Scale => &["get", "patch", "update"],
             Sub::Binding | Sub::Eviction => &["create"],
             Sub::Log => &["get"],
+            Sub::Exec | Sub::Attach | Sub::PortForward => &["create", "get"],
         }
     }
 }
@@ -166,7 +176,7 @@ use k8s_openapi::api::{
 resources! {
     core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
-    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log], stored: true },
+    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log, Exec, Attach, PortForward], stored: true },
     core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },

@@ -301,6 +301,28 @@ pub(super) async fn serve(
         (Method::GET, None) if watch => watch_stream(ctx, table).await,
         (Method::GET, None) => list(&ctx, table).await,
         (Method::GET, Some(Sub::Log)) => logs(&ctx, &name).await,
+        (Method::GET | Method::POST, Some(s @ (Sub::Exec | Sub::Attach | Sub::PortForward))) => {
+            let pod = get(&ctx, &name).await?;
+            let wasm = pod["spec"]["runtimeClassName"] == "wasm"
+                || pod["spec"]["containers"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["image"]
+                            .as_str()
+                            .is_some_and(|i| i.starts_with("module:"))
+                    })
+                });
+            Err(ApiError::BadRequest(if wasm && s != Sub::PortForward {
+                format!(
+                    "pod {name} runs on the Wasm runtime: a Wasm guest has no shell or other process to {} into; use kubectl logs to see its output",
+                    s.name()
+                )
+            } else {
+                format!(
+                    "{} is not served by Outpost nodes yet (pod {name})",
+                    s.name()
+                )
+            }))
+        }
         (Method::GET, Some(Sub::Status)) => Ok(respond(StatusCode::OK, &get(&ctx, &name).await?)),
         (Method::GET, Some(Sub::Scale)) => {
             let o = get(&ctx, &name).await?;

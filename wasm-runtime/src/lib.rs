@@ -140,6 +140,15 @@ pub enum Program {
     Component(Component),
 }
 
+impl std::fmt::Debug for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Program::Core(_) => "Program::Core",
+            Program::Component(_) => "Program::Component",
+        })
+    }
+}
+
 /// Whether `bytes` are a component rather than a core module (the layer in the preamble).
 pub fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes.starts_with(b"\0asm") && bytes[6..8] == [1, 0]

@@ -1,5 +1,6 @@
-//! A first scheduler: binds each pod without a node to a Ready, schedulable node whose labels
-//! match the pod's node selector (and its RuntimeClass's), preferring the node with the fewest
+//! A first scheduler: binds each pod without a node to a Ready, schedulable node that offers
+//! the runtime the pod needs (Wasm, or OCI once nodes offer it) and whose labels match the
+//! pod's node selector (and its RuntimeClass's), preferring the node with the fewest
 //! pods. A pod that fits nowhere gets `PodScheduled=False` with the reason per node, the way
 //! `kubectl describe` shows it. It runs on the Raft leader and binds through the API's
 //! binding subresource, as kube-scheduler does. The full filter and score set is the
@@ -31,6 +32,9 @@ pub fn unfit(pod: &Value, node: &Value, class_selector: &Value) -> Option<&'stat
         return Some("node(s) were unschedulable");
     }
     let labels = &node["metadata"]["labels"];
+    if needs_oci(pod) && labels["outpost.dev/runtime-oci"] != "true" {
+        return Some("node(s) didn't offer the OCI runtime the pod needs");
+    }
     let matches = |sel: &Value| {
         sel.as_object()
             .is_none_or(|m| m.iter().all(|(k, v)| labels[k] == *v))
@@ -39,6 +43,20 @@ pub fn unfit(pod: &Value, node: &Value, class_selector: &Value) -> Option<&'stat
         return Some("node(s) didn't match Pod's node affinity/selector");
     }
     None
+}
+
+/// A pod runs on the Wasm runtime when it names the `wasm` RuntimeClass or all its images
+/// are modules from the module store; anything else needs an OCI runtime.
+pub fn needs_oci(pod: &Value) -> bool {
+    if pod["spec"]["runtimeClassName"] == "wasm" {
+        return false;
+    }
+    ["initContainers", "containers"].iter().any(|k| {
+        pod["spec"][k].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| !c["image"].as_str().unwrap_or("").starts_with("module:"))
+        })
+    })
 }
 
 fn scheduler() -> User {
@@ -252,6 +270,18 @@ mod tests {
         );
         assert!(unfit(&pod, &node("True", json!({"zone": "b"})), &Value::Null).is_some());
         assert!(unfit(&json!({}), &node("True", json!({})), &wasm).is_some());
+        let oci = json!({"spec": {"containers": [{"image": "nginx:1.27"}]}});
+        assert!(needs_oci(&oci));
+        assert_eq!(
+            unfit(
+                &oci,
+                &node("True", json!({"outpost.dev/runtime-wasm": "true"})),
+                &Value::Null
+            ),
+            Some("node(s) didn't offer the OCI runtime the pod needs")
+        );
+        let module = json!({"spec": {"containers": [{"image": "module:hello"}]}});
+        assert!(!needs_oci(&module));
         let mut cordoned = node("True", json!({}));
         cordoned["spec"] = json!({"unschedulable": true});
         assert_eq!(

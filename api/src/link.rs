@@ -19,6 +19,11 @@ pub const ALPN_NODE: &[u8] = b"outpost-node/1";
 pub const GATEWAY_NAME: &str = "gateway.outpost";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
+/// Both ends send keep-alives this often, well inside the idle timeout, so a quiet link
+/// through NAT stays mapped.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+/// A link that hears nothing for this long is lost, and the node reconnects.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A bootstrap token: `op1.<sha-256 of the cluster CA, hex>.<id>.<secret>`. The CA hash lets
 /// a node trust the gateway before it has any certificate (as kubeadm's CA hash does).

@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::api::{Api, Peer, User};
+use crate::sha256_hex;
 use crate::store::Consistency;
 
 /// Where bootstrap tokens live in the store.
@@ -172,10 +173,10 @@ pub fn start(
 }
 
 /// Keep-alives well inside the idle timeout, so a quiet link through NAT stays mapped.
-pub fn transport() -> quinn::TransportConfig {
+fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = Duration::from_secs(20).try_into() {
+    t.keep_alive_interval(Some(outpost_api::link::KEEP_ALIVE));
+    if let Ok(idle) = outpost_api::link::IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
     t
@@ -423,14 +424,6 @@ pub fn valid_node_name(n: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn unix_now() -> i64 {

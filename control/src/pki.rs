@@ -320,12 +320,7 @@ pub fn cluster_ca_der(dir: &Path) -> Result<CertificateDer<'static>, PkiError> {
 
 /// The hex SHA-256 of the cluster CA's DER: what a bootstrap token pins.
 pub fn ca_hash(dir: &Path) -> Result<String, PkiError> {
-    use sha2::Digest;
-    let der = cluster_ca_der(dir)?;
-    Ok(sha2::Sha256::digest(der.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::sha256_hex(cluster_ca_der(dir)?.as_ref()))
 }
 
 /// How long a node certificate is valid. Far longer than any autonomy window, so a node that

@@ -496,12 +496,9 @@ impl Agent {
     fn finish(self: Arc<Self>, uid: String) {
         tokio::spawn(async move {
             self.stop_and_wait(&uid).await;
-            let pod = self
-                .cache
-                .pods()
-                .into_iter()
-                .find(|p| p["metadata"]["uid"] == uid.as_str());
-            let Some(pod) = pod else { return };
+            let Some(pod) = self.cache.pod(&uid) else {
+                return;
+            };
             let (ns, name) = (
                 pod["metadata"]["namespace"].as_str().unwrap_or("default"),
                 pod["metadata"]["name"].as_str().unwrap_or(""),

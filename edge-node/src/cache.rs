@@ -76,7 +76,8 @@ impl Cache {
         })
     }
 
-    fn sync(&self) -> Result<(), CacheError> {
+    /// Ask the sync thread for a sync; it takes every write made before it runs.
+    fn sync_soon(&self) -> Result<(), CacheError> {
         let (lock, cv) = &*self.dirty;
         lock.lock().map_err(err)?.pending = true;
         cv.notify_one();
@@ -89,7 +90,7 @@ impl Cache {
             return Ok(false);
         }
         ks.insert(key, value).map_err(err)?;
-        self.sync()?;
+        self.sync_soon()?;
         Ok(true)
     }
 
@@ -106,6 +107,11 @@ impl Cache {
             .collect()
     }
 
+    pub fn pod(&self, uid: &str) -> Option<Value> {
+        let v = self.pods.get(uid).ok()??;
+        serde_json::from_slice(&v).ok()
+    }
+
     pub fn put_pod(&self, uid: &str, pod: &Value) -> Result<bool, CacheError> {
         let bytes = serde_json::to_vec(pod).map_err(err)?;
         self.put_if_changed(&self.pods, uid, &bytes)
@@ -114,7 +120,7 @@ impl Cache {
     pub fn remove_pod(&self, uid: &str) -> Result<(), CacheError> {
         if self.pods.get(uid).map_err(err)?.is_some() {
             self.pods.remove(uid).map_err(err)?;
-            self.sync()?;
+            self.sync_soon()?;
         }
         Ok(())
     }

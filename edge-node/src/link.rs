@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outpost_api::link::{
     read_frame, write_frame, Head, JoinReply, JoinRequest, Token, Up, ALPN_JOIN, ALPN_NODE,
-    GATEWAY_NAME, MAX_FRAME,
+    GATEWAY_NAME, IDLE_TIMEOUT, KEEP_ALIVE, MAX_FRAME,
 };
 use quinn::{Connection, Endpoint, RecvStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -250,8 +250,8 @@ fn endpoint(to: SocketAddr) -> Result<Endpoint, LinkError> {
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = Duration::from_secs(20).try_into() {
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)

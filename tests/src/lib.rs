@@ -36,6 +36,14 @@ pub fn free_udp_port() -> u16 {
         .expect("a free UDP port")
 }
 
+/// The logs of starts 1..=`starts` of a process, `DIR/STEM.N`, one after the other.
+fn numbered_logs(dir: &Path, stem: &str, starts: u32) -> String {
+    (1..=starts)
+        .filter_map(|n| std::fs::read_to_string(dir.join(format!("{stem}.{n}"))).ok())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One `outpost-control` process.
 pub struct Member {
     pub id: u64,
@@ -116,10 +124,7 @@ impl Member {
 
     /// Everything this member has logged, across restarts.
     pub fn logs(&self) -> String {
-        (1..=self.starts)
-            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("log.{n}"))).ok())
-            .collect::<Vec<_>>()
-            .join("\n")
+        numbered_logs(&self.dir, "log", self.starts)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -331,6 +336,17 @@ pub struct Run {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Run {
+        Run {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl Run {
     /// Fail with the whole output unless the command succeeded.
     pub fn expect_ok(self, what: &str) -> anyhow::Result<Run> {
@@ -405,13 +421,7 @@ pub fn kubectl_with(
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())?;
     }
-    let out = wait_timeout(child, Duration::from_secs(60))?;
-    Ok(Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    wait_timeout(child, Duration::from_secs(60)).map(Run::from)
 }
 
 fn wait_timeout(mut child: Child, limit: Duration) -> anyhow::Result<std::process::Output> {
@@ -513,10 +523,7 @@ impl Up {
     }
 
     pub fn logs(&self) -> String {
-        (1..=self.starts)
-            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("up.log.{n}"))).ok())
-            .collect::<Vec<_>>()
-            .join("\n")
+        numbered_logs(&self.dir, "up.log", self.starts)
     }
 
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Run> {
@@ -571,13 +578,7 @@ impl Up {
             .stderr(Stdio::piped())
             .spawn()
             .context("running outpost")?;
-        let out = wait_timeout(child, Duration::from_secs(60))?;
-        Ok(Run {
-            ok: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        wait_timeout(child, Duration::from_secs(60)).map(Run::from)
     }
 
     /// `kubectl get` one field with jsonpath, retried until `want` says yes.
@@ -681,10 +682,7 @@ impl Node {
     }
 
     pub fn logs(&self) -> String {
-        (1..=self.starts)
-            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("node.log.{n}"))).ok())
-            .collect::<Vec<_>>()
-            .join("\n")
+        numbered_logs(&self.dir, "node.log", self.starts)
     }
 }
 

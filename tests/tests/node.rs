@@ -326,9 +326,26 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
         "{}",
         secrets.stderr
     );
-    let label = as_node(&["label", "node", "edge-2-does-not-exist", "x=y"])?
-        .expect_err("a node changes another node")?;
-    assert!(!label.ok);
+    // Another node's Node object, the one `outpost up` runs: a node may not change it.
+    let other = up.wait_field(
+        5,
+        &["nodes", "-l", "kubernetes.io/hostname!=edge-1"],
+        "{.items[0].metadata.name}",
+        |n| !n.is_empty(),
+    )?;
+    let label =
+        as_node(&["label", "node", &other, "x=y"])?.expect_err("a node changes another node")?;
+    assert!(
+        label.stderr.to_lowercase().contains("forbidden"),
+        "{}",
+        label.stderr
+    );
+    let own_label = as_node(&["label", "node", "edge-1", "x=y"])?;
+    assert!(
+        own_label.ok,
+        "a node labels its own Node: {}",
+        own_label.stderr
+    );
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use outpost_api::store::{Expect, Op, Outcome};
 use serde_json::{json, Value};
 
 use super::{json_response, Api, ApiError, Query};
-use crate::gateway::sha256_hex;
+use crate::sha256_hex;
 use crate::store::Consistency;
 
 /// Largest module the store takes.

@@ -433,14 +433,13 @@ async fn logs(ctx: &Ctx<'_>, name: &str) -> Result<Response, ApiError> {
         ctx.q
             .get(k)
             .map(|v| {
-                v.parse::<i64>()
-                    .ok()
-                    .filter(|n| *n >= 0 || k == "tailLines")
-                    .map(|n| n.max(0) as u64)
-                    .ok_or_else(|| ApiError::BadRequest(format!("{k} must be a number, got {v:?}")))
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::BadRequest(format!("{k} must be a number of at least 0, got {v:?}"))
+                })
             })
             .transpose()
     };
+    // kubectl sends tailLines=-1 for "all lines".
     let tail = match ctx.q.get("tailLines") {
         Some(v) if v.trim_start().starts_with('-') => None,
         _ => num("tailLines")?,

@@ -26,11 +26,11 @@ use openraft::raft::{
 use openraft::{BasicNode, Raft, Snapshot, SnapshotMeta, Vote};
 use outpost_api::store::{Command, Outcome};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
+use serde::{Deserialize, Serialize};
 
 use super::sm::SnapFile;
-use super::{decode, encode, TypeConfig};
+use super::TypeConfig;
 use crate::pki::MEMBER_NAME;
 
 pub const ALPN: &[u8] = b"outpost-raft/1";
@@ -97,34 +97,20 @@ pub enum NetError {
 }
 
 pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> std::io::Result<()> {
-    let buf = encode(msg);
-    if buf.len() > MAX_FRAME {
-        return Err(std::io::Error::other(format!(
-            "frame of {} bytes over the limit",
-            buf.len()
-        )));
-    }
-    send.write_all(&(buf.len() as u32).to_be_bytes()).await?;
-    send.write_all(&buf).await?;
-    Ok(())
+    outpost_api::link::write_frame(send, msg, MAX_FRAME).await
 }
 
+/// One frame. A frame that is over the limit or does not decode is `InvalidData` (the peer
+/// does not speak our protocol); anything else means the peer went (`ConnectionAborted`).
 pub async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut RecvStream,
 ) -> std::io::Result<T> {
-    let mut len = [0u8; 4];
-    let gone = |e| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e);
-    recv.read_exact(&mut len).await.map_err(gone)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes over the limit"),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(gone)?;
-    decode(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    outpost_api::link::read_frame(recv, MAX_FRAME)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => e,
+            _ => std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e),
+        })
 }
 
 /// Outgoing connections to other members, one per address, opened on demand.

@@ -26,8 +26,8 @@ use openraft::raft::{
 use openraft::{BasicNode, Raft, Snapshot, SnapshotMeta, Vote};
 use outpost_api::store::{Command, Outcome};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use tokio::io::AsyncReadExt;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
 
 use super::sm::SnapFile;
 use super::TypeConfig;

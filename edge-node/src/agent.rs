@@ -24,6 +24,7 @@ use crate::cache::Cache;
 use crate::link::{self, Link, LinkError, Pki};
 use crate::logs;
 use crate::pod::{self, Container, Next, State};
+use crate::probe::{self, Probe, Tally};
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -962,6 +963,20 @@ impl Worker {
         self.spec["name"].as_str().unwrap_or("")
     }
 
+    fn probing(&self) -> Probing {
+        Probing {
+            containers: self.containers.clone(),
+            index: self.index,
+            changed: self.changed.clone(),
+            what: format!(
+                "{}/{} container {}",
+                self.pod["metadata"]["namespace"].as_str().unwrap_or(""),
+                self.pod["metadata"]["name"].as_str().unwrap_or(""),
+                self.name()
+            ),
+        }
+    }
+
     async fn run(self) {
         let policy = self.pod["spec"]["restartPolicy"]
             .as_str()
@@ -969,6 +984,15 @@ impl Worker {
             .to_string();
         let mut failures = 0u32;
         let mut restarts = 0u32;
+        let probes = match Probes::of(&self.spec) {
+            Ok(p) => p,
+            Err(e) => {
+                // The spec cannot change: wait to be deleted, saying why.
+                self.update(|c| c.state = State::waiting("CreateContainerConfigError", e));
+                self.stop.wait().await;
+                return;
+            }
+        };
         loop {
             if self.stop.stopped() {
                 return;
@@ -997,14 +1021,39 @@ impl Worker {
                     started: started.clone(),
                 };
                 c.restarts = restarts;
+                c.started = probes.startup.is_none();
+                c.ready = c.started && probes.readiness.is_none();
             });
             let runtime = self.agent.runtime.clone();
-            let stop = self.stop.clone();
+            // This run ends when the pod stops or a probe gives up on it.
+            let stop = Stop::new();
+            let forward = {
+                let (pod, run) = (self.stop.clone(), stop.clone());
+                tokio::spawn(async move {
+                    pod.wait().await;
+                    run.stop();
+                })
+            };
+            let watch = tokio::spawn(self.probing().watch(probes.clone(), stop.clone()));
             let exit = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
+            forward.abort();
+            let killed = if watch.is_finished() {
+                watch.await.ok().flatten()
+            } else {
+                watch.abort();
+                None
+            };
+            self.update(|c| {
+                c.ready = false;
+                c.started = false;
+            });
             let (code, reason, message) = match &exit {
+                Ok(Exit::Stopped) if killed.is_some() => {
+                    (137, "Error".to_string(), killed.clone().unwrap_or_default())
+                }
                 Ok(Exit::OutOfMemory { limit }) => (
                     137,
                     "OOMKilled".to_string(),
@@ -1103,6 +1152,12 @@ impl Worker {
             }
             None => None,
         };
+        // An HTTP component listens on the container's first port, on every address of the
+        // node (Wasm pods share the node's network; the pod IP is the node's).
+        let listen = self.spec["ports"][0]["containerPort"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .map(|p| std::net::SocketAddr::from(([0, 0, 0, 0], p)));
         Ok((
             module,
             Command {
@@ -1113,6 +1168,7 @@ impl Worker {
                 stderr: Some(log),
                 memory,
                 millicores,
+                listen,
             },
         ))
     }
@@ -1339,4 +1395,110 @@ fn data_of(kind: &str, o: &Value) -> Vec<(String, String)> {
             Some((k.clone(), s))
         })
         .collect()
+}
+
+/// A container's probes, parsed once: its spec cannot change.
+#[derive(Debug, Clone, Default)]
+struct Probes {
+    startup: Option<Probe>,
+    liveness: Option<Probe>,
+    readiness: Option<Probe>,
+}
+
+impl Probes {
+    fn of(spec: &Value) -> Result<Probes, String> {
+        Ok(Probes {
+            startup: probe::parse(spec, "startupProbe")?,
+            liveness: probe::parse(spec, "livenessProbe")?,
+            readiness: probe::parse(spec, "readinessProbe")?,
+        })
+    }
+}
+
+/// What the probes of one run may change: the container's started and ready flags.
+struct Probing {
+    containers: Arc<Mutex<Vec<Container>>>,
+    index: usize,
+    changed: Arc<watch::Sender<u64>>,
+    what: String,
+}
+
+impl Probing {
+    fn set(&self, f: impl FnOnce(&mut Container) -> bool) {
+        let changed = self
+            .containers
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get_mut(self.index).map(f))
+            .unwrap_or(false);
+        if changed {
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Probe one run as the kubelet does: the startup probe first; then liveness and
+    /// readiness side by side. Returns why the run was stopped, if a probe stopped it.
+    async fn watch(self, probes: Probes, run: Arc<Stop>) -> Option<String> {
+        if let Some(p) = &probes.startup {
+            if let Err(why) = until(p, true).await {
+                tracing::info!(container = %self.what, %why, "startup probe failed; killing");
+                run.stop();
+                return Some(format!("Startup probe failed: {why}"));
+            }
+            let ready = probes.readiness.is_none();
+            self.set(|c| {
+                c.started = true;
+                c.ready = ready;
+                true
+            });
+        }
+        let live = async {
+            match &probes.liveness {
+                Some(p) => until(p, false).await.err().unwrap_or_default(),
+                None => std::future::pending().await,
+            }
+        };
+        let ready = async {
+            let Some(p) = &probes.readiness else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep(p.delay).await;
+            let mut tally = Tally::default();
+            loop {
+                let r = p.try_once().await;
+                if let Some(v) = tally.record(p, r.is_ok()) {
+                    if let Err(why) = &r {
+                        tracing::debug!(container = %self.what, %why, "readiness probe failed");
+                    }
+                    self.set(|c| std::mem::replace(&mut c.ready, v) != v);
+                }
+                tokio::time::sleep(p.period).await;
+            }
+        };
+        tokio::select! {
+            why = live => {
+                tracing::info!(container = %self.what, %why, "liveness probe failed; restarting");
+                run.stop();
+                Some(format!("Liveness probe failed: {why}"))
+            }
+            () = ready => None,
+        }
+    }
+}
+
+/// Try `p` every period after its delay until it passes (`Ok`) when `pass` is true, or
+/// until it fails its threshold (`Err` with the last failure): the startup probe waits
+/// for a pass, then returns; the liveness probe runs until it fails.
+async fn until(p: &Probe, pass: bool) -> Result<(), String> {
+    tokio::time::sleep(p.delay).await;
+    let mut tally = Tally::default();
+    loop {
+        let r = p.try_once().await;
+        match tally.record(p, r.is_ok()) {
+            Some(true) if pass => return Ok(()),
+            Some(false) => return Err(r.err().unwrap_or_default()),
+            _ => {}
+        }
+        tokio::time::sleep(p.period).await;
+    }
 }

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod link;
 pub mod logs;
 pub mod pod;
+pub mod probe;
 
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;

@@ -80,6 +80,10 @@ pub struct Container {
     pub restarts: u32,
     /// The policy says this container will not run again.
     pub done: bool,
+    /// Its startup probe passed (or it has none) in this run.
+    pub started: bool,
+    /// Its readiness probe passes (or it has none and has started) in this run.
+    pub ready: bool,
 }
 
 impl Container {
@@ -92,6 +96,8 @@ impl Container {
             last: None,
             restarts: 0,
             done: false,
+            started: false,
+            ready: false,
         }
     }
 }
@@ -148,7 +154,8 @@ pub fn phase(containers: &[Container]) -> &'static str {
 pub fn status(containers: &[Container], started: &str, host_ip: &str, now: &str) -> Value {
     let phase = phase(containers);
     let running = |c: &Container| matches!(c.state, State::Running { .. });
-    let ready = !containers.is_empty() && containers.iter().all(running);
+    let ready_now = |c: &Container| running(c) && c.ready;
+    let ready = !containers.is_empty() && containers.iter().all(ready_now);
     let cond = |t: &str, ok: bool, reason: Option<&str>| {
         let mut c = json!({"type": t, "status": if ok { "True" } else { "False" },
             "lastProbeTime": null, "lastTransitionTime": now});
@@ -167,7 +174,7 @@ pub fn status(containers: &[Container], started: &str, host_ip: &str, now: &str)
         .map(|c| {
             let mut s = json!({
                 "name": c.name, "image": c.image, "imageID": c.image_id,
-                "ready": running(c), "started": running(c),
+                "ready": ready_now(c), "started": running(c) && c.started,
                 "restartCount": c.restarts, "state": c.state.json(),
                 "lastState": c.last.as_ref().map(State::json).unwrap_or(json!({})),
             });

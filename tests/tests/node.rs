@@ -619,3 +619,122 @@ fn a_cut_link_heals_without_restarts() -> anyhow::Result<()> {
     assert!(reconnects >= 2, "{}", edge.logs());
     Ok(())
 }
+
+/// One HTTP/1.0 GET (no chunked body to decode) to `127.0.0.1:port`: the status and body.
+fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    )?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    let code = r
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((code, body.to_string()))
+}
+
+#[test]
+fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    push(&up, "http-hello")?;
+    // The example's own manifest, on a port no other test uses.
+    let port = outpost_tests::free_tcp_port();
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http-hello/pod.yaml"),
+    )?
+    .replace("containerPort: 8080", &format!("containerPort: {port}"));
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply http-hello")?;
+    // Ready only once its readiness probe (GET /healthz) passes.
+    up.wait_field(
+        60,
+        &["pod", "http-hello"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )?;
+    let (code, body) = get(port, "/from/a/test")?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, "hello from Outpost at /from/a/test\n");
+    let (code, _) = get(port, "/healthz")?;
+    assert_eq!(code, 200);
+    // Each request's guest output lands in the container's log.
+    let t = Instant::now();
+    loop {
+        let logs = up.kubectl(&["logs", "http-hello"])?.expect_ok("logs")?;
+        if logs.stdout.contains("GET /from/a/test") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", logs.stdout);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A second container on the same port cannot listen: a clear reason, not a crash.
+    let clash = format!(
+        "{}    ports:\n    - containerPort: {port}\n",
+        pod_yaml("clash", "module:http-hello", "Never", "")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &clash)?
+        .expect_ok("apply clash")?;
+    let msg = up.wait_field(
+        60,
+        &["pod", "clash"],
+        "{.status.containerStatuses[0].state.terminated.message}",
+        |m| !m.is_empty(),
+    )?;
+    assert!(msg.contains(&format!("listening on 0.0.0.0:{port}")), "{msg}");
+    let (code, _) = get(port, "/still/there")?;
+    assert_eq!(code, 200);
+
+    // A liveness probe that fails restarts the container and says why; a readiness probe
+    // that fails keeps the pod Running but not Ready.
+    let dead = outpost_tests::free_tcp_port();
+    let probed = pod_yaml(
+        "unhealthy",
+        "module:sleeper",
+        "Always",
+        &format!(
+            "    livenessProbe:\n      tcpSocket:\n        port: {dead}\n      periodSeconds: 1\n      failureThreshold: 2\n    readinessProbe:\n      httpGet:\n        port: {dead}\n      periodSeconds: 1\n"
+        ),
+    );
+    push(&up, "sleeper")?;
+    up.kubectl_in(&["apply", "-f", "-"], &probed)?
+        .expect_ok("apply unhealthy")?;
+    let last = up.wait_field(
+        40,
+        &["pod", "unhealthy"],
+        "{.status.containerStatuses[0].lastState.terminated.message}",
+        |m| !m.is_empty(),
+    )?;
+    assert!(last.starts_with("Liveness probe failed: dial tcp"), "{last}");
+    let state = up.wait_field(
+        5,
+        &["pod", "unhealthy"],
+        "{.status.phase}/{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| !s.is_empty(),
+    )?;
+    assert_eq!(state, "Running/False");
+    // exec probes cannot run in a Wasm container: a clear reason.
+    let exec = pod_yaml(
+        "exec-probe",
+        "module:sleeper",
+        "Always",
+        "    livenessProbe:\n      exec:\n        command: [\"true\"]\n",
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &exec)?
+        .expect_ok("apply exec-probe")?;
+    let msg = up.wait_field(
+        30,
+        &["pod", "exec-probe"],
+        "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+        |m| m.starts_with("CreateContainerConfigError"),
+    )?;
+    assert!(msg.contains("exec probes"), "{msg}");
+    Ok(())
+}

@@ -1,13 +1,17 @@
 //! Runs Wasm workloads for the node agent. It owns the one wasmtime `Engine` of a node
 //! (pooling allocator, epoch interruption, async support), the compiled programs (cached by
 //! digest), and the running of WASI commands, preview 1 modules and preview 2 components
-//! (`wasi:cli/run`): args, env, preopened directories, stdout and stderr to files, a memory
+//! (`wasi:cli/run`), and `wasi:http/incoming-handler` components served over HTTP on the
+//! container's port with one fresh instance per request (see [`http`]): args, env, preopened directories, stdout and stderr to files, a memory
 //! limit enforced by a resource limiter, a CPU limit enforced at epoch deadlines, and a
 //! [`Stop`] signal. Guests run as tokio tasks: a guest waiting in a host call (a sleep) holds
 //! no thread and is stopped as promptly as a busy one. It reports what the guest did as an
 //! [`Exit`] that the agent turns into a container state the way the kubelet would.
 
+mod http;
+
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +28,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// How often the epoch advances: the granularity of CPU throttling and of stopping a guest.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -98,7 +103,13 @@ pub struct Command {
     pub memory: Option<u64>,
     /// CPU the guest may use, in thousandths of a core (`resources.limits.cpu`).
     pub millicores: Option<u64>,
+    /// Where an HTTP component listens; [`DEFAULT_LISTEN`] when unset.
+    pub listen: Option<SocketAddr>,
 }
+
+/// Where an HTTP component listens when its container names no port (as `wasmtime serve`).
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
 
 /// Ends a running guest from outside, whatever it is doing.
 #[derive(Default)]
@@ -133,11 +144,13 @@ impl Stop {
     }
 }
 
-/// Compiled code: a core module (WASI preview 1) or a component (WASI preview 2).
+/// Compiled code: a core module (WASI preview 1), a command component (WASI preview 2), or
+/// a component that exports `wasi:http/incoming-handler` and is served, not run.
 #[derive(Clone)]
 pub enum Program {
     Core(Module),
     Component(Component),
+    Http(Component),
 }
 
 impl std::fmt::Debug for Program {
@@ -145,6 +158,7 @@ impl std::fmt::Debug for Program {
         f.write_str(match self {
             Program::Core(_) => "Program::Core",
             Program::Component(_) => "Program::Component",
+            Program::Http(_) => "Program::Http",
         })
     }
 }
@@ -172,8 +186,30 @@ struct Guest {
 /// The store data of a preview 2 component.
 struct Guest2 {
     ctx: WasiCtx,
+    http: WasiHttpCtx,
     table: ResourceTable,
     limits: Limits,
+}
+
+impl Guest2 {
+    fn new(b: &mut WasiCtxBuilder, limits: Limits) -> Guest2 {
+        Guest2 {
+            ctx: b.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits,
+        }
+    }
+}
+
+impl WasiHttpView for Guest2 {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: Default::default(),
+        }
+    }
 }
 
 impl WasiView for Guest2 {
@@ -266,10 +302,12 @@ impl Runtime {
             },
         )?;
         let mut components: component::Linker<Guest2> = component::Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(|e| Error::Io {
-            what: "linking WASI preview 2".into(),
-            detail: e.to_string(),
-        })?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut components)
+            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components))
+            .map_err(|e| Error::Io {
+                what: "linking WASI preview 2".into(),
+                detail: e.to_string(),
+            })?;
         let ticking = Arc::new(AtomicBool::new(true));
         {
             let engine = engine.clone();
@@ -307,7 +345,16 @@ impl Runtime {
         }
         let invalid = |e: wasmtime::Error| Error::Invalid(format!("{e:#}"));
         let m = if is_component(bytes) {
-            Program::Component(Component::new(&self.engine, bytes).map_err(invalid)?)
+            let c = Component::new(&self.engine, bytes).map_err(invalid)?;
+            let serves = c
+                .component_type()
+                .exports(&self.engine)
+                .any(|(name, _)| name.starts_with("wasi:http/incoming-handler@"));
+            if serves {
+                Program::Http(c)
+            } else {
+                Program::Component(c)
+            }
         } else {
             Program::Core(Module::new(&self.engine, bytes).map_err(invalid)?)
         };
@@ -321,9 +368,17 @@ impl Runtime {
         self.modules.lock().ok()?.get(digest).cloned()
     }
 
-    /// Run a WASI command to its end. A busy guest yields to the executor every tick; `stop`
-    /// ends the guest within a tick, or at once if it is waiting in a host call.
+    /// Run a WASI command to its end, or serve an HTTP component until stopped. A busy guest
+    /// yields to the executor every tick; `stop` ends the guest within a tick, or at once if it
+    /// is waiting in a host call.
     pub async fn run(&self, module: &Program, cmd: &Command, stop: &Stop) -> Result<Exit, Error> {
+        if let Program::Http(c) = module {
+            return tokio::select! {
+                r = http::serve(self, c, cmd) => r,
+                // Dropping the server drops every connection and request in flight.
+                _ = stop.wait() => Ok(Exit::Stopped),
+            };
+        }
         tokio::select! {
             r = self.run_guest(module, cmd) => r,
             // Dropping the guest's future tears its fiber and instance down.
@@ -344,7 +399,8 @@ impl Runtime {
                     .instantiate_pre(module)
                     .map_err(|e| Error::Unsupported(format!("{e:#}")))?;
                 let mut b = b;
-                let mut store = self.store(
+                let mut store = store(
+                    &self.engine,
                     Guest {
                         wasi: b.build_p1(),
                         limits,
@@ -368,14 +424,7 @@ impl Runtime {
                 let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre)
                     .map_err(|e| Error::NotCommand(format!("{e:#}")))?;
                 let mut b = b;
-                let mut store = self.store(
-                    Guest2 {
-                        ctx: b.build(),
-                        table: ResourceTable::new(),
-                        limits,
-                    },
-                    cmd,
-                );
+                let mut store = store(&self.engine, Guest2::new(&mut b, limits), cmd);
                 let run = match pre.instantiate_async(&mut store).await {
                     Ok(command) => command
                         .wasi_cli_run()
@@ -389,30 +438,33 @@ impl Runtime {
                     Err(e) => exit_of(Err(e), &store.data().limits),
                 })
             }
+            Program::Http(_) => Err(Error::NotCommand(
+                "an HTTP component is served, not run".into(),
+            )),
         }
     }
+}
 
-    /// A store with the memory limiter and the CPU policy at each epoch deadline.
-    fn store<T: HasLimits>(&self, data: T, cmd: &Command) -> Store<T> {
-        let mut store = Store::new(&self.engine, data);
-        store.limiter(|g| g.limits());
-        store.set_epoch_deadline(1);
-        // Each tick the guest ran, it sleeps long enough to hold its share of one core.
-        let pause = cmd
-            .millicores
-            .filter(|m| *m < 1000)
-            .map(|m| m.max(10))
-            .map(|m| TICK.mul_f64((1000 - m) as f64 / m as f64));
-        store.epoch_deadline_callback(move |_| {
-            // Yield at every tick so one busy guest never holds an executor thread; under a
-            // CPU limit, sleep long enough to hold only its share of one core.
-            Ok(match pause {
-                Some(p) => UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(p))),
-                None => UpdateDeadline::Yield(1),
-            })
-        });
-        store
-    }
+/// A store with the memory limiter and the CPU policy at each epoch deadline.
+fn store<T: HasLimits>(engine: &Engine, data: T, cmd: &Command) -> Store<T> {
+    let mut store = Store::new(engine, data);
+    store.limiter(|g| g.limits());
+    store.set_epoch_deadline(1);
+    // Each tick the guest ran, it sleeps long enough to hold its share of one core.
+    let pause = cmd
+        .millicores
+        .filter(|m| *m < 1000)
+        .map(|m| m.max(10))
+        .map(|m| TICK.mul_f64((1000 - m) as f64 / m as f64));
+    store.epoch_deadline_callback(move |_| {
+        // Yield at every tick so one busy guest never holds an executor thread; under a
+        // CPU limit, sleep long enough to hold only its share of one core.
+        Ok(match pause {
+            Some(p) => UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(p))),
+            None => UpdateDeadline::Yield(1),
+        })
+    });
+    store
 }
 
 /// The WASI context a command gets: args, env, preopened directories, output files.

@@ -7,10 +7,12 @@ need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)   # etcd-client's build (bench)
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)   # a real OCI registry for the Wasm-artifact tests
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
   command -v etcd >/dev/null || need_apt+=(etcd-server)
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+  command -v wrk >/dev/null || need_apt+=(wrk)   # the load of `outpost-bench http`
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -74,6 +74,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         burst: usize,
     },
+    /// The wasi:http example served by a node and by `wasmtime serve`, under `wrk`.
+    Http {
+        /// Seconds of load on each server.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        conns: u32,
+    },
 }
 
 const VALUE: usize = 256;
@@ -429,6 +438,27 @@ async fn main() -> anyhow::Result<()> {
                     p / f.p50_ms
                 ),
                 None => println!("  wasmtime CLI peer: not installed"),
+            }
+        }
+        Cmd::Http { secs, conns } => {
+            println!("wasi:http hello under wrk ({conns} connections, {secs} s each, 1 node, release builds)");
+            let f = node::http(secs, conns).await?;
+            let line = |who: &str, l: &node::Load| {
+                println!(
+                    "  {who:<22} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
+                    l.per_s, l.p50_ms, l.p99_ms
+                )
+            };
+            line("outpost node", &f.ours);
+            match &f.peer {
+                Some(p) => {
+                    line("wasmtime serve", p);
+                    println!(
+                        "  ratio (ours / wasmtime serve) {:.2}x throughput (target >= 0.8)",
+                        f.ours.per_s / p.per_s
+                    );
+                }
+                None => println!("  wasmtime serve peer: not installed"),
             }
         }
     }

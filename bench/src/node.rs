@@ -146,75 +146,104 @@ fn wasmtime_peer(module: &Path, runs: usize) -> anyhow::Result<Option<f64>> {
     Ok(Some(percentile(&times, 0.5) / 1000.0))
 }
 
-pub async fn run(pods: usize, burst: usize) -> anyhow::Result<Figures> {
-    let root = tempfile::tempdir()?;
-    let ms = tokio::task::block_in_place(|| start(root.path(), 1, &[]))?;
-    let api = ms[0].api.clone();
-    let c = client(&root.path().join("m1/pki"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = c
-            .get(format!(
-                "https://{api}/apis/node.k8s.io/v1/runtimeclasses/wasm"
-            ))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            break;
+/// One release `outpost-control` and one joined `outpost-node`, on loopback.
+/// Fields drop in order: the agent, then the control plane, then their files.
+struct Cluster {
+    agent: Agent,
+    _members: Vec<super::api::Member>,
+    api: String,
+    c: reqwest::Client,
+    root: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> anyhow::Result<Cluster> {
+        let root = tempfile::tempdir()?;
+        let ms = tokio::task::block_in_place(|| start(root.path(), 1, &[]))?;
+        let api = ms[0].api.clone();
+        let c = client(&root.path().join("m1/pki"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = c
+                .get(format!(
+                    "https://{api}/apis/node.k8s.io/v1/runtimeclasses/wasm"
+                ))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the control plane did not bootstrap");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if Instant::now() > deadline {
-            bail!("the control plane did not bootstrap");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let token = post(
-        &c,
-        format!("https://{api}/outpost/v1/tokens"),
-        "application/json",
-        vec![],
-    )
-    .await?;
-    let token = token["token"].as_str().unwrap_or_default().to_string();
-    let node_bin: PathBuf = super::api::control_bin()?.with_file_name("outpost-node");
-    let agent = Agent(
-        Command::new(&node_bin)
-            .args(["--server", &api, "--token", &token, "--name", "bench-node"])
-            .arg("--data-dir")
-            .arg(root.path().join("node"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (cargo build --release -p outpost-edge-node)",
-                    node_bin.display()
-                )
-            })?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c
-            .get(format!("https://{api}/api/v1/nodes/bench-node"))
-            .send()
-            .await?;
-        if r.status().is_success() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the node did not register");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for name in ["sleeper", "hello"] {
-        post(
+        let token = post(
             &c,
-            format!("https://{api}/outpost/v1/modules?name={name}"),
+            format!("https://{api}/outpost/v1/tokens"),
+            "application/json",
+            vec![],
+        )
+        .await?;
+        let token = token["token"].as_str().unwrap_or_default().to_string();
+        let node_bin: PathBuf = super::api::control_bin()?.with_file_name("outpost-node");
+        let agent = Agent(
+            Command::new(&node_bin)
+                .args(["--server", &api, "--token", &token, "--name", "bench-node"])
+                .arg("--data-dir")
+                .arg(root.path().join("node"))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "starting {} (cargo build --release -p outpost-edge-node)",
+                        node_bin.display()
+                    )
+                })?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = c
+                .get(format!("https://{api}/api/v1/nodes/bench-node"))
+                .send()
+                .await?;
+            if r.status().is_success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the node did not register");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Cluster {
+            root,
+            api,
+            c,
+            agent,
+            _members: ms,
+        })
+    }
+
+    async fn push(&self, name: &str) -> anyhow::Result<()> {
+        post(
+            &self.c,
+            format!("https://{}/outpost/v1/modules?name={name}", self.api),
             "application/wasm",
             example(name)?,
         )
         .await?;
+        Ok(())
+    }
+}
+
+pub async fn run(pods: usize, burst: usize) -> anyhow::Result<Figures> {
+    let cl = Cluster::start().await?;
+    let (root, api, c, agent) = (cl.root.path(), cl.api.clone(), cl.c.clone(), &cl.agent);
+    for name in ["sleeper", "hello"] {
+        cl.push(name).await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = rss_kib(agent.0.id()) as f64 / 1024.0;
@@ -310,11 +339,10 @@ pub async fn run(pods: usize, burst: usize) -> anyhow::Result<Figures> {
     let last = started.values().max().copied().unwrap_or(t0);
     let burst_s = (last - t0).as_secs_f64();
     let peer = tokio::task::block_in_place(|| {
-        let f = root.path().join("hello.wasm");
+        let f = root.join("hello.wasm");
         std::fs::write(&f, example("hello")?)?;
         wasmtime_peer(&f, 30)
     })?;
-    drop(agent);
     Ok(Figures {
         p50_ms: percentile(&lat, 0.5) / 1000.0,
         p99_ms: percentile(&lat, 0.99) / 1000.0,
@@ -324,5 +352,124 @@ pub async fn run(pods: usize, burst: usize) -> anyhow::Result<Figures> {
         rss_idle_mb: rss_idle,
         rss_100_mb: rss_100,
         peer_p50_ms: peer,
+    })
+}
+
+/// Requests/s and latency of one load run.
+pub struct Load {
+    pub per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+pub struct HttpFigures {
+    pub ours: Load,
+    pub peer: Option<Load>,
+}
+
+/// `wrk` against `url` for `secs` with `conns` connections, with its latency distribution.
+fn wrk(url: &str, secs: u64, conns: u32) -> anyhow::Result<Load> {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            "2",
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk (OUTPOST_BENCH=1 scripts/setup.sh installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("Non-2xx") {
+        bail!("wrk: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |label: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
+            .with_context(|| format!("no {label:?} in wrk's output: {text}"))
+    };
+    let ms = |v: String| -> anyhow::Result<f64> {
+        let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+        let n: f64 = n.parse()?;
+        Ok(match unit {
+            "us" => n / 1000.0,
+            "s" => n * 1000.0,
+            _ => n,
+        })
+    };
+    Ok(Load {
+        per_s: field("Requests/sec:")?.parse()?,
+        p50_ms: ms(field("50%")?)?,
+        p99_ms: ms(field("99%")?)?,
+    })
+}
+
+/// Wait until `url` answers 2xx.
+async fn answers(url: &str, who: &str) -> anyhow::Result<()> {
+    let c = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        if Instant::now() > deadline {
+            bail!("{who} did not answer within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The wasi:http example served by a node, and by `wasmtime serve`, under the same load.
+pub async fn http(secs: u64, conns: u32) -> anyhow::Result<HttpFigures> {
+    let cl = Cluster::start().await?;
+    cl.push("http-hello").await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let spec = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "http-hello"},
+        "spec": {"runtimeClassName": "wasm", "containers": [{"name": "main",
+            "image": "module:http-hello", "ports": [{"containerPort": port}]}]}});
+    post(
+        &cl.c,
+        format!("https://{}/api/v1/namespaces/default/pods", cl.api),
+        "application/json",
+        spec.to_string().into_bytes(),
+    )
+    .await?;
+    let url = format!("http://127.0.0.1:{port}/bench");
+    answers(&url, "the http-hello pod").await?;
+    let ours = tokio::task::block_in_place(|| wrk(&url, secs, conns))?;
+    drop(cl);
+    if Command::new("wasmtime").arg("--version").output().is_err() {
+        eprintln!("note: the wasmtime CLI is not installed (OUTPOST_BENCH=1 scripts/setup.sh installs it); no peer figure");
+        return Ok(HttpFigures { ours, peer: None });
+    }
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("http-hello.wasm");
+    std::fs::write(&f, example("http-hello")?)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    // `-S cli`: the example reads its environment, as it may in a pod.
+    let _peer = Agent(
+        Command::new("wasmtime")
+            .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
+            .arg(&f)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let url = format!("http://127.0.0.1:{port}/bench");
+    answers(&url, "wasmtime serve").await?;
+    let peer = tokio::task::block_in_place(|| wrk(&url, secs, conns))?;
+    Ok(HttpFigures {
+        ours,
+        peer: Some(peer),
     })
 }

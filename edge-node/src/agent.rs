@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use outpost_api::link::{read_frame, write_frame, Down, Head, LogRequest, Token, MAX_FRAME};
+use outpost_oci_shim::registry;
+use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
@@ -36,6 +38,8 @@ pub struct Config {
     pub token: Option<String>,
     /// The node's name when joining (defaults to the host name).
     pub name: Option<String>,
+    /// Registries spoken to over plain HTTP (besides those on loopback).
+    pub insecure_registries: Vec<String>,
 }
 
 fn now() -> String {
@@ -75,6 +79,7 @@ pub struct Agent {
     pki: Pki,
     cache: Cache,
     runtime: Arc<Runtime>,
+    registry: registry::Client,
     link: watch::Sender<Option<Link>>,
     pods: Mutex<HashMap<String, PodRun>>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
@@ -150,6 +155,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pki,
         cache,
         runtime,
+        registry: registry::Client::new(cfg.insecure_registries.clone()),
         link: watch::channel(None).0,
         pods: Mutex::new(HashMap::new()),
         status_tx,
@@ -809,6 +815,60 @@ impl Agent {
 
     /// The digest a module name points at: asked of the control plane when linked (as a tag
     /// is pulled), else the last answer, from the cache.
+    /// A Wasm OCI artifact from its registry, with the kubelet's pull policies: `Never`
+    /// and `IfNotPresent` (the default but for `:latest`) use what this node pulled before;
+    /// `Always` asks the registry, and falls back to that copy when the registry cannot be
+    /// reached, so an offline node still starts its pods.
+    async fn artifact(
+        &self,
+        image: &str,
+        policy: Option<&str>,
+    ) -> Result<(String, Vec<u8>), String> {
+        let r = registry::Reference::parse(image).map_err(|e| e.to_string())?;
+        let key = format!("oci/{r}");
+        let cached = self
+            .cache
+            .meta(&key)
+            .and_then(|d| self.cache.module(&d).map(|b| (d, b)));
+        let policy = policy.unwrap_or(
+            if r.digest.is_none() && r.tag.as_deref() == Some("latest") {
+                "Always"
+            } else {
+                "IfNotPresent"
+            },
+        );
+        match (policy, cached) {
+            ("Never", None) => {
+                return Err(format!(
+                    "image \"{image}\" is not present on this node and imagePullPolicy is Never"
+                ))
+            }
+            ("Never" | "IfNotPresent", Some(c)) => return Ok(c),
+            _ => {}
+        }
+        match self.registry.pull_wasm(image).await {
+            Ok(w) => {
+                self.cache
+                    .put_module(&w.digest, &w.bytes)
+                    .and_then(|()| self.cache.put_meta(&key, &w.digest))
+                    .map_err(|e| e.to_string())?;
+                Ok((w.digest, w.bytes))
+            }
+            Err(registry::Error::Registry(what, why)) => match self
+                .cache
+                .meta(&key)
+                .and_then(|d| self.cache.module(&d).map(|b| (d, b)))
+            {
+                Some(c) => {
+                    tracing::warn!(image = %what, %why, "registry unreachable; using the copy pulled before");
+                    Ok(c)
+                }
+                None => Err(registry::Error::Registry(what, why).to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     async fn resolve(&self, name: &str) -> Result<String, String> {
         let link = self.link.borrow().clone();
         if let Some(link) = link {
@@ -835,12 +895,14 @@ impl Agent {
     }
 
     /// The module an image names: from the cache, else from the control plane's store.
-    async fn module(&self, image: &str) -> Result<(String, Vec<u8>), (String, String)> {
+    async fn module(
+        &self,
+        image: &str,
+        policy: Option<&str>,
+    ) -> Result<(String, Vec<u8>), (String, String)> {
         let pull = |m: String| ("ErrImagePull".to_string(), m);
         let Some(reference) = image.strip_prefix("module:") else {
-            return Err(pull(format!(
-                "image \"{image}\" is not a Wasm module this node can fetch: use module:NAME or the reference `outpost module push FILE` prints (module:sha256:...)"
-            )));
+            return self.artifact(image, policy).await.map_err(pull);
         };
         let hex = match reference.strip_prefix("sha256:") {
             Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => h.to_string(),
@@ -1111,7 +1173,10 @@ impl Worker {
         run: u32,
     ) -> Result<(outpost_wasm_runtime::Program, Command), (String, String)> {
         let image = self.spec["image"].as_str().unwrap_or("");
-        let (digest, bytes) = self.agent.module(image).await?;
+        let (digest, bytes) = self
+            .agent
+            .module(image, self.spec["imagePullPolicy"].as_str())
+            .await?;
         self.update(|c| c.image_id = digest.clone());
         let runtime = self.agent.runtime.clone();
         let d = digest.clone();
@@ -1123,6 +1188,7 @@ impl Worker {
         let env = self.env().await.map_err(config)?;
         let dirs = self.volumes().await.map_err(config)?;
         let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
+            .and_then(|p| Log::open(&p, log::MAX))
             .map_err(|e| config(format!("log file: {e}")))?;
         let strings = |k: &str| -> Vec<String> {
             self.spec[k]
@@ -1164,8 +1230,7 @@ impl Worker {
                 args,
                 env,
                 dirs,
-                stdout: Some(log.clone()),
-                stderr: Some(log),
+                log: Some(log),
                 memory,
                 millicores,
                 listen,

@@ -1,10 +1,14 @@
-//! Container logs on the node: one file per run of a container, the two newest kept, served
-//! to `kubectl logs` through the link (tail, limit, previous, follow).
+//! Container logs on the node: one CRI log per run of a container (rotated at a bound, see
+//! `outpost_wasm_runtime::log`), the two newest runs kept, served to `kubectl logs` through
+//! the link (tail, limit, previous, follow, timestamps, since).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::unix::fs::MetadataExt;
+
 use outpost_api::link::LogRequest;
+use outpost_wasm_runtime::log;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// The log file of run `run` of `container` in the pod with `uid`.
@@ -23,9 +27,10 @@ pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Res
         std::fs::create_dir_all(parent)?;
         for entry in std::fs::read_dir(parent)?.flatten() {
             let n = entry.file_name();
+            // `N.log` and its rotated `N.log.1`.
             let keep = n
                 .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.split('.').next())
                 .and_then(|n| n.parse::<u32>().ok())
                 .is_some_and(|r| r + 1 >= run);
             if !keep {
@@ -35,29 +40,54 @@ pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Res
     }
     // A run number can repeat after the agent restarts from its cache; start clean.
     let _ = std::fs::remove_file(&f);
+    let _ = std::fs::remove_file(log::rotated(&f));
     Ok(f)
 }
 
-/// The last `n` lines of `data`.
-pub fn tail(data: &[u8], n: u64) -> &[u8] {
-    if n == 0 {
-        return &data[data.len()..];
-    }
-    let body = data.strip_suffix(b"\n").unwrap_or(data);
-    let mut seen = 0;
-    for (i, b) in body.iter().enumerate().rev() {
-        if *b == b'\n' {
-            seen += 1;
-            if seen == n {
-                return &data[i + 1..];
-            }
+/// What a request shows of log records `data`: records from `cutoff` on, as the guest's
+/// text, each line prefixed with its time when `timestamps`, the last `tail` lines only.
+/// `fresh` says whether the next record starts a line (it carries across follow chunks).
+pub fn render(
+    data: &[u8],
+    timestamps: bool,
+    cutoff: Option<jiff::Timestamp>,
+    tail: Option<u64>,
+    fresh: &mut bool,
+) -> Vec<u8> {
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let mut cur = Vec::new();
+    for r in log::records(data) {
+        if cutoff.is_some_and(|c| r.at().is_some_and(|t| t < c)) {
+            continue;
+        }
+        if *fresh && timestamps {
+            cur.extend_from_slice(r.time.as_bytes());
+            cur.push(b' ');
+        }
+        cur.extend_from_slice(r.text);
+        *fresh = r.full;
+        if r.full {
+            cur.push(b'\n');
+            lines.push(std::mem::take(&mut cur));
         }
     }
-    data
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    let skip = tail.map_or(0, |n| lines.len().saturating_sub(n as usize));
+    lines[skip..].concat()
 }
 
-/// Write what `req` asks of the log file `path` to `out`. With `follow`, keep writing what is
-/// appended until `running` says the run has ended (and the file is drained) or `out` fails.
+async fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    match tokio::fs::read(path).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        r => r,
+    }
+}
+
+/// Write what `req` asks of the log of one run (its file `path` and the rotated one beside
+/// it) to `out`. With `follow`, keep writing what is appended, across rotations, until
+/// `running` says the run has ended (and the file is drained) or `out` fails.
 pub async fn serve<W, F>(
     path: &Path,
     req: &LogRequest,
@@ -69,40 +99,54 @@ where
     F: Fn() -> bool,
 {
     let mut budget = req.limit_bytes.unwrap_or(u64::MAX);
+    let cutoff = req.since_seconds.and_then(|s| {
+        jiff::Timestamp::now()
+            .checked_sub(jiff::SignedDuration::from_secs(s as i64))
+            .ok()
+    });
+    let mut fresh = true;
     let mut f = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let mut data = Vec::new();
+    let mut ino = f.metadata().await?.ino();
+    let mut data = read_all(&log::rotated(path)).await?;
+    let old = data.len();
     f.read_to_end(&mut data).await?;
-    let first = match req.tail_lines {
-        Some(n) => tail(&data, n),
-        None => &data,
-    };
-    let n = (first.len() as u64).min(budget) as usize;
-    out.write_all(&first[..n]).await?;
-    out.flush().await?;
-    budget -= n as u64;
-    if !req.follow {
+    let mut pos = (data.len() - old) as u64;
+    // A record being written as we read is finished by the follow loop.
+    let whole = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut rest = data.split_off(whole);
+    let first = render(&data, req.timestamps, cutoff, req.tail_lines, &mut fresh);
+    if !write_some(out, &first, &mut budget).await? || !req.follow {
         return Ok(());
     }
-    let mut pos = data.len() as u64;
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        if budget == 0 {
-            return Ok(());
-        }
         let alive = running();
         f.seek(std::io::SeekFrom::Start(pos)).await?;
         let got = f.read(&mut buf).await?;
         if got > 0 {
-            let n = (got as u64).min(budget) as usize;
-            out.write_all(&buf[..n]).await?;
-            out.flush().await?;
-            budget -= n as u64;
             pos += got as u64;
+            rest.extend_from_slice(&buf[..got]);
+            let whole = rest.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let tail = rest.split_off(whole);
+            let chunk = render(&rest, req.timestamps, cutoff, None, &mut fresh);
+            rest = tail;
+            if !write_some(out, &chunk, &mut budget).await? {
+                return Ok(());
+            }
             continue;
+        }
+        // Drained: the file may have rotated under us, then the new one is read from its start.
+        if let Ok(m) = tokio::fs::metadata(path).await {
+            if m.ino() != ino {
+                f = tokio::fs::File::open(path).await?;
+                ino = f.metadata().await?.ino();
+                pos = 0;
+                continue;
+            }
         }
         if !alive {
             return Ok(());
@@ -111,16 +155,54 @@ where
     }
 }
 
+/// Write as much of `data` as the byte budget allows; false once the budget is spent.
+async fn write_some<W: tokio::io::AsyncWrite + Unpin>(
+    out: &mut W,
+    data: &[u8],
+    budget: &mut u64,
+) -> std::io::Result<bool> {
+    let n = (data.len() as u64).min(*budget) as usize;
+    if n > 0 {
+        out.write_all(&data[..n]).await?;
+        out.flush().await?;
+    }
+    *budget -= n as u64;
+    Ok(*budget > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn records(lines: &[(&str, &str, &str)]) -> Vec<u8> {
+        lines
+            .iter()
+            .map(|(t, tag, text)| format!("{t} stdout {tag} {text}\n"))
+            .collect::<String>()
+            .into_bytes()
+    }
+
     #[test]
-    fn tails_whole_lines() {
-        assert_eq!(tail(b"a\nb\nc\n", 2), b"b\nc\n");
-        assert_eq!(tail(b"a\nb\nc", 1), b"c");
-        assert_eq!(tail(b"a\nb\n", 5), b"a\nb\n");
-        assert_eq!(tail(b"a\n", 0), b"");
+    fn renders_tails_stamps_and_cuts_off() {
+        let data = records(&[
+            ("2026-01-01T00:00:01Z", "F", "a"),
+            ("2026-01-01T00:00:02Z", "P", "b"),
+            ("2026-01-01T00:00:03Z", "F", "c"),
+            ("2026-01-01T00:00:04Z", "F", "d"),
+        ]);
+        let r = |ts, cutoff: Option<&str>, tail| {
+            let mut fresh = true;
+            let cutoff = cutoff.map(|c| c.parse().unwrap());
+            String::from_utf8(render(&data, ts, cutoff, tail, &mut fresh)).unwrap()
+        };
+        assert_eq!(r(false, None, None), "a\nbc\nd\n");
+        assert_eq!(r(false, None, Some(2)), "bc\nd\n");
+        assert_eq!(r(false, None, Some(0)), "");
+        assert_eq!(r(false, Some("2026-01-01T00:00:03Z"), None), "c\nd\n");
+        assert_eq!(
+            r(true, None, Some(2)),
+            "2026-01-01T00:00:02Z bc\n2026-01-01T00:00:04Z d\n"
+        );
     }
 
     #[test]

@@ -1,2 +1,5 @@
-//! OCI containers through youki's libcontainer, with images pulled from real registries.
-//! Not built yet: see the open issue "OCI pods through libcontainer".
+//! OCI images for the node: pulling from real registries ([`registry`]) — today the Wasm OCI
+//! artifacts that Wasm pods name as their image. Running OCI containers through youki's
+//! libcontainer is the open issue "OCI pods through libcontainer".
+
+pub mod registry;

@@ -697,3 +697,171 @@ impl Drop for Up {
         self.kill();
     }
 }
+
+/// Status, headers (lowercase names) and body of one HTTP exchange.
+type Reply = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A real OCI registry (Debian's `docker-registry`, the CNCF distribution) on loopback, with
+/// a way to push Wasm artifacts to it as `oras` or `wkg` would.
+pub struct Registry {
+    pub addr: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> anyhow::Result<Registry> {
+        let dir = tempfile::tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_tcp_port());
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting docker-registry (scripts/setup.sh installs it)")?;
+        let r = Registry {
+            addr,
+            child,
+            _dir: dir,
+        };
+        let t = Instant::now();
+        while r.http("GET", "/v2/", &[], &[]).map(|x| x.0) != Ok(200) {
+            if t.elapsed() > Duration::from_secs(20) {
+                bail!("the registry did not come up on {}", r.addr);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(r)
+    }
+
+    /// One HTTP/1.1 exchange: status, headers (lowercase names), body.
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Reply, String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).map_err(|e| e.to_string())?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())
+            .and_then(|()| s.write_all(body))
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+        let end = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("no header end")?;
+        let head = String::from_utf8_lossy(&out[..end]).to_string();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or("no status")?;
+        let hs = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok((status, hs, out[end + 4..].to_vec()))
+    }
+
+    fn push_blob(&self, repo: &str, data: &[u8]) -> anyhow::Result<String> {
+        use sha2::Digest;
+        let digest = format!(
+            "sha256:{}",
+            sha2::Sha256::digest(data)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let (code, hs, _) = self
+            .http("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], &[])
+            .map_err(anyhow::Error::msg)?;
+        let loc = hs
+            .iter()
+            .find(|(k, _)| k == "location")
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("upload start: HTTP {code}"))?;
+        let loc = loc
+            .strip_prefix(&format!("http://{}", self.addr))
+            .unwrap_or(&loc)
+            .to_string();
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let (code, _, body) = self
+            .http(
+                "PUT",
+                &format!("{loc}{sep}digest={digest}"),
+                &[("Content-Type", "application/octet-stream")],
+                data,
+            )
+            .map_err(anyhow::Error::msg)?;
+        if code != 201 {
+            bail!(
+                "blob upload: HTTP {code}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(digest)
+    }
+
+    /// Push `data` as a one-layer artifact `repo:tag` whose layer has `media_type`
+    /// (`application/wasm` for a Wasm artifact); returns the image reference.
+    pub fn push(
+        &self,
+        repo: &str,
+        tag: &str,
+        media_type: &str,
+        data: &[u8],
+    ) -> anyhow::Result<String> {
+        let config = b"{}";
+        let config_digest = self.push_blob(repo, config)?;
+        let layer = self.push_blob(repo, data)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.wasm.config.v0+json",
+                       "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": media_type, "digest": layer, "size": data.len()}],
+        })
+        .to_string();
+        let (code, _, body) = self
+            .http(
+                "PUT",
+                &format!("/v2/{repo}/manifests/{tag}"),
+                &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+                manifest.as_bytes(),
+            )
+            .map_err(anyhow::Error::msg)?;
+        if code != 201 {
+            bail!("manifest: HTTP {code}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(format!("{}/{repo}:{tag}", self.addr))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

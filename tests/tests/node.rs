@@ -625,10 +625,7 @@ fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut r = String::new();
     s.read_to_string(&mut r)?;
     let code = r
@@ -675,6 +672,32 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         assert!(t.elapsed() < Duration::from_secs(10), "{}", logs.stdout);
         std::thread::sleep(Duration::from_millis(200));
     }
+    // --timestamps prefixes each line with when it was written; --since leaves older out.
+    let stamped = up
+        .kubectl(&["logs", "http-hello", "--timestamps"])?
+        .expect_ok("logs --timestamps")?;
+    let line = stamped
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(" GET /from/a/test"))
+        .unwrap_or_default()
+        .to_string();
+    let (when, _) = line.split_once(' ').unwrap_or_default();
+    assert!(
+        when.starts_with("20") && when.ends_with('Z') && when.contains('T'),
+        "{}",
+        stamped.stdout
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = get(port, "/later")?;
+    let recent = up
+        .kubectl(&["logs", "http-hello", "--since=1s"])?
+        .expect_ok("logs --since")?;
+    assert!(
+        recent.stdout.contains("GET /later") && !recent.stdout.contains("/from/a/test"),
+        "{}",
+        recent.stdout
+    );
     // A second container on the same port cannot listen: a clear reason, not a crash.
     let clash = format!(
         "{}    ports:\n    - containerPort: {port}\n",
@@ -688,7 +711,10 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         "{.status.containerStatuses[0].state.terminated.message}",
         |m| !m.is_empty(),
     )?;
-    assert!(msg.contains(&format!("listening on 0.0.0.0:{port}")), "{msg}");
+    assert!(
+        msg.contains(&format!("listening on 0.0.0.0:{port}")),
+        "{msg}"
+    );
     let (code, _) = get(port, "/still/there")?;
     assert_eq!(code, 200);
 
@@ -712,7 +738,10 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         "{.status.containerStatuses[0].lastState.terminated.message}",
         |m| !m.is_empty(),
     )?;
-    assert!(last.starts_with("Liveness probe failed: dial tcp"), "{last}");
+    assert!(
+        last.starts_with("Liveness probe failed: dial tcp"),
+        "{last}"
+    );
     let state = up.wait_field(
         5,
         &["pod", "unhealthy"],
@@ -736,5 +765,66 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         |m| m.starts_with("CreateContainerConfigError"),
     )?;
     assert!(msg.contains("exec probes"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn wasm_artifacts_come_from_an_oci_registry() -> anyhow::Result<()> {
+    let reg = outpost_tests::Registry::start()?;
+    let hello = std::fs::read(example("hello")?)?;
+    let image = reg.push("wasm/hello", "v1", "application/wasm", &hello)?;
+    let tarball = reg.push(
+        "wasm/not-wasm",
+        "v1",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        b"not a wasm layer",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml(
+            "from-registry",
+            &image,
+            "Never",
+            "    args: [\"from\", \"a\", \"registry\"]\n",
+        ),
+    )?
+    .expect_ok("apply")?;
+    up.wait_field(60, &["pod", "from-registry"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let logs = up.kubectl(&["logs", "from-registry"])?.expect_ok("logs")?;
+    assert!(
+        logs.stdout.contains("args: from a registry"),
+        "{}",
+        logs.stdout
+    );
+    let id = up.wait_field(
+        5,
+        &["pod", "from-registry"],
+        "{.status.containerStatuses[0].imageID}",
+        |i| !i.is_empty(),
+    )?;
+    assert!(id.starts_with("sha256:"), "{id}");
+    // Not a Wasm artifact, and not there at all: clear reasons.
+    for (name, img, says) in [
+        ("tarball", tarball.as_str(), "is not a Wasm artifact"),
+        (
+            "absent",
+            &format!("{}/wasm/absent:v1", reg.addr),
+            "not found",
+        ),
+    ] {
+        up.kubectl_in(&["apply", "-f", "-"], &pod_yaml(name, img, "Never", ""))?
+            .expect_ok("apply")?;
+        let msg = up.wait_field(
+            30,
+            &["pod", name],
+            "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+            |m| m.starts_with("ErrImagePull"),
+        )?;
+        assert!(msg.contains(says), "{msg}");
+    }
     Ok(())
 }

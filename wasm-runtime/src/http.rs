@@ -6,7 +6,6 @@
 //! output files and limits.
 
 use std::convert::Infallible;
-use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,14 +154,8 @@ impl Server {
 
     /// A line in the container's log, as a failing request would leave in `wasmtime serve`'s.
     fn log(&self, line: &str) {
-        if let Some(p) = self.cmd.stderr.as_ref().or(self.cmd.stdout.as_ref()) {
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-            {
-                let _ = writeln!(f, "{line}");
-            }
+        if let Some(log) = &self.cmd.log {
+            log.note(line);
         }
     }
 }

@@ -2,13 +2,14 @@
 //! (pooling allocator, epoch interruption, async support), the compiled programs (cached by
 //! digest), and the running of WASI commands, preview 1 modules and preview 2 components
 //! (`wasi:cli/run`), and `wasi:http/incoming-handler` components served over HTTP on the
-//! container's port with one fresh instance per request (see [`http`]): args, env, preopened directories, stdout and stderr to files, a memory
+//! container's port with one fresh instance per request (see [`http`]): args, env, preopened directories, stdout and stderr to rotated CRI log files ([`log`]), a memory
 //! limit enforced by a resource limiter, a CPU limit enforced at epoch deadlines, and a
 //! [`Stop`] signal. Guests run as tokio tasks: a guest waiting in a host call (a sleep) holds
 //! no thread and is stopped as promptly as a busy one. It reports what the guest did as an
 //! [`Exit`] that the agent turns into a container state the way the kubelet would.
 
 mod http;
+pub mod log;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -97,8 +98,8 @@ pub struct Command {
     pub env: Vec<(String, String)>,
     /// Host directories preopened in the guest: (host, guest path, writable).
     pub dirs: Vec<(PathBuf, String, bool)>,
-    pub stdout: Option<PathBuf>,
-    pub stderr: Option<PathBuf>,
+    /// Where stdout and stderr go, as CRI log records; discarded when unset.
+    pub log: Option<Arc<log::Log>>,
     /// Bytes of linear memory the guest may hold in total.
     pub memory: Option<u64>,
     /// CPU the guest may use, in thousandths of a core (`resources.limits.cpu`).
@@ -482,11 +483,8 @@ fn wasi_builder(cmd: &Command) -> Result<WasiCtxBuilder, Error> {
             detail: e.to_string(),
         })?;
     }
-    if let Some(p) = &cmd.stdout {
-        b.stdout(wasmtime_wasi::cli::OutputFile::new(append(p)?));
-    }
-    if let Some(p) = &cmd.stderr {
-        b.stderr(wasmtime_wasi::cli::OutputFile::new(append(p)?));
+    if let Some(log) = &cmd.log {
+        b.stdout(log.stream("stdout")).stderr(log.stream("stderr"));
     }
     Ok(b)
 }
@@ -513,12 +511,4 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
     }
-}
-
-fn append(p: &PathBuf) -> Result<std::fs::File, Error> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(p)
-        .map_err(io(format!("opening {}", p.display())))
 }

@@ -45,15 +45,20 @@ async fn run(rt: &Runtime, wat: &str, c: &Command) -> Result<Exit, Error> {
 async fn hello_writes_stdout_and_exits_zero() -> anyhow::Result<()> {
     let rt = Runtime::new()?;
     let dir = tempfile::tempdir()?;
-    let out = dir.path().join("stdout.log");
+    let out = dir.path().join("0.log");
     let c = Command {
-        stdout: Some(out.clone()),
+        log: Some(outpost_wasm_runtime::log::Log::open(&out, 1 << 20)?),
         ..cmd()
     };
     let exit = run(&rt, HELLO, &c).await?;
     assert_eq!(exit, Exit::Code(0));
     assert_eq!(exit.reason(), "Completed");
-    assert_eq!(std::fs::read_to_string(&out)?, "hello from wasm\n");
+    let data = std::fs::read(&out)?;
+    assert_eq!(outpost_wasm_runtime::log::text(&data), b"hello from wasm\n");
+    let r = outpost_wasm_runtime::log::records(&data)
+        .next()
+        .expect("a record");
+    assert_eq!((r.stream, r.full), ("stdout", true));
     Ok(())
 }
 

@@ -283,6 +283,7 @@ fn local_node(
         server: Some(server),
         token: None,
         name: None,
+        insecure_registries: Vec::new(),
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

@@ -26,6 +26,14 @@ struct Args {
     /// The node's name when it joins (defaults to the host name).
     #[arg(long)]
     name: Option<String>,
+    /// A registry (HOST or HOST:PORT) to pull from over plain HTTP; repeatable. Registries on
+    /// loopback always are.
+    #[arg(
+        long = "insecure-registry",
+        env = "OUTPOST_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
 }
 
 #[tokio::main]
@@ -42,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         server: a.server,
         token: a.token,
         name: a.name,
+        insecure_registries: a.insecure_registries,
     };
     tokio::select! {
         r = agent::run(cfg) => r,

@@ -83,6 +83,7 @@ pub struct Agent {
     link: watch::Sender<Option<Link>>,
     pods: Mutex<HashMap<String, PodRun>>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
+    events_tx: mpsc::UnboundedSender<Event>,
     host_ip: Mutex<String>,
 }
 
@@ -149,6 +150,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let node = pki.node_name()?;
     let runtime = Arc::new(Runtime::new()?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         dir: cfg.data_dir.clone(),
         node,
@@ -159,6 +161,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         link: watch::channel(None).0,
         pods: Mutex::new(HashMap::new()),
         status_tx,
+        events_tx,
         host_ip: Mutex::new(String::new()),
     });
     let cached = agent.cache.pods();
@@ -167,6 +170,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         agent.ensure(p);
     }
     tokio::spawn(agent.clone().report(status_rx));
+    tokio::spawn(agent.clone().send_events(events_rx));
     match server {
         Some(s) => agent.link_loop(s).await,
         None => {
@@ -693,6 +697,62 @@ impl Agent {
         }
     }
 
+    /// Post events, oldest first, when the link is up. Offline, the newest [`MAX_EVENTS`]
+    /// wait in memory: events are for people watching now, not worth a write to flash.
+    async fn send_events(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Event>) {
+        let mut queue: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+        let mut links = self.link.subscribe();
+        loop {
+            let link = links.borrow_and_update().clone();
+            if let Some(link) = link.filter(|_| !queue.is_empty()) {
+                let batch: Vec<Event> = queue.drain(..).collect();
+                let node = self.node.clone();
+                let results = futures::stream::iter(batch)
+                    .map(|e| {
+                        let link = link.clone();
+                        let body = e.json(&node);
+                        async move {
+                            let path = format!("/api/v1/namespaces/{}/events", e.on.ns);
+                            let r = link
+                                .call(
+                                    "POST",
+                                    &path,
+                                    Some(("application/json", body.to_string().into_bytes())),
+                                )
+                                .await;
+                            (e, r)
+                        }
+                    })
+                    .buffered(16)
+                    .collect::<Vec<_>>()
+                    .await;
+                for (e, r) in results {
+                    match r {
+                        Ok(a) if !a.ok() => {
+                            tracing::debug!(reason = e.reason, error = %a.message(), "event refused")
+                        }
+                        Ok(_) => {}
+                        Err(_) => queue.push_back(e),
+                    }
+                }
+            }
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => queue.push_back(e),
+                    None => return,
+                },
+                r = links.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(5)), if !queue.is_empty() => {}
+            }
+            while let Ok(e) = rx.try_recv() {
+                queue.push_back(e);
+            }
+            while queue.len() > MAX_EVENTS {
+                queue.pop_front();
+            }
+        }
+    }
+
     /// Serve the streams the control plane opens toward this node.
     async fn serve_down(self: Arc<Self>, link: Link) {
         while let Ok((mut send, mut recv)) = link.conn.accept_bi().await {
@@ -1025,8 +1085,35 @@ impl Worker {
         self.spec["name"].as_str().unwrap_or("")
     }
 
+    fn on(&self) -> On {
+        On {
+            ns: self.pod["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string(),
+            pod: self.pod["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            uid: self.uid.clone(),
+            container: self.name().to_string(),
+        }
+    }
+
+    fn event(&self, warning: bool, reason: &'static str, message: String) {
+        let _ = self.agent.events_tx.send(Event {
+            on: self.on(),
+            warning,
+            reason,
+            message,
+            at: now(),
+        });
+    }
+
     fn probing(&self) -> Probing {
         Probing {
+            on: self.on(),
+            events: self.agent.events_tx.clone(),
             containers: self.containers.clone(),
             index: self.index,
             changed: self.changed.clone(),
@@ -1067,6 +1154,7 @@ impl Worker {
                 }
                 Err((reason, message)) => {
                     tracing::warn!(pod = %self.pod["metadata"]["name"], container = %self.name(), %reason, %message, "container cannot start");
+                    self.event(true, "Failed", format!("Error: {reason}: {message}"));
                     self.update(|c| c.state = State::waiting(&reason, message));
                     let d = pod::backoff(failures);
                     failures += 1;
@@ -1078,6 +1166,11 @@ impl Worker {
             };
             let started = now();
             let t0 = Instant::now();
+            self.event(
+                false,
+                "Started",
+                format!("Started container {}", self.name()),
+            );
             self.update(|c| {
                 c.state = State::Running {
                     started: started.clone(),
@@ -1133,6 +1226,11 @@ impl Worker {
                 finished: now(),
             };
             if self.stop.stopped() {
+                self.event(
+                    false,
+                    "Killing",
+                    format!("Stopping container {}", self.name()),
+                );
                 self.update(|c| c.state = ended);
                 return;
             }
@@ -1152,6 +1250,11 @@ impl Worker {
                         self.pod["metadata"]["name"].as_str().unwrap_or(""),
                         self.pod["metadata"]["namespace"].as_str().unwrap_or(""),
                         self.uid
+                    );
+                    self.event(
+                        true,
+                        "BackOff",
+                        format!("Back-off restarting failed container {}", self.name()),
                     );
                     self.update(|c| {
                         c.last = Some(ended);
@@ -1482,6 +1585,8 @@ impl Probes {
 
 /// What the probes of one run may change: the container's started and ready flags.
 struct Probing {
+    on: On,
+    events: mpsc::UnboundedSender<Event>,
     containers: Arc<Mutex<Vec<Container>>>,
     index: usize,
     changed: Arc<watch::Sender<u64>>,
@@ -1489,6 +1594,16 @@ struct Probing {
 }
 
 impl Probing {
+    fn unhealthy(&self, message: String) {
+        let _ = self.events.send(Event {
+            on: self.on.clone(),
+            warning: true,
+            reason: "Unhealthy",
+            message,
+            at: now(),
+        });
+    }
+
     fn set(&self, f: impl FnOnce(&mut Container) -> bool) {
         let changed = self
             .containers
@@ -1507,6 +1622,7 @@ impl Probing {
         if let Some(p) = &probes.startup {
             if let Err(why) = until(p, true).await {
                 tracing::info!(container = %self.what, %why, "startup probe failed; killing");
+                self.unhealthy(format!("Startup probe failed: {why}"));
                 run.stop();
                 return Some(format!("Startup probe failed: {why}"));
             }
@@ -1532,10 +1648,15 @@ impl Probing {
             loop {
                 let r = p.try_once().await;
                 if let Some(v) = tally.record(p, r.is_ok()) {
-                    if let Err(why) = &r {
+                    let mut changed = false;
+                    self.set(|c| {
+                        changed = std::mem::replace(&mut c.ready, v) != v;
+                        changed
+                    });
+                    if let (Err(why), true) = (&r, changed) {
                         tracing::debug!(container = %self.what, %why, "readiness probe failed");
+                        self.unhealthy(format!("Readiness probe failed: {why}"));
                     }
-                    self.set(|c| std::mem::replace(&mut c.ready, v) != v);
                 }
                 tokio::time::sleep(p.period).await;
             }
@@ -1543,6 +1664,7 @@ impl Probing {
         tokio::select! {
             why = live => {
                 tracing::info!(container = %self.what, %why, "liveness probe failed; restarting");
+                self.unhealthy(format!("Liveness probe failed: {why}"));
                 run.stop();
                 Some(format!("Liveness probe failed: {why}"))
             }
@@ -1565,5 +1687,45 @@ async fn until(p: &Probe, pass: bool) -> Result<(), String> {
             _ => {}
         }
         tokio::time::sleep(p.period).await;
+    }
+}
+
+/// Events waiting for the link, at most.
+const MAX_EVENTS: usize = 1000;
+
+/// The container an event is about.
+#[derive(Debug, Clone)]
+struct On {
+    ns: String,
+    pod: String,
+    uid: String,
+    container: String,
+}
+
+/// An event as the kubelet records one.
+#[derive(Debug)]
+struct Event {
+    on: On,
+    warning: bool,
+    reason: &'static str,
+    message: String,
+    at: String,
+}
+
+impl Event {
+    fn json(&self, node: &str) -> Value {
+        let nanos = jiff::Timestamp::now().as_nanosecond();
+        json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": format!("{}.{:x}", self.on.pod, nanos), "namespace": self.on.ns},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": self.on.ns,
+                "name": self.on.pod, "uid": self.on.uid,
+                "fieldPath": format!("spec.containers{{{}}}", self.on.container)},
+            "reason": self.reason, "message": self.message,
+            "type": if self.warning { "Warning" } else { "Normal" },
+            "source": {"component": "kubelet", "host": node},
+            "reportingComponent": "kubelet", "reportingInstance": node,
+            "firstTimestamp": self.at, "lastTimestamp": self.at, "count": 1,
+        })
     }
 }

@@ -749,6 +749,21 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         |s| !s.is_empty(),
     )?;
     assert_eq!(state, "Running/False");
+    // The node reports what happened as events, which `kubectl describe` shows.
+    let t = Instant::now();
+    loop {
+        let d = up
+            .kubectl(&["describe", "pod", "unhealthy"])?
+            .expect_ok("describe")?;
+        let seen = ["Started", "Unhealthy", "Liveness probe failed", "kubelet"]
+            .iter()
+            .all(|w| d.stdout.contains(w));
+        if seen {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "{}", d.stdout);
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // exec probes cannot run in a Wasm container: a clear reason.
     let exec = pod_yaml(
         "exec-probe",

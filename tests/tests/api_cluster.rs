@@ -1,5 +1,6 @@
 //! The Kubernetes API on a three-member control plane: writes and reads through any member,
-//! and kubectl keeps working through the survivors after the leader is killed with SIGKILL.
+//! and kubectl keeps working through the survivors after the leader is killed with SIGKILL; a
+//! node joined through a follower keeps its link and its pods when the leader dies.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,9 +37,18 @@ fn kubectl(root: &Path, cfg: &Path, args: &[&str]) -> anyhow::Result<Run> {
 
 /// Retry while the cluster elects a new leader.
 fn retry(root: &Path, cfg: &Path, args: &[&str]) -> anyhow::Result<Run> {
+    retry_with(root, cfg, args, None)
+}
+
+/// Like [`retry`], with `stdin` for kubectl.
+fn retry_in(root: &Path, cfg: &Path, args: &[&str], stdin: &str) -> anyhow::Result<Run> {
+    retry_with(root, cfg, args, Some(stdin))
+}
+
+fn retry_with(root: &Path, cfg: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Run> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = kubectl(root, cfg, args)?;
+        let r = kubectl_with(&kubectl_bin(None)?, cfg, &root.join("cache"), args, stdin)?;
         if r.ok || Instant::now() > deadline {
             return r.expect_ok(&args.join(" "));
         }
@@ -147,5 +157,127 @@ async fn kubectl_through_every_member_and_after_leader_loss() -> anyhow::Result<
         Ok(())
     })
     .await??;
+    Ok(())
+}
+
+/// `outpost` with `args` against `cfg`; its stdout.
+fn outpost(cfg: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(bin("outpost"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(cfg)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "outpost {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn pod(name: &str) -> String {
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: wasm\n  containers:\n  - name: main\n    image: module:sleeper\n")
+}
+
+/// Poll `jsonpath` of `what` through `cfg` until `ok`.
+fn wait_for(
+    root: &Path,
+    cfg: &Path,
+    what: &[&str],
+    jsonpath: &str,
+    ok: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        let p = format!("jsonpath={jsonpath}");
+        args.extend(["-o", &p]);
+        let r = kubectl(root, cfg, &args)?;
+        if r.ok && ok(&r.stdout) {
+            return Ok(r.stdout);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} {jsonpath}: last {:?} {}",
+                what.join(" "),
+                r.stdout,
+                r.stderr
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_link_survives_a_leader_change() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    let mut members = cluster_with(&root, 3, &[], true).await?;
+    let c = client();
+    let refs: Vec<&Member> = members.iter().collect();
+    let lead = leader(&c, &refs).await?;
+    // The node joins through a follower's gateway; then the leader dies under it.
+    let via = members
+        .iter()
+        .position(|m| m.id != lead)
+        .context("a follower")?;
+    let cfg = kubeconfig(&root, &members[via])?;
+    let server = members[via].api.clone().context("api")?;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/out/sleeper.wasm");
+    let r = root.clone();
+    let mut node = outpost_tests::Node::new(&root.join("node"));
+    let node = tokio::task::spawn_blocking(move || -> anyhow::Result<outpost_tests::Node> {
+        let token = outpost(&cfg, &["token", "create"])?;
+        outpost(
+            &cfg,
+            &["module", "push", example.to_str().unwrap_or_default()],
+        )?;
+        node.start(&["--server", &server, "--token", &token, "--name", "ha-node"])?;
+        wait_for(
+            &r,
+            &cfg,
+            &["node", "ha-node"],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            |s| s == "True",
+        )?;
+        retry_in(&r, &cfg, &["apply", "-f", "-"], &pod("before"))?;
+        wait_for(&r, &cfg, &["pod", "before"], "{.status.phase}", |p| {
+            p == "Running"
+        })?;
+        Ok(node)
+    })
+    .await??;
+    let idx = members
+        .iter()
+        .position(|m| m.id == lead)
+        .context("leader")?;
+    members[idx].kill();
+    let refs: Vec<&Member> = members.iter().filter(|m| m.running()).collect();
+    let new = leader(&c, &refs).await?;
+    ensure!(new != lead, "the dead member still leads");
+    let cfg = kubeconfig(&root, &members[via])?;
+    let r = root.clone();
+    let logs = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        // A pod created after the change reaches the node over the same link; the one from
+        // before was not restarted.
+        retry_in(&r, &cfg, &["apply", "-f", "-"], &pod("after"))?;
+        wait_for(&r, &cfg, &["pod", "after"], "{.status.phase}", |p| {
+            p == "Running"
+        })?;
+        let restarts = wait_for(
+            &r,
+            &cfg,
+            &["pod", "before"],
+            "{.status.containerStatuses[0].restartCount}",
+            |c| !c.is_empty(),
+        )?;
+        ensure!(restarts == "0", "restarted {restarts} times");
+        Ok(node.logs())
+    })
+    .await??;
+    let links = logs.matches("connected to the control plane").count();
+    ensure!(links == 1, "the node connected {links} times:\n{logs}");
     Ok(())
 }

@@ -124,6 +124,7 @@ struct Gateway {
     api: Arc<Api>,
     router: Router,
     pki_dir: PathBuf,
+    cert_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,7 @@ pub fn start(
     api: Arc<Api>,
     listen: SocketAddr,
     pki_dir: &Path,
+    cert_ttl: Duration,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StartError> {
     let tls = crate::pki::gateway_server_config(pki_dir)?;
     let bind = |detail: String| StartError::Bind {
@@ -155,6 +157,7 @@ pub fn start(
         router: crate::api::router(api.clone()),
         api,
         pki_dir: pki_dir.to_path_buf(),
+        cert_ttl,
     });
     tracing::info!(%addr, "node gateway listening");
     let task = tokio::spawn(async move {
@@ -279,7 +282,7 @@ impl Gateway {
                 .map_err(|e| internal(&e))?
             {
                 Outcome::Committed { .. } => {
-                    return crate::pki::sign_node(&self.pki_dir, &req.csr, &req.node)
+                    return crate::pki::sign_node(&self.pki_dir, &req.csr, &req.node, self.cert_ttl)
                         .map_err(|e| format!("bad certificate signing request: {e}"))
                 }
                 _ => continue,
@@ -325,14 +328,16 @@ impl Gateway {
                 self.api.links.renew(node);
                 let _ = answer(&mut send, 200, b"").await;
             }
-            Up::Certify { csr } => match crate::pki::sign_node(&self.pki_dir, &csr, node) {
-                Ok(cert) => {
-                    let _ = answer(&mut send, 200, cert.as_bytes()).await;
+            Up::Certify { csr } => {
+                match crate::pki::sign_node(&self.pki_dir, &csr, node, self.cert_ttl) {
+                    Ok(cert) => {
+                        let _ = answer(&mut send, 200, cert.as_bytes()).await;
+                    }
+                    Err(e) => {
+                        let _ = answer(&mut send, 400, format!("bad CSR: {e}").as_bytes()).await;
+                    }
                 }
-                Err(e) => {
-                    let _ = answer(&mut send, 400, format!("bad CSR: {e}").as_bytes()).await;
-                }
-            },
+            }
             Up::Call {
                 method,
                 path,

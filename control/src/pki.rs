@@ -325,11 +325,16 @@ pub fn ca_hash(dir: &Path) -> Result<String, PkiError> {
 
 /// How long a node certificate is valid. Far longer than any autonomy window, so a node that
 /// was offline for all of it can still reconnect; nodes renew when a third is left.
-pub const NODE_CERT_DAYS: i64 = 365;
+pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
 
 /// Sign a node's CSR as `system:node:<node>` in group `system:nodes`, whatever the CSR's
 /// subject says: the name comes from the join (or the connection), never from the CSR.
-pub fn sign_node(dir: &Path, csr_pem: &str, node: &str) -> Result<String, PkiError> {
+pub fn sign_node(
+    dir: &Path,
+    csr_pem: &str,
+    node: &str,
+    ttl: std::time::Duration,
+) -> Result<String, PkiError> {
     let issuer = cluster_issuer(dir)?;
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -342,8 +347,10 @@ pub fn sign_node(dir: &Path, csr_pem: &str, node: &str) -> Result<String, PkiErr
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let now = time_now();
-    params.not_before = now - std::time::Duration::from_secs(300);
-    params.not_after = now + std::time::Duration::from_secs(NODE_CERT_DAYS as u64 * 86_400);
+    // Backdated for clocks a little behind ours, by no more than a quarter of the validity
+    // (the node renews when a third of the whole is left).
+    params.not_before = now - std::time::Duration::from_secs(300).min(ttl / 4);
+    params.not_after = now + ttl;
     csr.params = params;
     Ok(csr.signed_by(&issuer)?.pem())
 }

@@ -34,6 +34,7 @@ async fn cluster() -> anyhow::Result<Cluster> {
             names: vec!["127.0.0.1".into()],
             token_file: None,
             gateway: Some("127.0.0.1:0".parse()?),
+            node_cert_ttl: outpost_control::pki::NODE_CERT_TTL,
         },
     )
     .await?;

@@ -123,7 +123,29 @@ impl Pki {
         ))
     }
 
+    /// Put a renewed key and certificate in place: both pending files, or the certificate
+    /// left pending when the key was already moved.
+    pub fn finish_renewal(&self) -> Result<(), LinkError> {
+        let mv = |a: PathBuf, b: PathBuf| {
+            std::fs::rename(&a, &b).map_err(|e| LinkError::Files {
+                path: b,
+                detail: e.to_string(),
+            })
+        };
+        let (key, cert) = (pending(&self.key()), pending(&self.cert()));
+        if !cert.exists() {
+            // Nothing pending, or only a key whose certificate never arrived: keep the old pair.
+            let _ = std::fs::remove_file(&key);
+            return Ok(());
+        }
+        if key.exists() {
+            mv(key, self.key())?;
+        }
+        mv(cert, self.cert())
+    }
+
     fn client_config(&self) -> Result<rustls::ClientConfig, LinkError> {
+        self.finish_renewal()?;
         let bad = |p: PathBuf, e: String| LinkError::Files { path: p, detail: e };
         let ca = CertificateDer::from_pem_slice(self.read(&self.ca())?.as_bytes())
             .map_err(|e| bad(self.ca(), e.to_string()))?;
@@ -336,6 +358,13 @@ pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<
 }
 
 /// Write a node identity issued some other way (by `outpost up` for its own node).
+/// Where a renewed `path` waits until it is put in place.
+fn pending(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".new");
+    PathBuf::from(s)
+}
+
 pub fn install(pki: &Pki, ca: &str, cert: &str, key: &str) -> Result<(), LinkError> {
     pki.write(&pki.key(), key, true)?;
     pki.write(&pki.ca(), ca, false)?;
@@ -464,15 +493,10 @@ impl Link {
         if head.status != 200 {
             return Err(LinkError::Refused(text));
         }
-        pki.write(&pki.key().with_extension("new"), &key.serialize_pem(), true)?;
-        pki.write(&pki.cert().with_extension("new"), &text, false)?;
-        let mv = |a: PathBuf, b: PathBuf| {
-            std::fs::rename(&a, &b).map_err(|e| LinkError::Files {
-                path: b,
-                detail: e.to_string(),
-            })
-        };
-        mv(pki.key().with_extension("new"), pki.key())?;
-        mv(pki.cert().with_extension("new"), pki.cert())
+        // Both new files first; then the renames, which `finish_renewal` completes if the
+        // agent dies between them (a new key beside the old certificate would lock it out).
+        pki.write(&pending(&pki.key()), &key.serialize_pem(), true)?;
+        pki.write(&pending(&pki.cert()), &text, false)?;
+        pki.finish_renewal()
     }
 }

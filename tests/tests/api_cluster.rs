@@ -281,3 +281,69 @@ async fn a_node_link_survives_a_leader_change() -> anyhow::Result<()> {
     ensure!(links == 1, "the node connected {links} times:\n{logs}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_renews_its_certificate_while_connected() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    // Certificates valid for 30 s: renewed once a third is left, well before they expire.
+    let members = cluster_with(&root, 1, &["--node-cert-ttl", "30"], true).await?;
+    let cfg = kubeconfig(&root, &members[0])?;
+    let server = members[0].api.clone().context("api")?;
+    let r = root.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut node = outpost_tests::Node::new(&r.join("node"));
+        let token = outpost(&cfg, &["token", "create"])?;
+        node.start(&["--server", &server, "--token", &token, "--name", "renewing"])?;
+        let ready = |r: &Path| {
+            wait_for(
+                r,
+                &cfg,
+                &["node", "renewing"],
+                "{.status.conditions[?(@.type==\"Ready\")].status}",
+                |s| s == "True",
+            )
+        };
+        ready(&r)?;
+        let joined = Instant::now();
+        let cert = r.join("node/pki/node.crt");
+        let first = std::fs::read_to_string(&cert)?;
+        while !node.logs().contains("node certificate renewed") {
+            ensure!(
+                joined.elapsed() < Duration::from_secs(45),
+                "no renewal: {}",
+                node.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        ensure!(
+            std::fs::read_to_string(&cert)? != first,
+            "the same certificate"
+        );
+        // Once the first certificate has expired, a restarted agent still gets in: with the
+        // renewed one.
+        while joined.elapsed() < Duration::from_secs(32) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        node.kill();
+        node.start(&[])?;
+        let t = Instant::now();
+        while node
+            .logs()
+            .matches("connected to the control plane")
+            .count()
+            < 2
+        {
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "no reconnect: {}",
+                node.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        ready(&r)?;
+        Ok(())
+    })
+    .await??;
+    Ok(())
+}

@@ -374,6 +374,8 @@ pub struct ServeConfig {
     pub token_file: Option<std::path::PathBuf>,
     /// UDP address of the node gateway, if this member serves nodes.
     pub gateway: Option<std::net::SocketAddr>,
+    /// Validity of the client certificates nodes get ([`crate::pki::NODE_CERT_TTL`]).
+    pub node_cert_ttl: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -423,7 +425,12 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     }
     let api = Arc::new(api);
     let gateway = match cfg.gateway {
-        Some(listen) => Some(crate::gateway::start(api.clone(), listen, &cfg.pki_dir)?),
+        Some(listen) => Some(crate::gateway::start(
+            api.clone(),
+            listen,
+            &cfg.pki_dir,
+            cfg.node_cert_ttl,
+        )?),
         None => None,
     };
     let boot = api.clone();

@@ -62,6 +62,11 @@ struct Args {
     /// UDP address of the node gateway (defaults to the API's address, on UDP).
     #[arg(long)]
     node_listen: Option<SocketAddr>,
+    /// Seconds a node's client certificate is valid (a year by default). Nodes renew theirs
+    /// while connected when a third is left; keep it longer than the nodes' autonomy window
+    /// so a node offline for all of it can still reconnect.
+    #[arg(long, default_value_t = outpost_control::pki::NODE_CERT_TTL.as_secs())]
+    node_cert_ttl: u64,
 }
 
 #[tokio::main]
@@ -114,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
             names,
             token_file: a.token_file.clone(),
             gateway: Some(a.node_listen.unwrap_or(listen)),
+            node_cert_ttl: std::time::Duration::from_secs(a.node_cert_ttl.max(10)),
         };
         let started = outpost_control::api::start(store.clone(), cfg).await?;
         api_task = Some(started.task);

@@ -155,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
                     names,
                     token_file: Some(pki_dir.join("tokens.csv")),
                     gateway: Some(listen),
+                    node_cert_ttl: outpost_control::pki::NODE_CERT_TTL,
                 },
             )
             .await?;

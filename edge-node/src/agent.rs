@@ -1337,6 +1337,11 @@ impl Worker {
                 memory,
                 millicores,
                 listen,
+                grace: Duration::from_secs(
+                    self.pod["spec"]["terminationGracePeriodSeconds"]
+                        .as_u64()
+                        .unwrap_or(30),
+                ),
             },
         ))
     }

@@ -717,6 +717,14 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
     );
     let (code, _) = get(port, "/still/there")?;
     assert_eq!(code, 200);
+    // Deleted, it stops accepting, finishes what it serves, and is gone; its port is free.
+    let idle = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let t = Instant::now();
+    up.kubectl(&["delete", "pod", "http-hello", "--timeout", "30s"])?
+        .expect_ok("delete http-hello")?;
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    drop(idle);
+    assert!(get(port, "/gone").is_err(), "still serving");
 
     // A liveness probe that fails restarts the container and says why; a readiness probe
     // that fails keeps the pod Running but not Ready.

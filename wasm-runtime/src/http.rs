@@ -3,7 +3,8 @@
 //! instance from one pre-instantiated component, as `wasmtime serve` does: requests share no
 //! guest state, one that traps or runs out of memory answers 500 and harms no other, and the
 //! container keeps serving. Each instance has the container's args, env, directories,
-//! output files and limits.
+//! output files and limits. Stopped, it drains: no new connections, the requests in flight
+//! finish within the grace period.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -23,7 +24,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
-use crate::{io, store, wasi_builder, Command, Error, Exit, Guest2, Limits, Runtime};
+use crate::{io, store, wasi_builder, Command, Error, Exit, Guest2, Limits, Runtime, Stop};
 
 type Response = hyper::Response<HyperOutgoingBody>;
 
@@ -37,11 +38,14 @@ struct Server {
     requests: Mutex<JoinSet<()>>,
 }
 
-/// Listen on the container's address and answer requests until the future is dropped.
+/// Listen on the container's address and answer requests until `stop`; then stop accepting,
+/// let the connections finish what they are serving for up to `cmd.grace`, and end: `Code(0)`
+/// when everything finished in time, `Stopped` when the rest was cut off.
 pub(crate) async fn serve(
     rt: &Runtime,
     component: &Component,
     cmd: &Command,
+    stop: &Stop,
 ) -> Result<Exit, Error> {
     let unsupported = |e: wasmtime::Error| Error::Unsupported(format!("{e:#}"));
     let pre = rt
@@ -60,8 +64,13 @@ pub(crate) async fn serve(
         requests: Mutex::new(JoinSet::new()),
     });
     let mut conns = JoinSet::new();
+    let (quit, quitting) = watch::channel(false);
     loop {
-        let sock = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.wait() => break,
+        };
+        let sock = match accepted {
             Ok((sock, _)) => sock,
             Err(e) => {
                 // Out of descriptors or a reset before accept: not the end of the server.
@@ -72,18 +81,44 @@ pub(crate) async fn serve(
         };
         let _ = sock.set_nodelay(true);
         let server = server.clone();
+        let mut quitting = quitting.clone();
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
             });
-            let _ = http1::Builder::new()
+            let conn = http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(sock), svc)
-                .await;
+                .serve_connection(TokioIo::new(sock), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = quitting.changed() => {
+                    // Finish the request in hand, then close (an idle connection closes now).
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
         while conns.try_join_next().is_some() {}
     }
+    drop(listener);
+    quit.send_replace(true);
+    let requests = server
+        .requests
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
+    let drain = async {
+        while conns.join_next().await.is_some() {}
+        let mut requests = requests;
+        while requests.join_next().await.is_some() {}
+    };
+    // Whatever is left when the time is up is dropped, which aborts it.
+    Ok(match tokio::time::timeout(cmd.grace, drain).await {
+        Ok(()) => Exit::Code(0),
+        Err(_) => Exit::Stopped,
+    })
 }
 
 impl Server {

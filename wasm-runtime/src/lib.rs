@@ -106,6 +106,9 @@ pub struct Command {
     pub millicores: Option<u64>,
     /// Where an HTTP component listens; [`DEFAULT_LISTEN`] when unset.
     pub listen: Option<SocketAddr>,
+    /// How long a stopped HTTP component may finish the requests in flight
+    /// (`terminationGracePeriodSeconds`). A command has no signal to catch and stops at once.
+    pub grace: Duration,
 }
 
 /// Where an HTTP component listens when its container names no port (as `wasmtime serve`).
@@ -374,11 +377,7 @@ impl Runtime {
     /// is waiting in a host call.
     pub async fn run(&self, module: &Program, cmd: &Command, stop: &Stop) -> Result<Exit, Error> {
         if let Program::Http(c) = module {
-            return tokio::select! {
-                r = http::serve(self, c, cmd) => r,
-                // Dropping the server drops every connection and request in flight.
-                _ = stop.wait() => Ok(Exit::Stopped),
-            };
+            return http::serve(self, c, cmd, stop).await;
         }
         tokio::select! {
             r = self.run_guest(module, cmd) => r,

@@ -79,7 +79,10 @@ pub struct Agent {
     pki: Pki,
     cache: Cache,
     runtime: Arc<Runtime>,
-    registry: registry::Client,
+    /// Made on the first registry pull: most nodes never pull, and a TLS client with its
+    /// root store costs memory a board should keep.
+    registry: std::sync::OnceLock<registry::Client>,
+    insecure_registries: Vec<String>,
     link: watch::Sender<Option<Link>>,
     pods: Mutex<HashMap<String, PodRun>>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
@@ -157,7 +160,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pki,
         cache,
         runtime,
-        registry: registry::Client::new(cfg.insecure_registries.clone()),
+        registry: std::sync::OnceLock::new(),
+        insecure_registries: cfg.insecure_registries.clone(),
         link: watch::channel(None).0,
         pods: Mutex::new(HashMap::new()),
         status_tx,
@@ -906,7 +910,10 @@ impl Agent {
             ("Never" | "IfNotPresent", Some(c)) => return Ok(c),
             _ => {}
         }
-        match self.registry.pull_wasm(image).await {
+        let client = self
+            .registry
+            .get_or_init(|| registry::Client::new(self.insecure_registries.clone()));
+        match client.pull_wasm(image).await {
             Ok(w) => {
                 self.cache
                     .put_module(&w.digest, &w.bytes)

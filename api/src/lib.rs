@@ -3,9 +3,18 @@
 //! This crate owns the shapes that cross a process boundary: the commands the replicated store
 //! applies, the key-value records and watch events it hands back, and the node link's messages
 //! and frames ([`link`]). It holds data and the small pure rules that go with it (prefix
-//! matching, precondition checks, token syntax). It does no IO of its own and does not depend
+//! matching, precondition checks, token syntax, digests). It does no IO of its own and does not depend
 //! on quinn, axum or wasmtime, so both sides can use it without pulling in the other's
 //! runtime; the `io` feature adds frame reading and writing over tokio's IO traits.
 
 pub mod link;
 pub mod store;
+
+/// Lowercase hex of the SHA-256 of `b`: module and layer digests, token secrets, the CA pin.
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -15,11 +15,4 @@ pub mod pki;
 pub mod scheduler;
 pub mod store;
 
-/// Lowercase hex of the SHA-256 of `b` (module digests, token secrets, the CA pin).
-pub fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use outpost_api::sha256_hex;

@@ -902,14 +902,22 @@ impl Agent {
             },
         );
         match (policy, cached) {
-            ("Never", None) => {
-                return Err(format!(
-                    "image \"{image}\" is not present on this node and imagePullPolicy is Never"
-                ))
-            }
-            ("Never" | "IfNotPresent", Some(c)) => return Ok(c),
-            _ => {}
+            ("Never", None) => Err(format!(
+                "image \"{image}\" is not present on this node and imagePullPolicy is Never"
+            )),
+            ("Never" | "IfNotPresent", Some(c)) => Ok(c),
+            (_, cached) => self.pull(image, &key, cached).await,
         }
+    }
+
+    /// Pull `image` from its registry into the cache under `key`; when the registry cannot
+    /// be reached, the `cached` copy.
+    async fn pull(
+        &self,
+        image: &str,
+        key: &str,
+        cached: Option<(String, Vec<u8>)>,
+    ) -> Result<(String, Vec<u8>), String> {
         let client = self
             .registry
             .get_or_init(|| registry::Client::new(self.insecure_registries.clone()));
@@ -917,15 +925,11 @@ impl Agent {
             Ok(w) => {
                 self.cache
                     .put_module(&w.digest, &w.bytes)
-                    .and_then(|()| self.cache.put_meta(&key, &w.digest))
+                    .and_then(|()| self.cache.put_meta(key, &w.digest))
                     .map_err(|e| e.to_string())?;
                 Ok((w.digest, w.bytes))
             }
-            Err(registry::Error::Registry(what, why)) => match self
-                .cache
-                .meta(&key)
-                .and_then(|d| self.cache.module(&d).map(|b| (d, b)))
-            {
+            Err(registry::Error::Registry(what, why)) => match cached {
                 Some(c) => {
                     tracing::warn!(image = %what, %why, "registry unreachable; using the copy pulled before");
                     Ok(c)

@@ -13,13 +13,7 @@ pub mod logs;
 pub mod pod;
 pub mod probe;
 
-pub fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use outpost_api::sha256_hex;
 
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sha2::Digest as _;
 
 /// Largest manifest or index accepted.
 const MAX_MANIFEST: usize = 4 << 20;
@@ -140,9 +139,7 @@ pub struct Client {
 }
 
 fn sha256(b: &[u8]) -> String {
-    let d = sha2::Sha256::digest(b);
-    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", outpost_api::sha256_hex(b))
 }
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";

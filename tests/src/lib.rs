@@ -786,14 +786,7 @@ impl Registry {
     }
 
     fn push_blob(&self, repo: &str, data: &[u8]) -> anyhow::Result<String> {
-        use sha2::Digest;
-        let digest = format!(
-            "sha256:{}",
-            sha2::Sha256::digest(data)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let digest = format!("sha256:{}", outpost_api::sha256_hex(data));
         let (code, hs, _) = self
             .http("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], &[])
             .map_err(anyhow::Error::msg)?;
@@ -864,4 +857,29 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.0 GET (no chunked body to decode) to `127.0.0.1:port`: the status and body.
+/// Waits up to 10 s for the port to accept, as a server may still be binding.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let t = Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() > Duration::from_secs(10) => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    let code = r
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((code, body.to_string()))
 }

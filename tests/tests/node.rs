@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_tests::{example, Node, Up};
+use outpost_tests::{example, http_get as get, Node, Up};
 
 fn push(up: &Up, name: &str) -> anyhow::Result<String> {
     let path = example(name)?;
@@ -618,23 +618,6 @@ fn a_cut_link_heals_without_restarts() -> anyhow::Result<()> {
         .count();
     assert!(reconnects >= 2, "{}", edge.logs());
     Ok(())
-}
-
-/// One HTTP/1.0 GET (no chunked body to decode) to `127.0.0.1:port`: the status and body.
-fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut r = String::new();
-    s.read_to_string(&mut r)?;
-    let code = r
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((code, body.to_string()))
 }
 
 #[test]

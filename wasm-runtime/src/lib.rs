@@ -1,8 +1,9 @@
 //! Runs Wasm workloads for the node agent. It owns the one wasmtime `Engine` of a node
 //! (pooling allocator, epoch interruption, async support), the compiled programs (cached by
 //! digest), and the running of WASI commands, preview 1 modules and preview 2 components
-//! (`wasi:cli/run`), and `wasi:http/incoming-handler` components served over HTTP on the
-//! container's port with one fresh instance per request (see [`http`]): args, env, preopened directories, stdout and stderr to rotated CRI log files ([`log`]), a memory
+//! (`wasi:cli/run`), and of `wasi:http/incoming-handler` components served over HTTP on the
+//! container's port with one fresh instance per request (see [`http`]): args, env,
+//! preopened directories, stdout and stderr to rotated CRI log files ([`log`]), a memory
 //! limit enforced by a resource limiter, a CPU limit enforced at epoch deadlines, and a
 //! [`Stop`] signal. Guests run as tokio tasks: a guest waiting in a host call (a sleep) holds
 //! no thread and is stopped as promptly as a busy one. It reports what the guest did as an

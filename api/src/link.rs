@@ -6,7 +6,7 @@
 //! in a [`JoinRequest`]) and from then on connects with ALPN [`ALPN_NODE`] and the client
 //! certificate it was given. On that connection each stream carries one exchange: the node
 //! opens streams with an [`Up`] frame (an API request, a lease renewal), the control plane
-//! opens streams with a [`Down`] frame (logs). A [`Head`] frame answers; a body, if any,
+//! opens streams with a [`Down`] frame (logs, port-forward). A [`Head`] frame answers; a body, if any,
 //! follows as raw bytes up to the end of the stream, so a watch or `logs -f` is a stream that
 //! stays open.
 
@@ -107,6 +107,16 @@ pub enum Up {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Down {
     Logs(LogRequest),
+    /// `kubectl port-forward` to one port of a pod. On a 200 [`Head`] the stream carries the
+    /// connection's bytes both ways; each side finishes its half when its peer does.
+    PortForward(ForwardRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub port: u16,
 }
 
 /// `kubectl logs` for one container.
@@ -123,7 +133,8 @@ pub struct LogRequest {
     pub limit_bytes: Option<u64>,
 }
 
-/// How an exchange went; a body follows for [`Up::Call`] and [`Down::Logs`].
+/// How an exchange went; a body follows for [`Up::Call`] and [`Down::Logs`], a byte stream
+/// both ways for [`Down::PortForward`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Head {
     pub status: u16,

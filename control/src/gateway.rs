@@ -4,7 +4,8 @@
 //! node ──QUIC──▶ ALPN outpost-join/1: token + CSR ─▶ client certificate (system:node:NAME)
 //!      ──QUIC──▶ ALPN outpost-node/1 (mutual TLS) ─▶ per stream: Up::Call ─▶ API router as
 //!                the node ─▶ Head + body; Up::Renew (lease, in memory); Up::Certify
-//!      ◀──────── Down::Logs streams the API opens toward the node (works behind NAT)
+//!      ◀──────── Down::Logs, Down::PortForward streams the API opens toward the node
+//!                (works behind NAT)
 //! ```
 //!
 //! A node's API requests go through the same router, admission and authorization as anyone's,
@@ -102,6 +103,18 @@ impl Links {
 
     /// Open a stream toward `node` and send `req`; returns the node's answer and the body.
     pub async fn open(&self, node: &str, req: &Down) -> Result<(Head, RecvStream), String> {
+        let (head, mut send, recv) = self.open_duplex(node, req).await?;
+        let _ = send.finish();
+        Ok((head, recv))
+    }
+
+    /// [`Links::open`] with our half of the stream left open, for exchanges that carry bytes
+    /// both ways.
+    pub async fn open_duplex(
+        &self,
+        node: &str,
+        req: &Down,
+    ) -> Result<(Head, SendStream, RecvStream), String> {
         let conn = self
             .conn(node)
             .ok_or_else(|| format!("node \"{node}\" is not connected to this control plane"))?;
@@ -110,13 +123,12 @@ impl Links {
         write_frame(&mut send, req, MAX_FRAME)
             .await
             .map_err(|e| err(&e))?;
-        let _ = send.finish();
         let head: Head =
             tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, MAX_FRAME))
                 .await
                 .map_err(|_| err(&"no answer within 10 s"))?
                 .map_err(|e| err(&e))?;
-        Ok((head, recv))
+        Ok((head, send, recv))
     }
 }
 

@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use outpost_api::link::{read_frame, write_frame, Down, Head, LogRequest, Token, MAX_FRAME};
+use outpost_api::link::{
+    read_frame, write_frame, Down, ForwardRequest, Head, LogRequest, Token, MAX_FRAME,
+};
 use outpost_oci_shim::registry;
 use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::cache::Cache;
@@ -764,6 +766,7 @@ impl Agent {
             tokio::spawn(async move {
                 match read_frame::<_, Down>(&mut recv, MAX_FRAME).await {
                     Ok(Down::Logs(req)) => me.logs(&req, &mut send).await,
+                    Ok(Down::PortForward(req)) => me.forward(&req, send, recv).await,
                     Err(e) => {
                         let _ = reply(&mut send, 400, &format!("refused: {e}")).await;
                     }
@@ -842,6 +845,91 @@ impl Agent {
         req.follow &= follow_current;
         let _ = logs::serve(&path, &req, send, running).await;
         let _ = send.finish();
+    }
+
+    /// `kubectl port-forward`: one connection to a port of a pod, carried on the stream.
+    async fn forward(
+        &self,
+        req: &ForwardRequest,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let (ns, name, port) = (&req.namespace, &req.pod, req.port);
+        let spec = self.pods.lock().ok().and_then(|p| {
+            p.values()
+                .find(|r| &r.ns == ns && &r.name == name)
+                .map(|r| r.spec.clone())
+        });
+        let Some(spec) = spec else {
+            let _ = reply(
+                &mut send,
+                404,
+                &format!("pod \"{ns}/{name}\" is not on this node"),
+            )
+            .await;
+            return;
+        };
+        let ports = forward_ports(&spec);
+        if !ports.contains(&port) {
+            // Pods share the node's network until they get their own, so an open port here
+            // could be anything on the node: only the pod's own ports are reachable.
+            let _ = reply(
+                &mut send,
+                400,
+                &format!(
+                    "port {port} is not a port of pod {ns}/{name} (it listens on {}); Outpost forwards only to the containerPorts a pod declares, or 8080 when it declares none",
+                    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .await;
+            return;
+        }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let tcp = match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let msg = format!(
+                    "error forwarding port {port} to pod {ns}/{name}: dial tcp {addr}: {e}"
+                );
+                let _ = reply(&mut send, 502, &msg).await;
+                return;
+            }
+            Err(_) => {
+                let msg = format!("error forwarding port {port} to pod {ns}/{name}: dial tcp {addr}: no answer within 5 s");
+                let _ = reply(&mut send, 502, &msg).await;
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let head = Head {
+            status: 200,
+            content_type: None,
+        };
+        if write_frame(&mut send, &head, MAX_FRAME).await.is_err() {
+            return;
+        }
+        let (mut tcp_r, mut tcp_w) = tcp.into_split();
+        // Each direction ends on its own, so half-closes pass through as they do in TCP.
+        let up = async {
+            let _ = tokio::io::copy(&mut recv, &mut tcp_w).await;
+            let _ = tcp_w.shutdown().await;
+        };
+        let down = async {
+            match tokio::io::copy(&mut tcp_r, &mut send).await {
+                Ok(_) => {
+                    let _ = send.finish();
+                }
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                }
+            }
+        };
+        tokio::join!(up, down);
     }
 
     /// A config map or secret a pod uses: fresh from the control plane when linked, else
@@ -1035,6 +1123,27 @@ fn keep_transition_times(status: &mut Value, prev: &Value) {
             c["lastTransitionTime"] = o["lastTransitionTime"].clone();
         }
     }
+}
+
+/// The ports `kubectl port-forward` may reach in a pod: those its containers declare, and
+/// 8080 (where an HTTP component listens when it names no port) for a container naming none.
+fn forward_ports(spec: &Value) -> Vec<u16> {
+    let mut ports = vec![];
+    for c in spec["containers"].as_array().into_iter().flatten() {
+        let declared = c["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if declared.is_empty() {
+            ports.push(8080);
+        }
+        ports.extend(
+            declared
+                .iter()
+                .filter_map(|p| p["containerPort"].as_u64())
+                .filter_map(|p| u16::try_from(p).ok()),
+        );
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 async fn reply(send: &mut quinn::SendStream, status: u16, msg: &str) -> std::io::Result<()> {
@@ -1743,5 +1852,22 @@ impl Event {
             "reportingComponent": "kubelet", "reportingInstance": node,
             "firstTimestamp": self.at, "lastTimestamp": self.at, "count": 1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn port_forward_reaches_declared_ports_or_the_http_default() {
+        let spec = json!({"containers": [
+            {"name": "a", "ports": [{"containerPort": 9000}, {"containerPort": 80}]},
+            {"name": "b"},
+        ]});
+        assert_eq!(forward_ports(&spec), vec![80, 8080, 9000]);
+        let spec = json!({"containers": [{"name": "a", "ports": [{"containerPort": 70000}]}]});
+        assert_eq!(forward_ports(&spec), Vec::<u16>::new());
     }
 }

@@ -559,6 +559,76 @@ impl Up {
         )
     }
 
+    /// `kubectl port-forward ARGS` (kubectl 1.NN if `minor` is given, with `env` set), once
+    /// it listens on the local port it prints.
+    pub fn port_forward(
+        &self,
+        minor: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> anyhow::Result<Forward> {
+        use std::io::BufRead;
+        let cache = self.cache.join(minor.unwrap_or("pf"));
+        std::fs::create_dir_all(&cache)?;
+        let mut child = Command::new(kubectl_bin(minor)?)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("port-forward")
+            .args(args)
+            .env("HOME", &cache)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (err_pipe, out_pipe) = (child.stderr.take(), child.stdout.take());
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err_pipe?).lines() {
+                let line = line.ok()?;
+                sink.lock().ok()?.push_str(&(line + "\n"));
+            }
+            Some(())
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Read to the end: kubectl dies of SIGPIPE if its stdout closes.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out_pipe?).lines() {
+                let _ = tx.send(line.ok()?);
+            }
+            Some(())
+        });
+        let mut fwd = Forward {
+            child,
+            local: 0,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fwd.local == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                // "Forwarding from 127.0.0.1:41234 -> 8080"
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix("Forwarding from 127.0.0.1:") {
+                        fwd.local = rest
+                            .split_whitespace()
+                            .next()
+                            .and_then(|p| p.parse().ok())
+                            .context("local port")?;
+                    }
+                }
+                Err(_) => bail!(
+                    "kubectl port-forward {args:?} did not start listening: {}",
+                    fwd.stderr()
+                ),
+            }
+        }
+        Ok(fwd)
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.cache
     }
@@ -857,6 +927,55 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A running `kubectl port-forward`, stopped when dropped.
+pub struct Forward {
+    child: Child,
+    /// The local port it listens on.
+    pub local: u16,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Forward {
+    /// What kubectl has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Its exit status, if it exits within `secs`.
+    pub fn wait_exit(&mut self, secs: u64) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python with the official `kubernetes` client that scripts/setup.sh installs
+/// (`OUTPOST_PYTHON` overrides it).
+pub fn python() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("OUTPOST_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/outpost/py/bin/python"))
+        })
+        .context("no HOME")?;
+    if !p.exists() {
+        bail!("{} is missing: run scripts/setup.sh", p.display());
+    }
+    Ok(p)
 }
 
 /// One HTTP/1.0 GET (no chunked body to decode) to `127.0.0.1:port`: the status and body.

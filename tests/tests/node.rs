@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_tests::{example, http_get as get, Node, Up};
+use outpost_tests::{example, http_get as get, python, Node, Up};
 
 fn push(up: &Up, name: &str) -> anyhow::Result<String> {
     let path = example(name)?;
@@ -20,6 +20,137 @@ fn pod_yaml(name: &str, image: &str, policy: &str, extra: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: wasm\n  restartPolicy: {policy}\n  containers:\n  - name: main\n    image: {image}\n{extra}"
     )
+}
+
+/// The http-hello example from its own manifest, on a port no other test uses, once its
+/// readiness probe (GET /healthz) has made it Ready. Returns the port.
+fn http_hello(up: &Up) -> anyhow::Result<u16> {
+    push(up, "http-hello")?;
+    let port = outpost_tests::free_tcp_port();
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http-hello/pod.yaml"),
+    )?
+    .replace("containerPort: 8080", &format!("containerPort: {port}"));
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply http-hello")?;
+    up.wait_field(
+        60,
+        &["pod", "http-hello"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )?;
+    Ok(port)
+}
+
+/// `kubectl port-forward` reaches a pod through its node's link, in each protocol kubectl and
+/// the Python client speak; a port the pod does not have is refused with the reason.
+#[test]
+fn port_forward_reaches_a_pod_through_its_node() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let port = http_hello(&up)?;
+    // Pods share the node's network, so a pod declaring the port of an echo server this test
+    // runs reaches it: bulk bytes both ways, and a half-close that passes through.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let echo_port = echo.local_addr()?.port();
+    std::thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut back = conn.try_clone()?;
+                std::io::copy(&mut conn, &mut back)?;
+                back.shutdown(std::net::Shutdown::Write)
+            });
+        }
+    });
+    push(&up, "sleeper")?;
+    let holder = format!(
+        "{}    ports:\n    - containerPort: {echo_port}\n",
+        pod_yaml("echo", "module:sleeper", "Always", "")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &holder)?
+        .expect_ok("apply echo")?;
+    up.wait_field(60, &["pod", "echo"], "{.status.phase}", |p| p == "Running")?;
+    let bulk: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    let remote = format!(":{port}");
+    // kubectl 1.32 tunnels SPDY through a WebSocket; told not to, it speaks SPDY directly, as
+    // kubectl 1.29 always does.
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let kinds: [(Option<&str>, Env<'_>); 3] = [
+        (None, &[]),
+        (None, &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")]),
+        (Some("1.29"), &[]),
+    ];
+    for (minor, env) in kinds {
+        let fwd = up.port_forward(minor, env, &["pod/http-hello", &remote])?;
+        // Connections one after another, then several at once, share the one session.
+        for i in 0..3 {
+            let (code, body) = get(fwd.local, &format!("/forwarded/{i}"))
+                .map_err(|e| anyhow::anyhow!("{minor:?} {env:?}: {e}\n{}", fwd.stderr()))?;
+            assert_eq!(code, 200, "{minor:?} {env:?}: {body} {}", fwd.stderr());
+            assert_eq!(body, format!("hello from Outpost at /forwarded/{i}\n"));
+        }
+        let local = fwd.local;
+        let at_once: Vec<_> = (0..4)
+            .map(|i| std::thread::spawn(move || get(local, &format!("/at/once/{i}"))))
+            .collect();
+        for (i, h) in at_once.into_iter().enumerate() {
+            let (code, body) = h.join().map_err(|_| anyhow::anyhow!("request thread"))??;
+            assert_eq!(code, 200, "{minor:?} {env:?}: {body}");
+            assert_eq!(body, format!("hello from Outpost at /at/once/{i}\n"));
+        }
+        let fwd = up.port_forward(minor, env, &["pod/echo", &format!(":{echo_port}")])?;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", fwd.local))?;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut reader = conn.try_clone()?;
+        let sent = bulk.clone();
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            std::io::Write::write_all(&mut conn, &sent)?;
+            conn.shutdown(std::net::Shutdown::Write)
+        });
+        let mut back = Vec::with_capacity(bulk.len());
+        std::io::Read::read_to_end(&mut reader, &mut back)?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer thread"))??;
+        assert!(
+            back == bulk,
+            "{minor:?} {env:?}: {} of {} bytes came back intact: {}",
+            back.len(),
+            bulk.len(),
+            fwd.stderr()
+        );
+    }
+    // The Python client speaks the channel protocol instead of SPDY.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/portforward.py");
+    let out = std::process::Command::new(python()?)
+        .arg(&script)
+        .arg("http-hello")
+        .arg(port.to_string())
+        .env("KUBECONFIG", &up.kubeconfig)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hello from Outpost at /from/python"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A port the pod does not declare: kubectl says why, and the connection gets no answer.
+    let bad = up.port_forward(None, &[], &["pod/http-hello", ":9"])?;
+    let answer = get(bad.local, "/nope");
+    assert!(
+        answer.as_ref().map_or(true, |(code, _)| *code == 0),
+        "{answer:?}"
+    );
+    let t = Instant::now();
+    while !bad
+        .stderr()
+        .contains("port 9 is not a port of pod default/http-hello")
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", bad.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 #[test]
@@ -624,22 +755,7 @@ fn a_cut_link_heals_without_restarts() -> anyhow::Result<()> {
 fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(dir.path())?;
-    push(&up, "http-hello")?;
-    // The example's own manifest, on a port no other test uses.
-    let port = outpost_tests::free_tcp_port();
-    let manifest = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http-hello/pod.yaml"),
-    )?
-    .replace("containerPort: 8080", &format!("containerPort: {port}"));
-    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
-        .expect_ok("apply http-hello")?;
-    // Ready only once its readiness probe (GET /healthz) passes.
-    up.wait_field(
-        60,
-        &["pod", "http-hello"],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )?;
+    let port = http_hello(&up)?;
     let (code, body) = get(port, "/from/a/test")?;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, "hello from Outpost at /from/a/test\n");

@@ -1,24 +1,8 @@
 //! The official Python `kubernetes` client (installed by scripts/setup.sh into
 //! ~/.cache/outpost/py) against `outpost up`.
 
-use anyhow::{ensure, Context};
-use outpost_tests::Up;
-
-fn python() -> anyhow::Result<std::path::PathBuf> {
-    let p = std::env::var_os("OUTPOST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| std::path::Path::new(&h).join(".cache/outpost/py/bin/python"))
-        })
-        .context("no HOME")?;
-    ensure!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    Ok(p)
-}
+use anyhow::ensure;
+use outpost_tests::{python, Up};
 
 #[test]
 fn list_watch_create_patch() -> anyhow::Result<()> {

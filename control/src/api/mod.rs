@@ -13,6 +13,7 @@ pub mod admit;
 pub mod auth;
 pub mod discovery;
 pub mod error;
+mod forward;
 pub mod node;
 pub mod openapi;
 pub mod outpost;
@@ -22,6 +23,7 @@ pub mod resources;
 mod rest;
 pub mod select;
 pub mod serve;
+pub mod spdy;
 pub mod ssa;
 pub mod table;
 
@@ -284,7 +286,7 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
     };
     let target = parse_target(group, version, rest)?;
     let body = read_body(body).await?;
-    rest::serve(api, user, parts.method, &parts.headers, query, target, body).await
+    rest::serve(api, user, parts, query, target, body).await
 }
 
 fn method_verb(m: &Method) -> &'static str {

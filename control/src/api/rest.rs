@@ -200,12 +200,15 @@ impl Ctx<'_> {
 pub(super) async fn serve(
     api: &Arc<Api>,
     user: User,
-    method: Method,
-    headers: &HeaderMap,
+    mut parts: axum::http::request::Parts,
     q: Query,
     t: Target,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let method = parts.method.clone();
+    let headers = &parts.headers;
+    // Set by hyper on HTTP/1.1 connections; port-forward takes the connection over with it.
+    let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let watch = q.flag("watch");
     let verb = match (&method, &t.name) {
         (&Method::GET, Some(_)) => "get",
@@ -301,7 +304,11 @@ pub(super) async fn serve(
         (Method::GET, None) if watch => watch_stream(ctx, table).await,
         (Method::GET, None) => list(&ctx, table).await,
         (Method::GET, Some(Sub::Log)) => logs(&ctx, &name).await,
-        (Method::GET | Method::POST, Some(s @ (Sub::Exec | Sub::Attach | Sub::PortForward))) => {
+        (Method::GET | Method::POST, Some(Sub::PortForward)) => {
+            let pod = get(&ctx, &name).await?;
+            super::forward::serve(ctx.api, &pod, headers, &ctx.q, upgrade)
+        }
+        (Method::GET | Method::POST, Some(s @ (Sub::Exec | Sub::Attach))) => {
             let pod = get(&ctx, &name).await?;
             let wasm = pod["spec"]["runtimeClassName"] == "wasm"
                 || pod["spec"]["containers"].as_array().is_some_and(|c| {
@@ -311,7 +318,7 @@ pub(super) async fn serve(
                             .is_some_and(|i| i.starts_with("module:"))
                     })
                 });
-            Err(ApiError::BadRequest(if wasm && s != Sub::PortForward {
+            Err(ApiError::BadRequest(if wasm {
                 format!(
                     "pod {name} runs on the Wasm runtime: a Wasm guest has no shell or other process to {} into; use kubectl logs to see its output",
                     s.name()

@@ -8,6 +8,7 @@
 //! runtime; the `io` feature adds frame reading and writing over tokio's IO traits.
 
 pub mod link;
+pub mod quantity;
 pub mod store;
 
 /// Lowercase hex of the SHA-256 of `b`: module and layer digests, token secrets, the CA pin.

@@ -191,6 +191,8 @@ impl Cluster {
         let agent = Agent(
             Command::new(&node_bin)
                 .args(["--server", &api, "--token", &token, "--name", "bench-node"])
+                // Room for the whole burst at once (kubelet's default is 110).
+                .args(["--max-pods", "2000"])
                 .arg("--data-dir")
                 .arg(root.path().join("node"))
                 .env("RUST_LOG", "warn")

@@ -42,6 +42,8 @@ pub struct Config {
     pub name: Option<String>,
     /// Registries spoken to over plain HTTP (besides those on loopback).
     pub insecure_registries: Vec<String>,
+    /// The node's `pods` capacity.
+    pub max_pods: u32,
 }
 
 fn now() -> String {
@@ -85,6 +87,7 @@ pub struct Agent {
     /// root store costs memory a board should keep.
     registry: std::sync::OnceLock<registry::Client>,
     insecure_registries: Vec<String>,
+    max_pods: u32,
     link: watch::Sender<Option<Link>>,
     pods: Mutex<HashMap<String, PodRun>>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
@@ -164,6 +167,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         runtime,
         registry: std::sync::OnceLock::new(),
         insecure_registries: cfg.insecure_registries.clone(),
+        max_pods: cfg.max_pods,
         link: watch::channel(None).0,
         pods: Mutex::new(HashMap::new()),
         status_tx,
@@ -280,8 +284,7 @@ impl Agent {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let resources =
-            json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": "110"});
+        let resources = json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": self.max_pods.to_string()});
         json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": self.node, "labels": {
@@ -1430,15 +1433,17 @@ impl Worker {
         args.extend(strings("args"));
         let limits = &self.spec["resources"]["limits"];
         let memory = match limits["memory"].as_str() {
-            Some(q) => {
-                Some(pod::bytes(q).ok_or_else(|| config(format!("bad memory limit {q:?}")))?)
-            }
+            Some(q) => Some(
+                outpost_api::quantity::bytes(q)
+                    .ok_or_else(|| config(format!("bad memory limit {q:?}")))?,
+            ),
             None => None,
         };
         let millicores = match limits["cpu"].as_str() {
-            Some(q) => {
-                Some(pod::millicores(q).ok_or_else(|| config(format!("bad cpu limit {q:?}")))?)
-            }
+            Some(q) => Some(
+                outpost_api::quantity::millicores(q)
+                    .ok_or_else(|| config(format!("bad cpu limit {q:?}")))?,
+            ),
             None => None,
         };
         // An HTTP component listens on the container's first port, on every address of the

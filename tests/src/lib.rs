@@ -559,6 +559,37 @@ impl Up {
         )
     }
 
+    /// A one-use bootstrap token from `outpost token create`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let r = self
+            .outpost(&["token", "create"])?
+            .expect_ok("token create")?;
+        Ok(r.stdout.trim().to_string())
+    }
+
+    /// An `outpost-node` named `name`, its data under `dir`, joined with a fresh token and
+    /// Ready.
+    pub fn join(&self, dir: &Path, name: &str) -> anyhow::Result<Node> {
+        let token = self.token()?;
+        let mut node = Node::new(dir);
+        node.start(&[
+            "--server",
+            &self.gateway(),
+            "--token",
+            &token,
+            "--name",
+            name,
+        ])?;
+        self.wait_field(
+            30,
+            &["node", name],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            |s| s == "True",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", node.logs()))?;
+        Ok(node)
+    }
+
     /// `kubectl port-forward ARGS` (kubectl 1.NN if `minor` is given, with `env` set), once
     /// it listens on the local port it prints.
     pub fn port_forward(

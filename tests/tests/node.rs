@@ -310,12 +310,7 @@ fn a_crashing_pod_backs_off() -> anyhow::Result<()> {
 fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(dir.path())?;
-    let token = up
-        .outpost(&["token", "create"])?
-        .expect_ok("token create")?
-        .stdout
-        .trim()
-        .to_string();
+    let token = up.token()?;
     assert!(token.starts_with("op1."), "{token}");
     let mut edge = Node::new(&dir.path().join("edge-1"));
     edge.start(&[
@@ -504,12 +499,7 @@ fn only_log(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
 fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut up = Up::start_with(dir.path(), &["--no-node"])?;
-    let token = up
-        .outpost(&["token", "create"])?
-        .expect_ok("token")?
-        .stdout
-        .trim()
-        .to_string();
+    let token = up.token()?;
     let mut edge = Node::new(&dir.path().join("edge"));
     edge.start(&[
         "--server",
@@ -693,12 +683,7 @@ impl Drop for Relay {
 fn a_cut_link_heals_without_restarts() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start_with(dir.path(), &["--no-node"])?;
-    let token = up
-        .outpost(&["token", "create"])?
-        .expect_ok("token")?
-        .stdout
-        .trim()
-        .to_string();
+    let token = up.token()?;
     let relay = Relay::start(&up.gateway())?;
     let mut edge = Node::new(&dir.path().join("edge"));
     edge.start(&["--server", &relay.addr, "--token", &token, "--name", "edge"])?;

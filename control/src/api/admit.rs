@@ -535,6 +535,31 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     out
 }
 
+/// A pod's quality-of-service class, as the API server sets it on create: Guaranteed when
+/// every container limits CPU and memory and requests exactly that (requests default to
+/// limits), BestEffort when none asks for either, Burstable otherwise.
+pub fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[k].as_array().into_iter().flatten())
+        .collect();
+    let mut any = false;
+    let mut guaranteed = !containers.is_empty();
+    for c in containers {
+        let r = &c["resources"];
+        for k in ["cpu", "memory"] {
+            let (req, lim) = (&r["requests"][k], &r["limits"][k]);
+            any |= !req.is_null() || !lim.is_null();
+            guaranteed &= !lim.is_null() && (req.is_null() || req == lim);
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,5 +608,24 @@ mod tests {
         assert!(check_name("Pod", "Upper").is_some());
         let o = json!({"metadata": {"name": "x", "labels": {"bad key!": "v"}}});
         assert_eq!(validate("", "ConfigMap", &o).len(), 1);
+    }
+
+    #[test]
+    fn qos_classes() {
+        let c = |res: Value| json!({"containers": [{"name": "c", "resources": res}]});
+        assert_eq!(qos_class(&c(json!({}))), "BestEffort");
+        assert_eq!(
+            qos_class(&c(json!({"requests": {"memory": "1Gi"}}))),
+            "Burstable"
+        );
+        assert_eq!(
+            qos_class(&c(json!({"limits": {"cpu": "1", "memory": "1Gi"}}))),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&c(json!({"limits": {"cpu": "1", "memory": "1Gi"},
+                                 "requests": {"cpu": "500m"}}))),
+            "Burstable"
+        );
     }
 }

@@ -1060,7 +1060,7 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
         let phase = o["status"]["phase"].is_null();
         if phase {
-            o["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+            o["status"] = json!({"phase": "Pending", "qosClass": admit::qos_class(&o["spec"])});
         }
     }
     if o.get("spec").is_some() {
@@ -1560,6 +1560,16 @@ async fn bind(ctx: &Ctx<'_>, name: &str, body: Value) -> Result<Response, ApiErr
             _ => {
                 let mut new = old.clone();
                 new["spec"]["nodeName"] = json!(node);
+                // As the API server's binding does: the pod is scheduled, whatever an earlier
+                // attempt said.
+                let mut conds: Vec<Value> = new["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                conds.retain(|c| c["type"] != "PodScheduled");
+                conds.push(json!({"type": "PodScheduled", "status": "True",
+                    "lastProbeTime": null, "lastTransitionTime": now()}));
+                new["status"]["conditions"] = json!(conds);
                 meta(&mut new).remove("resourceVersion");
                 Ok((new, true))
             }

@@ -285,6 +285,7 @@ fn local_node(
         token: None,
         name: None,
         insecure_registries: Vec::new(),
+        max_pods: 110,
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

@@ -34,6 +34,10 @@ struct Args {
         value_delimiter = ','
     )]
     insecure_registries: Vec<String>,
+    /// Pods the scheduler may place here (the node's `pods` capacity), as kubelet's
+    /// --max-pods.
+    #[arg(long, default_value_t = 110, env = "OUTPOST_MAX_PODS")]
+    max_pods: u32,
 }
 
 #[tokio::main]
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         token: a.token,
         name: a.name,
         insecure_registries: a.insecure_registries,
+        max_pods: a.max_pods,
     };
     tokio::select! {
         r = agent::run(cfg) => r,

@@ -1,0 +1,776 @@
+//! What the scheduler decides, as pure functions over a snapshot: which nodes can take a pod
+//! (filters) and which of those is best (scores). [`super`] keeps the snapshot from the
+//! store's watch and does the binding.
+//!
+//! Filters, in kube-scheduler's order: node ready, cordon, the runtime the pod needs, taints
+//! (NoSchedule, NoExecute), node selector and required node affinity (the RuntimeClass's
+//! selector too), host ports, requests against allocatable (cpu, memory, pods). Scores, with
+//! kube-scheduler's default weights: least allocated and balanced allocation (1 each),
+//! preferred node affinity (2), PreferNoSchedule taints (3), spreading a controller's pods
+//! across nodes (2). Ties go round-robin.
+
+use std::collections::HashMap;
+
+use outpost_api::quantity::{bytes, millicores};
+use serde_json::{Map, Value};
+
+/// What kube-scheduler scores a pod as when it requests no CPU or memory.
+const DEFAULT_CPU: u64 = 100;
+const DEFAULT_MEMORY: u64 = 200 << 20;
+
+/// CPU in millicores, memory in bytes, a count of pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu: u64,
+    pub memory: u64,
+    pub pods: u64,
+}
+
+impl Resources {
+    fn add(&mut self, o: &Resources) {
+        self.cpu += o.cpu;
+        self.memory += o.memory;
+        self.pods += o.pods;
+    }
+    fn sub(&mut self, o: &Resources) {
+        self.cpu = self.cpu.saturating_sub(o.cpu);
+        self.memory = self.memory.saturating_sub(o.memory);
+        self.pods = self.pods.saturating_sub(o.pods);
+    }
+}
+
+/// A host port a container asks for: protocol, port, host IP ("" for all addresses).
+pub type HostPort = (String, u16, String);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taint {
+    pub key: String,
+    pub value: String,
+    pub effect: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Toleration {
+    pub key: String,
+    pub exists: bool,
+    pub value: String,
+    pub effect: String,
+}
+
+impl Toleration {
+    fn tolerates(&self, t: &Taint) -> bool {
+        (self.effect.is_empty() || self.effect == t.effect)
+            && (self.key.is_empty() && self.exists || self.key == t.key)
+            && (self.exists || self.value == t.value)
+    }
+}
+
+/// One node selector term: every expression must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Term {
+    exprs: Vec<Expr>,
+    fields: Vec<Expr>,
+}
+
+#[derive(Debug, Clone)]
+struct Expr {
+    key: String,
+    op: String,
+    values: Vec<String>,
+}
+
+impl Expr {
+    fn holds(&self, value: Option<&str>) -> bool {
+        let num = |s: &str| s.parse::<i64>().ok();
+        match self.op.as_str() {
+            "In" => value.is_some_and(|v| self.values.iter().any(|x| x == v)),
+            "NotIn" => value.is_none_or(|v| !self.values.iter().any(|x| x == v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            "Gt" | "Lt" => match (
+                value.and_then(num),
+                self.values.first().and_then(|x| num(x)),
+            ) {
+                (Some(v), Some(x)) => (self.op == "Gt" && v > x) || (self.op == "Lt" && v < x),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+impl Term {
+    fn parse(v: &Value) -> Term {
+        let exprs = |k: &str| {
+            v[k].as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| Expr {
+                    key: str_of(&e["key"]),
+                    op: str_of(&e["operator"]),
+                    values: e["values"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(str_of)
+                        .collect(),
+                })
+                .collect()
+        };
+        Term {
+            exprs: exprs("matchExpressions"),
+            fields: exprs("matchFields"),
+        }
+    }
+
+    fn matches(&self, node: &NodeInfo) -> bool {
+        // A term with nothing in it matches no node, as in Kubernetes.
+        (!self.exprs.is_empty() || !self.fields.is_empty())
+            && self
+                .exprs
+                .iter()
+                .all(|e| e.holds(node.labels.get(&e.key).and_then(Value::as_str)))
+            && self
+                .fields
+                .iter()
+                .all(|e| e.key == "metadata.name" && e.holds(Some(node.name.as_str())))
+    }
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().unwrap_or("").to_string()
+}
+
+/// What a pod asks of a node, read once from the pod.
+#[derive(Debug, Clone, Default)]
+pub struct Needs {
+    pub requests: Resources,
+    /// CPU and memory with kube-scheduler's stand-ins for zero requests, for scoring.
+    pub scored: (u64, u64),
+    pub host_ports: Vec<HostPort>,
+    /// The uid of the controller that owns the pod, for spreading.
+    pub owner: Option<String>,
+    /// The pod's node selector and its RuntimeClass's.
+    selector: Vec<(String, String)>,
+    /// Required node affinity: any term.
+    required: Option<Vec<Term>>,
+    preferred: Vec<(i64, Term)>,
+    tolerations: Vec<Toleration>,
+    pub oci: bool,
+}
+
+/// A pod runs on the Wasm runtime when it names the `wasm` RuntimeClass or all its images
+/// are modules from the module store; anything else needs an OCI runtime.
+pub fn needs_oci(pod: &Value) -> bool {
+    if pod["spec"]["runtimeClassName"] == "wasm" {
+        return false;
+    }
+    ["initContainers", "containers"].iter().any(|k| {
+        pod["spec"][k].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| !c["image"].as_str().unwrap_or("").starts_with("module:"))
+        })
+    })
+}
+
+/// A container's requests (its limits where it states no request, as the API defaults).
+fn container_requests(c: &Value) -> (u64, u64) {
+    let get = |k: &str, parse: fn(&str) -> Option<u64>| {
+        c["resources"]["requests"][k]
+            .as_str()
+            .or(c["resources"]["limits"][k].as_str())
+            .and_then(parse)
+            .unwrap_or(0)
+    };
+    (get("cpu", millicores), get("memory", bytes))
+}
+
+/// Read what `pod` needs; `class_selector` is its RuntimeClass's `scheduling.nodeSelector`.
+pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
+    let spec = &pod["spec"];
+    let (mut cpu, mut memory) = (0u64, 0u64);
+    let (mut scored_cpu, mut scored_mem) = (0u64, 0u64);
+    let mut host_ports = vec![];
+    for c in spec["containers"].as_array().into_iter().flatten() {
+        let (c_cpu, c_mem) = container_requests(c);
+        cpu += c_cpu;
+        memory += c_mem;
+        scored_cpu += if c_cpu == 0 { DEFAULT_CPU } else { c_cpu };
+        scored_mem += if c_mem == 0 { DEFAULT_MEMORY } else { c_mem };
+        for p in c["ports"].as_array().into_iter().flatten() {
+            let port = p["hostPort"].as_u64().and_then(|p| u16::try_from(p).ok());
+            if let Some(port) = port.filter(|p| *p > 0) {
+                let proto = p["protocol"].as_str().unwrap_or("TCP").to_string();
+                host_ports.push((proto, port, str_of(&p["hostIP"])));
+            }
+        }
+    }
+    // Init containers run one at a time, before the others: the largest one counts.
+    for c in spec["initContainers"].as_array().into_iter().flatten() {
+        let (c_cpu, c_mem) = container_requests(c);
+        cpu = cpu.max(c_cpu);
+        memory = memory.max(c_mem);
+    }
+    let overhead = &spec["overhead"];
+    cpu += overhead["cpu"].as_str().and_then(millicores).unwrap_or(0);
+    memory += overhead["memory"].as_str().and_then(bytes).unwrap_or(0);
+    let pairs = |v: &Value| -> Vec<(String, String)> {
+        v.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), str_of(v)))
+            .collect()
+    };
+    let mut selector = pairs(&spec["nodeSelector"]);
+    selector.extend(pairs(class_selector));
+    let affinity = &spec["affinity"]["nodeAffinity"];
+    let required = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .as_array()
+        .map(|ts| ts.iter().map(Term::parse).collect());
+    let preferred = affinity["preferredDuringSchedulingIgnoredDuringExecution"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["weight"].as_i64().unwrap_or(0),
+                Term::parse(&p["preference"]),
+            )
+        })
+        .collect();
+    let tolerations = spec["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| Toleration {
+            key: str_of(&t["key"]),
+            exists: t["operator"] == "Exists",
+            value: str_of(&t["value"]),
+            effect: str_of(&t["effect"]),
+        })
+        .collect();
+    let owner = pod["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|o| o["controller"] == true)
+        .and_then(|o| o["uid"].as_str())
+        .map(String::from);
+    Needs {
+        requests: Resources {
+            cpu,
+            memory,
+            pods: 1,
+        },
+        scored: (scored_cpu, scored_mem),
+        host_ports,
+        owner,
+        selector,
+        required,
+        preferred,
+        tolerations,
+        oci: needs_oci(pod),
+    }
+}
+
+/// A node as the scheduler sees it: what it offers and what its pods already take.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    labels: Map<String, Value>,
+    taints: Vec<Taint>,
+    pub allocatable: Resources,
+    pub requested: Resources,
+    scored: (u64, u64),
+    ports: HashMap<HostPort, u32>,
+    ready: bool,
+    unschedulable: bool,
+    /// Pods on the node per owning controller.
+    owners: HashMap<String, u32>,
+}
+
+impl NodeInfo {
+    pub fn of(node: &Value) -> NodeInfo {
+        let alloc = &node["status"]["allocatable"];
+        NodeInfo {
+            name: str_of(&node["metadata"]["name"]),
+            labels: node["metadata"]["labels"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            taints: node["spec"]["taints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| Taint {
+                    key: str_of(&t["key"]),
+                    value: str_of(&t["value"]),
+                    effect: str_of(&t["effect"]),
+                })
+                .collect(),
+            allocatable: Resources {
+                cpu: alloc["cpu"].as_str().and_then(millicores).unwrap_or(0),
+                memory: alloc["memory"].as_str().and_then(bytes).unwrap_or(0),
+                pods: alloc["pods"]
+                    .as_str()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(110),
+            },
+            ready: node["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            }),
+            unschedulable: node["spec"]["unschedulable"].as_bool() == Some(true),
+            ..NodeInfo::default()
+        }
+    }
+
+    /// Keep what the pods on `old` take when the node object changes.
+    pub fn carry(&mut self, old: &NodeInfo) {
+        self.requested = old.requested;
+        self.scored = old.scored;
+        self.ports = old.ports.clone();
+        self.owners = old.owners.clone();
+    }
+
+    /// A pod placed on this node.
+    pub fn add(&mut self, n: &Needs) {
+        self.requested.add(&n.requests);
+        self.scored.0 += n.scored.0;
+        self.scored.1 += n.scored.1;
+        for p in &n.host_ports {
+            *self.ports.entry(p.clone()).or_default() += 1;
+        }
+        if let Some(o) = &n.owner {
+            *self.owners.entry(o.clone()).or_default() += 1;
+        }
+    }
+
+    /// A pod gone from this node (deleted, or finished).
+    pub fn remove(&mut self, n: &Needs) {
+        self.requested.sub(&n.requests);
+        self.scored.0 = self.scored.0.saturating_sub(n.scored.0);
+        self.scored.1 = self.scored.1.saturating_sub(n.scored.1);
+        for p in &n.host_ports {
+            if let Some(c) = self.ports.get_mut(p) {
+                *c -= 1;
+                if *c == 0 {
+                    self.ports.remove(p);
+                }
+            }
+        }
+        if let Some(o) = &n.owner {
+            if let Some(c) = self.owners.get_mut(o) {
+                *c -= 1;
+                if *c == 0 {
+                    self.owners.remove(o);
+                }
+            }
+        }
+    }
+
+    fn port_taken(&self, (proto, port, ip): &HostPort) -> bool {
+        self.ports.keys().any(|(p, n, i)| {
+            p == proto
+                && n == port
+                && (i.is_empty() || ip.is_empty() || i == ip || i == "0.0.0.0" || ip == "0.0.0.0")
+        })
+    }
+}
+
+/// Why `node` cannot take the pod (kube-scheduler's wording), or nothing if it can.
+pub fn filter(n: &Needs, node: &NodeInfo) -> Vec<String> {
+    if !node.ready {
+        return vec!["node(s) were not ready".into()];
+    }
+    if node.unschedulable {
+        return vec!["node(s) were unschedulable".into()];
+    }
+    if n.oci
+        && node
+            .labels
+            .get("outpost.dev/runtime-oci")
+            .and_then(Value::as_str)
+            != Some("true")
+    {
+        return vec!["node(s) didn't offer the OCI runtime the pod needs".into()];
+    }
+    let untolerated = node.taints.iter().find(|t| {
+        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !n.tolerations.iter().any(|tol| tol.tolerates(t))
+    });
+    if let Some(t) = untolerated {
+        return vec![format!(
+            "node(s) had untolerated taint {{{}: {}}}",
+            t.key, t.value
+        )];
+    }
+    let selected = n
+        .selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k).and_then(Value::as_str) == Some(v.as_str()));
+    let affine = n
+        .required
+        .as_ref()
+        .is_none_or(|terms| terms.iter().any(|t| t.matches(node)));
+    if !selected || !affine {
+        return vec!["node(s) didn't match Pod's node affinity/selector".into()];
+    }
+    if n.host_ports.iter().any(|p| node.port_taken(p)) {
+        return vec!["node(s) didn't have free ports for the requested pod ports".into()];
+    }
+    let (a, r, q) = (&node.allocatable, &node.requested, &n.requests);
+    let mut short = vec![];
+    if r.pods + q.pods > a.pods {
+        short.push("Too many pods".to_string());
+    }
+    if q.cpu > 0 && r.cpu + q.cpu > a.cpu {
+        short.push("Insufficient cpu".to_string());
+    }
+    if q.memory > 0 && r.memory + q.memory > a.memory {
+        short.push("Insufficient memory".to_string());
+    }
+    short
+}
+
+/// How good a node that passed the filters is for the pod; `most` is the largest number of
+/// the pod's siblings (same controller) on any candidate node.
+pub fn score(n: &Needs, node: &NodeInfo, most: u32) -> i64 {
+    let frac = |used: u64, cap: u64| {
+        if cap == 0 {
+            1.0
+        } else {
+            (used as f64 / cap as f64).min(1.0)
+        }
+    };
+    let cpu = frac(node.scored.0 + n.scored.0, node.allocatable.cpu);
+    let mem = frac(node.scored.1 + n.scored.1, node.allocatable.memory);
+    let least = ((1.0 - cpu) + (1.0 - mem)) * 50.0;
+    let balanced = (1.0 - (cpu - mem).abs()) * 100.0;
+    let total: i64 = n.preferred.iter().map(|(w, _)| w.max(&0)).sum();
+    let matched: i64 = n
+        .preferred
+        .iter()
+        .filter(|(_, t)| t.matches(node))
+        .map(|(w, _)| *w.max(&0))
+        .sum();
+    let affinity = if total > 0 {
+        matched as f64 * 100.0 / total as f64
+    } else {
+        0.0
+    };
+    let soft = node
+        .taints
+        .iter()
+        .filter(|t| t.effect == "PreferNoSchedule" && !n.tolerations.iter().any(|x| x.tolerates(t)))
+        .count();
+    let taints = 100.0 / (1.0 + soft as f64);
+    let siblings = n
+        .owner
+        .as_ref()
+        .and_then(|o| node.owners.get(o))
+        .copied()
+        .unwrap_or(0);
+    let spread = if most == 0 {
+        100.0
+    } else {
+        f64::from(most - siblings.min(most)) * 100.0 / f64::from(most)
+    };
+    (least + balanced + 2.0 * affinity + 3.0 * taints + 2.0 * spread).round() as i64
+}
+
+/// The node for a pod: the best-scored of those that pass the filters, ties broken by
+/// `turn`. Otherwise the message `kubectl describe` shows.
+pub fn pick(n: &Needs, nodes: &[&NodeInfo], turn: usize) -> Result<usize, String> {
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    let fit: Vec<usize> = (0..nodes.len())
+        .filter(|&i| {
+            let why = filter(n, nodes[i]);
+            for r in &why {
+                *reasons.entry(r.clone()).or_default() += 1;
+            }
+            why.is_empty()
+        })
+        .collect();
+    if fit.is_empty() {
+        let mut parts: Vec<String> = reasons.iter().map(|(r, c)| format!("{c} {r}")).collect();
+        // Sorted as whole strings, count first, as kube-scheduler sorts them.
+        parts.sort();
+        return Err(format!(
+            "0/{} nodes are available: {}.",
+            nodes.len(),
+            if parts.is_empty() {
+                "no nodes have joined the cluster".to_string()
+            } else {
+                parts.join(", ")
+            }
+        ));
+    }
+    let most = n
+        .owner
+        .as_ref()
+        .map(|o| {
+            fit.iter()
+                .map(|&i| nodes[i].owners.get(o).copied().unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let scored: Vec<(usize, i64)> = fit.iter().map(|&i| (i, score(n, nodes[i], most))).collect();
+    let best = scored.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    let top: Vec<usize> = scored
+        .iter()
+        .filter(|(_, s)| *s == best)
+        .map(|(i, _)| *i)
+        .collect();
+    Ok(top[turn % top.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, labels: Value, spec: Value) -> NodeInfo {
+        NodeInfo::of(
+            &json!({"metadata": {"name": name, "labels": labels}, "spec": spec,
+            "status": {"allocatable": {"cpu": "2", "memory": "1Gi", "pods": "3"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}}),
+        )
+    }
+
+    fn pod(spec: Value) -> Needs {
+        needs(&json!({"metadata": {}, "spec": spec}), &Value::Null)
+    }
+
+    fn wasm(extra: Value) -> Value {
+        let mut spec = json!({"runtimeClassName": "wasm",
+            "containers": [{"name": "c", "image": "module:x",
+                "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}]});
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        spec
+    }
+
+    #[test]
+    fn requests_count_init_containers_overhead_and_limits() {
+        let n = pod(json!({
+            "containers": [
+                {"resources": {"requests": {"cpu": "250m", "memory": "64Mi"}}},
+                {"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
+                {}],
+            "initContainers": [{"resources": {"requests": {"cpu": "2", "memory": "1Mi"}}}],
+            "overhead": {"cpu": "10m"}}));
+        assert_eq!(n.requests.cpu, 2010);
+        assert_eq!(n.requests.memory, (64 << 20) + (1 << 30));
+        assert_eq!(n.requests.pods, 1);
+        // The container asking for nothing is scored as kube-scheduler's stand-in.
+        assert_eq!(
+            n.scored,
+            (250 + 1000 + 100, (64 << 20) + (1 << 30) + (200 << 20))
+        );
+        assert!(n.oci, "OCI images and no wasm RuntimeClass");
+        assert!(!pod(wasm(json!({}))).oci);
+    }
+
+    #[test]
+    fn filters_say_why_in_kube_schedulers_words() {
+        let p = pod(wasm(json!({})));
+        let ok = node("a", json!({}), json!({}));
+        assert!(filter(&p, &ok).is_empty());
+        let mut down = ok.clone();
+        down.ready = false;
+        assert_eq!(filter(&p, &down), ["node(s) were not ready"]);
+        let cordoned = node("a", json!({}), json!({"unschedulable": true}));
+        assert_eq!(filter(&p, &cordoned), ["node(s) were unschedulable"]);
+        let oci = pod(json!({"containers": [{"image": "nginx"}]}));
+        assert_eq!(
+            filter(&oci, &ok),
+            ["node(s) didn't offer the OCI runtime the pod needs"]
+        );
+        let tainted = node(
+            "a",
+            json!({}),
+            json!({"taints": [{"key": "dedicated", "value": "edge", "effect": "NoSchedule"}]}),
+        );
+        assert_eq!(
+            filter(&p, &tainted),
+            ["node(s) had untolerated taint {dedicated: edge}"]
+        );
+        for tol in [
+            json!({"key": "dedicated", "operator": "Equal", "value": "edge"}),
+            json!({"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}),
+            json!({"operator": "Exists"}),
+        ] {
+            let t = pod(wasm(json!({"tolerations": [tol]})));
+            assert!(filter(&t, &tainted).is_empty(), "{tol}");
+        }
+        let wrong = pod(wasm(json!({"tolerations": [
+            {"key": "dedicated", "value": "other"},
+            {"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}]})));
+        assert!(!filter(&wrong, &tainted).is_empty());
+        let soft = node(
+            "a",
+            json!({}),
+            json!({"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}),
+        );
+        assert!(filter(&p, &soft).is_empty(), "PreferNoSchedule only scores");
+    }
+
+    #[test]
+    fn selectors_and_node_affinity() {
+        let zone_a = node("n1", json!({"zone": "a", "gpu": "2"}), json!({}));
+        let zone_b = node("n2", json!({"zone": "b"}), json!({}));
+        let sel = pod(wasm(json!({"nodeSelector": {"zone": "a"}})));
+        assert!(filter(&sel, &zone_a).is_empty());
+        assert_eq!(
+            filter(&sel, &zone_b),
+            ["node(s) didn't match Pod's node affinity/selector"]
+        );
+        let class = needs(&json!({"spec": wasm(json!({}))}), &json!({"zone": "b"}));
+        assert!(!filter(&class, &zone_a).is_empty() && filter(&class, &zone_b).is_empty());
+        let affinity = |terms: Value| {
+            pod(wasm(json!({"affinity": {"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}})))
+        };
+        let cases = [
+            (
+                json!([{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "c"]}]}]),
+                true,
+                false,
+            ),
+            (
+                json!([{"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["a"]}]}]),
+                false,
+                true,
+            ),
+            (
+                json!([{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]),
+                true,
+                false,
+            ),
+            (
+                json!([{"matchExpressions": [{"key": "gpu", "operator": "DoesNotExist"}]}]),
+                false,
+                true,
+            ),
+            (
+                json!([{"matchExpressions": [{"key": "gpu", "operator": "Gt", "values": ["1"]}]}]),
+                true,
+                false,
+            ),
+            (
+                json!([{"matchExpressions": [{"key": "gpu", "operator": "Lt", "values": ["1"]}]}]),
+                false,
+                false,
+            ),
+            (
+                json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]}]),
+                false,
+                true,
+            ),
+            // Terms are ORed; expressions within one are ANDed; an empty term matches nothing.
+            (
+                json!([{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]},
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]},
+                                          {"key": "gpu", "operator": "In", "values": ["3"]}]}]),
+                false,
+                true,
+            ),
+            (json!([{}]), false, false),
+        ];
+        for (terms, on_a, on_b) in cases {
+            let p = affinity(terms.clone());
+            assert_eq!(filter(&p, &zone_a).is_empty(), on_a, "{terms} on n1");
+            assert_eq!(filter(&p, &zone_b).is_empty(), on_b, "{terms} on n2");
+        }
+    }
+
+    #[test]
+    fn resources_and_host_ports_run_out() {
+        let p = pod(wasm(json!({})));
+        let mut n = node("a", json!({}), json!({}));
+        for _ in 0..2 {
+            assert!(filter(&p, &n).is_empty());
+            n.add(&p);
+        }
+        // Two of 1Gi used by 2 × 256Mi, two of 2 CPUs by 2 × 500m: room for exactly one more.
+        assert!(filter(&p, &n).is_empty());
+        n.add(&p);
+        let again = filter(&p, &n);
+        assert!(again.contains(&"Too many pods".to_string()), "{again:?}");
+        let big = pod(
+            json!({"runtimeClassName": "wasm", "containers": [{"image": "module:x",
+            "resources": {"requests": {"cpu": "3", "memory": "2Gi"}}}]}),
+        );
+        let mut empty = node("b", json!({}), json!({}));
+        assert_eq!(
+            filter(&big, &empty),
+            ["Insufficient cpu", "Insufficient memory"]
+        );
+        n.remove(&p);
+        assert!(filter(&p, &n).is_empty(), "a pod gone frees its room");
+        let port = |ip: &str| {
+            pod(wasm(json!({"containers": [{"image": "module:x",
+                "ports": [{"containerPort": 80, "hostPort": 8080, "hostIP": ip}]}]})))
+        };
+        empty.add(&port(""));
+        assert_eq!(
+            filter(&port("10.0.0.1"), &empty),
+            ["node(s) didn't have free ports for the requested pod ports"]
+        );
+        let udp = pod(wasm(json!({"containers": [{"image": "module:x",
+            "ports": [{"containerPort": 80, "hostPort": 8080, "protocol": "UDP"}]}]})));
+        assert!(filter(&udp, &empty).is_empty(), "another protocol");
+    }
+
+    #[test]
+    fn pick_prefers_room_affinity_and_spreading_and_explains_refusals() {
+        let p = pod(wasm(json!({})));
+        let mut busy = node("busy", json!({}), json!({}));
+        busy.add(&p);
+        let idle = node("idle", json!({}), json!({}));
+        assert_eq!(pick(&p, &[&busy, &idle], 0), Ok(1), "least allocated");
+        let pref = pod(wasm(json!({"affinity": {"nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 50, "preference":
+                {"matchExpressions": [{"key": "fast", "operator": "Exists"}]}}]}}})));
+        let fast = node("fast", json!({"fast": "yes"}), json!({}));
+        assert_eq!(pick(&pref, &[&idle, &fast], 0), Ok(1), "preferred affinity");
+        // A controller's pods spread: the node without a sibling wins over an equal one.
+        let owned = needs(
+            &json!({"metadata": {"ownerReferences": [{"uid": "rs-1", "controller": true}]},
+                    "spec": wasm(json!({}))}),
+            &Value::Null,
+        );
+        let mut with_sibling = node("s1", json!({}), json!({}));
+        with_sibling.add(&owned);
+        let mut other = node("s2", json!({}), json!({}));
+        other.add(&p);
+        assert_eq!(pick(&owned, &[&with_sibling, &other], 0), Ok(1));
+        // Equal nodes take turns.
+        let (a, b) = (
+            node("a", json!({}), json!({})),
+            node("b", json!({}), json!({})),
+        );
+        let picks: Vec<usize> = (0..4).map(|t| pick(&p, &[&a, &b], t).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+        let tainted = node(
+            "t",
+            json!({}),
+            json!({"taints": [{"key": "dedicated", "value": "edge", "effect": "NoSchedule"}]}),
+        );
+        let big = pod(
+            json!({"runtimeClassName": "wasm", "containers": [{"image": "module:x",
+            "resources": {"requests": {"memory": "2Gi"}}}]}),
+        );
+        assert_eq!(
+            pick(&big, &[&a, &tainted, &tainted], 0),
+            Err("0/3 nodes are available: 1 Insufficient memory, 2 node(s) had untolerated taint {dedicated: edge}.".into())
+        );
+        assert_eq!(
+            pick(&p, &[], 0),
+            Err("0/0 nodes are available: no nodes have joined the cluster.".into())
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! The scheduler seen through kubectl on `outpost up` and a joined `outpost-node`: taints and
+//! tolerations, node selectors, cordon, requests, and the reasons a pod that fits nowhere is
+//! given, retried when the cluster changes.
+
+use outpost_tests::{example, Up};
+
+fn pod(name: &str, extra_spec: &str, resources: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: wasm\n{extra_spec}  containers:\n  - name: main\n    image: module:sleeper\n{resources}"
+    )
+}
+
+fn node_of(up: &Up, name: &str) -> anyhow::Result<String> {
+    up.wait_field(30, &["pod", name], "{.spec.nodeName}", |n| !n.is_empty())
+}
+
+fn unschedulable(up: &Up, name: &str) -> anyhow::Result<String> {
+    up.wait_field(
+        30,
+        &["pod", name],
+        "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        |m| !m.is_empty(),
+    )
+}
+
+#[test]
+fn pods_follow_taints_selectors_cordons_and_room() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let module = example("sleeper")?;
+    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    let local = up
+        .kubectl(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"])?
+        .expect_ok("get nodes")?
+        .stdout;
+    let _edge = up.join(&dir.path().join("edge-1"), "edge-1")?;
+
+    // A NoSchedule taint keeps pods that do not tolerate it off the node.
+    up.kubectl(&["taint", "node", &local, "dedicated=edge:NoSchedule"])?
+        .expect_ok("taint")?;
+    for i in 0..4 {
+        up.kubectl_in(&["apply", "-f", "-"], &pod(&format!("plain-{i}"), "", ""))?
+            .expect_ok("apply plain")?;
+    }
+    for i in 0..4 {
+        assert_eq!(node_of(&up, &format!("plain-{i}"))?, "edge-1");
+    }
+    // A toleration lets a pod in, and a node selector sends it there.
+    let tolerant = format!(
+        "  tolerations:\n  - key: dedicated\n    operator: Equal\n    value: edge\n    effect: NoSchedule\n  nodeSelector:\n    kubernetes.io/hostname: {local}\n"
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &pod("tolerant", &tolerant, ""))?
+        .expect_ok("apply tolerant")?;
+    assert_eq!(node_of(&up, "tolerant")?, local);
+    up.wait_field(30, &["pod", "tolerant"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+
+    // A pod that fits nowhere says why, per node, as kube-scheduler words it.
+    let huge = "    resources:\n      requests:\n        memory: 1000Gi\n";
+    up.kubectl_in(&["apply", "-f", "-"], &pod("huge", "", huge))?
+        .expect_ok("apply huge")?;
+    assert_eq!(
+        unschedulable(&up, "huge")?,
+        "0/2 nodes are available: 1 Insufficient memory, 1 node(s) had untolerated taint {dedicated: edge}."
+    );
+    let t = std::time::Instant::now();
+    loop {
+        let described = up
+            .kubectl(&["describe", "pod", "huge"])?
+            .expect_ok("describe huge")?
+            .stdout;
+        if described.contains("FailedScheduling")
+            && described.contains("QoS Class:       Burstable")
+        {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 10, "{described}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // Cordoned, a node takes nothing new; uncordoned, the waiting pod is placed without
+    // being created again.
+    up.kubectl(&["cordon", "edge-1"])?.expect_ok("cordon")?;
+    up.kubectl_in(&["apply", "-f", "-"], &pod("later", "", ""))?
+        .expect_ok("apply later")?;
+    assert_eq!(
+        unschedulable(&up, "later")?,
+        "0/2 nodes are available: 1 node(s) had untolerated taint {dedicated: edge}, 1 node(s) were unschedulable."
+    );
+    up.kubectl(&["uncordon", "edge-1"])?.expect_ok("uncordon")?;
+    assert_eq!(node_of(&up, "later")?, "edge-1");
+    up.wait_field(30, &["pod", "later"], "{.status.phase}", |p| p == "Running")?;
+    let described = up
+        .kubectl(&["describe", "pod", "later"])?
+        .expect_ok("describe later")?
+        .stdout;
+    assert!(
+        described.contains("Successfully assigned default/later to edge-1"),
+        "{described}"
+    );
+    let scheduled = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "later",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].status}",
+        ])?
+        .expect_ok("get later")?
+        .stdout;
+    assert_eq!(scheduled, "True");
+    // The pod that cannot fit is still waiting, with its reason.
+    let phase = up
+        .kubectl(&["get", "pod", "huge", "-o", "jsonpath={.status.phase}"])?
+        .expect_ok("get huge")?
+        .stdout;
+    assert_eq!(phase, "Pending");
+    Ok(())
+}

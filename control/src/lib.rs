@@ -4,12 +4,13 @@
 //! mutual TLS), the certificates ([`pki`]: the peer CA between members, the cluster CA for
 //! the API and its clients), the Kubernetes API server on that store ([`api`]) and a small
 //! loopback admin interface to the store ([`admin`]) and the node gateway ([`gateway`]: nodes
-//! join and connect over QUIC). A first [`scheduler`] binds pods to nodes through
-//! the same API; the controllers will stand on it too. It does not run workloads: that is the node agent's job.
+//! join and connect over QUIC). The [`scheduler`] binds pods to nodes and the [`controllers`]
+//! keep ReplicaSets and Deployments at their desired state, both through the same API. It does not run workloads: that is the node agent's job.
 
 pub mod admin;
 pub mod api;
 pub mod client;
+pub mod controllers;
 pub mod gateway;
 pub mod pki;
 pub mod scheduler;

@@ -168,6 +168,38 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 }
 
 /// Decode a request body by its Content-Type (JSON when none is given).
+/// A request to the API from inside the control plane (scheduler, controllers) as `user`,
+/// through the same router, admission and authorization as any client's: the status and
+/// the JSON body.
+pub async fn call_as(
+    api: &Arc<Api>,
+    user: &User,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &Value,
+) -> (u16, Value) {
+    use tower::ServiceExt;
+    let Ok(mut req) = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body.to_string()))
+    else {
+        return (400, Value::Null);
+    };
+    req.extensions_mut().insert(Peer(Some(user.clone())));
+    let Ok(resp) = router(api.clone()).oneshot(req).await;
+    let status = resp.status().as_u16();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+        .await
+        .unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
 pub fn decode_body(content_type: Option<&str>, bytes: &[u8]) -> Result<Value, ApiError> {
     let base = content_type
         .and_then(|c| c.split(';').next())
@@ -440,8 +472,9 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     let mut helpers: Vec<tokio::task::AbortHandle> =
         gateway.iter().map(|(_, t)| t.abort_handle()).collect();
     helpers.push(tokio::spawn(crate::scheduler::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
     let task = tokio::spawn(async move {
-        // Aborting the API's task takes the gateway and the scheduler with it.
+        // Aborting the API's task takes the gateway, the scheduler and the controllers with it.
         struct Abort(Vec<tokio::task::AbortHandle>);
         impl Drop for Abort {
             fn drop(&mut self) {

@@ -18,14 +18,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{header, Request};
 use futures::{FutureExt, StreamExt};
 use outpost_api::store::{EventKind, KeyValue};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-use crate::api::{Api, Peer, User};
+use crate::api::{Api, User};
 use crate::store::{Consistency, WatchItem};
 use fit::{Needs, NodeInfo};
 
@@ -46,25 +43,7 @@ fn scheduler() -> User {
 }
 
 async fn call(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: Value) -> (u16, Value) {
-    let app = crate::api::router(api.clone());
-    let Ok(mut req) = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::CONTENT_TYPE, ct)
-        .body(Body::from(body.to_string()))
-    else {
-        return (400, Value::Null);
-    };
-    req.extensions_mut().insert(Peer(Some(scheduler())));
-    let Ok(resp) = app.oneshot(req).await;
-    let status = resp.status().as_u16();
-    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
-        .await
-        .unwrap_or_default();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    crate::api::call_as(api, &scheduler(), method, path, ct, &body).await
 }
 
 /// Schedule until the task is aborted. Only the leader acts.
@@ -117,16 +96,10 @@ fn pod_key(key: &str) -> &str {
 impl Snapshot {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
-        if !(key.starts_with(PODS) || key.starts_with(NODES) || key.starts_with(CLASSES)) {
+        let Some(obj) =
+            crate::controllers::newer(&mut self.seen, &[PODS, NODES, CLASSES], kind, kv)
+        else {
             return;
-        }
-        if self.seen.get(key).is_some_and(|r| *r >= kv.mod_revision) {
-            return;
-        }
-        self.seen.insert(key.to_string(), kv.mod_revision);
-        let obj: Option<Value> = match kind {
-            EventKind::Put => serde_json::from_slice(&kv.value).ok(),
-            EventKind::Delete => None,
         };
         if let Some(name) = key.strip_prefix(NODES) {
             match obj {
@@ -216,24 +189,11 @@ impl Snapshot {
 /// Lead scheduling until leadership is lost or the watch breaks.
 async fn lead(api: &Arc<Api>) -> Result<(), String> {
     let mut snap = Snapshot::default();
-    let mut from = u64::MAX;
     // Nodes and classes first, so the pods find them when they are counted.
-    for prefix in [NODES, CLASSES, PODS] {
-        let page = api
-            .store
-            .range(prefix, None, 0, Consistency::Linearizable)
-            .await
-            .map_err(|e| e.to_string())?;
-        from = from.min(page.revision);
-        for kv in &page.kvs {
-            snap.apply(&EventKind::Put, kv);
-        }
-    }
-    let mut w = api
-        .store
-        .watch("/registry/", from)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut w = crate::controllers::list_and_watch(api, &[NODES, CLASSES, PODS], |kv| {
+        snap.apply(&EventKind::Put, kv)
+    })
+    .await?;
     loop {
         if !is_leader(api) {
             return Ok(());
@@ -399,24 +359,7 @@ async fn event(
     reason: &str,
     msg: &str,
 ) {
-    let now = crate::api::now();
-    let body = json!({"apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": format!("{pod}."), "namespace": ns},
-        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": ns,
-            "uid": uid},
-        "type": kind, "reason": reason, "message": msg,
-        "source": {"component": "default-scheduler"},
-        "reportingComponent": "default-scheduler",
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1});
-    let (status, v) = call(
-        api,
-        "POST",
-        &format!("/api/v1/namespaces/{ns}/events"),
-        "application/json",
-        body,
-    )
-    .await;
-    if !(200..300).contains(&status) {
-        tracing::debug!(%pod, %status, message = %v["message"], "event not recorded");
-    }
+    let obj = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": ns, "uid": uid}});
+    crate::controllers::event(api, "default-scheduler", &obj, kind, reason, msg).await;
 }

@@ -1,0 +1,438 @@
+//! Controllers that keep the cluster at its desired state: ReplicaSets and Deployments.
+//!
+//! ```text
+//! list ─▶ cache (objects by key, children by owner uid) ◀─ watch /registry/ (newest wins)
+//!   a change marks its object, or its owner, dirty; everything is dirty every 30 s
+//!   round: each dirty Deployment ─▶ deployment::plan ─▶ ReplicaSets created, scaled, revised
+//!          each dirty ReplicaSet  ─▶ replicaset::plan ─▶ pods created or deleted, status
+//!   then wait for the watch to show the round's own writes, so the next round sees them
+//! ```
+//!
+//! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
+//! client. The decisions are pure functions in [`replicaset`] and [`deployment`].
+
+pub mod deployment;
+pub mod replicaset;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use outpost_api::store::{EventKind, KeyValue};
+use serde_json::{json, Value};
+
+use crate::api::{Api, User};
+use crate::store::{Consistency, WatchItem};
+
+const PODS: &str = "/registry/core/pods/";
+const RSS: &str = "/registry/apps/replicasets/";
+const DEPLOYS: &str = "/registry/apps/deployments/";
+const RESYNC: Duration = Duration::from_secs(30);
+
+fn manager() -> User {
+    User {
+        name: "system:kube-controller-manager".into(),
+        uid: String::new(),
+        groups: vec!["system:masters".into()],
+    }
+}
+
+/// Run the controllers until the task is aborted. Only the leader acts.
+pub async fn run(api: Arc<Api>) {
+    loop {
+        let st = api.store.status();
+        if st.leader == Some(st.id) {
+            if let Err(e) = lead(&api).await {
+                tracing::debug!(error = %e, "controllers restart from a fresh list");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Default)]
+struct Cache {
+    objs: HashMap<String, Value>,
+    seen: HashMap<String, u64>,
+    /// uid → key, for Deployments and ReplicaSets.
+    owners: HashMap<String, String>,
+    /// owner uid → keys of the objects it controls.
+    children: HashMap<String, BTreeSet<String>>,
+    /// key → its controller's uid.
+    owner_of: HashMap<String, String>,
+    dirty: BTreeSet<String>,
+}
+
+fn controller_uid(o: &Value) -> Option<String> {
+    o["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["controller"] == true)
+        .and_then(|r| r["uid"].as_str())
+        .map(String::from)
+}
+
+/// A change under one of `prefixes` newer than what `seen` has for its key: the object
+/// (`None` for a delete). Older changes (a list and a watch overlap) and other keys are `None`.
+pub(crate) fn newer(
+    seen: &mut HashMap<String, u64>,
+    prefixes: &[&str],
+    kind: &EventKind,
+    kv: &KeyValue,
+) -> Option<Option<Value>> {
+    let key = kv.key.as_str();
+    if !prefixes.iter().any(|p| key.starts_with(p))
+        || seen.get(key).is_some_and(|r| *r >= kv.mod_revision)
+    {
+        return None;
+    }
+    seen.insert(key.to_string(), kv.mod_revision);
+    Some(match kind {
+        EventKind::Put => serde_json::from_slice(&kv.value).ok(),
+        EventKind::Delete => None,
+    })
+}
+
+impl Cache {
+    fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
+        let key = kv.key.as_str();
+        let Some(obj) = newer(&mut self.seen, &[PODS, RSS, DEPLOYS], kind, kv) else {
+            return;
+        };
+        if let Some(uid) = self.owner_of.remove(key) {
+            if let Some(c) = self.children.get_mut(&uid) {
+                c.remove(key);
+            }
+            if let Some(owner) = self.owners.get(&uid) {
+                self.dirty.insert(owner.clone());
+            }
+        }
+        let old = self.objs.remove(key);
+        if let Some(uid) = old.as_ref().and_then(|o| o["metadata"]["uid"].as_str()) {
+            self.owners.remove(uid);
+        }
+        let Some(o) = obj else { return };
+        if !key.starts_with(PODS) {
+            self.dirty.insert(key.to_string());
+            if let Some(uid) = o["metadata"]["uid"].as_str() {
+                self.owners.insert(uid.to_string(), key.to_string());
+            }
+        }
+        if let Some(uid) = controller_uid(&o) {
+            self.children
+                .entry(uid.clone())
+                .or_default()
+                .insert(key.to_string());
+            if let Some(owner) = self.owners.get(&uid) {
+                self.dirty.insert(owner.clone());
+            }
+            self.owner_of.insert(key.to_string(), uid);
+        }
+        self.objs.insert(key.to_string(), o);
+    }
+
+    fn children_of(&self, o: &Value) -> Vec<&Value> {
+        o["metadata"]["uid"]
+            .as_str()
+            .and_then(|u| self.children.get(u))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.objs.get(k))
+            .collect()
+    }
+}
+
+/// Hand every object under `prefixes` (in that order) to `apply`, then watch `/registry/`
+/// from the oldest list's revision: objects listed later come again in the watch, so
+/// `apply` keeps each key's newest revision.
+pub(crate) async fn list_and_watch(
+    api: &Arc<Api>,
+    prefixes: &[&str],
+    mut apply: impl FnMut(&KeyValue),
+) -> Result<crate::store::Watch, String> {
+    let mut from = u64::MAX;
+    for prefix in prefixes {
+        let page = api
+            .store
+            .range(prefix, None, 0, Consistency::Linearizable)
+            .await
+            .map_err(|e| e.to_string())?;
+        from = from.min(page.revision);
+        page.kvs.iter().for_each(&mut apply);
+    }
+    api.store
+        .watch("/registry/", from)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Lead until leadership is lost or the watch breaks.
+async fn lead(api: &Arc<Api>) -> Result<(), String> {
+    let mut cache = Cache::default();
+    // Owners first, so their children find them.
+    let mut w = list_and_watch(api, &[DEPLOYS, RSS, PODS], |kv| {
+        cache.apply(&EventKind::Put, kv)
+    })
+    .await?;
+    let mut synced = Instant::now();
+    loop {
+        let st = api.store.status();
+        if st.leader != Some(st.id) {
+            return Ok(());
+        }
+        if synced.elapsed() > RESYNC {
+            synced = Instant::now();
+            let all: Vec<String> = cache
+                .objs
+                .keys()
+                .filter(|k| !k.starts_with(PODS))
+                .cloned()
+                .collect();
+            cache.dirty.extend(all);
+        }
+        let wrote = round(api, &mut cache).await;
+        // Wait for something to change, or for the watch to show what this round wrote.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut shown = 0;
+        loop {
+            let item = match w.next().now_or_never() {
+                Some(i) => i,
+                None if cache.dirty.is_empty() || shown < wrote => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, w.next()).await {
+                        Ok(i) => i,
+                        Err(_) => break,
+                    }
+                }
+                None => break,
+            };
+            match item {
+                Some(WatchItem::Revision(r)) => {
+                    shown = shown.max(r.revision);
+                    for e in &r.events {
+                        cache.apply(&e.kind, &e.kv);
+                    }
+                }
+                Some(WatchItem::Progress(p)) => shown = shown.max(p),
+                None => return Err("the watch fell behind".into()),
+            }
+            if shown >= wrote && !cache.dirty.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// Reconcile every dirty object; the highest revision written.
+async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
+    let dirty: Vec<String> = std::mem::take(&mut cache.dirty).into_iter().collect();
+    let mut wrote = 0;
+    for key in dirty {
+        let Some(o) = cache.objs.get(&key) else {
+            continue;
+        };
+        if !o["metadata"]["deletionTimestamp"].is_null() {
+            continue;
+        }
+        let children = cache.children_of(o);
+        let rev = if key.starts_with(DEPLOYS) {
+            sync_deployment(api, o, &children).await
+        } else {
+            sync_replicaset(api, o, &children).await
+        };
+        wrote = wrote.max(rev);
+    }
+    wrote
+}
+
+/// One write: the revision it made (0 if refused) and the object written.
+async fn write(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: &Value) -> (u64, Value) {
+    let (status, v) = crate::api::call_as(api, &manager(), method, path, ct, body).await;
+    if !(200..300).contains(&status) {
+        tracing::debug!(%method, %path, %status, message = %v["message"], "controller write failed");
+        return (0, Value::Null);
+    }
+    let rev = v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    (rev, v)
+}
+
+/// Record an event about `obj` from `component`, as `kubectl describe` shows it.
+pub(crate) async fn event(
+    api: &Arc<Api>,
+    component: &str,
+    obj: &Value,
+    kind: &str,
+    reason: &str,
+    msg: &str,
+) {
+    let m = &obj["metadata"];
+    let ns = m["namespace"].as_str().unwrap_or("default");
+    let name = m["name"].as_str().unwrap_or("");
+    let now = crate::api::now();
+    let body = json!({"apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{name}."), "namespace": ns},
+        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": name,
+            "namespace": ns, "uid": m["uid"]},
+        "type": kind, "reason": reason, "message": msg,
+        "source": {"component": component}, "reportingComponent": component,
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1});
+    let path = format!("/api/v1/namespaces/{ns}/events");
+    let (status, v) =
+        crate::api::call_as(api, &manager(), "POST", &path, "application/json", &body).await;
+    if !(200..300).contains(&status) {
+        tracing::debug!(%name, %status, message = %v["message"], "event not recorded");
+    }
+}
+
+const MERGE: &str = "application/merge-patch+json";
+
+fn ns_name(o: &Value) -> (String, String) {
+    (
+        o["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string(),
+        o["metadata"]["name"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Whether `want`'s fields differ from those in `have`.
+fn differs(have: &Value, want: &Value) -> bool {
+    want.as_object()
+        .is_some_and(|w| w.iter().any(|(k, v)| have[k] != *v))
+}
+
+async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> u64 {
+    const ME: &str = "replicaset-controller";
+    let plan = replicaset::plan(rs, pods);
+    let (ns, name) = ns_name(rs);
+    let mut wrote = 0;
+    let pod = replicaset::pod_for(rs);
+    let pods_path = format!("/api/v1/namespaces/{ns}/pods");
+    let created: Vec<(u64, Value)> = futures::stream::iter(0..plan.create)
+        .map(|_| write(api, "POST", &pods_path, "application/json", &pod))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for (rev, p) in created {
+        wrote = wrote.max(rev);
+        if let Some(n) = p["metadata"]["name"].as_str() {
+            event(
+                api,
+                ME,
+                rs,
+                "Normal",
+                "SuccessfulCreate",
+                &format!("Created pod: {n}"),
+            )
+            .await;
+        }
+    }
+    for p in &plan.delete {
+        let path = format!("{pods_path}/{p}");
+        let (rev, _) = write(api, "DELETE", &path, "application/json", &json!({})).await;
+        if rev > 0 {
+            wrote = wrote.max(rev);
+            event(
+                api,
+                ME,
+                rs,
+                "Normal",
+                "SuccessfulDelete",
+                &format!("Deleted pod: {p}"),
+            )
+            .await;
+        }
+    }
+    if differs(&rs["status"], &plan.status) {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}/status");
+        let body = json!({"status": plan.status});
+        wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    wrote
+}
+
+async fn sync_deployment(api: &Arc<Api>, d: &Value, rss: &[&Value]) -> u64 {
+    const ME: &str = "deployment-controller";
+    let plan = deployment::plan(d, rss);
+    let (ns, name) = ns_name(d);
+    let base = format!("/apis/apps/v1/namespaces/{ns}/replicasets");
+    let mut wrote = 0;
+    let scaled = |rs: &str, from: u64, to: u64| {
+        let how = if to > from { "up" } else { "down" };
+        format!("Scaled {how} replica set {rs} from {from} to {to}")
+    };
+    if let Some(rs) = &plan.create {
+        let (rev, made) = write(api, "POST", &base, "application/json", rs).await;
+        wrote = wrote.max(rev);
+        let n = rs["spec"]["replicas"].as_u64().unwrap_or(0);
+        if rev > 0 && n > 0 {
+            let rs_name = made["metadata"]["name"].as_str().unwrap_or("");
+            event(
+                api,
+                ME,
+                d,
+                "Normal",
+                "ScalingReplicaSet",
+                &scaled(rs_name, 0, n),
+            )
+            .await;
+        }
+    }
+    for (rs, rev) in &plan.revise {
+        let body = json!({"metadata": {"annotations": {deployment::REVISION: rev.to_string()}}});
+        wrote = wrote.max(
+            write(api, "PATCH", &format!("{base}/{rs}"), MERGE, &body)
+                .await
+                .0,
+        );
+    }
+    for (rs, n) in &plan.scale {
+        let from = rss
+            .iter()
+            .find(|x| x["metadata"]["name"] == rs.as_str())
+            .and_then(|x| x["spec"]["replicas"].as_u64())
+            .unwrap_or(0);
+        let body = json!({"spec": {"replicas": n}});
+        let (rev, _) = write(api, "PATCH", &format!("{base}/{rs}"), MERGE, &body).await;
+        if rev > 0 {
+            wrote = wrote.max(rev);
+            event(
+                api,
+                ME,
+                d,
+                "Normal",
+                "ScalingReplicaSet",
+                &scaled(rs, from, *n),
+            )
+            .await;
+        }
+    }
+    for rs in &plan.delete {
+        let path = format!("{base}/{rs}");
+        wrote = wrote.max(
+            write(api, "DELETE", &path, "application/json", &json!({}))
+                .await
+                .0,
+        );
+    }
+    let path = format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}");
+    if plan.revision > 0 && deployment::revision(d) != plan.revision {
+        let body =
+            json!({"metadata": {"annotations": {deployment::REVISION: plan.revision.to_string()}}});
+        wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    if differs(&d["status"], &plan.status) {
+        let body = json!({"status": plan.status});
+        wrote = wrote.max(
+            write(api, "PATCH", &format!("{path}/status"), MERGE, &body)
+                .await
+                .0,
+        );
+    }
+    wrote
+}

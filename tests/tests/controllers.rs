@@ -1,0 +1,192 @@
+//! Controllers through the real kubectl on `outpost up`: Deployments create ReplicaSets and
+//! pods, scale, roll out a new template (followed with `kubectl rollout status`), undo, and
+//! take their pods with them when deleted.
+
+use std::time::{Duration, Instant};
+
+use outpost_tests::{example, Up};
+
+fn field(up: &Up, what: &[&str], path: &str) -> anyhow::Result<String> {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    let jp = format!("jsonpath={path}");
+    args.extend_from_slice(&["-o", &jp]);
+    Ok(up.kubectl(&args)?.expect_ok("get")?.stdout)
+}
+
+/// Wait until the pods labelled `app=web` are exactly `n`, all Running with `image`.
+fn web_pods(up: &Up, n: usize, image: &str) -> anyhow::Result<Vec<String>> {
+    let t = Instant::now();
+    loop {
+        let out = field(
+            up,
+            &["pods", "-l", "app=web"],
+            "{range .items[*]}{.metadata.name} {.status.phase} {.spec.containers[0].image}{\"\\n\"}{end}",
+        )?;
+        let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split(' ').collect()).collect();
+        if rows.len() == n
+            && rows
+                .iter()
+                .all(|r| r.get(1) == Some(&"Running") && r.get(2) == Some(&image))
+        {
+            return Ok(rows.iter().map(|r| r[0].to_string()).collect());
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "wanted {n} running web pods with {image}, have:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let module = example("sleeper")?;
+    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    // The same module by digest: another image string, so another template.
+    let by_digest = up
+        .outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?
+        .stdout
+        .trim()
+        .to_string();
+
+    up.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=module:sleeper",
+        "--replicas=3",
+    ])?
+    .expect_ok("create deployment")?;
+    let first = web_pods(&up, 3, "module:sleeper")?;
+    let owner = field(
+        &up,
+        &["pod", &first[0]],
+        "{.metadata.ownerReferences[0].kind}",
+    )?;
+    assert_eq!(owner, "ReplicaSet");
+    let rollout = up
+        .kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"])?
+        .expect_ok("rollout status")?;
+    assert!(
+        rollout.stdout.contains("successfully rolled out"),
+        "{}",
+        rollout.stdout
+    );
+    let ready = field(
+        &up,
+        &["deployment", "web"],
+        "{.status.readyReplicas}/{.status.updatedReplicas}",
+    )?;
+    assert_eq!(ready, "3/3");
+    // What the controllers did is in the events `kubectl describe` shows.
+    let t = Instant::now();
+    loop {
+        let d = up
+            .kubectl(&["describe", "deployment", "web"])?
+            .expect_ok("describe")?
+            .stdout;
+        let rs = up
+            .kubectl(&["describe", "replicasets", "-l", "app=web"])?
+            .expect_ok("describe")?
+            .stdout;
+        if d.contains("Scaled up replica set web-")
+            && rs.contains(&format!("Created pod: {}", first[0]))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{d}\n{rs}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Scaled up and down, the same ReplicaSet grows and shrinks.
+    up.kubectl(&["scale", "deployment/web", "--replicas=5"])?
+        .expect_ok("scale up")?;
+    web_pods(&up, 5, "module:sleeper")?;
+    up.kubectl(&["scale", "deployment/web", "--replicas=2"])?
+        .expect_ok("scale down")?;
+    web_pods(&up, 2, "module:sleeper")?;
+    let sets = field(
+        &up,
+        &["replicasets", "-l", "app=web"],
+        "{.items[*].metadata.name}",
+    )?;
+    assert_eq!(sets.split(' ').count(), 1, "{sets}");
+
+    // A new template rolls out; `kubectl rollout status` follows it to the end.
+    up.kubectl(&["set", "image", "deployment/web", &format!("*={by_digest}")])?
+        .expect_ok("set image")?;
+    let rollout = up
+        .kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?
+        .expect_ok("rollout status")?;
+    assert!(
+        rollout.stdout.contains("successfully rolled out"),
+        "{}",
+        rollout.stdout
+    );
+    web_pods(&up, 2, &by_digest)?;
+    let sizes = field(
+        &up,
+        &["replicasets", "-l", "app=web"],
+        "{range .items[*]}{.metadata.annotations.deployment\\.kubernetes\\.io/revision}={.spec.replicas} {end}",
+    )?;
+    let mut sizes: Vec<&str> = sizes.split_whitespace().collect();
+    sizes.sort();
+    assert_eq!(sizes, ["1=0", "2=2"]);
+
+    // Undo goes back to the first template, as revision 3.
+    up.kubectl(&["rollout", "undo", "deployment/web"])?
+        .expect_ok("rollout undo")?;
+    up.kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?
+        .expect_ok("rollout status after undo")?;
+    web_pods(&up, 2, "module:sleeper")?;
+    let history = up
+        .kubectl(&["rollout", "history", "deployment/web"])?
+        .expect_ok("rollout history")?
+        .stdout;
+    assert!(history.contains('2') && history.contains('3'), "{history}");
+    let revision = field(
+        &up,
+        &["deployment", "web"],
+        "{.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+    )?;
+    assert_eq!(revision, "3");
+
+    // A Recreate Deployment replaces all its pods at once.
+    up.kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        &format!(
+            "{{\"spec\":{{\"strategy\":{{\"type\":\"Recreate\",\"rollingUpdate\":null}},\"template\":{{\"spec\":{{\"containers\":[{{\"name\":\"module\",\"image\":\"{by_digest}\"}}]}}}}}}}}"
+        ),
+    ])?
+    .expect_ok("patch to Recreate")?;
+    up.kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?
+        .expect_ok("rollout status (Recreate)")?;
+    web_pods(&up, 2, &by_digest)?;
+
+    // Deleted, its ReplicaSets and pods go with it.
+    up.kubectl(&["delete", "deployment", "web"])?
+        .expect_ok("delete deployment")?;
+    let t = Instant::now();
+    loop {
+        let left = field(
+            &up,
+            &["pods,replicasets", "-l", "app=web"],
+            "{.items[*].metadata.name}",
+        )?;
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "left behind: {left}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}

@@ -83,14 +83,18 @@ impl Links {
         }
     }
 
-    fn remove(&self, node: &str, conn: &Connection) {
-        if let Ok(mut n) = self.nodes.lock() {
-            if n.get(node)
-                .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
-            {
-                n.remove(node);
-            }
+    /// Forget `conn` if it is still the node's link; whether it was.
+    fn remove(&self, node: &str, conn: &Connection) -> bool {
+        let Ok(mut n) = self.nodes.lock() else {
+            return false;
+        };
+        let current = n
+            .get(node)
+            .is_some_and(|l| l.conn.stable_id() == conn.stable_id());
+        if current {
+            n.remove(node);
         }
+        current
     }
 
     fn renew(&self, node: &str) {
@@ -172,6 +176,7 @@ pub fn start(
         cert_ttl,
     });
     tracing::info!(%addr, "node gateway listening");
+    tokio::spawn(forget_stale_links(gw.api.clone()));
     let task = tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             let gw = gw.clone();
@@ -313,6 +318,7 @@ impl Gateway {
         };
         tracing::info!(%node, remote = %conn.remote_address(), "node connected");
         self.api.links.insert(&node, conn.clone());
+        record_link(&self.api, &node, true).await;
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -322,7 +328,9 @@ impl Gateway {
             let (node, user) = (node.clone(), user.clone());
             tokio::spawn(async move { gw.up(&node, &user, send, recv).await });
         }
-        self.api.links.remove(&node, &conn);
+        if self.api.links.remove(&node, &conn) {
+            record_link(&self.api, &node, false).await;
+        }
         tracing::info!(%node, "node disconnected");
     }
 
@@ -431,6 +439,75 @@ async fn answer(send: &mut SendStream, status: u16, body: &[u8]) -> std::io::Res
 }
 
 /// A DNS-1123 subdomain, as Kubernetes requires of node names.
+/// Where each node's link is: `{"member": ID, "connected": BOOL, "since": UNIX SECONDS}`,
+/// written when a link comes or goes (a change of state, never a heartbeat), so the node
+/// lifecycle controller on the leader knows about links held by any member.
+pub const LINK_PREFIX: &str = "/outpost/links/";
+
+async fn record_link(api: &Api, node: &str, connected: bool) {
+    let me = api.store.status().id;
+    let key = format!("{LINK_PREFIX}{node}");
+    let value = json!({"member": me, "connected": connected, "since": unix_now()}).to_string();
+    let expect = if connected {
+        Expect::Any
+    } else {
+        // Only our own link's loss: the node may already be linked to another member.
+        match api
+            .store
+            .get(&key, crate::store::Consistency::Linearizable)
+            .await
+        {
+            Ok(Some(kv)) => {
+                let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+                if v["member"] != me || v["connected"] != true {
+                    return;
+                }
+                Expect::ModRevision(kv.mod_revision)
+            }
+            _ => return,
+        }
+    };
+    if let Err(e) = api.store.put(&key, value.into_bytes(), expect).await {
+        tracing::warn!(%node, error = %e, "could not record the node's link");
+    }
+}
+
+/// Links this member recorded before it restarted are gone: say so.
+async fn forget_stale_links(api: Arc<Api>) {
+    for _ in 0..120 {
+        let me = api.store.status().id;
+        let Ok(page) = api
+            .store
+            .range(
+                LINK_PREFIX,
+                None,
+                0,
+                crate::store::Consistency::Linearizable,
+            )
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        for kv in page.kvs {
+            let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+            let node = kv.key.trim_start_matches(LINK_PREFIX);
+            if v["member"] == me && v["connected"] == true && api.links.conn(node).is_none() {
+                let gone = json!({"member": me, "connected": false, "since": unix_now()});
+                let _ = api
+                    .store
+                    .put(
+                        &kv.key,
+                        gone.to_string().into_bytes(),
+                        Expect::ModRevision(kv.mod_revision),
+                    )
+                    .await;
+            }
+        }
+        return;
+    }
+}
+
 pub fn valid_node_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 253

@@ -35,6 +35,7 @@ async fn cluster() -> anyhow::Result<Cluster> {
             token_file: None,
             gateway: Some("127.0.0.1:0".parse()?),
             node_cert_ttl: outpost_control::pki::NODE_CERT_TTL,
+            lifecycle: Default::default(),
         },
     )
     .await?;

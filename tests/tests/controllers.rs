@@ -190,3 +190,87 @@ fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A node whose agent dies goes Unknown and is tainted after the grace period, keeps its
+/// pods through its autonomy window, has them evicted after it, and is untainted when it
+/// comes back.
+#[test]
+fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start_with(dir.path(), &["--node-grace", "2"])?;
+    let module = example("sleeper")?;
+    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    let edge_dir = dir.path().join("edge-1");
+    let mut edge = up.join(&edge_dir, "edge-1")?;
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: steady\nspec:\n  nodeSelector:\n    kubernetes.io/hostname: edge-1\n  containers:\n  - name: main\n    image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], pod)?
+        .expect_ok("apply")?;
+    up.wait_field(60, &["pod", "steady"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+
+    // SIGKILL: the link is lost when the gateway stops hearing from it (20 s), then grace.
+    edge.kill();
+    up.wait_field(
+        60,
+        &["node", "edge-1"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "Unknown",
+    )?;
+    let taints = up.wait_field(
+        10,
+        &["node", "edge-1"],
+        "{.spec.taints[*].key}/{.spec.taints[*].effect}",
+        |t| t.contains("node.kubernetes.io/unreachable"),
+    )?;
+    assert!(taints.contains("NoExecute"), "{taints}");
+    let listed = up
+        .kubectl(&["get", "nodes"])?
+        .expect_ok("get nodes")?
+        .stdout;
+    assert!(listed.contains("NotReady"), "{listed}");
+    // Inside the window (24 h by default) the pod stays, neither deleted nor replaced.
+    std::thread::sleep(Duration::from_secs(3));
+    let deleting = field(&up, &["pod", "steady"], "{.metadata.deletionTimestamp}")?;
+    assert_eq!(deleting, "", "evicted inside the autonomy window");
+
+    // A window of one second on this node: the pod is evicted.
+    up.kubectl(&[
+        "annotate",
+        "node",
+        "edge-1",
+        "outpost.dev/autonomy-window=1",
+    ])?
+    .expect_ok("annotate")?;
+    up.wait_field(
+        30,
+        &["pod", "steady"],
+        "{.metadata.deletionTimestamp}",
+        |d| !d.is_empty(),
+    )?;
+
+    // Back again: the taints go, the node says Ready, and it finishes the eviction.
+    edge.start(&[])?;
+    up.wait_field(
+        60,
+        &["node", "edge-1"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    let t = Instant::now();
+    loop {
+        let taints = field(&up, &["node", "edge-1"], "{.spec.taints[*].key}")?;
+        let pods = field(&up, &["pods"], "{.items[*].metadata.name}")?;
+        if !taints.contains("unreachable") && !pods.contains("steady") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "taints {taints}, pods {pods}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}

@@ -410,6 +410,8 @@ pub struct ServeConfig {
     pub gateway: Option<std::net::SocketAddr>,
     /// Validity of the client certificates nodes get ([`crate::pki::NODE_CERT_TTL`]).
     pub node_cert_ttl: std::time::Duration,
+    /// When a node without a link is unreachable, and when its pods are evicted.
+    pub lifecycle: crate::controllers::nodes::Lifecycle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -473,6 +475,9 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
         gateway.iter().map(|(_, t)| t.abort_handle()).collect();
     helpers.push(tokio::spawn(crate::scheduler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
+    helpers.push(
+        tokio::spawn(crate::controllers::nodes::run(api.clone(), cfg.lifecycle)).abort_handle(),
+    );
     let task = tokio::spawn(async move {
         // Aborting the API's task takes the gateway, the scheduler and the controllers with it.
         struct Abort(Vec<tokio::task::AbortHandle>);

@@ -287,10 +287,14 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
             let ready = st["conditions"]
                 .as_array()
                 .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-                .map(|c| match c["status"].as_str() {
-                    Some("True") => "Ready",
-                    Some("False") => "NotReady",
-                    _ => "Unknown",
+                // As kubectl's printer: anything but True is NotReady (Unknown included);
+                // no Ready condition at all is Unknown.
+                .map(|c| {
+                    if c["status"] == "True" {
+                        "Ready"
+                    } else {
+                        "NotReady"
+                    }
                 })
                 .unwrap_or("Unknown");
             let mut status = ready.to_string();

@@ -67,6 +67,13 @@ struct Args {
     /// so a node offline for all of it can still reconnect.
     #[arg(long, default_value_t = outpost_control::pki::NODE_CERT_TTL.as_secs())]
     node_cert_ttl: u64,
+    /// Seconds without a link before a node is marked Unknown and tainted unreachable.
+    #[arg(long, default_value_t = 40)]
+    node_grace: u64,
+    /// Seconds a node may be unreachable before its pods are evicted (its autonomy window;
+    /// the Node annotation outpost.dev/autonomy-window overrides it per node).
+    #[arg(long, default_value_t = 86400)]
+    autonomy_window: u64,
 }
 
 #[tokio::main]
@@ -120,6 +127,10 @@ async fn main() -> anyhow::Result<()> {
             token_file: a.token_file.clone(),
             gateway: Some(a.node_listen.unwrap_or(listen)),
             node_cert_ttl: std::time::Duration::from_secs(a.node_cert_ttl.max(10)),
+            lifecycle: outpost_control::controllers::nodes::Lifecycle {
+                grace: std::time::Duration::from_secs(a.node_grace),
+                window: std::time::Duration::from_secs(a.autonomy_window),
+            },
         };
         let started = outpost_control::api::start(store.clone(), cfg).await?;
         api_task = Some(started.task);

@@ -41,6 +41,13 @@ enum Cmd {
         /// The name of this machine's node (defaults to the host name).
         #[arg(long)]
         node_name: Option<String>,
+        /// Seconds without a link before a node is marked Unknown and tainted unreachable.
+        #[arg(long, default_value_t = 40)]
+        node_grace: u64,
+        /// Seconds a node may be unreachable before its pods are evicted (its autonomy window;
+        /// the Node annotation outpost.dev/autonomy-window overrides it per node).
+        #[arg(long, default_value_t = 86400)]
+        autonomy_window: u64,
     },
     /// Bootstrap tokens for nodes to join.
     Token {
@@ -129,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
             admin_listen,
             no_node,
             node_name,
+            node_grace,
+            autonomy_window,
         } => {
             let control = data_dir.join("control");
             let pki_dir = control.join("pki");
@@ -156,6 +165,10 @@ async fn main() -> anyhow::Result<()> {
                     token_file: Some(pki_dir.join("tokens.csv")),
                     gateway: Some(listen),
                     node_cert_ttl: outpost_control::pki::NODE_CERT_TTL,
+                    lifecycle: outpost_control::controllers::nodes::Lifecycle {
+                        grace: std::time::Duration::from_secs(node_grace),
+                        window: std::time::Duration::from_secs(autonomy_window),
+                    },
                 },
             )
             .await?;

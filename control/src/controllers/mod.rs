@@ -1,4 +1,5 @@
-//! Controllers that keep the cluster at its desired state: ReplicaSets and Deployments.
+//! Controllers that keep the cluster at its desired state: ReplicaSets and Deployments, and
+//! the node lifecycle ([`nodes`]).
 //!
 //! ```text
 //! list ─▶ cache (objects by key, children by owner uid) ◀─ watch /registry/ (newest wins)
@@ -12,6 +13,7 @@
 //! client. The decisions are pure functions in [`replicaset`] and [`deployment`].
 
 pub mod deployment;
+pub mod nodes;
 pub mod replicaset;
 
 use std::collections::{BTreeSet, HashMap};

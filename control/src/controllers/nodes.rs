@@ -1,0 +1,306 @@
+//! The node lifecycle controller: a node whose link has been gone longer than the grace
+//! period is marked `Ready=Unknown` and tainted `node.kubernetes.io/unreachable` (NoSchedule,
+//! NoExecute); its pods are evicted only once it has been gone longer than its autonomy
+//! window (24 h unless `outpost.dev/autonomy-window` on the Node says otherwise, in seconds),
+//! DaemonSet pods never. When its link returns, the taints go (the agent reports Ready
+//! itself).
+//!
+//! Liveness comes from the link records the gateways write when a link comes or goes
+//! (`/outpost/links/NODE`), so a node linked to any member counts, and no heartbeat is ever
+//! a durable write.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::api::{Api, User};
+use crate::gateway::LINK_PREFIX;
+use crate::store::Consistency;
+
+pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+pub const WINDOW_ANNOTATION: &str = "outpost.dev/autonomy-window";
+
+/// How long a node may be gone before it is called unreachable, and before its pods are
+/// evicted.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifecycle {
+    pub grace: Duration,
+    pub window: Duration,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            grace: Duration::from_secs(40),
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What to do about one node.
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdict {
+    /// Set its conditions to Unknown.
+    pub unknown: bool,
+    /// Add the unreachable taints.
+    pub taint: bool,
+    /// Remove them: the node is back.
+    pub untaint: bool,
+    /// Its autonomy window is over: evict its pods.
+    pub evict: bool,
+}
+
+/// Judge `node` from its link record at `now` (unix seconds). `since` stands for when the
+/// node was last known to be linked if it has no record (the controller's start).
+pub fn judge(node: &Value, link: Option<&Value>, now: i64, since: i64, l: &Lifecycle) -> Verdict {
+    let linked = link.is_some_and(|r| r["connected"] == true);
+    let tainted = node["spec"]["taints"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t["key"] == UNREACHABLE));
+    if linked {
+        return Verdict {
+            untaint: tainted,
+            ..Verdict::default()
+        };
+    }
+    let gone_since = link.and_then(|r| r["since"].as_i64()).unwrap_or(since);
+    let gone = now - gone_since;
+    if gone <= l.grace.as_secs() as i64 {
+        return Verdict::default();
+    }
+    let window = node["metadata"]["annotations"][WINDOW_ANNOTATION]
+        .as_str()
+        .and_then(|w| w.parse::<i64>().ok())
+        .unwrap_or(l.window.as_secs() as i64);
+    let ready = node["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| c["status"].as_str().unwrap_or(""));
+    Verdict {
+        unknown: ready != Some("Unknown"),
+        taint: !tainted,
+        untaint: false,
+        evict: gone > window,
+    }
+}
+
+fn controller() -> User {
+    User {
+        name: "system:node-controller".into(),
+        uid: String::new(),
+        groups: vec!["system:masters".into()],
+    }
+}
+
+async fn call(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: &Value) -> u16 {
+    let (status, v) = crate::api::call_as(api, &controller(), method, path, ct, body).await;
+    if !(200..300).contains(&status) {
+        tracing::debug!(%method, %path, %status, message = %v["message"], "node controller write failed");
+    }
+    status
+}
+
+fn unix_now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+/// Watch over nodes until the task is aborted. Only the leader acts.
+pub async fn run(api: Arc<Api>, l: Lifecycle) {
+    let mut led_since: Option<i64> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let st = api.store.status();
+        if st.leader != Some(st.id) {
+            led_since = None;
+            continue;
+        }
+        // A node with no record has been unaccounted for only since this leadership began.
+        let since = *led_since.get_or_insert_with(unix_now);
+        if let Err(e) = pass(&api, &l, since).await {
+            tracing::debug!(error = %e, "node lifecycle pass failed");
+        }
+    }
+}
+
+async fn list(api: &Arc<Api>, prefix: &str) -> Result<Vec<(String, Value)>, String> {
+    let page = api
+        .store
+        .range(prefix, None, 0, Consistency::Serializable)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(page
+        .kvs
+        .iter()
+        .filter_map(|kv| {
+            let v = serde_json::from_slice(&kv.value).ok()?;
+            Some((kv.key.trim_start_matches(prefix).to_string(), v))
+        })
+        .collect())
+}
+
+async fn pass(api: &Arc<Api>, l: &Lifecycle, since: i64) -> Result<(), String> {
+    let nodes = list(api, "/registry/core/nodes/").await?;
+    let links = list(api, LINK_PREFIX).await?;
+    let now = unix_now();
+    for (name, node) in &nodes {
+        let link = links.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let v = judge(node, link, now, since, l);
+        let path = format!("/api/v1/nodes/{name}");
+        if v.unknown {
+            let t = crate::api::now();
+            let conditions: Vec<Value> = node["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let mut c = c.clone();
+                    c["status"] = json!("Unknown");
+                    c["reason"] = json!("NodeStatusUnknown");
+                    c["message"] = json!("Kubelet stopped posting node status.");
+                    c["lastTransitionTime"] = json!(t);
+                    c
+                })
+                .collect();
+            let body = json!({"status": {"conditions": conditions}});
+            if call(api, "PATCH", &format!("{path}/status"), MERGE, &body).await < 300 {
+                tracing::info!(node = %name, "node unreachable");
+                let msg = format!("Node {name} status is now: NodeNotReady");
+                super::event(api, "node-controller", node, "Normal", "NodeNotReady", &msg).await;
+            }
+        }
+        if v.taint || v.untaint {
+            let mut taints: Vec<Value> = node["spec"]["taints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| t["key"] != UNREACHABLE)
+                .collect();
+            if v.taint {
+                for effect in ["NoSchedule", "NoExecute"] {
+                    taints.push(json!({"key": UNREACHABLE, "effect": effect,
+                        "timeAdded": crate::api::now()}));
+                }
+            }
+            call(
+                api,
+                "PATCH",
+                &path,
+                MERGE,
+                &json!({"spec": {"taints": taints}}),
+            )
+            .await;
+        }
+        if v.evict {
+            evict(api, name).await?;
+        }
+    }
+    Ok(())
+}
+
+const MERGE: &str = "application/merge-patch+json";
+
+/// Delete the pods of an unreachable node, DaemonSet pods aside; their controllers replace
+/// them elsewhere.
+async fn evict(api: &Arc<Api>, node: &str) -> Result<(), String> {
+    let pods = list(api, "/registry/core/pods/").await?;
+    for (_, p) in pods {
+        let on_node = p["spec"]["nodeName"] == node;
+        let daemon = p["metadata"]["ownerReferences"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|o| o["kind"] == "DaemonSet"));
+        if !on_node || daemon || !p["metadata"]["deletionTimestamp"].is_null() {
+            continue;
+        }
+        let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+        if call(api, "DELETE", &path, "application/json", &json!({})).await < 300 {
+            tracing::info!(%node, pod = %format!("{ns}/{name}"), "evicted: the node's autonomy window is over");
+            let msg = format!("Marking for deletion Pod {ns}/{name}");
+            super::event(
+                api,
+                "taint-eviction-controller",
+                &p,
+                "Normal",
+                "TaintManagerEviction",
+                &msg,
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(ready: &str, tainted: bool, window: Option<&str>) -> Value {
+        let mut n = json!({"metadata": {"name": "n", "annotations": {}},
+            "spec": {"taints": [{"key": "dedicated", "effect": "NoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]}});
+        if tainted {
+            n["spec"]["taints"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"key": UNREACHABLE, "effect": "NoExecute"}));
+        }
+        if let Some(w) = window {
+            n["metadata"]["annotations"][WINDOW_ANNOTATION] = json!(w);
+        }
+        n
+    }
+
+    #[test]
+    fn a_node_gone_past_its_grace_is_unknown_and_tainted_then_evicted_past_its_window() {
+        let l = Lifecycle {
+            grace: Duration::from_secs(40),
+            window: Duration::from_secs(3600),
+        };
+        let lost = |at: i64| json!({"member": 1, "connected": false, "since": at});
+        // Within the grace period: nothing.
+        assert_eq!(
+            judge(&node("True", false, None), Some(&lost(1000)), 1030, 0, &l),
+            Verdict::default()
+        );
+        // Past it: Unknown and tainted, not yet evicted.
+        let v = judge(&node("True", false, None), Some(&lost(1000)), 1041, 0, &l);
+        assert_eq!(
+            v,
+            Verdict {
+                unknown: true,
+                taint: true,
+                untaint: false,
+                evict: false
+            }
+        );
+        // Already marked: only eviction is left to decide.
+        let v = judge(&node("Unknown", true, None), Some(&lost(1000)), 2000, 0, &l);
+        assert_eq!(v, Verdict::default());
+        let v = judge(&node("Unknown", true, None), Some(&lost(1000)), 4601, 0, &l);
+        assert!(v.evict && !v.unknown && !v.taint);
+        // A per-node window overrides the default.
+        let v = judge(
+            &node("Unknown", true, Some("60")),
+            Some(&lost(1000)),
+            1061,
+            0,
+            &l,
+        );
+        assert!(v.evict);
+        // No record: counted from when this leader began.
+        let v = judge(&node("True", false, None), None, 1041, 1000, &l);
+        assert!(v.unknown && v.taint);
+        // Back: the taints go.
+        let back = json!({"member": 2, "connected": true, "since": 5000});
+        assert_eq!(
+            judge(&node("Unknown", true, None), Some(&back), 9999, 0, &l),
+            Verdict {
+                untaint: true,
+                ..Verdict::default()
+            }
+        );
+    }
+}

@@ -274,3 +274,152 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A DaemonSet puts one pod on every node it selects, follows a node that joins, and rolls
+/// out a new template; Jobs complete, or stop at their backoffLimit.
+#[test]
+fn daemonsets_follow_nodes_and_jobs_finish() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    for m in ["sleeper", "hello", "memory-hog"] {
+        let path = example(m)?;
+        up.outpost(&["module", "push", path.to_str().unwrap_or_default()])?
+            .expect_ok("module push")?;
+    }
+    let _edge1 = up.join(&dir.path().join("edge-1"), "edge-1")?;
+    let ds = |image: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\nspec:\n  selector:\n    matchLabels:\n      app: agent\n  template:\n    metadata:\n      labels:\n        app: agent\n    spec:\n      containers:\n      - name: agent\n        image: {image}\n"
+        )
+    };
+    up.kubectl_in(&["apply", "-f", "-"], &ds("module:sleeper"))?
+        .expect_ok("apply daemonset")?;
+    let placed = |n: usize| -> anyhow::Result<Vec<String>> {
+        let t = Instant::now();
+        loop {
+            let out = field(
+                &up,
+                &["pods", "-l", "app=agent"],
+                "{range .items[*]}{.spec.nodeName} {.status.phase}{\"\\n\"}{end}",
+            )?;
+            let mut nodes: Vec<String> = out
+                .lines()
+                .filter(|l| l.ends_with(" Running"))
+                .map(|l| l.split(' ').next().unwrap_or("").to_string())
+                .collect();
+            nodes.sort();
+            if nodes.len() == n && out.lines().count() == n {
+                return Ok(nodes);
+            }
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "pods: {out}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let nodes = placed(2)?;
+    assert!(nodes.contains(&"edge-1".to_string()), "{nodes:?}");
+    up.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=60s"])?
+        .expect_ok("rollout status ds")?;
+    // A node that joins gets its pod.
+    let _edge2 = up.join(&dir.path().join("edge-2"), "edge-2")?;
+    let nodes = placed(3)?;
+    assert!(nodes.contains(&"edge-2".to_string()), "{nodes:?}");
+    let desired = field(
+        &up,
+        &["daemonset", "agent"],
+        "{.status.desiredNumberScheduled}/{.status.numberReady}",
+    )?;
+    assert_eq!(desired, "3/3");
+    // A node selector narrows it to the nodes labelled for it.
+    up.kubectl(&["label", "node", "edge-1", "role=edge"])?
+        .expect_ok("label")?;
+    up.kubectl(&[
+        "patch",
+        "daemonset",
+        "agent",
+        "--type=merge",
+        "-p",
+        "{\"spec\":{\"template\":{\"spec\":{\"nodeSelector\":{\"role\":\"edge\"}}}}}",
+    ])?
+    .expect_ok("patch selector")?;
+    assert_eq!(placed(1)?, ["edge-1"]);
+    up.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=60s"])?
+        .expect_ok("rollout status ds after selector")?;
+
+    // A Job of three completions, two at a time, completes.
+    let job = |name: &str, image: &str, extra: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n  completions: 3\n  parallelism: 2\n{extra}  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: main\n        image: {image}\n        resources:\n          limits:\n            memory: 32Mi\n"
+        )
+    };
+    up.kubectl_in(&["apply", "-f", "-"], &job("ok", "module:hello", ""))?
+        .expect_ok("apply job")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=complete",
+        "job/ok",
+        "--timeout=60s",
+    ])?
+    .expect_ok("wait complete")?;
+    assert_eq!(field(&up, &["job", "ok"], "{.status.succeeded}")?, "3");
+    let listed = up
+        .kubectl(&["get", "job", "ok"])?
+        .expect_ok("get job")?
+        .stdout;
+    assert!(listed.contains("3/3"), "{listed}");
+    // One that fails every time stops after backoffLimit + 1 failed pods.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &job("bad", "module:memory-hog", "  backoffLimit: 1\n"),
+    )?
+    .expect_ok("apply failing job")?;
+    up.kubectl(&["wait", "--for=condition=failed", "job/bad", "--timeout=60s"])?
+        .expect_ok("wait failed")?;
+    let reason = field(&up, &["job", "bad"], "{.status.conditions[0].reason}")?;
+    assert_eq!(reason, "BackoffLimitExceeded");
+    std::thread::sleep(Duration::from_secs(2));
+    let failed: usize = field(&up, &["job", "bad"], "{.status.failed}")?.parse()?;
+    assert!((2..=3).contains(&failed), "failed pods: {failed}");
+    let active = field(&up, &["job", "bad"], "{.status.active}")?;
+    assert_eq!(active, "0");
+    // Past its activeDeadlineSeconds a Job fails and its pods go; a finished Job with
+    // ttlSecondsAfterFinished is deleted after it.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &job(
+            "slow",
+            "module:sleeper",
+            "  activeDeadlineSeconds: 2
+",
+        ),
+    )?
+    .expect_ok("apply slow job")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=failed",
+        "job/slow",
+        "--timeout=60s",
+    ])?
+    .expect_ok("wait deadline")?;
+    let reason = field(&up, &["job", "slow"], "{.status.conditions[0].reason}")?;
+    assert_eq!(reason, "DeadlineExceeded");
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &job(
+            "brief",
+            "module:hello",
+            "  ttlSecondsAfterFinished: 1
+",
+        ),
+    )?
+    .expect_ok("apply brief job")?;
+    let t = Instant::now();
+    loop {
+        let jobs = field(&up, &["jobs"], "{.items[*].metadata.name}")?;
+        if !jobs.contains("brief") && t.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "still there: {jobs}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}

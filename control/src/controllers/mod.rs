@@ -1,18 +1,25 @@
-//! Controllers that keep the cluster at its desired state: ReplicaSets and Deployments, and
-//! the node lifecycle ([`nodes`]).
+//! Controllers that keep the cluster at its desired state: ReplicaSets, Deployments,
+//! DaemonSets and Jobs, and the node lifecycle ([`nodes`]).
 //!
 //! ```text
 //! list ─▶ cache (objects by key, children by owner uid) ◀─ watch /registry/ (newest wins)
 //!   a change marks its object, or its owner, dirty; everything is dirty every 30 s
+//!   (a node's change marks every DaemonSet; Jobs with a deadline or a TTL are looked at in
+//!   every round)
 //!   round: each dirty Deployment ─▶ deployment::plan ─▶ ReplicaSets created, scaled, revised
 //!          each dirty ReplicaSet  ─▶ replicaset::plan ─▶ pods created or deleted, status
+//!          each dirty DaemonSet   ─▶ daemonset::plan  ─▶ a pod per eligible node, status
+//!          each dirty Job         ─▶ job::plan        ─▶ pods, completion or failure, TTL
 //!   then wait for the watch to show the round's own writes, so the next round sees them
 //! ```
 //!
 //! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
-//! client. The decisions are pure functions in [`replicaset`] and [`deployment`].
+//! client. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`]
+//! and [`job`].
 
+pub mod daemonset;
 pub mod deployment;
+pub mod job;
 pub mod nodes;
 pub mod replicaset;
 
@@ -30,6 +37,11 @@ use crate::store::{Consistency, WatchItem};
 const PODS: &str = "/registry/core/pods/";
 const RSS: &str = "/registry/apps/replicasets/";
 const DEPLOYS: &str = "/registry/apps/deployments/";
+const DSS: &str = "/registry/apps/daemonsets/";
+const JOBS: &str = "/registry/batch/jobs/";
+const NODES: &str = "/registry/core/nodes/";
+/// What the controllers follow.
+const FOLLOWED: [&str; 6] = [DEPLOYS, DSS, JOBS, RSS, NODES, PODS];
 const RESYNC: Duration = Duration::from_secs(30);
 
 fn manager() -> User {
@@ -99,9 +111,19 @@ pub(crate) fn newer(
 impl Cache {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
-        let Some(obj) = newer(&mut self.seen, &[PODS, RSS, DEPLOYS], kind, kv) else {
+        let Some(obj) = newer(&mut self.seen, &FOLLOWED, kind, kv) else {
             return;
         };
+        if key.starts_with(NODES) {
+            // Where DaemonSets should run may have changed.
+            let daemons = self.objs.keys().filter(|k| k.starts_with(DSS)).cloned();
+            self.dirty.extend(daemons.collect::<Vec<_>>());
+            match obj {
+                Some(o) => self.objs.insert(key.to_string(), o),
+                None => self.objs.remove(key),
+            };
+            return;
+        }
         if let Some(uid) = self.owner_of.remove(key) {
             if let Some(c) = self.children.get_mut(&uid) {
                 c.remove(key);
@@ -173,10 +195,7 @@ pub(crate) async fn list_and_watch(
 async fn lead(api: &Arc<Api>) -> Result<(), String> {
     let mut cache = Cache::default();
     // Owners first, so their children find them.
-    let mut w = list_and_watch(api, &[DEPLOYS, RSS, PODS], |kv| {
-        cache.apply(&EventKind::Put, kv)
-    })
-    .await?;
+    let mut w = list_and_watch(api, &FOLLOWED, |kv| cache.apply(&EventKind::Put, kv)).await?;
     let mut synced = Instant::now();
     loop {
         let st = api.store.status();
@@ -188,11 +207,23 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
             let all: Vec<String> = cache
                 .objs
                 .keys()
-                .filter(|k| !k.starts_with(PODS))
+                .filter(|k| !k.starts_with(PODS) && !k.starts_with(NODES))
                 .cloned()
                 .collect();
             cache.dirty.extend(all);
         }
+        // Jobs wait on the clock (deadlines, time to live) as well as on changes.
+        let timed: Vec<String> = cache
+            .objs
+            .iter()
+            .filter(|(k, j)| {
+                k.starts_with(JOBS)
+                    && (j["spec"]["activeDeadlineSeconds"].is_number()
+                        || j["spec"]["ttlSecondsAfterFinished"].is_number())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        cache.dirty.extend(timed);
         let wrote = round(api, &mut cache).await;
         // Wait for something to change, or for the watch to show what this round wrote.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -240,8 +271,20 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         let children = cache.children_of(o);
         let rev = if key.starts_with(DEPLOYS) {
             sync_deployment(api, o, &children).await
-        } else {
+        } else if key.starts_with(RSS) {
             sync_replicaset(api, o, &children).await
+        } else if key.starts_with(DSS) {
+            let nodes: Vec<&Value> = cache
+                .objs
+                .iter()
+                .filter(|(k, _)| k.starts_with(NODES))
+                .map(|(_, n)| n)
+                .collect();
+            sync_daemonset(api, o, &nodes, &children).await
+        } else if key.starts_with(JOBS) {
+            sync_job(api, o, &children).await
+        } else {
+            0
         };
         wrote = wrote.max(rev);
     }
@@ -312,44 +355,9 @@ async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> u64 {
     const ME: &str = "replicaset-controller";
     let plan = replicaset::plan(rs, pods);
     let (ns, name) = ns_name(rs);
-    let mut wrote = 0;
-    let pod = replicaset::pod_for(rs);
-    let pods_path = format!("/api/v1/namespaces/{ns}/pods");
-    let created: Vec<(u64, Value)> = futures::stream::iter(0..plan.create)
-        .map(|_| write(api, "POST", &pods_path, "application/json", &pod))
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    for (rev, p) in created {
-        wrote = wrote.max(rev);
-        if let Some(n) = p["metadata"]["name"].as_str() {
-            event(
-                api,
-                ME,
-                rs,
-                "Normal",
-                "SuccessfulCreate",
-                &format!("Created pod: {n}"),
-            )
-            .await;
-        }
-    }
-    for p in &plan.delete {
-        let path = format!("{pods_path}/{p}");
-        let (rev, _) = write(api, "DELETE", &path, "application/json", &json!({})).await;
-        if rev > 0 {
-            wrote = wrote.max(rev);
-            event(
-                api,
-                ME,
-                rs,
-                "Normal",
-                "SuccessfulDelete",
-                &format!("Deleted pod: {p}"),
-            )
-            .await;
-        }
-    }
+    let new = vec![replicaset::pod_for(rs); plan.create];
+    let mut wrote = create_pods(api, ME, rs, new).await;
+    wrote = wrote.max(delete_pods(api, ME, rs, &plan.delete).await);
     if differs(&rs["status"], &plan.status) {
         let path = format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}/status");
         let body = json!({"status": plan.status});
@@ -435,6 +443,127 @@ async fn sync_deployment(api: &Arc<Api>, d: &Value, rss: &[&Value]) -> u64 {
                 .await
                 .0,
         );
+    }
+    wrote
+}
+
+/// Create `n` pods from `pod` (each named by the API), with a SuccessfulCreate event each;
+/// the highest revision written.
+async fn create_pods(api: &Arc<Api>, me: &str, owner: &Value, pods: Vec<Value>) -> u64 {
+    let ns = owner["metadata"]["namespace"].as_str().unwrap_or("default");
+    let path = format!("/api/v1/namespaces/{ns}/pods");
+    let created: Vec<(u64, Value)> = futures::stream::iter(pods)
+        .map(|p| {
+            let path = path.clone();
+            async move { write(api, "POST", &path, "application/json", &p).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut wrote = 0;
+    for (rev, p) in created {
+        wrote = wrote.max(rev);
+        if let Some(n) = p["metadata"]["name"].as_str() {
+            event(
+                api,
+                me,
+                owner,
+                "Normal",
+                "SuccessfulCreate",
+                &format!("Created pod: {n}"),
+            )
+            .await;
+        }
+    }
+    wrote
+}
+
+/// Delete pods by name, with a SuccessfulDelete event each.
+async fn delete_pods(api: &Arc<Api>, me: &str, owner: &Value, names: &[String]) -> u64 {
+    let ns = owner["metadata"]["namespace"].as_str().unwrap_or("default");
+    let mut wrote = 0;
+    for p in names {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{p}");
+        let (rev, _) = write(api, "DELETE", &path, "application/json", &json!({})).await;
+        if rev > 0 {
+            wrote = wrote.max(rev);
+            event(
+                api,
+                me,
+                owner,
+                "Normal",
+                "SuccessfulDelete",
+                &format!("Deleted pod: {p}"),
+            )
+            .await;
+        }
+    }
+    wrote
+}
+
+async fn sync_daemonset(api: &Arc<Api>, ds: &Value, nodes: &[&Value], pods: &[&Value]) -> u64 {
+    const ME: &str = "daemonset-controller";
+    let eligible: Vec<(String, bool)> = nodes
+        .iter()
+        .map(|n| {
+            let info = crate::scheduler::fit::NodeInfo::of(n);
+            let pod = daemonset::pod_for(ds, &info.name);
+            let needs = crate::scheduler::fit::needs(&pod, &Value::Null);
+            let should = crate::scheduler::fit::should_run(&needs, &info);
+            (info.name, should)
+        })
+        .collect();
+    let plan = daemonset::plan(ds, &eligible, pods);
+    let (ns, name) = ns_name(ds);
+    let new: Vec<Value> = plan
+        .create
+        .iter()
+        .map(|node| daemonset::pod_for(ds, node))
+        .collect();
+    let mut wrote = create_pods(api, ME, ds, new).await;
+    wrote = wrote.max(delete_pods(api, ME, ds, &plan.delete).await);
+    if differs(&ds["status"], &plan.status) {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/daemonsets/{name}/status");
+        let body = json!({"status": plan.status});
+        wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    wrote
+}
+
+async fn sync_job(api: &Arc<Api>, j: &Value, pods: &[&Value]) -> u64 {
+    const ME: &str = "job-controller";
+    let now = jiff::Timestamp::now();
+    let plan = job::plan(j, pods, now.as_second(), &crate::api::now());
+    let (ns, name) = ns_name(j);
+    let path = format!("/apis/batch/v1/namespaces/{ns}/jobs/{name}");
+    if plan.expire {
+        let body = json!({"propagationPolicy": "Background"});
+        return write(api, "DELETE", &path, "application/json", &body)
+            .await
+            .0;
+    }
+    let new = vec![job::pod_for(j); plan.create];
+    let mut wrote = create_pods(api, ME, j, new).await;
+    wrote = wrote.max(delete_pods(api, ME, j, &plan.delete).await);
+    if differs(&j["status"], &plan.status) {
+        let body = json!({"status": plan.status});
+        wrote = wrote.max(
+            write(api, "PATCH", &format!("{path}/status"), MERGE, &body)
+                .await
+                .0,
+        );
+        let ended = plan.status["conditions"][0].clone();
+        if j["status"]["conditions"].is_null() && ended.is_object() {
+            let (kind, reason, msg) = match ended["type"].as_str() {
+                Some("Complete") => ("Normal", "Completed", "Job completed".to_string()),
+                _ => (
+                    "Warning",
+                    ended["reason"].as_str().unwrap_or("Failed"),
+                    ended["message"].as_str().unwrap_or("").to_string(),
+                ),
+            };
+            event(api, ME, j, kind, reason, &msg).await;
+        }
     }
     wrote
 }

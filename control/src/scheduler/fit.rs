@@ -378,6 +378,40 @@ impl NodeInfo {
     }
 }
 
+fn offers_runtime(n: &Needs, node: &NodeInfo) -> bool {
+    !n.oci
+        || node
+            .labels
+            .get("outpost.dev/runtime-oci")
+            .and_then(Value::as_str)
+            == Some("true")
+}
+
+/// The first NoSchedule or NoExecute taint the pod does not tolerate.
+fn untolerated<'a>(n: &Needs, node: &'a NodeInfo) -> Option<&'a Taint> {
+    node.taints.iter().find(|t| {
+        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !n.tolerations.iter().any(|tol| tol.tolerates(t))
+    })
+}
+
+/// Node selector (the pod's and its RuntimeClass's) and required node affinity.
+fn selects(n: &Needs, node: &NodeInfo) -> bool {
+    n.selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k).and_then(Value::as_str) == Some(v.as_str()))
+        && n.required
+            .as_ref()
+            .is_none_or(|terms| terms.iter().any(|t| t.matches(node)))
+}
+
+/// Whether a DaemonSet should run this pod on `node`: its selectors, affinity, tolerations
+/// and runtime allow it, whatever the node's readiness or free room (as the DaemonSet
+/// controller decides; the scheduler then places it when it fits).
+pub fn should_run(n: &Needs, node: &NodeInfo) -> bool {
+    offers_runtime(n, node) && untolerated(n, node).is_none() && selects(n, node)
+}
+
 /// Why `node` cannot take the pod (kube-scheduler's wording), or nothing if it can.
 pub fn filter(n: &Needs, node: &NodeInfo) -> Vec<String> {
     if !node.ready {
@@ -386,34 +420,16 @@ pub fn filter(n: &Needs, node: &NodeInfo) -> Vec<String> {
     if node.unschedulable {
         return vec!["node(s) were unschedulable".into()];
     }
-    if n.oci
-        && node
-            .labels
-            .get("outpost.dev/runtime-oci")
-            .and_then(Value::as_str)
-            != Some("true")
-    {
+    if !offers_runtime(n, node) {
         return vec!["node(s) didn't offer the OCI runtime the pod needs".into()];
     }
-    let untolerated = node.taints.iter().find(|t| {
-        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
-            && !n.tolerations.iter().any(|tol| tol.tolerates(t))
-    });
-    if let Some(t) = untolerated {
+    if let Some(t) = untolerated(n, node) {
         return vec![format!(
             "node(s) had untolerated taint {{{}: {}}}",
             t.key, t.value
         )];
     }
-    let selected = n
-        .selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k).and_then(Value::as_str) == Some(v.as_str()));
-    let affine = n
-        .required
-        .as_ref()
-        .is_none_or(|terms| terms.iter().any(|t| t.matches(node)));
-    if !selected || !affine {
+    if !selects(n, node) {
         return vec!["node(s) didn't match Pod's node affinity/selector".into()];
     }
     if n.host_ports.iter().any(|p| node.port_taken(p)) {

@@ -1,0 +1,187 @@
+//! The Job controller's decisions: pods until `completions` have succeeded, at most
+//! `parallelism` at once; failure after more than `backoffLimit` failed pods or past
+//! `activeDeadlineSeconds`; deletion `ttlSecondsAfterFinished` after the end.
+
+use serde_json::{json, Value};
+
+use super::replicaset::active;
+
+/// What to do for one Job.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub create: usize,
+    /// Pods to delete (the active ones of a Job that failed).
+    pub delete: Vec<String>,
+    /// The status to write (conditions and counts).
+    pub status: Value,
+    /// The Job's time to live after it finished is over.
+    pub expire: bool,
+}
+
+/// The condition that ended the Job, if one did.
+fn finished(job: &Value) -> Option<&Value> {
+    job["status"]["conditions"].as_array()?.iter().find(|c| {
+        matches!(c["type"].as_str(), Some("Complete" | "Failed")) && c["status"] == "True"
+    })
+}
+
+fn seconds(t: &Value) -> Option<i64> {
+    t.as_str()?
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_second())
+}
+
+/// Plan for `job` given its pods, at `now` (unix seconds; `stamp` is the same as RFC 3339).
+pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str) -> Plan {
+    let spec = &job["spec"];
+    let completions = spec["completions"].as_u64().unwrap_or(1);
+    let parallelism = spec["parallelism"].as_u64().unwrap_or(1);
+    let backoff = spec["backoffLimit"].as_u64().unwrap_or(6);
+    let phase = |p: &str| pods.iter().filter(|x| x["status"]["phase"] == p).count() as u64;
+    let (succeeded, failed) = (phase("Succeeded"), phase("Failed"));
+    let running: Vec<&Value> = pods.iter().copied().filter(|p| active(p)).collect();
+    let ready = running
+        .iter()
+        .filter(|p| super::replicaset::ready(p))
+        .count();
+    let start = job["status"]["startTime"]
+        .as_str()
+        .unwrap_or(stamp)
+        .to_string();
+    let mut status = json!({
+        "active": running.len(), "succeeded": succeeded, "failed": failed, "ready": ready,
+        "startTime": start,
+    });
+    let mut plan = Plan::default();
+    if let Some(done) = finished(job) {
+        status["conditions"] = job["status"]["conditions"].clone();
+        status["completionTime"] = job["status"]["completionTime"].clone();
+        let ended = seconds(&done["lastTransitionTime"]).unwrap_or(now);
+        plan.expire = spec["ttlSecondsAfterFinished"]
+            .as_i64()
+            .is_some_and(|ttl| now >= ended + ttl);
+        plan.status = status;
+        return plan;
+    }
+    let condition = |t: &str, reason: &str, message: &str| {
+        json!([{"type": t, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": stamp, "lastTransitionTime": stamp}])
+    };
+    let deadline = spec["activeDeadlineSeconds"]
+        .as_i64()
+        .zip(seconds(&json!(start)))
+        .is_some_and(|(d, s)| now >= s + d);
+    let failure = if failed > backoff {
+        Some((
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        ))
+    } else if deadline {
+        Some((
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        ))
+    } else {
+        None
+    };
+    if let Some((reason, message)) = failure {
+        status["conditions"] = condition("Failed", reason, message);
+        plan.delete = running
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect();
+    } else if succeeded >= completions {
+        status["conditions"] = condition("Complete", "", "");
+        status["completionTime"] = json!(stamp);
+    } else if spec["suspend"] != true {
+        let want = parallelism.min(completions - succeeded) as usize;
+        plan.create = want.saturating_sub(running.len());
+    }
+    plan.status = status;
+    plan
+}
+
+/// A new pod for `job`.
+pub fn pod_for(job: &Value) -> Value {
+    let t = &job["spec"]["template"];
+    let name = job["metadata"]["name"].as_str().unwrap_or("");
+    let mut meta = t["metadata"].as_object().cloned().unwrap_or_default();
+    meta.remove("creationTimestamp");
+    meta.insert("generateName".into(), json!(format!("{name}-")));
+    meta.insert("namespace".into(), job["metadata"]["namespace"].clone());
+    meta.insert(
+        "ownerReferences".into(),
+        json!([{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                "uid": job["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]),
+    );
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": t["spec"]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: &str = "2026-01-01T00:00:00Z";
+    const NOW: i64 = 1_767_225_600; // T0
+
+    fn job(extra: Value) -> Value {
+        let mut j = json!({"metadata": {"name": "j", "namespace": "default", "uid": "u"},
+            "spec": {"completions": 3, "parallelism": 2, "backoffLimit": 1,
+                "template": {"metadata": {"labels": {"job-name": "j"}},
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "module:x"}]}}}});
+        if let (Some(s), Some(e)) = (j["spec"].as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        j
+    }
+
+    fn pod(phase: &str) -> Value {
+        json!({"metadata": {"name": format!("p-{phase}")}, "status": {"phase": phase}})
+    }
+
+    #[test]
+    fn runs_up_to_parallelism_until_completions() {
+        let p = plan(&job(json!({})), &[], NOW, T0);
+        assert_eq!(p.create, 2);
+        assert_eq!(p.status["startTime"], T0);
+        let (ok, run) = (pod("Succeeded"), pod("Running"));
+        // Two done, one running: the last completion is under way.
+        let p = plan(&job(json!({})), &[&ok, &ok, &run], NOW, T0);
+        assert_eq!(p.create, 0);
+        let p = plan(&job(json!({})), &[&ok, &ok, &ok], NOW, T0);
+        assert_eq!(p.status["conditions"][0]["type"], "Complete");
+        assert_eq!(p.status["succeeded"], 3);
+        assert_eq!(p.status["completionTime"], T0);
+    }
+
+    #[test]
+    fn fails_past_its_backoff_limit_or_deadline() {
+        let (bad, run) = (pod("Failed"), pod("Running"));
+        let p = plan(&job(json!({})), &[&bad], NOW, T0);
+        assert_eq!(p.create, 2, "one failure is within backoffLimit 1");
+        let p = plan(&job(json!({})), &[&bad, &bad, &run], NOW, T0);
+        assert_eq!(p.status["conditions"][0]["reason"], "BackoffLimitExceeded");
+        assert_eq!(p.delete, ["p-Running"]);
+        assert_eq!(p.create, 0);
+        let mut started = job(json!({"activeDeadlineSeconds": 10}));
+        started["status"] = json!({"startTime": T0});
+        let p = plan(&started, &[&run], NOW + 5, T0);
+        assert!(p.status["conditions"].is_null());
+        let p = plan(&started, &[&run], NOW + 10, T0);
+        assert_eq!(p.status["conditions"][0]["reason"], "DeadlineExceeded");
+    }
+
+    #[test]
+    fn a_finished_job_expires_after_its_ttl() {
+        let mut done = job(json!({"ttlSecondsAfterFinished": 30}));
+        done["status"] = json!({"conditions": [{"type": "Complete", "status": "True",
+            "lastTransitionTime": T0}]});
+        assert!(!plan(&done, &[], NOW + 29, T0).expire);
+        let p = plan(&done, &[], NOW + 30, T0);
+        assert!(p.expire && p.create == 0);
+        let p = pod_for(&done);
+        assert_eq!(p["metadata"]["ownerReferences"][0]["kind"], "Job");
+        assert_eq!(p["metadata"]["generateName"], "j-");
+    }
+}

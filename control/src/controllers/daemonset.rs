@@ -156,25 +156,9 @@ fn tolerations() -> Vec<Value> {
 
 /// The pod for `ds` on `node`.
 pub fn pod_for(ds: &Value, node: &str) -> Value {
-    let t = &ds["spec"]["template"];
-    let ds_name = ds["metadata"]["name"].as_str().unwrap_or("");
-    let mut meta = t["metadata"].as_object().cloned().unwrap_or_default();
-    meta.remove("creationTimestamp");
-    meta.insert("generateName".into(), json!(format!("{ds_name}-")));
-    meta.insert("namespace".into(), ds["metadata"]["namespace"].clone());
-    let mut labels = meta
-        .get("labels")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    labels.insert(HASH.into(), json!(template_hash(t)));
-    meta.insert("labels".into(), Value::Object(labels));
-    meta.insert(
-        "ownerReferences".into(),
-        json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": ds_name,
-                "uid": ds["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]),
-    );
-    let mut spec = t["spec"].clone();
+    let mut pod = super::replicaset::pod_from(ds, "apps/v1", "DaemonSet");
+    pod["metadata"]["labels"][HASH] = json!(template_hash(&ds["spec"]["template"]));
+    let spec = &mut pod["spec"];
     spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = json!({
         "nodeSelectorTerms": [{"matchFields": [
             {"key": "metadata.name", "operator": "In", "values": [node]}]}]});
@@ -188,7 +172,7 @@ pub fn pod_for(ds: &Value, node: &str) -> Value {
         }
     }
     spec["tolerations"] = json!(tol);
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
+    pod
 }
 
 #[cfg(test)]

@@ -104,18 +104,7 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str) -> Plan {
 
 /// A new pod for `job`.
 pub fn pod_for(job: &Value) -> Value {
-    let t = &job["spec"]["template"];
-    let name = job["metadata"]["name"].as_str().unwrap_or("");
-    let mut meta = t["metadata"].as_object().cloned().unwrap_or_default();
-    meta.remove("creationTimestamp");
-    meta.insert("generateName".into(), json!(format!("{name}-")));
-    meta.insert("namespace".into(), job["metadata"]["namespace"].clone());
-    meta.insert(
-        "ownerReferences".into(),
-        json!([{"apiVersion": "batch/v1", "kind": "Job", "name": name,
-                "uid": job["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]),
-    );
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": t["spec"]})
+    super::replicaset::pod_from(job, "batch/v1", "Job")
 }
 
 #[cfg(test)]

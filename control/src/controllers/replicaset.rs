@@ -85,16 +85,22 @@ pub fn plan(rs: &Value, pods: &[&Value]) -> Plan {
 
 /// A new pod for `rs`, named by the API from `generateName`.
 pub fn pod_for(rs: &Value) -> Value {
-    let t = &rs["spec"]["template"];
-    let name = rs["metadata"]["name"].as_str().unwrap_or("");
+    pod_from(rs, "apps/v1", "ReplicaSet")
+}
+
+/// A pod from `owner`'s template (`spec.template`), named by the API from `generateName`,
+/// with `owner` (of `api_version` and `kind`) as its controller.
+pub fn pod_from(owner: &Value, api_version: &str, kind: &str) -> Value {
+    let t = &owner["spec"]["template"];
+    let name = owner["metadata"]["name"].as_str().unwrap_or("");
     let mut meta = t["metadata"].as_object().cloned().unwrap_or_default();
     meta.remove("creationTimestamp");
     meta.insert("generateName".into(), json!(format!("{name}-")));
-    meta.insert("namespace".into(), rs["metadata"]["namespace"].clone());
+    meta.insert("namespace".into(), owner["metadata"]["namespace"].clone());
     meta.insert(
         "ownerReferences".into(),
-        json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": name,
-                "uid": rs["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]),
+        json!([{"apiVersion": api_version, "kind": kind, "name": name,
+                "uid": owner["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]),
     );
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": t["spec"]})
 }

@@ -495,19 +495,41 @@ pub fn score(n: &Needs, node: &NodeInfo, most: u32) -> i64 {
     (least + balanced + 2.0 * affinity + 3.0 * taints + 2.0 * spread).round() as i64
 }
 
+/// How many fitting nodes are enough to choose among: every node up to 100, then
+/// kube-scheduler's adaptive share (50% less 1% per 125 nodes, at least 5%).
+fn enough(nodes: usize) -> usize {
+    if nodes <= 100 {
+        return nodes.max(1);
+    }
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100)
+}
+
 /// The node for a pod: the best-scored of those that pass the filters, ties broken by
 /// `turn`. Otherwise the message `kubectl describe` shows.
 pub fn pick(n: &Needs, nodes: &[&NodeInfo], turn: usize) -> Result<usize, String> {
     let mut reasons: HashMap<String, usize> = HashMap::new();
-    let fit: Vec<usize> = (0..nodes.len())
-        .filter(|&i| {
-            let why = filter(n, nodes[i]);
-            for r in &why {
-                *reasons.entry(r.clone()).or_default() += 1;
+    // As kube-scheduler does in large clusters, stop looking once enough nodes fit, starting
+    // each pod where the last left off so that every node gets its turn.
+    let enough = enough(nodes.len());
+    let start = if nodes.is_empty() {
+        0
+    } else {
+        turn % nodes.len()
+    };
+    let mut fit = Vec::with_capacity(enough.min(nodes.len()));
+    for i in (start..nodes.len()).chain(0..start) {
+        let why = filter(n, nodes[i]);
+        for r in &why {
+            *reasons.entry(r.clone()).or_default() += 1;
+        }
+        if why.is_empty() {
+            fit.push(i);
+            if fit.len() >= enough {
+                break;
             }
-            why.is_empty()
-        })
-        .collect();
+        }
+    }
     if fit.is_empty() {
         let mut parts: Vec<String> = reasons.iter().map(|(r, c)| format!("{c} {r}")).collect();
         // Sorted as whole strings, count first, as kube-scheduler sorts them.
@@ -534,11 +556,12 @@ pub fn pick(n: &Needs, nodes: &[&NodeInfo], turn: usize) -> Result<usize, String
         .unwrap_or(0);
     let scored: Vec<(usize, i64)> = fit.iter().map(|&i| (i, score(n, nodes[i], most))).collect();
     let best = scored.iter().map(|(_, s)| *s).max().unwrap_or(0);
-    let top: Vec<usize> = scored
+    let mut top: Vec<usize> = scored
         .iter()
         .filter(|(_, s)| *s == best)
         .map(|(i, _)| *i)
         .collect();
+    top.sort_unstable();
     Ok(top[turn % top.len()])
 }
 
@@ -788,5 +811,18 @@ mod tests {
             pick(&p, &[], 0),
             Err("0/0 nodes are available: no nodes have joined the cluster.".into())
         );
+        assert_eq!(
+            (enough(3), enough(100), enough(1000), enough(5000)),
+            (3, 100, 420, 500)
+        );
+        // In a large cluster a pick looks at a share of the nodes, and the share moves on.
+        let many: Vec<NodeInfo> = (0..1000)
+            .map(|i| node(&format!("n{i}"), json!({}), json!({})))
+            .collect();
+        let refs: Vec<&NodeInfo> = many.iter().collect();
+        let first = pick(&p, &refs, 0).unwrap();
+        assert!(first < 420, "{first}");
+        let later = pick(&p, &refs, 600).unwrap();
+        assert!(later >= 600 || later < 20, "{later}");
     }
 }

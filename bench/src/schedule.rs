@@ -107,7 +107,10 @@ fn decisions(nodes: usize, pods: usize) -> (f64, f64) {
 
 pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
     let root = tempfile::tempdir()?;
-    let ms = tokio::task::block_in_place(|| start(root.path(), 1, &[]))?;
+    // Simulated nodes have no agent and so no link: keep the node lifecycle controller from
+    // calling them unreachable during the run.
+    let quiet = ["--node-grace=1000000000".to_string()];
+    let ms = tokio::task::block_in_place(|| start(root.path(), 1, &quiet))?;
     let api = ms[0].api.clone();
     let c = client(&root.path().join("m1/pki"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -160,6 +163,7 @@ pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
         }
     })
     .await?;
+    eprintln!("created; waiting for the control plane to go quiet ...");
     // Quiet: the scheduler has looked at every pod and found no node for it.
     let mut last = revision(&c, &api).await?;
     loop {
@@ -178,12 +182,13 @@ pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
         .send()
         .await?;
     let mut body = r.bytes_stream();
+    eprintln!("quiet at revision {last}; releasing");
     let released = Instant::now();
     send(
         c.patch(format!("{classes}/bench"))
             .header("content-type", "application/merge-patch+json")
             .body(
-                json!({"scheduling": {"nodeSelector": {"outpost.dev/runtime-wasm": "true"}}})
+                json!({"scheduling": {"nodeSelector": {"bench": null, "outpost.dev/runtime-wasm": "true"}}})
                     .to_string(),
             ),
     )
@@ -194,7 +199,13 @@ pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
     let limit = Instant::now() + Duration::from_secs(300);
     while seen.len() < pods {
         let chunk = tokio::time::timeout_at(limit.into(), body.next()).await;
-        let Ok(Some(chunk)) = chunk else { break };
+        let Ok(Some(chunk)) = chunk else {
+            eprintln!(
+                "the watch ended or timed out with {} pods bound",
+                seen.len()
+            );
+            break;
+        };
         buf.extend_from_slice(&chunk?);
         while let Some(i) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();

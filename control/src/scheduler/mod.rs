@@ -163,6 +163,15 @@ impl Snapshot {
                 .as_str()
                 .is_none_or(|s| s == "default-scheduler");
             if ours && o["metadata"]["deletionTimestamp"].is_null() {
+                // What the pod already says need not be written again (after a restart of
+                // the scheduler, re-reporting every waiting pod would feed its own watch).
+                let said = o["status"]["conditions"].as_array().and_then(|c| {
+                    c.iter()
+                        .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+                });
+                if let Some(m) = said.and_then(|c| c["message"].as_str()) {
+                    self.told.insert(key.to_string(), m.to_string());
+                }
                 self.pending_at.insert(key.to_string(), created);
                 self.pending.insert((created, key.to_string()), o);
             }

@@ -1527,7 +1527,10 @@ where
         }
         let mut new = old.clone();
         new["spec"]["replicas"] = json!(replicas);
-        match rv_of(&new_scale) {
+        // A resourceVersion is a precondition only when the client set one: a patch leaves
+        // the one we filled in, which must not fail against a concurrent write (the
+        // controllers write status all the time).
+        match rv_of(&new_scale).filter(|rv| Some(*rv) != rv_of(&scale)) {
             Some(rv) => new["metadata"]["resourceVersion"] = json!(rv.to_string()),
             None => {
                 meta(&mut new).remove("resourceVersion");

@@ -45,8 +45,13 @@ const FOLLOWED: [&str; 6] = [DEPLOYS, DSS, JOBS, RSS, NODES, PODS];
 const RESYNC: Duration = Duration::from_secs(30);
 
 fn manager() -> User {
+    system_user("system:kube-controller-manager")
+}
+
+/// A control-plane component's identity for its calls to the API.
+pub(crate) fn system_user(name: &str) -> User {
     User {
-        name: "system:kube-controller-manager".into(),
+        name: name.into(),
         uid: String::new(),
         groups: vec!["system:masters".into()],
     }
@@ -54,11 +59,21 @@ fn manager() -> User {
 
 /// Run the controllers until the task is aborted. Only the leader acts.
 pub async fn run(api: Arc<Api>) {
+    while_leader(&api, "controllers", |a| async move { lead(&a).await }).await
+}
+
+/// Call `lead` whenever this member leads, again after it returns (leadership lost, or a
+/// watch that fell behind: the next call starts from a fresh list).
+pub(crate) async fn while_leader<F, Fut>(api: &Arc<Api>, what: &str, lead: F)
+where
+    F: Fn(Arc<Api>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     loop {
         let st = api.store.status();
         if st.leader == Some(st.id) {
-            if let Err(e) = lead(&api).await {
-                tracing::debug!(error = %e, "controllers restart from a fresh list");
+            if let Err(e) = lead(api.clone()).await {
+                tracing::debug!(error = %e, "{what} restart from a fresh list");
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -86,11 +86,7 @@ pub fn judge(node: &Value, link: Option<&Value>, now: i64, since: i64, l: &Lifec
 }
 
 fn controller() -> User {
-    User {
-        name: "system:node-controller".into(),
-        uid: String::new(),
-        groups: vec!["system:masters".into()],
-    }
+    super::system_user("system:node-controller")
 }
 
 async fn call(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: &Value) -> u16 {

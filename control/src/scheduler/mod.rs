@@ -35,11 +35,7 @@ const CLASSES: &str = "/registry/node.k8s.io/runtimeclasses/";
 const BINDS: usize = 64;
 
 fn scheduler() -> User {
-    User {
-        name: "system:kube-scheduler".into(),
-        uid: String::new(),
-        groups: vec!["system:masters".into()],
-    }
+    crate::controllers::system_user("system:kube-scheduler")
 }
 
 async fn call(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: Value) -> (u16, Value) {
@@ -48,15 +44,7 @@ async fn call(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: Value) -
 
 /// Schedule until the task is aborted. Only the leader acts.
 pub async fn run(api: Arc<Api>) {
-    loop {
-        let st = api.store.status();
-        if st.leader == Some(st.id) {
-            if let Err(e) = lead(&api).await {
-                tracing::debug!(error = %e, "scheduler restarts from a fresh list");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::controllers::while_leader(&api, "scheduler", |a| async move { lead(&a).await }).await
 }
 
 fn is_leader(api: &Api) -> bool {

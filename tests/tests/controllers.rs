@@ -423,3 +423,205 @@ fn daemonsets_follow_nodes_and_jobs_finish() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `kubectl rollout status` of the StatefulSet `shop/db`, which must succeed.
+fn sts_rolled_out(up: &Up, what: &str) -> anyhow::Result<String> {
+    let args = [
+        "rollout",
+        "status",
+        "statefulset/db",
+        "-n",
+        "shop",
+        "--timeout=90s",
+    ];
+    Ok(up.kubectl(&args)?.expect_ok(what)?.stdout)
+}
+
+/// A StatefulSet makes its pods in order under stable names, and its Service's Endpoints and
+/// EndpointSlices follow them; draining a node moves its pods (same names) elsewhere; it
+/// scales down from the top, rolls a restart through every pod, and deleting its namespace
+/// stops and removes everything in it.
+#[test]
+fn statefulsets_endpoints_drain_and_namespace_delete() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let module = example("sleeper")?;
+    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    let _edge = up.join(&dir.path().join("edge-1"), "edge-1")?;
+    up.kubectl(&["create", "namespace", "shop"])?
+        .expect_ok("create ns")?;
+    let manifest = "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\n  namespace: shop\nspec:\n  clusterIP: None\n  selector:\n    app: db\n  ports:\n  - name: sql\n    port: 5432\n    targetPort: 8080\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: db\n  namespace: shop\nspec:\n  serviceName: db\n  replicas: 3\n  selector:\n    matchLabels:\n      app: db\n  template:\n    metadata:\n      labels:\n        app: db\n    spec:\n      containers:\n      - name: db\n        image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], manifest)?
+        .expect_ok("apply")?;
+    sts_rolled_out(&up, "rollout status sts")?;
+    let pods = field(
+        &up,
+        &["pods", "-n", "shop"],
+        "{range .items[*]}{.metadata.name} {.status.phase} {.spec.hostname}.{.spec.subdomain}{\"\\n\"}{end}",
+    )?;
+    assert_eq!(
+        pods.trim(),
+        "db-0 Running db-0.db\ndb-1 Running db-1.db\ndb-2 Running db-2.db"
+    );
+    // In order: each pod was made only once the one before it was ready.
+    let events = field(
+        &up,
+        &[
+            "events",
+            "-n",
+            "shop",
+            "--field-selector",
+            "reason=SuccessfulCreate",
+        ],
+        "{range .items[*]}{.message}{\"\\n\"}{end}",
+    )?;
+    assert!(
+        events.contains("create Pod db-2 in StatefulSet db successful"),
+        "{events}"
+    );
+    let ready_at = |p: &str| {
+        field(
+            &up,
+            &["pod", p, "-n", "shop"],
+            "{.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+        )
+    };
+    let created_at = |p: &str| {
+        field(
+            &up,
+            &["pod", p, "-n", "shop"],
+            "{.metadata.creationTimestamp}",
+        )
+    };
+    assert!(created_at("db-1")? >= ready_at("db-0")?);
+    assert!(created_at("db-2")? >= ready_at("db-1")?);
+
+    // The Service's endpoints: every ready pod, at the target port.
+    let endpoints = |want: &str| {
+        up.wait_field(
+            30,
+            &["endpoints", "db", "-n", "shop"],
+            "{.subsets[0].addresses[*].targetRef.name}:{.subsets[0].ports[0].port}",
+            |s| {
+                let (names, port) = s.split_once(':').unwrap_or_default();
+                let mut names: Vec<&str> = names.split_whitespace().collect();
+                names.sort();
+                names.join(" ") == want && (want.is_empty() || port == "8080")
+            },
+        )
+    };
+    endpoints("db-0 db-1 db-2")?;
+    up.wait_field(
+        30,
+        &[
+            "endpointslices",
+            "-n",
+            "shop",
+            "-l",
+            "kubernetes.io/service-name=db",
+        ],
+        "{.items[0].endpoints[*].conditions.ready}",
+        |s| s == "true true true",
+    )?;
+    let listed = up
+        .kubectl(&["get", "endpoints", "db", "-n", "shop"])?
+        .expect_ok("get endpoints")?
+        .stdout;
+    assert!(listed.contains(":8080"), "{listed}");
+    let slices = up
+        .kubectl(&["get", "endpointslices", "-n", "shop"])?
+        .expect_ok("get endpointslices")?
+        .stdout;
+    assert!(
+        slices.contains("IPv4") && slices.contains("8080"),
+        "{slices}"
+    );
+
+    // Drained, edge-1 is cordoned and its pods come back under the same names elsewhere.
+    let on_edge = field(
+        &up,
+        &[
+            "pods",
+            "-n",
+            "shop",
+            "--field-selector",
+            "spec.nodeName=edge-1",
+        ],
+        "{.items[*].metadata.name}",
+    )?;
+    assert!(
+        !on_edge.is_empty(),
+        "the scheduler spreads a StatefulSet's pods"
+    );
+    up.kubectl(&["drain", "edge-1", "--ignore-daemonsets", "--timeout=60s"])?
+        .expect_ok("drain")?;
+    assert_eq!(
+        field(&up, &["node", "edge-1"], "{.spec.unschedulable}")?,
+        "true"
+    );
+    sts_rolled_out(&up, "rollout status after drain")?;
+    let moved = up.wait_field(
+        60,
+        &["pods", "-n", "shop"],
+        "{range .items[*]}{.metadata.name}@{.spec.nodeName} {end}",
+        |s| s.split_whitespace().count() == 3 && !s.contains("@edge-1"),
+    )?;
+    for p in on_edge.split_whitespace() {
+        assert!(moved.contains(&format!("{p}@")), "{p} not back: {moved}");
+    }
+    up.kubectl(&["uncordon", "edge-1"])?.expect_ok("uncordon")?;
+
+    // Scaled down, the highest ordinals go and the endpoints follow.
+    up.kubectl(&["scale", "statefulset/db", "-n", "shop", "--replicas=1"])?
+        .expect_ok("scale")?;
+    up.wait_field(
+        60,
+        &["pods", "-n", "shop"],
+        "{.items[*].metadata.name}",
+        |s| s == "db-0",
+    )?;
+    endpoints("db-0")?;
+
+    // A restart replaces the pod at the new revision.
+    let uid = field(&up, &["pod", "db-0", "-n", "shop"], "{.metadata.uid}")?;
+    up.kubectl(&["rollout", "restart", "statefulset/db", "-n", "shop"])?
+        .expect_ok("rollout restart")?;
+    let status = sts_rolled_out(&up, "rollout status after restart")?;
+    // With a partition set (0 by default, as in Kubernetes) kubectl calls it partitioned.
+    assert!(status.contains("roll out complete"), "{status}");
+    up.wait_field(
+        30,
+        &["pod", "db-0", "-n", "shop"],
+        "{.metadata.uid} {.status.phase}",
+        |s| !s.starts_with(&uid) && s.ends_with("Running"),
+    )?;
+    let revs = field(
+        &up,
+        &["statefulset", "db", "-n", "shop"],
+        "{.status.currentRevision} {.status.updateRevision}",
+    )?;
+    let (current, update) = revs.split_once(' ').unwrap_or_default();
+    assert_eq!(current, update, "{revs}");
+
+    // Deleting the namespace stops its pods on their nodes and removes everything in it.
+    up.kubectl(&["delete", "namespace", "shop", "--timeout=90s"])?
+        .expect_ok("delete namespace")?;
+    let left = up
+        .kubectl(&["get", "namespace", "shop"])?
+        .expect_err("namespace gone")?;
+    assert!(left.stderr.contains("not found"), "{}", left.stderr);
+    let pods = up
+        .kubectl(&[
+            "get",
+            "pods,statefulsets,endpoints,services",
+            "-n",
+            "shop",
+            "-o",
+            "name",
+        ])?
+        .expect_ok("list")?
+        .stdout;
+    assert!(pods.trim().is_empty(), "left in shop: {pods}");
+    Ok(())
+}

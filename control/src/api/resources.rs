@@ -103,6 +103,19 @@ impl Resource {
         self.subresources.contains(&s)
     }
 
+    /// The API path of object `name` (in `ns`, for a namespaced resource).
+    pub fn path(&self, ns: Option<&str>, name: &str) -> String {
+        let base = if self.group.is_empty() {
+            format!("/api/{}", self.version)
+        } else {
+            format!("/apis/{}/{}", self.group, self.version)
+        };
+        match ns {
+            Some(ns) if self.namespaced => format!("{base}/namespaces/{ns}/{}/{name}", self.plural),
+            _ => format!("{base}/{}/{name}", self.plural),
+        }
+    }
+
     /// Store key prefix of every object of this resource (in `ns` if given).
     pub fn prefix(&self, ns: Option<&str>) -> String {
         let g = if self.group.is_empty() {

@@ -9,13 +9,12 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
-use futures::future::BoxFuture;
 use outpost_api::store::{EventKind, Expect, KeyValue, Op, Outcome};
 use serde_json::{json, Map, Value};
 
 use super::auth::{self, Attrs, Policy, User};
 use super::error::{ApiError, Cause};
-use super::resources::{self, Resource, Sub, RESOURCES};
+use super::resources::{self, Resource, Sub};
 use super::select::{Fields, Labels};
 use super::table::{self, Include};
 use super::{admit, openapi, patch, ssa, Api, Query, Target};
@@ -352,8 +351,13 @@ pub(super) async fn serve(
             bind(&ctx, &name, body).await
         }
         (Method::POST, Some(Sub::Eviction)) => {
+            let body = if body.is_empty() {
+                Value::Null
+            } else {
+                super::decode_body(content_type, &body)?
+            };
             get(&ctx, &name).await?;
-            delete(&ctx, &name, &json!({})).await?;
+            delete(&ctx, &name, &body["deleteOptions"]).await?;
             Ok(respond(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
@@ -1296,10 +1300,12 @@ where
         if new == old || ctx.dry_run {
             return Ok(new);
         }
+        // A namespace goes only when the namespace controller has emptied it.
         let finalized = !new["metadata"]["deletionTimestamp"].is_null()
             && new["metadata"]["finalizers"]
                 .as_array()
-                .is_none_or(Vec::is_empty);
+                .is_none_or(Vec::is_empty)
+            && (ctx.res.group, ctx.res.kind) != ("", "Namespace");
         let key = ctx.key(name);
         let mut ops = vec![if finalized {
             Op::Delete {
@@ -1319,9 +1325,6 @@ where
         match ctx.api.store.txn(ops).await? {
             Outcome::Committed { revision, .. } => {
                 set_rv(&mut new, revision);
-                if finalized {
-                    spawn_cascade(ctx.api.clone(), ctx.res, new.clone(), "Background");
-                }
                 return Ok(new);
             }
             Outcome::Failed { .. } if pinned.is_some() => {
@@ -1673,7 +1676,9 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
                 other => return Err(internal(format!("unexpected outcome {other:?}"))),
             }
         }
-        let pending = namespace || finalizers || policy == "Foreground";
+        // The garbage collector finishes what is pending: a namespace's contents, a foreground
+        // delete's dependents, an orphaning delete's references.
+        let pending = namespace || finalizers || policy != "Background";
         if pending {
             if !o["metadata"]["deletionTimestamp"].is_null() {
                 return Ok(o);
@@ -1681,11 +1686,16 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
             let m = meta(&mut o);
             m.insert("deletionTimestamp".into(), json!(now()));
             m.insert("deletionGracePeriodSeconds".into(), json!(0));
-            if policy == "Foreground" {
+            let hold = match policy.as_str() {
+                "Foreground" => Some("foregroundDeletion"),
+                "Orphan" => Some("orphan"),
+                _ => None,
+            };
+            if let Some(hold) = hold.filter(|_| !namespace) {
                 let f = m.entry("finalizers".to_string()).or_insert(json!([]));
                 if let Value::Array(list) = f {
-                    if !list.iter().any(|x| x == "foregroundDeletion") {
-                        list.push(json!("foregroundDeletion"));
+                    if !list.iter().any(|x| x == hold) {
+                        list.push(json!(hold));
                     }
                 }
             }
@@ -1695,15 +1705,7 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
             if !mark_deleting(ctx, name, kv.mod_revision, &mut o).await? {
                 continue;
             }
-            if namespace {
-                spawn_namespace_cleanup(ctx.api.clone(), name.to_string());
-            } else if policy == "Foreground" {
-                spawn_foreground(ctx.api.clone(), ctx.res, o.clone());
-            }
             return Ok(o);
-        }
-        if policy == "Orphan" {
-            orphan_dependents(ctx.api, &o).await?;
         }
         let mut ops = vec![Op::Delete {
             key: ctx.key(name),
@@ -1711,12 +1713,7 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
         }];
         ops.extend(release_ops(ctx.res, &o));
         match ctx.api.store.txn(ops).await? {
-            Outcome::Committed { .. } => {
-                if policy == "Background" {
-                    spawn_cascade(ctx.api.clone(), ctx.res, o.clone(), "Background");
-                }
-                return Ok(o);
-            }
+            Outcome::Committed { .. } => return Ok(o),
             Outcome::Failed { .. } => continue,
             other => return Err(internal(format!("unexpected outcome {other:?}"))),
         }
@@ -1798,177 +1795,6 @@ async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiE
     ))
 }
 
-/// Objects whose ownerReferences name `uid`, as (resource, object).
-async fn dependents(
-    api: &Api,
-    uid: &str,
-    ns: Option<&str>,
-) -> Result<Vec<(&'static Resource, Value)>, ApiError> {
-    let mut out = Vec::new();
-    for r in RESOURCES.iter().filter(|r| r.stored) {
-        if ns.is_some() && !r.namespaced && r.kind != "Namespace" {
-            // Namespaced owners cannot own cluster-scoped objects.
-            continue;
-        }
-        let prefix = r.prefix(ns);
-        for kv in api
-            .store
-            .range(&prefix, None, 0, Consistency::Serializable)
-            .await?
-            .kvs
-        {
-            if !kv.value.windows(uid.len()).any(|w| w == uid.as_bytes()) {
-                continue;
-            }
-            let v = from_kv(&kv)?;
-            let owned = v["metadata"]["ownerReferences"]
-                .as_array()
-                .is_some_and(|rs| rs.iter().any(|o| o["uid"] == uid));
-            if owned {
-                out.push((r, v));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>) -> Ctx<'a> {
-    Ctx {
-        api,
-        user: User {
-            name: "system:serviceaccount:kube-system:generic-garbage-collector".into(),
-            uid: String::new(),
-            groups: vec!["system:masters".into()],
-        },
-        res,
-        ns,
-        q: Query::default(),
-        manager: "outpost-gc".into(),
-        dry_run: false,
-    }
-}
-
-async fn orphan_dependents(api: &Arc<Api>, owner: &Value) -> Result<(), ApiError> {
-    let uid = owner["metadata"]["uid"].as_str().unwrap_or("").to_string();
-    let ns = owner["metadata"]["namespace"].as_str().map(String::from);
-    for (r, d) in dependents(api, &uid, ns.as_deref()).await? {
-        let ctx = system_ctx(
-            api,
-            r,
-            d["metadata"]["namespace"].as_str().map(String::from),
-        );
-        let res = update_with(&ctx, name_of(&d), None, false, |old| {
-            let mut new = old.clone();
-            if let Some(Value::Array(refs)) = new["metadata"].get_mut("ownerReferences") {
-                refs.retain(|o| o["uid"] != uid.as_str());
-            }
-            meta(&mut new).remove("resourceVersion");
-            Ok((new, true))
-        })
-        .await;
-        match res {
-            Ok(_) | Err(ApiError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Delete what `owner` owned (the garbage collector's job for background deletes).
-fn cascade(api: Arc<Api>, owner: Value, policy: &'static str) -> BoxFuture<'static, ()> {
-    Box::pin(async move {
-        let uid = owner["metadata"]["uid"].as_str().unwrap_or("").to_string();
-        let ns = owner["metadata"]["namespace"].as_str().map(String::from);
-        let Ok(deps) = dependents(&api, &uid, ns.as_deref()).await else {
-            return;
-        };
-        for (r, d) in deps {
-            let ctx = system_ctx(
-                &api,
-                r,
-                d["metadata"]["namespace"].as_str().map(String::from),
-            );
-            if let Err(e) = delete(&ctx, name_of(&d), &json!({"propagationPolicy": policy})).await {
-                if !matches!(e, ApiError::NotFound { .. }) {
-                    tracing::warn!(error = %e, name = name_of(&d), "cascading delete failed");
-                }
-            }
-        }
-    })
-}
-
-fn spawn_cascade(api: Arc<Api>, res: &'static Resource, owner: Value, policy: &'static str) {
-    if !res.stored {
-        return;
-    }
-    tokio::spawn(cascade(api, owner, policy));
-}
-
-fn spawn_foreground(api: Arc<Api>, res: &'static Resource, owner: Value) {
-    tokio::spawn(async move {
-        let uid = owner["metadata"]["uid"].as_str().unwrap_or("").to_string();
-        let ns = owner["metadata"]["namespace"].as_str().map(String::from);
-        for _ in 0..600 {
-            cascade(api.clone(), owner.clone(), "Foreground").await;
-            match dependents(&api, &uid, ns.as_deref()).await {
-                Ok(d) if d.is_empty() => break,
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        let ctx = system_ctx(&api, res, ns);
-        let r = update_with(&ctx, name_of(&owner), None, false, |old| {
-            let mut new = old.clone();
-            if let Some(Value::Array(f)) = new["metadata"].get_mut("finalizers") {
-                f.retain(|x| x != "foregroundDeletion");
-            }
-            meta(&mut new).remove("resourceVersion");
-            Ok((new, true))
-        })
-        .await;
-        if let Err(e) = r {
-            if !matches!(e, ApiError::NotFound { .. }) {
-                tracing::warn!(error = %e, "finishing a foreground delete failed");
-            }
-        }
-    });
-}
-
-fn spawn_namespace_cleanup(api: Arc<Api>, ns: String) {
-    tokio::spawn(async move {
-        for _ in 0..100 {
-            let mut left = 0;
-            for r in RESOURCES.iter().filter(|r| r.stored && r.namespaced) {
-                let Ok(page) = api
-                    .store
-                    .range(&r.prefix(Some(&ns)), None, 0, Consistency::Serializable)
-                    .await
-                else {
-                    left += 1;
-                    continue;
-                };
-                for kv in page.kvs {
-                    left += 1;
-                    let mut ops = vec![Op::Delete {
-                        key: kv.key.clone(),
-                        expect: Expect::ModRevision(kv.mod_revision),
-                    }];
-                    if let Ok(v) = from_kv(&kv) {
-                        ops.extend(release_ops(r, &v));
-                    }
-                    let _ = api.store.txn(ops).await;
-                }
-            }
-            if left == 0 {
-                break;
-            }
-        }
-        let Some(nsr) = resources::find("", "v1", "namespaces") else {
-            return;
-        };
-        let _ = api.store.delete(&nsr.key(None, &ns), Expect::Any).await;
-    });
-}
-
 async fn review(ctx: &Ctx<'_>, mut body: Value) -> Result<Response, ApiError> {
     check_kind(ctx, &mut body)?;
     let user = &ctx.user;
@@ -2035,6 +1861,22 @@ async fn review(ctx: &Ctx<'_>, mut body: Value) -> Result<Response, ApiError> {
     }
     meta(&mut body).insert("creationTimestamp".into(), Value::Null);
     Ok(respond(StatusCode::CREATED, &body))
+}
+
+fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>) -> Ctx<'a> {
+    Ctx {
+        api,
+        user: User {
+            name: "system:apiserver".into(),
+            uid: String::new(),
+            groups: vec!["system:masters".into()],
+        },
+        res,
+        ns,
+        q: Query::default(),
+        manager: "kube-apiserver".into(),
+        dry_run: false,
+    }
 }
 
 /// Create the objects every cluster starts with (idempotent; runs on every start).

@@ -116,6 +116,13 @@ fn columns(kind: &str) -> &'static [Col] {
         ],
         "ServiceAccount" => &[NAME, ("Secrets", "string", "", 0), AGE],
         "Endpoints" => &[NAME, ("Endpoints", "string", "", 0), AGE],
+        "EndpointSlice" => &[
+            NAME,
+            ("AddressType", "string", "", 0),
+            ("Ports", "string", "", 0),
+            ("Endpoints", "string", "", 0),
+            AGE,
+        ],
         "Lease" => &[NAME, ("Holder", "string", "", 0), AGE],
         "RuntimeClass" => &[NAME, ("Handler", "string", "", 0), AGE],
         "Event" => &[
@@ -523,6 +530,42 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 eps.join(",")
             };
             vec![name, json!(or_none(shown)), age]
+        }
+        "EndpointSlice" => {
+            let ports: Vec<String> = o["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    p["port"]
+                        .as_i64()
+                        .map_or("<unset>".into(), |n| n.to_string())
+                })
+                .collect();
+            let addrs: Vec<&str> = o["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e["addresses"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+                .collect();
+            let shown = if addrs.len() > 3 {
+                format!("{} + {} more...", addrs[..3].join(","), addrs.len() - 3)
+            } else {
+                addrs.join(",")
+            };
+            let ports = if ports.is_empty() {
+                "<unset>".to_string()
+            } else {
+                ports.join(",")
+            };
+            vec![
+                name,
+                json!(o["addressType"].as_str().unwrap_or("")),
+                json!(ports),
+                json!(or_none(shown)),
+                age,
+            ]
         }
         "Lease" => vec![
             name,

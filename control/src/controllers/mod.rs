@@ -1,5 +1,5 @@
 //! Controllers that keep the cluster at its desired state: ReplicaSets, Deployments,
-//! DaemonSets and Jobs, and the node lifecycle ([`nodes`]).
+//! DaemonSets, Jobs and StatefulSets, and the node lifecycle ([`nodes`]).
 //!
 //! ```text
 //! list ─▶ cache (objects by key, children by owner uid) ◀─ watch /registry/ (newest wins)
@@ -10,18 +10,22 @@
 //!          each dirty ReplicaSet  ─▶ replicaset::plan ─▶ pods created or deleted, status
 //!          each dirty DaemonSet   ─▶ daemonset::plan  ─▶ a pod per eligible node, status
 //!          each dirty Job         ─▶ job::plan        ─▶ pods, completion or failure, TTL
+//!          each dirty StatefulSet ─▶ statefulset::plan ─▶ pods by ordinal, rolling, status
 //!   then wait for the watch to show the round's own writes, so the next round sees them
 //! ```
 //!
 //! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
-//! client. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`]
-//! and [`job`].
+//! client. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`],
+//! [`job`] and [`statefulset`].
 
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
+pub mod gc;
 pub mod job;
 pub mod nodes;
 pub mod replicaset;
+pub mod statefulset;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -38,10 +42,16 @@ const PODS: &str = "/registry/core/pods/";
 const RSS: &str = "/registry/apps/replicasets/";
 const DEPLOYS: &str = "/registry/apps/deployments/";
 const DSS: &str = "/registry/apps/daemonsets/";
+const STSS: &str = "/registry/apps/statefulsets/";
 const JOBS: &str = "/registry/batch/jobs/";
 const NODES: &str = "/registry/core/nodes/";
-/// What the controllers follow.
-const FOLLOWED: [&str; 6] = [DEPLOYS, DSS, JOBS, RSS, NODES, PODS];
+const SVCS: &str = "/registry/core/services/";
+const EPS: &str = "/registry/core/endpoints/";
+const SLICES: &str = "/registry/discovery.k8s.io/endpointslices/";
+/// What the controllers follow, owners before what they own.
+const FOLLOWED: [&str; 10] = [
+    DEPLOYS, DSS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PODS,
+];
 const RESYNC: Duration = Duration::from_secs(30);
 
 fn manager() -> User {
@@ -90,7 +100,14 @@ struct Cache {
     children: HashMap<String, BTreeSet<String>>,
     /// key → its controller's uid.
     owner_of: HashMap<String, String>,
+    /// Keys of pods and Services, to find them by namespace.
+    index: BTreeSet<String>,
     dirty: BTreeSet<String>,
+}
+
+/// `key`'s namespace and name, for a namespaced key under `prefix`.
+fn split<'a>(key: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    key.strip_prefix(prefix)?.split_once('/')
 }
 
 fn controller_uid(o: &Value) -> Option<String> {
@@ -139,6 +156,26 @@ impl Cache {
             };
             return;
         }
+        if key.starts_with(PODS) {
+            // Services whose selector took the pod in or out.
+            let old = self.objs.get(key);
+            let svcs = self.services_selecting(key, [old, obj.as_ref()]);
+            self.dirty.extend(svcs);
+        }
+        if key.starts_with(PODS) || key.starts_with(SVCS) {
+            match obj {
+                Some(_) => self.index.insert(key.to_string()),
+                None => self.index.remove(key),
+            };
+        }
+        if obj.is_none() {
+            // A Service gone takes its Endpoints; Endpoints gone come back.
+            if let Some(rest) = key.strip_prefix(SVCS) {
+                self.dirty.insert(format!("{EPS}{rest}"));
+            } else if let Some(rest) = key.strip_prefix(EPS) {
+                self.dirty.insert(format!("{SVCS}{rest}"));
+            }
+        }
         if let Some(uid) = self.owner_of.remove(key) {
             if let Some(c) = self.children.get_mut(&uid) {
                 c.remove(key);
@@ -169,6 +206,29 @@ impl Cache {
             self.owner_of.insert(key.to_string(), uid);
         }
         self.objs.insert(key.to_string(), o);
+    }
+
+    /// Keys under `prefix` in namespace `ns` (pods and Services only).
+    fn in_namespace<'a>(&'a self, prefix: &str, ns: &str) -> impl Iterator<Item = &'a String> {
+        let start = format!("{prefix}{ns}/");
+        self.index
+            .range(start.clone()..)
+            .take_while(move |k| k.starts_with(&start))
+    }
+
+    /// Services in `pod_key`'s namespace that select any of `pods`.
+    fn services_selecting(&self, pod_key: &str, pods: [Option<&Value>; 2]) -> Vec<String> {
+        let Some((ns, _)) = split(pod_key, PODS) else {
+            return vec![];
+        };
+        self.in_namespace(SVCS, ns)
+            .filter(|k| {
+                self.objs
+                    .get(*k)
+                    .is_some_and(|s| pods.iter().flatten().any(|p| endpoints::selects(s, p)))
+            })
+            .cloned()
+            .collect()
     }
 
     fn children_of(&self, o: &Value) -> Vec<&Value> {
@@ -208,9 +268,19 @@ pub(crate) async fn list_and_watch(
 
 /// Lead until leadership is lost or the watch breaks.
 async fn lead(api: &Arc<Api>) -> Result<(), String> {
-    let mut cache = Cache::default();
     // Owners first, so their children find them.
-    let mut w = list_and_watch(api, &FOLLOWED, |kv| cache.apply(&EventKind::Put, kv)).await?;
+    drive(api, &FOLLOWED, &mut Cache::default()).await
+}
+
+/// List `prefixes` into `f`, then, while this member leads: a `round` (the highest revision
+/// it wrote), then follow the watch until there is more to do; everything is looked at again
+/// every 30 s.
+pub(crate) async fn drive<F: Follower>(
+    api: &Arc<Api>,
+    prefixes: &[&str],
+    f: &mut F,
+) -> Result<(), String> {
+    let mut w = list_and_watch(api, prefixes, |kv| f.apply(&EventKind::Put, kv)).await?;
     let mut synced = Instant::now();
     loop {
         let st = api.store.status();
@@ -219,16 +289,42 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
         }
         if synced.elapsed() > RESYNC {
             synced = Instant::now();
-            let all: Vec<String> = cache
-                .objs
-                .keys()
-                .filter(|k| !k.starts_with(PODS) && !k.starts_with(NODES))
-                .cloned()
-                .collect();
-            cache.dirty.extend(all);
+            f.resync();
         }
+        let wrote = f.round(api).await;
+        follow(&mut w, f, wrote).await?;
+    }
+}
+
+/// What a watch feeds: a cache that knows when it has work.
+pub(crate) trait Follower {
+    fn apply(&mut self, kind: &EventKind, kv: &KeyValue);
+    fn busy(&self) -> bool;
+    /// Mark everything worth another look.
+    fn resync(&mut self);
+    /// Act on what is marked; the highest revision written.
+    fn round(&mut self, api: &Arc<Api>) -> impl std::future::Future<Output = u64> + Send;
+}
+
+impl Follower for Cache {
+    fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
+        Cache::apply(self, kind, kv)
+    }
+    fn busy(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+    fn resync(&mut self) {
+        let all: Vec<String> = self
+            .objs
+            .keys()
+            .filter(|k| [PODS, NODES, EPS, SLICES].iter().all(|p| !k.starts_with(p)))
+            .cloned()
+            .collect();
+        self.dirty.extend(all);
+    }
+    async fn round(&mut self, api: &Arc<Api>) -> u64 {
         // Jobs wait on the clock (deadlines, time to live) as well as on changes.
-        let timed: Vec<String> = cache
+        let timed: Vec<String> = self
             .objs
             .iter()
             .filter(|(k, j)| {
@@ -238,36 +334,44 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        cache.dirty.extend(timed);
-        let wrote = round(api, &mut cache).await;
-        // Wait for something to change, or for the watch to show what this round wrote.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut shown = 0;
-        loop {
-            let item = match w.next().now_or_never() {
-                Some(i) => i,
-                None if cache.dirty.is_empty() || shown < wrote => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, w.next()).await {
-                        Ok(i) => i,
-                        Err(_) => break,
-                    }
+        self.dirty.extend(timed);
+        round(api, self).await
+    }
+}
+
+/// Feed the watch to `f` until it has work and the watch has shown revision `wrote` (the
+/// round's own writes, so the next round sees them), or for at most 2 s.
+pub(crate) async fn follow(
+    w: &mut crate::store::Watch,
+    f: &mut impl Follower,
+    wrote: u64,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut shown = 0;
+    loop {
+        let item = match w.next().now_or_never() {
+            Some(i) => i,
+            None if !f.busy() || shown < wrote => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, w.next()).await {
+                    Ok(i) => i,
+                    Err(_) => return Ok(()),
                 }
-                None => break,
-            };
-            match item {
-                Some(WatchItem::Revision(r)) => {
-                    shown = shown.max(r.revision);
-                    for e in &r.events {
-                        cache.apply(&e.kind, &e.kv);
-                    }
+            }
+            None => return Ok(()),
+        };
+        match item {
+            Some(WatchItem::Revision(r)) => {
+                shown = shown.max(r.revision);
+                for e in &r.events {
+                    f.apply(&e.kind, &e.kv);
                 }
-                Some(WatchItem::Progress(p)) => shown = shown.max(p),
-                None => return Err("the watch fell behind".into()),
             }
-            if shown >= wrote && !cache.dirty.is_empty() {
-                break;
-            }
+            Some(WatchItem::Progress(p)) => shown = shown.max(p),
+            None => return Err("the watch fell behind".into()),
+        }
+        if shown >= wrote && f.busy() {
+            return Ok(());
         }
     }
 }
@@ -298,6 +402,22 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
             sync_daemonset(api, o, &nodes, &children).await
         } else if key.starts_with(JOBS) {
             sync_job(api, o, &children).await
+        } else if key.starts_with(STSS) {
+            sync_statefulset(api, o, &children).await
+        } else if key.starts_with(SVCS) {
+            sync_endpoints(api, cache, &key, o).await
+        } else if let Some(rest) = key.strip_prefix(EPS) {
+            match cache.objs.get(&format!("{SVCS}{rest}")) {
+                Some(svc) => sync_endpoints(api, cache, &format!("{SVCS}{rest}"), svc).await,
+                None if !o["metadata"]["annotations"][endpoints::TRIGGER].is_null() => {
+                    let (ns, name) = ns_name(o);
+                    let path = format!("/api/v1/namespaces/{ns}/endpoints/{name}");
+                    write(api, "DELETE", &path, "application/json", &json!({}))
+                        .await
+                        .0
+                }
+                None => 0,
+            }
         } else {
             0
         };
@@ -539,6 +659,141 @@ async fn sync_daemonset(api: &Arc<Api>, ds: &Value, nodes: &[&Value], pods: &[&V
     wrote = wrote.max(delete_pods(api, ME, ds, &plan.delete).await);
     if differs(&ds["status"], &plan.status) {
         let path = format!("/apis/apps/v1/namespaces/{ns}/daemonsets/{name}/status");
+        let body = json!({"status": plan.status});
+        wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    wrote
+}
+
+/// Bring the Endpoints and EndpointSlices of the Service at `key` up to date.
+async fn sync_endpoints(api: &Arc<Api>, cache: &Cache, key: &str, svc: &Value) -> u64 {
+    let (ns, name) = ns_name(svc);
+    let slices: Vec<&Value> = cache
+        .children_of(svc)
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"][endpoints::MANAGED_BY] == endpoints::MANAGER)
+        .collect();
+    let slice_base = format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices");
+    let mut wrote = 0;
+    if !endpoints::managed(svc) {
+        for s in slices {
+            let path = format!(
+                "{slice_base}/{}",
+                s["metadata"]["name"].as_str().unwrap_or("")
+            );
+            wrote = wrote.max(
+                write(api, "DELETE", &path, "application/json", &json!({}))
+                    .await
+                    .0,
+            );
+        }
+        return wrote;
+    }
+    let pods: Vec<&Value> = cache
+        .in_namespace(PODS, &ns)
+        .filter_map(|k| cache.objs.get(k))
+        .collect();
+    let want = endpoints::plan(svc, &pods);
+    let stamp = crate::api::now();
+    let eps_path = format!("/api/v1/namespaces/{ns}/endpoints");
+    match cache
+        .objs
+        .get(&format!("{EPS}{}", key.strip_prefix(SVCS).unwrap_or("")))
+    {
+        None => {
+            let body = json!({"apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": name, "namespace": ns, "labels": svc["metadata"]["labels"],
+                    "annotations": {endpoints::TRIGGER: stamp}},
+                "subsets": want.subsets});
+            wrote = wrote.max(
+                write(api, "POST", &eps_path, "application/json", &body)
+                    .await
+                    .0,
+            );
+        }
+        Some(eps) => {
+            let have = eps["subsets"].as_array().cloned().unwrap_or_default();
+            if have != want.subsets {
+                let body = json!({"metadata": {"annotations": {endpoints::TRIGGER: stamp}},
+                    "subsets": want.subsets});
+                let path = format!("{eps_path}/{name}");
+                wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+            }
+        }
+    }
+    let mut slices = slices;
+    slices.sort_by_key(|s| s["metadata"]["name"].as_str().unwrap_or("").to_string());
+    for i in 0..want.slices.len().max(slices.len()) {
+        let rev = match (want.slices.get(i), slices.get(i)) {
+            (Some((eps, ports)), None) => {
+                let body = endpoints::slice_for(svc, eps, ports);
+                write(api, "POST", &slice_base, "application/json", &body)
+                    .await
+                    .0
+            }
+            (Some((eps, ports)), Some(s)) => {
+                let have_eps = s["endpoints"].as_array().map_or(&[][..], Vec::as_slice);
+                let have_ports = s["ports"].as_array().map_or(&[][..], Vec::as_slice);
+                if have_eps == eps.as_slice() && have_ports == ports.as_slice() {
+                    0
+                } else {
+                    let path = format!(
+                        "{slice_base}/{}",
+                        s["metadata"]["name"].as_str().unwrap_or("")
+                    );
+                    let body = json!({"endpoints": eps, "ports": ports});
+                    write(api, "PATCH", &path, MERGE, &body).await.0
+                }
+            }
+            (None, Some(s)) => {
+                let path = format!(
+                    "{slice_base}/{}",
+                    s["metadata"]["name"].as_str().unwrap_or("")
+                );
+                write(api, "DELETE", &path, "application/json", &json!({}))
+                    .await
+                    .0
+            }
+            (None, None) => 0,
+        };
+        wrote = wrote.max(rev);
+    }
+    wrote
+}
+
+async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
+    const ME: &str = "statefulset-controller";
+    let plan = statefulset::plan(sts, pods);
+    let (ns, name) = ns_name(sts);
+    let base = format!("/api/v1/namespaces/{ns}/pods");
+    let mut wrote = 0;
+    // Deletes first: a finished pod must be gone before its name is used again.
+    for p in &plan.delete {
+        let (rev, _) = write(
+            api,
+            "DELETE",
+            &format!("{base}/{p}"),
+            "application/json",
+            &json!({}),
+        )
+        .await;
+        if rev > 0 {
+            wrote = wrote.max(rev);
+            let msg = format!("delete Pod {p} in StatefulSet {name} successful");
+            event(api, ME, sts, "Normal", "SuccessfulDelete", &msg).await;
+        }
+    }
+    for i in &plan.create {
+        let pod = statefulset::pod_for(sts, *i);
+        let (rev, _) = write(api, "POST", &base, "application/json", &pod).await;
+        if rev > 0 {
+            wrote = wrote.max(rev);
+            let msg = format!("create Pod {name}-{i} in StatefulSet {name} successful");
+            event(api, ME, sts, "Normal", "SuccessfulCreate", &msg).await;
+        }
+    }
+    if differs(&sts["status"], &plan.status) {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/statefulsets/{name}/status");
         let body = json!({"status": plan.status});
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
     }

@@ -1,0 +1,478 @@
+//! The garbage collector and the namespace controller: what happens after a delete.
+//!
+//! ```text
+//! list every stored resource ─▶ graph (uid → key, owner uid → dependents, namespace → keys)
+//!                                   ◀─ watch /registry/
+//!   an object whose owners are all gone (checked again with a linearizable read) ─▶ deleted
+//!   an owner deleting with the `foregroundDeletion` finalizer ─▶ its dependents deleted in
+//!       the foreground, then the finalizer removed (and the owner with it)
+//!   an owner deleting with the `orphan` finalizer ─▶ its reference removed from each
+//!       dependent, then the finalizer removed
+//!   a namespace deleting ─▶ everything in it deleted through the API (pods stop on their
+//!       nodes first), then the namespace itself once it is empty
+//! ```
+//!
+//! Everything it needs is in the store, so a delete interrupted by a restart or a change of
+//! leader goes on where it stopped. It runs on the leader as the garbage collector's service
+//! account, through the API like any client.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use outpost_api::store::{EventKind, KeyValue};
+use serde_json::{json, Value};
+
+use super::{drive, newer, system_user, while_leader, Follower};
+use crate::api::resources::{by_kind, Resource, RESOURCES};
+use crate::api::{Api, User};
+use outpost_api::store::{Expect, Outcome};
+
+use crate::store::Consistency;
+
+const FOREGROUND: &str = "foregroundDeletion";
+const ORPHAN: &str = "orphan";
+
+fn me() -> User {
+    system_user("system:serviceaccount:kube-system:generic-garbage-collector")
+}
+
+/// Run until the task is aborted. Only the leader acts.
+pub async fn run(api: Arc<Api>) {
+    while_leader(&api, "garbage collector", |a| async move { lead(&a).await }).await
+}
+
+/// An owner reference: uid, apiVersion, kind, name.
+#[derive(Clone, Debug, PartialEq)]
+struct Ref {
+    uid: String,
+    api_version: String,
+    kind: String,
+    name: String,
+}
+
+/// What the collector keeps of one object.
+#[derive(Debug)]
+struct Node {
+    res: &'static Resource,
+    ns: Option<String>,
+    name: String,
+    uid: String,
+    rev: u64,
+    owners: Vec<Ref>,
+    deleting: bool,
+    finalizers: Vec<String>,
+}
+
+impl Node {
+    fn of(res: &'static Resource, rev: u64, o: &Value) -> Node {
+        let m = &o["metadata"];
+        let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+        Node {
+            res,
+            ns: m["namespace"].as_str().map(String::from),
+            name: s(&m["name"]),
+            uid: s(&m["uid"]),
+            rev,
+            owners: m["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| Ref {
+                    uid: s(&r["uid"]),
+                    api_version: s(&r["apiVersion"]),
+                    kind: s(&r["kind"]),
+                    name: s(&r["name"]),
+                })
+                .collect(),
+            deleting: !m["deletionTimestamp"].is_null(),
+            finalizers: m["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect(),
+        }
+    }
+
+    fn path(&self) -> String {
+        self.res.path(self.ns.as_deref(), &self.name)
+    }
+
+    fn is_namespace(&self) -> bool {
+        self.res.group.is_empty() && self.res.kind == "Namespace"
+    }
+}
+
+/// The stored resources and their key prefixes (resources sharing a prefix once).
+fn stored() -> Vec<(String, &'static Resource)> {
+    let mut out: Vec<(String, &'static Resource)> = vec![];
+    for r in RESOURCES.iter().filter(|r| r.stored) {
+        let p = r.prefix(None);
+        if !out.iter().any(|(q, _)| *q == p) {
+            out.push((p, r));
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct Graph {
+    prefixes: Vec<(String, &'static Resource)>,
+    seen: HashMap<String, u64>,
+    objs: HashMap<String, Node>,
+    /// uid → key.
+    by_uid: HashMap<String, String>,
+    /// owner uid → keys of its dependents.
+    deps: HashMap<String, BTreeSet<String>>,
+    /// namespace → keys of what it holds.
+    by_ns: HashMap<String, BTreeSet<String>>,
+    dirty: BTreeSet<String>,
+}
+
+impl Graph {
+    fn namespace_key(&self, ns: &str) -> String {
+        format!("/registry/core/namespaces/{ns}")
+    }
+
+    /// Mark `n`'s owners that wait on their dependents.
+    fn touch_owners(&mut self, n: &Node) {
+        for r in &n.owners {
+            if let Some(k) = self.by_uid.get(&r.uid) {
+                if self.objs.get(k).is_some_and(|o| o.deleting) {
+                    self.dirty.insert(k.clone());
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Node> {
+        let n = self.objs.remove(key)?;
+        self.by_uid.remove(&n.uid);
+        for r in &n.owners {
+            if let Some(d) = self.deps.get_mut(&r.uid) {
+                d.remove(key);
+                if d.is_empty() {
+                    self.deps.remove(&r.uid);
+                }
+            }
+        }
+        if let Some(ns) = &n.ns {
+            if let Some(keys) = self.by_ns.get_mut(ns) {
+                keys.remove(key);
+            }
+        }
+        Some(n)
+    }
+}
+
+impl Follower for Graph {
+    fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
+        let prefixes: Vec<&str> = self.prefixes.iter().map(|(p, _)| p.as_str()).collect();
+        let Some(obj) = newer(&mut self.seen, &prefixes, kind, kv) else {
+            return;
+        };
+        let key = kv.key.as_str();
+        let old = self.remove(key);
+        if let Some(old) = &old {
+            self.touch_owners(old);
+        }
+        let Some(o) = obj else {
+            // Gone: its dependents may be orphans now, and its namespace may be empty.
+            if let Some(old) = old {
+                if let Some(d) = self.deps.get(&old.uid) {
+                    self.dirty.extend(d.iter().cloned());
+                }
+                if let Some(ns) = &old.ns {
+                    let nk = self.namespace_key(ns);
+                    if self.objs.get(&nk).is_some_and(|n| n.deleting) {
+                        self.dirty.insert(nk);
+                    }
+                }
+            }
+            return;
+        };
+        let Some(res) = self
+            .prefixes
+            .iter()
+            .find(|(p, _)| key.starts_with(p.as_str()))
+            .map(|(_, r)| *r)
+        else {
+            return;
+        };
+        let n = Node::of(res, kv.mod_revision, &o);
+        self.touch_owners(&n);
+        if n.deleting || !n.owners.is_empty() {
+            self.dirty.insert(key.to_string());
+        }
+        self.by_uid.insert(n.uid.clone(), key.to_string());
+        for r in &n.owners {
+            self.deps
+                .entry(r.uid.clone())
+                .or_default()
+                .insert(key.to_string());
+        }
+        if let Some(ns) = &n.ns {
+            self.by_ns
+                .entry(ns.clone())
+                .or_default()
+                .insert(key.to_string());
+        }
+        self.objs.insert(key.to_string(), n);
+    }
+
+    fn busy(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    fn resync(&mut self) {
+        let all: Vec<String> = self
+            .objs
+            .iter()
+            .filter(|(_, n)| n.deleting || !n.owners.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.dirty.extend(all);
+    }
+
+    async fn round(&mut self, api: &Arc<Api>) -> u64 {
+        let mut wrote = 0;
+        for key in std::mem::take(&mut self.dirty) {
+            wrote = wrote.max(settle(api, self, &key).await);
+        }
+        wrote
+    }
+}
+
+async fn lead(api: &Arc<Api>) -> Result<(), String> {
+    let mut g = Graph {
+        prefixes: stored(),
+        ..Graph::default()
+    };
+    let prefixes: Vec<String> = g.prefixes.iter().map(|(p, _)| p.clone()).collect();
+    let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    drive(api, &refs, &mut g).await
+}
+
+/// One call as the collector: the revision it wrote (0 if none).
+async fn call(api: &Arc<Api>, method: &str, path: &str, body: &Value) -> u64 {
+    let ct = if method == "PATCH" {
+        "application/merge-patch+json"
+    } else {
+        "application/json"
+    };
+    let (status, v) = crate::api::call_as(api, &me(), method, path, ct, body).await;
+    if !(200..300).contains(&status) {
+        if status != 404 && status != 409 {
+            tracing::debug!(%method, %path, %status, message = %v["message"], "collector call failed");
+        }
+        return 0;
+    }
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Do what the object at `key` needs; the highest revision written.
+async fn settle(api: &Arc<Api>, g: &Graph, key: &str) -> u64 {
+    let Some(n) = g.objs.get(key) else {
+        return 0;
+    };
+    if n.deleting && n.is_namespace() {
+        return empty_namespace(api, g, key, n).await;
+    }
+    let deps: Vec<&Node> = g
+        .deps
+        .get(&n.uid)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| g.objs.get(k))
+        .collect();
+    if n.deleting && n.finalizers.iter().any(|f| f == ORPHAN) {
+        let mut wrote = 0;
+        for d in &deps {
+            let kept: Vec<Value> = d
+                .owners
+                .iter()
+                .filter(|r| r.uid != n.uid)
+                .map(|r| {
+                    json!({"apiVersion": r.api_version, "kind": r.kind, "name": r.name, "uid": r.uid})
+                })
+                .collect();
+            let refs = if kept.is_empty() {
+                Value::Null
+            } else {
+                json!(kept)
+            };
+            let body = json!({"metadata": {"ownerReferences": refs,
+                "resourceVersion": d.rev.to_string()}});
+            wrote = wrote.max(call(api, "PATCH", &d.path(), &body).await);
+        }
+        if deps.is_empty() {
+            wrote = drop_finalizer(api, n, ORPHAN).await;
+        }
+        return wrote;
+    }
+    if n.deleting && n.finalizers.iter().any(|f| f == FOREGROUND) {
+        let mut wrote = 0;
+        for d in deps.iter().filter(|d| !d.deleting) {
+            let body = json!({"propagationPolicy": "Foreground"});
+            wrote = wrote.max(call(api, "DELETE", &d.path(), &body).await);
+        }
+        if deps.is_empty() {
+            wrote = drop_finalizer(api, n, FOREGROUND).await;
+        }
+        return wrote;
+    }
+    if n.deleting || n.owners.is_empty() || n.owners.iter().any(|r| g.by_uid.contains_key(&r.uid)) {
+        return 0;
+    }
+    // Every owner looks gone; make sure before deleting.
+    for r in &n.owners {
+        if owner_exists(api, r, n.ns.as_deref()).await {
+            return 0;
+        }
+    }
+    let body = json!({"propagationPolicy": "Background",
+        "preconditions": {"uid": n.uid}});
+    call(api, "DELETE", &n.path(), &body).await
+}
+
+/// Whether the object `r` names still exists (an unknown kind counts as existing, so its
+/// dependents are left alone).
+async fn owner_exists(api: &Arc<Api>, r: &Ref, ns: Option<&str>) -> bool {
+    let group = r.api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    let Some(res) = by_kind(group, &r.kind) else {
+        return true;
+    };
+    let key = res.key(ns, &r.name);
+    match api.store.get(&key, Consistency::Linearizable).await {
+        Ok(Some(kv)) => serde_json::from_slice::<Value>(&kv.value)
+            .map(|o| o["metadata"]["uid"] == r.uid.as_str())
+            .unwrap_or(true),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+async fn drop_finalizer(api: &Arc<Api>, n: &Node, f: &str) -> u64 {
+    let rest: Vec<&String> = n.finalizers.iter().filter(|x| *x != f).collect();
+    let list = if rest.is_empty() {
+        Value::Null
+    } else {
+        json!(rest)
+    };
+    let body = json!({"metadata": {"finalizers": list, "resourceVersion": n.rev.to_string()}});
+    call(api, "PATCH", &n.path(), &body).await
+}
+
+/// Delete what namespace `n` holds; once nothing is left (and no finalizer holds it), the
+/// namespace itself.
+async fn empty_namespace(api: &Arc<Api>, g: &Graph, key: &str, n: &Node) -> u64 {
+    let held: Vec<&Node> = g
+        .by_ns
+        .get(&n.name)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| g.objs.get(k))
+        .collect();
+    if held.is_empty() {
+        if !n.finalizers.is_empty() {
+            return 0;
+        }
+        return match api.store.delete(key, Expect::ModRevision(n.rev)).await {
+            Ok(Outcome::Committed { revision, .. }) => revision,
+            _ => 0,
+        };
+    }
+    let mut wrote = 0;
+    for h in held.iter().filter(|h| !h.deleting) {
+        let body = json!({"propagationPolicy": "Background"});
+        wrote = wrote.max(call(api, "DELETE", &h.path(), &body).await);
+    }
+    wrote
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, rev: u64, o: Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: serde_json::to_vec(&o).unwrap_or_default(),
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+        }
+    }
+
+    fn graph() -> Graph {
+        Graph {
+            prefixes: stored(),
+            ..Graph::default()
+        }
+    }
+
+    const RS: &str = "/registry/apps/replicasets/default/web";
+    const POD: &str = "/registry/core/pods/default/web-1";
+    const NS: &str = "/registry/core/namespaces/default";
+
+    fn rs() -> Value {
+        json!({"metadata": {"name": "web", "namespace": "default", "uid": "rs1"}})
+    }
+
+    fn pod() -> Value {
+        json!({"metadata": {"name": "web-1", "namespace": "default", "uid": "p1",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web",
+                "uid": "rs1", "controller": true}]}})
+    }
+
+    #[test]
+    fn a_deleted_owner_marks_its_dependents() {
+        let mut g = graph();
+        g.apply(&EventKind::Put, &kv(RS, 1, rs()));
+        g.apply(&EventKind::Put, &kv(POD, 2, pod()));
+        assert_eq!(g.deps["rs1"].iter().collect::<Vec<_>>(), [POD]);
+        assert_eq!(g.objs[POD].res.kind, "Pod");
+        g.dirty.clear();
+        g.apply(&EventKind::Delete, &kv(RS, 3, Value::Null));
+        assert!(g.dirty.contains(POD), "the pod may be an orphan now");
+        assert!(!g.by_uid.contains_key("rs1"));
+        // An old event for a key already seen newer is ignored.
+        g.apply(&EventKind::Put, &kv(RS, 1, rs()));
+        assert!(!g.objs.contains_key(RS));
+    }
+
+    #[test]
+    fn a_waiting_owner_hears_of_each_dependent_that_goes() {
+        let mut g = graph();
+        let mut owner = rs();
+        owner["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        owner["metadata"]["finalizers"] = json!([FOREGROUND]);
+        g.apply(&EventKind::Put, &kv(RS, 1, owner));
+        assert!(g.dirty.contains(RS));
+        assert_eq!(g.objs[RS].finalizers, [FOREGROUND]);
+        g.apply(&EventKind::Put, &kv(POD, 2, pod()));
+        g.dirty.clear();
+        g.apply(&EventKind::Delete, &kv(POD, 3, Value::Null));
+        assert!(g.dirty.contains(RS));
+        assert!(!g.deps.contains_key("rs1"));
+    }
+
+    #[test]
+    fn a_terminating_namespace_hears_when_it_empties() {
+        let mut g = graph();
+        let ns = json!({"metadata": {"name": "default", "uid": "n1",
+            "deletionTimestamp": "2026-01-01T00:00:00Z"}});
+        g.apply(&EventKind::Put, &kv(NS, 1, ns));
+        assert!(g.objs[NS].is_namespace());
+        g.apply(&EventKind::Put, &kv(POD, 2, pod()));
+        assert_eq!(g.by_ns["default"].len(), 1);
+        assert_eq!(g.objs[POD].path(), "/api/v1/namespaces/default/pods/web-1");
+        g.dirty.clear();
+        g.apply(&EventKind::Delete, &kv(POD, 3, Value::Null));
+        assert!(g.dirty.contains(NS));
+        assert!(g.by_ns["default"].is_empty());
+    }
+}

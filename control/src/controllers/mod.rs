@@ -249,7 +249,7 @@ pub(crate) async fn list_and_watch(
     api: &Arc<Api>,
     prefixes: &[&str],
     mut apply: impl FnMut(&KeyValue),
-) -> Result<crate::store::Watch, String> {
+) -> Result<Feed, String> {
     let mut from = u64::MAX;
     for prefix in prefixes {
         let page = api
@@ -260,10 +260,72 @@ pub(crate) async fn list_and_watch(
         from = from.min(page.revision);
         page.kvs.iter().for_each(&mut apply);
     }
-    api.store
+    let w = api
+        .store
         .watch("/registry/", from)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(Feed {
+        api: api.clone(),
+        w,
+        last: from,
+    })
+}
+
+/// The watch of `/registry/` a control loop follows. One that falls behind (its reader was
+/// busy writing) picks up again from the last revision it delivered, out of the store's
+/// history; only a compacted history ends it, and the loop starts again from a list.
+pub(crate) struct Feed {
+    api: Arc<Api>,
+    w: crate::store::Watch,
+    last: u64,
+}
+
+impl Feed {
+    fn note(&mut self, i: &WatchItem) {
+        self.last = self.last.max(match i {
+            WatchItem::Revision(r) => r.revision,
+            WatchItem::Progress(p) => *p,
+        });
+    }
+
+    async fn resume(&mut self) -> Result<(), String> {
+        tracing::debug!(after = self.last, "watch fell behind; resuming");
+        self.w = self
+            .api
+            .store
+            .watch("/registry/", self.last)
+            .await
+            .map_err(|e| format!("the watch fell behind and cannot resume: {e}"))?;
+        Ok(())
+    }
+
+    /// The next item, waiting for it.
+    pub(crate) async fn next(&mut self) -> Result<WatchItem, String> {
+        loop {
+            match self.w.next().await {
+                Some(i) => {
+                    self.note(&i);
+                    return Ok(i);
+                }
+                None => self.resume().await?,
+            }
+        }
+    }
+
+    /// The next item if one is already here.
+    pub(crate) async fn ready(&mut self) -> Result<Option<WatchItem>, String> {
+        loop {
+            match self.w.next().now_or_never() {
+                Some(Some(i)) => {
+                    self.note(&i);
+                    return Ok(Some(i));
+                }
+                Some(None) => self.resume().await?,
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 /// Lead until leadership is lost or the watch breaks.
@@ -341,34 +403,29 @@ impl Follower for Cache {
 
 /// Feed the watch to `f` until it has work and the watch has shown revision `wrote` (the
 /// round's own writes, so the next round sees them), or for at most 2 s.
-pub(crate) async fn follow(
-    w: &mut crate::store::Watch,
-    f: &mut impl Follower,
-    wrote: u64,
-) -> Result<(), String> {
+pub(crate) async fn follow(w: &mut Feed, f: &mut impl Follower, wrote: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut shown = 0;
     loop {
-        let item = match w.next().now_or_never() {
+        let item = match w.ready().await? {
             Some(i) => i,
             None if !f.busy() || shown < wrote => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(left, w.next()).await {
-                    Ok(i) => i,
+                    Ok(i) => i?,
                     Err(_) => return Ok(()),
                 }
             }
             None => return Ok(()),
         };
         match item {
-            Some(WatchItem::Revision(r)) => {
+            WatchItem::Revision(r) => {
                 shown = shown.max(r.revision);
                 for e in &r.events {
                     f.apply(&e.kind, &e.kv);
                 }
             }
-            Some(WatchItem::Progress(p)) => shown = shown.max(p),
-            None => return Err("the watch fell behind".into()),
+            WatchItem::Progress(p) => shown = shown.max(p),
         }
         if shown >= wrote && f.busy() {
             return Ok(());

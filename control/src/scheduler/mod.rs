@@ -3,8 +3,8 @@
 //! ```text
 //! list pods, nodes, RuntimeClasses ─▶ snapshot ◀─ watch /registry/ (each key's newest revision
 //!                                        │         wins, so replays from the list are harmless)
-//!   each round: every pending pod ─▶ fit::pick ─▶ assumed on its node ─▶ bindings, many in
-//!               flight (one group commit) ─▶ a failed one is taken back and retried
+//!   each pending pod, oldest first ─▶ fit::pick ─▶ assumed on its node ─▶ its binding,
+//!               up to 64 in flight while the watch is read ─▶ a failed one is taken back
 //!   fits nowhere ─▶ PodScheduled=False + FailedScheduling event with the reasons; parked
 //!               until a node changes or a pod leaves one
 //! ```
@@ -14,10 +14,12 @@
 
 pub mod fit;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use outpost_api::store::{EventKind, KeyValue};
 use serde_json::{json, Value};
@@ -68,6 +70,8 @@ struct Snapshot {
     pending_at: HashMap<String, u64>,
     /// Pending pods that fit nowhere, left alone until the cluster changes.
     parked: HashSet<String>,
+    /// Pending pods not parked: the next to place, oldest first.
+    ready: BTreeSet<(u64, String)>,
     /// Each key's newest revision applied.
     seen: HashMap<String, u64>,
     /// RuntimeClass name → its scheduling.nodeSelector.
@@ -102,7 +106,7 @@ impl Snapshot {
                     self.nodes.remove(name);
                 }
             }
-            self.parked.clear();
+            self.unpark_all();
         } else if let Some(name) = key.strip_prefix(CLASSES) {
             match obj {
                 Some(o) => self
@@ -110,7 +114,7 @@ impl Snapshot {
                     .insert(name.to_string(), o["scheduling"]["nodeSelector"].clone()),
                 None => self.classes.remove(name),
             };
-            self.parked.clear();
+            self.unpark_all();
         } else {
             self.pod(pod_key(key), kv.create_revision, obj);
         }
@@ -119,6 +123,7 @@ impl Snapshot {
     fn pod(&mut self, key: &str, created: u64, obj: Option<Value>) {
         if let Some(at) = self.pending_at.remove(key) {
             self.pending.remove(&(at, key.to_string()));
+            self.ready.remove(&(at, key.to_string()));
         }
         let node = obj
             .as_ref()
@@ -135,7 +140,7 @@ impl Snapshot {
             }
             // A pod leaving a node may make room for a parked one.
             if obj.is_none() || finished {
-                self.parked.clear();
+                self.unpark_all();
             }
         }
         let Some(o) = obj else {
@@ -162,6 +167,9 @@ impl Snapshot {
                 }
                 self.pending_at.insert(key.to_string(), created);
                 self.pending.insert((created, key.to_string()), o);
+                if !self.parked.contains(key) {
+                    self.ready.insert((created, key.to_string()));
+                }
             }
             return;
         }
@@ -174,6 +182,15 @@ impl Snapshot {
         self.placed.insert(key.to_string(), Placed { node, needs });
     }
 
+    /// The cluster changed: every parked pod gets another try.
+    fn unpark_all(&mut self) {
+        for key in std::mem::take(&mut self.parked) {
+            if let Some(at) = self.pending_at.get(&key) {
+                self.ready.insert((*at, key));
+            }
+        }
+    }
+
     fn class_selector(&self, pod: &Value) -> Value {
         pod["spec"]["runtimeClassName"]
             .as_str()
@@ -183,7 +200,18 @@ impl Snapshot {
     }
 }
 
-/// Lead scheduling until leadership is lost or the watch breaks.
+/// A write the scheduler started.
+enum Done {
+    /// A binding, and whether it landed.
+    Bound((u64, String), bool),
+    /// A pod told why it waits.
+    Told,
+}
+
+type Flight = FuturesUnordered<BoxFuture<'static, Done>>;
+
+/// Lead scheduling until leadership is lost or the watch cannot go on. Placing, writing and
+/// reading the watch overlap: up to [`BINDS`] writes are in flight while the watch is read.
 async fn lead(api: &Arc<Api>) -> Result<(), String> {
     let mut snap = Snapshot::default();
     // Nodes and classes first, so the pods find them when they are counted.
@@ -191,45 +219,40 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
         snap.apply(&EventKind::Put, kv)
     })
     .await?;
+    let mut flight = Flight::new();
     loop {
         if !is_leader(api) {
             return Ok(());
         }
-        round(api, &mut snap).await;
-        // Sleep until something changes (or a while, to notice a lost leadership), then take
-        // everything already queued before the next round.
-        let first = tokio::time::timeout(Duration::from_secs(2), w.next()).await;
-        let mut item = match first {
-            Ok(Some(i)) => Some(i),
-            Ok(None) => return Err("the watch fell behind".into()),
-            Err(_) => None,
-        };
-        while let Some(i) = item {
-            if let WatchItem::Revision(r) = i {
-                for e in &r.events {
-                    snap.apply(&e.kind, &e.kv);
-                }
-            }
-            item = match w.next().now_or_never() {
-                Some(Some(i)) => Some(i),
-                Some(None) => return Err("the watch fell behind".into()),
-                None => None,
-            };
+        place(api, &mut snap, BINDS.saturating_sub(flight.len()), &mut flight);
+        tokio::select! {
+            i = w.next() => see(&mut snap, i?),
+            Some(d) = flight.next(), if !flight.is_empty() => landed(api, &mut snap, d).await,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        while let Some(i) = w.ready().await? {
+            see(&mut snap, i);
+        }
+        while let Some(Some(d)) = flight.next().now_or_never() {
+            landed(api, &mut snap, d).await;
         }
     }
 }
 
-/// Place every pending pod that is not parked, then bind them.
-async fn round(api: &Arc<Api>, snap: &mut Snapshot) {
-    let mut binds = vec![];
-    let mut unfit = vec![];
-    let keys: Vec<(u64, String)> = snap
-        .pending
-        .keys()
-        .filter(|(_, k)| !snap.parked.contains(k))
-        .cloned()
-        .collect();
-    for at in keys {
+fn see(snap: &mut Snapshot, item: WatchItem) {
+    if let WatchItem::Revision(r) = item {
+        for e in &r.events {
+            snap.apply(&e.kind, &e.kv);
+        }
+    }
+}
+
+/// Place up to `room` waiting pods, oldest first, and start their writes.
+fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) {
+    for _ in 0..room {
+        let Some(at) = snap.ready.pop_first() else {
+            return;
+        };
         let Some(pod) = snap.pending.get(&at) else {
             continue;
         };
@@ -237,6 +260,7 @@ async fn round(api: &Arc<Api>, snap: &mut Snapshot) {
         let uid = uid_of(pod);
         let nodes: Vec<&NodeInfo> = snap.nodes.values().collect();
         snap.turn = snap.turn.wrapping_add(1);
+        let api = api.clone();
         match fit::pick(&needs, &nodes, snap.turn) {
             Ok(i) => {
                 let node = nodes[i].name.clone();
@@ -253,45 +277,47 @@ async fn round(api: &Arc<Api>, snap: &mut Snapshot) {
                         needs,
                     },
                 );
-                binds.push((at, node, uid));
+                flight.push(
+                    async move {
+                        let ok = bind(&api, &at.1, &uid, &node).await;
+                        Done::Bound(at, ok)
+                    }
+                    .boxed(),
+                );
             }
             Err(msg) => {
                 snap.parked.insert(at.1.clone());
                 if snap.told.get(&at.1) != Some(&msg) {
                     snap.told.insert(at.1.clone(), msg.clone());
-                    unfit.push((at.1, uid, msg));
+                    flight.push(
+                        async move {
+                            unschedulable(&api, &at.1, &uid, &msg).await;
+                            Done::Told
+                        }
+                        .boxed(),
+                    );
                 }
             }
         }
     }
-    for (key, uid, msg) in unfit {
-        unschedulable(api, &key, &uid, &msg).await;
+}
+
+/// A write finished; a binding that failed is taken back.
+async fn landed(api: &Arc<Api>, snap: &mut Snapshot, d: Done) {
+    let Done::Bound(at, false) = d else {
+        return;
+    };
+    if let Some(p) = snap.placed.remove(&at.1) {
+        if let Some(n) = snap.nodes.get_mut(&p.node) {
+            n.remove(&p.needs);
+        }
     }
-    let results: Vec<((u64, String), String, bool)> = futures::stream::iter(binds)
-        .map(|(at, node, uid)| async move {
-            let ok = bind(api, &at.1, &uid, &node).await;
-            (at, node, ok)
-        })
-        .buffer_unordered(BINDS)
-        .collect()
-        .await;
-    for (at, _, ok) in results {
-        if ok {
-            continue;
-        }
-        // Take the assumption back; the pod is pending again unless the watch says
-        // otherwise (deleted, or bound by someone else), which it will in this round's events.
-        if let Some(p) = snap.placed.remove(&at.1) {
-            if let Some(n) = snap.nodes.get_mut(&p.node) {
-                n.remove(&p.needs);
-            }
-        }
-        // Its object is re-read from the store so the retry sees its current state.
-        let key = format!("{PODS}{}", at.1);
-        if let Ok(Some(kv)) = api.store.get(&key, Consistency::Serializable).await {
-            snap.seen.remove(&key);
-            snap.apply(&EventKind::Put, &kv);
-        }
+    // The pod is pending again unless the store says otherwise (deleted, or bound by
+    // someone else); its object is re-read so the retry sees its current state.
+    let key = format!("{PODS}{}", at.1);
+    if let Ok(Some(kv)) = api.store.get(&key, Consistency::Serializable).await {
+        snap.seen.remove(&key);
+        snap.apply(&EventKind::Put, &kv);
     }
 }
 

@@ -117,5 +117,38 @@ fn pods_follow_taints_selectors_cordons_and_room() -> anyhow::Result<()> {
         .expect_ok("get huge")?
         .stdout;
     assert_eq!(phase, "Pending");
+
+    // Required anti-affinity on the hostname: one pod per node, and the third one waits
+    // with the reason. (The taint on the local node goes first.)
+    up.kubectl(&["taint", "node", &local, "dedicated-"])?
+        .expect_ok("untaint")?;
+    let apart = "  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - labelSelector:\n          matchLabels:\n            app: apart\n        topologyKey: kubernetes.io/hostname\n";
+    for i in 0..3 {
+        let p = pod(&format!("apart-{i}"), apart, "")
+            .replace("metadata:\n", "metadata:\n  labels:\n    app: apart\n");
+        up.kubectl_in(&["apply", "-f", "-"], &p)?
+            .expect_ok("apply apart")?;
+        if i < 2 {
+            node_of(&up, &format!("apart-{i}"))?;
+        }
+    }
+    let (a, b) = (node_of(&up, "apart-0")?, node_of(&up, "apart-1")?);
+    assert_ne!(a, b, "anti-affinity puts them on different nodes");
+    let why = unschedulable(&up, "apart-2")?;
+    assert!(
+        why.contains("2 node(s) didn't match pod anti-affinity rules"),
+        "{why}"
+    );
+    // Required spreading by hostname with a skew of 1 keeps counts level.
+    let level = "  topologySpreadConstraints:\n  - maxSkew: 1\n    topologyKey: kubernetes.io/hostname\n    whenUnsatisfiable: DoNotSchedule\n    labelSelector:\n      matchLabels:\n        app: level\n";
+    let mut on = std::collections::HashMap::new();
+    for i in 0..4 {
+        let p = pod(&format!("level-{i}"), level, "")
+            .replace("metadata:\n", "metadata:\n  labels:\n    app: level\n");
+        up.kubectl_in(&["apply", "-f", "-"], &p)?
+            .expect_ok("apply level")?;
+        *on.entry(node_of(&up, &format!("level-{i}"))?).or_insert(0) += 1;
+    }
+    assert_eq!(on.values().copied().collect::<Vec<_>>(), [2, 2], "{on:?}");
     Ok(())
 }

@@ -7,12 +7,16 @@
 //! selector too), host ports, requests against allocatable (cpu, memory, pods). Scores, with
 //! kube-scheduler's default weights: least allocated and balanced allocation (1 each),
 //! preferred node affinity (2), PreferNoSchedule taints (3), spreading a controller's pods
-//! across nodes (2). Ties go round-robin.
+//! across nodes (2). Ties go round-robin. Rules about other pods (inter-pod affinity, topology
+//! spread constraints) are [`topo`]'s: a filter and two scores (2 each) on top of these.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use outpost_api::quantity::{bytes, millicores};
 use serde_json::{Map, Value};
+
+use super::topo::{self, PodMeta, Rules};
 
 /// What kube-scheduler scores a pod as when it requests no CPU or memory.
 const DEFAULT_CPU: u64 = 100;
@@ -157,6 +161,9 @@ pub struct Needs {
     preferred: Vec<(i64, Term)>,
     tolerations: Vec<Toleration>,
     pub oci: bool,
+    /// The pod as other pods' rules see it, and its own rules about other pods.
+    pub meta: PodMeta,
+    pub rules: Rules,
 }
 
 /// A pod runs on the Wasm runtime when it names the `wasm` RuntimeClass or all its images
@@ -270,6 +277,8 @@ pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
         preferred,
         tolerations,
         oci: needs_oci(pod),
+        meta: PodMeta::of(pod),
+        rules: Rules::parse(pod),
     }
 }
 
@@ -287,6 +296,8 @@ pub struct NodeInfo {
     unschedulable: bool,
     /// Pods on the node per owning controller.
     owners: HashMap<String, u32>,
+    /// The pods on the node, by `namespace/name`, for other pods' affinity and spreading.
+    pods: HashMap<String, PodMeta>,
 }
 
 impl NodeInfo {
@@ -331,6 +342,15 @@ impl NodeInfo {
         self.scored = old.scored;
         self.ports = old.ports.clone();
         self.owners = old.owners.clone();
+        self.pods = old.pods.clone();
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).and_then(Value::as_str)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &PodMeta> {
+        self.pods.values()
     }
 
     /// A pod placed on this node.
@@ -344,6 +364,7 @@ impl NodeInfo {
         if let Some(o) = &n.owner {
             *self.owners.entry(o.clone()).or_default() += 1;
         }
+        self.pods.insert(n.meta.id.clone(), n.meta.clone());
     }
 
     /// A pod gone from this node (deleted, or finished).
@@ -367,6 +388,7 @@ impl NodeInfo {
                 }
             }
         }
+        self.pods.remove(&n.meta.id);
     }
 
     fn port_taken(&self, (proto, port, ip): &HostPort) -> bool {
@@ -507,7 +529,8 @@ fn enough(nodes: usize) -> usize {
 
 /// The node for a pod: the best-scored of those that pass the filters, ties broken by
 /// `turn`. Otherwise the message `kubectl describe` shows.
-pub fn pick(n: &Needs, nodes: &[&NodeInfo], turn: usize) -> Result<usize, String> {
+pub fn pick<N: Borrow<NodeInfo>>(n: &Needs, nodes: &[N], turn: usize) -> Result<usize, String> {
+    let at = |i: usize| -> &NodeInfo { nodes[i].borrow() };
     let mut reasons: HashMap<String, usize> = HashMap::new();
     // As kube-scheduler does in large clusters, stop looking once enough nodes fit, starting
     // each pod where the last left off so that every node gets its turn.
@@ -517,9 +540,15 @@ pub fn pick(n: &Needs, nodes: &[&NodeInfo], turn: usize) -> Result<usize, String
     } else {
         turn % nodes.len()
     };
+    // Rules about other pods need the whole cluster counted once.
+    let view =
+        (!n.rules.is_empty()).then(|| topo::view(&n.rules, &n.meta, nodes, |x| selects(n, x)));
     let mut fit = Vec::with_capacity(enough.min(nodes.len()));
     for i in (start..nodes.len()).chain(0..start) {
-        let why = filter(n, nodes[i]);
+        let mut why = filter(n, at(i));
+        if let (true, Some(v)) = (why.is_empty(), &view) {
+            why.extend(topo::reject(&n.rules, v, at(i)).map(String::from));
+        }
         for r in &why {
             *reasons.entry(r.clone()).or_default() += 1;
         }
@@ -549,12 +578,21 @@ pub fn pick(n: &Needs, nodes: &[&NodeInfo], turn: usize) -> Result<usize, String
         .as_ref()
         .map(|o| {
             fit.iter()
-                .map(|&i| nodes[i].owners.get(o).copied().unwrap_or(0))
+                .map(|&i| at(i).owners.get(o).copied().unwrap_or(0))
                 .max()
                 .unwrap_or(0)
         })
         .unwrap_or(0);
-    let scored: Vec<(usize, i64)> = fit.iter().map(|&i| (i, score(n, nodes[i], most))).collect();
+    let scored: Vec<(usize, i64)> = fit
+        .iter()
+        .map(|&i| {
+            let extra = view.as_ref().map_or(0, |v| {
+                let (affinity, spread) = topo::score(&n.rules, v, at(i));
+                (2.0 * (affinity + spread)).round() as i64
+            });
+            (i, score(n, at(i), most) + extra)
+        })
+        .collect();
     let best = scored.iter().map(|(_, s)| *s).max().unwrap_or(0);
     let mut top: Vec<usize> = scored
         .iter()
@@ -808,7 +846,7 @@ mod tests {
             Err("0/3 nodes are available: 1 Insufficient memory, 2 node(s) had untolerated taint {dedicated: edge}.".into())
         );
         assert_eq!(
-            pick(&p, &[], 0),
+            pick::<NodeInfo>(&p, &[], 0),
             Err("0/0 nodes are available: no nodes have joined the cluster.".into())
         );
         assert_eq!(

@@ -13,12 +13,12 @@
 //! the API's binding subresource, as kube-scheduler's does, under `system:kube-scheduler`.
 
 pub mod fit;
+pub mod topo;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use outpost_api::store::{EventKind, KeyValue};
@@ -60,9 +60,45 @@ struct Placed {
     needs: Needs,
 }
 
+/// The nodes, in a list `fit::pick` takes as it is, and by name.
+#[derive(Default)]
+struct Nodes {
+    list: Vec<NodeInfo>,
+    at: HashMap<String, usize>,
+}
+
+impl Nodes {
+    fn get(&self, name: &str) -> Option<&NodeInfo> {
+        self.at.get(name).map(|i| &self.list[*i])
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut NodeInfo> {
+        self.at.get(name).map(|i| &mut self.list[*i])
+    }
+
+    fn insert(&mut self, info: NodeInfo) {
+        match self.at.get(&info.name) {
+            Some(i) => self.list[*i] = info,
+            None => {
+                self.at.insert(info.name.clone(), self.list.len());
+                self.list.push(info);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(i) = self.at.remove(name) {
+            self.list.swap_remove(i);
+            if let Some(moved) = self.list.get(i) {
+                self.at.insert(moved.name.clone(), i);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Snapshot {
-    nodes: BTreeMap<String, NodeInfo>,
+    nodes: Nodes,
     /// Pods on a node, or assumed there while their binding is in flight.
     placed: HashMap<String, Placed>,
     /// Pods waiting for a node, oldest first: (create revision, key) → pod.
@@ -100,7 +136,7 @@ impl Snapshot {
                     if let Some(old) = self.nodes.get(name) {
                         info.carry(old);
                     }
-                    self.nodes.insert(name.to_string(), info);
+                    self.nodes.insert(info);
                 }
                 None => {
                     self.nodes.remove(name);
@@ -208,7 +244,8 @@ enum Done {
     Told,
 }
 
-type Flight = FuturesUnordered<BoxFuture<'static, Done>>;
+/// Writes in flight, each its own task so that they run on every core.
+type Flight = FuturesUnordered<tokio::task::JoinHandle<Done>>;
 
 /// Lead scheduling until leadership is lost or the watch cannot go on. Placing, writing and
 /// reading the watch overlap: up to [`BINDS`] writes are in flight while the watch is read.
@@ -224,17 +261,24 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
         if !is_leader(api) {
             return Ok(());
         }
-        place(api, &mut snap, BINDS.saturating_sub(flight.len()), &mut flight);
+        place(
+            api,
+            &mut snap,
+            BINDS.saturating_sub(flight.len()),
+            &mut flight,
+        );
         tokio::select! {
             i = w.next() => see(&mut snap, i?),
-            Some(d) = flight.next(), if !flight.is_empty() => landed(api, &mut snap, d).await,
+            Some(d) = flight.next(), if !flight.is_empty() => {
+                landed(api, &mut snap, d.unwrap_or(Done::Told)).await
+            }
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
         while let Some(i) = w.ready().await? {
             see(&mut snap, i);
         }
         while let Some(Some(d)) = flight.next().now_or_never() {
-            landed(api, &mut snap, d).await;
+            landed(api, &mut snap, d.unwrap_or(Done::Told)).await;
         }
     }
 }
@@ -258,12 +302,11 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
         };
         let needs = fit::needs(pod, &snap.class_selector(pod));
         let uid = uid_of(pod);
-        let nodes: Vec<&NodeInfo> = snap.nodes.values().collect();
         snap.turn = snap.turn.wrapping_add(1);
         let api = api.clone();
-        match fit::pick(&needs, &nodes, snap.turn) {
+        match fit::pick(&needs, &snap.nodes.list, snap.turn) {
             Ok(i) => {
-                let node = nodes[i].name.clone();
+                let node = snap.nodes.list[i].name.clone();
                 // Assumed there until the binding lands (or fails and is taken back).
                 if let Some(n) = snap.nodes.get_mut(&node) {
                     n.add(&needs);
@@ -277,25 +320,19 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
                         needs,
                     },
                 );
-                flight.push(
-                    async move {
-                        let ok = bind(&api, &at.1, &uid, &node).await;
-                        Done::Bound(at, ok)
-                    }
-                    .boxed(),
-                );
+                flight.push(tokio::spawn(async move {
+                    let ok = bind(&api, &at.1, &uid, &node).await;
+                    Done::Bound(at, ok)
+                }));
             }
             Err(msg) => {
                 snap.parked.insert(at.1.clone());
                 if snap.told.get(&at.1) != Some(&msg) {
                     snap.told.insert(at.1.clone(), msg.clone());
-                    flight.push(
-                        async move {
-                            unschedulable(&api, &at.1, &uid, &msg).await;
-                            Done::Told
-                        }
-                        .boxed(),
-                    );
+                    flight.push(tokio::spawn(async move {
+                        unschedulable(&api, &at.1, &uid, &msg).await;
+                        Done::Told
+                    }));
                 }
             }
         }

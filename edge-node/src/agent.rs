@@ -70,6 +70,7 @@ struct PodRun {
     finished: watch::Receiver<bool>,
 }
 
+#[derive(Clone)]
 struct StatusUpdate {
     uid: String,
     ns: String,
@@ -645,12 +646,22 @@ impl Agent {
         });
     }
 
-    /// Send pod status to the control plane, newest per pod, when the link is up.
+    /// Send pod status to the control plane, newest per pod, when the link is up. Each new
+    /// link sends every pod's last status again: while the node was away the control plane
+    /// may have marked its pods not ready.
     async fn report(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<StatusUpdate>) {
         let mut pending: HashMap<String, StatusUpdate> = HashMap::new();
+        let mut sent: HashMap<String, StatusUpdate> = HashMap::new();
         let mut links = self.link.subscribe();
+        let mut up = false;
         loop {
             let link = links.borrow_and_update().clone();
+            if link.is_some() && !up {
+                for (uid, u) in &sent {
+                    pending.entry(uid.clone()).or_insert_with(|| u.clone());
+                }
+            }
+            up = link.is_some();
             if let Some(link) = link.filter(|_| !pending.is_empty()) {
                 // Independent patches: many in flight at once, the newest status of each pod.
                 let batch: Vec<StatusUpdate> = pending.drain().map(|(_, u)| u).collect();
@@ -679,7 +690,12 @@ impl Agent {
                     .await;
                 for (u, r) in results {
                     match r {
-                        Ok(a) if a.ok() || a.status == 404 => {}
+                        Ok(a) if a.ok() => {
+                            sent.insert(u.uid.clone(), u);
+                        }
+                        Ok(a) if a.status == 404 => {
+                            sent.remove(&u.uid);
+                        }
                         Ok(a) => {
                             tracing::warn!(pod = %u.name, error = %a.message(), "status update refused")
                         }

@@ -209,6 +209,13 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
     up.wait_field(60, &["pod", "steady"], "{.status.phase}", |p| {
         p == "Running"
     })?;
+    // A DaemonSet pod on the node too: never evicted.
+    let keeper = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: keeper\nspec:\n  selector:\n    matchLabels:\n      app: keeper\n  template:\n    metadata:\n      labels:\n        app: keeper\n    spec:\n      nodeSelector:\n        kubernetes.io/hostname: edge-1\n      containers:\n      - name: main\n        image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], keeper)?
+        .expect_ok("apply daemonset")?;
+    let ready = "{.items[0].status.conditions[?(@.type==\"Ready\")].status}";
+    let keeper_pod = ["pods", "-l", "app=keeper"];
+    up.wait_field(60, &keeper_pod, ready, |s| s == "True")?;
 
     // SIGKILL: the link is lost when the gateway stops hearing from it (20 s), then grace.
     edge.kill();
@@ -230,6 +237,14 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
         .expect_ok("get nodes")?
         .stdout;
     assert!(listed.contains("NotReady"), "{listed}");
+    // Its pods are marked not ready, so Services stop sending to them.
+    up.wait_field(
+        10,
+        &["pod", "steady"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "False",
+    )?;
+    up.wait_field(10, &keeper_pod, ready, |s| s == "False")?;
     // Inside the window (24 h by default) the pod stays, neither deleted nor replaced.
     std::thread::sleep(Duration::from_secs(3));
     let deleting = field(&up, &["pod", "steady"], "{.metadata.deletionTimestamp}")?;
@@ -259,6 +274,8 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
         |s| s == "True",
     )
     .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    // The DaemonSet pod stayed, and the agent reports it ready again.
+    up.wait_field(30, &keeper_pod, ready, |s| s == "True")?;
     let t = Instant::now();
     loop {
         let taints = field(&up, &["node", "edge-1"], "{.spec.taints[*].key}")?;

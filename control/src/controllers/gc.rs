@@ -20,9 +20,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use outpost_api::store::{EventKind, KeyValue};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{drive, newer, system_user, while_leader, Follower};
+use super::{drive, fresh, system_user, while_leader, Follower};
 use crate::api::resources::{by_kind, Resource, RESOURCES};
 use crate::api::{Api, User};
 use outpost_api::store::{Expect, Outcome};
@@ -63,34 +65,62 @@ struct Node {
     finalizers: Vec<String>,
 }
 
+/// The part of a stored object the collector reads; the rest is skipped while parsing
+/// (every write passes through here).
+#[derive(Deserialize, Default)]
+struct Stored {
+    #[serde(default)]
+    metadata: StoredMeta,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct StoredMeta {
+    #[serde(default)]
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: String,
+    owner_references: Option<Vec<StoredRef>>,
+    deletion_timestamp: Option<IgnoredAny>,
+    finalizers: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRef {
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    name: String,
+}
+
 impl Node {
-    fn of(res: &'static Resource, rev: u64, o: &Value) -> Node {
-        let m = &o["metadata"];
-        let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    fn of(res: &'static Resource, rev: u64, o: Stored) -> Node {
+        let m = o.metadata;
         Node {
             res,
-            ns: m["namespace"].as_str().map(String::from),
-            name: s(&m["name"]),
-            uid: s(&m["uid"]),
+            ns: m.namespace,
+            name: m.name,
+            uid: m.uid,
             rev,
-            owners: m["ownerReferences"]
-                .as_array()
+            owners: m
+                .owner_references
+                .unwrap_or_default()
                 .into_iter()
-                .flatten()
                 .map(|r| Ref {
-                    uid: s(&r["uid"]),
-                    api_version: s(&r["apiVersion"]),
-                    kind: s(&r["kind"]),
-                    name: s(&r["name"]),
+                    uid: r.uid,
+                    api_version: r.api_version,
+                    kind: r.kind,
+                    name: r.name,
                 })
                 .collect(),
-            deleting: !m["deletionTimestamp"].is_null(),
-            finalizers: m["finalizers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|f| f.as_str().map(String::from))
-                .collect(),
+            deleting: m.deletion_timestamp.is_some(),
+            finalizers: m.finalizers.unwrap_or_default(),
         }
     }
 
@@ -103,10 +133,12 @@ impl Node {
     }
 }
 
-/// The stored resources and their key prefixes (resources sharing a prefix once).
+/// The stored resources and their key prefixes (resources sharing a prefix once). Events
+/// are left out: they own nothing and are owned by nothing, and they are half of all writes;
+/// a namespace's events are deleted with it by collection.
 fn stored() -> Vec<(String, &'static Resource)> {
     let mut out: Vec<(String, &'static Resource)> = vec![];
-    for r in RESOURCES.iter().filter(|r| r.stored) {
+    for r in RESOURCES.iter().filter(|r| r.stored && r.kind != "Event") {
         let p = r.prefix(None);
         if !out.iter().any(|(q, _)| *q == p) {
             out.push((p, r));
@@ -168,8 +200,12 @@ impl Graph {
 impl Follower for Graph {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let prefixes: Vec<&str> = self.prefixes.iter().map(|(p, _)| p.as_str()).collect();
-        let Some(obj) = newer(&mut self.seen, &prefixes, kind, kv) else {
+        if !fresh(&mut self.seen, &prefixes, kv) {
             return;
+        }
+        let obj: Option<Stored> = match kind {
+            EventKind::Put => serde_json::from_slice(&kv.value).ok(),
+            EventKind::Delete => None,
         };
         let key = kv.key.as_str();
         let old = self.remove(key);
@@ -199,7 +235,7 @@ impl Follower for Graph {
         else {
             return;
         };
-        let n = Node::of(res, kv.mod_revision, &o);
+        let n = Node::of(res, kv.mod_revision, o);
         self.touch_owners(&n);
         if n.deleting || !n.owners.is_empty() {
             self.dirty.insert(key.to_string());
@@ -379,6 +415,10 @@ async fn empty_namespace(api: &Arc<Api>, g: &Graph, key: &str, n: &Node) -> u64 
     if held.is_empty() {
         if !n.finalizers.is_empty() {
             return 0;
+        }
+        for events in ["/api/v1", "/apis/events.k8s.io/v1"] {
+            let path = format!("{events}/namespaces/{}/events", n.name);
+            call(api, "DELETE", &path, &json!({})).await;
         }
         return match api.store.delete(key, Expect::ModRevision(n.rev)).await {
             Ok(Outcome::Committed { revision, .. }) => revision,

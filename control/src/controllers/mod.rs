@@ -119,21 +119,29 @@ fn controller_uid(o: &Value) -> Option<String> {
         .map(String::from)
 }
 
-/// A change under one of `prefixes` newer than what `seen` has for its key: the object
-/// (`None` for a delete). Older changes (a list and a watch overlap) and other keys are `None`.
+/// Whether `kv` is under one of `prefixes` and newer than what `seen` has for its key
+/// (recorded if so). Older changes come when a list and a watch overlap.
+pub(crate) fn fresh(seen: &mut HashMap<String, u64>, prefixes: &[&str], kv: &KeyValue) -> bool {
+    let key = kv.key.as_str();
+    if !prefixes.iter().any(|p| key.starts_with(p))
+        || seen.get(key).is_some_and(|r| *r >= kv.mod_revision)
+    {
+        return false;
+    }
+    seen.insert(key.to_string(), kv.mod_revision);
+    true
+}
+
+/// A [`fresh`] change: the object (`None` for a delete).
 pub(crate) fn newer(
     seen: &mut HashMap<String, u64>,
     prefixes: &[&str],
     kind: &EventKind,
     kv: &KeyValue,
 ) -> Option<Option<Value>> {
-    let key = kv.key.as_str();
-    if !prefixes.iter().any(|p| key.starts_with(p))
-        || seen.get(key).is_some_and(|r| *r >= kv.mod_revision)
-    {
+    if !fresh(seen, prefixes, kv) {
         return None;
     }
-    seen.insert(key.to_string(), kv.mod_revision);
     Some(match kind {
         EventKind::Put => serde_json::from_slice(&kv.value).ok(),
         EventKind::Delete => None,

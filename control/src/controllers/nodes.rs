@@ -2,8 +2,9 @@
 //! period is marked `Ready=Unknown` and tainted `node.kubernetes.io/unreachable` (NoSchedule,
 //! NoExecute); its pods are evicted only once it has been gone longer than its autonomy
 //! window (24 h unless `outpost.dev/autonomy-window` on the Node says otherwise, in seconds),
-//! DaemonSet pods never. When its link returns, the taints go (the agent reports Ready
-//! itself).
+//! DaemonSet pods never; its pods are marked not ready at once, so Services stop sending to
+//! them. When its link returns, the taints go (the agent reports Ready itself, and its pods'
+//! status again).
 //!
 //! Liveness comes from the link records the gateways write when a link comes or goes
 //! (`/outpost/links/NODE`), so a node linked to any member counts, and no heartbeat is ever
@@ -163,6 +164,7 @@ async fn pass(api: &Arc<Api>, l: &Lifecycle, since: i64) -> Result<(), String> {
                 tracing::info!(node = %name, "node unreachable");
                 let msg = format!("Node {name} status is now: NodeNotReady");
                 super::event(api, "node-controller", node, "Normal", "NodeNotReady", &msg).await;
+                mark_not_ready(api, name).await?;
             }
         }
         if v.taint || v.untaint {
@@ -196,6 +198,37 @@ async fn pass(api: &Arc<Api>, l: &Lifecycle, since: i64) -> Result<(), String> {
 }
 
 const MERGE: &str = "application/merge-patch+json";
+
+/// Mark the pods of an unreachable node not ready (Services stop sending to them); the
+/// node's agent reports them again when it is back.
+async fn mark_not_ready(api: &Arc<Api>, node: &str) -> Result<(), String> {
+    let pods = list(api, "/registry/core/pods/").await?;
+    let t = crate::api::now();
+    for (_, p) in pods.iter().filter(|(_, p)| p["spec"]["nodeName"] == node) {
+        let ready = p["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        if !ready {
+            continue;
+        }
+        let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        let body = json!({"status": {"conditions": [{"type": "Ready", "status": "False",
+            "reason": "NodeNotReady", "message": "the node is unreachable",
+            "lastProbeTime": null, "lastTransitionTime": t}]}});
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+        call(
+            api,
+            "PATCH",
+            &path,
+            "application/strategic-merge-patch+json",
+            &body,
+        )
+        .await;
+    }
+    Ok(())
+}
 
 /// Delete the pods of an unreachable node, DaemonSet pods aside; their controllers replace
 /// them elsewhere.

@@ -264,6 +264,50 @@ impl Agent {
         }
     }
 
+    /// The cached modules as the Node's `status.images` (largest first, at most 50, as the
+    /// kubelet reports them): each by digest and by the names last resolved to it, so the
+    /// scheduler can prefer a node that has a pod's module already.
+    fn images(&self) -> Value {
+        let names = self.cache.meta_under("name/");
+        let mut mods = self.cache.modules();
+        mods.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let images: Vec<Value> = mods
+            .into_iter()
+            .take(50)
+            .map(|(digest, size)| {
+                let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+                let mut refs = vec![format!("module:{digest}")];
+                refs.extend(
+                    names
+                        .iter()
+                        .filter(|(_, h)| h == hex)
+                        .map(|(n, _)| format!("module:{n}")),
+                );
+                json!({"names": refs, "sizeBytes": size})
+            })
+            .collect();
+        json!(images)
+    }
+
+    /// Tell the control plane what modules the node has now (best effort; the next
+    /// registration says it again).
+    fn report_images(&self) {
+        let Some(link) = self.link.borrow().clone() else {
+            return;
+        };
+        let body = json!({"status": {"images": self.images()}});
+        let path = format!("/api/v1/nodes/{}/status", self.node);
+        tokio::spawn(async move {
+            let patch = Some((
+                "application/merge-patch+json",
+                body.to_string().into_bytes(),
+            ));
+            if let Err(e) = link.call("PATCH", &path, patch).await {
+                tracing::debug!(error = %e, "reporting the node's modules failed");
+            }
+        });
+    }
+
     fn node_object(&self) -> Value {
         let arch = match std::env::consts::ARCH {
             "x86_64" => "amd64",
@@ -310,6 +354,7 @@ impl Agent {
                     "containerRuntimeVersion": "wasmtime://48.0", "kernelVersion": kernel,
                     "osImage": os_image(), "machineID": "", "systemUUID": "", "bootID": ""},
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+                "images": self.images(),
             }
         })
     }
@@ -1117,6 +1162,7 @@ impl Agent {
         self.cache
             .put_module(&digest, &a.body)
             .map_err(|e| pull(e.to_string()))?;
+        self.report_images();
         Ok((digest, a.body))
     }
 }

@@ -162,6 +162,30 @@ impl Cache {
             .map(|_| ())
     }
 
+    /// Cached modules: (digest, size in bytes).
+    pub fn modules(&self) -> Vec<(String, u64)> {
+        self.modules
+            .iter()
+            .filter_map(|g| g.into_inner().ok())
+            .filter_map(|(k, v)| Some((String::from_utf8(k.to_vec()).ok()?, v.len() as u64)))
+            .collect()
+    }
+
+    /// Meta entries under `prefix`: (the rest of the key, value).
+    pub fn meta_under(&self, prefix: &str) -> Vec<(String, String)> {
+        self.meta
+            .prefix(prefix)
+            .filter_map(|g| g.into_inner().ok())
+            .filter_map(|(k, v)| {
+                let k = String::from_utf8(k.to_vec()).ok()?;
+                Some((
+                    k.strip_prefix(prefix)?.to_string(),
+                    String::from_utf8(v.to_vec()).ok()?,
+                ))
+            })
+            .collect()
+    }
+
     pub fn meta(&self, key: &str) -> Option<String> {
         let v = self.meta.get(key).ok()??;
         String::from_utf8(v.to_vec()).ok()

@@ -56,6 +56,12 @@ fn pods_follow_taints_selectors_cordons_and_room() -> anyhow::Result<()> {
     up.wait_field(30, &["pod", "tolerant"], "{.status.phase}", |p| {
         p == "Running"
     })?;
+    // The node now reports the module as one of its images (by digest and by name), which
+    // the scheduler prefers.
+    let images = up.wait_field(30, &["node", &local], "{.status.images[*].names}", |s| {
+        s.contains("module:sleeper")
+    })?;
+    assert!(images.contains("module:sha256:"), "{images}");
 
     // A pod that fits nowhere says why, per node, as kube-scheduler words it.
     let huge = "    resources:\n      requests:\n        memory: 1000Gi\n";

@@ -148,6 +148,48 @@ pub(crate) fn newer(
     })
 }
 
+/// The parts of a pod the controllers read. The cache holds every pod, so the rest (most of
+/// a pod: its containers' commands, env, probes, resources, status details) is dropped.
+fn trim_pod(mut o: Value) -> Value {
+    fn keep(v: &mut Value, fields: &[&str]) {
+        if let Some(m) = v.as_object_mut() {
+            m.retain(|k, _| fields.contains(&k.as_str()));
+        }
+    }
+    keep(&mut o, &["metadata", "spec", "status"]);
+    keep(
+        &mut o["metadata"],
+        &[
+            "name",
+            "generateName",
+            "namespace",
+            "uid",
+            "labels",
+            "ownerReferences",
+            "creationTimestamp",
+            "deletionTimestamp",
+        ],
+    );
+    keep(
+        &mut o["spec"],
+        &[
+            "nodeName",
+            "hostname",
+            "subdomain",
+            "affinity",
+            "tolerations",
+            "containers",
+        ],
+    );
+    if let Some(cs) = o["spec"]["containers"].as_array_mut() {
+        for c in cs {
+            keep(c, &["name", "image", "ports"]);
+        }
+    }
+    keep(&mut o["status"], &["phase", "podIP", "conditions"]);
+    o
+}
+
 impl Cache {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
@@ -203,6 +245,11 @@ impl Cache {
                 self.owners.insert(uid.to_string(), key.to_string());
             }
         }
+        let o = if key.starts_with(PODS) {
+            trim_pod(o)
+        } else {
+            o
+        };
         if let Some(uid) = controller_uid(&o) {
             self.children
                 .entry(uid.clone())

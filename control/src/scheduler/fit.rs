@@ -7,11 +7,12 @@
 //! selector too), host ports, requests against allocatable (cpu, memory, pods). Scores, with
 //! kube-scheduler's default weights: least allocated and balanced allocation (1 each),
 //! preferred node affinity (2), PreferNoSchedule taints (3), spreading a controller's pods
-//! across nodes (2). Ties go round-robin. Rules about other pods (inter-pod affinity, topology
+//! across nodes (2), the share of the pod's modules the node has already (1). Ties go
+//! round-robin. Rules about other pods (inter-pod affinity, topology
 //! spread constraints) are [`topo`]'s: a filter and two scores (2 each) on top of these.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use outpost_api::quantity::{bytes, millicores};
 use serde_json::{Map, Value};
@@ -164,6 +165,8 @@ pub struct Needs {
     /// The pod as other pods' rules see it, and its own rules about other pods.
     pub meta: PodMeta,
     pub rules: Rules,
+    /// Its containers' images.
+    images: Vec<String>,
 }
 
 /// A pod runs on the Wasm runtime when it names the `wasm` RuntimeClass or all its images
@@ -178,6 +181,23 @@ pub fn needs_oci(pod: &Value) -> bool {
                 .any(|c| !c["image"].as_str().unwrap_or("").starts_with("module:"))
         })
     })
+}
+
+impl Needs {
+    /// The same, with its RuntimeClass's `scheduling.nodeSelector` added.
+    pub fn with_class(&self, class_selector: &Value) -> Needs {
+        let mut n = self.clone();
+        n.selector.extend(pairs(class_selector));
+        n
+    }
+}
+
+fn pairs(v: &Value) -> Vec<(String, String)> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), str_of(v)))
+        .collect()
 }
 
 /// A container's requests (its limits where it states no request, as the API defaults).
@@ -221,13 +241,6 @@ pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
     let overhead = &spec["overhead"];
     cpu += overhead["cpu"].as_str().and_then(millicores).unwrap_or(0);
     memory += overhead["memory"].as_str().and_then(bytes).unwrap_or(0);
-    let pairs = |v: &Value| -> Vec<(String, String)> {
-        v.as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), str_of(v)))
-            .collect()
-    };
     let mut selector = pairs(&spec["nodeSelector"]);
     selector.extend(pairs(class_selector));
     let affinity = &spec["affinity"]["nodeAffinity"];
@@ -279,6 +292,11 @@ pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
         oci: needs_oci(pod),
         meta: PodMeta::of(pod),
         rules: Rules::parse(pod),
+        images: ["initContainers", "containers"]
+            .iter()
+            .flat_map(|k| spec[k].as_array().into_iter().flatten())
+            .filter_map(|c| c["image"].as_str().map(String::from))
+            .collect(),
     }
 }
 
@@ -298,6 +316,8 @@ pub struct NodeInfo {
     owners: HashMap<String, u32>,
     /// The pods on the node, by `namespace/name`, for other pods' affinity and spreading.
     pods: HashMap<String, PodMeta>,
+    /// The names of the images (Wasm modules) the node has (`status.images`).
+    images: HashSet<String>,
 }
 
 impl NodeInfo {
@@ -332,6 +352,13 @@ impl NodeInfo {
                     .any(|c| c["type"] == "Ready" && c["status"] == "True")
             }),
             unschedulable: node["spec"]["unschedulable"].as_bool() == Some(true),
+            images: node["status"]["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|i| i["names"].as_array().into_iter().flatten())
+                .map(str_of)
+                .collect(),
             ..NodeInfo::default()
         }
     }
@@ -514,7 +541,14 @@ pub fn score(n: &Needs, node: &NodeInfo, most: u32) -> i64 {
     } else {
         f64::from(most - siblings.min(most)) * 100.0 / f64::from(most)
     };
-    (least + balanced + 2.0 * affinity + 3.0 * taints + 2.0 * spread).round() as i64
+    // Image locality: the share of the pod's images (modules) the node has already.
+    let local = if n.images.is_empty() {
+        0.0
+    } else {
+        let have = n.images.iter().filter(|i| node.images.contains(*i)).count();
+        have as f64 * 100.0 / n.images.len() as f64
+    };
+    (least + balanced + 2.0 * affinity + 3.0 * taints + 2.0 * spread + local).round() as i64
 }
 
 /// How many fitting nodes are enough to choose among: every node up to 100, then
@@ -628,6 +662,27 @@ mod tests {
             s.extend(e.clone());
         }
         spec
+    }
+
+    #[test]
+    fn a_node_with_the_module_already_is_preferred() {
+        let p = pod(wasm(json!({})));
+        let mut with = NodeInfo::of(&json!({"metadata": {"name": "with"},
+            "status": {"allocatable": {"cpu": "2", "memory": "1Gi", "pods": "3"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "images": [{"names": ["module:sha256:00", "module:x"], "sizeBytes": 10}]}}));
+        let without = node("without", json!({}), json!({}));
+        for t in 0..4 {
+            assert_eq!(pick(&p, &[&without, &with], t), Ok(1));
+        }
+        with.images.clear();
+        let picks: Vec<usize> = (0..4)
+            .map(|t| pick(&p, &[&without, &with], t).unwrap())
+            .collect();
+        assert!(
+            picks.contains(&0) && picks.contains(&1),
+            "a tie again: {picks:?}"
+        );
     }
 
     #[test]

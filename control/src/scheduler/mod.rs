@@ -60,6 +60,14 @@ struct Placed {
     needs: Needs,
 }
 
+/// A pod waiting for a node: what it needs (its RuntimeClass's selector is added when it is
+/// placed, as the class may change meanwhile), kept instead of the whole pod.
+struct Waiting {
+    needs: Needs,
+    class: Option<String>,
+    uid: String,
+}
+
 /// The nodes, in a list `fit::pick` takes as it is, and by name.
 #[derive(Default)]
 struct Nodes {
@@ -101,8 +109,8 @@ struct Snapshot {
     nodes: Nodes,
     /// Pods on a node, or assumed there while their binding is in flight.
     placed: HashMap<String, Placed>,
-    /// Pods waiting for a node, oldest first: (create revision, key) → pod.
-    pending: BTreeMap<(u64, String), Value>,
+    /// Pods waiting for a node, oldest first: (create revision, key) → what it needs.
+    pending: BTreeMap<(u64, String), Waiting>,
     pending_at: HashMap<String, u64>,
     /// Pending pods that fit nowhere, left alone until the cluster changes.
     parked: HashSet<String>,
@@ -202,7 +210,12 @@ impl Snapshot {
                     self.told.insert(key.to_string(), m.to_string());
                 }
                 self.pending_at.insert(key.to_string(), created);
-                self.pending.insert((created, key.to_string()), o);
+                let waiting = Waiting {
+                    needs: fit::needs(&o, &Value::Null),
+                    class: o["spec"]["runtimeClassName"].as_str().map(String::from),
+                    uid: uid_of(&o),
+                };
+                self.pending.insert((created, key.to_string()), waiting);
                 if !self.parked.contains(key) {
                     self.ready.insert((created, key.to_string()));
                 }
@@ -227,12 +240,10 @@ impl Snapshot {
         }
     }
 
-    fn class_selector(&self, pod: &Value) -> Value {
-        pod["spec"]["runtimeClassName"]
-            .as_str()
+    fn class_selector(&self, class: Option<&str>) -> &Value {
+        class
             .and_then(|c| self.classes.get(c))
-            .cloned()
-            .unwrap_or(Value::Null)
+            .unwrap_or(&Value::Null)
     }
 }
 
@@ -297,11 +308,11 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
         let Some(at) = snap.ready.pop_first() else {
             return;
         };
-        let Some(pod) = snap.pending.get(&at) else {
+        let Some(w) = snap.pending.get(&at) else {
             continue;
         };
-        let needs = fit::needs(pod, &snap.class_selector(pod));
-        let uid = uid_of(pod);
+        let needs = w.needs.with_class(snap.class_selector(w.class.as_deref()));
+        let uid = w.uid.clone();
         snap.turn = snap.turn.wrapping_add(1);
         let api = api.clone();
         match fit::pick(&needs, &snap.nodes.list, snap.turn) {

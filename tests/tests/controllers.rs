@@ -172,6 +172,40 @@ fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
         .expect_ok("rollout status (Recreate)")?;
     web_pods(&up, 2, &by_digest)?;
 
+    // Deleted with --cascade=orphan, its ReplicaSet and pods stay; a new Deployment with the
+    // same template adopts them (the same pods, no new ones).
+    let before = web_pods(&up, 2, &by_digest)?;
+    up.kubectl(&["delete", "deployment", "web", "--cascade=orphan"])?
+        .expect_ok("orphan delete")?;
+    let owners = field(
+        &up,
+        &["replicasets", "-l", "app=web"],
+        "{.items[*].metadata.ownerReferences}",
+    )?;
+    assert_eq!(owners, "", "orphaned");
+    up.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        &format!("--image={by_digest}"),
+        "--replicas=2",
+    ])?
+    .expect_ok("create again")?;
+    let uid = field(&up, &["deployment", "web"], "{.metadata.uid}")?;
+    up.wait_field(
+        30,
+        &["replicasets", "-l", "app=web"],
+        "{.items[*].metadata.ownerReferences[0].uid}",
+        |s| !s.is_empty() && s.split(' ').all(|u| u == uid),
+    )?;
+    up.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"])?
+        .expect_ok("rollout status after adoption")?;
+    let mut after = web_pods(&up, 2, &by_digest)?;
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "the same pods, adopted");
+
     // Deleted, its ReplicaSets and pods go with it.
     up.kubectl(&["delete", "deployment", "web"])?
         .expect_ok("delete deployment")?;

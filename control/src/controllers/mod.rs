@@ -100,7 +100,8 @@ struct Cache {
     children: HashMap<String, BTreeSet<String>>,
     /// key → its controller's uid.
     owner_of: HashMap<String, String>,
-    /// Keys of pods and Services, to find them by namespace.
+    /// Keys of pods, Services, ReplicaSets, DaemonSets and Deployments, to find them by
+    /// namespace.
     index: BTreeSet<String>,
     dirty: BTreeSet<String>,
 }
@@ -148,6 +149,44 @@ pub(crate) fn newer(
     })
 }
 
+/// Whether `owner`'s `spec.selector` (a LabelSelector with something in it) matches `o`.
+fn selects(owner: &Value, o: &Value) -> bool {
+    let sel = &owner["spec"]["selector"];
+    let some = |k: &str| {
+        sel[k].as_object().is_some_and(|m| !m.is_empty())
+            || sel[k].as_array().is_some_and(|a| !a.is_empty())
+    };
+    (some("matchLabels") || some("matchExpressions"))
+        && crate::api::select::Labels::from_selector(sel).matches(&o["metadata"]["labels"])
+}
+
+/// Make `owner` the controller of `orphans` (pods or ReplicaSets it selects that nobody
+/// owns), as the Kubernetes controllers adopt; the highest revision written.
+async fn adopt(api: &Arc<Api>, owner: &Value, orphans: &[&Value]) -> u64 {
+    let mut wrote = 0;
+    for o in orphans {
+        let (ns, name) = ns_name(o);
+        let mut refs = o["metadata"]["ownerReferences"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        refs.push(
+            json!({"apiVersion": owner["apiVersion"], "kind": owner["kind"],
+            "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+            "controller": true, "blockOwnerDeletion": true}),
+        );
+        let body = json!({"metadata": {"ownerReferences": refs,
+            "resourceVersion": o["metadata"]["resourceVersion"]}});
+        let path = if o["kind"] == "ReplicaSet" {
+            format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}")
+        } else {
+            format!("/api/v1/namespaces/{ns}/pods/{name}")
+        };
+        wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    wrote
+}
+
 /// The parts of a pod the controllers read. The cache holds every pod, so the rest (most of
 /// a pod: its containers' commands, env, probes, resources, status details) is dropped.
 fn trim_pod(mut o: Value) -> Value {
@@ -156,7 +195,7 @@ fn trim_pod(mut o: Value) -> Value {
             m.retain(|k, _| fields.contains(&k.as_str()));
         }
     }
-    keep(&mut o, &["metadata", "spec", "status"]);
+    keep(&mut o, &["kind", "metadata", "spec", "status"]);
     keep(
         &mut o["metadata"],
         &[
@@ -168,6 +207,7 @@ fn trim_pod(mut o: Value) -> Value {
             "ownerReferences",
             "creationTimestamp",
             "deletionTimestamp",
+            "resourceVersion",
         ],
     );
     keep(
@@ -212,7 +252,20 @@ impl Cache {
             let svcs = self.services_selecting(key, [old, obj.as_ref()]);
             self.dirty.extend(svcs);
         }
-        if key.starts_with(PODS) || key.starts_with(SVCS) {
+        // A pod or ReplicaSet no controller owns may be adopted by one that selects it.
+        for (prefix, by) in [(PODS, &[RSS, DSS][..]), (RSS, &[DEPLOYS][..])] {
+            if let Some(o) = obj
+                .as_ref()
+                .filter(|o| key.starts_with(prefix) && controller_uid(o).is_none())
+            {
+                let adopters = self.adopters(key, prefix, by, o);
+                self.dirty.extend(adopters);
+            }
+        }
+        if [PODS, SVCS, RSS, DSS, DEPLOYS]
+            .iter()
+            .any(|p| key.starts_with(p))
+        {
             match obj {
                 Some(_) => self.index.insert(key.to_string()),
                 None => self.index.remove(key),
@@ -269,6 +322,30 @@ impl Cache {
         self.index
             .range(start.clone()..)
             .take_while(move |k| k.starts_with(&start))
+    }
+
+    /// Controllers (under the prefixes `by`) in the namespace of `key` (under `prefix`) whose
+    /// selector matches `o`.
+    fn adopters(&self, key: &str, prefix: &str, by: &[&str], o: &Value) -> Vec<String> {
+        let Some((ns, _)) = split(key, prefix) else {
+            return vec![];
+        };
+        by.iter()
+            .flat_map(|p| self.in_namespace(p, ns))
+            .filter(|c| self.objs.get(*c).is_some_and(|c| selects(c, o)))
+            .cloned()
+            .collect()
+    }
+
+    /// Objects under `prefix` (pods, or ReplicaSets) in `owner`'s namespace that no
+    /// controller owns, that are not being deleted or finished, and that `owner` selects: the
+    /// ones it adopts.
+    fn orphans(&self, prefix: &str, owner: &Value) -> Vec<&Value> {
+        let ns = owner["metadata"]["namespace"].as_str().unwrap_or("default");
+        self.in_namespace(prefix, ns)
+            .filter_map(|k| self.objs.get(k))
+            .filter(|o| controller_uid(o).is_none() && replicaset::active(o) && selects(owner, o))
+            .collect()
     }
 
     /// Services in `pod_key`'s namespace that select any of `pods`.
@@ -497,6 +574,16 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
             continue;
         };
         if !o["metadata"]["deletionTimestamp"].is_null() {
+            continue;
+        }
+        // Adopt first; the plan counts them once the watch shows them owned.
+        let orphans = match () {
+            _ if key.starts_with(DEPLOYS) => cache.orphans(RSS, o),
+            _ if key.starts_with(RSS) || key.starts_with(DSS) => cache.orphans(PODS, o),
+            _ => vec![],
+        };
+        if !orphans.is_empty() {
+            wrote = wrote.max(adopt(api, o, &orphans).await);
             continue;
         }
         let children = cache.children_of(o);

@@ -27,9 +27,11 @@ impl Drop for Agent {
 }
 
 fn example(name: &str) -> anyhow::Result<Vec<u8>> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/out")
-        .join(format!("{name}.wasm"));
+    // The checkout `cargo run` runs in, not the one the binary was built in.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf());
+    let p = dir.join("../examples/out").join(format!("{name}.wasm"));
     std::fs::read(&p).with_context(|| format!("{}: run scripts/examples.sh first", p.display()))
 }
 

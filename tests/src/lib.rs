@@ -711,9 +711,19 @@ impl Up {
     }
 }
 
+/// This package's directory, as the test runner gives it when the test runs. The path built
+/// into the binary is only the fallback: checkouts that share one target directory (as the
+/// test command arranges) may run a binary another checkout built.
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// A Wasm example built by `scripts/examples.sh`.
 pub fn example(name: &str) -> anyhow::Result<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let p = crate_dir()
         .join("../examples/out")
         .join(format!("{name}.wasm"));
     if !p.is_file() {

@@ -225,7 +225,7 @@ async fn a_node_link_survives_a_leader_change() -> anyhow::Result<()> {
         .context("a follower")?;
     let cfg = kubeconfig(&root, &members[via])?;
     let server = members[via].api.clone().context("api")?;
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/out/sleeper.wasm");
+    let example = outpost_tests::crate_dir().join("../examples/out/sleeper.wasm");
     let r = root.clone();
     let mut node = outpost_tests::Node::new(&root.join("node"));
     let node = tokio::task::spawn_blocking(move || -> anyhow::Result<outpost_tests::Node> {

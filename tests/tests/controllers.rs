@@ -172,6 +172,23 @@ fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
         .expect_ok("rollout status (Recreate)")?;
     web_pods(&up, 2, &by_digest)?;
 
+    // A rollout that makes no progress for progressDeadlineSeconds fails, and `kubectl
+    // rollout status` says so.
+    // Its pod never passes its readiness probe (nothing listens on port 9).
+    let stuck = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: stuck\nspec:\n  progressDeadlineSeconds: 3\n  selector:\n    matchLabels:\n      app: stuck\n  template:\n    metadata:\n      labels:\n        app: stuck\n    spec:\n      containers:\n      - name: main\n        image: module:sleeper\n        readinessProbe:\n          tcpSocket:\n            port: 9\n          periodSeconds: 1\n";
+    up.kubectl_in(&["apply", "-f", "-"], stuck)?
+        .expect_ok("apply stuck")?;
+    let failed = up
+        .kubectl(&["rollout", "status", "deployment/stuck", "--timeout=60s"])?
+        .expect_err("a stuck rollout")?;
+    assert!(
+        failed.stderr.contains("exceeded its progress deadline"),
+        "{}",
+        failed.stderr
+    );
+    up.kubectl(&["delete", "deployment", "stuck"])?
+        .expect_ok("delete stuck")?;
+
     // Deleted with --cascade=orphan, its ReplicaSet and pods stay; a new Deployment with the
     // same template adopts them (the same pods, no new ones).
     let before = web_pods(&up, 2, &by_digest)?;

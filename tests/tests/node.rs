@@ -28,7 +28,7 @@ fn http_hello(up: &Up) -> anyhow::Result<u16> {
     push(up, "http-hello")?;
     let port = outpost_tests::free_tcp_port();
     let manifest = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http-hello/pod.yaml"),
+        outpost_tests::crate_dir().join("../examples/http-hello/pod.yaml"),
     )?
     .replace("containerPort: 8080", &format!("containerPort: {port}"));
     up.kubectl_in(&["apply", "-f", "-"], &manifest)?
@@ -122,7 +122,7 @@ fn port_forward_reaches_a_pod_through_its_node() -> anyhow::Result<()> {
         );
     }
     // The Python client speaks the channel protocol instead of SPDY.
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/portforward.py");
+    let script = outpost_tests::crate_dir().join("py/portforward.py");
     let out = std::process::Command::new(python()?)
         .arg(&script)
         .arg("http-hello")
@@ -160,7 +160,7 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
     for n in ["hello", "memory-hog", "cpu-burner"] {
         push(&up, n)?;
     }
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let examples = outpost_tests::crate_dir().join("../examples");
     for n in ["hello", "memory-hog", "cpu-burner"] {
         let f = examples.join(n).join("pod.yaml");
         up.kubectl(&["apply", "-f", f.to_str().unwrap_or_default()])?

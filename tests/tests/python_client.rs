@@ -8,7 +8,7 @@ use outpost_tests::{python, Up};
 fn list_watch_create_patch() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(dir.path())?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/client.py");
+    let script = outpost_tests::crate_dir().join("py/client.py");
     let out = std::process::Command::new(python()?)
         .arg(&script)
         .env("KUBECONFIG", &up.kubeconfig)

@@ -10,8 +10,8 @@ use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Program, Runtime, Stop};
 
 fn component() -> anyhow::Result<Vec<u8>> {
-    let p =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/out/http-hello.wasm");
+    // This package's directory at run time, so a binary built from another checkout works.
+    let p = outpost_tests::crate_dir().join("../examples/out/http-hello.wasm");
     std::fs::read(&p).map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/examples.sh)", p.display()))
 }
 

@@ -268,6 +268,22 @@ fn name(rs: &Value) -> String {
     rs["metadata"]["name"].as_str().unwrap_or("").to_string()
 }
 
+/// The reason of a Progressing condition that gave up, which `kubectl rollout status`
+/// reports as "exceeded its progress deadline".
+pub const DEADLINE: &str = "ProgressDeadlineExceeded";
+
+/// Whether `d`'s rollout is under way (so its progress deadline needs watching).
+pub fn rolling(d: &Value) -> bool {
+    d["spec"]["paused"] != true
+        && d["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter().any(|c| {
+                c["type"] == "Progressing"
+                    && c["reason"] != "NewReplicaSetAvailable"
+                    && c["reason"] != DEADLINE
+            })
+        })
+}
+
 fn status(d: &Value, new: Option<&Value>, rss: &[&Value], want: u64, unavailable: u64) -> Value {
     let sum = |k: &str| rss.iter().map(|rs| count(rs, k)).sum::<u64>();
     let spec_total: u64 = rss.iter().map(|rs| spec_replicas(rs)).sum();
@@ -314,6 +330,23 @@ fn status(d: &Value, new: Option<&Value>, rss: &[&Value], want: u64, unavailable
             "Deployment does not have minimum availability.".into(),
         )
     };
+    // Progress (more pods updated, ready or available than the status says) renews the
+    // Progressing condition; a rollout with none for progressDeadlineSeconds has failed.
+    let was = |k: &str| d["status"][k].as_u64().unwrap_or(0);
+    let moved = updated != was("updatedReplicas")
+        || ready != was("readyReplicas")
+        || available != was("availableReplicas");
+    let last = old("Progressing");
+    let stalled = last.as_ref().is_some_and(|c| c["reason"] == DEADLINE)
+        || (!moved
+            && d["spec"]["paused"] != true
+            && last.as_ref().is_some_and(|c| {
+                let since = c["lastUpdateTime"]
+                    .as_str()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+                let deadline = d["spec"]["progressDeadlineSeconds"].as_i64().unwrap_or(600);
+                since.is_some_and(|t| (jiff::Timestamp::now() - t).get_seconds() > deadline)
+            }));
     let progressing = if complete {
         cond(
             "Progressing",
@@ -321,13 +354,24 @@ fn status(d: &Value, new: Option<&Value>, rss: &[&Value], want: u64, unavailable
             "NewReplicaSetAvailable",
             format!("ReplicaSet \"{new_name}\" has successfully progressed."),
         )
-    } else if new.is_some() {
+    } else if new.is_some() && stalled && !moved {
         cond(
+            "Progressing",
+            false,
+            DEADLINE,
+            format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+        )
+    } else if new.is_some() {
+        let mut c = cond(
             "Progressing",
             true,
             "ReplicaSetUpdated",
             format!("ReplicaSet \"{new_name}\" is progressing."),
-        )
+        );
+        if moved {
+            c["lastUpdateTime"] = json!(now);
+        }
+        c
     } else {
         cond(
             "Progressing",

@@ -517,14 +517,16 @@ impl Follower for Cache {
         self.dirty.extend(all);
     }
     async fn round(&mut self, api: &Arc<Api>) -> u64 {
-        // Jobs wait on the clock (deadlines, time to live) as well as on changes.
+        // Jobs (deadlines, time to live) and rolling Deployments (progress deadlines) wait on
+        // the clock as well as on changes.
         let timed: Vec<String> = self
             .objs
             .iter()
-            .filter(|(k, j)| {
-                k.starts_with(JOBS)
-                    && (j["spec"]["activeDeadlineSeconds"].is_number()
-                        || j["spec"]["ttlSecondsAfterFinished"].is_number())
+            .filter(|(k, o)| {
+                (k.starts_with(JOBS)
+                    && (o["spec"]["activeDeadlineSeconds"].is_number()
+                        || o["spec"]["ttlSecondsAfterFinished"].is_number()))
+                    || (k.starts_with(DEPLOYS) && deployment::rolling(o))
             })
             .map(|(k, _)| k.clone())
             .collect();

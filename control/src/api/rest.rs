@@ -1242,7 +1242,7 @@ fn prepare_update(
                 }
             }
         }
-    } else if ctx.res.has(Sub::Status) {
+    } else if ctx.res.has(Sub::Status) && sub != Some(Sub::Binding) {
         match old.get("status") {
             Some(s) => new["status"] = s.clone(),
             None => {
@@ -1295,7 +1295,11 @@ where
         }
         let input = new.clone();
         prepare_update(ctx, &old, &mut new, sub, record)?;
-        check(ctx, &new, if input_check { &input } else { &Value::Null })?;
+        // A binding changes a stored, valid pod in two known fields (the scheduler's hot
+        // path); anything else is checked whole.
+        if sub != Some(Sub::Binding) {
+            check(ctx, &new, if input_check { &input } else { &Value::Null })?;
+        }
         set_rv(&mut new, kv.mod_revision);
         if new == old || ctx.dry_run {
             return Ok(new);
@@ -1547,15 +1551,26 @@ where
 
 async fn bind(ctx: &Ctx<'_>, name: &str, body: Value) -> Result<Response, ApiError> {
     let node = body["target"]["name"].as_str().unwrap_or("").to_string();
-    if node.is_empty() {
+    // The pod is not checked whole on this path, so the one field it takes is.
+    let bad = if node.is_empty() {
+        Some(Cause::required("target.name"))
+    } else {
+        admit::check_name("Node", &node).map(|mut c| {
+            c.field = "target.name".into();
+            c
+        })
+    };
+    if let Some(cause) = bad {
         return Err(ApiError::Invalid {
             group: String::new(),
             kind: "Binding".into(),
             name: name.into(),
-            causes: vec![Cause::required("target.name")],
+            causes: vec![cause],
         });
     }
-    update_with(ctx, name, None, false, |old| {
+    // As the API server's binding: no managed fields recorded, and the PodScheduled
+    // condition set with the node.
+    update_with(ctx, name, Some(Sub::Binding), false, |old| {
         match old["spec"]["nodeName"].as_str() {
             Some(n) if !n.is_empty() => Err(ApiError::Conflict {
                 kind: "pods".into(),
@@ -1577,7 +1592,7 @@ async fn bind(ctx: &Ctx<'_>, name: &str, body: Value) -> Result<Response, ApiErr
                     "lastProbeTime": null, "lastTransitionTime": now()}));
                 new["status"]["conditions"] = json!(conds);
                 meta(&mut new).remove("resourceVersion");
-                Ok((new, true))
+                Ok((new, false))
             }
         }
     })

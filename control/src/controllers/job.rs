@@ -1,6 +1,8 @@
 //! The Job controller's decisions: pods until `completions` have succeeded, at most
 //! `parallelism` at once; failure after more than `backoffLimit` failed pods or past
-//! `activeDeadlineSeconds`; deletion `ttlSecondsAfterFinished` after the end.
+//! `activeDeadlineSeconds`; deletion `ttlSecondsAfterFinished` after the end. After a failed
+//! pod the next one waits, 10 s doubling with each failure up to 6 minutes, as in
+//! Kubernetes.
 
 use serde_json::{json, Value};
 
@@ -16,6 +18,16 @@ pub struct Plan {
     pub status: Value,
     /// The Job's time to live after it finished is over.
     pub expire: bool,
+    /// Pods are held back by the failure back-off: look again later.
+    pub backing_off: bool,
+}
+
+/// How long after its latest failure a Job with `failed` failed pods waits for its next pod.
+pub fn backoff_delay(failed: u64) -> i64 {
+    if failed == 0 {
+        return 0;
+    }
+    (10i64 << (failed - 1).min(6)).min(360)
 }
 
 /// The condition that ended the Job, if one did.
@@ -32,8 +44,9 @@ fn seconds(t: &Value) -> Option<i64> {
         .map(|t| t.as_second())
 }
 
-/// Plan for `job` given its pods, at `now` (unix seconds; `stamp` is the same as RFC 3339).
-pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str) -> Plan {
+/// Plan for `job` given its pods, at `now` (unix seconds; `stamp` is the same as RFC 3339);
+/// `failed_at` is when its number of failed pods last grew, if known.
+pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Option<i64>) -> Plan {
     let spec = &job["spec"];
     let completions = spec["completions"].as_u64().unwrap_or(1);
     let parallelism = spec["parallelism"].as_u64().unwrap_or(1);
@@ -97,6 +110,10 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str) -> Plan {
     } else if spec["suspend"] != true {
         let want = parallelism.min(completions - succeeded) as usize;
         plan.create = want.saturating_sub(running.len());
+        if plan.create > 0 && failed_at.is_some_and(|t| now < t + backoff_delay(failed)) {
+            plan.create = 0;
+            plan.backing_off = true;
+        }
     }
     plan.status = status;
     plan
@@ -131,14 +148,14 @@ mod tests {
 
     #[test]
     fn runs_up_to_parallelism_until_completions() {
-        let p = plan(&job(json!({})), &[], NOW, T0);
+        let p = plan(&job(json!({})), &[], NOW, T0, None);
         assert_eq!(p.create, 2);
         assert_eq!(p.status["startTime"], T0);
         let (ok, run) = (pod("Succeeded"), pod("Running"));
         // Two done, one running: the last completion is under way.
-        let p = plan(&job(json!({})), &[&ok, &ok, &run], NOW, T0);
+        let p = plan(&job(json!({})), &[&ok, &ok, &run], NOW, T0, None);
         assert_eq!(p.create, 0);
-        let p = plan(&job(json!({})), &[&ok, &ok, &ok], NOW, T0);
+        let p = plan(&job(json!({})), &[&ok, &ok, &ok], NOW, T0, None);
         assert_eq!(p.status["conditions"][0]["type"], "Complete");
         assert_eq!(p.status["succeeded"], 3);
         assert_eq!(p.status["completionTime"], T0);
@@ -147,17 +164,27 @@ mod tests {
     #[test]
     fn fails_past_its_backoff_limit_or_deadline() {
         let (bad, run) = (pod("Failed"), pod("Running"));
-        let p = plan(&job(json!({})), &[&bad], NOW, T0);
+        let p = plan(&job(json!({})), &[&bad], NOW, T0, None);
         assert_eq!(p.create, 2, "one failure is within backoffLimit 1");
-        let p = plan(&job(json!({})), &[&bad, &bad, &run], NOW, T0);
+        // The next pods wait out the back-off after a failure: 10 s after the first.
+        let p = plan(&job(json!({})), &[&bad], NOW, T0, Some(NOW - 5));
+        assert_eq!((p.create, p.backing_off), (0, true));
+        let p = plan(&job(json!({})), &[&bad], NOW, T0, Some(NOW - 10));
+        assert_eq!((p.create, p.backing_off), (2, false));
+        assert_eq!(
+            [1, 2, 3, 7, 20].map(backoff_delay),
+            [10, 20, 40, 360, 360],
+            "doubling up to six minutes"
+        );
+        let p = plan(&job(json!({})), &[&bad, &bad, &run], NOW, T0, None);
         assert_eq!(p.status["conditions"][0]["reason"], "BackoffLimitExceeded");
         assert_eq!(p.delete, ["p-Running"]);
         assert_eq!(p.create, 0);
         let mut started = job(json!({"activeDeadlineSeconds": 10}));
         started["status"] = json!({"startTime": T0});
-        let p = plan(&started, &[&run], NOW + 5, T0);
+        let p = plan(&started, &[&run], NOW + 5, T0, None);
         assert!(p.status["conditions"].is_null());
-        let p = plan(&started, &[&run], NOW + 10, T0);
+        let p = plan(&started, &[&run], NOW + 10, T0, None);
         assert_eq!(p.status["conditions"][0]["reason"], "DeadlineExceeded");
     }
 
@@ -166,8 +193,8 @@ mod tests {
         let mut done = job(json!({"ttlSecondsAfterFinished": 30}));
         done["status"] = json!({"conditions": [{"type": "Complete", "status": "True",
             "lastTransitionTime": T0}]});
-        assert!(!plan(&done, &[], NOW + 29, T0).expire);
-        let p = plan(&done, &[], NOW + 30, T0);
+        assert!(!plan(&done, &[], NOW + 29, T0, None).expire);
+        let p = plan(&done, &[], NOW + 30, T0, None);
         assert!(p.expire && p.create == 0);
         let p = pod_for(&done);
         assert_eq!(p["metadata"]["ownerReferences"][0]["kind"], "Job");

@@ -100,6 +100,10 @@ struct Cache {
     children: HashMap<String, BTreeSet<String>>,
     /// key → its controller's uid.
     owner_of: HashMap<String, String>,
+    /// Job key → (its failed pods, when that number last grew), for the failure back-off.
+    failures: HashMap<String, (u64, i64)>,
+    /// Jobs waiting out a back-off.
+    backing_off: BTreeSet<String>,
     /// Keys of pods, Services, ReplicaSets, DaemonSets and Deployments, to find them by
     /// namespace.
     index: BTreeSet<String>,
@@ -529,6 +533,7 @@ impl Follower for Cache {
                     || (k.starts_with(DEPLOYS) && deployment::rolling(o))
             })
             .map(|(k, _)| k.clone())
+            .chain(std::mem::take(&mut self.backing_off))
             .collect();
         self.dirty.extend(timed);
         round(api, self).await
@@ -602,7 +607,24 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
                 .collect();
             sync_daemonset(api, o, &nodes, &children).await
         } else if key.starts_with(JOBS) {
-            sync_job(api, o, &children).await
+            // When its number of failed pods last grew, for the back-off.
+            let failed = children
+                .iter()
+                .filter(|p| p["status"]["phase"] == "Failed")
+                .count() as u64;
+            let now = jiff::Timestamp::now().as_second();
+            let seen = cache.failures.get(&key).copied();
+            let at = match seen {
+                Some((n, t)) if n == failed => t,
+                _ => now,
+            };
+            let (rev, backing_off) = sync_job(api, o, &children, (failed > 0).then_some(at)).await;
+            let (failures, waiting) = (&mut cache.failures, &mut cache.backing_off);
+            failures.insert(key.clone(), (failed, at));
+            if backing_off {
+                waiting.insert(key.clone());
+            }
+            rev
         } else if key.starts_with(STSS) {
             sync_statefulset(api, o, &children).await
         } else if key.starts_with(SVCS) {
@@ -1001,17 +1023,25 @@ async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
     wrote
 }
 
-async fn sync_job(api: &Arc<Api>, j: &Value, pods: &[&Value]) -> u64 {
+/// The highest revision written, and whether the Job is waiting out its failure back-off.
+async fn sync_job(
+    api: &Arc<Api>,
+    j: &Value,
+    pods: &[&Value],
+    failed_at: Option<i64>,
+) -> (u64, bool) {
     const ME: &str = "job-controller";
     let now = jiff::Timestamp::now();
-    let plan = job::plan(j, pods, now.as_second(), &crate::api::now());
+    let plan = job::plan(j, pods, now.as_second(), &crate::api::now(), failed_at);
+    let backing_off = plan.backing_off;
     let (ns, name) = ns_name(j);
     let path = format!("/apis/batch/v1/namespaces/{ns}/jobs/{name}");
     if plan.expire {
         let body = json!({"propagationPolicy": "Background"});
-        return write(api, "DELETE", &path, "application/json", &body)
+        let rev = write(api, "DELETE", &path, "application/json", &body)
             .await
             .0;
+        return (rev, false);
     }
     let new = vec![job::pod_for(j); plan.create];
     let mut wrote = create_pods(api, ME, j, new).await;
@@ -1036,5 +1066,5 @@ async fn sync_job(api: &Arc<Api>, j: &Value, pods: &[&Value]) -> u64 {
             event(api, ME, j, kind, reason, &msg).await;
         }
     }
-    wrote
+    (wrote, backing_off)
 }

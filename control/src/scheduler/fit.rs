@@ -316,6 +316,8 @@ pub struct NodeInfo {
     owners: HashMap<String, u32>,
     /// The pods on the node, by `namespace/name`, for other pods' affinity and spreading.
     pods: HashMap<String, PodMeta>,
+    /// How many of them have required anti-affinity (which other pods must respect).
+    repelling: u32,
     /// The names of the images (Wasm modules) the node has (`status.images`).
     images: HashSet<String>,
 }
@@ -370,6 +372,7 @@ impl NodeInfo {
         self.ports = old.ports.clone();
         self.owners = old.owners.clone();
         self.pods = old.pods.clone();
+        self.repelling = old.repelling;
     }
 
     pub fn label(&self, key: &str) -> Option<&str> {
@@ -391,7 +394,10 @@ impl NodeInfo {
         if let Some(o) = &n.owner {
             *self.owners.entry(o.clone()).or_default() += 1;
         }
-        self.pods.insert(n.meta.id.clone(), n.meta.clone());
+        if let Some(old) = self.pods.insert(n.meta.id.clone(), n.meta.clone()) {
+            self.repelling -= u32::from(old.repels());
+        }
+        self.repelling += u32::from(n.meta.repels());
     }
 
     /// A pod gone from this node (deleted, or finished).
@@ -415,7 +421,9 @@ impl NodeInfo {
                 }
             }
         }
-        self.pods.remove(&n.meta.id);
+        if let Some(old) = self.pods.remove(&n.meta.id) {
+            self.repelling -= u32::from(old.repels());
+        }
     }
 
     fn port_taken(&self, (proto, port, ip): &HostPort) -> bool {
@@ -575,8 +583,9 @@ pub fn pick<N: Borrow<NodeInfo>>(n: &Needs, nodes: &[N], turn: usize) -> Result<
         turn % nodes.len()
     };
     // Rules about other pods need the whole cluster counted once.
-    let view =
-        (!n.rules.is_empty()).then(|| topo::view(&n.rules, &n.meta, nodes, |x| selects(n, x)));
+    let repelled = nodes.iter().any(|x| x.borrow().repelling > 0);
+    let view = (repelled || !n.rules.is_empty())
+        .then(|| topo::view(&n.rules, &n.meta, nodes, |x| selects(n, x)));
     let mut fit = Vec::with_capacity(enough.min(nodes.len()));
     for i in (start..nodes.len()).chain(0..start) {
         let mut why = filter(n, at(i));

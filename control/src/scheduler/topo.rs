@@ -7,9 +7,10 @@
 //! own terms may start a group no pod belongs to yet; a required anti-affinity term is broken
 //! by a selected pod in the domain; a `DoNotSchedule` spread constraint allows a domain whose
 //! count of selected pods, with this one, exceeds the smallest count by at most `maxSkew`
-//! (counting only nodes the pod's node selector and affinity allow). Preferred terms and
-//! `ScheduleAnyway` constraints only score. Not done: the anti-affinity of pods already
-//! placed against the incoming one, and `namespaceSelector` other than `{}` (all namespaces).
+//! (counting only nodes the pod's node selector and affinity allow); and a placed pod's
+//! required anti-affinity keeps the pods it selects out of its domain. Preferred terms and
+//! `ScheduleAnyway` constraints only score. Not done: `namespaceSelector` other than `{}`
+//! (all namespaces).
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -26,6 +27,8 @@ pub struct PodMeta {
     pub id: String,
     pub ns: String,
     pub labels: Value,
+    /// Its required anti-affinity terms, which keep other pods out of its domain too.
+    anti: Vec<PodTerm>,
 }
 
 impl PodMeta {
@@ -34,10 +37,26 @@ impl PodMeta {
         let ns = m["namespace"].as_str().unwrap_or("default").to_string();
         PodMeta {
             id: format!("{ns}/{}", m["name"].as_str().unwrap_or("")),
+            anti: required(pod, "podAntiAffinity", &ns),
             ns,
             labels: m["labels"].clone(),
         }
     }
+
+    /// Whether its presence keeps some pods out of its domain.
+    pub fn repels(&self) -> bool {
+        !self.anti.is_empty()
+    }
+}
+
+/// A pod's required terms of `kind` (`podAffinity` or `podAntiAffinity`).
+fn required(pod: &Value, kind: &str, ns: &str) -> Vec<PodTerm> {
+    pod["spec"]["affinity"][kind]["requiredDuringSchedulingIgnoredDuringExecution"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| PodTerm::parse(t, ns))
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -102,14 +121,6 @@ impl Rules {
     pub fn parse(pod: &Value) -> Rules {
         let spec = &pod["spec"];
         let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
-        let required = |kind: &str| -> Vec<PodTerm> {
-            spec["affinity"][kind]["requiredDuringSchedulingIgnoredDuringExecution"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|t| PodTerm::parse(t, ns))
-                .collect()
-        };
         let preferred = |kind: &str| -> Vec<(i64, PodTerm)> {
             spec["affinity"][kind]["preferredDuringSchedulingIgnoredDuringExecution"]
                 .as_array()
@@ -149,8 +160,8 @@ impl Rules {
             })
             .collect();
         Rules {
-            affinity: required("podAffinity"),
-            anti: required("podAntiAffinity"),
+            affinity: required(pod, "podAffinity", ns),
+            anti: required(pod, "podAntiAffinity", ns),
             prefer: preferred("podAffinity"),
             avoid: preferred("podAntiAffinity"),
             spread,
@@ -181,6 +192,8 @@ pub struct View {
     spread: Vec<(HashMap<String, u32>, u32, u32)>,
     /// Whether the pod matches each spread constraint's selector itself.
     self_match: Vec<bool>,
+    /// (topology key, value) domains that placed pods' anti-affinity keeps this pod out of.
+    repelled: HashSet<(String, String)>,
 }
 
 fn domains<N: Borrow<NodeInfo>>(term: &PodTerm, nodes: &[N]) -> HashSet<String> {
@@ -230,7 +243,19 @@ pub fn view<N: Borrow<NodeInfo>>(
             (counts, min, max)
         })
         .collect();
+    // The other way round: placed pods whose required anti-affinity selects this one.
+    let mut repelled = HashSet::new();
+    for n in nodes.iter().map(Borrow::borrow) {
+        for p in n.pods().filter(|p| p.repels()) {
+            for t in p.anti.iter().filter(|t| t.selects(me)) {
+                if let Some(d) = n.label(&t.key) {
+                    repelled.insert((t.key.clone(), d.to_string()));
+                }
+            }
+        }
+    }
     View {
+        repelled,
         affinity,
         anti: each(&rules.anti),
         prefer: each_w(&rules.prefer),
@@ -265,6 +290,14 @@ pub fn reject(rules: &Rules, view: &View, node: &NodeInfo) -> Option<&'static st
         .any(|(t, ds)| in_any(t, ds))
     {
         return Some("node(s) didn't match pod anti-affinity rules");
+    }
+    // After the pod's own terms, in kube-scheduler's order.
+    if view
+        .repelled
+        .iter()
+        .any(|(k, d)| node.label(k) == Some(d.as_str()))
+    {
+        return Some("node(s) didn't satisfy existing pods anti-affinity rules");
     }
     for (i, c) in rules.spread.iter().enumerate().filter(|(_, c)| c.hard) {
         let Some(d) = node.label(&c.key) else {
@@ -386,6 +419,27 @@ mod tests {
         assert_eq!(
             pick(&zone, &full, 0),
             Err("0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.".into())
+        );
+    }
+
+    #[test]
+    fn a_placed_pods_anti_affinity_keeps_others_out() {
+        let mut a = node("a", "z1", &[]);
+        let loner = json!({"metadata": {"name": "loner", "namespace": "default",
+            "labels": {"app": "db"}},
+            "spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                [term("web", "kubernetes.io/hostname")]}},
+                "containers": [{"name": "c", "image": "module:x"}]}});
+        a.add(&needs(&loner, &Value::Null));
+        let b = node("b", "z1", &[]);
+        // An ordinary web pod has no rules of its own, yet stays off the loner's node.
+        let web = pod(Value::Null, Value::Null);
+        for t in 0..4 {
+            assert_eq!(pick(&web, &[&a, &b], t), Ok(1));
+        }
+        assert_eq!(
+            pick(&web, &[&a], 0),
+            Err("0/1 nodes are available: 1 node(s) didn't satisfy existing pods anti-affinity rules.".into())
         );
     }
 

@@ -10,6 +10,7 @@
 //! (`/outpost/links/NODE`), so a node linked to any member counts, and no heartbeat is ever
 //! a durable write.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,16 +106,20 @@ fn unix_now() -> i64 {
 /// Watch over nodes until the task is aborted. Only the leader acts.
 pub async fn run(api: Arc<Api>, l: Lifecycle) {
     let mut led_since: Option<i64> = None;
+    // Linked nodes that may need something (all of them at first); the others are not even
+    // decoded, so a large fleet of healthy nodes costs a key scan every 2 s.
+    let mut heed: Option<HashSet<String>> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let st = api.store.status();
         if st.leader != Some(st.id) {
             led_since = None;
+            heed = None;
             continue;
         }
         // A node with no record has been unaccounted for only since this leadership began.
         let since = *led_since.get_or_insert_with(unix_now);
-        if let Err(e) = pass(&api, &l, since).await {
+        if let Err(e) = pass(&api, &l, since, &mut heed).await {
             tracing::debug!(error = %e, "node lifecycle pass failed");
         }
     }
@@ -136,13 +141,40 @@ async fn list(api: &Arc<Api>, prefix: &str) -> Result<Vec<(String, Value)>, Stri
         .collect())
 }
 
-async fn pass(api: &Arc<Api>, l: &Lifecycle, since: i64) -> Result<(), String> {
-    let nodes = list(api, "/registry/core/nodes/").await?;
-    let links = list(api, LINK_PREFIX).await?;
+async fn pass(
+    api: &Arc<Api>,
+    l: &Lifecycle,
+    since: i64,
+    heed: &mut Option<HashSet<String>>,
+) -> Result<(), String> {
+    const NODES: &str = "/registry/core/nodes/";
+    let page = api
+        .store
+        .range(NODES, None, 0, Consistency::Serializable)
+        .await
+        .map_err(|e| e.to_string())?;
+    let links: HashMap<String, Value> = list(api, LINK_PREFIX).await?.into_iter().collect();
     let now = unix_now();
-    for (name, node) in &nodes {
-        let link = links.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    let first = heed.is_none();
+    let heed = heed.get_or_insert_with(HashSet::new);
+    for kv in &page.kvs {
+        let name = kv.key.trim_start_matches(NODES).to_string();
+        let link = links.get(&name);
+        let linked = link.is_some_and(|r| r["connected"] == true);
+        if linked && !first && !heed.contains(&name) {
+            continue;
+        }
+        let Ok(node) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
+        let (name, node) = (&name, &node);
         let v = judge(node, link, now, since, l);
+        // A linked node with nothing to undo needs no look until its link goes.
+        if linked && !v.untaint {
+            heed.remove(name);
+        } else {
+            heed.insert(name.clone());
+        }
         let path = format!("/api/v1/nodes/{name}");
         if v.unknown {
             let t = crate::api::now();

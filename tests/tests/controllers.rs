@@ -189,6 +189,27 @@ fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
     up.kubectl(&["delete", "deployment", "stuck"])?
         .expect_ok("delete stuck")?;
 
+    // With minReadySeconds, a ready pod counts as available only after that long.
+    let patient = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: patient\nspec:\n  minReadySeconds: 5\n  selector:\n    matchLabels:\n      app: patient\n  template:\n    metadata:\n      labels:\n        app: patient\n    spec:\n      containers:\n      - name: main\n        image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], patient)?
+        .expect_ok("apply patient")?;
+    let t = Instant::now();
+    up.wait_field(
+        30,
+        &["deployment", "patient"],
+        "{.status.readyReplicas}/{.status.availableReplicas}",
+        |s| s == "1/0" || s == "1/",
+    )?;
+    up.wait_field(
+        30,
+        &["deployment", "patient"],
+        "{.status.availableReplicas}",
+        |s| s == "1",
+    )?;
+    assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+    up.kubectl(&["delete", "deployment", "patient"])?
+        .expect_ok("delete patient")?;
+
     // Deleted with --cascade=orphan, its ReplicaSet and pods stay; a new Deployment with the
     // same template adopts them (the same pods, no new ones).
     let before = web_pods(&up, 2, &by_digest)?;

@@ -521,8 +521,9 @@ impl Follower for Cache {
         self.dirty.extend(all);
     }
     async fn round(&mut self, api: &Arc<Api>) -> u64 {
-        // Jobs (deadlines, time to live) and rolling Deployments (progress deadlines) wait on
-        // the clock as well as on changes.
+        // Jobs (deadlines, time to live), rolling Deployments (progress deadlines) and
+        // ReplicaSets with pods not yet ready long enough wait on the clock as well as on
+        // changes.
         let timed: Vec<String> = self
             .objs
             .iter()
@@ -531,6 +532,8 @@ impl Follower for Cache {
                     && (o["spec"]["activeDeadlineSeconds"].is_number()
                         || o["spec"]["ttlSecondsAfterFinished"].is_number()))
                     || (k.starts_with(DEPLOYS) && deployment::rolling(o))
+                    // Pods ready but not yet for minReadySeconds become available by the clock.
+                    || (k.starts_with(RSS) && o["status"]["readyReplicas"] != o["status"]["availableReplicas"])
             })
             .map(|(k, _)| k.clone())
             .chain(std::mem::take(&mut self.backing_off))
@@ -711,7 +714,7 @@ fn differs(have: &Value, want: &Value) -> bool {
 
 async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> u64 {
     const ME: &str = "replicaset-controller";
-    let plan = replicaset::plan(rs, pods);
+    let plan = replicaset::plan(rs, pods, jiff::Timestamp::now().as_second());
     let (ns, name) = ns_name(rs);
     let new = vec![replicaset::pod_for(rs); plan.create];
     let mut wrote = create_pods(api, ME, rs, new).await;

@@ -29,6 +29,24 @@ pub fn ready(pod: &Value) -> bool {
     })
 }
 
+/// Ready for at least `min_ready` seconds at `now` (unix seconds): what Kubernetes counts as
+/// available.
+pub fn available(pod: &Value, min_ready: i64, now: i64) -> bool {
+    if min_ready <= 0 {
+        return ready(pod);
+    }
+    pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter().any(|c| {
+            c["type"] == "Ready"
+                && c["status"] == "True"
+                && c["lastTransitionTime"]
+                    .as_str()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .is_some_and(|t| t.as_second() + min_ready <= now)
+        })
+    })
+}
+
 /// Which pod to give up first when scaling down, as the ReplicaSet controller ranks them:
 /// unscheduled before scheduled, pending before running, not ready before ready, then the
 /// newest first.
@@ -48,8 +66,8 @@ fn rank(pod: &Value) -> (u8, u8, u8, std::cmp::Reverse<String>) {
     )
 }
 
-/// Plan for `rs` given the pods it controls.
-pub fn plan(rs: &Value, pods: &[&Value]) -> Plan {
+/// Plan for `rs` given the pods it controls, at `now` (unix seconds).
+pub fn plan(rs: &Value, pods: &[&Value], now: i64) -> Plan {
     let want = rs["spec"]["replicas"].as_u64().unwrap_or(1) as usize;
     let mut live: Vec<&Value> = pods.iter().copied().filter(|p| active(p)).collect();
     let (create, delete) = if live.len() < want {
@@ -69,11 +87,13 @@ pub fn plan(rs: &Value, pods: &[&Value]) -> Plan {
         .filter(|p| labels.is_none_or(|l| l.iter().all(|(k, v)| p["metadata"]["labels"][k] == *v)))
         .count();
     let ready_n = live.iter().filter(|p| ready(p)).count();
+    let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
+    let available_n = live.iter().filter(|p| available(p, min_ready, now)).count();
     let status = json!({
         "replicas": live.len(),
         "fullyLabeledReplicas": fully,
         "readyReplicas": ready_n,
-        "availableReplicas": ready_n,
+        "availableReplicas": available_n,
         "observedGeneration": rs["metadata"]["generation"].as_i64().unwrap_or(1),
     });
     Plan {
@@ -127,12 +147,31 @@ mod tests {
     fn creates_what_is_missing_and_reports() {
         let a = pod("a", "n1", "Running", true, "2026-01-01T00:00:01Z");
         let done = pod("b", "n1", "Succeeded", false, "2026-01-01T00:00:02Z");
-        let p = plan(&rs(3), &[&a, &done]);
+        let p = plan(&rs(3), &[&a, &done], 0);
         assert_eq!(p.create, 2, "a finished pod does not count");
         assert!(p.delete.is_empty());
         assert_eq!(p.status["replicas"], 1);
         assert_eq!(p.status["readyReplicas"], 1);
         assert_eq!(p.status["observedGeneration"], 3);
+    }
+
+    #[test]
+    fn available_means_ready_for_min_ready_seconds() {
+        let mut a = pod("a", "n1", "Running", true, "2026-01-01T00:00:01Z");
+        a["status"]["conditions"][0]["lastTransitionTime"] = json!("2026-01-01T00:00:10Z");
+        let mut slow = rs(1);
+        slow["spec"]["minReadySeconds"] = json!(5);
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+        let early = plan(&slow, &[&a], at("2026-01-01T00:00:12Z"));
+        assert_eq!(
+            (
+                early.status["readyReplicas"].as_u64(),
+                early.status["availableReplicas"].as_u64()
+            ),
+            (Some(1), Some(0))
+        );
+        let later = plan(&slow, &[&a], at("2026-01-01T00:00:15Z"));
+        assert_eq!(later.status["availableReplicas"], 1);
     }
 
     #[test]
@@ -143,9 +182,9 @@ mod tests {
         let pending = pod("pending", "n1", "Pending", false, "2026-01-01T00:00:03Z");
         let unscheduled = pod("unscheduled", "", "Pending", false, "2026-01-01T00:00:04Z");
         let all = [&ready_old, &ready_new, &unready, &pending, &unscheduled];
-        assert_eq!(plan(&rs(4), &all).delete, ["unscheduled"]);
+        assert_eq!(plan(&rs(4), &all, 0).delete, ["unscheduled"]);
         assert_eq!(
-            plan(&rs(1), &all).delete,
+            plan(&rs(1), &all, 0).delete,
             ["unscheduled", "pending", "unready", "ready-new"]
         );
     }

@@ -533,7 +533,8 @@ impl Follower for Cache {
                         || o["spec"]["ttlSecondsAfterFinished"].is_number()))
                     || (k.starts_with(DEPLOYS) && deployment::rolling(o))
                     // Pods ready but not yet for minReadySeconds become available by the clock.
-                    || (k.starts_with(RSS) && o["status"]["readyReplicas"] != o["status"]["availableReplicas"])
+                    || ((k.starts_with(RSS) || k.starts_with(STSS))
+                        && o["status"]["readyReplicas"] != o["status"]["availableReplicas"])
             })
             .map(|(k, _)| k.clone())
             .chain(std::mem::take(&mut self.backing_off))
@@ -989,7 +990,7 @@ async fn sync_endpoints(api: &Arc<Api>, cache: &Cache, key: &str, svc: &Value) -
 
 async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
     const ME: &str = "statefulset-controller";
-    let plan = statefulset::plan(sts, pods);
+    let plan = statefulset::plan(sts, pods, jiff::Timestamp::now().as_second());
     let (ns, name) = ns_name(sts);
     let base = format!("/api/v1/namespaces/{ns}/pods");
     let mut wrote = 0;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::deployment::template_hash;
-use super::replicaset::{active, pod_from, ready};
+use super::replicaset::{active, available, pod_from, ready};
 
 pub const HASH: &str = "controller-revision-hash";
 pub const POD_NAME: &str = "statefulset.kubernetes.io/pod-name";
@@ -45,16 +45,19 @@ fn ordinal(sts_name: &str, pod: &Value) -> Option<u64> {
         .ok()
 }
 
-fn healthy(p: &Value) -> bool {
-    active(p) && p["status"]["phase"] == "Running" && ready(p)
+/// Running and available (Ready for `min_ready` seconds at `now`), as the next step waits for.
+fn healthy(p: &Value, min_ready: i64, now: i64) -> bool {
+    active(p) && p["status"]["phase"] == "Running" && available(p, min_ready, now)
 }
 
 fn name(p: &Value) -> String {
     p["metadata"]["name"].as_str().unwrap_or("").to_string()
 }
 
-/// Plan for `sts` given the pods it controls.
-pub fn plan(sts: &Value, pods: &[&Value]) -> Plan {
+/// Plan for `sts` given the pods it controls, at `now` (unix seconds).
+pub fn plan(sts: &Value, pods: &[&Value], now: i64) -> Plan {
+    let min_ready = sts["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
+    let healthy = |p: &Value| healthy(p, min_ready, now);
     let spec = &sts["spec"];
     let me = sts["metadata"]["name"].as_str().unwrap_or("");
     let want = spec["replicas"].as_u64().unwrap_or(1);
@@ -158,7 +161,7 @@ pub fn plan(sts: &Value, pods: &[&Value]) -> Plan {
     plan.status = json!({
         "replicas": live.len(),
         "readyReplicas": ready_n,
-        "availableReplicas": ready_n,
+        "availableReplicas": live.iter().filter(|p| available(p, min_ready, now)).count(),
         "currentReplicas": live.iter().filter(|p| rev(p) == current).count(),
         "updatedReplicas": updated,
         "currentRevision": current,
@@ -232,28 +235,49 @@ mod tests {
     #[test]
     fn ordered_creation_waits_for_each_pod() {
         let s = sts(3, "OrderedReady");
-        assert_eq!(plan(&s, &[]).create, [0]);
+        assert_eq!(plan(&s, &[], 0).create, [0]);
         let p0 = pod(&s, 0, "Pending", false);
-        assert!(plan(&s, &[&p0]).create.is_empty(), "waits for db-0");
+        assert!(plan(&s, &[&p0], 0).create.is_empty(), "waits for db-0");
         let p0 = pod(&s, 0, "Running", true);
-        assert_eq!(plan(&s, &[&p0]).create, [1]);
+        assert_eq!(plan(&s, &[&p0], 0).create, [1]);
         let p1 = pod(&s, 1, "Running", true);
-        let pl = plan(&s, &[&p0, &p1]);
+        let pl = plan(&s, &[&p0, &p1], 0);
         assert_eq!(pl.create, [2]);
         assert_eq!(pl.status["readyReplicas"], 2);
         // Parallel makes them all at once.
-        assert_eq!(plan(&sts(3, "Parallel"), &[]).create, [0, 1, 2]);
+        assert_eq!(plan(&sts(3, "Parallel"), &[], 0).create, [0, 1, 2]);
+    }
+
+    #[test]
+    fn min_ready_seconds_hold_the_next_pod() {
+        let mut s = sts(2, "OrderedReady");
+        s["spec"]["minReadySeconds"] = json!(10);
+        let mut p0 = pod(&s, 0, "Running", true);
+        p0["status"]["conditions"][0]["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
+        let t0 = "2026-01-01T00:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_second();
+        let early = plan(&s, &[&p0], t0 + 5);
+        assert!(
+            early.create.is_empty(),
+            "db-0 is ready but not yet available"
+        );
+        assert_eq!(early.status["availableReplicas"], 0);
+        let later = plan(&s, &[&p0], t0 + 10);
+        assert_eq!(later.create, [1]);
+        assert_eq!(later.status["availableReplicas"], 1);
     }
 
     #[test]
     fn a_missing_middle_pod_is_made_again_first() {
         let s = sts(3, "OrderedReady");
         let (p0, p2) = (pod(&s, 0, "Running", true), pod(&s, 2, "Running", true));
-        let pl = plan(&s, &[&p0, &p2]);
+        let pl = plan(&s, &[&p0, &p2], 0);
         assert_eq!(pl.create, [1]);
         assert!(pl.delete.is_empty());
         let failed = pod(&s, 1, "Failed", false);
-        assert_eq!(names(&plan(&s, &[&p0, &failed, &p2])), ["db-1"]);
+        assert_eq!(names(&plan(&s, &[&p0, &failed, &p2], 0)), ["db-1"]);
     }
 
     #[test]
@@ -262,22 +286,22 @@ mod tests {
         let ps: Vec<Value> = (0..4).map(|i| pod(&big, i, "Running", true)).collect();
         let refs: Vec<&Value> = ps.iter().collect();
         let s = sts(1, "OrderedReady");
-        assert_eq!(names(&plan(&s, &refs)), ["db-3"]);
+        assert_eq!(names(&plan(&s, &refs, 0)), ["db-3"]);
         let mut going = ps[3].clone();
         going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
         assert!(
-            plan(&s, &[&ps[0], &ps[1], &ps[2], &going])
+            plan(&s, &[&ps[0], &ps[1], &ps[2], &going], 0)
                 .delete
                 .is_empty(),
             "waits for db-3 to be gone"
         );
-        assert_eq!(names(&plan(&s, &[&ps[0], &ps[1], &ps[2]])), ["db-2"]);
+        assert_eq!(names(&plan(&s, &[&ps[0], &ps[1], &ps[2]], 0)), ["db-2"]);
         // Not while a pod in range is unhealthy.
         let sick = pod(&s, 0, "Running", false);
-        assert!(plan(&s, &[&sick, &ps[1]]).delete.is_empty());
+        assert!(plan(&s, &[&sick, &ps[1]], 0).delete.is_empty());
         // Parallel gives up all surplus at once.
         assert_eq!(
-            names(&plan(&sts(1, "Parallel"), &refs)),
+            names(&plan(&sts(1, "Parallel"), &refs, 0)),
             ["db-3", "db-2", "db-1"]
         );
     }
@@ -290,29 +314,29 @@ mod tests {
         let mut new = old.clone();
         new["spec"]["template"]["spec"]["containers"][0]["image"] = json!("module:v2");
         new["status"]["currentRevision"] = json!(revision(&old));
-        let pl = plan(&new, &refs);
+        let pl = plan(&new, &refs, 0);
         assert_eq!(names(&pl), ["db-2"]);
         assert_eq!(pl.status["updatedReplicas"], 0);
         assert_eq!(pl.status["currentRevision"], revision(&old));
         assert_eq!(pl.status["updateRevision"], revision(&new));
         // db-2 back at the new revision but not yet ready: wait.
         let p2 = pod(&new, 2, "Running", false);
-        assert!(plan(&new, &[&ps[0], &ps[1], &p2]).delete.is_empty());
+        assert!(plan(&new, &[&ps[0], &ps[1], &p2], 0).delete.is_empty());
         let p2 = pod(&new, 2, "Running", true);
-        assert_eq!(names(&plan(&new, &[&ps[0], &ps[1], &p2])), ["db-1"]);
+        assert_eq!(names(&plan(&new, &[&ps[0], &ps[1], &p2], 0)), ["db-1"]);
         // A partition of 2 keeps db-0 and db-1 at the old revision.
         let mut part = new.clone();
         part["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = json!(2);
-        assert!(plan(&part, &[&ps[0], &ps[1], &p2]).delete.is_empty());
+        assert!(plan(&part, &[&ps[0], &ps[1], &p2], 0).delete.is_empty());
         // All updated: the current revision follows.
         let all: Vec<Value> = (0..3).map(|i| pod(&new, i, "Running", true)).collect();
-        let pl = plan(&new, &all.iter().collect::<Vec<_>>());
+        let pl = plan(&new, &all.iter().collect::<Vec<_>>(), 0);
         assert!(pl.delete.is_empty() && pl.create.is_empty());
         assert_eq!(pl.status["currentRevision"], revision(&new));
         assert_eq!(pl.status["currentReplicas"], 3);
         // OnDelete leaves old pods alone.
         let mut manual = new.clone();
         manual["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
-        assert!(plan(&manual, &refs).delete.is_empty());
+        assert!(plan(&manual, &refs, 0).delete.is_empty());
     }
 }

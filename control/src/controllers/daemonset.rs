@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::deployment::template_hash;
-use super::replicaset::{active, ready};
+use super::replicaset::{active, available, ready};
 
 /// The label that says which template a DaemonSet pod was made from.
 pub const HASH: &str = "controller-revision-hash";
@@ -43,8 +43,10 @@ fn name(p: &Value) -> String {
     p["metadata"]["name"].as_str().unwrap_or("").to_string()
 }
 
-/// Plan for `ds` over `nodes` (name, whether it should run a pod) given its pods.
-pub fn plan(ds: &Value, nodes: &[(String, bool)], pods: &[&Value]) -> Plan {
+/// Plan for `ds` over `nodes` (name, whether it should run a pod) given its pods, at `now`
+/// (unix seconds; a pod is available once Ready for `minReadySeconds`).
+pub fn plan(ds: &Value, nodes: &[(String, bool)], pods: &[&Value], now: i64) -> Plan {
+    let min_ready = ds["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
     let hash = template_hash(&ds["spec"]["template"]);
     let mut on: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     let mut plan = Plan::default();
@@ -62,8 +64,8 @@ pub fn plan(ds: &Value, nodes: &[(String, bool)], pods: &[&Value]) -> Plan {
     }
     let current = |p: &Value| p["metadata"]["labels"][HASH] == hash.as_str();
     let (mut desired, mut scheduled, mut misscheduled) = (0, 0, 0);
-    let (mut ready_n, mut updated) = (0, 0);
-    // Nodes whose pod is from an older template, and how many nodes lack a ready pod.
+    let (mut ready_n, mut available_n, mut updated) = (0, 0, 0);
+    // Nodes whose pod is from an older template, and how many nodes lack an available pod.
     let mut outdated = vec![];
     let mut unavailable = 0;
     for (node, should) in nodes {
@@ -95,8 +97,9 @@ pub fn plan(ds: &Value, nodes: &[(String, bool)], pods: &[&Value]) -> Plan {
         });
         plan.delete.extend(ps[1..].iter().map(|p| name(p)));
         let kept = ps[0];
-        if ready(kept) {
-            ready_n += 1;
+        ready_n += u32::from(ready(kept));
+        if available(kept, min_ready, now) {
+            available_n += 1;
         } else {
             unavailable += 1;
         }
@@ -125,8 +128,8 @@ pub fn plan(ds: &Value, nodes: &[(String, bool)], pods: &[&Value]) -> Plan {
         "currentNumberScheduled": scheduled,
         "numberMisscheduled": misscheduled,
         "numberReady": ready_n,
-        "numberAvailable": ready_n,
-        "numberUnavailable": desired - ready_n,
+        "numberAvailable": available_n,
+        "numberUnavailable": desired - available_n,
         "updatedNumberScheduled": updated,
         "observedGeneration": ds["metadata"]["generation"].as_i64().unwrap_or(1),
     });
@@ -199,6 +202,28 @@ mod tests {
     }
 
     #[test]
+    fn available_waits_for_min_ready_seconds() {
+        let mut d = ds("module:v1");
+        d["spec"]["minReadySeconds"] = json!(10);
+        let mut a = pod_on(&d, "n1", "a", true);
+        a["status"]["conditions"][0]["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
+        let t0 = "2026-01-01T00:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_second();
+        let early = plan(&d, &nodes(&[("n1", true)]), &[&a], t0 + 3);
+        assert_eq!(
+            (
+                early.status["numberReady"].as_u64(),
+                early.status["numberAvailable"].as_u64()
+            ),
+            (Some(1), Some(0))
+        );
+        let later = plan(&d, &nodes(&[("n1", true)]), &[&a], t0 + 10);
+        assert_eq!(later.status["numberAvailable"], 1);
+    }
+
+    #[test]
     fn one_pod_per_eligible_node_and_none_elsewhere() {
         let d = ds("module:v1");
         let a = pod_on(&d, "n1", "a", true);
@@ -209,6 +234,7 @@ mod tests {
             &d,
             &nodes(&[("n1", true), ("n2", true), ("n3", false)]),
             &[&a, &extra, &stray, &gone],
+            0,
         );
         assert_eq!(p.create, ["n2"]);
         let mut deleted = p.delete.clone();
@@ -226,14 +252,14 @@ mod tests {
         let (a, b) = (pod_on(&old, "n1", "a", true), pod_on(&old, "n2", "b", true));
         let new = ds("module:v2");
         let all = nodes(&[("n1", true), ("n2", true)]);
-        let p = plan(&new, &all, &[&a, &b]);
+        let p = plan(&new, &all, &[&a, &b], 0);
         assert_eq!(p.delete, ["a"], "maxUnavailable 1");
         assert_eq!(p.status["updatedNumberScheduled"], 0);
         // n1's new pod not ready yet: n2 waits.
         let a2 = pod_on(&new, "n1", "a2", false);
-        assert!(plan(&new, &all, &[&a2, &b]).delete.is_empty());
+        assert!(plan(&new, &all, &[&a2, &b], 0).delete.is_empty());
         let a2 = pod_on(&new, "n1", "a2", true);
-        assert_eq!(plan(&new, &all, &[&a2, &b]).delete, ["b"]);
+        assert_eq!(plan(&new, &all, &[&a2, &b], 0).delete, ["b"]);
     }
 
     #[test]

@@ -535,6 +535,8 @@ impl Follower for Cache {
                     // Pods ready but not yet for minReadySeconds become available by the clock.
                     || ((k.starts_with(RSS) || k.starts_with(STSS))
                         && o["status"]["readyReplicas"] != o["status"]["availableReplicas"])
+                    || (k.starts_with(DSS)
+                        && o["status"]["numberReady"] != o["status"]["numberAvailable"])
             })
             .map(|(k, _)| k.clone())
             .chain(std::mem::take(&mut self.backing_off))
@@ -875,7 +877,7 @@ async fn sync_daemonset(api: &Arc<Api>, ds: &Value, nodes: &[&Value], pods: &[&V
             (info.name, should)
         })
         .collect();
-    let plan = daemonset::plan(ds, &eligible, pods);
+    let plan = daemonset::plan(ds, &eligible, pods, jiff::Timestamp::now().as_second());
     let (ns, name) = ns_name(ds);
     let new: Vec<Value> = plan
         .create

@@ -382,3 +382,37 @@ pub async fn etcd(
         paced_p99_ms: percentile(&plat, 0.99) / 1000.0,
     })
 }
+
+/// The events of a watch of the `default` namespace's pods from `rv`, each decoded, in order;
+/// the stream ends with the watch.
+pub async fn pod_events(
+    c: &reqwest::Client,
+    api: &str,
+    rv: &str,
+) -> anyhow::Result<impl futures::Stream<Item = anyhow::Result<serde_json::Value>>> {
+    use futures::StreamExt;
+    let r = c
+        .get(format!(
+            "https://{api}/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}"
+        ))
+        .timeout(Duration::from_secs(3600))
+        .send()
+        .await?;
+    let lines = futures::stream::unfold(
+        (r.bytes_stream(), Vec::new()),
+        |(mut body, mut buf)| async move {
+            loop {
+                if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let ev = serde_json::from_slice(&line).map_err(anyhow::Error::from);
+                    return Some((ev, (body, buf)));
+                }
+                match body.next().await? {
+                    Ok(chunk) => buf.extend_from_slice(&chunk),
+                    Err(e) => return Some((Err(e.into()), (body, buf))),
+                }
+            }
+        },
+    );
+    Ok(lines)
+}

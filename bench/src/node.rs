@@ -61,38 +61,25 @@ async fn watch_phases(
     api: String,
     tx: mpsc::UnboundedSender<(String, String, Instant)>,
 ) -> anyhow::Result<()> {
-    let r = c
-        .get(format!(
-            "https://{api}/api/v1/namespaces/default/pods?watch=true&resourceVersion=0"
-        ))
-        .timeout(Duration::from_secs(3600))
-        .send()
-        .await?;
-    let mut body = r.bytes_stream();
-    let mut buf = Vec::new();
-    while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk?);
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
-                continue;
-            };
-            let o = &ev["object"];
-            let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
-            let phase = o["status"]["phase"].as_str().unwrap_or("").to_string();
-            let started = o["status"]["containerStatuses"][0]["state"]
-                .as_object()
-                .is_some_and(|s| s.contains_key("running") || s.contains_key("terminated"));
-            let phase = if ev["type"] == "DELETED" {
-                "Deleted".to_string()
-            } else if started && phase == "Pending" {
-                "Started".to_string()
-            } else {
-                phase
-            };
-            if tx.send((name, phase, Instant::now())).is_err() {
-                return Ok(());
-            }
+    let events = super::api::pod_events(&c, &api, "0").await?;
+    futures::pin_mut!(events);
+    while let Some(ev) = events.next().await {
+        let Ok(ev) = ev else { continue };
+        let o = &ev["object"];
+        let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let phase = o["status"]["phase"].as_str().unwrap_or("").to_string();
+        let started = o["status"]["containerStatuses"][0]["state"]
+            .as_object()
+            .is_some_and(|s| s.contains_key("running") || s.contains_key("terminated"));
+        let phase = if ev["type"] == "DELETED" {
+            "Deleted".to_string()
+        } else if started && phase == "Pending" {
+            "Started".to_string()
+        } else {
+            phase
+        };
+        if tx.send((name, phase, Instant::now())).is_err() {
+            return Ok(());
         }
     }
     Ok(())

@@ -174,14 +174,8 @@ pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
         }
         last = now;
     }
-    let r = c
-        .get(format!(
-            "https://{api}/api/v1/namespaces/default/pods?watch=true&resourceVersion={last}"
-        ))
-        .timeout(Duration::from_secs(3600))
-        .send()
-        .await?;
-    let mut body = r.bytes_stream();
+    let events = super::api::pod_events(&c, &api, &last.to_string()).await?;
+    futures::pin_mut!(events);
     eprintln!("quiet at revision {last}; releasing");
     let released = Instant::now();
     send(
@@ -194,30 +188,23 @@ pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
     )
     .await?;
     let mut seen = std::collections::HashSet::new();
-    let mut buf = Vec::new();
     let mut last_bound = released;
     let limit = Instant::now() + Duration::from_secs(300);
     while seen.len() < pods {
-        let chunk = tokio::time::timeout_at(limit.into(), body.next()).await;
-        let Ok(Some(chunk)) = chunk else {
+        let ev = tokio::time::timeout_at(limit.into(), events.next()).await;
+        let Ok(Some(ev)) = ev else {
             eprintln!(
                 "the watch ended or timed out with {} pods bound",
                 seen.len()
             );
             break;
         };
-        buf.extend_from_slice(&chunk?);
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
-                continue;
-            };
-            let o = &ev["object"];
-            if !o["spec"]["nodeName"].as_str().unwrap_or("").is_empty()
-                && seen.insert(o["metadata"]["name"].as_str().unwrap_or("").to_string())
-            {
-                last_bound = Instant::now();
-            }
+        let Ok(ev) = ev else { continue };
+        let o = &ev["object"];
+        if !o["spec"]["nodeName"].as_str().unwrap_or("").is_empty()
+            && seen.insert(o["metadata"]["name"].as_str().unwrap_or("").to_string())
+        {
+            last_bound = Instant::now();
         }
     }
     let elapsed = last_bound.duration_since(released).as_secs_f64();

@@ -24,7 +24,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{drive, fresh, system_user, while_leader, Follower};
+use super::{drive, fresh, system_user, while_leader, write_as, Follower};
 use crate::api::resources::{by_kind, Resource, RESOURCES};
 use crate::api::{Api, User};
 use outpost_api::store::{Expect, Outcome};
@@ -296,17 +296,7 @@ async fn call(api: &Arc<Api>, method: &str, path: &str, body: &Value) -> u64 {
     } else {
         "application/json"
     };
-    let (status, v) = crate::api::call_as(api, &me(), method, path, ct, body).await;
-    if !(200..300).contains(&status) {
-        if status != 404 && status != 409 {
-            tracing::debug!(%method, %path, %status, message = %v["message"], "collector call failed");
-        }
-        return 0;
-    }
-    v["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1)
+    write_as(api, &me(), method, path, ct, body).await.0
 }
 
 /// Do what the object at `key` needs; the highest revision written.

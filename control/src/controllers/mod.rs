@@ -657,9 +657,24 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
 
 /// One write: the revision it made (0 if refused) and the object written.
 async fn write(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: &Value) -> (u64, Value) {
-    let (status, v) = crate::api::call_as(api, &manager(), method, path, ct, body).await;
+    write_as(api, &manager(), method, path, ct, body).await
+}
+
+/// [`write`] as `user`.
+pub(crate) async fn write_as(
+    api: &Arc<Api>,
+    user: &User,
+    method: &str,
+    path: &str,
+    ct: &str,
+    body: &Value,
+) -> (u64, Value) {
+    let (status, v) = crate::api::call_as(api, user, method, path, ct, body).await;
     if !(200..300).contains(&status) {
-        tracing::debug!(%method, %path, %status, message = %v["message"], "controller write failed");
+        // Not found and conflicts are the ordinary races of a control loop.
+        if status != 404 && status != 409 {
+            tracing::debug!(%method, %path, %status, message = %v["message"], "controller write failed");
+        }
         return (0, Value::Null);
     }
     let rev = v["metadata"]["resourceVersion"]

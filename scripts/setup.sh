@@ -8,11 +8,17 @@ command -v protoc >/dev/null || need_apt+=(protobuf-compiler)   # etcd-client's 
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)   # a real OCI registry for the Wasm-artifact tests
+# OCI pods: libcontainer's seccomp filters link libseccomp; the OCI tests build their image from
+# busybox-static's /bin/busybox.
+[ -e /usr/include/seccomp.h ] || need_apt+=(libseccomp-dev)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx unshare || need_apt+=(busybox-static)
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
   command -v etcd >/dev/null || need_apt+=(etcd-server)
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)
   command -v wrk >/dev/null || need_apt+=(wrk)   # the load of `outpost-bench http`
+  command -v runc >/dev/null || need_apt+=(runc)   # the OCI peer of `outpost-bench oci`
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -18,6 +18,9 @@ use outpost_api::link::{
     read_frame, write_frame, Down, ForwardRequest, Head, LogRequest, Token, MAX_FRAME,
 };
 use outpost_oci_shim::registry;
+use outpost_oci_shim::run::{Containers, Outcome};
+use outpost_oci_shim::spec::Launch;
+use outpost_oci_shim::store::{Image, Store};
 use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
@@ -94,7 +97,19 @@ pub struct Agent {
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
     events_tx: mpsc::UnboundedSender<Event>,
     host_ip: Mutex<String>,
+    /// OCI containers: the image store and the helpers, or why this machine cannot run them.
+    oci: Result<Oci, String>,
 }
+
+struct Oci {
+    store: Store,
+    containers: Containers,
+    /// Manifest digests of the images running containers use, by container id.
+    in_use: Mutex<HashMap<String, String>>,
+}
+
+/// How long an image no container uses stays on the node.
+const IMAGE_IDLE: Duration = Duration::from_secs(3600);
 
 /// The host name as a node name: lowercase, and anything a DNS label may not hold becomes
 /// '-' (`Pi_4` → `pi-4`).
@@ -160,6 +175,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let runtime = Arc::new(Runtime::new()?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let oci = match outpost_oci_shim::run::unavailable() {
+        Some(why) => Err(why),
+        None => std::env::current_exe()
+            .map_err(|e| format!("the agent's own binary: {e}"))
+            .map(|exe| Oci {
+                store: Store::new(&cfg.data_dir.join("oci")),
+                containers: Containers::new(&cfg.data_dir.join("oci"), &exe),
+                in_use: Mutex::new(HashMap::new()),
+            }),
+    };
+    if let Err(why) = &oci {
+        tracing::warn!(%why, "this node runs Wasm pods only");
+    }
     let agent = Arc::new(Agent {
         dir: cfg.data_dir.clone(),
         node,
@@ -174,6 +202,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         status_tx,
         events_tx,
         host_ip: Mutex::new(String::new()),
+        oci,
     });
     let cached = agent.cache.pods();
     tracing::info!(node = %agent.node, pods = cached.len(), "node agent starting");
@@ -182,6 +211,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(agent.clone().report(status_rx));
     tokio::spawn(agent.clone().send_events(events_rx));
+    tokio::spawn(agent.clone().collect_images());
     match server {
         Some(s) => agent.link_loop(s).await,
         None => {
@@ -198,6 +228,11 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Agent {
+    /// The address the control plane sees this node at; empty before the first session.
+    fn host_ip(&self) -> String {
+        self.host_ip.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
     async fn link_loop(self: Arc<Self>, server: String) {
         let mut delay = Duration::from_millis(500);
         loop {
@@ -286,7 +321,42 @@ impl Agent {
                 json!({"names": refs, "sizeBytes": size})
             })
             .collect();
+        let mut images = images;
+        if let Ok(oci) = &self.oci {
+            let mut imgs = oci.store.images();
+            imgs.sort_by_key(|b| std::cmp::Reverse(b.1));
+            images.extend(
+                imgs.into_iter()
+                    .filter(|(n, _)| !n.is_empty())
+                    .map(|(n, size)| json!({"names": n, "sizeBytes": size})),
+            );
+        }
+        images.truncate(50);
         json!(images)
+    }
+
+    /// Drop images no container has used for [`IMAGE_IDLE`], now and then.
+    async fn collect_images(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            let Ok(oci) = &self.oci else { return };
+            let in_use: std::collections::HashSet<String> = oci
+                .in_use
+                .lock()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
+            let me = self.clone();
+            let gone = tokio::task::spawn_blocking(move || match &me.oci {
+                Ok(oci) => oci.store.collect(&in_use, IMAGE_IDLE),
+                Err(_) => Vec::new(),
+            })
+            .await
+            .unwrap_or_default();
+            if !gone.is_empty() {
+                tracing::info!(images = ?gone, "removed unused images");
+                self.report_images();
+            }
+        }
     }
 
     /// Tell the control plane what modules the node has now (best effort; the next
@@ -324,18 +394,19 @@ impl Agent {
                     .and_then(|n| n.parse::<u64>().ok())
             })
             .unwrap_or(0);
-        let ip = self.host_ip.lock().map(|h| h.clone()).unwrap_or_default();
+        let ip = self.host_ip();
         let t = now();
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let resources = json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": self.max_pods.to_string()});
-        json!({
+        let mut node = json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": self.node, "labels": {
                 "kubernetes.io/arch": arch, "kubernetes.io/os": "linux",
                 "kubernetes.io/hostname": self.node, "beta.kubernetes.io/arch": arch,
-                "beta.kubernetes.io/os": "linux", "outpost.dev/runtime-wasm": "true"}},
+                "beta.kubernetes.io/os": "linux", "outpost.dev/runtime-wasm": "true",
+                "outpost.dev/runtime-oci": if self.oci.is_ok() { "true" } else { "false" }}},
             "status": {
                 "capacity": resources, "allocatable": resources,
                 "conditions": [
@@ -351,12 +422,17 @@ impl Agent {
                 "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": self.node}],
                 "nodeInfo": {"architecture": arch, "operatingSystem": "linux",
                     "kubeletVersion": "v1.33.0-outpost", "kubeProxyVersion": "",
-                    "containerRuntimeVersion": "wasmtime://48.0", "kernelVersion": kernel,
+                    "containerRuntimeVersion": if self.oci.is_ok() { "wasmtime://48.0+libcontainer://0.7" } else { "wasmtime://48.0" }, "kernelVersion": kernel,
                     "osImage": os_image(), "machineID": "", "systemUUID": "", "bootID": ""},
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
                 "images": self.images(),
             }
-        })
+        });
+        // Why OCI pods will not be placed here, for `kubectl describe node`.
+        if let Err(why) = &self.oci {
+            node["metadata"]["annotations"] = json!({"outpost.dev/runtime-oci-unavailable": why});
+        }
+        node
     }
 
     /// Create the Node object, or bring its status up to date.
@@ -671,7 +747,7 @@ impl Agent {
             let mut prev = Value::Null;
             loop {
                 let list = containers.lock().map(|c| c.clone()).unwrap_or_default();
-                let ip = me.host_ip.lock().map(|h| h.clone()).unwrap_or_default();
+                let ip = me.host_ip();
                 let mut status = pod::status(&list, &started, &ip, &now());
                 keep_transition_times(&mut status, &prev);
                 if status != prev {
@@ -1245,6 +1321,59 @@ async fn local_ip(server: &str) -> std::io::Result<String> {
 }
 
 /// One container's loop: prepare, run, decide, back off.
+/// A container ready to run, on one runtime or the other.
+enum Prepared {
+    Wasm(outpost_wasm_runtime::Program, Command),
+    Oci(OciRun),
+}
+
+struct OciRun {
+    id: String,
+    spec: Value,
+    image: Image,
+    log: Arc<Log>,
+    signal: i32,
+    grace: Duration,
+}
+
+/// How a run ended.
+enum Ran {
+    Wasm(Result<Exit, String>),
+    Oci(Outcome),
+}
+
+/// The kubelet's (exit code, reason, message) for an OCI run; `killed` says why a probe
+/// stopped it.
+fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
+    match (o, killed) {
+        (
+            Outcome {
+                error: Some(e),
+                exit_code: 128,
+                ..
+            },
+            _,
+        ) => (128, "StartError".into(), e.clone()),
+        (
+            Outcome {
+                oom_killed: true, ..
+            },
+            _,
+        ) => (137, "OOMKilled".into(), String::new()),
+        (o, Some(k)) => (o.exit_code, "Error".into(), k.to_string()),
+        (o, None) => (
+            o.exit_code,
+            if o.exit_code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            }
+            .into(),
+            String::new(),
+        ),
+    }
+}
+
 struct Worker {
     agent: Arc<Agent>,
     uid: String,
@@ -1331,18 +1460,50 @@ impl Worker {
             if self.stop.stopped() {
                 return;
             }
-            let prepared = self.prepare(restarts).await;
-            let (module, cmd) = match prepared {
+            let prepared = match self.prepare(restarts).await {
                 Ok(p) => {
                     failures = 0;
                     p
                 }
                 Err((reason, message)) => {
                     tracing::warn!(pod = %self.pod["metadata"]["name"], container = %self.name(), %reason, %message, "container cannot start");
-                    self.event(true, "Failed", format!("Error: {reason}: {message}"));
-                    self.update(|c| c.state = State::waiting(&reason, message));
                     let d = pod::backoff(failures);
                     failures += 1;
+                    if reason == "ErrImagePull" {
+                        let image = self.spec["image"].as_str().unwrap_or("");
+                        self.event(
+                            true,
+                            "Failed",
+                            format!("Failed to pull image \"{image}\": {message}"),
+                        );
+                        self.event(true, "Failed", "Error: ErrImagePull".into());
+                        self.update(|c| c.state = State::waiting(&reason, message.clone()));
+                        // As the kubelet: ErrImagePull once, then ImagePullBackOff while
+                        // it waits to try again.
+                        let first = d.min(Duration::from_secs(2));
+                        if nap(&self.stop, first).await {
+                            return;
+                        }
+                        self.event(
+                            false,
+                            "BackOff",
+                            format!("Back-off pulling image \"{image}\""),
+                        );
+                        self.update(|c| {
+                            c.state = State::waiting(
+                                "ImagePullBackOff",
+                                format!(
+                                    "Back-off pulling image \"{image}\": ErrImagePull: {message}"
+                                ),
+                            )
+                        });
+                        if nap(&self.stop, d - first).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    self.event(true, "Failed", format!("Error: {reason}: {message}"));
+                    self.update(|c| c.state = State::waiting(&reason, message));
                     if nap(&self.stop, d).await {
                         return;
                     }
@@ -1375,10 +1536,15 @@ impl Worker {
                 })
             };
             let watch = tokio::spawn(self.probing().watch(probes.clone(), stop.clone()));
-            let exit = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            let ran = match prepared {
+                Prepared::Wasm(module, cmd) => Ran::Wasm(
+                    tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string())),
+                ),
+                Prepared::Oci(o) => Ran::Oci(self.run_oci(o, stop).await),
+            };
             forward.abort();
             let killed = if watch.is_finished() {
                 watch.await.ok().flatten()
@@ -1390,18 +1556,19 @@ impl Worker {
                 c.ready = false;
                 c.started = false;
             });
-            let (code, reason, message) = match &exit {
-                Ok(Exit::Stopped) if killed.is_some() => {
+            let (code, reason, message) = match &ran {
+                Ran::Wasm(Ok(Exit::Stopped)) if killed.is_some() => {
                     (137, "Error".to_string(), killed.clone().unwrap_or_default())
                 }
-                Ok(Exit::OutOfMemory { limit }) => (
+                Ran::Wasm(Ok(Exit::OutOfMemory { limit })) => (
                     137,
                     "OOMKilled".to_string(),
                     format!("memory limit of {limit} bytes reached"),
                 ),
-                Ok(Exit::Trap(t)) => (134, "Error".into(), t.clone()),
-                Ok(e) => (e.code(), e.reason().to_string(), String::new()),
-                Err(e) => (128, "StartError".into(), e.clone()),
+                Ran::Wasm(Ok(Exit::Trap(t))) => (134, "Error".into(), t.clone()),
+                Ran::Wasm(Ok(e)) => (e.code(), e.reason().to_string(), String::new()),
+                Ran::Wasm(Err(e)) => (128, "StartError".into(), e.clone()),
+                Ran::Oci(o) => oci_state(o, killed.as_deref()),
             };
             let ended = State::Terminated {
                 code,
@@ -1456,11 +1623,14 @@ impl Worker {
 
     /// Everything a run needs: the compiled module and the command. Errors are a waiting
     /// reason and message, as `kubectl describe` shows them.
-    async fn prepare(
-        &self,
-        run: u32,
-    ) -> Result<(outpost_wasm_runtime::Program, Command), (String, String)> {
+    async fn prepare(&self, run: u32) -> Result<Prepared, (String, String)> {
         let image = self.spec["image"].as_str().unwrap_or("");
+        let wasm = image.starts_with("module:") || self.pod["spec"]["runtimeClassName"] == "wasm";
+        if let (false, Ok(oci)) = (wasm, &self.agent.oci) {
+            if let Some(p) = self.prepare_oci(run, oci).await? {
+                return Ok(p);
+            }
+        }
         let (digest, bytes) = self
             .agent
             .module(image, self.spec["imagePullPolicy"].as_str())
@@ -1514,7 +1684,7 @@ impl Worker {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .map(|p| std::net::SocketAddr::from(([0, 0, 0, 0], p)));
-        Ok((
+        Ok(Prepared::Wasm(
             module,
             Command {
                 args,
@@ -1531,6 +1701,266 @@ impl Worker {
                 ),
             },
         ))
+    }
+
+    /// An OCI container's image, bundle spec and log; `None` when the image turns out to be
+    /// a Wasm artifact, which the Wasm runtime runs.
+    async fn prepare_oci(&self, run: u32, oci: &Oci) -> Result<Option<Prepared>, (String, String)> {
+        let Some(image) = self.image(oci).await? else {
+            return Ok(None);
+        };
+        self.update(|c| c.image_id = image.digest.clone());
+        let config = |m: String| ("CreateContainerConfigError".to_string(), m);
+        let env = self.env().await.map_err(config)?;
+        let mounts = self.volumes().await.map_err(config)?;
+        let files = self.pod_files().map_err(config)?;
+        let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
+            .and_then(|p| Log::open(&p, log::MAX))
+            .map_err(|e| config(format!("log file: {e}")))?;
+        let id = Containers::id(&self.uid, self.name());
+        let (pod, container) = (self.pod.clone(), self.spec.clone());
+        let hostname = self.pod["spec"]["hostname"]
+            .as_str()
+            .or(self.pod["metadata"]["name"].as_str())
+            .unwrap_or("pod")
+            .chars()
+            .take(63)
+            .collect();
+        let cgroup = format!("/outpost/{}/{}", self.uid, self.name());
+        let (config_img, rootfs) = (image.config.clone(), image.rootfs.clone());
+        let spec = tokio::task::spawn_blocking(move || {
+            let l = Launch {
+                pod: &pod,
+                container: &container,
+                env,
+                mounts,
+                files,
+                cgroup,
+                hostname,
+            };
+            outpost_oci_shim::spec::runtime_spec(&l, &config_img, &rootfs)
+        })
+        .await
+        .map_err(|e| config(e.to_string()))?
+        .map_err(|e| config(e.to_string()))?;
+        let signal = outpost_oci_shim::run::signal_number(&image.config.stop_signal);
+        Ok(Some(Prepared::Oci(OciRun {
+            id,
+            spec,
+            image,
+            log,
+            signal,
+            grace: Duration::from_secs(
+                self.pod["spec"]["terminationGracePeriodSeconds"]
+                    .as_u64()
+                    .unwrap_or(30),
+            ),
+        })))
+    }
+
+    /// The container's image, pulled as `imagePullPolicy` says, with the kubelet's events.
+    async fn image(&self, oci: &Oci) -> Result<Option<Image>, (String, String)> {
+        let name = self.spec["image"].as_str().unwrap_or("");
+        let pull = |m: String| ("ErrImagePull".to_string(), m);
+        let r = registry::Reference::parse(name)
+            .map_err(|e| ("InvalidImageName".to_string(), e.to_string()))?;
+        let policy = self.spec["imagePullPolicy"].as_str().unwrap_or(
+            if r.digest.is_none() && r.tag.as_deref() == Some("latest") {
+                "Always"
+            } else {
+                "IfNotPresent"
+            },
+        );
+        // A few small reads: not worth a blocking task.
+        let cached = oci.store.cached(name);
+        match (policy, cached) {
+            ("Never", None) => {
+                return Err((
+                    "ErrImageNeverPull".into(),
+                    format!("Container image \"{name}\" is not present with pull policy of Never"),
+                ))
+            }
+            ("Never" | "IfNotPresent", Some(img)) => {
+                self.event(
+                    false,
+                    "Pulled",
+                    format!("Container image \"{name}\" already present on machine"),
+                );
+                return Ok(Some(img));
+            }
+            _ => {}
+        }
+        let auth = self.pull_auth(&r.registry).await;
+        let client = self
+            .agent
+            .registry
+            .get_or_init(|| registry::Client::new(self.agent.insecure_registries.clone()))
+            .with_auth(auth);
+        self.event(false, "Pulling", format!("Pulling image \"{name}\""));
+        let t0 = Instant::now();
+        let progress = |_: String| {};
+        match oci.store.pull(&client, name, &progress).await {
+            Ok(img) => {
+                let t = t0.elapsed().as_secs_f64();
+                self.event(
+                    false,
+                    "Pulled",
+                    format!("Successfully pulled image \"{name}\" in {t:.3}s ({t:.3}s including waiting). Image size: {} bytes.", img.size),
+                );
+                self.agent.report_images();
+                Ok(Some(img))
+            }
+            Err(outpost_oci_shim::Error::IsWasm(_)) => Ok(None),
+            // Offline: the copy pulled before keeps the pod running.
+            Err(e @ outpost_oci_shim::Error::Registry(..)) => match oci.store.cached(name) {
+                Some(img) => {
+                    tracing::warn!(image = %name, error = %e, "registry unreachable; using the copy pulled before");
+                    Ok(Some(img))
+                }
+                None => Err(pull(e.to_string())),
+            },
+            Err(e) => Err(pull(e.to_string())),
+        }
+    }
+
+    /// Credentials for `registry` from the pod's imagePullSecrets.
+    async fn pull_auth(&self, registry: &str) -> Option<(String, String)> {
+        let ns = self.pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        for s in self.pod["spec"]["imagePullSecrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let Some(name) = s["name"].as_str() else {
+                continue;
+            };
+            let Ok(o) = self.agent.object("secrets", ns, name).await else {
+                tracing::warn!(secret = %name, "imagePullSecret not found");
+                continue;
+            };
+            for (k, v) in data_of("secrets", &o) {
+                if k == ".dockerconfigjson" || k == ".dockercfg" {
+                    let mut cfg: Value = serde_json::from_str(&v).unwrap_or_default();
+                    if k == ".dockercfg" {
+                        cfg = json!({"auths": cfg});
+                    }
+                    if let Some(a) = registry::docker_auth(&cfg, registry) {
+                        return Some(a);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` for the pod's containers.
+    fn pod_files(&self) -> Result<Vec<(PathBuf, String)>, String> {
+        let dir = self.agent.dir.join("pods").join(&self.uid).join("etc");
+        let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let host = self.pod["spec"]["hostname"]
+            .as_str()
+            .or(self.pod["metadata"]["name"].as_str())
+            .unwrap_or("pod");
+        let ip = self.agent.host_ip();
+        let mut hosts =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        if !ip.is_empty() {
+            hosts.push_str(&format!("{ip}\t{host}\n"));
+        }
+        for a in self.pod["spec"]["hostAliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let names: Vec<&str> = a["hostnames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if let Some(ip) = a["ip"].as_str() {
+                hosts.push_str(&format!("{ip}\t{}\n", names.join(" ")));
+            }
+        }
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let files = [
+            ("hosts", hosts),
+            ("hostname", format!("{host}\n")),
+            ("resolv.conf", resolv),
+        ];
+        let mut out = Vec::new();
+        for (name, text) in files {
+            let p = dir.join(name);
+            std::fs::write(&p, text).map_err(io)?;
+            out.push((p, format!("/etc/{name}")));
+        }
+        Ok(out)
+    }
+
+    /// Run an OCI container until it exits or `stop` (then its stop signal, and SIGKILL
+    /// after the grace period).
+    async fn run_oci(&self, o: OciRun, stop: Arc<Stop>) -> Outcome {
+        let Ok(oci) = &self.agent.oci else {
+            return Outcome {
+                exit_code: 128,
+                error: Some("this node cannot run OCI containers".into()),
+                ..Outcome::default()
+            };
+        };
+        let mut r = match oci.containers.start(&o.id, &o.spec, &o.image.rootfs).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome {
+                    exit_code: 128,
+                    error: Some(e.to_string()),
+                    ..Outcome::default()
+                }
+            }
+        };
+        oci.store.touch(&o.image);
+        if let Ok(mut u) = oci.in_use.lock() {
+            u.insert(o.id.clone(), o.image.digest.clone());
+        }
+        let mut pumps = Vec::new();
+        if let Some(mut out) = r.stdout.take() {
+            let mut w = o.log.stream("stdout");
+            pumps.push(tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut out, &mut w).await;
+            }));
+        }
+        if let Some(mut err) = r.stderr.take() {
+            let mut w = o.log.stream("stderr");
+            pumps.push(tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut err, &mut w).await;
+            }));
+        }
+        let ended = tokio::select! {
+            out = r.wait() => Some(out),
+            () = stop.wait() => None,
+        };
+        let outcome = match ended {
+            Some(out) => out,
+            None => {
+                r.signal(o.signal, false).await;
+                match tokio::time::timeout(o.grace, r.wait()).await {
+                    Ok(out) => out,
+                    Err(_) => {
+                        r.signal(9, true).await;
+                        r.wait().await
+                    }
+                }
+            }
+        };
+        for p in pumps {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+        }
+        if let Ok(mut u) = oci.in_use.lock() {
+            u.remove(&o.id);
+        }
+        outcome
     }
 
     async fn env(&self) -> Result<Vec<(String, String)>, String> {
@@ -1594,12 +2024,7 @@ impl Worker {
                     Err(e) => return Err(e),
                 }
             } else if let Some(path) = vf["fieldRef"]["fieldPath"].as_str() {
-                let ip = self
-                    .agent
-                    .host_ip
-                    .lock()
-                    .map(|h| h.clone())
-                    .unwrap_or_default();
+                let ip = self.agent.host_ip();
                 let v = match path {
                     "metadata.name" => self.pod["metadata"]["name"]
                         .as_str()

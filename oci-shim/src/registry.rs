@@ -1,11 +1,16 @@
 //! Pulling from OCI registries (the distribution API, v2): image references, manifests and
-//! indexes, blobs checked against their digests, and the anonymous bearer-token handshake
-//! public registries ask for. Wasm pods use it for Wasm OCI artifacts (the CNCF layout: a
-//! manifest whose layer is `application/wasm` or a `…+wasm` media type).
+//! indexes (picking the Wasm entry or the node's platform), blobs checked against their
+//! digests and streamed to disk with resume, and registry auth (anonymous or basic
+//! credentials, answered directly or through the bearer-token handshake). Wasm pods use it
+//! for Wasm OCI artifacts (the CNCF layout: a manifest whose layer is `application/wasm` or
+//! a `…+wasm` media type), OCI pods for container images.
 
+use std::io::{Read as _, Write as _};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
+use sha2::Digest as _;
 
 /// Largest manifest or index accepted.
 const MAX_MANIFEST: usize = 4 << 20;
@@ -13,19 +18,7 @@ const MAX_MANIFEST: usize = 4 << 20;
 /// Largest Wasm layer accepted.
 pub const MAX_WASM: usize = 256 << 20;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
-    #[error("invalid image reference {0:?}: {1}")]
-    Reference(String, String),
-    #[error("{0}: not found in the registry")]
-    NotFound(String),
-    #[error("{0}: the registry refused access ({1})")]
-    Denied(String, String),
-    #[error("{0}: {1}")]
-    Registry(String, String),
-    #[error("{0} is not a Wasm artifact: {1}")]
-    NotWasm(String, String),
-}
+pub use crate::Error;
 
 /// `registry/repository[:tag][@digest]`, with Docker's defaults for the short forms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +129,100 @@ pub struct Wasm {
 pub struct Client {
     http: reqwest::Client,
     insecure: Vec<String>,
+    /// Basic credentials (from an imagePullSecret) for the registry of the pull.
+    auth: Option<(String, String)>,
+}
+
+/// Which entry of an image index a pull wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// A Wasm artifact: the `wasm` or `wasi*` entry, else the first.
+    Wasm,
+    /// A container image for this OS and architecture (Go's names: amd64, arm64, arm) and,
+    /// for arm, variant.
+    Platform {
+        arch: String,
+        variant: Option<String>,
+    },
+}
+
+impl Want {
+    /// The machine this runs on.
+    pub fn here() -> Want {
+        let (arch, variant) = match std::env::consts::ARCH {
+            "x86_64" => ("amd64", None),
+            "aarch64" => ("arm64", None),
+            "arm" => ("arm", Some("v7".to_string())),
+            other => (other, None),
+        };
+        Want::Platform {
+            arch: arch.into(),
+            variant,
+        }
+    }
+
+    fn accepts(&self, e: &Value) -> bool {
+        let p = &e["platform"];
+        match self {
+            Want::Wasm => {
+                p["architecture"] == "wasm"
+                    || p["os"].as_str().is_some_and(|o| o.starts_with("wasi"))
+            }
+            Want::Platform { arch, variant } => {
+                let v = p["variant"].as_str();
+                p["os"] == "linux"
+                    && p["architecture"] == arch.as_str()
+                    && match (arch.as_str(), variant.as_deref(), v) {
+                        // A v8 board runs arm64 images with or without the variant named.
+                        ("arm64", _, v) => v.is_none_or(|v| v == "v8"),
+                        (_, Some(want), Some(v)) => v == want,
+                        _ => true,
+                    }
+            }
+        }
+    }
+}
+
+/// Credentials for `registry` in a `.dockerconfigjson` (an imagePullSecret's data):
+/// `auths.<registry>` with `username`/`password` or a base64 `auth` of `user:password`.
+pub fn docker_auth(config: &Value, registry: &str) -> Option<(String, String)> {
+    let auths = config["auths"].as_object()?;
+    let names: &[&str] = if registry == "docker.io" {
+        &[
+            "docker.io",
+            "index.docker.io",
+            "https://index.docker.io/v1/",
+            "registry-1.docker.io",
+        ]
+    } else {
+        &[registry]
+    };
+    let entry = auths.iter().find_map(|(k, v)| {
+        let host = k
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        (names.contains(&k.as_str()) || names.contains(&host)).then_some(v)
+    })?;
+    if let (Some(u), Some(p)) = (entry["username"].as_str(), entry["password"].as_str()) {
+        return Some((u.into(), p.into()));
+    }
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(entry["auth"].as_str()?)
+        .ok()?;
+    let s = String::from_utf8(decoded).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.into(), p.into()))
+}
+
+/// A verified blob on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub digest: String,
+    pub size: u64,
 }
 
 fn sha256(b: &[u8]) -> String {
@@ -152,7 +239,19 @@ impl Client {
             .user_agent("outpost-node")
             .build()
             .unwrap_or_default();
-        Client { http, insecure }
+        Client {
+            http,
+            insecure,
+            auth: None,
+        }
+    }
+
+    /// The same client, sending `user`/`password` when a registry asks for credentials.
+    pub fn with_auth(&self, auth: Option<(String, String)>) -> Client {
+        Client {
+            auth,
+            ..self.clone()
+        }
     }
 
     fn base(&self, registry: &str) -> String {
@@ -175,32 +274,53 @@ impl Client {
         r: &Reference,
         path: &str,
         accept: &str,
+        from: u64,
     ) -> Result<reqwest::Response, Error> {
         let url = format!("{}/v2/{}/{path}", self.base(&r.registry), r.repository);
         let what = r.to_string();
         let fail = |e: reqwest::Error| Error::Registry(what.clone(), e.to_string());
         let mut token: Option<String> = None;
+        let mut basic = false;
         for _ in 0..2 {
             let mut req = self.http.get(&url).header("accept", accept);
+            if from > 0 {
+                req = req.header("range", format!("bytes={from}-"));
+            }
             if let Some(t) = &token {
                 req = req.bearer_auth(t);
+            } else if let (true, Some((u, p))) = (basic, &self.auth) {
+                req = req.basic_auth(u, Some(p));
             }
             let resp = req.send().await.map_err(fail)?;
             match resp.status().as_u16() {
                 200..=299 => return Ok(resp),
-                401 if token.is_none() => {
+                401 if token.is_none() && !basic => {
                     let challenge = resp
                         .headers()
                         .get("www-authenticate")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
-                    token = Some(self.token(&what, &challenge).await?);
+                    if challenge.starts_with("Basic") {
+                        if self.auth.is_none() {
+                            return Err(Error::Denied(
+                                what,
+                                "the registry wants credentials: name an imagePullSecret".into(),
+                            ));
+                        }
+                        basic = true;
+                    } else {
+                        token = Some(self.token(&what, &challenge).await?);
+                    }
                 }
                 401 | 403 => {
                     return Err(Error::Denied(
                         what,
-                        "private images need credentials, which this node does not send yet".into(),
+                        if self.auth.is_some() {
+                            "the credentials of the imagePullSecret were refused".into()
+                        } else {
+                            "private images need credentials: name an imagePullSecret".into()
+                        },
                     ))
                 }
                 404 => return Err(Error::NotFound(what)),
@@ -238,10 +358,11 @@ impl Client {
         }
         let realm =
             realm.ok_or_else(|| Error::Denied(what.into(), "no realm in the challenge".into()))?;
-        let v: Value = self
-            .http
-            .get(&realm)
-            .query(&query)
+        let mut req = self.http.get(&realm).query(&query);
+        if let Some((u, p)) = &self.auth {
+            req = req.basic_auth(u, Some(p));
+        }
+        let v: Value = req
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
@@ -282,12 +403,14 @@ impl Client {
     }
 
     /// The image manifest `r` names, through an index if it names one.
-    pub async fn manifest(&self, r: &Reference) -> Result<Value, Error> {
+    /// The image manifest `r` names and its digest, through an index (picking the entry
+    /// `want` accepts) if it names one.
+    pub async fn manifest(&self, r: &Reference, want: &Want) -> Result<(Value, String), Error> {
         let what = r.to_string();
         let mut reference = r.reference().to_string();
         for _ in 0..2 {
             let resp = self
-                .get(r, &format!("manifests/{reference}"), MANIFEST_TYPES)
+                .get(r, &format!("manifests/{reference}"), MANIFEST_TYPES, 0)
                 .await?;
             let body = Self::bytes(resp, MAX_MANIFEST, &what).await?;
             if reference.starts_with("sha256:") && sha256(&body) != reference {
@@ -300,29 +423,145 @@ impl Client {
                 Error::Registry(what.clone(), format!("a manifest that is not JSON: {e}"))
             })?;
             let Some(list) = m["manifests"].as_array() else {
-                return Ok(m);
+                return Ok((m, sha256(&body)));
             };
-            // An index: the Wasm entry if it names one, else the first.
-            let wasm = |e: &&Value| {
-                let p = &e["platform"];
-                p["architecture"] == "wasm"
-                    || p["os"].as_str().is_some_and(|o| o.starts_with("wasi"))
+            let pick = match want {
+                Want::Wasm => list.iter().find(|e| want.accepts(e)).or(list.first()),
+                Want::Platform { .. } => list.iter().find(|e| want.accepts(e)),
             };
-            let pick = list
-                .iter()
-                .find(wasm)
-                .or(list.first())
-                .ok_or_else(|| Error::NotWasm(what.clone(), "an empty image index".into()))?;
+            let Some(pick) = pick else {
+                let offered: Vec<String> = list
+                    .iter()
+                    .map(|e| {
+                        let p = &e["platform"];
+                        let mut s = format!(
+                            "{}/{}",
+                            p["os"].as_str().unwrap_or("?"),
+                            p["architecture"].as_str().unwrap_or("?")
+                        );
+                        if let Some(v) = p["variant"].as_str() {
+                            s = format!("{s}/{v}");
+                        }
+                        s
+                    })
+                    .collect();
+                let mine = match want {
+                    Want::Platform { arch, .. } => format!("linux/{arch}"),
+                    Want::Wasm => "wasm".into(),
+                };
+                return Err(Error::Image(
+                    what,
+                    format!(
+                        "no image for {mine} in the index (it offers {})",
+                        offered.join(", ")
+                    ),
+                ));
+            };
             reference = pick["digest"].as_str().unwrap_or_default().to_string();
+            if !reference.starts_with("sha256:") {
+                return Err(Error::Registry(
+                    what,
+                    format!("unsupported manifest digest {reference:?}"),
+                ));
+            }
         }
         Err(Error::Registry(what, "an index of indexes".into()))
+    }
+
+    /// A small blob (an image config) in memory, checked against `digest`.
+    pub async fn blob(&self, r: &Reference, digest: &str, max: usize) -> Result<Vec<u8>, Error> {
+        let what = r.to_string();
+        let resp = self.get(r, &format!("blobs/{digest}"), "*/*", 0).await?;
+        let bytes = Self::bytes(resp, max, &what).await?;
+        if sha256(&bytes) != digest {
+            return Err(Error::Registry(
+                what,
+                format!("blob {digest} arrived with another digest"),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Stream blob `digest` of `size` bytes to `dest`, checking the digest as it comes. A
+    /// partial download left in `dest.part` by an earlier attempt is resumed where the
+    /// registry serves ranges. `dest` appears only once the bytes match.
+    pub async fn blob_to(
+        &self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        dest: &Path,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Blob, Error> {
+        let what = r.to_string();
+        let io = |e: std::io::Error| Error::io(dest.display(), e);
+        let part = dest.with_extension("part");
+        let mut hash = sha2::Sha256::new();
+        let mut have = 0u64;
+        if let Ok(mut f) = std::fs::File::open(&part) {
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = f.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                have += n as u64;
+            }
+        }
+        if have > size {
+            let _ = std::fs::remove_file(&part);
+            have = 0;
+            hash = sha2::Sha256::new();
+        }
+        let mut resp = self.get(r, &format!("blobs/{digest}"), "*/*", have).await?;
+        let mut file = if have > 0 && resp.status().as_u16() == 206 {
+            tracing::info!(image = %what, %digest, from = have, "resuming a blob");
+            std::fs::OpenOptions::new().append(true).open(&part)
+        } else {
+            have = 0;
+            hash = sha2::Sha256::new();
+            std::fs::File::create(&part)
+        }
+        .map_err(io)?;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| Error::Registry(what.clone(), format!("blob {digest}: {e}")))?
+        {
+            have += chunk.len() as u64;
+            if have > size {
+                let _ = std::fs::remove_file(&part);
+                return Err(Error::Registry(
+                    what,
+                    format!("blob {digest} is longer than the {size} bytes its descriptor says"),
+                ));
+            }
+            hash.update(&chunk);
+            file.write_all(&chunk).map_err(io)?;
+            progress(have);
+        }
+        file.sync_all().map_err(io)?;
+        let got = format!("sha256:{:x}", hash.finalize());
+        if got != digest {
+            let _ = std::fs::remove_file(&part);
+            return Err(Error::Registry(
+                what,
+                format!("blob {digest} arrived with another digest ({got})"),
+            ));
+        }
+        std::fs::rename(&part, dest).map_err(io)?;
+        Ok(Blob {
+            digest: got,
+            size: have,
+        })
     }
 
     /// Pull the Wasm module or component of a Wasm OCI artifact.
     pub async fn pull_wasm(&self, image: &str) -> Result<Wasm, Error> {
         let r = Reference::parse(image)?;
         let what = r.to_string();
-        let m = self.manifest(&r).await?;
+        let (m, _) = self.manifest(&r, &Want::Wasm).await?;
         let layers = m["layers"].as_array().cloned().unwrap_or_default();
         let layer = layers
             .iter()
@@ -348,7 +587,7 @@ impl Client {
                 format!("unsupported layer digest {digest:?}"),
             ));
         }
-        let resp = self.get(&r, &format!("blobs/{digest}"), "*/*").await?;
+        let resp = self.get(&r, &format!("blobs/{digest}"), "*/*", 0).await?;
         let bytes = Self::bytes(resp, MAX_WASM, &what).await?;
         if sha256(&bytes) != digest {
             return Err(Error::Registry(
@@ -391,10 +630,58 @@ mod tests {
     #[test]
     fn loopback_is_plain_http() {
         let c = Client::new(vec!["edge-registry:5000".into()]);
+        assert!(c.auth.is_none());
         assert_eq!(c.base("localhost:5000"), "http://localhost:5000");
         assert_eq!(c.base("127.0.0.1:5000"), "http://127.0.0.1:5000");
         assert_eq!(c.base("edge-registry:5000"), "http://edge-registry:5000");
         assert_eq!(c.base("ghcr.io"), "https://ghcr.io");
         assert_eq!(c.base("docker.io"), "https://registry-1.docker.io");
+    }
+
+    #[test]
+    fn platforms_from_an_index() {
+        let e = |os: &str, arch: &str, v: Option<&str>| {
+            let mut p = serde_json::json!({"os": os, "architecture": arch});
+            if let Some(v) = v {
+                p["variant"] = v.into();
+            }
+            serde_json::json!({"platform": p})
+        };
+        let amd = Want::Platform {
+            arch: "amd64".into(),
+            variant: None,
+        };
+        let arm64 = Want::Platform {
+            arch: "arm64".into(),
+            variant: None,
+        };
+        let arm7 = Want::Platform {
+            arch: "arm".into(),
+            variant: Some("v7".into()),
+        };
+        assert!(amd.accepts(&e("linux", "amd64", None)));
+        assert!(!amd.accepts(&e("windows", "amd64", None)));
+        assert!(!amd.accepts(&e("unknown", "unknown", None)));
+        assert!(arm64.accepts(&e("linux", "arm64", Some("v8"))));
+        assert!(arm64.accepts(&e("linux", "arm64", None)));
+        assert!(arm7.accepts(&e("linux", "arm", Some("v7"))));
+        assert!(!arm7.accepts(&e("linux", "arm", Some("v6"))));
+        assert!(Want::Wasm.accepts(&e("wasip1", "wasm", None)));
+    }
+
+    #[test]
+    fn pull_secret_credentials() {
+        let c = serde_json::json!({"auths": {
+            "localhost:5000": {"username": "u", "password": "p"},
+            "https://index.docker.io/v1/": {"auth": "YWxpY2U6czNjcmV0"}}});
+        assert_eq!(
+            docker_auth(&c, "localhost:5000"),
+            Some(("u".into(), "p".into()))
+        );
+        assert_eq!(
+            docker_auth(&c, "docker.io"),
+            Some(("alice".into(), "s3cret".into()))
+        );
+        assert_eq!(docker_auth(&c, "ghcr.io"), None);
     }
 }

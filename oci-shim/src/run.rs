@@ -1,0 +1,491 @@
+//! Running containers. Two halves, one on each side of a process boundary:
+//!
+//! - [`helper`] is the whole life of one container in a process of its own (the agent's
+//!   binary re-executed as `oci-run`, single-threaded when libcontainer clones): mount the
+//!   root file system (overlayfs over the image, or a copy), create and start the container
+//!   with libcontainer (its stdout and stderr are the helper's), wait for init, count OOM
+//!   kills in its memory cgroup, delete it, unmount, and write the outcome to
+//!   `BUNDLE/exit.json`. A line on the helper's stdin signals the container; the end of
+//!   stdin (the agent is gone) kills it. [`exec`] runs a command inside a running container.
+//! - [`Containers`] is the agent's side: it writes the bundle, spawns the helper and reads
+//!   the outcome, all without blocking a runtime thread.
+
+use std::io::BufRead as _;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Error;
+
+/// How a container run ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// Its exit code, 128 + N for a death by signal N.
+    pub exit_code: i32,
+    /// The kernel's OOM killer killed a process of it.
+    pub oom_killed: bool,
+    /// The container could not be created or started: why.
+    pub error: Option<String>,
+}
+
+fn arg(args: &[String], name: &str) -> Result<String, String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .ok_or_else(|| format!("missing {name}"))
+}
+
+/// Called first in a binary's `main`: when the process was started as an `oci-run` or
+/// `oci-exec` helper, run it and exit. It must come before any thread starts, since
+/// libcontainer clones the process.
+pub fn dispatch() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .first()
+        .is_some_and(|a| a == "oci-run" || a == "oci-exec")
+    {
+        std::process::exit(main(&args));
+    }
+}
+
+/// The entry point of `oci-run` and `oci-exec`, before any thread or runtime starts; what the
+/// process exits with.
+pub fn main(args: &[String]) -> i32 {
+    match args.first().map(String::as_str) {
+        Some("oci-run") => {
+            let parsed = (|| {
+                Ok::<_, String>((
+                    PathBuf::from(arg(args, "--root")?),
+                    arg(args, "--id")?,
+                    PathBuf::from(arg(args, "--bundle")?),
+                    PathBuf::from(arg(args, "--lower")?),
+                ))
+            })();
+            let (root, id, bundle, lower) = match parsed {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("oci-run: {e}");
+                    return 2;
+                }
+            };
+            let outcome = helper(&root, &id, &bundle, &lower);
+            let json = serde_json::to_vec(&outcome).unwrap_or_default();
+            if let Err(e) = std::fs::write(bundle.join("exit.json"), json) {
+                eprintln!("oci-run: writing the outcome: {e}");
+                return 1;
+            }
+            0
+        }
+        Some("oci-exec") => {
+            let (root, id) = match (arg(args, "--root"), arg(args, "--id")) {
+                (Ok(r), Ok(i)) => (PathBuf::from(r), i),
+                _ => {
+                    eprintln!("oci-exec: missing --root or --id");
+                    return 2;
+                }
+            };
+            let cmd: Vec<String> = args
+                .iter()
+                .skip_while(|a| *a != "--")
+                .skip(1)
+                .cloned()
+                .collect();
+            match exec(&root, &id, cmd) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("{e}");
+                    126
+                }
+            }
+        }
+        _ => 2,
+    }
+}
+
+/// The memory cgroup's OOM-kill count of `cgroup` (v1 `memory.oom_control`, v2
+/// `memory.events`).
+fn oom_kills(cgroup: &str) -> u64 {
+    let rel = cgroup.trim_start_matches('/');
+    let base = Path::new("/sys/fs/cgroup");
+    [
+        base.join("memory").join(rel).join("memory.oom_control"),
+        base.join(rel).join("memory.events"),
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .flat_map(|s| {
+        s.lines()
+            .filter_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .collect::<Vec<u64>>()
+    })
+    .max()
+    .unwrap_or(0)
+}
+
+fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
+    let (rootfs, upper, work) = (
+        bundle.join("rootfs"),
+        bundle.join("upper"),
+        bundle.join("work"),
+    );
+    for d in [&rootfs, &upper, &work] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let overlay = nix::mount::mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    );
+    if overlay.is_ok() {
+        return Ok(true);
+    }
+    // No overlayfs (or an upper dir it refuses): a private copy.
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", lower.display()))
+        .arg(&rootfs)
+        .status()
+        .map_err(|e| format!("copying the image: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "copying the image into {} failed",
+            rootfs.display()
+        ));
+    }
+    Ok(false)
+}
+
+/// One container's whole life; see the module's doc.
+pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
+    use libcontainer::container::builder::ContainerBuilder;
+    use libcontainer::syscall::syscall::SyscallType;
+    let fail = |e: String| Outcome {
+        exit_code: 128,
+        error: Some(e),
+        ..Outcome::default()
+    };
+    let spec: Value = match std::fs::read(bundle.join("config.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => return fail(format!("config.json: {e}")),
+    };
+    let cgroup = spec["linux"]["cgroupsPath"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    if let Err(e) = std::fs::create_dir_all(root) {
+        return fail(format!("{}: {e}", root.display()));
+    }
+    // A container of this id left by a helper that died is in the way.
+    if root.join(id).exists() {
+        if let Ok(mut old) = libcontainer::container::Container::load(root.join(id)) {
+            let _ = old.delete(true);
+        }
+        let _ = std::fs::remove_dir_all(root.join(id));
+    }
+    let overlay = match mount_rootfs(bundle, lower) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let unmount = || {
+        if overlay {
+            let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        }
+        for d in ["rootfs", "upper", "work"] {
+            let _ = std::fs::remove_dir_all(bundle.join(d));
+        }
+    };
+    let stdio = || -> std::io::Result<_> {
+        Ok((
+            std::fs::File::open("/dev/null")?,
+            std::io::stdout().as_fd().try_clone_to_owned()?,
+            std::io::stderr().as_fd().try_clone_to_owned()?,
+        ))
+    };
+    let built = stdio().map_err(|e| e.to_string()).and_then(|(i, o, e)| {
+        ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+            .with_root_path(root)
+            .map(|b| b.with_stdin(i).with_stdout(o).with_stderr(e))
+            .and_then(|b| {
+                b.as_init(bundle)
+                    .with_systemd(false)
+                    .with_detach(true)
+                    .build()
+            })
+            .map_err(|e| e.to_string())
+    });
+    let mut container = match built {
+        Ok(c) => c,
+        Err(e) => {
+            unmount();
+            return fail(e);
+        }
+    };
+    let pid = container.pid();
+    if let Err(e) = container.start() {
+        let _ = container.delete(true);
+        unmount();
+        return fail(e.to_string());
+    }
+    let Some(pid) = pid else {
+        let _ = container.delete(true);
+        unmount();
+        return fail("the container has no init process".into());
+    };
+    // Signals from the agent: `TERM N` sends signal N, `KILL` kills; no more input means
+    // the agent is gone, and the container goes with it.
+    std::thread::spawn(move || {
+        use nix::sys::signal::{kill, Signal};
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            let sig = match line.split_once(' ') {
+                Some(("TERM", n)) => n
+                    .trim()
+                    .parse::<i32>()
+                    .ok()
+                    .and_then(|n| Signal::try_from(n).ok()),
+                _ if line.trim() == "KILL" => Some(Signal::SIGKILL),
+                _ => None,
+            };
+            if let Some(s) = sig {
+                let _ = kill(pid, s);
+            }
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+    });
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let exit_code = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break 128 + e as i32,
+        }
+    };
+    let oom_killed = !cgroup.is_empty() && oom_kills(&cgroup) > 0;
+    let _ = container.refresh_status();
+    let deleted = container.delete(true);
+    unmount();
+    Outcome {
+        exit_code,
+        oom_killed,
+        error: deleted
+            .err()
+            .map(|e| format!("deleting the container: {e}")),
+    }
+}
+
+/// Run `cmd` inside running container `id`, with this process's stdio; its exit code.
+pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
+    use libcontainer::container::builder::ContainerBuilder;
+    use libcontainer::syscall::syscall::SyscallType;
+    use nix::sys::wait::{waitpid, WaitStatus};
+    if cmd.is_empty() {
+        return Err("no command to run".into());
+    }
+    let io = |e: std::io::Error| e.to_string();
+    let pid = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+        .with_root_path(root)
+        .map_err(|e| e.to_string())?
+        .with_stdin(std::io::stdin().as_fd().try_clone_to_owned().map_err(io)?)
+        .with_stdout(std::io::stdout().as_fd().try_clone_to_owned().map_err(io)?)
+        .with_stderr(std::io::stderr().as_fd().try_clone_to_owned().map_err(io)?)
+        .as_tenant()
+        .with_container_args(cmd)
+        .with_detach(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("waiting for the command: {e}")),
+        }
+    }
+}
+
+/// Why this machine cannot run OCI containers, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("the node agent does not run as root".into());
+    }
+    let cg = Path::new("/sys/fs/cgroup");
+    if !cg.join("memory").is_dir() && !cg.join("cgroup.controllers").is_file() {
+        return Some("no cgroup hierarchy is mounted at /sys/fs/cgroup".into());
+    }
+    None
+}
+
+/// The agent's handle on containers: bundles under `DIR/containers`, libcontainer state
+/// under `DIR/state`, helpers run from `exe`.
+#[derive(Debug, Clone)]
+pub struct Containers {
+    dir: PathBuf,
+    exe: PathBuf,
+}
+
+/// A started helper.
+pub struct Running {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    pub stdout: Option<tokio::process::ChildStdout>,
+    pub stderr: Option<tokio::process::ChildStderr>,
+    bundle: PathBuf,
+}
+
+impl Containers {
+    pub fn new(dir: &Path, exe: &Path) -> Containers {
+        Containers {
+            dir: dir.to_path_buf(),
+            exe: exe.to_path_buf(),
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The container id of a pod's container: what libcontainer accepts.
+    pub fn id(pod_uid: &str, container: &str) -> String {
+        format!("{pod_uid}_{container}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_+.-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
+    /// Write `spec` as the bundle of container `id` and start its helper over `lower`.
+    pub async fn start(&self, id: &str, spec: &Value, lower: &Path) -> Result<Running, Error> {
+        let bundle = self.dir.join("containers").join(id);
+        let (b, s) = (
+            bundle.clone(),
+            serde_json::to_vec_pretty(spec).unwrap_or_default(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(b.join("exit.json"));
+            std::fs::create_dir_all(&b).and_then(|()| std::fs::write(b.join("config.json"), s))
+        })
+        .await
+        .map_err(|e| Error::Create(e.to_string()))?
+        .map_err(|e| Error::io(bundle.display(), e))?;
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg("oci-run")
+            .arg("--root")
+            .arg(self.state())
+            .arg("--id")
+            .arg(id)
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg("--lower")
+            .arg(lower)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| Error::Create(format!("starting {}: {e}", self.exe.display())))?;
+        Ok(Running {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            child,
+            bundle,
+        })
+    }
+
+    /// A command in running container `id`, with piped stdio; it ends with the exit code.
+    pub fn exec(&self, id: &str, cmd: &[String]) -> Result<tokio::process::Child, Error> {
+        tokio::process::Command::new(&self.exe)
+            .arg("oci-exec")
+            .arg("--root")
+            .arg(self.state())
+            .arg("--id")
+            .arg(id)
+            .arg("--")
+            .args(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Create(format!("starting {}: {e}", self.exe.display())))
+    }
+}
+
+impl Running {
+    /// Send signal `sig` to the container's init (`kill` sends SIGKILL).
+    pub async fn signal(&mut self, sig: i32, kill: bool) {
+        use tokio::io::AsyncWriteExt as _;
+        if let Some(s) = self.stdin.as_mut() {
+            let line = if kill {
+                "KILL\n".to_string()
+            } else {
+                format!("TERM {sig}\n")
+            };
+            let _ = s.write_all(line.as_bytes()).await;
+            let _ = s.flush().await;
+        }
+    }
+
+    /// Wait for the helper, then read how the container ended.
+    pub async fn wait(&mut self) -> Outcome {
+        let status = self.child.wait().await;
+        let path = self.bundle.join("exit.json");
+        let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+        match read {
+            Ok(Ok(b)) => serde_json::from_slice(&b).unwrap_or_else(|e| Outcome {
+                exit_code: 128,
+                error: Some(format!("a garbled outcome: {e}")),
+                ..Outcome::default()
+            }),
+            _ => Outcome {
+                exit_code: 128,
+                error: Some(format!("the container's helper died ({status:?})")),
+                ..Outcome::default()
+            },
+        }
+    }
+}
+
+/// The number of a signal named as an image's `StopSignal` (`SIGQUIT`, `QUIT` or `3`);
+/// SIGTERM when it names none.
+pub fn signal_number(name: &str) -> i32 {
+    use std::str::FromStr as _;
+    let n = name.trim().to_ascii_uppercase();
+    if let Ok(n) = n.parse::<i32>() {
+        return n;
+    }
+    let full = if n.starts_with("SIG") {
+        n
+    } else {
+        format!("SIG{n}")
+    };
+    nix::sys::signal::Signal::from_str(&full).map_or(15, |s| s as i32)
+}

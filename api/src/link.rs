@@ -110,6 +110,35 @@ pub enum Down {
     /// `kubectl port-forward` to one port of a pod. On a 200 [`Head`] the stream carries the
     /// connection's bytes both ways; each side finishes its half when its peer does.
     PortForward(ForwardRequest),
+    /// `kubectl exec`: a command in a running container. On a 200 [`Head`] both sides send
+    /// [`ExecFrame`]s until the node's [`ExecFrame::Exit`].
+    Exec(ExecRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub command: Vec<String>,
+    /// The client sends input; without it the command's stdin is closed at once.
+    pub stdin: bool,
+    pub tty: bool,
+}
+
+/// One frame of an exec stream: input toward the node, output and the end back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ExecFrame {
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// No more input: the command's stdin is closed.
+    StdinEnd,
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The command ended with this code, or could not run (`error`).
+    Exit {
+        code: i32,
+        error: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,13 +5,16 @@
 //! cache ──at start──▶ pods run at once, link or not
 //! link: register Node ─▶ list + watch own pods (resume from revision, relist on 410)
 //!       ─▶ ensure / stop / finish-delete each pod ─▶ status patches (only on change)
-//!       ◀─ Down::Logs streams; lease renewals every 10 s (in memory on the control plane)
+//!       ◀─ Down::Logs, Down::PortForward, Down::Exec streams
+//!       lease renewals every 10 s (in memory on the control plane)
 //! ```
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod exec;
 
 use futures::StreamExt;
 use outpost_api::link::{
@@ -623,9 +626,15 @@ impl Agent {
     }
 
     async fn stop_and_wait(&self, uid: &str) {
+        self.stop_within(uid, None).await;
+    }
+
+    /// Stop a pod's containers, each given `grace` (or its own grace period) to end, and
+    /// wait until they have.
+    async fn stop_within(&self, uid: &str, grace: Option<Duration>) {
         let waiter = self.pods.lock().ok().and_then(|p| {
             p.get(uid).map(|r| {
-                r.stop.stop();
+                r.stop.stop_within(grace);
                 r.finished.clone()
             })
         });
@@ -637,7 +646,13 @@ impl Agent {
     /// The pod was deleted with a grace period: stop it, then delete it for good.
     fn finish(self: Arc<Self>, uid: String) {
         tokio::spawn(async move {
-            self.stop_and_wait(&uid).await;
+            // The deletion's grace period, which `kubectl delete --grace-period` may shorten.
+            let grace = self
+                .cache
+                .pod(&uid)
+                .and_then(|p| p["metadata"]["deletionGracePeriodSeconds"].as_u64())
+                .map(Duration::from_secs);
+            self.stop_within(&uid, grace).await;
             let Some(pod) = self.cache.pod(&uid) else {
                 return;
             };
@@ -907,6 +922,7 @@ impl Agent {
                 match read_frame::<_, Down>(&mut recv, MAX_FRAME).await {
                     Ok(Down::Logs(req)) => me.logs(&req, &mut send).await,
                     Ok(Down::PortForward(req)) => me.forward(&req, send, recv).await,
+                    Ok(Down::Exec(req)) => me.exec(&req, send, recv).await,
                     Err(e) => {
                         let _ = reply(&mut send, 400, &format!("refused: {e}")).await;
                     }
@@ -1532,7 +1548,7 @@ impl Worker {
                 let (pod, run) = (self.stop.clone(), stop.clone());
                 tokio::spawn(async move {
                     pod.wait().await;
-                    run.stop();
+                    run.stop_within(pod.grace());
                 })
             };
             let watch = tokio::spawn(self.probing().watch(probes.clone(), stop.clone()));
@@ -1635,7 +1651,10 @@ impl Worker {
             .agent
             .module(image, self.spec["imagePullPolicy"].as_str())
             .await?;
-        self.update(|c| c.image_id = digest.clone());
+        self.update(|c| {
+            c.image_id = digest.clone();
+            c.id = format!("wasm://{}", c.name);
+        });
         let runtime = self.agent.runtime.clone();
         let d = digest.clone();
         let module = tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
@@ -1709,7 +1728,11 @@ impl Worker {
         let Some(image) = self.image(oci).await? else {
             return Ok(None);
         };
-        self.update(|c| c.image_id = image.digest.clone());
+        let id = Containers::id(&self.uid, self.name());
+        self.update(|c| {
+            c.image_id = image.digest.clone();
+            c.id = format!("outpost://{id}");
+        });
         let config = |m: String| ("CreateContainerConfigError".to_string(), m);
         let env = self.env().await.map_err(config)?;
         let mounts = self.volumes().await.map_err(config)?;
@@ -1717,7 +1740,6 @@ impl Worker {
         let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
             .and_then(|p| Log::open(&p, log::MAX))
             .map_err(|e| config(format!("log file: {e}")))?;
-        let id = Containers::id(&self.uid, self.name());
         let (pod, container) = (self.pod.clone(), self.spec.clone());
         let hostname = self.pod["spec"]["hostname"]
             .as_str()
@@ -1945,7 +1967,8 @@ impl Worker {
             Some(out) => out,
             None => {
                 r.signal(o.signal, false).await;
-                match tokio::time::timeout(o.grace, r.wait()).await {
+                let grace = stop.grace().unwrap_or(o.grace);
+                match tokio::time::timeout(grace, r.wait()).await {
                     Ok(out) => out,
                     Err(_) => {
                         r.signal(9, true).await;
@@ -2097,6 +2120,9 @@ impl Worker {
             let io = |e: std::io::Error| format!("volume {vname}: {e}");
             if v["emptyDir"].is_object() {
                 std::fs::create_dir_all(&dir).map_err(io)?;
+                // World-writable as the kubelet makes it: a container may run as any user.
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                    .map_err(io)?;
                 out.push((dir, guest, !ro));
             } else if let Some(p) = v["hostPath"]["path"].as_str() {
                 let p = PathBuf::from(p);
@@ -2156,7 +2182,7 @@ impl Worker {
                 out.push((dir, guest, false));
             } else {
                 return Err(format!(
-                    "volume {vname}: only emptyDir, hostPath, configMap and secret volumes are supported for Wasm pods"
+                    "volume {vname}: only emptyDir, hostPath, configMap and secret volumes are supported"
                 ));
             }
         }

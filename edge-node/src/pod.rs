@@ -74,6 +74,8 @@ pub struct Container {
     pub name: String,
     pub image: String,
     pub image_id: String,
+    /// `runtime://id`, as the kubelet's containerID; empty until a runtime took it.
+    pub id: String,
     pub state: State,
     /// The previous run's end, once there was one.
     pub last: Option<State>,
@@ -92,6 +94,7 @@ impl Container {
             name: name.into(),
             image: image.into(),
             image_id: String::new(),
+            id: String::new(),
             state: State::waiting("ContainerCreating", ""),
             last: None,
             restarts: 0,
@@ -179,7 +182,11 @@ pub fn status(containers: &[Container], started: &str, host_ip: &str, now: &str)
                 "lastState": c.last.as_ref().map(State::json).unwrap_or(json!({})),
             });
             if !matches!(c.state, State::Waiting { .. }) || c.last.is_some() {
-                s["containerID"] = json!(format!("wasm://{}", c.name));
+                s["containerID"] = json!(if c.id.is_empty() {
+                    format!("wasm://{}", c.name)
+                } else {
+                    c.id.clone()
+                });
             }
             s
         })

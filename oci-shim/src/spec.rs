@@ -476,6 +476,10 @@ pub fn runtime_spec(l: &Launch<'_>, image: &ImageConfig, rootfs: &Path) -> Resul
         });
     }
     let caps_json = json!(caps);
+    // Open files as containerd allows, but never above what this process may hold: raising a
+    // hard limit fails inside libcontainer's intermediate process.
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1_048_576, |(_, hard)| hard.min(1_048_576));
     let spec = json!({
         "ociVersion": "1.0.2",
         "hostname": l.hostname,
@@ -489,7 +493,7 @@ pub fn runtime_spec(l: &Launch<'_>, image: &ImageConfig, rootfs: &Path) -> Resul
             "noNewPrivileges": no_new_privs,
             "capabilities": {"bounding": caps_json, "effective": caps_json,
                              "permitted": caps_json},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576, "soft": 1_048_576}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         },
         "mounts": mounts,
         "linux": linux,

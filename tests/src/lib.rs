@@ -937,15 +937,67 @@ impl Registry {
         media_type: &str,
         data: &[u8],
     ) -> anyhow::Result<String> {
-        let config = b"{}";
-        let config_digest = self.push_blob(repo, config)?;
-        let layer = self.push_blob(repo, data)?;
+        self.push_manifest(
+            repo,
+            tag,
+            ("application/vnd.wasm.config.v0+json", b"{}"),
+            &[(media_type, data)],
+        )
+    }
+
+    /// Push an OCI image `repo:tag` of `layers` (gzipped tars) and an image config whose
+    /// `config` section is `config` (Env, Cmd, User…); returns the image reference.
+    pub fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        config: Value,
+    ) -> anyhow::Result<String> {
+        use std::io::Read;
+        let mut diff_ids = Vec::new();
+        for l in layers {
+            let mut tar = Vec::new();
+            flate2::read::GzDecoder::new(&l[..]).read_to_end(&mut tar)?;
+            diff_ids.push(format!("sha256:{}", outpost_api::sha256_hex(&tar)));
+        }
+        let image = serde_json::json!({
+            "architecture": oci_arch(),
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        })
+        .to_string();
+        let gz = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let layers: Vec<(&str, &[u8])> = layers.iter().map(|l| (gz, &l[..])).collect();
+        self.push_manifest(
+            repo,
+            tag,
+            ("application/vnd.oci.image.config.v1+json", image.as_bytes()),
+            &layers,
+        )
+    }
+
+    fn push_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        config: (&str, &[u8]),
+        layers: &[(&str, &[u8])],
+    ) -> anyhow::Result<String> {
+        let config_digest = self.push_blob(repo, config.1)?;
+        let mut descs = Vec::new();
+        for (media_type, data) in layers {
+            let digest = self.push_blob(repo, data)?;
+            descs.push(
+                serde_json::json!({"mediaType": media_type, "digest": digest, "size": data.len()}),
+            );
+        }
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.wasm.config.v0+json",
-                       "digest": config_digest, "size": config.len()},
-            "layers": [{"mediaType": media_type, "digest": layer, "size": data.len()}],
+            "config": {"mediaType": config.0, "digest": config_digest, "size": config.1.len()},
+            "layers": descs,
         })
         .to_string();
         let (code, _, body) = self
@@ -960,6 +1012,109 @@ impl Registry {
             bail!("manifest: HTTP {code}: {}", String::from_utf8_lossy(&body));
         }
         Ok(format!("{}/{repo}:{tag}", self.addr))
+    }
+}
+
+/// This machine's architecture as OCI names it.
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
+    }
+}
+
+/// The tools a busybox image links to `/bin/busybox`.
+const BUSYBOX_TOOLS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "true", "false", "id", "env", "ls", "dd", "unshare", "hostname",
+    "head", "tr", "wc", "touch", "mkdir", "kill", "ps",
+];
+
+/// One gzipped tar layer holding Debian's static busybox (busybox-static, which
+/// scripts/setup.sh installs) at /bin/busybox, its tools as symlinks, and an /etc/passwd and
+/// /etc/group with root and nobody: enough of a distribution for the OCI tests.
+pub fn busybox_layer() -> anyhow::Result<Vec<u8>> {
+    let busybox = std::fs::read("/bin/busybox")
+        .context("reading /bin/busybox (scripts/setup.sh installs busybox-static)")?;
+    let mut b = LayerBuilder::new();
+    b.dir("bin")?;
+    b.file("bin/busybox", &busybox, 0o755)?;
+    for t in BUSYBOX_TOOLS {
+        b.symlink(&format!("bin/{t}"), "busybox")?;
+    }
+    b.dir("etc")?;
+    b.file(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        0o644,
+    )?;
+    b.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    for d in ["tmp", "root", "proc", "sys", "dev"] {
+        b.dir(d)?;
+    }
+    b.finish()
+}
+
+/// A gzipped tar layer built entry by entry, with no checks: tests also build layers a
+/// registry should never have served.
+pub struct LayerBuilder(tar::Builder<flate2::write::GzEncoder<Vec<u8>>>);
+
+impl Default for LayerBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LayerBuilder {
+    pub fn new() -> Self {
+        LayerBuilder(tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        )))
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    }
+
+    /// A path written as given, even `../x` or `/x` (tar's own setters refuse those).
+    fn append(&mut self, mut h: tar::Header, path: &str, data: &[u8]) -> anyhow::Result<()> {
+        let name = &mut h.as_old_mut().name;
+        if path.len() >= name.len() {
+            bail!("layer path {path} is too long");
+        }
+        name.fill(0);
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        self.0.append(&h, data)?;
+        Ok(())
+    }
+
+    pub fn dir(&mut self, path: &str) -> anyhow::Result<()> {
+        self.append(Self::header(tar::EntryType::Directory, 0o755, 0), path, &[])
+    }
+
+    pub fn file(&mut self, path: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
+        let h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
+        self.append(h, path, data)
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str) -> anyhow::Result<()> {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        h.set_link_name(target)?;
+        self.append(h, path, &[])
+    }
+
+    pub fn finish(self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.0.into_inner()?.finish()?)
     }
 }
 

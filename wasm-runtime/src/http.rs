@@ -115,10 +115,12 @@ pub(crate) async fn serve(
         while requests.join_next().await.is_some() {}
     };
     // Whatever is left when the time is up is dropped, which aborts it.
-    Ok(match tokio::time::timeout(cmd.grace, drain).await {
-        Ok(()) => Exit::Code(0),
-        Err(_) => Exit::Stopped,
-    })
+    Ok(
+        match tokio::time::timeout(stop.grace().unwrap_or(cmd.grace), drain).await {
+            Ok(()) => Exit::Code(0),
+            Err(_) => Exit::Stopped,
+        },
+    )
 }
 
 impl Server {

@@ -15,7 +15,7 @@ pub mod log;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,10 +117,22 @@ pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
 
 /// Ends a running guest from outside, whatever it is doing.
-#[derive(Default)]
 pub struct Stop {
     flag: AtomicBool,
     notify: Notify,
+    /// Seconds the run has to end once stopped, when the stop says (a deletion's grace
+    /// period); `u64::MAX` when it does not.
+    grace: AtomicU64,
+}
+
+impl Default for Stop {
+    fn default() -> Self {
+        Stop {
+            flag: AtomicBool::new(false),
+            notify: Notify::new(),
+            grace: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl Stop {
@@ -131,6 +143,22 @@ impl Stop {
     pub fn stop(&self) {
         self.flag.store(true, Ordering::Relaxed);
         self.notify.notify_waiters();
+    }
+
+    /// Stop, giving the run `grace` to end (instead of its own grace period).
+    pub fn stop_within(&self, grace: Option<Duration>) {
+        if let Some(g) = grace {
+            self.grace.store(g.as_secs(), Ordering::Relaxed);
+        }
+        self.stop();
+    }
+
+    /// The grace period the stop gave, if it gave one.
+    pub fn grace(&self) -> Option<Duration> {
+        match self.grace.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            s => Some(Duration::from_secs(s)),
+        }
     }
 
     pub fn stopped(&self) -> bool {

@@ -90,31 +90,12 @@ pub(super) fn serve(
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     let proto = match upgrade_to.as_str() {
         "websocket" => {
-            let key = headers
-                .get(header::SEC_WEBSOCKET_KEY)
-                .ok_or_else(|| ApiError::BadRequest("Sec-WebSocket-Key is missing".into()))?;
-            let offered = list(headers, header::SEC_WEBSOCKET_PROTOCOL.as_str());
-            let chosen = [TUNNEL, "v5.channel.k8s.io", "v4.channel.k8s.io"]
-                .into_iter()
-                .find(|p| offered.iter().any(|o| o == p))
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "port-forward over WebSocket speaks {TUNNEL}, v5.channel.k8s.io or v4.channel.k8s.io; the client offered [{}]",
-                        offered.join(", ")
-                    ))
-                })?;
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(
-                header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(
-                    &tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
-                )
-                .map_err(|e| ApiError::Internal(e.to_string()))?,
-            );
-            h.insert(
-                header::SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(chosen),
-            );
+            let chosen = accept_websocket(
+                headers,
+                h,
+                &[TUNNEL, "v5.channel.k8s.io", "v4.channel.k8s.io"],
+                "port-forward",
+            )?;
             if chosen == TUNNEL {
                 Proto::Tunnel
             } else {
@@ -187,8 +168,47 @@ pub(super) fn serve(
     Ok(reply)
 }
 
+/// Answer a WebSocket upgrade in `reply`: the accept key and the first of `protocols` the
+/// client offers, which is returned.
+pub(super) fn accept_websocket(
+    headers: &HeaderMap,
+    reply: &mut HeaderMap,
+    protocols: &[&'static str],
+    what: &str,
+) -> Result<&'static str, ApiError> {
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ApiError::BadRequest("Sec-WebSocket-Key is missing".into()))?;
+    let offered = list(headers, header::SEC_WEBSOCKET_PROTOCOL.as_str());
+    let chosen = protocols
+        .iter()
+        .copied()
+        .find(|p| offered.iter().any(|o| o == p))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{what} over WebSocket speaks {}; the client offered [{}]",
+                protocols.join(", "),
+                offered.join(", ")
+            ))
+        })?;
+    reply.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    reply.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    reply.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(
+            &tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    reply.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(chosen),
+    );
+    Ok(chosen)
+}
+
 /// A header's values, whether repeated or comma-separated.
-fn list(headers: &HeaderMap, name: &str) -> Vec<String> {
+pub(super) fn list(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(name)
         .iter()

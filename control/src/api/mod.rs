@@ -13,6 +13,7 @@ pub mod admit;
 pub mod auth;
 pub mod discovery;
 pub mod error;
+mod exec;
 mod forward;
 pub mod node;
 pub mod openapi;

@@ -307,7 +307,11 @@ pub(super) async fn serve(
             let pod = get(&ctx, &name).await?;
             super::forward::serve(ctx.api, &pod, headers, &ctx.q, upgrade)
         }
-        (Method::GET | Method::POST, Some(s @ (Sub::Exec | Sub::Attach))) => {
+        (Method::GET | Method::POST, Some(Sub::Exec)) => {
+            let pod = get(&ctx, &name).await?;
+            super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade)
+        }
+        (Method::GET | Method::POST, Some(Sub::Attach)) => {
             let pod = get(&ctx, &name).await?;
             let wasm = pod["spec"]["runtimeClassName"] == "wasm"
                 || pod["spec"]["containers"].as_array().is_some_and(|c| {
@@ -319,14 +323,10 @@ pub(super) async fn serve(
                 });
             Err(ApiError::BadRequest(if wasm {
                 format!(
-                    "pod {name} runs on the Wasm runtime: a Wasm guest has no shell or other process to {} into; use kubectl logs to see its output",
-                    s.name()
+                    "pod {name} runs on the Wasm runtime: a Wasm guest has no terminal to attach to; use kubectl logs -f to follow its output"
                 )
             } else {
-                format!(
-                    "{} is not served by Outpost nodes yet (pod {name})",
-                    s.name()
-                )
+                format!("attach is not served by Outpost nodes yet (pod {name}); use kubectl logs -f or kubectl exec")
             }))
         }
         (Method::GET, Some(Sub::Status)) => Ok(respond(StatusCode::OK, &get(&ctx, &name).await?)),

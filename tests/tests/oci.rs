@@ -1,0 +1,340 @@
+//! OCI pods end to end: a busybox image built here from Debian's busybox-static, pushed to a
+//! real registry on loopback, run by `outpost up`'s own node as Linux containers through
+//! libcontainer, and driven with the real kubectl: logs, exit codes, OOM kills, exec, pull
+//! failures, a layer that tries to escape its root, and Wasm and OCI pods side by side.
+
+use outpost_tests::{busybox_layer, example, LayerBuilder, Registry, Up};
+use serde_json::json;
+
+/// A registry holding `busybox:1` and a running `outpost up` whose node runs OCI pods.
+fn cluster() -> anyhow::Result<(Registry, String, tempfile::TempDir, Up)> {
+    let reg = Registry::start()?;
+    let image = reg.push_image(
+        "test/busybox",
+        "1",
+        &[busybox_layer()?],
+        json!({"Env": ["PATH=/bin", "FROM_IMAGE=yes"], "Cmd": ["sleep", "3600"]}),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let oci = up.wait_field(
+        30,
+        &["nodes"],
+        "{.items[0].metadata.labels.outpost\\.dev/runtime-oci}",
+        |v| !v.is_empty(),
+    )?;
+    anyhow::ensure!(
+        oci == "true",
+        "the node cannot run OCI containers: {}",
+        up.kubectl(&["get", "nodes", "-o", "yaml"])?.stdout
+    );
+    Ok((reg, image, dir, up))
+}
+
+/// A one-container pod of `image` running `command` (a JSON list), with `extra` YAML under
+/// the container.
+fn pod(name: &str, image: &str, policy: &str, command: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {policy}\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {image}\n    command: {command}\n{extra}"
+    )
+}
+
+/// The reason and exit code of pod `name`'s ended container; the pod's description if it
+/// does not end in a minute.
+fn terminated(up: &Up, name: &str) -> anyhow::Result<String> {
+    let s = up.wait_field(
+        60,
+        &["pod", name],
+        "{.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.exitCode}",
+        |s| !s.is_empty(),
+    )?;
+    if !s.starts_with("Completed") {
+        eprintln!("{}", up.kubectl(&["describe", "pod", name])?.stdout);
+    }
+    Ok(s)
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
+    let (_reg, image, _dir, up) = cluster()?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "hello",
+            &image,
+            "Never",
+            r#"["sh", "-c", "echo hello from $GREETING $FROM_IMAGE; id -u; cat /etc/hostname; ls /"]"#,
+            "    env:\n    - name: GREETING\n      value: busybox\n",
+        ),
+    )?
+    .expect_ok("apply hello")?;
+    up.wait_field(60, &["pod", "hello"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let logs = up.kubectl(&["logs", "hello"])?.expect_ok("logs")?.stdout;
+    assert!(logs.contains("hello from busybox yes"), "{logs}");
+    assert!(logs.lines().any(|l| l == "0"), "runs as root: {logs}");
+    assert!(logs.lines().any(|l| l == "hello"), "pod hostname: {logs}");
+    assert!(logs.contains("busybox") && logs.contains("proc"), "{logs}");
+    assert_eq!(terminated(&up, "hello")?, "Completed 0");
+    let id = up.wait_field(
+        5,
+        &["pod", "hello"],
+        "{.status.containerStatuses[0].imageID}",
+        |i| !i.is_empty(),
+    )?;
+    assert!(id.contains("sha256:"), "{id}");
+    let events = up
+        .kubectl(&["describe", "pod", "hello"])?
+        .expect_ok("describe")?
+        .stdout;
+    assert!(
+        events.contains("Pulling image") && events.contains("Successfully pulled image"),
+        "{events}"
+    );
+
+    // A non-zero exit is the container's exit code, its stderr in the logs.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "fails",
+            &image,
+            "Never",
+            r#"["sh", "-c", "echo bye >&2; exit 3"]"#,
+            "",
+        ),
+    )?
+    .expect_ok("apply fails")?;
+    assert_eq!(terminated(&up, "fails")?, "Error 3");
+    up.wait_field(10, &["pod", "fails"], "{.status.phase}", |p| p == "Failed")?;
+    let logs = up.kubectl(&["logs", "fails"])?.expect_ok("logs")?.stdout;
+    assert!(logs.contains("bye"), "{logs}");
+
+    // The image's own command; kubectl exec into it.
+    up.kubectl(&["run", "box", &format!("--image={image}")])?
+        .expect_ok("run box")?;
+    up.wait_field(60, &["pod", "box"], "{.status.phase}", |p| p == "Running")?;
+    let r = up
+        .kubectl(&[
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo in $(hostname) as $(id -u); ps",
+        ])?
+        .expect_ok("exec")?;
+    assert!(r.stdout.contains("in box as 0"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("sleep 3600"),
+        "the pod's own processes: {}",
+        r.stdout
+    );
+    let r = up.kubectl_in(
+        &["exec", "-i", "box", "--", "sh", "-c", "cat; exit 7"],
+        "from stdin\n",
+    )?;
+    assert_eq!(r.code, Some(7), "{r:?}");
+    assert!(r.stdout.contains("from stdin"), "{r:?}");
+    // kubectl before 1.30 speaks only SPDY for exec: a clear refusal.
+    let r = up
+        .kubectl_v("1.29", &["exec", "box", "--", "true"])?
+        .expect_err("exec with 1.29")?;
+    assert!(r.stderr.contains("WebSocket"), "{}", r.stderr);
+    // PID 1 ignores SIGTERM: the end of the grace period the deletion gave (not the pod's
+    // 30 s) ends it with SIGKILL.
+    let t = std::time::Instant::now();
+    up.kubectl(&["delete", "pod", "box", "--grace-period=1", "--timeout=20s"])?
+        .expect_ok("delete box")?;
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn limits_and_hardening_hold() -> anyhow::Result<()> {
+    let (_reg, image, _dir, up) = cluster()?;
+    // 128 MiB of buffer in a container limited to 32 MiB.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "hog",
+            &image,
+            "Never",
+            r#"["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]"#,
+            "    resources:\n      limits:\n        memory: 32Mi\n",
+        ),
+    )?
+    .expect_ok("apply hog")?;
+    // The default seccomp profile refuses new namespaces.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "unshare",
+            &image,
+            "Never",
+            r#"["unshare", "-U", "true"]"#,
+            "",
+        ),
+    )?
+    .expect_ok("apply unshare")?;
+    // Not root, no new privileges, a read-only root file system.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "locked",
+            &image,
+            "Never",
+            r#"["sh", "-c", "id -u; id -g; touch /x || echo read-only; touch /tmp/y && echo tmp-ok; grep NoNewPrivs /proc/self/status"]"#,
+            "    securityContext:\n      runAsUser: 65534\n      runAsGroup: 65534\n      readOnlyRootFilesystem: true\n    volumeMounts:\n    - name: tmp\n      mountPath: /tmp\n  volumes:\n  - name: tmp\n    emptyDir: {}\n",
+        ),
+    )?
+    .expect_ok("apply locked")?;
+    assert_eq!(terminated(&up, "hog")?, "OOMKilled 137");
+    let out = terminated(&up, "unshare")?;
+    assert!(out.starts_with("Error ") && !out.ends_with(" 0"), "{out}");
+    let logs = up.kubectl(&["logs", "unshare"])?.expect_ok("logs")?.stdout;
+    assert!(logs.contains("Operation not permitted"), "{logs}");
+    assert_eq!(terminated(&up, "locked")?, "Completed 0");
+    let logs = up.kubectl(&["logs", "locked"])?.expect_ok("logs")?.stdout;
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.first(), Some(&"65534"), "{logs}");
+    assert_eq!(lines.get(1), Some(&"65534"), "{logs}");
+    assert!(
+        logs.contains("read-only") && logs.contains("tmp-ok"),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')),
+        "{logs}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn bad_images_are_refused_with_reasons() -> anyhow::Result<()> {
+    let (reg, _image, _dir, up) = cluster()?;
+    // A name the registry does not have: ErrImagePull, then ImagePullBackOff, with events.
+    let absent = format!("{}/test/absent:1", reg.addr);
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod("absent", &absent, "Always", r#"["true"]"#, ""),
+    )?
+    .expect_ok("apply absent")?;
+    let msg = up.wait_field(
+        60,
+        &["pod", "absent"],
+        "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+        |m| m.starts_with("ImagePullBackOff"),
+    )?;
+    assert!(msg.contains("not found"), "{msg}");
+    let d = up
+        .kubectl(&["describe", "pod", "absent"])?
+        .expect_ok("describe")?
+        .stdout;
+    assert!(
+        d.contains(&format!("Failed to pull image \"{absent}\"")),
+        "{d}"
+    );
+    assert!(d.contains("Back-off pulling image"), "{d}");
+
+    // A layer whose entries climb out of the root file system.
+    let escape = format!("outpost-escape-{}", std::process::id());
+    let mut l = LayerBuilder::new();
+    l.dir("bin")?;
+    l.file(
+        &format!("../../../../../../../../tmp/{escape}"),
+        b"out",
+        0o644,
+    )?;
+    let bad = reg.push_image(
+        "test/escape",
+        "1",
+        &[l.finish()?],
+        json!({"Cmd": ["/bin/x"]}),
+    )?;
+    // Through a symlink pointing out, then a file under it.
+    let mut l = LayerBuilder::new();
+    l.symlink("link", "/tmp")?;
+    l.file(&format!("link/{escape}"), b"out", 0o644)?;
+    let sneaky = reg.push_image(
+        "test/sneaky",
+        "1",
+        &[l.finish()?],
+        json!({"Cmd": ["/bin/x"]}),
+    )?;
+    for (name, img) in [("escape", &bad), ("sneaky", &sneaky)] {
+        up.kubectl_in(
+            &["apply", "-f", "-"],
+            &pod(name, img, "Never", r#"["x"]"#, ""),
+        )?
+        .expect_ok("apply")?;
+        let msg = up.wait_field(
+            60,
+            &["pod", name],
+            "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+            |m| m.starts_with("ErrImagePull") || m.starts_with("ImagePullBackOff"),
+        )?;
+        assert!(msg.contains("layer"), "{name}: {msg}");
+        assert!(
+            !std::path::Path::new("/tmp").join(&escape).exists(),
+            "{name} wrote outside its root"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn wasm_and_oci_pods_share_a_node() -> anyhow::Result<()> {
+    let (_reg, image, _dir, up) = cluster()?;
+    let sleeper = example("sleeper")?;
+    up.outpost(&["module", "push", sleeper.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    // One Deployment whose pods hold a Wasm container and an OCI one, and a Deployment of
+    // Wasm pods rolled out to the OCI image.
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: mixed\nspec:\n  replicas: 2\n  selector:\n    matchLabels:\n      app: mixed\n  template:\n    metadata:\n      labels:\n        app: mixed\n    spec:\n      terminationGracePeriodSeconds: 2\n      containers:\n      - name: wasm\n        image: module:sleeper\n      - name: box\n        image: {image}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      terminationGracePeriodSeconds: 2\n      containers:\n      - name: main\n        image: module:sleeper\n"
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply")?;
+    for d in ["deployment/mixed", "deployment/web"] {
+        up.kubectl(&["rollout", "status", d, "--timeout=90s"])?
+            .expect_ok("rollout status")?;
+    }
+    let ready = up.wait_field(
+        30,
+        &["pods", "-l", "app=mixed"],
+        "{range .items[*]}{.status.containerStatuses[*].ready}{\"\\n\"}{end}",
+        |s| s.lines().count() == 2 && s.lines().all(|l| l == "true true"),
+    )?;
+    assert_eq!(ready.lines().count(), 2);
+    up.kubectl(&["set", "image", "deployment/web", &format!("main={image}")])?
+        .expect_ok("set image")?;
+    up.kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?
+        .expect_ok("rollout status web")?;
+    let pods = up.wait_field(
+        30,
+        &["pods"],
+        "{range .items[*]}{.spec.nodeName} {.status.phase} {.spec.containers[*].image}{\"\\n\"}{end}",
+        |s| s.lines().count() == 4 && s.lines().all(|l| l.contains(" Running ")),
+    )?;
+    let nodes: std::collections::HashSet<&str> =
+        pods.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(nodes.len(), 1, "{pods}");
+    assert_eq!(
+        pods.lines()
+            .filter(|l| l.ends_with(&format!("Running {image}")))
+            .count(),
+        2,
+        "{pods}"
+    );
+    Ok(())
+}

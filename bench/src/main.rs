@@ -7,6 +7,7 @@
 //! `outpost-bench api`: pod creates through the Kubernetes API against etcd (see `api`).
 //! `outpost-bench node`: Wasm pods end to end against the `wasmtime` CLI (see `node`).
 //! `outpost-bench schedule`: bindings per second with simulated nodes (see `schedule`).
+//! `outpost-bench oci`: OCI containers against `runc` (see `oci`).
 
 use std::net::{TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,7 @@ use outpost_control::store::{Config, Store};
 
 mod api;
 mod node;
+mod oci;
 mod schedule;
 
 #[derive(Parser)]
@@ -83,6 +85,16 @@ enum Cmd {
         nodes: usize,
         /// Pending pods released at once.
         #[arg(long, default_value_t = 10000)]
+        pods: usize,
+    },
+    /// OCI containers: /bin/true start-to-exit against `runc run`, then create->Running of
+    /// OCI pods with the image cached. Needs root.
+    Oci {
+        /// Start-to-exit runs of each runtime.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Pods created one after another for the create->Running figures.
+        #[arg(long, default_value_t = 50)]
         pods: usize,
     },
     /// The wasi:http example served by a node and by `wasmtime serve`, under `wrk`.
@@ -418,6 +430,35 @@ async fn main() -> anyhow::Result<()> {
                     ours.rss_idle_mb, ours.rss_10k_mb
                 );
             }
+        }
+        Cmd::Oci { runs, pods } => {
+            let f = oci::run(runs, pods).await?;
+            println!("OCI containers: /bin/true start-to-exit, same busybox root file system and spec, {} runs each, alternating", f.runs);
+            println!(
+                "  outpost-node oci-run (libcontainer)  median {:>6.1} ms   p90 {:>6.1} ms",
+                f.ours_ms, f.ours_p90_ms
+            );
+            println!(
+                "  runc run (Debian)                    median {:>6.1} ms   p90 {:>6.1} ms",
+                f.runc_ms, f.runc_p90_ms
+            );
+            println!(
+                "  ratio outpost/runc                   {:>6.2}   (target <= 0.5)",
+                f.ours_ms / f.runc_ms
+            );
+            println!("OCI pods through the API, scheduler, node link and agent (1 member, 1 node, release builds)");
+            println!(
+                "  first pod (pulls the image)        {:>8.1} ms",
+                f.first_pod_ms
+            );
+            println!(
+                "  create->Running p50 ({} pods, cached) {:>7.1} ms",
+                f.pods, f.pod_p50_ms
+            );
+            println!(
+                "  create->Running p99                {:>8.1} ms",
+                f.pod_p99_ms
+            );
         }
         Cmd::Node { pods, burst } => {
             println!("Wasm pods through the API, scheduler, node link and agent (1 member, 1 node, release builds)");

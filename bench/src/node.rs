@@ -56,7 +56,7 @@ pub struct Figures {
 }
 
 /// Phase changes of pods in `default`, as (name, phase, when seen).
-async fn watch_phases(
+pub(crate) async fn watch_phases(
     c: reqwest::Client,
     api: String,
     tx: mpsc::UnboundedSender<(String, String, Instant)>,
@@ -86,7 +86,7 @@ async fn watch_phases(
 }
 
 /// Wait until `name` is seen in one of `phases`; when it was seen.
-async fn wait(
+pub(crate) async fn wait(
     rx: &mut mpsc::UnboundedReceiver<(String, String, Instant)>,
     name: String,
     phases: &[&str],
@@ -102,7 +102,12 @@ async fn wait(
     }
 }
 
-async fn post(c: &reqwest::Client, url: String, ct: &str, body: Vec<u8>) -> anyhow::Result<Value> {
+pub(crate) async fn post(
+    c: &reqwest::Client,
+    url: String,
+    ct: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<Value> {
     let r = c
         .post(url)
         .header("content-type", ct)
@@ -135,18 +140,31 @@ fn wasmtime_peer(module: &Path, runs: usize) -> anyhow::Result<Option<f64>> {
     Ok(Some(percentile(&times, 0.5) / 1000.0))
 }
 
+/// Start `outpost-node` (the release build beside this binary) with its output discarded.
+pub(crate) fn spawn_node(cmd: &mut Command) -> anyhow::Result<Child> {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {:?} (cargo build --release -p outpost-edge-node)",
+                cmd.get_program()
+            )
+        })
+}
+
 /// One release `outpost-control` and one joined `outpost-node`, on loopback.
 /// Fields drop in order: the agent, then the control plane, then their files.
-struct Cluster {
+pub(crate) struct Cluster {
     agent: Agent,
     _members: Vec<super::api::Member>,
-    api: String,
-    c: reqwest::Client,
+    pub(crate) api: String,
+    pub(crate) c: reqwest::Client,
     root: tempfile::TempDir,
 }
 
 impl Cluster {
-    async fn start() -> anyhow::Result<Cluster> {
+    pub(crate) async fn start() -> anyhow::Result<Cluster> {
         let root = tempfile::tempdir()?;
         let ms = tokio::task::block_in_place(|| start(root.path(), 1, &[]))?;
         let api = ms[0].api.clone();
@@ -177,24 +195,15 @@ impl Cluster {
         .await?;
         let token = token["token"].as_str().unwrap_or_default().to_string();
         let node_bin: PathBuf = super::api::control_bin()?.with_file_name("outpost-node");
-        let agent = Agent(
+        let agent = Agent(spawn_node(
             Command::new(&node_bin)
                 .args(["--server", &api, "--token", &token, "--name", "bench-node"])
                 // Room for the whole burst at once (kubelet's default is 110).
                 .args(["--max-pods", "2000"])
                 .arg("--data-dir")
                 .arg(root.path().join("node"))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| {
-                    format!(
-                        "starting {} (cargo build --release -p outpost-edge-node)",
-                        node_bin.display()
-                    )
-                })?,
-        );
+                .env("RUST_LOG", "warn"),
+        )?);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let r = c

@@ -1,0 +1,193 @@
+//! `outpost-bench oci`: OCI containers against Debian's `runc`, in the same run.
+//!
+//! Start-to-exit: `/bin/true` from one busybox root file system and one runtime spec (the
+//! spec the node agent writes for such a pod), run by the node agent's own helper
+//! (`outpost-node oci-run`: overlay mount, libcontainer create and start, wait, delete) and by
+//! `runc run`, alternately, each timed from spawn to exit. Then create→Running of an OCI pod
+//! through the API, scheduler, node link and agent, with the image already on the node.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use outpost_oci_shim::spec::{runtime_spec, Launch};
+use outpost_oci_shim::store::ImageConfig;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::node::{post, spawn_node, wait, watch_phases, Cluster};
+use super::percentile;
+
+pub struct Figures {
+    pub runs: usize,
+    pub ours_ms: f64,
+    pub ours_p90_ms: f64,
+    pub runc_ms: f64,
+    pub runc_p90_ms: f64,
+    pub first_pod_ms: f64,
+    pub pods: usize,
+    pub pod_p50_ms: f64,
+    pub pod_p99_ms: f64,
+}
+
+/// A busybox root file system: the static binary and the one tool the runs use.
+fn rootfs(dir: &Path) -> anyhow::Result<()> {
+    for d in ["bin", "etc", "proc", "dev", "sys", "tmp"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .context("copying /bin/busybox (scripts/setup.sh installs busybox-static)")?;
+    std::os::unix::fs::symlink("busybox", dir.join("bin/true"))?;
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    Ok(())
+}
+
+/// The spec the agent writes for a pod running `/bin/true` in this root file system.
+fn spec(lower: &Path) -> anyhow::Result<Value> {
+    let pod = json!({"metadata": {"name": "bench", "namespace": "default"}, "spec": {}});
+    let container = json!({"name": "main", "command": ["/bin/true"]});
+    let image = ImageConfig::parse(&json!({"config": {"Env": ["PATH=/bin"]}}));
+    let l = Launch {
+        pod: &pod,
+        container: &container,
+        env: vec![],
+        mounts: vec![],
+        files: vec![],
+        cgroup: "/outpost-bench/true".into(),
+        hostname: "bench".into(),
+    };
+    Ok(runtime_spec(&l, &image, lower)?)
+}
+
+fn start_to_exit(runs: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    if Command::new("runc").arg("--version").output().is_err() {
+        bail!("runc is not installed: OUTPOST_BENCH=1 scripts/setup.sh installs it");
+    }
+    let node_bin: PathBuf = super::api::control_bin()?.with_file_name("outpost-node");
+    let dir = tempfile::tempdir()?;
+    let lower = dir.path().join("lower");
+    rootfs(&lower)?;
+    let spec = spec(&lower)?;
+    // Ours mounts an overlay of the image at bundle/rootfs, as for every pod; runc runs in the
+    // image's directory itself, which is the cheaper of the two.
+    let ours = dir.path().join("ours");
+    std::fs::create_dir_all(&ours)?;
+    std::fs::write(ours.join("config.json"), spec.to_string())?;
+    let runc = dir.path().join("runc");
+    std::fs::create_dir_all(&runc)?;
+    let mut runc_spec = spec.clone();
+    runc_spec["root"]["path"] = json!(lower);
+    std::fs::write(runc.join("config.json"), runc_spec.to_string())?;
+    let (ours_state, runc_state) = (dir.path().join("ours-state"), dir.path().join("runc-state"));
+    let run_ours = |id: &str| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let mut child = spawn_node(
+            Command::new(&node_bin)
+                .arg("oci-run")
+                .arg("--root")
+                .arg(&ours_state)
+                .args(["--id", id])
+                .arg("--bundle")
+                .arg(&ours)
+                .arg("--lower")
+                .arg(&lower)
+                // The helper's stdin is its signal line from the agent: open until it exits.
+                .stdin(Stdio::piped()),
+        )?;
+        // `wait` would close a stdin the child still holds.
+        let _signals = child.stdin.take();
+        let status = child.wait()?;
+        let took = t.elapsed();
+        let out: Value = serde_json::from_slice(&std::fs::read(ours.join("exit.json"))?)?;
+        if !status.success() || out["exitCode"] != 0 {
+            bail!("outpost-node oci-run: {status}: {out}");
+        }
+        Ok(took)
+    };
+    let run_runc = |id: &str| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_state)
+            .args(["run", "--bundle"])
+            .arg(&runc)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        let took = t.elapsed();
+        if !out.status.success() {
+            bail!("runc run: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(took)
+    };
+    for i in 0..3 {
+        run_ours(&format!("warm-{i}"))?;
+        run_runc(&format!("warm-{i}"))?;
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        // Alternate, so both see the same state of the machine.
+        a.push(run_ours(&format!("run-{i}"))?);
+        b.push(run_runc(&format!("run-{i}"))?);
+    }
+    a.sort();
+    b.sort();
+    Ok((a, b))
+}
+
+pub async fn run(runs: usize, pods: usize) -> anyhow::Result<Figures> {
+    let (ours, runc) = tokio::task::block_in_place(|| start_to_exit(runs))?;
+    let ms = |d: &[Duration], p: f64| percentile(d, p) / 1000.0;
+
+    let reg = tokio::task::block_in_place(outpost_tests::Registry::start)?;
+    let layer = outpost_tests::busybox_layer()?;
+    let image = reg.push_image(
+        "bench/busybox",
+        "1",
+        &[layer],
+        json!({"Env": ["PATH=/bin"], "Cmd": ["sleep", "3600"]}),
+    )?;
+    let cl = Cluster::start().await?;
+    let (api, c) = (cl.api.clone(), cl.c.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(watch_phases(c.clone(), api.clone(), tx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let create = |name: String| {
+        let c = c.clone();
+        let url = format!("https://{api}/api/v1/namespaces/default/pods");
+        let body = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "bench"}},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "main", "image": image}]}});
+        async move { post(&c, url, "application/json", body.to_string().into_bytes()).await }
+    };
+    // The first pod pulls the image; reported apart.
+    let t = Instant::now();
+    create("pull".into()).await?;
+    let first = wait(&mut rx, "pull".into(), &["Running"]).await? - t;
+    let mut lat = Vec::new();
+    for i in 0..pods {
+        let name = format!("box-{i}");
+        let t = Instant::now();
+        create(name.clone()).await?;
+        lat.push(wait(&mut rx, name, &["Running"]).await? - t);
+    }
+    lat.sort();
+    c.delete(format!("https://{api}/api/v1/namespaces/default/pods"))
+        .send()
+        .await?;
+    Ok(Figures {
+        runs,
+        ours_ms: ms(&ours, 0.5),
+        ours_p90_ms: ms(&ours, 0.9),
+        runc_ms: ms(&runc, 0.5),
+        runc_p90_ms: ms(&runc, 0.9),
+        first_pod_ms: first.as_secs_f64() * 1000.0,
+        pods,
+        pod_p50_ms: ms(&lat, 0.5),
+        pod_p99_ms: ms(&lat, 0.99),
+    })
+}

@@ -56,6 +56,7 @@ fn spec(lower: &Path) -> anyhow::Result<Value> {
         files: vec![],
         cgroup: "/outpost-bench/true".into(),
         hostname: "bench".into(),
+        netns: None,
     };
     Ok(runtime_spec(&l, &image, lower)?)
 }

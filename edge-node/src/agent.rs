@@ -28,11 +28,12 @@ use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::cache::Cache;
 use crate::link::{self, Link, LinkError, Pki};
 use crate::logs;
+use crate::net::{Attached, PodNet};
 use crate::pod::{self, Container, Next, State};
 use crate::probe::{self, Probe, Tally};
 
@@ -50,6 +51,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// The node's `pods` capacity.
     pub max_pods: u32,
+    /// The network OCI pods take their addresses from (`A.B.C.D/N`).
+    pub pod_cidr: String,
 }
 
 fn now() -> String {
@@ -74,6 +77,8 @@ struct PodRun {
     containers: Arc<Mutex<Vec<Container>>>,
     /// True once every container task has ended.
     finished: watch::Receiver<bool>,
+    /// The pod's own network, once an OCI container asked for it.
+    net: Arc<OnceCell<Attached>>,
 }
 
 #[derive(Clone)]
@@ -102,6 +107,8 @@ pub struct Agent {
     host_ip: Mutex<String>,
     /// OCI containers: the image store and the helpers, or why this machine cannot run them.
     oci: Result<Oci, String>,
+    /// The pod network OCI pods join; `None` where the node cannot make one.
+    net: Option<PodNet>,
 }
 
 struct Oci {
@@ -191,6 +198,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Err(why) = &oci {
         tracing::warn!(%why, "this node runs Wasm pods only");
     }
+    // OCI pods get their own network where the node can make one; else the node's.
+    let net = match (&oci, PodNet::new(&cfg.pod_cidr)) {
+        (Err(_), _) => None,
+        (Ok(_), Err(e)) => anyhow::bail!(e),
+        (Ok(_), Ok(n)) => match tokio::task::spawn_blocking({
+            let n = n.clone();
+            move || n.bridge()
+        })
+        .await?
+        {
+            Ok(()) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "no pod network: OCI pods use the node's network");
+                None
+            }
+        },
+    };
     let agent = Arc::new(Agent {
         dir: cfg.data_dir.clone(),
         node,
@@ -206,9 +230,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         events_tx,
         host_ip: Mutex::new(String::new()),
         oci,
+        net,
     });
     let cached = agent.cache.pods();
     tracing::info!(node = %agent.node, pods = cached.len(), "node agent starting");
+    // Networks of pods that ended while the agent was down.
+    if let Some(pn) = agent.net.clone() {
+        let keep: std::collections::HashSet<String> = cached
+            .iter()
+            .filter_map(|p| p["metadata"]["uid"].as_str().map(String::from))
+            .collect();
+        let marks = agent.dir.join("net");
+        tokio::task::spawn_blocking(move || {
+            for e in std::fs::read_dir(&marks).into_iter().flatten().flatten() {
+                let uid = e.file_name().to_string_lossy().to_string();
+                if !keep.contains(&uid) {
+                    pn.detach(&uid);
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        })
+        .await?;
+    }
     for p in cached {
         agent.ensure(p);
     }
@@ -726,6 +769,7 @@ impl Agent {
         let (changed_tx, changed_rx) = watch::channel(0u64);
         let changed_tx = Arc::new(changed_tx);
         let (finished_tx, finished_rx) = watch::channel(false);
+        let net = Arc::new(OnceCell::new());
         if let Ok(mut p) = self.pods.lock() {
             p.insert(
                 uid.to_string(),
@@ -736,6 +780,7 @@ impl Agent {
                     stop: stop.clone(),
                     containers: containers.clone(),
                     finished: finished_rx,
+                    net: net.clone(),
                 },
             );
         }
@@ -750,6 +795,7 @@ impl Agent {
                 containers: containers.clone(),
                 stop: stop.clone(),
                 changed: changed_tx.clone(),
+                net: net.clone(),
             };
             tokio::spawn(w.run());
         }
@@ -763,7 +809,8 @@ impl Agent {
             loop {
                 let list = containers.lock().map(|c| c.clone()).unwrap_or_default();
                 let ip = me.host_ip();
-                let mut status = pod::status(&list, &started, &ip, &now());
+                let pod_ip = net.get().map_or(ip.clone(), |a| a.ip.to_string());
+                let mut status = pod::status(&list, &started, &ip, &pod_ip, &now());
                 keep_transition_times(&mut status, &prev);
                 if status != prev {
                     prev = status.clone();
@@ -777,6 +824,15 @@ impl Agent {
                 if rx.changed().await.is_err() {
                     break;
                 }
+            }
+            // Every container has ended: the pod's network goes.
+            if let (Some(_), Some(pn)) = (net.get(), me.net.clone()) {
+                let (uid, mark) = (uid.clone(), me.dir.join("net").join(&uid));
+                let _ = tokio::task::spawn_blocking(move || {
+                    pn.detach(&uid);
+                    let _ = std::fs::remove_file(mark);
+                })
+                .await;
             }
             finished_tx.send_replace(true);
         });
@@ -1011,12 +1067,12 @@ impl Agent {
         mut recv: quinn::RecvStream,
     ) {
         let (ns, name, port) = (&req.namespace, &req.pod, req.port);
-        let spec = self.pods.lock().ok().and_then(|p| {
+        let found = self.pods.lock().ok().and_then(|p| {
             p.values()
                 .find(|r| &r.ns == ns && &r.name == name)
-                .map(|r| r.spec.clone())
+                .map(|r| (r.spec.clone(), r.net.get().map(|a| a.ip)))
         });
-        let Some(spec) = spec else {
+        let Some((spec, own_ip)) = found else {
             let _ = reply(
                 &mut send,
                 404,
@@ -1026,8 +1082,8 @@ impl Agent {
             return;
         };
         let ports = forward_ports(&spec);
-        if !ports.contains(&port) {
-            // Pods share the node's network until they get their own, so an open port here
+        if own_ip.is_none() && !ports.contains(&port) {
+            // A pod on the node's network: an open port there
             // could be anything on the node: only the pod's own ports are reachable.
             let _ = reply(
                 &mut send,
@@ -1040,7 +1096,9 @@ impl Agent {
             .await;
             return;
         }
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // A pod with its own network listens at its address, others on the node's.
+        let addr =
+            std::net::SocketAddr::from((own_ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST), port));
         let tcp = match tokio::time::timeout(
             Duration::from_secs(5),
             tokio::net::TcpStream::connect(addr),
@@ -1399,6 +1457,7 @@ struct Worker {
     containers: Arc<Mutex<Vec<Container>>>,
     stop: Arc<Stop>,
     changed: Arc<watch::Sender<u64>>,
+    net: Arc<OnceCell<Attached>>,
 }
 
 impl Worker {
@@ -1551,7 +1610,12 @@ impl Worker {
                     run.stop_within(pod.grace());
                 })
             };
-            let watch = tokio::spawn(self.probing().watch(probes.clone(), stop.clone()));
+            // An OCI container with its own network listens at the pod's address.
+            let mut run_probes = probes.clone();
+            if let (Prepared::Oci(_), Some(a)) = (&prepared, self.net.get()) {
+                run_probes.at(std::net::IpAddr::V4(a.ip));
+            }
+            let watch = tokio::spawn(self.probing().watch(run_probes, stop.clone()));
             let ran = match prepared {
                 Prepared::Wasm(module, cmd) => Ran::Wasm(
                     tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
@@ -1734,9 +1798,13 @@ impl Worker {
             c.id = format!("outpost://{id}");
         });
         let config = |m: String| ("CreateContainerConfigError".to_string(), m);
+        let attached = self.network().await?;
         let env = self.env().await.map_err(config)?;
         let mounts = self.volumes().await.map_err(config)?;
-        let files = self.pod_files().map_err(config)?;
+        let ip = attached
+            .as_ref()
+            .map_or_else(|| self.agent.host_ip(), |a| a.ip.to_string());
+        let files = self.pod_files(&ip).map_err(config)?;
         let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
             .and_then(|p| Log::open(&p, log::MAX))
             .map_err(|e| config(format!("log file: {e}")))?;
@@ -1759,6 +1827,7 @@ impl Worker {
                 files,
                 cgroup,
                 hostname,
+                netns: attached.map(|a| a.netns),
             };
             outpost_oci_shim::spec::runtime_spec(&l, &config_img, &rootfs)
         })
@@ -1877,8 +1946,43 @@ impl Worker {
         None
     }
 
-    /// `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` for the pod's containers.
-    fn pod_files(&self) -> Result<Vec<(PathBuf, String)>, String> {
+    /// The pod's own network, made by the first of its OCI containers to start; `None`
+    /// with `hostNetwork: true` or where the node has no pod network.
+    async fn network(&self) -> Result<Option<Attached>, (String, String)> {
+        let Some(pn) = self.agent.net.clone() else {
+            return Ok(None);
+        };
+        if self.pod["spec"]["hostNetwork"] == true {
+            return Ok(None);
+        }
+        let uid = self.uid.clone();
+        let marks = self.agent.dir.join("net");
+        self.net
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    // Marked first, so a crash between the two still finds it at start.
+                    std::fs::create_dir_all(&marks)
+                        .and_then(|()| std::fs::write(marks.join(&uid), ""))
+                        .map_err(|e| format!("{}: {e}", marks.display()))?;
+                    pn.attach(&uid)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            })
+            .await
+            .cloned()
+            .map(Some)
+            .map_err(|e| {
+                (
+                    "CreateContainerError".to_string(),
+                    format!("setting up the pod's network: {e}"),
+                )
+            })
+    }
+
+    /// `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` for the pod's containers, whose
+    /// address is `ip`.
+    fn pod_files(&self, ip: &str) -> Result<Vec<(PathBuf, String)>, String> {
         let dir = self.agent.dir.join("pods").join(&self.uid).join("etc");
         let io = |e: std::io::Error| format!("{}: {e}", dir.display());
         std::fs::create_dir_all(&dir).map_err(io)?;
@@ -1886,7 +1990,6 @@ impl Worker {
             .as_str()
             .or(self.pod["metadata"]["name"].as_str())
             .unwrap_or("pod");
-        let ip = self.agent.host_ip();
         let mut hosts =
             String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if !ip.is_empty() {
@@ -2060,7 +2163,8 @@ impl Worker {
                         .as_str()
                         .unwrap_or("default")
                         .to_string(),
-                    "status.podIP" | "status.hostIP" => ip,
+                    "status.hostIP" => ip,
+                    "status.podIP" => self.net.get().map_or(ip, |a| a.ip.to_string()),
                     p => {
                         let label = p
                             .strip_prefix("metadata.labels['")
@@ -2217,6 +2321,16 @@ struct Probes {
 }
 
 impl Probes {
+    /// Probe the container at `host` instead of the node's loopback.
+    fn at(&mut self, host: std::net::IpAddr) {
+        for p in [&mut self.startup, &mut self.liveness, &mut self.readiness]
+            .into_iter()
+            .flatten()
+        {
+            p.host = host;
+        }
+    }
+
     fn of(spec: &Value) -> Result<Probes, String> {
         Ok(Probes {
             startup: probe::parse(spec, "startupProbe")?,

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cache;
 pub mod link;
 pub mod logs;
+pub mod net;
 pub mod pod;
 pub mod probe;
 

@@ -154,7 +154,13 @@ pub fn phase(containers: &[Container]) -> &'static str {
 }
 
 /// The pod's `status`, as the kubelet would write it.
-pub fn status(containers: &[Container], started: &str, host_ip: &str, now: &str) -> Value {
+pub fn status(
+    containers: &[Container],
+    started: &str,
+    host_ip: &str,
+    pod_ip: &str,
+    now: &str,
+) -> Value {
     let phase = phase(containers);
     let running = |c: &Container| matches!(c.state, State::Running { .. });
     let ready_now = |c: &Container| running(c) && c.ready;
@@ -202,8 +208,8 @@ pub fn status(containers: &[Container], started: &str, host_ip: &str, now: &str)
         ],
         "hostIP": host_ip,
         "hostIPs": [{"ip": host_ip}],
-        "podIP": host_ip,
-        "podIPs": [{"ip": host_ip}],
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
         "startTime": started,
         "containerStatuses": statuses,
     })
@@ -261,7 +267,7 @@ mod tests {
         backing_off.last = Some(ended(1, false).state);
         backing_off.state = State::waiting("CrashLoopBackOff", "back-off");
         assert_eq!(phase(&[backing_off.clone()]), "Running");
-        let s = status(&[backing_off], "t0", "10.0.0.1", "t1");
+        let s = status(&[backing_off], "t0", "10.0.0.1", "10.0.0.1", "t1");
         assert_eq!(
             s["containerStatuses"][0]["state"]["waiting"]["reason"],
             "CrashLoopBackOff"

@@ -2,8 +2,10 @@
 //! and `tcpSocket` (a connection passes), tried every `periodSeconds` after
 //! `initialDelaySeconds`, each try bounded by `timeoutSeconds`, a verdict changing only after
 //! `successThreshold` passes or `failureThreshold` failures in a row. Probes reach the
-//! container on this node's loopback, where its HTTP components listen.
+//! container on this node's loopback, where Wasm components listen, or at the pod's own
+//! address when it has one.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -25,6 +27,8 @@ pub enum Check {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
     pub check: Check,
+    /// Where the container listens.
+    pub host: IpAddr,
     pub delay: Duration,
     pub period: Duration,
     pub timeout: Duration,
@@ -87,6 +91,7 @@ pub fn parse(container: &Value, key: &str) -> Result<Option<Probe>, String> {
     };
     Ok(Some(Probe {
         check,
+        host: IpAddr::V4(Ipv4Addr::LOCALHOST),
         delay: Duration::from_secs(p["initialDelaySeconds"].as_u64().unwrap_or(0)),
         period: secs("periodSeconds", 10),
         timeout: secs("timeoutSeconds", 1),
@@ -120,7 +125,7 @@ fn port(container: &Value, v: &Value) -> Result<u16, String> {
 impl Probe {
     /// One try: `Ok` if it passed, otherwise what the kubelet would say in the event.
     pub async fn try_once(&self) -> Result<(), String> {
-        match tokio::time::timeout(self.timeout, self.check.run()).await {
+        match tokio::time::timeout(self.timeout, self.check.run(self.host)).await {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "{} timed out after {}s",
@@ -139,22 +144,22 @@ impl Check {
         }
     }
 
-    async fn run(&self) -> Result<(), String> {
+    async fn run(&self, host: IpAddr) -> Result<(), String> {
         match self {
-            Check::Tcp { port } => TcpStream::connect(("127.0.0.1", *port))
+            Check::Tcp { port } => TcpStream::connect((host, *port))
                 .await
                 .map(drop)
-                .map_err(|e| format!("dial tcp 127.0.0.1:{port}: {e}")),
+                .map_err(|e| format!("dial tcp {host}:{port}: {e}")),
             Check::Http {
                 port,
                 path,
                 headers,
             } => {
-                let mut s = TcpStream::connect(("127.0.0.1", *port))
+                let mut s = TcpStream::connect((host, *port))
                     .await
-                    .map_err(|e| format!("Get \"http://127.0.0.1:{port}{path}\": {e}"))?;
+                    .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
                 let mut req = format!(
-                    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kube-probe/1.32\r\nAccept: */*\r\nConnection: close\r\n"
+                    "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\nAccept: */*\r\nConnection: close\r\n"
                 );
                 for (k, v) in headers {
                     if !k.contains(['\r', '\n', ':']) && !v.contains(['\r', '\n']) {
@@ -162,7 +167,7 @@ impl Check {
                     }
                 }
                 req.push_str("\r\n");
-                let io = |e: std::io::Error| format!("Get \"http://127.0.0.1:{port}{path}\": {e}");
+                let io = |e: std::io::Error| format!("Get \"http://{host}:{port}{path}\": {e}");
                 s.write_all(req.as_bytes()).await.map_err(io)?;
                 // The status line is all a verdict needs.
                 let mut head = Vec::with_capacity(64);
@@ -179,9 +184,7 @@ impl Check {
                     .split_whitespace()
                     .nth(1)
                     .and_then(|c| c.parse::<u16>().ok())
-                    .ok_or_else(|| {
-                        format!("HTTP probe got no status line from 127.0.0.1:{port}")
-                    })?;
+                    .ok_or_else(|| format!("HTTP probe got no status line from {host}:{port}"))?;
                 if (200..400).contains(&code) {
                     Ok(())
                 } else {
@@ -288,6 +291,7 @@ mod tests {
         });
         let probe = |check| Probe {
             check,
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             delay: Duration::ZERO,
             period: Duration::from_secs(1),
             timeout: Duration::from_secs(1),

@@ -141,6 +141,8 @@ pub struct Launch<'a> {
     /// The container's cgroup, an absolute path under the cgroup hierarchies.
     pub cgroup: String,
     pub hostname: String,
+    /// The pod's network namespace (`/run/netns/…`); the node's network when `None`.
+    pub netns: Option<PathBuf>,
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -457,10 +459,13 @@ pub fn runtime_spec(l: &Launch<'_>, image: &ImageConfig, rootfs: &Path) -> Resul
     if cpu.as_object().is_some_and(|o| !o.is_empty()) {
         resources["cpu"] = cpu;
     }
-    let ns: Vec<Value> = ["pid", "ipc", "uts", "mount"]
+    let mut ns: Vec<Value> = ["pid", "ipc", "uts", "mount"]
         .iter()
         .map(|t| json!({"type": t}))
         .collect();
+    if let Some(p) = &l.netns {
+        ns.push(json!({"type": "network", "path": p}));
+    }
     let mut linux = json!({
         "cgroupsPath": l.cgroup,
         "namespaces": ns,
@@ -518,6 +523,7 @@ mod tests {
             files: vec![("/var/lib/hosts".into(), "/etc/hosts".into())],
             cgroup: "/outpost/uid/c".into(),
             hostname: "web-0".into(),
+            netns: Some("/run/netns/outpost-uid".into()),
         }
     }
 
@@ -556,6 +562,10 @@ mod tests {
         assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 50_000);
         assert_eq!(s["linux"]["resources"]["cpu"]["shares"], 512);
         assert_eq!(s["linux"]["cgroupsPath"], "/outpost/uid/c");
+        assert!(s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"type": "network", "path": "/run/netns/outpost-uid"})));
         assert!(s["linux"]["seccomp"]["syscalls"][0]["names"]
             .as_array()
             .unwrap()

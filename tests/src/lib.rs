@@ -526,6 +526,22 @@ impl Up {
         numbered_logs(&self.dir, "up.log", self.starts)
     }
 
+    /// Remove the pod network namespaces its node left: a killed agent cannot, and this
+    /// machine outlives the test.
+    fn clean_netns(&self) {
+        for e in std::fs::read_dir(self.dir.join("node/net"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let ns = format!("outpost-{}", e.file_name().to_string_lossy());
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Run> {
         kubectl_with(
             &kubectl_bin(None)?,
@@ -806,6 +822,7 @@ impl Drop for Node {
 impl Drop for Up {
     fn drop(&mut self) {
         self.kill();
+        self.clean_netns();
     }
 }
 
@@ -1028,7 +1045,7 @@ fn oci_arch() -> &'static str {
 /// The tools a busybox image links to `/bin/busybox`.
 const BUSYBOX_TOOLS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "true", "false", "id", "env", "ls", "dd", "unshare", "hostname",
-    "head", "tr", "wc", "touch", "mkdir", "kill", "ps",
+    "head", "tr", "wc", "touch", "mkdir", "kill", "ps", "httpd", "ip", "wget",
 ];
 
 /// One gzipped tar layer holding Debian's static busybox (busybox-static, which
@@ -1177,10 +1194,15 @@ pub fn python() -> anyhow::Result<PathBuf> {
 /// One HTTP/1.0 GET (no chunked body to decode) to `127.0.0.1:port`: the status and body.
 /// Waits up to 10 s for the port to accept, as a server may still be binding.
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// [`http_get`] to any address.
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let t = Instant::now();
     let mut s = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => break s,
             Err(e) if t.elapsed() > Duration::from_secs(10) => return Err(e.into()),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),

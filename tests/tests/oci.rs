@@ -3,7 +3,7 @@
 //! libcontainer, and driven with the real kubectl: logs, exit codes, OOM kills, exec, pull
 //! failures, a layer that tries to escape its root, and Wasm and OCI pods side by side.
 
-use outpost_tests::{busybox_layer, example, LayerBuilder, Registry, Up};
+use outpost_tests::{busybox_layer, example, http_get_at, LayerBuilder, Registry, Up};
 use serde_json::json;
 
 /// A registry holding `busybox:1` and a running `outpost up` whose node runs OCI pods.
@@ -336,5 +336,83 @@ fn wasm_and_oci_pods_share_a_node() -> anyhow::Result<()> {
         2,
         "{pods}"
     );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI pods get network namespaces, veths and a bridge"]
+fn oci_pods_have_their_own_network() -> anyhow::Result<()> {
+    let (_reg, image, _dir, up) = cluster()?;
+    // Two web servers on the same port: each pod has its own address. The readiness probe
+    // reaches each at its address.
+    let server = r#"["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]"#;
+    let probe = "    ports:\n    - containerPort: 8080\n    readinessProbe:\n      httpGet:\n        port: 8080\n        path: /index.html\n      periodSeconds: 1\n";
+    for name in ["web-a", "web-b"] {
+        up.kubectl_in(
+            &["apply", "-f", "-"],
+            &pod(name, &image, "Always", server, probe),
+        )?
+        .expect_ok("apply")?;
+    }
+    let mut ips = Vec::new();
+    for name in ["web-a", "web-b"] {
+        up.wait_field(
+            60,
+            &["pod", name],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            |s| s == "True",
+        )?;
+        let ip = up.wait_field(5, &["pod", name], "{.status.podIP}", |s| !s.is_empty())?;
+        let host = up.wait_field(5, &["pod", name], "{.status.hostIP}", |s| !s.is_empty())?;
+        assert_ne!(ip, host, "{name} has its own address");
+        assert!(ip.starts_with("10.88."), "{name}: {ip}");
+        // The node reaches the pod's port at its address.
+        let addr: std::net::IpAddr = ip.parse()?;
+        let (code, body) = http_get_at((addr, 8080).into(), "/index.html")?;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body.trim(), format!("hello from {name}"));
+        let r = up
+            .kubectl(&["exec", name, "--", "ip", "-4", "-o", "addr", "show", "eth0"])?
+            .expect_ok("exec ip")?;
+        assert!(r.stdout.contains(&format!(" {ip}/16 ")), "{}", r.stdout);
+        ips.push(ip);
+    }
+    assert_ne!(ips[0], ips[1]);
+    // hostNetwork: the node's address and interfaces.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "on-host",
+            &image,
+            "Never",
+            r#"["sh", "-c", "ip -o link show outpost0"]"#,
+            "",
+        )
+        .replace("  restartPolicy:", "  hostNetwork: true\n  restartPolicy:"),
+    )?
+    .expect_ok("apply on-host")?;
+    assert_eq!(terminated(&up, "on-host")?, "Completed 0");
+    let (ip, host) = (
+        up.wait_field(5, &["pod", "on-host"], "{.status.podIP}", |s| !s.is_empty())?,
+        up.wait_field(5, &["pod", "on-host"], "{.status.hostIP}", |s| {
+            !s.is_empty()
+        })?,
+    );
+    assert_eq!(ip, host);
+    // A deleted pod's address goes back: its namespace is gone.
+    up.kubectl(&["delete", "pod", "web-a", "--grace-period=1"])?
+        .expect_ok("delete web-a")?;
+    let t = std::time::Instant::now();
+    while std::path::Path::new("/run/outpost/ipam/10.88.0.0-16")
+        .join(&ips[0])
+        .exists()
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{} still leased",
+            ips[0]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     Ok(())
 }

@@ -306,6 +306,7 @@ fn local_node(
         name: None,
         insecure_registries: Vec::new(),
         max_pods: 110,
+        pod_cidr: outpost_edge_node::net::DEFAULT_POD_CIDR.to_string(),
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

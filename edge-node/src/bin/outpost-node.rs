@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use outpost_edge_node::agent::{self, Config};
+use outpost_edge_node::net::DEFAULT_POD_CIDR;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The Outpost node agent")]
@@ -38,6 +39,10 @@ struct Args {
     /// --max-pods.
     #[arg(long, default_value_t = 110, env = "OUTPOST_MAX_PODS")]
     max_pods: u32,
+    /// The network OCI pods take their addresses from, behind the node bridge `outpost0`
+    /// (give each node its own on a LAN).
+    #[arg(long, default_value = DEFAULT_POD_CIDR, env = "OUTPOST_POD_CIDR")]
+    pod_cidr: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +68,7 @@ async fn serve() -> anyhow::Result<()> {
         name: a.name,
         insecure_registries: a.insecure_registries,
         max_pods: a.max_pods,
+        pod_cidr: a.pod_cidr,
     };
     tokio::select! {
         r = agent::run(cfg) => r,

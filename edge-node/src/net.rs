@@ -1,0 +1,290 @@
+//! Pod networks for OCI pods: a network namespace per pod, a veth pair from it into the node
+//! bridge, and an address from the node's pod CIDR, so each pod has its own IP and ports and
+//! the node reaches them directly. Pods with `hostNetwork: true`, and Wasm pods, use the
+//! node's network instead.
+//!
+//! ```text
+//! /run/netns/outpost-UID ── eth0 (10.88.0.N/16, default via .1)
+//!                              │ veth
+//! node ── outpost0 bridge (10.88.0.1/16) ── voXXXXXXXXXXX
+//! ```
+//!
+//! Addresses are leased host-wide, so several agents on one machine share the bridge: one
+//! file per address under `/run/outpost/ipam/CIDR/`, created exclusively and naming the
+//! namespace that holds it. A lease whose namespace is gone (its agent was killed) is free.
+//! The links are made with iproute2's `ip`, in two batches per pod.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The node bridge every pod's veth joins.
+pub const BRIDGE: &str = "outpost0";
+
+/// The pod network when none is given (containerd's default bridge network is 10.88/16 too).
+pub const DEFAULT_POD_CIDR: &str = "10.88.0.0/16";
+
+/// The node's pod network.
+#[derive(Debug, Clone)]
+pub struct PodNet {
+    base: u32,
+    prefix: u8,
+    ipam: PathBuf,
+    /// Where `ip netns` keeps namespaces (/run/netns).
+    netns: PathBuf,
+}
+
+/// A pod's namespace and address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attached {
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+}
+
+fn name(uid: &str) -> String {
+    format!("outpost-{uid}")
+}
+
+/// The host end of a pod's veth: at most 15 bytes, stable for the pod.
+fn veth(uid: &str) -> String {
+    let h = outpost_api::sha256_hex(uid.as_bytes());
+    format!("vo{}", &h[..11])
+}
+
+/// Run `ip ARGS` with `batch` as its commands on stdin.
+fn ip(args: &[&str], batch: &str) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(args)
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running ip (iproute2): {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(batch.as_bytes())
+            .map_err(|e| format!("ip: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+impl PodNet {
+    /// The network of `cidr` (`A.B.C.D/N`, N from 8 to 30): the bridge takes its first
+    /// address, pods the others.
+    pub fn new(cidr: &str) -> Result<PodNet, String> {
+        let bad =
+            || format!("pod CIDR {cidr:?} is not an IPv4 network A.B.C.D/N with N from 8 to 30");
+        let (addr, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(8..=30).contains(&prefix) {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        let base = u32::from(addr) & mask;
+        Ok(PodNet {
+            base,
+            prefix,
+            ipam: Path::new("/run/outpost/ipam").join(format!("{}-{prefix}", Ipv4Addr::from(base))),
+            netns: PathBuf::from("/run/netns"),
+        })
+    }
+
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", Ipv4Addr::from(self.base), self.prefix)
+    }
+
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 1)
+    }
+
+    /// Make the bridge if no agent has yet, with the gateway address, up.
+    pub fn bridge(&self) -> Result<(), String> {
+        let exists = Path::new("/sys/class/net").join(BRIDGE).exists();
+        if !exists {
+            // Another agent may make it first: only a failure that leaves none counts.
+            let made = ip(&[], &format!("link add name {BRIDGE} type bridge\n"));
+            if made.is_err() && !Path::new("/sys/class/net").join(BRIDGE).exists() {
+                return made;
+            }
+        }
+        let gw = format!("{}/{}", self.gateway(), self.prefix);
+        let has = Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "dev", BRIDGE])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {gw} ")))
+            .unwrap_or(false);
+        if !has {
+            let _ = ip(&[], &format!("addr add {gw} dev {BRIDGE}\n"));
+        }
+        ip(&[], &format!("link set {BRIDGE} up\n"))
+    }
+
+    /// Lease an address for namespace `ns`: the one it holds already, or the first free.
+    fn lease(&self, ns: &str) -> Result<Ipv4Addr, String> {
+        let io = |e: std::io::Error| format!("{}: {e}", self.ipam.display());
+        std::fs::create_dir_all(&self.ipam).map_err(io)?;
+        let size = 1u32 << (32 - self.prefix);
+        // The first address is the network, the second the gateway, the last broadcast.
+        for n in 2..size - 1 {
+            let addr = Ipv4Addr::from(self.base + n);
+            let path = self.ipam.join(addr.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(ns.as_bytes()).map_err(io)?;
+                    return Ok(addr);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    if holder == ns {
+                        return Ok(addr);
+                    }
+                    // Held by a namespace that no longer exists: its agent died.
+                    if !holder.is_empty() && !self.netns.join(&holder).exists() {
+                        let _ = std::fs::remove_file(&path);
+                        if let Ok(mut f) = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&path)
+                        {
+                            f.write_all(ns.as_bytes()).map_err(io)?;
+                            return Ok(addr);
+                        }
+                    }
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Err(format!(
+            "the pod network {} has no free address",
+            self.cidr()
+        ))
+    }
+
+    /// A fresh namespace for pod `uid`, joined to the bridge, with its address. Whatever an
+    /// earlier run of the pod left is replaced.
+    pub fn attach(&self, uid: &str) -> Result<Attached, String> {
+        let ns = name(uid);
+        let netns = self.netns.join(&ns);
+        if netns.exists() {
+            let _ = ip(&[], &format!("netns delete {ns}\n"));
+        }
+        let v = veth(uid);
+        if Path::new("/sys/class/net").join(&v).exists() {
+            let _ = ip(&[], &format!("link delete {v}\n"));
+        }
+        // The namespace before the lease: a lease without its namespace counts as free.
+        ip(&[], &format!("netns add {ns}\n"))?;
+        let done = (|| {
+            let addr = self.lease(&ns)?;
+            ip(
+                &[],
+                &format!(
+                    "link add {v} type veth peer name eth0 netns {ns}\nlink set {v} master {BRIDGE} up\n"
+                ),
+            )?;
+            ip(
+                &["-n", &ns],
+                &format!(
+                    "link set lo up\naddr add {addr}/{} dev eth0\nlink set eth0 up\nroute add default via {}\n",
+                    self.prefix,
+                    self.gateway()
+                ),
+            )?;
+            Ok(addr)
+        })();
+        match done {
+            Ok(ip) => Ok(Attached { netns, ip }),
+            Err(e) => {
+                self.detach(uid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove pod `uid`'s namespace (its veth goes with it) and free its address.
+    pub fn detach(&self, uid: &str) {
+        let ns = name(uid);
+        if self.netns.join(&ns).exists() {
+            if let Err(e) = ip(&[], &format!("netns delete {ns}\n")) {
+                tracing::warn!(netns = %ns, error = %e, "removing a pod's network namespace");
+            }
+        }
+        for e in std::fs::read_dir(&self.ipam)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read_to_string(e.path()).is_ok_and(|h| h == ns) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_are_checked_and_normalised() {
+        let n = PodNet::new("10.88.7.9/16").unwrap();
+        assert_eq!(n.cidr(), "10.88.0.0/16");
+        assert_eq!(n.gateway(), Ipv4Addr::new(10, 88, 0, 1));
+        for bad in [
+            "10.88.0.0",
+            "10.88.0.0/31",
+            "10.88.0.0/4",
+            "x/16",
+            "10.88.0.0/x",
+        ] {
+            assert!(PodNet::new(bad).is_err(), "{bad}");
+        }
+        assert!(veth("0e4c1a2b-aaaa-bbbb-cccc-000000000000").len() <= 15);
+    }
+
+    #[test]
+    fn leases_are_exclusive_reused_and_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = PodNet::new("10.99.0.0/29").unwrap();
+        n.ipam = dir.path().join("ipam");
+        n.netns = dir.path().join("netns");
+        std::fs::create_dir_all(&n.netns).unwrap();
+        let live: Vec<String> = (0..5).map(|i| format!("outpost-{i}")).collect();
+        for l in &live {
+            std::fs::write(n.netns.join(l), "").unwrap();
+        }
+        let a = n.lease(&live[0]).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 99, 0, 2));
+        assert_eq!(
+            n.lease(&live[0]).unwrap(),
+            a,
+            "the holder gets its own lease back"
+        );
+        let b = n.lease(&live[1]).unwrap();
+        assert_eq!(b, Ipv4Addr::new(10, 99, 0, 3));
+        // A lease whose namespace is gone is taken over.
+        std::fs::write(n.ipam.join("10.99.0.4"), "outpost-gone").unwrap();
+        assert_eq!(n.lease(&live[2]).unwrap(), Ipv4Addr::new(10, 99, 0, 4));
+        // .5 and .6 are left, then the network is full.
+        n.lease(&live[3]).unwrap();
+        n.lease(&live[4]).unwrap();
+        assert!(n
+            .lease("outpost-more")
+            .unwrap_err()
+            .contains("no free address"));
+    }
+}

@@ -1889,7 +1889,9 @@ impl Worker {
             .with_auth(auth);
         self.event(false, "Pulling", format!("Pulling image \"{name}\""));
         let t0 = Instant::now();
-        let progress = |_: String| {};
+        let progress = |m: String| {
+            self.event(false, "Pulling", format!("Pulling image \"{name}\": {m}"));
+        };
         match oci.store.pull(&client, name, &progress).await {
             Ok(img) => {
                 let t = t0.elapsed().as_secs_f64();

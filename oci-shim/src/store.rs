@@ -27,6 +27,9 @@ use crate::Error;
 /// Largest image config accepted.
 const MAX_CONFIG: usize = 4 << 20;
 
+/// How often a pull reports progress on a layer.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What an image asks of the containers that run it (the `config` of its config).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageConfig {
@@ -139,7 +142,8 @@ impl Store {
     }
 
     /// Pull `image` (unless its manifest digest is already unpacked here) and unpack it.
-    /// `progress` hears what a `kubectl describe` reader would want to know.
+    /// `progress` hears what a `kubectl describe` reader would want to know: each layer
+    /// fetched, and how far along it is every [`PROGRESS_EVERY`].
     pub async fn pull(
         &self,
         client: &Client,
@@ -240,12 +244,19 @@ impl Store {
                 .map_err(|e| Error::Image(what.clone(), e))?;
             let path = blobs.join(h);
             if !path.exists() {
-                progress(format!(
-                    "Pulling layer {}/{} {d} ({size} bytes)",
-                    i + 1,
-                    layers.len()
-                ));
-                client.blob_to(&r, d, size, &path, &|_| {}).await?;
+                let n = layers.len();
+                progress(format!("layer {}/{n} ({size} bytes): {d}", i + 1));
+                // At most one word every few seconds, however fast the chunks come.
+                let last = std::sync::Mutex::new(std::time::Instant::now());
+                let tick = |have: u64| {
+                    if let Ok(mut t) = last.lock() {
+                        if t.elapsed() >= PROGRESS_EVERY {
+                            *t = std::time::Instant::now();
+                            progress(format!("layer {}/{n}: {have} of {size} bytes", i + 1));
+                        }
+                    }
+                };
+                client.blob_to(&r, d, size, &path, &tick).await?;
             }
             plan.push((d.to_string(), path, c, diff_ids[i].clone()));
         }

@@ -289,6 +289,30 @@ mod tests {
     }
 
     #[test]
+    fn zstd_layers_unpack_and_hash_the_tar() {
+        let dir = tempdir();
+        let tar = tar_of(&[
+            ("bin/", T::Directory, b"", ""),
+            ("bin/tool", T::Regular, b"zstd content", ""),
+        ]);
+        let z = ruzstd::encoding::compress_to_vec(
+            &tar[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        assert_ne!(z, tar);
+        let d = layer(&z[..], Compression::Zstd, &dir).unwrap();
+        assert_eq!(d, format!("sha256:{}", outpost_api::sha256_hex(&tar)));
+        assert_eq!(
+            std::fs::read(dir.join("bin/tool")).unwrap(),
+            b"zstd content"
+        );
+        // Cut short: an error, not a partial success.
+        let short = layer(&z[..z.len() / 2], Compression::Zstd, &tempdir());
+        assert!(short.is_err(), "{short:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn garbage_is_an_error() {
         let dir = tempdir();
         for c in [Compression::None, Compression::Gzip, Compression::Zstd] {

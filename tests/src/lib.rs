@@ -834,21 +834,51 @@ type Reply = (u16, Vec<(String, String)>, Vec<u8>);
 pub struct Registry {
     pub addr: String,
     child: Child,
+    /// `Authorization` for the registry's htpasswd user, when it has one.
+    auth: Option<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
     pub fn start() -> anyhow::Result<Registry> {
+        Registry::start_with(None)
+    }
+
+    /// A registry that answers only `user` with `password` (htpasswd auth, as registries
+    /// behind imagePullSecrets do).
+    pub fn start_with_auth(user: &str, password: &str) -> anyhow::Result<Registry> {
+        Registry::start_with(Some((user, password)))
+    }
+
+    fn start_with(auth: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+        use base64::Engine;
         let dir = tempfile::tempdir()?;
         let addr = format!("127.0.0.1:{}", free_tcp_port());
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )?;
+        let mut yml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            // bcrypt through the C library's crypt (libxcrypt), at the lowest cost.
+            let out = Command::new("python3")
+                .args(["-W", "ignore", "-c"])
+                .arg("import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)))")
+                .arg(password)
+                .output()
+                .context("hashing the registry password with python3")?;
+            let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !hash.starts_with("$2") {
+                bail!("no bcrypt hash: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+            yml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: outpost-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yml)?;
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -859,6 +889,12 @@ impl Registry {
         let r = Registry {
             addr,
             child,
+            auth: auth.map(|(u, p)| {
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                )
+            }),
             _dir: dir,
         };
         let t = Instant::now();
@@ -888,6 +924,9 @@ impl Registry {
         );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(a) = &self.auth {
+            req.push_str(&format!("Authorization: {a}\r\n"));
         }
         req.push_str("\r\n");
         s.write_all(req.as_bytes())

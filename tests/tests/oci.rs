@@ -89,8 +89,11 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         .kubectl(&["describe", "pod", "hello"])?
         .expect_ok("describe")?
         .stdout;
+    // The pull's progress: the one layer, then done.
     assert!(
-        events.contains("Pulling image") && events.contains("Successfully pulled image"),
+        events.contains("Pulling image")
+            && events.contains("layer 1/1")
+            && events.contains("Successfully pulled image"),
         "{events}"
     );
 
@@ -244,6 +247,56 @@ fn bad_images_are_refused_with_reasons() -> anyhow::Result<()> {
         "{d}"
     );
     assert!(d.contains("Back-off pulling image"), "{d}");
+
+    // A registry that wants credentials: refused without them, pulled with the pod's
+    // imagePullSecrets.
+    let private = Registry::start_with_auth("puller", "s3cret")?;
+    let image = private.push_image(
+        "test/private",
+        "1",
+        &[busybox_layer()?],
+        json!({"Env": ["PATH=/bin"], "Cmd": ["echo", "pulled with a secret"]}),
+    )?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: no-secret\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n"
+        ),
+    )?
+    .expect_ok("apply no-secret")?;
+    let msg = up.wait_field(
+        60,
+        &["pod", "no-secret"],
+        "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+        |m| m.starts_with("ErrImagePull") || m.starts_with("ImagePullBackOff"),
+    )?;
+    assert!(
+        msg.contains("refused access") && msg.contains("imagePullSecret"),
+        "{msg}"
+    );
+    up.kubectl(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        &format!("--docker-server={}", private.addr),
+        "--docker-username=puller",
+        "--docker-password=s3cret",
+    ])?
+    .expect_ok("create secret")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: with-secret\nspec:\n  restartPolicy: Never\n  imagePullSecrets:\n  - name: regcred\n  containers:\n  - name: main\n    image: {image}\n"
+        ),
+    )?
+    .expect_ok("apply with-secret")?;
+    assert_eq!(terminated(&up, "with-secret")?, "Completed 0");
+    let logs = up
+        .kubectl(&["logs", "with-secret"])?
+        .expect_ok("logs")?
+        .stdout;
+    assert!(logs.contains("pulled with a secret"), "{logs}");
 
     // A layer whose entries climb out of the root file system.
     let escape = format!("outpost-escape-{}", std::process::id());

@@ -1585,6 +1585,13 @@ impl Worker {
                     continue;
                 }
             };
+            if let (Prepared::Wasm(..), Some(key)) = (&prepared, probes.execs()) {
+                // The spec cannot change: wait to be deleted, saying why.
+                let why = format!("{key}: {}", probe::NO_PROCESS);
+                self.update(|c| c.state = State::waiting("CreateContainerConfigError", why));
+                self.stop.wait().await;
+                return;
+            }
             let started = now();
             let t0 = Instant::now();
             self.event(
@@ -1610,10 +1617,14 @@ impl Worker {
                     run.stop_within(pod.grace());
                 })
             };
-            // An OCI container with its own network listens at the pod's address.
+            // An OCI container with its own network listens at the pod's address, and runs
+            // exec probes' commands.
             let mut run_probes = probes.clone();
-            if let (Prepared::Oci(_), Some(a)) = (&prepared, self.net.get()) {
-                run_probes.at(std::net::IpAddr::V4(a.ip));
+            if let (Prepared::Oci(o), Ok(oci)) = (&prepared, &self.agent.oci) {
+                if let Some(a) = self.net.get() {
+                    run_probes.at(std::net::IpAddr::V4(a.ip));
+                }
+                run_probes.exec_in(exec_in(oci.containers.clone(), o.id.clone()));
             }
             let watch = tokio::spawn(self.probing().watch(run_probes, stop.clone()));
             let ran = match prepared {
@@ -2323,14 +2334,35 @@ struct Probes {
 }
 
 impl Probes {
-    /// Probe the container at `host` instead of the node's loopback.
-    fn at(&mut self, host: std::net::IpAddr) {
-        for p in [&mut self.startup, &mut self.liveness, &mut self.readiness]
+    fn each(&mut self) -> impl Iterator<Item = &mut Probe> {
+        [&mut self.startup, &mut self.liveness, &mut self.readiness]
             .into_iter()
             .flatten()
-        {
-            p.host = host;
-        }
+    }
+
+    /// Probe the container at `host` instead of the node's loopback.
+    fn at(&mut self, host: std::net::IpAddr) {
+        self.each().for_each(|p| p.host = host);
+    }
+
+    /// Run exec probes' commands through `e`.
+    fn exec_in(&mut self, e: probe::ExecIn) {
+        self.each().for_each(|p| p.exec = Some(e.clone()));
+    }
+
+    /// The key of a probe that runs a command, if any does.
+    fn execs(&self) -> Option<&'static str> {
+        [
+            ("startupProbe", &self.startup),
+            ("livenessProbe", &self.liveness),
+            ("readinessProbe", &self.readiness),
+        ]
+        .into_iter()
+        .find(|(_, p)| {
+            p.as_ref()
+                .is_some_and(|p| matches!(p.check, probe::Check::Exec { .. }))
+        })
+        .map(|(k, _)| k)
     }
 
     fn of(spec: &Value) -> Result<Probes, String> {
@@ -2340,6 +2372,23 @@ impl Probes {
             readiness: probe::parse(spec, "readinessProbe")?,
         })
     }
+}
+
+/// Exec probes' commands run in OCI container `id` through the `oci-exec` helper.
+fn exec_in(containers: Containers, id: String) -> probe::ExecIn {
+    probe::ExecIn(Arc::new(move |cmd: Vec<String>| -> probe::Ran {
+        let (containers, id) = (containers.clone(), id.clone());
+        Box::pin(async move {
+            let child = containers
+                .exec(&id, &cmd)
+                .await
+                .map_err(|e| e.to_string())?;
+            let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            Ok((out.status.code().unwrap_or(128), text))
+        })
+    }))
 }
 
 /// What the probes of one run may change: the container's started and ready flags.

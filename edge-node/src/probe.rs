@@ -3,9 +3,13 @@
 //! `initialDelaySeconds`, each try bounded by `timeoutSeconds`, a verdict changing only after
 //! `successThreshold` passes or `failureThreshold` failures in a row. Probes reach the
 //! container on this node's loopback, where Wasm components listen, or at the pod's own
-//! address when it has one.
+//! address when it has one. `exec` probes run their command in an OCI container (exit code
+//! 0 passes); a Wasm container has no process to run one in.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -22,6 +26,28 @@ pub enum Check {
     Tcp {
         port: u16,
     },
+    Exec {
+        command: Vec<String>,
+    },
+}
+
+/// The output of a command an exec probe ran, or why it could not run.
+pub type Ran = Pin<Box<dyn Future<Output = Result<(i32, String), String>> + Send>>;
+
+/// Runs a command in the container: its exit code and output.
+#[derive(Clone)]
+pub struct ExecIn(pub Arc<dyn Fn(Vec<String>) -> Ran + Send + Sync>);
+
+impl std::fmt::Debug for ExecIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecIn")
+    }
+}
+
+impl PartialEq for ExecIn {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &o.0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +55,8 @@ pub struct Probe {
     pub check: Check,
     /// Where the container listens.
     pub host: IpAddr,
+    /// Where an exec probe's command runs: set for containers that have processes.
+    pub exec: Option<ExecIn>,
     pub delay: Duration,
     pub period: Duration,
     pub timeout: Duration,
@@ -81,17 +109,20 @@ pub fn parse(container: &Value, key: &str) -> Result<Option<Probe>, String> {
             port: port(container, &p["tcpSocket"]["port"]).map_err(|e| format!("{key}: {e}"))?,
         }
     } else if !p["exec"].is_null() {
-        return Err(format!(
-            "{key}: exec probes need a process to run in; a Wasm container has none (use httpGet or tcpSocket)"
-        ));
+        let command = outpost_oci_shim::spec::strings(&p["exec"]["command"]);
+        if command.is_empty() {
+            return Err(format!("{key}: an exec probe needs a command"));
+        }
+        Check::Exec { command }
     } else {
         return Err(format!(
-            "{key}: only httpGet and tcpSocket probes are supported"
+            "{key}: only httpGet, tcpSocket and exec probes are supported"
         ));
     };
     Ok(Some(Probe {
         check,
         host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        exec: None,
         delay: Duration::from_secs(p["initialDelaySeconds"].as_u64().unwrap_or(0)),
         period: secs("periodSeconds", 10),
         timeout: secs("timeoutSeconds", 1),
@@ -122,10 +153,27 @@ fn port(container: &Value, v: &Value) -> Result<u16, String> {
         .ok_or_else(|| format!("the container has no port named {name:?}"))
 }
 
+/// Why an exec probe cannot run in a Wasm container.
+pub const NO_PROCESS: &str =
+    "exec probes need a process to run in; a Wasm container has none (use httpGet or tcpSocket)";
+
 impl Probe {
     /// One try: `Ok` if it passed, otherwise what the kubelet would say in the event.
     pub async fn try_once(&self) -> Result<(), String> {
-        match tokio::time::timeout(self.timeout, self.check.run(self.host)).await {
+        let run = async {
+            match (&self.check, &self.exec) {
+                (Check::Exec { command }, Some(ExecIn(f))) => match f(command.clone()).await? {
+                    (0, _) => Ok(()),
+                    (code, out) => Err(format!(
+                        "command {command:?} exited with {code}: {}",
+                        out.trim()
+                    )),
+                },
+                (Check::Exec { .. }, None) => Err(NO_PROCESS.to_string()),
+                (c, _) => c.run(self.host).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, run).await {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "{} timed out after {}s",
@@ -141,11 +189,13 @@ impl Check {
         match self {
             Check::Http { .. } => "HTTP probe",
             Check::Tcp { .. } => "TCP probe",
+            Check::Exec { .. } => "command",
         }
     }
 
     async fn run(&self, host: IpAddr) -> Result<(), String> {
         match self {
+            Check::Exec { .. } => Err(NO_PROCESS.to_string()),
             Check::Tcp { port } => TcpStream::connect((host, *port))
                 .await
                 .map(drop)
@@ -246,9 +296,17 @@ mod tests {
             (l.check.clone(), l.period, l.failures),
             (Check::Tcp { port: 9000 }, Duration::from_secs(2), 1)
         );
-        assert!(parse(&c, "startupProbe")
+        let s = parse(&c, "startupProbe").unwrap().unwrap();
+        assert_eq!(
+            s.check,
+            Check::Exec {
+                command: vec!["true".into()]
+            }
+        );
+        let empty = json!({"livenessProbe": {"exec": {"command": []}}});
+        assert!(parse(&empty, "livenessProbe")
             .unwrap_err()
-            .contains("exec probes"));
+            .contains("needs a command"));
         assert_eq!(parse(&c, "nope").unwrap(), None);
         let bad = json!({"readinessProbe": {"httpGet": {"port": "web"}}});
         assert!(parse(&bad, "readinessProbe")
@@ -292,6 +350,7 @@ mod tests {
         let probe = |check| Probe {
             check,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            exec: None,
             delay: Duration::ZERO,
             period: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
@@ -309,6 +368,25 @@ mod tests {
             Err("HTTP probe failed with statuscode: 503".into())
         );
         assert_eq!(probe(Check::Tcp { port }).try_once().await, Ok(()));
+        // An exec probe passes on exit code 0 and says what failed otherwise; without a
+        // process to run in it fails with the reason.
+        let exec = |code: i32| {
+            let mut p = probe(Check::Exec {
+                command: vec!["check".into()],
+            });
+            p.exec = Some(ExecIn(Arc::new(move |cmd: Vec<String>| -> Ran {
+                Box::pin(async move { Ok((code, format!("{} said no\n", cmd[0]))) })
+            })));
+            p
+        };
+        assert_eq!(exec(0).try_once().await, Ok(()));
+        assert_eq!(
+            exec(3).try_once().await,
+            Err("command [\"check\"] exited with 3: check said no".into())
+        );
+        let mut none = exec(0);
+        none.exec = None;
+        assert_eq!(none.try_once().await, Err(NO_PROCESS.into()));
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead = closed.local_addr().unwrap().port();
         drop(closed);

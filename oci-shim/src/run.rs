@@ -250,6 +250,8 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
         unmount();
         return fail("the container has no init process".into());
     };
+    // Commands may run in it from now on (see `Containers::exec`).
+    let _ = std::fs::write(bundle.join(STARTED), pid.to_string());
     // Signals from the agent: `TERM N` sends signal N, `KILL` kills; no more input means
     // the agent is gone, and the container goes with it.
     std::thread::spawn(move || {
@@ -326,6 +328,12 @@ pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
     }
 }
 
+/// The file in a bundle that says its container has started.
+const STARTED: &str = "started";
+
+/// How long [`Containers::exec`] waits for a container that is still being created.
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
@@ -390,6 +398,7 @@ impl Containers {
         );
         tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_file(b.join("exit.json"));
+            let _ = std::fs::remove_file(b.join(STARTED));
             std::fs::create_dir_all(&b).and_then(|()| std::fs::write(b.join("config.json"), s))
         })
         .await
@@ -421,7 +430,16 @@ impl Containers {
     }
 
     /// A command in running container `id`, with piped stdio; it ends with the exit code.
-    pub fn exec(&self, id: &str, cmd: &[String]) -> Result<tokio::process::Child, Error> {
+    /// A container still being created is waited for, up to [`START_WAIT`].
+    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<tokio::process::Child, Error> {
+        let bundle = self.dir.join("containers").join(id);
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        while !bundle.join(STARTED).exists() {
+            if bundle.join("exit.json").exists() || tokio::time::Instant::now() > deadline {
+                return Err(Error::Create(format!("container {id} is not running")));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         tokio::process::Command::new(&self.exe)
             .arg("oci-exec")
             .arg("--root")

@@ -145,7 +145,8 @@ pub struct Launch<'a> {
     pub netns: Option<PathBuf>,
 }
 
-fn strings(v: &Value) -> Vec<String> {
+/// The strings of a JSON array (none if it is not one).
+pub fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
             a.iter()

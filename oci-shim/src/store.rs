@@ -44,15 +44,7 @@ pub struct ImageConfig {
 impl ImageConfig {
     pub fn parse(v: &Value) -> ImageConfig {
         let c = &v["config"];
-        let strings = |k: &str| -> Vec<String> {
-            c[k].as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let strings = |k: &str| crate::spec::strings(&c[k]);
         let string = |k: &str| c[k].as_str().unwrap_or("").to_string();
         ImageConfig {
             entrypoint: strings("Entrypoint"),
@@ -209,14 +201,7 @@ impl Store {
                 ));
             }
         }
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let diff_ids = crate::spec::strings(&config["rootfs"]["diff_ids"]);
         if diff_ids.len() != layers.len() {
             return Err(Error::Image(
                 what,

@@ -58,7 +58,7 @@ impl Agent {
         }
         let Ok(oci) = &self.oci else { return };
         let id = Containers::id(&uid, &req.container);
-        let mut child = match oci.containers.exec(&id, &req.command) {
+        let mut child = match oci.containers.exec(&id, &req.command).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = reply(&mut send, 500, &e.to_string()).await;

@@ -140,11 +140,29 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     )?;
     assert_eq!(r.code, Some(7), "{r:?}");
     assert!(r.stdout.contains("from stdin"), "{r:?}");
-    // kubectl before 1.30 speaks only SPDY for exec: a clear refusal.
+    // kubectl before 1.30 speaks only SPDY for exec.
+    for v in ["1.27", "1.29"] {
+        let r = up.kubectl_v(
+            v,
+            &[
+                "exec",
+                "box",
+                "--",
+                "sh",
+                "-c",
+                "echo old $(hostname); echo err >&2; exit 4",
+            ],
+        )?;
+        assert_eq!(r.code, Some(4), "{v}: {r:?}");
+        assert!(
+            r.stdout.contains("old box") && r.stderr.contains("err"),
+            "{v}: {r:?}"
+        );
+    }
     let r = up
-        .kubectl_v("1.29", &["exec", "box", "--", "true"])?
-        .expect_err("exec with 1.29")?;
-    assert!(r.stderr.contains("WebSocket"), "{}", r.stderr);
+        .kubectl_v("1.29", &["exec", "box", "--", "id", "-u"])?
+        .expect_ok("exec with 1.29")?;
+    assert_eq!(r.stdout.trim(), "0");
     // PID 1 ignores SIGTERM: the end of the grace period the deletion gave (not the pod's
     // 30 s) ends it with SIGKILL.
     let t = std::time::Instant::now();

@@ -8,26 +8,35 @@
 //!   ◀── 1 stdout, 2 stderr, 3 the ending Status ─────── Stdout, Stderr, Exit
 //! ```
 //!
-//! kubectl 1.30+ and the Python client speak this. Older kubectl only speaks SPDY, which is
-//! refused with a message saying so.
+//! kubectl 1.30+ and the Python client speak this. Older kubectl (and newer with
+//! `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`) speaks SPDY/3.1 with the v4 protocol: one SPDY
+//! stream per channel (`streamtype` error, stdin, stdout, stderr), the Status JSON on the
+//! error stream at the end.
 
 use std::sync::Arc;
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use outpost_api::link::{read_frame, write_frame, Down, ExecFrame, ExecRequest, MAX_FRAME};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Message, Role};
 use tokio_tungstenite::WebSocketStream;
 
-use super::forward::accept_websocket;
+use super::forward::{accept_websocket, list};
+use super::spdy::{self, Frame};
 use super::{Api, ApiError, Query};
 
 const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// The SPDY flavour: the newest one whose Status on the error stream carries exit codes.
+const SPDY_PROTOCOL: &str = "v4.channel.k8s.io";
+/// Bytes read from the client at a time.
+const CHUNK: usize = 32 << 10;
 
 /// Check the request, answer the upgrade, and serve the session once hyper hands it over.
 pub(super) fn serve(
@@ -87,19 +96,41 @@ pub(super) fn serve(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if upgrade_to != "websocket" {
-        return Err(ApiError::BadRequest(format!(
-            "exec is served over WebSocket ({}, kubectl 1.30 and later); this request asked for {:?}",
-            PROTOCOLS.join(" or "),
-            upgrade_to
-        )));
-    }
     let upgrade = upgrade.ok_or_else(|| {
         ApiError::BadRequest("exec needs an HTTP/1.1 connection that can be upgraded".into())
     })?;
     let mut reply = Response::new(axum::body::Body::empty());
     *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    accept_websocket(headers, reply.headers_mut(), &PROTOCOLS, "exec")?;
+    let websocket = match upgrade_to.as_str() {
+        "websocket" => {
+            accept_websocket(headers, reply.headers_mut(), &PROTOCOLS, "exec")?;
+            true
+        }
+        "spdy/3.1" => {
+            let offered = list(headers, "x-stream-protocol-version");
+            if !offered.iter().any(|o| o == SPDY_PROTOCOL) {
+                return Err(ApiError::Forbidden {
+                    message: format!(
+                        "unable to upgrade: no common exec protocol: the client offered [{}], the server speaks [{SPDY_PROTOCOL}] over SPDY",
+                        offered.join(", ")
+                    ),
+                });
+            }
+            let h = reply.headers_mut();
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+            h.insert(
+                "x-stream-protocol-version",
+                HeaderValue::from_static(SPDY_PROTOCOL),
+            );
+            false
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "Upgrade request required: exec is a WebSocket or SPDY/3.1 connection".into(),
+            ))
+        }
+    };
     let req = ExecRequest {
         namespace: pod["metadata"]["namespace"]
             .as_str()
@@ -111,6 +142,11 @@ pub(super) fn serve(
         stdin: q.flag("stdin"),
         tty: q.flag("tty"),
     };
+    let wants = Wants {
+        stdin: req.stdin,
+        stdout: q.get("stdout").is_none_or(|v| matches!(v, "true" | "1")),
+        stderr: !req.tty && q.get("stderr").is_none_or(|v| matches!(v, "true" | "1")),
+    };
     let api = api.clone();
     tokio::spawn(async move {
         let io = match upgrade.await {
@@ -120,10 +156,28 @@ pub(super) fn serve(
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
-        session(&api, &node, req, ws).await;
+        if websocket {
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            over_websocket(api, node, req, ws).await;
+        } else {
+            over_spdy(api, node, req, wants, io).await;
+        }
     });
     Ok(reply)
+}
+
+/// Input from the client, whatever its protocol.
+enum In {
+    Stdin(Vec<u8>),
+    StdinEnd,
+}
+
+/// The streams a SPDY client opens: error always, the others as the query asks.
+#[derive(Debug, Clone, Copy)]
+struct Wants {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
 }
 
 /// The Status that ends a session on channel 3, as the kubelet writes it.
@@ -139,66 +193,50 @@ fn status(code: i32, error: Option<String>) -> Value {
     }
 }
 
-fn framed(channel: u8, b: &[u8]) -> Message {
-    let mut m = Vec::with_capacity(1 + b.len());
-    m.push(channel);
-    m.extend_from_slice(b);
-    Message::binary(m)
-}
-
-async fn session<S>(api: &Api, node: &str, req: ExecRequest, ws: WebSocketStream<S>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sink, mut stream) = ws.split();
+/// Run `req` on `node`: the client's input from `input`, output to `out` by channel (1
+/// stdout, 2 stderr), and last the Status on channel 3.
+async fn run(
+    api: Arc<Api>,
+    node: String,
+    req: ExecRequest,
+    mut input: mpsc::Receiver<In>,
+    out: mpsc::Sender<(u8, Vec<u8>)>,
+) {
     let what = format!("{}/{} container {}", req.namespace, req.pod, req.container);
-    let ending = match api.links.open_duplex(node, &Down::Exec(req)).await {
+    let ending = match api.links.open_duplex(&node, &Down::Exec(req)).await {
         Ok((head, mut send, mut recv)) if head.status == 200 => {
-            // Client input toward the node, until the client ends it or goes away.
-            let input = async move {
-                while let Some(Ok(m)) = stream.next().await {
-                    let b = match m {
-                        Message::Binary(b) => b.to_vec(),
-                        Message::Text(t) => t.as_bytes().to_vec(),
-                        Message::Close(_) => break,
-                        _ => continue,
-                    };
-                    let f = match b.split_first() {
-                        Some((0, rest)) if !rest.is_empty() => ExecFrame::Stdin(rest.to_vec()),
-                        Some((255, [0])) => ExecFrame::StdinEnd,
-                        _ => continue,
+            let feed = tokio::spawn(async move {
+                while let Some(i) = input.recv().await {
+                    let f = match i {
+                        In::Stdin(b) => ExecFrame::Stdin(b),
+                        In::StdinEnd => ExecFrame::StdinEnd,
                     };
                     if write_frame(&mut send, &f, MAX_FRAME).await.is_err() {
                         return;
                     }
                 }
+                // The client is gone: no more input.
                 let _ = write_frame(&mut send, &ExecFrame::StdinEnd, MAX_FRAME).await;
                 let _ = send.finish();
-            };
-            let input = tokio::spawn(input);
+            });
             let ending = loop {
-                match read_frame::<_, ExecFrame>(&mut recv, MAX_FRAME).await {
-                    Ok(ExecFrame::Stdout(b)) => {
-                        if sink.send(framed(1, &b)).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Ok(ExecFrame::Stderr(b)) => {
-                        if sink.send(framed(2, &b)).await.is_err() {
-                            break None;
-                        }
-                    }
+                let (ch, b) = match read_frame::<_, ExecFrame>(&mut recv, MAX_FRAME).await {
+                    Ok(ExecFrame::Stdout(b)) => (1, b),
+                    Ok(ExecFrame::Stderr(b)) => (2, b),
                     Ok(ExecFrame::Exit { code, error }) => break Some(status(code, error)),
-                    Ok(_) => {}
+                    Ok(_) => continue,
                     Err(e) => {
                         break Some(status(
                             0,
                             Some(format!("exec in {what}: the node's stream ended: {e}")),
                         ))
                     }
+                };
+                if out.send((ch, b)).await.is_err() {
+                    break None;
                 }
             };
-            input.abort();
+            feed.abort();
             ending
         }
         Ok((head, _, mut recv)) => {
@@ -214,12 +252,200 @@ where
         Err(e) => Some(status(0, Some(format!("exec in {what}: {e}")))),
     };
     if let Some(s) = ending {
-        let _ = sink.send(framed(3, s.to_string().as_bytes())).await;
+        let _ = out.send((3, s.to_string().into_bytes())).await;
     }
+}
+
+fn framed(channel: u8, b: &[u8]) -> Message {
+    let mut m = Vec::with_capacity(1 + b.len());
+    m.push(channel);
+    m.extend_from_slice(b);
+    Message::binary(m)
+}
+
+async fn over_websocket<S>(api: Arc<Api>, node: String, req: ExecRequest, ws: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut stream) = ws.split();
+    let (in_tx, in_rx) = mpsc::channel(16);
+    let (out_tx, mut out_rx) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            let b = match m {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let i = match b.split_first() {
+                Some((0, rest)) if !rest.is_empty() => In::Stdin(rest.to_vec()),
+                Some((255, [0])) => In::StdinEnd,
+                _ => continue,
+            };
+            if in_tx.send(i).await.is_err() {
+                return;
+            }
+        }
+    });
+    let runner = tokio::spawn(run(api, node, req, in_rx, out_tx));
+    while let Some((ch, b)) = out_rx.recv().await {
+        if sink.send(framed(ch, &b)).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+    runner.abort();
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code: CloseCode::Normal,
             reason: "".into(),
         })))
         .await;
+}
+
+/// The SPDY streams of one exec, by kind.
+#[derive(Debug, Default, Clone, Copy)]
+struct Streams {
+    error: Option<u32>,
+    stdin: Option<u32>,
+    stdout: Option<u32>,
+    stderr: Option<u32>,
+}
+
+impl Streams {
+    fn ready(&self, w: Wants) -> bool {
+        self.error.is_some()
+            && (!w.stdin || self.stdin.is_some())
+            && (!w.stdout || self.stdout.is_some())
+            && (!w.stderr || self.stderr.is_some())
+    }
+}
+
+async fn over_spdy<IO>(api: Arc<Api>, node: String, req: ExecRequest, wants: Wants, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(io);
+    let (raw_tx, mut raw_rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(b) = raw_rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let (in_tx, in_rx) = mpsc::channel(16);
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(16);
+    let (ids_tx, ids_rx) = tokio::sync::oneshot::channel::<Streams>();
+    // Output onto the client's streams once they exist; the Status ends the session.
+    let output = {
+        let raw = raw_tx.clone();
+        tokio::spawn(async move {
+            let Ok(ids) = ids_rx.await else { return };
+            let Some(error) = ids.error else { return };
+            while let Some((ch, b)) = out_rx.recv().await {
+                let id = match ch {
+                    1 => ids.stdout,
+                    2 => ids.stderr,
+                    _ => Some(error),
+                };
+                if let Some(id) = id {
+                    if raw.send(spdy::data(id, false, &b)).await.is_err() {
+                        return;
+                    }
+                }
+                if ch == 3 {
+                    break;
+                }
+            }
+            for id in [ids.stdout, ids.stderr, Some(error)].into_iter().flatten() {
+                let _ = raw.send(spdy::data(id, true, b"")).await;
+            }
+        })
+    };
+    // Client frames: its streams (the command starts once all it asked for are open),
+    // stdin, pings.
+    let input = async move {
+        let mut reader = spdy::Reader::default();
+        let mut replies = spdy::Writer::default();
+        let mut streams = Streams::default();
+        let mut start = Some((in_rx, out_tx, ids_tx));
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            reader.feed(&buf[..n]);
+            loop {
+                let frame = match reader.frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "exec over SPDY refused");
+                        return;
+                    }
+                };
+                match &frame {
+                    Frame::Syn { id, .. } => {
+                        let id = *id;
+                        let slot = match frame.header("streamtype") {
+                            Some("error") => &mut streams.error,
+                            Some("stdin") => &mut streams.stdin,
+                            Some("stdout") => &mut streams.stdout,
+                            Some("stderr") => &mut streams.stderr,
+                            // Resize (terminals are not served) and anything else.
+                            _ => {
+                                let _ = raw_tx.send(spdy::rst(id, spdy::PROTOCOL_ERROR)).await;
+                                continue;
+                            }
+                        };
+                        *slot = Some(id);
+                        if raw_tx.send(replies.syn_reply(id)).await.is_err() {
+                            return;
+                        }
+                        if streams.ready(wants) {
+                            if let Some((in_rx, out_tx, ids_tx)) = start.take() {
+                                let _ = ids_tx.send(Streams {
+                                    stdin: None,
+                                    ..streams
+                                });
+                                tokio::spawn(run(
+                                    api.clone(),
+                                    node.clone(),
+                                    req.clone(),
+                                    in_rx,
+                                    out_tx,
+                                ));
+                            }
+                        }
+                    }
+                    Frame::Data { id, fin, data } if Some(*id) == streams.stdin => {
+                        if !data.is_empty() {
+                            let _ = in_tx.send(In::Stdin(data.to_vec())).await;
+                        }
+                        if *fin {
+                            let _ = in_tx.send(In::StdinEnd).await;
+                        }
+                    }
+                    Frame::Ping(p) => {
+                        let _ = raw_tx.send(spdy::ping(*p)).await;
+                    }
+                    Frame::GoAway => return,
+                    _ => {}
+                }
+            }
+        }
+    };
+    let mut input = Box::pin(input);
+    let mut output = output;
+    tokio::select! {
+        () = &mut input => output.abort(),
+        _ = &mut output => {}
+    }
+    // Every sender is gone once `input` is dropped: the writer flushes and closes.
+    drop(input);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
 }

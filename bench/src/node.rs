@@ -160,7 +160,7 @@ pub(crate) struct Cluster {
     _members: Vec<super::api::Member>,
     pub(crate) api: String,
     pub(crate) c: reqwest::Client,
-    root: tempfile::TempDir,
+    pub(crate) root: tempfile::TempDir,
 }
 
 impl Cluster {

@@ -180,6 +180,16 @@ pub async fn run(runs: usize, pods: usize) -> anyhow::Result<Figures> {
     c.delete(format!("https://{api}/api/v1/namespaces/default/pods"))
         .send()
         .await?;
+    // The agent removes each pod's network namespace as the pod stops: wait for that, so
+    // the machine is left as it was.
+    let marks = cl.root.path().join("node/net");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&marks).is_ok_and(|mut d| d.next().is_some()) {
+        if Instant::now() > deadline {
+            bail!("pod networks left in {} after 60 s", marks.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(Figures {
         runs,
         ours_ms: ms(&ours, 0.5),

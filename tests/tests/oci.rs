@@ -534,3 +534,76 @@ fn exec_probes_run_in_the_container() -> anyhow::Result<()> {
     up.wait_field(60, &["pod", "probed"], ready, |s| s == "True")?;
     Ok(())
 }
+
+/// Run `cmd`, failing with its output unless it succeeds.
+fn sh(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn images_from_umoci_and_skopeo_run() -> anyhow::Result<()> {
+    use std::process::Command;
+    // An image made and pushed with the usual tools, as an OCI manifest and as a Docker
+    // schema 2 one.
+    let reg = Registry::start()?;
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let layout = w.join("layout");
+    let image = format!("{}:1", layout.display());
+    sh(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout))?;
+    sh(Command::new("umoci").args(["new", "--image", &image]))?;
+    let bundle = w.join("bundle");
+    sh(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &image])
+        .arg(&bundle))?;
+    let bin = bundle.join("rootfs/bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy("/bin/busybox", bin.join("busybox"))?;
+    for t in ["sh", "echo", "cat"] {
+        std::os::unix::fs::symlink("busybox", bin.join(t))?;
+    }
+    sh(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle))?;
+    sh(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.env=PATH=/bin",
+        "--config.cmd=sh",
+        "--config.cmd=-c",
+        "--config.cmd=echo built by umoci",
+    ]))?;
+    let mut refs = Vec::new();
+    for (name, format) in [("oci", "oci"), ("docker", "v2s2")] {
+        let dest = format!("{}/interop/{name}:1", reg.addr);
+        sh(Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false", "--format", format])
+            .arg(format!("oci:{image}"))
+            .arg(format!("docker://{dest}")))?;
+        refs.push((name, dest));
+    }
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    for (name, image) in &refs {
+        up.kubectl(&["run", name, &format!("--image={image}"), "--restart=Never"])?
+            .expect_ok("kubectl run")?;
+    }
+    for (name, _) in &refs {
+        assert_eq!(terminated(&up, name)?, "Completed 0", "{name}");
+        let logs = up.kubectl(&["logs", name])?.expect_ok("logs")?.stdout;
+        assert_eq!(logs.trim(), "built by umoci", "{name}");
+    }
+    Ok(())
+}

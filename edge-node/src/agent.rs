@@ -1620,13 +1620,24 @@ impl Worker {
             // An OCI container with its own network listens at the pod's address, and runs
             // exec probes' commands.
             let mut run_probes = probes.clone();
+            let mut gate = None;
             if let (Prepared::Oci(o), Ok(oci)) = (&prepared, &self.agent.oci) {
                 if let Some(a) = self.net.get() {
                     run_probes.at(std::net::IpAddr::V4(a.ip));
                 }
                 run_probes.exec_in(exec_in(oci.containers.clone(), o.id.clone()));
+                gate = Some((oci.containers.clone(), o.id.clone()));
             }
-            let watch = tokio::spawn(self.probing().watch(run_probes, stop.clone()));
+            let watch = {
+                let (probing, stop) = (self.probing(), stop.clone());
+                tokio::spawn(async move {
+                    // As the kubelet's, probes start once the container has started.
+                    if let Some((containers, id)) = gate {
+                        containers.started(&id).await;
+                    }
+                    probing.watch(run_probes, stop).await
+                })
+            };
             let ran = match prepared {
                 Prepared::Wasm(module, cmd) => Ran::Wasm(
                     tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
@@ -1804,6 +1815,8 @@ impl Worker {
             return Ok(None);
         };
         let id = Containers::id(&self.uid, self.name());
+        // Probes and exec from now on wait for this run, not the last one's remains.
+        oci.containers.reset(&id);
         self.update(|c| {
             c.image_id = image.digest.clone();
             c.id = format!("outpost://{id}");

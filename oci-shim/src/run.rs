@@ -284,6 +284,7 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
             Err(e) => break 128 + e as i32,
         }
     };
+    let _ = std::fs::remove_file(bundle.join(STARTED));
     let oom_killed = !cgroup.is_empty() && oom_kills(&cgroup) > 0;
     let _ = container.refresh_status();
     let deleted = container.delete(true);
@@ -429,16 +430,33 @@ impl Containers {
         })
     }
 
-    /// A command in running container `id`, with piped stdio; it ends with the exit code.
-    /// A container still being created is waited for, up to [`START_WAIT`].
-    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<tokio::process::Child, Error> {
+    /// Wait until container `id` has started (true), or has ended or not started within
+    /// [`START_WAIT`] (false).
+    pub async fn started(&self, id: &str) -> bool {
         let bundle = self.dir.join("containers").join(id);
         let deadline = tokio::time::Instant::now() + START_WAIT;
         while !bundle.join(STARTED).exists() {
             if bundle.join("exit.json").exists() || tokio::time::Instant::now() > deadline {
-                return Err(Error::Create(format!("container {id} is not running")));
+                return false;
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Forget how container `id`'s last run went, before it starts again: from now until
+    /// the new run has started, commands wait for it rather than fail.
+    pub fn reset(&self, id: &str) {
+        let bundle = self.dir.join("containers").join(id);
+        let _ = std::fs::remove_file(bundle.join("exit.json"));
+        let _ = std::fs::remove_file(bundle.join(STARTED));
+    }
+
+    /// A command in running container `id`, with piped stdio; it ends with the exit code.
+    /// A container still being created is waited for, up to [`START_WAIT`].
+    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<tokio::process::Child, Error> {
+        if !self.started(id).await {
+            return Err(Error::Create(format!("container {id} is not running")));
         }
         tokio::process::Command::new(&self.exe)
             .arg("oci-exec")

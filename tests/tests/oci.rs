@@ -495,7 +495,8 @@ fn oci_pods_have_their_own_network() -> anyhow::Result<()> {
 #[ignore = "needs root: OCI containers run through libcontainer"]
 fn exec_probes_run_in_the_container() -> anyhow::Result<()> {
     let (_reg, image, _dir, up) = cluster()?;
-    let probes = "    readinessProbe:\n      exec:\n        command: [\"cat\", \"/tmp/ready\"]\n      periodSeconds: 1\n    livenessProbe:\n      exec:\n        command: [\"sh\", \"-c\", \"test ! -e /tmp/die\"]\n      periodSeconds: 1\n      failureThreshold: 1\n";
+    // Generous timeouts: each try starts a helper process, and the whole suite shares 2 CPUs.
+    let probes = "    readinessProbe:\n      exec:\n        command: [\"cat\", \"/tmp/ready\"]\n      periodSeconds: 1\n      timeoutSeconds: 5\n    livenessProbe:\n      exec:\n        command: [\"sh\", \"-c\", \"test ! -e /tmp/die\"]\n      periodSeconds: 1\n      timeoutSeconds: 5\n      failureThreshold: 1\n";
     up.kubectl_in(
         &["apply", "-f", "-"],
         &pod(

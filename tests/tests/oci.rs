@@ -159,6 +159,27 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
             "{v}: {r:?}"
         );
     }
+    // With a terminal (-t, faked with script(1)): one output stream, the exit code, over
+    // both protocols.
+    for v in [None, Some("1.27")] {
+        let k = outpost_tests::kubectl_bin(v)?;
+        let out = std::process::Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "{} --kubeconfig {} exec -it box -- sh -c 'echo on a tty; echo err >&2; exit 3'",
+                k.display(),
+                up.kubeconfig.display()
+            ))
+            .arg("/dev/null")
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        assert_eq!(out.status.code(), Some(3), "{v:?}: {text}");
+        assert!(
+            text.contains("on a tty") && text.contains("err") && !text.contains("Unknown stream"),
+            "{v:?}: {text}"
+        );
+    }
     let r = up
         .kubectl_v("1.29", &["exec", "box", "--", "id", "-u"])?
         .expect_ok("exec with 1.29")?;

@@ -203,6 +203,8 @@ async fn run(
     out: mpsc::Sender<(u8, Vec<u8>)>,
 ) {
     let what = format!("{}/{} container {}", req.namespace, req.pod, req.container);
+    // A terminal has one output stream, and a client that asked for one reads no other.
+    let err_channel = if req.tty { 1 } else { 2 };
     let ending = match api.links.open_duplex(&node, &Down::Exec(req)).await {
         Ok((head, mut send, mut recv)) if head.status == 200 => {
             let feed = tokio::spawn(async move {
@@ -222,7 +224,7 @@ async fn run(
             let ending = loop {
                 let (ch, b) = match read_frame::<_, ExecFrame>(&mut recv, MAX_FRAME).await {
                     Ok(ExecFrame::Stdout(b)) => (1, b),
-                    Ok(ExecFrame::Stderr(b)) => (2, b),
+                    Ok(ExecFrame::Stderr(b)) => (err_channel, b),
                     Ok(ExecFrame::Exit { code, error }) => break Some(status(code, error)),
                     Ok(_) => continue,
                     Err(e) => {
@@ -396,7 +398,13 @@ where
                             Some("stdin") => &mut streams.stdin,
                             Some("stdout") => &mut streams.stdout,
                             Some("stderr") => &mut streams.stderr,
-                            // Resize (terminals are not served) and anything else.
+                            // Window sizes: accepted, and ignored (commands get no pty).
+                            Some("resize") => {
+                                if raw_tx.send(replies.syn_reply(id)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
                             _ => {
                                 let _ = raw_tx.send(spdy::rst(id, spdy::PROTOCOL_ERROR)).await;
                                 continue;

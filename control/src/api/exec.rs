@@ -144,8 +144,8 @@ pub(super) fn serve(
     };
     let wants = Wants {
         stdin: req.stdin,
-        stdout: q.get("stdout").is_none_or(|v| matches!(v, "true" | "1")),
-        stderr: !req.tty && q.get("stderr").is_none_or(|v| matches!(v, "true" | "1")),
+        stdout: q.flag("stdout"),
+        stderr: !req.tty && q.flag("stderr"),
     };
     let api = api.clone();
     tokio::spawn(async move {

@@ -1633,7 +1633,11 @@ impl Worker {
                 tokio::spawn(async move {
                     // As the kubelet's, probes start once the container has started.
                     if let Some((containers, id)) = gate {
-                        containers.started(&id).await;
+                        // A slow start (a copied image) may take longer than one wait; the
+                        // run's end aborts this task.
+                        while !containers.started(&id).await {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                     }
                     probing.watch(run_probes, stop).await
                 })
@@ -2392,14 +2396,23 @@ fn exec_in(containers: Containers, id: String) -> probe::ExecIn {
     probe::ExecIn(Arc::new(move |cmd: Vec<String>| -> probe::Ran {
         let (containers, id) = (containers.clone(), id.clone());
         Box::pin(async move {
-            let child = containers
+            // Dropped when the probe's time is up, which kills the command.
+            let mut exec = containers
                 .exec(&id, &cmd)
                 .await
                 .map_err(|e| e.to_string())?;
-            let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            Ok((out.status.code().unwrap_or(128), text))
+            drop(exec.0.stdin.take());
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            if let (Some(o), Some(e)) = (exec.0.stdout.as_mut(), exec.0.stderr.as_mut()) {
+                use tokio::io::AsyncReadExt;
+                let _ = tokio::join!(o.read_to_end(&mut out), e.read_to_end(&mut err));
+            }
+            let status = exec.0.wait().await.map_err(|e| e.to_string())?;
+            out.extend_from_slice(&err);
+            Ok((
+                status.code().unwrap_or(128),
+                String::from_utf8_lossy(&out).into_owned(),
+            ))
         })
     }))
 }

@@ -62,9 +62,9 @@ fn ip(args: &[&str], batch: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("running ip (iproute2): {e}"))?;
+    // A failed write shows as ip's own failure below; the child is reaped either way.
     if let Some(mut i) = child.stdin.take() {
-        i.write_all(batch.as_bytes())
-            .map_err(|e| format!("ip: {e}"))?;
+        let _ = i.write_all(batch.as_bytes());
     }
     let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
     if !out.status.success() {
@@ -130,9 +130,13 @@ impl PodNet {
     }
 
     /// Lease an address for namespace `ns`: the one it holds already, or the first free.
+    /// Agents on one machine take turns through a lock on the lease directory, so a stale
+    /// lease is taken over by one of them only.
     fn lease(&self, ns: &str) -> Result<Ipv4Addr, String> {
         let io = |e: std::io::Error| format!("{}: {e}", self.ipam.display());
         std::fs::create_dir_all(&self.ipam).map_err(io)?;
+        let lock = std::fs::File::create(self.ipam.join(".lock")).map_err(io)?;
+        lock.lock().map_err(io)?;
         let size = 1u32 << (32 - self.prefix);
         // The first address is the network, the second the gateway, the last broadcast.
         for n in 2..size - 1 {
@@ -152,8 +156,9 @@ impl PodNet {
                     if holder == ns {
                         return Ok(addr);
                     }
-                    // Held by a namespace that no longer exists: its agent died.
-                    if !holder.is_empty() && !self.netns.join(&holder).exists() {
+                    // Held by a namespace that no longer exists (its agent died), or by
+                    // nobody (an agent died between making the file and writing it).
+                    if holder.is_empty() || !self.netns.join(&holder).exists() {
                         let _ = std::fs::remove_file(&path);
                         if let Ok(mut f) = std::fs::OpenOptions::new()
                             .write(true)

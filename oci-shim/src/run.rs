@@ -318,6 +318,23 @@ pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
         .with_detach(false)
         .build()
         .map_err(|e| e.to_string())?;
+    // The command is not this process's child in the kernel's eyes once libcontainer has
+    // placed it: a SIGTERM to this helper (an ended `kubectl exec`, a probe out of time) is
+    // passed on as SIGKILL, so the command does not outlive its caller.
+    {
+        use nix::sys::signal::{kill, SigSet, Signal};
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            set.add(s);
+        }
+        if set.thread_block().is_ok() {
+            std::thread::spawn(move || {
+                if set.wait().is_ok() {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+            });
+        }
+    }
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, c)) => return Ok(c),
@@ -329,11 +346,33 @@ pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
     }
 }
 
+/// A command running in a container (through `oci-exec`); dropped or stopped before it
+/// ends, the command is killed.
+pub struct Exec(pub tokio::process::Child);
+
+impl Exec {
+    /// End the command: the helper passes this on as SIGKILL.
+    pub fn stop(&self) {
+        if let Some(pid) = self.0.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The file in a bundle that says its container has started.
 const STARTED: &str = "started";
 
 /// How long [`Containers::exec`] waits for a container that is still being created.
-pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
@@ -454,7 +493,7 @@ impl Containers {
 
     /// A command in running container `id`, with piped stdio; it ends with the exit code.
     /// A container still being created is waited for, up to [`START_WAIT`].
-    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<tokio::process::Child, Error> {
+    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<Exec, Error> {
         if !self.started(id).await {
             return Err(Error::Create(format!("container {id} is not running")));
         }
@@ -469,9 +508,10 @@ impl Containers {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            .kill_on_drop(false)
             .spawn()
             .map_err(|e| Error::Create(format!("starting {}: {e}", self.exe.display())))
+            .map(Exec)
     }
 }
 

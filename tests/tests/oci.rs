@@ -140,6 +140,30 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     )?;
     assert_eq!(r.code, Some(7), "{r:?}");
     assert!(r.stdout.contains("from stdin"), "{r:?}");
+    // A command whose kubectl goes away goes too, even while it prints nothing.
+    let k = outpost_tests::kubectl_bin(None)?;
+    let _ = std::process::Command::new("timeout")
+        .arg("2")
+        .arg(&k)
+        .arg("--kubeconfig")
+        .arg(&up.kubeconfig)
+        .args(["exec", "box", "--", "sleep", "1234"])
+        .output()?;
+    let t = std::time::Instant::now();
+    loop {
+        let ps = up
+            .kubectl(&["exec", "box", "--", "ps"])?
+            .expect_ok("ps")?
+            .stdout;
+        if !ps.contains("sleep 1234") {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "still running:\n{ps}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     // kubectl before 1.30 speaks only SPDY for exec.
     for v in ["1.27", "1.29"] {
         let r = up.kubectl_v(

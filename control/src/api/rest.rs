@@ -1488,7 +1488,12 @@ async fn patch_object(
             m.remove("resourceVersion");
         }
         strict_fields(ctx, &cfg)?;
-        let new = ssa::apply(old, &cfg, &manager, &av, force, &ts).map_err(conflict)?;
+        let mut new = ssa::apply(old, &cfg, &manager, &av, force, &ts).map_err(conflict)?;
+        // The stored object's resourceVersion came along: it must not pin the write, or a
+        // controller's status update in between would fail an apply that never named one.
+        if new["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"] {
+            meta(&mut new).remove("resourceVersion");
+        }
         Ok((new, false))
     })
     .await?;

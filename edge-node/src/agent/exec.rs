@@ -58,7 +58,7 @@ impl Agent {
         }
         let Ok(oci) = &self.oci else { return };
         let id = Containers::id(&uid, &req.container);
-        let mut child = match oci.containers.exec(&id, &req.command).await {
+        let mut exec = match oci.containers.exec(&id, &req.command).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = reply(&mut send, 500, &e.to_string()).await;
@@ -70,9 +70,9 @@ impl Agent {
             content_type: None,
         };
         if write_frame(&mut send, &head, MAX_FRAME).await.is_err() {
-            let _ = child.kill().await;
             return;
         }
+        let child = &mut exec.0;
         let (tx, mut rx) = mpsc::channel::<ExecFrame>(16);
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -83,8 +83,11 @@ impl Agent {
         }
         drop(tx);
         let mut stdin = child.stdin.take().filter(|_| req.stdin);
-        // Input until the client ends it; it may also never send any.
+        // Input until the client ends it; it may also never send any. The stream's end means
+        // the client is gone (the control plane ends it only then).
+        let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
         let input = tokio::spawn(async move {
+            let _gone = gone_tx;
             loop {
                 match read_frame::<_, ExecFrame>(&mut recv, MAX_FRAME).await {
                     Ok(ExecFrame::Stdin(b)) => {
@@ -101,13 +104,24 @@ impl Agent {
             }
         });
         let mut broken = false;
-        while let Some(f) = rx.recv().await {
+        loop {
+            let f = tokio::select! {
+                f = rx.recv() => f,
+                _ = &mut gone, if !broken => {
+                    // The client went away while the command was quiet: it goes too.
+                    broken = true;
+                    exec.stop();
+                    continue;
+                }
+            };
+            let Some(f) = f else { break };
             if !broken && write_frame(&mut send, &f, MAX_FRAME).await.is_err() {
                 // The client is gone: the command goes too.
                 broken = true;
-                let _ = child.start_kill();
+                exec.stop();
             }
         }
+        let child = &mut exec.0;
         for r in readers {
             let _ = r.await;
         }

@@ -73,12 +73,20 @@ pub fn main(args: &[String]) -> i32 {
                     return 2;
                 }
             };
+            // Held until the outcome is written: the next run of this container waits for
+            // it, so this run's cleanup never touches the next one's bundle.
+            let lock = std::fs::File::create(bundle.join(LOCK)).and_then(|f| f.lock().map(|()| f));
+            if let Err(e) = &lock {
+                eprintln!("oci-run: locking the bundle: {e}");
+                return 1;
+            }
             let outcome = helper(&root, &id, &bundle, &lower);
             let json = serde_json::to_vec(&outcome).unwrap_or_default();
             if let Err(e) = std::fs::write(bundle.join("exit.json"), json) {
                 eprintln!("oci-run: writing the outcome: {e}");
                 return 1;
             }
+            drop(lock);
             0
         }
         Some("oci-exec") => {
@@ -368,6 +376,9 @@ impl Drop for Exec {
     }
 }
 
+/// The file in a bundle its helper holds locked while it runs.
+const LOCK: &str = ".lock";
+
 /// The file in a bundle that says its container has started.
 const STARTED: &str = "started";
 
@@ -437,9 +448,30 @@ impl Containers {
             serde_json::to_vec_pretty(spec).unwrap_or_default(),
         );
         tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&b)?;
+            // A helper of an earlier run (its agent gone) may still be cleaning up: wait.
+            let lock = std::fs::File::create(b.join(LOCK))?;
+            let deadline = std::time::Instant::now() + START_WAIT;
+            loop {
+                match lock.try_lock() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock)
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        return Err(std::io::Error::other(
+                            "an earlier run of this container is still ending",
+                        ))
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => return Err(e),
+                }
+            }
+            drop(lock);
             let _ = std::fs::remove_file(b.join("exit.json"));
             let _ = std::fs::remove_file(b.join(STARTED));
-            std::fs::create_dir_all(&b).and_then(|()| std::fs::write(b.join("config.json"), s))
+            std::fs::write(b.join("config.json"), s)
         })
         .await
         .map_err(|e| Error::Create(e.to_string()))?

@@ -422,6 +422,68 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unused_images_are_collected_and_their_names_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        for h in [&a, &b] {
+            std::fs::create_dir_all(dir.path().join("images").join(h)).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("refs")).unwrap();
+        std::fs::write(dir.path().join("refs/old"), format!("sha256:{b}")).unwrap();
+        std::fs::write(dir.path().join("refs/kept"), format!("sha256:{a}")).unwrap();
+        let in_use: HashSet<String> = [format!("sha256:{a}")].into();
+        // Recently used: nothing goes.
+        assert!(store.collect(&in_use, Duration::from_secs(3600)).is_empty());
+        assert_eq!(
+            store.collect(&in_use, Duration::ZERO),
+            [format!("sha256:{b}")]
+        );
+        assert!(!dir.path().join("images").join(&b).exists());
+        assert!(!dir.path().join("refs/old").exists());
+        assert!(dir.path().join("images").join(&a).exists());
+        assert!(dir.path().join("refs/kept").exists());
+    }
+
+    /// A layer download cut short resumes from what is on disk: a wrong prefix there shows
+    /// as a digest mismatch (so it was kept, not fetched again), and is then thrown away.
+    #[tokio::test]
+    async fn interrupted_downloads_resume() {
+        let reg = outpost_tests::Registry::start().unwrap();
+        let layer = outpost_tests::busybox_layer().unwrap();
+        let image = reg
+            .push_image(
+                "t/busybox",
+                "1",
+                std::slice::from_ref(&layer),
+                serde_json::json!({}),
+            )
+            .unwrap();
+        let digest = outpost_api::sha256_hex(&layer);
+        let client = Client::new(vec![]);
+        let part = |dir: &Path| dir.join("blobs/sha256").join(format!("{digest}.part"));
+        let half = layer.len() / 2;
+
+        let good = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(good.path().join("blobs/sha256")).unwrap();
+        std::fs::write(part(good.path()), &layer[..half]).unwrap();
+        let img = Store::new(good.path())
+            .pull(&client, &image, &|_| {})
+            .await
+            .unwrap();
+        assert!(img.rootfs.join("bin/busybox").exists());
+
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(bad.path().join("blobs/sha256")).unwrap();
+        std::fs::write(part(bad.path()), vec![0u8; half]).unwrap();
+        let store = Store::new(bad.path());
+        let e = store.pull(&client, &image, &|_| {}).await.unwrap_err();
+        assert!(e.to_string().contains(&digest), "{e}");
+        assert!(!part(bad.path()).exists());
+        store.pull(&client, &image, &|_| {}).await.unwrap();
+    }
+
+    #[test]
     fn reference_names_round_trip() {
         for r in [
             "docker.io/library/busybox:1.36",

@@ -19,7 +19,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use outpost_api::link::{read_frame, write_frame, Down, ExecFrame, ExecRequest, MAX_FRAME};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Message, Role};
 use tokio_tungstenite::WebSocketStream;
 
-use super::forward::{accept_websocket, list};
+use super::forward::{accept_websocket, list, when_upgraded};
 use super::spdy::{self, Frame};
 use super::{Api, ApiError, Query};
 
@@ -148,14 +147,7 @@ pub(super) fn serve(
         stderr: !req.tty && q.flag("stderr"),
     };
     let api = api.clone();
-    tokio::spawn(async move {
-        let io = match upgrade.await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                tracing::debug!(error = %e, "exec upgrade failed");
-                return;
-            }
-        };
+    when_upgraded(upgrade, "exec", move |io| async move {
         if websocket {
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
             over_websocket(api, node, req, ws).await;

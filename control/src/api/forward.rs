@@ -131,14 +131,7 @@ pub(super) fn serve(
             "port-forward needs an HTTP/1.1 connection that can be upgraded".into(),
         )
     })?;
-    tokio::spawn(async move {
-        let io = match upgrade.await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                tracing::debug!(error = %e, "port-forward upgrade failed");
-                return;
-            }
-        };
+    when_upgraded(upgrade, "port-forward", |io| async move {
         match proto {
             Proto::Spdy => {
                 let (r, w) = tokio::io::split(io);
@@ -205,6 +198,20 @@ pub(super) fn accept_websocket(
         HeaderValue::from_static(chosen),
     );
     Ok(chosen)
+}
+
+/// Once hyper hands the upgraded connection over, serve it with `serve` on a task of its own.
+pub(super) fn when_upgraded<F, Fut>(upgrade: OnUpgrade, what: &'static str, serve: F)
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(u) => serve(TokioIo::new(u)).await,
+            Err(e) => tracing::debug!(error = %e, "{what} upgrade failed"),
+        }
+    });
 }
 
 /// A header's values, whether repeated or comma-separated.

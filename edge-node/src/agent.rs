@@ -1189,6 +1189,7 @@ impl Agent {
         &self,
         image: &str,
         policy: Option<&str>,
+        auth: Option<(String, String)>,
     ) -> Result<(String, Vec<u8>), String> {
         let r = registry::Reference::parse(image).map_err(|e| e.to_string())?;
         let key = format!("oci/{r}");
@@ -1208,7 +1209,7 @@ impl Agent {
                 "image \"{image}\" is not present on this node and imagePullPolicy is Never"
             )),
             ("Never" | "IfNotPresent", Some(c)) => Ok(c),
-            (_, cached) => self.pull(image, &key, cached).await,
+            (_, cached) => self.pull(image, &key, cached, auth).await,
         }
     }
 
@@ -1219,10 +1220,12 @@ impl Agent {
         image: &str,
         key: &str,
         cached: Option<(String, Vec<u8>)>,
+        auth: Option<(String, String)>,
     ) -> Result<(String, Vec<u8>), String> {
         let client = self
             .registry
-            .get_or_init(|| registry::Client::new(self.insecure_registries.clone()));
+            .get_or_init(|| registry::Client::new(self.insecure_registries.clone()))
+            .with_auth(auth);
         match client.pull_wasm(image).await {
             Ok(w) => {
                 self.cache
@@ -1268,14 +1271,17 @@ impl Agent {
     }
 
     /// The module an image names: from the cache, else from the control plane's store.
+    /// A module by `module:` reference, or a Wasm artifact from a registry, pulled with
+    /// `auth` (from the pod's imagePullSecrets).
     async fn module(
         &self,
         image: &str,
         policy: Option<&str>,
+        auth: Option<(String, String)>,
     ) -> Result<(String, Vec<u8>), (String, String)> {
         let pull = |m: String| ("ErrImagePull".to_string(), m);
         let Some(reference) = image.strip_prefix("module:") else {
-            return self.artifact(image, policy).await.map_err(pull);
+            return self.artifact(image, policy, auth).await.map_err(pull);
         };
         let hex = match reference.strip_prefix("sha256:") {
             Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => h.to_string(),
@@ -1737,9 +1743,13 @@ impl Worker {
                 return Ok(p);
             }
         }
+        let auth = match registry::Reference::parse(image) {
+            Ok(r) if !image.starts_with("module:") => self.pull_auth(&r.registry).await,
+            _ => None,
+        };
         let (digest, bytes) = self
             .agent
-            .module(image, self.spec["imagePullPolicy"].as_str())
+            .module(image, self.spec["imagePullPolicy"].as_str(), auth)
             .await?;
         self.update(|c| {
             c.image_id = digest.clone();

@@ -363,6 +363,19 @@ fn bad_images_are_refused_with_reasons() -> anyhow::Result<()> {
         .expect_ok("logs")?
         .stdout;
     assert!(logs.contains("pulled with a secret"), "{logs}");
+    // A Wasm artifact in the same registry, with the same secret.
+    let hello = std::fs::read(example("hello")?)?;
+    let wasm = private.push("test/hello", "1", "application/wasm", &hello)?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: wasm-secret\nspec:\n  runtimeClassName: wasm\n  restartPolicy: Never\n  imagePullSecrets:\n  - name: regcred\n  containers:\n  - name: main\n    image: {wasm}\n"
+        ),
+    )?
+    .expect_ok("apply wasm-secret")?;
+    up.wait_field(60, &["pod", "wasm-secret"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
 
     // A layer whose entries climb out of the root file system.
     let escape = format!("outpost-escape-{}", std::process::id());

@@ -83,9 +83,17 @@ pub(crate) async fn serve(
         let server = server.clone();
         let mut quitting = quitting.clone();
         conns.spawn(async move {
+            // Requests this connection is serving now.
+            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let serving = busy.clone();
             let svc = hyper::service::service_fn(move |req| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.handle(req).await) }
+                let (server, busy) = (server.clone(), serving.clone());
+                async move {
+                    busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let resp = server.handle(req).await;
+                    busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new()
                 .keep_alive(true)
@@ -94,7 +102,12 @@ pub(crate) async fn serve(
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = quitting.changed() => {
-                    // Finish the request in hand, then close (an idle connection closes now).
+                    // An idle connection closes now: hyper's graceful shutdown would wait
+                    // for a first request on it until its header timeout (30 s).
+                    if busy.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    // Finish the request in hand, then close.
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }

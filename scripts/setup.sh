@@ -21,6 +21,9 @@ if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)
   command -v wrk >/dev/null || need_apt+=(wrk)   # the load of `outpost-bench http`
   command -v runc >/dev/null || need_apt+=(runc)   # the OCI peer of `outpost-bench oci`
+  command -v iperf3 >/dev/null || need_apt+=(iperf3)       # `outpost-bench netd`: throughput
+  command -v sockperf >/dev/null || need_apt+=(sockperf)   # `outpost-bench netd`: latency
+  command -v nft >/dev/null || need_apt+=(nftables)        # `outpost-bench netd`: the kernel DNAT peer
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

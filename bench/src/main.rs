@@ -8,6 +8,7 @@
 //! `outpost-bench node`: Wasm pods end to end against the `wasmtime` CLI (see `node`).
 //! `outpost-bench schedule`: bindings per second with simulated nodes (see `schedule`).
 //! `outpost-bench oci`: OCI containers against `runc` (see `oci`).
+//! `outpost-bench netd`: a Service's data path against direct and nftables DNAT (see `netd`).
 
 use std::net::{TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,7 @@ use outpost_api::store::{Expect, Outcome};
 use outpost_control::store::{Config, Store};
 
 mod api;
+mod netd;
 mod node;
 mod oci;
 mod schedule;
@@ -68,6 +70,15 @@ enum Cmd {
         /// Extra `outpost-control` flags, e.g. `--control-arg=--snapshot-every=100000`.
         #[arg(long = "control-arg", allow_hyphen_values = true)]
         control_args: Vec<String>,
+    },
+    /// A Service's data path through netd against a direct connection and nftables DNAT.
+    Netd {
+        /// Seconds of each iperf3 and sockperf run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Services defined for the second latency round.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
     },
     /// Wasm pods end to end: create→Running, a burst of short pods, agent memory.
     Node {
@@ -458,6 +469,44 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "  create->Running p99                {:>8.1} ms",
                 f.pod_p99_ms
+            );
+        }
+        Cmd::Netd { seconds, services } => {
+            let paths = tokio::task::spawn_blocking(move || netd::run(seconds, services)).await??;
+            println!("A Service's data path, client and backend in two network namespaces joined by a veth");
+            println!(
+                "  {:<14} {:>10} {:>22} {:>22}",
+                "path",
+                "Gbit/s",
+                "RTT p50/p99, 10 svc",
+                format!("p50/p99, {services} svc")
+            );
+            for p in &paths {
+                println!(
+                    "  {:<14} {:>10.2} {:>12.1} / {:>6.1} µs {:>12.1} / {:>6.1} µs",
+                    p.name, p.gbits, p.rtt[0].0, p.rtt[0].1, p.rtt[1].0, p.rtt[1].1
+                );
+            }
+            let (direct, netd, nft) = (&paths[0], &paths[1], &paths[2]);
+            println!(
+                "  netd throughput {:.2} Gbit/s (target >= 5): {:.2}x direct, {:.2}x nftables",
+                netd.gbits,
+                netd.gbits / direct.gbits,
+                netd.gbits / nft.gbits
+            );
+            println!(
+                "  netd added p50 {:.1} µs over direct (target <= 10), nftables adds {:.1} µs; ratio netd/nftables RTT {:.2}",
+                netd.rtt[0].0 - direct.rtt[0].0,
+                nft.rtt[0].0 - direct.rtt[0].0,
+                netd.rtt[0].0 / nft.rtt[0].0
+            );
+            println!(
+                "  10 -> {services} services: netd p50 {:.1} -> {:.1} µs ({:+.1}%), nftables {:.1} -> {:.1} µs",
+                netd.rtt[0].0,
+                netd.rtt[1].0,
+                (netd.rtt[1].0 / netd.rtt[0].0 - 1.0) * 100.0,
+                nft.rtt[0].0,
+                nft.rtt[1].0
             );
         }
         Cmd::Node { pods, burst } => {

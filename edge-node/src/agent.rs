@@ -27,15 +27,16 @@ use outpost_oci_shim::store::{Image, Store};
 use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::cache::Cache;
-use crate::link::{self, Link, LinkError, Pki};
+use crate::link::{self, Change, Link, LinkError, Pki};
 use crate::logs;
 use crate::net::{Attached, PodNet};
 use crate::pod::{self, Container, Next, State};
 use crate::probe::{self, Probe, Tally};
+use crate::services::{self, Services};
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct Config {
     pub max_pods: u32,
     /// The network OCI pods take their addresses from (`A.B.C.D/N`).
     pub pod_cidr: String,
+    /// The service proxy and cluster DNS (netd).
+    pub services: services::Config,
 }
 
 fn now() -> String {
@@ -93,7 +96,7 @@ pub struct Agent {
     dir: PathBuf,
     node: String,
     pki: Pki,
-    cache: Cache,
+    cache: Arc<Cache>,
     runtime: Arc<Runtime>,
     /// Made on the first registry pull: most nodes never pull, and a TLS client with its
     /// root store costs memory a board should keep.
@@ -109,6 +112,8 @@ pub struct Agent {
     oci: Result<Oci, String>,
     /// The pod network OCI pods join; `None` where the node cannot make one.
     net: Option<PodNet>,
+    /// netd, where this node runs it.
+    services: Option<Arc<Services>>,
 }
 
 struct Oci {
@@ -148,7 +153,8 @@ pub fn hostname() -> String {
 /// Join if needed, start the pods the cache holds, then keep the link up forever.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let cache = Cache::open(&cfg.data_dir)?;
+    let cache = Arc::new(Cache::open(&cfg.data_dir)?);
+    let services = Services::start(&cfg.services, &cache).await?;
     let server = match (&cfg.server, cache.meta("server")) {
         (Some(s), _) => {
             cache.put_meta("server", s)?;
@@ -231,7 +237,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         host_ip: Mutex::new(String::new()),
         oci,
         net,
+        services,
     });
+    if let (Some(_), Some(_)) = (&agent.net, &agent.services) {
+        // Pods with their own network reach service IPs through this machine.
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+            tracing::warn!(error = %e, "cannot enable IPv4 forwarding: pods cannot reach services");
+        }
+    }
     let cached = agent.cache.pods();
     tracing::info!(node = %agent.node, pods = cached.len(), "node agent starting");
     // Networks of pods that ended while the agent was down.
@@ -313,6 +326,10 @@ impl Agent {
         tracing::info!(node = %self.node, %server, "connected to the control plane");
         self.link.send_replace(Some(link.clone()));
         let down = tokio::spawn(self.clone().serve_down(link.clone()));
+        let follow = self
+            .services
+            .clone()
+            .map(|s| tokio::spawn(s.follow(link.clone(), self.cache.clone())));
         let renew = {
             let (link, me) = (link.clone(), self.clone());
             tokio::spawn(async move {
@@ -330,6 +347,9 @@ impl Agent {
             w = renew => w.unwrap_or_else(|e| e.to_string()),
         };
         down.abort();
+        if let Some(f) = follow {
+            f.abort();
+        }
         why
     }
 
@@ -529,71 +549,17 @@ impl Agent {
 
     /// List, then watch, the pods bound to this node until the link fails.
     async fn watch_pods(self: &Arc<Self>, link: &Link) -> String {
-        let sel = format!("fieldSelector=spec.nodeName%3D{}", self.node);
-        let mut rv: Option<String> = None;
-        loop {
-            let from = match &rv {
-                Some(r) => r.clone(),
-                None => {
-                    let a = match link.call("GET", &format!("/api/v1/pods?{sel}"), None).await {
-                        Ok(a) if a.ok() => a,
-                        Ok(a) => return format!("listing pods: {}", a.message()),
-                        Err(e) => return format!("listing pods: {e}"),
-                    };
-                    let list = a.json();
-                    let items = list["items"].as_array().cloned().unwrap_or_default();
-                    self.reconcile(items);
-                    list["metadata"]["resourceVersion"]
-                        .as_str()
-                        .unwrap_or("0")
-                        .to_string()
-                }
-            };
-            rv = Some(from.clone());
-            let path = format!(
-                "/api/v1/pods?{sel}&watch=true&allowWatchBookmarks=true&resourceVersion={from}"
-            );
-            let (status, recv) = match link.stream(&path).await {
-                Ok(s) => s,
-                Err(e) => return format!("watching pods: {e}"),
-            };
-            if status == 410 {
-                rv = None;
-                continue;
-            }
-            if status != 200 {
-                return format!("watching pods: status {status}");
-            }
-            let mut lines = tokio::io::BufReader::new(recv).lines();
-            loop {
-                let line = match lines.next_line().await {
-                    Ok(Some(l)) => l,
-                    Ok(None) => break,
-                    Err(e) => return format!("pod watch: {e}"),
-                };
-                let Ok(ev) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                let obj = &ev["object"];
-                if let Some(r) = obj["metadata"]["resourceVersion"].as_str() {
-                    rv = Some(r.to_string());
-                }
-                match ev["type"].as_str() {
-                    Some("ADDED" | "MODIFIED") => self.ensure(obj.clone()),
-                    Some("DELETED") => {
-                        if let Some(uid) = obj["metadata"]["uid"].as_str() {
-                            self.gone(uid);
-                        }
-                    }
-                    Some("ERROR") => {
-                        // 410: the revision was compacted; relist.
-                        rv = None;
-                        break;
-                    }
-                    _ => {}
+        let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", self.node);
+        link.list_watch(&path, |c| match c {
+            Change::Listed(items) => self.reconcile(items),
+            Change::Upsert(pod) => self.ensure(pod),
+            Change::Deleted(pod) => {
+                if let Some(uid) = pod["metadata"]["uid"].as_str() {
+                    self.gone(uid);
                 }
             }
-        }
+        })
+        .await
     }
 
     /// Make the running pods match a full list from the control plane.
@@ -1323,6 +1289,82 @@ impl Agent {
     }
 }
 
+/// A pod's resolv.conf as kubelet writes it for its `dnsPolicy`: cluster DNS (with the search
+/// path `NS.svc.DOMAIN svc.DOMAIN DOMAIN` and `ndots:5`) for `ClusterFirst` pods with their
+/// own network and `ClusterFirstWithHostNet` ones, the node's for `Default` (and where this
+/// node has no cluster DNS), only `dnsConfig` for `None`; `dnsConfig` adds to any of them.
+fn pod_resolv(pod: &Value, host: &str, cluster: Option<&services::Config>) -> String {
+    let spec = &pod["spec"];
+    let host_net = spec["hostNetwork"].as_bool().unwrap_or(false);
+    let policy = spec["dnsPolicy"].as_str().unwrap_or("ClusterFirst");
+    let (mut servers, mut search, mut options): (Vec<String>, Vec<String>, Vec<String>) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let from_host =
+        |servers: &mut Vec<String>, search: &mut Vec<String>, options: &mut Vec<String>| {
+            for l in host.lines() {
+                let mut w = l.split_whitespace();
+                match w.next() {
+                    Some("nameserver") => servers.extend(w.next().map(String::from)),
+                    Some("search" | "domain") => search.extend(w.map(String::from)),
+                    Some("options") => options.extend(w.map(String::from)),
+                    _ => {}
+                }
+            }
+        };
+    let cluster_first = match policy {
+        "ClusterFirstWithHostNet" => true,
+        "ClusterFirst" => !host_net,
+        _ => false,
+    };
+    match (policy, cluster) {
+        ("None", _) => {}
+        (_, Some(c)) if cluster_first => {
+            let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+            servers.push(c.dns.to_string());
+            search.extend([
+                format!("{ns}.svc.{}", c.domain),
+                format!("svc.{}", c.domain),
+                c.domain.clone(),
+            ]);
+            options.push("ndots:5".into());
+        }
+        _ => from_host(&mut servers, &mut search, &mut options),
+    }
+    let cfg = &spec["dnsConfig"];
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect()
+    };
+    servers.extend(strs(&cfg["nameservers"]));
+    search.extend(strs(&cfg["searches"]));
+    for o in cfg["options"].as_array().into_iter().flatten() {
+        if let Some(n) = o["name"].as_str() {
+            let o = match o["value"].as_str() {
+                Some(v) => format!("{n}:{v}"),
+                None => n.to_string(),
+            };
+            // A pod's option replaces the same option from above.
+            let name = n.to_string();
+            options.retain(|x| x.split(':').next() != Some(name.as_str()));
+            options.push(o);
+        }
+    }
+    let mut out = String::new();
+    for ns in servers.iter().take(3) {
+        out.push_str(&format!("nameserver {ns}\n"));
+    }
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    if !options.is_empty() {
+        out.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    out
+}
+
 fn singular(kind: &str) -> &str {
     match kind {
         "configmaps" => "configmap",
@@ -2050,7 +2092,9 @@ impl Worker {
                 hosts.push_str(&format!("{ip}\t{}\n", names.join(" ")));
             }
         }
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let cluster = self.agent.services.as_ref().map(|s| s.config());
+        let resolv = pod_resolv(&self.pod, &host_resolv, cluster);
         let files = [
             ("hosts", hosts),
             ("hostname", format!("{host}\n")),
@@ -2578,6 +2622,55 @@ impl Event {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn pods_get_cluster_dns_as_their_dns_policy_says() {
+        let c = services::Config::default();
+        let host = "nameserver 192.168.1.1\nsearch lan\noptions edns0\n";
+        let pod = |spec: Value| json!({"metadata": {"namespace": "shop"}, "spec": spec});
+        let first = pod_resolv(&pod(json!({})), host, Some(&c));
+        assert_eq!(
+            first,
+            "nameserver 10.96.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        // Without cluster DNS on the node, or for hostNetwork and Default pods: the node's.
+        assert_eq!(
+            pod_resolv(&pod(json!({})), host, None),
+            "nameserver 192.168.1.1\nsearch lan\noptions edns0\n"
+        );
+        assert!(
+            pod_resolv(&pod(json!({"hostNetwork": true})), host, Some(&c))
+                .starts_with("nameserver 192.168.1.1")
+        );
+        assert!(
+            pod_resolv(&pod(json!({"dnsPolicy": "Default"})), host, Some(&c))
+                .starts_with("nameserver 192.168.1.1")
+        );
+        assert!(pod_resolv(
+            &pod(json!({"hostNetwork": true, "dnsPolicy": "ClusterFirstWithHostNet"})),
+            host,
+            Some(&c)
+        )
+        .starts_with("nameserver 10.96.0.10"));
+        let none = pod_resolv(
+            &pod(
+                json!({"dnsPolicy": "None", "dnsConfig": {"nameservers": ["1.1.1.1"], "searches": ["a.b"],
+                         "options": [{"name": "ndots", "value": "2"}, {"name": "rotate"}]}}),
+            ),
+            host,
+            Some(&c),
+        );
+        assert_eq!(
+            none,
+            "nameserver 1.1.1.1\nsearch a.b\noptions ndots:2 rotate\n"
+        );
+        let added = pod_resolv(
+            &pod(json!({"dnsConfig": {"options": [{"name": "ndots", "value": "1"}]}})),
+            host,
+            Some(&c),
+        );
+        assert!(added.ends_with("options ndots:1\n"), "{added}");
+    }
 
     #[test]
     fn port_forward_reaches_declared_ports_or_the_http_default() {

@@ -149,6 +149,24 @@ impl Cache {
             .map(|_| ())
     }
 
+    /// Every cached object of `kind`.
+    pub fn objects_of(&self, kind: &str) -> Vec<Value> {
+        self.objects
+            .prefix(format!("{kind}/"))
+            .filter_map(|g| g.value().ok())
+            .filter_map(|v| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    pub fn remove_object(&self, kind: &str, ns: &str, name: &str) -> Result<(), CacheError> {
+        let key = format!("{kind}/{ns}/{name}");
+        if self.objects.get(&key).map_err(err)?.is_some() {
+            self.objects.remove(key).map_err(err)?;
+            self.sync_soon()?;
+        }
+        Ok(())
+    }
+
     pub fn module(&self, digest: &str) -> Option<Vec<u8>> {
         self.modules.get(digest).ok()?.map(|v| v.to_vec())
     }

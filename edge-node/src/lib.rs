@@ -13,6 +13,7 @@ pub mod logs;
 pub mod net;
 pub mod pod;
 pub mod probe;
+pub mod services;
 
 pub use outpost_api::sha256_hex;
 

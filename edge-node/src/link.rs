@@ -378,6 +378,14 @@ pub struct Link {
     _endpoint: Endpoint,
 }
 
+/// One step of [`Link::list_watch`].
+pub enum Change {
+    /// The whole collection, at the start and after a compacted watch.
+    Listed(Vec<serde_json::Value>),
+    Upsert(serde_json::Value),
+    Deleted(serde_json::Value),
+}
+
 /// The answer to an API call.
 pub struct Answer {
     pub status: u16,
@@ -466,6 +474,75 @@ impl Link {
         };
         let (head, recv) = self.exchange(&up).await?;
         Ok((head.status, recv))
+    }
+
+    /// List `path` (a collection, with its query), then watch it from the list's revision,
+    /// telling `on` of every change, until the link fails (the reason is returned). A watch
+    /// whose revision was compacted (410) lists again.
+    pub async fn list_watch(&self, path: &str, mut on: impl FnMut(Change)) -> String {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut rv: Option<String> = None;
+        loop {
+            let from = match &rv {
+                Some(r) => r.clone(),
+                None => {
+                    let a = match self.call("GET", path, None).await {
+                        Ok(a) if a.ok() => a,
+                        Ok(a) => return format!("listing {path}: {}", a.message()),
+                        Err(e) => return format!("listing {path}: {e}"),
+                    };
+                    let mut list = a.json();
+                    let items = match list["items"].take() {
+                        serde_json::Value::Array(items) => items,
+                        _ => Vec::new(),
+                    };
+                    on(Change::Listed(items));
+                    list["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("0")
+                        .to_string()
+                }
+            };
+            rv = Some(from.clone());
+            let watch =
+                format!("{path}{sep}watch=true&allowWatchBookmarks=true&resourceVersion={from}");
+            let (status, recv) = match self.stream(&watch).await {
+                Ok(s) => s,
+                Err(e) => return format!("watching {path}: {e}"),
+            };
+            if status == 410 {
+                rv = None;
+                continue;
+            }
+            if status != 200 {
+                return format!("watching {path}: status {status}");
+            }
+            let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(recv));
+            loop {
+                let line = match lines.next_line().await {
+                    Ok(Some(l)) => l,
+                    Ok(None) => break,
+                    Err(e) => return format!("watching {path}: {e}"),
+                };
+                let Ok(mut ev) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let obj = ev["object"].take();
+                if let Some(r) = obj["metadata"]["resourceVersion"].as_str() {
+                    rv = Some(r.to_string());
+                }
+                match ev["type"].as_str() {
+                    Some("ADDED" | "MODIFIED") => on(Change::Upsert(obj)),
+                    Some("DELETED") => on(Change::Deleted(obj)),
+                    Some("ERROR") => {
+                        // 410: the revision was compacted; list again.
+                        rv = None;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Renew the node's lease (kept in memory by the control plane).

@@ -109,11 +109,10 @@ impl PodNet {
 
     /// Make the bridge if no agent has yet, with the gateway address, up.
     pub fn bridge(&self) -> Result<(), String> {
-        let exists = Path::new("/sys/class/net").join(BRIDGE).exists();
-        if !exists {
+        if !link_exists(BRIDGE) {
             // Another agent may make it first: only a failure that leaves none counts.
             let made = ip(&[], &format!("link add name {BRIDGE} type bridge\n"));
-            if made.is_err() && !Path::new("/sys/class/net").join(BRIDGE).exists() {
+            if made.is_err() && !link_exists(BRIDGE) {
                 return made;
             }
         }
@@ -188,7 +187,7 @@ impl PodNet {
             let _ = ip(&[], &format!("netns delete {ns}\n"));
         }
         let v = veth(uid);
-        if Path::new("/sys/class/net").join(&v).exists() {
+        if link_exists(&v) {
             let _ = ip(&[], &format!("link delete {v}\n"));
         }
         // The namespace before the lease: a lease without its namespace counts as free.
@@ -238,6 +237,17 @@ impl PodNet {
             }
         }
     }
+}
+
+/// Whether this thread's network namespace has device `dev`. Read from
+/// `/proc/thread-self/net/dev`, not `/sys/class/net`, which shows the namespace `/sys` was
+/// mounted in, not necessarily ours.
+fn link_exists(dev: &str) -> bool {
+    std::fs::read_to_string("/proc/thread-self/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .any(|(name, _)| name.trim() == dev)
 }
 
 #[cfg(test)]

@@ -146,6 +146,7 @@ enum Slot {
         syn: Vec<u8>,
         flow: Flow,
         port: Arc<Port>,
+        backend: SocketAddr,
         tried: Vec<SocketAddr>,
         since: std::time::Instant,
     },
@@ -455,6 +456,7 @@ impl Stack {
             syn,
             flow,
             port,
+            backend,
             tried,
             since: std::time::Instant::now(),
         });
@@ -528,30 +530,20 @@ impl Stack {
 
     /// A dial finished: open the client's side, or try again.
     fn dialed(&mut self, i: usize, ok: bool) {
+        if !ok {
+            return self.dial_failed(i);
+        }
         let Some(Slot::Dialing {
-            mut stream,
+            stream,
             syn,
             flow,
             port,
-            tried,
             ..
         }) = self.slots[i].take()
         else {
             return;
         };
         self.dialing.remove(&flow);
-        if !ok {
-            let _ = self.poll.registry().deregister(&mut stream);
-            self.free.push(i);
-            let backend = stream
-                .peer_addr()
-                .ok()
-                .or_else(|| port.backends.first().copied());
-            return match backend {
-                Some(b) => self.refused(syn, flow, port, b, tried),
-                None => self.dev.rx.push_back(syn),
-            };
-        }
         let n = self.settings.buffer;
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; n]),
@@ -585,6 +577,26 @@ impl Stack {
         self.dev.rx.push_back(syn);
         let now = self.now();
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+    }
+
+    /// A dial failed or timed out: try another endpoint, or refuse the client.
+    fn dial_failed(&mut self, i: usize) {
+        let Some(Slot::Dialing {
+            mut stream,
+            syn,
+            flow,
+            port,
+            backend,
+            tried,
+            ..
+        }) = self.slots[i].take()
+        else {
+            return;
+        };
+        self.dialing.remove(&flow);
+        let _ = self.poll.registry().deregister(&mut stream);
+        self.free.push(i);
+        self.refused(syn, flow, port, backend, tried);
     }
 
     fn pump_all(&mut self) {
@@ -926,27 +938,11 @@ impl Stack {
             if !stale {
                 continue;
             }
+            if matches!(self.slots[i], Some(Slot::Dialing { .. })) {
+                self.dial_failed(i);
+                continue;
+            }
             match self.slots[i].take() {
-                Some(Slot::Dialing {
-                    mut stream,
-                    syn,
-                    flow,
-                    port,
-                    tried,
-                    ..
-                }) => {
-                    self.dialing.remove(&flow);
-                    let _ = self.poll.registry().deregister(&mut stream);
-                    self.free.push(i);
-                    let b = stream
-                        .peer_addr()
-                        .ok()
-                        .or_else(|| port.backends.first().copied());
-                    match b {
-                        Some(b) => self.refused(syn, flow, port, b, tried),
-                        None => self.dev.rx.push_back(syn),
-                    }
-                }
                 Some(Slot::Udp(mut f)) => {
                     let _ = self.poll.registry().deregister(&mut f.sock);
                     self.udp_flows

@@ -385,9 +385,14 @@ const STARTED: &str = "started";
 /// How long [`Containers::exec`] waits for a container that is still being created.
 pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         return Some("the node agent does not run as root".into());
     }
     let cg = Path::new("/sys/fs/cgroup");

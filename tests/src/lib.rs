@@ -443,6 +443,24 @@ fn wait_timeout(mut child: Child, limit: Duration) -> anyhow::Result<std::proces
     }
 }
 
+/// Move the calling thread into a network namespace of its own, with loopback up; the
+/// processes it starts from then on (a cluster, kubectl, a registry) share it, and nothing
+/// they route or bind touches the machine's or another test's.
+#[allow(unsafe_code)]
+pub fn private_netns() -> anyhow::Result<()> {
+    // SAFETY: unshare takes no pointers; it changes only this thread's network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    let ok = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("ip link set lo up")?;
+    anyhow::ensure!(ok.success(), "ip link set lo up failed");
+    Ok(())
+}
+
 /// `outpost up` as a user runs it: a one-machine cluster and its kubeconfig.
 pub struct Up {
     pub dir: PathBuf,
@@ -453,16 +471,30 @@ pub struct Up {
     child: Option<Child>,
     starts: u32,
     extra: Vec<String>,
+    /// Whether its node runs netd (the service proxy); off unless a test asks, since netd
+    /// takes the service CIDR of the network namespace it runs in.
+    services: bool,
 }
 
 impl Up {
+    /// `outpost up` whose node runs netd. Call [`private_netns`] first: the cluster's service
+    /// network is then the test's alone.
+    pub fn start_with_services(root: &Path) -> anyhow::Result<Up> {
+        Up::start_inner(root, &[], true)
+    }
+
     pub fn start(root: &Path) -> anyhow::Result<Up> {
         Up::start_with(root, &[])
     }
 
     /// `outpost up` with extra flags (e.g. `--no-node`).
     pub fn start_with(root: &Path, extra: &[&str]) -> anyhow::Result<Up> {
+        Up::start_inner(root, extra, false)
+    }
+
+    fn start_inner(root: &Path, extra: &[&str], services: bool) -> anyhow::Result<Up> {
         let mut up = Up {
+            services,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir: root.join("outpost"),
             kubeconfig: root.join("outpost").join("kubeconfig"),
@@ -488,6 +520,18 @@ impl Up {
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "info,openraft=warn")
+            .env(
+                "OUTPOST_SERVICE_PROXY",
+                if self.services { "on" } else { "off" },
+            )
+            .env(
+                "OUTPOST_PROXY_METRICS",
+                if self.services {
+                    "127.0.0.1:10249"
+                } else {
+                    "off"
+                },
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -777,6 +821,8 @@ impl Node {
             .arg(&self.dir)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("OUTPOST_SERVICE_PROXY", "off")
+            .env("OUTPOST_PROXY_METRICS", "off")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1918,6 +1918,20 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
                      "labels": {"component": "apiserver", "provider": "kubernetes"}},
         "spec": {"clusterIP": ip, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}});
     match create(&ctx, o).await {
+        Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    // Cluster DNS: every node's netd answers on the tenth address (as kubeadm's kube-dns is);
+    // the Service holds the address and shows it, and has no pods behind it.
+    let ip = Ipv4Addr::from(u32::from(api.service_net.0) + 10).to_string();
+    let ctx = system_ctx(api, svc, Some("kube-system".into()));
+    let o = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                     "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
+        "spec": {"clusterIP": ip, "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]}});
+    match create(&ctx, o).await {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
     }

@@ -277,6 +277,22 @@ async fn serve() -> anyhow::Result<()> {
 
 /// This machine's own node, in this process: a certificate straight from the cluster CA (no
 /// token needed), then the same agent and link any node uses, to the local gateway.
+/// The local node's service proxy: netd where the machine allows, unless
+/// `OUTPOST_SERVICE_PROXY` says `off` (or `on`: fail without it).
+fn service_proxy() -> anyhow::Result<outpost_edge_node::services::Config> {
+    let mut c = outpost_edge_node::services::Config::default();
+    if let Ok(m) = std::env::var("OUTPOST_SERVICE_PROXY") {
+        c.mode = m.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Ok(m) = std::env::var("OUTPOST_PROXY_METRICS") {
+        c.metrics = match m.as_str() {
+            "off" => None,
+            m => Some(m.parse().context("OUTPOST_PROXY_METRICS: IP:PORT or off")?),
+        };
+    }
+    Ok(c)
+}
+
 fn local_node(
     data_dir: &Path,
     pki_dir: &Path,
@@ -307,6 +323,7 @@ fn local_node(
         insecure_registries: Vec::new(),
         max_pods: 110,
         pod_cidr: outpost_edge_node::net::DEFAULT_POD_CIDR.to_string(),
+        services: service_proxy()?,
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use outpost_edge_node::agent::{self, Config};
 use outpost_edge_node::net::DEFAULT_POD_CIDR;
+use outpost_edge_node::services;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The Outpost node agent")]
@@ -43,6 +44,22 @@ struct Args {
     /// (give each node its own on a LAN).
     #[arg(long, default_value = DEFAULT_POD_CIDR, env = "OUTPOST_POD_CIDR")]
     pod_cidr: String,
+    /// The service proxy and cluster DNS (netd over a TUN device): auto (where the node can:
+    /// root and /dev/net/tun), on (fail if it cannot), or off.
+    #[arg(long, default_value = "auto", env = "OUTPOST_SERVICE_PROXY")]
+    service_proxy: services::Mode,
+    /// The cluster's service network (the control plane's), routed to netd's device.
+    #[arg(long, default_value = services::DEFAULT_CIDR, env = "OUTPOST_SERVICE_CIDR")]
+    service_cidr: String,
+    /// The service IP cluster DNS answers on; pods get it as their nameserver.
+    #[arg(long, default_value = services::DEFAULT_DNS, env = "OUTPOST_CLUSTER_DNS")]
+    cluster_dns: std::net::Ipv4Addr,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local", env = "OUTPOST_CLUSTER_DOMAIN")]
+    cluster_domain: String,
+    /// Where netd's per-service counters are served (`GET /metrics`), or `off`.
+    #[arg(long, default_value = services::DEFAULT_METRICS, env = "OUTPOST_PROXY_METRICS")]
+    proxy_metrics: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +86,18 @@ async fn serve() -> anyhow::Result<()> {
         insecure_registries: a.insecure_registries,
         max_pods: a.max_pods,
         pod_cidr: a.pod_cidr,
+        services: services::Config {
+            mode: a.service_proxy,
+            cidr: a.service_cidr,
+            dns: a.cluster_dns,
+            domain: a.cluster_domain,
+            metrics: match a.proxy_metrics.as_str() {
+                "off" => None,
+                m => Some(m.parse().map_err(|_| {
+                    anyhow::anyhow!("--proxy-metrics {m:?}: an address (IP:PORT) or off")
+                })?),
+            },
+        },
     };
     tokio::select! {
         r = agent::run(cfg) => r,

@@ -1,0 +1,377 @@
+//! Services on this node: netd fed from the node's watch of Services and EndpointSlices (and
+//! from the cache when the link is down, so ClusterIPs keep working offline), NodePorts on
+//! the node's own addresses, and netd's counters over HTTP.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_netd::table::{Proto, Table};
+use outpost_netd::{Config as NetdConfig, Dns, Netd, NetdError};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::cache::Cache;
+use crate::link::{Change, Link};
+
+/// Whether the node runs netd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Where it can (root and `/dev/net/tun`); say why not otherwise.
+    Auto,
+    /// Always; the agent fails to start if it cannot.
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "on" => Ok(Mode::On),
+            "off" => Ok(Mode::Off),
+            _ => Err(format!("{s:?}: the service proxy is auto, on or off")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    /// The cluster's service CIDR (the control plane's).
+    pub cidr: String,
+    /// The service IP cluster DNS answers on.
+    pub dns: Ipv4Addr,
+    pub domain: String,
+    /// Where netd's counters are served (`/metrics`); `None` for nowhere.
+    pub metrics: Option<SocketAddr>,
+}
+
+pub const DEFAULT_CIDR: &str = "10.96.0.0/16";
+pub const DEFAULT_DNS: &str = "10.96.0.10";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            mode: Mode::Auto,
+            cidr: DEFAULT_CIDR.into(),
+            dns: Ipv4Addr::new(10, 96, 0, 10),
+            domain: "cluster.local".into(),
+            metrics: DEFAULT_METRICS.parse().ok(),
+        }
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("{s:?} is not an IPv4 CIDR (A.B.C.D/N)");
+    let (ip, bits) = s.split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let bits: u8 = bits.parse().map_err(|_| bad())?;
+    if bits > 32 {
+        return Err(bad());
+    }
+    Ok((ip, bits))
+}
+
+const KINDS: [&str; 2] = ["services", "endpointslices"];
+
+pub struct Services {
+    netd: Netd,
+    cfg: Config,
+    /// Services and EndpointSlices by `kind/namespace/name`, as the cache holds them.
+    objects: Mutex<HashMap<String, Value>>,
+    changed: Notify,
+    node_ports: Mutex<HashMap<u16, tokio::task::JoinHandle<()>>>,
+}
+
+fn key(kind: &str, o: &Value) -> Option<(String, String, String)> {
+    let m = &o["metadata"];
+    Some((
+        format!(
+            "{kind}/{}/{}",
+            m["namespace"].as_str()?,
+            m["name"].as_str()?
+        ),
+        m["namespace"].as_str()?.to_string(),
+        m["name"].as_str()?.to_string(),
+    ))
+}
+
+impl Services {
+    /// Start netd as `cfg` says, with the table the cache holds. `Ok(None)` when the mode is
+    /// off, or auto and this node cannot (the reason is logged).
+    pub async fn start(cfg: &Config, cache: &Cache) -> anyhow::Result<Option<Arc<Services>>> {
+        if cfg.mode == Mode::Off {
+            return Ok(None);
+        }
+        let cidr = parse_cidr(&cfg.cidr).map_err(anyhow::Error::msg)?;
+        let why_not = if !std::path::Path::new("/dev/net/tun").exists() {
+            Some("there is no /dev/net/tun".to_string())
+        } else if !outpost_oci_shim::run::is_root() {
+            Some("netd needs root to make its TUN device and routes".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            if cfg.mode == Mode::On {
+                anyhow::bail!("the service proxy cannot run: {why}");
+            }
+            tracing::warn!(%why, "no service proxy: ClusterIPs and cluster DNS do not work on this node");
+            return Ok(None);
+        }
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let mut nc = NetdConfig::new(cidr);
+        nc.dns = Some(Dns {
+            ip: cfg.dns,
+            domain: cfg.domain.clone(),
+            upstream: outpost_netd::nameservers(&resolv, cfg.dns),
+        });
+        let netd = match tokio::task::spawn_blocking(move || Netd::start(nc)).await? {
+            Ok(n) => n,
+            Err(e @ NetdError::Busy(_)) if cfg.mode == Mode::Auto => {
+                tracing::warn!(error = %e, "no service proxy of this node's own");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut objects = HashMap::new();
+        for kind in KINDS {
+            for o in cache.objects_of(kind) {
+                if let Some((k, _, _)) = key(kind, &o) {
+                    objects.insert(k, o);
+                }
+            }
+        }
+        let s = Arc::new(Services {
+            netd,
+            cfg: cfg.clone(),
+            objects: Mutex::new(objects),
+            changed: Notify::new(),
+            node_ports: Mutex::default(),
+        });
+        s.rebuild();
+        tokio::spawn(s.clone().rebuild_loop());
+        if let Some(addr) = cfg.metrics {
+            tokio::spawn(s.clone().serve_metrics(addr));
+        }
+        Ok(Some(s))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Keep the table following the cluster's Services and EndpointSlices while `link`
+    /// lasts. Never returns on its own; a failed watch is retried.
+    pub async fn follow(self: Arc<Self>, link: Link, cache: Arc<Cache>) {
+        let one = |kind: &'static str, path: &'static str| {
+            let (me, link, cache) = (self.clone(), link.clone(), cache.clone());
+            async move {
+                loop {
+                    let why = link.list_watch(path, |c| me.apply(kind, c, &cache)).await;
+                    tracing::debug!(%why, kind, "service watch ended; again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tokio::join!(
+            one("services", "/api/v1/services"),
+            one("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices"),
+        );
+    }
+
+    fn apply(&self, kind: &str, c: Change, cache: &Cache) {
+        let Ok(mut objs) = self.objects.lock() else {
+            return;
+        };
+        match c {
+            Change::Listed(items) => {
+                let mut keep = std::collections::HashSet::new();
+                for o in items {
+                    if let Some((k, ns, name)) = key(kind, &o) {
+                        let _ = cache.put_object(kind, &ns, &name, &o);
+                        keep.insert(k.clone());
+                        objs.insert(k, o);
+                    }
+                }
+                let prefix = format!("{kind}/");
+                let gone: Vec<String> = objs
+                    .keys()
+                    .filter(|k| k.starts_with(&prefix) && !keep.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    if let Some(o) = objs.remove(&k) {
+                        if let Some((_, ns, name)) = key(kind, &o) {
+                            let _ = cache.remove_object(kind, &ns, &name);
+                        }
+                    }
+                }
+            }
+            Change::Upsert(o) => {
+                if let Some((k, ns, name)) = key(kind, &o) {
+                    let _ = cache.put_object(kind, &ns, &name, &o);
+                    objs.insert(k, o);
+                }
+            }
+            Change::Deleted(o) => {
+                if let Some((k, ns, name)) = key(kind, &o) {
+                    let _ = cache.remove_object(kind, &ns, &name);
+                    objs.remove(&k);
+                }
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    fn rebuild(self: &Arc<Self>) {
+        let (svcs, slices): (Vec<Value>, Vec<Value>) = {
+            let Ok(objs) = self.objects.lock() else {
+                return;
+            };
+            let mut s = Vec::new();
+            let mut e = Vec::new();
+            for (k, v) in objs.iter() {
+                if k.starts_with("services/") {
+                    s.push(v.clone());
+                } else {
+                    e.push(v.clone());
+                }
+            }
+            (s, e)
+        };
+        let t = Table::build(&svcs, &slices, self.netd.metrics());
+        let ports: Vec<u16> = t
+            .node_ports
+            .keys()
+            .filter(|(_, p)| *p == Proto::Tcp)
+            .map(|(n, _)| *n)
+            .collect();
+        self.netd.update(t);
+        self.sync_node_ports(&ports);
+    }
+
+    async fn rebuild_loop(self: Arc<Self>) {
+        loop {
+            self.changed.notified().await;
+            // Let a burst of changes (a list, a rollout) land in one table.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            self.rebuild();
+        }
+    }
+
+    /// Listen on every TCP node port the table has, and only those.
+    fn sync_node_ports(self: &Arc<Self>, want: &[u16]) {
+        let Ok(mut open) = self.node_ports.lock() else {
+            return;
+        };
+        open.retain(|p, task| {
+            let keep = want.contains(p);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for &p in want {
+            if open.contains_key(&p) {
+                continue;
+            }
+            let l = match std::net::TcpListener::bind(("0.0.0.0", p))
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .and_then(TcpListener::from_std)
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(port = p, error = %e, "cannot listen on a node port");
+                    continue;
+                }
+            };
+            let me = Arc::downgrade(self);
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((c, peer)) = l.accept().await else {
+                        continue;
+                    };
+                    let Some(s) = me.upgrade() else { return };
+                    let port = s.netd.table().node_ports.get(&(p, Proto::Tcp)).cloned();
+                    if let Some(port) = port {
+                        tokio::spawn(node_port_conn(port, c, peer));
+                    }
+                }
+            });
+            open.insert(p, task);
+        }
+    }
+
+    /// Serve netd's counters in Prometheus' text format on `GET /metrics`.
+    async fn serve_metrics(self: Arc<Self>, addr: SocketAddr) {
+        let l = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot serve netd's metrics");
+                return;
+            }
+        };
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                continue;
+            };
+            let body = self.netd.metrics().render();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let reply = if head.starts_with("GET /metrics") {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .into()
+                };
+                let _ = c.write_all(reply.as_bytes()).await;
+            });
+        }
+    }
+}
+
+/// One connection to a node port: to a ready endpoint, spliced both ways.
+async fn node_port_conn(port: Arc<outpost_netd::table::Port>, mut c: TcpStream, peer: SocketAddr) {
+    let now = std::time::Instant::now();
+    let mut tried = Vec::new();
+    while let Some(b) = port.pick_except(peer.ip(), now, &tried) {
+        match TcpStream::connect(b).await {
+            Ok(mut up) => {
+                port.counters.connections.fetch_add(1, Ordering::Relaxed);
+                let _ = c.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                match tokio::io::copy_bidirectional(&mut c, &mut up).await {
+                    Ok((i, o)) => {
+                        port.counters.bytes_in.fetch_add(i, Ordering::Relaxed);
+                        port.counters.bytes_out.fetch_add(o, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        port.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
+            Err(_) => {
+                tried.push(b);
+                if tried.len() >= 3 {
+                    break;
+                }
+            }
+        }
+    }
+    port.counters.errors.fetch_add(1, Ordering::Relaxed);
+    // Dropping `c` closes it; linger 0 would be kinder to say "refused", but a node port's
+    // client has already connected, so a close is what it sees from kube-proxy too.
+}

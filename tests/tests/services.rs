@@ -1,0 +1,221 @@
+//! Services end to end through netd: `outpost up` in a network namespace of the test's own,
+//! its node running netd on a real TUN device, driven by the real kubectl. A Wasm Deployment
+//! behind a Service answers through its ClusterIP and its DNS name, OCI replicas share the
+//! load, a pod resolves a service by its short name, a NodePort answers on the node, and a
+//! service with no endpoints is refused at once.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use outpost_tests::{busybox_layer, example, http_get_at, private_netns, Registry, Up};
+use serde_json::json;
+
+fn deployment(name: &str, replicas: u32, pod_spec: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n{pod_spec}"
+    )
+}
+
+fn service(name: &str, ty: &str, port: u16, target: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  type: {ty}\n  selector:\n    app: {name}\n  ports:\n  - name: http\n    port: {port}\n    targetPort: {target}\n"
+    )
+}
+
+fn busybox(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("/bin/busybox")
+        .args(args)
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+fn eventually<T>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if t.elapsed() > Duration::from_secs(secs) => {
+                anyhow::bail!("{what}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun: netd makes a TUN device and routes"]
+fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Result<()> {
+    private_netns()?;
+    let reg = Registry::start()?;
+    let image = reg.push_image(
+        "test/busybox",
+        "1",
+        &[busybox_layer()?],
+        json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let up = Up::start_with_services(dir.path())?;
+    let module = up
+        .outpost(&[
+            "module",
+            "push",
+            example("http-hello")?.to_str().unwrap_or_default(),
+        ])?
+        .expect_ok("outpost module push")?
+        .stdout
+        .trim()
+        .to_string();
+
+    // A Deployment of the wasi:http example behind a Service.
+    let wasm = format!(
+        "      runtimeClassName: wasm\n      containers:\n      - name: web\n        image: {module}\n        env:\n        - name: GREETING\n          value: netd\n        ports:\n        - name: http\n          containerPort: 18080\n        readinessProbe:\n          httpGet:\n            path: /healthz\n            port: http\n          periodSeconds: 1\n"
+    );
+    let manifest = format!(
+        "{}---\n{}",
+        deployment("hello", 1, &wasm),
+        service("hello", "ClusterIP", 80, "http")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply the Wasm deployment and its service")?;
+    up.kubectl(&["rollout", "status", "deployment/hello", "--timeout=90s"])?
+        .expect_ok("rollout")?;
+    let ip = up
+        .kubectl(&[
+            "get",
+            "service",
+            "hello",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])?
+        .expect_ok("cluster ip")?
+        .stdout;
+    let addr: SocketAddr = format!("{ip}:80").parse()?;
+    let (code, body) = eventually(30, "GET through the ClusterIP", || {
+        let r = http_get_at(addr, "/through/netd")?;
+        anyhow::ensure!(r.0 == 200, "status {}", r.0);
+        Ok(r)
+    })?;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from netd at /through/netd"), "{body}");
+
+    // Its DNS name resolves to the ClusterIP through cluster DNS.
+    let ns = busybox(&["nslookup", "hello.default.svc.cluster.local", "10.96.0.10"])?;
+    assert!(ns.contains(&format!("Address: {ip}")), "{ns}");
+    let nx = busybox(&["nslookup", "nobody.default.svc.cluster.local", "10.96.0.10"])?;
+    assert!(nx.contains("NXDOMAIN"), "{nx}");
+
+    // Three OCI replicas with their own addresses share the load, and a pod reaches the
+    // Wasm service by its short name (cluster DNS as its resolver, search domains).
+    let oci = format!(
+        "      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {image}\n        command: [\"sh\", \"-c\", \"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n        ports:\n        - name: http\n          containerPort: 8080\n        readinessProbe:\n          tcpSocket:\n            port: 8080\n          periodSeconds: 1\n"
+    );
+    let manifest = format!(
+        "{}---\n{}",
+        deployment("spread", 3, &oci),
+        service("spread", "NodePort", 80, "http")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply the OCI deployment")?;
+    up.kubectl(&["rollout", "status", "deployment/spread", "--timeout=90s"])?
+        .expect_ok("rollout")?;
+    let sip = up
+        .kubectl(&[
+            "get",
+            "service",
+            "spread",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])?
+        .stdout;
+    let saddr: SocketAddr = format!("{sip}:80").parse()?;
+    let mut seen = std::collections::HashSet::new();
+    eventually(
+        30,
+        "all three replicas answer through the ClusterIP",
+        || {
+            let (code, body) = http_get_at(saddr, "/")?;
+            anyhow::ensure!(code == 200, "status {code}: {body}");
+            seen.insert(body.lines().last().unwrap_or_default().to_string());
+            anyhow::ensure!(
+                seen.len() == 3,
+                "seen {seen:?}; {}",
+                up.kubectl(&["get", "endpointslices", "-o", "yaml"])?.stdout
+            );
+            Ok(())
+        },
+    )?;
+    let node_port = up
+        .kubectl(&[
+            "get",
+            "service",
+            "spread",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ])?
+        .stdout
+        .parse::<u16>()?;
+    let (code, _) = eventually(30, "GET through the node port", || {
+        let r = http_get_at(SocketAddr::from(([127, 0, 0, 1], node_port)), "/")?;
+        anyhow::ensure!(r.0 == 200, "status {}", r.0);
+        Ok(r)
+    })?;
+    assert_eq!(code, 200);
+
+    let client = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", \"cat /etc/resolv.conf; wget -q -O - http://hello/by/name\"]\n"
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &client)?
+        .expect_ok("apply client")?;
+    let ended = up.wait_field(
+        60,
+        &["pod", "client"],
+        "{.status.containerStatuses[0].state.terminated.exitCode}",
+        |s| !s.is_empty(),
+    )?;
+    let logs = up.kubectl(&["logs", "client"])?.stdout;
+    assert_eq!(ended, "0", "{logs}");
+    assert!(logs.contains("nameserver 10.96.0.10"), "{logs}");
+    assert!(logs.contains("search default.svc.cluster.local"), "{logs}");
+    assert!(logs.contains("hello from netd at /by/name"), "{logs}");
+
+    // Scaled to nothing, the service refuses at once rather than hanging.
+    up.kubectl(&["scale", "deployment/hello", "--replicas=0"])?
+        .expect_ok("scale to 0")?;
+    eventually(30, "refused once no endpoint is left", || {
+        let t = Instant::now();
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(_) => anyhow::bail!("still accepted"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                anyhow::ensure!(
+                    t.elapsed() < Duration::from_secs(1),
+                    "slow: {:?}",
+                    t.elapsed()
+                );
+                Ok(())
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    })?;
+
+    // netd counted it all.
+    let (code, metrics) = http_get_at(SocketAddr::from(([127, 0, 0, 1], 10249)), "/metrics")?;
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .contains("outpost_netd_connections_total{service=\"default/spread\",port=\"80/tcp\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outpost_netd_errors_total{service=\"default/hello\",port=\"80/tcp\"}"),
+        "{metrics}"
+    );
+    Ok(())
+}

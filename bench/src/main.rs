@@ -74,8 +74,11 @@ enum Cmd {
     /// A Service's data path through netd against a direct connection and nftables DNAT.
     Netd {
         /// Seconds of each iperf3 and sockperf run.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Interleaved latency runs per path; the median is kept.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         /// Services defined for the second latency round.
         #[arg(long, default_value_t = 10_000)]
         services: usize,
@@ -471,8 +474,14 @@ async fn main() -> anyhow::Result<()> {
                 f.pod_p99_ms
             );
         }
-        Cmd::Netd { seconds, services } => {
-            let paths = tokio::task::spawn_blocking(move || netd::run(seconds, services)).await??;
+        Cmd::Netd {
+            seconds,
+            rounds,
+            services,
+        } => {
+            let paths =
+                tokio::task::spawn_blocking(move || netd::run(seconds, rounds.max(1), services))
+                    .await??;
             println!("A Service's data path, client and backend in two network namespaces joined by a veth");
             println!(
                 "  {:<14} {:>10} {:>22} {:>22}",

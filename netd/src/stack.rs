@@ -56,8 +56,63 @@ const BATCH: usize = 64;
 
 /// The TUN device as smoltcp sees it: packets the loop has read and classified wait in `rx`;
 /// packets smoltcp sends are written straight to the device.
-struct Dev {
-    tun: tun::Device,
+/// What the loop needs of its device: whole IPv4 packets in and out, without blocking. The
+/// real one is a TUN device; [`MemTun`] is one in memory for tests and fuzzing.
+pub trait Tun: Send + 'static {
+    /// One packet, or `WouldBlock` when none waits.
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn send(&self, buf: &[u8]) -> std::io::Result<usize>;
+    /// The descriptor the loop waits on; `None` for a device that is stepped by hand.
+    fn fd(&self) -> Option<RawFd>;
+}
+
+impl Tun for tun::Device {
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        tun::Device::recv(self, buf)
+    }
+    fn send(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tun::Device::send(self, buf)
+    }
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+/// A device in memory: packets pushed to `rx` are read by the loop, packets it sends land in
+/// `tx`.
+#[derive(Default)]
+pub struct MemTun {
+    pub rx: std::sync::Mutex<VecDeque<Vec<u8>>>,
+    pub tx: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Tun for Arc<MemTun> {
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let p = self
+            .rx
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .pop_front()
+            .ok_or(ErrorKind::WouldBlock)?;
+        let n = p.len().min(buf.len());
+        buf[..n].copy_from_slice(&p[..n]);
+        Ok(n)
+    }
+    fn send(&self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut tx) = self.tx.lock() {
+            if tx.len() < 4096 {
+                tx.push(buf.to_vec());
+            }
+        }
+        Ok(buf.len())
+    }
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+struct Dev<T> {
+    tun: T,
     rx: VecDeque<Vec<u8>>,
     pool: Vec<Vec<u8>>,
     tx: Vec<u8>,
@@ -68,8 +123,8 @@ struct Rx<'a> {
     pool: &'a mut Vec<Vec<u8>>,
 }
 
-struct Tx<'a> {
-    tun: &'a tun::Device,
+struct Tx<'a, T> {
+    tun: &'a T,
     buf: &'a mut Vec<u8>,
 }
 
@@ -83,7 +138,7 @@ impl phy::RxToken for Rx<'_> {
     }
 }
 
-impl phy::TxToken for Tx<'_> {
+impl<T: Tun> phy::TxToken for Tx<'_, T> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         if self.buf.len() < len {
             self.buf.resize(len, 0);
@@ -95,11 +150,11 @@ impl phy::TxToken for Tx<'_> {
     }
 }
 
-impl phy::Device for Dev {
+impl<T: Tun> phy::Device for Dev<T> {
     type RxToken<'a> = Rx<'a>;
-    type TxToken<'a> = Tx<'a>;
+    type TxToken<'a> = Tx<'a, T>;
 
-    fn receive(&mut self, _: SmolInstant) -> Option<(Rx<'_>, Tx<'_>)> {
+    fn receive(&mut self, _: SmolInstant) -> Option<(Rx<'_>, Tx<'_, T>)> {
         let buf = self.rx.pop_front()?;
         Some((
             Rx {
@@ -113,7 +168,7 @@ impl phy::Device for Dev {
         ))
     }
 
-    fn transmit(&mut self, _: SmolInstant) -> Option<Tx<'_>> {
+    fn transmit(&mut self, _: SmolInstant) -> Option<Tx<'_, T>> {
         Some(Tx {
             tun: &self.tun,
             buf: &mut self.tx,
@@ -176,21 +231,22 @@ struct UdpFlow {
     last: std::time::Instant,
 }
 
-pub(crate) struct Settings {
+pub struct Settings {
     pub dns: Option<crate::Dns>,
     pub max_conns: usize,
     pub buffer: usize,
 }
 
-pub(crate) struct Stack {
+pub struct Stack<T: Tun> {
     shared: Arc<Shared>,
     poll: Poll,
-    dev: Dev,
+    dev: Dev<T>,
     iface: Interface,
     sockets: SocketSet<'static>,
     table: Arc<Table>,
     settings: Settings,
     epoch: std::time::Instant,
+    last_sweep: std::time::Instant,
     tun_ready: bool,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
@@ -203,20 +259,17 @@ pub(crate) struct Stack {
     next_id: u16,
 }
 
-fn fd(t: &tun::Device) -> RawFd {
-    t.as_raw_fd()
-}
-
-impl Stack {
+impl<T: Tun> Stack<T> {
     pub(crate) fn new(
         shared: Arc<Shared>,
         poll: Poll,
-        tun: tun::Device,
+        tun: T,
         settings: Settings,
-    ) -> std::io::Result<Stack> {
-        tun.set_nonblock()?;
-        poll.registry()
-            .register(&mut SourceFd(&fd(&tun)), TUN, Interest::READABLE)?;
+    ) -> std::io::Result<Stack<T>> {
+        if let Some(fd) = tun.fd() {
+            poll.registry()
+                .register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
+        }
         let mut dev = Dev {
             tun,
             rx: VecDeque::new(),
@@ -268,6 +321,7 @@ impl Stack {
             table,
             settings,
             epoch: std::time::Instant::now(),
+            last_sweep: std::time::Instant::now(),
             tun_ready: true,
             slots: Vec::new(),
             free: Vec::new(),
@@ -287,60 +341,70 @@ impl Stack {
 
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut last_sweep = std::time::Instant::now();
         self.sync_udp_fronts();
-        loop {
-            if self.shared.stop.load(Ordering::Acquire) {
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.step(&mut events, None) {
+                tracing::error!(error = %e, "netd: polling");
                 return;
             }
-            if self.shared.changed.swap(false, Ordering::AcqRel) {
-                self.table = self.shared.table();
-                self.sync_udp_fronts();
-            }
-            if self.tun_ready {
-                self.read_tun();
-            }
-            let now = self.now();
-            self.iface.poll(now, &mut self.dev, &mut self.sockets);
-            self.serve_dns();
-            self.serve_udp();
-            self.pump_all();
-            let now = self.now();
-            self.iface.poll(now, &mut self.dev, &mut self.sockets);
-            if last_sweep.elapsed() > Duration::from_secs(1) {
-                last_sweep = std::time::Instant::now();
-                self.sweep();
-            }
-            let timeout = if self.tun_ready {
-                Some(Duration::ZERO)
-            } else {
-                let d = self
-                    .iface
-                    .poll_delay(now, &self.sockets)
-                    .map_or(Duration::from_secs(1), |d| {
-                        Duration::from_micros(d.total_micros())
-                    });
-                Some(d.min(Duration::from_secs(1)))
-            };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != ErrorKind::Interrupted {
-                    tracing::error!(error = %e, "netd: polling");
-                    return;
-                }
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    TUN => self.tun_ready = true,
-                    WAKE => {}
-                    UPSTREAM => self.upstream_answers(),
-                    Token(t) => self.on_event(
-                        t - FIRST,
-                        ev.is_readable() || ev.is_error() || ev.is_read_closed(),
-                        ev.is_writable() || ev.is_error(),
-                    ),
-                }
+        }
+    }
+
+    /// One turn of the loop: take a new table, read the device, let smoltcp and the splices
+    /// run, then wait for something to do, at most `max_wait` (smoltcp's next timer
+    /// otherwise, and never more than a second).
+    pub fn step(&mut self, events: &mut Events, max_wait: Option<Duration>) -> std::io::Result<()> {
+        if self.shared.changed.swap(false, Ordering::AcqRel) {
+            self.table = self.shared.table();
+            self.sync_udp_fronts();
+        }
+        if self.tun_ready {
+            self.read_tun();
+        }
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.serve_dns();
+        self.serve_udp();
+        self.pump_all();
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        if self.last_sweep.elapsed() > Duration::from_secs(1) {
+            self.last_sweep = std::time::Instant::now();
+            self.sweep();
+        }
+        let timeout = if self.tun_ready {
+            Duration::ZERO
+        } else {
+            self.iface
+                .poll_delay(now, &self.sockets)
+                .map_or(Duration::from_secs(1), |d| {
+                    Duration::from_micros(d.total_micros())
+                })
+                .min(Duration::from_secs(1))
+        };
+        let timeout = max_wait.map_or(timeout, |m| m.min(timeout));
+        if let Err(e) = self.poll.poll(events, Some(timeout)) {
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(e);
             }
         }
+        if self.dev.tun.fd().is_none() {
+            // A device in memory has no descriptor to wake us: always look.
+            self.tun_ready = true;
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                TUN => self.tun_ready = true,
+                WAKE => {}
+                UPSTREAM => self.upstream_answers(),
+                Token(t) => self.on_event(
+                    t - FIRST,
+                    ev.is_readable() || ev.is_error() || ev.is_read_closed(),
+                    ev.is_writable() || ev.is_error(),
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// Read up to a batch of packets; SYNs to services are held while a backend is dialled.
@@ -416,6 +480,10 @@ impl Stack {
                 Some(buf)
             }
         }
+    }
+
+    pub fn held(&self) -> usize {
+        self.live()
     }
 
     fn live(&self) -> usize {

@@ -219,3 +219,83 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     );
     Ok(())
 }
+
+/// A backend outside the cluster (a thread of this test) answering every request with `text`.
+fn outside_backend(text: &'static str) -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    Ok(port)
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun: netd makes a TUN device and routes"]
+fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Result<()> {
+    private_netns()?;
+    let dir = tempfile::tempdir()?;
+    let mut up = Up::start_with(dir.path(), &["--no-node"])?;
+    let token = up.token()?;
+    let mut edge = outpost_tests::Node::new(&dir.path().join("edge"));
+    let args = [
+        "--server",
+        &up.gateway(),
+        "--name",
+        "edge",
+        "--service-proxy",
+        "on",
+    ];
+    edge.start(&[&args[..], &["--token", &token]].concat())?;
+    up.wait_field(
+        30,
+        &["node", "edge"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    // A Service without a selector and the EndpointSlice of a backend outside the cluster.
+    let port = outside_backend("from outside\n")?;
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: ext\nspec:\n  ports:\n  - name: http\n    port: 80\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext-1\n  labels:\n    kubernetes.io/service-name: ext\naddressType: IPv4\nports:\n- name: http\n  port: {port}\n  protocol: TCP\nendpoints:\n- addresses: [\"127.0.0.1\"]\n"
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply ext")?;
+    let ip = up
+        .kubectl(&["get", "service", "ext", "-o", "jsonpath={.spec.clusterIP}"])?
+        .stdout;
+    let addr: SocketAddr = format!("{ip}:80").parse()?;
+    let get = || -> anyhow::Result<String> {
+        let (code, body) = http_get_at(addr, "/")?;
+        anyhow::ensure!(code == 200, "status {code}");
+        Ok(body)
+    };
+    let body = eventually(30, "GET through the ClusterIP", get)?;
+    assert!(body.contains("from outside"), "{body}");
+
+    // The control plane goes away: the node's netd keeps serving.
+    up.kill();
+    assert!(get()?.contains("from outside"));
+    // The agent restarts with no control plane: its table comes back from its cache.
+    edge.kill();
+    edge.start(&args)?;
+    let body = eventually(
+        30,
+        "GET through the ClusterIP after the restart, offline",
+        get,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    assert!(body.contains("from outside"), "{body}");
+    let ns = busybox(&["nslookup", "ext.default.svc.cluster.local", "10.96.0.10"])?;
+    assert!(ns.contains(&format!("Address: {ip}")), "{ns}");
+    Ok(())
+}

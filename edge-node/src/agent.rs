@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, OnceCell};
 use crate::cache::Cache;
 use crate::link::{self, Change, Link, LinkError, Pki};
 use crate::logs;
-use crate::net::{Attached, PodNet};
+use crate::net::{self, Attached, PodNet};
 use crate::pod::{self, Container, Next, State};
 use crate::probe::{self, Probe, Tally};
 use crate::services::{self, Services};
@@ -330,6 +330,10 @@ impl Agent {
             .services
             .clone()
             .map(|s| tokio::spawn(s.follow(link.clone(), self.cache.clone())));
+        let peers = self
+            .net
+            .is_some()
+            .then(|| tokio::spawn(self.clone().route_peers(link.clone())));
         let renew = {
             let (link, me) = (link.clone(), self.clone());
             tokio::spawn(async move {
@@ -347,10 +351,56 @@ impl Agent {
             w = renew => w.unwrap_or_else(|e| e.to_string()),
         };
         down.abort();
-        if let Some(f) = follow {
-            f.abort();
+        for t in [follow, peers].into_iter().flatten() {
+            t.abort();
         }
         why
+    }
+
+    /// Keep routes to the other nodes' pod networks through their addresses, so that netd
+    /// and pods here reach pods there. Never returns on its own.
+    async fn route_peers(self: Arc<Self>, link: Link) {
+        let Some(net) = self.net.clone() else { return };
+        let nodes: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
+        let routed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        loop {
+            let why = link
+                .list_watch("/api/v1/nodes", |c| {
+                    let Ok(mut n) = nodes.lock() else { return };
+                    match c {
+                        Change::Listed(items) => {
+                            n.clear();
+                            for i in items {
+                                if let Some(k) = i["metadata"]["name"].as_str() {
+                                    n.insert(k.to_string(), i);
+                                }
+                            }
+                        }
+                        Change::Upsert(i) => {
+                            if let Some(k) = i["metadata"]["name"].as_str() {
+                                n.insert(k.to_string(), i);
+                            }
+                        }
+                        Change::Deleted(i) => {
+                            if let Some(k) = i["metadata"]["name"].as_str() {
+                                n.remove(k);
+                            }
+                        }
+                    }
+                    let all: Vec<Value> = n.values().cloned().collect();
+                    let want = net::peer_routes(&all, &self.node, &net.cidr(), &self.host_ip());
+                    let Ok(mut had) = routed.lock() else { return };
+                    if *had != want {
+                        match tokio::task::block_in_place(|| net::route_peers(&had, &want)) {
+                            Ok(()) => *had = want,
+                            Err(e) => tracing::warn!(error = %e, "routing to other nodes' pods"),
+                        }
+                    }
+                })
+                .await;
+            tracing::debug!(%why, "node watch ended; again");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn maybe_recertify(&self, link: &Link) {
@@ -494,6 +544,10 @@ impl Agent {
                 "images": self.images(),
             }
         });
+        // The network this node's pods take addresses from; other nodes route it here.
+        if let Some(n) = &self.net {
+            node["spec"] = json!({"podCIDR": n.cidr(), "podCIDRs": [n.cidr()]});
+        }
         // Why OCI pods will not be placed here, for `kubectl describe node`.
         if let Err(why) = &self.oci {
             node["metadata"]["annotations"] = json!({"outpost.dev/runtime-oci-unavailable": why});
@@ -516,7 +570,10 @@ impl Agent {
         } else if a.status != 409 {
             return Err(LinkError::Refused(a.message()));
         }
-        let patch = json!({"metadata": {"labels": obj["metadata"]["labels"]}});
+        let mut patch = json!({"metadata": {"labels": obj["metadata"]["labels"]}});
+        if obj["spec"].is_object() {
+            patch["spec"] = obj["spec"].clone();
+        }
         let a = link
             .call(
                 "PATCH",

@@ -239,6 +239,64 @@ impl PodNet {
     }
 }
 
+/// Routes to the pods of the other nodes: (their pod CIDR, their InternalIP) for every node
+/// that has a pod CIDR other than `mine` and an address other than `my_ip`. Nodes sharing
+/// this machine's address (several agents on one host) need none.
+pub fn peer_routes(
+    nodes: &[serde_json::Value],
+    me: &str,
+    mine: &str,
+    my_ip: &str,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for n in nodes {
+        if n["metadata"]["name"].as_str() == Some(me) {
+            continue;
+        }
+        let Some(cidr) = n["spec"]["podCIDR"]
+            .as_str()
+            .filter(|c| *c != mine && !c.is_empty())
+        else {
+            continue;
+        };
+        if PodNet::new(cidr).is_err() {
+            continue;
+        }
+        let ip = n["status"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["type"] == "InternalIP")
+            .and_then(|a| a["address"].as_str())
+            .filter(|ip| *ip != my_ip && ip.parse::<Ipv4Addr>().is_ok_and(|a| !a.is_loopback()));
+        if let Some(ip) = ip {
+            out.push((cidr.to_string(), ip.to_string()));
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+/// Make this machine's routes to other nodes' pods `want`; `had` is what was routed before.
+pub fn route_peers(had: &[(String, String)], want: &[(String, String)]) -> Result<(), String> {
+    let mut batch = String::new();
+    for (cidr, via) in want {
+        if !had.contains(&(cidr.clone(), via.clone())) {
+            batch.push_str(&format!("route replace {cidr} via {via}\n"));
+        }
+    }
+    for (cidr, _) in had {
+        if !want.iter().any(|(c, _)| c == cidr) {
+            batch.push_str(&format!("route delete {cidr}\n"));
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    ip(&["-force"], &batch)
+}
+
 /// Whether this thread's network namespace has device `dev`. Read from
 /// `/proc/thread-self/net/dev`, not `/sys/class/net`, which shows the namespace `/sys` was
 /// mounted in, not necessarily ours.
@@ -252,6 +310,29 @@ fn link_exists(dev: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn other_nodes_pods_are_routed_through_their_addresses() {
+        use serde_json::json;
+        let node = |name: &str, cidr: &str, ip: &str| {
+            json!({"metadata": {"name": name}, "spec": {"podCIDR": cidr},
+                   "status": {"addresses": [{"type": "Hostname", "address": name},
+                                            {"type": "InternalIP", "address": ip}]}})
+        };
+        let nodes = [
+            node("me", "10.88.0.0/24", "192.168.1.10"),
+            node("b", "10.88.1.0/24", "192.168.1.11"),
+            node("same-cidr", "10.88.0.0/24", "192.168.1.12"),
+            node("same-host", "10.88.2.0/24", "192.168.1.10"),
+            node("loop", "10.88.3.0/24", "127.0.0.1"),
+            node("bad", "banana", "192.168.1.13"),
+            json!({"metadata": {"name": "no-cidr"}}),
+        ];
+        assert_eq!(
+            super::peer_routes(&nodes, "me", "10.88.0.0/24", "192.168.1.10"),
+            vec![("10.88.1.0/24".to_string(), "192.168.1.11".to_string())]
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -480,7 +480,13 @@ impl Up {
     /// `outpost up` whose node runs netd. Call [`private_netns`] first: the cluster's service
     /// network is then the test's alone.
     pub fn start_with_services(root: &Path) -> anyhow::Result<Up> {
-        Up::start_inner(root, &[], true)
+        Up::start_inner(root, &[], true, "127.0.0.1")
+    }
+
+    /// As [`Up::start_with_services`], the API and node gateway listening on `ip` (for nodes
+    /// in other network namespaces), with `extra` flags.
+    pub fn start_at(root: &Path, ip: &str, extra: &[&str]) -> anyhow::Result<Up> {
+        Up::start_inner(root, extra, true, ip)
     }
 
     pub fn start(root: &Path) -> anyhow::Result<Up> {
@@ -489,16 +495,16 @@ impl Up {
 
     /// `outpost up` with extra flags (e.g. `--no-node`).
     pub fn start_with(root: &Path, extra: &[&str]) -> anyhow::Result<Up> {
-        Up::start_inner(root, extra, false)
+        Up::start_inner(root, extra, false, "127.0.0.1")
     }
 
-    fn start_inner(root: &Path, extra: &[&str], services: bool) -> anyhow::Result<Up> {
+    fn start_inner(root: &Path, extra: &[&str], services: bool, ip: &str) -> anyhow::Result<Up> {
         let mut up = Up {
             services,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir: root.join("outpost"),
             kubeconfig: root.join("outpost").join("kubeconfig"),
-            api: format!("127.0.0.1:{}", free_tcp_port()),
+            api: format!("{ip}:{}", free_tcp_port()),
             admin: format!("127.0.0.1:{}", free_tcp_port()),
             cache: root.join("kube-cache"),
             child: None,
@@ -798,6 +804,8 @@ pub fn example(name: &str) -> anyhow::Result<PathBuf> {
 /// One `outpost-node` process.
 pub struct Node {
     pub dir: PathBuf,
+    /// A named network namespace to run in, else the test's.
+    pub netns: Option<String>,
     child: Option<Child>,
     starts: u32,
 }
@@ -806,6 +814,7 @@ impl Node {
     pub fn new(dir: &Path) -> Node {
         Node {
             dir: dir.to_path_buf(),
+            netns: None,
             child: None,
             starts: 0,
         }
@@ -816,7 +825,19 @@ impl Node {
         std::fs::create_dir_all(&self.dir)?;
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("node.log.{}", self.starts)))?;
-        let child = Command::new(bin("outpost-node"))
+        let mut cmd = match &self.netns {
+            // nsenter, not `ip netns exec`: that one mounts a /sys of its own, without the
+            // cgroup hierarchy OCI pods need.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(bin("outpost-node"));
+                c
+            }
+            None => Command::new(bin("outpost-node")),
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(&self.dir)
             .args(args)
@@ -887,19 +908,24 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> anyhow::Result<Registry> {
-        Registry::start_with(None)
+        Registry::start_with(None, "127.0.0.1")
+    }
+
+    /// A registry listening on `ip` (for nodes in other network namespaces).
+    pub fn start_at(ip: &str) -> anyhow::Result<Registry> {
+        Registry::start_with(None, ip)
     }
 
     /// A registry that answers only `user` with `password` (htpasswd auth, as registries
     /// behind imagePullSecrets do).
     pub fn start_with_auth(user: &str, password: &str) -> anyhow::Result<Registry> {
-        Registry::start_with(Some((user, password)))
+        Registry::start_with(Some((user, password)), "127.0.0.1")
     }
 
-    fn start_with(auth: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+    fn start_with(auth: Option<(&str, &str)>, ip: &str) -> anyhow::Result<Registry> {
         use base64::Engine;
         let dir = tempfile::tempdir()?;
-        let addr = format!("127.0.0.1:{}", free_tcp_port());
+        let addr = format!("{ip}:{}", free_tcp_port());
         let config = dir.path().join("config.yml");
         let mut yml = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",

@@ -299,3 +299,151 @@ fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Res
     assert!(ns.contains(&format!("Address: {ip}")), "{ns}");
     Ok(())
 }
+
+/// A named network namespace for a second node, joined to the test's by a veth
+/// (10.250.0.1 here, 10.250.0.2 there); removed with the test.
+struct Peer(String);
+
+impl Peer {
+    fn new() -> anyhow::Result<Peer> {
+        let ns = format!("outpost-peer-{}", std::process::id());
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &ns])
+            .output();
+        run(&["ip", "netns", "add", &ns])?;
+        let peer = Peer(ns.clone());
+        run(&[
+            "ip", "link", "add", "opa0", "type", "veth", "peer", "name", "opb0", "netns", &ns,
+        ])?;
+        run(&["ip", "addr", "add", "10.250.0.1/24", "dev", "opa0"])?;
+        run(&["ip", "link", "set", "opa0", "up"])?;
+        run(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            "10.250.0.2/24",
+            "dev",
+            "opb0",
+        ])?;
+        run(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", "opb0", "up",
+        ])?;
+        Ok(peer)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .output();
+    }
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun: netd, network namespaces and a veth"]
+fn services_reach_pods_on_other_nodes_through_their_addresses() -> anyhow::Result<()> {
+    private_netns()?;
+    let peer = Peer::new()?;
+    let reg = Registry::start_at("10.250.0.1")?;
+    let image = reg.push_image(
+        "test/busybox",
+        "1",
+        &[busybox_layer()?],
+        json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let up = Up::start_at(dir.path(), "10.250.0.1", &[])?;
+    // A second node in the other namespace, with a pod network of its own.
+    let token = up.token()?;
+    let mut b = outpost_tests::Node::new(&dir.path().join("b"));
+    b.netns = Some(peer.0.clone());
+    b.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &token,
+        "--name",
+        "b",
+        "--pod-cidr",
+        "10.89.0.0/24",
+        "--insecure-registry",
+        &reg.addr,
+        "--service-proxy",
+        "on",
+    ])?;
+    up.wait_field(
+        30,
+        &["node", "b"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", b.logs()))?;
+    // An OCI web server pinned to node b, and its Service.
+    let pod = format!(
+        "      nodeSelector:\n        kubernetes.io/hostname: b\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {image}\n        command: [\"sh\", \"-c\", \"mkdir -p /www && echo on-b > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n        ports:\n        - name: http\n          containerPort: 8080\n"
+    );
+    let manifest = format!(
+        "{}---\n{}",
+        deployment("far", 1, &pod),
+        service("far", "ClusterIP", 80, "http")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply")?;
+    up.wait_field(
+        60,
+        &["pods", "-l", "app=far"],
+        "{.items[0].status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )
+    .map_err(|e| {
+        let d = up
+            .kubectl(&["describe", "pods", "-l", "app=far"])
+            .map(|r| r.stdout);
+        anyhow::anyhow!("{e}\n{d:?}\nnode log: {}", b.logs())
+    })?;
+    let pod_ip = up
+        .kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            "app=far",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])?
+        .stdout;
+    assert!(pod_ip.starts_with("10.89.0."), "{pod_ip}");
+    // From this node (its netd, through the route to b's pod network via b's address).
+    let ip = up
+        .kubectl(&["get", "service", "far", "-o", "jsonpath={.spec.clusterIP}"])?
+        .stdout;
+    let addr: SocketAddr = format!("{ip}:80").parse()?;
+    let body = eventually(30, "GET through the ClusterIP to a pod on node b", || {
+        let (code, body) = http_get_at(addr, "/")?;
+        anyhow::ensure!(code == 200, "status {code}");
+        Ok(body)
+    })
+    .map_err(|e| {
+        let routes = std::process::Command::new("ip").arg("route").output();
+        anyhow::anyhow!("{e}\nroutes: {routes:?}\nup: {}", up.logs())
+    })?;
+    assert!(body.contains("on-b"), "{body}");
+    Ok(())
+}

@@ -324,9 +324,19 @@ impl Services {
             };
             let body = self.netd.metrics().render();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = c.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]);
+                // The whole request head (it may come in pieces), at most 8 KiB, 5 s.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while buf.len() < 8192 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                })
+                .await;
+                let head = String::from_utf8_lossy(&buf);
                 let reply = if head.starts_with("GET /metrics") {
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

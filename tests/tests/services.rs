@@ -227,8 +227,15 @@ fn outside_backend(text: &'static str) -> anyhow::Result<u16> {
     let port = l.local_addr()?.port();
     std::thread::spawn(move || {
         for mut c in l.incoming().flatten() {
+            // The whole request head first: closing on unread bytes would reset.
+            let mut head = Vec::new();
             let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf);
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = write!(
                 c,
                 "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{text}",

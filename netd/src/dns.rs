@@ -32,6 +32,22 @@ pub enum Reply {
 /// (`cluster.local`). `upstream` says whether other names can be forwarded; without one they
 /// are refused.
 pub fn answer(query: &[u8], table: &Table, domain: &str, upstream: bool) -> Reply {
+    answer_within(query, table, domain, upstream, None)
+}
+
+/// [`answer`] for DNS over TCP: the answer may be as large as a TCP message (64 KiB), and a
+/// name outside the cluster is refused (netd forwards only datagrams).
+pub fn answer_tcp(query: &[u8], table: &Table, domain: &str) -> Reply {
+    answer_within(query, table, domain, false, Some(u16::MAX as usize))
+}
+
+fn answer_within(
+    query: &[u8],
+    table: &Table,
+    domain: &str,
+    upstream: bool,
+    max: Option<usize>,
+) -> Reply {
     let Ok(req) = Message::from_vec(query) else {
         // A header we can read gets FORMERR; anything shorter is dropped.
         if query.len() >= 12 && query[2] & 0x80 == 0 {
@@ -57,6 +73,7 @@ pub fn answer(query: &[u8], table: &Table, domain: &str, upstream: bool) -> Repl
         }
         None => UDP_PLAIN,
     };
+    let limit = max.unwrap_or(limit);
     if req.metadata.op_code != OpCode::Query || req.queries.len() != 1 {
         resp.metadata.response_code = ResponseCode::NotImp;
         resp.queries = req.queries.clone();

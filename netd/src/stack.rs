@@ -207,6 +207,12 @@ enum Slot {
     },
     Open(Conn),
     Udp(UdpFlow),
+    /// A DNS-over-TCP client, answered here: two-byte length, message, as many as it asks.
+    DnsTcp {
+        handle: SocketHandle,
+        buf: Vec<u8>,
+        since: std::time::Instant,
+    },
 }
 
 struct Conn {
@@ -458,6 +464,33 @@ impl<T: Tun> Stack<T> {
             // The client repeats its SYN; the first is still being dialled.
             return None;
         }
+        if tcp.dst_port() == 53 && self.settings.dns.as_ref().is_some_and(|d| d.ip == dst) {
+            // DNS over TCP is answered here; any listener on the address is as good as another.
+            if self.live() < self.settings.max_conns {
+                let mut sock = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; 1 << 16]),
+                    tcp::SocketBuffer::new(vec![0; 1 << 17]),
+                );
+                sock.set_nagle_enabled(false);
+                sock.set_ack_delay(None);
+                sock.set_timeout(Some(smoltcp::time::Duration::from_secs(30)));
+                if sock
+                    .listen(IpListenEndpoint {
+                        addr: Some(IpAddress::Ipv4(dst)),
+                        port: 53,
+                    })
+                    .is_ok()
+                {
+                    let handle = self.sockets.add(sock);
+                    self.alloc(Slot::DnsTcp {
+                        handle,
+                        buf: Vec::new(),
+                        since: std::time::Instant::now(),
+                    });
+                }
+            }
+            return Some(buf);
+        }
         let Some(port) = self
             .table
             .frontends
@@ -592,7 +625,7 @@ impl<T: Tun> Stack<T> {
                 }
             }
             Some(Slot::Udp(_)) => self.udp_back(i),
-            None => {}
+            Some(Slot::DnsTcp { .. }) | None => {}
         }
     }
 
@@ -669,9 +702,61 @@ impl<T: Tun> Stack<T> {
 
     fn pump_all(&mut self) {
         for i in 0..self.slots.len() {
-            if matches!(self.slots[i], Some(Slot::Open(_))) {
-                self.pump(i);
+            match self.slots[i] {
+                Some(Slot::Open(_)) => self.pump(i),
+                Some(Slot::DnsTcp { .. }) => self.pump_dns(i),
+                _ => {}
             }
+        }
+    }
+
+    /// Answer what a DNS-over-TCP client has sent whole; free it once it has gone.
+    fn pump_dns(&mut self, i: usize) {
+        let Some(Some(Slot::DnsTcp { handle, buf, since })) = self.slots.get_mut(i) else {
+            return;
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
+        use tcp::State::*;
+        let state = sock.state();
+        if since.elapsed() > Duration::from_secs(60) && state != Closed {
+            // A DNS client has had its minute: free the slot (an RST if it is still there).
+            sock.abort();
+            return;
+        }
+        if matches!(state, Closed | TimeWait) {
+            let h = *handle;
+            self.sockets.remove(h);
+            self.slots[i] = None;
+            self.free.push(i);
+            return;
+        }
+        while sock.can_recv() && buf.len() < (1 << 16) + 2 {
+            let _ = sock.recv(|d| {
+                let n = d.len().min((1 << 16) + 2 - buf.len());
+                buf.extend_from_slice(&d[..n]);
+                (n, ())
+            });
+        }
+        let Some(d) = self.settings.dns.as_ref() else {
+            return;
+        };
+        while buf.len() >= 2 {
+            let n = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+            if buf.len() < 2 + n {
+                break;
+            }
+            match dns::answer_tcp(&buf[2..2 + n], &self.table, &d.domain) {
+                Reply::Answer(a) if sock.send_capacity() - sock.send_queue() >= a.len() + 2 => {
+                    let _ = sock.send_slice(&(a.len() as u16).to_be_bytes());
+                    let _ = sock.send_slice(&a);
+                }
+                Reply::Answer(_) => break, // no room yet: answer once the client has read
+                Reply::Forward | Reply::Drop => sock.abort(),
+            }
+            buf.drain(..2 + n);
+        }
+        if matches!(state, CloseWait) && buf.len() < 2 {
+            sock.close();
         }
     }
 

@@ -364,6 +364,57 @@ fn cluster_dns_and_udp_services() {
 
 #[test]
 #[ignore = "needs root and /dev/net/tun"]
+fn dns_over_tcp_answers_what_a_datagram_cannot_hold() {
+    in_netns(|| {
+        let n = start();
+        // A headless service with 100 endpoints: too many A records for 512 bytes.
+        let eps: Vec<Value> = (1..=100)
+            .map(|i| json!({"addresses": [format!("10.88.1.{i}")]}))
+            .collect();
+        set(
+            &n,
+            &[service("big", "None", json!([]))],
+            &[json!({"metadata": {"namespace": "default", "name": "big-1",
+                                  "labels": {"kubernetes.io/service-name": "big"}},
+                     "endpoints": eps})],
+        );
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("big.default.svc.cluster.local.").expect("name"),
+            RecordType::A,
+        ));
+        let q = q.to_vec().expect("encode");
+        let mut c =
+            TcpStream::connect_timeout(&SocketAddr::from((DNS_IP, 53)), Duration::from_secs(5))
+                .expect("DNS over TCP");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // Two queries on one connection, the first in two pieces.
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        c.write_all(&framed[..5]).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        c.write_all(&framed[5..]).expect("send");
+        c.write_all(&framed).expect("send");
+        for _ in 0..2 {
+            let mut len = [0u8; 2];
+            c.read_exact(&mut len).expect("length");
+            let mut m = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            c.read_exact(&mut m).expect("message");
+            let m = Message::from_vec(&m).expect("decode");
+            assert!(!m.metadata.truncation);
+            assert_eq!(m.answers.len(), 100);
+        }
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)
+            .expect("netd closes after the client");
+        assert!(rest.is_empty());
+    });
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun"]
 fn a_second_netd_in_the_same_namespace_is_told_it_is_busy() {
     in_netns(|| {
         let _n = start();

@@ -74,10 +74,10 @@ enum Cmd {
     /// A Service's data path through netd against a direct connection and nftables DNAT.
     Netd {
         /// Seconds of each iperf3 and sockperf run.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 2)]
         seconds: u64,
         /// Interleaved latency runs per path; the median is kept.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 9)]
         rounds: usize,
         /// Services defined for the second latency round.
         #[arg(long, default_value_t = 10_000)]

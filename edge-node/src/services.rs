@@ -12,7 +12,7 @@ use outpost_netd::table::{Proto, Table};
 use outpost_netd::{Config as NetdConfig, Dns, Netd, NetdError};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Notify;
 
 use crate::cache::Cache;
@@ -87,7 +87,7 @@ pub struct Services {
     /// Services and EndpointSlices by `kind/namespace/name`, as the cache holds them.
     objects: Mutex<HashMap<String, Value>>,
     changed: Notify,
-    node_ports: Mutex<HashMap<u16, tokio::task::JoinHandle<()>>>,
+    node_ports: Mutex<HashMap<(u16, Proto), tokio::task::JoinHandle<()>>>,
 }
 
 fn key(kind: &str, o: &Value) -> Option<(String, String, String)> {
@@ -247,12 +247,7 @@ impl Services {
             (s, e)
         };
         let t = Table::build(&svcs, &slices, self.netd.metrics());
-        let ports: Vec<u16> = t
-            .node_ports
-            .keys()
-            .filter(|(_, p)| *p == Proto::Tcp)
-            .map(|(n, _)| *n)
-            .collect();
+        let ports: Vec<(u16, Proto)> = t.node_ports.keys().copied().collect();
         self.netd.update(t);
         self.sync_node_ports(&ports);
     }
@@ -266,46 +261,63 @@ impl Services {
         }
     }
 
-    /// Listen on every TCP node port the table has, and only those.
-    fn sync_node_ports(self: &Arc<Self>, want: &[u16]) {
+    /// Listen on every node port the table has, and only those.
+    fn sync_node_ports(self: &Arc<Self>, want: &[(u16, Proto)]) {
         let Ok(mut open) = self.node_ports.lock() else {
             return;
         };
-        open.retain(|p, task| {
-            let keep = want.contains(p);
+        open.retain(|k, task| {
+            let keep = want.contains(k);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for &p in want {
-            if open.contains_key(&p) {
+        for &(p, proto) in want {
+            if open.contains_key(&(p, proto)) {
                 continue;
             }
-            let l = match std::net::TcpListener::bind(("0.0.0.0", p))
-                .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                .and_then(TcpListener::from_std)
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(port = p, error = %e, "cannot listen on a node port");
-                    continue;
+            let me = Arc::downgrade(self);
+            let task = match proto {
+                Proto::Tcp => {
+                    let l = match std::net::TcpListener::bind(("0.0.0.0", p))
+                        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                        .and_then(TcpListener::from_std)
+                    {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!(port = p, error = %e, "cannot listen on a node port");
+                            continue;
+                        }
+                    };
+                    tokio::spawn(async move {
+                        loop {
+                            let Ok((c, peer)) = l.accept().await else {
+                                continue;
+                            };
+                            let Some(s) = me.upgrade() else { return };
+                            let port = s.netd.table().node_ports.get(&(p, Proto::Tcp)).cloned();
+                            if let Some(port) = port {
+                                tokio::spawn(node_port_conn(port, c, peer));
+                            }
+                        }
+                    })
+                }
+                Proto::Udp => {
+                    let sock = match std::net::UdpSocket::bind(("0.0.0.0", p))
+                        .and_then(|u| u.set_nonblocking(true).map(|_| u))
+                        .and_then(UdpSocket::from_std)
+                    {
+                        Ok(u) => Arc::new(u),
+                        Err(e) => {
+                            tracing::warn!(port = p, error = %e, "cannot listen on a UDP node port");
+                            continue;
+                        }
+                    };
+                    tokio::spawn(udp_node_port(me, p, sock))
                 }
             };
-            let me = Arc::downgrade(self);
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok((c, peer)) = l.accept().await else {
-                        continue;
-                    };
-                    let Some(s) = me.upgrade() else { return };
-                    let port = s.netd.table().node_ports.get(&(p, Proto::Tcp)).cloned();
-                    if let Some(port) = port {
-                        tokio::spawn(node_port_conn(port, c, peer));
-                    }
-                }
-            });
-            open.insert(p, task);
+            open.insert((p, proto), task);
         }
     }
 
@@ -348,6 +360,66 @@ impl Services {
                 };
                 let _ = c.write_all(reply.as_bytes()).await;
             });
+        }
+    }
+}
+
+/// Datagrams to a UDP node port: each client gets a flow (a socket connected to one ready
+/// endpoint) whose answers go back from the node port; a flow idle for a minute ends.
+async fn udp_node_port(me: std::sync::Weak<Services>, p: u16, sock: Arc<UdpSocket>) {
+    let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, client)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Some(s) = me.upgrade() else { return };
+        let Some(port) = s.netd.table().node_ports.get(&(p, Proto::Udp)).cloned() else {
+            continue;
+        };
+        let flow = flows.lock().ok().and_then(|f| f.get(&client).cloned());
+        let flow = match flow {
+            Some(f) => f,
+            None => {
+                let Some(b) = port.pick(client.ip(), std::time::Instant::now()) else {
+                    port.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let Ok(up) = UdpSocket::bind("0.0.0.0:0").await else {
+                    continue;
+                };
+                if up.connect(b).await.is_err() {
+                    continue;
+                }
+                let up = Arc::new(up);
+                port.counters.connections.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut f) = flows.lock() {
+                    f.insert(client, up.clone());
+                }
+                let (up2, sock2, flows2, port2) =
+                    (up.clone(), sock.clone(), flows.clone(), port.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(60), up2.recv(&mut buf)).await
+                    {
+                        port2
+                            .counters
+                            .bytes_out
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        let _ = sock2.send_to(&buf[..n], client).await;
+                    }
+                    if let Ok(mut f) = flows2.lock() {
+                        f.remove(&client);
+                    }
+                });
+                up
+            }
+        };
+        if flow.send(&buf[..n]).await.is_ok() {
+            port.counters
+                .bytes_in
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }

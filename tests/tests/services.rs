@@ -289,6 +289,45 @@ fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Res
     let body = eventually(30, "GET through the ClusterIP", get)?;
     assert!(body.contains("from outside"), "{body}");
 
+    // UDP: a NodePort Service of an echo server outside the cluster, by node port and by
+    // ClusterIP.
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let echo_port = echo.local_addr()?.port();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1500];
+        while let Ok((n, from)) = echo.recv_from(&mut b) {
+            let _ = echo.send_to(&[b"echo:", &b[..n]].concat(), from);
+        }
+    });
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: udp\nspec:\n  type: NodePort\n  ports:\n  - name: u\n    port: 53\n    protocol: UDP\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: udp-1\n  labels:\n    kubernetes.io/service-name: udp\naddressType: IPv4\nports:\n- name: u\n  port: {echo_port}\n  protocol: UDP\nendpoints:\n- addresses: [\"127.0.0.1\"]\n"
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply udp")?;
+    let node_port = up
+        .kubectl(&[
+            "get",
+            "service",
+            "udp",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ])?
+        .stdout;
+    let udp_ip = up
+        .kubectl(&["get", "service", "udp", "-o", "jsonpath={.spec.clusterIP}"])?
+        .stdout;
+    let client = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    client.set_read_timeout(Some(Duration::from_millis(300)))?;
+    for to in [format!("127.0.0.1:{node_port}"), format!("{udp_ip}:53")] {
+        let got = eventually(30, &format!("a UDP echo through {to}"), || {
+            client.send_to(b"hi", &to)?;
+            let mut b = [0u8; 64];
+            let (n, _) = client.recv_from(&mut b)?;
+            Ok(b[..n].to_vec())
+        })?;
+        assert_eq!(got, b"echo:hi", "{to}");
+    }
+
     // The control plane goes away: the node's netd keeps serving.
     up.kill();
     assert!(get()?.contains("from outside"));

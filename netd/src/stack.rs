@@ -234,6 +234,7 @@ struct UdpFlow {
     client: IpEndpoint,
     frontend: (Ipv4Addr, u16),
     port: Arc<Port>,
+    backend: SocketAddr,
     last: std::time::Instant,
 }
 
@@ -363,6 +364,7 @@ impl<T: Tun> Stack<T> {
         if self.shared.changed.swap(false, Ordering::AcqRel) {
             self.table = self.shared.table();
             self.sync_udp_fronts();
+            self.drop_stale_udp_flows();
         }
         if self.tun_ready {
             self.read_tun();
@@ -901,6 +903,27 @@ impl<T: Tun> Stack<T> {
         }
     }
 
+    /// UDP flows whose endpoint is no longer ready end, so the client's next datagram picks a
+    /// ready one (as kube-proxy clears conntrack entries). TCP connections stay.
+    fn drop_stale_udp_flows(&mut self) {
+        for i in 0..self.slots.len() {
+            let stale = match &self.slots[i] {
+                Some(Slot::Udp(f)) => !self
+                    .table
+                    .frontends
+                    .get(&(f.frontend.0, f.frontend.1, Proto::Udp))
+                    .is_some_and(|p| p.backends.contains(&f.backend)),
+                _ => false,
+            };
+            if let (true, Some(Slot::Udp(mut f))) = (stale, self.slots[i].take()) {
+                let _ = self.poll.registry().deregister(&mut f.sock);
+                self.udp_flows
+                    .remove(&(f.client, f.frontend.0, f.frontend.1));
+                self.free.push(i);
+            }
+        }
+    }
+
     /// Datagrams from clients to UDP services: each client gets a flow (a host socket
     /// connected to one endpoint) that its datagrams keep using.
     fn serve_udp(&mut self) {
@@ -942,6 +965,7 @@ impl<T: Tun> Stack<T> {
                             client: meta.endpoint,
                             frontend: (ip, port),
                             port: p,
+                            backend: b,
                             last: std::time::Instant::now(),
                         }));
                         if let Some(Some(Slot::Udp(f))) = self.slots.get_mut(i) {

@@ -415,6 +415,102 @@ fn dns_over_tcp_answers_what_a_datagram_cannot_hold() {
 
 #[test]
 #[ignore = "needs root and /dev/net/tun"]
+fn other_names_are_forwarded_upstream_and_udp_flows_follow_readiness() {
+    in_netns(|| {
+        // An upstream resolver that answers every query with 192.0.2.7.
+        let up = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let up_addr = up.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1500];
+            while let Ok((n, from)) = up.recv_from(&mut b) {
+                let Ok(q) = Message::from_vec(&b[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+                r.add_queries(q.queries.clone());
+                let name = q.queries[0].name().clone();
+                r.add_answer(hickory_proto::rr::Record::from_rdata(
+                    name,
+                    60,
+                    RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(192, 0, 2, 7))),
+                ));
+                let _ = up.send_to(&r.to_vec().expect("encode"), from);
+            }
+        });
+        let mut cfg = Config::new(CIDR);
+        cfg.dns = Some(Dns {
+            ip: DNS_IP,
+            domain: "cluster.local".into(),
+            upstream: vec![up_addr],
+        });
+        let n = Netd::start(cfg).expect("netd");
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut q = Message::query();
+        q.metadata.id = 4242;
+        q.add_query(Query::query(
+            Name::from_ascii("example.org.").expect("name"),
+            RecordType::A,
+        ));
+        s.send_to(&q.to_vec().expect("encode"), SocketAddr::from((DNS_IP, 53)))
+            .expect("send");
+        let mut b = [0u8; 1500];
+        let (k, _) = s.recv_from(&mut b).expect("the upstream's answer, relayed");
+        let m = Message::from_vec(&b[..k]).expect("decode");
+        assert_eq!(m.metadata.id, 4242, "the client's own id comes back");
+        assert!(matches!(&m.answers[0].data, RData::A(a) if a.0 == Ipv4Addr::new(192, 0, 2, 7)));
+
+        // A UDP service with two endpoints: a client's flow sticks to one, and moves when
+        // that one stops being ready.
+        // Two endpoints on one port number, as endpoints of one service port are.
+        let ex = UdpSocket::bind("127.0.0.2:0").expect("bind");
+        let port = ex.local_addr().expect("addr").port();
+        let ey = UdpSocket::bind(format!("127.0.0.3:{port}")).expect("bind the same port");
+        for (e, tag) in [(ex, "x"), (ey, "y")] {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok((_, from)) = e.recv_from(&mut b) {
+                    let _ = e.send_to(tag.as_bytes(), from);
+                }
+            });
+        }
+        let svc = [service(
+            "u",
+            "10.96.0.12",
+            json!([{"name": "p", "port": 9, "protocol": "UDP"}]),
+        )];
+        let eps = |a: bool, b: bool| {
+            [slice(
+                "u",
+                port,
+                "UDP",
+                &[("127.0.0.2", a), ("127.0.0.3", b)],
+            )]
+        };
+        set(&n, &svc, &eps(true, true));
+        let mut ask = || {
+            s.send_to(b"?", "10.96.0.12:9").expect("send");
+            let (k, _) = s.recv_from(&mut b).expect("udp answer");
+            String::from_utf8_lossy(&b[..k]).to_string()
+        };
+        let first = ask();
+        for _ in 0..5 {
+            assert_eq!(ask(), first, "one flow, one endpoint");
+        }
+        let (a, bb) = if first == "x" {
+            (false, true)
+        } else {
+            (true, false)
+        };
+        set(&n, &svc, &eps(a, bb));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_ne!(ask(), first, "the flow moved off the unready endpoint");
+    });
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun"]
 fn a_second_netd_in_the_same_namespace_is_told_it_is_busy() {
     in_netns(|| {
         let _n = start();

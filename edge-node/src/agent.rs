@@ -1917,6 +1917,14 @@ impl Worker {
                         .as_u64()
                         .unwrap_or(30),
                 ),
+                resolve: self.agent.services.clone().map(|s| {
+                    let ns = self.pod["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string();
+                    Arc::new(move |host: &str| s.resolve(host, &ns))
+                        as outpost_wasm_runtime::Resolve
+                }),
             },
         ))
     }

@@ -167,6 +167,28 @@ impl Services {
         &self.cfg
     }
 
+    /// The address of a Service named `host` as a pod in namespace `ns` would reach it
+    /// through cluster DNS and its search path (`svc`, `svc.ns`, `svc.ns.svc`, or the full
+    /// name under the cluster domain): its cluster IP, or an endpoint of a headless one.
+    pub fn resolve(&self, host: &str, ns: &str) -> Option<std::net::IpAddr> {
+        let h = host.trim_end_matches('.').to_ascii_lowercase();
+        let rest = h
+            .strip_suffix(&format!(".{}", self.cfg.domain))
+            .unwrap_or(&h);
+        let labels: Vec<&str> = rest.split('.').collect();
+        let key = match labels.as_slice() {
+            [svc] => format!("{svc}.{ns}"),
+            [svc, n] | [svc, n, "svc"] => format!("{svc}.{n}"),
+            _ => return None,
+        };
+        let t = self.netd.table();
+        t.names
+            .get(&key)?
+            .ips
+            .first()
+            .map(|ip| std::net::IpAddr::V4(*ip))
+    }
+
     /// Keep the table following the cluster's Services and EndpointSlices while `link`
     /// lasts. Never returns on its own; a failed watch is retried.
     pub async fn follow(self: Arc<Self>, link: Link, cache: Arc<Cache>) {

@@ -186,6 +186,15 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     assert!(logs.contains("search default.svc.cluster.local"), "{logs}");
     assert!(logs.contains("hello from netd at /by/name"), "{logs}");
 
+    // A Wasm pod's outgoing wasi:http request reaches a Service by its short name.
+    let (code, body) = eventually(30, "a Wasm pod fetching http://spread/", || {
+        let r = http_get_at(addr, "/fetch/spread/")?;
+        anyhow::ensure!(r.0 == 200, "status {}: {}", r.0, r.1);
+        Ok(r)
+    })?;
+    assert_eq!(code, 200);
+    assert!(body.contains("spread-"), "{body}");
+
     // Scaled to nothing, the service refuses at once rather than hanging.
     up.kubectl(&["scale", "deployment/hello", "--replicas=0"])?
         .expect_ok("scale to 0")?;

@@ -158,7 +158,11 @@ impl Server {
             memory: self.cmd.memory,
             hit: false,
         };
-        let mut store = store(&self.engine, Guest2::new(&mut b, limits), &self.cmd);
+        let mut store = store(
+            &self.engine,
+            Guest2::new(&mut b, limits, self.cmd.resolve.clone()),
+            &self.cmd,
+        );
         let (tx, rx) = oneshot::channel();
         let mut http = store.data_mut().http();
         let (req, out) = http

@@ -91,8 +91,12 @@ impl Exit {
     }
 }
 
+/// Host names a guest's outgoing HTTP requests may use besides the node's own resolver's
+/// (cluster DNS names, resolved from the node's service table): the address to connect to.
+pub type Resolve = Arc<dyn Fn(&str) -> Option<std::net::IpAddr> + Send + Sync>;
+
 /// What to run and with which limits.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Command {
     /// argv, including argv[0].
     pub args: Vec<String>,
@@ -110,6 +114,24 @@ pub struct Command {
     /// How long a stopped HTTP component may finish the requests in flight
     /// (`terminationGracePeriodSeconds`). A command has no signal to catch and stops at once.
     pub grace: Duration,
+    /// Names for outgoing `wasi:http` requests (cluster Services); others go to the node's
+    /// resolver.
+    pub resolve: Option<Resolve>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Command")
+            .field("args", &self.args)
+            .field("env", &self.env)
+            .field("dirs", &self.dirs)
+            .field("memory", &self.memory)
+            .field("millicores", &self.millicores)
+            .field("listen", &self.listen)
+            .field("grace", &self.grace)
+            .field("resolve", &self.resolve.is_some())
+            .finish()
+    }
 }
 
 /// Where an HTTP component listens when its container names no port (as `wasmtime serve`).
@@ -220,18 +242,63 @@ struct Guest {
 struct Guest2 {
     ctx: WasiCtx,
     http: WasiHttpCtx,
+    hooks: Names,
     table: ResourceTable,
     limits: Limits,
 }
 
 impl Guest2 {
-    fn new(b: &mut WasiCtxBuilder, limits: Limits) -> Guest2 {
+    fn new(b: &mut WasiCtxBuilder, limits: Limits, resolve: Option<Resolve>) -> Guest2 {
         Guest2 {
             ctx: b.build(),
             http: WasiHttpCtx::new(),
+            hooks: Names(resolve),
             table: ResourceTable::new(),
             limits,
         }
+    }
+}
+
+/// Outgoing requests as wasmtime sends them, except that a plain-HTTP request to a name
+/// `Resolve` knows connects to its address (the `Host` header keeps the name).
+struct Names(Option<Resolve>);
+
+type SendFuture = Box<
+    dyn std::future::Future<
+            Output = Result<
+                (
+                    hyper::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<
+                        dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                            + Send,
+                    >,
+                ),
+                wasmtime_wasi_http::Error,
+            >,
+        > + Send,
+>;
+
+impl wasmtime_wasi_http::WasiHttpHooks for Names {
+    fn send_request(
+        &mut self,
+        mut request: hyper::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> SendFuture {
+        let uri = request.uri().clone();
+        if let (Some(resolve), Some(host), Some("http")) = (&self.0, uri.host(), uri.scheme_str()) {
+            if let Some(ip) = resolve(host) {
+                let port = uri.port_u16().unwrap_or(80);
+                let mut parts = uri.into_parts();
+                if let Ok(a) = format!("{ip}:{port}").parse() {
+                    parts.authority = Some(a);
+                }
+                if let Ok(u) = hyper::Uri::from_parts(parts) {
+                    *request.uri_mut() = u;
+                }
+            }
+        }
+        wasmtime_wasi_http::default_hooks().send_request(request, options, fut)
     }
 }
 
@@ -240,7 +307,7 @@ impl WasiHttpView for Guest2 {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: Default::default(),
+            hooks: &mut self.hooks,
         }
     }
 }
@@ -453,7 +520,11 @@ impl Runtime {
                 let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre)
                     .map_err(|e| Error::NotCommand(format!("{e:#}")))?;
                 let mut b = b;
-                let mut store = store(&self.engine, Guest2::new(&mut b, limits), cmd);
+                let mut store = store(
+                    &self.engine,
+                    Guest2::new(&mut b, limits, cmd.resolve.clone()),
+                    cmd,
+                );
                 let run = match pre.instantiate_async(&mut store).await {
                     Ok(command) => command
                         .wasi_cli_run()

@@ -297,6 +297,62 @@ fn a_large_transfer_arrives_intact_and_half_close_passes_through() {
     });
 }
 
+/// Close `s` with an RST (SO_LINGER 0).
+fn reset(s: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the descriptor is open for the call; `l` is a valid linger of the size given.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun"]
+fn a_reset_on_either_side_resets_the_other() {
+    in_netns(|| {
+        let n = start();
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        set(
+            &n,
+            &[service("r", "10.96.0.13", ports(80))],
+            &[slice("r", port, "TCP", &[("127.0.0.1", true)])],
+        );
+        // The backend resets: the client's read fails with a reset, not an orderly EOF.
+        let mut c = TcpStream::connect("10.96.0.13:80").expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let (b, _) = l.accept().expect("accept");
+        reset(b);
+        let mut buf = [0u8; 16];
+        let e = c.read(&mut buf).expect_err("a reset, not EOF");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        // The client resets: the backend's read fails with a reset too.
+        let c = TcpStream::connect("10.96.0.13:80").expect("connect");
+        let (mut b, _) = l.accept().expect("accept");
+        b.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        reset(c);
+        let e = b.read(&mut buf).expect_err("a reset, not EOF");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        let m = n.metrics().render();
+        assert!(
+            m.contains("outpost_netd_errors_total{service=\"default/r\",port=\"80/tcp\"} 2"),
+            "{m}"
+        );
+    });
+}
+
 #[test]
 #[ignore = "needs root and /dev/net/tun"]
 fn cluster_dns_and_udp_services() {

@@ -51,6 +51,8 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 const DNS_WAIT: Duration = Duration::from_secs(5);
 /// DNS queries in flight upstream at once.
 const DNS_INFLIGHT: usize = 1024;
+/// DNS-over-TCP clients at once (each holds 192 KiB of buffers for up to a minute).
+const MAX_DNS_TCP: usize = 64;
 /// Packets read from the TUN device before the loop serves the rest.
 const BATCH: usize = 64;
 
@@ -217,6 +219,9 @@ enum Slot {
 
 struct Conn {
     handle: SocketHandle,
+    flow: Flow,
+    /// The client's FIN has arrived (its last bytes may still wait in smoltcp's buffer).
+    fin_seen: bool,
     stream: TcpStream,
     port: Arc<Port>,
     readable: bool,
@@ -462,13 +467,22 @@ impl<T: Tun> Stack<T> {
             SocketAddrV4::new(src, tcp.src_port()),
             SocketAddrV4::new(dst, tcp.dst_port()),
         );
-        if self.dialing.contains_key(&flow) {
-            // The client repeats its SYN; the first is still being dialled.
-            return None;
+        if let Some(&i) = self.dialing.get(&flow) {
+            // The client repeats its SYN: while it is dialled, drop it; once open, smoltcp
+            // answers it on the connection's own socket.
+            return match self.slots.get(i) {
+                Some(Some(Slot::Open(_))) => Some(buf),
+                _ => None,
+            };
         }
         if tcp.dst_port() == 53 && self.settings.dns.as_ref().is_some_and(|d| d.ip == dst) {
             // DNS over TCP is answered here; any listener on the address is as good as another.
-            if self.live() < self.settings.max_conns {
+            let dns_conns = self
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Some(Slot::DnsTcp { .. })))
+                .count();
+            if self.live() < self.settings.max_conns && dns_conns < MAX_DNS_TCP {
                 let mut sock = tcp::Socket::new(
                     tcp::SocketBuffer::new(vec![0; 1 << 16]),
                     tcp::SocketBuffer::new(vec![0; 1 << 17]),
@@ -546,6 +560,9 @@ impl<T: Tun> Stack<T> {
         backend: SocketAddr,
         tried: Vec<SocketAddr>,
     ) {
+        // The packet was read into a buffer the size of the MTU; keep only the packet.
+        let mut syn = syn;
+        syn.shrink_to_fit();
         let stream = match TcpStream::connect(backend) {
             Ok(s) => s,
             Err(e) => {
@@ -646,7 +663,6 @@ impl<T: Tun> Stack<T> {
         else {
             return;
         };
-        self.dialing.remove(&flow);
         let n = self.settings.buffer;
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; n]),
@@ -660,6 +676,7 @@ impl<T: Tun> Stack<T> {
             port: flow.1.port(),
         };
         if sock.listen(listen).is_err() {
+            self.dialing.remove(&flow);
             self.free.push(i);
             return;
         }
@@ -667,6 +684,8 @@ impl<T: Tun> Stack<T> {
         port.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.slots[i] = Some(Slot::Open(Conn {
             handle,
+            flow,
+            fin_seen: false,
             stream,
             port,
             readable: true,
@@ -677,7 +696,7 @@ impl<T: Tun> Stack<T> {
         }));
         // Only this SYN may meet the new listener: hand it over and let smoltcp take it now,
         // before any other SYN to the same service is handed over.
-        self.dev.rx.push_back(syn);
+        self.dev.rx.push_front(syn);
         let now = self.now();
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
     }
@@ -771,8 +790,16 @@ impl<T: Tun> Stack<T> {
         let sock = self.sockets.get_mut::<tcp::Socket<'_>>(c.handle);
         use tcp::State::*;
         let state = sock.state();
-        if state == Closed || state == TimeWait {
-            let clean = state == TimeWait || (c.up_done && c.down_done && !c.reset);
+        if matches!(state, CloseWait | LastAck | Closing | TimeWait) {
+            c.fin_seen = true;
+        }
+        // The SYN was handed over and polled when the connection opened: a socket still (or,
+        // after an RST in the handshake, again) listening has no client. Closed without the
+        // client's FIN is a reset (or smoltcp's timeout), passed on as one.
+        let dead = state == Listen || (state == Closed && !c.fin_seen) || c.reset;
+        let done = matches!(state, Closed | TimeWait) && sock.recv_queue() == 0 && c.up_done;
+        if dead || done {
+            let clean = !dead && (c.down_done || state == TimeWait);
             let mut c = match self.slots[i].take() {
                 Some(Slot::Open(c)) => c,
                 _ => return,
@@ -783,10 +810,11 @@ impl<T: Tun> Stack<T> {
             }
             let _ = self.poll.registry().deregister(&mut c.stream);
             self.sockets.remove(c.handle);
+            self.dialing.remove(&c.flow);
             self.free.push(i);
             return;
         }
-        if matches!(state, Listen | SynReceived | SynSent) {
+        if matches!(state, SynReceived | SynSent) {
             return;
         }
         // Client to backend.
@@ -818,8 +846,7 @@ impl<T: Tun> Stack<T> {
                 }
             }
         }
-        let client_fin = matches!(sock.state(), CloseWait | LastAck | Closing);
-        if client_fin && !c.up_done && sock.recv_queue() == 0 {
+        if c.fin_seen && !c.up_done && sock.recv_queue() == 0 {
             let _ = c.stream.shutdown(Shutdown::Write);
             c.up_done = true;
         }
@@ -915,7 +942,10 @@ impl<T: Tun> Stack<T> {
                     .is_some_and(|p| p.backends.contains(&f.backend)),
                 _ => false,
             };
-            if let (true, Some(Slot::Udp(mut f))) = (stale, self.slots[i].take()) {
+            if !stale {
+                continue;
+            }
+            if let Some(Slot::Udp(mut f)) = self.slots[i].take() {
                 let _ = self.poll.registry().deregister(&mut f.sock);
                 self.udp_flows
                     .remove(&(f.client, f.frontend.0, f.frontend.1));
@@ -947,6 +977,10 @@ impl<T: Tun> Stack<T> {
                         let client = match meta.endpoint.addr {
                             IpAddress::Ipv4(a) => IpAddr::V4(a),
                         };
+                        if self.slots.len() - self.free.len() >= self.settings.max_conns {
+                            p.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                         let Some(b) = p.pick(client, std::time::Instant::now()) else {
                             continue;
                         };
@@ -1006,10 +1040,18 @@ impl<T: Tun> Stack<T> {
         let Some(h) = self.udp_fronts.get(&f.frontend).copied() else {
             return;
         };
+        // Until WouldBlock (edge-triggered); an error (an ICMP refusal from the endpoint) is
+        // counted and reading goes on (a socket reports each such error once).
+        let mut errors = 0;
         loop {
             let n = match f.sock.recv(&mut buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) if errors < 16 => {
+                    errors += 1;
+                    f.port.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 Err(_) => break,
             };
             f.last = std::time::Instant::now();

@@ -297,6 +297,62 @@ fn a_large_transfer_arrives_intact_and_half_close_passes_through() {
     });
 }
 
+#[test]
+#[ignore = "needs root and /dev/net/tun"]
+fn open_connections_survive_table_updates_and_late_client_bytes_arrive() {
+    in_netns(|| {
+        let n = start();
+        let (bp, _s) = backend("127.0.0.1", "echo");
+        let svc = service("echo", "10.96.0.14", ports(7));
+        let sl = slice("echo", bp, "TCP", &[("127.0.0.1", true)]);
+        set(&n, &[svc.clone()], &[sl.clone()]);
+        let mut c = TcpStream::connect("10.96.0.14:7").expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut line = [0u8; 5];
+        c.read_exact(&mut line).expect("greeting");
+        // Tables change under an open connection (another service comes and goes).
+        for k in 0..5 {
+            let other = service(&format!("o{k}"), &format!("10.96.1.{k}"), ports(80));
+            set(&n, &[svc.clone(), other], &[sl.clone()]);
+            std::thread::sleep(Duration::from_millis(20));
+            c.write_all(b"ping").expect("write after an update");
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b).expect("echo after an update");
+            assert_eq!(&b, b"ping");
+        }
+        drop(c);
+
+        // The backend closes its side first; the client's bytes sent after that, and its
+        // FIN, still reach it whole.
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        set(
+            &n,
+            &[service("late", "10.96.0.15", ports(80))],
+            &[slice("late", port, "TCP", &[("127.0.0.1", true)])],
+        );
+        let got = std::thread::spawn(move || {
+            let (mut b, _) = l.accept().expect("accept");
+            b.shutdown(std::net::Shutdown::Write).expect("backend FIN");
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).expect("read the client's bytes");
+            all
+        });
+        let mut c = TcpStream::connect("10.96.0.15:80").expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut none = Vec::new();
+        c.read_to_end(&mut none).expect("the backend's FIN");
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+        c.write_all(&data).expect("send after the backend's FIN");
+        c.shutdown(std::net::Shutdown::Write).expect("client FIN");
+        let all = got.join().expect("backend");
+        assert_eq!(all.len(), data.len());
+        assert!(all == data, "bytes arrive intact");
+    });
+}
+
 /// Close `s` with an RST (SO_LINGER 0).
 fn reset(s: TcpStream) {
     let l = libc::linger {

@@ -305,7 +305,7 @@ fn open_connections_survive_table_updates_and_late_client_bytes_arrive() {
         let (bp, _s) = backend("127.0.0.1", "echo");
         let svc = service("echo", "10.96.0.14", ports(7));
         let sl = slice("echo", bp, "TCP", &[("127.0.0.1", true)]);
-        set(&n, &[svc.clone()], &[sl.clone()]);
+        set(&n, std::slice::from_ref(&svc), std::slice::from_ref(&sl));
         let mut c = TcpStream::connect("10.96.0.14:7").expect("connect");
         c.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
@@ -314,7 +314,7 @@ fn open_connections_survive_table_updates_and_late_client_bytes_arrive() {
         // Tables change under an open connection (another service comes and goes).
         for k in 0..5 {
             let other = service(&format!("o{k}"), &format!("10.96.1.{k}"), ports(80));
-            set(&n, &[svc.clone(), other], &[sl.clone()]);
+            set(&n, &[svc.clone(), other], std::slice::from_ref(&sl));
             std::thread::sleep(Duration::from_millis(20));
             c.write_all(b"ping").expect("write after an update");
             let mut b = [0u8; 4];

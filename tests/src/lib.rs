@@ -576,22 +576,6 @@ impl Up {
         numbered_logs(&self.dir, "up.log", self.starts)
     }
 
-    /// Remove the pod network namespaces its node left: a killed agent cannot, and this
-    /// machine outlives the test.
-    fn clean_netns(&self) {
-        for e in std::fs::read_dir(self.dir.join("node/net"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let ns = format!("outpost-{}", e.file_name().to_string_lossy());
-            let _ = Command::new("ip")
-                .args(["netns", "delete", &ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Run> {
         kubectl_with(
             &kubectl_bin(None)?,
@@ -883,13 +867,30 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        clean_netns(&self.dir);
     }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
         self.kill();
-        self.clean_netns();
+        clean_netns(&self.dir.join("node"));
+    }
+}
+
+/// Remove the pod network namespaces an agent with data dir `dir` left: a killed agent
+/// cannot, and this machine outlives the test.
+fn clean_netns(dir: &Path) {
+    for e in std::fs::read_dir(dir.join("net"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let ns = format!("outpost-{}", e.file_name().to_string_lossy());
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &ns])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -115,13 +115,16 @@ impl Tun for Arc<MemTun> {
 
 struct Dev<T> {
     tun: T,
-    rx: VecDeque<Vec<u8>>,
+    /// Packets for smoltcp: a buffer and the packet's length in it. Buffers read from the
+    /// device are MTU-sized and go back to `pool`, so no read zeroes or reallocates one.
+    rx: VecDeque<(Vec<u8>, usize)>,
     pool: Vec<Vec<u8>>,
     tx: Vec<u8>,
 }
 
 struct Rx<'a> {
     buf: Vec<u8>,
+    len: usize,
     pool: &'a mut Vec<Vec<u8>>,
 }
 
@@ -132,8 +135,8 @@ struct Tx<'a, T> {
 
 impl phy::RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let r = f(&self.buf);
-        if self.pool.len() < 256 {
+        let r = f(&self.buf[..self.len]);
+        if self.buf.len() == MTU && self.pool.len() < 256 {
             self.pool.push(self.buf);
         }
         r
@@ -157,10 +160,11 @@ impl<T: Tun> phy::Device for Dev<T> {
     type TxToken<'a> = Tx<'a, T>;
 
     fn receive(&mut self, _: SmolInstant) -> Option<(Rx<'_>, Tx<'_, T>)> {
-        let buf = self.rx.pop_front()?;
+        let (buf, len) = self.rx.pop_front()?;
         Some((
             Rx {
                 buf,
+                len,
                 pool: &mut self.pool,
             },
             Tx {
@@ -424,12 +428,12 @@ impl<T: Tun> Stack<T> {
     fn read_tun(&mut self) {
         for _ in 0..BATCH {
             let mut buf = self.dev.pool.pop().unwrap_or_else(|| vec![0; MTU]);
-            buf.resize(MTU, 0);
             match self.dev.tun.recv(&mut buf) {
                 Ok(n) => {
-                    buf.truncate(n);
-                    if let Some(buf) = self.classify(buf) {
-                        self.dev.rx.push_back(buf);
+                    if self.classify(&buf[..n]) {
+                        self.dev.rx.push_back((buf, n));
+                    } else {
+                        self.dev.pool.push(buf);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -447,21 +451,22 @@ impl<T: Tun> Stack<T> {
         }
     }
 
-    /// A packet for smoltcp, or `None` when the loop keeps it (a SYN being dialled) or drops it.
-    fn classify(&mut self, buf: Vec<u8>) -> Option<Vec<u8>> {
-        let Ok(ip) = Ipv4Packet::new_checked(&buf[..]) else {
+    /// Whether `buf` goes on to smoltcp; `false` when the loop keeps a copy (a SYN being
+    /// dialled) or drops it.
+    fn classify(&mut self, buf: &[u8]) -> bool {
+        let Ok(ip) = Ipv4Packet::new_checked(buf) else {
             // Not IPv4 (or not whole): nothing of ours.
-            return None;
+            return false;
         };
         if ip.next_header() != IpProtocol::Tcp {
-            return Some(buf);
+            return true;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
-            return None;
+            return false;
         };
         if !tcp.syn() || tcp.ack() || tcp.rst() {
-            return Some(buf);
+            return true;
         }
         let flow = (
             SocketAddrV4::new(src, tcp.src_port()),
@@ -470,10 +475,7 @@ impl<T: Tun> Stack<T> {
         if let Some(&i) = self.dialing.get(&flow) {
             // The client repeats its SYN: while it is dialled, drop it; once open, smoltcp
             // answers it on the connection's own socket.
-            return match self.slots.get(i) {
-                Some(Some(Slot::Open(_))) => Some(buf),
-                _ => None,
-            };
+            return matches!(self.slots.get(i), Some(Some(Slot::Open(_))));
         }
         if tcp.dst_port() == 53 && self.settings.dns.as_ref().is_some_and(|d| d.ip == dst) {
             // DNS over TCP is answered here; any listener on the address is as good as another.
@@ -505,7 +507,7 @@ impl<T: Tun> Stack<T> {
                     });
                 }
             }
-            return Some(buf);
+            return true;
         }
         let Some(port) = self
             .table
@@ -513,20 +515,20 @@ impl<T: Tun> Stack<T> {
             .get(&(dst, tcp.dst_port(), Proto::Tcp))
             .cloned()
         else {
-            return Some(buf); // smoltcp answers RST
+            return true; // smoltcp answers RST
         };
         if self.live() >= self.settings.max_conns {
             // Full: drop it; the client will try again.
-            return None;
+            return false;
         }
         match port.pick(IpAddr::V4(src), std::time::Instant::now()) {
             Some(b) => {
-                self.dial(buf, flow, port, b, Vec::new());
-                None
+                self.dial(buf.to_vec(), flow, port, b, Vec::new());
+                false
             }
             None => {
                 port.counters.errors.fetch_add(1, Ordering::Relaxed);
-                Some(buf)
+                true
             }
         }
     }
@@ -560,9 +562,6 @@ impl<T: Tun> Stack<T> {
         backend: SocketAddr,
         tried: Vec<SocketAddr>,
     ) {
-        // The packet was read into a buffer the size of the MTU; keep only the packet.
-        let mut syn = syn;
-        syn.shrink_to_fit();
         let stream = match TcpStream::connect(backend) {
             Ok(s) => s,
             Err(e) => {
@@ -618,7 +617,8 @@ impl<T: Tun> Stack<T> {
         }
         port.counters.errors.fetch_add(1, Ordering::Relaxed);
         // With no socket listening, smoltcp answers the SYN with an RST.
-        self.dev.rx.push_back(syn);
+        let n = syn.len();
+        self.dev.rx.push_back((syn, n));
     }
 
     fn on_event(&mut self, i: usize, readable: bool, writable: bool) {
@@ -696,7 +696,8 @@ impl<T: Tun> Stack<T> {
         }));
         // Only this SYN may meet the new listener: hand it over and let smoltcp take it now,
         // before any other SYN to the same service is handed over.
-        self.dev.rx.push_front(syn);
+        let n = syn.len();
+        self.dev.rx.push_front((syn, n));
         let now = self.now();
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
     }
@@ -957,9 +958,17 @@ impl<T: Tun> Stack<T> {
     /// Datagrams from clients to UDP services: each client gets a flow (a host socket
     /// connected to one endpoint) that its datagrams keep using.
     fn serve_udp(&mut self) {
-        let fronts: Vec<((Ipv4Addr, u16), SocketHandle)> =
-            self.udp_fronts.iter().map(|(k, h)| (*k, *h)).collect();
-        let mut buf = [0u8; 65_536];
+        // Every turn of the loop comes here: leave at once unless a datagram waits.
+        let fronts: Vec<((Ipv4Addr, u16), SocketHandle)> = self
+            .udp_fronts
+            .iter()
+            .filter(|(_, h)| self.sockets.get::<udp::Socket<'_>>(**h).can_recv())
+            .map(|(k, h)| (*k, *h))
+            .collect();
+        if fronts.is_empty() {
+            return;
+        }
+        let mut buf = vec![0u8; 65_536];
         for ((ip, port), h) in fronts {
             loop {
                 let sock = self.sockets.get_mut::<udp::Socket<'_>>(h);

@@ -23,19 +23,7 @@ const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// the namespace.
 fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's namespaces; no memory is involved.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("ip");
-        assert!(up.success());
+        outpost_tests::private_netns().expect("a network namespace of the test's own");
         f()
     })
     .join()

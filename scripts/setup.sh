@@ -16,6 +16,11 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v umoci >/dev/null || need_apt+=(umoci)     # the interop test builds an image with them
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
+# Boards: deploy/build.sh cross-builds for aarch64 (ring builds C), the deploy tests run the
+# result under qemu-user and write disk images with e2fsprogs' debugfs.
+command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v qemu-aarch64-static >/dev/null || need_apt+=(qemu-user-static)
+command -v debugfs >/dev/null || need_apt+=(e2fsprogs)
 if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
   command -v etcd >/dev/null || need_apt+=(etcd-server)
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)
@@ -40,6 +45,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+rustup target list --installed | grep -qx aarch64-unknown-linux-musl \
+  || rustup target add aarch64-unknown-linux-musl
 
 # The official Python Kubernetes client, for the end-to-end suite.
 PY="$HOME/.cache/outpost/py"

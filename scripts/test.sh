@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outpost/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Incremental data only grows a shared target directory (tens of GB); each run builds once.
+export CARGO_INCREMENTAL=0
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -16,6 +18,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # before any test runs.
 cargo build --workspace --bins --locked
 ./scripts/examples.sh >/dev/null
+# The board agent (aarch64, without a compiler) that the deploy tests run under qemu-user.
+./deploy/build.sh --only node-aot
 # Doc tests are not run by nextest; run them first so nextest's summary closes the output.
 cargo test --workspace --doc --locked
 cargo nextest run --workspace --locked --run-ignored all --no-fail-fast

@@ -19,3 +19,19 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Wasm code compiled ahead of time for one architecture, as the control plane serves it to a
+/// node without a compiler (`POST /outpost/v1/aot`, CBOR). The node loads `code` only if its
+/// SHA-256 is `sha256` and it is the `module` and `arch` it asked for.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Artifact {
+    /// `sha256:HEX` of the Wasm bytes compiled.
+    pub module: String,
+    /// Rust's name of the architecture (`aarch64`, `x86_64`).
+    pub arch: String,
+    /// Lowercase hex SHA-256 of `code`.
+    pub sha256: String,
+    /// wasmtime's serialized module or component.
+    #[serde(with = "serde_bytes")]
+    pub code: Vec<u8>,
+}

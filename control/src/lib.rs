@@ -8,7 +8,9 @@
 //! keep ReplicaSets and Deployments at their desired state, both through the same API. It does not run workloads: that is the node agent's job.
 
 pub mod admin;
+pub mod aot;
 pub mod api;
+pub mod board;
 pub mod client;
 pub mod controllers;
 pub mod gateway;

@@ -56,6 +56,28 @@ pub struct Config {
     pub pod_cidr: String,
     /// The service proxy and cluster DNS (netd).
     pub services: services::Config,
+    /// Where Wasm modules are compiled for this node.
+    pub compile: Compile,
+}
+
+/// Where a node's Wasm modules are compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compile {
+    /// Here, with Cranelift (agents built with the compiler).
+    Node,
+    /// On the control plane, ahead of time for this node's architecture; the node loads the
+    /// artifact after checking it, and keeps it for restarts while offline.
+    Control,
+}
+
+impl Default for Compile {
+    fn default() -> Compile {
+        if Runtime::compiles() {
+            Compile::Node
+        } else {
+            Compile::Control
+        }
+    }
 }
 
 fn now() -> String {
@@ -114,6 +136,7 @@ pub struct Agent {
     net: Option<PodNet>,
     /// netd, where this node runs it.
     services: Option<Arc<Services>>,
+    compile: Compile,
 }
 
 struct Oci {
@@ -188,6 +211,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     let node = pki.node_name()?;
+    if cfg.compile == Compile::Node && !Runtime::compiles() {
+        anyhow::bail!("this agent was built without a Wasm compiler: use --wasm-compile control");
+    }
+    if !outpost_oci_shim::run::seccomp() {
+        tracing::warn!(
+            "this agent was built without libseccomp: OCI pods' seccomp profiles are not enforced"
+        );
+    }
     let runtime = Arc::new(Runtime::new()?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -238,6 +269,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         oci,
         net,
         services,
+        compile: cfg.compile,
     });
     if let (Some(_), Some(_)) = (&agent.net, &agent.services) {
         // Pods with their own network reach service IPs through this machine.
@@ -1293,6 +1325,59 @@ impl Agent {
         })
     }
 
+    /// The module `digest` compiled for this node by the control plane: the artifact cached
+    /// here, else asked for over the link (with the module's `bytes` unless the control
+    /// plane's store holds it). Checked before loading, from the link and from disk alike.
+    async fn compiled(
+        &self,
+        digest: &str,
+        bytes: Vec<u8>,
+        stored: bool,
+    ) -> Result<outpost_wasm_runtime::Program, String> {
+        if let Some(p) = self.runtime.cached(digest) {
+            return Ok(p);
+        }
+        let arch = std::env::consts::ARCH;
+        let key = format!("aot/{arch}/{digest}");
+        let art = match self.cache.module(&key).map(|b| artifact(&b, digest, arch)) {
+            Some(Ok(a)) => a,
+            cached => {
+                if let Some(Err(e)) = cached {
+                    tracing::warn!(%digest, error = %e, "dropping a cached artifact that fails its check");
+                }
+                let link = self.link.borrow().clone();
+                let Some(link) = link else {
+                    return Err(format!(
+                        "module {digest} has no artifact compiled for {arch} here and the control plane is unreachable"
+                    ));
+                };
+                let path = format!("/outpost/v1/aot?module={digest}&arch={arch}");
+                let body = (!stored).then_some(("application/wasm", bytes));
+                let a = link
+                    .call("POST", &path, body)
+                    .await
+                    .map_err(|e| format!("compiling {digest} on the control plane: {e}"))?;
+                if !a.ok() {
+                    return Err(format!(
+                        "compiling {digest} on the control plane: {}",
+                        a.message()
+                    ));
+                }
+                let art = artifact(&a.body, digest, arch)?;
+                self.cache
+                    .put_module(&key, &a.body)
+                    .map_err(|e| e.to_string())?;
+                art
+            }
+        };
+        let runtime = self.runtime.clone();
+        let d = digest.to_string();
+        tokio::task::spawn_blocking(move || runtime.load(&d, &art.code))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
     /// The module an image names: from the cache, else from the control plane's store.
     /// A module by `module:` reference, or a Wasm artifact from a registry, pulled with
     /// `auth` (from the pod's imagePullSecrets).
@@ -1344,6 +1429,26 @@ impl Agent {
         self.report_images();
         Ok((digest, a.body))
     }
+}
+
+/// An [`Artifact`](outpost_api::Artifact) from its CBOR, if it is `module` compiled for
+/// `arch` and its code is what its digest says.
+fn artifact(cbor: &[u8], module: &str, arch: &str) -> Result<outpost_api::Artifact, String> {
+    let a: outpost_api::Artifact =
+        ciborium::from_reader(cbor).map_err(|e| format!("compiled artifact: {e}"))?;
+    if a.module != module || a.arch != arch {
+        return Err(format!(
+            "compiled artifact is {} for {}, not {module} for {arch}",
+            a.module, a.arch
+        ));
+    }
+    if crate::sha256_hex(&a.code) != a.sha256 {
+        return Err(format!(
+            "compiled artifact of {module} does not match its digest sha256:{}",
+            a.sha256
+        ));
+    }
+    Ok(a)
 }
 
 /// A pod's resolv.conf as kubelet writes it for its `dnsPolicy`: cluster DNS (with the search
@@ -1854,12 +1959,21 @@ impl Worker {
             c.image_id = digest.clone();
             c.id = format!("wasm://{}", c.name);
         });
-        let runtime = self.agent.runtime.clone();
-        let d = digest.clone();
-        let module = tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
-            .await
-            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
-            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?;
+        let module = match self.agent.compile {
+            Compile::Node => {
+                let runtime = self.agent.runtime.clone();
+                let d = digest.clone();
+                tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
+                    .await
+                    .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
+                    .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
+            }
+            Compile::Control => self
+                .agent
+                .compiled(&digest, bytes, image.starts_with("module:"))
+                .await
+                .map_err(|e| ("CreateContainerError".to_string(), e))?,
+        };
         let config = |m: String| ("CreateContainerConfigError".to_string(), m);
         let env = self.env().await.map_err(config)?;
         let dirs = self.volumes().await.map_err(config)?;

@@ -180,12 +180,14 @@ impl Cache {
             .map(|_| ())
     }
 
-    /// Cached modules: (digest, size in bytes).
+    /// Cached modules: (digest, size in bytes). Compiled artifacts (keys under `aot/`) live
+    /// beside them and are not modules.
     pub fn modules(&self) -> Vec<(String, u64)> {
         self.modules
             .iter()
             .filter_map(|g| g.into_inner().ok())
             .filter_map(|(k, v)| Some((String::from_utf8(k.to_vec()).ok()?, v.len() as u64)))
+            .filter(|(k, _)| !k.starts_with("aot/"))
             .collect()
     }
 

@@ -3,11 +3,13 @@
 //! It owns everything on an edge machine: joining the cluster and the QUIC link to the
 //! control plane ([`link`]), the local cache that lets pods run with no link at all
 //! ([`cache`]), each pod's state machine ([`pod`]), container logs ([`logs`]), and the agent
-//! that reconciles the pods bound to this node with what runs here ([`agent`]). Wasm pods run
+//! that reconciles the pods bound to this node with what runs here ([`agent`]), and the
+//! configuration files its binary and the control plane's read ([`conf`]). Wasm pods run
 //! through `outpost-wasm-runtime`.
 
 pub mod agent;
 pub mod cache;
+pub mod conf;
 pub mod link;
 pub mod logs;
 pub mod net;

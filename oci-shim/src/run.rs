@@ -390,6 +390,11 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Whether seccomp profiles are enforced: the agent was built with libseccomp.
+pub fn seccomp() -> bool {
+    cfg!(feature = "seccomp")
+}
+
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
     if !is_root() {

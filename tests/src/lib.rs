@@ -790,6 +790,9 @@ pub struct Node {
     pub dir: PathBuf,
     /// A named network namespace to run in, else the test's.
     pub netns: Option<String>,
+    /// The command that runs the agent (an installed copy, or `qemu-aarch64-static AGENT`),
+    /// else the workspace's `outpost-node`.
+    pub program: Option<Vec<PathBuf>>,
     child: Option<Child>,
     starts: u32,
 }
@@ -799,6 +802,7 @@ impl Node {
         Node {
             dir: dir.to_path_buf(),
             netns: None,
+            program: None,
             child: None,
             starts: 0,
         }
@@ -809,6 +813,10 @@ impl Node {
         std::fs::create_dir_all(&self.dir)?;
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("node.log.{}", self.starts)))?;
+        let program = self
+            .program
+            .clone()
+            .unwrap_or_else(|| vec![bin("outpost-node")]);
         let mut cmd = match &self.netns {
             // nsenter, not `ip netns exec`: that one mounts a /sys of its own, without the
             // cgroup hierarchy OCI pods need.
@@ -816,10 +824,14 @@ impl Node {
                 let mut c = Command::new("nsenter");
                 c.arg(format!("--net=/run/netns/{ns}"))
                     .arg("--")
-                    .arg(bin("outpost-node"));
+                    .args(&program);
                 c
             }
-            None => Command::new(bin("outpost-node")),
+            None => {
+                let mut c = Command::new(&program[0]);
+                c.args(&program[1..]);
+                c
+            }
         };
         let child = cmd
             .arg("--data-dir")

@@ -52,6 +52,9 @@ pub enum Error {
     /// The module has no `_start` (it is a library, not a command).
     #[error("module is not a WASI command: {0}")]
     NotCommand(String),
+    /// This agent was built without a compiler and the module has no artifact for it.
+    #[error("this node agent has no Wasm compiler; it runs modules the control plane compiled for it ahead of time")]
+    NoCompiler,
     #[error("{what}: {detail}")]
     Io { what: String, detail: String },
 }
@@ -223,6 +226,83 @@ pub fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes.starts_with(b"\0asm") && bytes[6..8] == [1, 0]
 }
 
+/// A component that exports `wasi:http/incoming-handler` is served; others are commands.
+fn program(engine: &Engine, c: Component) -> Program {
+    let serves = c
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name.starts_with("wasi:http/incoming-handler@"));
+    if serves {
+        Program::Http(c)
+    } else {
+        Program::Component(c)
+    }
+}
+
+/// The engine settings a node's runtime and the control plane's compiler share: an artifact
+/// loads only into an engine set up as the one that compiled it.
+fn config() -> Config {
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true);
+    cfg
+}
+
+/// The architecture names a node reports and the [`Compiler`] takes (Rust's, as
+/// `std::env::consts::ARCH` spells them).
+pub const ARCHES: [&str; 3] = ["x86_64", "aarch64", "riscv64"];
+
+/// Compiles modules ahead of time for nodes of any architecture in [`ARCHES`] (the control
+/// plane's side of [`Runtime::load`]): one engine per architecture, made on first use.
+#[cfg(feature = "cross")]
+#[derive(Default)]
+pub struct Compiler {
+    engines: Mutex<HashMap<String, Engine>>,
+}
+
+#[cfg(feature = "cross")]
+impl Compiler {
+    /// The artifact of `bytes` (a module or component) for Linux nodes of `arch`.
+    pub fn compile(&self, arch: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+        if !ARCHES.contains(&arch) {
+            return Err(Error::Unsupported(format!(
+                "no compiler for architecture {arch:?}; known: {}",
+                ARCHES.join(", ")
+            )));
+        }
+        let engine = {
+            let mut engines = self.engines.lock().map_err(|_| Error::Io {
+                what: "the compiler".into(),
+                detail: "poisoned".into(),
+            })?;
+            match engines.get(arch) {
+                Some(e) => e.clone(),
+                None => {
+                    let mut cfg = config();
+                    // The host's own architecture keeps the host's CPU features, so the
+                    // artifact is what a node here would compile; others get the baseline
+                    // every CPU of the architecture has.
+                    if arch != std::env::consts::ARCH {
+                        cfg.target(&format!("{arch}-unknown-linux-gnu"))
+                            .map_err(|e| Error::Unsupported(format!("{e:#}")))?;
+                    }
+                    let e = Engine::new(&cfg).map_err(|e| Error::Io {
+                        what: format!("creating the {arch} compiler"),
+                        detail: format!("{e:#}"),
+                    })?;
+                    engines.insert(arch.to_string(), e.clone());
+                    e
+                }
+            }
+        };
+        let invalid = |e: wasmtime::Error| Error::Invalid(format!("{e:#}"));
+        if is_component(bytes) {
+            engine.precompile_component(bytes).map_err(invalid)
+        } else {
+            engine.precompile_module(bytes).map_err(invalid)
+        }
+    }
+}
+
 /// The node's Wasm engine.
 pub struct Runtime {
     engine: Engine,
@@ -387,9 +467,8 @@ impl Runtime {
             .total_core_instances(SLOTS)
             .total_stacks(SLOTS)
             .max_memory_size(MAX_MEMORY);
-        let mut cfg = Config::new();
-        cfg.epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let mut cfg = config();
+        cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| Error::Io {
             what: "creating the Wasm engine".into(),
             detail: e.to_string(),
@@ -443,20 +522,68 @@ impl Runtime {
         if let Some(m) = self.cached(digest) {
             return Ok(m);
         }
+        let m = self.compile(bytes)?;
+        if let Ok(mut c) = self.modules.lock() {
+            c.insert(digest.to_string(), m.clone());
+        }
+        Ok(m)
+    }
+
+    #[cfg(feature = "compiler")]
+    fn compile(&self, bytes: &[u8]) -> Result<Program, Error> {
         let invalid = |e: wasmtime::Error| Error::Invalid(format!("{e:#}"));
-        let m = if is_component(bytes) {
-            let c = Component::new(&self.engine, bytes).map_err(invalid)?;
-            let serves = c
-                .component_type()
-                .exports(&self.engine)
-                .any(|(name, _)| name.starts_with("wasi:http/incoming-handler@"));
-            if serves {
-                Program::Http(c)
-            } else {
-                Program::Component(c)
-            }
+        Ok(if is_component(bytes) {
+            program(
+                &self.engine,
+                Component::new(&self.engine, bytes).map_err(invalid)?,
+            )
         } else {
             Program::Core(Module::new(&self.engine, bytes).map_err(invalid)?)
+        })
+    }
+
+    #[cfg(not(feature = "compiler"))]
+    fn compile(&self, _bytes: &[u8]) -> Result<Program, Error> {
+        Err(Error::NoCompiler)
+    }
+
+    /// Whether this runtime can compile modules itself; without, it runs only artifacts
+    /// compiled ahead of time for it ([`Runtime::load`]).
+    pub fn compiles() -> bool {
+        cfg!(feature = "compiler")
+    }
+
+    /// The code of an artifact compiled ahead of time for this node ([`Compiler`]), cached
+    /// under the module's `digest`. Wasmtime refuses an artifact of another version, target,
+    /// CPU features or engine settings with an error, never loading it.
+    ///
+    /// The caller vouches for the bytes: they came from the control plane over the node's
+    /// mutually authenticated link and their SHA-256 matches what it announced.
+    pub fn load(&self, digest: &str, artifact: &[u8]) -> Result<Program, Error> {
+        if let Some(m) = self.cached(digest) {
+            return Ok(m);
+        }
+        let bad = |e: wasmtime::Error| Error::Invalid(format!("compiled artifact: {e:#}"));
+        let m = match Engine::detect_precompiled(artifact) {
+            Some(wasmtime::Precompiled::Module) => {
+                // SAFETY: the artifact is wasmtime's own serialization, made by the control
+                // plane's compiler for this engine's settings and verified by digest before
+                // it reaches here (see above); wasmtime checks its version and target too.
+                #[allow(unsafe_code)]
+                let m = unsafe { Module::deserialize(&self.engine, artifact) }.map_err(bad)?;
+                Program::Core(m)
+            }
+            Some(wasmtime::Precompiled::Component) => {
+                // SAFETY: as for modules above.
+                #[allow(unsafe_code)]
+                let c = unsafe { Component::deserialize(&self.engine, artifact) }.map_err(bad)?;
+                program(&self.engine, c)
+            }
+            None => {
+                return Err(Error::Invalid(
+                    "compiled artifact: not a wasmtime artifact".into(),
+                ))
+            }
         };
         if let Ok(mut c) = self.modules.lock() {
             c.insert(digest.to_string(), m.clone());

@@ -62,6 +62,8 @@ pub struct Api {
     pub pki_dir: Option<std::path::PathBuf>,
     /// Nodes connected to this member's gateway.
     pub links: Arc<crate::gateway::Links>,
+    /// Modules compiled ahead of time for nodes without a compiler.
+    pub aot: crate::aot::Aot,
 }
 
 impl Api {
@@ -73,6 +75,7 @@ impl Api {
             service_net: (Ipv4Addr::new(10, 96, 0, 0), 16),
             pki_dir: None,
             links: Arc::default(),
+            aot: crate::aot::Aot::default(),
         }
     }
 }
@@ -454,6 +457,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     })?;
     let mut api = Api::new(store, addr.to_string());
     api.pki_dir = Some(cfg.pki_dir.clone());
+    api.aot = crate::aot::Aot::new(Some(cfg.pki_dir.with_file_name("aot")));
     if let Some(f) = &cfg.token_file {
         api.tokens = auth::load_tokens(f).map_err(|source| StartError::Io {
             what: format!("reading {}", f.display()),

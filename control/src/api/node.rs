@@ -115,19 +115,25 @@ pub async fn authorize(
 ) -> Result<(), ApiError> {
     let read = matches!(a.verb.as_str(), "get" | "list" | "watch");
     if let Some(p) = &a.path {
-        let ok = a.verb == "get"
-            && (p.starts_with("/outpost/v1/modules/")
-                || p.starts_with("/outpost/v1/names/")
-                || p == "/version"
-                || p == "/api"
-                || p == "/apis"
-                || p.starts_with("/api/")
-                || p.starts_with("/apis/")
-                || p.starts_with("/openapi/"));
+        let compile = a.verb == "create" && p == "/outpost/v1/aot";
+        let ok = compile
+            || a.verb == "get"
+                && (p.starts_with("/outpost/v1/modules/")
+                    || p.starts_with("/outpost/v1/names/")
+                    || p == "/version"
+                    || p == "/api"
+                    || p == "/apis"
+                    || p.starts_with("/api/")
+                    || p.starts_with("/apis/")
+                    || p.starts_with("/openapi/"));
         return if ok {
             Ok(())
         } else {
-            Err(deny(node, a, "nodes may only read discovery and modules"))
+            Err(deny(
+                node,
+                a,
+                "nodes may only read discovery and modules, and ask for compiled modules",
+            ))
         };
     }
     let own = a.name == node;

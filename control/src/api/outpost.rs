@@ -5,6 +5,9 @@
 //! POST /outpost/v1/modules?name=NAME            store a Wasm module; answers its digest
 //! GET  /outpost/v1/modules/sha256:HEX           the module's bytes (nodes and admins)
 //! GET  /outpost/v1/names/NAME                   the digest NAME points at
+//! POST /outpost/v1/aot?module=sha256:HEX&arch=A  the module compiled for arch A (nodes and
+//!                                                admins; CBOR `Artifact`); the body is the
+//!                                                module when the store does not hold it
 //! ```
 //!
 //! Modules live in the replicated store in 1 MiB chunks, so every member holds them and an
@@ -99,19 +102,54 @@ pub(super) async fn serve(
             ))
         }
         (&Method::GET, ["modules", digest]) => {
-            let hex = digest
-                .strip_prefix("sha256:")
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "{digest:?} is not a digest (sha256:<64 hex digits>)"
-                    ))
-                })?;
+            let hex = digest_hex(digest)?;
             let bytes = get_module(api, hex).await?;
             let mut r = (StatusCode::OK, bytes).into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/wasm"),
+            );
+            Ok(r)
+        }
+        (&Method::POST, ["aot"]) => {
+            let arch = q.get("arch").unwrap_or("");
+            if !outpost_wasm_runtime::ARCHES.contains(&arch) {
+                return Err(ApiError::BadRequest(format!(
+                    "arch {arch:?} is not one Outpost compiles for ({})",
+                    outpost_wasm_runtime::ARCHES.join(", ")
+                )));
+            }
+            let digest = q.get("module").unwrap_or("");
+            let hex = digest_hex(digest)?.to_string();
+            let sent = axum::body::to_bytes(body, MAX_MODULE)
+                .await
+                .map_err(|_| ApiError::TooLarge(MAX_MODULE))?;
+            let wasm = async {
+                if sent.is_empty() {
+                    get_module(api, &hex).await.map_err(|e| match e {
+                        ApiError::NotFound { .. } => crate::aot::AotError::Invalid(format!(
+                            "module sha256:{hex} is not in the store; send its bytes"
+                        )),
+                        e => crate::aot::AotError::Internal(e.to_string()),
+                    })
+                } else {
+                    Ok(sent.to_vec())
+                }
+            };
+            let art = api
+                .aot
+                .artifact(&hex, arch, wasm)
+                .await
+                .map_err(|e| match e {
+                    crate::aot::AotError::Invalid(m) => ApiError::BadRequest(m),
+                    crate::aot::AotError::Internal(m) => ApiError::Internal(m),
+                })?;
+            let mut out = Vec::with_capacity(art.code.len() + 256);
+            ciborium::into_writer(&art, &mut out).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let mut r = (StatusCode::OK, out).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/cbor"),
             );
             Ok(r)
         }
@@ -132,6 +170,17 @@ pub(super) async fn serve(
             "the server could not find the requested resource".into(),
         )),
     }
+}
+
+fn digest_hex(digest: &str) -> Result<&str, ApiError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{digest:?} is not a digest (sha256:<64 hex digits>)"
+            ))
+        })
 }
 
 async fn put_module(api: &Api, bytes: &Bytes) -> Result<String, ApiError> {

@@ -5,12 +5,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use outpost_control::store::{Compaction, Config, Store};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "One member of the Outpost control plane")]
+#[command(
+    version,
+    about = "One member of the Outpost control plane",
+    args_override_self = true
+)]
 struct Args {
+    /// A TOML file of these settings: keys are the flags without the leading dashes
+    /// (`data-dir = "/var/lib/x"`); flags on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// This member's id, unique in the cluster.
     #[arg(long, default_value_t = 1, env = "OUTPOST_ID")]
     id: u64,
@@ -85,7 +93,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let a = Args::parse();
+    let argv = outpost_edge_node::conf::expand(std::env::args_os().collect(), &Args::command())
+        .map_err(anyhow::Error::msg)?;
+    let a = Args::parse_from(argv);
     let mut cfg = Config::new(a.id, &a.data_dir, a.peer_listen);
     cfg.advertise = a.advertise;
     cfg.pki_dir = a.pki_dir.clone();

@@ -64,6 +64,28 @@ enum Cmd {
         #[arg(long, global = true)]
         kubeconfig: Option<PathBuf>,
     },
+    /// Put a node agent onto a board's disk image before its first boot: the agent, its
+    /// systemd unit (enabled) and /etc/outpost/node.toml with the server and a join token go
+    /// into the image's ext4 root partition, so the board joins when it boots.
+    BoardImage {
+        /// The raw disk image (MBR or GPT), written in place.
+        image: PathBuf,
+        /// The agent binary for the board (deploy/build.sh makes aarch64 ones).
+        #[arg(long)]
+        agent: PathBuf,
+        /// The control plane's node gateway, HOST:PORT, as the board will reach it.
+        #[arg(long)]
+        server: String,
+        /// A join token (`outpost token create`).
+        #[arg(long)]
+        token: String,
+        /// The node's name (defaults to the board's host name when it joins).
+        #[arg(long)]
+        name: Option<String>,
+        /// The root partition's number, if not the largest ext4 partition.
+        #[arg(long)]
+        partition: Option<usize>,
+    },
     /// Print a kubeconfig with a new client certificate from the cluster CA.
     Kubeconfig {
         /// Directory of the cluster CA (DATA_DIR/control/pki for `outpost up`).
@@ -262,6 +284,29 @@ async fn serve() -> anyhow::Result<()> {
                 eprintln!("also available as {n}");
             }
         }
+        Cmd::BoardImage {
+            image,
+            agent,
+            server,
+            token,
+            name,
+            partition,
+        } => {
+            let part = outpost_control::board::write(&outpost_control::board::Board {
+                image: &image,
+                agent: &agent,
+                server: &server,
+                token: &token,
+                name: name.as_deref(),
+                partition,
+            })?;
+            println!(
+                "{}: the agent, its unit and its config are in partition {} (ext4 at byte {}); the board joins {server} when it boots",
+                image.display(),
+                part.number,
+                part.offset
+            );
+        }
         Cmd::Kubeconfig {
             pki_dir,
             server,
@@ -324,6 +369,7 @@ fn local_node(
         max_pods: 110,
         pod_cidr: outpost_edge_node::net::DEFAULT_POD_CIDR.to_string(),
         services: service_proxy()?,
+        compile: agent::Compile::default(),
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

@@ -3,14 +3,18 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use outpost_edge_node::agent::{self, Config};
 use outpost_edge_node::net::DEFAULT_POD_CIDR;
 use outpost_edge_node::services;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "The Outpost node agent")]
+#[command(version, about = "The Outpost node agent", args_override_self = true)]
 struct Args {
+    /// A TOML file of these settings: keys are the flags without the leading dashes
+    /// (`data-dir = "/var/lib/x"`); flags on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The control plane's node gateway, HOST:PORT (UDP; the API's port by default).
     /// Remembered in the data dir after the first start.
     #[arg(long, env = "OUTPOST_SERVER")]
@@ -60,6 +64,11 @@ struct Args {
     /// Where netd's per-service counters are served (`GET /metrics`), or `off`.
     #[arg(long, default_value = services::DEFAULT_METRICS, env = "OUTPOST_PROXY_METRICS")]
     proxy_metrics: String,
+    /// Where Wasm modules are compiled: node (here; agents built with the compiler) or
+    /// control (the control plane compiles them ahead of time for this architecture; the
+    /// only choice of an agent built without the compiler).
+    #[arg(long, env = "OUTPOST_WASM_COMPILE")]
+    wasm_compile: Option<agent::Compile>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,7 +86,9 @@ async fn serve() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let a = Args::parse();
+    let argv = outpost_edge_node::conf::expand(std::env::args_os().collect(), &Args::command())
+        .map_err(anyhow::Error::msg)?;
+    let a = Args::parse_from(argv);
     let cfg = Config {
         data_dir: a.data_dir,
         server: a.server,
@@ -98,6 +109,7 @@ async fn serve() -> anyhow::Result<()> {
                 })?),
             },
         },
+        compile: a.wasm_compile.unwrap_or_default(),
     };
     tokio::select! {
         r = agent::run(cfg) => r,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Cross-builds the binaries a board runs, from this x86_64 machine, as static executables:
-#   outpost-node       the node agent, with the Wasm compiler (Cranelift)
-#   outpost-node-aot   the node agent without a compiler: it runs modules the control plane
-#                      compiled ahead of time for its architecture
+#   outpost-node       the node agent: Wasm pods (with the Cranelift compiler) and OCI pods
+#   outpost-node-aot   the small agent for small boards: Wasm pods only, without a compiler;
+#                      it runs modules the control plane compiled ahead of time for it
 #   outpost-control, outpost   the control plane and the admin command
 # into deploy/out/TARGET/ and prints their sizes. Installs what it needs first: the rustup
 # target and Debian's aarch64 gcc (ring builds C and assembly).
@@ -45,6 +45,7 @@ case "$target" in
 esac
 features=""
 case "$target" in *-musl) ;; *) features="seccomp" ;; esac
+oci="oci${features:+,$features}"
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 out="deploy/out/$target"
@@ -58,8 +59,8 @@ build() { # name package bin features
     --no-default-features ${4:+--features "$4"}
   cp "$built/$3" "$out/$1.tmp" && mv "$out/$1.tmp" "$out/$1"
 }
-build node outpost-edge-node outpost-node "compiler${features:+,$features}"
-build node-aot outpost-edge-node outpost-node "$features"
+build node outpost-edge-node outpost-node "compiler,$oci"
+build node-aot outpost-edge-node outpost-node ""
 if [ -e "$out/node" ]; then mv "$out/node" "$out/outpost-node"; fi
 if [ -e "$out/node-aot" ]; then mv "$out/node-aot" "$out/outpost-node-aot"; fi
 if [ -z "$only" ] || [ "$only" = control ]; then

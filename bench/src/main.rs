@@ -21,6 +21,7 @@ use outpost_api::store::{Expect, Outcome};
 use outpost_control::store::{Config, Store};
 
 mod api;
+mod deploy;
 mod netd;
 mod node;
 mod oci;
@@ -91,6 +92,16 @@ enum Cmd {
         /// Short pods created at once for the starts/s figure.
         #[arg(long, default_value_t = 1000)]
         burst: usize,
+    },
+    /// Boards: aarch64 binary sizes, the emulated agent's idle memory, and a Wasm pod's cold
+    /// start from an ahead-of-time artifact against compiling on the node (under qemu-user).
+    Deploy {
+        /// Cold starts of each kind; the median is kept.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds the agents sit idle before their memory is read.
+        #[arg(long, default_value_t = 10)]
+        idle: u64,
     },
     /// Bindings per second, decision latency and memory with simulated nodes.
     Schedule {
@@ -546,6 +557,43 @@ async fn main() -> anyhow::Result<()> {
                 Some(p) => println!(
                     "  `wasmtime run hello.wasm` p50     {p:>8.1} ms   ratio {:.2}x (its start / our create->Running)",
                     p / f.p50_ms
+                ),
+                None => println!("  wasmtime CLI peer: not installed"),
+            }
+        }
+        Cmd::Deploy { rounds, idle } => {
+            println!("Boards: aarch64 static builds (deploy/build.sh), agents under qemu-aarch64-static on this x86_64 machine");
+            let f = tokio::task::block_in_place(|| deploy::run(rounds, Duration::from_secs(idle)))?;
+            for (name, bytes) in &f.sizes {
+                let target = match name.as_str() {
+                    "outpost-node" => "   (target <= 20)",
+                    "outpost-node-aot" => "   (target <= 10)",
+                    _ => "",
+                };
+                println!(
+                    "  {name:<18} stripped {:>8.1} MB{target}",
+                    *bytes as f64 / 1e6
+                );
+            }
+            println!(
+                "  agent RSS idle, aarch64 under qemu {:>7.1} MB   (includes the emulator)",
+                f.rss_qemu_mb
+            );
+            println!(
+                "  agent RSS idle, native x86_64      {:>7.1} MB   ratio {:.2}x",
+                f.rss_native_mb,
+                f.rss_qemu_mb / f.rss_native_mb.max(0.001)
+            );
+            println!(
+                "  cold Wasm pod create->Succeeded, emulated aarch64: AOT from the control plane {:>8.0} ms, compiled on the node {:>8.0} ms, ratio {:.2}x",
+                f.aot_ms,
+                f.jit_ms,
+                f.aot_ms / f.jit_ms.max(0.001)
+            );
+            match f.peer {
+                Some((jit, aot)) => println!(
+                    "  wasmtime CLI peer (native): `wasmtime run` {jit:.1} ms, precompiled .cwasm {aot:.1} ms, ratio {:.2}x",
+                    aot / jit.max(0.001)
                 ),
                 None => println!("  wasmtime CLI peer: not installed"),
             }

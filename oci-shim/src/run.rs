@@ -10,7 +10,9 @@
 //! - [`Containers`] is the agent's side: it writes the bundle, spawns the helper and reads
 //!   the outcome, all without blocking a runtime thread.
 
+#[cfg(feature = "containers")]
 use std::io::BufRead as _;
+#[cfg(feature = "containers")]
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -117,6 +119,7 @@ pub fn main(args: &[String]) -> i32 {
 
 /// The memory cgroup's OOM-kill count of `cgroup` (v1 `memory.oom_control`, v2
 /// `memory.events`).
+#[cfg(feature = "containers")]
 fn oom_kills(cgroup: &str) -> u64 {
     let rel = cgroup.trim_start_matches('/');
     let base = Path::new("/sys/fs/cgroup");
@@ -138,6 +141,7 @@ fn oom_kills(cgroup: &str) -> u64 {
     .unwrap_or(0)
 }
 
+#[cfg(feature = "containers")]
 fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
     let (rootfs, upper, work) = (
         bundle.join("rootfs"),
@@ -180,6 +184,7 @@ fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
 }
 
 /// One container's whole life; see the module's doc.
+#[cfg(feature = "containers")]
 pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
@@ -307,6 +312,7 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
 }
 
 /// Run `cmd` inside running container `id`, with this process's stdio; its exit code.
+#[cfg(feature = "containers")]
 pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
@@ -395,8 +401,28 @@ pub fn seccomp() -> bool {
     cfg!(feature = "seccomp")
 }
 
+/// What a build without libcontainer says instead of running a container.
+const NO_CONTAINERS: &str = "this agent was built without OCI containers (Wasm only)";
+
+#[cfg(not(feature = "containers"))]
+pub fn helper(_root: &Path, _id: &str, _bundle: &Path, _lower: &Path) -> Outcome {
+    Outcome {
+        exit_code: 128,
+        error: Some(NO_CONTAINERS.into()),
+        ..Outcome::default()
+    }
+}
+
+#[cfg(not(feature = "containers"))]
+pub fn exec(_root: &Path, _id: &str, _cmd: Vec<String>) -> Result<i32, String> {
+    Err(NO_CONTAINERS.into())
+}
+
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
+    if !cfg!(feature = "containers") {
+        return Some(NO_CONTAINERS.into());
+    }
     if !is_root() {
         return Some("the node agent does not run as root".into());
     }

@@ -874,6 +874,11 @@ impl Node {
     pub fn logs(&self) -> String {
         numbered_logs(&self.dir, "node.log", self.starts)
     }
+
+    /// The running agent's process id (qemu's, for an emulated agent).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for Node {

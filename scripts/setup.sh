@@ -21,6 +21,7 @@ python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v qemu-aarch64-static >/dev/null || need_apt+=(qemu-user-static)
 command -v debugfs >/dev/null || need_apt+=(e2fsprogs)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)   # the units are verified with it
 if [ "${OUTPOST_BENCH:-0}" = 1 ]; then
   command -v etcd >/dev/null || need_apt+=(etcd-server)
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)

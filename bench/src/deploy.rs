@@ -54,22 +54,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Join an agent run by `program` as `name`; it is Ready when this returns.
-fn join(up: &Up, dir: &Path, name: &str, program: Option<Vec<PathBuf>>) -> anyhow::Result<Node> {
-    let token = up.token()?;
-    let mut node = Node::new(&dir.join(name));
-    node.program = program;
-    node.start(&["--server", &up.gateway(), "--token", &token, "--name", name])?;
-    up.wait_field(
-        180,
-        &["node", name],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", node.logs()))?;
-    Ok(node)
-}
-
 /// create→Succeeded of a pod of a never-seen copy of hello on node `on`, in ms.
 fn cold_start(up: &Up, dir: &Path, on: &str, round: usize) -> anyhow::Result<f64> {
     let hello = std::fs::read(examples().join("hello.wasm"))
@@ -143,6 +127,14 @@ fn wasmtime_peer(dir: &Path, rounds: usize) -> anyhow::Result<Option<(f64, f64)>
 }
 
 pub fn run(rounds: usize, idle: Duration) -> anyhow::Result<Figures> {
+    // The test harness finds `outpost` and `outpost-node` beside test executables; these
+    // are the release builds beside this one.
+    if std::env::var_os("OUTPOST_BIN_DIR").is_none() {
+        let exe = std::env::current_exe()?;
+        if let Some(dir) = exe.parent() {
+            std::env::set_var("OUTPOST_BIN_DIR", dir);
+        }
+    }
     let out = out_dir();
     let (node_jit, node_aot) = (out.join("outpost-node"), out.join("outpost-node-aot"));
     for b in [&node_jit, &node_aot] {
@@ -162,13 +154,13 @@ pub fn run(rounds: usize, idle: Duration) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let up = Up::start_with(dir.path(), &["--no-node"])?;
     let qemu = |b: &Path| Some(vec![PathBuf::from("qemu-aarch64-static"), b.to_path_buf()]);
-    let aot = join(&up, dir.path(), "arm-aot", qemu(&node_aot))?;
-    let native = join(&up, dir.path(), "native", None)?;
+    let aot = up.join_with(&dir.path().join("arm-aot"), "arm-aot", qemu(&node_aot), 180)?;
+    let native = up.join_with(&dir.path().join("native"), "native", None, 60)?;
     std::thread::sleep(idle);
     let rss = |n: &Node| n.pid().map_or(0.0, |p| rss_kib(p) as f64 / 1024.0);
     let (rss_qemu_mb, rss_native_mb) = (rss(&aot), rss(&native));
     drop(native);
-    let jit = join(&up, dir.path(), "arm-jit", qemu(&node_jit))?;
+    let jit = up.join_with(&dir.path().join("arm-jit"), "arm-jit", qemu(&node_jit), 180)?;
     let (mut a, mut j) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         a.push(cold_start(&up, dir.path(), "arm-aot", round)?);

@@ -620,8 +620,21 @@ impl Up {
     /// An `outpost-node` named `name`, its data under `dir`, joined with a fresh token and
     /// Ready.
     pub fn join(&self, dir: &Path, name: &str) -> anyhow::Result<Node> {
+        self.join_with(dir, name, None, 30)
+    }
+
+    /// As [`Up::join`], the agent run by `program` (see [`Node::program`]), Ready within
+    /// `secs`.
+    pub fn join_with(
+        &self,
+        dir: &Path,
+        name: &str,
+        program: Option<Vec<PathBuf>>,
+        secs: u64,
+    ) -> anyhow::Result<Node> {
         let token = self.token()?;
         let mut node = Node::new(dir);
+        node.program = program;
         node.start(&[
             "--server",
             &self.gateway(),
@@ -631,7 +644,7 @@ impl Up {
             name,
         ])?;
         self.wait_field(
-            30,
+            secs,
             &["node", name],
             "{.status.conditions[?(@.type==\"Ready\")].status}",
             |s| s == "True",

@@ -461,18 +461,34 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 
 impl Runtime {
     pub fn new() -> Result<Runtime, Error> {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_memories(SLOTS)
-            .total_tables(SLOTS)
-            .total_core_instances(SLOTS)
-            .total_stacks(SLOTS)
-            .max_memory_size(MAX_MEMORY);
-        let mut cfg = config();
-        cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&cfg).map_err(|e| Error::Io {
-            what: "creating the Wasm engine".into(),
-            detail: e.to_string(),
-        })?;
+        // Each slot reserves a guest memory's whole address range up front (about 4 GiB),
+        // so 256 slots take about 1 TiB of address space. Kernels with 39-bit addresses (some
+        // ARM boards') have only 512 GiB: with fewer slots the engine still starts, and its
+        // code is the same, so artifacts compiled ahead of time still load.
+        let mut slots = SLOTS;
+        let engine = loop {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_memories(slots)
+                .total_tables(slots)
+                .total_core_instances(slots)
+                .total_stacks(slots)
+                .max_memory_size(MAX_MEMORY);
+            let mut cfg = config();
+            cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            match Engine::new(&cfg) {
+                Ok(e) => break e,
+                Err(e) if slots > 8 => {
+                    tracing::warn!(slots, error = %format!("{e:#}"), "the Wasm pool does not fit this machine's address space; halving it");
+                    slots /= 2;
+                }
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: "creating the Wasm engine".into(),
+                        detail: format!("{e:#}"),
+                    })
+                }
+            }
+        };
         let mut linker: Linker<Guest> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |g: &mut Guest| &mut g.wasi).map_err(
             |e| Error::Io {

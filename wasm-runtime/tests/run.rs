@@ -186,3 +186,32 @@ async fn bad_modules_are_refused_with_a_reason() -> anyhow::Result<()> {
     assert_eq!(run(&rt, EXIT3, &cmd()).await?, Exit::Code(3));
     Ok(())
 }
+
+/// Runs a command in a fresh engine in this process (on its own, and as the child of the
+/// test below).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_runs_a_command() -> anyhow::Result<()> {
+    let rt = Runtime::new()?;
+    assert_eq!(run(&rt, EXIT3, &cmd()).await?, Exit::Code(3));
+    Ok(())
+}
+
+/// With 512 GiB of address space, as kernels with 39-bit addresses give a process (some ARM
+/// boards), the engine still starts, with a smaller pool, and runs a command.
+#[test]
+fn the_engine_starts_in_a_39_bit_address_space() -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 536870912 && exec \"$0\" --exact an_engine_runs_a_command --nocapture")
+        .arg(&exe)
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("1 passed"), "{said}");
+    Ok(())
+}

@@ -214,11 +214,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.compile == Compile::Node && !Runtime::compiles() {
         anyhow::bail!("this agent was built without a Wasm compiler: use --wasm-compile control");
     }
-    if !outpost_oci_shim::run::seccomp() {
-        tracing::warn!(
-            "this agent was built without libseccomp: OCI pods' seccomp profiles are not enforced"
-        );
-    }
     let runtime = Arc::new(Runtime::new()?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -232,8 +227,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 in_use: Mutex::new(HashMap::new()),
             }),
     };
-    if let Err(why) = &oci {
-        tracing::warn!(%why, "this node runs Wasm pods only");
+    match &oci {
+        Err(why) => tracing::warn!(%why, "this node runs Wasm pods only"),
+        Ok(_) if !outpost_oci_shim::run::seccomp() => tracing::warn!(
+            "this agent was built without libseccomp: OCI pods' seccomp profiles are not enforced"
+        ),
+        Ok(_) => {}
     }
     // OCI pods get their own network where the node can make one; else the node's.
     let net = match (&oci, PodNet::new(&cfg.pod_cidr)) {

@@ -41,6 +41,16 @@ case "$target" in
     export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
     export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
     export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
+    if [ "$target" = aarch64-unknown-linux-gnu ]; then
+      # glibc builds link Debian's arm64 libseccomp statically (multiarch).
+      if [ ! -e /usr/lib/aarch64-linux-gnu/libseccomp.a ]; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO dpkg --add-architecture arm64
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends libseccomp-dev:arm64
+      fi
+      export LIBSECCOMP_LIB_PATH=/usr/lib/aarch64-linux-gnu LIBSECCOMP_LINK_TYPE=static
+    fi
     ;;
 esac
 features=""

@@ -11,6 +11,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outpost/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Incremental data only grows a shared target directory (tens of GB); each run builds once.
 export CARGO_INCREMENTAL=0
+# So do the test executables of earlier builds (hundreds of MB each, a new one whenever a
+# crate changes): keep the newest of each name. Cargo rebuilds any it still needs.
+deps="$CARGO_TARGET_DIR/debug/deps"
+if [ -d "$deps" ]; then
+  find "$deps" -maxdepth 1 -type f -perm -u+x ! -name '*.*' -printf '%T@ %f\n' | sort -rn \
+    | awk '{ n = $2; sub(/-[0-9a-f]+$/, "", n); if (seen[n]++) print $2 }' \
+    | while read -r f; do rm -f "$deps/$f"; done
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -156,5 +156,36 @@ fn pods_follow_taints_selectors_cordons_and_room() -> anyhow::Result<()> {
         *on.entry(node_of(&up, &format!("level-{i}"))?).or_insert(0) += 1;
     }
     assert_eq!(on.values().copied().collect::<Vec<_>>(), [2, 2], "{on:?}");
+
+    // A namespaceSelector counts the pods of the namespaces whose labels it matches: a pod
+    // in `default` that avoids team=shop's `app=nsel` pods goes where the shop's is not.
+    up.kubectl(&["create", "namespace", "shop"])?
+        .expect_ok("create namespace")?;
+    up.kubectl(&["label", "namespace", "shop", "team=shop"])?
+        .expect_ok("label namespace")?;
+    let shop_web = pod("shop-web", "", "").replace(
+        "metadata:
+",
+        "metadata:
+  namespace: shop
+  labels:
+    app: nsel
+",
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &shop_web)?
+        .expect_ok("apply shop-web")?;
+    let taken = up.wait_field(
+        30,
+        &["pod", "shop-web", "-n", "shop"],
+        "{.spec.nodeName}",
+        |n| !n.is_empty(),
+    )?;
+    let picky = "  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - labelSelector:\n          matchLabels:\n            app: nsel\n        topologyKey: kubernetes.io/hostname\n        namespaceSelector:\n          matchLabels:\n            team: shop\n";
+    for i in 0..3 {
+        let name = format!("picky-{i}");
+        up.kubectl_in(&["apply", "-f", "-"], &pod(&name, picky, ""))?
+            .expect_ok("apply picky")?;
+        assert_ne!(node_of(&up, &name)?, taken, "{name} went beside shop's pod");
+    }
     Ok(())
 }

@@ -190,6 +190,14 @@ impl Needs {
         n.selector.extend(pairs(class_selector));
         n
     }
+
+    /// Its pod-affinity terms' `namespaceSelector`s resolved against the namespaces' labels
+    /// (namespace name → `metadata.labels`).
+    pub fn with_namespaces(mut self, labels: &HashMap<String, Value>) -> Needs {
+        self.rules.resolve(labels);
+        self.meta.resolve(labels);
+        self
+    }
 }
 
 fn pairs(v: &Value) -> Vec<(String, String)> {

@@ -33,6 +33,7 @@ pub use fit::needs_oci;
 const PODS: &str = "/registry/core/pods/";
 const NODES: &str = "/registry/core/nodes/";
 const CLASSES: &str = "/registry/node.k8s.io/runtimeclasses/";
+const NAMESPACES: &str = "/registry/core/namespaces/";
 /// Bindings in flight at once.
 const BINDS: usize = 64;
 
@@ -120,6 +121,8 @@ struct Snapshot {
     seen: HashMap<String, u64>,
     /// RuntimeClass name → its scheduling.nodeSelector.
     classes: HashMap<String, Value>,
+    /// Namespace name → its labels, for pod affinity's `namespaceSelector`.
+    namespaces: HashMap<String, Value>,
     /// The unschedulable message last written per pod, so it is written once.
     told: HashMap<String, String>,
     turn: usize,
@@ -132,9 +135,12 @@ fn pod_key(key: &str) -> &str {
 impl Snapshot {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
-        let Some(obj) =
-            crate::controllers::newer(&mut self.seen, &[PODS, NODES, CLASSES], kind, kv)
-        else {
+        let Some(obj) = crate::controllers::newer(
+            &mut self.seen,
+            &[PODS, NODES, CLASSES, NAMESPACES],
+            kind,
+            kv,
+        ) else {
             return;
         };
         if let Some(name) = key.strip_prefix(NODES) {
@@ -150,6 +156,14 @@ impl Snapshot {
                     self.nodes.remove(name);
                 }
             }
+            self.unpark_all();
+        } else if let Some(name) = key.strip_prefix(NAMESPACES) {
+            match obj {
+                Some(o) => self
+                    .namespaces
+                    .insert(name.to_string(), o["metadata"]["labels"].clone()),
+                None => self.namespaces.remove(name),
+            };
             self.unpark_all();
         } else if let Some(name) = key.strip_prefix(CLASSES) {
             match obj {
@@ -224,7 +238,7 @@ impl Snapshot {
         }
         self.parked.remove(key);
         self.told.remove(key);
-        let needs = fit::needs(&o, &Value::Null);
+        let needs = fit::needs(&o, &Value::Null).with_namespaces(&self.namespaces);
         if let Some(n) = self.nodes.get_mut(&node) {
             n.add(&needs);
         }
@@ -263,10 +277,11 @@ type Flight = FuturesUnordered<tokio::task::JoinHandle<Done>>;
 async fn lead(api: &Arc<Api>) -> Result<(), String> {
     let mut snap = Snapshot::default();
     // Nodes and classes first, so the pods find them when they are counted.
-    let mut w = crate::controllers::list_and_watch(api, &[NODES, CLASSES, PODS], |kv| {
-        snap.apply(&EventKind::Put, kv)
-    })
-    .await?;
+    let mut w =
+        crate::controllers::list_and_watch(api, &[NODES, CLASSES, NAMESPACES, PODS], |kv| {
+            snap.apply(&EventKind::Put, kv)
+        })
+        .await?;
     let mut flight = Flight::new();
     loop {
         if !is_leader(api) {
@@ -311,7 +326,10 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
         let Some(w) = snap.pending.get(&at) else {
             continue;
         };
-        let needs = w.needs.with_class(snap.class_selector(w.class.as_deref()));
+        let needs = w
+            .needs
+            .with_class(snap.class_selector(w.class.as_deref()))
+            .with_namespaces(&snap.namespaces);
         let uid = w.uid.clone();
         snap.turn = snap.turn.wrapping_add(1);
         let api = api.clone();

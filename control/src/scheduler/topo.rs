@@ -9,8 +9,10 @@
 //! count of selected pods, with this one, exceeds the smallest count by at most `maxSkew`
 //! (counting only nodes the pod's node selector and affinity allow); and a placed pod's
 //! required anti-affinity keeps the pods it selects out of its domain. Preferred terms and
-//! `ScheduleAnyway` constraints only score. Not done: `namespaceSelector` other than `{}`
-//! (all namespaces).
+//! `ScheduleAnyway` constraints only score. A term's namespaces are its `namespaces` and
+//! those its `namespaceSelector` selects (`{}`: all), or the pod's own without either; the
+//! selector is resolved against the namespaces' labels when the pod is placed
+//! ([`Rules::resolve`]), so a placed pod's anti-affinity keeps the namespaces it selected then.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -43,6 +45,13 @@ impl PodMeta {
         }
     }
 
+    /// Resolve its terms' namespace selectors against namespace labels.
+    pub fn resolve(&mut self, labels: &HashMap<String, Value>) {
+        for t in &mut self.anti {
+            t.resolve(labels);
+        }
+    }
+
     /// Whether its presence keeps some pods out of its domain.
     pub fn repels(&self) -> bool {
         !self.anti.is_empty()
@@ -65,6 +74,8 @@ struct PodTerm {
     selector: Option<Labels>,
     namespaces: Vec<String>,
     any_ns: bool,
+    /// A `namespaceSelector` with labels to match, until resolved into `namespaces`.
+    ns_selector: Option<Labels>,
     key: String,
 }
 
@@ -76,10 +87,16 @@ impl PodTerm {
             .flatten()
             .filter_map(|n| n.as_str().map(String::from))
             .collect();
-        let any_ns = t["namespaceSelector"]
-            .as_object()
-            .is_some_and(|s| s.values().all(|v| v.is_null()));
-        if namespaces.is_empty() {
+        let sel = &t["namespaceSelector"];
+        let any_ns = sel.as_object().is_some_and(|s| {
+            s.values().all(|v| {
+                v.is_null()
+                    || v.as_object().is_some_and(|o| o.is_empty())
+                    || v.as_array().is_some_and(|a| a.is_empty())
+            })
+        });
+        let ns_selector = (sel.is_object() && !any_ns).then(|| Labels::from_selector(sel));
+        if namespaces.is_empty() && sel.is_null() {
             namespaces.push(own_ns.to_string());
         }
         PodTerm {
@@ -88,7 +105,19 @@ impl PodTerm {
                 .then(|| Labels::from_selector(&t["labelSelector"])),
             namespaces,
             any_ns,
+            ns_selector,
             key: t["topologyKey"].as_str().unwrap_or("").to_string(),
+        }
+    }
+
+    /// Add the namespaces the `namespaceSelector` selects, given each namespace's labels.
+    fn resolve(&mut self, labels: &HashMap<String, Value>) {
+        if let Some(sel) = self.ns_selector.take() {
+            for (ns, l) in labels {
+                if sel.matches(l) && !self.namespaces.contains(ns) {
+                    self.namespaces.push(ns.clone());
+                }
+            }
         }
     }
 
@@ -118,6 +147,16 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// Resolve its terms' namespace selectors against namespace labels (namespace name →
+    /// its `metadata.labels`).
+    pub fn resolve(&mut self, labels: &HashMap<String, Value>) {
+        let terms = self.affinity.iter_mut().chain(self.anti.iter_mut());
+        let weighted = self.prefer.iter_mut().chain(self.avoid.iter_mut());
+        for t in terms.chain(weighted.map(|(_, t)| t)) {
+            t.resolve(labels);
+        }
+    }
+
     pub fn parse(pod: &Value) -> Rules {
         let spec = &pod["spec"];
         let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
@@ -420,6 +459,77 @@ mod tests {
             pick(&zone, &full, 0),
             Err("0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.".into())
         );
+    }
+
+    /// Node `name` running one pod labelled `app=web` in each namespace of `nss`.
+    fn node_in(name: &str, nss: &[&str]) -> NodeInfo {
+        let mut n = node(name, name, &[]);
+        for (i, ns) in nss.iter().enumerate() {
+            let p = json!({"metadata": {"name": format!("{name}-{i}"), "namespace": ns,
+                "labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "module:x"}]}});
+            n.add(&needs(&p, &Value::Null));
+        }
+        n
+    }
+
+    #[test]
+    fn namespace_selectors_pick_the_namespaces_a_term_counts() {
+        let labels: HashMap<String, Value> = [
+            (
+                "default".to_string(),
+                json!({"kubernetes.io/metadata.name": "default"}),
+            ),
+            ("shop".to_string(), json!({"team": "shop"})),
+            ("ops".to_string(), json!({"team": "ops"})),
+        ]
+        .into();
+        let (a, b, c) = (
+            node_in("a", &["shop"]),
+            node_in("b", &["ops"]),
+            node_in("c", &[]),
+        );
+        let nodes = [&a, &b, &c];
+        let anti = |extra: Value| {
+            let mut t = term("web", "kubernetes.io/hostname");
+            if let (Some(t), Some(e)) = (t.as_object_mut(), extra.as_object()) {
+                t.extend(e.clone());
+            }
+            pod(
+                json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [t]}}),
+                Value::Null,
+            )
+            .with_namespaces(&labels)
+        };
+        // The nodes each rule allows, judged one node at a time.
+        let allowed = |n: &super::super::fit::Needs| -> Vec<usize> {
+            (0..3)
+                .filter(|i| pick(n, &[nodes[*i]], 0).is_ok())
+                .collect()
+        };
+        // No namespaces, no selector: only the pod's own (default), where no web pod runs.
+        assert_eq!(allowed(&anti(Value::Null)), [0, 1, 2]);
+        // Selecting team=shop keeps it off a only.
+        let shop = anti(json!({"namespaceSelector": {"matchLabels": {"team": "shop"}}}));
+        assert_eq!(allowed(&shop), [1, 2]);
+        // A selector and a name add up.
+        let both = anti(
+            json!({"namespaceSelector": {"matchLabels": {"team": "shop"}},
+                               "namespaces": ["ops"]}),
+        );
+        assert_eq!(allowed(&both), [2]);
+        // {} is every namespace; a selector matching none counts none.
+        assert_eq!(allowed(&anti(json!({"namespaceSelector": {}}))), [2]);
+        let none = anti(json!({"namespaceSelector": {"matchLabels": {"team": "nobody"}}}));
+        assert_eq!(allowed(&none), [0, 1, 2]);
+        // Unresolved (no namespace labels known), a selector counts no namespace either.
+        let unresolved = pod(
+            json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": {"app": "web"}},
+                 "topologyKey": "kubernetes.io/hostname",
+                 "namespaceSelector": {"matchLabels": {"team": "shop"}}}]}}),
+            Value::Null,
+        );
+        assert_eq!(allowed(&unresolved), [0, 1, 2]);
     }
 
     #[test]

@@ -455,6 +455,37 @@ fn daemonsets_follow_nodes_and_jobs_finish() -> anyhow::Result<()> {
         .expect_ok("get job")?
         .stdout;
     assert!(listed.contains("3/3"), "{listed}");
+    // An Indexed one runs one pod per index, each told its index, and lists them done.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &job("indexed", "module:hello", "  completionMode: Indexed\n"),
+    )?
+    .expect_ok("apply indexed job")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=complete",
+        "job/indexed",
+        "--timeout=60s",
+    ])?
+    .expect_ok("wait indexed")?;
+    assert_eq!(
+        field(&up, &["job", "indexed"], "{.status.completedIndexes}")?,
+        "0-2"
+    );
+    let indexes = up
+        .kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            "job-name=indexed",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.annotations.batch\\.kubernetes\\.io/job-completion-index}:{.spec.containers[0].env[?(@.name==\"JOB_COMPLETION_INDEX\")].value} {end}",
+        ])?
+        .expect_ok("indexed pods")?
+        .stdout;
+    let mut seen: Vec<&str> = indexes.split_whitespace().collect();
+    seen.sort_unstable();
+    assert_eq!(seen, ["0:0", "1:1", "2:2"], "{indexes}");
     // One that fails every time stops after backoffLimit + 1 failed pods.
     up.kubectl_in(
         &["apply", "-f", "-"],

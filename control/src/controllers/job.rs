@@ -2,7 +2,12 @@
 //! `parallelism` at once; failure after more than `backoffLimit` failed pods or past
 //! `activeDeadlineSeconds`; deletion `ttlSecondsAfterFinished` after the end. After a failed
 //! pod the next one waits, 10 s doubling with each failure up to 6 minutes, as in
-//! Kubernetes.
+//! Kubernetes. An `Indexed` Job runs one pod per completion index (0 to `completions`-1, in
+//! the annotation and label `batch.kubernetes.io/job-completion-index`, the environment
+//! variable `JOB_COMPLETION_INDEX` and the host name `JOB-INDEX`), completes when every index
+//! has succeeded once, and reports them as `completedIndexes` (`0-2,5`).
+
+use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
 
@@ -12,6 +17,8 @@ use super::replicaset::active;
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
     pub create: usize,
+    /// For an `Indexed` Job, the completion indexes of the pods to create (`create` of them).
+    pub indexes: Vec<u64>,
     /// Pods to delete (the active ones of a Job that failed).
     pub delete: Vec<String>,
     /// The status to write (conditions and counts).
@@ -52,8 +59,19 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
     let parallelism = spec["parallelism"].as_u64().unwrap_or(1);
     let backoff = spec["backoffLimit"].as_u64().unwrap_or(6);
     let phase = |p: &str| pods.iter().filter(|x| x["status"]["phase"] == p).count() as u64;
-    let (succeeded, failed) = (phase("Succeeded"), phase("Failed"));
+    let (mut succeeded, failed) = (phase("Succeeded"), phase("Failed"));
     let running: Vec<&Value> = pods.iter().copied().filter(|p| active(p)).collect();
+    let indexed = spec["completionMode"] == "Indexed";
+    // An Indexed Job counts each index once however many of its pods succeeded.
+    let done: BTreeSet<u64> = pods
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Succeeded")
+        .filter_map(|p| index_of(p))
+        .filter(|i| *i < completions)
+        .collect();
+    if indexed {
+        succeeded = done.len() as u64;
+    }
     let ready = running
         .iter()
         .filter(|p| super::replicaset::ready(p))
@@ -66,6 +84,9 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
         "active": running.len(), "succeeded": succeeded, "failed": failed, "ready": ready,
         "startTime": start,
     });
+    if indexed {
+        status["completedIndexes"] = json!(ranges(&done));
+    }
     let mut plan = Plan::default();
     if let Some(done) = finished(job) {
         status["conditions"] = job["status"]["conditions"].clone();
@@ -110,6 +131,14 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
     } else if spec["suspend"] != true {
         let want = parallelism.min(completions - succeeded) as usize;
         plan.create = want.saturating_sub(running.len());
+        if indexed {
+            let busy: BTreeSet<u64> = running.iter().filter_map(|p| index_of(p)).collect();
+            plan.indexes = (0..completions)
+                .filter(|i| !done.contains(i) && !busy.contains(i))
+                .take(plan.create)
+                .collect();
+            plan.create = plan.indexes.len();
+        }
         if plan.create > 0 && failed_at.is_some_and(|t| now < t + backoff_delay(failed)) {
             plan.create = 0;
             plan.backing_off = true;
@@ -122,6 +151,67 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
 /// A new pod for `job`.
 pub fn pod_for(job: &Value) -> Value {
     super::replicaset::pod_from(job, "batch/v1", "Job")
+}
+
+const INDEX: &str = "batch.kubernetes.io/job-completion-index";
+
+/// A pod's completion index, from its label (the controllers' pod cache keeps labels, not
+/// annotations) or its annotation.
+fn index_of(pod: &Value) -> Option<u64> {
+    let m = &pod["metadata"];
+    m["labels"][INDEX]
+        .as_str()
+        .or_else(|| m["annotations"][INDEX].as_str())?
+        .parse()
+        .ok()
+}
+
+/// A new pod for completion index `i` of an `Indexed` Job.
+pub fn pod_for_index(job: &Value, i: u64) -> Value {
+    let mut p = pod_for(job);
+    let name = job["metadata"]["name"].as_str().unwrap_or("");
+    let meta = &mut p["metadata"];
+    meta["generateName"] = json!(format!("{name}-{i}-"));
+    for k in ["annotations", "labels"] {
+        if !meta[k].is_object() {
+            meta[k] = json!({});
+        }
+        meta[k][INDEX] = json!(i.to_string());
+    }
+    let spec = &mut p["spec"];
+    if spec["hostname"].is_null() {
+        spec["hostname"] = json!(format!("{name}-{i}"));
+    }
+    for k in ["initContainers", "containers"] {
+        for c in spec[k].as_array_mut().into_iter().flatten() {
+            if !c["env"].is_array() {
+                c["env"] = json!([]);
+            }
+            if let Some(env) = c["env"].as_array_mut() {
+                env.push(json!({"name": "JOB_COMPLETION_INDEX", "value": i.to_string()}));
+            }
+        }
+    }
+    p
+}
+
+/// Indexes as Kubernetes writes `completedIndexes`: ascending, runs as `a-b`.
+fn ranges(set: &BTreeSet<u64>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut it = set.iter().copied().peekable();
+    while let Some(a) = it.next() {
+        let mut b = a;
+        while it.peek() == Some(&(b + 1)) {
+            b += 1;
+            it.next();
+        }
+        out.push(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
+    }
+    out.join(",")
 }
 
 #[cfg(test)]
@@ -186,6 +276,50 @@ mod tests {
         assert!(p.status["conditions"].is_null());
         let p = plan(&started, &[&run], NOW + 10, T0, None);
         assert_eq!(p.status["conditions"][0]["reason"], "DeadlineExceeded");
+    }
+
+    /// A pod of index `i`, as the controllers' cache holds it (labels, no annotations).
+    fn at(phase: &str, i: u64) -> Value {
+        json!({"metadata": {"name": format!("p-{phase}-{i}"),
+            "labels": {"batch.kubernetes.io/job-completion-index": i.to_string()}},
+            "status": {"phase": phase}})
+    }
+
+    #[test]
+    fn indexed_jobs_run_each_index_until_it_succeeds() {
+        let j = job(json!({"completionMode": "Indexed", "completions": 5, "parallelism": 2}));
+        let p = plan(&j, &[], NOW, T0, None);
+        assert_eq!((p.create, p.indexes.clone()), (2, vec![0, 1]));
+        assert_eq!(p.status["completedIndexes"], "");
+        // 0 done, 1 running, 2 done twice (a retry), 3 failed once: 3 and 4 are next.
+        let pods = [
+            at("Succeeded", 0),
+            at("Running", 1),
+            at("Succeeded", 2),
+            at("Succeeded", 2),
+            at("Failed", 3),
+        ];
+        let refs: Vec<&Value> = pods.iter().collect();
+        let p = plan(&j, &refs, NOW, T0, None);
+        assert_eq!(p.status["succeeded"], 2, "each index counts once");
+        assert_eq!(p.status["completedIndexes"], "0,2");
+        assert_eq!(p.indexes, [3], "parallelism 2, one running");
+        let all: Vec<Value> = (0..5).map(|i| at("Succeeded", i)).collect();
+        let refs: Vec<&Value> = all.iter().collect();
+        let p = plan(&j, &refs, NOW, T0, None);
+        assert_eq!(p.status["conditions"][0]["type"], "Complete");
+        assert_eq!(p.status["completedIndexes"], "0-4");
+        assert_eq!(ranges(&[0, 1, 2, 4, 6, 7].into()), "0-2,4,6-7");
+        let pod = pod_for_index(&j, 3);
+        assert_eq!(pod["metadata"]["generateName"], "j-3-");
+        assert_eq!(pod["metadata"]["annotations"][INDEX], "3");
+        assert_eq!(pod["metadata"]["labels"][INDEX], "3");
+        assert_eq!(pod["metadata"]["labels"]["job-name"], "j");
+        assert_eq!(pod["spec"]["hostname"], "j-3");
+        assert_eq!(
+            pod["spec"]["containers"][0]["env"],
+            json!([{"name": "JOB_COMPLETION_INDEX", "value": "3"}])
+        );
     }
 
     #[test]

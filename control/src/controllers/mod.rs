@@ -1064,7 +1064,14 @@ async fn sync_job(
             .0;
         return (rev, false);
     }
-    let new = vec![job::pod_for(j); plan.create];
+    let new = if plan.indexes.is_empty() {
+        vec![job::pod_for(j); plan.create]
+    } else {
+        plan.indexes
+            .iter()
+            .map(|i| job::pod_for_index(j, *i))
+            .collect()
+    };
     let mut wrote = create_pods(api, ME, j, new).await;
     wrote = wrote.max(delete_pods(api, ME, j, &plan.delete).await);
     if differs(&j["status"], &plan.status) {

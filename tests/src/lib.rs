@@ -643,14 +643,20 @@ impl Up {
             "--name",
             name,
         ])?;
+        self.node_ready(&node, name, secs)?;
+        Ok(node)
+    }
+
+    /// Wait up to `secs` for Node `name` (run by `node`) to be Ready; its log if it is not.
+    pub fn node_ready(&self, node: &Node, name: &str, secs: u64) -> anyhow::Result<()> {
         self.wait_field(
             secs,
             &["node", name],
             "{.status.conditions[?(@.type==\"Ready\")].status}",
             |s| s == "True",
         )
-        .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", node.logs()))?;
-        Ok(node)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", node.logs()))
     }
 
     /// `kubectl port-forward ARGS` (kubectl 1.NN if `minor` is given, with `env` set), once

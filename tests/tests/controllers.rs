@@ -339,13 +339,7 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
 
     // Back again: the taints go, the node says Ready, and it finishes the eviction.
     edge.start(&[])?;
-    up.wait_field(
-        60,
-        &["node", "edge-1"],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    up.node_ready(&edge, "edge-1", 60)?;
     // The DaemonSet pod stayed, and the agent reports it ready again.
     up.wait_field(30, &keeper_pod, ready, |s| s == "True")?;
     let t = Instant::now();

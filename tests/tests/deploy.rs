@@ -123,18 +123,6 @@ fn push(up: &Up, name: &str) -> anyhow::Result<String> {
     Ok(r.stdout.trim().to_string())
 }
 
-/// Wait for Node `name` to be Ready; the agent's log if it is not.
-fn ready(up: &Up, node: &Node, name: &str, secs: u64) -> anyhow::Result<()> {
-    up.wait_field(
-        secs,
-        &["node", name],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )
-    .map(|_| ())
-    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", node.logs()))
-}
-
 fn pod(name: &str, image: &str, extra: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: wasm\n  restartPolicy: Never\n{extra}  containers:\n  - name: main\n    image: {image}\n    args: [\"from\", \"arm\"]\n"
@@ -243,7 +231,7 @@ fn a_board_image_agent_joins_under_qemu_and_runs_wasm_compiled_for_it() -> anyho
     let mut node = Node::new(&dir.path().join("board"));
     node.program = Some(vec!["qemu-aarch64-static".into(), board_agent]);
     node.start(&["--config", config_path.to_str().unwrap_or_default()])?;
-    ready(&up, &node, "pi", 120)?;
+    up.node_ready(&node, "pi", 120)?;
     let arch = up.wait_field(
         5,
         &["node", "pi"],
@@ -302,7 +290,7 @@ fn the_compiler_refuses_a_bad_module_with_its_reason() -> anyhow::Result<()> {
         "--wasm-compile",
         "control",
     ])?;
-    ready(&up, &node, "aot", 30)?;
+    up.node_ready(&node, "aot", 30)?;
     // The Wasm magic, then garbage: the store takes it, the compiler does not.
     let bad = dir.path().join("bad.wasm");
     std::fs::write(&bad, b"\0asm\x01\0\0\0\x01\xff\xff\xff")?;
@@ -483,7 +471,7 @@ fn install_upgrade_and_uninstall_a_node_and_a_member() -> anyhow::Result<()> {
     let mut node = Node::new(&data);
     node.program = Some(vec![installed.clone(), "--config".into(), conf.clone()]);
     node.start(&[])?;
-    ready(&up, &node, "installed", 60)?;
+    up.node_ready(&node, "installed", 60)?;
 
     // A pod serving HTTP on it.
     let port = outpost_tests::free_tcp_port();

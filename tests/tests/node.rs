@@ -321,13 +321,7 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
         "--name",
         "edge-1",
     ])?;
-    up.wait_field(
-        30,
-        &["node", "edge-1"],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    up.node_ready(&edge, "edge-1", 30)?;
     let arch = up.wait_field(
         5,
         &["node", "edge-1"],

@@ -272,13 +272,7 @@ fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Res
         "on",
     ];
     edge.start(&[&args[..], &["--token", &token]].concat())?;
-    up.wait_field(
-        30,
-        &["node", "edge"],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
+    up.node_ready(&edge, "edge", 30)?;
     // A Service without a selector and the EndpointSlice of a backend outside the cluster.
     let port = outside_backend("from outside\n")?;
     let manifest = format!(
@@ -444,13 +438,7 @@ fn services_reach_pods_on_other_nodes_through_their_addresses() -> anyhow::Resul
         "--service-proxy",
         "on",
     ])?;
-    up.wait_field(
-        30,
-        &["node", "b"],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-        |s| s == "True",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", b.logs()))?;
+    up.node_ready(&b, "b", 30)?;
     // An OCI web server pinned to node b, and its Service.
     let pod = format!(
         "      nodeSelector:\n        kubernetes.io/hostname: b\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {image}\n        command: [\"sh\", \"-c\", \"mkdir -p /www && echo on-b > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n        ports:\n        - name: http\n          containerPort: 8080\n"

@@ -155,15 +155,10 @@ pub fn pod_for(job: &Value) -> Value {
 
 const INDEX: &str = "batch.kubernetes.io/job-completion-index";
 
-/// A pod's completion index, from its label (the controllers' pod cache keeps labels, not
-/// annotations) or its annotation.
+/// A pod's completion index, from its label: the controllers' pod cache keeps labels, not
+/// annotations.
 fn index_of(pod: &Value) -> Option<u64> {
-    let m = &pod["metadata"];
-    m["labels"][INDEX]
-        .as_str()
-        .or_else(|| m["annotations"][INDEX].as_str())?
-        .parse()
-        .ok()
+    pod["metadata"]["labels"][INDEX].as_str()?.parse().ok()
 }
 
 /// A new pod for completion index `i` of an `Indexed` Job.

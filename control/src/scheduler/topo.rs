@@ -88,14 +88,10 @@ impl PodTerm {
             .filter_map(|n| n.as_str().map(String::from))
             .collect();
         let sel = &t["namespaceSelector"];
-        let any_ns = sel.as_object().is_some_and(|s| {
-            s.values().all(|v| {
-                v.is_null()
-                    || v.as_object().is_some_and(|o| o.is_empty())
-                    || v.as_array().is_some_and(|a| a.is_empty())
-            })
-        });
-        let ns_selector = (sel.is_object() && !any_ns).then(|| Labels::from_selector(sel));
+        // An empty selector (`{}`) selects every namespace; others wait for `resolve`.
+        let ns_selector = sel.is_object().then(|| Labels::from_selector(sel));
+        let any_ns = ns_selector.as_ref().is_some_and(Labels::is_empty);
+        let ns_selector = ns_selector.filter(|l| !l.is_empty());
         if namespaces.is_empty() && sel.is_null() {
             namespaces.push(own_ns.to_string());
         }

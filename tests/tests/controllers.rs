@@ -14,6 +14,17 @@ fn field(up: &Up, what: &[&str], path: &str) -> anyhow::Result<String> {
     Ok(up.kubectl(&args)?.expect_ok("get")?.stdout)
 }
 
+/// `outpost up` in a new directory, with the example module `name` pushed to its module
+/// store (as `module:NAME`).
+fn with_module(name: &str) -> anyhow::Result<(tempfile::TempDir, Up)> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let module = example(name)?;
+    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    Ok((dir, up))
+}
+
 /// Wait until the pods labelled `app=web` are exactly `n`, all Running with `image`.
 fn web_pods(up: &Up, n: usize, image: &str) -> anyhow::Result<Vec<String>> {
     let t = Instant::now();
@@ -41,12 +52,9 @@ fn web_pods(up: &Up, n: usize, image: &str) -> anyhow::Result<Vec<String>> {
 
 #[test]
 fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let up = Up::start(dir.path())?;
-    let module = example("sleeper")?;
-    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
-        .expect_ok("module push")?;
+    let (_dir, up) = with_module("sleeper")?;
     // The same module by digest: another image string, so another template.
+    let module = example("sleeper")?;
     let by_digest = up
         .outpost(&["module", "push", module.to_str().unwrap_or_default()])?
         .expect_ok("module push")?
@@ -557,11 +565,7 @@ fn sts_rolled_out(up: &Up, what: &str) -> anyhow::Result<String> {
 /// stops and removes everything in it.
 #[test]
 fn statefulsets_endpoints_drain_and_namespace_delete() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let up = Up::start(dir.path())?;
-    let module = example("sleeper")?;
-    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
-        .expect_ok("module push")?;
+    let (dir, up) = with_module("sleeper")?;
     let _edge = up.join(&dir.path().join("edge-1"), "edge-1")?;
     up.kubectl(&["create", "namespace", "shop"])?
         .expect_ok("create ns")?;
@@ -737,5 +741,172 @@ fn statefulsets_endpoints_drain_and_namespace_delete() -> anyhow::Result<()> {
         .expect_ok("list")?
         .stdout;
     assert!(pods.trim().is_empty(), "left in shop: {pods}");
+    Ok(())
+}
+
+/// A PodDisruptionBudget counts its pods' health. An eviction it does not allow gets 429 and
+/// the pod stays (`kubectl drain` retries until its timeout); evictions it allows go through,
+/// one disruption at a time, while the Deployment replaces the pods elsewhere.
+#[test]
+fn disruption_budgets_hold_evictions() -> anyhow::Result<()> {
+    let (dir, up) = with_module("sleeper")?;
+    let _edge = up.join(&dir.path().join("edge-1"), "edge-1")?;
+    up.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=module:sleeper",
+        "--replicas=2",
+    ])?
+    .expect_ok("create deployment")?;
+    let pods = web_pods(&up, 2, "module:sleeper")?;
+
+    let both = "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: bad\nspec:\n  minAvailable: 1\n  maxUnavailable: 50%\n  selector:\n    matchLabels:\n      app: web\n";
+    let refused = up
+        .kubectl_in(&["apply", "-f", "-"], both)?
+        .expect_err("a budget with both bounds")?;
+    assert!(
+        refused
+            .stderr
+            .contains("minAvailable and maxUnavailable cannot be both set"),
+        "{}",
+        refused.stderr
+    );
+
+    up.kubectl(&[
+        "create",
+        "poddisruptionbudget",
+        "web",
+        "--selector=app=web",
+        "--min-available=2",
+    ])?
+    .expect_ok("create pdb")?;
+    let counts = "{.status.currentHealthy}/{.status.desiredHealthy}/{.status.disruptionsAllowed}/{.status.expectedPods}";
+    up.wait_field(30, &["pdb", "web"], counts, |s| s == "2/2/0/2")?;
+    let table = up.kubectl(&["get", "pdb"])?.expect_ok("get pdb")?.stdout;
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(1..4), Some(&["2", "N/A", "0"][..]), "{table}");
+
+    // Over budget: the eviction is refused with the budget's reason, the pod stays.
+    let victim = &pods[0];
+    let eviction = format!(
+        "{{\"apiVersion\":\"policy/v1\",\"kind\":\"Eviction\",\"metadata\":{{\"name\":\"{victim}\",\"namespace\":\"default\"}}}}"
+    );
+    let path = format!("/api/v1/namespaces/default/pods/{victim}/eviction");
+    let refused = up
+        .kubectl_in(&["create", "--raw", &path, "-f", "-"], &eviction)?
+        .expect_err("an eviction over budget")?;
+    assert!(
+        refused.stderr.contains("TooManyRequests")
+            && refused
+                .stderr
+                .contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "{}",
+        refused.stderr
+    );
+    let node = field(&up, &["pod", victim], "{.spec.nodeName}")?;
+    let drain = up
+        .kubectl(&["drain", &node, "--ignore-daemonsets", "--timeout=8s"])?
+        .expect_err("a drain over budget")?;
+    let said = format!("{}{}", drain.stdout, drain.stderr);
+    assert!(said.contains("disruption budget"), "{said}");
+    assert_eq!(web_pods(&up, 2, "module:sleeper")?, pods);
+    up.wait_field(10, &["pdb", "web"], counts, |s| s == "2/2/0/2")?;
+
+    // One pod may go at a time: the drain evicts, waits for the replacement, evicts again.
+    up.kubectl(&[
+        "patch",
+        "pdb",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/minAvailable"},{"op":"add","path":"/spec/maxUnavailable","value":1}]"#,
+    ])?
+    .expect_ok("patch pdb")?;
+    up.wait_field(30, &["pdb", "web"], counts, |s| s == "2/1/1/2")?;
+    up.kubectl(&["drain", &node, "--ignore-daemonsets", "--timeout=90s"])?
+        .expect_ok("a drain within budget")?;
+    let moved = web_pods(&up, 2, "module:sleeper")?;
+    for p in &moved {
+        assert_ne!(field(&up, &["pod", p], "{.spec.nodeName}")?, node, "{p}");
+    }
+    assert!(!moved.contains(victim));
+    up.wait_field(30, &["pdb", "web"], counts, |s| s == "2/1/1/2")?;
+    Ok(())
+}
+
+/// A CronJob starts a Job at each scheduled minute (named after it, owned by the CronJob),
+/// records its last schedule and success, refuses a bad schedule with the field, and takes
+/// its Jobs with it when deleted. `kubectl create job --from=cronjob/…` runs its template.
+#[test]
+fn cronjobs_start_jobs_on_schedule() -> anyhow::Result<()> {
+    let (_dir, up) = with_module("hello")?;
+    let bad = up
+        .kubectl(&[
+            "create",
+            "cronjob",
+            "bad",
+            "--image=module:hello",
+            "--schedule=61 * * * *",
+        ])?
+        .expect_err("a bad schedule")?;
+    assert!(
+        bad.stderr
+            .contains("spec.schedule: Invalid value: \"61 * * * *\""),
+        "{}",
+        bad.stderr
+    );
+    up.kubectl(&[
+        "create",
+        "cronjob",
+        "tick",
+        "--image=module:hello",
+        "--schedule=* * * * *",
+    ])?
+    .expect_ok("create cronjob")?;
+    // Within a minute (and the run's own time) a Job has started and succeeded.
+    up.wait_field(
+        100,
+        &["cronjob", "tick"],
+        "{.status.lastSuccessfulTime}",
+        |s| !s.is_empty(),
+    )?;
+    let jobs = field(
+        &up,
+        &["jobs"],
+        "{range .items[*]}{.metadata.name} {.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name} {.metadata.annotations.batch\\.kubernetes\\.io/cronjob-scheduled-timestamp}{\"\\n\"}{end}",
+    )?;
+    let first = jobs.lines().next().unwrap_or_default().to_string();
+    let parts: Vec<&str> = first.split(' ').collect();
+    assert_eq!(parts.get(1), Some(&"CronJob/tick"), "{jobs}");
+    // Named after its scheduled minute, which the annotation gives.
+    let scheduled: jiff::Timestamp = parts.get(2).unwrap_or(&"").parse()?;
+    assert_eq!(
+        parts[0],
+        format!("tick-{}", scheduled.as_second() / 60),
+        "{jobs}"
+    );
+    let last = field(&up, &["cronjob", "tick"], "{.status.lastScheduleTime}")?;
+    assert!(last.parse::<jiff::Timestamp>()? >= scheduled, "{last}");
+    let table = up
+        .kubectl(&["get", "cronjob", "tick"])?
+        .expect_ok("get")?
+        .stdout;
+    assert!(table.contains("* * * * *"), "{table}");
+
+    up.kubectl(&["create", "job", "--from=cronjob/tick", "manual"])?
+        .expect_ok("create job --from")?;
+    up.wait_field(60, &["job", "manual"], "{.status.succeeded}", |s| s == "1")?;
+
+    up.kubectl(&["delete", "cronjob", "tick"])?
+        .expect_ok("delete cronjob")?;
+    up.wait_field(60, &["jobs"], "{.items[*].metadata.name}", |s| {
+        s.split_whitespace().all(|j| j == "manual")
+    })?;
     Ok(())
 }

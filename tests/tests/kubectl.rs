@@ -616,6 +616,23 @@ fn watch_streams_changes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Write to `path` a kubeconfig for `up`'s cluster whose only credential is the bearer
+/// `token`.
+fn token_kubeconfig(up: &Up, path: &std::path::Path, token: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&up.kubeconfig)?;
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .context("server")?;
+    let ca = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .context("ca")?;
+    std::fs::write(path, format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: default}}\ncurrent-context: c\n"))?;
+    Ok(())
+}
+
 #[test]
 fn authentication_and_rbac() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -637,17 +654,8 @@ fn authentication_and_rbac() -> anyhow::Result<()> {
 
     // alice has a token and, at first, no role.
     let text = std::fs::read_to_string(&up.kubeconfig)?;
-    let server = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .context("server")?;
-    let ca = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
-        .context("ca")?;
     let alice_cfg = dir.path().join("alice");
-    std::fs::write(&alice_cfg, format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: alice\n  user:\n    token: s3cret-token\ncontexts:\n- name: c\n  context: {{cluster: c, user: alice, namespace: default}}\ncurrent-context: c\n"))?;
+    token_kubeconfig(&up, &alice_cfg, "s3cret-token")?;
     let anon_cfg = dir.path().join("anon");
     std::fs::write(&anon_cfg, text.split("users:").next().unwrap_or("").to_string()
         + "users:\n- name: nobody\n  user: {token: not-a-token}\ncontexts:\n- name: c\n  context: {cluster: outpost, user: nobody}\ncurrent-context: c\n")?;
@@ -711,6 +719,140 @@ fn authentication_and_rbac() -> anyhow::Result<()> {
             .contains("You must be logged in to the server"),
         "{}",
         unknown.stderr
+    );
+    Ok(())
+}
+
+/// `kubectl create token` issues ServiceAccount tokens the API accepts as that account (with
+/// its groups, under RBAC) until the account or the object the token is bound to is gone.
+#[test]
+fn serviceaccount_tokens() -> anyhow::Result<()> {
+    let (dir, up) = up()?;
+    up.kubectl(&["create", "serviceaccount", "bot"])?
+        .expect_ok("create sa")?;
+    let token = up
+        .kubectl(&["create", "token", "bot"])?
+        .expect_ok("create token")?
+        .stdout
+        .trim()
+        .to_string();
+    ensure!(token.split('.').count() == 3, "{token}");
+    let short = up
+        .kubectl(&["create", "token", "bot", "--duration=5m"])?
+        .expect_err("a token shorter than 10 minutes")?;
+    ensure!(
+        short
+            .stderr
+            .contains("may not specify a duration less than 10 minutes"),
+        "{}",
+        short.stderr
+    );
+    let missing = up
+        .kubectl(&["create", "token", "nobody"])?
+        .expect_err("a token for a missing account")?;
+    ensure!(missing.stderr.contains("not found"), "{}", missing.stderr);
+    let req = up
+        .kubectl(&["create", "token", "bot", "--duration=2h", "-o", "json"])?
+        .expect_ok("create token -o json")?;
+    let req = json(&req.stdout)?;
+    ensure!(req["kind"] == "TokenRequest", "{req}");
+    ensure!(req["spec"]["expirationSeconds"] == 7200, "{req}");
+
+    let kb = kubectl_bin(None)?;
+    let as_token = |name: &str, token: &str, args: &[&str]| {
+        let cfg = dir.path().join(name);
+        token_kubeconfig(&up, &cfg, token)?;
+        kubectl_with(
+            &kb,
+            &cfg,
+            &dir.path().join(format!("{name}-cache")),
+            args,
+            None,
+        )
+    };
+    let who = as_token("bot", &token, &["auth", "whoami", "-o", "json"])?.expect_ok("whoami")?;
+    let info = &json(&who.stdout)?["status"]["userInfo"];
+    ensure!(
+        info["username"] == "system:serviceaccount:default:bot",
+        "{info}"
+    );
+    for g in [
+        "system:serviceaccounts",
+        "system:serviceaccounts:default",
+        "system:authenticated",
+    ] {
+        ensure!(
+            info["groups"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == g)),
+            "{info}"
+        );
+    }
+    let f = as_token("bot", &token, &["get", "pods"])?.expect_err("forbidden")?;
+    ensure!(
+        f.stderr
+            .contains("User \"system:serviceaccount:default:bot\" cannot list"),
+        "{}",
+        f.stderr
+    );
+    up.kubectl(&[
+        "create",
+        "role",
+        "reader",
+        "--verb=get,list",
+        "--resource=pods",
+    ])?
+    .expect_ok("role")?;
+    up.kubectl(&[
+        "create",
+        "rolebinding",
+        "bot-read",
+        "--role=reader",
+        "--serviceaccount=default:bot",
+    ])?
+    .expect_ok("rolebinding")?;
+    as_token("bot", &token, &["get", "pods"])?.expect_ok("the bot lists pods")?;
+
+    // A token bound to a Secret ends with the Secret.
+    up.kubectl(&["create", "secret", "generic", "session"])?
+        .expect_ok("secret")?;
+    let bound = up
+        .kubectl(&[
+            "create",
+            "token",
+            "bot",
+            "--bound-object-kind=Secret",
+            "--bound-object-name=session",
+        ])?
+        .expect_ok("bound token")?
+        .stdout
+        .trim()
+        .to_string();
+    as_token("bound", &bound, &["get", "pods"])?.expect_ok("the bound token works")?;
+    up.kubectl(&["delete", "secret", "session"])?
+        .expect_ok("delete secret")?;
+    let gone =
+        as_token("bound", &bound, &["get", "pods"])?.expect_err("the bound object is gone")?;
+    ensure!(
+        gone.stderr.contains("You must be logged in"),
+        "{}",
+        gone.stderr
+    );
+    as_token("bot", &token, &["get", "pods"])?.expect_ok("the unbound token still works")?;
+
+    // A tampered token and a deleted account's token are refused.
+    let mut forged = token.clone().into_bytes();
+    let at = forged.len() - 10;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged)?;
+    as_token("forged", &forged, &["get", "pods"])?.expect_err("a tampered token")?;
+    up.kubectl(&["delete", "serviceaccount", "bot"])?
+        .expect_ok("delete sa")?;
+    let gone = as_token("bot", &token, &["get", "pods"])?.expect_err("the account is gone")?;
+    ensure!(
+        gone.stderr.contains("You must be logged in"),
+        "{}",
+        gone.stderr
     );
     Ok(())
 }

@@ -437,6 +437,54 @@ fn check_selector_template(o: &Value, out: &mut Vec<Cause>) {
 }
 
 /// Field-level problems with `o`, a `kind` object whose defaults are already set.
+/// A PodDisruptionBudget's spec: one of minAvailable and maxUnavailable, each a
+/// non-negative integer or a percentage of at most 100%.
+fn check_budget(spec: &Value, out: &mut Vec<Cause>) {
+    let (min, max) = (&spec["minAvailable"], &spec["maxUnavailable"]);
+    if !min.is_null() && !max.is_null() {
+        out.push(Cause::new(
+            "FieldValueInvalid",
+            "spec",
+            "Invalid value: minAvailable and maxUnavailable cannot be both set",
+        ));
+    }
+    for (field, v) in [("minAvailable", min), ("maxUnavailable", max)] {
+        let path = format!("spec.{field}");
+        match v {
+            Value::Null => {}
+            Value::Number(n) if n.as_i64().is_some_and(|n| n >= 0) => {}
+            Value::Number(n) => out.push(Cause::invalid(
+                path,
+                &n.to_string(),
+                "must be greater than or equal to 0",
+            )),
+            Value::String(s) => match s.strip_suffix('%').map(str::parse::<i64>) {
+                Some(Ok(p)) if (0..=100).contains(&p) => {}
+                Some(Ok(_)) => out.push(Cause::invalid(path, s, "must be no greater than 100%")),
+                _ => out.push(Cause::invalid(
+                    path,
+                    s,
+                    "a valid percent string must be a numeric string followed by an ending '%'",
+                )),
+            },
+            other => out.push(Cause::invalid(
+                path,
+                &other.to_string(),
+                "must be an integer or a percentage",
+            )),
+        }
+    }
+    if let Some(p) = spec["unhealthyPodEvictionPolicy"].as_str() {
+        if !matches!(p, "IfHealthyBudget" | "AlwaysAllow") {
+            out.push(Cause::new(
+                "FieldValueNotSupported",
+                "spec.unhealthyPodEvictionPolicy",
+                format!("Unsupported value: \"{p}\": supported values: \"AlwaysAllow\", \"IfHealthyBudget\""),
+            ));
+        }
+    }
+}
+
 pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     let mut out = Vec::new();
     let meta = &o["metadata"];
@@ -474,6 +522,39 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
                 out.push(Cause::new(
                     "FieldValueNotSupported",
                     "spec.template.spec.restartPolicy",
+                    "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
+                ));
+            }
+        }
+        ("policy", "PodDisruptionBudget") => check_budget(&o["spec"], &mut out),
+        ("batch", "CronJob") => {
+            let spec = &o["spec"];
+            match spec["schedule"].as_str() {
+                None | Some("") => out.push(Cause::required("spec.schedule")),
+                Some(s) => {
+                    if let Err(e) = crate::controllers::cron::parse(s) {
+                        out.push(Cause::invalid("spec.schedule", s, &e));
+                    }
+                }
+            }
+            if let Some(tz) = spec["timeZone"].as_str() {
+                if let Err(e) = crate::controllers::cron::zone(Some(tz)) {
+                    out.push(Cause::invalid("spec.timeZone", tz, &e));
+                }
+            }
+            if meta["name"].as_str().is_some_and(|n| n.len() > 52) {
+                out.push(Cause::invalid(
+                    "metadata.name",
+                    meta["name"].as_str().unwrap_or(""),
+                    "must be no more than 52 characters",
+                ));
+            }
+            let pod = &spec["jobTemplate"]["spec"]["template"]["spec"];
+            check_pod_spec(pod, "spec.jobTemplate.spec.template.spec", &mut out);
+            if pod["restartPolicy"] == "Always" {
+                out.push(Cause::new(
+                    "FieldValueNotSupported",
+                    "spec.jobTemplate.spec.template.spec.restartPolicy",
                     "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
                 ));
             }

@@ -67,6 +67,11 @@ pub enum ApiError {
         causes: Vec<Cause>,
     },
     Gone(String),
+    /// Try again later: an eviction a disruption budget does not allow now.
+    TooManyRequests {
+        message: String,
+        causes: Vec<Cause>,
+    },
     UnsupportedMediaType(String),
     NotAcceptable(String),
     TooLarge(usize),
@@ -104,6 +109,7 @@ impl ApiError {
             ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,6 +184,11 @@ impl ApiError {
                 )
             }
             ApiError::Gone(m) => ("Expired", m.clone(), None),
+            ApiError::TooManyRequests { message, causes } => (
+                "TooManyRequests",
+                message.clone(),
+                Some(json!({"causes": causes_json(causes)})),
+            ),
             ApiError::UnsupportedMediaType(m) => ("UnsupportedMediaType", m.clone(), None),
             ApiError::NotAcceptable(m) => ("NotAcceptable", m.clone(), None),
             ApiError::TooLarge(n) => (

@@ -13,6 +13,7 @@ pub mod admit;
 pub mod auth;
 pub mod discovery;
 pub mod error;
+mod evict;
 mod exec;
 mod forward;
 pub mod node;
@@ -27,6 +28,7 @@ pub mod serve;
 pub mod spdy;
 pub mod ssa;
 pub mod table;
+pub mod token;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -64,6 +66,8 @@ pub struct Api {
     pub links: Arc<crate::gateway::Links>,
     /// Modules compiled ahead of time for nodes without a compiler.
     pub aot: crate::aot::Aot,
+    /// Issues and checks ServiceAccount tokens (the cluster CA's key).
+    pub signer: Option<token::Signer>,
 }
 
 impl Api {
@@ -76,6 +80,7 @@ impl Api {
             pki_dir: None,
             links: Arc::default(),
             aot: crate::aot::Aot::default(),
+            signer: None,
         }
     }
 }
@@ -130,13 +135,19 @@ fn ok(v: &Value) -> Response {
     json_response(StatusCode::OK, v, "application/json")
 }
 
-fn authenticate(api: &Api, peer: Option<&Peer>, headers: &HeaderMap) -> Option<User> {
+async fn authenticate(api: &Api, peer: Option<&Peer>, headers: &HeaderMap) -> Option<User> {
     if let Some(tok) = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
     {
-        return api.tokens.get(tok.trim()).cloned().map(|mut u| {
+        let tok = tok.trim();
+        let user = match api.tokens.get(tok) {
+            Some(u) => Some(u.clone()),
+            None if token::looks_like_jwt(tok) => token::authenticate(api, tok).await,
+            None => None,
+        };
+        return user.map(|mut u| {
             u.groups.push("system:authenticated".into());
             u
         });
@@ -150,7 +161,7 @@ fn authenticate(api: &Api, peer: Option<&Peer>, headers: &HeaderMap) -> Option<U
 async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let user = authenticate(&api, req.extensions().get::<Peer>(), req.headers());
+    let user = authenticate(&api, req.extensions().get::<Peer>(), req.headers()).await;
     let span = tracing::debug_span!("request", %method, %path,
         user = user.as_ref().map(|u| u.name.as_str()).unwrap_or(""));
     if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {
@@ -458,6 +469,13 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     let mut api = Api::new(store, addr.to_string());
     api.pki_dir = Some(cfg.pki_dir.clone());
     api.aot = crate::aot::Aot::new(Some(cfg.pki_dir.with_file_name("aot")));
+    api.signer = match token::Signer::from_pki(&cfg.pki_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "ServiceAccount tokens cannot be issued or checked");
+            None
+        }
+    };
     if let Some(f) = &cfg.token_file {
         api.tokens = auth::load_tokens(f).map_err(|source| StartError::Io {
             what: format!("reading {}", f.display()),

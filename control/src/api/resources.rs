@@ -17,6 +17,8 @@ pub enum Sub {
     Exec,
     Attach,
     PortForward,
+    /// A ServiceAccount's token (TokenRequest).
+    Token,
 }
 
 impl Sub {
@@ -30,6 +32,7 @@ impl Sub {
             Sub::Exec => "exec",
             Sub::Attach => "attach",
             Sub::PortForward => "portforward",
+            Sub::Token => "token",
         }
     }
 
@@ -43,13 +46,14 @@ impl Sub {
             Sub::Log => ("", "v1", "Pod"),
             Sub::Exec | Sub::Attach => ("", "v1", "PodExecOptions"),
             Sub::PortForward => ("", "v1", "PodPortForwardOptions"),
+            Sub::Token => ("authentication.k8s.io", "v1", "TokenRequest"),
         }
     }
 
     pub fn verbs(self) -> &'static [&'static str] {
         match self {
             Sub::Status | Sub::Scale => &["get", "patch", "update"],
-            Sub::Binding | Sub::Eviction => &["create"],
+            Sub::Binding | Sub::Eviction | Sub::Token => &["create"],
             Sub::Log => &["get"],
             Sub::Exec | Sub::Attach | Sub::PortForward => &["create", "get"],
         }
@@ -194,7 +198,7 @@ resources! {
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },
     core::Secret => { "", "v1", "Secret", "secrets", "secret", short: [], namespaced: true, categories: [], subs: [], stored: true },
-    core::ServiceAccount => { "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", short: ["sa"], namespaced: true, categories: [], subs: [], stored: true },
+    core::ServiceAccount => { "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", short: ["sa"], namespaced: true, categories: [], subs: [Token], stored: true },
     core::Event => { "", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
     events::Event => { "events.k8s.io", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
     coord::Lease => { "coordination.k8s.io", "v1", "Lease", "leases", "lease", short: [], namespaced: true, categories: [], subs: [], stored: true },

@@ -350,14 +350,30 @@ pub(super) async fn serve(
             let body = super::decode_body(content_type, &body)?;
             bind(&ctx, &name, body).await
         }
+        (Method::POST, Some(Sub::Token)) => {
+            let req = if body.is_empty() {
+                json!({})
+            } else {
+                super::decode_body(content_type, &body)?
+            };
+            let sa = get(&ctx, &name).await?;
+            let answer = super::token::issue(ctx.api, &sa, &req).await?;
+            Ok(respond(StatusCode::CREATED, &answer))
+        }
         (Method::POST, Some(Sub::Eviction)) => {
             let body = if body.is_empty() {
                 Value::Null
             } else {
                 super::decode_body(content_type, &body)?
             };
-            get(&ctx, &name).await?;
-            delete(&ctx, &name, &body["deleteOptions"]).await?;
+            let pod = get(&ctx, &name).await?;
+            let opts = &body["deleteOptions"];
+            let dry = ctx.dry_run
+                || opts["dryRun"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == "All"));
+            super::evict::admit(ctx.api, &pod, dry).await?;
+            delete(&ctx, &name, opts).await?;
             Ok(respond(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
@@ -1349,7 +1365,7 @@ async fn replace(
 ) -> Result<Value, ApiError> {
     match sub {
         Some(Sub::Scale) => return scale_update(ctx, name, |_| Ok(body.clone())).await,
-        Some(Sub::Binding | Sub::Eviction) => {
+        Some(Sub::Binding | Sub::Eviction | Sub::Token) => {
             return Err(ApiError::MethodNotAllowed("only POST is supported".into()))
         }
         _ => {}

@@ -38,7 +38,7 @@ pub fn backoff_delay(failed: u64) -> i64 {
 }
 
 /// The condition that ended the Job, if one did.
-fn finished(job: &Value) -> Option<&Value> {
+pub fn finished(job: &Value) -> Option<&Value> {
     job["status"]["conditions"].as_array()?.iter().find(|c| {
         matches!(c["type"].as_str(), Some("Complete" | "Failed")) && c["status"] == "True"
     })

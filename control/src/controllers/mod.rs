@@ -9,17 +9,22 @@
 //!   round: each dirty Deployment ─▶ deployment::plan ─▶ ReplicaSets created, scaled, revised
 //!          each dirty ReplicaSet  ─▶ replicaset::plan ─▶ pods created or deleted, status
 //!          each dirty DaemonSet   ─▶ daemonset::plan  ─▶ a pod per eligible node, status
+//!          each CronJob           ─▶ cronjob::plan    ─▶ Jobs on schedule, history, status
 //!          each dirty Job         ─▶ job::plan        ─▶ pods, completion or failure, TTL
 //!          each dirty StatefulSet ─▶ statefulset::plan ─▶ pods by ordinal, rolling, status
+//!          each dirty PodDisruptionBudget ─▶ disruption::status ─▶ status (healthy, allowed)
 //!   then wait for the watch to show the round's own writes, so the next round sees them
 //! ```
 //!
 //! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
 //! client. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`],
-//! [`job`] and [`statefulset`].
+//! [`job`], [`cronjob`], [`statefulset`] and [`disruption`].
 
+pub mod cron;
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
@@ -44,13 +49,15 @@ const DEPLOYS: &str = "/registry/apps/deployments/";
 const DSS: &str = "/registry/apps/daemonsets/";
 const STSS: &str = "/registry/apps/statefulsets/";
 const JOBS: &str = "/registry/batch/jobs/";
+const CRONS: &str = "/registry/batch/cronjobs/";
 const NODES: &str = "/registry/core/nodes/";
 const SVCS: &str = "/registry/core/services/";
 const EPS: &str = "/registry/core/endpoints/";
 const SLICES: &str = "/registry/discovery.k8s.io/endpointslices/";
+const PDBS: &str = "/registry/policy/poddisruptionbudgets/";
 /// What the controllers follow, owners before what they own.
-const FOLLOWED: [&str; 10] = [
-    DEPLOYS, DSS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PODS,
+const FOLLOWED: [&str; 12] = [
+    DEPLOYS, DSS, CRONS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PDBS, PODS,
 ];
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -104,8 +111,10 @@ struct Cache {
     failures: HashMap<String, (u64, i64)>,
     /// Jobs waiting out a back-off.
     backing_off: BTreeSet<String>,
-    /// Keys of pods, Services, ReplicaSets, DaemonSets and Deployments, to find them by
-    /// namespace.
+    /// CronJob key → the last warning recorded for it, so a standing problem is told once.
+    warned: HashMap<String, String>,
+    /// Keys of pods, Services, ReplicaSets, DaemonSets, Deployments and PodDisruptionBudgets,
+    /// to find them by namespace.
     index: BTreeSet<String>,
     dirty: BTreeSet<String>,
 }
@@ -255,6 +264,11 @@ impl Cache {
             let old = self.objs.get(key);
             let svcs = self.services_selecting(key, [old, obj.as_ref()]);
             self.dirty.extend(svcs);
+            // Budgets count their pods' health.
+            if let Some((ns, _)) = split(key, PODS) {
+                let pdbs: Vec<String> = self.in_namespace(PDBS, ns).cloned().collect();
+                self.dirty.extend(pdbs);
+            }
         }
         // A pod or ReplicaSet no controller owns may be adopted by one that selects it.
         for (prefix, by) in [(PODS, &[RSS, DSS][..]), (RSS, &[DEPLOYS][..])] {
@@ -266,7 +280,7 @@ impl Cache {
                 self.dirty.extend(adopters);
             }
         }
-        if [PODS, SVCS, RSS, DSS, DEPLOYS]
+        if [PODS, SVCS, RSS, DSS, DEPLOYS, PDBS]
             .iter()
             .any(|p| key.starts_with(p))
         {
@@ -365,6 +379,34 @@ impl Cache {
             })
             .cloned()
             .collect()
+    }
+
+    /// The scale a pod's budget counts it against: its controller's uid and `spec.replicas`
+    /// (a Deployment's for pods of its ReplicaSets), as the disruption controller finds them.
+    fn scale_of(&self, pod: &Value) -> Result<(String, i64), String> {
+        let name = pod["metadata"]["name"].as_str().unwrap_or("");
+        let mut uid = controller_uid(pod)
+            .ok_or_else(|| format!("found no controllers for pod \"{name}\""))?;
+        loop {
+            let owner = self
+                .owners
+                .get(&uid)
+                .and_then(|k| self.objs.get(k).map(|o| (k, o)));
+            let Some((key, o)) = owner else {
+                return Err(format!("found no controllers for pod \"{name}\""));
+            };
+            if key.starts_with(RSS) {
+                if let Some(up) = controller_uid(o).filter(|u| self.owners.contains_key(u)) {
+                    uid = up;
+                    continue;
+                }
+            }
+            if ![RSS, DEPLOYS, STSS].iter().any(|p| key.starts_with(p)) {
+                let kind = o["kind"].as_str().unwrap_or("controller");
+                return Err(format!("{kind} has no scale: pod \"{name}\""));
+            }
+            return Ok((uid, o["spec"]["replicas"].as_i64().unwrap_or(1)));
+        }
     }
 
     fn children_of(&self, o: &Value) -> Vec<&Value> {
@@ -532,11 +574,15 @@ impl Follower for Cache {
                     && (o["spec"]["activeDeadlineSeconds"].is_number()
                         || o["spec"]["ttlSecondsAfterFinished"].is_number()))
                     || (k.starts_with(DEPLOYS) && deployment::rolling(o))
+                    // CronJobs run on the clock.
+                    || (k.starts_with(CRONS) && o["spec"]["suspend"] != true)
                     // Pods ready but not yet for minReadySeconds become available by the clock.
                     || ((k.starts_with(RSS) || k.starts_with(STSS))
                         && o["status"]["readyReplicas"] != o["status"]["availableReplicas"])
                     || (k.starts_with(DSS)
                         && o["status"]["numberReady"] != o["status"]["numberAvailable"])
+                    // Evictions not yet seen as deletions time out.
+                    || (k.starts_with(PDBS) && o["status"]["disruptedPods"].is_object())
             })
             .map(|(k, _)| k.clone())
             .chain(std::mem::take(&mut self.backing_off))
@@ -631,8 +677,18 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
                 waiting.insert(key.clone());
             }
             rev
+        } else if key.starts_with(CRONS) {
+            let said = cache.warned.get(&key).cloned();
+            let (rev, warned) = sync_cronjob(api, o, &children, said).await;
+            match warned {
+                Some(w) => cache.warned.insert(key.clone(), w),
+                None => cache.warned.remove(&key),
+            };
+            rev
         } else if key.starts_with(STSS) {
             sync_statefulset(api, o, &children).await
+        } else if key.starts_with(PDBS) {
+            sync_budget(api, cache, &key, o).await
         } else if key.starts_with(SVCS) {
             sync_endpoints(api, cache, &key, o).await
         } else if let Some(rest) = key.strip_prefix(EPS) {
@@ -728,6 +784,87 @@ fn ns_name(o: &Value) -> (String, String) {
 fn differs(have: &Value, want: &Value) -> bool {
     want.as_object()
         .is_some_and(|w| w.iter().any(|(k, v)| have[k] != *v))
+}
+
+/// Start and clean up a CronJob's Jobs. `said` is the warning last recorded for it; returns
+/// the highest revision written and the warning standing now.
+async fn sync_cronjob(
+    api: &Arc<Api>,
+    cj: &Value,
+    jobs: &[&Value],
+    said: Option<String>,
+) -> (u64, Option<String>) {
+    const ME: &str = "cronjob-controller";
+    let plan = cronjob::plan(cj, jobs, jiff::Timestamp::now().as_second());
+    let (ns, name) = ns_name(cj);
+    let base = format!("/apis/batch/v1/namespaces/{ns}/jobs");
+    let mut wrote = 0;
+    for n in &plan.delete {
+        let body = json!({"propagationPolicy": "Background"});
+        let path = format!("{base}/{n}");
+        wrote = wrote.max(
+            write(api, "DELETE", &path, "application/json", &body)
+                .await
+                .0,
+        );
+    }
+    let mut status = plan.status;
+    if let Some(job) = &plan.create {
+        let (rev, made) = write(api, "POST", &base, "application/json", job).await;
+        if rev > 0 {
+            if let Some(a) = status["active"].as_array_mut() {
+                a.push(cronjob::reference(&made));
+            }
+        } else {
+            // Not started: the time stays due.
+            status["lastScheduleTime"] = cj["status"]["lastScheduleTime"].clone();
+        }
+        wrote = wrote.max(rev);
+    }
+    let mut warned = None;
+    for (kind, reason, msg) in &plan.events {
+        if *kind == "Warning" || *reason == "JobAlreadyActive" {
+            let w = format!("{reason}: {msg}");
+            if said.as_deref() == Some(w.as_str()) {
+                warned = said.clone();
+                continue;
+            }
+            warned = Some(w);
+        }
+        event(api, ME, cj, kind, reason, msg).await;
+    }
+    if differs(&cj["status"], &status) {
+        let path = format!("/apis/batch/v1/namespaces/{ns}/cronjobs/{name}/status");
+        let body = json!({"status": status});
+        wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    (wrote, warned)
+}
+
+/// A PodDisruptionBudget's status from the pods it selects.
+async fn sync_budget(api: &Arc<Api>, cache: &Cache, key: &str, pdb: &Value) -> u64 {
+    let Some((ns, name)) = split(key, PDBS) else {
+        return 0;
+    };
+    let pods: Vec<&Value> = cache
+        .in_namespace(PODS, ns)
+        .filter_map(|k| cache.objs.get(k))
+        .filter(|p| disruption::selects(pdb, p))
+        .collect();
+    let now = jiff::Timestamp::now().as_second();
+    let status = disruption::status(pdb, &pods, |p| cache.scale_of(p), now);
+    if !differs(&pdb["status"], &status)
+        && pdb["status"]["disruptedPods"] == status["disruptedPods"]
+    {
+        return 0;
+    }
+    let path = format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}/status");
+    let mut body = json!({"status": status});
+    // A merge patch keeps keys it does not name: drop the evictions no longer recorded.
+    if body["status"]["disruptedPods"].is_null() {
+        body["status"]["disruptedPods"] = Value::Null;
+    }
+    write(api, "PATCH", &path, MERGE, &body).await.0
 }
 
 async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> u64 {

@@ -214,6 +214,7 @@ struct Inner {
     timeout: Duration,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     proposals: mpsc::Sender<Proposal>,
+    syncer: log::Syncer,
 }
 
 type Proposal = (
@@ -336,7 +337,7 @@ impl Store {
         let syncer = log::Syncer::start(db.clone());
         let hub = watch::Hub::default();
         let log_store = log::LogStore::open(&db, syncer.clone())?;
-        let state_machine = sm::StateMachine::open(&db, dir, syncer, hub)?;
+        let state_machine = sm::StateMachine::open(&db, dir, syncer.clone(), hub)?;
         let shared = state_machine.shared.clone();
 
         let pki_dir = cfg.pki_dir.clone().unwrap_or_else(|| dir.join("pki"));
@@ -407,6 +408,7 @@ impl Store {
                 timeout: Duration::from_secs(10),
                 tasks: std::sync::Mutex::new(Vec::new()),
                 proposals,
+                syncer,
             }),
         };
         let proposer = tokio::spawn(propose_loop(store.inner.raft.clone(), proposal_rx));
@@ -435,6 +437,7 @@ impl Store {
                 Some(via) => store.join_via(via).await?,
             }
         }
+        store.note_membership();
         store.spawn_background(cfg.compaction, cfg.progress_every);
         Ok(store)
     }
@@ -486,6 +489,7 @@ impl Store {
                 tokio::time::sleep(tick).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let store = Store { inner };
+                store.note_membership();
                 since_progress += tick;
                 if since_progress >= progress_every {
                     store.inner.sm.hub.progress();
@@ -519,6 +523,18 @@ impl Store {
 
     pub fn id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// Tell the log whether this member is alone in its membership (voters and learners);
+    /// looked at twice a second, as it changes only when members are added or removed.
+    fn note_membership(&self) {
+        let m = self.inner.raft.metrics();
+        let alone = {
+            let m = m.borrow();
+            let mut nodes = m.membership_config.membership().nodes();
+            nodes.next().is_some_and(|(id, _)| *id == self.inner.id) && nodes.next().is_none()
+        };
+        self.inner.syncer.set_solo(alone);
     }
 
     pub fn raft(&self) -> &Raft<TypeConfig> {

@@ -9,11 +9,16 @@
 //! opens streams with a [`Down`] frame (logs, port-forward). A [`Head`] frame answers; a body, if any,
 //! follows as raw bytes up to the end of the stream, so a watch or `logs -f` is a stream that
 //! stays open.
+//!
+//! A new control-plane member bootstraps the same way, with ALPN [`ALPN_MEMBER`]: a member
+//! token in a [`MemberRequest`] buys the cluster's CAs and the address of a member to join
+//! through ([`MemberReply`]).
 
 use serde::{Deserialize, Serialize};
 
 pub const ALPN_JOIN: &[u8] = b"outpost-join/1";
 pub const ALPN_NODE: &[u8] = b"outpost-node/1";
+pub const ALPN_MEMBER: &[u8] = b"outpost-member/1";
 /// The name in the gateway's certificate; nodes connect to it whatever address they dial, so
 /// a gateway behind NAT or a changed address keeps working. Trust comes from the pinned CA.
 pub const GATEWAY_NAME: &str = "gateway.outpost";
@@ -79,6 +84,30 @@ pub enum JoinReply {
     Issued {
         cert: String,
         ca: String,
+    },
+    Refused(String),
+}
+
+/// A would-be control-plane member's request for the cluster's CAs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberRequest {
+    /// A member token's id and secret.
+    pub id: String,
+    pub secret: String,
+    /// The id the new member will have in the store.
+    pub member: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MemberReply {
+    /// The PEM files a member keeps in its pki directory, and the peer (Raft) address of the
+    /// member that answered, to join through.
+    Admitted {
+        peer_ca_crt: String,
+        peer_ca_key: String,
+        ca_crt: String,
+        ca_key: String,
+        join: String,
     },
     Refused(String),
 }

@@ -24,8 +24,8 @@ use axum::http::{header, Request};
 use axum::Router;
 use futures::StreamExt;
 use outpost_api::link::{
-    read_frame, write_frame, Down, Head, JoinReply, JoinRequest, Up, ALPN_JOIN, ALPN_NODE,
-    MAX_FRAME,
+    read_frame, write_frame, Down, Head, JoinReply, JoinRequest, MemberReply, MemberRequest, Up,
+    ALPN_JOIN, ALPN_MEMBER, ALPN_NODE, MAX_FRAME,
 };
 use outpost_api::store::{Expect, Outcome};
 use quinn::{Connection, RecvStream, SendStream};
@@ -221,6 +221,7 @@ impl Gateway {
         match alpn.as_deref() {
             Some(ALPN_JOIN) => self.join(conn).await,
             Some(ALPN_NODE) => self.node(conn).await,
+            Some(ALPN_MEMBER) => self.member(conn).await,
             _ => conn.close(1u32.into(), b"unknown protocol"),
         }
     }
@@ -255,6 +256,55 @@ impl Gateway {
         }
     }
 
+    /// A new control-plane member: check its member token, use it up, and hand it the
+    /// cluster's CAs and this member's peer address to join through.
+    async fn member(&self, conn: Connection) {
+        let remote = conn.remote_address();
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+        else {
+            return;
+        };
+        let peer = self.api.store.pki_dir().to_path_buf();
+        let read = |dir: &Path, f: &str| std::fs::read_to_string(dir.join(f));
+        let files = (
+            read(&peer, "peer-ca.crt"),
+            read(&peer, "peer-ca.key"),
+            read(&self.pki_dir, "ca.crt"),
+            read(&self.pki_dir, "ca.key"),
+        );
+        let reply = match read_frame::<_, MemberRequest>(&mut recv, 64 << 10).await {
+            Ok(req) => match files {
+                (Ok(peer_ca_crt), Ok(peer_ca_key), Ok(ca_crt), Ok(ca_key)) => {
+                    match self.spend(&req.id, &req.secret, Kind::Member).await {
+                        Ok(()) => {
+                            tracing::info!(%remote, member = req.member, "member admitted");
+                            MemberReply::Admitted {
+                                peer_ca_crt,
+                                peer_ca_key,
+                                ca_crt,
+                                ca_key,
+                                join: self.api.store.status().addr,
+                            }
+                        }
+                        Err(why) => {
+                            tracing::warn!(%remote, member = req.member, reason = %why, "member refused");
+                            MemberReply::Refused(why)
+                        }
+                    }
+                }
+                _ => MemberReply::Refused(
+                    "this member does not hold the cluster's CAs; ask another".into(),
+                ),
+            },
+            Err(e) => MemberReply::Refused(format!("garbled member request: {e}")),
+        };
+        if write_frame(&mut send, &reply, MAX_FRAME).await.is_ok() {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+    }
+
     /// Check the token, use it up, and sign the node's CSR.
     async fn admit(&self, req: &JoinRequest) -> Result<String, String> {
         if !valid_node_name(&req.node) {
@@ -263,7 +313,14 @@ impl Gateway {
                 req.node
             ));
         }
-        let key = format!("{TOKEN_PREFIX}{}", req.id);
+        self.spend(&req.id, &req.secret, Kind::Node).await?;
+        crate::pki::sign_node(&self.pki_dir, &req.csr, &req.node, self.cert_ttl)
+            .map_err(|e| format!("bad certificate signing request: {e}"))
+    }
+
+    /// Check a token of `kind` and use one of its joins.
+    async fn spend(&self, id: &str, secret: &str, kind: Kind) -> Result<(), String> {
+        let key = format!("{TOKEN_PREFIX}{id}");
         let store = &self.api.store;
         let internal =
             |e: &dyn std::fmt::Display| format!("the control plane could not check the token: {e}");
@@ -276,8 +333,22 @@ impl Gateway {
                 return Err("unknown token".into());
             };
             let mut t: Value = serde_json::from_slice(&kv.value).map_err(|e| internal(&e))?;
-            if t["secretSha256"].as_str() != Some(&sha256_hex(req.secret.as_bytes())) {
+            if t["secretSha256"].as_str() != Some(&sha256_hex(secret.as_bytes())) {
                 return Err("unknown token".into());
+            }
+            let is = if t["kind"] == "member" {
+                Kind::Member
+            } else {
+                Kind::Node
+            };
+            if is != kind {
+                return Err(match kind {
+                    Kind::Node => "this is a member token; nodes join with `outpost token create`",
+                    Kind::Member => {
+                        "this is a node token; members join with `outpost token create --member`"
+                    }
+                }
+                .into());
             }
             if t["expires"].as_i64().unwrap_or(0) <= unix_now() {
                 return Err(
@@ -298,10 +369,7 @@ impl Gateway {
                 .await
                 .map_err(|e| internal(&e))?
             {
-                Outcome::Committed { .. } => {
-                    return crate::pki::sign_node(&self.pki_dir, &req.csr, &req.node, self.cert_ttl)
-                        .map_err(|e| format!("bad certificate signing request: {e}"))
-                }
+                Outcome::Committed { .. } => return Ok(()),
                 _ => continue,
             }
         }
@@ -527,8 +595,22 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Store a new bootstrap token valid for `ttl` and `uses` joins; returns it in full.
-pub async fn create_token(api: &Api, ttl: Duration, uses: u32) -> Result<String, String> {
+/// What a bootstrap token lets join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Node,
+    /// A control-plane member: the token buys the cluster's CA keys.
+    Member,
+}
+
+/// Store a new bootstrap token of `kind` valid for `ttl` and `uses` joins; returns it in
+/// full.
+pub async fn create_token(
+    api: &Api,
+    ttl: Duration,
+    uses: u32,
+    kind: Kind,
+) -> Result<String, String> {
     use rand::Rng;
     let pki = api
         .pki_dir
@@ -553,6 +635,7 @@ pub async fn create_token(api: &Api, ttl: Duration, uses: u32) -> Result<String,
         "secretSha256": sha256_hex(token.secret.as_bytes()),
         "expires": unix_now() + ttl.as_secs() as i64,
         "usesLeft": uses,
+        "kind": if kind == Kind::Member { "member" } else { "node" },
     });
     let out = api
         .store

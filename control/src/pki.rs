@@ -364,7 +364,7 @@ fn time_now() -> time::OffsetDateTime {
 /// check its pin), client certificates from the cluster CA accepted but not required (a
 /// joining node has none yet; node connections are checked for one by the gateway).
 pub fn gateway_server_config(dir: &Path) -> Result<rustls::ServerConfig, PkiError> {
-    use outpost_api::link::{ALPN_JOIN, ALPN_NODE, GATEWAY_NAME};
+    use outpost_api::link::{ALPN_JOIN, ALPN_MEMBER, ALPN_NODE, GATEWAY_NAME};
     let mut params = CertificateParams::new(vec![GATEWAY_NAME.to_string()])?;
     params
         .distinguished_name
@@ -374,6 +374,6 @@ pub fn gateway_server_config(dir: &Path) -> Result<rustls::ServerConfig, PkiErro
         dir,
         params,
         &[&rustls::version::TLS13],
-        vec![ALPN_NODE.to_vec(), ALPN_JOIN.to_vec()],
+        vec![ALPN_NODE.to_vec(), ALPN_JOIN.to_vec(), ALPN_MEMBER.to_vec()],
     )
 }

@@ -2,6 +2,7 @@
 //! certificates, garbled and oversized frames, and a node reaching for another node's pods.
 //! Each refusal is clear and leaves the other nodes' links working.
 
+use outpost_control::gateway::Kind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,7 +68,16 @@ fn node_pki(c: &Cluster, root: &std::path::Path, name: &str) -> anyhow::Result<P
 }
 
 async fn token(c: &Cluster, ttl: Duration, uses: u32) -> anyhow::Result<Token> {
-    let t = outpost_control::gateway::create_token(&c.api, ttl, uses)
+    token_of(c, ttl, uses, outpost_control::gateway::Kind::Node).await
+}
+
+async fn token_of(
+    c: &Cluster,
+    ttl: Duration,
+    uses: u32,
+    kind: outpost_control::gateway::Kind,
+) -> anyhow::Result<Token> {
+    let t = outpost_control::gateway::create_token(&c.api, ttl, uses, kind)
         .await
         .map_err(anyhow::Error::msg)?;
     Token::parse(&t).map_err(anyhow::Error::msg)
@@ -130,6 +140,22 @@ async fn joins_are_checked() -> anyhow::Result<()> {
         .await,
     );
     assert!(why.contains("expired"), "{why}");
+    // A member token does not join a node, nor a node token a member, and neither is used up.
+    let member = token_of(&c, Duration::from_secs(600), 1, Kind::Member).await?;
+    let why =
+        refused(link::join(&c.gateway, &member, "n4", &Pki::new(&root.path().join("f"))).await);
+    assert!(why.contains("this is a member token"), "{why}");
+    let node = token(&c, Duration::from_secs(600), 1).await?;
+    let why = match link::join_member(&c.gateway, &node, 7).await {
+        Err(LinkError::Refused(why)) => why,
+        Err(e) => panic!("expected a refusal, got {e:?}"),
+        Ok(_) => panic!("a node token admitted a member"),
+    };
+    assert!(why.contains("this is a node token"), "{why}");
+    let files = link::join_member(&c.gateway, &member, 7).await?;
+    assert_eq!(files.ca_crt, std::fs::read_to_string(c.pki.join("ca.crt"))?);
+    assert!(files.peer_ca_key.contains("PRIVATE KEY"));
+    link::join(&c.gateway, &node, "n4", &Pki::new(&root.path().join("g"))).await?;
     // The joined node connects with its certificate and works.
     let l = Link::connect(&c.gateway, &good).await?;
     l.renew().await?;

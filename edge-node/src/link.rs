@@ -300,10 +300,14 @@ async fn dial(
     Ok((ep, conn))
 }
 
-/// Join the cluster at `server` with `token` as `node`: the gateway checks the token and
-/// signs our key; the certificate and the cluster CA are stored in `pki`.
-pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<(), LinkError> {
-    let (key, csr) = pki.new_key_and_csr(node)?;
+/// One request and its reply with the gateway at `server`, on a connection with `alpn`
+/// that trusts the gateway through `token`'s CA pin (there is no client certificate yet).
+async fn ask_pinned<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+    server: &str,
+    token: &Token,
+    alpn: &[u8],
+    req: &Q,
+) -> Result<R, LinkError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Connect(e.to_string()))?
@@ -312,7 +316,7 @@ pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<
             hash: token.ca_hash.clone(),
         }))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN_JOIN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let (_ep, conn) = dial(server, tls).await.map_err(|e| match e {
         // Retrying cannot make a different CA the pinned one.
         LinkError::Connect(m) if m.contains(PIN_MISMATCH) => LinkError::Refused(m),
@@ -320,20 +324,29 @@ pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<
     })?;
     let stream = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
+    write_frame(&mut send, req, MAX_FRAME)
+        .await
+        .map_err(|e| stream(&e))?;
+    let _ = send.finish();
+    let reply = read_frame(&mut recv, MAX_FRAME)
+        .await
+        .map_err(|e| stream(&e))?;
+    conn.close(0u32.into(), b"done");
+    Ok(reply)
+}
+
+/// Join the cluster at `server` with `token` as `node`: the gateway checks the token and
+/// signs our key; the certificate and the cluster CA are stored in `pki`.
+pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<(), LinkError> {
+    let (key, csr) = pki.new_key_and_csr(node)?;
     let req = JoinRequest {
         id: token.id.clone(),
         secret: token.secret.clone(),
         node: node.to_string(),
         csr,
     };
-    write_frame(&mut send, &req, MAX_FRAME)
-        .await
-        .map_err(|e| stream(&e))?;
-    let _ = send.finish();
-    let reply: JoinReply = read_frame(&mut recv, MAX_FRAME)
-        .await
-        .map_err(|e| stream(&e))?;
-    conn.close(0u32.into(), b"joined");
+    let reply: JoinReply = ask_pinned(server, token, ALPN_JOIN, &req).await?;
+    let stream = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
     match reply {
         JoinReply::Issued { cert, ca } => {
             if sha256_hex(
@@ -354,6 +367,58 @@ pub async fn join(server: &str, token: &Token, node: &str, pki: &Pki) -> Result<
             Ok(())
         }
         JoinReply::Refused(why) => Err(LinkError::Refused(why)),
+    }
+}
+
+/// The cluster's CAs and a member's peer address, as a new control-plane member receives
+/// them for a member token.
+pub struct MemberFiles {
+    pub peer_ca_crt: String,
+    pub peer_ca_key: String,
+    pub ca_crt: String,
+    pub ca_key: String,
+    /// A member's peer (Raft) address to join through.
+    pub join: String,
+}
+
+/// Ask the gateway at `server` to admit a new control-plane member `member` with the member
+/// `token`; the gateway is trusted through the token's CA pin, as in [`join`].
+pub async fn join_member(
+    server: &str,
+    token: &Token,
+    member: u64,
+) -> Result<MemberFiles, LinkError> {
+    use outpost_api::link::{MemberReply, MemberRequest, ALPN_MEMBER};
+    let req = MemberRequest {
+        id: token.id.clone(),
+        secret: token.secret.clone(),
+        member,
+    };
+    let reply: MemberReply = ask_pinned(server, token, ALPN_MEMBER, &req).await?;
+    let stream = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
+    match reply {
+        MemberReply::Admitted {
+            peer_ca_crt,
+            peer_ca_key,
+            ca_crt,
+            ca_key,
+            join,
+        } => {
+            let ca = CertificateDer::from_pem_slice(ca_crt.as_bytes()).map_err(|e| stream(&e))?;
+            if sha256_hex(ca.as_ref()) != token.ca_hash {
+                return Err(LinkError::Refused(
+                    "the CA sent does not match the token's CA hash".into(),
+                ));
+            }
+            Ok(MemberFiles {
+                peer_ca_crt,
+                peer_ca_key,
+                ca_crt,
+                ca_key,
+                join,
+            })
+        }
+        MemberReply::Refused(why) => Err(LinkError::Refused(why)),
     }
 }
 

@@ -347,3 +347,97 @@ async fn a_node_renews_its_certificate_while_connected() -> anyhow::Result<()> {
     .await??;
     Ok(())
 }
+
+/// `outpost-control --server HOST:PORT --token T` with a member token: the new member gets
+/// the cluster's CAs from the member it names (trusted through the token's CA pin), joins,
+/// and serves kubectl under the same CA. A node token, a used member token and a garbled one
+/// are refused with the reason, before the member writes anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_join_with_a_member_token() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    let mut members = cluster_with(&root, 1, &[], true).await?;
+    let api1 = members[0].api.clone().context("api")?;
+    let cfg1 = kubeconfig(&root, &members[0])?;
+    let token = |extra: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(bin("outpost"))
+            .args(["token", "create"])
+            .args(extra)
+            .arg("--kubeconfig")
+            .arg(&cfg1)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    };
+    let member_token = token(&["--member"])?;
+    let node_token = token(&[])?;
+    // A would-be member that must be refused: its error, and nothing in its pki directory.
+    let refused = |id: u64, token: &str| -> anyhow::Result<String> {
+        let data = root.join(format!("refused{id}"));
+        let out = std::process::Command::new(bin("outpost-control"))
+            .args(["--id", &id.to_string(), "--server", &api1, "--token", token])
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--peer-listen",
+                &format!("127.0.0.1:{}", outpost_tests::free_udp_port()),
+            ])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", outpost_tests::free_tcp_port()),
+            ])
+            .output()?;
+        ensure!(!out.status.success(), "member {id} started with {token}");
+        ensure!(!data.join("pki").join("ca.key").exists());
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let said = refused(9, &node_token)?;
+    ensure!(said.contains("this is a node token"), "{said}");
+
+    let mut m2 = Member::new(2, &root, &["--server", &api1, "--token", &member_token]);
+    m2.api = Some(format!("127.0.0.1:{}", outpost_tests::free_tcp_port()));
+    m2.start(None)?;
+    let c = client();
+    let first = &members[0];
+    outpost_tests::eventually(60, "the member to become a voter", || async {
+        let s = outpost_tests::status(&c, first).await?;
+        Ok(s["voters"].as_array().map_or(0, |v| v.len()) == 2)
+    })
+    .await?;
+    for f in ["ca.crt", "peer-ca.crt"] {
+        ensure!(
+            std::fs::read(m2.dir.join("pki").join(f))?
+                == std::fs::read(first.dir.join("pki").join(f))?,
+            "{f} differs"
+        );
+    }
+    let cfg2 = kubeconfig(&root, &m2)?;
+    let r = root.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        retry(&r, &cfg2, &["create", "configmap", "via-two"])?;
+        let got = retry(&r, &cfg1, &["get", "configmap", "via-two", "-o", "name"])?;
+        ensure!(got.stdout.trim() == "configmap/via-two", "{}", got.stdout);
+        Ok(())
+    })
+    .await??;
+
+    let said = refused(3, &member_token)?;
+    ensure!(said.contains("already been used"), "{said}");
+    let said = refused(4, "op1.not-a-token")?;
+    ensure!(said.contains("a token looks like"), "{said}");
+    // A restarted member needs no token again.
+    m2.kill();
+    m2.extra.clear();
+    m2.start(None)?;
+    outpost_tests::eventually(60, "the restarted member to follow", || async {
+        let s = outpost_tests::status(&c, &m2).await?;
+        Ok(s["state"] == "Follower" || s["state"] == "Leader")
+    })
+    .await?;
+    members.push(m2);
+    Ok(())
+}

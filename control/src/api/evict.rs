@@ -37,8 +37,10 @@ pub(super) async fn admit(api: &Arc<Api>, pod: &Value, dry: bool) -> Result<(), 
             .await?;
         let mut budgets = Vec::new();
         for kv in &page.kvs {
-            let b: Value = serde_json::from_slice(&kv.value)
+            let mut b: Value = serde_json::from_slice(&kv.value)
                 .map_err(|e| ApiError::Internal(format!("a stored budget is unreadable: {e}")))?;
+            // Stored values leave it out; the status update below is conditional on it.
+            b["metadata"]["resourceVersion"] = json!(kv.mod_revision.to_string());
             if disruption::selects(&b, pod) {
                 budgets.push(b);
             }

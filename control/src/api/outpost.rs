@@ -65,12 +65,22 @@ pub(super) async fn serve(
             let ttl = Duration::from_secs(num("ttl", 86_400)?);
             let uses = u32::try_from(num("uses", 1)?)
                 .map_err(|_| ApiError::BadRequest("uses is too large".into()))?;
-            let token = crate::gateway::create_token(api, ttl, uses)
+            let kind = match q.get("kind") {
+                None | Some("node") => crate::gateway::Kind::Node,
+                Some("member") => crate::gateway::Kind::Member,
+                Some(k) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "kind must be node or member, got {k:?}"
+                    )))
+                }
+            };
+            let token = crate::gateway::create_token(api, ttl, uses, kind)
                 .await
                 .map_err(ApiError::Internal)?;
             Ok(json_response(
                 StatusCode::CREATED,
-                &json!({"token": token, "ttlSeconds": ttl.as_secs(), "uses": uses}),
+                &json!({"token": token, "ttlSeconds": ttl.as_secs(), "uses": uses,
+                    "kind": q.get("kind").unwrap_or("node")}),
                 "application/json",
             ))
         }

@@ -1,7 +1,7 @@
 //! `outpost-control`: one member of the Outpost control plane.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -37,9 +37,17 @@ struct Args {
     /// Directory holding the peer CA (defaults to DATA_DIR/pki).
     #[arg(long)]
     pki_dir: Option<PathBuf>,
-    /// Join the cluster through this member's peer address instead of starting a new one.
-    #[arg(long)]
+    /// Join the cluster through this member's peer address instead of starting a new one
+    /// (the pki directory must hold copies of the cluster's CAs).
+    #[arg(long, conflicts_with = "server")]
     join: Option<String>,
+    /// Join the cluster through this member's API address (HOST:PORT) with a member token
+    /// (`outpost token create --member`): the cluster's CAs come with it.
+    #[arg(long, requires = "token")]
+    server: Option<String>,
+    /// The member token for --server.
+    #[arg(long, requires = "server")]
+    token: Option<String>,
     /// Keep this many revisions of watch history (instead of --retain-seconds).
     #[arg(long)]
     retain_revisions: Option<u64>,
@@ -84,6 +92,39 @@ struct Args {
     autonomy_window: u64,
 }
 
+/// Where a member that joined by token keeps the address it joins through, should it stop
+/// before the join completes.
+const JOIN_VIA: &str = "join-via";
+
+/// Get the cluster's CAs from the member at `server` with a member `token` (once: a restart
+/// finds them in `pki_dir`); returns the peer address to join through.
+async fn bootstrap(server: &str, token: &str, id: u64, pki_dir: &Path) -> anyhow::Result<String> {
+    use outpost_control::pki::{write_secret, PkiError};
+    let via = pki_dir.join(JOIN_VIA);
+    if pki_dir.join("ca.key").exists() && pki_dir.join("peer-ca.key").exists() {
+        return std::fs::read_to_string(&via)
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("reading {}", via.display()));
+    }
+    let token = outpost_api::link::Token::parse(token).map_err(anyhow::Error::msg)?;
+    let files = outpost_edge_node::link::join_member(server, &token, id)
+        .await
+        .with_context(|| format!("joining the cluster through {server}"))?;
+    std::fs::create_dir_all(pki_dir).with_context(|| format!("creating {}", pki_dir.display()))?;
+    let public = |name: &str, data: &str| -> Result<(), PkiError> {
+        let path = pki_dir.join(name);
+        std::fs::write(&path, data).map_err(|source| PkiError::Io { path, source })
+    };
+    // Keys last: their presence is what says the bootstrap is done.
+    public("peer-ca.crt", &files.peer_ca_crt)?;
+    public("ca.crt", &files.ca_crt)?;
+    public(JOIN_VIA, &files.join)?;
+    write_secret(&pki_dir.join("ca.key"), &files.ca_key)?;
+    write_secret(&pki_dir.join("peer-ca.key"), &files.peer_ca_key)?;
+    tracing::info!(server, join = %files.join, "received the cluster's CAs");
+    Ok(files.join)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -110,7 +151,10 @@ async fn main() -> anyhow::Result<()> {
     cfg.heartbeat = Duration::from_millis((a.election_ms / 8).max(20));
     cfg.progress_every = Duration::from_secs(a.progress_seconds.max(1));
     let pki_dir = a.pki_dir.clone().unwrap_or_else(|| a.data_dir.join("pki"));
-    if a.join.is_none() {
+    if let (Some(server), Some(token)) = (&a.server, &a.token) {
+        cfg.join = Some(bootstrap(server, token, a.id, &pki_dir).await?);
+    }
+    if cfg.join.is_none() {
         outpost_control::pki::ensure_cluster_ca(&pki_dir).context("creating the cluster CA")?;
     }
     let store = Store::open(cfg)

@@ -105,14 +105,19 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum TokenCmd {
-    /// Print a new token: `outpost-node --server HOST:PORT --token TOKEN` joins with it.
+    /// Print a new token: `outpost-node --server HOST:PORT --token TOKEN` joins with it (or,
+    /// with --member, `outpost-control --server HOST:PORT --token TOKEN`).
     Create {
         /// How long the token is valid, in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
-        /// How many nodes may join with it.
+        /// How many nodes (or members) may join with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// A token for a new control-plane member: it hands out the cluster's CA keys, so
+        /// keep it as secret as they are.
+        #[arg(long)]
+        member: bool,
     },
 }
 
@@ -243,14 +248,15 @@ async fn serve() -> anyhow::Result<()> {
             store.shutdown().await;
         }
         Cmd::Token {
-            cmd: TokenCmd::Create { ttl, uses },
+            cmd: TokenCmd::Create { ttl, uses, member },
             kubeconfig,
         } => {
             let c = Client::from_kubeconfig(&client::kubeconfig_path(kubeconfig.as_deref()))?;
+            let kind = if member { "member" } else { "node" };
             let v = c
                 .json(
                     "POST",
-                    &format!("/outpost/v1/tokens?ttl={ttl}&uses={uses}"),
+                    &format!("/outpost/v1/tokens?ttl={ttl}&uses={uses}&kind={kind}"),
                     "application/json",
                     Vec::new(),
                 )

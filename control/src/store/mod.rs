@@ -215,6 +215,8 @@ struct Inner {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     proposals: mpsc::Sender<Proposal>,
     syncer: log::Syncer,
+    /// Where the peer CA and this member's certificate live.
+    pki_dir: PathBuf,
 }
 
 type Proposal = (
@@ -409,6 +411,7 @@ impl Store {
                 tasks: std::sync::Mutex::new(Vec::new()),
                 proposals,
                 syncer,
+                pki_dir: pki_dir.clone(),
             }),
         };
         let proposer = tokio::spawn(propose_loop(store.inner.raft.clone(), proposal_rx));
@@ -523,6 +526,11 @@ impl Store {
 
     pub fn id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// The directory of the peer CA and this member's certificate.
+    pub fn pki_dir(&self) -> &Path {
+        &self.inner.pki_dir
     }
 
     /// Tell the log whether this member is alone in its membership (voters and learners);

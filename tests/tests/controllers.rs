@@ -701,6 +701,36 @@ fn statefulsets_endpoints_drain_and_namespace_delete() -> anyhow::Result<()> {
     )?;
     endpoints("db-0")?;
 
+    // Deleted with its pods orphaned and created again, the StatefulSet takes db-0 back
+    // (the same pod).
+    let uid = field(&up, &["pod", "db-0", "-n", "shop"], "{.metadata.uid}")?;
+    up.kubectl(&[
+        "delete",
+        "statefulset",
+        "db",
+        "-n",
+        "shop",
+        "--cascade=orphan",
+    ])?
+    .expect_ok("delete --cascade=orphan")?;
+    up.wait_field(
+        30,
+        &["pod", "db-0", "-n", "shop"],
+        "{.metadata.ownerReferences}",
+        str::is_empty,
+    )?;
+    let one = manifest.replace("replicas: 3", "replicas: 1");
+    up.kubectl_in(&["apply", "-f", "-"], &one)?
+        .expect_ok("apply again")?;
+    sts_rolled_out(&up, "rollout status after adoption")?;
+    let sts = field(&up, &["statefulset", "db", "-n", "shop"], "{.metadata.uid}")?;
+    up.wait_field(
+        30,
+        &["pod", "db-0", "-n", "shop"],
+        "{.metadata.uid} {.metadata.ownerReferences[0].uid}",
+        |s| s == format!("{uid} {sts}"),
+    )?;
+
     // A restart replaces the pod at the new revision.
     let uid = field(&up, &["pod", "db-0", "-n", "shop"], "{.metadata.uid}")?;
     up.kubectl(&["rollout", "restart", "statefulset/db", "-n", "shop"])?

@@ -113,8 +113,8 @@ struct Cache {
     backing_off: BTreeSet<String>,
     /// CronJob key → the last warning recorded for it, so a standing problem is told once.
     warned: HashMap<String, String>,
-    /// Keys of pods, Services, ReplicaSets, DaemonSets, Deployments and PodDisruptionBudgets,
-    /// to find them by namespace.
+    /// Keys of pods, Services, ReplicaSets, DaemonSets, Deployments, StatefulSets, Jobs and
+    /// PodDisruptionBudgets, to find them by namespace.
     index: BTreeSet<String>,
     dirty: BTreeSet<String>,
 }
@@ -271,7 +271,7 @@ impl Cache {
             }
         }
         // A pod or ReplicaSet no controller owns may be adopted by one that selects it.
-        for (prefix, by) in [(PODS, &[RSS, DSS][..]), (RSS, &[DEPLOYS][..])] {
+        for (prefix, by) in [(PODS, &[RSS, DSS, STSS, JOBS][..]), (RSS, &[DEPLOYS][..])] {
             if let Some(o) = obj
                 .as_ref()
                 .filter(|o| key.starts_with(prefix) && controller_uid(o).is_none())
@@ -280,7 +280,7 @@ impl Cache {
                 self.dirty.extend(adopters);
             }
         }
-        if [PODS, SVCS, RSS, DSS, DEPLOYS, PDBS]
+        if [PODS, SVCS, RSS, DSS, DEPLOYS, PDBS, STSS, JOBS]
             .iter()
             .any(|p| key.starts_with(p))
         {
@@ -357,12 +357,27 @@ impl Cache {
 
     /// Objects under `prefix` (pods, or ReplicaSets) in `owner`'s namespace that no
     /// controller owns, that are not being deleted or finished, and that `owner` selects: the
-    /// ones it adopts.
+    /// ones it adopts. A StatefulSet takes only pods named as its own (`NAME-ORDINAL`).
     fn orphans(&self, prefix: &str, owner: &Value) -> Vec<&Value> {
         let ns = owner["metadata"]["namespace"].as_str().unwrap_or("default");
+        let set = (owner["kind"] == "StatefulSet")
+            .then(|| format!("{}-", owner["metadata"]["name"].as_str().unwrap_or("")));
+        let named = |o: &Value| {
+            set.as_deref().is_none_or(|p| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .and_then(|n| n.strip_prefix(p))
+                    .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
         self.in_namespace(prefix, ns)
             .filter_map(|k| self.objs.get(k))
-            .filter(|o| controller_uid(o).is_none() && replicaset::active(o) && selects(owner, o))
+            .filter(|o| {
+                controller_uid(o).is_none()
+                    && replicaset::active(o)
+                    && selects(owner, o)
+                    && named(o)
+            })
             .collect()
     }
 
@@ -638,7 +653,9 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         // Adopt first; the plan counts them once the watch shows them owned.
         let orphans = match () {
             _ if key.starts_with(DEPLOYS) => cache.orphans(RSS, o),
-            _ if key.starts_with(RSS) || key.starts_with(DSS) => cache.orphans(PODS, o),
+            _ if [RSS, DSS, STSS, JOBS].iter().any(|p| key.starts_with(p)) => {
+                cache.orphans(PODS, o)
+            }
             _ => vec![],
         };
         if !orphans.is_empty() {

@@ -940,3 +940,104 @@ fn cronjobs_start_jobs_on_schedule() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// A Job's pod failure policy ends it on the exit code it names, and a limit per index gives
+/// up one index while the others complete; a policy with a restartPolicy other than Never is
+/// refused with the field.
+#[test]
+fn pod_failure_policies_and_backoff_per_index() -> anyhow::Result<()> {
+    let (_dir, up) = with_module("hello")?;
+    let job = |name: &str, restart: &str, spec: &str, env: &str| {
+        format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n{spec}  template:\n    spec:\n      restartPolicy: {restart}\n      containers:\n      - name: main\n        image: module:hello\n        env:\n{env}")
+    };
+    let policy = "  podFailurePolicy:\n    rules:\n    - action: FailJob\n      onExitCodes:\n        containerName: main\n        operator: In\n        values: [42]\n";
+    let refused = up
+        .kubectl_in(
+            &["apply", "-f", "-"],
+            &job(
+                "bad",
+                "OnFailure",
+                policy,
+                "        - {name: X, value: \"1\"}\n",
+            ),
+        )?
+        .expect_err("a policy with OnFailure")?;
+    assert!(
+        refused
+            .stderr
+            .contains("only \"Never\" is supported when podFailurePolicy is specified"),
+        "{}",
+        refused.stderr
+    );
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &job(
+            "stop",
+            "Never",
+            policy,
+            "        - {name: EXIT_CODE, value: \"42\"}\n",
+        ),
+    )?
+    .expect_ok("apply stop")?;
+    let failed = "{.status.conditions[?(@.type==\"Failed\")].reason}";
+    up.wait_field(60, &["job", "stop"], failed, |s| s == "PodFailurePolicy")?;
+    let said = field(
+        &up,
+        &["job", "stop"],
+        "{.status.conditions[?(@.type==\"Failed\")].message} {.status.failed}",
+    )?;
+    assert!(
+        said.contains("failed with exit code 42 matching FailJob rule at index 0")
+            && said.ends_with(" 1"),
+        "{said}"
+    );
+
+    let indexed = "  completionMode: Indexed\n  completions: 3\n  parallelism: 3\n  backoffLimitPerIndex: 1\n";
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &job(
+            "per-index",
+            "Never",
+            indexed,
+            "        - {name: EXIT_CODE, value: \"3\"}\n        - {name: EXIT_INDEX, value: \"1\"}\n",
+        ),
+    )?
+    .expect_ok("apply per-index")?;
+    up.wait_field(90, &["job", "per-index"], failed, |s| s == "FailedIndexes")?;
+    let indexes = field(
+        &up,
+        &["job", "per-index"],
+        "{.status.completedIndexes} {.status.failedIndexes} {.spec.backoffLimit}",
+    )?;
+    assert_eq!(indexes, "0,2 1 2147483647");
+    let tries = field(
+        &up,
+        &[
+            "pods",
+            "-l",
+            "batch.kubernetes.io/job-completion-index=1,job-name=per-index",
+        ],
+        "{.items[*].status.phase}",
+    )?;
+    assert_eq!(tries, "Failed Failed", "index 1 ran twice");
+    // The second try waited out the back-off (10 s after the first failure).
+    let created = field(
+        &up,
+        &[
+            "pods",
+            "-l",
+            "batch.kubernetes.io/job-completion-index=1,job-name=per-index",
+        ],
+        "{.items[*].metadata.creationTimestamp}",
+    )?;
+    let mut at: Vec<jiff::Timestamp> = created
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    at.sort();
+    assert!(
+        at.len() == 2 && (at[1] - at[0]).get_seconds() >= 9,
+        "{created}"
+    );
+    Ok(())
+}

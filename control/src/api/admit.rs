@@ -196,7 +196,13 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
             let spec = child(o, "spec");
             or(spec, "parallelism", json!(1));
             or(spec, "completions", json!(1));
-            or(spec, "backoffLimit", json!(6));
+            // With a limit per index, only that limit counts unless one is given for the Job.
+            let whole = if spec["backoffLimitPerIndex"].is_null() {
+                6
+            } else {
+                i32::MAX
+            };
+            or(spec, "backoffLimit", json!(whole));
             or(spec, "completionMode", json!("NonIndexed"));
             or(spec, "suspend", json!(false));
             or(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
@@ -437,6 +443,77 @@ fn check_selector_template(o: &Value, out: &mut Vec<Cause>) {
 }
 
 /// Field-level problems with `o`, a `kind` object whose defaults are already set.
+/// A Job's `podFailurePolicy` and `backoffLimitPerIndex`, as the API server checks them.
+fn check_failure_policy(spec: &Value, out: &mut Vec<Cause>) {
+    let restart = spec["template"]["spec"]["restartPolicy"]
+        .as_str()
+        .unwrap_or("Never");
+    let indexed = spec["completionMode"] == "Indexed";
+    if !spec["backoffLimitPerIndex"].is_null() && !indexed {
+        out.push(Cause::invalid(
+            "spec.backoffLimitPerIndex",
+            &spec["backoffLimitPerIndex"].to_string(),
+            "requires indexed completion mode",
+        ));
+    }
+    let Some(rules) = spec["podFailurePolicy"]["rules"].as_array() else {
+        return;
+    };
+    if restart != "Never" {
+        out.push(Cause::invalid(
+            "spec.template.spec.restartPolicy",
+            restart,
+            "only \"Never\" is supported when podFailurePolicy is specified",
+        ));
+    }
+    for (i, r) in rules.iter().enumerate() {
+        let at = format!("spec.podFailurePolicy.rules[{i}]");
+        match r["action"].as_str() {
+            Some("FailJob" | "Ignore" | "Count") => {}
+            Some("FailIndex") if !spec["backoffLimitPerIndex"].is_null() => {}
+            Some("FailIndex") => out.push(Cause::invalid(
+                format!("{at}.action"),
+                "FailIndex",
+                "requires the backoffLimitPerIndex to be set",
+            )),
+            other => out.push(Cause::new(
+                "FieldValueNotSupported",
+                format!("{at}.action"),
+                format!("Unsupported value: {:?}: supported values: \"Count\", \"FailIndex\", \"FailJob\", \"Ignore\"", other.unwrap_or("")),
+            )),
+        }
+        let codes = &r["onExitCodes"];
+        let conditions = &r["onPodConditions"];
+        if codes.is_null() == conditions.is_null() {
+            out.push(Cause::invalid(
+                at.clone(),
+                "",
+                "specifying one of onExitCodes and onPodConditions is required",
+            ));
+        }
+        if codes.is_object() {
+            if !matches!(codes["operator"].as_str(), Some("In" | "NotIn")) {
+                out.push(Cause::new(
+                    "FieldValueNotSupported",
+                    format!("{at}.onExitCodes.operator"),
+                    "Unsupported value: supported values: \"In\", \"NotIn\"",
+                ));
+            }
+            let values = codes["values"].as_array().cloned().unwrap_or_default();
+            if values.is_empty() || values.iter().any(|v| !v.is_i64()) {
+                out.push(Cause::required(format!("{at}.onExitCodes.values")));
+            }
+            if codes["operator"] == "In" && values.iter().any(|v| v == 0) {
+                out.push(Cause::invalid(
+                    format!("{at}.onExitCodes.values"),
+                    "0",
+                    "must not be 0 for the In operator",
+                ));
+            }
+        }
+    }
+}
+
 /// A PodDisruptionBudget's spec: one of minAvailable and maxUnavailable, each a
 /// non-negative integer or a percentage of at most 100%.
 fn check_budget(spec: &Value, out: &mut Vec<Cause>) {
@@ -525,6 +602,7 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
                     "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
                 ));
             }
+            check_failure_policy(&o["spec"], &mut out);
         }
         ("policy", "PodDisruptionBudget") => check_budget(&o["spec"], &mut out),
         ("batch", "CronJob") => {

@@ -6,6 +6,14 @@
 //! the annotation and label `batch.kubernetes.io/job-completion-index`, the environment
 //! variable `JOB_COMPLETION_INDEX` and the host name `JOB-INDEX`), completes when every index
 //! has succeeded once, and reports them as `completedIndexes` (`0-2,5`).
+//!
+//! A `podFailurePolicy` looks at each failed pod: the first rule whose exit codes (of a
+//! container that ended non-zero) or pod conditions match decides, `FailJob` ending the Job
+//! at once, `Ignore` leaving the failure uncounted, `FailIndex` failing the pod's index,
+//! `Count` counting it as usual. With `backoffLimitPerIndex` an Indexed Job counts failures
+//! per index: an index failing more often is given up (`failedIndexes`), the others go on,
+//! and the Job fails once every index has finished if any failed, or as soon as more than
+//! `maxFailedIndexes` have.
 
 use std::collections::BTreeSet;
 
@@ -51,6 +59,78 @@ fn seconds(t: &Value) -> Option<i64> {
         .map(|t| t.as_second())
 }
 
+/// What a pod failure policy decides for one failed pod.
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    Count,
+    Ignore,
+    FailIndex,
+    /// Fail the Job, with the message Kubernetes writes.
+    FailJob(String),
+}
+
+/// The first rule of `spec.podFailurePolicy` that `pod` (failed) matches, or `Count`.
+fn verdict(spec: &Value, pod: &Value) -> Verdict {
+    let rules = spec["podFailurePolicy"]["rules"].as_array();
+    let name = format!(
+        "{}/{}",
+        pod["metadata"]["namespace"].as_str().unwrap_or("default"),
+        pod["metadata"]["name"].as_str().unwrap_or("")
+    );
+    for (i, rule) in rules.into_iter().flatten().enumerate() {
+        let action = rule["action"].as_str().unwrap_or("Count");
+        let mut why = None;
+        let codes = &rule["onExitCodes"];
+        if codes.is_object() {
+            let values: Vec<i64> = codes["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_i64)
+                .collect();
+            let inside = codes["operator"] == "In";
+            let container = codes["containerName"].as_str();
+            why = pod["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| container.is_none_or(|n| c["name"] == n))
+                .find_map(|c| {
+                    let code = c["state"]["terminated"]["exitCode"].as_i64()?;
+                    (code != 0 && values.contains(&code) == inside).then(|| {
+                        format!(
+                            "Container {} for pod {name} failed with exit code {code} matching {action} rule at index {i}",
+                            c["name"].as_str().unwrap_or("")
+                        )
+                    })
+                });
+        } else if let Some(wanted) = rule["onPodConditions"].as_array() {
+            why = wanted.iter().find_map(|w| {
+                let status = w["status"].as_str().unwrap_or("True");
+                pod["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .any(|c| c["type"] == w["type"] && c["status"] == status)
+                    .then(|| {
+                        format!(
+                            "Pod {name} has condition {} matching {action} rule at index {i}",
+                            w["type"].as_str().unwrap_or("")
+                        )
+                    })
+            });
+        }
+        if let Some(why) = why {
+            return match action {
+                "FailJob" => Verdict::FailJob(why),
+                "Ignore" => Verdict::Ignore,
+                "FailIndex" => Verdict::FailIndex,
+                _ => Verdict::Count,
+            };
+        }
+    }
+    Verdict::Count
+}
+
 /// Plan for `job` given its pods, at `now` (unix seconds; `stamp` is the same as RFC 3339);
 /// `failed_at` is when its number of failed pods last grew, if known.
 pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Option<i64>) -> Plan {
@@ -58,8 +138,32 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
     let completions = spec["completions"].as_u64().unwrap_or(1);
     let parallelism = spec["parallelism"].as_u64().unwrap_or(1);
     let backoff = spec["backoffLimit"].as_u64().unwrap_or(6);
-    let phase = |p: &str| pods.iter().filter(|x| x["status"]["phase"] == p).count() as u64;
-    let (mut succeeded, failed) = (phase("Succeeded"), phase("Failed"));
+    let per_index = spec["backoffLimitPerIndex"].as_u64();
+    let mut succeeded = pods
+        .iter()
+        .filter(|x| x["status"]["phase"] == "Succeeded")
+        .count() as u64;
+    // Failed pods as the policy counts them; failures per index; indexes given up.
+    let (mut failed, mut fail_job) = (0u64, None);
+    let mut per: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut given_up: BTreeSet<u64> = BTreeSet::new();
+    for p in pods.iter().filter(|x| x["status"]["phase"] == "Failed") {
+        match verdict(spec, p) {
+            Verdict::Ignore => continue,
+            Verdict::FailJob(why) => {
+                fail_job.get_or_insert(why);
+            }
+            Verdict::FailIndex => given_up.extend(index_of(p)),
+            Verdict::Count => {}
+        }
+        failed += 1;
+        if let Some(i) = index_of(p) {
+            *per.entry(i).or_default() += 1;
+        }
+    }
+    if let Some(limit) = per_index {
+        given_up.extend(per.iter().filter(|(_, n)| **n > limit).map(|(i, _)| *i));
+    }
     let running: Vec<&Value> = pods.iter().copied().filter(|p| active(p)).collect();
     let indexed = spec["completionMode"] == "Indexed";
     // An Indexed Job counts each index once however many of its pods succeeded.
@@ -86,6 +190,9 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
     });
     if indexed {
         status["completedIndexes"] = json!(ranges(&done));
+        if per_index.is_some() {
+            status["failedIndexes"] = json!(ranges(&given_up));
+        }
     }
     let mut plan = Plan::default();
     if let Some(done) = finished(job) {
@@ -106,11 +213,22 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
         .as_i64()
         .zip(seconds(&json!(start)))
         .is_some_and(|(d, s)| now >= s + d);
-    let failure = if failed > backoff {
+    let max_failed = spec["maxFailedIndexes"].as_u64();
+    let every_index_ended = (0..completions).all(|i| done.contains(&i) || given_up.contains(&i));
+    let failure = if let Some(why) = &fail_job {
+        Some(("PodFailurePolicy", why.as_str()))
+    } else if failed > backoff {
         Some((
             "BackoffLimitExceeded",
             "Job has reached the specified backoff limit",
         ))
+    } else if max_failed.is_some_and(|m| given_up.len() as u64 > m) {
+        Some((
+            "MaxFailedIndexesExceeded",
+            "Job has exceeded the specified maximal number of failed indexes",
+        ))
+    } else if indexed && !given_up.is_empty() && every_index_ended {
+        Some(("FailedIndexes", "Job has failed indexes"))
     } else if deadline {
         Some((
             "DeadlineExceeded",
@@ -134,13 +252,14 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
         if indexed {
             let busy: BTreeSet<u64> = running.iter().filter_map(|p| index_of(p)).collect();
             plan.indexes = (0..completions)
-                .filter(|i| !done.contains(i) && !busy.contains(i))
+                .filter(|i| !done.contains(i) && !busy.contains(i) && !given_up.contains(i))
                 .take(plan.create)
                 .collect();
             plan.create = plan.indexes.len();
         }
         if plan.create > 0 && failed_at.is_some_and(|t| now < t + backoff_delay(failed)) {
             plan.create = 0;
+            plan.indexes.clear();
             plan.backing_off = true;
         }
     }
@@ -328,5 +447,96 @@ mod tests {
         let p = pod_for(&done);
         assert_eq!(p["metadata"]["ownerReferences"][0]["kind"], "Job");
         assert_eq!(p["metadata"]["generateName"], "j-");
+    }
+
+    fn exited(name: &str, code: i64, index: Option<u64>) -> Value {
+        let mut p = json!({"metadata": {"name": name, "namespace": "default", "labels": {}},
+            "status": {"phase": "Failed", "containerStatuses": [
+                {"name": "c", "state": {"terminated": {"exitCode": code}}}]}});
+        if let Some(i) = index {
+            p["metadata"]["labels"][INDEX] = json!(i.to_string());
+        }
+        p
+    }
+
+    #[test]
+    fn pod_failure_policies_decide_per_failed_pod() {
+        let policy = json!({"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": "c", "operator": "In", "values": [42]}},
+            {"action": "Ignore", "onExitCodes": {"operator": "NotIn", "values": [1, 42]}}]});
+        let j = job(json!({"backoffLimit": 0, "podFailurePolicy": policy}));
+        // Exit code 3 is ignored: not counted, and the Job goes on.
+        let three = exited("p3", 3, None);
+        let p = plan(&j, &[&three], NOW, T0, None);
+        assert_eq!(p.status["failed"], 0);
+        assert!(p.status["conditions"].is_null());
+        assert_eq!(p.create, 2);
+        // Evicted (a disruption) is ignored too, whatever its exit code.
+        let mut evicted = exited("pe", 1, None);
+        evicted["status"]["conditions"] = json!([{"type": "DisruptionTarget", "status": "True"}]);
+        assert_eq!(plan(&j, &[&evicted], NOW, T0, None).status["failed"], 0);
+        // Exit code 1 matches no rule: counted, past backoffLimit 0.
+        let one = exited("p1", 1, None);
+        let p = plan(&j, &[&one], NOW, T0, None);
+        assert_eq!(p.status["conditions"][0]["reason"], "BackoffLimitExceeded");
+        // Exit code 42 fails the Job at once, saying which rule.
+        let j = job(json!({"backoffLimit": 6, "podFailurePolicy": j["spec"]["podFailurePolicy"]}));
+        let stop = exited("p42", 42, None);
+        let run = pod("Running");
+        let p = plan(&j, &[&stop, &run], NOW, T0, None);
+        assert_eq!(p.status["conditions"][0]["type"], "Failed");
+        assert_eq!(p.status["conditions"][0]["reason"], "PodFailurePolicy");
+        assert_eq!(
+            p.status["conditions"][0]["message"],
+            "Container c for pod default/p42 failed with exit code 42 matching FailJob rule at index 1"
+        );
+        assert_eq!(p.delete, vec!["p-Running".to_string()]);
+    }
+
+    #[test]
+    fn indexes_fail_alone_past_their_own_backoff_limit() {
+        let j = job(
+            json!({"completionMode": "Indexed", "completions": 3, "parallelism": 3,
+            "backoffLimit": i32::MAX, "backoffLimitPerIndex": 1}),
+        );
+        // Index 1 failed twice: given up; 0 and 2 go on.
+        let pods = [
+            exited("a", 1, Some(1)),
+            exited("b", 1, Some(1)),
+            at("Succeeded", 0),
+            exited("c", 1, Some(2)),
+        ];
+        let refs: Vec<&Value> = pods.iter().collect();
+        let p = plan(&j, &refs, NOW, T0, None);
+        assert_eq!(p.status["failedIndexes"], "1");
+        assert_eq!(p.indexes, [2], "index 2 failed once: retried");
+        // ... but not within the back-off after the latest failure.
+        let p = plan(&j, &refs, NOW, T0, Some(NOW - 5));
+        assert!(p.indexes.is_empty() && p.create == 0 && p.backing_off);
+        assert!(p.status["conditions"].is_null());
+        // Once 2 has succeeded, every index has ended: the Job fails for index 1.
+        let ok2 = at("Succeeded", 2);
+        let refs: Vec<&Value> = pods.iter().chain([&ok2]).collect();
+        let p = plan(&j, &refs, NOW, T0, None);
+        assert_eq!(p.status["conditions"][0]["reason"], "FailedIndexes");
+        assert_eq!(p.status["completedIndexes"], "0,2");
+        // With maxFailedIndexes 0 the first index given up ends it.
+        let mut strict = j.clone();
+        strict["spec"]["maxFailedIndexes"] = json!(0);
+        let refs: Vec<&Value> = pods.iter().collect();
+        let p = plan(&strict, &refs, NOW, T0, None);
+        assert_eq!(
+            p.status["conditions"][0]["reason"],
+            "MaxFailedIndexesExceeded"
+        );
+        // FailIndex gives an index up at its first failure.
+        let mut fail_index = j.clone();
+        fail_index["spec"]["podFailurePolicy"] = json!({"rules": [
+            {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [7]}}]});
+        let seven = exited("d", 7, Some(0));
+        let p = plan(&fail_index, &[&seven], NOW, T0, None);
+        assert_eq!(p.status["failedIndexes"], "0");
+        assert_eq!(p.indexes, [1, 2]);
     }
 }

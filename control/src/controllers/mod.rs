@@ -239,7 +239,20 @@ fn trim_pod(mut o: Value) -> Value {
             keep(c, &["name", "image", "ports"]);
         }
     }
-    keep(&mut o["status"], &["phase", "podIP", "conditions"]);
+    keep(
+        &mut o["status"],
+        &["phase", "podIP", "conditions", "containerStatuses"],
+    );
+    // Exit codes, for Jobs' pod failure policies.
+    if let Some(cs) = o["status"]["containerStatuses"].as_array_mut() {
+        for c in cs {
+            let code = c["state"]["terminated"]["exitCode"].clone();
+            keep(c, &["name"]);
+            if !code.is_null() {
+                c["state"] = json!({"terminated": {"exitCode": code}});
+            }
+        }
+    }
     o
 }
 

@@ -1,4 +1,6 @@
-//! Prints a greeting, its arguments and the environment it was given, then exits 0.
+//! Prints a greeting, its arguments and the environment it was given, then exits 0, or with
+//! `EXIT_CODE` when that is set (only in the Job pod whose `JOB_COMPLETION_INDEX` equals
+//! `EXIT_INDEX`, when that is set too).
 fn main() {
     let who = std::env::var("GREETING_TARGET").unwrap_or_else(|_| "edge".into());
     println!("Hello, {who}! A Wasm pod on Outpost.");
@@ -8,5 +10,10 @@ fn main() {
     }
     if let Ok(pod) = std::env::var("POD_NAME") {
         println!("pod: {pod}");
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let here = env("EXIT_INDEX").is_none_or(|i| env("JOB_COMPLETION_INDEX") == Some(i));
+    if let Some(code) = env("EXIT_CODE").and_then(|c| c.parse().ok()).filter(|_| here) {
+        std::process::exit(code);
     }
 }

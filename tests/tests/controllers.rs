@@ -435,6 +435,44 @@ fn daemonsets_follow_nodes_and_jobs_finish() -> anyhow::Result<()> {
     assert_eq!(placed(1)?, ["edge-1"]);
     up.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=60s"])?
         .expect_ok("rollout status ds after selector")?;
+    // Each template is a ControllerRevision: the history lists two, and an undo brings the
+    // first back (as revision 3) and the pods to every node again.
+    let revisions = |want: &str| {
+        up.wait_field(
+            30,
+            &["controllerrevisions", "-l", "app=agent"],
+            "{.items[*].revision}",
+            |s| {
+                let mut r: Vec<&str> = s.split_whitespace().collect();
+                r.sort();
+                r.join(" ") == want
+            },
+        )
+    };
+    revisions("1 2")?;
+    let history = up
+        .kubectl(&["rollout", "history", "daemonset/agent"])?
+        .expect_ok("rollout history ds")?
+        .stdout;
+    let listed: Vec<&str> = history
+        .lines()
+        .skip_while(|l| !l.starts_with("REVISION"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(listed, ["1", "2"], "{history}");
+    up.kubectl(&["rollout", "undo", "daemonset/agent"])?
+        .expect_ok("rollout undo ds")?;
+    assert_eq!(
+        field(
+            &up,
+            &["daemonset", "agent"],
+            "{.spec.template.spec.nodeSelector}"
+        )?,
+        ""
+    );
+    assert_eq!(placed(3)?.len(), 3);
+    revisions("2 3")?;
 
     // A Job of three completions, two at a time, completes.
     let job = |name: &str, image: &str, extra: &str| {
@@ -751,6 +789,21 @@ fn statefulsets_endpoints_drain_and_namespace_delete() -> anyhow::Result<()> {
     )?;
     let (current, update) = revs.split_once(' ').unwrap_or_default();
     assert_eq!(current, update, "{revs}");
+    // Two templates, two revisions (the first adopted back with the pod), the newest current.
+    let history = up
+        .kubectl(&["rollout", "history", "statefulset/db", "-n", "shop"])?
+        .expect_ok("rollout history sts")?
+        .stdout;
+    assert!(
+        history.contains("\n1 ") && history.contains("\n2 "),
+        "{history}"
+    );
+    let newest = field(
+        &up,
+        &["controllerrevisions", "-n", "shop", "-l", "app=db"],
+        "{range .items[?(@.revision==2)]}{.metadata.name}{end}",
+    )?;
+    assert_eq!(newest, update, "{revs}");
 
     // Deleting the namespace stops its pods on their nodes and removes everything in it.
     up.kubectl(&["delete", "namespace", "shop", "--timeout=90s"])?

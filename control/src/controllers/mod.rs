@@ -27,6 +27,7 @@ pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod gc;
+pub mod history;
 pub mod job;
 pub mod nodes;
 pub mod replicaset;
@@ -55,9 +56,10 @@ const SVCS: &str = "/registry/core/services/";
 const EPS: &str = "/registry/core/endpoints/";
 const SLICES: &str = "/registry/discovery.k8s.io/endpointslices/";
 const PDBS: &str = "/registry/policy/poddisruptionbudgets/";
+const REVS: &str = "/registry/apps/controllerrevisions/";
 /// What the controllers follow, owners before what they own.
-const FOLLOWED: [&str; 12] = [
-    DEPLOYS, DSS, CRONS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PDBS, PODS,
+const FOLLOWED: [&str; 13] = [
+    DEPLOYS, DSS, CRONS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PDBS, REVS, PODS,
 ];
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -113,8 +115,8 @@ struct Cache {
     backing_off: BTreeSet<String>,
     /// CronJob key → the last warning recorded for it, so a standing problem is told once.
     warned: HashMap<String, String>,
-    /// Keys of pods, Services, ReplicaSets, DaemonSets, Deployments, StatefulSets, Jobs and
-    /// PodDisruptionBudgets, to find them by namespace.
+    /// Keys of pods, Services, ReplicaSets, DaemonSets, Deployments, StatefulSets, Jobs,
+    /// PodDisruptionBudgets and ControllerRevisions, to find them by namespace.
     index: BTreeSet<String>,
     dirty: BTreeSet<String>,
 }
@@ -192,6 +194,8 @@ async fn adopt(api: &Arc<Api>, owner: &Value, orphans: &[&Value]) -> u64 {
             "resourceVersion": o["metadata"]["resourceVersion"]}});
         let path = if o["kind"] == "ReplicaSet" {
             format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}")
+        } else if o["kind"] == "ControllerRevision" {
+            format!("/apis/apps/v1/namespaces/{ns}/controllerrevisions/{name}")
         } else {
             format!("/api/v1/namespaces/{ns}/pods/{name}")
         };
@@ -284,7 +288,11 @@ impl Cache {
             }
         }
         // A pod or ReplicaSet no controller owns may be adopted by one that selects it.
-        for (prefix, by) in [(PODS, &[RSS, DSS, STSS, JOBS][..]), (RSS, &[DEPLOYS][..])] {
+        for (prefix, by) in [
+            (PODS, &[RSS, DSS, STSS, JOBS][..]),
+            (RSS, &[DEPLOYS][..]),
+            (REVS, &[DSS, STSS][..]),
+        ] {
             if let Some(o) = obj
                 .as_ref()
                 .filter(|o| key.starts_with(prefix) && controller_uid(o).is_none())
@@ -293,7 +301,7 @@ impl Cache {
                 self.dirty.extend(adopters);
             }
         }
-        if [PODS, SVCS, RSS, DSS, DEPLOYS, PDBS, STSS, JOBS]
+        if [PODS, SVCS, RSS, DSS, DEPLOYS, PDBS, STSS, JOBS, REVS]
             .iter()
             .any(|p| key.starts_with(p))
         {
@@ -373,7 +381,7 @@ impl Cache {
     /// ones it adopts. A StatefulSet takes only pods named as its own (`NAME-ORDINAL`).
     fn orphans(&self, prefix: &str, owner: &Value) -> Vec<&Value> {
         let ns = owner["metadata"]["namespace"].as_str().unwrap_or("default");
-        let set = (owner["kind"] == "StatefulSet")
+        let set = (owner["kind"] == "StatefulSet" && prefix == PODS)
             .then(|| format!("{}-", owner["metadata"]["name"].as_str().unwrap_or("")));
         let named = |o: &Value| {
             set.as_deref().is_none_or(|p| {
@@ -437,12 +445,23 @@ impl Cache {
         }
     }
 
+    /// What `o` controls, its ControllerRevisions aside.
     fn children_of(&self, o: &Value) -> Vec<&Value> {
+        self.owned(o, |k| !k.starts_with(REVS))
+    }
+
+    /// `o`'s ControllerRevisions.
+    fn revisions_of(&self, o: &Value) -> Vec<&Value> {
+        self.owned(o, |k| k.starts_with(REVS))
+    }
+
+    fn owned(&self, o: &Value, keep: impl Fn(&str) -> bool) -> Vec<&Value> {
         o["metadata"]["uid"]
             .as_str()
             .and_then(|u| self.children.get(u))
             .into_iter()
             .flatten()
+            .filter(|k| keep(k))
             .filter_map(|k| self.objs.get(k))
             .collect()
     }
@@ -666,8 +685,12 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         // Adopt first; the plan counts them once the watch shows them owned.
         let orphans = match () {
             _ if key.starts_with(DEPLOYS) => cache.orphans(RSS, o),
-            _ if [RSS, DSS, STSS, JOBS].iter().any(|p| key.starts_with(p)) => {
-                cache.orphans(PODS, o)
+            _ if [RSS, JOBS].iter().any(|p| key.starts_with(p)) => cache.orphans(PODS, o),
+            // Their template history too, as a set deleted with its pods orphaned left it.
+            _ if key.starts_with(DSS) || key.starts_with(STSS) => {
+                let mut all = cache.orphans(PODS, o);
+                all.extend(cache.orphans(REVS, o));
+                all
             }
             _ => vec![],
         };
@@ -687,7 +710,10 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
                 .filter(|(k, _)| k.starts_with(NODES))
                 .map(|(_, n)| n)
                 .collect();
-            sync_daemonset(api, o, &nodes, &children).await
+            let revs = cache.revisions_of(o);
+            sync_history(api, o, &revs, &children)
+                .await
+                .max(sync_daemonset(api, o, &nodes, &children).await)
         } else if key.starts_with(JOBS) {
             // When its number of failed pods last grew, for the back-off.
             let failed = children
@@ -716,7 +742,10 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
             };
             rev
         } else if key.starts_with(STSS) {
-            sync_statefulset(api, o, &children).await
+            let revs = cache.revisions_of(o);
+            sync_history(api, o, &revs, &children)
+                .await
+                .max(sync_statefulset(api, o, &children).await)
         } else if key.starts_with(PDBS) {
             sync_budget(api, cache, &key, o).await
         } else if key.starts_with(SVCS) {
@@ -1072,6 +1101,40 @@ async fn sync_daemonset(api: &Arc<Api>, ds: &Value, nodes: &[&Value], pods: &[&V
         let path = format!("/apis/apps/v1/namespaces/{ns}/daemonsets/{name}/status");
         let body = json!({"status": plan.status});
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+    }
+    wrote
+}
+
+/// Keep a DaemonSet's or StatefulSet's ControllerRevisions: one per template, numbered.
+async fn sync_history(api: &Arc<Api>, owner: &Value, revs: &[&Value], pods: &[&Value]) -> u64 {
+    let in_use = pods
+        .iter()
+        .filter(|p| replicaset::active(p))
+        .filter_map(|p| p["metadata"]["labels"][daemonset::HASH].as_str())
+        .map(String::from)
+        .collect();
+    let plan = history::plan(owner, revs, &in_use);
+    let (ns, _) = ns_name(owner);
+    let base = format!("/apis/apps/v1/namespaces/{ns}/controllerrevisions");
+    let mut wrote = 0;
+    if let Some(r) = &plan.create {
+        wrote = wrote.max(write(api, "POST", &base, "application/json", r).await.0);
+    }
+    if let Some((name, n)) = &plan.renumber {
+        let body = json!({"revision": n});
+        wrote = wrote.max(
+            write(api, "PATCH", &format!("{base}/{name}"), MERGE, &body)
+                .await
+                .0,
+        );
+    }
+    for name in &plan.delete {
+        let path = format!("{base}/{name}");
+        wrote = wrote.max(
+            write(api, "DELETE", &path, "application/json", &json!({}))
+                .await
+                .0,
+        );
     }
     wrote
 }

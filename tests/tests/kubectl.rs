@@ -728,6 +728,32 @@ fn authentication_and_rbac() -> anyhow::Result<()> {
 #[test]
 fn serviceaccount_tokens() -> anyhow::Result<()> {
     let (dir, up) = up()?;
+    // Every namespace, old or new, holds the cluster CA for clients inside the cluster.
+    let text = std::fs::read_to_string(&up.kubeconfig)?;
+    let ca = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .context("ca")?;
+    let ca = String::from_utf8(base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        ca,
+    )?)?;
+    up.kubectl(&["create", "namespace", "team"])?
+        .expect_ok("create ns")?;
+    for ns in ["default", "kube-system", "team"] {
+        let got = up
+            .kubectl(&[
+                "get",
+                "configmap",
+                "kube-root-ca.crt",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.data.ca\\.crt}",
+            ])?
+            .expect_ok("get kube-root-ca.crt")?;
+        ensure!(got.stdout.trim() == ca.trim(), "{ns}: {}", got.stdout);
+    }
     up.kubectl(&["create", "serviceaccount", "bot"])?
         .expect_ok("create sa")?;
     let token = up

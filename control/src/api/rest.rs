@@ -1178,10 +1178,39 @@ async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value
     ))
 }
 
-/// What follows a create: every namespace gets its `default` service account.
+/// The ConfigMap every namespace gets with the cluster CA, for clients inside the cluster
+/// to check the API server with (kube-controller-manager's root CA publisher makes it).
+const ROOT_CA: &str = "kube-root-ca.crt";
+
+/// Put `ROOT_CA` into namespace `ns` unless it is there.
+async fn publish_root_ca(api: &Arc<Api>, ns: &str) {
+    let Some(pem) = api
+        .pki_dir
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("ca.crt")).ok())
+    else {
+        return;
+    };
+    let Some(cms) = resources::find("", "v1", "configmaps") else {
+        return;
+    };
+    let v = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CA, "namespace": ns,
+            "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now(),
+            "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}},
+        "data": {"ca.crt": pem}});
+    let _ = api
+        .store
+        .put(&cms.key(Some(ns), ROOT_CA), to_stored(&v), Expect::Absent)
+        .await;
+}
+
+/// What follows a create: every namespace gets its `default` service account and the
+/// cluster CA's ConfigMap.
 async fn after_create(ctx: &Ctx<'_>, o: &Value) {
     if (ctx.res.group, ctx.res.kind) == ("", "Namespace") {
         let ns = name_of(o).to_string();
+        publish_root_ca(ctx.api, &ns).await;
         if let Some(sa) = resources::find("", "v1", "serviceaccounts") {
             let v = json!({"apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": "default", "namespace": ns,
@@ -1923,6 +1952,17 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
         match create(&ctx, o).await {
             Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
             Err(e) => return Err(e),
+        }
+    }
+    // Namespaces made before the CA's ConfigMap was published (or that lost it) get it now.
+    let nss = resources::find("", "v1", "namespaces").ok_or_else(|| internal("namespaces"))?;
+    let listed = api
+        .store
+        .range(&nss.prefix(None), None, 0, Consistency::Linearizable)
+        .await?;
+    for kv in &listed.kvs {
+        if let Some(ns) = kv.key.rsplit('/').next() {
+            publish_root_ca(api, ns).await;
         }
     }
     // The `kubernetes` service holds the first address of the service network.

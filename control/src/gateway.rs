@@ -274,6 +274,12 @@ impl Gateway {
             read(&self.pki_dir, "ca.key"),
         );
         let reply = match read_frame::<_, MemberRequest>(&mut recv, 64 << 10).await {
+            Ok(req) if self.api.store.status().members.contains_key(&req.member) => {
+                MemberReply::Refused(format!(
+                    "member id {} is already in the cluster; start the new member with another --id",
+                    req.member
+                ))
+            }
             Ok(req) => match files {
                 (Ok(peer_ca_crt), Ok(peer_ca_key), Ok(ca_crt), Ok(ca_key)) => {
                     match self.spend(&req.id, &req.secret, Kind::Member).await {

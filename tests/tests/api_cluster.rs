@@ -397,6 +397,12 @@ async fn members_join_with_a_member_token() -> anyhow::Result<()> {
     };
     let said = refused(9, &node_token)?;
     ensure!(said.contains("this is a node token"), "{said}");
+    // An id already in the cluster is refused, and the token is not spent on it.
+    let said = refused(1, &member_token)?;
+    ensure!(
+        said.contains("member id 1 is already in the cluster"),
+        "{said}"
+    );
 
     let mut m2 = Member::new(2, &root, &["--server", &api1, "--token", &member_token]);
     m2.api = Some(format!("127.0.0.1:{}", outpost_tests::free_tcp_port()));

@@ -871,7 +871,25 @@ fn serviceaccount_tokens() -> anyhow::Result<()> {
     let at = forged.len() - 10;
     forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged)?;
-    as_token("forged", &forged, &["get", "pods"])?.expect_err("a tampered token")?;
+    let refused = as_token("forged", &forged, &["get", "pods"])?.expect_err("a tampered token")?;
+    ensure!(
+        refused.stderr.contains("You must be logged in"),
+        "{}",
+        refused.stderr
+    );
+    // A token for another audience is not for this API.
+    let other = up
+        .kubectl(&["create", "token", "bot", "--audience=https://vault.example"])?
+        .expect_ok("token for another audience")?
+        .stdout
+        .trim()
+        .to_string();
+    let refused = as_token("other", &other, &["get", "pods"])?.expect_err("another audience")?;
+    ensure!(
+        refused.stderr.contains("You must be logged in"),
+        "{}",
+        refused.stderr
+    );
     up.kubectl(&["delete", "serviceaccount", "bot"])?
         .expect_ok("delete sa")?;
     let gone = as_token("bot", &token, &["get", "pods"])?.expect_err("the account is gone")?;

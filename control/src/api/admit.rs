@@ -449,6 +449,9 @@ fn check_failure_policy(spec: &Value, out: &mut Vec<Cause>) {
         .as_str()
         .unwrap_or("Never");
     let indexed = spec["completionMode"] == "Indexed";
+    if !spec["maxFailedIndexes"].is_null() && spec["backoffLimitPerIndex"].is_null() {
+        out.push(Cause::required("spec.backoffLimitPerIndex"));
+    }
     if !spec["backoffLimitPerIndex"].is_null() && !indexed {
         out.push(Cause::invalid(
             "spec.backoffLimitPerIndex",

@@ -54,7 +54,9 @@ pub(super) async fn serve(
     body: Body,
 ) -> Result<Response, ApiError> {
     match (method, rest) {
-        (&Method::POST, ["tokens"]) => {
+        // Member tokens buy the CA keys: a path of their own, so RBAC can grant node tokens
+        // (`/outpost/v1/tokens`) without them.
+        (&Method::POST, ["tokens"] | ["tokens", "member"]) => {
             let num = |k: &str, default: u64| -> Result<u64, ApiError> {
                 q.get(k).map_or(Ok(default), |v| {
                     v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -65,14 +67,11 @@ pub(super) async fn serve(
             let ttl = Duration::from_secs(num("ttl", 86_400)?);
             let uses = u32::try_from(num("uses", 1)?)
                 .map_err(|_| ApiError::BadRequest("uses is too large".into()))?;
-            let kind = match q.get("kind") {
-                None | Some("node") => crate::gateway::Kind::Node,
-                Some("member") => crate::gateway::Kind::Member,
-                Some(k) => {
-                    return Err(ApiError::BadRequest(format!(
-                        "kind must be node or member, got {k:?}"
-                    )))
-                }
+            let member = rest.len() == 2;
+            let kind = if member {
+                crate::gateway::Kind::Member
+            } else {
+                crate::gateway::Kind::Node
             };
             let token = crate::gateway::create_token(api, ttl, uses, kind)
                 .await
@@ -80,7 +79,7 @@ pub(super) async fn serve(
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"token": token, "ttlSeconds": ttl.as_secs(), "uses": uses,
-                    "kind": q.get("kind").unwrap_or("node")}),
+                    "kind": if member { "member" } else { "node" }}),
                 "application/json",
             ))
         }

@@ -122,13 +122,20 @@ pub async fn authenticate(api: &Api, token: &str) -> Option<User> {
     let ns = k["namespace"].as_str()?;
     let sa = &k["serviceaccount"];
     let (name, uid) = (sa["name"].as_str()?, sa["uid"].as_str()?);
+    // There with the same uid, and not being deleted for more than a minute (as
+    // kube-apiserver checks a bound object).
     let exists = |plural: &str, name: &str, uid: &str| {
         let key = format!("/registry/core/{plural}/{ns}/{name}");
         let uid = uid.to_string();
         async move {
             match api.store.get(&key, Consistency::Serializable).await {
-                Ok(Some(kv)) => serde_json::from_slice::<Value>(&kv.value)
-                    .is_ok_and(|o| o["metadata"]["uid"] == uid.as_str()),
+                Ok(Some(kv)) => serde_json::from_slice::<Value>(&kv.value).is_ok_and(|o| {
+                    let going = o["metadata"]["deletionTimestamp"]
+                        .as_str()
+                        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                        .is_some_and(|t| t.as_second() + 60 < now);
+                    o["metadata"]["uid"] == uid.as_str() && !going
+                }),
                 _ => false,
             }
         }

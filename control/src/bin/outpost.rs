@@ -252,11 +252,11 @@ async fn serve() -> anyhow::Result<()> {
             kubeconfig,
         } => {
             let c = Client::from_kubeconfig(&client::kubeconfig_path(kubeconfig.as_deref()))?;
-            let kind = if member { "member" } else { "node" };
+            let path = if member { "tokens/member" } else { "tokens" };
             let v = c
                 .json(
                     "POST",
-                    &format!("/outpost/v1/tokens?ttl={ttl}&uses={uses}&kind={kind}"),
+                    &format!("/outpost/v1/{path}?ttl={ttl}&uses={uses}"),
                     "application/json",
                     Vec::new(),
                 )

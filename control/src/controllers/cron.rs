@@ -75,7 +75,10 @@ fn field(
         let mut v = lo;
         while v <= hi {
             bits |= 1 << v;
-            v += step;
+            match v.checked_add(step) {
+                Some(n) => v = n,
+                None => break,
+            }
         }
     }
     Ok((bits, star))
@@ -107,11 +110,8 @@ pub fn parse(text: &str) -> Result<Schedule, String> {
     let (hours, _) = field(f[1], "hour", 0, 23, &[])?;
     let (days, any_day) = field(f[2], "day of month", 1, 31, &[])?;
     let (months, _) = field(f[3], "month", 1, 12, &MONTHS)?;
-    let (mut weekdays, any_weekday) = field(f[4], "day of week", 0, 7, &WEEKDAYS)?;
-    // 7 is Sunday too.
-    if weekdays & (1 << 7) != 0 {
-        weekdays = (weekdays & !(1 << 7)) | 1;
-    }
+    // 0-6 from Sunday: the cron library Kubernetes validates with refuses 7.
+    let (weekdays, any_weekday) = field(f[4], "day of week", 0, 6, &WEEKDAYS)?;
     Ok(Schedule {
         minutes,
         hours,
@@ -177,10 +177,11 @@ impl Schedule {
                 dt = dt.checked_add(1.minute()).ok()?;
                 continue;
             }
-            // A time skipped by a daylight-saving change runs just after it; a repeated one
-            // only once.
-            let at = tz.to_zoned(dt).ok()?.timestamp();
-            if at > t {
+            // A time that a daylight-saving change skips does not run (as with Kubernetes'
+            // cron library); a repeated one runs at its first occurrence.
+            let zoned = tz.to_zoned(dt).ok()?;
+            let at = zoned.timestamp();
+            if zoned.datetime() == dt && at > t {
                 return Some(at);
             }
             dt = dt.checked_add(1.minute()).ok()?;
@@ -243,7 +244,7 @@ mod tests {
             "2026-12-06T00:00:00Z"
         );
         assert_eq!(
-            next("0 0 * * 7", "2026-12-05T10:00:00Z"),
+            next("0 0 * * 0", "2026-12-05T10:00:00Z"),
             "2026-12-06T00:00:00Z"
         );
         // Leap day: the next one is in 2028.
@@ -275,6 +276,9 @@ mod tests {
 
     #[test]
     fn bad_schedules_say_why() {
+        // Steps run to the end of the field's own range, and a huge one stops there.
+        assert!(parse("0 0 * * 1/2").is_ok_and(|s| s.weekdays == 0b10_1010));
+        assert!(parse("59/4294967295 * * * *").is_ok_and(|s| s.minutes == 1 << 59));
         for (s, why) in [
             ("* * * *", "expected exactly 5 fields"),
             ("60 * * * *", "beyond the range 0-59"),
@@ -283,6 +287,7 @@ mod tests {
             ("5-1 * * * *", "beyond the range"),
             ("@every 5m", "unrecognized descriptor"),
             ("CRON_TZ=UTC * * * * *", "use timeZone field instead"),
+            ("0 0 * * 7", "beyond the range 0-6"),
         ] {
             let e = parse(s).unwrap_err();
             assert!(e.contains(why), "{s}: {e}");
@@ -293,9 +298,9 @@ mod tests {
     fn time_zones_and_daylight_saving() {
         let s = parse("30 2 * * *").unwrap();
         let ny = zone(Some("America/New_York")).unwrap();
-        // 02:30 does not exist on 8 March 2026 in New York: the run comes at 03:30 EDT.
+        // 02:30 does not exist on 8 March 2026 in New York: that day has no run.
         let t = s.next_after(at("2026-03-08T05:00:00Z"), &ny).unwrap();
-        assert_eq!(t.to_string(), "2026-03-08T07:30:00Z");
+        assert_eq!(t.to_string(), "2026-03-09T06:30:00Z");
         let t = s.next_after(at("2026-12-05T00:00:00Z"), &ny).unwrap();
         assert_eq!(t.to_string(), "2026-12-05T07:30:00Z");
         assert!(zone(Some("Mars/Olympus_Mons")).is_err());

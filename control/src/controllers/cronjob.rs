@@ -14,6 +14,8 @@ pub const SCHEDULED: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
 
 /// Missed start times beyond this many are reported (the most recent still starts).
 const TOO_MANY_MISSED: usize = 100;
+/// Missed times counted one by one before the search skips to the last week.
+const CATCH_UP_STEPS: usize = 10_000;
 
 /// What to do for one CronJob.
 #[derive(Debug, Default, PartialEq)]
@@ -141,12 +143,17 @@ pub fn plan(cj: &Value, jobs: &[&Value], now: i64) -> Plan {
     };
     let (mut due, mut missed) = (None, 0);
     while let Some(next) = schedule.next_after(t, &tz) {
-        if next.as_second() > now || missed > 100_000 {
+        if next.as_second() > now {
             break;
         }
         due = Some(next);
         missed += 1;
         t = next;
+        // A frequent schedule left for months: count no further, look at the last week.
+        if missed == CATCH_UP_STEPS {
+            let week = jiff::Timestamp::from_second(now - 7 * 86_400).unwrap_or(t);
+            t = t.max(week);
+        }
     }
     let Some(due) = due else {
         plan.status = status;
@@ -195,10 +202,14 @@ pub fn plan(cj: &Value, jobs: &[&Value], now: i64) -> Plan {
     if !annotations.is_object() {
         annotations = json!({});
     }
-    annotations[SCHEDULED] = json!(due
-        .to_zoned(tz)
-        .strftime("%Y-%m-%dT%H:%M:%S%:z")
-        .to_string());
+    // RFC 3339 in the CronJob's zone, `Z` for UTC, as Kubernetes writes it.
+    let local = due.to_zoned(tz);
+    let format = if local.offset().seconds() == 0 {
+        "%Y-%m-%dT%H:%M:%SZ"
+    } else {
+        "%Y-%m-%dT%H:%M:%S%:z"
+    };
+    annotations[SCHEDULED] = json!(local.strftime(format).to_string());
     plan.create = Some(json!({
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {
@@ -267,7 +278,7 @@ mod tests {
         assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "cj-1");
         assert_eq!(
             created["metadata"]["annotations"][SCHEDULED],
-            "2026-12-05T10:40:00+00:00"
+            "2026-12-05T10:40:00Z"
         );
         assert_eq!(p.status["lastScheduleTime"], rfc3339(T0));
         // Seen already (the status not yet written): not again.
@@ -318,6 +329,12 @@ mod tests {
         let p = plan(&every, &[], T0 + 86_400);
         assert!(p.events.iter().any(|e| e.1 == "TooManyMissedTimes"));
         assert!(p.create.is_some());
+        // Left for a year, it still starts the latest time, not one from months ago.
+        let p = plan(&every, &[], T0 + 365 * 86_400 + 20);
+        assert_eq!(
+            p.create.unwrap()["metadata"]["name"],
+            format!("tick-{}", (T0 + 365 * 86_400) / 60)
+        );
     }
 
     #[test]

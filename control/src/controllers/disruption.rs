@@ -38,13 +38,12 @@ fn scaled(v: &Value, total: i64) -> Result<i64, String> {
     }
 }
 
-/// The budget's expected pod count and desired healthy count. `scale` gives the scale of a
-/// pod's controller: (its uid, `spec.replicas`), or why it has none that counts.
-fn budget(
-    pdb: &Value,
-    pods: &[&Value],
-    scale: impl Fn(&Value) -> Result<(String, i64), String>,
-) -> Result<(i64, i64), String> {
+/// The scale of a pod's controller: (its uid, `spec.replicas`); none for a pod no controller
+/// owns (left out of the expected count, as Kubernetes does), or why its controller has none.
+pub type Scale<'a> = &'a dyn Fn(&Value) -> Result<Option<(String, i64)>, String>;
+
+/// The budget's expected pod count and desired healthy count.
+fn budget(pdb: &Value, pods: &[&Value], scale: Scale<'_>) -> Result<(i64, i64), String> {
     let spec = &pdb["spec"];
     let min = &spec["minAvailable"];
     if min.is_number() {
@@ -54,8 +53,9 @@ fn budget(
     // there now.
     let mut seen = std::collections::BTreeMap::new();
     for p in pods {
-        let (uid, n) = scale(p)?;
-        seen.insert(uid, n);
+        if let Some((uid, n)) = scale(p)? {
+            seen.insert(uid, n);
+        }
     }
     let expected: i64 = seen.values().sum();
     let desired = if min.is_string() {
@@ -70,12 +70,7 @@ fn budget(
 }
 
 /// `pdb`'s status at `now` (unix seconds), from the pods of its namespace it selects.
-pub fn status(
-    pdb: &Value,
-    pods: &[&Value],
-    scale: impl Fn(&Value) -> Result<(String, i64), String>,
-    now: i64,
-) -> Value {
+pub fn status(pdb: &Value, pods: &[&Value], scale: Scale<'_>, now: i64) -> Value {
     let old = &pdb["status"];
     // Evictions not yet seen as deletions, while they are recent.
     let mut disrupted = serde_json::Map::new();
@@ -155,12 +150,11 @@ mod tests {
         json!({"metadata": {"name": "web", "generation": 2}, "spec": spec})
     }
 
-    fn scale_of(replicas: i64) -> impl Fn(&Value) -> Result<(String, i64), String> {
-        move |p: &Value| {
-            p["metadata"]["ownerReferences"][0]["uid"]
-                .as_str()
-                .map(|u| (u.to_string(), replicas))
-                .ok_or_else(|| "found no controller".to_string())
+    fn scale_of(replicas: i64) -> impl Fn(&Value) -> Result<Option<(String, i64)>, String> {
+        move |p: &Value| match p["metadata"]["ownerReferences"][0]["uid"].as_str() {
+            Some("ds") => Err("DaemonSet has no scale".into()),
+            Some(u) => Ok(Some((u.to_string(), replicas))),
+            None => Ok(None),
         }
     }
 
@@ -174,7 +168,7 @@ mod tests {
         let st = status(
             &pdb(json!({"minAvailable": 1})),
             &[&a, &b, &c],
-            scale_of(3),
+            &scale_of(3),
             0,
         );
         assert_eq!(st["expectedPods"], 3);
@@ -183,7 +177,7 @@ mod tests {
         assert_eq!(st["disruptionsAllowed"], 1);
         assert_eq!(st["observedGeneration"], 2);
         assert_eq!(st["conditions"][0]["reason"], "SufficientPods");
-        let st = status(&pdb(json!({"minAvailable": 2})), &[&a, &b], scale_of(2), 0);
+        let st = status(&pdb(json!({"minAvailable": 2})), &[&a, &b], &scale_of(2), 0);
         assert_eq!(st["disruptionsAllowed"], 0);
         assert_eq!(st["conditions"][0]["status"], "False");
         assert_eq!(st["conditions"][0]["reason"], "InsufficientPods");
@@ -196,7 +190,7 @@ mod tests {
         let st = status(
             &pdb(json!({"minAvailable": "50%"})),
             &[&a, &b],
-            scale_of(4),
+            &scale_of(4),
             0,
         );
         assert_eq!(
@@ -210,7 +204,7 @@ mod tests {
         let st = status(
             &pdb(json!({"maxUnavailable": 1})),
             &[&a, &b],
-            scale_of(2),
+            &scale_of(2),
             0,
         );
         assert_eq!(st["desiredHealthy"], 1);
@@ -220,18 +214,34 @@ mod tests {
         let st = status(
             &pdb(json!({"maxUnavailable": "34%"})),
             &[&a, &b, &c],
-            scale_of(3),
+            &scale_of(3),
             0,
         );
         assert_eq!(st["desiredHealthy"], 1);
         assert_eq!(st["disruptionsAllowed"], 2);
-        // A bare pod has no scale: the budget allows nothing and says why.
+        // A bare pod is healthy but expected by no controller: left out of the count.
         let mut bare = pod("d", true, "");
         bare["metadata"]["ownerReferences"] = Value::Null;
-        let st = status(&pdb(json!({"maxUnavailable": 1})), &[&bare], scale_of(1), 0);
+        let st = status(
+            &pdb(json!({"maxUnavailable": 1})),
+            &[&a, &b, &bare],
+            &scale_of(2),
+            0,
+        );
+        assert_eq!(st["expectedPods"], 2);
+        assert_eq!(st["currentHealthy"], 3);
+        assert_eq!(st["disruptionsAllowed"], 2);
+        // A controller without a scale: the budget allows nothing and says why.
+        let daemon = pod("e", true, "ds");
+        let st = status(
+            &pdb(json!({"maxUnavailable": 1})),
+            &[&daemon],
+            &scale_of(1),
+            0,
+        );
         assert_eq!(st["disruptionsAllowed"], 0);
         assert_eq!(st["conditions"][0]["reason"], "SyncFailed");
-        assert_eq!(st["conditions"][0]["message"], "found no controller");
+        assert_eq!(st["conditions"][0]["message"], "DaemonSet has no scale");
     }
 
     #[test]
@@ -244,7 +254,7 @@ mod tests {
         let mut budget = pdb(json!({"minAvailable": 2}));
         budget["status"] =
             json!({"disruptedPods": {"a": "1970-01-01T00:01:40Z", "gone": "1970-01-01T00:01:40Z"}});
-        let st = status(&budget, &[&a, &b, &c], scale_of(3), 150);
+        let st = status(&budget, &[&a, &b, &c], &scale_of(3), 150);
         assert_eq!(st["currentHealthy"], 2);
         assert_eq!(st["disruptionsAllowed"], 0);
         assert_eq!(st["disruptedPods"], json!({"a": "1970-01-01T00:01:40Z"}));
@@ -252,7 +262,7 @@ mod tests {
         let st = status(
             &budget,
             &[&a, &b, &c],
-            scale_of(3),
+            &scale_of(3),
             100 + DISRUPTION_TIMEOUT,
         );
         assert_eq!(st["currentHealthy"], 3);
@@ -260,7 +270,7 @@ mod tests {
         // A pod being deleted neither counts nor stays recorded.
         let mut gone = a.clone();
         gone["metadata"]["deletionTimestamp"] = json!("1970-01-01T00:02:00Z");
-        let st = status(&budget, &[&gone, &b, &c], scale_of(3), 150);
+        let st = status(&budget, &[&gone, &b, &c], &scale_of(3), 150);
         assert_eq!(st["currentHealthy"], 2);
         assert!(st["disruptedPods"].is_null());
     }

@@ -418,11 +418,13 @@ impl Cache {
     }
 
     /// The scale a pod's budget counts it against: its controller's uid and `spec.replicas`
-    /// (a Deployment's for pods of its ReplicaSets), as the disruption controller finds them.
-    fn scale_of(&self, pod: &Value) -> Result<(String, i64), String> {
+    /// (a Deployment's for pods of its ReplicaSets), as the disruption controller finds them;
+    /// none for a pod no controller owns.
+    fn scale_of(&self, pod: &Value) -> Result<Option<(String, i64)>, String> {
         let name = pod["metadata"]["name"].as_str().unwrap_or("");
-        let mut uid = controller_uid(pod)
-            .ok_or_else(|| format!("found no controllers for pod \"{name}\""))?;
+        let Some(mut uid) = controller_uid(pod) else {
+            return Ok(None);
+        };
         loop {
             let owner = self
                 .owners
@@ -441,7 +443,7 @@ impl Cache {
                 let kind = o["kind"].as_str().unwrap_or("controller");
                 return Err(format!("{kind} has no scale: pod \"{name}\""));
             }
-            return Ok((uid, o["spec"]["replicas"].as_i64().unwrap_or(1)));
+            return Ok(Some((uid, o["spec"]["replicas"].as_i64().unwrap_or(1))));
         }
     }
 
@@ -911,19 +913,21 @@ async fn sync_budget(api: &Arc<Api>, cache: &Cache, key: &str, pdb: &Value) -> u
         .filter(|p| disruption::selects(pdb, p))
         .collect();
     let now = jiff::Timestamp::now().as_second();
-    let status = disruption::status(pdb, &pods, |p| cache.scale_of(p), now);
+    let status = disruption::status(pdb, &pods, &|p| cache.scale_of(p), now);
     if !differs(&pdb["status"], &status)
         && pdb["status"]["disruptedPods"] == status["disruptedPods"]
     {
         return 0;
     }
     let path = format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}/status");
-    let mut body = json!({"status": status});
-    // A merge patch keeps keys it does not name: drop the evictions no longer recorded.
-    if body["status"]["disruptedPods"].is_null() {
-        body["status"]["disruptedPods"] = Value::Null;
-    }
-    write(api, "PATCH", &path, MERGE, &body).await.0
+    // The whole status, on the version this was computed from: an eviction that spent the
+    // budget meanwhile makes it a conflict (and its change brings the budget back here),
+    // never an allowance handed out twice.
+    let mut body = pdb.clone();
+    body["status"] = status;
+    body["metadata"]["resourceVersion"] =
+        json!(cache.seen.get(key).copied().unwrap_or(0).to_string());
+    write(api, "PUT", &path, "application/json", &body).await.0
 }
 
 async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> u64 {

@@ -918,12 +918,14 @@ impl Agent {
                             let body = json!({"metadata": {"uid": u.uid}, "status": u.status});
                             let path =
                                 format!("/api/v1/namespaces/{}/pods/{}/status", u.ns, u.name);
+                            // Strategic: conditions merge by type, so the ones others set
+                            // (DisruptionTarget on an eviction) stay, as with the kubelet.
                             let r = link
                                 .call(
                                     "PATCH",
                                     &path,
                                     Some((
-                                        "application/merge-patch+json",
+                                        "application/strategic-merge-patch+json",
                                         body.to_string().into_bytes(),
                                     )),
                                 )

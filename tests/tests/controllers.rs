@@ -920,6 +920,39 @@ fn disruption_budgets_hold_evictions() -> anyhow::Result<()> {
     }
     assert!(!moved.contains(victim));
     up.wait_field(30, &["pdb", "web"], counts, |s| s == "2/1/1/2")?;
+
+    // An evicted pod is told why before it goes (held here by a finalizer to look at it).
+    let held = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: held\n  finalizers: [example.com/hold]\nspec:\n  containers:\n  - name: main\n    image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], held)?
+        .expect_ok("apply held")?;
+    up.wait_field(60, &["pod", "held"], "{.status.phase}", |s| s == "Running")?;
+    let eviction = "{\"apiVersion\":\"policy/v1\",\"kind\":\"Eviction\",\"metadata\":{\"name\":\"held\",\"namespace\":\"default\"}}";
+    up.kubectl_in(
+        &[
+            "create",
+            "--raw",
+            "/api/v1/namespaces/default/pods/held/eviction",
+            "-f",
+            "-",
+        ],
+        eviction,
+    )?
+    .expect_ok("evict held")?;
+    up.wait_field(
+        30,
+        &["pod", "held"],
+        "{.metadata.deletionTimestamp} {.status.conditions[?(@.type==\"DisruptionTarget\")].reason}",
+        |s| s.ends_with(" EvictionByEvictionAPI") && !s.starts_with(' '),
+    )?;
+    up.kubectl(&[
+        "patch",
+        "pod",
+        "held",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])?
+    .expect_ok("release held")?;
     Ok(())
 }
 

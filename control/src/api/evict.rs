@@ -117,6 +117,28 @@ pub(super) async fn admit(api: &Arc<Api>, pod: &Value, dry: bool) -> Result<(), 
     ))
 }
 
+/// Say on a running pod that it is being evicted (the `DisruptionTarget` condition), as
+/// kube-apiserver does before the delete, so that a Job's pod failure policy can tell an
+/// eviction from a failure of its own.
+pub(super) async fn mark(api: &Arc<Api>, pod: &Value) {
+    let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+    if matches!(phase, "Succeeded" | "Failed") || !pod["metadata"]["deletionTimestamp"].is_null() {
+        return;
+    }
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+    let name = pod["metadata"]["name"].as_str().unwrap_or("");
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+    let body = json!({"status": {"conditions": [{"type": "DisruptionTarget", "status": "True",
+        "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting",
+        "lastTransitionTime": super::now()}]}});
+    let user = crate::controllers::system_user("system:serviceaccount:kube-system:disruption");
+    let ct = "application/strategic-merge-patch+json";
+    let (code, v) = super::call_as(api, &user, "PATCH", &path, ct, &body).await;
+    if code != 200 {
+        tracing::debug!(%name, code, message = %v["message"], "DisruptionTarget not recorded");
+    }
+}
+
 fn too_many(cause: String) -> ApiError {
     ApiError::TooManyRequests {
         message: "Cannot evict pod as it would violate the pod's disruption budget.".into(),

@@ -373,6 +373,9 @@ pub(super) async fn serve(
                     .as_array()
                     .is_some_and(|a| a.iter().any(|x| x == "All"));
             super::evict::admit(ctx.api, &pod, dry).await?;
+            if !dry {
+                super::evict::mark(ctx.api, &pod).await;
+            }
             delete(&ctx, &name, opts).await?;
             Ok(respond(
                 StatusCode::CREATED,

@@ -353,3 +353,121 @@ async fn watch_resumes_bookmarks_and_expires() -> anyhow::Result<()> {
     store.shutdown().await;
     Ok(())
 }
+
+/// Evictions spend a disruption budget's allowance by a compare-and-swap: of three evictions
+/// at once against a budget that allows one, exactly one goes through and the others get 429
+/// with the budget's cause; the budget records the one it let go; a pod two budgets select
+/// cannot be evicted.
+#[tokio::test]
+async fn evictions_spend_a_budget_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_store, app) = setup(dir.path(), Compaction::Revisions(10_000)).await?;
+    let pods = "/api/v1/namespaces/default/pods";
+    for p in ["p0", "p1", "p2"] {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p, "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "module:x"}]}});
+        let (code, v) = call(
+            &app,
+            "POST",
+            pods,
+            Some("application/json"),
+            pod.to_string(),
+        )
+        .await?;
+        anyhow::ensure!(code == StatusCode::CREATED, "{v}");
+        let running = json!({"status": {"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}]}});
+        let (code, v) = call(
+            &app,
+            "PATCH",
+            &format!("{pods}/{p}/status"),
+            Some("application/merge-patch+json"),
+            running.to_string(),
+        )
+        .await?;
+        anyhow::ensure!(code == StatusCode::OK, "{v}");
+    }
+    let pdbs = "/apis/policy/v1/namespaces/default/poddisruptionbudgets";
+    let budget = |name: &str| {
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": name},
+            "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}})
+        .to_string()
+    };
+    let (code, v) = call(&app, "POST", pdbs, Some("application/json"), budget("web")).await?;
+    anyhow::ensure!(code == StatusCode::CREATED, "{v}");
+    // The status the disruption controller would write: one disruption allowed.
+    let mut pdb = v;
+    pdb["status"] = json!({"observedGeneration": pdb["metadata"]["generation"],
+        "currentHealthy": 3, "desiredHealthy": 2, "expectedPods": 3, "disruptionsAllowed": 1});
+    let (code, v) = call(
+        &app,
+        "PUT",
+        &format!("{pdbs}/web/status"),
+        Some("application/json"),
+        pdb.to_string(),
+    )
+    .await?;
+    anyhow::ensure!(code == StatusCode::OK, "{v}");
+
+    let evict = |p: &'static str| {
+        let app = app.clone();
+        async move {
+            let body = json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": p, "namespace": "default"}});
+            call(
+                &app,
+                "POST",
+                &format!("/api/v1/namespaces/default/pods/{p}/eviction"),
+                Some("application/json"),
+                body.to_string(),
+            )
+            .await
+        }
+    };
+    let (a, b, c) = tokio::join!(evict("p0"), evict("p1"), evict("p2"));
+    let answers = [("p0", a?), ("p1", b?), ("p2", c?)];
+    let gone: Vec<&str> = answers
+        .iter()
+        .filter(|(_, (code, _))| *code == StatusCode::CREATED)
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(gone.len(), 1, "{answers:?}");
+    for (_, (code, v)) in answers.iter().filter(|(p, _)| *p != gone[0]) {
+        assert_eq!(*code, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        assert_eq!(v["reason"], "TooManyRequests");
+        assert_eq!(v["details"]["causes"][0]["reason"], "DisruptionBudget");
+    }
+    let (_, pdb) = call(&app, "GET", &format!("{pdbs}/web"), None, Body::empty()).await?;
+    assert_eq!(pdb["status"]["disruptionsAllowed"], 0);
+    let recorded: Vec<&String> = pdb["status"]["disruptedPods"]
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(recorded, [gone[0]]);
+
+    // Two budgets over one pod: the eviction subresource does not choose.
+    let (code, v) = call(
+        &app,
+        "POST",
+        pdbs,
+        Some("application/json"),
+        budget("second"),
+    )
+    .await?;
+    anyhow::ensure!(code == StatusCode::CREATED, "{v}");
+    let left = ["p0", "p1", "p2"]
+        .into_iter()
+        .find(|p| *p != gone[0])
+        .unwrap_or("p2");
+    let (code, v) = evict(left).await?;
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("more than one PodDisruptionBudget")),
+        "{v}"
+    );
+    Ok(())
+}

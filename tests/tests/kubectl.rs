@@ -796,6 +796,16 @@ fn serviceaccount_tokens() -> anyhow::Result<()> {
             None,
         )
     };
+    // A token the API does not take: kubectl is told to log in.
+    let refused = |name: &str, token: &str, why: &str| -> anyhow::Result<()> {
+        let r = as_token(name, token, &["get", "pods"])?.expect_err(why)?;
+        ensure!(
+            r.stderr.contains("You must be logged in"),
+            "{why}: {}",
+            r.stderr
+        );
+        Ok(())
+    };
     let who = as_token("bot", &token, &["auth", "whoami", "-o", "json"])?.expect_ok("whoami")?;
     let info = &json(&who.stdout)?["status"]["userInfo"];
     ensure!(
@@ -857,13 +867,7 @@ fn serviceaccount_tokens() -> anyhow::Result<()> {
     as_token("bound", &bound, &["get", "pods"])?.expect_ok("the bound token works")?;
     up.kubectl(&["delete", "secret", "session"])?
         .expect_ok("delete secret")?;
-    let gone =
-        as_token("bound", &bound, &["get", "pods"])?.expect_err("the bound object is gone")?;
-    ensure!(
-        gone.stderr.contains("You must be logged in"),
-        "{}",
-        gone.stderr
-    );
+    refused("bound", &bound, "the bound object is gone")?;
     as_token("bot", &token, &["get", "pods"])?.expect_ok("the unbound token still works")?;
 
     // A tampered token and a deleted account's token are refused.
@@ -871,12 +875,7 @@ fn serviceaccount_tokens() -> anyhow::Result<()> {
     let at = forged.len() - 10;
     forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged)?;
-    let refused = as_token("forged", &forged, &["get", "pods"])?.expect_err("a tampered token")?;
-    ensure!(
-        refused.stderr.contains("You must be logged in"),
-        "{}",
-        refused.stderr
-    );
+    refused("forged", &forged, "a tampered token")?;
     // A token for another audience is not for this API.
     let other = up
         .kubectl(&["create", "token", "bot", "--audience=https://vault.example"])?
@@ -884,20 +883,10 @@ fn serviceaccount_tokens() -> anyhow::Result<()> {
         .stdout
         .trim()
         .to_string();
-    let refused = as_token("other", &other, &["get", "pods"])?.expect_err("another audience")?;
-    ensure!(
-        refused.stderr.contains("You must be logged in"),
-        "{}",
-        refused.stderr
-    );
+    refused("other", &other, "another audience")?;
     up.kubectl(&["delete", "serviceaccount", "bot"])?
         .expect_ok("delete sa")?;
-    let gone = as_token("bot", &token, &["get", "pods"])?.expect_err("the account is gone")?;
-    ensure!(
-        gone.stderr.contains("You must be logged in"),
-        "{}",
-        gone.stderr
-    );
+    refused("bot", &token, "the account is gone")?;
     Ok(())
 }
 

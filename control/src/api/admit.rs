@@ -442,19 +442,32 @@ fn check_selector_template(o: &Value, out: &mut Vec<Cause>) {
     }
 }
 
-/// Field-level problems with `o`, a `kind` object whose defaults are already set.
-/// A Job's `podFailurePolicy` and `backoffLimitPerIndex`, as the API server checks them.
-fn check_failure_policy(spec: &Value, out: &mut Vec<Cause>) {
+/// A Job's spec (`at` is its path: `spec`, or a CronJob's `spec.jobTemplate.spec`): its pod
+/// template, a restartPolicy a Job may have, `podFailurePolicy` and `backoffLimitPerIndex`.
+fn check_job_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
+    let pod = &spec["template"]["spec"];
+    check_pod_spec(pod, &format!("{at}.template.spec"), out);
+    if pod["restartPolicy"] == "Always" {
+        out.push(Cause::new(
+            "FieldValueNotSupported",
+            format!("{at}.template.spec.restartPolicy"),
+            "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
+        ));
+    }
+    check_failure_policy(spec, at, out);
+}
+
+fn check_failure_policy(spec: &Value, at: &str, out: &mut Vec<Cause>) {
     let restart = spec["template"]["spec"]["restartPolicy"]
         .as_str()
         .unwrap_or("Never");
     let indexed = spec["completionMode"] == "Indexed";
     if !spec["maxFailedIndexes"].is_null() && spec["backoffLimitPerIndex"].is_null() {
-        out.push(Cause::required("spec.backoffLimitPerIndex"));
+        out.push(Cause::required(format!("{at}.backoffLimitPerIndex")));
     }
     if !spec["backoffLimitPerIndex"].is_null() && !indexed {
         out.push(Cause::invalid(
-            "spec.backoffLimitPerIndex",
+            format!("{at}.backoffLimitPerIndex"),
             &spec["backoffLimitPerIndex"].to_string(),
             "requires indexed completion mode",
         ));
@@ -464,13 +477,13 @@ fn check_failure_policy(spec: &Value, out: &mut Vec<Cause>) {
     };
     if restart != "Never" {
         out.push(Cause::invalid(
-            "spec.template.spec.restartPolicy",
+            format!("{at}.template.spec.restartPolicy"),
             restart,
             "only \"Never\" is supported when podFailurePolicy is specified",
         ));
     }
     for (i, r) in rules.iter().enumerate() {
-        let at = format!("spec.podFailurePolicy.rules[{i}]");
+        let at = format!("{at}.podFailurePolicy.rules[{i}]");
         match r["action"].as_str() {
             Some("FailJob" | "Ignore" | "Count") => {}
             Some("FailIndex") if !spec["backoffLimitPerIndex"].is_null() => {}
@@ -565,6 +578,7 @@ fn check_budget(spec: &Value, out: &mut Vec<Cause>) {
     }
 }
 
+/// Field-level problems with `o`, a `kind` object whose defaults are already set.
 pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     let mut out = Vec::new();
     let meta = &o["metadata"];
@@ -592,21 +606,7 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
                 &mut out,
             );
         }
-        ("batch", "Job") => {
-            check_pod_spec(
-                &o["spec"]["template"]["spec"],
-                "spec.template.spec",
-                &mut out,
-            );
-            if o["spec"]["template"]["spec"]["restartPolicy"] == "Always" {
-                out.push(Cause::new(
-                    "FieldValueNotSupported",
-                    "spec.template.spec.restartPolicy",
-                    "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
-                ));
-            }
-            check_failure_policy(&o["spec"], &mut out);
-        }
+        ("batch", "Job") => check_job_spec(&o["spec"], "spec", &mut out),
         ("policy", "PodDisruptionBudget") => check_budget(&o["spec"], &mut out),
         ("batch", "CronJob") => {
             let spec = &o["spec"];
@@ -630,15 +630,11 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
                     "must be no more than 52 characters",
                 ));
             }
-            let pod = &spec["jobTemplate"]["spec"]["template"]["spec"];
-            check_pod_spec(pod, "spec.jobTemplate.spec.template.spec", &mut out);
-            if pod["restartPolicy"] == "Always" {
-                out.push(Cause::new(
-                    "FieldValueNotSupported",
-                    "spec.jobTemplate.spec.template.spec.restartPolicy",
-                    "Unsupported value: \"Always\": supported values: \"OnFailure\", \"Never\"",
-                ));
-            }
+            check_job_spec(
+                &spec["jobTemplate"]["spec"],
+                "spec.jobTemplate.spec",
+                &mut out,
+            );
         }
         ("", "Service") => {
             let spec = &o["spec"];
@@ -789,5 +785,35 @@ mod tests {
                                  "requests": {"cpu": "500m"}}))),
             "Burstable"
         );
+    }
+
+    #[test]
+    fn job_checks_apply_to_a_cronjobs_template_too() {
+        let spec = |restart: &str| {
+            json!({"podFailurePolicy": {"rules": [{"action": "FailIndex",
+                    "onExitCodes": {"operator": "In", "values": [0]}}]},
+                "template": {"spec": {"restartPolicy": restart,
+                    "containers": [{"name": "c", "image": "i"}]}}})
+        };
+        let fields = |o: &Value, kind: &str| -> Vec<String> {
+            validate("batch", kind, o)
+                .into_iter()
+                .map(|c| c.field)
+                .collect()
+        };
+        let job = json!({"metadata": {"name": "j"}, "spec": spec("OnFailure")});
+        let want = [
+            "spec.template.spec.restartPolicy",
+            "spec.podFailurePolicy.rules[0].action",
+            "spec.podFailurePolicy.rules[0].onExitCodes.values",
+        ];
+        assert_eq!(fields(&job, "Job"), want);
+        let cron = json!({"metadata": {"name": "c"}, "spec": {"schedule": "@hourly",
+            "jobTemplate": {"spec": spec("OnFailure")}}});
+        let nested: Vec<String> = want
+            .iter()
+            .map(|f| f.replacen("spec.", "spec.jobTemplate.spec.", 1))
+            .collect();
+        assert_eq!(fields(&cron, "CronJob"), nested);
     }
 }

@@ -368,10 +368,7 @@ pub(super) async fn serve(
             };
             let pod = get(&ctx, &name).await?;
             let opts = &body["deleteOptions"];
-            let dry = ctx.dry_run
-                || opts["dryRun"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|x| x == "All"));
+            let (_, _, _, dry) = delete_options(&ctx, opts);
             super::evict::admit(ctx.api, &pod, dry).await?;
             if !dry {
                 super::evict::mark(ctx.api, &pod).await;

@@ -13,12 +13,13 @@
 //!          each dirty Job         ─▶ job::plan        ─▶ pods, completion or failure, TTL
 //!          each dirty StatefulSet ─▶ statefulset::plan ─▶ pods by ordinal, rolling, status
 //!          each dirty PodDisruptionBudget ─▶ disruption::status ─▶ status (healthy, allowed)
+//!          (DaemonSets and StatefulSets also ─▶ history::plan ─▶ their ControllerRevisions)
 //!   then wait for the watch to show the round's own writes, so the next round sees them
 //! ```
 //!
 //! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
 //! client. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`],
-//! [`job`], [`cronjob`], [`statefulset`] and [`disruption`].
+//! [`job`], [`cronjob`], [`statefulset`], [`disruption`] and [`history`].
 
 pub mod cron;
 pub mod cronjob;
@@ -159,7 +160,16 @@ pub(crate) fn newer(
         return None;
     }
     Some(match kind {
-        EventKind::Put => serde_json::from_slice(&kv.value).ok(),
+        // Stored values leave the resourceVersion out: it is the key's revision. Put back,
+        // it makes writes that carry it (adoptions, budgets' status) conditional.
+        EventKind::Put => serde_json::from_slice::<Value>(&kv.value)
+            .ok()
+            .map(|mut o| {
+                if o["metadata"].is_object() {
+                    o["metadata"]["resourceVersion"] = json!(kv.mod_revision.to_string());
+                }
+                o
+            }),
         EventKind::Delete => None,
     })
 }
@@ -925,8 +935,6 @@ async fn sync_budget(api: &Arc<Api>, cache: &Cache, key: &str, pdb: &Value) -> u
     // never an allowance handed out twice.
     let mut body = pdb.clone();
     body["status"] = status;
-    body["metadata"]["resourceVersion"] =
-        json!(cache.seen.get(key).copied().unwrap_or(0).to_string());
     write(api, "PUT", &path, "application/json", &body).await.0
 }
 

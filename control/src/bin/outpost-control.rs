@@ -8,6 +8,10 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use outpost_control::store::{Compaction, Config, Store};
 
+#[cfg(target_env = "gnu")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     version,

@@ -11,6 +11,11 @@ use outpost_control::client::{self, Client};
 use outpost_control::pki;
 use outpost_control::store::{Config, Store};
 
+/// As `outpost-control`'s (see control/Cargo.toml).
+#[cfg(target_env = "gnu")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Run and manage an Outpost cluster")]
 struct Cli {

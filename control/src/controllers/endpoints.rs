@@ -51,7 +51,7 @@ pub struct Want {
 }
 
 /// The port `sp` (a Service port) reaches on `pod`, if the pod has it.
-fn target(sp: &Value, pod: &Value) -> Option<i64> {
+pub(crate) fn target(sp: &Value, pod: &Value) -> Option<i64> {
     match &sp["targetPort"] {
         Value::Number(n) => n.as_i64(),
         Value::String(name) => match name.parse::<i64>() {

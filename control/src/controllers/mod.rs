@@ -215,7 +215,9 @@ async fn adopt(api: &Arc<Api>, owner: &Value, orphans: &[&Value]) -> u64 {
 }
 
 /// The parts of a pod the controllers read. The cache holds every pod, so the rest (most of
-/// a pod: its containers' commands, env, probes, resources, status details) is dropped.
+/// a pod: its containers' images, commands, env, probes, resources, tolerations, status
+/// details) is dropped. Every JSON object left costs over 600 bytes (a B-tree node), so even
+/// the containers go unless they name a port (which Services may target by name).
 fn trim_pod(mut o: Value) -> Value {
     fn keep(v: &mut Value, fields: &[&str]) {
         if let Some(m) = v.as_object_mut() {
@@ -244,13 +246,24 @@ fn trim_pod(mut o: Value) -> Value {
             "hostname",
             "subdomain",
             "affinity",
-            "tolerations",
             "containers",
         ],
     );
     if let Some(cs) = o["spec"]["containers"].as_array_mut() {
-        for c in cs {
-            keep(c, &["name", "image", "ports"]);
+        for c in cs.iter_mut() {
+            keep(c, &["ports"]);
+            if let Some(ps) = c["ports"].as_array_mut() {
+                ps.retain(|p| p["name"].is_string());
+                for p in ps.iter_mut() {
+                    keep(p, &["name", "containerPort"]);
+                }
+            }
+        }
+        cs.retain(|c| c["ports"].as_array().is_some_and(|p| !p.is_empty()));
+        if cs.is_empty() {
+            if let Some(spec) = o["spec"].as_object_mut() {
+                spec.remove("containers");
+            }
         }
     }
     keep(
@@ -1337,4 +1350,50 @@ async fn sync_job(
         }
     }
     (wrote, backing_off)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_pods_keep_what_controllers_read() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "default", "uid": "u1",
+                "labels": {"app": "web"}, "annotations": {"a": "b"},
+                "ownerReferences": [{"uid": "rs1", "controller": true}]},
+            "spec": {"nodeName": "n1", "tolerations": [{"key": "k", "operator": "Exists"}],
+                "containers": [
+                    {"name": "app", "image": "module:web", "env": [{"name": "A", "value": "1"}],
+                     "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                               {"containerPort": 9090}]},
+                    {"name": "side", "image": "module:side", "ports": [{"containerPort": 1}]}]},
+            "status": {"phase": "Failed", "podIP": "10.0.0.5", "hostIP": "192.168.1.2",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{"name": "app", "image": "module:web",
+                    "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]}});
+        let t = trim_pod(pod);
+        assert_eq!(
+            t["spec"],
+            json!({"nodeName": "n1",
+                "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]})
+        );
+        assert!(t["metadata"]["annotations"].is_null());
+        assert_eq!(t["metadata"]["labels"]["app"], "web");
+        assert_eq!(controller_uid(&t).as_deref(), Some("rs1"));
+        assert_eq!(t["status"]["podIP"], "10.0.0.5");
+        assert!(t["status"]["hostIP"].is_null());
+        assert_eq!(t["status"]["conditions"][0]["type"], "Ready");
+        assert_eq!(
+            t["status"]["containerStatuses"],
+            json!([{"name": "app", "state": {"terminated": {"exitCode": 3}}}])
+        );
+        // Services reach a named port through what is left.
+        let sp = json!({"port": 80, "targetPort": "http"});
+        assert_eq!(endpoints::target(&sp, &t), Some(8080));
+        // Nothing named: no containers at all.
+        let bare = trim_pod(json!({"kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "i", "ports": [{"containerPort": 1}]}]}}));
+        assert!(bare["spec"]["containers"].is_null());
+    }
 }

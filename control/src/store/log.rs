@@ -114,7 +114,7 @@ impl LogStore {
     pub fn open(db: &Database, syncer: Syncer) -> Result<Self, super::Error> {
         Ok(LogStore {
             db: db.clone(),
-            log: db.keyspace("raft_log", super::keyspace_options)?,
+            log: db.keyspace("raft_log", super::append_options)?,
             meta: db.keyspace("raft_meta", super::keyspace_options)?,
             syncer,
         })

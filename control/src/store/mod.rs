@@ -929,6 +929,12 @@ pub(crate) fn keyspace_options() -> fjall::KeyspaceCreateOptions {
     fjall::KeyspaceCreateOptions::default().max_memtable_size(16 * 1024 * 1024)
 }
 
+/// Options for keyspaces written once and read back rarely (the Raft log, the revision
+/// history): their recent writes are not what reads look for, so a small memtable suffices.
+pub(crate) fn append_options() -> fjall::KeyspaceCreateOptions {
+    fjall::KeyspaceCreateOptions::default().max_memtable_size(4 * 1024 * 1024)
+}
+
 /// Open the member's database. A previous instance may still be letting go of it (a process
 /// exiting, or an in-process store whose tasks are finishing), so a lock is waited out for a
 /// while before it counts as "another member runs here".

@@ -109,7 +109,7 @@ impl StateMachine {
         let shared = Arc::new(Shared {
             db: db.clone(),
             kv: db.keyspace("kv", super::keyspace_options)?,
-            history: db.keyspace("history", super::keyspace_options)?,
+            history: db.keyspace("history", super::append_options)?,
             meta: db.keyspace("sm_meta", super::keyspace_options)?,
             snap_dir,
             state: RwLock::new(SmState::default()),

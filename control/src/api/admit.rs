@@ -409,6 +409,37 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
     }
 }
 
+/// Each container's volume mounts name one of the pod's volumes, as the API server checks
+/// for pods (a StatefulSet's template may also name its claim templates, so templates are not
+/// checked here; the pods made from them are).
+fn check_mounts(spec: &Value, out: &mut Vec<Cause>) {
+    let vols: Vec<&str> = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    for list in ["initContainers", "containers"] {
+        for (i, c) in spec[list].as_array().into_iter().flatten().enumerate() {
+            for (j, m) in c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let name = m["name"].as_str().unwrap_or("");
+                if !vols.contains(&name) {
+                    out.push(Cause::new(
+                        "FieldValueNotFound",
+                        format!("spec.{list}[{i}].volumeMounts[{j}].name"),
+                        format!("Not found: \"{name}\""),
+                    ));
+                }
+            }
+        }
+    }
+}
+
 fn check_selector_template(o: &Value, out: &mut Vec<Cause>) {
     let spec = &o["spec"];
     match spec.get("selector") {
@@ -592,7 +623,10 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     }
     check_labels(&meta["labels"], "metadata.labels", &mut out);
     match (group, kind) {
-        ("", "Pod") => check_pod_spec(&o["spec"], "spec", &mut out),
+        ("", "Pod") => {
+            check_pod_spec(&o["spec"], "spec", &mut out);
+            check_mounts(&o["spec"], &mut out);
+        }
         ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
             check_selector_template(o, &mut out);
             check_labels(
@@ -757,6 +791,44 @@ mod tests {
                 "spec.template.spec.containers[0].image"
             ]
         );
+    }
+
+    #[test]
+    fn mounts_name_a_volume() {
+        let p = json!({"metadata": {"name": "p"}, "spec": {
+            "volumes": [{"name": "cfg", "configMap": {"name": "c"}}],
+            "initContainers": [{"name": "i", "image": "x", "volumeMounts": [
+                {"name": "cfg", "mountPath": "/c"}, {"name": "data", "mountPath": "/d"}]}],
+            "containers": [{"name": "a", "image": "x", "volumeMounts": [
+                {"name": "cfg", "mountPath": "/c"}]},
+                {"name": "b", "image": "x", "volumeMounts": [{"name": "www", "mountPath": "/w"}]}]}});
+        let causes = validate("", "Pod", &p);
+        let got: Vec<(&str, &str, &str)> = causes
+            .iter()
+            .map(|c| (c.reason.as_str(), c.field.as_str(), c.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "FieldValueNotFound",
+                    "spec.initContainers[0].volumeMounts[1].name",
+                    "Not found: \"data\""
+                ),
+                (
+                    "FieldValueNotFound",
+                    "spec.containers[1].volumeMounts[0].name",
+                    "Not found: \"www\""
+                ),
+            ]
+        );
+        // A StatefulSet's template may mount its claim templates.
+        let sts = json!({"metadata": {"name": "db"}, "spec": {
+            "selector": {"matchLabels": {"app": "db"}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}}],
+            "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [
+                {"name": "c", "image": "x", "volumeMounts": [{"name": "data", "mountPath": "/d"}]}]}}}});
+        assert!(validate("apps", "StatefulSet", &sts).is_empty());
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub fn pod(name: &str) -> String {
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}],
             "nodeSelector": {"kubernetes.io/arch": "arm64"},
             // No scheduler by this name runs, so the pods stay as created and the figures
-            // are the API's and the store's alone (kube-apiserver's are measured the same way).
+            // are the API's and the store's alone (`outpost-bench schedule` measures the
+            // scheduler).
             "schedulerName": "outpost-bench"}
     })
     .to_string()
@@ -81,19 +82,17 @@ pub(crate) fn start(root: &Path, members: u64, extra: &[String]) -> anyhow::Resu
         .arg(&dir)
         .args(extra)
         .stdout(Stdio::null());
-        // `OUTPOST_BENCH_LOGS=DIR` keeps each member's log (at `RUST_LOG`, default warn).
-        match std::env::var_os("OUTPOST_BENCH_LOGS") {
-            Some(logs) => {
-                let f = std::fs::File::create(Path::new(&logs).join(format!("m{id}.log")))?;
-                cmd.stderr(f);
-                if std::env::var_os("RUST_LOG").is_none() {
-                    cmd.env("RUST_LOG", "warn");
-                }
-            }
-            None => {
-                cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
-            }
+        // `OUTPOST_BENCH_LOGS=DIR` keeps each member's log, at `RUST_LOG` if that is set.
+        let logs = std::env::var_os("OUTPOST_BENCH_LOGS");
+        if logs.is_none() || std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
         }
+        match logs {
+            Some(d) => cmd.stderr(std::fs::File::create(
+                Path::new(&d).join(format!("m{id}.log")),
+            )?),
+            None => cmd.stderr(Stdio::null()),
+        };
         if id > 1 {
             std::fs::create_dir_all(dir.join("pki"))?;
             for f in ["peer-ca.crt", "peer-ca.key", "ca.crt", "ca.key"] {

@@ -212,6 +212,25 @@ fn node_of(conn: &Connection) -> Option<(String, User)> {
     (user.groups.iter().any(|g| g == "system:nodes") && !node.is_empty()).then_some((node, user))
 }
 
+/// Answer the one request a bootstrapping peer (a joining node or member) sends on the first
+/// stream it opens, then hold the connection until the peer has read the reply.
+async fn bootstrap<Q, R>(conn: &Connection, reply: impl AsyncFnOnce(std::io::Result<Q>) -> R)
+where
+    Q: serde::de::DeserializeOwned,
+    R: serde::Serialize,
+{
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+    else {
+        return;
+    };
+    let r = reply(read_frame::<_, Q>(&mut recv, 64 << 10).await).await;
+    if write_frame(&mut send, &r, MAX_FRAME).await.is_ok() {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
+}
+
 impl Gateway {
     async fn connection(self: Arc<Self>, conn: Connection) {
         let alpn = conn
@@ -228,12 +247,7 @@ impl Gateway {
 
     async fn join(&self, conn: Connection) {
         let remote = conn.remote_address();
-        let Ok(Ok((mut send, mut recv))) =
-            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
-        else {
-            return;
-        };
-        let reply = match read_frame::<_, JoinRequest>(&mut recv, 64 << 10).await {
+        bootstrap(&conn, async |req: std::io::Result<JoinRequest>| match req {
             Ok(req) => match self.admit(&req).await {
                 Ok(cert) => {
                     tracing::info!(%remote, node = %req.node, "node joined");
@@ -248,23 +262,14 @@ impl Gateway {
                 }
             },
             Err(e) => JoinReply::Refused(format!("garbled join request: {e}")),
-        };
-        if write_frame(&mut send, &reply, MAX_FRAME).await.is_ok() {
-            let _ = send.finish();
-            // Let the reply reach the node before the connection goes.
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-        }
+        })
+        .await
     }
 
     /// A new control-plane member: check its member token, use it up, and hand it the
     /// cluster's CAs and this member's peer address to join through.
     async fn member(&self, conn: Connection) {
         let remote = conn.remote_address();
-        let Ok(Ok((mut send, mut recv))) =
-            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
-        else {
-            return;
-        };
         let peer = self.api.store.pki_dir().to_path_buf();
         let read = |dir: &Path, f: &str| std::fs::read_to_string(dir.join(f));
         let files = (
@@ -273,7 +278,7 @@ impl Gateway {
             read(&self.pki_dir, "ca.crt"),
             read(&self.pki_dir, "ca.key"),
         );
-        let reply = match read_frame::<_, MemberRequest>(&mut recv, 64 << 10).await {
+        bootstrap(&conn, async |req: std::io::Result<MemberRequest>| match req {
             Ok(req) if self.api.store.status().members.contains_key(&req.member) => {
                 MemberReply::Refused(format!(
                     "member id {} is already in the cluster; start the new member with another --id",
@@ -304,11 +309,8 @@ impl Gateway {
                 ),
             },
             Err(e) => MemberReply::Refused(format!("garbled member request: {e}")),
-        };
-        if write_frame(&mut send, &reply, MAX_FRAME).await.is_ok() {
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-        }
+        })
+        .await
     }
 
     /// Check the token, use it up, and sign the node's CSR.

@@ -227,6 +227,31 @@ async fn bad_input_gets_a_status_and_changes_nothing() -> anyhow::Result<()> {
         .collect();
     assert_eq!(names, ["c", "ok"]);
 
+    // A grace period past any time: the pod is marked for deletion at the last time there is.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "slow"},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "module:x"}]}});
+    let pods = "/api/v1/namespaces/default/pods";
+    let (code, v) = call(
+        &app,
+        "POST",
+        pods,
+        Some("application/json"),
+        pod.to_string(),
+    )
+    .await?;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    let body = json!({"gracePeriodSeconds": i64::MAX}).to_string();
+    let (code, v) = call(
+        &app,
+        "DELETE",
+        &format!("{pods}/slow"),
+        Some("application/json"),
+        body,
+    )
+    .await?;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["metadata"]["deletionTimestamp"], "9999-12-30T22:00:00Z");
+
     // No credentials: 401 with a Status.
     let req = Request::builder()
         .uri("/api/v1/namespaces")

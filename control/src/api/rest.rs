@@ -21,9 +21,24 @@ use super::{admit, openapi, patch, ssa, Api, Query, Target};
 use crate::store::{Consistency, WatchItem};
 
 pub fn now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    rfc3339(now_secs())
+}
+
+/// `secs` since the epoch as Kubernetes writes a time (RFC 3339, whole seconds, UTC); a time
+/// past what a timestamp holds (a client's huge grace period) is held at the last one.
+pub fn rfc3339(secs: i64) -> String {
+    let (min, max) = (jiff::Timestamp::MIN, jiff::Timestamp::MAX);
+    let t =
+        jiff::Timestamp::from_second(secs.clamp(min.as_second(), max.as_second())).unwrap_or(max);
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// A time field (RFC 3339) as seconds since the epoch.
+pub fn seconds(t: &Value) -> Option<i64> {
+    t.as_str()?
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_second())
 }
 
 fn now_secs() -> i64 {
@@ -1716,11 +1731,10 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
             if !o["metadata"]["deletionTimestamp"].is_null() && !shorter {
                 return Ok(o);
             }
-            let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
             let m = meta(&mut o);
             m.insert(
                 "deletionTimestamp".into(),
-                json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+                json!(rfc3339(now_secs().saturating_add(grace))),
             );
             m.insert("deletionGracePeriodSeconds".into(), json!(grace));
             match ctx
@@ -1990,5 +2004,21 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
     match create(&ctx, o).await {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_and_saturate() {
+        let t = rfc3339(1_767_225_600);
+        assert_eq!(t, "2026-01-01T00:00:00Z");
+        assert_eq!(seconds(&json!(t)), Some(1_767_225_600));
+        assert_eq!(seconds(&json!("yesterday")), None);
+        assert_eq!(seconds(&Value::Null), None);
+        assert_eq!(rfc3339(i64::MAX), "9999-12-30T22:00:00Z");
+        assert_eq!(rfc3339(i64::MIN), "-9999-01-02T01:59:59Z");
     }
 }

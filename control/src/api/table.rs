@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::seconds;
 use super::select::Labels;
 
 /// (name, type, format, priority): priority 1 columns appear only in `-o wide`.
@@ -196,14 +197,8 @@ pub fn human_duration(secs: i64) -> String {
     }
 }
 
-fn ts(v: &Value) -> Option<i64> {
-    v.as_str()
-        .and_then(|s| s.parse::<jiff::Timestamp>().ok())
-        .map(|t| t.as_second())
-}
-
 fn age_text(v: &Value, now: i64) -> String {
-    ts(v).map_or("<unknown>".into(), |t| human_duration(now - t))
+    seconds(v).map_or("<unknown>".into(), |t| human_duration(now - t))
 }
 
 fn int(v: &Value) -> i64 {
@@ -415,7 +410,7 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
             } else {
                 "Running"
             };
-            let duration = match (ts(&st["startTime"]), ts(&st["completionTime"])) {
+            let duration = match (seconds(&st["startTime"]), seconds(&st["completionTime"])) {
                 (Some(s), Some(e)) => human_duration(e - s),
                 (Some(s), None) => human_duration(now - s),
                 _ => String::new(),
@@ -443,7 +438,7 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 json!(or_none(spec["timeZone"].as_str().unwrap_or("").into())),
                 json!(spec["suspend"] == true),
                 json!(st["active"].as_array().map_or(0, Vec::len)),
-                json!(ts(&st["lastScheduleTime"])
+                json!(seconds(&st["lastScheduleTime"])
                     .map_or("<none>".into(), |t| human_duration(now - t))),
                 age,
                 json!(c),
@@ -735,7 +730,7 @@ mod tests {
             "spec": {"nodeName": "n1", "containers": [{"name": "a"}, {"name": "b"}]},
             "status": {"phase": "Running", "podIP": "10.0.0.5", "containerStatuses": [
                 {"ready": true, "restartCount": 2}, {"ready": false, "restartCount": 1}]}});
-        let now = ts(&json!("2026-01-01T00:01:00Z")).unwrap();
+        let now = seconds(&json!("2026-01-01T00:01:00Z")).unwrap();
         let r = row("Pod", &p, Include::Metadata, now);
         assert_eq!(
             r["cells"],

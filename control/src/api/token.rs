@@ -260,10 +260,7 @@ pub async fn issue(api: &Arc<Api>, sa: &Value, req: &Value) -> Result<Value, Api
         "kubernetes.io": k,
     });
     let token = signer.sign(&claims).map_err(ApiError::Internal)?;
-    let expires = jiff::Timestamp::from_second(now + ttl)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string();
+    let expires = super::rfc3339(now + ttl);
     Ok(json!({
         "kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
         "metadata": {"name": name, "namespace": ns, "creationTimestamp": super::now()},

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::cron;
 use super::job::finished;
+use crate::api::{rfc3339, seconds};
 
 /// The annotation a Job carries with the time it was scheduled for.
 pub const SCHEDULED: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
@@ -29,20 +30,6 @@ pub struct Plan {
     pub status: Value,
     /// Events to record: (type, reason, message).
     pub events: Vec<(&'static str, &'static str, String)>,
-}
-
-fn seconds(t: &Value) -> Option<i64> {
-    t.as_str()?
-        .parse::<jiff::Timestamp>()
-        .ok()
-        .map(|t| t.as_second())
-}
-
-fn rfc3339(t: i64) -> String {
-    jiff::Timestamp::from_second(t)
-        .unwrap_or_default()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
 }
 
 /// A reference to `job` as `status.active` lists it.

@@ -77,10 +77,7 @@ pub fn status(pdb: &Value, pods: &[&Value], scale: Scale<'_>, now: i64) -> Value
     for p in pods {
         let name = p["metadata"]["name"].as_str().unwrap_or("");
         let at = &old["disruptedPods"][name];
-        let recent = at
-            .as_str()
-            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-            .is_some_and(|t| t.as_second() + DISRUPTION_TIMEOUT > now);
+        let recent = crate::api::seconds(at).is_some_and(|t| t + DISRUPTION_TIMEOUT > now);
         if p["metadata"]["deletionTimestamp"].is_null() && recent {
             disrupted.insert(name.to_string(), at.clone());
         }
@@ -112,10 +109,7 @@ pub fn status(pdb: &Value, pods: &[&Value], scale: Scale<'_>, now: i64) -> Value
         .and_then(|c| c.iter().find(|c| c["type"] == "DisruptionAllowed"));
     let since = match was {
         Some(c) if c["status"] == state => c["lastTransitionTime"].clone(),
-        _ => json!(jiff::Timestamp::from_second(now)
-            .unwrap_or_default()
-            .strftime("%Y-%m-%dT%H:%M:%SZ")
-            .to_string()),
+        _ => json!(crate::api::rfc3339(now)),
     };
     let mut st = json!({
         "observedGeneration": generation,

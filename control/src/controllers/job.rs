@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 use serde_json::{json, Value};
 
 use super::replicaset::active;
+use crate::api::seconds;
 
 /// What to do for one Job.
 #[derive(Debug, Default, PartialEq)]
@@ -50,13 +51,6 @@ pub fn finished(job: &Value) -> Option<&Value> {
     job["status"]["conditions"].as_array()?.iter().find(|c| {
         matches!(c["type"].as_str(), Some("Complete" | "Failed")) && c["status"] == "True"
     })
-}
-
-fn seconds(t: &Value) -> Option<i64> {
-    t.as_str()?
-        .parse::<jiff::Timestamp>()
-        .ok()
-        .map(|t| t.as_second())
 }
 
 /// What a pod failure policy decides for one failed pod.

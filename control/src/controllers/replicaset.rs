@@ -39,10 +39,8 @@ pub fn available(pod: &Value, min_ready: i64, now: i64) -> bool {
         c.iter().any(|c| {
             c["type"] == "Ready"
                 && c["status"] == "True"
-                && c["lastTransitionTime"]
-                    .as_str()
-                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                    .is_some_and(|t| t.as_second() + min_ready <= now)
+                && crate::api::seconds(&c["lastTransitionTime"])
+                    .is_some_and(|t| t + min_ready <= now)
         })
     })
 }

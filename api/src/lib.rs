@@ -8,6 +8,10 @@
 //! runtime; the `io` feature adds frame reading and writing over tokio's IO traits.
 
 pub mod link;
+
+/// On a Node: the directory where the node keeps local PersistentVolumes.
+pub const STORAGE_DIR_ANNOTATION: &str = "outpost.dev/storage-dir";
+
 pub mod quantity;
 pub mod store;
 

@@ -368,13 +368,17 @@ impl Agent {
         let renew = {
             let (link, me) = (link.clone(), self.clone());
             tokio::spawn(async move {
-                loop {
+                for round in 0u64.. {
                     if let Err(e) = link.renew().await {
                         return format!("lease renewal: {e}");
                     }
                     me.maybe_recertify(&link).await;
+                    if round % 3 == 0 {
+                        me.sweep_storage(&link).await;
+                    }
                     tokio::time::sleep(Duration::from_secs(10)).await;
                 }
+                String::new()
             })
         };
         let why = tokio::select! {
@@ -579,9 +583,12 @@ impl Agent {
         if let Some(n) = &self.net {
             node["spec"] = json!({"podCIDR": n.cidr(), "podCIDRs": [n.cidr()]});
         }
+        // Where the volume controller puts this node's local volumes.
+        node["metadata"]["annotations"] = json!({
+            outpost_api::STORAGE_DIR_ANNOTATION: self.storage_dir().to_string_lossy()});
         // Why OCI pods will not be placed here, for `kubectl describe node`.
         if let Err(why) = &self.oci {
-            node["metadata"]["annotations"] = json!({"outpost.dev/runtime-oci-unavailable": why});
+            node["metadata"]["annotations"]["outpost.dev/runtime-oci-unavailable"] = json!(why);
         }
         node
     }
@@ -601,7 +608,8 @@ impl Agent {
         } else if a.status != 409 {
             return Err(LinkError::Refused(a.message()));
         }
-        let mut patch = json!({"metadata": {"labels": obj["metadata"]["labels"]}});
+        let mut patch = json!({"metadata": {"labels": obj["metadata"]["labels"],
+            "annotations": obj["metadata"]["annotations"]}});
         if obj["spec"].is_object() {
             patch["spec"] = obj["spec"].clone();
         }
@@ -1207,14 +1215,12 @@ impl Agent {
     async fn object(&self, kind: &str, ns: &str, name: &str) -> Result<Value, String> {
         let link = self.link.borrow().clone();
         if let Some(link) = link {
-            match link
-                .call(
-                    "GET",
-                    &format!("/api/v1/namespaces/{ns}/{kind}/{name}"),
-                    None,
-                )
-                .await
-            {
+            let path = if ns.is_empty() {
+                format!("/api/v1/{kind}/{name}")
+            } else {
+                format!("/api/v1/namespaces/{ns}/{kind}/{name}")
+            };
+            match link.call("GET", &path, None).await {
                 Ok(a) if a.ok() => {
                     let v = a.json();
                     let _ = self.cache.put_object(kind, ns, name, &v);
@@ -1233,6 +1239,80 @@ impl Agent {
                 singular(kind)
             )
         })
+    }
+
+    /// Where this node keeps local PersistentVolumes, as an absolute path (it is written
+    /// into the volumes' specs).
+    fn storage_dir(&self) -> PathBuf {
+        let d = self.dir.join("storage");
+        std::path::absolute(&d).unwrap_or(d)
+    }
+
+    /// The directory behind claim `ns/claim`: its volume's `hostPath` or `local` path (made
+    /// if the volume says so, or if it is one of this node's own local volumes).
+    async fn claim_dir(&self, ns: &str, claim: &str) -> Result<PathBuf, String> {
+        let c = self.object("persistentvolumeclaims", ns, claim).await?;
+        let pv = c["spec"]["volumeName"]
+            .as_str()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("persistentvolumeclaim \"{claim}\" is not bound yet"))?;
+        let v = self.object("persistentvolumes", "", pv).await?;
+        let spec = &v["spec"];
+        let path = spec["hostPath"]["path"]
+            .as_str()
+            .or(spec["local"]["path"].as_str())
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                format!("persistentvolume \"{pv}\": only hostPath and local volumes can be mounted on an Outpost node")
+            })?;
+        if !path.exists() {
+            let ours = path.starts_with(self.storage_dir());
+            if ours || spec["hostPath"]["type"] == "DirectoryOrCreate" {
+                std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                // World-writable as local-path volumes are: a container may run as any user.
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o777),
+                )
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            } else {
+                return Err(format!(
+                    "persistentvolume \"{pv}\": {} does not exist",
+                    path.display()
+                ));
+            }
+        }
+        Ok(path)
+    }
+
+    /// Remove the directories of this node's local volumes that the control plane says are
+    /// gone (deleted after their claims were). Only a 404 counts: with no link, or any
+    /// other answer, everything stays.
+    async fn sweep_storage(&self, link: &Link) {
+        let Ok(dirs) = std::fs::read_dir(self.storage_dir()) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let name = d.file_name().to_string_lossy().to_string();
+            let Some(pv) = name.split('_').next().filter(|p| p.starts_with("pvc-")) else {
+                continue;
+            };
+            let gone = link
+                .call("GET", &format!("/api/v1/persistentvolumes/{pv}"), None)
+                .await
+                .is_ok_and(|a| a.status == 404);
+            if gone {
+                match std::fs::remove_dir_all(d.path()) {
+                    Ok(()) => {
+                        tracing::info!(volume = %pv, "removed the directory of a deleted volume")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %pv, error = %e, "removing a deleted volume's directory")
+                    }
+                }
+                let _ = self.cache.remove_object("persistentvolumes", "", pv);
+            }
+        }
     }
 
     /// The digest a module name points at: asked of the control plane when linked (as a tag
@@ -1529,11 +1609,7 @@ fn pod_resolv(pod: &Value, host: &str, cluster: Option<&services::Config>) -> St
 }
 
 fn singular(kind: &str) -> &str {
-    match kind {
-        "configmaps" => "configmap",
-        "secrets" => "secret",
-        k => k,
-    }
+    kind.strip_suffix('s').unwrap_or(kind)
 }
 
 /// Conditions keep their last transition time while their status stays the same.
@@ -2505,6 +2581,14 @@ impl Worker {
                     }
                 }
                 out.push((p, guest, !ro));
+            } else if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
+                let p = self
+                    .agent
+                    .claim_dir(ns, claim)
+                    .await
+                    .map_err(|e| format!("volume {vname}: {e}"))?;
+                let ro = ro || v["persistentVolumeClaim"]["readOnly"] == true;
+                out.push((p, guest, !ro));
             } else if v["configMap"].is_object() || v["secret"].is_object() {
                 let (kind, r, name) = if v["configMap"].is_object() {
                     (
@@ -2550,7 +2634,7 @@ impl Worker {
                 out.push((dir, guest, false));
             } else {
                 return Err(format!(
-                    "volume {vname}: only emptyDir, hostPath, configMap and secret volumes are supported"
+                    "volume {vname}: only emptyDir, hostPath, configMap, secret and persistentVolumeClaim volumes are supported"
                 ));
             }
         }

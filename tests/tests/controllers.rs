@@ -1127,3 +1127,187 @@ fn pod_failure_policies_and_backoff_per_index() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Wait until pod `name` is Running as a pod other than `not_uid`; its uid.
+fn running_anew(up: &Up, name: &str, not_uid: &str) -> anyhow::Result<String> {
+    let out = up.wait_field(60, &["pod", name], "{.metadata.uid} {.status.phase}", |s| {
+        s.ends_with(" Running") && !s.starts_with(not_uid)
+    })?;
+    Ok(out.split(' ').next().unwrap_or_default().to_string())
+}
+
+/// A StatefulSet's claim templates give each pod its own claim, provisioned as a local
+/// volume on the pod's node by the default `local-path` class; the data outlives the pod;
+/// claims stay when the set scales down and their volumes (and directories) go when they are
+/// deleted. A static hostPath volume binds to a claim that asks for its class; that claim,
+/// deleted while its pod runs, waits for the pod. A claim that leaves out what it must say is
+/// refused with the field.
+#[test]
+fn statefulset_claims_get_local_volumes_that_outlive_pods() -> anyhow::Result<()> {
+    let (dir, up) = with_module("sleeper")?;
+    let classes = up
+        .kubectl(&["get", "storageclass"])?
+        .expect_ok("get sc")?
+        .stdout;
+    assert!(
+        classes.contains("local-path (default)")
+            && classes.contains("outpost.dev/local-path")
+            && classes.contains("WaitForFirstConsumer"),
+        "{classes}"
+    );
+    let manifest = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: web\nspec:\n  serviceName: web\n  replicas: 2\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: web\n        image: module:sleeper\n        env:\n        - name: STATE_FILE\n          value: /data/state\n        volumeMounts:\n        - name: data\n          mountPath: /data\n  volumeClaimTemplates:\n  - metadata:\n      name: data\n    spec:\n      accessModes: [ReadWriteOnce]\n      resources:\n        requests:\n          storage: 64Mi\n";
+    up.kubectl_in(&["apply", "-f", "-"], manifest)?
+        .expect_ok("apply")?;
+    up.kubectl(&["rollout", "status", "statefulset/web", "--timeout=90s"])?
+        .expect_ok("rollout status")?;
+    let claim = field(
+        &up,
+        &["pvc", "data-web-0"],
+        "{.status.phase} {.spec.storageClassName} {.spec.volumeName} {.status.capacity.storage}",
+    )?;
+    let parts: Vec<&str> = claim.split(' ').collect();
+    assert_eq!(parts.len(), 4, "{claim}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("Bound", "local-path", "64Mi")
+    );
+    let pv = parts[2];
+    let table = up.kubectl(&["get", "pvc"])?.expect_ok("get pvc")?.stdout;
+    assert!(
+        table.contains("data-web-1") && table.contains("RWO") && table.contains("Bound"),
+        "{table}"
+    );
+    // The volume is a directory on the pod's node, and only that node can take the pod.
+    let node = field(&up, &["pod", "web-0"], "{.spec.nodeName}")?;
+    let volume = field(
+        &up,
+        &["pv", pv],
+        "{.spec.hostPath.path} {.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]} {.spec.claimRef.name} {.status.phase} {.spec.persistentVolumeReclaimPolicy}",
+    )?;
+    let v: Vec<&str> = volume.split(' ').collect();
+    assert_eq!(
+        &v[1..],
+        [node.as_str(), "data-web-0", "Bound", "Delete"],
+        "{volume}"
+    );
+    let path = std::path::PathBuf::from(v[0]);
+    assert_eq!(
+        std::fs::read_to_string(path.join("state"))?,
+        "started\n",
+        "the pod wrote into its volume"
+    );
+    let logs = |pod: &str| -> anyhow::Result<String> {
+        Ok(up.kubectl(&["logs", pod])?.expect_ok("logs")?.stdout)
+    };
+    assert!(logs("web-0")?.contains("starts: 1"), "{}", logs("web-0")?);
+
+    // A new web-0 gets the same claim, and finds what the last one wrote.
+    let uid = field(&up, &["pod", "web-0"], "{.metadata.uid}")?;
+    up.kubectl(&["delete", "pod", "web-0", "--wait=true"])?
+        .expect_ok("delete pod")?;
+    running_anew(&up, "web-0", &uid)?;
+    let t = Instant::now();
+    while !logs("web-0")?.contains("starts: 2") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", logs("web-0")?);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        field(&up, &["pvc", "data-web-0"], "{.spec.volumeName}")?,
+        pv
+    );
+
+    // Scaled down, the claim stays (the default retention); deleted, its volume goes, and
+    // the node removes the directory.
+    up.kubectl(&["scale", "statefulset", "web", "--replicas=1"])?
+        .expect_ok("scale")?;
+    up.kubectl(&["wait", "--for=delete", "pod/web-1", "--timeout=60s"])?
+        .expect_ok("web-1 gone")?;
+    let pv1 = field(
+        &up,
+        &["pvc", "data-web-1"],
+        "{.status.phase} {.spec.volumeName}",
+    )?;
+    let (phase, pv1) = pv1.split_once(' ').unwrap_or_default();
+    assert_eq!(phase, "Bound");
+    let dir1 = field(&up, &["pv", pv1], "{.spec.hostPath.path}")?;
+    assert!(std::path::Path::new(&dir1).is_dir(), "{dir1}");
+    up.kubectl(&["delete", "pvc", "data-web-1"])?
+        .expect_ok("delete pvc")?;
+    up.kubectl(&[
+        "wait",
+        "--for=delete",
+        &format!("pv/{pv1}"),
+        "--timeout=30s",
+    ])?
+    .expect_ok("volume deleted with its claim")?;
+    let t = Instant::now();
+    while std::path::Path::new(&dir1).exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "{dir1} still there");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(path.is_dir(), "the other claim's directory stays");
+
+    // A static volume: bound to the claim that asks for its class and fits, used by a pod.
+    let host = dir.path().join("static");
+    std::fs::create_dir_all(&host)?;
+    let manifest = format!("apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: manual-1\nspec:\n  storageClassName: manual\n  capacity:\n    storage: 1Gi\n  accessModes: [ReadWriteOnce]\n  hostPath:\n    path: {}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: notes\nspec:\n  storageClassName: manual\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 100Mi\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: notes\nspec:\n  runtimeClassName: wasm\n  containers:\n  - name: notes\n    image: module:sleeper\n    env:\n    - name: STATE_FILE\n      value: /notes/state\n    volumeMounts:\n    - name: notes\n      mountPath: /notes\n  volumes:\n  - name: notes\n    persistentVolumeClaim:\n      claimName: notes\n", host.display());
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply static")?;
+    up.wait_field(
+        30,
+        &["pvc", "notes"],
+        "{.status.phase} {.spec.volumeName}",
+        |s| s == "Bound manual-1",
+    )?;
+    up.wait_field(60, &["pod", "notes"], "{.status.phase}", |s| s == "Running")?;
+    let t = Instant::now();
+    while std::fs::read_to_string(host.join("state")).unwrap_or_default() != "started\n" {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "nothing written to {host:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let pvs = up
+        .kubectl(&["get", "pv", "manual-1"])?
+        .expect_ok("get pv")?
+        .stdout;
+    assert!(
+        pvs.contains("default/notes") && pvs.contains("Retain") && pvs.contains("manual"),
+        "{pvs}"
+    );
+
+    // Deleted while its pod runs, the claim waits for the pod; then its volume is released
+    // (kept, as its policy says).
+    up.kubectl(&["delete", "pvc", "notes", "--wait=false"])?
+        .expect_ok("delete pvc")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let table = up
+        .kubectl(&["get", "pvc", "notes"])?
+        .expect_ok("get pvc")?
+        .stdout;
+    assert!(table.contains("Terminating"), "{table}");
+    assert_eq!(field(&up, &["pod", "notes"], "{.status.phase}")?, "Running");
+    up.kubectl(&["delete", "pod", "notes"])?
+        .expect_ok("delete pod")?;
+    up.kubectl(&["wait", "--for=delete", "pvc/notes", "--timeout=30s"])?
+        .expect_ok("claim gone with its pod")?;
+    up.wait_field(30, &["pv", "manual-1"], "{.status.phase}", |s| {
+        s == "Released"
+    })?;
+    assert_eq!(std::fs::read_to_string(host.join("state"))?, "started\n");
+
+    // A claim without access modes or size is refused, naming both fields.
+    let bad = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: bad\nspec:\n  resources: {}\n";
+    let out = up.kubectl_in(&["apply", "-f", "-"], bad)?;
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("spec.accessModes: Required value")
+            && out
+                .stderr
+                .contains("spec.resources[storage]: Required value"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}

@@ -242,7 +242,54 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
             or(child(o, "status"), "phase", json!("Active"));
         }
         ("", "Secret") => or(o, "type", json!("Opaque")),
+        ("", "PersistentVolumeClaim") => or(child(o, "spec"), "volumeMode", json!("Filesystem")),
+        ("", "PersistentVolume") => {
+            let spec = child(o, "spec");
+            or(spec, "volumeMode", json!("Filesystem"));
+            or(spec, "persistentVolumeReclaimPolicy", json!("Retain"));
+        }
+        ("storage.k8s.io", "StorageClass") => {
+            or(o, "reclaimPolicy", json!("Delete"));
+            or(o, "volumeBindingMode", json!("Immediate"));
+        }
         _ => {}
+    }
+}
+
+const ACCESS_MODES: [&str; 4] = [
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOnce",
+    "ReadWriteOncePod",
+];
+
+/// A claim's or volume's access modes: at least one, each known.
+fn check_access_modes(modes: &Value, at: &str, out: &mut Vec<Cause>) {
+    let modes = modes.as_array().map(Vec::as_slice).unwrap_or_default();
+    if modes.is_empty() {
+        out.push(Cause::required(at));
+    }
+    for m in modes {
+        let m = m.as_str().unwrap_or("");
+        if !ACCESS_MODES.contains(&m) {
+            out.push(Cause::new(
+                "FieldValueNotSupported",
+                at,
+                format!("Unsupported value: \"{m}\": supported values: \"ReadOnlyMany\", \"ReadWriteMany\", \"ReadWriteOnce\", \"ReadWriteOncePod\""),
+            ));
+        }
+    }
+}
+
+/// A storage quantity at `at` that must be there and be a positive size.
+fn check_storage(q: &Value, at: &str, out: &mut Vec<Cause>) {
+    match q.as_str() {
+        None => out.push(Cause::required(at)),
+        Some(s) => {
+            if outpost_api::quantity::bytes(s).is_none_or(|b| b == 0) {
+                out.push(Cause::invalid(at, s, "must be greater than zero"));
+            }
+        }
     }
 }
 
@@ -609,6 +656,22 @@ fn check_budget(spec: &Value, out: &mut Vec<Cause>) {
     }
 }
 
+/// The volume types a PersistentVolume may name (one of them).
+const VOLUME_SOURCES: [&str; 12] = [
+    "hostPath",
+    "local",
+    "nfs",
+    "iscsi",
+    "csi",
+    "fc",
+    "cephfs",
+    "rbd",
+    "cinder",
+    "glusterfs",
+    "awsElasticBlockStore",
+    "gcePersistentDisk",
+];
+
 /// Field-level problems with `o`, a `kind` object whose defaults are already set.
 pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     let mut out = Vec::new();
@@ -699,6 +762,88 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
                         "FieldValueNotSupported",
                         "spec.type",
                         format!("Unsupported value: \"{t}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+                    ));
+                }
+            }
+        }
+        ("", "PersistentVolumeClaim") => {
+            check_access_modes(&o["spec"]["accessModes"], "spec.accessModes", &mut out);
+            check_storage(
+                &o["spec"]["resources"]["requests"]["storage"],
+                "spec.resources[storage]",
+                &mut out,
+            );
+        }
+        ("", "PersistentVolume") => {
+            let spec = &o["spec"];
+            check_access_modes(&spec["accessModes"], "spec.accessModes", &mut out);
+            check_storage(&spec["capacity"]["storage"], "spec.capacity", &mut out);
+            let sources = VOLUME_SOURCES
+                .iter()
+                .filter(|k| spec[**k].is_object())
+                .count();
+            if sources == 0 {
+                out.push(Cause::new(
+                    "FieldValueRequired",
+                    "spec",
+                    "Required value: must specify a volume type",
+                ));
+            } else if sources > 1 {
+                out.push(Cause::new(
+                    "FieldValueForbidden",
+                    "spec",
+                    "may not specify more than 1 volume type",
+                ));
+            }
+            if spec["local"].is_object() && spec["nodeAffinity"].is_null() {
+                out.push(Cause::new(
+                    "FieldValueRequired",
+                    "spec.nodeAffinity",
+                    "Required value: Local volumes require node affinity",
+                ));
+            }
+            for k in ["hostPath", "local"] {
+                if let Some(p) = spec[k]["path"].as_str() {
+                    if !p.starts_with('/') || p.split('/').any(|s| s == "..") {
+                        out.push(Cause::invalid(
+                            format!("spec.{k}.path"),
+                            p,
+                            "must be an absolute path without '..'",
+                        ));
+                    }
+                }
+            }
+            if let Some(p) = spec["persistentVolumeReclaimPolicy"].as_str() {
+                if !matches!(p, "Retain" | "Delete" | "Recycle") {
+                    out.push(Cause::new(
+                        "FieldValueNotSupported",
+                        "spec.persistentVolumeReclaimPolicy",
+                        format!("Unsupported value: \"{p}\": supported values: \"Delete\", \"Recycle\", \"Retain\""),
+                    ));
+                }
+            }
+        }
+        ("storage.k8s.io", "StorageClass") => {
+            if o["provisioner"].as_str().is_none_or(str::is_empty) {
+                out.push(Cause::required("provisioner"));
+            }
+            if let Some(m) = o["volumeBindingMode"].as_str() {
+                if !matches!(m, "Immediate" | "WaitForFirstConsumer") {
+                    out.push(Cause::new(
+                        "FieldValueNotSupported",
+                        "volumeBindingMode",
+                        format!("Unsupported value: \"{m}\": supported values: \"Immediate\", \"WaitForFirstConsumer\""),
+                    ));
+                }
+            }
+            if let Some(p) = o["reclaimPolicy"].as_str() {
+                if !matches!(p, "Retain" | "Delete") {
+                    out.push(Cause::new(
+                        "FieldValueNotSupported",
+                        "reclaimPolicy",
+                        format!(
+                            "Unsupported value: \"{p}\": supported values: \"Delete\", \"Retain\""
+                        ),
                     ));
                 }
             }

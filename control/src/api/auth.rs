@@ -210,6 +210,17 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                    "metadata": {"name": "wasm"}, "handler": "wasm",
                    "scheduling": {"nodeSelector": {"outpost.dev/runtime-wasm": "true"}}}),
         ),
+        // Claims that name no class get local directories on the node their first pod
+        // is scheduled to (the class `outpost up` users and K3s users expect).
+        (
+            "storage.k8s.io",
+            "StorageClass",
+            json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                   "metadata": {"name": "local-path", "annotations":
+                       {"storageclass.kubernetes.io/is-default-class": "true"}},
+                   "provisioner": crate::controllers::volumes::PROVISIONER,
+                   "reclaimPolicy": "Delete", "volumeBindingMode": "WaitForFirstConsumer"}),
+        ),
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",

@@ -499,6 +499,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::scheduler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::volumes::run(api.clone())).abort_handle());
     helpers.push(
         tokio::spawn(crate::controllers::nodes::run(api.clone(), cfg.lifecycle)).abort_handle(),
     );

@@ -1,7 +1,8 @@
 //! The node authorizer: what a node agent (user `system:node:<name>`, group `system:nodes`)
-//! may do. A node reads only the pods bound to it and the config maps and secrets those pods
-//! use, and writes only its own Node, its own Lease, its pods' status, events, and the final
-//! delete of its own pods once they have stopped. Nothing in RBAC can widen this.
+//! may do. A node reads only the pods bound to it and the config maps, secrets, claims and
+//! volumes those pods use (and the volumes provisioned on it), and writes only its own Node,
+//! its own Lease, its pods' status, events, and the final delete of its own pods once they
+//! have stopped. Nothing in RBAC can widen this.
 
 use serde_json::Value;
 
@@ -58,6 +59,15 @@ pub fn pod_uses(pod: &Value, secret: bool, name: &str) -> bool {
         || (secret && list("imagePullSecrets").iter().any(|s| is(&s["name"])))
 }
 
+/// The claims a pod's volumes name.
+pub fn pod_claims(pod: &Value) -> impl Iterator<Item = &str> {
+    pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+}
+
 fn deny(node: &str, a: &Attrs, why: &str) -> ApiError {
     let what = match &a.path {
         Some(p) => format!("path \"{p}\""),
@@ -86,12 +96,12 @@ async fn bound(api: &Api, node: &str, ns: &str, name: &str) -> Result<bool, ApiE
         .is_none_or(|p| p["spec"]["nodeName"].as_str() == Some(node)))
 }
 
-async fn used_by_node_pod(
+/// Whether any pod in `ns` bound to `node` passes `uses`.
+async fn node_pod_in(
     api: &Api,
     node: &str,
     ns: &str,
-    secret: bool,
-    name: &str,
+    uses: impl Fn(&Value) -> bool,
 ) -> Result<bool, ApiError> {
     let res = resources::find("", "v1", "pods").ok_or_else(|| ApiError::Internal("pods".into()))?;
     let page = api
@@ -99,10 +109,33 @@ async fn used_by_node_pod(
         .range(&res.prefix(Some(ns)), None, 0, Consistency::Serializable)
         .await?;
     Ok(page.kvs.iter().any(|kv| {
-        serde_json::from_slice::<Value>(&kv.value).is_ok_and(|p| {
-            p["spec"]["nodeName"].as_str() == Some(node) && pod_uses(&p, secret, name)
-        })
+        serde_json::from_slice::<Value>(&kv.value)
+            .is_ok_and(|p| p["spec"]["nodeName"].as_str() == Some(node) && uses(&p))
     }))
+}
+
+/// A PersistentVolume is the node's to read when one of its pods' claims is bound to it,
+/// when it was provisioned on the node, or when it does not exist (the 404 tells the agent
+/// that the volume's directory may go).
+async fn volume_readable(api: &Api, node: &str, name: &str) -> Result<bool, ApiError> {
+    let res = resources::find("", "v1", "persistentvolumes")
+        .ok_or_else(|| ApiError::Internal("persistentvolumes".into()))?;
+    let Some(kv) = api
+        .store
+        .get(&res.key(None, name), Consistency::Serializable)
+        .await?
+    else {
+        return Ok(true);
+    };
+    let pv: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+    if pv["metadata"]["annotations"][crate::controllers::volumes::NODE_ANNOTATION] == node {
+        return Ok(true);
+    }
+    let claim = &pv["spec"]["claimRef"];
+    match (claim["namespace"].as_str(), claim["name"].as_str()) {
+        (Some(ns), Some(c)) => node_pod_in(api, node, ns, |p| pod_claims(p).any(|x| x == c)).await,
+        _ => Ok(false),
+    }
 }
 
 /// Decide a node's request. `fields` is the request's field selector (for lists and
@@ -164,8 +197,16 @@ pub async fn authorize(
             _ => false,
         },
         ("", plural @ ("configmaps" | "secrets")) if a.verb == "get" => {
-            used_by_node_pod(api, node, &a.namespace, plural == "secrets", &a.name).await?
+            let secret = plural == "secrets";
+            node_pod_in(api, node, &a.namespace, |p| pod_uses(p, secret, &a.name)).await?
         }
+        ("", "persistentvolumeclaims") if a.verb == "get" => {
+            node_pod_in(api, node, &a.namespace, |p| {
+                pod_claims(p).any(|c| c == a.name)
+            })
+            .await?
+        }
+        ("", "persistentvolumes") if a.verb == "get" => volume_readable(api, node, &a.name).await?,
         ("", "events") | ("events.k8s.io", "events") => {
             matches!(a.verb.as_str(), "create" | "update" | "patch")
         }
@@ -212,6 +253,16 @@ mod tests {
             assert!(pod_uses(&p, true, n), "{n}");
         }
         assert!(!pod_uses(&p, false, "other"));
+    }
+
+    #[test]
+    fn finds_a_pods_claims() {
+        let p = json!({"spec": {"volumes": [
+            {"name": "a", "persistentVolumeClaim": {"claimName": "data-web-0"}},
+            {"name": "b", "emptyDir": {}},
+            {"name": "c", "persistentVolumeClaim": {"claimName": "logs"}}]}});
+        assert_eq!(pod_claims(&p).collect::<Vec<_>>(), ["data-web-0", "logs"]);
+        assert_eq!(pod_claims(&json!({})).count(), 0);
     }
 
     #[test]

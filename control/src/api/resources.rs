@@ -187,7 +187,7 @@ macro_rules! resources {
 use k8s_openapi::api::{
     apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz, batch::v1 as batch,
     coordination::v1 as coord, core::v1 as core, discovery::v1 as disc, events::v1 as events,
-    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
+    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, storage::v1 as storage,
 };
 
 resources! {
@@ -198,6 +198,8 @@ resources! {
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },
     core::Secret => { "", "v1", "Secret", "secrets", "secret", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    core::PersistentVolumeClaim => { "", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", "persistentvolumeclaim", short: ["pvc"], namespaced: true, categories: [], subs: [Status], stored: true },
+    core::PersistentVolume => { "", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume", short: ["pv"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::ServiceAccount => { "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", short: ["sa"], namespaced: true, categories: [], subs: [Token], stored: true },
     core::Event => { "", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
     events::Event => { "events.k8s.io", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
@@ -210,6 +212,7 @@ resources! {
     batch::Job => { "batch", "v1", "Job", "jobs", "job", short: [], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     batch::CronJob => { "batch", "v1", "CronJob", "cronjobs", "cronjob", short: ["cj"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    storage::StorageClass => { "storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", short: ["sc"], namespaced: false, categories: [], subs: [], stored: true },
     disc::EndpointSlice => { "discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", short: [], namespaced: true, categories: [], subs: [], stored: true },
     policy::PodDisruptionBudget => { "policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", "poddisruptionbudget", short: ["pdb"], namespaced: true, categories: [], subs: [Status], stored: true },
     rbac::Role => { "rbac.authorization.k8s.io", "v1", "Role", "roles", "role", short: [], namespaced: true, categories: [], subs: [], stored: true },

@@ -1089,8 +1089,36 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     m.insert("uid".into(), json!(uid));
     m.insert("creationTimestamp".into(), json!(ts));
     admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
+    if (ctx.res.group, ctx.res.kind) == ("", "PersistentVolumeClaim")
+        && o["spec"]["storageClassName"].is_null()
+    {
+        // As the DefaultStorageClass admission plugin: only a claim naming no class at all
+        // (an empty name asks for no class).
+        if let Some(c) = default_class(ctx.api).await? {
+            o["spec"]["storageClassName"] = json!(c);
+        }
+    }
     if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
         admit::job_selector(&mut o, &uid);
+    }
+    if ctx.res.group.is_empty()
+        && matches!(ctx.res.kind, "PersistentVolumeClaim" | "PersistentVolume")
+    {
+        // As the API server: a new claim or volume starts Pending, whatever the body says.
+        o["status"] = json!({"phase": "Pending"});
+        if ctx.res.kind == "PersistentVolumeClaim" {
+            // A claim in use by a pod is not deleted under it (the volume controller lifts
+            // this once no pod uses it).
+            let f = &mut meta(&mut o)
+                .entry("finalizers")
+                .or_insert_with(|| json!([]));
+            if let Some(list) = f.as_array_mut() {
+                let p = json!(crate::controllers::volumes::PROTECTION);
+                if !list.contains(&p) {
+                    list.push(p);
+                }
+            }
+        }
     }
     if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
         let phase = o["status"]["phase"].is_null();
@@ -1104,6 +1132,28 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
     check(ctx, &o, &input)?;
     write_new(ctx, o, generate.is_some() && !named).await
+}
+
+/// The StorageClass marked default (the newest, if several are).
+async fn default_class(api: &Api) -> Result<Option<String>, ApiError> {
+    let r = resources::find("storage.k8s.io", "v1", "storageclasses")
+        .ok_or_else(|| internal("storageclasses"))?;
+    let page = api
+        .store
+        .range(&r.prefix(None), None, 0, Consistency::Serializable)
+        .await?;
+    Ok(page
+        .kvs
+        .iter()
+        .filter_map(|kv| Some((kv.create_revision, from_kv(kv).ok()?)))
+        .filter(|(_, c)| is_default_class(c))
+        .max_by_key(|(rev, _)| *rev)
+        .and_then(|(_, c)| c["metadata"]["name"].as_str().map(String::from)))
+}
+
+/// Whether a StorageClass carries the default-class annotation.
+pub fn is_default_class(c: &Value) -> bool {
+    c["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
 }
 
 /// Store a new object (retrying generated names and reservations that collide).

@@ -126,6 +126,38 @@ fn columns(kind: &str) -> &'static [Col] {
         ],
         "Lease" => &[NAME, ("Holder", "string", "", 0), AGE],
         "RuntimeClass" => &[NAME, ("Handler", "string", "", 0), AGE],
+        "PersistentVolumeClaim" => &[
+            NAME,
+            ("Status", "string", "", 0),
+            ("Volume", "string", "", 0),
+            ("Capacity", "string", "", 0),
+            ("Access Modes", "string", "", 0),
+            ("StorageClass", "string", "", 0),
+            ("VolumeAttributesClass", "string", "", 0),
+            AGE,
+            ("VolumeMode", "string", "", 1),
+        ],
+        "PersistentVolume" => &[
+            NAME,
+            ("Capacity", "string", "", 0),
+            ("Access Modes", "string", "", 0),
+            ("Reclaim Policy", "string", "", 0),
+            ("Status", "string", "", 0),
+            ("Claim", "string", "", 0),
+            ("StorageClass", "string", "", 0),
+            ("VolumeAttributesClass", "string", "", 0),
+            ("Reason", "string", "", 0),
+            AGE,
+            ("VolumeMode", "string", "", 1),
+        ],
+        "StorageClass" => &[
+            NAME,
+            ("Provisioner", "string", "", 0),
+            ("ReclaimPolicy", "string", "", 0),
+            ("VolumeBindingMode", "string", "", 0),
+            ("AllowVolumeExpansion", "string", "", 0),
+            AGE,
+        ],
         "Event" => &[
             ("Last Seen", "string", "", 0),
             ("Type", "string", "", 0),
@@ -203,6 +235,23 @@ fn age_text(v: &Value, now: i64) -> String {
 
 fn int(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
+}
+
+/// Access modes as kubectl abbreviates them (`RWO,ROX`).
+fn access_modes(v: &Value) -> String {
+    let short: Vec<&str> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m.as_str()? {
+            "ReadWriteOnce" => Some("RWO"),
+            "ReadOnlyMany" => Some("ROX"),
+            "ReadWriteMany" => Some("RWX"),
+            "ReadWriteOncePod" => Some("RWOP"),
+            _ => None,
+        })
+        .collect();
+    short.join(",")
 }
 
 fn or_none(s: String) -> String {
@@ -568,6 +617,71 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
             age,
         ],
         "RuntimeClass" => vec![name, json!(o["handler"].as_str().unwrap_or("")), age],
+        "PersistentVolumeClaim" => {
+            let bound = st["phase"] == "Bound";
+            let shown = |v: &Value| json!(if bound { v.as_str().unwrap_or("") } else { "" });
+            let phase = if meta["deletionTimestamp"].is_null() {
+                st["phase"].as_str().unwrap_or("")
+            } else {
+                "Terminating"
+            };
+            vec![
+                name,
+                json!(phase),
+                json!(spec["volumeName"].as_str().unwrap_or("")),
+                shown(&st["capacity"]["storage"]),
+                json!(if bound {
+                    access_modes(&st["accessModes"])
+                } else {
+                    String::new()
+                }),
+                json!(spec["storageClassName"].as_str().unwrap_or("<unset>")),
+                json!(spec["volumeAttributesClassName"]
+                    .as_str()
+                    .unwrap_or("<unset>")),
+                age,
+                json!(spec["volumeMode"].as_str().unwrap_or("Filesystem")),
+            ]
+        }
+        "PersistentVolume" => {
+            let c = &spec["claimRef"];
+            let claim = match (c["namespace"].as_str(), c["name"].as_str()) {
+                (Some(ns), Some(n)) => format!("{ns}/{n}"),
+                _ => String::new(),
+            };
+            vec![
+                name,
+                json!(spec["capacity"]["storage"].as_str().unwrap_or("")),
+                json!(access_modes(&spec["accessModes"])),
+                json!(spec["persistentVolumeReclaimPolicy"].as_str().unwrap_or("")),
+                json!(st["phase"].as_str().unwrap_or("")),
+                json!(claim),
+                json!(spec["storageClassName"].as_str().unwrap_or("")),
+                json!(spec["volumeAttributesClassName"]
+                    .as_str()
+                    .unwrap_or("<unset>")),
+                json!(st["reason"].as_str().unwrap_or("")),
+                age,
+                json!(spec["volumeMode"].as_str().unwrap_or("Filesystem")),
+            ]
+        }
+        "StorageClass" => {
+            let mut n = meta["name"].as_str().unwrap_or("").to_string();
+            if super::rest::is_default_class(o) {
+                n.push_str(" (default)");
+            }
+            vec![
+                json!(n),
+                json!(o["provisioner"].as_str().unwrap_or("")),
+                json!(o["reclaimPolicy"].as_str().unwrap_or("Delete")),
+                json!(o["volumeBindingMode"].as_str().unwrap_or("Immediate")),
+                json!(o["allowVolumeExpansion"]
+                    .as_bool()
+                    .unwrap_or(false)
+                    .to_string()),
+                age,
+            ]
+        }
         "Event" => {
             let last = if !o["lastTimestamp"].is_null() {
                 &o["lastTimestamp"]

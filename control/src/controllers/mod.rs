@@ -33,6 +33,7 @@ pub mod job;
 pub mod nodes;
 pub mod replicaset;
 pub mod statefulset;
+pub mod volumes;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -63,6 +64,11 @@ const FOLLOWED: [&str; 13] = [
     DEPLOYS, DSS, CRONS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PDBS, REVS, PODS,
 ];
 const RESYNC: Duration = Duration::from_secs(30);
+/// How long a StatefulSet waits before it makes a pod again under the name of one just
+/// deleted. `kubectl delete` reads the pod, then lists and watches it until it sees it go;
+/// a replacement of the same name made between that read and that list (a Wasm pod stops in
+/// milliseconds) leaves every kubectl version waiting for a delete that never comes.
+const SAME_NAME_PAUSE: Duration = Duration::from_secs(1);
 
 fn manager() -> User {
     system_user("system:kube-controller-manager")
@@ -112,8 +118,10 @@ struct Cache {
     owner_of: HashMap<String, String>,
     /// Job key → (its failed pods, when that number last grew), for the failure back-off.
     failures: HashMap<String, (u64, i64)>,
-    /// Jobs waiting out a back-off.
+    /// Jobs waiting out a back-off, StatefulSets a [`SAME_NAME_PAUSE`].
     backing_off: BTreeSet<String>,
+    /// Pods deleted in the last [`SAME_NAME_PAUSE`], by key.
+    gone: HashMap<String, Instant>,
     /// CronJob key → the last warning recorded for it, so a standing problem is told once.
     warned: HashMap<String, String>,
     /// Keys of pods, Services, ReplicaSets, DaemonSets, Deployments, StatefulSets, Jobs,
@@ -332,6 +340,10 @@ impl Cache {
                 Some(_) => self.index.insert(key.to_string()),
                 None => self.index.remove(key),
             };
+        }
+        if obj.is_none() && key.starts_with(PODS) {
+            self.gone.retain(|_, t| t.elapsed() < SAME_NAME_PAUSE);
+            self.gone.insert(key.to_string(), Instant::now());
         }
         if obj.is_none() {
             // A Service gone takes its Endpoints; Endpoints gone come back.
@@ -768,9 +780,21 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
             rev
         } else if key.starts_with(STSS) {
             let revs = cache.revisions_of(o);
-            sync_history(api, o, &revs, &children)
-                .await
-                .max(sync_statefulset(api, o, &children).await)
+            let (ns, _) = ns_name(o);
+            let recent: Vec<&str> = cache
+                .gone
+                .iter()
+                .filter(|(_, t)| t.elapsed() < SAME_NAME_PAUSE)
+                .filter_map(|(k, _)| split(k, PODS))
+                .filter(|(n, _)| *n == ns)
+                .map(|(_, name)| name)
+                .collect();
+            let rev = sync_history(api, o, &revs, &children).await;
+            let (made, held) = sync_statefulset(api, o, &children, &recent).await;
+            if held {
+                cache.backing_off.insert(key.clone());
+            }
+            rev.max(made)
         } else if key.starts_with(PDBS) {
             sync_budget(api, cache, &key, o).await
         } else if key.starts_with(SVCS) {
@@ -1260,7 +1284,14 @@ async fn sync_endpoints(api: &Arc<Api>, cache: &Cache, key: &str, svc: &Value) -
     wrote
 }
 
-async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
+/// The highest revision written, and whether a pod was held back by [`SAME_NAME_PAUSE`]
+/// (`recent`: the names of pods deleted within it).
+async fn sync_statefulset(
+    api: &Arc<Api>,
+    sts: &Value,
+    pods: &[&Value],
+    recent: &[&str],
+) -> (u64, bool) {
     const ME: &str = "statefulset-controller";
     let plan = statefulset::plan(sts, pods, jiff::Timestamp::now().as_second());
     let (ns, name) = ns_name(sts);
@@ -1268,6 +1299,27 @@ async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
     let mut wrote = 0;
     // Deletes first: a finished pod must be gone before its name is used again.
     for p in &plan.delete {
+        if let Some(i) = statefulset::scaled_away(sts, p) {
+            // Its claims go with the pod: the garbage collector deletes them once it is gone.
+            let uid = pods
+                .iter()
+                .find(|x| x["metadata"]["name"] == p.as_str())
+                .map(|x| x["metadata"]["uid"].clone());
+            for (_, c) in statefulset::claims_for(sts, i)
+                .into_iter()
+                .filter(|_| uid.is_some())
+            {
+                let cname = c["metadata"]["name"].as_str().unwrap_or("");
+                let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims/{cname}");
+                let mut owners = c["metadata"]["ownerReferences"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                owners.push(json!({"apiVersion": "v1", "kind": "Pod", "name": p, "uid": uid}));
+                let body = json!({"metadata": {"ownerReferences": owners}});
+                wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
+            }
+        }
         let (rev, _) = write(
             api,
             "DELETE",
@@ -1282,7 +1334,36 @@ async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
             event(api, ME, sts, "Normal", "SuccessfulDelete", &msg).await;
         }
     }
-    for i in &plan.create {
+    let mut held = false;
+    'pods: for i in &plan.create {
+        if recent.contains(&format!("{name}-{i}").as_str()) {
+            held = true;
+            continue;
+        }
+        // Its claims first (kept from an earlier pod of this ordinal if they exist).
+        for (_, c) in statefulset::claims_for(sts, *i) {
+            let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims");
+            let (status, v) =
+                crate::api::call_as(api, &manager(), "POST", &path, "application/json", &c).await;
+            let cname = c["metadata"]["name"].as_str().unwrap_or("");
+            match status {
+                200..=299 => {
+                    let msg = format!(
+                        "create Claim {cname} Pod {name}-{i} in StatefulSet {name} success"
+                    );
+                    event(api, ME, sts, "Normal", "SuccessfulCreate", &msg).await;
+                }
+                409 => {}
+                _ => {
+                    let msg = format!(
+                        "create Claim {cname} for Pod {name}-{i} in StatefulSet {name} failed error: {}",
+                        v["message"].as_str().unwrap_or("")
+                    );
+                    event(api, ME, sts, "Warning", "FailedCreate", &msg).await;
+                    break 'pods;
+                }
+            }
+        }
         let pod = statefulset::pod_for(sts, *i);
         let (rev, _) = write(api, "POST", &base, "application/json", &pod).await;
         if rev > 0 {
@@ -1296,7 +1377,7 @@ async fn sync_statefulset(api: &Arc<Api>, sts: &Value, pods: &[&Value]) -> u64 {
         let body = json!({"status": plan.status});
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
     }
-    wrote
+    (wrote, held)
 }
 
 /// The highest revision written, and whether the Job is waiting out its failure back-off.

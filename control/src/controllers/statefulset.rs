@@ -7,6 +7,11 @@
 //! highest ordinal first and one at a time, and an update replaces one pod and waits for it.
 //! `Parallel` creates and deletes without waiting; updates still go one at a time, as
 //! Kubernetes does with the default `maxUnavailable` of 1.
+//!
+//! Each `volumeClaimTemplates` entry gives every pod its own claim (`TEMPLATE-NAME-N`), made
+//! before the pod and kept across its restarts, rescheduling and the set's updates; the
+//! `persistentVolumeClaimRetentionPolicy` says whether claims go when the set is deleted or
+//! scaled down.
 
 use std::collections::BTreeMap;
 
@@ -192,7 +197,71 @@ pub fn pod_for(sts: &Value, ordinal: u64) -> Value {
     {
         p["spec"]["subdomain"] = json!(svc);
     }
+    // Each claim template becomes the volume of that name, backed by this ordinal's claim.
+    for (vol, claim) in claims_for(sts, ordinal) {
+        let volume =
+            json!({"name": vol, "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}});
+        let vols = &mut p["spec"]["volumes"];
+        if !vols.is_array() {
+            *vols = json!([]);
+        }
+        if let Some(vols) = vols.as_array_mut() {
+            vols.retain(|v| v["name"] != vol.as_str());
+            vols.push(volume);
+        }
+    }
     p
+}
+
+/// The claims pod `ordinal` uses, one per `volumeClaimTemplates` entry: (template name,
+/// claim named `TEMPLATE-STS-ORDINAL`). With `whenDeleted: Delete` they are owned by the
+/// StatefulSet, so they go with it; otherwise they outlive it, as Kubernetes keeps them.
+pub fn claims_for(sts: &Value, ordinal: u64) -> Vec<(String, Value)> {
+    let me = sts["metadata"]["name"].as_str().unwrap_or("");
+    let ns = sts["metadata"]["namespace"].as_str().unwrap_or("default");
+    let owned = sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete";
+    let mut labels = sts["spec"]["selector"]["matchLabels"].clone();
+    if !labels.is_object() {
+        labels = json!({});
+    }
+    sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let vol = t["metadata"]["name"].as_str()?.to_string();
+            let mut c = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": format!("{vol}-{me}-{ordinal}"), "namespace": ns,
+                    "labels": labels.clone()},
+                "spec": t["spec"].clone()});
+            if let Some(l) = t["metadata"]["labels"].as_object() {
+                for (k, v) in l {
+                    c["metadata"]["labels"][k] = v.clone();
+                }
+            }
+            if let Some(a) = t["metadata"]["annotations"].as_object() {
+                c["metadata"]["annotations"] = json!(a);
+            }
+            if owned {
+                c["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
+                    "kind": "StatefulSet", "name": me, "uid": sts["metadata"]["uid"],
+                    "controller": true, "blockOwnerDeletion": true}]);
+            }
+            Some((vol, c))
+        })
+        .collect()
+}
+
+/// The ordinal of a pod this StatefulSet no longer wants (scaled away), whose claims
+/// `whenScaled: Delete` gives up with it.
+pub fn scaled_away(sts: &Value, pod: &str) -> Option<u64> {
+    let me = sts["metadata"]["name"].as_str().unwrap_or("");
+    let i: u64 = pod.strip_prefix(me)?.strip_prefix('-')?.parse().ok()?;
+    let start = sts["spec"]["ordinals"]["start"].as_u64().unwrap_or(0);
+    let want = sts["spec"]["replicas"].as_u64().unwrap_or(1);
+    let gone = !(start..start + want).contains(&i);
+    (gone && sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Delete")
+        .then_some(i)
 }
 
 #[cfg(test)]
@@ -205,6 +274,47 @@ mod tests {
                    "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
                    "template": {"metadata": {"labels": {"app": "db"}},
                        "spec": {"containers": [{"name": "c", "image": "module:v1"}]}}}})
+    }
+
+    #[test]
+    fn claim_templates_become_each_pods_claims() {
+        let mut s = sts(2, "OrderedReady");
+        s["spec"]["selector"] = json!({"matchLabels": {"app": "db"}});
+        s["spec"]["template"]["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}},
+                                                          {"name": "cfg", "configMap": {"name": "c"}}]);
+        s["spec"]["volumeClaimTemplates"] = json!([{"metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]);
+        let claims = claims_for(&s, 1);
+        assert_eq!(claims.len(), 1);
+        let (vol, c) = &claims[0];
+        assert_eq!(vol, "data");
+        assert_eq!(c["metadata"]["name"], "data-db-1");
+        assert_eq!(c["metadata"]["labels"]["app"], "db");
+        assert_eq!(c["spec"]["resources"]["requests"]["storage"], "1Gi");
+        // Kept when the set goes, unless the policy says otherwise.
+        assert!(c["metadata"]["ownerReferences"].is_null());
+        let p = pod_for(&s, 1);
+        let vols = p["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(
+            vols.len(),
+            2,
+            "the template's own `data` volume is replaced: {vols:?}"
+        );
+        assert!(
+            vols.iter()
+                .any(|v| v["name"] == "data"
+                    && v["persistentVolumeClaim"]["claimName"] == "data-db-1")
+        );
+        s["spec"]["persistentVolumeClaimRetentionPolicy"] =
+            json!({"whenDeleted": "Delete", "whenScaled": "Delete"});
+        assert_eq!(
+            claims_for(&s, 0)[0].1["metadata"]["ownerReferences"][0]["uid"],
+            "u1"
+        );
+        assert_eq!(scaled_away(&s, "db-2"), Some(2));
+        assert_eq!(scaled_away(&s, "db-1"), None);
+        s["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] = json!("Retain");
+        assert_eq!(scaled_away(&s, "db-2"), None);
     }
 
     /// Pod `i` of `s`, at `s`'s revision, in `phase` and `ready`.

@@ -4,12 +4,13 @@
 //!
 //! Filters, in kube-scheduler's order: node ready, cordon, the runtime the pod needs, taints
 //! (NoSchedule, NoExecute), node selector and required node affinity (the RuntimeClass's
-//! selector too), host ports, requests against allocatable (cpu, memory, pods). Scores, with
-//! kube-scheduler's default weights: least allocated and balanced allocation (1 each),
-//! preferred node affinity (2), PreferNoSchedule taints (3), spreading a controller's pods
-//! across nodes (2), the share of the pod's modules the node has already (1). Ties go
-//! round-robin. Rules about other pods (inter-pod affinity, topology
-//! spread constraints) are [`topo`]'s: a filter and two scores (2 each) on top of these.
+//! selector too), the node affinity of the pod's bound volumes, host ports, requests against
+//! allocatable (cpu, memory, pods). Scores, with kube-scheduler's default weights: least
+//! allocated and balanced allocation (1 each), preferred node affinity (2), PreferNoSchedule
+//! taints (3), spreading a controller's pods across nodes (2), the share of the pod's modules
+//! the node has already (1). Ties go round-robin. Rules about other pods (inter-pod affinity,
+//! topology spread constraints) are [`topo`]'s: a filter and two scores (2 each) on top of
+//! these.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -142,6 +143,13 @@ impl Term {
     }
 }
 
+/// A PersistentVolume's required node affinity (`spec.nodeAffinity.required`), if it has one.
+pub fn volume_terms(pv: &Value) -> Option<Vec<Term>> {
+    pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+        .as_array()
+        .map(|ts| ts.iter().map(Term::parse).collect())
+}
+
 fn str_of(v: &Value) -> String {
     v.as_str().unwrap_or("").to_string()
 }
@@ -167,6 +175,9 @@ pub struct Needs {
     pub rules: Rules,
     /// Its containers' images.
     images: Vec<String>,
+    /// The node affinity of each PersistentVolume its claims are bound to: every one must
+    /// match (any of its terms).
+    volumes: Vec<Vec<Term>>,
 }
 
 /// A pod runs on the Wasm runtime when it names the `wasm` RuntimeClass or all its images
@@ -189,6 +200,12 @@ impl Needs {
         let mut n = self.clone();
         n.selector.extend(pairs(class_selector));
         n
+    }
+
+    /// The same, with its volumes' node affinity (each a list of terms, any of which holds).
+    pub fn with_volumes(mut self, volumes: Vec<Vec<Term>>) -> Needs {
+        self.volumes = volumes;
+        self
     }
 
     /// Its pod-affinity terms' `namespaceSelector`s resolved against the namespaces' labels
@@ -305,6 +322,7 @@ pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
             .flat_map(|k| spec[k].as_array().into_iter().flatten())
             .filter_map(|c| c["image"].as_str().map(String::from))
             .collect(),
+        volumes: Vec::new(),
     }
 }
 
@@ -496,6 +514,13 @@ pub fn filter(n: &Needs, node: &NodeInfo) -> Vec<String> {
     }
     if !selects(n, node) {
         return vec!["node(s) didn't match Pod's node affinity/selector".into()];
+    }
+    if !n
+        .volumes
+        .iter()
+        .all(|terms| terms.iter().any(|t| t.matches(node)))
+    {
+        return vec!["node(s) had volume node affinity conflict".into()];
     }
     if n.host_ports.iter().any(|p| node.port_taken(p)) {
         return vec!["node(s) didn't have free ports for the requested pod ports".into()];
@@ -765,6 +790,32 @@ mod tests {
             json!({"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}),
         );
         assert!(filter(&p, &soft).is_empty(), "PreferNoSchedule only scores");
+    }
+
+    #[test]
+    fn a_pods_volumes_keep_it_on_their_node() {
+        let here = node(
+            "edge-1",
+            json!({"kubernetes.io/hostname": "edge-1"}),
+            json!({}),
+        );
+        let there = node(
+            "edge-2",
+            json!({"kubernetes.io/hostname": "edge-2"}),
+            json!({}),
+        );
+        let pv = json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
+                                   "values": ["edge-1"]}]}]}}}});
+        let terms = volume_terms(&pv).expect("the volume has node affinity");
+        let p = pod(wasm(json!({}))).with_volumes(vec![terms]);
+        assert!(filter(&p, &here).is_empty());
+        assert_eq!(
+            filter(&p, &there),
+            ["node(s) had volume node affinity conflict"]
+        );
+        assert_eq!(pick(&p, &[&there, &here], 0), Ok(1));
+        assert!(volume_terms(&json!({"spec": {"hostPath": {"path": "/x"}}})).is_none());
     }
 
     #[test]

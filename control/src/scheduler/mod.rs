@@ -1,12 +1,14 @@
 //! The scheduler: binds each pod without a node to the best node for it, on the Raft leader.
 //!
 //! ```text
-//! list pods, nodes, RuntimeClasses ─▶ snapshot ◀─ watch /registry/ (each key's newest revision
+//! list pods, nodes, RuntimeClasses, claims, volumes ─▶ snapshot ◀─ watch /registry/ (each key's newest revision
 //!                                        │         wins, so replays from the list are harmless)
 //!   each pending pod, oldest first ─▶ fit::pick ─▶ assumed on its node ─▶ its binding,
 //!               up to 64 in flight while the watch is read ─▶ a failed one is taken back
 //!   fits nowhere ─▶ PodScheduled=False + FailedScheduling event with the reasons; parked
 //!               until a node changes or a pod leaves one
+//!   claims of a WaitForFirstConsumer class ─▶ the chosen node named on each claim
+//!               (`volume.kubernetes.io/selected-node`) ─▶ bound there ─▶ then the binding
 //! ```
 //!
 //! The decisions are [`fit`]'s pure functions; this module does the IO. Binding goes through
@@ -34,6 +36,11 @@ const PODS: &str = "/registry/core/pods/";
 const NODES: &str = "/registry/core/nodes/";
 const CLASSES: &str = "/registry/node.k8s.io/runtimeclasses/";
 const NAMESPACES: &str = "/registry/core/namespaces/";
+const CLAIMS: &str = "/registry/core/persistentvolumeclaims/";
+const VOLUMES: &str = "/registry/core/persistentvolumes/";
+const STORAGE: &str = "/registry/storage.k8s.io/storageclasses/";
+/// How long a binding waits for the claims it had provisioned on its node to be bound.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
 /// Bindings in flight at once.
 const BINDS: usize = 64;
 
@@ -67,6 +74,16 @@ struct Waiting {
     needs: Needs,
     class: Option<String>,
     uid: String,
+    /// The PersistentVolumeClaims its volumes name.
+    claims: Vec<String>,
+}
+
+/// A PersistentVolumeClaim as the scheduler sees it.
+struct Claim {
+    /// The volume it is bound to.
+    volume: Option<String>,
+    class: String,
+    deleting: bool,
 }
 
 /// The nodes, in a list `fit::pick` takes as it is, and by name.
@@ -123,6 +140,12 @@ struct Snapshot {
     classes: HashMap<String, Value>,
     /// Namespace name → its labels, for pod affinity's `namespaceSelector`.
     namespaces: HashMap<String, Value>,
+    /// Claims by `namespace/name`.
+    claims: HashMap<String, Claim>,
+    /// PersistentVolumes' required node affinity, by name (`None`: any node).
+    volumes: HashMap<String, Option<Vec<fit::Term>>>,
+    /// StorageClasses that bind when a pod is scheduled (`WaitForFirstConsumer`).
+    late: HashSet<String>,
     /// The unschedulable message last written per pod, so it is written once.
     told: HashMap<String, String>,
     turn: usize,
@@ -137,12 +160,53 @@ impl Snapshot {
         let key = kv.key.as_str();
         let Some(obj) = crate::controllers::newer(
             &mut self.seen,
-            &[PODS, NODES, CLASSES, NAMESPACES],
+            &[PODS, NODES, CLASSES, NAMESPACES, CLAIMS, VOLUMES, STORAGE],
             kind,
             kv,
         ) else {
             return;
         };
+        if let Some(k) = key.strip_prefix(CLAIMS) {
+            match obj {
+                Some(o) => self.claims.insert(
+                    k.to_string(),
+                    Claim {
+                        volume: o["spec"]["volumeName"]
+                            .as_str()
+                            .filter(|v| !v.is_empty())
+                            .map(String::from),
+                        class: o["spec"]["storageClassName"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                        deleting: !o["metadata"]["deletionTimestamp"].is_null(),
+                    },
+                ),
+                None => self.claims.remove(k),
+            };
+            self.unpark_all();
+            return;
+        }
+        if let Some(k) = key.strip_prefix(VOLUMES) {
+            match obj {
+                Some(o) => self.volumes.insert(k.to_string(), fit::volume_terms(&o)),
+                None => self.volumes.remove(k),
+            };
+            self.unpark_all();
+            return;
+        }
+        if let Some(k) = key.strip_prefix(STORAGE) {
+            if obj
+                .as_ref()
+                .is_some_and(|c| c["volumeBindingMode"] == "WaitForFirstConsumer")
+            {
+                self.late.insert(k.to_string());
+            } else {
+                self.late.remove(k);
+            }
+            self.unpark_all();
+            return;
+        }
         if let Some(name) = key.strip_prefix(NODES) {
             match obj {
                 Some(o) => {
@@ -228,6 +292,7 @@ impl Snapshot {
                     needs: fit::needs(&o, &Value::Null),
                     class: o["spec"]["runtimeClassName"].as_str().map(String::from),
                     uid: uid_of(&o),
+                    claims: crate::api::node::pod_claims(&o).map(String::from).collect(),
                 };
                 self.pending.insert((created, key.to_string()), waiting);
                 if !self.parked.contains(key) {
@@ -254,6 +319,39 @@ impl Snapshot {
         }
     }
 
+    /// What the pod `key`'s claims ask: the node affinity of the volumes they are bound to,
+    /// and those waiting for this pod's node to be provisioned or bound there. An error
+    /// says why the pod cannot be placed yet.
+    fn claims_of(
+        &self,
+        key: &str,
+        names: &[String],
+    ) -> Result<(Vec<Vec<fit::Term>>, Vec<String>), String> {
+        let ns = key.split_once('/').map_or("", |(ns, _)| ns);
+        let (mut terms, mut late) = (vec![], vec![]);
+        for name in names {
+            let Some(c) = self.claims.get(&format!("{ns}/{name}")) else {
+                return Err(format!("persistentvolumeclaim \"{name}\" not found"));
+            };
+            if c.deleting {
+                return Err(format!("persistentvolumeclaim \"{name}\" is being deleted"));
+            }
+            match &c.volume {
+                Some(v) => match self.volumes.get(v) {
+                    Some(t) => terms.extend(t.clone()),
+                    None => {
+                        return Err(format!(
+                            "persistentvolumeclaim \"{name}\" bound to non-existent persistentvolume \"{v}\""
+                        ))
+                    }
+                },
+                None if self.late.contains(&c.class) => late.push(name.clone()),
+                None => return Err("pod has unbound immediate PersistentVolumeClaims".into()),
+            }
+        }
+        Ok((terms, late))
+    }
+
     fn class_selector(&self, class: Option<&str>) -> &Value {
         class
             .and_then(|c| self.classes.get(c))
@@ -277,11 +375,12 @@ type Flight = FuturesUnordered<tokio::task::JoinHandle<Done>>;
 async fn lead(api: &Arc<Api>) -> Result<(), String> {
     let mut snap = Snapshot::default();
     // Nodes and classes first, so the pods find them when they are counted.
-    let mut w =
-        crate::controllers::list_and_watch(api, &[NODES, CLASSES, NAMESPACES, PODS], |kv| {
-            snap.apply(&EventKind::Put, kv)
-        })
-        .await?;
+    let mut w = crate::controllers::list_and_watch(
+        api,
+        &[NODES, CLASSES, NAMESPACES, STORAGE, VOLUMES, CLAIMS, PODS],
+        |kv| snap.apply(&EventKind::Put, kv),
+    )
+    .await?;
     let mut flight = Flight::new();
     loop {
         if !is_leader(api) {
@@ -326,14 +425,23 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
         let Some(w) = snap.pending.get(&at) else {
             continue;
         };
+        let claims = if w.claims.is_empty() {
+            Ok((vec![], vec![]))
+        } else {
+            snap.claims_of(&at.1, &w.claims)
+                .map_err(|e| format!("0/{} nodes are available: {e}.", snap.nodes.list.len()))
+        };
+        let (volumes, late) = claims.clone().unwrap_or_default();
         let needs = w
             .needs
             .with_class(snap.class_selector(w.class.as_deref()))
-            .with_namespaces(&snap.namespaces);
+            .with_namespaces(&snap.namespaces)
+            .with_volumes(volumes);
         let uid = w.uid.clone();
         snap.turn = snap.turn.wrapping_add(1);
         let api = api.clone();
-        match fit::pick(&needs, &snap.nodes.list, snap.turn) {
+        let picked = claims.and_then(|_| fit::pick(&needs, &snap.nodes.list, snap.turn));
+        match picked {
             Ok(i) => {
                 let node = snap.nodes.list[i].name.clone();
                 // Assumed there until the binding lands (or fails and is taken back).
@@ -350,7 +458,8 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
                     },
                 );
                 flight.push(tokio::spawn(async move {
-                    let ok = bind(&api, &at.1, &uid, &node).await;
+                    let ok = claim(&api, &at.1, &late, &node).await
+                        && bind(&api, &at.1, &uid, &node).await;
                     Done::Bound(at, ok)
                 }));
             }
@@ -389,6 +498,48 @@ async fn landed(api: &Arc<Api>, snap: &mut Snapshot, d: Done) {
 
 fn uid_of(pod: &Value) -> String {
     pod["metadata"]["uid"].as_str().unwrap_or("").to_string()
+}
+
+/// Choose `node` for the pod `key`'s claims that wait for their first consumer, and wait
+/// until they are bound there (provisioned by the volume controller), as kube-scheduler's
+/// volume binding does before it binds the pod.
+async fn claim(api: &Arc<Api>, key: &str, claims: &[String], node: &str) -> bool {
+    let Some((ns, _)) = key.split_once('/') else {
+        return false;
+    };
+    for c in claims {
+        let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims/{c}");
+        let body = json!({"metadata": {"annotations": {
+            crate::controllers::volumes::SELECTED_NODE: node}}});
+        let (status, v) = call(api, "PATCH", &path, "application/merge-patch+json", body).await;
+        if !(200..300).contains(&status) {
+            tracing::debug!(claim = %c, %status, message = %v["message"], "claim not annotated");
+            return false;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    for c in claims {
+        let key = format!("{CLAIMS}{ns}/{c}");
+        loop {
+            let kv = api.store.get(&key, Consistency::Serializable).await;
+            let bound = kv.ok().flatten().is_some_and(|kv| {
+                serde_json::from_slice::<Value>(&kv.value).is_ok_and(|o| {
+                    o["spec"]["volumeName"]
+                        .as_str()
+                        .is_some_and(|v| !v.is_empty())
+                })
+            });
+            if bound {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                tracing::debug!(claim = %c, "claim not bound in time; the pod is tried again");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    true
 }
 
 async fn bind(api: &Arc<Api>, key: &str, uid: &str, node: &str) -> bool {

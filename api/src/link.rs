@@ -13,12 +13,21 @@
 //! A new control-plane member bootstraps the same way, with ALPN [`ALPN_MEMBER`]: a member
 //! token in a [`MemberRequest`] buys the cluster's CAs and the address of a member to join
 //! through ([`MemberReply`]).
+//!
+//! A member asked for a node linked to another member reaches it through that member's
+//! gateway, with ALPN [`ALPN_RELAY`] and a cluster-CA certificate in [`MEMBERS_GROUP`]: each
+//! stream starts with a [`Relay`] frame, the other member opens the [`Down`] stream toward
+//! the node, and from its [`Head`] on the bytes go through as they come, both ways.
 
 use serde::{Deserialize, Serialize};
 
 pub const ALPN_JOIN: &[u8] = b"outpost-join/1";
 pub const ALPN_NODE: &[u8] = b"outpost-node/1";
 pub const ALPN_MEMBER: &[u8] = b"outpost-member/1";
+/// Between members: a stream toward a node linked to the other member ([`Relay`]).
+pub const ALPN_RELAY: &[u8] = b"outpost-relay/1";
+/// The organization in the client certificate a member presents on a relay connection.
+pub const MEMBERS_GROUP: &str = "outpost:members";
 /// The name in the gateway's certificate; nodes connect to it whatever address they dial, so
 /// a gateway behind NAT or a changed address keeps working. Trust comes from the pinned CA.
 pub const GATEWAY_NAME: &str = "gateway.outpost";
@@ -130,6 +139,13 @@ pub enum Up {
     /// A new certificate for the node's key (a PEM CSR), before the current one expires.
     /// Answered by a [`Head`]; on 200 the body is the PEM certificate.
     Certify { csr: String },
+}
+
+/// The first frame of a relay stream: the node, and what to open toward it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Relay {
+    pub node: String,
+    pub down: Down,
 }
 
 /// The first frame of a stream the control plane opens toward a node.

@@ -6,7 +6,13 @@
 //!                the node ─▶ Head + body; Up::Renew (lease, in memory); Up::Certify
 //!      ◀──────── Down::Logs, Down::PortForward streams the API opens toward the node
 //!                (works behind NAT)
+//! member ─QUIC─▶ ALPN outpost-relay/1 (a cluster-CA certificate in outpost:members): per
+//!                stream a Relay frame ─▶ the Down stream toward a node linked here, piped
 //! ```
+//!
+//! A member asked to open a stream toward a node linked to another member finds that member
+//! in the node's link record (which holds its gateway's address) and goes through it, so
+//! `kubectl logs`, `exec` and `port-forward` work through any member.
 //!
 //! A node's API requests go through the same router, admission and authorization as anyone's,
 //! under the node's own identity, so the node authorizer in [`crate::api`] is the one place
@@ -24,8 +30,8 @@ use axum::http::{header, Request};
 use axum::Router;
 use futures::StreamExt;
 use outpost_api::link::{
-    read_frame, write_frame, Down, Head, JoinReply, JoinRequest, MemberReply, MemberRequest, Up,
-    ALPN_JOIN, ALPN_MEMBER, ALPN_NODE, MAX_FRAME,
+    read_frame, write_frame, Down, Head, JoinReply, JoinRequest, MemberReply, MemberRequest, Relay,
+    Up, ALPN_JOIN, ALPN_MEMBER, ALPN_NODE, ALPN_RELAY, GATEWAY_NAME, MAX_FRAME, MEMBERS_GROUP,
 };
 use outpost_api::store::{Expect, Outcome};
 use quinn::{Connection, RecvStream, SendStream};
@@ -43,6 +49,86 @@ pub const TOKEN_PREFIX: &str = "/outpost/tokens/";
 #[derive(Default)]
 pub struct Links {
     nodes: Mutex<HashMap<String, Link>>,
+    /// How to reach nodes linked to other members (set when the gateway starts).
+    relay: std::sync::OnceLock<Relayer>,
+}
+
+/// Streams toward nodes linked to other members, through those members' gateways.
+struct Relayer {
+    store: crate::store::Store,
+    tls: Arc<quinn::crypto::rustls::QuicClientConfig>,
+    endpoint: quinn::Endpoint,
+    /// Connections to other members' gateways, by address.
+    conns: tokio::sync::Mutex<HashMap<SocketAddr, Connection>>,
+}
+
+impl Relayer {
+    async fn conn(&self, to: SocketAddr) -> Result<Connection, String> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&to).filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let mut cfg = quinn::ClientConfig::new(self.tls.clone());
+        cfg.transport_config(Arc::new(transport()));
+        let connecting = self
+            .endpoint
+            .connect_with(cfg, to, GATEWAY_NAME)
+            .map_err(|e| format!("member gateway {to}: {e}"))?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| format!("member gateway {to}: no answer within 10 s"))?
+            .map_err(|e| format!("member gateway {to}: {e}"))?;
+        conns.insert(to, conn.clone());
+        Ok(conn)
+    }
+
+    /// Open `req` toward `node` through the member its link record names.
+    async fn open(&self, node: &str, req: &Down) -> Result<(Head, SendStream, RecvStream), String> {
+        let absent = || format!("node \"{node}\" is not connected to the control plane");
+        let kv = self
+            .store
+            .get(&format!("{LINK_PREFIX}{node}"), Consistency::Linearizable)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(absent)?;
+        let link: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+        if link["connected"] != true || link["member"] == self.store.status().id {
+            return Err(absent());
+        }
+        let to: SocketAddr = link["gateway"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "node \"{node}\" is linked to member {}, whose gateway address is not known",
+                    link["member"]
+                )
+            })?;
+        let relay = Relay {
+            node: node.to_string(),
+            down: req.clone(),
+        };
+        exchange(&self.conn(to).await?, &relay)
+            .await
+            .map_err(|e| format!("node \"{node}\" through {to}: {e}"))
+    }
+}
+
+/// Open a stream on `conn`, send `first`, and wait (10 s at most) for the answer's head.
+async fn exchange(
+    conn: &Connection,
+    first: &impl serde::Serialize,
+) -> Result<(Head, SendStream, RecvStream), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, first, MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    let head: Head =
+        tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, MAX_FRAME))
+            .await
+            .map_err(|_| "no answer within 10 s".to_string())?
+            .map_err(|e| e.to_string())?;
+    Ok((head, send, recv))
 }
 
 #[derive(Clone)]
@@ -113,8 +199,20 @@ impl Links {
     }
 
     /// [`Links::open`] with our half of the stream left open, for exchanges that carry bytes
-    /// both ways.
+    /// both ways. A node linked to another member is reached through it.
     pub async fn open_duplex(
+        &self,
+        node: &str,
+        req: &Down,
+    ) -> Result<(Head, SendStream, RecvStream), String> {
+        match (self.conn(node), self.relay.get()) {
+            (None, Some(r)) => r.open(node, req).await,
+            _ => self.open_here(node, req).await,
+        }
+    }
+
+    /// Open `req` toward `node` on its link to this member.
+    async fn open_here(
         &self,
         node: &str,
         req: &Down,
@@ -122,22 +220,16 @@ impl Links {
         let conn = self
             .conn(node)
             .ok_or_else(|| format!("node \"{node}\" is not connected to this control plane"))?;
-        let err = |e: &dyn std::fmt::Display| format!("node \"{node}\": {e}");
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(&e))?;
-        write_frame(&mut send, req, MAX_FRAME)
+        exchange(&conn, req)
             .await
-            .map_err(|e| err(&e))?;
-        let head: Head =
-            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, MAX_FRAME))
-                .await
-                .map_err(|_| err(&"no answer within 10 s"))?
-                .map_err(|e| err(&e))?;
-        Ok((head, send, recv))
+            .map_err(|e| format!("node \"{node}\": {e}"))
     }
 }
 
 struct Gateway {
     api: Arc<Api>,
+    /// Where it listens (its port is what other members dial).
+    addr: SocketAddr,
     router: Router,
     pki_dir: PathBuf,
     cert_ttl: Duration,
@@ -169,7 +261,28 @@ pub fn start(
     server.transport_config(Arc::new(transport()));
     let endpoint = quinn::Endpoint::server(server, listen).map_err(|e| bind(e.to_string()))?;
     let addr = endpoint.local_addr().map_err(|e| bind(e.to_string()))?;
+    let relay = crate::pki::relay_client_config(pki_dir, api.store.status().id)
+        .map_err(StartError::Pki)
+        .and_then(|tls| {
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| bind(e.to_string()))
+        })?;
+    let unspecified = SocketAddr::new(
+        if addr.is_ipv6() {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        },
+        0,
+    );
+    let client = quinn::Endpoint::client(unspecified).map_err(|e| bind(e.to_string()))?;
+    let _ = api.links.relay.set(Relayer {
+        store: api.store.clone(),
+        tls: Arc::new(relay),
+        endpoint: client,
+        conns: tokio::sync::Mutex::default(),
+    });
     let gw = Arc::new(Gateway {
+        addr,
         router: crate::api::router(api.clone()),
         api,
         pki_dir: pki_dir.to_path_buf(),
@@ -200,6 +313,17 @@ fn transport() -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t
+}
+
+/// Whether the peer presented a cluster-CA certificate in the members' group.
+fn is_member(conn: &Connection) -> bool {
+    let certs = conn.peer_identity().and_then(|i| {
+        i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    certs
+        .and_then(|c| crate::api::serve::user_from_cert(c.first()?))
+        .is_some_and(|u| u.groups.iter().any(|g| g == MEMBERS_GROUP))
 }
 
 fn node_of(conn: &Connection) -> Option<(String, User)> {
@@ -241,7 +365,54 @@ impl Gateway {
             Some(ALPN_JOIN) => self.join(conn).await,
             Some(ALPN_NODE) => self.node(conn).await,
             Some(ALPN_MEMBER) => self.member(conn).await,
+            Some(ALPN_RELAY) => self.relay(conn).await,
             _ => conn.close(1u32.into(), b"unknown protocol"),
+        }
+    }
+
+    /// Another member's streams toward nodes linked here: each opens the node's stream and
+    /// pipes bytes both ways until both halves are done.
+    async fn relay(&self, conn: Connection) {
+        if !is_member(&conn) {
+            tracing::warn!(remote = %conn.remote_address(), "refused a relay connection without a member certificate");
+            conn.close(3u32.into(), b"a member certificate is required");
+            return;
+        }
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let links = self.api.links.clone();
+            tokio::spawn(async move {
+                let r = match read_frame::<_, Relay>(&mut recv, MAX_FRAME).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = answer(
+                            &mut send,
+                            400,
+                            format!("garbled relay frame: {e}").as_bytes(),
+                        )
+                        .await;
+                        return;
+                    }
+                };
+                match links.open_here(&r.node, &r.down).await {
+                    Ok((head, mut to_node, mut from_node)) => {
+                        if write_frame(&mut send, &head, MAX_FRAME).await.is_err() {
+                            return;
+                        }
+                        let up = async {
+                            let _ = tokio::io::copy(&mut recv, &mut to_node).await;
+                            let _ = to_node.finish();
+                        };
+                        let down = async {
+                            let _ = tokio::io::copy(&mut from_node, &mut send).await;
+                            let _ = send.finish();
+                        };
+                        tokio::join!(up, down);
+                    }
+                    Err(e) => {
+                        let _ = answer(&mut send, 503, e.as_bytes()).await;
+                    }
+                }
+            });
         }
     }
 
@@ -394,7 +565,11 @@ impl Gateway {
         };
         tracing::info!(%node, remote = %conn.remote_address(), "node connected");
         self.api.links.insert(&node, conn.clone());
-        record_link(&self.api, &node, true).await;
+        // Other members reach this node through the address it reached us at.
+        let gateway = conn
+            .local_ip()
+            .map(|ip| SocketAddr::new(ip, self.addr.port()).to_string());
+        record_link(&self.api, &node, true, gateway).await;
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -405,7 +580,7 @@ impl Gateway {
             tokio::spawn(async move { gw.up(&node, &user, send, recv).await });
         }
         if self.api.links.remove(&node, &conn) {
-            record_link(&self.api, &node, false).await;
+            record_link(&self.api, &node, false, None).await;
         }
         tracing::info!(%node, "node disconnected");
     }
@@ -515,15 +690,18 @@ async fn answer(send: &mut SendStream, status: u16, body: &[u8]) -> std::io::Res
 }
 
 /// A DNS-1123 subdomain, as Kubernetes requires of node names.
-/// Where each node's link is: `{"member": ID, "connected": BOOL, "since": UNIX SECONDS}`,
+/// Where each node's link is: `{"member": ID, "connected": BOOL, "since": UNIX SECONDS,
+/// "gateway": "IP:PORT" of the member's gateway as the node reached it}`,
 /// written when a link comes or goes (a change of state, never a heartbeat), so the node
 /// lifecycle controller on the leader knows about links held by any member.
 pub const LINK_PREFIX: &str = "/outpost/links/";
 
-async fn record_link(api: &Api, node: &str, connected: bool) {
+async fn record_link(api: &Api, node: &str, connected: bool, gateway: Option<String>) {
     let me = api.store.status().id;
     let key = format!("{LINK_PREFIX}{node}");
-    let value = json!({"member": me, "connected": connected, "since": unix_now()}).to_string();
+    let value = json!({"member": me, "connected": connected, "since": unix_now(),
+        "gateway": gateway})
+    .to_string();
     let expect = if connected {
         Expect::Any
     } else {

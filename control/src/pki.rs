@@ -364,7 +364,7 @@ fn time_now() -> time::OffsetDateTime {
 /// check its pin), client certificates from the cluster CA accepted but not required (a
 /// joining node has none yet; node connections are checked for one by the gateway).
 pub fn gateway_server_config(dir: &Path) -> Result<rustls::ServerConfig, PkiError> {
-    use outpost_api::link::{ALPN_JOIN, ALPN_MEMBER, ALPN_NODE, GATEWAY_NAME};
+    use outpost_api::link::{ALPN_JOIN, ALPN_MEMBER, ALPN_NODE, ALPN_RELAY, GATEWAY_NAME};
     let mut params = CertificateParams::new(vec![GATEWAY_NAME.to_string()])?;
     params
         .distinguished_name
@@ -374,6 +374,34 @@ pub fn gateway_server_config(dir: &Path) -> Result<rustls::ServerConfig, PkiErro
         dir,
         params,
         &[&rustls::version::TLS13],
-        vec![ALPN_NODE.to_vec(), ALPN_JOIN.to_vec(), ALPN_MEMBER.to_vec()],
+        vec![
+            ALPN_NODE.to_vec(),
+            ALPN_JOIN.to_vec(),
+            ALPN_MEMBER.to_vec(),
+            ALPN_RELAY.to_vec(),
+        ],
     )
+}
+
+/// A member's side of a relay connection to another member's gateway: trust the cluster CA,
+/// present a certificate from it in the members' group (only a member, which holds the CA's
+/// key, can make one).
+pub fn relay_client_config(dir: &Path, member: u64) -> Result<rustls::ClientConfig, PkiError> {
+    use outpost_api::link::{ALPN_RELAY, MEMBERS_GROUP};
+    let tls = |e: rustls::Error| PkiError::Tls(e.to_string());
+    let (cert, key) = issue_client(dir, &format!("system:member:{member}"), &[MEMBERS_GROUP])?;
+    let cert = CertificateDer::from_pem_slice(cert.as_bytes())
+        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| PkiError::Tls(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cluster_ca_der(dir)?).map_err(tls)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![ALPN_RELAY.to_vec()];
+    Ok(cfg)
 }

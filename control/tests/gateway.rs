@@ -1,6 +1,7 @@
 //! The node gateway over real QUIC with a real store: joins that must be refused, forged
-//! certificates, garbled and oversized frames, and a node reaching for another node's pods.
-//! Each refusal is clear and leaves the other nodes' links working.
+//! certificates, garbled and oversized frames, a node reaching for another node's pods, and
+//! relay connections from anyone but a member. Each refusal is clear and leaves the other
+//! nodes' links working.
 
 use outpost_control::gateway::Kind;
 use std::sync::Arc;
@@ -285,5 +286,84 @@ async fn bad_frames_and_foreign_pods_are_refused_without_harm() -> anyhow::Resul
         )
         .await?;
     assert_eq!(a.status, 403, "nodes may not push modules: {}", a.message());
+    Ok(())
+}
+
+/// Dial the gateway with `tls` as the client's TLS config.
+async fn dial(
+    c: &Cluster,
+    tls: rustls::ClientConfig,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let conn = ep
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            c.gateway.parse()?,
+            outpost_api::link::GATEWAY_NAME,
+        )?
+        .await?;
+    Ok((ep, conn))
+}
+
+#[tokio::test]
+async fn relays_are_for_members_only() -> anyhow::Result<()> {
+    use outpost_api::link::{write_frame, Down, LogRequest, Relay};
+    let c = cluster().await?;
+    // A member asking for a node linked nowhere hears why; garbage gets a 400; the
+    // connection stays up through both.
+    let (_ep, conn) = dial(&c, outpost_control::pki::relay_client_config(&c.pki, 9)?).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let logs = Down::Logs(LogRequest {
+        namespace: "default".into(),
+        pod: "p".into(),
+        container: "c".into(),
+        follow: false,
+        previous: false,
+        timestamps: false,
+        tail_lines: None,
+        since_seconds: None,
+        limit_bytes: None,
+    });
+    let relay = Relay {
+        node: "nowhere".into(),
+        down: logs,
+    };
+    write_frame(&mut send, &relay, MAX_FRAME).await?;
+    send.finish()?;
+    let head: Head = read_frame(&mut recv, MAX_FRAME).await?;
+    assert_eq!(head.status, 503);
+    let body = String::from_utf8_lossy(&recv.read_to_end(4096).await?).into_owned();
+    assert!(body.contains("\"nowhere\" is not connected"), "{body}");
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).await?;
+    send.finish()?;
+    let head: Head = read_frame(&mut recv, MAX_FRAME).await?;
+    assert_eq!(head.status, 400);
+    assert!(
+        conn.close_reason().is_none(),
+        "the member's connection was closed"
+    );
+    // A node's certificate (from the same CA, not in the members' group) is turned away.
+    let (cert, key) =
+        outpost_control::pki::issue_client(&c.pki, "system:node:n1", &["system:nodes"])?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(outpost_control::pki::cluster_ca_der(&c.pki)?)?;
+    use rustls::pki_types::pem::PemObject;
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(
+            cert.as_bytes(),
+        )?],
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+    )?;
+    tls.alpn_protocols = vec![outpost_api::link::ALPN_RELAY.to_vec()];
+    let (_ep, conn) = dial(&c, tls).await?;
+    let why = conn.closed().await.to_string();
+    assert!(why.contains("a member certificate is required"), "{why}");
     Ok(())
 }

@@ -667,66 +667,7 @@ impl Up {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> anyhow::Result<Forward> {
-        use std::io::BufRead;
-        let cache = self.cache.join(minor.unwrap_or("pf"));
-        std::fs::create_dir_all(&cache)?;
-        let mut child = Command::new(kubectl_bin(minor)?)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .arg("port-forward")
-            .args(args)
-            .env("HOME", &cache)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (err_pipe, out_pipe) = (child.stderr.take(), child.stdout.take());
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(err_pipe?).lines() {
-                let line = line.ok()?;
-                sink.lock().ok()?.push_str(&(line + "\n"));
-            }
-            Some(())
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Read to the end: kubectl dies of SIGPIPE if its stdout closes.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out_pipe?).lines() {
-                let _ = tx.send(line.ok()?);
-            }
-            Some(())
-        });
-        let mut fwd = Forward {
-            child,
-            local: 0,
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while fwd.local == 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                // "Forwarding from 127.0.0.1:41234 -> 8080"
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix("Forwarding from 127.0.0.1:") {
-                        fwd.local = rest
-                            .split_whitespace()
-                            .next()
-                            .and_then(|p| p.parse().ok())
-                            .context("local port")?;
-                    }
-                }
-                Err(_) => bail!(
-                    "kubectl port-forward {args:?} did not start listening: {}",
-                    fwd.stderr()
-                ),
-            }
-        }
-        Ok(fwd)
+        port_forward(&self.kubeconfig, &self.cache, minor, env, args)
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -1367,4 +1308,75 @@ pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u1
         .unwrap_or(0);
     let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     Ok((code, body.to_string()))
+}
+
+/// `kubectl port-forward ARGS` against `kubeconfig` (kubectl 1.NN if `minor` is given, with
+/// `env` set), once it listens on the local port it prints.
+pub fn port_forward(
+    kubeconfig: &Path,
+    cache: &Path,
+    minor: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> anyhow::Result<Forward> {
+    use std::io::BufRead;
+    let cache = cache.join(minor.unwrap_or("pf"));
+    std::fs::create_dir_all(&cache)?;
+    let mut child = Command::new(kubectl_bin(minor)?)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg("port-forward")
+        .args(args)
+        .env("HOME", &cache)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (err_pipe, out_pipe) = (child.stderr.take(), child.stdout.take());
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err_pipe?).lines() {
+            let line = line.ok()?;
+            sink.lock().ok()?.push_str(&(line + "\n"));
+        }
+        Some(())
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Read to the end: kubectl dies of SIGPIPE if its stdout closes.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out_pipe?).lines() {
+            let _ = tx.send(line.ok()?);
+        }
+        Some(())
+    });
+    let mut fwd = Forward {
+        child,
+        local: 0,
+        stderr,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fwd.local == 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            // "Forwarding from 127.0.0.1:41234 -> 8080"
+            Ok(l) => {
+                if let Some(rest) = l.strip_prefix("Forwarding from 127.0.0.1:") {
+                    fwd.local = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .context("local port")?;
+                }
+            }
+            Err(_) => bail!(
+                "kubectl port-forward {args:?} did not start listening: {}",
+                fwd.stderr()
+            ),
+        }
+    }
+    Ok(fwd)
 }

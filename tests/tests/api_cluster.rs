@@ -1,6 +1,7 @@
 //! The Kubernetes API on a three-member control plane: writes and reads through any member,
 //! and kubectl keeps working through the survivors after the leader is killed with SIGKILL; a
-//! node joined through a follower keeps its link and its pods when the leader dies.
+//! node joined through a follower keeps its link and its pods when the leader dies, and its
+//! pods' logs and port-forwards come through every member.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -224,6 +225,10 @@ async fn a_node_link_survives_a_leader_change() -> anyhow::Result<()> {
         .position(|m| m.id != lead)
         .context("a follower")?;
     let cfg = kubeconfig(&root, &members[via])?;
+    let every: Vec<PathBuf> = members
+        .iter()
+        .map(|m| kubeconfig(&root, m))
+        .collect::<anyhow::Result<_>>()?;
     let server = members[via].api.clone().context("api")?;
     let example = outpost_tests::crate_dir().join("../examples/out/sleeper.wasm");
     let r = root.clone();
@@ -246,6 +251,56 @@ async fn a_node_link_survives_a_leader_change() -> anyhow::Result<()> {
         wait_for(&r, &cfg, &["pod", "before"], "{.status.phase}", |p| {
             p == "Running"
         })?;
+        // Its output through every member: the two without the node's link go through the
+        // one that has it.
+        for c in &every {
+            let out = retry(&r, c, &["logs", "before"])?.stdout;
+            ensure!(out.contains("up"), "logs through {c:?}: {out:?}");
+        }
+        // A port-forward through a member without the link carries bytes both ways. The
+        // pod shares the node's network, so its port is an echo server this test runs.
+        let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = echo.local_addr()?.port();
+        std::thread::spawn(move || {
+            for conn in echo.incoming() {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut back = conn.try_clone()?;
+                    std::io::copy(&mut conn, &mut back)?;
+                    back.shutdown(std::net::Shutdown::Write)
+                });
+            }
+        });
+        let echo_pod = format!("{}    ports:\n    - containerPort: {port}\n", pod("echo"));
+        retry_in(&r, &cfg, &["apply", "-f", "-"], &echo_pod)?;
+        wait_for(&r, &cfg, &["pod", "echo"], "{.status.phase}", |p| {
+            p == "Running"
+        })?;
+        let other = every
+            .iter()
+            .find(|c| **c != cfg)
+            .context("another member")?;
+        let fwd = outpost_tests::port_forward(
+            other,
+            &r.join("cache"),
+            None,
+            &[],
+            &["pod/echo", &format!(":{port}")],
+        )?;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", fwd.local))?;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let sent: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+        std::io::Write::write_all(&mut conn, &sent)?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut conn, &mut got)?;
+        ensure!(
+            got == sent,
+            "echoed {} of {} bytes through another member: {}",
+            got.len(),
+            sent.len(),
+            fwd.stderr()
+        );
         Ok(node)
     })
     .await??;

@@ -96,6 +96,10 @@ enum Cmd {
         /// Short pods created at once for the starts/s figure.
         #[arg(long, default_value_t = 1000)]
         burst: usize,
+        /// The agent binary to measure, such as the build boards get (`cargo build --profile
+        /// deploy -p outpost-edge-node`); by default the release build beside this benchmark.
+        #[arg(long)]
+        agent: Option<std::path::PathBuf>,
     },
     /// Boards: aarch64 binary sizes, the emulated agent's idle memory, and a Wasm pod's cold
     /// start from an ahead-of-time artifact against compiling on the node (under qemu-user).
@@ -533,9 +537,13 @@ async fn main() -> anyhow::Result<()> {
                 nft.rtt[1].0
             );
         }
-        Cmd::Node { pods, burst } => {
-            println!("Wasm pods through the API, scheduler, node link and agent (1 member, 1 node, release builds)");
-            let f = node::run(pods, burst).await?;
+        Cmd::Node { pods, burst, agent } => {
+            let which = match &agent {
+                Some(a) => format!("agent {}", a.display()),
+                None => "release builds".into(),
+            };
+            println!("Wasm pods through the API, scheduler, node link and agent (1 member, 1 node, {which})");
+            let f = node::run(pods, burst, agent).await?;
             println!("  first pod (compiles the module)  {:>8.1} ms", f.first_ms);
             println!(
                 "  create->Running p50 ({pods} pods)   {:>8.1} ms   (target <= 20)",

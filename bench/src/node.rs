@@ -165,6 +165,12 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) async fn start() -> anyhow::Result<Cluster> {
+        Cluster::start_with(None).await
+    }
+
+    /// [`Cluster::start`] with the agent binary `agent` instead of the release build beside
+    /// this benchmark.
+    pub(crate) async fn start_with(agent: Option<PathBuf>) -> anyhow::Result<Cluster> {
         let root = tempfile::tempdir()?;
         let ms = tokio::task::block_in_place(|| start(root.path(), 1, &[]))?;
         let api = ms[0].api.clone();
@@ -194,7 +200,10 @@ impl Cluster {
         )
         .await?;
         let token = token["token"].as_str().unwrap_or_default().to_string();
-        let node_bin: PathBuf = super::api::control_bin()?.with_file_name("outpost-node");
+        let node_bin: PathBuf = match agent {
+            Some(a) => a,
+            None => super::api::control_bin()?.with_file_name("outpost-node"),
+        };
         let agent = Agent(spawn_node(
             Command::new(&node_bin)
                 .args(["--server", &api, "--token", &token, "--name", "bench-node"])
@@ -239,8 +248,8 @@ impl Cluster {
     }
 }
 
-pub async fn run(pods: usize, burst: usize) -> anyhow::Result<Figures> {
-    let cl = Cluster::start().await?;
+pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::Result<Figures> {
+    let cl = Cluster::start_with(agent).await?;
     let (root, api, c, agent) = (cl.root.path(), cl.api.clone(), cl.c.clone(), &cl.agent);
     for name in ["sleeper", "hello"] {
         cl.push(name).await?;

@@ -119,7 +119,9 @@ pub struct Agent {
     node: String,
     pki: Pki,
     cache: Arc<Cache>,
-    runtime: Arc<Runtime>,
+    /// Made for the first Wasm pod: a node that runs none does not carry the engine, its
+    /// linkers and their code in memory.
+    runtime: tokio::sync::OnceCell<Arc<Runtime>>,
     /// Made on the first registry pull: most nodes never pull, and a TLS client with its
     /// root store costs memory a board should keep.
     registry: std::sync::OnceLock<registry::Client>,
@@ -214,7 +216,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.compile == Compile::Node && !Runtime::compiles() {
         anyhow::bail!("this agent was built without a Wasm compiler: use --wasm-compile control");
     }
-    let runtime = Arc::new(Runtime::new()?);
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let oci = match outpost_oci_shim::run::unavailable() {
@@ -256,7 +257,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         node,
         pki,
         cache,
-        runtime,
+        runtime: tokio::sync::OnceCell::new(),
         registry: std::sync::OnceLock::new(),
         insecure_registries: cfg.insecure_registries.clone(),
         max_pods: cfg.max_pods,
@@ -1286,8 +1287,8 @@ impl Agent {
     }
 
     /// Remove the directories of this node's local volumes that the control plane says are
-    /// gone (deleted after their claims were). Only a 404 counts: with no link, or any
-    /// other answer, everything stays.
+    /// gone (deleted after their claims were). Only a 404 for a volume this agent mounted
+    /// counts: with no link, or any other answer, everything stays.
     async fn sweep_storage(&self, link: &Link) {
         let Ok(dirs) = std::fs::read_dir(self.storage_dir()) else {
             return;
@@ -1297,6 +1298,11 @@ impl Agent {
             let Some(pv) = name.split('_').next().filter(|p| p.starts_with("pvc-")) else {
                 continue;
             };
+            // Only volumes this agent mounted in this cluster: a directory it knows nothing
+            // of (a cache wiped, a node moved to another cluster) is left alone.
+            if self.cache.object("persistentvolumes", "", pv).is_none() {
+                continue;
+            }
             let gone = link
                 .call("GET", &format!("/api/v1/persistentvolumes/{pv}"), None)
                 .await
@@ -1313,6 +1319,21 @@ impl Agent {
                 let _ = self.cache.remove_object("persistentvolumes", "", pv);
             }
         }
+    }
+
+    /// The Wasm runtime, made on first use (off the async threads: it sets up the engine's
+    /// pool and links every host function).
+    async fn wasm(&self) -> Result<Arc<Runtime>, String> {
+        self.runtime
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(Runtime::new)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(Arc::new)
+                    .map_err(|e| format!("starting the Wasm runtime: {e}"))
+            })
+            .await
+            .cloned()
     }
 
     /// The digest a module name points at: asked of the control plane when linked (as a tag
@@ -1415,7 +1436,8 @@ impl Agent {
         bytes: Vec<u8>,
         stored: bool,
     ) -> Result<outpost_wasm_runtime::Program, String> {
-        if let Some(p) = self.runtime.cached(digest) {
+        let runtime = self.wasm().await?;
+        if let Some(p) = runtime.cached(digest) {
             return Ok(p);
         }
         let arch = std::env::consts::ARCH;
@@ -1451,7 +1473,6 @@ impl Agent {
                 art
             }
         };
-        let runtime = self.runtime.clone();
         let d = digest.to_string();
         tokio::task::spawn_blocking(move || runtime.load(&d, &art.code))
             .await
@@ -1684,7 +1705,7 @@ async fn local_ip(server: &str) -> std::io::Result<String> {
 /// One container's loop: prepare, run, decide, back off.
 /// A container ready to run, on one runtime or the other.
 enum Prepared {
-    Wasm(outpost_wasm_runtime::Program, Command),
+    Wasm(Arc<Runtime>, outpost_wasm_runtime::Program, Command),
     Oci(OciRun),
 }
 
@@ -1894,7 +1915,6 @@ impl Worker {
                 c.started = probes.startup.is_none();
                 c.ready = c.started && probes.readiness.is_none();
             });
-            let runtime = self.agent.runtime.clone();
             // This run ends when the pod stops or a probe gives up on it.
             let stop = Stop::new();
             let forward = {
@@ -1930,7 +1950,7 @@ impl Worker {
                 })
             };
             let ran = match prepared {
-                Prepared::Wasm(module, cmd) => Ran::Wasm(
+                Prepared::Wasm(runtime, module, cmd) => Ran::Wasm(
                     tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
                         .await
                         .map_err(|e| e.to_string())
@@ -2036,9 +2056,14 @@ impl Worker {
             c.image_id = digest.clone();
             c.id = format!("wasm://{}", c.name);
         });
+        let runtime = self
+            .agent
+            .wasm()
+            .await
+            .map_err(|e| ("CreateContainerError".to_string(), e))?;
         let module = match self.agent.compile {
             Compile::Node => {
-                let runtime = self.agent.runtime.clone();
+                let runtime = runtime.clone();
                 let d = digest.clone();
                 tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
                     .await
@@ -2094,6 +2119,7 @@ impl Worker {
             .and_then(|p| u16::try_from(p).ok())
             .map(|p| std::net::SocketAddr::from(([0, 0, 0, 0], p)));
         Ok(Prepared::Wasm(
+            runtime,
             module,
             Command {
                 args,

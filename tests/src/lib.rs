@@ -1380,3 +1380,21 @@ pub fn port_forward(
     }
     Ok(fwd)
 }
+
+/// A TCP echo server on loopback for the life of the test: each connection gets back what it
+/// sends, and a half-close once its input ends. Its port.
+pub fn echo_server() -> anyhow::Result<u16> {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = echo.local_addr()?.port();
+    std::thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut back = conn.try_clone()?;
+                std::io::copy(&mut conn, &mut back)?;
+                back.shutdown(std::net::Shutdown::Write)
+            });
+        }
+    });
+    Ok(port)
+}

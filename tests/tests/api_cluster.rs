@@ -259,18 +259,7 @@ async fn a_node_link_survives_a_leader_change() -> anyhow::Result<()> {
         }
         // A port-forward through a member without the link carries bytes both ways. The
         // pod shares the node's network, so its port is an echo server this test runs.
-        let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = echo.local_addr()?.port();
-        std::thread::spawn(move || {
-            for conn in echo.incoming() {
-                let Ok(mut conn) = conn else { return };
-                std::thread::spawn(move || {
-                    let mut back = conn.try_clone()?;
-                    std::io::copy(&mut conn, &mut back)?;
-                    back.shutdown(std::net::Shutdown::Write)
-                });
-            }
-        });
+        let port = outpost_tests::echo_server()?;
         let echo_pod = format!("{}    ports:\n    - containerPort: {port}\n", pod("echo"));
         retry_in(&r, &cfg, &["apply", "-f", "-"], &echo_pod)?;
         wait_for(&r, &cfg, &["pod", "echo"], "{.status.phase}", |p| {

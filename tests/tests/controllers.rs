@@ -1139,7 +1139,7 @@ fn running_anew(up: &Up, name: &str, not_uid: &str) -> anyhow::Result<String> {
 /// A StatefulSet's claim templates give each pod its own claim, provisioned as a local
 /// volume on the pod's node by the default `local-path` class; the data outlives the pod;
 /// claims stay when the set scales down and their volumes (and directories) go when they are
-/// deleted. A static hostPath volume binds to a claim that asks for its class; that claim,
+/// deleted; with `whenScaled: Delete` they go with their pods. A static hostPath volume binds to a claim that asks for its class; that claim,
 /// deleted while its pod runs, waits for the pod. A claim that leaves out what it must say is
 /// refused with the field.
 #[test]
@@ -1246,6 +1246,34 @@ fn statefulset_claims_get_local_volumes_that_outlive_pods() -> anyhow::Result<()
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(path.is_dir(), "the other claim's directory stays");
+
+    // With `whenScaled: Delete`, a pod scaled away takes its claim (and the volume) with it;
+    // scaled up again, the pod gets a new, empty one.
+    up.kubectl(&[
+        "patch",
+        "statefulset",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"persistentVolumeClaimRetentionPolicy":{"whenScaled":"Delete"}}}"#,
+    ])?
+    .expect_ok("patch retention")?;
+    up.kubectl(&["scale", "statefulset", "web", "--replicas=0"])?
+        .expect_ok("scale to 0")?;
+    up.kubectl(&["wait", "--for=delete", "pvc/data-web-0", "--timeout=60s"])?
+        .expect_ok("claim deleted with its pod")?;
+    up.kubectl(&["wait", "--for=delete", &format!("pv/{pv}"), "--timeout=30s"])?
+        .expect_ok("its volume deleted")?;
+    up.kubectl(&["scale", "statefulset", "web", "--replicas=1"])?
+        .expect_ok("scale to 1")?;
+    running_anew(&up, "web-0", &uid)?;
+    let fresh = field(&up, &["pvc", "data-web-0"], "{.spec.volumeName}")?;
+    assert!(!fresh.is_empty() && fresh != pv, "{fresh}");
+    let t = Instant::now();
+    while !logs("web-0")?.contains("starts: 1") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", logs("web-0")?);
+        std::thread::sleep(Duration::from_millis(250));
+    }
 
     // A static volume: bound to the claim that asks for its class and fits, used by a pod.
     let host = dir.path().join("static");

@@ -51,18 +51,7 @@ fn port_forward_reaches_a_pod_through_its_node() -> anyhow::Result<()> {
     let port = http_hello(&up)?;
     // Pods share the node's network, so a pod declaring the port of an echo server this test
     // runs reaches it: bulk bytes both ways, and a half-close that passes through.
-    let echo = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let echo_port = echo.local_addr()?.port();
-    std::thread::spawn(move || {
-        for conn in echo.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut back = conn.try_clone()?;
-                std::io::copy(&mut conn, &mut back)?;
-                back.shutdown(std::net::Shutdown::Write)
-            });
-        }
-    });
+    let echo_port = outpost_tests::echo_server()?;
     push(&up, "sleeper")?;
     let holder = format!(
         "{}    ports:\n    - containerPort: {echo_port}\n",

@@ -1334,6 +1334,24 @@ async fn sync_statefulset(
             event(api, ME, sts, "Normal", "SuccessfulDelete", &msg).await;
         }
     }
+    // A pod still waiting for a node whose claim is gone (deleted by a scale-down's
+    // retention policy as the set grew again) gets it made again.
+    for p in pods.iter().filter(|p| p["spec"]["nodeName"].is_null()) {
+        let i = p["metadata"]["labels"][statefulset::POD_INDEX]
+            .as_str()
+            .and_then(|i| i.parse::<u64>().ok());
+        for (_, c) in i
+            .map(|i| statefulset::claims_for(sts, i))
+            .unwrap_or_default()
+        {
+            let cname = c["metadata"]["name"].as_str().unwrap_or("");
+            let key = format!("/registry/core/persistentvolumeclaims/{ns}/{cname}");
+            if let Ok(None) = api.store.get(&key, Consistency::Serializable).await {
+                let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims");
+                wrote = wrote.max(write(api, "POST", &path, "application/json", &c).await.0);
+            }
+        }
+    }
     let mut held = false;
     'pods: for i in &plan.create {
         if recent.contains(&format!("{name}-{i}").as_str()) {

@@ -15,6 +15,9 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx unshare || need_apt+=(busybox-static)
 command -v umoci >/dev/null || need_apt+=(umoci)     # the interop test builds an image with them
 command -v skopeo >/dev/null || need_apt+=(skopeo)
+# Nodes masquerade OCI pods' traffic leaving them with nftables; iproute2 makes pod networks.
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v ip >/dev/null || need_apt+=(iproute2)
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 # Boards: deploy/build.sh cross-builds for aarch64 (ring builds C), the deploy tests run the
 # result under qemu-user and write disk images with e2fsprogs' debugfs.

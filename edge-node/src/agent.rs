@@ -241,7 +241,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         (Ok(_), Err(e)) => anyhow::bail!(e),
         (Ok(_), Ok(n)) => match tokio::task::spawn_blocking({
             let n = n.clone();
-            move || n.bridge()
+            move || {
+                n.bridge()?;
+                if let Err(e) = n.masquerade() {
+                    tracing::warn!(error = %e, "pods cannot reach beyond this node");
+                }
+                Ok::<(), String>(())
+            }
         })
         .await?
         {

@@ -12,7 +12,8 @@
 //! Addresses are leased host-wide, so several agents on one machine share the bridge: one
 //! file per address under `/run/outpost/ipam/CIDR/`, created exclusively and naming the
 //! namespace that holds it. A lease whose namespace is gone (its agent was killed) is free.
-//! The links are made with iproute2's `ip`, in two batches per pod.
+//! The links are made with iproute2's `ip`, in two batches per pod. Pods' traffic leaving the
+//! node is masqueraded behind its address (nftables, [`PodNet::masquerade`]).
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -77,6 +78,28 @@ fn ip(args: &[&str], batch: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Run `nft -f -` with `script` on stdin.
+fn nft(script: &str) -> Result<(), String> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running nft (nftables): {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(script.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 impl PodNet {
     /// The network of `cidr` (`A.B.C.D/N`, N from 8 to 30): the bridge takes its first
     /// address, pods the others.
@@ -126,6 +149,27 @@ impl PodNet {
             let _ = ip(&[], &format!("addr add {gw} dev {BRIDGE}\n"));
         }
         ip(&[], &format!("link set {BRIDGE} up\n"))
+    }
+
+    /// Pods' traffic leaving the node goes out from the node's address (nftables `masquerade`
+    /// in the table `ip outpost`), as the CNI bridge plugin's `ipMasq` does: nothing beyond
+    /// the node knows the way back to its pod network. Traffic among its pods and into
+    /// netd's TUN device keeps the pod's address. Made once per network; idempotent.
+    pub fn masquerade(&self) -> Result<(), String> {
+        let cidr = self.cidr();
+        let rule = format!(
+            "ip saddr {cidr} ip daddr != {cidr} oifname != {{ \"{BRIDGE}\", \"{}\" }} masquerade",
+            outpost_netd::DEVICE
+        );
+        nft("table ip outpost {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n  }\n}\n")?;
+        let listed = Command::new("nft")
+            .args(["list", "chain", "ip", "outpost", "postrouting"])
+            .output()
+            .map_err(|e| format!("running nft (nftables): {e}"))?;
+        if String::from_utf8_lossy(&listed.stdout).contains(&format!("ip saddr {cidr} ")) {
+            return Ok(());
+        }
+        nft(&format!("add rule ip outpost postrouting {rule}\n"))
     }
 
     /// Lease an address for namespace `ns`: the one it holds already, or the first free.

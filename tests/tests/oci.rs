@@ -675,3 +675,110 @@ fn images_from_umoci_and_skopeo_run() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A network namespace standing for the world beyond the node: joined to the host by a veth
+/// (10.251.0.1 on the host, 10.251.0.2 inside) and knowing no way back to the pod network.
+/// Removed, with what runs in it, when dropped.
+struct Outside {
+    ns: String,
+    server: Option<std::process::Child>,
+}
+
+impl Outside {
+    fn new() -> anyhow::Result<Outside> {
+        let ns = format!("oegress{}", std::process::id());
+        let (host, inner) = (format!("veh{}", std::process::id()), "eth0");
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = std::process::Command::new("ip").args(args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        run(&["netns", "add", &ns])?;
+        let o = Outside { ns, server: None };
+        run(&[
+            "link", "add", &host, "type", "veth", "peer", "name", inner, "netns", &o.ns,
+        ])?;
+        run(&["addr", "add", "10.251.0.1/30", "dev", &host])?;
+        run(&["link", "set", &host, "up"])?;
+        run(&["-n", &o.ns, "addr", "add", "10.251.0.2/30", "dev", inner])?;
+        run(&["-n", &o.ns, "link", "set", inner, "up"])?;
+        run(&["-n", &o.ns, "link", "set", "lo", "up"])?;
+        Ok(o)
+    }
+
+    /// An HTTP server inside on port 8080 that answers with the address it sees the client at.
+    fn serve(&mut self) -> anyhow::Result<()> {
+        let script = "import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n    def do_GET(self):\n        b = ('from ' + self.client_address[0] + '\\n').encode()\n        self.send_response(200)\n        self.send_header('Content-Length', str(len(b)))\n        self.end_headers()\n        self.wfile.write(b)\nh.HTTPServer(('10.251.0.2', 8080), H).serve_forever()\n";
+        self.server = Some(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &self.ns, "python3", "-c", script])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+        // Listening once the host reaches it (the host is on the veth's network).
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect_timeout(
+            &"10.251.0.2:8080".parse()?,
+            std::time::Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            anyhow::ensure!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "the outside server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        // Deleting the namespace takes its end of the veth, and with it the host's.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
+#[test]
+#[ignore = "needs root: OCI pods get network namespaces, and the test makes one for the outside"]
+fn oci_pods_reach_beyond_the_node_from_its_address() -> anyhow::Result<()> {
+    let (_reg, image, _dir, up) = cluster()?;
+    let mut outside = Outside::new()?;
+    outside.serve()?;
+    // The outside has no route to the pod network: only a masqueraded request is answered,
+    // and the server sees the node's address on that link.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "egress",
+            &image,
+            "Never",
+            r#"["sh", "-c", "timeout 10 wget -q -O - http://10.251.0.2:8080/"]"#,
+            "",
+        ),
+    )?
+    .expect_ok("apply")?;
+    let ended = terminated(&up, "egress")?;
+    let logs = up.kubectl(&["logs", "egress"])?.expect_ok("logs")?.stdout;
+    assert_eq!(ended, "Completed 0", "{logs}");
+    assert_eq!(logs.trim(), "from 10.251.0.1");
+    let ip = up.wait_field(5, &["pod", "egress"], "{.status.podIP}", |s| !s.is_empty())?;
+    assert!(
+        ip.starts_with("10.88."),
+        "the pod has its own address: {ip}"
+    );
+    Ok(())
+}

@@ -55,45 +55,37 @@ fn veth(uid: &str) -> String {
 
 /// Run `ip ARGS` with `batch` as its commands on stdin.
 fn ip(args: &[&str], batch: &str) -> Result<(), String> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running ip (iproute2): {e}"))?;
-    // A failed write shows as ip's own failure below; the child is reaped either way.
-    if let Some(mut i) = child.stdin.take() {
-        let _ = i.write_all(batch.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    let mut all = args.to_vec();
+    all.extend(["-batch", "-"]);
+    piped("ip", "iproute2", &all, batch)
 }
 
 /// Run `nft -f -` with `script` on stdin.
 fn nft(script: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+    piped("nft", "nftables", &["-f", "-"], script)
+}
+
+/// Run `program ARGS` (from Debian's `package`) with `input` on stdin; its error output if
+/// it fails.
+fn piped(program: &str, package: &str, args: &[&str], input: &str) -> Result<(), String> {
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running nft (nftables): {e}"))?;
+        .map_err(|e| format!("running {program} ({package}): {e}"))?;
+    // A failed write shows as the program's own failure below; the child is reaped either way.
     if let Some(mut i) = child.stdin.take() {
-        let _ = i.write_all(script.as_bytes());
+        let _ = i.write_all(input.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{program}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "nft: {}",
+            "{program} {}: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }

@@ -434,7 +434,12 @@ impl Agent {
                     let Ok(mut had) = routed.lock() else { return };
                     if *had != want {
                         match tokio::task::block_in_place(|| net::route_peers(&had, &want)) {
-                            Ok(()) => *had = want,
+                            Ok(()) => {
+                                if let Err(e) = tokio::task::block_in_place(|| net::unmasked(&want)) {
+                                    tracing::debug!(error = %e, "other nodes' pod networks stay masqueraded");
+                                }
+                                *had = want
+                            }
                             Err(e) => tracing::warn!(error = %e, "routing to other nodes' pods"),
                         }
                     }

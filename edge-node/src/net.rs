@@ -145,15 +145,16 @@ impl PodNet {
 
     /// Pods' traffic leaving the node goes out from the node's address (nftables `masquerade`
     /// in the table `ip outpost`), as the CNI bridge plugin's `ipMasq` does: nothing beyond
-    /// the node knows the way back to its pod network. Traffic among its pods and into
-    /// netd's TUN device keeps the pod's address. Made once per network; idempotent.
+    /// the node knows the way back to its pod network. Traffic among its pods, into netd's
+    /// TUN device and to other nodes' pod networks (the set `peers`, kept by [`unmasked`])
+    /// keeps the pod's address. Made once per network; idempotent.
     pub fn masquerade(&self) -> Result<(), String> {
         let cidr = self.cidr();
         let rule = format!(
-            "ip saddr {cidr} ip daddr != {cidr} oifname != {{ \"{BRIDGE}\", \"{}\" }} masquerade",
+            "ip saddr {cidr} ip daddr != {cidr} ip daddr != @peers oifname != {{ \"{BRIDGE}\", \"{}\" }} masquerade",
             outpost_netd::DEVICE
         );
-        nft("table ip outpost {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n  }\n}\n")?;
+        nft("table ip outpost {\n  set peers {\n    type ipv4_addr; flags interval;\n  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n  }\n}\n")?;
         let listed = Command::new("nft")
             .args(["list", "chain", "ip", "outpost", "postrouting"])
             .output()
@@ -333,6 +334,26 @@ pub fn route_peers(had: &[(String, String)], want: &[(String, String)]) -> Resul
     ip(&["-force"], &batch)
 }
 
+/// The nft commands that make the set `peers` hold exactly the other nodes' pod CIDRs of
+/// `routes` (CIDR, via).
+fn peers_script(routes: &[(String, String)]) -> String {
+    let mut script = "flush set ip outpost peers\n".to_string();
+    let cidrs: Vec<&str> = routes.iter().map(|(c, _)| c.as_str()).collect();
+    if !cidrs.is_empty() {
+        script.push_str(&format!(
+            "add element ip outpost peers {{ {} }}\n",
+            cidrs.join(", ")
+        ));
+    }
+    script
+}
+
+/// Leave traffic to the other nodes' pod networks (the `routes` [`route_peers`] keeps) out
+/// of the masquerade, so pods there see this node's pods' own addresses.
+pub fn unmasked(routes: &[(String, String)]) -> Result<(), String> {
+    nft(&peers_script(routes))
+}
+
 /// Whether this thread's network namespace has device `dev`. Read from
 /// `/proc/thread-self/net/dev`, not `/sys/class/net`, which shows the namespace `/sys` was
 /// mounted in, not necessarily ours.
@@ -370,6 +391,19 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_peers_set_holds_exactly_the_routed_networks() {
+        assert_eq!(peers_script(&[]), "flush set ip outpost peers\n");
+        let routes = [
+            ("10.89.0.0/24".to_string(), "192.168.1.7".to_string()),
+            ("10.90.0.0/24".to_string(), "192.168.1.8".to_string()),
+        ];
+        assert_eq!(
+            peers_script(&routes),
+            "flush set ip outpost peers\nadd element ip outpost peers { 10.89.0.0/24, 10.90.0.0/24 }\n"
+        );
+    }
 
     #[test]
     fn cidrs_are_checked_and_normalised() {

@@ -10,7 +10,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -433,9 +433,12 @@ impl Agent {
                     let want = net::peer_routes(&all, &self.node, &net.cidr(), &self.host_ip());
                     let Ok(mut had) = routed.lock() else { return };
                     if *had != want {
-                        match tokio::task::block_in_place(|| net::route_peers(&had, &want)) {
-                            Ok(()) => {
-                                if let Err(e) = tokio::task::block_in_place(|| net::unmasked(&want)) {
+                        let routed = tokio::task::block_in_place(|| {
+                            net::route_peers(&had, &want).map(|()| net::unmasked(&want))
+                        });
+                        match routed {
+                            Ok(unmasked) => {
+                                if let Err(e) = unmasked {
                                     tracing::debug!(error = %e, "other nodes' pod networks stay masqueraded");
                                 }
                                 *had = want
@@ -1277,23 +1280,10 @@ impl Agent {
             .ok_or_else(|| {
                 format!("persistentvolume \"{pv}\": only hostPath and local volumes can be mounted on an Outpost node")
             })?;
-        if !path.exists() {
-            let ours = path.starts_with(self.storage_dir());
-            if ours || spec["hostPath"]["type"] == "DirectoryOrCreate" {
-                std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                // World-writable as local-path volumes are: a container may run as any user.
-                std::fs::set_permissions(
-                    &path,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o777),
-                )
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            } else {
-                return Err(format!(
-                    "persistentvolume \"{pv}\": {} does not exist",
-                    path.display()
-                ));
-            }
-        }
+        // This node's own local volumes are world-writable, as local-path volumes are.
+        let ours = path.starts_with(self.storage_dir());
+        let create = ours || spec["hostPath"]["type"] == "DirectoryOrCreate";
+        host_dir(&path, create, ours).map_err(|e| format!("persistentvolume \"{pv}\": {e}"))?;
         Ok(path)
     }
 
@@ -2600,23 +2590,13 @@ impl Worker {
             let dir = base.join(vname);
             let io = |e: std::io::Error| format!("volume {vname}: {e}");
             if v["emptyDir"].is_object() {
-                std::fs::create_dir_all(&dir).map_err(io)?;
                 // World-writable as the kubelet makes it: a container may run as any user.
-                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                    .map_err(io)?;
+                host_dir(&dir, true, true).map_err(|e| format!("volume {vname}: {e}"))?;
                 out.push((dir, guest, !ro));
             } else if let Some(p) = v["hostPath"]["path"].as_str() {
                 let p = PathBuf::from(p);
-                if !p.exists() {
-                    if v["hostPath"]["type"].as_str() == Some("DirectoryOrCreate") {
-                        std::fs::create_dir_all(&p).map_err(io)?;
-                    } else {
-                        return Err(format!(
-                            "volume {vname}: hostPath {} does not exist",
-                            p.display()
-                        ));
-                    }
-                }
+                let create = v["hostPath"]["type"].as_str() == Some("DirectoryOrCreate");
+                host_dir(&p, create, false).map_err(|e| format!("volume {vname}: hostPath {e}"))?;
                 out.push((p, guest, !ro));
             } else if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
                 let p = self
@@ -2677,6 +2657,24 @@ impl Worker {
         }
         Ok(out)
     }
+}
+
+/// Make sure directory `p` is there: made if `create` (world-writable if `open`, for
+/// containers that may run as any user), else an error if it is missing.
+fn host_dir(p: &Path, create: bool, open: bool) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("{}: {e}", p.display());
+    if !create {
+        if p.exists() {
+            return Ok(());
+        }
+        return Err(format!("{} does not exist", p.display()));
+    }
+    std::fs::create_dir_all(p).map_err(io)?;
+    if open {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// The key/value pairs of a config map (data) or secret (data, base64-decoded).

@@ -1340,47 +1340,22 @@ async fn sync_statefulset(
         let i = p["metadata"]["labels"][statefulset::POD_INDEX]
             .as_str()
             .and_then(|i| i.parse::<u64>().ok());
-        for (_, c) in i
-            .map(|i| statefulset::claims_for(sts, i))
-            .unwrap_or_default()
-        {
-            let cname = c["metadata"]["name"].as_str().unwrap_or("");
-            let key = format!("/registry/core/persistentvolumeclaims/{ns}/{cname}");
-            if let Ok(None) = api.store.get(&key, Consistency::Serializable).await {
-                let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims");
-                wrote = wrote.max(write(api, "POST", &path, "application/json", &c).await.0);
-            }
+        if let Some(i) = i {
+            let (rev, _) = make_claims(api, sts, i).await;
+            wrote = wrote.max(rev);
         }
     }
     let mut held = false;
-    'pods: for i in &plan.create {
+    for i in &plan.create {
         if recent.contains(&format!("{name}-{i}").as_str()) {
             held = true;
             continue;
         }
         // Its claims first (kept from an earlier pod of this ordinal if they exist).
-        for (_, c) in statefulset::claims_for(sts, *i) {
-            let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims");
-            let (status, v) =
-                crate::api::call_as(api, &manager(), "POST", &path, "application/json", &c).await;
-            let cname = c["metadata"]["name"].as_str().unwrap_or("");
-            match status {
-                200..=299 => {
-                    let msg = format!(
-                        "create Claim {cname} Pod {name}-{i} in StatefulSet {name} success"
-                    );
-                    event(api, ME, sts, "Normal", "SuccessfulCreate", &msg).await;
-                }
-                409 => {}
-                _ => {
-                    let msg = format!(
-                        "create Claim {cname} for Pod {name}-{i} in StatefulSet {name} failed error: {}",
-                        v["message"].as_str().unwrap_or("")
-                    );
-                    event(api, ME, sts, "Warning", "FailedCreate", &msg).await;
-                    break 'pods;
-                }
-            }
+        let (rev, failed) = make_claims(api, sts, *i).await;
+        wrote = wrote.max(rev);
+        if failed {
+            break;
         }
         let pod = statefulset::pod_for(sts, *i);
         let (rev, _) = write(api, "POST", &base, "application/json", &pod).await;
@@ -1396,6 +1371,52 @@ async fn sync_statefulset(
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
     }
     (wrote, held)
+}
+
+/// Make the claims of StatefulSet pod `i` that do not exist, each with an event: the highest
+/// revision written, and whether one was refused (the pod must wait).
+async fn make_claims(api: &Arc<Api>, sts: &Value, i: u64) -> (u64, bool) {
+    const ME: &str = "statefulset-controller";
+    let (ns, name) = ns_name(sts);
+    let mut wrote = 0;
+    for (_, c) in statefulset::claims_for(sts, i) {
+        let cname = c["metadata"]["name"].as_str().unwrap_or("");
+        // A local read first: most claims outlive their pods, and a create of one that
+        // exists would still cost a round of the log.
+        let key = format!("/registry/core/persistentvolumeclaims/{ns}/{cname}");
+        if !matches!(
+            api.store.get(&key, Consistency::Serializable).await,
+            Ok(None)
+        ) {
+            continue;
+        }
+        let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims");
+        let (status, v) =
+            crate::api::call_as(api, &manager(), "POST", &path, "application/json", &c).await;
+        match status {
+            200..=299 => {
+                wrote = wrote.max(
+                    v["metadata"]["resourceVersion"]
+                        .as_str()
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0),
+                );
+                let msg =
+                    format!("create Claim {cname} Pod {name}-{i} in StatefulSet {name} success");
+                event(api, ME, sts, "Normal", "SuccessfulCreate", &msg).await;
+            }
+            409 => {}
+            _ => {
+                let msg = format!(
+                    "create Claim {cname} for Pod {name}-{i} in StatefulSet {name} failed error: {}",
+                    v["message"].as_str().unwrap_or("")
+                );
+                event(api, ME, sts, "Warning", "FailedCreate", &msg).await;
+                return (wrote, true);
+            }
+        }
+    }
+    (wrote, false)
 }
 
 /// The highest revision written, and whether the Job is waiting out its failure back-off.

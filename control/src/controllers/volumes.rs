@@ -282,13 +282,14 @@ pub fn volume_step(pv: &Value, claim: Option<&Value>) -> VolumeStep {
     }
 }
 
-/// The controller's view: claims, volumes and classes by key, nodes' storage directories.
+/// The controller's view: claims and volumes by key, classes by name, nodes' storage
+/// directories.
 #[derive(Default)]
 struct Volumes {
     seen: HashMap<String, u64>,
     claims: BTreeMap<String, Value>,
     volumes: BTreeMap<String, Value>,
-    classes: HashMap<String, Value>,
+    classes: BTreeMap<String, Value>,
     dirs: HashMap<String, String>,
     /// What each waiting claim was last told, so it is told once.
     told: HashMap<String, String>,
@@ -322,24 +323,17 @@ impl Follower for Volumes {
                 None => self.dirs.remove(name),
             };
         } else {
-            let map = if key.starts_with(CLAIMS) {
-                &mut self.claims
-            } else if key.starts_with(VOLUMES) {
-                &mut self.volumes
-            } else {
-                let name = key.strip_prefix(CLASSES).unwrap_or("").to_string();
-                match obj {
-                    Some(o) => self.classes.insert(name, o),
-                    None => self.classes.remove(&name),
-                };
-                self.dirty = true;
-                return;
+            // Classes by name (claims name them); claims and volumes by key.
+            let (map, k) = match key.strip_prefix(CLASSES) {
+                Some(name) => (&mut self.classes, name.to_string()),
+                None if key.starts_with(CLAIMS) => (&mut self.claims, key.clone()),
+                None => (&mut self.volumes, key.clone()),
             };
             match obj {
-                Some(o) => map.insert(key.clone(), o),
+                Some(o) => map.insert(k, o),
                 None => {
-                    self.told.remove(&key);
-                    map.remove(&key)
+                    self.told.remove(&k);
+                    map.remove(&k)
                 }
             };
         }

@@ -1,12 +1,13 @@
 //! The scheduler: binds each pod without a node to the best node for it, on the Raft leader.
 //!
 //! ```text
-//! list pods, nodes, RuntimeClasses, claims, volumes ─▶ snapshot ◀─ watch /registry/ (each key's newest revision
-//!                                        │         wins, so replays from the list are harmless)
+//! list pods, nodes, RuntimeClasses,  ─▶ snapshot ◀─ watch /registry/ (each key's newest
+//!      claims, volumes, StorageClasses      │        revision wins, so replays from the list
+//!                                           │        are harmless)
 //!   each pending pod, oldest first ─▶ fit::pick ─▶ assumed on its node ─▶ its binding,
 //!               up to 64 in flight while the watch is read ─▶ a failed one is taken back
 //!   fits nowhere ─▶ PodScheduled=False + FailedScheduling event with the reasons; parked
-//!               until a node changes or a pod leaves one
+//!               until a node, claim or volume changes or a pod leaves a node
 //!   claims of a WaitForFirstConsumer class ─▶ the chosen node named on each claim
 //!               (`volume.kubernetes.io/selected-node`) ─▶ bound there ─▶ then the binding
 //! ```
@@ -425,13 +426,11 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
         let Some(w) = snap.pending.get(&at) else {
             continue;
         };
-        let claims = if w.claims.is_empty() {
-            Ok((vec![], vec![]))
-        } else {
-            snap.claims_of(&at.1, &w.claims)
-                .map_err(|e| format!("0/{} nodes are available: {e}.", snap.nodes.list.len()))
+        // A pod whose claims cannot be placed anywhere yet waits with their reason.
+        let (volumes, late, blocked) = match snap.claims_of(&at.1, &w.claims) {
+            Ok((volumes, late)) => (volumes, late, None),
+            Err(e) => (vec![], vec![], Some(e)),
         };
-        let (volumes, late) = claims.clone().unwrap_or_default();
         let needs = w
             .needs
             .with_class(snap.class_selector(w.class.as_deref()))
@@ -440,7 +439,13 @@ fn place(api: &Arc<Api>, snap: &mut Snapshot, room: usize, flight: &mut Flight) 
         let uid = w.uid.clone();
         snap.turn = snap.turn.wrapping_add(1);
         let api = api.clone();
-        let picked = claims.and_then(|_| fit::pick(&needs, &snap.nodes.list, snap.turn));
+        let picked = match blocked {
+            Some(e) => Err(format!(
+                "0/{} nodes are available: {e}.",
+                snap.nodes.list.len()
+            )),
+            None => fit::pick(&needs, &snap.nodes.list, snap.turn),
+        };
         match picked {
             Ok(i) => {
                 let node = snap.nodes.list[i].name.clone();

@@ -54,8 +54,33 @@ fn committed(o: &Outcome) -> u64 {
 
 #[tokio::test]
 async fn reopen_keeps_every_acknowledged_write() -> anyhow::Result<()> {
+    reopen_keeps_writes(false).await
+}
+
+/// The same for a lone member, whose Raft core runs on a thread of its own (`outpost up`).
+#[tokio::test]
+async fn a_lone_member_reopens_with_every_acknowledged_write() -> anyhow::Result<()> {
+    reopen_keeps_writes(true).await
+}
+
+async fn reopen_keeps_writes(lone: bool) -> anyhow::Result<()> {
     let dir = TempDir::new()?;
+    let config = |d: &std::path::Path| Config { lone, ..config(d) };
     let store = Store::open(config(dir.path())).await?;
+    // Concurrent writes, batched behind one in flight, and then one at a time.
+    let puts = (0..50).map(|i| {
+        let s = store.clone();
+        async move { s.put(&format!("/c/{i:02}"), vec![i], Expect::Absent).await }
+    });
+    let revs: Vec<u64> = futures::future::try_join_all(puts)
+        .await?
+        .iter()
+        .map(committed)
+        .collect();
+    let mut sorted = revs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 50, "one revision per write: {revs:?}");
     let mut last = 0;
     for i in 0..200 {
         last = committed(
@@ -78,6 +103,10 @@ async fn reopen_keeps_every_acknowledged_write() -> anyhow::Result<()> {
         .await?;
     assert_eq!(r.kvs.len(), 200);
     assert_eq!(r.revision, last);
+    let c = store
+        .range("/c/", None, 0, Consistency::Linearizable)
+        .await?;
+    assert_eq!(c.kvs.len(), 50);
     assert_eq!(store.hash().await?, before);
     let kv = store
         .get("/k/007", Consistency::Linearizable)
@@ -85,7 +114,7 @@ async fn reopen_keeps_every_acknowledged_write() -> anyhow::Result<()> {
         .expect("key 7");
     assert_eq!(
         (kv.value.as_slice(), kv.mod_revision, kv.version),
-        (&b"v7"[..], 8, 1)
+        (&b"v7"[..], 58, 1)
     );
     // Revisions go on from where they were.
     assert_eq!(

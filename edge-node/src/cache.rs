@@ -38,6 +38,8 @@ impl Cache {
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         let db = Database::builder(dir.join("cache"))
             .cache_size(4 << 20)
+            // See the control plane's store: one worker spins less than two.
+            .worker_threads(1)
             .open()
             .map_err(err)?;
         let dirty: Arc<(Mutex<Dirty>, Condvar)> = Arc::default();

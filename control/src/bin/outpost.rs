@@ -180,7 +180,8 @@ async fn serve() -> anyhow::Result<()> {
         } => {
             let control = data_dir.join("control");
             let pki_dir = control.join("pki");
-            let cfg = Config::new(1, &control, "127.0.0.1:0".parse()?);
+            let mut cfg = Config::new(1, &control, "127.0.0.1:0".parse()?);
+            cfg.lone = true;
             let store = Store::open(cfg)
                 .await
                 .context("starting the control plane")?;

@@ -20,6 +20,7 @@ pub mod watch;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,11 @@ pub struct Config {
     pub election_timeout: Duration,
     /// How often watchers get progress notifications.
     pub progress_every: Duration,
+    /// This member stays alone (the one-machine default, whose peer port is an ephemeral
+    /// loopback one): its Raft core and state machine run on a thread of their own, so that
+    /// a write hands over between tasks on one thread rather than waking other threads. With
+    /// peers to replicate to, that one thread would be the bottleneck.
+    pub lone: bool,
 }
 
 impl Config {
@@ -166,6 +172,7 @@ impl Config {
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(800),
             progress_every: Duration::from_secs(5),
+            lone: false,
         }
     }
 }
@@ -214,6 +221,10 @@ struct Inner {
     timeout: Duration,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     proposals: mpsc::Sender<Proposal>,
+    /// Proposals between `client_write` and its answer, through either path.
+    in_flight: Arc<AtomicUsize>,
+    /// Ends the Raft core's own thread, for a lone member.
+    core_stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     syncer: log::Syncer,
     /// Where the peer CA and this member's certificate live.
     pki_dir: PathBuf,
@@ -227,12 +238,40 @@ type Proposal = (
 /// Most commands in one batched log entry.
 const MAX_BATCH: usize = 1024;
 
+/// Counts a proposal in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n.clone())
+    }
+
+    /// Only if nothing else is in flight.
+    fn alone(n: &Arc<AtomicUsize>) -> Option<Self> {
+        n.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| InFlight(n.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Proposes local writes to Raft one log entry at a time. openraft 0.9 syncs each proposal
 /// before it takes the next, so the writes that arrive meanwhile are gathered and proposed
 /// together as one `Command::Batch`: one disk sync for all of them.
-async fn propose_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Proposal>) {
+async fn propose_loop(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<Proposal>,
+    in_flight: Arc<AtomicUsize>,
+) {
     let mut queue: Vec<Proposal> = Vec::new();
     while let Some(first) = rx.recv().await {
+        let _busy = InFlight::enter(&in_flight);
         queue.push(first);
         while queue.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -278,6 +317,43 @@ async fn propose_loop(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Proposal>) 
             }
         }
     }
+}
+
+/// Start the Raft core of a lone member on a current-thread runtime of its own; openraft's
+/// tasks (the core, the state machine worker) go where `Raft::new` runs. The sender ends it.
+#[allow(clippy::type_complexity)]
+fn core_thread(
+    id: u64,
+    raft_cfg: openraft::Config,
+    factory: net::Factory,
+    log_store: log::LogStore,
+    state_machine: sm::StateMachine,
+) -> Result<
+    (
+        impl std::future::Future<Output = Result<Raft<TypeConfig>, openraft::error::Fatal<u64>>>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
+    Error,
+> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Unavailable(format!("the Raft core's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("raft-core".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let raft = Raft::new(id, Arc::new(raft_cfg), factory, log_store, state_machine);
+                let _ = tx.send(raft.await);
+                // Until the store shuts down or is dropped.
+                let _ = stop_rx.await;
+            })
+        })
+        .map_err(|e| Error::Unavailable(format!("the Raft core's thread: {e}")))?;
+    let raft = async move { rx.await.unwrap_or(Err(openraft::error::Fatal::Panicked)) };
+    Ok((raft, stop_tx))
 }
 
 /// A running member of the store.
@@ -386,18 +462,24 @@ impl Store {
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let peers = Arc::new(Peers::new(endpoint.clone()));
         let (proposals, proposal_rx) = mpsc::channel(MAX_BATCH * 4);
-        let raft = Raft::new(
-            cfg.id,
-            Arc::new(raft_cfg),
-            net::Factory {
-                id: cfg.id,
-                peers: peers.clone(),
-            },
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let factory = net::Factory {
+            id: cfg.id,
+            peers: peers.clone(),
+        };
+        let (raft, core_stop) = if cfg.lone {
+            let (raft, stop) = core_thread(cfg.id, raft_cfg, factory, log_store, state_machine)?;
+            (raft.await, Some(stop))
+        } else {
+            let raft = Raft::new(
+                cfg.id,
+                Arc::new(raft_cfg),
+                factory,
+                log_store,
+                state_machine,
+            );
+            (raft.await, None)
+        };
+        let raft = raft.map_err(|e| Error::Unavailable(e.to_string()))?;
 
         let store = Store {
             inner: Arc::new(Inner {
@@ -410,11 +492,17 @@ impl Store {
                 timeout: Duration::from_secs(10),
                 tasks: std::sync::Mutex::new(Vec::new()),
                 proposals,
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                core_stop: std::sync::Mutex::new(core_stop),
                 syncer,
                 pki_dir: pki_dir.clone(),
             }),
         };
-        let proposer = tokio::spawn(propose_loop(store.inner.raft.clone(), proposal_rx));
+        let proposer = tokio::spawn(propose_loop(
+            store.inner.raft.clone(),
+            proposal_rx,
+            store.inner.in_flight.clone(),
+        ));
         store.track(proposer);
         let server = tokio::spawn(net::serve(endpoint, Arc::new(Local(store.clone()))));
         store.track(server);
@@ -619,8 +707,19 @@ impl Store {
         }
     }
 
-    /// Propose on this member (which should be the leader) through the batcher.
+    /// Propose on this member (which should be the leader): itself when nothing else is in
+    /// flight, as there is nothing to batch with and the batcher would cost two task
+    /// switches; else through the batcher.
     async fn propose(&self, cmd: Command) -> Result<Outcome, ForwardError> {
+        if let Some(_alone) = InFlight::alone(&self.inner.in_flight) {
+            return self
+                .inner
+                .raft
+                .client_write(cmd)
+                .await
+                .map(|r| r.data)
+                .map_err(net::forward_error);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner
             .proposals
@@ -918,6 +1017,9 @@ impl Store {
             }
         }
         let _ = self.inner.raft.shutdown().await;
+        if let Some(stop) = self.inner.core_stop.lock().ok().and_then(|mut s| s.take()) {
+            let _ = stop.send(());
+        }
         self.inner.endpoint.close(0u32.into(), b"shutdown");
         self.inner.endpoint.wait_idle().await;
     }
@@ -935,6 +1037,12 @@ pub(crate) fn append_options() -> fjall::KeyspaceCreateOptions {
     fjall::KeyspaceCreateOptions::default().max_memtable_size(4 * 1024 * 1024)
 }
 
+/// fjall's background threads (flushes and compactions). With two or more, its first worker
+/// hands every compaction request back to the queue for another, and while that other is
+/// busy the two bounce it between them; on a board's two cores one worker did 5–10 % more
+/// writes/s (`outpost-bench store`, 1 and 3 members).
+const FJALL_WORKERS: usize = 1;
+
 /// Open the member's database. A previous instance may still be letting go of it (a process
 /// exiting, or an in-process store whose tasks are finishing), so a lock is waited out for a
 /// while before it counts as "another member runs here".
@@ -943,6 +1051,7 @@ async fn open_db(dir: &Path) -> Result<Database, Error> {
     loop {
         match Database::builder(dir.join("db"))
             .cache_size(16 * 1024 * 1024)
+            .worker_threads(FJALL_WORKERS)
             .open()
         {
             Ok(db) => return Ok(db),

@@ -560,6 +560,10 @@ async fn main() -> anyhow::Result<()> {
                 f.burst, f.burst_per_s
             );
             println!(
+                "  store writes per burst pod        {:>8.1}",
+                f.writes_per_pod
+            );
+            println!(
                 "  agent RSS idle                    {:>8.1} MB   (target <= 15)",
                 f.rss_idle_mb
             );

@@ -50,6 +50,8 @@ pub struct Figures {
     pub first_ms: f64,
     pub burst: usize,
     pub burst_per_s: f64,
+    /// Store revisions per burst pod, from the first create until every pod has ended.
+    pub writes_per_pod: f64,
     pub rss_idle_mb: f64,
     pub rss_100_mb: f64,
     pub peer_p50_ms: Option<f64>,
@@ -100,6 +102,22 @@ pub(crate) async fn wait(
             _ => bail!("{name} did not reach {phases:?} within 30 s"),
         }
     }
+}
+
+/// The store's revision now, from a list's resourceVersion.
+async fn revision(c: &reqwest::Client, api: &str) -> anyhow::Result<u64> {
+    let v: Value = c
+        .get(format!(
+            "https://{api}/api/v1/namespaces/default/pods?limit=1"
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("a list without a resourceVersion: {v}"))
 }
 
 pub(crate) async fn post(
@@ -309,6 +327,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
             _ => bail!("{left} sleepers were not deleted within 60 s"),
         }
     }
+    let rev0 = revision(&c, &api).await?;
     let t0 = Instant::now();
     let names: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
     let creates = futures::stream::iter(names.clone())
@@ -316,6 +335,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         .buffer_unordered(64)
         .collect::<Vec<_>>();
     let mut started: HashMap<String, Instant> = HashMap::new();
+    let mut ended = std::collections::HashSet::new();
     let watcher = async {
         let deadline = Instant::now() + Duration::from_secs(120);
         while started.len() < burst {
@@ -329,6 +349,9 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
                     if n.starts_with("burst-")
                         && matches!(p.as_str(), "Started" | "Running" | "Succeeded" | "Failed") =>
                 {
+                    if matches!(p.as_str(), "Succeeded" | "Failed") {
+                        ended.insert(n.clone());
+                    }
                     started.entry(n).or_insert(at);
                 }
                 Ok(Some(_)) => {}
@@ -347,6 +370,19 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     watched?;
     let last = started.values().max().copied().unwrap_or(t0);
     let burst_s = (last - t0).as_secs_f64();
+    // Every pod's last status lands once all have ended; then nothing more is written.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ended.len() < burst && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some((n, p, _))) if matches!(p.as_str(), "Succeeded" | "Failed") => {
+                ended.insert(n);
+            }
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes_per_pod = (revision(&c, &api).await? - rev0) as f64 / burst as f64;
     let peer = tokio::task::block_in_place(|| {
         let f = root.join("hello.wasm");
         std::fs::write(&f, example("hello")?)?;
@@ -358,6 +394,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         first_ms: first.as_secs_f64() * 1000.0,
         burst,
         burst_per_s: burst as f64 / burst_s,
+        writes_per_pod,
         rss_idle_mb: rss_idle,
         rss_100_mb: rss_100,
         peer_p50_ms: peer,

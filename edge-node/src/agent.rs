@@ -122,6 +122,8 @@ pub struct Agent {
     /// Made for the first Wasm pod: a node that runs none does not carry the engine, its
     /// linkers and their code in memory.
     runtime: tokio::sync::OnceCell<Arc<Runtime>>,
+    /// Module names lately resolved by the control plane: digest (hex) and when.
+    names: Mutex<HashMap<String, (String, Instant)>>,
     /// Made on the first registry pull: most nodes never pull, and a TLS client with its
     /// root store costs memory a board should keep.
     registry: std::sync::OnceLock<registry::Client>,
@@ -150,6 +152,11 @@ struct Oci {
 
 /// How long an image no container uses stays on the node.
 const IMAGE_IDLE: Duration = Duration::from_secs(3600);
+
+/// How long a module name's resolution serves pods whose pull policy is not `Always`. Like
+/// a tag, a name is asked for when a pod needs it; pods started together (a Deployment
+/// scaling up, a burst) share one answer instead of asking once each.
+const NAME_MEMO: Duration = Duration::from_secs(1);
 
 /// The host name as a node name: lowercase, and anything a DNS label may not hold becomes
 /// '-' (`Pi_4` → `pi-4`).
@@ -264,6 +271,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pki,
         cache,
         runtime: tokio::sync::OnceCell::new(),
+        names: Mutex::default(),
         registry: std::sync::OnceLock::new(),
         insecure_registries: cfg.insecure_registries.clone(),
         max_pods: cfg.max_pods,
@@ -1337,8 +1345,6 @@ impl Agent {
             .cloned()
     }
 
-    /// The digest a module name points at: asked of the control plane when linked (as a tag
-    /// is pulled), else the last answer, from the cache.
     /// A Wasm OCI artifact from its registry, with the kubelet's pull policies: `Never`
     /// and `IfNotPresent` (the default but for `:latest`) use what this node pulled before;
     /// `Always` asks the registry, and falls back to that copy when the registry cannot be
@@ -1403,7 +1409,16 @@ impl Agent {
         }
     }
 
-    async fn resolve(&self, name: &str) -> Result<String, String> {
+    /// The digest a module name points at: asked of the control plane when linked (as a tag
+    /// is pulled; within [`NAME_MEMO`] of the last answer only under `Always`), else the
+    /// last answer, from the cache.
+    async fn resolve(&self, name: &str, policy: Option<&str>) -> Result<String, String> {
+        if policy != Some("Always") {
+            let memo = self.names.lock().ok().and_then(|n| n.get(name).cloned());
+            if let Some((hex, _)) = memo.filter(|(_, at)| at.elapsed() < NAME_MEMO) {
+                return Ok(hex);
+            }
+        }
         let link = self.link.borrow().clone();
         if let Some(link) = link {
             match link.call("GET", &format!("/outpost/v1/names/{name}"), None).await {
@@ -1414,6 +1429,9 @@ impl Agent {
                         .unwrap_or("")
                         .to_string();
                     let _ = self.cache.put_meta(&format!("name/{name}"), &hex);
+                    if let Ok(mut n) = self.names.lock() {
+                        n.insert(name.to_string(), (hex.clone(), Instant::now()));
+                    }
                     return Ok(hex);
                 }
                 Ok(a) if a.status == 404 => {
@@ -1489,10 +1507,11 @@ impl Agent {
         image: &str,
         policy: Option<&str>,
         auth: Option<(String, String)>,
-    ) -> Result<(String, Vec<u8>), (String, String)> {
+    ) -> Result<(String, Code), (String, String)> {
         let pull = |m: String| ("ErrImagePull".to_string(), m);
         let Some(reference) = image.strip_prefix("module:") else {
-            return self.artifact(image, policy, auth).await.map_err(pull);
+            let (digest, bytes) = self.artifact(image, policy, auth).await.map_err(pull)?;
+            return Ok((digest, Code::Bytes(bytes)));
         };
         let hex = match reference.strip_prefix("sha256:") {
             Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => h.to_string(),
@@ -1501,12 +1520,16 @@ impl Agent {
                     "image \"{image}\": a digest is sha256: and 64 hex digits"
                 )))
             }
-            None => self.resolve(reference).await.map_err(pull)?,
+            None => self.resolve(reference, policy).await.map_err(pull)?,
         };
         let hex = hex.as_str();
         let digest = format!("sha256:{hex}");
+        // Compiled already: the module's bytes (tens of kilobytes from the cache) are not needed.
+        if let Some(p) = self.runtime.get().and_then(|r| r.cached(&digest)) {
+            return Ok((digest, Code::Ready(p)));
+        }
         if let Some(b) = self.cache.module(&digest) {
-            return Ok((digest, b));
+            return Ok((digest, Code::Bytes(b)));
         }
         let link = self.link.borrow().clone();
         let Some(link) = link else {
@@ -1530,8 +1553,15 @@ impl Agent {
             .put_module(&digest, &a.body)
             .map_err(|e| pull(e.to_string()))?;
         self.report_images();
-        Ok((digest, a.body))
+        Ok((digest, Code::Bytes(a.body)))
     }
+}
+
+/// A Wasm module's code as [`Agent::module`] finds it.
+enum Code {
+    /// Compiled already, in this agent's runtime.
+    Ready(outpost_wasm_runtime::Program),
+    Bytes(Vec<u8>),
 }
 
 /// An [`Artifact`](outpost_api::Artifact) from its CBOR, if it is `module` compiled for
@@ -2062,8 +2092,9 @@ impl Worker {
             .wasm()
             .await
             .map_err(|e| ("CreateContainerError".to_string(), e))?;
-        let module = match self.agent.compile {
-            Compile::Node => {
+        let module = match (bytes, self.agent.compile) {
+            (Code::Ready(p), _) => p,
+            (Code::Bytes(bytes), Compile::Node) => {
                 let runtime = runtime.clone();
                 let d = digest.clone();
                 tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
@@ -2071,7 +2102,7 @@ impl Worker {
                     .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
                     .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
             }
-            Compile::Control => self
+            (Code::Bytes(bytes), Compile::Control) => self
                 .agent
                 .compiled(&digest, bytes, image.starts_with("module:"))
                 .await

@@ -470,7 +470,7 @@ fn log_state(path: &std::path::Path) -> (usize, String) {
 fn only_log(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let pods = dir.join("pods");
     for uid in std::fs::read_dir(&pods)? {
-        let p = uid?.path().join("logs/main/0.log");
+        let p = uid?.path().join("main.0.log");
         if p.exists() {
             return Ok(p);
         }
@@ -583,8 +583,7 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
     up.kubectl(&["delete", "pod", "burner", "--grace-period=0", "--force"])?
         .expect_ok("force delete")?;
     let pod_dir = log
-        .ancestors()
-        .nth(3)
+        .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
     let t = Instant::now();

@@ -600,7 +600,7 @@ async fn list_objects(
     if let Some(name) = fields.name() {
         if ctx.ns.is_some() || !ctx.res.namespaced {
             let kv = ctx.api.store.get(&ctx.key(name), c).await?;
-            let rev = ctx.api.store.status().revision;
+            let rev = ctx.api.store.revision();
             if let Some(kv) = kv {
                 let v = from_kv(&kv)?;
                 if matches(&v, labels, fields) {

@@ -96,8 +96,7 @@ where
     Fut: std::future::Future<Output = Result<(), String>>,
 {
     loop {
-        let st = api.store.status();
-        if st.leader == Some(st.id) {
+        if api.store.leads() {
             if let Err(e) = lead(api.clone()).await {
                 tracing::debug!(error = %e, "{what} restart from a fresh list");
             }
@@ -607,8 +606,7 @@ pub(crate) async fn drive<F: Follower>(
     let mut w = list_and_watch(api, prefixes, |kv| f.apply(&EventKind::Put, kv)).await?;
     let mut synced = Instant::now();
     loop {
-        let st = api.store.status();
-        if st.leader != Some(st.id) {
+        if !api.store.leads() {
             return Ok(());
         }
         if synced.elapsed() > RESYNC {

@@ -111,8 +111,7 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
     let mut heed: Option<HashSet<String>> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let st = api.store.status();
-        if st.leader != Some(st.id) {
+        if !api.store.leads() {
             led_since = None;
             heed = None;
             continue;

@@ -59,8 +59,7 @@ pub async fn run(api: Arc<Api>) {
 }
 
 fn is_leader(api: &Api) -> bool {
-    let st = api.store.status();
-    st.leader == Some(st.id)
+    api.store.leads()
 }
 
 /// A pod the scheduler has seen: where it runs (if anywhere) and what it takes there.

@@ -642,10 +642,22 @@ impl Store {
     }
 
     fn leader_addr(&self) -> Option<(u64, String)> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?;
         Some((id, node.addr.clone()))
+    }
+
+    /// Whether this member is the leader, as far as it knows: what [`Store::status`] says,
+    /// without building the whole status (control loops ask every round).
+    pub fn leads(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+    }
+
+    /// The revision this member has applied.
+    pub fn revision(&self) -> u64 {
+        self.inner.sm.revision()
     }
 
     /// Wait for a leader to be known, up to the store's timeout.

@@ -67,6 +67,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The revision applied, without copying the rest of the state.
+    pub fn revision(&self) -> u64 {
+        match self.state.read() {
+            Ok(s) => s.revision,
+            Err(p) => p.into_inner().revision,
+        }
+    }
+
     pub fn state(&self) -> SmState {
         match self.state.read() {
             Ok(s) => s.clone(),

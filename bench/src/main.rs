@@ -150,6 +150,16 @@ struct Figures {
     writes_per_s: f64,
 }
 
+/// Let the disk finish what the last system measured left behind (its writes still in the
+/// page cache, its deleted data directory) before the next is measured: every system starts
+/// on a quiet disk, whichever ran before it.
+fn settle() {
+    tokio::task::block_in_place(|| {
+        let _ = std::process::Command::new("sync").status();
+        std::thread::sleep(Duration::from_secs(1));
+    });
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -402,7 +412,9 @@ async fn main() -> anyhow::Result<()> {
             println!("store writes, {VALUE}-byte values, fsync on; one client x {ops} sequential writes, {clients} clients x {seconds}s");
             println!("(ratio > 1 means Outpost is better: faster latency or more writes/s)");
             for members in [1u64, 3] {
+                settle();
                 let ours = outpost(members, ops, clients, seconds).await?;
+                settle();
                 let theirs = etcd(members as usize, ops, clients, seconds, etcd_conns).await?;
                 println!("{members} member(s):");
                 row("one client p50", ours.p50_us, theirs.p50_us, "us", false);
@@ -427,8 +439,10 @@ async fn main() -> anyhow::Result<()> {
             println!("pod creates through the API (HTTPS, {}-byte JSON pods, fsync on) vs etcd puts of the same bodies", api::pod("seq-0").len());
             println!("(ratio > 1 means Outpost is better; etcd stores bytes, Outpost admits, validates and stores an object)");
             for members in sizes {
+                settle();
                 let ours =
                     api::outpost(members, ops, clients, seconds, rate, &control_args).await?;
+                settle();
                 let etcd = api::etcd(members as usize, ops, clients, seconds, rate).await?;
                 println!("{members} member(s):");
                 row(

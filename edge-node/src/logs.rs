@@ -28,7 +28,11 @@ pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Res
         std::fs::create_dir_all(parent)?;
         // Runs 0 and 1 have nothing older than the previous run to remove.
         let prefix = format!("{container}.");
-        for entry in std::fs::read_dir(parent)?.flatten().filter(|_| run > 1) {
+        let entries = match run {
+            0 | 1 => Vec::new(),
+            _ => std::fs::read_dir(parent)?.flatten().collect(),
+        };
+        for entry in entries {
             let n = entry.file_name();
             // `CONTAINER.N.log` and its rotated `CONTAINER.N.log.1`; container names have
             // no dots.

@@ -99,15 +99,11 @@ fn same_spec(a: &Value, b: &Value) -> bool {
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
         return a == b;
     };
-    let rest = |m: &'_ Map<String, Value>| {
+    fn rest(m: &Map<String, Value>) -> impl Iterator<Item = (&String, &Value)> {
         m.iter()
             .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status"))
-            .count()
-    };
-    rest(a) == rest(b)
-        && a.iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status"))
-            .all(|(k, v)| b.get(k) == Some(v))
+    }
+    rest(a).count() == rest(b).count() && rest(a).all(|(k, v)| b.get(k) == Some(v))
 }
 
 fn wants_table(headers: &HeaderMap) -> bool {

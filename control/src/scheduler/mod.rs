@@ -58,10 +58,6 @@ pub async fn run(api: Arc<Api>) {
     crate::controllers::while_leader(&api, "scheduler", |a| async move { lead(&a).await }).await
 }
 
-fn is_leader(api: &Api) -> bool {
-    api.store.leads()
-}
-
 /// A pod the scheduler has seen: where it runs (if anywhere) and what it takes there.
 struct Placed {
     node: String,
@@ -383,7 +379,7 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
     .await?;
     let mut flight = Flight::new();
     loop {
-        if !is_leader(api) {
+        if !api.store.leads() {
             return Ok(());
         }
         place(

@@ -136,28 +136,20 @@ impl Recent {
 
     /// Drop entries from index `from` on (a truncation).
     fn cut(&mut self, from: u64) {
-        while self
-            .entries
-            .back()
-            .is_some_and(|(e, _)| e.log_id.index >= from)
-        {
-            if let Some((_, n)) = self.entries.pop_back() {
-                self.bytes -= n;
-            }
-        }
+        let at = self.offset(from);
+        self.bytes -= self.entries.drain(at..).map(|(_, n)| n).sum::<usize>();
     }
 
     /// Drop entries up to index `upto` (a purge).
     fn purge(&mut self, upto: u64) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|(e, _)| e.log_id.index <= upto)
-        {
-            if let Some((_, n)) = self.entries.pop_front() {
-                self.bytes -= n;
-            }
-        }
+        let at = self.offset(upto.saturating_add(1));
+        self.bytes -= self.entries.drain(..at).map(|(_, n)| n).sum::<usize>();
+    }
+
+    /// Where the entry with `index` is, or would go, clamped to what is held.
+    fn offset(&self, index: u64) -> usize {
+        let first = self.first().unwrap_or(index);
+        (index.saturating_sub(first) as usize).min(self.entries.len())
     }
 
     /// Entries `start..end` (`end` exclusive, `None` for all after `start`), if all are here.

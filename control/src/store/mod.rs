@@ -597,7 +597,7 @@ impl Store {
                 } else {
                     samples.clear();
                 }
-                if !store.is_leader() {
+                if !store.leads() {
                     continue;
                 }
                 if let Some(target) =
@@ -637,10 +637,6 @@ impl Store {
         &self.inner.raft
     }
 
-    fn is_leader(&self) -> bool {
-        self.inner.raft.metrics().borrow().state == ServerState::Leader
-    }
-
     fn leader_addr(&self) -> Option<(u64, String)> {
         let metrics = self.inner.raft.metrics();
         let m = metrics.borrow();
@@ -649,10 +645,10 @@ impl Store {
         Some((id, node.addr.clone()))
     }
 
-    /// Whether this member is the leader, as far as it knows: what [`Store::status`] says,
-    /// without building the whole status (control loops ask every round).
+    /// Whether this member is the leader, as far as it knows; cheap enough for control
+    /// loops to ask every round.
     pub fn leads(&self) -> bool {
-        self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+        self.inner.raft.metrics().borrow().state == ServerState::Leader
     }
 
     /// The revision this member has applied.
@@ -903,7 +899,7 @@ impl Store {
     /// Add a member: as a learner first, so it catches up without holding up writes, then
     /// as a voter. Runs on the leader, wherever this is called.
     pub async fn add_member(&self, id: u64, addr: String) -> Result<(), Error> {
-        if !self.is_leader() {
+        if !self.leads() {
             let (lid, laddr) = self.wait_leader().await?;
             if lid != self.inner.id {
                 return match self
@@ -943,7 +939,7 @@ impl Store {
 
     /// Remove a member from the cluster.
     pub async fn remove_member(&self, id: u64) -> Result<(), Error> {
-        if !self.is_leader() {
+        if !self.leads() {
             let (lid, laddr) = self.wait_leader().await?;
             if lid != self.inner.id {
                 return match self

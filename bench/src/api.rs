@@ -304,12 +304,27 @@ where
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             fut.await?;
-            anyhow::Ok(t.elapsed())
+            anyhow::Ok((t - t0, t.elapsed()))
         }));
     }
     let mut lat = Vec::with_capacity(total);
+    let mut trace = String::new();
     for t in tasks {
-        lat.push(t.await??);
+        let (at, l) = t.await??;
+        trace.push_str(&format!("{} {}\n", at.as_micros(), l.as_micros()));
+        lat.push(l);
+    }
+    // `OUTPOST_BENCH_PACED=FILE` appends each paced load: a header with the wall-clock start
+    // in µs since the epoch, then one line per request with its start offset and latency in
+    // µs, so that a tail can be lined up with the members' logs (`OUTPOST_BENCH_LOGS`).
+    if let Some(p) = std::env::var_os("OUTPOST_BENCH_PACED") {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let start = since.saturating_sub(t0.elapsed()).as_micros();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)?;
+        std::io::Write::write_all(&mut f, format!("--- {start}\n{trace}").as_bytes())?;
     }
     let achieved = total as f64 / t0.elapsed().as_secs_f64();
     lat.sort();

@@ -116,7 +116,7 @@ impl StateMachine {
         fs::create_dir_all(&snap_dir).map_err(|e| Error::io(&snap_dir, e))?;
         let shared = Arc::new(Shared {
             db: db.clone(),
-            kv: db.keyspace("kv", super::keyspace_options)?,
+            kv: db.keyspace("kv", super::kv_options)?,
             history: db.keyspace("history", super::append_options)?,
             meta: db.keyspace("sm_meta", super::keyspace_options)?,
             snap_dir,

@@ -578,6 +578,10 @@ async fn main() -> anyhow::Result<()> {
                 f.writes_per_pod
             );
             println!(
+                "  CPU per burst pod                 {:>8.2} ms control plane, {:.2} ms agent",
+                f.control_ms_per_pod, f.agent_ms_per_pod
+            );
+            println!(
                 "  agent RSS idle                    {:>8.1} MB   (target <= 15)",
                 f.rss_idle_mb
             );

@@ -52,6 +52,10 @@ pub struct Figures {
     pub burst_per_s: f64,
     /// Store revisions per burst pod, from the first create until every pod has ended.
     pub writes_per_pod: f64,
+    /// CPU time per burst pod over the same span, of the control plane and of the agent:
+    /// steadier than starts/s, which swings with what else the two vCPUs are doing.
+    pub control_ms_per_pod: f64,
+    pub agent_ms_per_pod: f64,
     pub rss_idle_mb: f64,
     pub rss_100_mb: f64,
     pub peer_p50_ms: Option<f64>,
@@ -102,6 +106,21 @@ pub(crate) async fn wait(
             _ => bail!("{name} did not reach {phases:?} within 30 s"),
         }
     }
+}
+
+/// CPU time (user and system) that process `pid` has used, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // In clock ticks of USER_HZ, which Linux fixes at 100 for /proc on x86 and arm.
+    f.iter().sum::<f64>() * 10.0
 }
 
 /// The store's revision now, from a list's resourceVersion.
@@ -175,7 +194,7 @@ pub(crate) fn spawn_node(cmd: &mut Command) -> anyhow::Result<Child> {
 /// Fields drop in order: the agent, then the control plane, then their files.
 pub(crate) struct Cluster {
     agent: Agent,
-    _members: Vec<super::api::Member>,
+    members: Vec<super::api::Member>,
     pub(crate) api: String,
     pub(crate) c: reqwest::Client,
     pub(crate) root: tempfile::TempDir,
@@ -250,7 +269,7 @@ impl Cluster {
             api,
             c,
             agent,
-            _members: ms,
+            members: ms,
         })
     }
 
@@ -328,6 +347,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         }
     }
     let rev0 = revision(&c, &api).await?;
+    let control_pid = cl.members[0].child.id();
+    let cpu0 = (cpu_ms(control_pid), cpu_ms(agent.0.id()));
     let t0 = Instant::now();
     let names: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
     let creates = futures::stream::iter(names.clone())
@@ -383,6 +404,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let writes_per_pod = (revision(&c, &api).await? - rev0) as f64 / burst as f64;
+    let control_ms_per_pod = (cpu_ms(control_pid) - cpu0.0) / burst as f64;
+    let agent_ms_per_pod = (cpu_ms(agent.0.id()) - cpu0.1) / burst as f64;
     let peer = tokio::task::block_in_place(|| {
         let f = root.join("hello.wasm");
         std::fs::write(&f, example("hello")?)?;
@@ -395,6 +418,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         burst,
         burst_per_s: burst as f64 / burst_s,
         writes_per_pod,
+        control_ms_per_pod,
+        agent_ms_per_pod,
         rss_idle_mb: rss_idle,
         rss_100_mb: rss_100,
         peer_p50_ms: peer,

@@ -289,6 +289,77 @@ async fn lines(
     Ok(out)
 }
 
+/// A watch without selectors sends each change as stored (spliced, not decoded); a watch
+/// whose selector matches everything decodes each. Both see the same events: types, objects
+/// and resourceVersions.
+#[tokio::test]
+async fn watches_with_and_without_selectors_agree() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (store, app) = setup(dir.path(), Compaction::Revisions(1000)).await?;
+    let cms = "/api/v1/namespaces/default/configmaps";
+    let (code, o) = call(
+        &app,
+        "POST",
+        cms,
+        None,
+        json!({"metadata": {"name": "w", "labels": {"all": "yes"}}, "data": {"k": "v\"}{"}})
+            .to_string(),
+    )
+    .await?;
+    assert_eq!(code, StatusCode::CREATED);
+    let from = o["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("")
+        .parse::<u64>()?
+        - 1;
+    let (code, _) = call(
+        &app,
+        "PATCH",
+        &format!("{cms}/w"),
+        Some("application/merge-patch+json"),
+        json!({"data": {"k": "changed"}}).to_string(),
+    )
+    .await?;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = call(&app, "DELETE", &format!("{cms}/w"), None, "").await?;
+    assert_eq!(code, StatusCode::OK);
+    let plain = lines(
+        &app,
+        &format!("{cms}?watch=true&resourceVersion={from}"),
+        |e| e.len() >= 3,
+    )
+    .await?;
+    let selected = lines(
+        &app,
+        &format!("{cms}?watch=true&resourceVersion={from}&labelSelector=all%3Dyes"),
+        |e| e.len() >= 3,
+    )
+    .await?;
+    let types: Vec<&str> = plain
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["ADDED", "MODIFIED", "DELETED"]);
+    assert_eq!(plain, selected);
+    let rvs: Vec<u64> = plain
+        .iter()
+        .map(|e| {
+            e["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(
+        rvs[0] > from && rvs[0] < rvs[1] && rvs[1] < rvs[2],
+        "{rvs:?}"
+    );
+    assert_eq!(plain[0]["object"]["data"]["k"], "v\"}{");
+    assert_eq!(plain[1]["object"]["data"]["k"], "changed");
+    store.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn watch_resumes_bookmarks_and_expires() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

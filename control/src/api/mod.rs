@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod outpost;
 pub mod patch;
 pub mod proto;
+mod raw;
 pub mod resources;
 mod rest;
 pub mod select;

@@ -17,7 +17,7 @@ use super::error::{ApiError, Cause};
 use super::resources::{self, Resource, Sub};
 use super::select::{Fields, Labels};
 use super::table::{self, Include};
-use super::{admit, openapi, patch, ssa, Api, Query, Target};
+use super::{admit, openapi, patch, raw, ssa, Api, Query, Target};
 use crate::store::{Consistency, WatchItem};
 
 pub fn now() -> String {
@@ -736,6 +736,8 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
     let prefix = res.prefix(ctx.ns.as_deref());
     let inc = include(&ctx.q);
     let api_version = res.api_version();
+    // Every change is sent as stored, so events need no decoding.
+    let whole = !table && labels.is_empty() && fields.is_empty();
     tokio::spawn(async move {
         let mut headers = true;
         let mut wrap = |o: Value| -> Value {
@@ -787,6 +789,15 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
                 }
                 WatchItem::Revision(r) => {
                     for ev in &r.events {
+                        if whole {
+                            let line = raw_line(&ev.kind, &ev.kv, ev.prev.as_ref(), r.revision);
+                            if let Some(line) = line {
+                                if tx.send(Ok(line)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
                         let Some((kind, obj)) = event(
                             &ev.kind,
                             &ev.kv,
@@ -813,6 +824,34 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
         axum::http::HeaderValue::from_static(ct),
     );
     Ok(r)
+}
+
+/// The watch line of a store change for a watch without selectors, spliced from the stored
+/// bytes: what [`event`] gives for such a watch, without decoding. `None` when the stored
+/// object is not one that [`raw::with_rv`] takes.
+fn raw_line(
+    kind: &EventKind,
+    kv: &KeyValue,
+    prev: Option<&KeyValue>,
+    revision: u64,
+) -> Option<Bytes> {
+    let (kind, obj) = match kind {
+        EventKind::Put => (
+            if prev.is_some() { "MODIFIED" } else { "ADDED" },
+            raw::with_rv(&kv.value, kv.mod_revision)?,
+        ),
+        EventKind::Delete => (
+            "DELETED",
+            raw::with_rv(&prev.unwrap_or(kv).value, revision)?,
+        ),
+    };
+    let mut line = Vec::with_capacity(obj.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(&obj);
+    line.extend_from_slice(b"}\n");
+    Some(Bytes::from(line))
 }
 
 /// The watch event a store change is, seen through the selectors.

@@ -1,0 +1,224 @@
+//! Stored objects as bytes: putting the resourceVersion into a stored object without decoding
+//! it. Stored JSON leaves `metadata.resourceVersion` out (it is the key's revision), so
+//! serving an object means adding it back; a watch without selectors does only that for each
+//! event and each watcher, and decoding the whole object to a `Value` and encoding it again
+//! for one field was a tenth of the control plane's CPU in a burst of pod starts.
+
+/// `raw`, a stored JSON object, with `"resourceVersion":"rv"` first in its `metadata`.
+/// `None` when `raw` is not an object whose `metadata` is an object without a
+/// resourceVersion, or is malformed; the caller then decodes it.
+pub fn with_rv(raw: &[u8], rv: u64) -> Option<Vec<u8>> {
+    let at = metadata_body(raw)?;
+    let rest = &raw[at..];
+    let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let rv = rv.to_string();
+    let mut out = Vec::with_capacity(raw.len() + rv.len() + 22);
+    out.extend_from_slice(&raw[..at]);
+    out.extend_from_slice(b"\"resourceVersion\":\"");
+    out.extend_from_slice(rv.as_bytes());
+    out.push(b'"');
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// The offset just after the `{` of the top-level `metadata` object, checking on the way
+/// that the whole of `raw` is one well-formed object and that `metadata` has no
+/// resourceVersion.
+fn metadata_body(raw: &[u8]) -> Option<usize> {
+    let mut s = Scan { b: raw, i: 0 };
+    let mut found = None;
+    s.members(|s, key| {
+        if key == b"metadata" && found.is_none() {
+            s.ws();
+            if s.peek()? != b'{' {
+                return None;
+            }
+            let body = s.i + 1;
+            let mut has_rv = false;
+            s.members(|s, k| {
+                has_rv |= k == b"resourceVersion";
+                s.value()
+            })?;
+            if has_rv {
+                return None;
+            }
+            found = Some(body);
+            Some(())
+        } else {
+            s.value()
+        }
+    })?;
+    s.ws();
+    if s.i != raw.len() {
+        return None;
+    }
+    found
+}
+
+/// A cursor over JSON bytes that skips values without building them.
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn ws(&mut self) {
+        while self.b.get(self.i).is_some_and(|c| c.is_ascii_whitespace()) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string's raw contents, escapes left as they are.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        self.eat(b'"')?;
+        let start = self.i;
+        loop {
+            match self.peek()? {
+                b'\\' => self.i += 2,
+                b'"' => {
+                    self.i += 1;
+                    return Some(&self.b[start..self.i - 1]);
+                }
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    /// An object's members, each key handed to `f` with the cursor before its value, which
+    /// `f` must consume.
+    fn members(&mut self, mut f: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.eat(b':')?;
+            f(self, key)?;
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Skips one value: brackets are balanced and strings skipped whole; scalars run to the
+    /// next delimiter.
+    fn value(&mut self) -> Option<()> {
+        self.ws();
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.checked_sub(1)?;
+                            if depth == 0 {
+                                self.i += 1;
+                                return Some(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            b',' | b'}' | b']' | b':' => None,
+            _ => {
+                while self
+                    .peek()
+                    .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+                {
+                    self.i += 1;
+                }
+                Some(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn check(stored: &Value, rv: u64) {
+        let raw = serde_json::to_vec(stored).expect("encode");
+        let out = with_rv(&raw, rv).expect("spliced");
+        let got: Value = serde_json::from_slice(&out).expect("still JSON");
+        let mut want = stored.clone();
+        want["metadata"]["resourceVersion"] = json!(rv.to_string());
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_resource_version_goes_into_metadata_and_nothing_else_changes() {
+        check(
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "labels": {"a": "b"}, "annotations": {"x": "{\"metadata\":{}}"}},
+                "spec": {"containers": [{"name": "c", "args": ["}", "]", "\\\"", "metadata"]}]},
+                "status": {"phase": "Running", "n": 1.5e3, "ok": true, "none": null}}),
+            42,
+        );
+        check(&json!({"metadata": {}}), 7);
+        // A `metadata` deeper down is not the object's.
+        check(
+            &json!({"spec": {"metadata": {"name": "t"}}, "metadata": {"name": "o"}}),
+            9,
+        );
+    }
+
+    #[test]
+    fn spaced_json_is_read_too() {
+        let raw = br#" { "kind" : "X" , "metadata" : { } , "n" : [ 1 , { "a" : "b" } ] } "#;
+        let out = with_rv(raw, 3).expect("spliced");
+        let got: Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(
+            got,
+            json!({"kind": "X", "metadata": {"resourceVersion": "3"}, "n": [1, {"a": "b"}]})
+        );
+    }
+
+    #[test]
+    fn anything_else_is_left_to_the_decoder() {
+        for raw in [
+            &br#"{"metadata":{"resourceVersion":"1"}}"#[..],
+            br#"{"metadata":"x"}"#,
+            br#"{"kind":"X"}"#,
+            br#"[{"metadata":{}}]"#,
+            br#"{"metadata":{}"#,
+            br#"{"metadata":{}} trailing"#,
+            br#"{"metadata":{"a":"unterminated}}"#,
+            br#"{"metadata":{},}"#,
+            br#"{"a":]}"#,
+            b"",
+        ] {
+            assert_eq!(with_rv(raw, 1), None, "{}", String::from_utf8_lossy(raw));
+        }
+    }
+}

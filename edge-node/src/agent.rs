@@ -2491,7 +2491,12 @@ impl Worker {
         let ns = self.pod["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default");
-        let mut out: Vec<(String, String)> = Vec::new();
+        // Service variables first: the container's own env and envFrom override them.
+        let links = self.pod["spec"]["enableServiceLinks"].as_bool() != Some(false);
+        let mut out: Vec<(String, String)> = match &self.agent.services {
+            Some(s) => s.env(ns, links),
+            None => Vec::new(),
+        };
         let mut set = |k: String, v: String| {
             out.retain(|(kk, _)| *kk != k);
             out.push((k, v));

@@ -189,6 +189,20 @@ impl Services {
             .map(|ip| std::net::IpAddr::V4(*ip))
     }
 
+    /// The Service variables of a container in namespace `ns` (see [`service_env`]), from
+    /// the Services this node follows (or has cached, offline).
+    pub fn env(&self, ns: &str, links: bool) -> Vec<(String, String)> {
+        let svcs: Vec<Value> = match self.objects.lock() {
+            Ok(o) => o
+                .iter()
+                .filter(|(k, _)| k.starts_with("services/"))
+                .map(|(_, v)| v.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        service_env(&svcs, ns, links)
+    }
+
     /// Keep the table following the cluster's Services and EndpointSlices while `link`
     /// lasts. Never returns on its own; a failed watch is retried.
     pub async fn follow(self: Arc<Self>, link: Link, cache: Arc<Cache>) {
@@ -478,4 +492,132 @@ async fn node_port_conn(port: Arc<outpost_netd::table::Port>, mut c: TcpStream, 
     port.counters.errors.fetch_add(1, Ordering::Relaxed);
     // Dropping `c` closes it; linger 0 would be kinder to say "refused", but a node port's
     // client has already connected, so a close is what it sees from kube-proxy too.
+}
+
+/// The environment kubelet gives a container for Services (`enableServiceLinks`): for each
+/// Service with a cluster IP in the pod's namespace when `links`, and for `default/kubernetes`
+/// always (a Service of that name in the pod's own namespace wins), `NAME_SERVICE_HOST`,
+/// `NAME_SERVICE_PORT`, `NAME_SERVICE_PORT_PORTNAME` per named port, and the Docker-link
+/// variables `NAME_PORT` and `NAME_PORT_P_PROTO{,_PROTO,_PORT,_ADDR}`. The container's own
+/// `env` and `envFrom` override these.
+pub fn service_env(svcs: &[Value], ns: &str, links: bool) -> Vec<(String, String)> {
+    let mut chosen: std::collections::BTreeMap<&str, &Value> = std::collections::BTreeMap::new();
+    for s in svcs {
+        let (Some(name), Some(sns)) = (
+            s["metadata"]["name"].as_str(),
+            s["metadata"]["namespace"].as_str(),
+        ) else {
+            continue;
+        };
+        if sns == ns && links {
+            chosen.insert(name, s);
+        } else if sns == "default" && name == "kubernetes" {
+            chosen.entry(name).or_insert(s);
+        }
+    }
+    let upper = |s: &str| s.to_ascii_uppercase().replace('-', "_");
+    let mut out = Vec::new();
+    for (name, s) in chosen {
+        let ip = s["spec"]["clusterIP"].as_str().unwrap_or("");
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let ports = s["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let n = upper(name);
+        out.push((format!("{n}_SERVICE_HOST"), ip.to_string()));
+        let port = |p: &Value| p["port"].as_u64().unwrap_or(0).to_string();
+        let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
+        if let Some(first) = ports.first() {
+            out.push((format!("{n}_SERVICE_PORT"), port(first)));
+        }
+        for p in &ports {
+            if let Some(pn) = p["name"].as_str().filter(|x| !x.is_empty()) {
+                out.push((format!("{n}_SERVICE_PORT_{}", upper(pn)), port(p)));
+            }
+        }
+        if let Some(first) = ports.first() {
+            out.push((
+                format!("{n}_PORT"),
+                format!("{}://{ip}:{}", proto(first), port(first)),
+            ));
+        }
+        for p in &ports {
+            let (pr, po) = (proto(p), port(p));
+            let prefix = format!("{n}_PORT_{po}_{}", pr.to_ascii_uppercase());
+            out.push((prefix.clone(), format!("{pr}://{ip}:{po}")));
+            out.push((format!("{prefix}_PROTO"), pr));
+            out.push((format!("{prefix}_PORT"), po));
+            out.push((format!("{prefix}_ADDR"), ip.to_string()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(ns: &str, name: &str, ip: &str, ports: Value) -> Value {
+        json!({"metadata": {"namespace": ns, "name": name},
+               "spec": {"clusterIP": ip, "ports": ports}})
+    }
+
+    #[test]
+    fn service_variables_follow_kubelet() {
+        let svcs = [
+            svc(
+                "default",
+                "kubernetes",
+                "10.96.0.1",
+                json!([{"name": "https", "port": 443, "protocol": "TCP"}]),
+            ),
+            svc(
+                "shop",
+                "web-front",
+                "10.96.0.20",
+                json!([
+                {"name": "http", "port": 80, "protocol": "TCP"},
+                {"name": "dns-udp", "port": 53, "protocol": "UDP"}]),
+            ),
+            svc("shop", "headless", "None", json!([{"port": 80}])),
+            svc("other", "elsewhere", "10.96.0.30", json!([{"port": 80}])),
+        ];
+        let env = service_env(&svcs, "shop", true);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("KUBERNETES_SERVICE_HOST"), Some("10.96.0.1"));
+        assert_eq!(get("KUBERNETES_SERVICE_PORT"), Some("443"));
+        assert_eq!(get("KUBERNETES_SERVICE_PORT_HTTPS"), Some("443"));
+        assert_eq!(get("KUBERNETES_PORT"), Some("tcp://10.96.0.1:443"));
+        assert_eq!(get("WEB_FRONT_SERVICE_HOST"), Some("10.96.0.20"));
+        assert_eq!(get("WEB_FRONT_SERVICE_PORT"), Some("80"));
+        assert_eq!(get("WEB_FRONT_SERVICE_PORT_DNS_UDP"), Some("53"));
+        assert_eq!(get("WEB_FRONT_PORT"), Some("tcp://10.96.0.20:80"));
+        assert_eq!(get("WEB_FRONT_PORT_53_UDP"), Some("udp://10.96.0.20:53"));
+        assert_eq!(get("WEB_FRONT_PORT_53_UDP_PROTO"), Some("udp"));
+        assert_eq!(get("WEB_FRONT_PORT_53_UDP_PORT"), Some("53"));
+        assert_eq!(get("WEB_FRONT_PORT_53_UDP_ADDR"), Some("10.96.0.20"));
+        assert!(
+            env.iter()
+                .all(|(k, _)| !k.starts_with("HEADLESS_") && !k.starts_with("ELSEWHERE_")),
+            "{env:?}"
+        );
+        // Without service links only the API server's Service is there; a Service named
+        // `kubernetes` in the pod's own namespace wins over it.
+        let env = service_env(&svcs, "shop", false);
+        assert!(
+            env.iter().all(|(k, _)| k.starts_with("KUBERNETES_")),
+            "{env:?}"
+        );
+        assert_eq!(env.len(), 8, "{env:?}");
+        let mine = [
+            svc("shop", "kubernetes", "10.96.0.99", json!([{"port": 1}])),
+            svcs[0].clone(),
+        ];
+        let env = service_env(&mine, "shop", true);
+        assert!(
+            env.contains(&("KUBERNETES_SERVICE_HOST".into(), "10.96.0.99".into())),
+            "{env:?}"
+        );
+    }
 }

@@ -170,7 +170,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     assert_eq!(code, 200);
 
     let client = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", \"cat /etc/resolv.conf; wget -q -O - http://hello/by/name\"]\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", \"cat /etc/resolv.conf; env; wget -q -O - http://hello/by/name\"]\n"
     );
     up.kubectl_in(&["apply", "-f", "-"], &client)?
         .expect_ok("apply client")?;
@@ -185,6 +185,25 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     assert!(logs.contains("nameserver 10.96.0.10"), "{logs}");
     assert!(logs.contains("search default.svc.cluster.local"), "{logs}");
     assert!(logs.contains("hello from netd at /by/name"), "{logs}");
+    // kubelet's Service variables, for in-cluster clients and Docker-link style discovery.
+    let api_ip = up
+        .kubectl(&[
+            "get",
+            "service",
+            "kubernetes",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])?
+        .stdout;
+    for line in [
+        format!("KUBERNETES_SERVICE_HOST={api_ip}"),
+        format!("HELLO_SERVICE_HOST={ip}"),
+        "HELLO_SERVICE_PORT_HTTP=80".to_string(),
+        format!("SPREAD_PORT=tcp://{sip}:80"),
+        format!("SPREAD_PORT_80_TCP_ADDR={sip}"),
+    ] {
+        assert!(logs.lines().any(|l| l == line), "{line} missing: {logs}");
+    }
 
     // A Wasm pod's outgoing wasi:http request reaches a Service by its short name.
     let (code, body) = eventually(30, "a Wasm pod fetching http://spread/", || {

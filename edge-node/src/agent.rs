@@ -2124,11 +2124,12 @@ impl Worker {
                 })
                 .unwrap_or_default()
         };
-        let mut args = strings("command");
+        let expand = |a: String| outpost_oci_shim::spec::expand(&a, &env);
+        let mut args: Vec<String> = strings("command").into_iter().map(expand).collect();
         if args.is_empty() {
             args.push(self.name().to_string());
         }
-        args.extend(strings("args"));
+        args.extend(strings("args").into_iter().map(expand));
         let limits = &self.spec["resources"]["limits"];
         let memory = match limits["memory"].as_str() {
             Some(q) => Some(
@@ -2497,10 +2498,10 @@ impl Worker {
             Some(s) => s.env(ns, links),
             None => Vec::new(),
         };
-        let mut set = |k: String, v: String| {
+        fn set(out: &mut Vec<(String, String)>, k: String, v: String) {
             out.retain(|(kk, _)| *kk != k);
             out.push((k, v));
-        };
+        }
         for from in self.spec["envFrom"].as_array().cloned().unwrap_or_default() {
             let prefix = from["prefix"].as_str().unwrap_or("");
             let (kind, r) = if from["configMapRef"].is_object() {
@@ -2512,7 +2513,7 @@ impl Worker {
             match self.agent.object(kind, ns, name).await {
                 Ok(o) => {
                     for (k, v) in data_of(kind, &o) {
-                        set(format!("{prefix}{k}"), v);
+                        set(&mut out, format!("{prefix}{k}"), v);
                     }
                 }
                 Err(_) if r["optional"].as_bool() == Some(true) => {}
@@ -2522,7 +2523,9 @@ impl Worker {
         for e in self.spec["env"].as_array().cloned().unwrap_or_default() {
             let name = e["name"].as_str().unwrap_or("").to_string();
             if let Some(v) = e["value"].as_str() {
-                set(name, v.to_string());
+                // References to variables defined before this one, the kubelet's way.
+                let v = outpost_oci_shim::spec::expand(v, &out);
+                set(&mut out, name, v);
                 continue;
             }
             let vf = &e["valueFrom"];
@@ -2540,7 +2543,7 @@ impl Worker {
                 let optional = r["optional"].as_bool() == Some(true);
                 match self.agent.object(kind, ns, obj).await {
                     Ok(o) => match data_of(kind, &o).into_iter().find(|(k, _)| k == key) {
-                        Some((_, v)) => set(name, v),
+                        Some((_, v)) => set(&mut out, name, v),
                         None if optional => {}
                         None => {
                             return Err(format!(
@@ -2585,7 +2588,7 @@ impl Worker {
                         }
                     }
                 };
-                set(name, v);
+                set(&mut out, name, v);
             } else if vf["resourceFieldRef"].is_object() {
                 return Err(format!(
                     "env {name}: resourceFieldRef is not supported for Wasm pods"

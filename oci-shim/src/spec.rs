@@ -156,8 +156,9 @@ pub fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `$(VAR)` in a command or argument, as the kubelet expands it (`$$` escapes).
-fn expand(s: &str, env: &[(String, String)]) -> String {
+/// `$(VAR)` in a command, an argument or an env value, as the kubelet expands it: the last
+/// `VAR` in `env`, `$$` for a `$`, and a reference to nothing left as written.
+pub fn expand(s: &str, env: &[(String, String)]) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {

@@ -225,7 +225,8 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
             "hello-p2",
             &p2,
             "Never",
-            "    args: [\"as\", \"a\", \"component\"]\n",
+            // `$(VAR)` refers to earlier variables, in env values and in args, as with kubelet.
+            "    env:\n    - name: WHO\n      value: component\n    - name: WHAT\n      value: a $(WHO)\n    args: [\"as\", \"$(WHAT)\", \"$$(WHAT)\", \"$(NOPE)\"]\n",
         ),
     )?
     .expect_ok("apply the component")?;
@@ -236,7 +237,7 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
         .kubectl(&["logs", "hello-p2"])?
         .expect_ok("logs of the component")?;
     assert!(
-        logs.stdout.contains("args: as a component"),
+        logs.stdout.contains("args: as a component $(WHAT) $(NOPE)"),
         "{}",
         logs.stdout
     );

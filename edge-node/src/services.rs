@@ -192,14 +192,18 @@ impl Services {
     /// The Service variables of a container in namespace `ns` (see [`service_env`]), from
     /// the Services this node follows (or has cached, offline).
     pub fn env(&self, ns: &str, links: bool) -> Vec<(String, String)> {
-        let svcs: Vec<Value> = match self.objects.lock() {
-            Ok(o) => o
-                .iter()
-                .filter(|(k, _)| k.starts_with("services/"))
-                .map(|(_, v)| v.clone())
-                .collect(),
-            Err(_) => Vec::new(),
+        let Ok(o) = self.objects.lock() else {
+            return Vec::new();
         };
+        // Only what the variables can come from, rather than every Service of the cluster.
+        let own = format!("services/{ns}/");
+        let svcs: Vec<&Value> = o
+            .iter()
+            .filter(|(k, _)| {
+                (links && k.starts_with(&own)) || k.as_str() == "services/default/kubernetes"
+            })
+            .map(|(_, v)| v)
+            .collect();
         service_env(&svcs, ns, links)
     }
 
@@ -500,9 +504,9 @@ async fn node_port_conn(port: Arc<outpost_netd::table::Port>, mut c: TcpStream, 
 /// `NAME_SERVICE_PORT`, `NAME_SERVICE_PORT_PORTNAME` per named port, and the Docker-link
 /// variables `NAME_PORT` and `NAME_PORT_P_PROTO{,_PROTO,_PORT,_ADDR}`. The container's own
 /// `env` and `envFrom` override these.
-pub fn service_env(svcs: &[Value], ns: &str, links: bool) -> Vec<(String, String)> {
+pub fn service_env(svcs: &[&Value], ns: &str, links: bool) -> Vec<(String, String)> {
     let mut chosen: std::collections::BTreeMap<&str, &Value> = std::collections::BTreeMap::new();
-    for s in svcs {
+    for &s in svcs {
         let (Some(name), Some(sns)) = (
             s["metadata"]["name"].as_str(),
             s["metadata"]["namespace"].as_str(),
@@ -583,7 +587,8 @@ mod tests {
             svc("shop", "headless", "None", json!([{"port": 80}])),
             svc("other", "elsewhere", "10.96.0.30", json!([{"port": 80}])),
         ];
-        let env = service_env(&svcs, "shop", true);
+        let all: Vec<&Value> = svcs.iter().collect();
+        let env = service_env(&all, "shop", true);
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("KUBERNETES_SERVICE_HOST"), Some("10.96.0.1"));
         assert_eq!(get("KUBERNETES_SERVICE_PORT"), Some("443"));
@@ -604,7 +609,7 @@ mod tests {
         );
         // Without service links only the API server's Service is there; a Service named
         // `kubernetes` in the pod's own namespace wins over it.
-        let env = service_env(&svcs, "shop", false);
+        let env = service_env(&all, "shop", false);
         assert!(
             env.iter().all(|(k, _)| k.starts_with("KUBERNETES_")),
             "{env:?}"
@@ -614,7 +619,7 @@ mod tests {
             svc("shop", "kubernetes", "10.96.0.99", json!([{"port": 1}])),
             svcs[0].clone(),
         ];
-        let env = service_env(&mine, "shop", true);
+        let env = service_env(&[&mine[0], &mine[1]], "shop", true);
         assert!(
             env.contains(&("KUBERNETES_SERVICE_HOST".into(), "10.96.0.99".into())),
             "{env:?}"

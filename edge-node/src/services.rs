@@ -195,13 +195,9 @@ impl Services {
         let Ok(o) = self.objects.lock() else {
             return Vec::new();
         };
-        // Only what the variables can come from, rather than every Service of the cluster.
-        let own = format!("services/{ns}/");
         let svcs: Vec<&Value> = o
             .iter()
-            .filter(|(k, _)| {
-                (links && k.starts_with(&own)) || k.as_str() == "services/default/kubernetes"
-            })
+            .filter(|(k, _)| k.starts_with("services/"))
             .map(|(_, v)| v)
             .collect();
         service_env(&svcs, ns, links)
@@ -526,26 +522,24 @@ pub fn service_env(svcs: &[&Value], ns: &str, links: bool) -> Vec<(String, Strin
         if ip.is_empty() || ip == "None" {
             continue;
         }
-        let ports = s["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let ports = s["spec"]["ports"].as_array().map_or(&[][..], Vec::as_slice);
         let n = upper(name);
-        out.push((format!("{n}_SERVICE_HOST"), ip.to_string()));
         let port = |p: &Value| p["port"].as_u64().unwrap_or(0).to_string();
         let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
+        out.push((format!("{n}_SERVICE_HOST"), ip.to_string()));
         if let Some(first) = ports.first() {
             out.push((format!("{n}_SERVICE_PORT"), port(first)));
-        }
-        for p in &ports {
-            if let Some(pn) = p["name"].as_str().filter(|x| !x.is_empty()) {
-                out.push((format!("{n}_SERVICE_PORT_{}", upper(pn)), port(p)));
-            }
-        }
-        if let Some(first) = ports.first() {
             out.push((
                 format!("{n}_PORT"),
                 format!("{}://{ip}:{}", proto(first), port(first)),
             ));
         }
-        for p in &ports {
+        for p in ports {
+            if let Some(pn) = p["name"].as_str().filter(|x| !x.is_empty()) {
+                out.push((format!("{n}_SERVICE_PORT_{}", upper(pn)), port(p)));
+            }
+        }
+        for p in ports {
             let (pr, po) = (proto(p), port(p));
             let prefix = format!("{n}_PORT_{po}_{}", pr.to_ascii_uppercase());
             out.push((prefix.clone(), format!("{pr}://{ip}:{po}")));

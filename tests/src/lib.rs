@@ -22,18 +22,49 @@ pub fn bin(name: &str) -> PathBuf {
         .expect("target directory")
 }
 
+/// A loopback port no other test in this run holds, free for TCP and UDP both (the API's
+/// port also carries the node gateway's QUIC).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free TCP port")
+    reserve_port()
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
+    reserve_port()
+}
+
+/// Ports come from below the kernel's ephemeral range, so no `bind(0)` or outgoing
+/// connection takes one between the test choosing it and its process binding it; a lock
+/// file per port, held until the test process exits, keeps the tests nextest runs side by
+/// side (each in its own process) from choosing the same one. Picking with `bind(0)` and
+/// closing did not: the kernel handed the same port out twice.
+fn reserve_port() -> u16 {
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    let dir = std::env::temp_dir().join("outpost-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock directory");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for i in 0..COUNT {
+        let port = (FIRST + (seed.wrapping_add(i)) % COUNT) as u16;
+        let Ok(file) = std::fs::File::create(dir.join(format!("{port}.lock"))) else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// The logs of starts 1..=`starts` of a process, `DIR/STEM.N`, one after the other.

@@ -1,9 +1,10 @@
 //! `outpost-bench oci`: OCI containers against Debian's `runc`, in the same run.
 //!
 //! Start-to-exit: `/bin/true` from one busybox root file system and one runtime spec (the
-//! spec the node agent writes for such a pod), run by the node agent's own helper
-//! (`outpost-node oci-run`: overlay mount, libcontainer create and start, wait, delete) and by
-//! `runc run`, alternately, each timed from spawn to exit. Then create→Running of an OCI pod
+//! spec the node agent writes for such a pod), run the node agent's way (the bundle written,
+//! an `oci-run` helper forked by the agent's zygote: overlay mount, libcontainer create and
+//! start, wait, delete) and by `runc run`, alternately, each timed from start to the end of
+//! the helper or of runc. Then create→Running of an OCI pod
 //! through the API, scheduler, node link and agent, with the image already on the node.
 
 use std::path::{Path, PathBuf};
@@ -11,18 +12,22 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use outpost_oci_shim::run::Containers;
 use outpost_oci_shim::spec::{runtime_spec, Launch};
 use outpost_oci_shim::store::ImageConfig;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::node::{post, spawn_node, wait, watch_phases, Cluster};
+use super::node::{post, wait, watch_phases, Cluster};
 use super::percentile;
 
 pub struct Figures {
     pub runs: usize,
     pub ours_ms: f64,
     pub ours_p90_ms: f64,
+    /// Until the helper has also deleted the container and unmounted its root.
+    pub cleaned_ms: f64,
+    pub cleaned_p90_ms: f64,
     pub runc_ms: f64,
     pub runc_p90_ms: f64,
     pub first_pod_ms: f64,
@@ -61,7 +66,7 @@ fn spec(lower: &Path) -> anyhow::Result<Value> {
     Ok(runtime_spec(&l, &image, lower)?)
 }
 
-fn start_to_exit(runs: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+async fn start_to_exit(runs: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
     if Command::new("runc").arg("--version").output().is_err() {
         bail!("runc is not installed: OUTPOST_BENCH=1 scripts/setup.sh installs it");
     }
@@ -70,77 +75,70 @@ fn start_to_exit(runs: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> 
     let lower = dir.path().join("lower");
     rootfs(&lower)?;
     let spec = spec(&lower)?;
-    // Ours mounts an overlay of the image at bundle/rootfs, as for every pod; runc runs in the
+    // Ours goes the node agent's way: the bundle written, a helper forked by the zygote, an
+    // overlay of the image mounted at bundle/rootfs as for every pod. runc runs in the
     // image's directory itself, which is the cheaper of the two.
-    let ours = dir.path().join("ours");
-    std::fs::create_dir_all(&ours)?;
-    std::fs::write(ours.join("config.json"), spec.to_string())?;
+    let containers = Containers::new(&dir.path().join("ours"), &node_bin);
     let runc = dir.path().join("runc");
     std::fs::create_dir_all(&runc)?;
     let mut runc_spec = spec.clone();
     runc_spec["root"]["path"] = json!(lower);
     std::fs::write(runc.join("config.json"), runc_spec.to_string())?;
-    let (ours_state, runc_state) = (dir.path().join("ours-state"), dir.path().join("runc-state"));
-    let run_ours = |id: &str| -> anyhow::Result<Duration> {
+    let runc_state = dir.path().join("runc-state");
+    // Two times: until the agent has the outcome, and until the helper has also deleted
+    // the container and unmounted (what `runc run` has done when it exits).
+    let run_ours = async |id: &str| -> anyhow::Result<(Duration, Duration)> {
         let t = Instant::now();
-        let mut child = spawn_node(
-            Command::new(&node_bin)
-                .arg("oci-run")
-                .arg("--root")
-                .arg(&ours_state)
-                .args(["--id", id])
-                .arg("--bundle")
-                .arg(&ours)
-                .arg("--lower")
-                .arg(&lower)
-                // The helper's stdin is its signal line from the agent: open until it exits.
-                .stdin(Stdio::piped()),
-        )?;
-        // `wait` would close a stdin the child still holds.
-        let _signals = child.stdin.take();
-        let status = child.wait()?;
+        let mut running = containers.start(id, &spec, &lower).await?;
+        let out = running.wait().await;
         let took = t.elapsed();
-        let out: Value = serde_json::from_slice(&std::fs::read(ours.join("exit.json"))?)?;
-        if !status.success() || out["exitCode"] != 0 {
-            bail!("outpost-node oci-run: {status}: {out}");
+        running.cleaned().await?;
+        let cleaned = t.elapsed();
+        if out.exit_code != 0 || out.error.is_some() {
+            bail!("the helper: {out:?}");
         }
-        Ok(took)
+        Ok((took, cleaned))
     };
     let run_runc = |id: &str| -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        let out = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_state)
-            .args(["run", "--bundle"])
-            .arg(&runc)
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()?;
-        let took = t.elapsed();
-        if !out.status.success() {
-            bail!("runc run: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(took)
+        tokio::task::block_in_place(|| {
+            let t = Instant::now();
+            let out = Command::new("runc")
+                .arg("--root")
+                .arg(&runc_state)
+                .args(["run", "--bundle"])
+                .arg(&runc)
+                .arg(id)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()?;
+            let took = t.elapsed();
+            if !out.status.success() {
+                bail!("runc run: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(took)
+        })
     };
     for i in 0..3 {
-        run_ours(&format!("warm-{i}"))?;
+        run_ours(&format!("warm-{i}")).await?;
         run_runc(&format!("warm-{i}"))?;
     }
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut c, mut b) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         // Alternate, so both see the same state of the machine.
-        a.push(run_ours(&format!("run-{i}"))?);
+        let (ours, cleaned) = run_ours(&format!("run-{i}")).await?;
+        a.push(ours);
+        c.push(cleaned);
         b.push(run_runc(&format!("run-{i}"))?);
     }
     a.sort();
     b.sort();
-    Ok((a, b))
+    c.sort();
+    Ok([a, c, b])
 }
 
 pub async fn run(runs: usize, pods: usize) -> anyhow::Result<Figures> {
-    let (ours, runc) = tokio::task::block_in_place(|| start_to_exit(runs))?;
+    let [ours, cleaned, runc] = start_to_exit(runs).await?;
     let ms = |d: &[Duration], p: f64| percentile(d, p) / 1000.0;
 
     let reg = tokio::task::block_in_place(outpost_tests::Registry::start)?;
@@ -194,6 +192,8 @@ pub async fn run(runs: usize, pods: usize) -> anyhow::Result<Figures> {
         runs,
         ours_ms: ms(&ours, 0.5),
         ours_p90_ms: ms(&ours, 0.9),
+        cleaned_ms: ms(&cleaned, 0.5),
+        cleaned_p90_ms: ms(&cleaned, 0.9),
         runc_ms: ms(&runc, 0.5),
         runc_p90_ms: ms(&runc, 0.9),
         first_pod_ms: first.as_secs_f64() * 1000.0,

@@ -4,21 +4,24 @@
 //! ([`spec`]), and running containers with youki's libcontainer ([`run`]).
 //!
 //! ```text
-//!  agent (tokio) ── Containers::start ──▶ spawns `<own exe> oci-run` (single-threaded helper)
-//!        ▲  stdout/stderr pipes, exit.json          │ overlay mount, libcontainer build+start,
-//!        └──────────────────────────────────────────┘ waitpid, OOM count, delete, unmount
+//!  agent (tokio) ── Containers::start ──▶ oci-zygote ── fork ──▶ oci-run helper (one thread)
+//!        ▲  stdin socket (signals; its end = exit.json written),  │ overlay mount, libcontainer
+//!        └─ stdout/stderr pipes ───────────────────────────────────┘ build+start, waitpid, OOM
+//!                                                                    count, report, delete
 //! ```
 //!
 //! libcontainer clones the calling process, which is only safe in a process with one thread,
-//! so it never runs inside the agent: each container has its own helper process (the agent's
-//! binary re-executed), and the agent talks to it over pipes. It does not decide which pods
-//! run here or restart them; that is the agent's pod state machine.
+//! so it never runs inside the agent: each container has its own helper process, forked by a
+//! resident single-threaded zygote (the agent's binary started once as `oci-zygote`) rather
+//! than executed afresh, and the agent talks to it over a socket and pipes. It does not
+//! decide which pods run here or restart them; that is the agent's pod state machine.
 
 pub mod registry;
 pub mod run;
 pub mod spec;
 pub mod store;
 pub mod unpack;
+pub mod zygote;
 
 /// What went wrong, grouped by what the caller does: pull errors are retried with back-off
 /// (ErrImagePull), config errors wait for a new spec (CreateContainerConfigError), create

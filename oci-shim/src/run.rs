@@ -1,18 +1,19 @@
 //! Running containers. Two halves, one on each side of a process boundary:
 //!
-//! - [`helper`] is the whole life of one container in a process of its own (the agent's
-//!   binary re-executed as `oci-run`, single-threaded when libcontainer clones): mount the
-//!   root file system (overlayfs over the image, or a copy), create and start the container
-//!   with libcontainer (its stdout and stderr are the helper's), wait for init, count OOM
-//!   kills in its memory cgroup, delete it, unmount, and write the outcome to
-//!   `BUNDLE/exit.json`. A line on the helper's stdin signals the container; the end of
-//!   stdin (the agent is gone) kills it. [`exec`] runs a command inside a running container.
-//! - [`Containers`] is the agent's side: it writes the bundle, spawns the helper and reads
-//!   the outcome, all without blocking a runtime thread.
+//! - [`helper`] is the whole life of one container in a process of its own (an `oci-run`
+//!   helper forked by the agent's [zygote](crate::zygote), single-threaded when
+//!   libcontainer clones): mount the root file system (overlayfs over the image, or a copy),
+//!   create and start the container with libcontainer (its stdout and stderr are the
+//!   helper's), wait for init, count OOM kills in its memory cgroup, write the outcome to
+//!   `BUNDLE/exit.json` and close its stdio (the agent now knows), then delete the
+//!   container and unmount. A line on the helper's stdin (a socket) signals the container;
+//!   the end of stdin (the agent is gone) kills it. [`exec`] runs a command inside a
+//!   running container.
+//! - [`Containers`] is the agent's side: it writes the bundle, has the zygote fork the
+//!   helper and reads the outcome, all without blocking a runtime thread.
 
 #[cfg(feature = "containers")]
 use std::io::BufRead as _;
-#[cfg(feature = "containers")]
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +21,7 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::zygote::Zygote;
 use crate::Error;
 
 /// How a container run ended.
@@ -43,15 +45,15 @@ fn arg(args: &[String], name: &str) -> Result<String, String> {
 }
 
 /// Called first in a binary's `main`: when the process was started as an `oci-run` or
-/// `oci-exec` helper, run it and exit. It must come before any thread starts, since
-/// libcontainer clones the process.
+/// `oci-exec` helper or as the zygote that forks `oci-run` helpers, run it and exit. It must
+/// come before any thread starts, since libcontainer clones the process and the zygote
+/// forks it.
 pub fn dispatch() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args
-        .first()
-        .is_some_and(|a| a == "oci-run" || a == "oci-exec")
-    {
-        std::process::exit(main(&args));
+    match args.first().map(String::as_str) {
+        Some("oci-run" | "oci-exec") => std::process::exit(main(&args)),
+        Some("oci-zygote") => std::process::exit(crate::zygote::serve()),
+        _ => {}
     }
 }
 
@@ -83,10 +85,11 @@ pub fn main(args: &[String]) -> i32 {
                 return 1;
             }
             let outcome = helper(&root, &id, &bundle, &lower);
-            let json = serde_json::to_vec(&outcome).unwrap_or_default();
-            if let Err(e) = std::fs::write(bundle.join("exit.json"), json) {
-                eprintln!("oci-run: writing the outcome: {e}");
-                return 1;
+            if !ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = report(&bundle, &outcome) {
+                    eprintln!("oci-run: writing the outcome: {e}");
+                    return 1;
+                }
             }
             drop(lock);
             0
@@ -115,6 +118,35 @@ pub fn main(args: &[String]) -> i32 {
         }
         _ => 2,
     }
+}
+
+/// Set once the outcome is out: the init it names is reaped, and no signal goes to its pid.
+static ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The agent's stderr, kept by a helper the zygote forked: where the helper's own messages
+/// go once its stderr is no longer the container's.
+pub(crate) static AGENT_STDERR: std::sync::OnceLock<std::os::fd::OwnedFd> =
+    std::sync::OnceLock::new();
+
+/// Tell the agent how the container ended: the outcome in `BUNDLE/exit.json`, then the end
+/// of the helper's stdin socket and of its stdout and stderr, so the agent's wait and log
+/// pumps end now rather than after the cleanup that follows (the bundle stays locked until
+/// that is done).
+fn report(bundle: &Path, outcome: &Outcome) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let json = serde_json::to_vec(outcome).unwrap_or_default();
+    std::fs::write(bundle.join("exit.json"), json)?;
+    ENDED.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Not a socket when the helper was started with a pipe: the agent then waits for the
+    // process to end.
+    let _ = nix::sys::socket::shutdown(0, nix::sys::socket::Shutdown::Both);
+    let quiet = std::fs::File::open("/dev/null")?;
+    let err = AGENT_STDERR
+        .get()
+        .map_or(quiet.as_raw_fd(), |f| f.as_raw_fd());
+    nix::unistd::dup2(quiet.as_raw_fd(), 1)?;
+    nix::unistd::dup2(err, 2)?;
+    Ok(())
 }
 
 /// The memory cgroup's OOM-kill count of `cgroup` (v1 `memory.oom_control`, v2
@@ -183,6 +215,23 @@ fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
     Ok(false)
 }
 
+/// Run `f` (libcontainer's build, which clones the container's processes from this one)
+/// with SIGPIPE at its default, as containers expect it: Rust ignores SIGPIPE in every
+/// binary, and an ignored signal stays ignored across `execve`. The helper goes back to
+/// ignoring it, so a write to an agent that is gone is an error, not its death.
+#[cfg(feature = "containers")]
+#[allow(unsafe_code)]
+fn default_sigpipe<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: dispositions, not handlers, set while the helper has one thread (its signal
+    // thread starts after the container does).
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let out = f();
+    // SAFETY: as above.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+    out
+}
+
 /// One container's whole life; see the module's doc.
 #[cfg(feature = "containers")]
 pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
@@ -234,16 +283,18 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
         ))
     };
     let built = stdio().map_err(|e| e.to_string()).and_then(|(i, o, e)| {
-        ContainerBuilder::new(id.to_string(), SyscallType::Linux)
-            .with_root_path(root)
-            .map(|b| b.with_stdin(i).with_stdout(o).with_stderr(e))
-            .and_then(|b| {
-                b.as_init(bundle)
-                    .with_systemd(false)
-                    .with_detach(true)
-                    .build()
-            })
-            .map_err(|e| e.to_string())
+        default_sigpipe(|| {
+            ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+                .with_root_path(root)
+                .map(|b| b.with_stdin(i).with_stdout(o).with_stderr(e))
+                .and_then(|b| {
+                    b.as_init(bundle)
+                        .with_systemd(false)
+                        .with_detach(true)
+                        .build()
+                })
+        })
+        .map_err(|e| e.to_string())
     });
     let mut container = match built {
         Ok(c) => c,
@@ -281,11 +332,16 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
                 _ if line.trim() == "KILL" => Some(Signal::SIGKILL),
                 _ => None,
             };
+            if ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             if let Some(s) = sig {
                 let _ = kill(pid, s);
             }
         }
-        let _ = kill(pid, Signal::SIGKILL);
+        if !ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
     });
     use nix::sys::wait::{waitpid, WaitStatus};
     let exit_code = loop {
@@ -298,17 +354,20 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
         }
     };
     let _ = std::fs::remove_file(bundle.join(STARTED));
-    let oom_killed = !cgroup.is_empty() && oom_kills(&cgroup) > 0;
-    let _ = container.refresh_status();
-    let deleted = container.delete(true);
-    unmount();
-    Outcome {
+    let outcome = Outcome {
         exit_code,
-        oom_killed,
-        error: deleted
-            .err()
-            .map(|e| format!("deleting the container: {e}")),
+        oom_killed: !cgroup.is_empty() && oom_kills(&cgroup) > 0,
+        error: None,
+    };
+    if let Err(e) = report(bundle, &outcome) {
+        eprintln!("oci-run {id}: writing the outcome: {e}");
     }
+    let _ = container.refresh_status();
+    if let Err(e) = container.delete(true) {
+        eprintln!("oci-run {id}: deleting the container: {e}");
+    }
+    unmount();
+    outcome
 }
 
 /// Run `cmd` inside running container `id`, with this process's stdio; its exit code.
@@ -434,19 +493,21 @@ pub fn unavailable() -> Option<String> {
 }
 
 /// The agent's handle on containers: bundles under `DIR/containers`, libcontainer state
-/// under `DIR/state`, helpers run from `exe`.
+/// under `DIR/state`, helpers forked by a zygote of `exe` (started on first use, and again
+/// if it dies).
 #[derive(Debug, Clone)]
 pub struct Containers {
     dir: PathBuf,
     exe: PathBuf,
+    zygote: std::sync::Arc<std::sync::Mutex<Option<Zygote>>>,
 }
 
-/// A started helper.
+/// A started helper: its stdin is a socket whose far end closes when the helper ends, and
+/// on which the agent writes signals.
 pub struct Running {
-    child: tokio::process::Child,
-    stdin: Option<tokio::process::ChildStdin>,
-    pub stdout: Option<tokio::process::ChildStdout>,
-    pub stderr: Option<tokio::process::ChildStderr>,
+    signals: tokio::net::UnixStream,
+    pub stdout: Option<tokio::net::unix::pipe::Receiver>,
+    pub stderr: Option<tokio::net::unix::pipe::Receiver>,
     bundle: PathBuf,
 }
 
@@ -455,6 +516,7 @@ impl Containers {
         Containers {
             dir: dir.to_path_buf(),
             exe: exe.to_path_buf(),
+            zygote: Default::default(),
         }
     }
 
@@ -512,27 +574,62 @@ impl Containers {
         .await
         .map_err(|e| Error::Create(e.to_string()))?
         .map_err(|e| Error::io(bundle.display(), e))?;
-        let mut child = tokio::process::Command::new(&self.exe)
-            .arg("oci-run")
-            .arg("--root")
-            .arg(self.state())
-            .arg("--id")
-            .arg(id)
-            .arg("--bundle")
-            .arg(&bundle)
-            .arg("--lower")
-            .arg(lower)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| Error::Create(format!("starting {}: {e}", self.exe.display())))?;
+        let utf8 = |p: &Path| {
+            p.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::Create(format!("{} is not UTF-8", p.display())))
+        };
+        let args = vec![
+            "oci-run".to_string(),
+            "--root".into(),
+            utf8(&self.state())?,
+            "--id".into(),
+            id.into(),
+            "--bundle".into(),
+            utf8(&bundle)?,
+            "--lower".into(),
+            utf8(lower)?,
+        ];
+        let io = |e: std::io::Error| Error::Create(format!("starting the helper: {e}"));
+        let (signals, their_signals) = std::os::unix::net::UnixStream::pair().map_err(io)?;
+        let (stdout, their_stdout) = std::io::pipe().map_err(io)?;
+        let (stderr, their_stderr) = std::io::pipe().map_err(io)?;
+        let (zygote, exe) = (self.zygote.clone(), self.exe.clone());
+        tokio::task::spawn_blocking(move || {
+            let stdio = [
+                their_signals.as_fd(),
+                their_stdout.as_fd(),
+                their_stderr.as_fd(),
+            ];
+            let mut z = zygote.lock().unwrap_or_else(|e| e.into_inner());
+            // A zygote that died (or was killed) is replaced once.
+            let mut last = None;
+            for _ in 0..2 {
+                if z.is_none() {
+                    *z = Some(Zygote::spawn(&exe)?);
+                }
+                match z.as_mut().map(|z| z.fork(&args, stdio)) {
+                    Some(Ok(_pid)) => return Ok(()),
+                    Some(Err(e)) => {
+                        *z = None;
+                        last = Some(e);
+                    }
+                    None => {}
+                }
+            }
+            Err(last.unwrap_or_else(|| std::io::Error::other("no zygote")))
+        })
+        .await
+        .map_err(|e| Error::Create(e.to_string()))?
+        .map_err(|e| Error::Create(format!("starting the helper ({}): {e}", self.exe.display())))?;
+        signals.set_nonblocking(true).map_err(io)?;
+        let pipe = |r: std::io::PipeReader| {
+            tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(r))
+        };
         Ok(Running {
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
-            child,
+            signals: tokio::net::UnixStream::from_std(signals).map_err(io)?,
+            stdout: Some(pipe(stdout).map_err(io)?),
+            stderr: Some(pipe(stderr).map_err(io)?),
             bundle,
         })
     }
@@ -587,20 +684,29 @@ impl Running {
     /// Send signal `sig` to the container's init (`kill` sends SIGKILL).
     pub async fn signal(&mut self, sig: i32, kill: bool) {
         use tokio::io::AsyncWriteExt as _;
-        if let Some(s) = self.stdin.as_mut() {
-            let line = if kill {
-                "KILL\n".to_string()
-            } else {
-                format!("TERM {sig}\n")
-            };
-            let _ = s.write_all(line.as_bytes()).await;
-            let _ = s.flush().await;
-        }
+        let line = if kill {
+            "KILL\n".to_string()
+        } else {
+            format!("TERM {sig}\n")
+        };
+        let _ = self.signals.write_all(line.as_bytes()).await;
     }
 
-    /// Wait for the helper, then read how the container ended.
+    /// Wait until the helper has cleaned up after the container (it holds the bundle's lock
+    /// until then), after [`Running::wait`].
+    pub async fn cleaned(&self) -> std::io::Result<()> {
+        let lock = self.bundle.join(LOCK);
+        tokio::task::spawn_blocking(move || std::fs::File::open(lock)?.lock())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Wait until the helper says how the container ended (or ends without saying), then
+    /// read the outcome.
     pub async fn wait(&mut self) -> Outcome {
-        let status = self.child.wait().await;
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 64];
+        while let Ok(1..) = self.signals.read(&mut buf).await {}
         let path = self.bundle.join("exit.json");
         let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
         match read {
@@ -611,7 +717,7 @@ impl Running {
             }),
             _ => Outcome {
                 exit_code: 128,
-                error: Some(format!("the container's helper died ({status:?})")),
+                error: Some("the container's helper died before saying how it ended".into()),
                 ..Outcome::default()
             },
         }

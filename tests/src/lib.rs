@@ -67,6 +67,23 @@ fn reserve_port() -> u16 {
     panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
+/// The ids of `parent`'s child processes whose command line contains `word`.
+pub fn children_running(parent: u32, word: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            status
+                .lines()
+                .any(|l| l.strip_prefix("PPid:").map(str::trim) == Some(&parent.to_string()))
+                && String::from_utf8_lossy(&cmdline).contains(word)
+        })
+        .collect()
+}
+
 /// The logs of starts 1..=`starts` of a process, `DIR/STEM.N`, one after the other.
 fn numbered_logs(dir: &Path, stem: &str, starts: u32) -> String {
     (1..=starts)
@@ -594,6 +611,11 @@ impl Up {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.launch()
+    }
+
+    /// The `outpost up` process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill(&mut self) {

@@ -64,7 +64,7 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
             "hello",
             &image,
             "Never",
-            r#"["sh", "-c", "echo hello from $GREETING $FROM_IMAGE; id -u; cat /etc/hostname; ls /"]"#,
+            r#"["sh", "-c", "echo hello from $GREETING $FROM_IMAGE; id -u; cat /etc/hostname; ls /; grep SigIgn /proc/self/status"]"#,
             "    env:\n    - name: GREETING\n      value: busybox\n",
         ),
     )?
@@ -77,6 +77,12 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     assert!(logs.lines().any(|l| l == "0"), "runs as root: {logs}");
     assert!(logs.lines().any(|l| l == "hello"), "pod hostname: {logs}");
     assert!(logs.contains("busybox") && logs.contains("proc"), "{logs}");
+    // SIGPIPE (bit 12) at its default, as under runc, though the agent ignores it.
+    let ignored = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+    assert_eq!(ignored.map(|m| m & (1 << 12)), Some(0), "{logs}");
     assert_eq!(terminated(&up, "hello")?, "Completed 0");
     let id = up.wait_field(
         5,
@@ -97,6 +103,14 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         "{events}"
     );
 
+    // Containers are forked by the agent's zygote; one killed is replaced at the next start.
+    let up_pid = up.pid().expect("outpost up runs");
+    let zygotes = outpost_tests::children_running(up_pid, "oci-zygote");
+    assert_eq!(zygotes.len(), 1, "one zygote: {zygotes:?}");
+    std::process::Command::new("kill")
+        .args(["-9", &zygotes[0].to_string()])
+        .status()?;
+
     // A non-zero exit is the container's exit code, its stderr in the logs.
     up.kubectl_in(
         &["apply", "-f", "-"],
@@ -113,6 +127,11 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     up.wait_field(10, &["pod", "fails"], "{.status.phase}", |p| p == "Failed")?;
     let logs = up.kubectl(&["logs", "fails"])?.expect_ok("logs")?.stdout;
     assert!(logs.contains("bye"), "{logs}");
+    let now = outpost_tests::children_running(up_pid, "oci-zygote");
+    assert!(
+        now.len() == 1 && now != zygotes,
+        "a new zygote: {now:?}, was {zygotes:?}"
+    );
 
     // The image's own command; kubectl exec into it.
     up.kubectl(&["run", "box", &format!("--image={image}")])?

@@ -910,7 +910,8 @@ impl Agent {
                     break;
                 }
             }
-            // Every container has ended: the pod's network goes.
+            // Every container has ended: the pod's network goes, and its cgroup once the
+            // helpers have removed their containers' own.
             if let (Some(_), Some(pn)) = (net.get(), me.net.clone()) {
                 let (uid, mark) = (uid.clone(), me.dir.join("net").join(&uid));
                 let _ = tokio::task::spawn_blocking(move || {
@@ -918,6 +919,16 @@ impl Agent {
                     let _ = std::fs::remove_file(mark);
                 })
                 .await;
+            }
+            if me.oci.is_ok() {
+                let cgroup = pod_cgroup(&uid);
+                let removed = tokio::task::spawn_blocking(move || {
+                    outpost_oci_shim::run::remove_cgroup(&cgroup, Duration::from_secs(10))
+                })
+                .await;
+                if let Ok(Err(e)) = removed {
+                    tracing::warn!(pod = %name, error = %e, "removing the pod's cgroup");
+                }
             }
             finished_tx.send_replace(true);
         });
@@ -1588,6 +1599,11 @@ fn artifact(cbor: &[u8], module: &str, arch: &str) -> Result<outpost_api::Artifa
 /// path `NS.svc.DOMAIN svc.DOMAIN DOMAIN` and `ndots:5`) for `ClusterFirst` pods with their
 /// own network and `ClusterFirstWithHostNet` ones, the node's for `Default` (and where this
 /// node has no cluster DNS), only `dnsConfig` for `None`; `dnsConfig` adds to any of them.
+/// The cgroup under which a pod's containers get theirs.
+fn pod_cgroup(uid: &str) -> String {
+    format!("/outpost/{uid}")
+}
+
 fn pod_resolv(pod: &Value, host: &str, cluster: Option<&services::Config>) -> String {
     let spec = &pod["spec"];
     let host_net = spec["hostNetwork"].as_bool().unwrap_or(false);
@@ -2211,7 +2227,7 @@ impl Worker {
             .chars()
             .take(63)
             .collect();
-        let cgroup = format!("/outpost/{}/{}", self.uid, self.name());
+        let cgroup = format!("{}/{}", pod_cgroup(&self.uid), self.name());
         let (config_img, rootfs) = (image.config.clone(), image.rootfs.clone());
         let spec = tokio::task::spawn_blocking(move || {
             let l = Launch {

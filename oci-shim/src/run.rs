@@ -477,6 +477,39 @@ pub fn exec(_root: &Path, _id: &str, _cmd: Vec<String>) -> Result<i32, String> {
     Err(NO_CONTAINERS.into())
 }
 
+/// Remove cgroup `path` (`/outpost/POD`, what holds a pod's containers' cgroups) from every
+/// hierarchy under `/sys/fs/cgroup`, waiting up to `wait` for helpers still deleting their
+/// containers' cgroups inside it. libcontainer removes only a container's own cgroup.
+pub fn remove_cgroup(path: &str, wait: std::time::Duration) -> std::io::Result<()> {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|c| c == ".." || c == ".") {
+        return Err(std::io::Error::other(format!("not a cgroup path: {path}")));
+    }
+    let base = Path::new("/sys/fs/cgroup");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(base)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(rel))
+        .collect();
+    dirs.push(base.join(rel));
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        dirs.retain(|d| match std::fs::remove_dir(d) {
+            Ok(()) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound && e.raw_os_error() != Some(20),
+        });
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(std::io::Error::other(format!(
+                "{} still in use",
+                dirs[0].display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
     if !cfg!(feature = "containers") {

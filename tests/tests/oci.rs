@@ -229,6 +229,12 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     assert_eq!(r.stdout.trim(), "0");
     // PID 1 ignores SIGTERM: the end of the grace period the deletion gave (not the pod's
     // 30 s) ends it with SIGKILL.
+    let uid = up
+        .kubectl(&["get", "pod", "box", "-o", "jsonpath={.metadata.uid}"])?
+        .expect_ok("box's uid")?
+        .stdout;
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/pids/outpost").join(uid.trim());
+    assert!(cgroup.is_dir(), "{} while box runs", cgroup.display());
     let t = std::time::Instant::now();
     up.kubectl(&["delete", "pod", "box", "--grace-period=1", "--timeout=20s"])?
         .expect_ok("delete box")?;
@@ -237,6 +243,15 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         "{:?}",
         t.elapsed()
     );
+    // The pod's cgroup goes with it, not only its container's.
+    while cgroup.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "{} left behind",
+            cgroup.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     Ok(())
 }
 

@@ -180,11 +180,21 @@ pub async fn run(runs: usize, pods: usize) -> anyhow::Result<Figures> {
         .await?;
     // The agent removes each pod's network namespace as the pod stops: wait for that, so
     // the machine is left as it was.
+    // Their cgroups too: each left would slow every later cpuset change on the machine.
     let marks = cl.root.path().join("node/net");
+    let cgroups = Path::new("/sys/fs/cgroup/pids/outpost");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&marks).is_ok_and(|mut d| d.next().is_some()) {
+    let left = |d: &Path, dirs: bool| {
+        std::fs::read_dir(d)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| !dirs || e.path().is_dir())))
+    };
+    while left(&marks, false) || left(cgroups, true) {
         if Instant::now() > deadline {
-            bail!("pod networks left in {} after 60 s", marks.display());
+            bail!(
+                "pod networks left in {} or cgroups in {} after 60 s",
+                marks.display(),
+                cgroups.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -235,6 +235,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 in_use: Mutex::new(HashMap::new()),
             }),
     };
+    if oci.is_ok() {
+        // Pod cgroups an agent that died left behind: empty ones go (a pod of this node
+        // that starts a container again makes its own anew).
+        tokio::task::spawn_blocking(|| outpost_oci_shim::run::sweep_cgroups(&pod_cgroup("")));
+    }
     match &oci {
         Err(why) => tracing::warn!(%why, "this node runs Wasm pods only"),
         Ok(_) if !outpost_oci_shim::run::seccomp() => tracing::warn!(

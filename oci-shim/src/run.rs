@@ -510,6 +510,30 @@ pub fn remove_cgroup(path: &str, wait: std::time::Duration) -> std::io::Result<(
     }
 }
 
+/// Remove the empty cgroups directly under `parent` in every hierarchy under
+/// `/sys/fs/cgroup`; those in use stay (the kernel refuses to remove them).
+pub fn sweep_cgroups(parent: &str) {
+    let rel = parent.trim_matches('/');
+    if rel.is_empty() {
+        return;
+    }
+    let base = Path::new("/sys/fs/cgroup");
+    let Ok(hierarchies) = std::fs::read_dir(base) else {
+        return;
+    };
+    let parents = hierarchies
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(rel))
+        .chain([base.join(rel)]);
+    for p in parents {
+        for child in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
+    }
+}
+
 /// Why this machine cannot run OCI containers, if it cannot.
 pub fn unavailable() -> Option<String> {
     if !cfg!(feature = "containers") {

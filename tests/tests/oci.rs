@@ -57,7 +57,7 @@ fn terminated(up: &Up, name: &str) -> anyhow::Result<String> {
 #[test]
 #[ignore = "needs root: OCI containers run through libcontainer"]
 fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
-    let (_reg, image, _dir, up) = cluster()?;
+    let (_reg, image, dir, up) = cluster()?;
     up.kubectl_in(
         &["apply", "-f", "-"],
         &pod(
@@ -137,6 +137,13 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     up.kubectl(&["run", "box", &format!("--image={image}")])?
         .expect_ok("run box")?;
     up.wait_field(60, &["pod", "box"], "{.status.phase}", |p| p == "Running")?;
+    // Its root file system is mounted in its helper's mount namespace, not the host's.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let data = dir.path().display().to_string();
+    assert!(
+        !mounts.contains(&data),
+        "a mount under {data} in the host's namespace:\n{mounts}"
+    );
     let r = up
         .kubectl(&[
             "exec",

@@ -236,9 +236,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }),
     };
     if oci.is_ok() {
-        // Pod cgroups an agent that died left behind: empty ones go (a pod of this node
-        // that starts a container again makes its own anew).
-        tokio::task::spawn_blocking(|| outpost_oci_shim::run::sweep_cgroups(&pod_cgroup("")));
+        // Pod cgroups an agent that died left behind: empty ones go, before any pod starts
+        // (a pod of this node that starts a container again makes its own anew). Another
+        // agent on the machine could lose an empty pod cgroup between libcontainer making
+        // it and the container's inside; that create fails and is retried.
+        let _ =
+            tokio::task::spawn_blocking(|| outpost_oci_shim::run::sweep_cgroups(&pod_cgroup("")))
+                .await;
     }
     match &oci {
         Err(why) => tracing::warn!(%why, "this node runs Wasm pods only"),

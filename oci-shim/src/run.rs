@@ -21,7 +21,7 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::zygote::Zygote;
+use crate::zygote::{Refused, Zygote};
 use crate::Error;
 
 /// How a container run ended.
@@ -60,6 +60,7 @@ pub fn dispatch() {
 /// The entry point of `oci-run` and `oci-exec`, before any thread or runtime starts; what the
 /// process exits with.
 pub fn main(args: &[String]) -> i32 {
+    catch_sigpipe();
     match args.first().map(String::as_str) {
         Some("oci-run") => {
             let parsed = (|| {
@@ -85,7 +86,7 @@ pub fn main(args: &[String]) -> i32 {
                 return 1;
             }
             let outcome = helper(&root, &id, &bundle, &lower);
-            if !ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+            if !ended() {
                 if let Err(e) = report(&bundle, &outcome) {
                     eprintln!("oci-run: writing the outcome: {e}");
                     return 1;
@@ -120,8 +121,18 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-/// Set once the outcome is out: the init it names is reaped, and no signal goes to its pid.
-static ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set (under the lock, before the init is reaped) once the container's init has exited:
+/// the signal thread sends signals only while holding it unset, so no signal can reach a
+/// pid the kernel has handed to another process.
+static ENDED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+fn ended() -> bool {
+    *ENDED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn set_ended() {
+    *ENDED.lock().unwrap_or_else(|e| e.into_inner()) = true;
+}
 
 /// The agent's stderr, kept by a helper the zygote forked: where the helper's own messages
 /// go once its stderr is no longer the container's.
@@ -136,7 +147,7 @@ fn report(bundle: &Path, outcome: &Outcome) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let json = serde_json::to_vec(outcome).unwrap_or_default();
     std::fs::write(bundle.join("exit.json"), json)?;
-    ENDED.store(true, std::sync::atomic::Ordering::SeqCst);
+    set_ended();
     // Not a socket when the helper was started with a pipe: the agent then waits for the
     // process to end.
     let _ = nix::sys::socket::shutdown(0, nix::sys::socket::Shutdown::Both);
@@ -215,21 +226,18 @@ fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
     Ok(false)
 }
 
-/// Run `f` (libcontainer's build, which clones the container's processes from this one)
-/// with SIGPIPE at its default, as containers expect it: Rust ignores SIGPIPE in every
-/// binary, and an ignored signal stays ignored across `execve`. The helper goes back to
-/// ignoring it, so a write to an agent that is gone is an error, not its death.
-#[cfg(feature = "containers")]
+/// SIGPIPE caught by a handler that does nothing, in a helper before libcontainer clones
+/// it: the helper (and its libcontainer processes) get an error from a write to a closed
+/// pipe, as with SIGPIPE ignored, but the handler is reset by `execve`, so the container's
+/// processes start with SIGPIPE at its default, as under runc. (Rust ignores SIGPIPE in
+/// every binary, and an ignored signal stays ignored across `execve`.)
 #[allow(unsafe_code)]
-fn default_sigpipe<T>(f: impl FnOnce() -> T) -> T {
+fn catch_sigpipe() {
+    extern "C" fn nothing(_: nix::libc::c_int) {}
     use nix::sys::signal::{signal, SigHandler, Signal};
-    // SAFETY: dispositions, not handlers, set while the helper has one thread (its signal
-    // thread starts after the container does).
-    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
-    let out = f();
-    // SAFETY: as above.
-    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
-    out
+    // SAFETY: the handler does nothing, so it is async-signal-safe; set while the helper
+    // has one thread.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::Handler(nothing)) };
 }
 
 /// One container's whole life; see the module's doc.
@@ -299,18 +307,16 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
         ))
     };
     let built = stdio().map_err(|e| e.to_string()).and_then(|(i, o, e)| {
-        default_sigpipe(|| {
-            ContainerBuilder::new(id.to_string(), SyscallType::Linux)
-                .with_root_path(root)
-                .map(|b| b.with_stdin(i).with_stdout(o).with_stderr(e))
-                .and_then(|b| {
-                    b.as_init(bundle)
-                        .with_systemd(false)
-                        .with_detach(true)
-                        .build()
-                })
-        })
-        .map_err(|e| e.to_string())
+        ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+            .with_root_path(root)
+            .map(|b| b.with_stdin(i).with_stdout(o).with_stderr(e))
+            .and_then(|b| {
+                b.as_init(bundle)
+                    .with_systemd(false)
+                    .with_detach(true)
+                    .build()
+            })
+            .map_err(|e| e.to_string())
     });
     let mut container = match built {
         Ok(c) => c,
@@ -348,20 +354,23 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
                 _ if line.trim() == "KILL" => Some(Signal::SIGKILL),
                 _ => None,
             };
-            if ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+            let ended = ENDED.lock().unwrap_or_else(|e| e.into_inner());
+            if *ended {
                 return;
             }
             if let Some(s) = sig {
                 let _ = kill(pid, s);
             }
         }
-        if !ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+        let ended = ENDED.lock().unwrap_or_else(|e| e.into_inner());
+        if !*ended {
             let _ = kill(pid, Signal::SIGKILL);
         }
     });
-    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+    // Seen exited but not yet reaped: the pid stays the init's until `ENDED` is set.
     let exit_code = loop {
-        match waitpid(pid, None) {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
             Ok(WaitStatus::Exited(_, c)) => break c,
             Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
             Ok(_) => continue,
@@ -369,6 +378,8 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
             Err(e) => break 128 + e as i32,
         }
     };
+    set_ended();
+    let _ = waitpid(pid, None);
     let _ = std::fs::remove_file(bundle.join(STARTED));
     let outcome = Outcome {
         exit_code,
@@ -675,22 +686,33 @@ impl Containers {
                 their_stderr.as_fd(),
             ];
             let mut z = zygote.lock().unwrap_or_else(|e| e.into_inner());
-            // A zygote that died (or was killed) is replaced once.
-            let mut last = None;
-            for _ in 0..2 {
+            if z.as_mut().is_some_and(|z| !z.alive()) {
+                *z = None;
+            }
+            // A request that never reached the zygote goes to a new one, once; one that
+            // may have started a helper does not (two helpers would run the container), and
+            // the helper, if any, ends with the container when `signals` is dropped.
+            let mut tries = 0;
+            loop {
+                tries += 1;
                 if z.is_none() {
                     *z = Some(Zygote::spawn(&exe)?);
                 }
-                match z.as_mut().map(|z| z.fork(&args, stdio)) {
-                    Some(Ok(_pid)) => return Ok(()),
-                    Some(Err(e)) => {
+                let Some(running) = z.as_mut() else { continue };
+                match running.fork(&args, stdio) {
+                    Ok(_pid) => return Ok(()),
+                    Err(Refused::NotSent(e)) => {
                         *z = None;
-                        last = Some(e);
+                        if tries > 1 {
+                            return Err(e);
+                        }
                     }
-                    None => {}
+                    Err(e) => {
+                        *z = None;
+                        return Err(e.into_io());
+                    }
                 }
             }
-            Err(last.unwrap_or_else(|| std::io::Error::other("no zygote")))
         })
         .await
         .map_err(|e| Error::Create(e.to_string()))?

@@ -23,8 +23,8 @@ use std::process::{Child, Command, Stdio};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recv, recvmsg, send, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
-    MsgFlags, SockFlag, SockType,
+    recv, recvmsg, send, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType,
 };
 
 /// The largest request: a helper's arguments are a few paths.
@@ -46,6 +46,10 @@ impl Zygote {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
+        // A zygote that stops answering must not hold every later container start.
+        let limit = nix::sys::time::TimeVal::new(REPLY_WAIT.as_secs() as i64, 0);
+        setsockopt(&ours, sockopt::ReceiveTimeout, &limit)?;
+        setsockopt(&ours, sockopt::SendTimeout, &limit)?;
         let child = Command::new(exe)
             .arg("oci-zygote")
             .stdin(Stdio::from(theirs))
@@ -54,10 +58,16 @@ impl Zygote {
         Ok(Zygote { sock: ours, child })
     }
 
+    /// Whether the zygote process is still there.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Fork a helper that runs with `args` and has `stdio` as its descriptors 0, 1 and 2;
-    /// its pid.
-    pub fn fork(&mut self, args: &[String], stdio: [BorrowedFd<'_>; 3]) -> std::io::Result<i32> {
-        let body = serde_json::to_vec(args).map_err(std::io::Error::other)?;
+    /// its pid. [`Refused::NotSent`] means no helper can have been forked, so the request
+    /// may go to another zygote; after [`Refused::Unknown`] one may have been.
+    pub fn fork(&mut self, args: &[String], stdio: [BorrowedFd<'_>; 3]) -> Result<i32, Refused> {
+        let body = serde_json::to_vec(args).map_err(|e| Refused::NotSent(e.into()))?;
         let fds = stdio.map(|f| f.as_raw_fd());
         sendmsg::<()>(
             self.sock.as_raw_fd(),
@@ -65,23 +75,48 @@ impl Zygote {
             &[ControlMessage::ScmRights(&fds)],
             MsgFlags::MSG_NOSIGNAL,
             None,
-        )?;
+        )
+        .map_err(|e| Refused::NotSent(e.into()))?;
         let mut reply = [0u8; 512];
         let n = loop {
             match recv(self.sock.as_raw_fd(), &mut reply, MsgFlags::empty()) {
                 Err(Errno::EINTR) => continue,
-                r => break r?,
+                r => break r.map_err(|e| Refused::Unknown(e.into()))?,
             }
         };
         if n == 0 {
-            return Err(std::io::Error::other("the container zygote is gone"));
+            return Err(Refused::Unknown(std::io::Error::other(
+                "the container zygote is gone",
+            )));
         }
         let reply = String::from_utf8_lossy(&reply[..n]);
-        reply
-            .parse()
-            .map_err(|_| std::io::Error::other(format!("the container zygote: {reply}")))
+        reply.parse().map_err(|_| {
+            Refused::Unknown(std::io::Error::other(format!(
+                "the container zygote: {reply}"
+            )))
+        })
     }
 }
+
+/// Why [`Zygote::fork`] gave no pid.
+#[derive(Debug)]
+pub enum Refused {
+    /// The request never reached the zygote.
+    NotSent(std::io::Error),
+    /// It did, and no pid came back: a helper may or may not run.
+    Unknown(std::io::Error),
+}
+
+impl Refused {
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            Refused::NotSent(e) | Refused::Unknown(e) => e,
+        }
+    }
+}
+
+/// How long the agent waits for the zygote to take a request or answer one.
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for Zygote {
     fn drop(&mut self) {

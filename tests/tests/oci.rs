@@ -39,6 +39,29 @@ fn pod(name: &str, image: &str, policy: &str, command: &str, extra: &str) -> Str
     )
 }
 
+/// Whether the `SigIgn:` line of a `/proc/PID/status` in `text` has SIGPIPE (bit 12).
+fn sigpipe_ignored(text: &str) -> Option<bool> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .map(|m| m & (1 << 12) != 0)
+}
+
+/// Pod `name`'s cgroup in the pids hierarchy (cgroup v1) or the unified one (v2).
+fn pod_cgroup(up: &Up, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let uid = up
+        .kubectl(&["get", "pod", name, "-o", "jsonpath={.metadata.uid}"])?
+        .expect_ok("the pod's uid")?
+        .stdout;
+    let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+    let base = if v1.is_dir() {
+        v1
+    } else {
+        std::path::Path::new("/sys/fs/cgroup")
+    };
+    Ok(base.join("outpost").join(uid.trim()))
+}
+
 /// The reason and exit code of pod `name`'s ended container; the pod's description if it
 /// does not end in a minute.
 fn terminated(up: &Up, name: &str) -> anyhow::Result<String> {
@@ -77,12 +100,8 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     assert!(logs.lines().any(|l| l == "0"), "runs as root: {logs}");
     assert!(logs.lines().any(|l| l == "hello"), "pod hostname: {logs}");
     assert!(logs.contains("busybox") && logs.contains("proc"), "{logs}");
-    // SIGPIPE (bit 12) at its default, as under runc, though the agent ignores it.
-    let ignored = logs
-        .lines()
-        .find_map(|l| l.strip_prefix("SigIgn:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
-    assert_eq!(ignored.map(|m| m & (1 << 12)), Some(0), "{logs}");
+    // SIGPIPE at its default, as under runc, though the agent ignores it.
+    assert_eq!(sigpipe_ignored(&logs), Some(false), "{logs}");
     assert_eq!(terminated(&up, "hello")?, "Completed 0");
     let id = up.wait_field(
         5,
@@ -151,10 +170,12 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
             "--",
             "sh",
             "-c",
-            "echo in $(hostname) as $(id -u); ps",
+            "echo in $(hostname) as $(id -u); ps; grep SigIgn /proc/self/status",
         ])?
         .expect_ok("exec")?;
     assert!(r.stdout.contains("in box as 0"), "{}", r.stdout);
+    // Commands run by kubectl exec start with SIGPIPE at its default too.
+    assert_eq!(sigpipe_ignored(&r.stdout), Some(false), "{}", r.stdout);
     assert!(
         r.stdout.contains("sleep 3600"),
         "the pod's own processes: {}",
@@ -236,11 +257,7 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
     assert_eq!(r.stdout.trim(), "0");
     // PID 1 ignores SIGTERM: the end of the grace period the deletion gave (not the pod's
     // 30 s) ends it with SIGKILL.
-    let uid = up
-        .kubectl(&["get", "pod", "box", "-o", "jsonpath={.metadata.uid}"])?
-        .expect_ok("box's uid")?
-        .stdout;
-    let cgroup = std::path::Path::new("/sys/fs/cgroup/pids/outpost").join(uid.trim());
+    let cgroup = pod_cgroup(&up, "box")?;
     assert!(cgroup.is_dir(), "{} while box runs", cgroup.display());
     let t = std::time::Instant::now();
     up.kubectl(&["delete", "pod", "box", "--grace-period=1", "--timeout=20s"])?
@@ -821,5 +838,40 @@ fn oci_pods_reach_beyond_the_node_from_its_address() -> anyhow::Result<()> {
         ip.starts_with("10.88."),
         "the pod has its own address: {ip}"
     );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn a_dead_agent_leaves_no_container_behind() -> anyhow::Result<()> {
+    let (_reg, image, _dir, mut up) = cluster()?;
+    up.kubectl(&["run", "sleeper", &format!("--image={image}")])?
+        .expect_ok("run sleeper")?;
+    up.wait_field(60, &["pod", "sleeper"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let procs = pod_cgroup(&up, "sleeper")?.join("sleeper/cgroup.procs");
+    let pids: Vec<u32> = std::fs::read_to_string(&procs)?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(!pids.is_empty(), "no process in {}", procs.display());
+    let zygotes = outpost_tests::children_running(up.pid().expect("outpost up runs"), "oci-zygote");
+    assert_eq!(zygotes.len(), 1, "{zygotes:?}");
+    // SIGKILL: the agent cannot clean up; its helpers and zygote see their sockets end.
+    up.kill();
+    let t = std::time::Instant::now();
+    let alive = |p: &u32| std::path::Path::new(&format!("/proc/{p}")).exists();
+    while pids.iter().chain(&zygotes).any(alive) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "still running after the agent died: {:?}",
+            pids.iter()
+                .chain(&zygotes)
+                .filter(|p| alive(p))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     Ok(())
 }

@@ -146,10 +146,12 @@ pub(crate) static AGENT_STDERR: std::sync::OnceLock<std::os::fd::OwnedFd> =
 fn report(bundle: &Path, outcome: &Outcome) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let json = serde_json::to_vec(outcome).unwrap_or_default();
-    std::fs::write(bundle.join("exit.json"), json)?;
+    std::fs::write(bundle.join("exit.json"), &json)?;
     set_ended();
-    // Not a socket when the helper was started with a pipe: the agent then waits for the
-    // process to end.
+    // The agent takes the outcome from the socket (sparing it a read of the file). Not a
+    // socket when the helper was started with a pipe: the agent then waits for the process
+    // to end and reads the file.
+    let _ = nix::sys::socket::send(0, &json, nix::sys::socket::MsgFlags::MSG_NOSIGNAL);
     let _ = nix::sys::socket::shutdown(0, nix::sys::socket::Shutdown::Both);
     let quiet = std::fs::File::open("/dev/null")?;
     let err = AGENT_STDERR
@@ -468,6 +470,32 @@ impl Drop for Exec {
     }
 }
 
+/// Ready bundle `b` for a run with runtime spec `config`: a helper of an earlier run (its
+/// agent gone) may still be cleaning up, and is waited for; that run's marks go.
+fn prepare(b: &Path, config: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(b)?;
+    let lock = std::fs::File::create(b.join(LOCK))?;
+    let deadline = std::time::Instant::now() + START_WAIT;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(
+                    "an earlier run of this container is still ending",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+    drop(lock);
+    let _ = std::fs::remove_file(b.join("exit.json"));
+    let _ = std::fs::remove_file(b.join(STARTED));
+    std::fs::write(b.join("config.json"), config)
+}
+
 /// The file in a bundle its helper holds locked while it runs.
 const LOCK: &str = ".lock";
 
@@ -537,8 +565,9 @@ pub fn remove_cgroup(path: &str, wait: std::time::Duration) -> std::io::Result<(
     }
 }
 
-/// Remove the empty cgroups directly under `parent` in every hierarchy under
-/// `/sys/fs/cgroup`; those in use stay (the kernel refuses to remove them).
+/// Remove the empty cgroups under `parent` (pods, and their containers whose helper did not
+/// get to delete them) in every hierarchy under `/sys/fs/cgroup`, children first; those
+/// in use stay (the kernel refuses to remove them).
 pub fn sweep_cgroups(parent: &str) {
     let rel = parent.trim_matches('/');
     if rel.is_empty() {
@@ -552,11 +581,21 @@ pub fn sweep_cgroups(parent: &str) {
         .filter_map(|e| e.ok())
         .map(|e| e.path().join(rel))
         .chain([base.join(rel)]);
+    let dirs = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    };
     for p in parents {
-        for child in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            if child.file_type().is_ok_and(|t| t.is_dir()) {
-                let _ = std::fs::remove_dir(child.path());
+        for pod in dirs(&p) {
+            for container in dirs(&pod) {
+                let _ = std::fs::remove_dir(container);
             }
+            let _ = std::fs::remove_dir(pod);
         }
     }
 }
@@ -593,6 +632,8 @@ pub struct Running {
     pub stdout: Option<tokio::net::unix::pipe::Receiver>,
     pub stderr: Option<tokio::net::unix::pipe::Receiver>,
     bundle: PathBuf,
+    /// What the helper has written on the socket: the outcome, at the end.
+    said: Vec<u8>,
 }
 
 impl Containers {
@@ -625,39 +666,6 @@ impl Containers {
     /// Write `spec` as the bundle of container `id` and start its helper over `lower`.
     pub async fn start(&self, id: &str, spec: &Value, lower: &Path) -> Result<Running, Error> {
         let bundle = self.dir.join("containers").join(id);
-        let (b, s) = (
-            bundle.clone(),
-            serde_json::to_vec_pretty(spec).unwrap_or_default(),
-        );
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&b)?;
-            // A helper of an earlier run (its agent gone) may still be cleaning up: wait.
-            let lock = std::fs::File::create(b.join(LOCK))?;
-            let deadline = std::time::Instant::now() + START_WAIT;
-            loop {
-                match lock.try_lock() {
-                    Ok(()) => break,
-                    Err(std::fs::TryLockError::WouldBlock)
-                        if std::time::Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    Err(std::fs::TryLockError::WouldBlock) => {
-                        return Err(std::io::Error::other(
-                            "an earlier run of this container is still ending",
-                        ))
-                    }
-                    Err(std::fs::TryLockError::Error(e)) => return Err(e),
-                }
-            }
-            drop(lock);
-            let _ = std::fs::remove_file(b.join("exit.json"));
-            let _ = std::fs::remove_file(b.join(STARTED));
-            std::fs::write(b.join("config.json"), s)
-        })
-        .await
-        .map_err(|e| Error::Create(e.to_string()))?
-        .map_err(|e| Error::io(bundle.display(), e))?;
         let utf8 = |p: &Path| {
             p.to_str()
                 .map(str::to_string)
@@ -679,7 +687,14 @@ impl Containers {
         let (stdout, their_stdout) = std::io::pipe().map_err(io)?;
         let (stderr, their_stderr) = std::io::pipe().map_err(io)?;
         let (zygote, exe) = (self.zygote.clone(), self.exe.clone());
+        let (b, config) = (bundle.clone(), serde_json::to_vec(spec).unwrap_or_default());
+        // The bundle and the fork in one trip to the blocking pool: each trip is a thread
+        // wake-up on the way to a container.
         tokio::task::spawn_blocking(move || {
+            prepare(&b, &config).map_err(|e| Error::io(b.display(), e))?;
+            let starting = |e: std::io::Error| {
+                Error::Create(format!("starting the helper ({}): {e}", exe.display()))
+            };
             let stdio = [
                 their_signals.as_fd(),
                 their_stdout.as_fd(),
@@ -696,7 +711,7 @@ impl Containers {
             loop {
                 tries += 1;
                 if z.is_none() {
-                    *z = Some(Zygote::spawn(&exe)?);
+                    *z = Some(Zygote::spawn(&exe).map_err(starting)?);
                 }
                 let Some(running) = z.as_mut() else { continue };
                 match running.fork(&args, stdio) {
@@ -704,19 +719,18 @@ impl Containers {
                     Err(Refused::NotSent(e)) => {
                         *z = None;
                         if tries > 1 {
-                            return Err(e);
+                            return Err(starting(e));
                         }
                     }
                     Err(e) => {
                         *z = None;
-                        return Err(e.into_io());
+                        return Err(starting(e.into_io()));
                     }
                 }
             }
         })
         .await
-        .map_err(|e| Error::Create(e.to_string()))?
-        .map_err(|e| Error::Create(format!("starting the helper ({}): {e}", self.exe.display())))?;
+        .map_err(|e| Error::Create(e.to_string()))??;
         signals.set_nonblocking(true).map_err(io)?;
         let pipe = |r: std::io::PipeReader| {
             tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(r))
@@ -726,6 +740,7 @@ impl Containers {
             stdout: Some(pipe(stdout).map_err(io)?),
             stderr: Some(pipe(stderr).map_err(io)?),
             bundle,
+            said: Vec::new(),
         })
     }
 
@@ -800,8 +815,15 @@ impl Running {
     /// read the outcome.
     pub async fn wait(&mut self) -> Outcome {
         use tokio::io::AsyncReadExt as _;
-        let mut buf = [0u8; 64];
-        while let Ok(1..) = self.signals.read(&mut buf).await {}
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = self.signals.read(&mut buf).await {
+            if self.said.len() < 64 * 1024 {
+                self.said.extend_from_slice(&buf[..n]);
+            }
+        }
+        if let Ok(out) = serde_json::from_slice(&self.said) {
+            return out;
+        }
         let path = self.bundle.join("exit.json");
         let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
         match read {

@@ -929,8 +929,9 @@ impl Agent {
                 })
                 .await;
             }
-            if me.oci.is_ok() {
-                let cgroup = pod_cgroup(&uid);
+            let cgroup = pod_cgroup(&uid);
+            // Only pods that ran a container have one: a Wasm pod pays a stat or three.
+            if me.oci.is_ok() && outpost_oci_shim::run::cgroup_exists(&cgroup) {
                 let removed = tokio::task::spawn_blocking(move || {
                     outpost_oci_shim::run::remove_cgroup(&cgroup, Duration::from_secs(10))
                 })

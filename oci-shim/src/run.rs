@@ -532,6 +532,16 @@ pub fn exec(_root: &Path, _id: &str, _cmd: Vec<String>) -> Result<i32, String> {
     Err(NO_CONTAINERS.into())
 }
 
+/// Whether cgroup `path` exists in the pids or memory hierarchy (cgroup v1) or the unified
+/// one (v2): a few stats of files the kernel keeps in memory, cheap enough for async code.
+pub fn cgroup_exists(path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    let base = Path::new("/sys/fs/cgroup");
+    [base.join("pids"), base.join("memory"), base.to_path_buf()]
+        .iter()
+        .any(|b| b.join(rel).is_dir())
+}
+
 /// Remove cgroup `path` (`/outpost/POD`, what holds a pod's containers' cgroups) from every
 /// hierarchy under `/sys/fs/cgroup`, waiting up to `wait` for helpers still deleting their
 /// containers' cgroups inside it. libcontainer removes only a container's own cgroup.

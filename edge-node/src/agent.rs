@@ -1605,15 +1605,15 @@ fn artifact(cbor: &[u8], module: &str, arch: &str) -> Result<outpost_api::Artifa
     Ok(a)
 }
 
-/// A pod's resolv.conf as kubelet writes it for its `dnsPolicy`: cluster DNS (with the search
-/// path `NS.svc.DOMAIN svc.DOMAIN DOMAIN` and `ndots:5`) for `ClusterFirst` pods with their
-/// own network and `ClusterFirstWithHostNet` ones, the node's for `Default` (and where this
-/// node has no cluster DNS), only `dnsConfig` for `None`; `dnsConfig` adds to any of them.
 /// The cgroup under which a pod's containers get theirs.
 fn pod_cgroup(uid: &str) -> String {
     format!("/outpost/{uid}")
 }
 
+/// A pod's resolv.conf as kubelet writes it for its `dnsPolicy`: cluster DNS (with the search
+/// path `NS.svc.DOMAIN svc.DOMAIN DOMAIN` and `ndots:5`) for `ClusterFirst` pods with their
+/// own network and `ClusterFirstWithHostNet` ones, the node's for `Default` (and where this
+/// node has no cluster DNS), only `dnsConfig` for `None`; `dnsConfig` adds to any of them.
 fn pod_resolv(pod: &Value, host: &str, cluster: Option<&services::Config>) -> String {
     let spec = &pod["spec"];
     let host_net = spec["hostNetwork"].as_bool().unwrap_or(false);

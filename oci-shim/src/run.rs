@@ -86,6 +86,8 @@ pub fn main(args: &[String]) -> i32 {
                 return 1;
             }
             let outcome = helper(&root, &id, &bundle, &lower);
+            // A container that ran to its end was reported by the helper; one that never
+            // started is reported here.
             if !ended() {
                 if let Err(e) = report(&bundle, &outcome) {
                     eprintln!("oci-run: writing the outcome: {e}");
@@ -147,7 +149,6 @@ fn report(bundle: &Path, outcome: &Outcome) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let json = serde_json::to_vec(outcome).unwrap_or_default();
     std::fs::write(bundle.join("exit.json"), &json)?;
-    set_ended();
     // The agent takes the outcome from the socket (sparing it a read of the file). Not a
     // socket when the helper was started with a pipe: the agent then waits for the process
     // to end and reads the file.
@@ -710,32 +711,25 @@ impl Containers {
                 their_stdout.as_fd(),
                 their_stderr.as_fd(),
             ];
-            let mut z = zygote.lock().unwrap_or_else(|e| e.into_inner());
-            if z.as_mut().is_some_and(|z| !z.alive()) {
-                *z = None;
-            }
+            let mut slot = zygote.lock().unwrap_or_else(|e| e.into_inner());
             // A request that never reached the zygote goes to a new one, once; one that
             // may have started a helper does not (two helpers would run the container), and
             // the helper, if any, ends with the container when `signals` is dropped.
-            let mut tries = 0;
+            let mut retry = true;
             loop {
-                tries += 1;
-                if z.is_none() {
-                    *z = Some(Zygote::spawn(&exe).map_err(starting)?);
+                if !slot.as_mut().is_some_and(Zygote::alive) {
+                    *slot = Some(Zygote::spawn(&exe).map_err(starting)?);
                 }
-                let Some(running) = z.as_mut() else { continue };
-                match running.fork(&args, stdio) {
-                    Ok(_pid) => return Ok(()),
-                    Err(Refused::NotSent(e)) => {
-                        *z = None;
-                        if tries > 1 {
-                            return Err(starting(e));
-                        }
-                    }
-                    Err(e) => {
-                        *z = None;
-                        return Err(starting(e.into_io()));
-                    }
+                let Some(z) = slot.as_mut() else { continue };
+                let failed = match z.fork(&args, stdio) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e,
+                };
+                // A zygote that failed (dead, or silent past its time) is not asked again.
+                *slot = None;
+                match failed {
+                    Refused::NotSent(_) if retry => retry = false,
+                    e => return Err(starting(e.into_io())),
                 }
             }
         })

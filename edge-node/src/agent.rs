@@ -124,6 +124,9 @@ pub struct Agent {
     runtime: tokio::sync::OnceCell<Arc<Runtime>>,
     /// Module names lately resolved by the control plane: digest (hex) and when.
     names: Mutex<HashMap<String, (String, Instant)>>,
+    /// Config maps, secrets and claims lately read from the control plane, and when: pods
+    /// started together share one read, as they share a module name's resolution.
+    objects: Mutex<HashMap<String, (Value, Instant)>>,
     /// Made on the first registry pull: most nodes never pull, and a TLS client with its
     /// root store costs memory a board should keep.
     registry: std::sync::OnceLock<registry::Client>,
@@ -153,8 +156,9 @@ struct Oci {
 /// How long an image no container uses stays on the node.
 const IMAGE_IDLE: Duration = Duration::from_secs(3600);
 
-/// How long a module name's resolution serves pods whose pull policy is not `Always`. Like
-/// a tag, a name is asked for when a pod needs it; pods started together (a Deployment
+/// How long a module name's resolution serves pods whose pull policy is not `Always`, and
+/// an object read from the control plane serves the pods that mount it. Like a tag, a name
+/// or a config map is asked for when a pod needs it; pods started together (a Deployment
 /// scaling up, a burst) share one answer instead of asking once each.
 const NAME_MEMO: Duration = Duration::from_secs(1);
 
@@ -281,6 +285,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cache,
         runtime: tokio::sync::OnceCell::new(),
         names: Mutex::default(),
+        objects: Mutex::default(),
         registry: std::sync::OnceLock::new(),
         insecure_registries: cfg.insecure_registries.clone(),
         max_pods: cfg.max_pods,
@@ -342,6 +347,123 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Agent {
+    /// A token of service account `sa` bound to pod `pod` (uid `uid`), as the kubelet asks
+    /// for one for source `t` of volume `vname`. It is kept in the node's cache, so a pod
+    /// restarts with it while the control plane is out of reach; one still in the first 80%
+    /// of its lifetime is used again as it is.
+    async fn token(
+        &self,
+        pod: &Value,
+        uid: &str,
+        t: &Value,
+        vname: &str,
+        path: &str,
+    ) -> Result<String, String> {
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+        let sa = service_account(&pod["spec"]);
+        let key = format!("{vname}/{path}");
+        let cached = self.cache.object(TOKENS, uid, &key);
+        let now = unix_now();
+        if let Some(c) = &cached {
+            if c["refresh"].as_i64().is_some_and(|r| r > now) {
+                if let Some(token) = c["token"].as_str() {
+                    return Ok(token.to_string());
+                }
+            }
+        }
+        let link = self.link.borrow().clone();
+        if let Some(link) = link {
+            let ttl = t["expirationSeconds"].as_i64().unwrap_or(3600);
+            let mut spec = json!({"expirationSeconds": ttl, "boundObjectRef": {
+                "kind": "Pod", "apiVersion": "v1", "name": pod["metadata"]["name"], "uid": uid}});
+            if let Some(a) = t["audience"].as_str().filter(|a| !a.is_empty()) {
+                spec["audiences"] = json!([a]);
+            }
+            let body = json!({"apiVersion": "authentication.k8s.io/v1",
+                              "kind": "TokenRequest", "spec": spec});
+            let at = format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token");
+            let asked = link
+                .call(
+                    "POST",
+                    &at,
+                    Some(("application/json", body.to_string().into_bytes())),
+                )
+                .await;
+            match asked {
+                Ok(a) if a.ok() => {
+                    let answer = a.json();
+                    let Some(token) = answer["status"]["token"].as_str() else {
+                        return Err("the token request had no token".into());
+                    };
+                    let keep = json!({"token": token, "refresh": now + ttl * 8 / 10});
+                    let _ = self.cache.put_object(TOKENS, uid, &key, &keep);
+                    return Ok(token.to_string());
+                }
+                Ok(a) => return Err(format!("service account {ns}/{sa}: {}", a.message())),
+                // Out of reach: the cached token, however old.
+                Err(_) => {}
+            }
+        }
+        cached
+            .and_then(|c| c["token"].as_str().map(String::from))
+            .ok_or_else(|| {
+                format!(
+                    "no token of service account {ns}/{sa} is cached and the control plane is unreachable"
+                )
+            })
+    }
+
+    /// Replace the tokens in running pods' volumes that are past 80% of their lifetime, as
+    /// the kubelet does: a pod that rereads its token file stays signed in.
+    async fn refresh_tokens(&self) {
+        let running: Vec<(String, Value)> = match self.pods.lock() {
+            Ok(p) => p
+                .iter()
+                .filter(|(_, r)| !*r.finished.borrow())
+                .map(|(uid, r)| {
+                    let pod = json!({"metadata": {"name": r.name, "namespace": r.ns},
+                                     "spec": r.spec});
+                    (uid.clone(), pod)
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        let now = unix_now();
+        for (uid, pod) in running {
+            for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+                let vname = v["name"].as_str().unwrap_or("");
+                let dir = self.dir.join("pods").join(&uid).join("volumes").join(vname);
+                for src in v["projected"]["sources"].as_array().into_iter().flatten() {
+                    let t = &src["serviceAccountToken"];
+                    let Some(path) = t["path"].as_str() else {
+                        continue;
+                    };
+                    let due = self
+                        .cache
+                        .object(TOKENS, &uid, &format!("{vname}/{path}"))
+                        .is_some_and(|c| c["refresh"].as_i64().is_none_or(|r| r <= now));
+                    if !due || !dir.is_dir() || path.split('/').any(|p| p == "..") {
+                        continue;
+                    }
+                    match self.token(&pod, &uid, t, vname, path).await {
+                        // Renamed into place: a reader sees the old token or the new one.
+                        Ok(token) => {
+                            let (f, tmp) = (dir.join(path), dir.join(format!(".{path}.new")));
+                            if let Err(e) =
+                                std::fs::write(&tmp, token).and_then(|()| std::fs::rename(&tmp, &f))
+                            {
+                                tracing::warn!(pod = %uid, volume = vname, error = %e, "writing a renewed token");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %uid, volume = vname, error = %e, "renewing a token")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The address the control plane sees this node at; empty before the first session.
     fn host_ip(&self) -> String {
         self.host_ip.lock().map(|h| h.clone()).unwrap_or_default()
@@ -399,6 +521,9 @@ impl Agent {
                     me.maybe_recertify(&link).await;
                     if round % 3 == 0 {
                         me.sweep_storage(&link).await;
+                    }
+                    if round % 6 == 5 {
+                        me.refresh_tokens().await;
                     }
                     tokio::time::sleep(Duration::from_secs(10)).await;
                 }
@@ -835,6 +960,7 @@ impl Agent {
             p.remove(uid);
         }
         let _ = self.cache.remove_pod(uid);
+        let _ = self.cache.remove_objects_in(TOKENS, uid);
         let _ = std::fs::remove_dir_all(self.dir.join("pods").join(uid));
     }
 
@@ -1257,6 +1383,12 @@ impl Agent {
     /// A config map or secret a pod uses: fresh from the control plane when linked, else
     /// from the cache.
     async fn object(&self, kind: &str, ns: &str, name: &str) -> Result<Value, String> {
+        let memo = format!("{kind}/{ns}/{name}");
+        if let Some((v, at)) = self.objects.lock().ok().and_then(|m| m.get(&memo).cloned()) {
+            if at.elapsed() < NAME_MEMO {
+                return Ok(v);
+            }
+        }
         let link = self.link.borrow().clone();
         if let Some(link) = link {
             let path = if ns.is_empty() {
@@ -1268,6 +1400,10 @@ impl Agent {
                 Ok(a) if a.ok() => {
                     let v = a.json();
                     let _ = self.cache.put_object(kind, ns, name, &v);
+                    if let Ok(mut m) = self.objects.lock() {
+                        m.retain(|_, (_, at)| at.elapsed() < NAME_MEMO);
+                        m.insert(memo, (v.clone(), Instant::now()));
+                    }
                     return Ok(v);
                 }
                 Ok(a) if a.status == 404 => {
@@ -2582,38 +2718,7 @@ impl Worker {
                     Err(e) => return Err(e),
                 }
             } else if let Some(path) = vf["fieldRef"]["fieldPath"].as_str() {
-                let ip = self.agent.host_ip();
-                let v = match path {
-                    "metadata.name" => self.pod["metadata"]["name"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_string(),
-                    "metadata.namespace" => ns.to_string(),
-                    "metadata.uid" => self.uid.clone(),
-                    "spec.nodeName" => self.agent.node.clone(),
-                    "spec.serviceAccountName" => self.pod["spec"]["serviceAccountName"]
-                        .as_str()
-                        .unwrap_or("default")
-                        .to_string(),
-                    "status.hostIP" => ip,
-                    "status.podIP" => self.net.get().map_or(ip, |a| a.ip.to_string()),
-                    p => {
-                        let label = p
-                            .strip_prefix("metadata.labels['")
-                            .map(|l| ("labels", l))
-                            .or_else(|| {
-                                p.strip_prefix("metadata.annotations['")
-                                    .map(|a| ("annotations", a))
-                            });
-                        match label.and_then(|(m, k)| Some((m, k.strip_suffix("']")?))) {
-                            Some((m, k)) => self.pod["metadata"][m][k]
-                                .as_str()
-                                .unwrap_or("")
-                                .to_string(),
-                            None => return Err(format!("unsupported fieldRef {p:?}")),
-                        }
-                    }
-                };
+                let v = self.field(path, false)?;
                 set(&mut out, name, v);
             } else if vf["resourceFieldRef"].is_object() {
                 return Err(format!(
@@ -2622,6 +2727,47 @@ impl Worker {
             }
         }
         Ok(out)
+    }
+
+    /// The value of a downward-API `fieldRef`; `maps` allows the whole label and annotation
+    /// maps (a volume's files may hold them, an env var may not).
+    fn field(&self, path: &str, maps: bool) -> Result<String, String> {
+        let m = &self.pod["metadata"];
+        let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+        let ip = || self.agent.host_ip();
+        Ok(match path {
+            "metadata.name" => s(&m["name"]),
+            "metadata.namespace" => m["namespace"].as_str().unwrap_or("default").to_string(),
+            "metadata.uid" => self.uid.clone(),
+            "spec.nodeName" => self.agent.node.clone(),
+            "spec.serviceAccountName" => service_account(&self.pod["spec"]).to_string(),
+            "status.hostIP" => ip(),
+            "status.podIP" => self.net.get().map_or_else(ip, |a| a.ip.to_string()),
+            "metadata.labels" | "metadata.annotations" if maps => {
+                // As the kubelet writes them: `key="value"` lines, sorted by key.
+                let map = m[&path["metadata.".len()..]].as_object();
+                let mut lines: Vec<String> = map
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", Value::String(s(v))))
+                    .collect();
+                lines.sort();
+                lines.join("\n")
+            }
+            p => {
+                let label = p
+                    .strip_prefix("metadata.labels['")
+                    .map(|l| ("labels", l))
+                    .or_else(|| {
+                        p.strip_prefix("metadata.annotations['")
+                            .map(|a| ("annotations", a))
+                    });
+                match label.and_then(|(k, key)| Some((k, key.strip_suffix("']")?))) {
+                    Some((k, key)) => s(&m[k][key]),
+                    None => return Err(format!("unsupported fieldRef {p:?}")),
+                }
+            }
+        })
     }
 
     /// The pod's volumes this container mounts, as preopened directories.
@@ -2671,58 +2817,128 @@ impl Worker {
                     .map_err(|e| format!("volume {vname}: {e}"))?;
                 let ro = ro || v["persistentVolumeClaim"]["readOnly"] == true;
                 out.push((p, guest, !ro));
-            } else if v["configMap"].is_object() || v["secret"].is_object() {
-                let (kind, r, name) = if v["configMap"].is_object() {
-                    (
-                        "configmaps",
-                        &v["configMap"],
-                        v["configMap"]["name"].as_str().unwrap_or(""),
-                    )
-                } else {
-                    (
-                        "secrets",
-                        &v["secret"],
-                        v["secret"]["secretName"].as_str().unwrap_or(""),
-                    )
-                };
-                let data = match self.agent.object(kind, ns, name).await {
-                    Ok(o) => data_of(kind, &o),
-                    Err(_) if r["optional"].as_bool() == Some(true) => Vec::new(),
-                    Err(e) => return Err(e),
-                };
+            } else if ["configMap", "secret", "downwardAPI", "projected"]
+                .iter()
+                .any(|k| v[*k].is_object())
+            {
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).map_err(io)?;
-                let items = r["items"].as_array().cloned().unwrap_or_default();
-                for (k, val) in data {
-                    let path = if items.is_empty() {
-                        Some(k.clone())
-                    } else {
-                        items
-                            .iter()
-                            .find(|i| i["key"] == k.as_str())
-                            .and_then(|i| i["path"].as_str().map(String::from))
-                    };
-                    let Some(path) =
-                        path.filter(|p| !p.split('/').any(|s| s == "..") && !p.starts_with('/'))
-                    else {
-                        continue;
-                    };
-                    let f = dir.join(path);
-                    if let Some(parent) = f.parent() {
-                        std::fs::create_dir_all(parent).map_err(io)?;
-                    }
-                    std::fs::write(&f, val).map_err(io)?;
+                let sources = match v["projected"]["sources"].as_array() {
+                    Some(s) => s.clone(),
+                    None => vec![v.clone()],
+                };
+                for src in &sources {
+                    self.project(&dir, src, vname).await?;
                 }
                 out.push((dir, guest, false));
             } else {
                 return Err(format!(
-                    "volume {vname}: only emptyDir, hostPath, configMap, secret and persistentVolumeClaim volumes are supported"
+                    "volume {vname}: only emptyDir, hostPath, configMap, secret, downwardAPI, projected and persistentVolumeClaim volumes are supported"
                 ));
             }
         }
         Ok(out)
     }
+    /// Write the files of one source of a configMap, secret, downwardAPI or projected
+    /// volume `vname` into `dir`.
+    async fn project(&self, dir: &Path, src: &Value, vname: &str) -> Result<(), String> {
+        let ns = self.pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let mut files: Vec<(String, String)> = Vec::new();
+        if src["configMap"].is_object() || src["secret"].is_object() {
+            let (kind, r) = if src["configMap"].is_object() {
+                ("configmaps", &src["configMap"])
+            } else {
+                ("secrets", &src["secret"])
+            };
+            // A secret volume names its secret `secretName`; a projected source, `name`.
+            let name = r["name"]
+                .as_str()
+                .or(r["secretName"].as_str())
+                .unwrap_or("");
+            let data = match self.agent.object(kind, ns, name).await {
+                Ok(o) => data_of(kind, &o),
+                Err(_) if r["optional"].as_bool() == Some(true) => Vec::new(),
+                Err(e) => return Err(format!("volume {vname}: {e}")),
+            };
+            let items = r["items"].as_array().cloned().unwrap_or_default();
+            for (k, val) in data {
+                let path = if items.is_empty() {
+                    Some(k.clone())
+                } else {
+                    items
+                        .iter()
+                        .find(|i| i["key"] == k.as_str())
+                        .and_then(|i| i["path"].as_str().map(String::from))
+                };
+                if let Some(p) = path {
+                    files.push((p, val));
+                }
+            }
+        } else if src["downwardAPI"].is_object() {
+            for item in src["downwardAPI"]["items"].as_array().into_iter().flatten() {
+                let path = item["path"].as_str().unwrap_or("").to_string();
+                let Some(f) = item["fieldRef"]["fieldPath"].as_str() else {
+                    return Err(format!(
+                        "volume {vname}: downwardAPI item {path:?}: only fieldRef is supported"
+                    ));
+                };
+                let value = self
+                    .field(f, true)
+                    .map_err(|e| format!("volume {vname}: {e}"))?;
+                files.push((path, value));
+            }
+        } else if src["serviceAccountToken"].is_object() {
+            let t = &src["serviceAccountToken"];
+            let path = t["path"].as_str().unwrap_or("token").to_string();
+            let token = self.token(t, vname, &path).await?;
+            files.push((path, token));
+        } else {
+            return Err(format!(
+                "volume {vname}: a projected volume takes configMap, secret, downwardAPI and serviceAccountToken sources"
+            ));
+        }
+        let io = |e: std::io::Error| format!("volume {vname}: {e}");
+        for (path, val) in files {
+            if path.is_empty() || path.starts_with('/') || path.split('/').any(|s| s == "..") {
+                continue;
+            }
+            let f = dir.join(path);
+            if let Some(parent) = f.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&f, val).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// A token of the pod's service account for source `t` of volume `vname`.
+    async fn token(&self, t: &Value, vname: &str, path: &str) -> Result<String, String> {
+        self.agent
+            .token(&self.pod, &self.uid, t, vname, path)
+            .await
+            .map_err(|e| format!("volume {vname}: {e}"))
+    }
 }
+
+/// The service account a pod runs as (`serviceAccount` is its old name).
+fn service_account(spec: &Value) -> &str {
+    spec["serviceAccountName"]
+        .as_str()
+        .or(spec["serviceAccount"].as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The cache's kind for the service-account tokens of pods (named `pod-uid/volume/path`).
+const TOKENS: &str = "tokens";
 
 /// Make sure directory `p` is there: made if `create` (world-writable if `open`, for
 /// containers that may run as any user), else an error if it is missing.

@@ -160,6 +160,22 @@ impl Cache {
             .collect()
     }
 
+    /// Remove every cached object of `kind` in `ns`.
+    pub fn remove_objects_in(&self, kind: &str, ns: &str) -> Result<(), CacheError> {
+        let keys: Vec<_> = self
+            .objects
+            .prefix(format!("{kind}/{ns}/"))
+            .filter_map(|g| g.into_inner().ok().map(|(k, _)| k))
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for k in keys {
+            self.objects.remove(k).map_err(err)?;
+        }
+        self.sync_soon()
+    }
+
     pub fn remove_object(&self, kind: &str, ns: &str, name: &str) -> Result<(), CacheError> {
         let key = format!("{kind}/{ns}/{name}");
         if self.objects.get(&key).map_err(err)?.is_some() {

@@ -132,6 +132,7 @@ fn ended() -> bool {
     *ENDED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+#[cfg(feature = "containers")]
 fn set_ended() {
     *ENDED.lock().unwrap_or_else(|e| e.into_inner()) = true;
 }

@@ -356,11 +356,15 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
         third.logs()
     );
 
-    // A pod pinned to edge-1 runs there, and kubectl logs reaches it through its link.
+    // A pod pinned to edge-1 runs there, and kubectl logs reaches it through its link. It
+    // prints what the ServiceAccount admission mounted for it: a token bound to the pod, the
+    // cluster CA and its namespace.
     let image = push(&up, "hello")?;
     let extra = "  nodeName: edge-1\n";
+    let sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let show = format!("    env:\n    - name: SHOW_FILES\n      value: {sa_dir}/namespace,{sa_dir}/ca.crt,{sa_dir}/token\n");
     let yaml =
-        pod_yaml("on-edge", &image, "Never", "").replace("spec:\n", &format!("spec:\n{extra}"));
+        pod_yaml("on-edge", &image, "Never", &show).replace("spec:\n", &format!("spec:\n{extra}"));
     up.kubectl_in(&["apply", "-f", "-"], &yaml)?
         .expect_ok("apply")?;
     up.wait_field(60, &["pod", "on-edge"], "{.status.phase}", |p| {
@@ -369,6 +373,42 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
     let logs = up.kubectl(&["logs", "on-edge"])?.expect_ok("logs")?;
     assert!(logs.stdout.contains("Hello, edge!"), "{}", logs.stdout);
+    let shown = |f: &str| {
+        logs.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{sa_dir}/{f}: ")))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        shown("namespace").as_deref(),
+        Some("default"),
+        "{}",
+        logs.stdout
+    );
+    assert_eq!(
+        shown("ca.crt").as_deref(),
+        Some("-----BEGIN CERTIFICATE-----"),
+        "{}",
+        logs.stdout
+    );
+    let pod_token = shown("token").unwrap_or_default();
+    assert!(pod_token.starts_with("eyJ"), "{}", logs.stdout);
+    let mounts = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "on-edge",
+            "-o",
+            "jsonpath={.spec.containers[0].volumeMounts[0].mountPath} {.spec.volumes[0].name}",
+        ])?
+        .expect_ok("the pod's token volume")?;
+    assert!(
+        mounts
+            .stdout
+            .starts_with(&format!("{sa_dir} kube-api-access-")),
+        "{}",
+        mounts.stdout
+    );
 
     // The node's own certificate, used against the API: its pods yes, anything else no.
     let pki = edge.dir.join("pki");
@@ -456,6 +496,94 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
         "a node labels its own Node: {}",
         own_label.stderr
     );
+
+    // Tokens: a node gets one only bound to a pod of its own.
+    let unbound = as_node(&["create", "token", "default"])?
+        .expect_err("a node asks for a token bound to nothing")?;
+    assert!(
+        unbound.stderr.contains("must be bound to a pod"),
+        "{}",
+        unbound.stderr
+    );
+    let bound = as_node(&[
+        "create",
+        "token",
+        "default",
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        "on-edge",
+    ])?
+    .expect_ok("a node asks for a token for its pod")?;
+    assert!(bound.stdout.starts_with("eyJ"), "{}", bound.stdout);
+    let elsewhere = as_node(&["create", "token", "default", "-n", "kube-system"])?
+        .expect_err("a node asks for a token where it has no pod")?;
+    assert!(
+        elsewhere
+            .stderr
+            .contains("cannot create serviceaccounts/token \"default\""),
+        "{}",
+        elsewhere.stderr
+    );
+
+    // The pod's token works against the API as the pod's service account, which RBAC
+    // grants nothing; once the pod is gone, the token is refused.
+    let tkc = dir.path().join("token-kubeconfig");
+    std::fs::write(
+        &tkc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: pod\n  user:\n    token: {pod_token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: pod\ncurrent-context: c\n",
+            b64("ca.crt")?
+        ),
+    )?;
+    let as_pod = |args: &[&str]| {
+        outpost_tests::kubectl_with(
+            &outpost_tests::kubectl_bin(None)?,
+            &tkc,
+            &dir.path().join("pod-cache"),
+            args,
+            None,
+        )
+    };
+    let denied = as_pod(&["get", "pods"])?.expect_err("the default account lists pods")?;
+    assert!(
+        denied
+            .stderr
+            .contains("\"system:serviceaccount:default:default\" cannot list"),
+        "{}",
+        denied.stderr
+    );
+    up.kubectl(&["delete", "pod", "on-edge", "--wait=true"])?
+        .expect_ok("delete the pod")?;
+    let stale = as_pod(&["get", "pods"])?.expect_err("the token of a deleted pod")?;
+    assert!(
+        stale.stderr.contains("Unauthorized") || stale.stderr.contains("provide credentials"),
+        "{}",
+        stale.stderr
+    );
+
+    // A pod of a service account that does not exist is refused, as kube-apiserver does;
+    // one that opts out gets no token.
+    let nope = pod_yaml("no-account", &image, "Never", "")
+        .replace("spec:\n", "spec:\n  serviceAccountName: nope\n");
+    let refused = up
+        .kubectl_in(&["apply", "-f", "-"], &nope)?
+        .expect_err("a pod of a missing account")?;
+    assert!(
+        refused
+            .stderr
+            .contains("error looking up service account default/nope"),
+        "{}",
+        refused.stderr
+    );
+    let opt_out = pod_yaml("no-token", &image, "Never", "")
+        .replace("spec:\n", "spec:\n  automountServiceAccountToken: false\n");
+    up.kubectl_in(&["apply", "-f", "-"], &opt_out)?
+        .expect_ok("a pod without a token")?;
+    let vols = up
+        .kubectl(&["get", "pod", "no-token", "-o", "jsonpath={.spec.volumes}"])?
+        .expect_ok("get")?;
+    assert!(vols.stdout.trim().is_empty(), "{}", vols.stdout);
     Ok(())
 }
 

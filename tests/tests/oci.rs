@@ -181,6 +181,24 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         "the pod's own processes: {}",
         r.stdout
     );
+    // The service account's token, CA and namespace, mounted read-only where clients look.
+    let r = up
+        .kubectl(&[
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "cd /var/run/secrets/kubernetes.io/serviceaccount && cat namespace && echo && head -c 3 token && echo && head -1 ca.crt && touch x",
+        ])?
+        .expect_err("writing to the token's volume")?;
+    assert!(
+        r.stdout
+            .starts_with("default\neyJ\n-----BEGIN CERTIFICATE-----\n"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("Read-only file system"), "{}", r.stderr);
     let r = up.kubectl_in(
         &["exec", "-i", "box", "--", "sh", "-c", "cat; exit 7"],
         "from stdin\n",

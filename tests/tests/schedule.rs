@@ -77,9 +77,11 @@ fn pods_follow_taints_selectors_cordons_and_room() -> anyhow::Result<()> {
             .kubectl(&["describe", "pod", "huge"])?
             .expect_ok("describe huge")?
             .stdout;
-        if described.contains("FailedScheduling")
-            && described.contains("QoS Class:       Burstable")
-        {
+        let qos = described.lines().any(|l| {
+            l.strip_prefix("QoS Class:")
+                .is_some_and(|v| v.trim() == "Burstable")
+        });
+        if described.contains("FailedScheduling") && qos {
             break;
         }
         assert!(t.elapsed().as_secs() < 10, "{described}");

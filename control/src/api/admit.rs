@@ -109,6 +109,58 @@ pub fn default_pod_spec(spec: &mut Value, restart: &str) {
     }
 }
 
+/// Where a pod's containers find their service account's token, CA and namespace.
+pub const TOKEN_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The lifetime the ServiceAccount admission asks for; the API server issues tokens asked
+/// with it (and bound to a pod) for a year, as kube-apiserver does with
+/// `--service-account-extend-token-expiration` (its default).
+pub const ADMISSION_TOKEN_TTL: i64 = 3607;
+
+/// The service account a pod runs as (`serviceAccount` is its old name).
+pub fn service_account(spec: &Value) -> &str {
+    spec["serviceAccountName"]
+        .as_str()
+        .or(spec["serviceAccount"].as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
+/// What the ServiceAccount admission adds to a new pod whose token is automounted: the
+/// projected volume `kube-api-access-<suffix>` (token, cluster CA, namespace) mounted
+/// read-only at [`TOKEN_MOUNT`] in every container that mounts nothing there already.
+pub fn mount_token(spec: &mut Value, suffix: &str) {
+    let name = format!("kube-api-access-{suffix}");
+    let mut used = false;
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        let Some(Value::Array(cs)) = obj(spec).get_mut(list) else {
+            continue;
+        };
+        for c in cs {
+            let mounts = obj(c).entry("volumeMounts").or_insert(json!([]));
+            let Value::Array(ms) = mounts else { continue };
+            if ms.iter().any(|m| {
+                m["mountPath"].as_str().map(|p| p.trim_end_matches('/')) == Some(TOKEN_MOUNT)
+            }) {
+                continue;
+            }
+            ms.push(json!({"name": name, "readOnly": true, "mountPath": TOKEN_MOUNT}));
+            used = true;
+        }
+    }
+    if !used {
+        return;
+    }
+    let vols = obj(spec).entry("volumes").or_insert(json!([]));
+    if let Value::Array(vs) = vols {
+        vs.push(json!({"name": name, "projected": {"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": ADMISSION_TOKEN_TTL, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace",
+                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}));
+    }
+}
+
 fn default_template(o: &mut Value, restart: &str) {
     let tpl = child(child(o, "spec"), "template");
     default_pod_spec(child(tpl, "spec"), restart);
@@ -917,6 +969,41 @@ mod tests {
         assert_eq!(s["containers"][0]["ports"][0]["protocol"], "TCP");
         assert_eq!(s["containers"][0]["resources"]["limits"]["cpu"], "1");
         assert!(validate("", "Pod", &p).is_empty());
+    }
+
+    #[test]
+    fn token_volume_goes_where_nothing_is_mounted() {
+        let mut spec = json!({"containers": [
+            {"name": "a", "image": "x"},
+            {"name": "b", "image": "x", "volumeMounts": [{"name": "own", "mountPath": format!("{TOKEN_MOUNT}/")}]}],
+            "initContainers": [{"name": "i", "image": "x"}],
+            "volumes": [{"name": "own", "emptyDir": {}}]});
+        mount_token(&mut spec, "abcde");
+        let vols = spec["volumes"].as_array().unwrap();
+        assert_eq!(vols.len(), 2);
+        assert_eq!(vols[1]["name"], "kube-api-access-abcde");
+        let sources = vols[1]["projected"]["sources"].as_array().unwrap();
+        assert_eq!(sources[0]["serviceAccountToken"]["path"], "token");
+        assert_eq!(sources[1]["configMap"]["name"], "kube-root-ca.crt");
+        assert_eq!(sources[2]["downwardAPI"]["items"][0]["path"], "namespace");
+        for c in [&spec["containers"][0], &spec["initContainers"][0]] {
+            assert_eq!(c["volumeMounts"][0]["mountPath"], TOKEN_MOUNT);
+            assert_eq!(c["volumeMounts"][0]["readOnly"], true);
+        }
+        assert_eq!(
+            spec["containers"][1]["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        // Nobody left to mount it: no volume.
+        let mut taken = json!({"containers": [{"name": "a", "volumeMounts": [
+            {"name": "own", "mountPath": TOKEN_MOUNT}]}]});
+        mount_token(&mut taken, "fghij");
+        assert!(taken["volumes"].is_null());
+        assert_eq!(service_account(&json!({"serviceAccount": "old"})), "old");
+        assert_eq!(service_account(&json!({})), "default");
     }
 
     #[test]

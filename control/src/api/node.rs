@@ -138,6 +138,39 @@ async fn volume_readable(api: &Api, node: &str, name: &str) -> Result<bool, ApiE
     }
 }
 
+/// A token a node asks for (as kube-apiserver's NodeRestriction admits it): bound to a pod
+/// on this node that runs as service account `ns/sa`.
+pub async fn token_request(
+    api: &Api,
+    node: &str,
+    ns: &str,
+    sa: &str,
+    req: &Value,
+) -> Result<(), ApiError> {
+    let deny = |why: String| ApiError::Forbidden {
+        message: format!(
+            "node \"{node}\" cannot request a token for serviceaccount {ns}/{sa}: {why}"
+        ),
+    };
+    let b = &req["spec"]["boundObjectRef"];
+    if b["kind"] != "Pod" {
+        return Err(deny("a node's token must be bound to a pod".into()));
+    }
+    let name = b["name"].as_str().unwrap_or("");
+    let Some(p) = pod(api, ns, name).await? else {
+        return Err(deny(format!("pod \"{name}\" not found")));
+    };
+    if p["spec"]["nodeName"].as_str() != Some(node) {
+        return Err(deny(format!("pod \"{name}\" is not bound to this node")));
+    }
+    if super::admit::service_account(&p["spec"]) != sa {
+        return Err(deny(format!(
+            "pod \"{name}\" runs as another service account"
+        )));
+    }
+    Ok(())
+}
+
 /// Decide a node's request. `fields` is the request's field selector (for lists and
 /// watches of pods).
 pub async fn authorize(
@@ -199,6 +232,13 @@ pub async fn authorize(
         ("", plural @ ("configmaps" | "secrets")) if a.verb == "get" => {
             let secret = plural == "secrets";
             node_pod_in(api, node, &a.namespace, |p| pod_uses(p, secret, &a.name)).await?
+        }
+        // The body (bound to one of the node's pods) is checked by [`token_request`].
+        ("", "serviceaccounts") if a.verb == "create" && sub == "token" => {
+            node_pod_in(api, node, &a.namespace, |p| {
+                super::admit::service_account(&p["spec"]) == a.name
+            })
+            .await?
         }
         ("", "persistentvolumeclaims") if a.verb == "get" => {
             node_pod_in(api, node, &a.namespace, |p| {

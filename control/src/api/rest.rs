@@ -376,6 +376,10 @@ pub(super) async fn serve(
                 super::decode_body(content_type, &body)?
             };
             let sa = get(&ctx, &name).await?;
+            if let Some(node) = super::node::node_name(&ctx.user) {
+                let ns = ctx.ns.as_deref().unwrap_or("default");
+                super::node::token_request(ctx.api, node, ns, &name, &req).await?;
+            }
             let answer = super::token::issue(ctx.api, &sa, &req).await?;
             Ok(respond(StatusCode::CREATED, &answer))
         }
@@ -995,6 +999,41 @@ async fn namespace_ready(ctx: &Ctx<'_>, ns: &str, name: &str) -> Result<(), ApiE
     Ok(())
 }
 
+/// As the ServiceAccount admission plugin, for a new pod: it runs as a service account that
+/// exists, and gets that account's token mounted unless the pod or the account opts out.
+async fn admit_service_account(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
+    let ns = ctx.ns.as_deref().unwrap_or("default");
+    let sa = admit::service_account(&o["spec"]).to_string();
+    let res =
+        resources::find("", "v1", "serviceaccounts").ok_or_else(|| internal("serviceaccounts"))?;
+    let key = res.key(Some(ns), &sa);
+    // A follower may not have applied an account created a moment ago: ask again, through
+    // the leader, before refusing.
+    let mut kv = ctx.api.store.get(&key, Consistency::Serializable).await?;
+    if kv.is_none() {
+        kv = ctx.api.store.get(&key, Consistency::Linearizable).await?;
+    }
+    let Some(kv) = kv else {
+        return Err(ApiError::Forbidden {
+            message: format!(
+                "pods \"{}\" is forbidden: error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found",
+                name_of(o)
+            ),
+        });
+    };
+    let account = from_kv(&kv)?;
+    let spec = &mut o["spec"];
+    spec["serviceAccountName"] = json!(sa);
+    let automount = spec["automountServiceAccountToken"]
+        .as_bool()
+        .or(account["automountServiceAccountToken"].as_bool())
+        .unwrap_or(true);
+    if automount {
+        admit::mount_token(spec, &random_suffix());
+    }
+    Ok(())
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..5)
@@ -1143,6 +1182,9 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     }
     if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
         admit::job_selector(&mut o, &uid);
+    }
+    if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
+        admit_service_account(ctx, &mut o).await?;
     }
     if ctx.res.group.is_empty()
         && matches!(ctx.res.kind, "PersistentVolumeClaim" | "PersistentVolume")
@@ -1635,6 +1677,9 @@ async fn patch_object(
         admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
         if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
             admit::job_selector(&mut o, &uid);
+        }
+        if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
+            admit_service_account(ctx, &mut o).await?;
         }
         if o.get("spec").is_some() {
             meta(&mut o).insert("generation".into(), json!(1));

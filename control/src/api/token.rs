@@ -24,6 +24,8 @@ pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const DEFAULT_TTL: i64 = 3600;
 const MIN_TTL: i64 = 600;
 const MAX_TTL: i64 = 1 << 32;
+/// How long an admission-injected token is valid (see [`issue`]).
+const EXTENDED_TTL: i64 = 365 * 24 * 3600;
 
 /// Signs and checks tokens with one key pair.
 pub struct Signer {
@@ -253,9 +255,18 @@ pub async fn issue(api: &Arc<Api>, sa: &Value, req: &Value) -> Result<Value, Api
         }
         k[kind.to_lowercase()] = json!({"name": bname, "uid": uid});
     }
+    // A token the ServiceAccount admission's volume asked for stays valid for a year (with
+    // the hour past which kube-apiserver would warn), so that a client that never rereads
+    // its token file goes on working; the kubelet still replaces it hourly.
+    let exp = if ttl == super::admit::ADMISSION_TOKEN_TTL && bound["kind"] == "Pod" {
+        k["warnafter"] = json!(now + ttl);
+        now + EXTENDED_TTL
+    } else {
+        now + ttl
+    };
     let claims = json!({
         "aud": audiences, "iss": ISSUER, "sub": format!("system:serviceaccount:{ns}:{name}"),
-        "iat": now, "nbf": now, "exp": now + ttl,
+        "iat": now, "nbf": now, "exp": exp,
         "jti": uuid::Uuid::new_v4().to_string(),
         "kubernetes.io": k,
     });

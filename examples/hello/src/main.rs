@@ -1,6 +1,7 @@
-//! Prints a greeting, its arguments and the environment it was given, then exits 0, or with
-//! `EXIT_CODE` when that is set (only in the Job pod whose `JOB_COMPLETION_INDEX` equals
-//! `EXIT_INDEX`, when that is set too).
+//! Prints a greeting, its arguments and the environment it was given, and each file named
+//! in `SHOW_FILES` (comma-separated paths, for example on a mounted volume), then exits 0,
+//! or with `EXIT_CODE` when that is set (only in the Job pod whose `JOB_COMPLETION_INDEX`
+//! equals `EXIT_INDEX`, when that is set too).
 fn main() {
     let who = std::env::var("GREETING_TARGET").unwrap_or_else(|_| "edge".into());
     println!("Hello, {who}! A Wasm pod on Outpost.");
@@ -10,6 +11,15 @@ fn main() {
     }
     if let Ok(pod) = std::env::var("POD_NAME") {
         println!("pod: {pod}");
+    }
+    for path in std::env::var("SHOW_FILES").unwrap_or_default().split(',') {
+        if path.is_empty() {
+            continue;
+        }
+        match std::fs::read_to_string(path) {
+            Ok(text) => println!("{path}: {text}"),
+            Err(e) => println!("{path}: unreadable: {e}"),
+        }
     }
     let env = |k: &str| std::env::var(k).ok();
     let here = env("EXIT_INDEX").is_none_or(|i| env("JOB_COMPLETION_INDEX") == Some(i));

@@ -116,6 +116,9 @@ struct StatusUpdate {
 
 pub struct Agent {
     dir: PathBuf,
+    /// Pods' configMap, secret, downwardAPI and projected volumes, by pod uid and volume
+    /// name (see [`crate::volatile`]).
+    volatile: PathBuf,
     node: String,
     pki: Pki,
     cache: Arc<Cache>,
@@ -278,8 +281,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         },
     };
+    let (volatile, why) = crate::volatile::dir(&cfg.data_dir);
+    if let Some(why) = why {
+        tracing::info!(reason = %why, dir = %volatile.display(), "volume files are kept on disk, not in memory");
+    }
     let agent = Arc::new(Agent {
         dir: cfg.data_dir.clone(),
+        volatile,
         node,
         pki,
         cache,
@@ -432,7 +440,7 @@ impl Agent {
         for (uid, pod) in running {
             for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
                 let vname = v["name"].as_str().unwrap_or("");
-                let dir = self.dir.join("pods").join(&uid).join("volumes").join(vname);
+                let dir = self.volatile.join(&uid).join(vname);
                 for src in v["projected"]["sources"].as_array().into_iter().flatten() {
                     let t = &src["serviceAccountToken"];
                     let Some(path) = t["path"].as_str() else {
@@ -962,6 +970,7 @@ impl Agent {
         let _ = self.cache.remove_pod(uid);
         let _ = self.cache.remove_objects_in(TOKENS, uid);
         let _ = std::fs::remove_dir_all(self.dir.join("pods").join(uid));
+        let _ = std::fs::remove_dir_all(self.volatile.join(uid));
     }
 
     fn start(self: &Arc<Self>, uid: &str, pod: Value) {
@@ -2821,6 +2830,7 @@ impl Worker {
                 .iter()
                 .any(|k| v[*k].is_object())
             {
+                let dir = self.agent.volatile.join(&self.uid).join(vname);
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).map_err(io)?;
                 let sources = match v["projected"]["sources"].as_array() {

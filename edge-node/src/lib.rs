@@ -4,8 +4,8 @@
 //! control plane ([`link`]), the local cache that lets pods run with no link at all
 //! ([`cache`]), each pod's state machine ([`pod`]), container logs ([`logs`]), and the agent
 //! that reconciles the pods bound to this node with what runs here ([`agent`]), and the
-//! configuration files its binary and the control plane's read ([`conf`]). Wasm pods run
-//! through `outpost-wasm-runtime`.
+//! configuration files its binary and the control plane's read ([`conf`]), and the in-memory
+//! files of its pods' volumes ([`volatile`]). Wasm pods run through `outpost-wasm-runtime`.
 
 pub mod agent;
 pub mod cache;
@@ -16,6 +16,7 @@ pub mod net;
 pub mod pod;
 pub mod probe;
 pub mod services;
+pub mod volatile;
 
 pub use outpost_api::sha256_hex;
 

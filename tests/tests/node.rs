@@ -521,7 +521,7 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
     assert!(
         elsewhere
             .stderr
-            .contains("cannot create serviceaccounts/token \"default\""),
+            .contains("cannot request a token for serviceaccount kube-system/default"),
         "{}",
         elsewhere.stderr
     );

@@ -189,12 +189,13 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
             "--",
             "sh",
             "-c",
-            "cd /var/run/secrets/kubernetes.io/serviceaccount && cat namespace && echo && head -c 3 token && echo && head -1 ca.crt && touch x",
+            "cd /var/run/secrets/kubernetes.io/serviceaccount && cat namespace && echo && head -c 3 token && echo && head -1 ca.crt && grep serviceaccount /proc/mounts | cut -d' ' -f3 && touch x",
         ])?
         .expect_err("writing to the token's volume")?;
+    // In memory, as the kubelet keeps tokens and secrets: never on the node's disk.
     assert!(
         r.stdout
-            .starts_with("default\neyJ\n-----BEGIN CERTIFICATE-----\n"),
+            .starts_with("default\neyJ\n-----BEGIN CERTIFICATE-----\ntmpfs\n"),
         "{}",
         r.stdout
     );

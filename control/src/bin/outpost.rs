@@ -153,13 +153,18 @@ fn kubeconfig_for(
 
 fn main() -> anyhow::Result<()> {
     outpost_oci_shim::run::dispatch();
+    let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Up { .. }) {
+        // The local node's mount namespace: before the runtime's threads.
+        outpost_edge_node::volatile::enter();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve())
+        .block_on(serve(cli))
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -167,7 +172,7 @@ async fn serve() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Up {
             data_dir,
             listen,

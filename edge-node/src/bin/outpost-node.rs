@@ -73,6 +73,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     outpost_oci_shim::run::dispatch();
+    outpost_edge_node::volatile::enter();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -22,16 +22,7 @@ pub fn enter() {
     if !nix::unistd::geteuid().is_root() {
         return;
     }
-    let entered = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .and_then(|()| {
-            nix::mount::mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_SLAVE,
-                None::<&str>,
-            )
-        })
+    let entered = outpost_oci_shim::run::own_mount_namespace()
         .map_err(|e| format!("a mount namespace for the agent: {e}"));
     let _ = ENTERED.set(entered);
 }

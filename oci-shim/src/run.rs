@@ -230,6 +230,19 @@ fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
     Ok(false)
 }
 
+/// Move this process (single-threaded) into a mount namespace of its own, a slave of the one
+/// it was in: mounts made there later still arrive, its own go nowhere else.
+pub fn own_mount_namespace() -> nix::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+}
+
 /// SIGPIPE caught by a handler that does nothing, in a helper before libcontainer clones
 /// it: the helper (and its libcontainer processes) get an error from a write to a closed
 /// pipe, as with SIGPIPE ignored, but the handler is reset by `execve`, so the container's
@@ -279,16 +292,7 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
     // the host's mounts, sending none back): a running pod adds no line to the host's
     // mount table, which libcontainer reads some 26 times per container it creates; the
     // mount ends with the helper.
-    let private = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).and_then(|()| {
-        nix::mount::mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_SLAVE,
-            None::<&str>,
-        )
-    });
-    if let Err(e) = private {
+    if let Err(e) = own_mount_namespace() {
         return fail(format!("a mount namespace for the container's root: {e}"));
     }
     let overlay = match mount_rootfs(bundle, lower) {

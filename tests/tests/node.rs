@@ -545,7 +545,10 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
             None,
         )
     };
-    let denied = as_pod(&["get", "pods"])?.expect_err("the default account lists pods")?;
+    // As a pod sees the API: through the `kubernetes` Service's name, which the serving
+    // certificate covers.
+    let denied = as_pod(&["--tls-server-name", "kubernetes.default.svc", "get", "pods"])?
+        .expect_err("the default account lists pods")?;
     assert!(
         denied
             .stderr

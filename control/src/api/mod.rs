@@ -456,7 +456,23 @@ pub struct Started {
 /// Bind the API port (and the node gateway), create the cluster's bootstrap objects once the
 /// store has a leader, and serve until the returned task is aborted.
 pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError> {
-    let tls = crate::pki::api_server_config(&cfg.pki_dir, &cfg.names)?;
+    let mut api = Api::new(store, String::new());
+    // Pods reach the API as the `kubernetes` Service, by its names or its cluster IP (the
+    // first of the service network), and check it against the CA in their token's volume.
+    let mut names = cfg.names.clone();
+    let service_ip = Ipv4Addr::from(u32::from(api.service_net.0) + 1).to_string();
+    for n in [
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        &service_ip,
+    ] {
+        if !names.iter().any(|m| m == n) {
+            names.push(n.to_string());
+        }
+    }
+    let tls = crate::pki::api_server_config(&cfg.pki_dir, &names)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Io {
@@ -467,7 +483,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
         what: "API address".into(),
         source,
     })?;
-    let mut api = Api::new(store, addr.to_string());
+    api.server = addr.to_string();
     api.pki_dir = Some(cfg.pki_dir.clone());
     api.aot = crate::aot::Aot::new(Some(cfg.pki_dir.with_file_name("aot")));
     api.signer = match token::Signer::from_pki(&cfg.pki_dir) {

@@ -191,14 +191,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("starting the control plane")?;
             pki::ensure_cluster_ca(&pki_dir).context("creating the cluster CA")?;
-            let mut names = vec![
-                "localhost".to_string(),
-                "127.0.0.1".into(),
-                "::1".into(),
-                "kubernetes".into(),
-                "kubernetes.default".into(),
-                "10.96.0.1".into(),
-            ];
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
             names.push(listen.ip().to_string());
             names.extend(tls_san);
             let started = api::start(

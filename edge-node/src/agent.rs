@@ -232,13 +232,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (volatile, why) = crate::volatile::dir(&cfg.data_dir);
+    if let Some(why) = why {
+        tracing::info!(reason = %why, dir = %volatile.display(), "volume files and container bundles are kept on disk, not in memory");
+    }
     let oci = match outpost_oci_shim::run::unavailable() {
         Some(why) => Err(why),
         None => std::env::current_exe()
             .map_err(|e| format!("the agent's own binary: {e}"))
             .map(|exe| Oci {
                 store: Store::new(&cfg.data_dir.join("oci")),
-                containers: Containers::new(&cfg.data_dir.join("oci"), &exe),
+                containers: Containers::new(&cfg.data_dir.join("oci"), &volatile.join("oci"), &exe),
                 in_use: Mutex::new(HashMap::new()),
             }),
     };
@@ -281,10 +285,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         },
     };
-    let (volatile, why) = crate::volatile::dir(&cfg.data_dir);
-    if let Some(why) = why {
-        tracing::info!(reason = %why, dir = %volatile.display(), "volume files are kept on disk, not in memory");
-    }
     let agent = Arc::new(Agent {
         dir: cfg.data_dir.clone(),
         volatile,

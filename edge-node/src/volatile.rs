@@ -38,17 +38,9 @@ pub fn dir(data_dir: &Path) -> (PathBuf, Option<String>) {
     let why = match ENTERED.get() {
         None => Some("the agent is not root".to_string()),
         Some(Err(e)) => Some(e.clone()),
-        Some(Ok(())) => nix::mount::mount(
-            Some("tmpfs"),
-            &d,
-            Some("tmpfs"),
-            nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC,
-            Some("mode=0700"),
-        )
-        .err()
-        .map(|e| format!("mounting a tmpfs on {}: {e}", d.display())),
+        Some(Ok(())) => outpost_oci_shim::run::tmpfs(&d)
+            .err()
+            .map(|e| format!("mounting a tmpfs on {}: {e}", d.display())),
     };
     (d, why)
 }

@@ -68,10 +68,11 @@ pub fn main(args: &[String]) -> i32 {
                     PathBuf::from(arg(args, "--root")?),
                     arg(args, "--id")?,
                     PathBuf::from(arg(args, "--bundle")?),
+                    PathBuf::from(arg(args, "--layers")?),
                     PathBuf::from(arg(args, "--lower")?),
                 ))
             })();
-            let (root, id, bundle, lower) = match parsed {
+            let (root, id, bundle, layers, lower) = match parsed {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("oci-run: {e}");
@@ -85,7 +86,7 @@ pub fn main(args: &[String]) -> i32 {
                 eprintln!("oci-run: locking the bundle: {e}");
                 return 1;
             }
-            let outcome = helper(&root, &id, &bundle, &lower);
+            let outcome = helper(&root, &id, &bundle, &layers, &lower);
             // A container that ran to its end was reported by the helper; one that never
             // started is reported here.
             if !ended() {
@@ -188,12 +189,17 @@ fn oom_kills(cgroup: &str) -> u64 {
     .unwrap_or(0)
 }
 
+/// Mount the container's root file system at `BUNDLE/rootfs`: an overlay of the image
+/// `lower` with its writable layer in `LAYERS/upper` (and overlayfs's `LAYERS/work`), or,
+/// where the kernel refuses an overlay, a private copy of the image in `LAYERS/rootfs`
+/// bound there. The bundle may be in memory; what the container writes goes to `layers`,
+/// on the node's disk.
 #[cfg(feature = "containers")]
-fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
+fn mount_rootfs(bundle: &Path, layers: &Path, lower: &Path) -> Result<(), String> {
     let (rootfs, upper, work) = (
         bundle.join("rootfs"),
-        bundle.join("upper"),
-        bundle.join("work"),
+        layers.join("upper"),
+        layers.join("work"),
     );
     for d in [&rootfs, &upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -212,22 +218,28 @@ fn mount_rootfs(bundle: &Path, lower: &Path) -> Result<bool, String> {
         Some(opts.as_str()),
     );
     if overlay.is_ok() {
-        return Ok(true);
+        return Ok(());
     }
     // No overlayfs (or an upper dir it refuses): a private copy.
+    let copy = layers.join("rootfs");
+    let _ = std::fs::remove_dir_all(&copy);
     let status = std::process::Command::new("cp")
         .arg("-a")
-        .arg(format!("{}/.", lower.display()))
-        .arg(&rootfs)
+        .arg(lower)
+        .arg(&copy)
         .status()
         .map_err(|e| format!("copying the image: {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "copying the image into {} failed",
-            rootfs.display()
-        ));
+        return Err(format!("copying the image into {} failed", copy.display()));
     }
-    Ok(false)
+    nix::mount::mount(
+        Some(&copy),
+        &rootfs,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding {} at {}: {e}", copy.display(), rootfs.display()))
 }
 
 /// Move this process (single-threaded) into a mount namespace of its own, a slave of the one
@@ -240,6 +252,19 @@ pub fn own_mount_namespace() -> nix::Result<()> {
         None::<&str>,
         nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_SLAVE,
         None::<&str>,
+    )
+}
+
+/// Mount a tmpfs (mode 0700, no devices, setuid or executables) at directory `at`.
+pub fn tmpfs(at: &Path) -> nix::Result<()> {
+    nix::mount::mount(
+        Some("tmpfs"),
+        at,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
     )
 }
 
@@ -259,7 +284,7 @@ fn catch_sigpipe() {
 
 /// One container's whole life; see the module's doc.
 #[cfg(feature = "containers")]
-pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
+pub fn helper(root: &Path, id: &str, bundle: &Path, layers: &Path, lower: &Path) -> Outcome {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
     let fail = |e: String| Outcome {
@@ -295,18 +320,17 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, lower: &Path) -> Outcome {
     if let Err(e) = own_mount_namespace() {
         return fail(format!("a mount namespace for the container's root: {e}"));
     }
-    let overlay = match mount_rootfs(bundle, lower) {
-        Ok(o) => o,
-        Err(e) => return fail(e),
-    };
     let unmount = || {
-        if overlay {
-            let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
-        }
+        let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(bundle.join("rootfs"));
         for d in ["rootfs", "upper", "work"] {
-            let _ = std::fs::remove_dir_all(bundle.join(d));
+            let _ = std::fs::remove_dir_all(layers.join(d));
         }
     };
+    if let Err(e) = mount_rootfs(bundle, layers, lower) {
+        unmount();
+        return fail(e);
+    }
     let stdio = || -> std::io::Result<_> {
         Ok((
             std::fs::File::open("/dev/null")?,
@@ -525,7 +549,7 @@ pub fn seccomp() -> bool {
 const NO_CONTAINERS: &str = "this agent was built without OCI containers (Wasm only)";
 
 #[cfg(not(feature = "containers"))]
-pub fn helper(_root: &Path, _id: &str, _bundle: &Path, _lower: &Path) -> Outcome {
+pub fn helper(_root: &Path, _id: &str, _bundle: &Path, _layers: &Path, _lower: &Path) -> Outcome {
     Outcome {
         exit_code: 128,
         error: Some(NO_CONTAINERS.into()),
@@ -631,12 +655,14 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-/// The agent's handle on containers: bundles under `DIR/containers`, libcontainer state
-/// under `DIR/state`, helpers forked by a zygote of `exe` (started on first use, and again
-/// if it dies).
+/// The agent's handle on containers: bundles under `RUN/containers` and libcontainer state
+/// under `RUN/state` (a few small files each, written and removed at every start: the agent
+/// keeps `RUN` in memory), each container's writable layer under `DIR/containers` (on
+/// disk), helpers forked by a zygote of `exe` (started on first use, and again if it dies).
 #[derive(Debug, Clone)]
 pub struct Containers {
     dir: PathBuf,
+    run: PathBuf,
     exe: PathBuf,
     zygote: std::sync::Arc<std::sync::Mutex<Option<Zygote>>>,
 }
@@ -653,16 +679,21 @@ pub struct Running {
 }
 
 impl Containers {
-    pub fn new(dir: &Path, exe: &Path) -> Containers {
+    pub fn new(dir: &Path, run: &Path, exe: &Path) -> Containers {
         Containers {
             dir: dir.to_path_buf(),
+            run: run.to_path_buf(),
             exe: exe.to_path_buf(),
             zygote: Default::default(),
         }
     }
 
     fn state(&self) -> PathBuf {
-        self.dir.join("state")
+        self.run.join("state")
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.run.join("containers").join(id)
     }
 
     /// The container id of a pod's container: what libcontainer accepts.
@@ -681,7 +712,7 @@ impl Containers {
 
     /// Write `spec` as the bundle of container `id` and start its helper over `lower`.
     pub async fn start(&self, id: &str, spec: &Value, lower: &Path) -> Result<Running, Error> {
-        let bundle = self.dir.join("containers").join(id);
+        let bundle = self.bundle(id);
         let utf8 = |p: &Path| {
             p.to_str()
                 .map(str::to_string)
@@ -695,6 +726,8 @@ impl Containers {
             id.into(),
             "--bundle".into(),
             utf8(&bundle)?,
+            "--layers".into(),
+            utf8(&self.dir.join("containers").join(id))?,
             "--lower".into(),
             utf8(lower)?,
         ];
@@ -756,7 +789,7 @@ impl Containers {
     /// Wait until container `id` has started (true), or has ended or not started within
     /// [`START_WAIT`] (false).
     pub async fn started(&self, id: &str) -> bool {
-        let bundle = self.dir.join("containers").join(id);
+        let bundle = self.bundle(id);
         let deadline = tokio::time::Instant::now() + START_WAIT;
         while !bundle.join(STARTED).exists() {
             if bundle.join("exit.json").exists() || tokio::time::Instant::now() > deadline {
@@ -770,7 +803,7 @@ impl Containers {
     /// Forget how container `id`'s last run went, before it starts again: from now until
     /// the new run has started, commands wait for it rather than fail.
     pub fn reset(&self, id: &str) {
-        let bundle = self.dir.join("containers").join(id);
+        let bundle = self.bundle(id);
         let _ = std::fs::remove_file(bundle.join("exit.json"));
         let _ = std::fs::remove_file(bundle.join(STARTED));
     }

@@ -197,6 +197,31 @@ fn deployments_scale_roll_out_and_undo() -> anyhow::Result<()> {
     up.kubectl(&["delete", "deployment", "stuck"])?
         .expect_ok("delete stuck")?;
 
+    // A Deployment applied before its ServiceAccount: the ReplicaSet says why it has no pods
+    // (FailedCreate), and makes them soon after the account appears.
+    let late = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: late\nspec:\n  selector:\n    matchLabels:\n      app: late\n  template:\n    metadata:\n      labels:\n        app: late\n    spec:\n      serviceAccountName: late\n      containers:\n      - name: main\n        image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], late)?
+        .expect_ok("apply late")?;
+    let t = Instant::now();
+    loop {
+        let events = field(
+            &up,
+            &["events"],
+            "{.items[?(@.reason==\"FailedCreate\")].message}",
+        )?;
+        if events.contains("error looking up service account default/late") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "events: {events}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    up.kubectl(&["create", "serviceaccount", "late"])?
+        .expect_ok("create the account")?;
+    up.kubectl(&["rollout", "status", "deployment/late", "--timeout=30s"])?
+        .expect_ok("late rolls out once its account exists")?;
+    up.kubectl(&["delete", "deployment", "late"])?
+        .expect_ok("delete late")?;
+
     // With minReadySeconds, a ready pod counts as available only after that long.
     let patient = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: patient\nspec:\n  minReadySeconds: 5\n  selector:\n    matchLabels:\n      app: patient\n  template:\n    metadata:\n      labels:\n        app: patient\n    spec:\n      containers:\n      - name: main\n        image: module:sleeper\n";
     up.kubectl_in(&["apply", "-f", "-"], patient)?

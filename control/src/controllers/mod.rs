@@ -119,6 +119,10 @@ struct Cache {
     failures: HashMap<String, (u64, i64)>,
     /// Jobs waiting out a back-off, StatefulSets a [`SAME_NAME_PAUSE`].
     backing_off: BTreeSet<String>,
+    /// Owners whose last pod creates were refused: how many rounds in a row, and when to
+    /// try again (doubling from 2 s up to the resync, as a work queue's rate limiter would;
+    /// each try records a FailedCreate event).
+    refused: HashMap<String, (u32, Instant)>,
     /// Pods deleted in the last [`SAME_NAME_PAUSE`], by key.
     gone: HashMap<String, Instant>,
     /// CronJob key → the last warning recorded for it, so a standing problem is told once.
@@ -628,6 +632,20 @@ pub(crate) trait Follower {
     fn round(&mut self, api: &Arc<Api>) -> impl std::future::Future<Output = u64> + Send;
 }
 
+impl Cache {
+    /// Note whether `key`'s pod creates were refused this round.
+    fn refusals(&mut self, key: &str, refused: bool) {
+        if !refused {
+            self.refused.remove(key);
+            return;
+        }
+        let tries = self.refused.get(key).map_or(0, |(n, _)| n + 1);
+        let wait = Duration::from_secs(2u64 << tries.min(4)).min(RESYNC);
+        self.refused
+            .insert(key.to_string(), (tries, Instant::now() + wait));
+    }
+}
+
 impl Follower for Cache {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         Cache::apply(self, kind, kv)
@@ -645,6 +663,8 @@ impl Follower for Cache {
         self.dirty.extend(all);
     }
     async fn round(&mut self, api: &Arc<Api>) -> u64 {
+        let objs = &self.objs;
+        self.refused.retain(|k, _| objs.contains_key(k));
         // Jobs (deadlines, time to live), rolling Deployments (progress deadlines) and
         // ReplicaSets with pods not yet ready long enough wait on the clock as well as on
         // changes.
@@ -668,6 +688,12 @@ impl Follower for Cache {
             })
             .map(|(k, _)| k.clone())
             .chain(std::mem::take(&mut self.backing_off))
+            .chain(
+                self.refused
+                    .iter()
+                    .filter(|(_, (_, at))| *at <= Instant::now())
+                    .map(|(k, _)| k.clone()),
+            )
             .collect();
         self.dirty.extend(timed);
         round(api, self).await
@@ -737,7 +763,9 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         let rev = if key.starts_with(DEPLOYS) {
             sync_deployment(api, o, &children).await
         } else if key.starts_with(RSS) {
-            sync_replicaset(api, o, &children).await
+            let (rev, refused) = sync_replicaset(api, o, &children).await;
+            cache.refusals(&key, refused);
+            rev
         } else if key.starts_with(DSS) {
             let nodes: Vec<&Value> = cache
                 .objs
@@ -746,9 +774,10 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
                 .map(|(_, n)| n)
                 .collect();
             let revs = cache.revisions_of(o);
-            sync_history(api, o, &revs, &children)
-                .await
-                .max(sync_daemonset(api, o, &nodes, &children).await)
+            let rev = sync_history(api, o, &revs, &children).await;
+            let (made, refused) = sync_daemonset(api, o, &nodes, &children).await;
+            cache.refusals(&key, refused);
+            rev.max(made)
         } else if key.starts_with(JOBS) {
             // When its number of failed pods last grew, for the back-off.
             let failed = children
@@ -761,12 +790,14 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
                 Some((n, t)) if n == failed => t,
                 _ => now,
             };
-            let (rev, backing_off) = sync_job(api, o, &children, (failed > 0).then_some(at)).await;
+            let (rev, backing_off, refused) =
+                sync_job(api, o, &children, (failed > 0).then_some(at)).await;
             let (failures, waiting) = (&mut cache.failures, &mut cache.backing_off);
             failures.insert(key.clone(), (failed, at));
             if backing_off {
                 waiting.insert(key.clone());
             }
+            cache.refusals(&key, refused);
             rev
         } else if key.starts_with(CRONS) {
             let said = cache.warned.get(&key).cloned();
@@ -973,19 +1004,20 @@ async fn sync_budget(api: &Arc<Api>, cache: &Cache, key: &str, pdb: &Value) -> u
     write(api, "PUT", &path, "application/json", &body).await.0
 }
 
-async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> u64 {
+/// The highest revision written, and whether a pod was refused.
+async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> (u64, bool) {
     const ME: &str = "replicaset-controller";
     let plan = replicaset::plan(rs, pods, jiff::Timestamp::now().as_second());
     let (ns, name) = ns_name(rs);
     let new = vec![replicaset::pod_for(rs); plan.create];
-    let mut wrote = create_pods(api, ME, rs, new).await;
+    let (mut wrote, refused) = create_pods(api, ME, rs, new).await;
     wrote = wrote.max(delete_pods(api, ME, rs, &plan.delete).await);
     if differs(&rs["status"], &plan.status) {
         let path = format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}/status");
         let body = json!({"status": plan.status});
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
     }
-    wrote
+    (wrote, refused)
 }
 
 async fn sync_deployment(api: &Arc<Api>, d: &Value, rss: &[&Value]) -> u64 {
@@ -1071,21 +1103,34 @@ async fn sync_deployment(api: &Arc<Api>, d: &Value, rss: &[&Value]) -> u64 {
 
 /// Create `n` pods from `pod` (each named by the API), with a SuccessfulCreate event each;
 /// the highest revision written.
-async fn create_pods(api: &Arc<Api>, me: &str, owner: &Value, pods: Vec<Value>) -> u64 {
+/// Create `pods` for `owner`, with an event for each: SuccessfulCreate, or FailedCreate with
+/// the API's reason (a pod whose ServiceAccount does not exist yet, a namespace going away).
+/// The highest revision written, and whether any was refused (worth another try soon).
+async fn create_pods(api: &Arc<Api>, me: &str, owner: &Value, pods: Vec<Value>) -> (u64, bool) {
     let ns = owner["metadata"]["namespace"].as_str().unwrap_or("default");
     let path = format!("/api/v1/namespaces/{ns}/pods");
-    let created: Vec<(u64, Value)> = futures::stream::iter(pods)
-        .map(|p| {
-            let path = path.clone();
-            async move { write(api, "POST", &path, "application/json", &p).await }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    let mut wrote = 0;
-    for (rev, p) in created {
-        wrote = wrote.max(rev);
-        if let Some(n) = p["metadata"]["name"].as_str() {
+    let user = manager();
+    let created: Vec<(u16, Value)> =
+        futures::stream::iter(pods)
+            .map(|p| {
+                let (path, user) = (path.clone(), &user);
+                async move {
+                    crate::api::call_as(api, user, "POST", &path, "application/json", &p).await
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+    let (mut wrote, mut refused) = (0, false);
+    for (status, p) in created {
+        if (200..300).contains(&status) {
+            wrote = wrote.max(
+                p["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0),
+            );
+            let n = p["metadata"]["name"].as_str().unwrap_or("");
             event(
                 api,
                 me,
@@ -1095,9 +1140,21 @@ async fn create_pods(api: &Arc<Api>, me: &str, owner: &Value, pods: Vec<Value>) 
                 &format!("Created pod: {n}"),
             )
             .await;
+        } else if status != 409 {
+            refused = true;
+            let why = p["message"].as_str().unwrap_or("refused");
+            event(
+                api,
+                me,
+                owner,
+                "Warning",
+                "FailedCreate",
+                &format!("Error creating: {why}"),
+            )
+            .await;
         }
     }
-    wrote
+    (wrote, refused)
 }
 
 /// Delete pods by name, with a SuccessfulDelete event each.
@@ -1123,7 +1180,13 @@ async fn delete_pods(api: &Arc<Api>, me: &str, owner: &Value, names: &[String]) 
     wrote
 }
 
-async fn sync_daemonset(api: &Arc<Api>, ds: &Value, nodes: &[&Value], pods: &[&Value]) -> u64 {
+/// The highest revision written, and whether a pod was refused.
+async fn sync_daemonset(
+    api: &Arc<Api>,
+    ds: &Value,
+    nodes: &[&Value],
+    pods: &[&Value],
+) -> (u64, bool) {
     const ME: &str = "daemonset-controller";
     let eligible: Vec<(String, bool)> = nodes
         .iter()
@@ -1142,14 +1205,14 @@ async fn sync_daemonset(api: &Arc<Api>, ds: &Value, nodes: &[&Value], pods: &[&V
         .iter()
         .map(|node| daemonset::pod_for(ds, node))
         .collect();
-    let mut wrote = create_pods(api, ME, ds, new).await;
+    let (mut wrote, refused) = create_pods(api, ME, ds, new).await;
     wrote = wrote.max(delete_pods(api, ME, ds, &plan.delete).await);
     if differs(&ds["status"], &plan.status) {
         let path = format!("/apis/apps/v1/namespaces/{ns}/daemonsets/{name}/status");
         let body = json!({"status": plan.status});
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
     }
-    wrote
+    (wrote, refused)
 }
 
 /// Keep a DaemonSet's or StatefulSet's ControllerRevisions: one per template, numbered.
@@ -1417,13 +1480,14 @@ async fn make_claims(api: &Arc<Api>, sts: &Value, i: u64) -> (u64, bool) {
     (wrote, false)
 }
 
-/// The highest revision written, and whether the Job is waiting out its failure back-off.
+/// The highest revision written, whether the Job is waiting out its failure back-off, and
+/// whether a pod was refused.
 async fn sync_job(
     api: &Arc<Api>,
     j: &Value,
     pods: &[&Value],
     failed_at: Option<i64>,
-) -> (u64, bool) {
+) -> (u64, bool, bool) {
     const ME: &str = "job-controller";
     let now = jiff::Timestamp::now();
     let plan = job::plan(j, pods, now.as_second(), &crate::api::now(), failed_at);
@@ -1435,7 +1499,7 @@ async fn sync_job(
         let rev = write(api, "DELETE", &path, "application/json", &body)
             .await
             .0;
-        return (rev, false);
+        return (rev, false, false);
     }
     let new = if plan.indexes.is_empty() {
         vec![job::pod_for(j); plan.create]
@@ -1445,7 +1509,7 @@ async fn sync_job(
             .map(|i| job::pod_for_index(j, *i))
             .collect()
     };
-    let mut wrote = create_pods(api, ME, j, new).await;
+    let (mut wrote, refused) = create_pods(api, ME, j, new).await;
     wrote = wrote.max(delete_pods(api, ME, j, &plan.delete).await);
     if differs(&j["status"], &plan.status) {
         let body = json!({"status": plan.status});
@@ -1467,7 +1531,7 @@ async fn sync_job(
             event(api, ME, j, kind, reason, &msg).await;
         }
     }
-    (wrote, backing_off)
+    (wrote, backing_off, refused)
 }
 
 #[cfg(test)]

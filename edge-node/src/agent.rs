@@ -456,7 +456,10 @@ impl Agent {
                     match self.token(&pod, &uid, t, vname, path).await {
                         // Renamed into place: a reader sees the old token or the new one.
                         Ok(token) => {
-                            let (f, tmp) = (dir.join(path), dir.join(format!(".{path}.new")));
+                            let f = dir.join(path);
+                            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                            let tmp =
+                                f.with_file_name(format!(".{}.new", name.unwrap_or_default()));
                             if let Err(e) =
                                 std::fs::write(&tmp, token).and_then(|()| std::fs::rename(&tmp, &f))
                             {

@@ -169,6 +169,41 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     })?;
     assert_eq!(code, 200);
 
+    // The API as a pod reaches it: the `kubernetes` Service's cluster IP, checked against the
+    // CA in the pod's token volume, the pod's token as its credential.
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let pod = up
+        .kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            "app=spread",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?
+        .expect_ok("a spread pod")?
+        .stdout;
+    let read = |f: &str| -> anyhow::Result<String> {
+        Ok(up
+            .kubectl(&["exec", &pod, "--", "cat", &format!("{sa}/{f}")])?
+            .expect_ok("read the token volume")?
+            .stdout)
+    };
+    let ca = dir.path().join("pod-ca.crt");
+    std::fs::write(&ca, read("ca.crt")?)?;
+    let token = read("token")?;
+    let in_cluster = std::process::Command::new(outpost_tests::kubectl_bin(None)?)
+        .args(["--kubeconfig", "/dev/null", "--server", "https://10.96.0.1"])
+        .arg(format!("--certificate-authority={}", ca.display()))
+        .arg(format!("--token={token}"))
+        .args(["get", "pods"])
+        .output()?;
+    let said = String::from_utf8_lossy(&in_cluster.stderr);
+    assert!(
+        said.contains("\"system:serviceaccount:default:default\" cannot list"),
+        "{said}"
+    );
+
     let client = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", \"cat /etc/resolv.conf; env; wget -q -O - http://hello/by/name\"]\n"
     );

@@ -1355,6 +1355,82 @@ async fn publish_root_ca(api: &Arc<Api>, ns: &str) {
         .await;
 }
 
+/// Where the `kubernetes` Service leads, as kube-apiserver's endpoint reconciler keeps it:
+/// this member's API address (127.0.0.1 when it listens on every address) in the Endpoints
+/// `default/kubernetes`, beside the other members', and in an EndpointSlice of its own
+/// (members may listen on different ports, and a slice has one set of ports). A pod
+/// reaches the API through its node's netd at the Service's cluster IP.
+async fn publish_api_endpoint(api: &Arc<Api>) {
+    let Ok(addr) = api.server.parse::<std::net::SocketAddr>() else {
+        return;
+    };
+    let ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let port = json!({"name": "https", "port": addr.port(), "protocol": "TCP"});
+    let (Some(eps), Some(slices)) = (
+        resources::find("", "v1", "endpoints"),
+        resources::find("discovery.k8s.io", "v1", "endpointslices"),
+    ) else {
+        return;
+    };
+    let key = eps.key(Some("default"), "kubernetes");
+    let old = match api.store.get(&key, Consistency::Linearizable).await {
+        Ok(kv) => kv,
+        Err(_) => return,
+    };
+    let mut o = old
+        .as_ref()
+        .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        .unwrap_or_else(|| {
+            json!({"apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": "kubernetes", "namespace": "default",
+                    "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"},
+                    "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()},
+                "subsets": []})
+        });
+    let mut subsets = o["subsets"].as_array().cloned().unwrap_or_default();
+    let address = json!({"ip": ip});
+    match subsets.iter_mut().find(|s| s["ports"] == json!([port])) {
+        Some(s)
+            if s["addresses"]
+                .as_array()
+                .is_some_and(|a| a.contains(&address)) => {}
+        Some(s) => match s["addresses"].as_array_mut() {
+            Some(a) => a.push(address),
+            None => s["addresses"] = json!([address]),
+        },
+        None => subsets.push(json!({"addresses": [address], "ports": [port]})),
+    }
+    if o["subsets"] != json!(subsets) {
+        o["subsets"] = json!(subsets);
+        let expect = old.map_or(Expect::Absent, |kv| Expect::ModRevision(kv.mod_revision));
+        let _ = api.store.put(&key, to_stored(&o), expect).await;
+    }
+    let name = format!(
+        "kubernetes-{}",
+        &outpost_api::sha256_hex(api.server.as_bytes())[..10]
+    );
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes",
+                       "endpointslice.kubernetes.io/skip-mirror": "true"},
+            "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "ports": [port]});
+    let _ = api
+        .store
+        .put(
+            &slices.key(Some("default"), &name),
+            to_stored(&slice),
+            Expect::Absent,
+        )
+        .await;
+}
+
 /// What follows a create: every namespace gets its `default` service account and the
 /// cluster CA's ConfigMap.
 async fn after_create(ctx: &Ctx<'_>, o: &Value) {
@@ -2137,6 +2213,7 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
         Err(e) => return Err(e),
     }
+    publish_api_endpoint(api).await;
     // Cluster DNS: every node's netd answers on the tenth address (as kubeadm's kube-dns is);
     // the Service holds the address and shows it, and has no pods behind it.
     let ip = Ipv4Addr::from(u32::from(api.service_net.0) + 10).to_string();

@@ -24,6 +24,16 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .collect()
 }
 
+/// The service account a pod spec runs as: `serviceAccountName`, else its old name
+/// `serviceAccount`, else `default` (admission fills in the first, and the node agent reads it).
+pub fn service_account(spec: &serde_json::Value) -> &str {
+    spec["serviceAccountName"]
+        .as_str()
+        .or(spec["serviceAccount"].as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
 /// Wasm code compiled ahead of time for one architecture, as the control plane serves it to a
 /// node without a compiler (`POST /outpost/v1/aot`, CBOR). The node loads `code` only if its
 /// SHA-256 is `sha256` and it is the `module` and `arch` it asked for.

@@ -79,10 +79,10 @@ async fn start_to_exit(runs: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
     // overlay of the image mounted at bundle/rootfs as for every pod. runc runs in the
     // image's directory itself, which is the cheaper of the two.
     // Bundles and libcontainer's state in memory, as the agent keeps them (`volatile.rs`).
-    // The tmpfs is mounted in the host's mount namespace (and removed at the end): the
-    // agent's own namespace would be runc's too, and runc starts faster from a namespace
-    // whose mounts are not shared with the host's than from the one users run it in. runc's
-    // state stays where `runc` keeps it by default, /run/runc, on this machine's disk.
+    // The tmpfs is mounted in the host's mount namespace (and removed at the end), not in a
+    // namespace of the benchmark's own, which runc would then run in too: runc runs from the
+    // namespace users run it in. Its state stays where `runc` keeps it by default, /run/runc,
+    // on this machine's disk.
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run)?;
     outpost_oci_shim::run::tmpfs(&run)?;

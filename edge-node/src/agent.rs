@@ -355,8 +355,8 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Agent {
-    /// A token of service account `sa` bound to pod `pod` (uid `uid`), as the kubelet asks
-    /// for one for source `t` of volume `vname`. It is kept in the node's cache, so a pod
+    /// A token of pod `pod`'s service account, bound to the pod (uid `uid`), as the kubelet
+    /// asks for one for source `t` of volume `vname`. It is kept in the node's cache, so a pod
     /// restarts with it while the control plane is out of reach; one still in the first 80%
     /// of its lifetime is used again as it is.
     async fn token(
@@ -368,10 +368,10 @@ impl Agent {
         path: &str,
     ) -> Result<String, String> {
         let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
-        let sa = service_account(&pod["spec"]);
+        let sa = outpost_api::service_account(&pod["spec"]);
         let key = format!("{vname}/{path}");
         let cached = self.cache.object(TOKENS, uid, &key);
-        let now = unix_now();
+        let now = jiff::Timestamp::now().as_second();
         if let Some(c) = &cached {
             if c["refresh"].as_i64().is_some_and(|r| r > now) {
                 if let Some(token) = c["token"].as_str() {
@@ -436,7 +436,7 @@ impl Agent {
                 .collect(),
             Err(_) => return,
         };
-        let now = unix_now();
+        let now = jiff::Timestamp::now().as_second();
         for (uid, pod) in running {
             for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
                 let vname = v["name"].as_str().unwrap_or("");
@@ -2752,7 +2752,9 @@ impl Worker {
             "metadata.namespace" => m["namespace"].as_str().unwrap_or("default").to_string(),
             "metadata.uid" => self.uid.clone(),
             "spec.nodeName" => self.agent.node.clone(),
-            "spec.serviceAccountName" => service_account(&self.pod["spec"]).to_string(),
+            "spec.serviceAccountName" => {
+                outpost_api::service_account(&self.pod["spec"]).to_string()
+            }
             "status.hostIP" => ip(),
             "status.podIP" => self.net.get().map_or_else(ip, |a| a.ip.to_string()),
             "metadata.labels" | "metadata.annotations" if maps => {
@@ -2933,21 +2935,6 @@ impl Worker {
             .await
             .map_err(|e| format!("volume {vname}: {e}"))
     }
-}
-
-/// The service account a pod runs as (`serviceAccount` is its old name).
-fn service_account(spec: &Value) -> &str {
-    spec["serviceAccountName"]
-        .as_str()
-        .or(spec["serviceAccount"].as_str())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default")
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The cache's kind for the service-account tokens of pods (named `pod-uid/volume/path`).

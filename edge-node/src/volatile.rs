@@ -45,11 +45,6 @@ pub fn dir(data_dir: &Path) -> (PathBuf, Option<String>) {
     (d, why)
 }
 
-/// Whether `p` is on a tmpfs.
-pub fn in_memory(p: &Path) -> bool {
-    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

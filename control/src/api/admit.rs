@@ -117,14 +117,7 @@ pub const TOKEN_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// `--service-account-extend-token-expiration` (its default).
 pub const ADMISSION_TOKEN_TTL: i64 = 3607;
 
-/// The service account a pod runs as (`serviceAccount` is its old name).
-pub fn service_account(spec: &Value) -> &str {
-    spec["serviceAccountName"]
-        .as_str()
-        .or(spec["serviceAccount"].as_str())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default")
-}
+pub use outpost_api::service_account;
 
 /// What the ServiceAccount admission adds to a new pod whose token is automounted: the
 /// projected volume `kube-api-access-<suffix>` (token, cluster CA, namespace) mounted

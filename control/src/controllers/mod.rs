@@ -295,6 +295,18 @@ fn trim_pod(mut o: Value) -> Value {
 }
 
 impl Cache {
+    /// Note whether `key`'s pod creates were refused this round.
+    fn refusals(&mut self, key: &str, refused: bool) {
+        if !refused {
+            self.refused.remove(key);
+            return;
+        }
+        let tries = self.refused.get(key).map_or(0, |(n, _)| n + 1);
+        let wait = Duration::from_secs(2u64 << tries.min(4)).min(RESYNC);
+        self.refused
+            .insert(key.to_string(), (tries, Instant::now() + wait));
+    }
+
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
         let Some(obj) = newer(&mut self.seen, &FOLLOWED, kind, kv) else {
@@ -630,20 +642,6 @@ pub(crate) trait Follower {
     fn resync(&mut self);
     /// Act on what is marked; the highest revision written.
     fn round(&mut self, api: &Arc<Api>) -> impl std::future::Future<Output = u64> + Send;
-}
-
-impl Cache {
-    /// Note whether `key`'s pod creates were refused this round.
-    fn refusals(&mut self, key: &str, refused: bool) {
-        if !refused {
-            self.refused.remove(key);
-            return;
-        }
-        let tries = self.refused.get(key).map_or(0, |(n, _)| n + 1);
-        let wait = Duration::from_secs(2u64 << tries.min(4)).min(RESYNC);
-        self.refused
-            .insert(key.to_string(), (tries, Instant::now() + wait));
-    }
 }
 
 impl Follower for Cache {
@@ -1101,8 +1099,6 @@ async fn sync_deployment(api: &Arc<Api>, d: &Value, rss: &[&Value]) -> u64 {
     wrote
 }
 
-/// Create `n` pods from `pod` (each named by the API), with a SuccessfulCreate event each;
-/// the highest revision written.
 /// Create `pods` for `owner`, with an event for each: SuccessfulCreate, or FailedCreate with
 /// the API's reason (a pod whose ServiceAccount does not exist yet, a namespace going away).
 /// The highest revision written, and whether any was refused (worth another try soon).

@@ -599,9 +599,13 @@ async fn list_objects(
     // A field selector on the name reads one key instead of the whole prefix.
     if let Some(name) = fields.name() {
         if ctx.ns.is_some() || !ctx.res.namespaced {
-            let kv = ctx.api.store.get(&ctx.key(name), c).await?;
-            let rev = ctx.api.store.revision();
-            if let Some(kv) = kv {
+            // One key, but read as a range: the revision returned is the one the object was
+            // read at. The store's revision read after the object may already include its
+            // deletion, and a watch from there would never tell `kubectl delete --wait`.
+            let key = ctx.key(name);
+            let r = ctx.api.store.range(&key, None, 1, c).await?;
+            let rev = r.revision;
+            if let Some(kv) = r.kvs.into_iter().find(|kv| kv.key == key) {
                 let v = from_kv(&kv)?;
                 if matches(&v, labels, fields) {
                     out.push(v);

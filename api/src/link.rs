@@ -158,6 +158,10 @@ pub enum Down {
     /// `kubectl exec`: a command in a running container. On a 200 [`Head`] both sides send
     /// [`ExecFrame`]s until the node's [`ExecFrame::Exit`].
     Exec(ExecRequest),
+    /// `kubectl attach` (and `kubectl run -i`): the running container's output from now on
+    /// and, where its spec has `stdin`, input to it; `command` is empty. The frames are
+    /// [`Down::Exec`]'s, and the [`ExecFrame::Exit`] comes when the run has ended.
+    Attach(ExecRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +181,11 @@ pub enum ExecFrame {
     Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// No more input: the command's stdin is closed.
     StdinEnd,
+    /// The client's terminal is now this many columns and rows (with `tty`).
+    Resize {
+        width: u16,
+        height: u16,
+    },
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The command ended with this code, or could not run (`error`).

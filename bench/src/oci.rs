@@ -97,7 +97,7 @@ async fn start_to_exit(runs: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
     // the container and unmounted (what `runc run` has done when it exits).
     let run_ours = async |id: &str| -> anyhow::Result<(Duration, Duration)> {
         let t = Instant::now();
-        let mut running = containers.start(id, &spec, &lower).await?;
+        let mut running = containers.start(id, &spec, &lower, false, None).await?;
         let out = running.wait().await;
         let took = t.elapsed();
         running.cleaned().await?;

@@ -24,6 +24,7 @@ use outpost_oci_shim::registry;
 use outpost_oci_shim::run::{Containers, Outcome};
 use outpost_oci_shim::spec::Launch;
 use outpost_oci_shim::store::{Image, Store};
+use outpost_oci_shim::tty::Terminal;
 use outpost_wasm_runtime::log::{self, Log};
 use outpost_wasm_runtime::{Command, Exit, Runtime, Stop};
 use serde_json::{json, Value};
@@ -147,6 +148,49 @@ pub struct Agent {
     /// netd, where this node runs it.
     services: Option<Arc<Services>>,
     compile: Compile,
+    /// Containers running now, by container id ([`Containers::id`]): what `kubectl attach`
+    /// joins.
+    live: Mutex<HashMap<String, Live>>,
+}
+
+/// A container's current run, as `kubectl attach` sees it.
+#[derive(Clone)]
+struct Live {
+    log: Arc<Log>,
+    /// Where its input goes (an OCI container whose spec has `stdin` or `tty`).
+    stdin: Option<Input>,
+    /// `stdinOnce`: the first attach that writes to stdin closes it as it goes.
+    once: bool,
+}
+
+/// A container's input.
+#[derive(Clone)]
+enum Input {
+    /// Its stdin, until that is closed.
+    Pipe(Arc<tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>>),
+    /// Its terminal (`tty`).
+    Terminal(Arc<Terminal>),
+}
+
+/// Ends a [`Live`] run: see [`Worker::live`].
+struct LiveGuard {
+    agent: Arc<Agent>,
+    id: String,
+    log: Arc<Log>,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.agent.live.lock() {
+            // Only this run's entry: a next run of the container may have replaced it.
+            if l.get(&self.id)
+                .is_some_and(|x| Arc::ptr_eq(&x.log, &self.log))
+            {
+                l.remove(&self.id);
+            }
+        }
+        self.log.end();
+    }
 }
 
 struct Oci {
@@ -306,6 +350,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         net,
         services,
         compile: cfg.compile,
+        live: Mutex::default(),
     });
     if let (Some(_), Some(_)) = (&agent.net, &agent.services) {
         // Pods with their own network reach service IPs through this machine.
@@ -1225,6 +1270,7 @@ impl Agent {
                     Ok(Down::Logs(req)) => me.logs(&req, &mut send).await,
                     Ok(Down::PortForward(req)) => me.forward(&req, send, recv).await,
                     Ok(Down::Exec(req)) => me.exec(&req, send, recv).await,
+                    Ok(Down::Attach(req)) => me.attach(&req, send, recv).await,
                     Err(e) => {
                         let _ = reply(&mut send, 400, &format!("refused: {e}")).await;
                     }
@@ -2155,12 +2201,21 @@ impl Worker {
                 })
             };
             let ran = match prepared {
-                Prepared::Wasm(runtime, module, cmd) => Ran::Wasm(
-                    tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
+                Prepared::Wasm(runtime, module, cmd) => {
+                    let live = cmd.log.clone().map(|log| {
+                        self.live(Live {
+                            log,
+                            stdin: None,
+                            once: false,
+                        })
+                    });
+                    let ran = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
                         .await
                         .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string())),
-                ),
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    drop(live);
+                    Ran::Wasm(ran)
+                }
                 Prepared::Oci(o) => Ran::Oci(self.run_oci(o, stop).await),
             };
             forward.abort();
@@ -2598,6 +2653,21 @@ impl Worker {
         Ok(out)
     }
 
+    /// Make this run the one `kubectl attach` joins, until the guard is dropped (the run and
+    /// its output have ended): then attached clients see the end.
+    fn live(&self, live: Live) -> LiveGuard {
+        let id = Containers::id(&self.uid, self.name());
+        let log = live.log.clone();
+        if let Ok(mut l) = self.agent.live.lock() {
+            l.insert(id.clone(), live);
+        }
+        LiveGuard {
+            agent: self.agent.clone(),
+            id,
+            log,
+        }
+    }
+
     /// Run an OCI container until it exits or `stop` (then its stop signal, and SIGKILL
     /// after the grace period).
     async fn run_oci(&self, o: OciRun, stop: Arc<Stop>) -> Outcome {
@@ -2608,7 +2678,26 @@ impl Worker {
                 ..Outcome::default()
             };
         };
-        let mut r = match oci.containers.start(&o.id, &o.spec, &o.image.rootfs).await {
+        let stdin = self.spec["stdin"].as_bool() == Some(true);
+        let (term, slave) = if self.spec["tty"].as_bool() == Some(true) {
+            match Terminal::open() {
+                Ok((t, s)) => (Some(Arc::new(t)), Some(s)),
+                Err(e) => {
+                    return Outcome {
+                        exit_code: 128,
+                        error: Some(format!("a terminal for the container: {e}")),
+                        ..Outcome::default()
+                    }
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let mut r = match oci
+            .containers
+            .start(&o.id, &o.spec, &o.image.rootfs, stdin, slave)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 return Outcome {
@@ -2623,6 +2712,18 @@ impl Worker {
             u.insert(o.id.clone(), o.image.digest.clone());
         }
         let mut pumps = Vec::new();
+        if let Some(t) = term.clone() {
+            // A terminal has one output stream.
+            let w = o.log.clone();
+            pumps.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 32 << 10];
+                while let Ok(n @ 1..) = t.read(&mut buf).await {
+                    if w.write("stdout", &buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
         if let Some(mut out) = r.stdout.take() {
             let mut w = o.log.stream("stdout");
             pumps.push(tokio::spawn(async move {
@@ -2635,6 +2736,17 @@ impl Worker {
                 let _ = tokio::io::copy(&mut err, &mut w).await;
             }));
         }
+        let live = self.live(Live {
+            log: o.log.clone(),
+            stdin: match term {
+                Some(t) => Some(Input::Terminal(t)),
+                None => r
+                    .stdin
+                    .take()
+                    .map(|w| Input::Pipe(Arc::new(tokio::sync::Mutex::new(Some(w))))),
+            },
+            once: self.spec["stdinOnce"].as_bool() == Some(true),
+        });
         let ended = tokio::select! {
             out = r.wait() => Some(out),
             () = stop.wait() => None,
@@ -2656,6 +2768,7 @@ impl Worker {
         for p in pumps {
             let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
         }
+        drop(live);
         if let Ok(mut u) = oci.in_use.lock() {
             u.remove(&o.id);
         }
@@ -3032,7 +3145,7 @@ fn exec_in(containers: Containers, id: String) -> probe::ExecIn {
         Box::pin(async move {
             // Dropped when the probe's time is up, which kills the command.
             let mut exec = containers
-                .exec(&id, &cmd)
+                .exec(&id, &cmd, None)
                 .await
                 .map_err(|e| e.to_string())?;
             drop(exec.0.stdin.take());

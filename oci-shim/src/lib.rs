@@ -1,7 +1,8 @@
 //! OCI images and containers for the node agent. It owns pulling from real registries
 //! ([`registry`]: Wasm artifacts and container images), the node's content store of blobs and
 //! unpacked images ([`store`], [`unpack`]), the runtime spec a pod's container runs under
-//! ([`spec`]), and running containers with youki's libcontainer ([`run`]).
+//! ([`spec`]), running containers with youki's libcontainer ([`run`]), and the
+//! pseudo-terminals of those that ask for one ([`tty`]).
 //!
 //! ```text
 //!  agent (tokio) ── Containers::start ──▶ oci-zygote ── fork ──▶ oci-run helper (one thread)
@@ -20,6 +21,7 @@ pub mod registry;
 pub mod run;
 pub mod spec;
 pub mod store;
+pub mod tty;
 pub mod unpack;
 pub mod zygote;
 

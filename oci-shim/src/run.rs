@@ -106,13 +106,14 @@ pub fn main(args: &[String]) -> i32 {
                     return 2;
                 }
             };
+            let tty = args.iter().take_while(|a| *a != "--").any(|a| a == "--tty");
             let cmd: Vec<String> = args
                 .iter()
                 .skip_while(|a| *a != "--")
                 .skip(1)
                 .cloned()
                 .collect();
-            match exec(&root, &id, cmd) {
+            match exec(&root, &id, cmd, tty) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("{e}");
@@ -332,8 +333,17 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, layers: &Path, lower: &Path)
         return fail(e);
     }
     let stdio = || -> std::io::Result<_> {
+        let input = bundle.join(STDIN);
         Ok((
-            std::fs::File::open("/dev/null")?,
+            // On a terminal (the container's spec has `tty`), stdin is the terminal too.
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?)
+            } else if input.exists() {
+                // Opened for reading only, and blocking as a program expects its stdin.
+                std::fs::File::open(input)?
+            } else {
+                std::fs::File::open("/dev/null")?
+            },
             std::io::stdout().as_fd().try_clone_to_owned()?,
             std::io::stderr().as_fd().try_clone_to_owned()?,
         ))
@@ -431,7 +441,7 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, layers: &Path, lower: &Path)
 
 /// Run `cmd` inside running container `id`, with this process's stdio; its exit code.
 #[cfg(feature = "containers")]
-pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
+pub fn exec(root: &Path, id: &str, cmd: Vec<String>, tty: bool) -> Result<i32, String> {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
     use nix::sys::wait::{waitpid, WaitStatus};
@@ -446,6 +456,13 @@ pub fn exec(root: &Path, id: &str, cmd: Vec<String>) -> Result<i32, String> {
         .with_stdout(std::io::stdout().as_fd().try_clone_to_owned().map_err(io)?)
         .with_stderr(std::io::stderr().as_fd().try_clone_to_owned().map_err(io)?)
         .as_tenant()
+        // On a terminal (this helper's stdio), programs want to know what kind, as under
+        // runc's `exec -t`.
+        .with_env(if tty {
+            [("TERM".to_string(), "xterm".to_string())].into()
+        } else {
+            Default::default()
+        })
         .with_container_args(cmd)
         .with_detach(false)
         .build()
@@ -485,11 +502,20 @@ pub struct Exec(pub tokio::process::Child);
 impl Exec {
     /// End the command: the helper passes this on as SIGKILL.
     pub fn stop(&self) {
-        if let Some(pid) = self.0.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        self.stopper()();
+    }
+
+    /// What [`Exec::stop`]s the command, for use while it is being waited for; only to be
+    /// called before that wait has returned (the pid may be another process's after).
+    pub fn stopper(&self) -> impl Fn() + Send + 'static {
+        let pid = self.0.id().and_then(|p| i32::try_from(p).ok());
+        move || {
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
         }
     }
 }
@@ -523,7 +549,28 @@ fn prepare(b: &Path, config: &[u8]) -> std::io::Result<()> {
     drop(lock);
     let _ = std::fs::remove_file(b.join("exit.json"));
     let _ = std::fs::remove_file(b.join(STARTED));
+    let _ = std::fs::remove_file(b.join(STDIN));
     std::fs::write(b.join("config.json"), config)
+}
+
+/// The FIFO in a bundle that is its container's stdin, where the pod's spec asks for one
+/// (`stdin: true`, what `kubectl attach` and `kubectl run -i` write to); without it the
+/// container's stdin is `/dev/null`.
+const STDIN: &str = "stdin";
+
+/// Make the bundle's [`STDIN`] FIFO and open it for the agent: read and write, so opening
+/// never waits for a reader and the helper's open for reading never waits for a writer. The
+/// container reads the end of its input once the agent closes this, the only writer.
+fn stdin_fifo(b: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let p = b.join(STDIN);
+    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&p)?;
+    Ok(f.into())
 }
 
 /// The file in a bundle its helper holds locked while it runs.
@@ -558,7 +605,7 @@ pub fn helper(_root: &Path, _id: &str, _bundle: &Path, _layers: &Path, _lower: &
 }
 
 #[cfg(not(feature = "containers"))]
-pub fn exec(_root: &Path, _id: &str, _cmd: Vec<String>) -> Result<i32, String> {
+pub fn exec(_root: &Path, _id: &str, _cmd: Vec<String>, _tty: bool) -> Result<i32, String> {
     Err(NO_CONTAINERS.into())
 }
 
@@ -673,6 +720,8 @@ pub struct Running {
     signals: tokio::net::UnixStream,
     pub stdout: Option<tokio::net::unix::pipe::Receiver>,
     pub stderr: Option<tokio::net::unix::pipe::Receiver>,
+    /// The container's stdin, when started with one; dropping it ends the container's input.
+    pub stdin: Option<tokio::net::unix::pipe::Sender>,
     bundle: PathBuf,
     /// What the helper has written on the socket: the outcome, at the end.
     said: Vec<u8>,
@@ -710,8 +759,18 @@ impl Containers {
             .collect()
     }
 
-    /// Write `spec` as the bundle of container `id` and start its helper over `lower`.
-    pub async fn start(&self, id: &str, spec: &Value, lower: &Path) -> Result<Running, Error> {
+    /// Write `spec` as the bundle of container `id` and start its helper over `lower`; with
+    /// `stdin`, the container reads [`Running::stdin`]; given a `terminal` (the process's
+    /// side of a [`crate::tty::Terminal`]), that is its stdin, stdout and stderr instead.
+    pub async fn start(
+        &self,
+        id: &str,
+        spec: &Value,
+        lower: &Path,
+        stdin: bool,
+        terminal: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Running, Error> {
+        let stdin = stdin && terminal.is_none();
         let bundle = self.bundle(id);
         let utf8 = |p: &Path| {
             p.to_str()
@@ -733,14 +792,29 @@ impl Containers {
         ];
         let io = |e: std::io::Error| Error::Create(format!("starting the helper: {e}"));
         let (signals, their_signals) = std::os::unix::net::UnixStream::pair().map_err(io)?;
-        let (stdout, their_stdout) = std::io::pipe().map_err(io)?;
-        let (stderr, their_stderr) = std::io::pipe().map_err(io)?;
+        let (output, their_stdout, their_stderr) = match terminal {
+            Some(t) => (None, t.try_clone().map_err(io)?, t),
+            None => {
+                let (stdout, their_stdout) = std::io::pipe().map_err(io)?;
+                let (stderr, their_stderr) = std::io::pipe().map_err(io)?;
+                (
+                    Some((stdout, stderr)),
+                    their_stdout.into(),
+                    their_stderr.into(),
+                )
+            }
+        };
         let (zygote, exe) = (self.zygote.clone(), self.exe.clone());
         let (b, config) = (bundle.clone(), serde_json::to_vec(spec).unwrap_or_default());
         // The bundle and the fork in one trip to the blocking pool: each trip is a thread
         // wake-up on the way to a container.
-        tokio::task::spawn_blocking(move || {
+        let input = tokio::task::spawn_blocking(move || {
             prepare(&b, &config).map_err(|e| Error::io(b.display(), e))?;
+            let input = if stdin {
+                Some(stdin_fifo(&b).map_err(|e| Error::io(b.join(STDIN).display(), e))?)
+            } else {
+                None
+            };
             let starting = |e: std::io::Error| {
                 Error::Create(format!("starting the helper ({}): {e}", exe.display()))
             };
@@ -760,7 +834,7 @@ impl Containers {
                 }
                 let Some(z) = slot.as_mut() else { continue };
                 let failed = match z.fork(&args, stdio) {
-                    Ok(_) => return Ok(()),
+                    Ok(_) => return Ok(input),
                     Err(e) => e,
                 };
                 // A zygote that failed (dead, or silent past its time) is not asked again.
@@ -777,10 +851,18 @@ impl Containers {
         let pipe = |r: std::io::PipeReader| {
             tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(r))
         };
+        let (stdout, stderr) = match output {
+            Some((o, e)) => (Some(pipe(o).map_err(io)?), Some(pipe(e).map_err(io)?)),
+            None => (None, None),
+        };
         Ok(Running {
             signals: tokio::net::UnixStream::from_std(signals).map_err(io)?,
-            stdout: Some(pipe(stdout).map_err(io)?),
-            stderr: Some(pipe(stderr).map_err(io)?),
+            stdout,
+            stderr,
+            stdin: input
+                .map(tokio::net::unix::pipe::Sender::from_owned_fd)
+                .transpose()
+                .map_err(io)?,
             bundle,
             said: Vec::new(),
         })
@@ -808,27 +890,41 @@ impl Containers {
         let _ = std::fs::remove_file(bundle.join(STARTED));
     }
 
-    /// A command in running container `id`, with piped stdio; it ends with the exit code.
-    /// A container still being created is waited for, up to [`START_WAIT`].
-    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<Exec, Error> {
+    /// A command in running container `id`, with piped stdio or, given one, on `terminal`
+    /// (the process's side of a [`crate::tty::Terminal`]); it ends with the exit code. A
+    /// container still being created is waited for, up to [`START_WAIT`].
+    pub async fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        terminal: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Exec, Error> {
         if !self.started(id).await {
             return Err(Error::Create(format!("container {id} is not running")));
         }
-        tokio::process::Command::new(&self.exe)
-            .arg("oci-exec")
+        let starting =
+            |e: std::io::Error| Error::Create(format!("starting {}: {e}", self.exe.display()));
+        let mut c = tokio::process::Command::new(&self.exe);
+        c.arg("oci-exec")
             .arg("--root")
             .arg(self.state())
             .arg("--id")
             .arg(id)
-            .arg("--")
-            .args(cmd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| Error::Create(format!("starting {}: {e}", self.exe.display())))
-            .map(Exec)
+            .kill_on_drop(false);
+        match terminal {
+            Some(t) => {
+                c.arg("--tty")
+                    .stdin(Stdio::from(t.try_clone().map_err(starting)?))
+                    .stdout(Stdio::from(t.try_clone().map_err(starting)?))
+                    .stderr(Stdio::from(t));
+            }
+            None => {
+                c.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+            }
+        }
+        c.arg("--").args(cmd).spawn().map_err(starting).map(Exec)
     }
 }
 

@@ -39,6 +39,28 @@ fn pod(name: &str, image: &str, policy: &str, command: &str, extra: &str) -> Str
     )
 }
 
+/// kubectl 1.`minor` (or the one on PATH) run with `args` (shell words) on a terminal, faked
+/// with script(1): how it ended, and what it printed there without carriage returns.
+fn on_terminal(
+    up: &Up,
+    minor: Option<&str>,
+    args: &str,
+) -> anyhow::Result<(std::process::Output, String)> {
+    let k = outpost_tests::kubectl_bin(minor)?;
+    let out = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} --kubeconfig {} {args}",
+            k.display(),
+            up.kubeconfig.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    Ok((out, text))
+}
+
 /// Whether the `SigIgn:` line of a `/proc/PID/status` in `text` has SIGPIPE (bit 12).
 fn sigpipe_ignored(text: &str) -> Option<bool> {
     text.lines()
@@ -249,24 +271,17 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
             "{v}: {r:?}"
         );
     }
-    // With a terminal (-t, faked with script(1)): one output stream, the exit code, over
-    // both protocols.
+    // With a terminal (-t, faked with script(1)): the command runs on a pseudo-terminal
+    // (one output stream), and its exit code comes back, over both protocols.
     for v in [None, Some("1.27")] {
-        let k = outpost_tests::kubectl_bin(v)?;
-        let out = std::process::Command::new("script")
-            .args(["-qec"])
-            .arg(format!(
-                "{} --kubeconfig {} exec -it box -- sh -c 'echo on a tty; echo err >&2; exit 3'",
-                k.display(),
-                up.kubeconfig.display()
-            ))
-            .arg("/dev/null")
-            .stdin(std::process::Stdio::null())
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let (out, text) = on_terminal(
+            &up,
+            v,
+            "exec -it box -- sh -c 'test -t 0 && test -t 1 && echo on a $TERM tty; echo err >&2; exit 3'",
+        )?;
         assert_eq!(out.status.code(), Some(3), "{v:?}: {text}");
         assert!(
-            text.contains("on a tty") && text.contains("err") && !text.contains("Unknown stream"),
+            text.contains("on a xterm tty\nerr\n") && !text.contains("Unknown stream"),
             "{v:?}: {text}"
         );
     }
@@ -497,6 +512,110 @@ fn bad_images_are_refused_with_reasons() -> anyhow::Result<()> {
             "{name} wrote outside its root"
         );
     }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn attach_and_run_interactively() -> anyhow::Result<()> {
+    let (_reg, image, _dir, up) = cluster()?;
+    // kubectl run -i: the pod's stdin (stdinOnce) is what kubectl reads, until its end.
+    let r = up.kubectl_in(
+        &[
+            "run",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            "reader",
+            &format!("--image={image}"),
+            "--",
+            "sh",
+            "-c",
+            "read first; echo \"got $first\"; cat; echo done",
+        ],
+        "one\ntwo\nthree\n",
+    )?;
+    assert!(r.ok, "{r:?}");
+    assert!(r.stdout.contains("got one\ntwo\nthree\ndone"), "{r:?}");
+    assert!(r.stdout.contains("pod \"reader\" deleted"), "{r:?}");
+    assert!(
+        !r.stderr.contains("falling back"),
+        "attached, not logs: {r:?}"
+    );
+    // kubectl run -it (a terminal faked with script(1)): the container's stdio is a
+    // terminal, and kubectl shows what it prints once attached.
+    let (out, text) = on_terminal(
+        &up,
+        None,
+        &format!("run -it --restart=Never tty --image={image} -- sh -c 'test -t 0 && test -t 1 && test -t 2 && echo on a tty; sleep 3; echo bye'"),
+    )?;
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("bye\n") && !text.contains("falling back"),
+        "{text}"
+    );
+    let logs = up.kubectl(&["logs", "tty"])?.expect_ok("logs tty")?.stdout;
+    // What the client typed (script(1) sends a NUL) is echoed among it, as on any terminal.
+    assert_eq!(logs.replace('\r', "").replace("^@", ""), "on a tty\nbye\n");
+    // kubectl attach follows a running container's output until it ends, over WebSocket and
+    // (kubectl 1.27) SPDY.
+    for (name, minor) in [("ticker", None), ("ticker-old", Some("1.27"))] {
+        up.kubectl_in(
+            &["apply", "-f", "-"],
+            &pod(
+                name,
+                &image,
+                "Never",
+                r#"["sh", "-c", "sleep 1; for i in 1 2 3 4 5 6 7 8 9 10; do echo tick $i; echo tock $i >&2; sleep 0.2; done"]"#,
+                "",
+            ),
+        )?
+        .expect_ok("apply ticker")?;
+        up.wait_field(60, &["pod", name], "{.status.phase}", |p| p == "Running")?;
+        let r = match minor {
+            Some(v) => up.kubectl_v(v, &["attach", name])?,
+            None => up.kubectl(&["attach", name])?,
+        };
+        assert!(r.ok, "{minor:?}: {r:?}");
+        assert!(r.stdout.contains("tick 10\n"), "{minor:?}: {r:?}");
+        assert!(!r.stdout.contains("tock"), "{minor:?}: {r:?}");
+        assert!(r.stderr.contains("tock 10\n"), "{minor:?}: {r:?}");
+    }
+    // An ended container has nothing to attach to.
+    up.wait_field(30, &["pod", "ticker"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let r = up.kubectl(&["attach", "ticker"])?;
+    assert!(!r.ok, "{r:?}");
+    assert!(r.stderr.contains("completed pod"), "{r:?}");
+    // A Wasm guest's output can be followed too; its run's end ends the attach.
+    let sleeper = example("sleeper")?;
+    up.outpost(&["module", "push", sleeper.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod("guest", "module:sleeper", "Never", "[\"sleeper\"]", ""),
+    )?
+    .expect_ok("apply guest")?;
+    up.wait_field(60, &["pod", "guest"], "{.status.phase}", |p| p == "Running")?;
+    let k = outpost_tests::kubectl_bin(None)?;
+    let attached = std::process::Command::new(&k)
+        .arg("--kubeconfig")
+        .arg(&up.kubeconfig)
+        .args(["attach", "guest"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    up.kubectl(&["delete", "pod", "guest", "--wait=false"])?
+        .expect_ok("delete guest")?;
+    let t = std::time::Instant::now();
+    let out = attached.wait_with_output()?;
+    assert!(
+        out.status.success() && t.elapsed() < std::time::Duration::from_secs(20),
+        "{out:?} after {:?}",
+        t.elapsed()
+    );
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //! `<RFC 3339 time> <stdout|stderr> <F|P> <text>`, where `P` marks a write that did not end
 //! its line (the text continues in the next record). A log rotates at a size bound into one
 //! `.1` file beside it, so a chatty guest holds at most twice the bound on the node's flash.
-//! [`Log`] is the guests' stdout and stderr; [`records`] reads a file back.
+//! [`Log`] is the guests' stdout and stderr; [`records`] reads a file back. A run's output
+//! can also be followed live ([`Log::tap`], what `kubectl attach` reads) until the run ends
+//! ([`Log::end`]).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -16,12 +18,21 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 /// Size at which a log rotates, as the kubelet's `containerLogMaxSize` default.
 pub const MAX: u64 = 10 << 20;
 
+/// Output chunks a tap holds for a slow reader; past them it misses output (the file keeps
+/// it all).
+const TAP_CHUNKS: usize = 256;
+
+/// A chunk of a run's output as written: from stderr (`true`) or stdout.
+pub type Chunk = (bool, Bytes);
+
 /// One container run's log file, shared by its stdout and stderr (and, for an HTTP
 /// component, by every request's instance).
 pub struct Log {
     path: PathBuf,
     max: u64,
     file: Mutex<(File, u64)>,
+    /// Live readers of the output; `None` once the run has ended.
+    tap: Mutex<Option<tokio::sync::broadcast::Sender<Chunk>>>,
 }
 
 impl std::fmt::Debug for Log {
@@ -49,13 +60,31 @@ impl Log {
             path: path.to_path_buf(),
             max: max.max(4096),
             file: Mutex::new((file, size)),
+            tap: Mutex::new(Some(tokio::sync::broadcast::channel(TAP_CHUNKS).0)),
         }))
+    }
+
+    /// The run's output from now on, until it ends; `None` when it has ended already.
+    pub fn tap(&self) -> Option<tokio::sync::broadcast::Receiver<Chunk>> {
+        self.tap.lock().ok()?.as_ref().map(|t| t.subscribe())
+    }
+
+    /// The run has ended: taps see the end once they have read what came before it.
+    pub fn end(&self) {
+        if let Ok(mut t) = self.tap.lock() {
+            *t = None;
+        }
     }
 
     /// Write `bytes` from `stream` as records stamped now.
     pub fn write(&self, stream: &str, bytes: &[u8]) -> std::io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
+        }
+        if let Some(t) = self.tap.lock().ok().as_ref().and_then(|t| t.as_ref()) {
+            if t.receiver_count() > 0 {
+                let _ = t.send((stream == "stderr", Bytes::copy_from_slice(bytes)));
+            }
         }
         let now = jiff::Timestamp::now();
         let mut out = Vec::with_capacity(bytes.len() + 48);
@@ -245,5 +274,30 @@ mod tests {
         let old = std::fs::metadata(rotated(&p)).unwrap().len();
         assert!(cur <= 4096 && old <= 4096, "{cur} {old}");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_tap_sees_output_from_its_start_to_the_runs_end() {
+        let d = tempfile::tempdir().unwrap();
+        let log = Log::open(&d.path().join("0.log"), 4096).unwrap();
+        log.write("stdout", b"before\n").unwrap();
+        let mut tap = log.tap().unwrap();
+        log.write("stdout", b"one\n").unwrap();
+        log.write("stderr", b"two").unwrap();
+        log.end();
+        log.write("stdout", b"after the end\n").unwrap();
+        assert_eq!(
+            tap.try_recv().unwrap(),
+            (false, Bytes::from_static(b"one\n"))
+        );
+        assert_eq!(tap.try_recv().unwrap(), (true, Bytes::from_static(b"two")));
+        assert_eq!(
+            tap.try_recv(),
+            Err(tokio::sync::broadcast::error::TryRecvError::Closed)
+        );
+        assert!(log.tap().is_none(), "no tap on an ended run");
+        // The file has everything.
+        let data = std::fs::read(d.path().join("0.log")).unwrap();
+        assert_eq!(text(&data), b"before\none\ntwoafter the end\n");
     }
 }

@@ -1,6 +1,6 @@
-//! `kubectl exec`: the client's WebSocket (the channel protocol, v5 or v4) turned into one
-//! node-link stream ([`Down::Exec`]) to the pod's node, which runs the command in the
-//! container.
+//! `kubectl exec` and `kubectl attach`: the client's WebSocket (the channel protocol, v5 or
+//! v4) turned into one node-link stream ([`Down::Exec`], [`Down::Attach`]) to the pod's node,
+//! which runs the command in the container or joins the container's own input and output.
 //!
 //! ```text
 //! client ── binary messages, first byte the channel ──▶ API ── ExecFrame ──▶ node
@@ -37,14 +37,17 @@ const SPDY_PROTOCOL: &str = "v4.channel.k8s.io";
 /// Bytes read from the client at a time.
 const CHUNK: usize = 32 << 10;
 
-/// Check the request, answer the upgrade, and serve the session once hyper hands it over.
+/// Check the request, answer the upgrade, and serve the session once hyper hands it over:
+/// an attach with `attach`, else an exec.
 pub(super) fn serve(
     api: &Arc<Api>,
     pod: &Value,
     headers: &HeaderMap,
     q: &Query,
     upgrade: Option<OnUpgrade>,
+    attach: bool,
 ) -> Result<Response, ApiError> {
+    let what = if attach { "attach" } else { "exec" };
     let name = pod["metadata"]["name"].as_str().unwrap_or("");
     let containers = pod["spec"]["containers"]
         .as_array()
@@ -63,17 +66,19 @@ pub(super) fn serve(
             "container {container} is not valid for pod {name}"
         )));
     };
-    if pod["spec"]["runtimeClassName"] == "wasm"
-        || spec["image"]
-            .as_str()
-            .is_some_and(|i| i.starts_with("module:"))
+    // A Wasm guest's output can be followed; there is nothing in it to exec.
+    if !attach
+        && (pod["spec"]["runtimeClassName"] == "wasm"
+            || spec["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("module:")))
     {
         return Err(ApiError::BadRequest(format!(
             "container {container} of pod {name} runs on the Wasm runtime: a Wasm guest has no shell or other process to exec into; use kubectl logs to see its output"
         )));
     }
     let command: Vec<String> = q.all("command").into_iter().map(String::from).collect();
-    if command.is_empty() {
+    if command.is_empty() && !attach {
         return Err(ApiError::BadRequest(
             "you must specify at least one command for the container".into(),
         ));
@@ -86,9 +91,11 @@ pub(super) fn serve(
     }
     let phase = pod["status"]["phase"].as_str().unwrap_or("");
     if phase == "Succeeded" || phase == "Failed" {
-        return Err(ApiError::BadRequest(format!(
-            "cannot exec into a container in a completed pod; current phase is {phase}"
-        )));
+        return Err(ApiError::BadRequest(if attach {
+            format!("cannot attach a container in a completed pod; current phase is {phase}")
+        } else {
+            format!("cannot exec into a container in a completed pod; current phase is {phase}")
+        }));
     }
     let upgrade_to = headers
         .get(header::UPGRADE)
@@ -96,13 +103,15 @@ pub(super) fn serve(
         .unwrap_or("")
         .to_ascii_lowercase();
     let upgrade = upgrade.ok_or_else(|| {
-        ApiError::BadRequest("exec needs an HTTP/1.1 connection that can be upgraded".into())
+        ApiError::BadRequest(format!(
+            "{what} needs an HTTP/1.1 connection that can be upgraded"
+        ))
     })?;
     let mut reply = Response::new(axum::body::Body::empty());
     *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let websocket = match upgrade_to.as_str() {
         "websocket" => {
-            accept_websocket(headers, reply.headers_mut(), &PROTOCOLS, "exec")?;
+            accept_websocket(headers, reply.headers_mut(), &PROTOCOLS, what)?;
             true
         }
         "spdy/3.1" => {
@@ -110,7 +119,7 @@ pub(super) fn serve(
             if !offered.iter().any(|o| o == SPDY_PROTOCOL) {
                 return Err(ApiError::Forbidden {
                     message: format!(
-                        "unable to upgrade: no common exec protocol: the client offered [{}], the server speaks [{SPDY_PROTOCOL}] over SPDY",
+                        "unable to upgrade: no common {what} protocol: the client offered [{}], the server speaks [{SPDY_PROTOCOL}] over SPDY",
                         offered.join(", ")
                     ),
                 });
@@ -125,9 +134,9 @@ pub(super) fn serve(
             false
         }
         _ => {
-            return Err(ApiError::BadRequest(
-                "Upgrade request required: exec is a WebSocket or SPDY/3.1 connection".into(),
-            ))
+            return Err(ApiError::BadRequest(format!(
+                "Upgrade request required: {what} is a WebSocket or SPDY/3.1 connection"
+            )))
         }
     };
     let req = ExecRequest {
@@ -146,8 +155,13 @@ pub(super) fn serve(
         stdout: q.flag("stdout"),
         stderr: !req.tty && q.flag("stderr"),
     };
+    let req = if attach {
+        Down::Attach(req)
+    } else {
+        Down::Exec(req)
+    };
     let api = api.clone();
-    when_upgraded(upgrade, "exec", move |io| async move {
+    when_upgraded(upgrade, what, move |io| async move {
         if websocket {
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
             over_websocket(api, node, req, ws).await;
@@ -162,6 +176,21 @@ pub(super) fn serve(
 enum In {
     Stdin(Vec<u8>),
     StdinEnd,
+    /// Its terminal's new size, columns and rows.
+    Resize(u16, u16),
+}
+
+/// The terminal sizes in `b`, one JSON object (`{"Width": W, "Height": H}`) after another,
+/// as kubectl sends them on the resize channel or stream; whatever else is skipped.
+fn sizes(b: &[u8]) -> Vec<In> {
+    serde_json::Deserializer::from_slice(b)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .filter_map(|v| {
+            let dim = |k: &str| v[k].as_u64().and_then(|n| u16::try_from(n).ok());
+            Some(In::Resize(dim("Width")?, dim("Height")?))
+        })
+        .collect()
 }
 
 /// The streams a SPDY client opens: error always, the others as the query asks.
@@ -185,25 +214,31 @@ fn status(code: i32, error: Option<String>) -> Value {
     }
 }
 
-/// Run `req` on `node`: the client's input from `input`, output to `out` by channel (1
-/// stdout, 2 stderr), and last the Status on channel 3.
+/// Run `down` (an exec or an attach) on `node`: the client's input from `input`, output to
+/// `out` by channel (1 stdout, 2 stderr), and last the Status on channel 3.
 async fn run(
     api: Arc<Api>,
     node: String,
-    req: ExecRequest,
+    down: Down,
     mut input: mpsc::Receiver<In>,
     out: mpsc::Sender<(u8, Vec<u8>)>,
 ) {
+    let (req, verb) = match &down {
+        Down::Attach(r) => (r, "attach to"),
+        Down::Exec(r) => (r, "exec in"),
+        _ => return,
+    };
     let what = format!("{}/{} container {}", req.namespace, req.pod, req.container);
     // A terminal has one output stream, and a client that asked for one reads no other.
     let err_channel = if req.tty { 1 } else { 2 };
-    let ending = match api.links.open_duplex(&node, &Down::Exec(req)).await {
+    let ending = match api.links.open_duplex(&node, &down).await {
         Ok((head, mut send, mut recv)) if head.status == 200 => {
             let feed = tokio::spawn(async move {
                 while let Some(i) = input.recv().await {
                     let f = match i {
                         In::Stdin(b) => ExecFrame::Stdin(b),
                         In::StdinEnd => ExecFrame::StdinEnd,
+                        In::Resize(width, height) => ExecFrame::Resize { width, height },
                     };
                     if write_frame(&mut send, &f, MAX_FRAME).await.is_err() {
                         return;
@@ -222,7 +257,7 @@ async fn run(
                     Err(e) => {
                         break Some(status(
                             0,
-                            Some(format!("exec in {what}: the node's stream ended: {e}")),
+                            Some(format!("{verb} {what}: the node's stream ended: {e}")),
                         ))
                     }
                 };
@@ -243,7 +278,7 @@ async fn run(
             }
             Some(s)
         }
-        Err(e) => Some(status(0, Some(format!("exec in {what}: {e}")))),
+        Err(e) => Some(status(0, Some(format!("{verb} {what}: {e}")))),
     };
     if let Some(s) = ending {
         let _ = out.send((3, s.to_string().into_bytes())).await;
@@ -257,7 +292,7 @@ fn framed(channel: u8, b: &[u8]) -> Message {
     Message::binary(m)
 }
 
-async fn over_websocket<S>(api: Arc<Api>, node: String, req: ExecRequest, ws: WebSocketStream<S>)
+async fn over_websocket<S>(api: Arc<Api>, node: String, req: Down, ws: WebSocketStream<S>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -272,13 +307,16 @@ where
                 Message::Close(_) => break,
                 _ => continue,
             };
-            let i = match b.split_first() {
-                Some((0, rest)) if !rest.is_empty() => In::Stdin(rest.to_vec()),
-                Some((255, [0])) => In::StdinEnd,
+            let is = match b.split_first() {
+                Some((0, rest)) if !rest.is_empty() => vec![In::Stdin(rest.to_vec())],
+                Some((255, [0])) => vec![In::StdinEnd],
+                Some((4, rest)) => sizes(rest),
                 _ => continue,
             };
-            if in_tx.send(i).await.is_err() {
-                return;
+            for i in is {
+                if in_tx.send(i).await.is_err() {
+                    return;
+                }
             }
         }
     });
@@ -305,6 +343,7 @@ struct Streams {
     stdin: Option<u32>,
     stdout: Option<u32>,
     stderr: Option<u32>,
+    resize: Option<u32>,
 }
 
 impl Streams {
@@ -316,7 +355,7 @@ impl Streams {
     }
 }
 
-async fn over_spdy<IO>(api: Arc<Api>, node: String, req: ExecRequest, wants: Wants, io: IO)
+async fn over_spdy<IO>(api: Arc<Api>, node: String, req: Down, wants: Wants, io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -390,8 +429,9 @@ where
                             Some("stdin") => &mut streams.stdin,
                             Some("stdout") => &mut streams.stdout,
                             Some("stderr") => &mut streams.stderr,
-                            // Window sizes: accepted, and ignored (commands get no pty).
+                            // Window sizes: not one the session waits for.
                             Some("resize") => {
+                                streams.resize = Some(id);
                                 if raw_tx.send(replies.syn_reply(id)).await.is_err() {
                                     return;
                                 }
@@ -422,6 +462,11 @@ where
                             }
                         }
                     }
+                    Frame::Data { id, data, .. } if Some(*id) == streams.resize => {
+                        for i in sizes(data) {
+                            let _ = in_tx.send(i).await;
+                        }
+                    }
                     Frame::Data { id, fin, data } if Some(*id) == streams.stdin => {
                         if !data.is_empty() {
                             let _ = in_tx.send(In::Stdin(data.to_vec())).await;
@@ -448,4 +493,25 @@ where
     // Every sender is gone once `input` is dropped: the writer flushes and closes.
     drop(input);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_sizes_are_read_one_object_after_another() {
+        let got: Vec<(u16, u16)> =
+            sizes(b"{\"Width\":80,\"Height\":24}\n{\"Width\":120,\"Height\":40}\n")
+                .into_iter()
+                .filter_map(|i| match i {
+                    In::Resize(w, h) => Some((w, h)),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(got, [(80, 24), (120, 40)]);
+        // Nonsense and sizes out of range are skipped, not a failure.
+        assert!(sizes(b"{\"Width\":99999,\"Height\":1}").is_empty());
+        assert!(sizes(b"not json").is_empty());
+    }
 }

@@ -328,25 +328,11 @@ pub(super) async fn serve(
         }
         (Method::GET | Method::POST, Some(Sub::Exec)) => {
             let pod = get(&ctx, &name).await?;
-            super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade)
+            super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade, false)
         }
         (Method::GET | Method::POST, Some(Sub::Attach)) => {
             let pod = get(&ctx, &name).await?;
-            let wasm = pod["spec"]["runtimeClassName"] == "wasm"
-                || pod["spec"]["containers"].as_array().is_some_and(|c| {
-                    c.iter().any(|c| {
-                        c["image"]
-                            .as_str()
-                            .is_some_and(|i| i.starts_with("module:"))
-                    })
-                });
-            Err(ApiError::BadRequest(if wasm {
-                format!(
-                    "pod {name} runs on the Wasm runtime: a Wasm guest has no terminal to attach to; use kubectl logs -f to follow its output"
-                )
-            } else {
-                format!("attach is not served by Outpost nodes yet (pod {name}); use kubectl logs -f or kubectl exec")
-            }))
+            super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade, true)
         }
         (Method::GET, Some(Sub::Status)) => Ok(respond(StatusCode::OK, &get(&ctx, &name).await?)),
         (Method::GET, Some(Sub::Scale)) => {

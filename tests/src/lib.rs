@@ -1187,7 +1187,7 @@ fn oci_arch() -> &'static str {
 /// The tools a busybox image links to `/bin/busybox`.
 const BUSYBOX_TOOLS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "true", "false", "id", "env", "ls", "dd", "unshare", "hostname",
-    "head", "tr", "wc", "touch", "mkdir", "kill", "ps", "httpd", "ip", "wget", "rm",
+    "head", "tr", "wc", "touch", "mkdir", "kill", "ps", "httpd", "ip", "wget", "rm", "tar",
 ];
 
 /// One gzipped tar layer holding Debian's static busybox (busybox-static, which

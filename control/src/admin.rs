@@ -258,6 +258,8 @@ async fn add_member(
 
 async fn remove_member(State(s): State<Store>, Path(id): Path<u64>) -> Result<Response, ApiError> {
     s.remove_member(id).await?;
+    // Its API no longer serves the cluster: the `kubernetes` Service stops leading there.
+    crate::api::reconcile_api_endpoints(&s, None).await;
     Ok(Json(s.status()).into_response())
 }
 

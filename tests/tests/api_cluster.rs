@@ -105,6 +105,62 @@ async fn kubectl_through_every_member_and_after_leader_loss() -> anyhow::Result<
     })
     .await??;
 
+    // The `kubernetes` Service leads to every member's API: one EndpointSlice each, labelled
+    // with its member id, and their addresses in the Endpoints.
+    let endpoints = |cfg: PathBuf, want: usize| {
+        let r = root.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(String, String)> {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let slices = retry(
+                    &r,
+                    &cfg,
+                    &[
+                        "get",
+                        "endpointslices",
+                        "-l",
+                        "kubernetes.io/service-name=kubernetes",
+                        "-o",
+                        "jsonpath={range .items[*]}{.metadata.labels.outpost\\.dev/member} {.ports[0].port}{\"\\n\"}{end}",
+                    ],
+                )?
+                .stdout;
+                let ports = retry(
+                    &r,
+                    &cfg,
+                    &[
+                        "get",
+                        "endpoints",
+                        "kubernetes",
+                        "-o",
+                        "jsonpath={.subsets[*].ports[0].port}",
+                    ],
+                )?
+                .stdout;
+                if (slices.lines().count(), ports.split(' ').count()) == (want, want)
+                    || std::time::Instant::now() > deadline
+                {
+                    return Ok((slices, ports));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
+    let (slices, ports) = endpoints(cfgs[0].clone(), 3).await??;
+    for m in &members {
+        let port = m
+            .api
+            .as_deref()
+            .and_then(|a| a.rsplit(':').next())
+            .unwrap_or("");
+        ensure!(
+            slices.lines().any(|l| l == format!("{} {port}", m.id)),
+            "member {} at {port}: {slices}",
+            m.id
+        );
+        ensure!(ports.split(' ').any(|p| p == port), "{port} in {ports}");
+    }
+
     let c = client();
     let refs: Vec<&Member> = members.iter().collect();
     let lead = leader(&c, &refs).await?;
@@ -158,6 +214,30 @@ async fn kubectl_through_every_member_and_after_leader_loss() -> anyhow::Result<
         Ok(())
     })
     .await??;
+    // The dead member removed (through a survivor's admin API), the Service no longer leads
+    // to it.
+    let other = members.iter().find(|m| m.running()).context("a survivor")?;
+    let removed = c
+        .delete(other.url(&format!("/v1/members/{lead}")))
+        .send()
+        .await?;
+    ensure!(removed.status().is_success(), "{:?}", removed.text().await?);
+    let survivor = cfgs[(0..3).find(|i| *i != idx).context("survivor")?].clone();
+    let (slices, ports) = endpoints(survivor, 2).await??;
+    let dead = members[idx]
+        .api
+        .as_deref()
+        .and_then(|a| a.rsplit(':').next())
+        .unwrap_or("")
+        .to_string();
+    ensure!(
+        slices.lines().count() == 2 && !slices.lines().any(|l| l.starts_with(&format!("{lead} "))),
+        "{slices}"
+    );
+    ensure!(
+        ports.split(' ').count() == 2 && !ports.split(' ').any(|p| p == dead),
+        "{ports}"
+    );
     Ok(())
 }
 

@@ -47,7 +47,7 @@ use crate::store::Store;
 pub use auth::User;
 pub use error::ApiError;
 use resources::Resource;
-pub use rest::{now, rfc3339, seconds};
+pub use rest::{now, reconcile_api_endpoints, rfc3339, seconds};
 
 /// Request bodies larger than this are refused (the Kubernetes API server's limit is 3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;

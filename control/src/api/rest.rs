@@ -1345,10 +1345,15 @@ async fn publish_root_ca(api: &Arc<Api>, ns: &str) {
         .await;
 }
 
-/// Where the `kubernetes` Service leads, as kube-apiserver's endpoint reconciler keeps it:
-/// this member's API address (127.0.0.1 when it listens on every address) in the Endpoints
-/// `default/kubernetes`, beside the other members', and in an EndpointSlice of its own
-/// (members may listen on different ports, and a slice has one set of ports). A pod
+/// The label on the `kubernetes` Service's EndpointSlices naming the member whose API the
+/// slice leads to.
+const MEMBER_LABEL: &str = "outpost.dev/member";
+
+/// Lead the `kubernetes` Service to this member's API, as kube-apiserver's endpoint
+/// reconciler does: its address (127.0.0.1 when it listens on every address) in an
+/// EndpointSlice of its own (`kubernetes-HASH`: members may listen on different ports, and a
+/// slice has one set of ports) labelled with its member id, replacing any it published from
+/// another address before; then [`reconcile_api_endpoints`] writes the Endpoints. A pod
 /// reaches the API through its node's netd at the Service's cluster IP.
 async fn publish_api_endpoint(api: &Arc<Api>) {
     let Ok(addr) = api.server.parse::<std::net::SocketAddr>() else {
@@ -1359,17 +1364,118 @@ async fn publish_api_endpoint(api: &Arc<Api>) {
     } else {
         addr.ip().to_string()
     };
-    let port = json!({"name": "https", "port": addr.port(), "protocol": "TCP"});
+    let Some(slices) = resources::find("discovery.k8s.io", "v1", "endpointslices") else {
+        return;
+    };
+    let me = api.store.id().to_string();
+    let name = format!(
+        "kubernetes-{}",
+        &outpost_api::sha256_hex(api.server.as_bytes())[..10]
+    );
+    let key = slices.key(Some("default"), &name);
+    let old = match api.store.get(&key, Consistency::Linearizable).await {
+        Ok(kv) => kv,
+        Err(_) => return,
+    };
+    let mut slice = old
+        .as_ref()
+        .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        .unwrap_or_else(|| {
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": "default",
+                    "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()}})
+        });
+    let want = (
+        json!({"kubernetes.io/service-name": "kubernetes",
+               "endpointslice.kubernetes.io/skip-mirror": "true",
+               MEMBER_LABEL: me}),
+        json!([{"addresses": [ip], "conditions": {"ready": true}}]),
+        json!([{"name": "https", "port": addr.port(), "protocol": "TCP"}]),
+    );
+    let have = (
+        slice["metadata"]["labels"].clone(),
+        slice["endpoints"].clone(),
+        slice["ports"].clone(),
+    );
+    if have != want {
+        slice["metadata"]["labels"] = want.0;
+        slice["addressType"] = json!("IPv4");
+        slice["endpoints"] = want.1;
+        slice["ports"] = want.2;
+        let expect = old.map_or(Expect::Absent, |kv| Expect::ModRevision(kv.mod_revision));
+        let _ = api.store.put(&key, to_stored(&slice), expect).await;
+    }
+    reconcile_api_endpoints(&api.store, Some((&me, &key))).await;
+}
+
+/// Make the `kubernetes` Service's endpoints those of the current members: remove the
+/// EndpointSlices of members no longer in the membership (and, given `mine`, this member's
+/// id and current slice, its slices from other addresses), then write the Endpoints
+/// `default/kubernetes` from the slices left. Called as a member starts and when one is
+/// removed.
+pub async fn reconcile_api_endpoints(store: &crate::store::Store, mine: Option<(&str, &str)>) {
     let (Some(eps), Some(slices)) = (
         resources::find("", "v1", "endpoints"),
         resources::find("discovery.k8s.io", "v1", "endpointslices"),
     ) else {
         return;
     };
+    let Ok(found) = store
+        .range(
+            &slices.prefix(Some("default")),
+            None,
+            0,
+            Consistency::Linearizable,
+        )
+        .await
+    else {
+        return;
+    };
+    // After the range's read barrier: a removal committed through another member shows.
+    let members: std::collections::BTreeSet<String> =
+        store.status().members.keys().map(u64::to_string).collect();
+    // By port, the addresses leading to a member's API.
+    let mut ports: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for kv in found.kvs {
+        let Ok(o) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
+        let labels = &o["metadata"]["labels"];
+        if labels["kubernetes.io/service-name"] != "kubernetes" {
+            continue;
+        }
+        let member = labels[MEMBER_LABEL].as_str().unwrap_or("");
+        let stale = !members.contains(member)
+            || mine.is_some_and(|(me, key)| member == me && kv.key != key);
+        if stale {
+            let _ = store
+                .delete(&kv.key, Expect::ModRevision(kv.mod_revision))
+                .await;
+            continue;
+        }
+        let port = o["ports"][0]["port"].as_u64().unwrap_or(0);
+        for e in o["endpoints"].as_array().into_iter().flatten() {
+            for a in e["addresses"].as_array().into_iter().flatten() {
+                if let Some(a) = a.as_str() {
+                    let at = ports.entry(port).or_default();
+                    if !at.iter().any(|x| x == a) {
+                        at.push(a.to_string());
+                    }
+                }
+            }
+        }
+    }
+    let subsets: Vec<Value> = ports
+        .iter()
+        .map(|(port, ips)| {
+            let addresses: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+            json!({"addresses": addresses,
+                   "ports": [{"name": "https", "port": port, "protocol": "TCP"}]})
+        })
+        .collect();
     let key = eps.key(Some("default"), "kubernetes");
-    let old = match api.store.get(&key, Consistency::Linearizable).await {
-        Ok(kv) => kv,
-        Err(_) => return,
+    let Ok(old) = store.get(&key, Consistency::Linearizable).await else {
+        return;
     };
     let mut o = old
         .as_ref()
@@ -1378,47 +1484,13 @@ async fn publish_api_endpoint(api: &Arc<Api>) {
             json!({"apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": "kubernetes", "namespace": "default",
                     "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"},
-                    "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()},
-                "subsets": []})
+                    "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()}})
         });
-    let mut subsets = o["subsets"].as_array().cloned().unwrap_or_default();
-    let address = json!({"ip": ip});
-    match subsets.iter_mut().find(|s| s["ports"] == json!([port])) {
-        Some(s)
-            if s["addresses"]
-                .as_array()
-                .is_some_and(|a| a.contains(&address)) => {}
-        Some(s) => match s["addresses"].as_array_mut() {
-            Some(a) => a.push(address),
-            None => s["addresses"] = json!([address]),
-        },
-        None => subsets.push(json!({"addresses": [address], "ports": [port]})),
-    }
     if o["subsets"] != json!(subsets) {
         o["subsets"] = json!(subsets);
         let expect = old.map_or(Expect::Absent, |kv| Expect::ModRevision(kv.mod_revision));
-        let _ = api.store.put(&key, to_stored(&o), expect).await;
+        let _ = store.put(&key, to_stored(&o), expect).await;
     }
-    let name = format!(
-        "kubernetes-{}",
-        &outpost_api::sha256_hex(api.server.as_bytes())[..10]
-    );
-    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": "default",
-            "labels": {"kubernetes.io/service-name": "kubernetes",
-                       "endpointslice.kubernetes.io/skip-mirror": "true"},
-            "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
-        "ports": [port]});
-    let _ = api
-        .store
-        .put(
-            &slices.key(Some("default"), &name),
-            to_stored(&slice),
-            Expect::Absent,
-        )
-        .await;
 }
 
 /// What follows a create: every namespace gets its `default` service account and the

@@ -2201,12 +2201,20 @@ impl Worker {
                 })
             };
             let ran = match prepared {
-                Prepared::Wasm(runtime, module, cmd) => {
+                Prepared::Wasm(runtime, module, mut cmd) => {
+                    // A guest whose spec has `stdin` reads a pipe `kubectl attach` writes.
+                    let input = (self.spec["stdin"].as_bool() == Some(true))
+                        .then(tokio::net::unix::pipe::pipe)
+                        .and_then(Result::ok)
+                        .map(|(tx, rx)| {
+                            cmd.stdin = Some(Arc::new(Mutex::new(Some(rx))));
+                            Input::Pipe(Arc::new(tokio::sync::Mutex::new(Some(tx))))
+                        });
                     let live = cmd.log.clone().map(|log| {
                         self.live(Live {
                             log,
-                            stdin: None,
-                            once: false,
+                            stdin: input,
+                            once: self.spec["stdinOnce"].as_bool() == Some(true),
                         })
                     });
                     let ran = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
@@ -2388,6 +2396,7 @@ impl Worker {
                 env,
                 dirs,
                 log: Some(log),
+                stdin: None,
                 memory,
                 millicores,
                 listen,

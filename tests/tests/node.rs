@@ -254,6 +254,25 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
         |m| m.starts_with("ErrImagePull"),
     )?;
     assert!(msg.contains("no module named"), "{msg}");
+    // kubectl run -i: a Wasm guest reads what kubectl sends, to its end.
+    let r = up.kubectl_in(
+        &[
+            "run",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            "reader",
+            "--image=module:hello",
+            "--env=READ_STDIN=1",
+        ],
+        "one\ntwo\n",
+    )?;
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout.contains("read: one\nread: two\nend of input\n")
+            && !r.stderr.contains("falling back"),
+        "{r:?}"
+    );
     Ok(())
 }
 

@@ -108,6 +108,9 @@ pub struct Command {
     pub dirs: Vec<(PathBuf, String, bool)>,
     /// Where stdout and stderr go, as CRI log records; discarded when unset.
     pub log: Option<Arc<log::Log>>,
+    /// What the guest reads as stdin (`kubectl attach` writes the other end), taken by the
+    /// first instance; without it stdin is empty.
+    pub stdin: Option<Input>,
     /// Bytes of linear memory the guest may hold in total.
     pub memory: Option<u64>,
     /// CPU the guest may use, in thousandths of a core (`resources.limits.cpu`).
@@ -121,6 +124,9 @@ pub struct Command {
     /// resolver.
     pub resolve: Option<Resolve>,
 }
+
+/// The read end of a pipe that becomes a guest's stdin.
+pub type Input = Arc<std::sync::Mutex<Option<tokio::net::unix::pipe::Receiver>>>;
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -727,6 +733,9 @@ fn wasi_builder(cmd: &Command) -> Result<WasiCtxBuilder, Error> {
     }
     if let Some(log) = &cmd.log {
         b.stdout(log.stream("stdout")).stderr(log.stream("stderr"));
+    }
+    if let Some(input) = cmd.stdin.as_ref().and_then(|i| i.lock().ok()?.take()) {
+        b.stdin(wasmtime_wasi::cli::AsyncStdinStream::new(input));
     }
     Ok(b)
 }

@@ -1,5 +1,6 @@
-//! Prints a greeting, its arguments and the environment it was given, and each file named
-//! in `SHOW_FILES` (comma-separated paths, for example on a mounted volume), then exits 0,
+//! Prints a greeting, its arguments and the environment it was given, each file named in
+//! `SHOW_FILES` (comma-separated paths, for example on a mounted volume) and, with
+//! `READ_STDIN` set, each line of its stdin (what `kubectl run -i` sends), then exits 0,
 //! or with `EXIT_CODE` when that is set (only in the Job pod whose `JOB_COMPLETION_INDEX`
 //! equals `EXIT_INDEX`, when that is set too).
 fn main() {
@@ -20,6 +21,18 @@ fn main() {
             Ok(text) => println!("{path}: {text}"),
             Err(e) => println!("{path}: unreadable: {e}"),
         }
+    }
+    if std::env::var("READ_STDIN").is_ok() {
+        for line in std::io::stdin().lines() {
+            match line {
+                Ok(l) => println!("read: {l}"),
+                Err(e) => {
+                    eprintln!("stdin: {e}");
+                    break;
+                }
+            }
+        }
+        println!("end of input");
     }
     let env = |k: &str| std::env::var(k).ok();
     let here = env("EXIT_INDEX").is_none_or(|i| env("JOB_COMPLETION_INDEX") == Some(i));

@@ -649,6 +649,21 @@ impl Up {
         )
     }
 
+    /// `kubectl run -i --rm --restart=Never NAME --image=IMAGE ARGS...` with `stdin` as its
+    /// input: a pod that reads what kubectl sends, and is deleted after.
+    pub fn run_interactively(
+        &self,
+        name: &str,
+        image: &str,
+        args: &[&str],
+        stdin: &str,
+    ) -> anyhow::Result<Run> {
+        let image = format!("--image={image}");
+        let mut all = vec!["run", "-i", "--rm", "--restart=Never", name, &image];
+        all.extend_from_slice(args);
+        self.kubectl_in(&all, stdin)
+    }
+
     /// kubectl 1.NN, from beside the real kubectl.
     pub fn kubectl_v(&self, minor: &str, args: &[&str]) -> anyhow::Result<Run> {
         let cache = self.cache.join(minor);

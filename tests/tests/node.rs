@@ -255,16 +255,10 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
     )?;
     assert!(msg.contains("no module named"), "{msg}");
     // kubectl run -i: a Wasm guest reads what kubectl sends, to its end.
-    let r = up.kubectl_in(
-        &[
-            "run",
-            "-i",
-            "--rm",
-            "--restart=Never",
-            "reader",
-            "--image=module:hello",
-            "--env=READ_STDIN=1",
-        ],
+    let r = up.run_interactively(
+        "reader",
+        "module:hello",
+        &["--env=READ_STDIN=1"],
         "one\ntwo\n",
     )?;
     assert!(r.ok, "{r:?}");

@@ -542,14 +542,10 @@ fn bad_images_are_refused_with_reasons() -> anyhow::Result<()> {
 fn attach_and_run_interactively() -> anyhow::Result<()> {
     let (_reg, image, _dir, up) = cluster()?;
     // kubectl run -i: the pod's stdin (stdinOnce) is what kubectl reads, until its end.
-    let r = up.kubectl_in(
+    let r = up.run_interactively(
+        "reader",
+        &image,
         &[
-            "run",
-            "-i",
-            "--rm",
-            "--restart=Never",
-            "reader",
-            &format!("--image={image}"),
             "--",
             "sh",
             "-c",

@@ -79,21 +79,50 @@ fn deny(node: &str, a: &Attrs, why: &str) -> ApiError {
     }
 }
 
-async fn pod(api: &Api, ns: &str, name: &str) -> Result<Option<Value>, ApiError> {
+/// What the authorizer reads of a pod: decoding only these fields skips building the whole
+/// pod, on every status update, event and token request a node makes.
+#[derive(serde::Deserialize, Default)]
+struct Who {
+    #[serde(default)]
+    spec: WhoSpec,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct WhoSpec {
+    node_name: Option<String>,
+    service_account_name: Option<String>,
+    service_account: Option<String>,
+}
+
+impl Who {
+    fn on(&self, node: &str) -> bool {
+        self.spec.node_name.as_deref() == Some(node)
+    }
+
+    fn service_account(&self) -> &str {
+        [&self.spec.service_account_name, &self.spec.service_account]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .find(|s| !s.is_empty())
+            .unwrap_or("default")
+    }
+}
+
+async fn pod(api: &Api, ns: &str, name: &str) -> Result<Option<Who>, ApiError> {
     let res = resources::find("", "v1", "pods").ok_or_else(|| ApiError::Internal("pods".into()))?;
     let kv = api
         .store
         .get(&res.key(Some(ns), name), Consistency::Serializable)
         .await?;
-    Ok(kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+    Ok(kv.map(|kv| serde_json::from_slice(&kv.value).unwrap_or_default()))
 }
 
 async fn bound(api: &Api, node: &str, ns: &str, name: &str) -> Result<bool, ApiError> {
     // A pod that does not exist is the node's to ask about: the answer will be 404, which
     // tells a node that lost a delete that the pod is gone.
-    Ok(pod(api, ns, name)
-        .await?
-        .is_none_or(|p| p["spec"]["nodeName"].as_str() == Some(node)))
+    Ok(pod(api, ns, name).await?.is_none_or(|p| p.on(node)))
 }
 
 /// Whether any pod in `ns` bound to `node` passes `uses`.
@@ -160,10 +189,10 @@ pub async fn token_request(
     let Some(p) = pod(api, ns, name).await? else {
         return Err(deny(format!("pod \"{name}\" not found")));
     };
-    if p["spec"]["nodeName"].as_str() != Some(node) {
+    if !p.on(node) {
         return Err(deny(format!("pod \"{name}\" is not bound to this node")));
     }
-    if super::admit::service_account(&p["spec"]) != sa {
+    if p.service_account() != sa {
         return Err(deny(format!(
             "pod \"{name}\" runs as another service account"
         )));
@@ -271,6 +300,24 @@ pub async fn authorize(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn reads_a_pods_node_and_account_alone() {
+        let p: Who = serde_json::from_value(json!({"metadata": {"name": "p"},
+            "spec": {"nodeName": "n1", "serviceAccount": "old", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running"}}))
+        .unwrap();
+        assert!(p.on("n1") && !p.on("n2"));
+        assert_eq!(p.service_account(), "old");
+        let p: Who = serde_json::from_value(
+            json!({"spec": {"serviceAccountName": "new", "serviceAccount": "old"}}),
+        )
+        .unwrap();
+        assert_eq!(p.service_account(), "new");
+        assert!(!p.on("n1"), "not bound yet");
+        let p: Who = serde_json::from_value(json!({"spec": {"serviceAccountName": ""}})).unwrap();
+        assert_eq!(p.service_account(), "default");
+    }
 
     #[test]
     fn finds_every_way_a_pod_uses_a_config_map_or_secret() {

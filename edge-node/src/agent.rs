@@ -105,6 +105,9 @@ struct PodRun {
     finished: watch::Receiver<bool>,
     /// The pod's own network, once an OCI container asked for it.
     net: Arc<OnceCell<Attached>>,
+    /// What a container added later (an ephemeral one) tells of its changes, while the pod's
+    /// containers run.
+    changed: std::sync::Weak<watch::Sender<u64>>,
 }
 
 #[derive(Clone)]
@@ -921,13 +924,21 @@ impl Agent {
             self.clone().finish(uid);
             return;
         }
-        let same = self
-            .pods
-            .lock()
-            .ok()
-            .and_then(|p| p.get(&uid).map(|r| r.spec == pod["spec"]));
+        let same = self.pods.lock().ok().and_then(|p| {
+            p.get(&uid).map(|r| {
+                // Only ephemeral containers added (`kubectl debug`): they join the pod.
+                let without = |s: &Value| {
+                    let mut s = s.clone();
+                    if let Some(m) = s.as_object_mut() {
+                        m.remove("ephemeralContainers");
+                    }
+                    s
+                };
+                r.spec == pod["spec"] || without(&r.spec) == without(&pod["spec"])
+            })
+        });
         match same {
-            Some(true) => {}
+            Some(true) => self.add_ephemeral(&uid, &pod),
             Some(false) => {
                 // A changed spec (an image update): stop the old run, start the new.
                 let me = self.clone();
@@ -941,6 +952,53 @@ impl Agent {
             }
             None => self.start(&uid, pod),
         }
+    }
+
+    /// Start the ephemeral containers of `pod` its run does not have yet.
+    fn add_ephemeral(self: &Arc<Self>, uid: &str, pod: &Value) {
+        let Ok(mut pods) = self.pods.lock() else {
+            return;
+        };
+        let Some(r) = pods.get_mut(uid) else {
+            return;
+        };
+        if r.spec == pod["spec"] {
+            return;
+        }
+        r.spec = pod["spec"].clone();
+        let Some(changed) = r.changed.upgrade() else {
+            return;
+        };
+        let Ok(mut containers) = r.containers.lock() else {
+            return;
+        };
+        for spec in pod["spec"]["ephemeralContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let name = spec["name"].as_str().unwrap_or("");
+            if containers.iter().any(|c| c.name == name) {
+                continue;
+            }
+            let mut c = Container::new(name, spec["image"].as_str().unwrap_or(""));
+            c.ephemeral = true;
+            containers.push(c);
+            let w = Worker {
+                agent: self.clone(),
+                uid: uid.to_string(),
+                pod: pod.clone(),
+                spec: spec.clone(),
+                index: containers.len() - 1,
+                containers: r.containers.clone(),
+                stop: r.stop.clone(),
+                changed: changed.clone(),
+                net: r.net.clone(),
+            };
+            tokio::spawn(w.run());
+        }
+        drop(containers);
+        changed.send_modify(|n| *n += 1);
     }
 
     async fn stop_and_wait(&self, uid: &str) {
@@ -1058,6 +1116,7 @@ impl Agent {
                     containers: containers.clone(),
                     finished: finished_rx,
                     net: net.clone(),
+                    changed: Arc::downgrade(&changed_tx),
                 },
             );
         }
@@ -2075,10 +2134,19 @@ impl Worker {
     }
 
     async fn run(self) {
-        let policy = self.pod["spec"]["restartPolicy"]
-            .as_str()
-            .unwrap_or("Always")
-            .to_string();
+        let ephemeral = self
+            .containers
+            .lock()
+            .is_ok_and(|c| c.get(self.index).is_some_and(|c| c.ephemeral));
+        // An ephemeral container runs once, whatever the pod's policy.
+        let policy = if ephemeral {
+            "Never".to_string()
+        } else {
+            self.pod["spec"]["restartPolicy"]
+                .as_str()
+                .unwrap_or("Always")
+                .to_string()
+        };
         let mut failures = 0u32;
         let mut restarts = 0u32;
         let probes = match Probes::of(&self.spec) {

@@ -86,6 +86,9 @@ pub struct Container {
     pub started: bool,
     /// Its readiness probe passes (or it has none and has started) in this run.
     pub ready: bool,
+    /// An ephemeral container (`kubectl debug`): run once, and neither part of the pod's
+    /// phase nor of its readiness.
+    pub ephemeral: bool,
 }
 
 impl Container {
@@ -101,6 +104,7 @@ impl Container {
             done: false,
             started: false,
             ready: false,
+            ephemeral: false,
         }
     }
 }
@@ -154,17 +158,14 @@ pub fn phase(containers: &[Container]) -> &'static str {
 }
 
 /// The pod's `status`, as the kubelet would write it.
-pub fn status(
-    containers: &[Container],
-    started: &str,
-    host_ip: &str,
-    pod_ip: &str,
-    now: &str,
-) -> Value {
-    let phase = phase(containers);
+pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now: &str) -> Value {
+    let (ephemeral, containers): (Vec<&Container>, Vec<&Container>) =
+        all.iter().partition(|c| c.ephemeral);
+    let regular: Vec<Container> = containers.iter().map(|c| (*c).clone()).collect();
+    let phase = phase(&regular);
     let running = |c: &Container| matches!(c.state, State::Running { .. });
     let ready_now = |c: &Container| running(c) && c.ready;
-    let ready = !containers.is_empty() && containers.iter().all(ready_now);
+    let ready = !containers.is_empty() && containers.iter().all(|c| ready_now(c));
     let cond = |t: &str, ok: bool, reason: Option<&str>| {
         let mut c = json!({"type": t, "status": if ok { "True" } else { "False" },
             "lastProbeTime": null, "lastTransitionTime": now});
@@ -178,26 +179,24 @@ pub fn status(
     } else {
         "ContainersNotReady"
     });
-    let statuses: Vec<Value> = containers
-        .iter()
-        .map(|c| {
-            let mut s = json!({
-                "name": c.name, "image": c.image, "imageID": c.image_id,
-                "ready": ready_now(c), "started": running(c) && c.started,
-                "restartCount": c.restarts, "state": c.state.json(),
-                "lastState": c.last.as_ref().map(State::json).unwrap_or(json!({})),
+    let of = |c: &Container| {
+        let mut s = json!({
+            "name": c.name, "image": c.image, "imageID": c.image_id,
+            "ready": ready_now(c), "started": running(c) && c.started,
+            "restartCount": c.restarts, "state": c.state.json(),
+            "lastState": c.last.as_ref().map(State::json).unwrap_or(json!({})),
+        });
+        if !matches!(c.state, State::Waiting { .. }) || c.last.is_some() {
+            s["containerID"] = json!(if c.id.is_empty() {
+                format!("wasm://{}", c.name)
+            } else {
+                c.id.clone()
             });
-            if !matches!(c.state, State::Waiting { .. }) || c.last.is_some() {
-                s["containerID"] = json!(if c.id.is_empty() {
-                    format!("wasm://{}", c.name)
-                } else {
-                    c.id.clone()
-                });
-            }
-            s
-        })
-        .collect();
-    json!({
+        }
+        s
+    };
+    let statuses: Vec<Value> = containers.iter().map(|c| of(c)).collect();
+    let mut out = json!({
         "phase": phase,
         "conditions": [
             cond("PodReadyToStartContainers", true, None),
@@ -212,7 +211,11 @@ pub fn status(
         "podIPs": [{"ip": pod_ip}],
         "startTime": started,
         "containerStatuses": statuses,
-    })
+    });
+    if !ephemeral.is_empty() {
+        out["ephemeralContainerStatuses"] = ephemeral.iter().map(|c| of(c)).collect();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -254,6 +257,29 @@ mod tests {
         assert_eq!(
             after_exit("Always", 1, 9, long),
             Next::Restart(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn an_ephemeral_container_is_reported_apart_and_leaves_the_phase_alone() {
+        let mut running = Container::new("main", "i");
+        running.state = State::Running {
+            started: "t".into(),
+        };
+        running.ready = true;
+        let debugger = Container {
+            ephemeral: true,
+            name: "debugger".into(),
+            ..ended(0, true)
+        };
+        let s = status(&[running, debugger], "t0", "10.0.0.1", "10.0.0.2", "t1");
+        assert_eq!(s["phase"], "Running");
+        assert_eq!(s["conditions"][2]["status"], "True", "still Ready");
+        assert_eq!(s["containerStatuses"].as_array().map(Vec::len), Some(1));
+        assert_eq!(s["ephemeralContainerStatuses"][0]["name"], "debugger");
+        assert_eq!(
+            s["ephemeralContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+            0
         );
     }
 

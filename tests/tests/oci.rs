@@ -599,6 +599,58 @@ fn attach_and_run_interactively() -> anyhow::Result<()> {
         assert!(!r.stdout.contains("tock"), "{minor:?}: {r:?}");
         assert!(r.stderr.contains("tock 10\n"), "{minor:?}: {r:?}");
     }
+    // kubectl debug: an ephemeral container joins a running pod (its network), reads what
+    // kubectl sends, and runs once; the pod's own container is left alone.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod("target", &image, "Always", r#"["sleep", "3600"]"#, ""),
+    )?
+    .expect_ok("apply target")?;
+    up.wait_field(60, &["pod", "target"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let ip = up
+        .kubectl(&["get", "pod", "target", "-o", "jsonpath={.status.podIP}"])?
+        .expect_ok("pod IP")?
+        .stdout;
+    let r = up.kubectl_in(
+        &[
+            "debug",
+            "target",
+            &format!("--image={image}"),
+            "-c",
+            "debugger",
+            "-i",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo debugging $x; ip -4 -o addr show eth0",
+        ],
+        "hi\n",
+    )?;
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.stdout.contains("debugging hi") && r.stdout.contains(&format!("inet {ip}/")),
+        "{r:?}"
+    );
+    let states = up.wait_field(
+        30,
+        &["pod", "target"],
+        "{.status.ephemeralContainerStatuses[0].name} {.status.ephemeralContainerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].restartCount} {.status.phase}",
+        |s| s.starts_with("debugger 0 "),
+    )?;
+    assert_eq!(states, "debugger 0 0 Running");
+    // What may not change: an ephemeral container, once there, stays as it is.
+    let r = up.kubectl(&[
+        "patch",
+        "pod",
+        "target",
+        "--subresource=ephemeralcontainers",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/spec/ephemeralContainers/0"}]"#,
+    ])?;
+    assert!(!r.ok && r.stderr.contains("may not be removed"), "{r:?}");
     // An ended container has nothing to attach to.
     up.wait_field(30, &["pod", "ticker"], "{.status.phase}", |p| {
         p == "Succeeded"

@@ -61,7 +61,16 @@ pub(super) fn serve(
             .unwrap_or("")
             .to_string(),
     };
-    let Some(spec) = containers.iter().find(|c| c["name"] == container.as_str()) else {
+    // An ephemeral container (`kubectl debug`) is attached to and exec'd into as the others.
+    let ephemeral = pod["spec"]["ephemeralContainers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let Some(spec) = containers
+        .iter()
+        .chain(&ephemeral)
+        .find(|c| c["name"] == container.as_str())
+    else {
         return Err(ApiError::BadRequest(format!(
             "container {container} is not valid for pod {name}"
         )));

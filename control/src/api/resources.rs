@@ -19,6 +19,9 @@ pub enum Sub {
     PortForward,
     /// A ServiceAccount's token (TokenRequest).
     Token,
+    /// A pod's ephemeral containers (`kubectl debug`): the only part of a running pod's
+    /// spec that may grow.
+    EphemeralContainers,
 }
 
 impl Sub {
@@ -33,6 +36,7 @@ impl Sub {
             Sub::Attach => "attach",
             Sub::PortForward => "portforward",
             Sub::Token => "token",
+            Sub::EphemeralContainers => "ephemeralcontainers",
         }
     }
 
@@ -47,12 +51,13 @@ impl Sub {
             Sub::Exec | Sub::Attach => ("", "v1", "PodExecOptions"),
             Sub::PortForward => ("", "v1", "PodPortForwardOptions"),
             Sub::Token => ("authentication.k8s.io", "v1", "TokenRequest"),
+            Sub::EphemeralContainers => ("", "v1", "Pod"),
         }
     }
 
     pub fn verbs(self) -> &'static [&'static str] {
         match self {
-            Sub::Status | Sub::Scale => &["get", "patch", "update"],
+            Sub::Status | Sub::Scale | Sub::EphemeralContainers => &["get", "patch", "update"],
             Sub::Binding | Sub::Eviction | Sub::Token => &["create"],
             Sub::Log => &["get"],
             Sub::Exec | Sub::Attach | Sub::PortForward => &["create", "get"],
@@ -193,7 +198,7 @@ use k8s_openapi::api::{
 resources! {
     core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
-    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log, Exec, Attach, PortForward], stored: true },
+    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log, Exec, Attach, PortForward, EphemeralContainers], stored: true },
     core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },

@@ -334,7 +334,9 @@ pub(super) async fn serve(
             let pod = get(&ctx, &name).await?;
             super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade, true)
         }
-        (Method::GET, Some(Sub::Status)) => Ok(respond(StatusCode::OK, &get(&ctx, &name).await?)),
+        (Method::GET, Some(Sub::Status | Sub::EphemeralContainers)) => {
+            Ok(respond(StatusCode::OK, &get(&ctx, &name).await?))
+        }
         (Method::GET, Some(Sub::Scale)) => {
             let o = get(&ctx, &name).await?;
             Ok(respond(StatusCode::OK, &scale_of(&o)))
@@ -435,7 +437,7 @@ pub(super) async fn serve(
 async fn logs(ctx: &Ctx<'_>, name: &str) -> Result<Response, ApiError> {
     use outpost_api::link::{Down, LogRequest};
     let pod = get(ctx, name).await?;
-    let names: Vec<String> = ["initContainers", "containers"]
+    let names: Vec<String> = ["initContainers", "containers", "ephemeralContainers"]
         .iter()
         .flat_map(|k| pod["spec"][k].as_array().cloned().unwrap_or_default())
         .filter_map(|c| c["name"].as_str().map(String::from))
@@ -1582,6 +1584,17 @@ fn prepare_update(
                 }
             }
         }
+    } else if sub == Some(Sub::EphemeralContainers) {
+        let added = new["spec"]["ephemeralContainers"].take();
+        let managed = new["metadata"]
+            .as_object_mut()
+            .and_then(|m| m.remove("managedFields"));
+        *new = old.clone();
+        ephemeral(old, &added)?;
+        new["spec"]["ephemeralContainers"] = added;
+        if let Some(m) = managed {
+            meta(new).insert("managedFields".into(), m);
+        }
     } else if ctx.res.has(Sub::Status) && sub != Some(Sub::Binding) {
         match old.get("status") {
             Some(s) => new["status"] = s.clone(),
@@ -1610,6 +1623,95 @@ fn prepare_update(
         );
     }
     Ok(())
+}
+
+/// Check the ephemeral containers `want` for pod `old`, as the API server does: those it
+/// had are kept unchanged (they cannot be removed or altered), new ones have a unique name
+/// and an image, and none has ports, probes, resources or lifecycle hooks.
+fn ephemeral(old: &Value, want: &Value) -> Result<(), ApiError> {
+    let path = "spec.ephemeralContainers";
+    let invalid = |causes: Vec<Cause>| ApiError::Invalid {
+        group: String::new(),
+        kind: "Pod".into(),
+        name: name_of(old).into(),
+        causes,
+    };
+    let had = old["spec"]["ephemeralContainers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let Some(want) = want.as_array().filter(|_| !want.is_null()) else {
+        return if had.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid(vec![Cause::new(
+                "FieldValueForbidden",
+                path,
+                "Forbidden: existing ephemeral containers may not be removed",
+            )]))
+        };
+    };
+    if want.len() < had.len() || had.iter().zip(want).any(|(a, b)| a["name"] != b["name"]) {
+        return Err(invalid(vec![Cause::new(
+            "FieldValueForbidden",
+            path,
+            "Forbidden: existing ephemeral containers may not be removed",
+        )]));
+    }
+    let mut names: std::collections::HashSet<String> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| old["spec"][k].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect();
+    let mut causes = Vec::new();
+    for (i, c) in want.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        if let Some(before) = had.get(i) {
+            if before != c {
+                causes.push(Cause::new(
+                    "FieldValueForbidden",
+                    &at,
+                    "Forbidden: existing ephemeral containers may not be changed",
+                ));
+            }
+        }
+        let name = c["name"].as_str().unwrap_or("");
+        if name.is_empty() {
+            causes.push(Cause::required(format!("{at}.name")));
+        } else if !names.insert(name.to_string()) {
+            causes.push(Cause::new(
+                "FieldValueDuplicate",
+                format!("{at}.name"),
+                format!("Duplicate value: \"{name}\""),
+            ));
+        }
+        if c["image"].as_str().is_none_or(str::is_empty) {
+            causes.push(Cause::required(format!("{at}.image")));
+        }
+        for f in [
+            "ports",
+            "livenessProbe",
+            "readinessProbe",
+            "startupProbe",
+            "lifecycle",
+            "resources",
+        ] {
+            if c.get(f)
+                .is_some_and(|v| !v.is_null() && *v != json!({}) && *v != json!([]))
+            {
+                causes.push(Cause::new(
+                    "FieldValueForbidden",
+                    format!("{at}.{f}"),
+                    "Forbidden: cannot be set for an Ephemeral Container",
+                ));
+            }
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(causes))
+    }
 }
 
 /// The read-modify-write loop behind update, patch and apply. `change` gets the current
@@ -2295,6 +2397,42 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ephemeral_containers_only_grow() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "main", "image": "i"}],
+            "ephemeralContainers": [{"name": "dbg", "image": "busybox"}]}});
+        let had = pod["spec"]["ephemeralContainers"].clone();
+        let more = json!([{"name": "dbg", "image": "busybox"}, {"name": "dbg2", "image": "b"}]);
+        assert!(ephemeral(&pod, &had).is_ok());
+        assert!(ephemeral(&pod, &more).is_ok());
+        let fields = |r: Result<(), ApiError>| match r {
+            Err(ApiError::Invalid { causes, .. }) => {
+                causes.into_iter().map(|c| c.field).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            fields(ephemeral(&pod, &json!([]))),
+            ["spec.ephemeralContainers"]
+        );
+        assert_eq!(
+            fields(ephemeral(&pod, &json!([{"name": "dbg", "image": "other"}]))),
+            ["spec.ephemeralContainers[0]"]
+        );
+        let bad = json!([{"name": "dbg", "image": "busybox"},
+            {"name": "main", "image": "b", "ports": [{"containerPort": 80}]},
+            {"name": "x"}]);
+        assert_eq!(
+            fields(ephemeral(&pod, &bad)),
+            [
+                "spec.ephemeralContainers[1].name",
+                "spec.ephemeralContainers[1].ports",
+                "spec.ephemeralContainers[2].image"
+            ]
+        );
+    }
 
     #[test]
     fn generations_count_changes_outside_metadata_and_status() {

@@ -624,13 +624,15 @@ fn attach_and_run_interactively() -> anyhow::Result<()> {
             "--",
             "sh",
             "-c",
-            "read x; echo debugging $x; ip -4 -o addr show eth0",
+            "read x; echo debugging $x; ip -4 -o addr show eth0; echo ns=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace)",
         ],
         "hi\n",
     )?;
     assert!(r.ok, "{r:?}");
     assert!(
-        r.stdout.contains("debugging hi") && r.stdout.contains(&format!("inet {ip}/")),
+        r.stdout.contains("debugging hi")
+            && r.stdout.contains(&format!("inet {ip}/"))
+            && r.stdout.contains("ns=default"),
         "{r:?}"
     );
     let states = up.wait_field(

@@ -130,15 +130,7 @@ pub fn mount_token(spec: &mut Value, suffix: &str) {
             continue;
         };
         for c in cs {
-            let mounts = obj(c).entry("volumeMounts").or_insert(json!([]));
-            let Value::Array(ms) = mounts else { continue };
-            if ms.iter().any(|m| {
-                m["mountPath"].as_str().map(|p| p.trim_end_matches('/')) == Some(TOKEN_MOUNT)
-            }) {
-                continue;
-            }
-            ms.push(json!({"name": name, "readOnly": true, "mountPath": TOKEN_MOUNT}));
-            used = true;
+            used |= mount_volume(c, &name);
         }
     }
     if !used {
@@ -151,6 +143,43 @@ pub fn mount_token(spec: &mut Value, suffix: &str) {
             {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
             {"downwardAPI": {"items": [{"path": "namespace",
                 "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}));
+    }
+}
+
+/// Mount the token volume `name` read-only at [`TOKEN_MOUNT`] in container `c`, unless it
+/// mounts something there already; whether it did.
+fn mount_volume(c: &mut Value, name: &str) -> bool {
+    let mounts = obj(c).entry("volumeMounts").or_insert(json!([]));
+    let Value::Array(ms) = mounts else {
+        return false;
+    };
+    if ms
+        .iter()
+        .any(|m| m["mountPath"].as_str().map(|p| p.trim_end_matches('/')) == Some(TOKEN_MOUNT))
+    {
+        return false;
+    }
+    ms.push(json!({"name": name, "readOnly": true, "mountPath": TOKEN_MOUNT}));
+    true
+}
+
+/// What the ServiceAccount admission does for ephemeral containers added to `spec` after the
+/// first `had`: each gets the pod's token volume, if the pod has one.
+pub fn mount_token_ephemeral(spec: &mut Value, had: usize) {
+    let Some(name) = spec["volumes"].as_array().and_then(|vs| {
+        vs.iter().find_map(|v| {
+            v["name"]
+                .as_str()
+                .filter(|n| n.starts_with("kube-api-access-"))
+                .map(String::from)
+        })
+    }) else {
+        return;
+    };
+    if let Some(cs) = spec["ephemeralContainers"].as_array_mut() {
+        for c in cs.iter_mut().skip(had) {
+            mount_volume(c, &name);
+        }
     }
 }
 

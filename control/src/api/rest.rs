@@ -1592,6 +1592,10 @@ fn prepare_update(
         *new = old.clone();
         ephemeral(old, &added)?;
         new["spec"]["ephemeralContainers"] = added;
+        let had = old["spec"]["ephemeralContainers"]
+            .as_array()
+            .map_or(0, Vec::len);
+        admit::mount_token_ephemeral(&mut new["spec"], had);
         if let Some(m) = managed {
             meta(new).insert("managedFields".into(), m);
         }

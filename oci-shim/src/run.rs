@@ -469,7 +469,11 @@ pub fn exec(root: &Path, id: &str, cmd: Vec<String>, tty: bool) -> Result<i32, S
         .map_err(|e| e.to_string())?;
     // The command is not this process's child in the kernel's eyes once libcontainer has
     // placed it: a SIGTERM to this helper (an ended `kubectl exec`, a probe out of time) is
-    // passed on as SIGKILL, so the command does not outlive its caller.
+    // passed on as SIGKILL, so the command does not outlive its caller. A SIGINT (^C typed
+    // at its terminal) goes to the command's process group, as a terminal's line discipline
+    // would send it were the terminal the command's controlling one: libcontainer makes the
+    // command a session and group leader of its own, so the group is its pid, and a shell
+    // without job control runs its commands in it.
     {
         use nix::sys::signal::{kill, SigSet, Signal};
         let mut set = SigSet::empty();
@@ -477,9 +481,17 @@ pub fn exec(root: &Path, id: &str, cmd: Vec<String>, tty: bool) -> Result<i32, S
             set.add(s);
         }
         if set.thread_block().is_ok() {
-            std::thread::spawn(move || {
-                if set.wait().is_ok() {
-                    let _ = kill(pid, Signal::SIGKILL);
+            std::thread::spawn(move || loop {
+                match set.wait() {
+                    Ok(Signal::SIGINT) => {
+                        let group = nix::unistd::Pid::from_raw(-pid.as_raw());
+                        let _ = kill(group, Signal::SIGINT);
+                    }
+                    Ok(_) => {
+                        let _ = kill(pid, Signal::SIGKILL);
+                        return;
+                    }
+                    Err(_) => return,
                 }
             });
         }
@@ -507,14 +519,21 @@ impl Exec {
 
     /// What [`Exec::stop`]s the command, for use while it is being waited for; only to be
     /// called before that wait has returned (the pid may be another process's after).
-    pub fn stopper(&self) -> impl Fn() + Send + 'static {
+    pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
+        self.signaller(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// What interrupts the command (^C at its terminal): SIGINT to its process group. The
+    /// same caution as [`Exec::stopper`]'s holds.
+    pub fn interrupter(&self) -> impl Fn() + Send + Sync + 'static {
+        self.signaller(nix::sys::signal::Signal::SIGINT)
+    }
+
+    fn signaller(&self, sig: nix::sys::signal::Signal) -> impl Fn() + Send + Sync + 'static {
         let pid = self.0.id().and_then(|p| i32::try_from(p).ok());
         move || {
             if let Some(pid) = pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
             }
         }
     }

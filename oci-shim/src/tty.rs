@@ -68,6 +68,17 @@ impl Terminal {
         Ok(())
     }
 
+    /// Whether `typed` holds the terminal's interrupt character (^C) while the terminal
+    /// makes signals of such characters (`ISIG`, off in raw mode, where ^C is data).
+    pub fn interrupts(&self, typed: &[u8]) -> bool {
+        use nix::sys::termios::{tcgetattr, LocalFlags, SpecialCharacterIndices};
+        let Ok(t) = tcgetattr(self.master.get_ref()) else {
+            return false;
+        };
+        let intr = t.control_chars[SpecialCharacterIndices::VINTR as usize];
+        t.local_flags.contains(LocalFlags::ISIG) && intr != 0 && typed.contains(&intr)
+    }
+
     /// The client's window is now `width` columns by `height` rows; a size of nothing (what
     /// a client that has no window sends) leaves it as it was.
     #[allow(unsafe_code)]

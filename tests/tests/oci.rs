@@ -3,6 +3,7 @@
 //! libcontainer, and driven with the real kubectl: logs, exit codes, OOM kills, exec, pull
 //! failures, a layer that tries to escape its root, and Wasm and OCI pods side by side.
 
+use anyhow::Context as _;
 use outpost_tests::{busybox_layer, example, http_get_at, LayerBuilder, Registry, Up};
 use serde_json::json;
 
@@ -311,6 +312,39 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         .kubectl_v("1.29", &["exec", "box", "--", "id", "-u"])?
         .expect_ok("exec with 1.29")?;
     assert_eq!(r.stdout.trim(), "0");
+    // ^C typed in a shell on a terminal interrupts the command it runs, not the shell.
+    let k = outpost_tests::kubectl_bin(None)?;
+    let mut shell = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} --kubeconfig {} exec -it box -- sh",
+            k.display(),
+            up.kubeconfig.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let t = std::time::Instant::now();
+    {
+        use std::io::Write as _;
+        let mut typing = shell.stdin.take().context("the shell's input")?;
+        typing.write_all(b"sleep 60; echo not interrupted\n")?;
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        typing.write_all(b"\x03")?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        typing.write_all(b"echo after the interrupt\nexit\n")?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let out = shell.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        text.contains("\nafter the interrupt\n")
+            && !text.contains("\nnot interrupted")
+            && t.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}: {text}",
+        t.elapsed()
+    );
     // PID 1 ignores SIGTERM: the end of the grace period the deletion gave (not the pod's
     // 30 s) ends it with SIGKILL.
     let cgroup = pod_cgroup(&up, "box")?;

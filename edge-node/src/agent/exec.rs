@@ -108,6 +108,7 @@ impl Agent {
             return;
         }
         let stop = exec.stopper();
+        let interrupt = exec.interrupter();
         let child = &mut exec.0;
         let (tx, mut rx) = mpsc::channel::<ExecFrame>(16);
         let mut readers = Vec::new();
@@ -136,6 +137,11 @@ impl Agent {
                                 stdin = None;
                             }
                         } else if let Some(t) = &typing {
+                            // No terminal here is the command's controlling one: its
+                            // interrupt is sent as the line discipline would send it.
+                            if t.interrupts(&b) {
+                                interrupt();
+                            }
                             let _ = t.write_all(&b).await;
                         }
                     }

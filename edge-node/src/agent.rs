@@ -164,6 +164,8 @@ struct Live {
     stdin: Option<Input>,
     /// `stdinOnce`: the first attach that writes to stdin closes it as it goes.
     once: bool,
+    /// Asks the run to interrupt its foreground (^C typed at its terminal).
+    interrupt: Option<mpsc::UnboundedSender<()>>,
 }
 
 /// A container's input.
@@ -2283,6 +2285,7 @@ impl Worker {
                             log,
                             stdin: input,
                             once: self.spec["stdinOnce"].as_bool() == Some(true),
+                            interrupt: None,
                         })
                     });
                     let ran = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
@@ -2813,7 +2816,9 @@ impl Worker {
                 let _ = tokio::io::copy(&mut err, &mut w).await;
             }));
         }
+        let (interrupt, mut interrupted) = mpsc::unbounded_channel::<()>();
         let live = self.live(Live {
+            interrupt: term.is_some().then_some(interrupt),
             log: o.log.clone(),
             stdin: match term {
                 Some(t) => Some(Input::Terminal(t)),
@@ -2824,9 +2829,12 @@ impl Worker {
             },
             once: self.spec["stdinOnce"].as_bool() == Some(true),
         });
-        let ended = tokio::select! {
-            out = r.wait() => Some(out),
-            () = stop.wait() => None,
+        let ended = loop {
+            tokio::select! {
+                out = r.wait() => break Some(out),
+                () = stop.wait() => break None,
+                Some(()) = interrupted.recv() => r.interrupt().await,
+            }
         };
         let outcome = match ended {
             Some(out) => out,

@@ -380,28 +380,36 @@ pub fn helper(root: &Path, id: &str, bundle: &Path, layers: &Path, lower: &Path)
     };
     // Commands may run in it from now on (see `Containers::exec`).
     let _ = std::fs::write(bundle.join(STARTED), pid.to_string());
-    // Signals from the agent: `TERM N` sends signal N, `KILL` kills; no more input means
-    // the agent is gone, and the container goes with it.
+    // Signals from the agent: `TERM N` sends signal N, `KILL` kills, `INT` interrupts the
+    // init's process group (^C typed at the container's terminal: the init leads a session
+    // and group of its own, which its terminal does not control); no more input means the
+    // agent is gone, and the container goes with it.
     std::thread::spawn(move || {
         use nix::sys::signal::{kill, Signal};
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
             let Ok(line) = line else { break };
-            let sig = match line.split_once(' ') {
-                Some(("TERM", n)) => n
-                    .trim()
-                    .parse::<i32>()
-                    .ok()
-                    .and_then(|n| Signal::try_from(n).ok()),
-                _ if line.trim() == "KILL" => Some(Signal::SIGKILL),
-                _ => None,
+            let (to, sig) = match line.split_once(' ') {
+                Some(("TERM", n)) => (
+                    pid,
+                    n.trim()
+                        .parse::<i32>()
+                        .ok()
+                        .and_then(|n| Signal::try_from(n).ok()),
+                ),
+                _ if line.trim() == "KILL" => (pid, Some(Signal::SIGKILL)),
+                _ if line.trim() == "INT" => (
+                    nix::unistd::Pid::from_raw(-pid.as_raw()),
+                    Some(Signal::SIGINT),
+                ),
+                _ => (pid, None),
             };
             let ended = ENDED.lock().unwrap_or_else(|e| e.into_inner());
             if *ended {
                 return;
             }
             if let Some(s) = sig {
-                let _ = kill(pid, s);
+                let _ = kill(to, s);
             }
         }
         let ended = ENDED.lock().unwrap_or_else(|e| e.into_inner());
@@ -948,6 +956,13 @@ impl Containers {
 }
 
 impl Running {
+    /// Interrupt what runs in the foreground of the container's terminal: SIGINT to its
+    /// init's process group.
+    pub async fn interrupt(&mut self) {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = self.signals.write_all(b"INT\n").await;
+    }
+
     /// Send signal `sig` to the container's init (`kill` sends SIGKILL).
     pub async fn signal(&mut self, sig: i32, kill: bool) {
         use tokio::io::AsyncWriteExt as _;

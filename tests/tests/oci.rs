@@ -62,6 +62,45 @@ fn on_terminal(
     Ok((out, text))
 }
 
+/// Through kubectl `args` (shell words) on a terminal faked with script(1), give a shell a
+/// minute's sleep once `settle` has passed, then type ^C: the sleep ends, the shell goes on.
+fn interrupt_in_a_shell(up: &Up, args: &str, settle: std::time::Duration) -> anyhow::Result<()> {
+    let k = outpost_tests::kubectl_bin(None)?;
+    let mut shell = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} --kubeconfig {} {args}",
+            k.display(),
+            up.kubeconfig.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let t = std::time::Instant::now();
+    {
+        use std::io::Write as _;
+        let mut typing = shell.stdin.take().context("the shell's input")?;
+        std::thread::sleep(settle);
+        typing.write_all(b"sleep 60; echo not interrupted\n")?;
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        typing.write_all(b"\x03")?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        typing.write_all(b"echo after the interrupt\nexit\n")?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let out = shell.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    anyhow::ensure!(
+        text.contains("\nafter the interrupt\n")
+            && !text.contains("\nnot interrupted")
+            && t.elapsed() < std::time::Duration::from_secs(40),
+        "{args}: {:?}: {text}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
 /// Whether the `SigIgn:` line of a `/proc/PID/status` in `text` has SIGPIPE (bit 12).
 fn sigpipe_ignored(text: &str) -> Option<bool> {
     text.lines()
@@ -313,38 +352,7 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         .expect_ok("exec with 1.29")?;
     assert_eq!(r.stdout.trim(), "0");
     // ^C typed in a shell on a terminal interrupts the command it runs, not the shell.
-    let k = outpost_tests::kubectl_bin(None)?;
-    let mut shell = std::process::Command::new("script")
-        .args(["-qec"])
-        .arg(format!(
-            "{} --kubeconfig {} exec -it box -- sh",
-            k.display(),
-            up.kubeconfig.display()
-        ))
-        .arg("/dev/null")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let t = std::time::Instant::now();
-    {
-        use std::io::Write as _;
-        let mut typing = shell.stdin.take().context("the shell's input")?;
-        typing.write_all(b"sleep 60; echo not interrupted\n")?;
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        typing.write_all(b"\x03")?;
-        std::thread::sleep(std::time::Duration::from_secs(1));
-        typing.write_all(b"echo after the interrupt\nexit\n")?;
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
-    let out = shell.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    assert!(
-        text.contains("\nafter the interrupt\n")
-            && !text.contains("\nnot interrupted")
-            && t.elapsed() < std::time::Duration::from_secs(30),
-        "{:?}: {text}",
-        t.elapsed()
-    );
+    interrupt_in_a_shell(&up, "exec -it box -- sh", std::time::Duration::ZERO)?;
     // PID 1 ignores SIGTERM: the end of the grace period the deletion gave (not the pod's
     // 30 s) ends it with SIGKILL.
     let cgroup = pod_cgroup(&up, "box")?;
@@ -609,6 +617,12 @@ fn attach_and_run_interactively() -> anyhow::Result<()> {
     let logs = up.kubectl(&["logs", "tty"])?.expect_ok("logs tty")?.stdout;
     // What the client typed (script(1) sends a NUL) is echoed among it, as on any terminal.
     assert_eq!(logs.replace('\r', "").replace("^@", ""), "on a tty\nbye\n");
+    // ^C at a container's own terminal interrupts what its shell runs, as in exec.
+    interrupt_in_a_shell(
+        &up,
+        &format!("run -it --restart=Never shell --image={image} -- sh"),
+        std::time::Duration::from_secs(5),
+    )?;
     // kubectl attach follows a running container's output until it ends, over WebSocket and
     // (kubectl 1.27) SPDY.
     for (name, minor) in [("ticker", None), ("ticker-old", Some("1.27"))] {

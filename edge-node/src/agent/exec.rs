@@ -285,6 +285,7 @@ impl Agent {
         }
         let stdin = live.stdin.clone().filter(|_| req.stdin);
         let once = live.once;
+        let interrupt = live.interrupt.clone();
         let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
         let input = tokio::spawn(async move {
             let _gone = gone_tx;
@@ -311,6 +312,12 @@ impl Agent {
                             }
                         }
                         Some(Input::Terminal(t)) => {
+                            // As for exec: ^C reaches the container's foreground.
+                            if t.interrupts(&b) {
+                                if let Some(i) = &interrupt {
+                                    let _ = i.send(());
+                                }
+                            }
                             let _ = t.write_all(&b).await;
                         }
                         None => {}

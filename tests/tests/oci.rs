@@ -40,6 +40,21 @@ fn pod(name: &str, image: &str, policy: &str, command: &str, extra: &str) -> Str
     )
 }
 
+/// kubectl 1.`minor` (or the one on PATH) with `args` (shell words), to be run on a terminal
+/// that script(1) fakes.
+fn script(up: &Up, minor: Option<&str>, args: &str) -> anyhow::Result<std::process::Command> {
+    let k = outpost_tests::kubectl_bin(minor)?;
+    let mut c = std::process::Command::new("script");
+    c.args(["-qec"])
+        .arg(format!(
+            "{} --kubeconfig {} {args}",
+            k.display(),
+            up.kubeconfig.display()
+        ))
+        .arg("/dev/null");
+    Ok(c)
+}
+
 /// kubectl 1.`minor` (or the one on PATH) run with `args` (shell words) on a terminal, faked
 /// with script(1): how it ended, and what it printed there without carriage returns.
 fn on_terminal(
@@ -47,15 +62,7 @@ fn on_terminal(
     minor: Option<&str>,
     args: &str,
 ) -> anyhow::Result<(std::process::Output, String)> {
-    let k = outpost_tests::kubectl_bin(minor)?;
-    let out = std::process::Command::new("script")
-        .args(["-qec"])
-        .arg(format!(
-            "{} --kubeconfig {} {args}",
-            k.display(),
-            up.kubeconfig.display()
-        ))
-        .arg("/dev/null")
+    let out = script(up, minor, args)?
         .stdin(std::process::Stdio::null())
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
@@ -65,15 +72,7 @@ fn on_terminal(
 /// Through kubectl `args` (shell words) on a terminal faked with script(1), give a shell a
 /// minute's sleep once `settle` has passed, then type ^C: the sleep ends, the shell goes on.
 fn interrupt_in_a_shell(up: &Up, args: &str, settle: std::time::Duration) -> anyhow::Result<()> {
-    let k = outpost_tests::kubectl_bin(None)?;
-    let mut shell = std::process::Command::new("script")
-        .args(["-qec"])
-        .arg(format!(
-            "{} --kubeconfig {} {args}",
-            k.display(),
-            up.kubeconfig.display()
-        ))
-        .arg("/dev/null")
+    let mut shell = script(up, None, args)?
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;

@@ -926,9 +926,18 @@ impl Agent {
             self.clone().finish(uid);
             return;
         }
+        // The same spec (most events: status echoes), one that differs only by ephemeral
+        // containers (`kubectl debug`: they join the running pod), or another.
+        enum Spec {
+            Same,
+            Ephemeral,
+            Changed,
+        }
         let same = self.pods.lock().ok().and_then(|p| {
             p.get(&uid).map(|r| {
-                // Only ephemeral containers added (`kubectl debug`): they join the pod.
+                if r.spec == pod["spec"] {
+                    return Spec::Same;
+                }
                 let without = |s: &Value| {
                     let mut s = s.clone();
                     if let Some(m) = s.as_object_mut() {
@@ -936,12 +945,17 @@ impl Agent {
                     }
                     s
                 };
-                r.spec == pod["spec"] || without(&r.spec) == without(&pod["spec"])
+                if without(&r.spec) == without(&pod["spec"]) {
+                    Spec::Ephemeral
+                } else {
+                    Spec::Changed
+                }
             })
         });
         match same {
-            Some(true) => self.add_ephemeral(&uid, &pod),
-            Some(false) => {
+            Some(Spec::Same) => {}
+            Some(Spec::Ephemeral) => self.add_ephemeral(&uid, &pod),
+            Some(Spec::Changed) => {
                 // A changed spec (an image update): stop the old run, start the new.
                 let me = self.clone();
                 tokio::spawn(async move {
@@ -964,9 +978,6 @@ impl Agent {
         let Some(r) = pods.get_mut(uid) else {
             return;
         };
-        if r.spec == pod["spec"] {
-            return;
-        }
         r.spec = pod["spec"].clone();
         let Some(changed) = r.changed.upgrade() else {
             return;

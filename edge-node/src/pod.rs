@@ -140,7 +140,7 @@ pub fn backoff(restarts: u32) -> Duration {
 }
 
 /// The pod phase the containers add up to.
-pub fn phase(containers: &[Container]) -> &'static str {
+pub fn phase(containers: &[&Container]) -> &'static str {
     if !containers.is_empty() && containers.iter().all(|c| c.done) {
         let ok = containers
             .iter()
@@ -161,8 +161,7 @@ pub fn phase(containers: &[Container]) -> &'static str {
 pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now: &str) -> Value {
     let (ephemeral, containers): (Vec<&Container>, Vec<&Container>) =
         all.iter().partition(|c| c.ephemeral);
-    let regular: Vec<Container> = containers.iter().map(|c| (*c).clone()).collect();
-    let phase = phase(&regular);
+    let phase = phase(&containers);
     let running = |c: &Container| matches!(c.state, State::Running { .. });
     let ready_now = |c: &Container| running(c) && c.ready;
     let ready = !containers.is_empty() && containers.iter().all(|c| ready_now(c));
@@ -182,7 +181,7 @@ pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now
     let of = |c: &Container| {
         let mut s = json!({
             "name": c.name, "image": c.image, "imageID": c.image_id,
-            "ready": ready_now(c), "started": running(c) && c.started,
+            "ready": ready_now(c) && !c.ephemeral, "started": running(c) && c.started,
             "restartCount": c.restarts, "state": c.state.json(),
             "lastState": c.last.as_ref().map(State::json).unwrap_or(json!({})),
         });
@@ -277,6 +276,7 @@ mod tests {
         assert_eq!(s["conditions"][2]["status"], "True", "still Ready");
         assert_eq!(s["containerStatuses"].as_array().map(Vec::len), Some(1));
         assert_eq!(s["ephemeralContainerStatuses"][0]["name"], "debugger");
+        assert_eq!(s["ephemeralContainerStatuses"][0]["ready"], false);
         assert_eq!(
             s["ephemeralContainerStatuses"][0]["state"]["terminated"]["exitCode"],
             0
@@ -285,14 +285,14 @@ mod tests {
 
     #[test]
     fn phases() {
-        assert_eq!(phase(&[Container::new("a", "i")]), "Pending");
-        assert_eq!(phase(&[ended(0, true)]), "Succeeded");
-        assert_eq!(phase(&[ended(0, true), ended(1, true)]), "Failed");
-        assert_eq!(phase(&[ended(1, false)]), "Running");
+        assert_eq!(phase(&[&Container::new("a", "i")]), "Pending");
+        assert_eq!(phase(&[&ended(0, true)]), "Succeeded");
+        assert_eq!(phase(&[&ended(0, true), &ended(1, true)]), "Failed");
+        assert_eq!(phase(&[&ended(1, false)]), "Running");
         let mut backing_off = Container::new("a", "i");
         backing_off.last = Some(ended(1, false).state);
         backing_off.state = State::waiting("CrashLoopBackOff", "back-off");
-        assert_eq!(phase(&[backing_off.clone()]), "Running");
+        assert_eq!(phase(&[&backing_off]), "Running");
         let s = status(&[backing_off], "t0", "10.0.0.1", "10.0.0.1", "t1");
         assert_eq!(
             s["containerStatuses"][0]["state"]["waiting"]["reason"],

@@ -1591,7 +1591,9 @@ fn prepare_update(
             .and_then(|m| m.remove("managedFields"));
         *new = old.clone();
         ephemeral(old, &added)?;
-        new["spec"]["ephemeralContainers"] = added;
+        if !added.is_null() {
+            new["spec"]["ephemeralContainers"] = added;
+        }
         let had = old["spec"]["ephemeralContainers"]
             .as_array()
             .map_or(0, Vec::len);

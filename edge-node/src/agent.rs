@@ -2827,6 +2827,15 @@ impl Worker {
                 let _ = tokio::io::copy(&mut err, &mut w).await;
             }));
         }
+        // The container's stdin FIFO is joinable only once the helper has opened it: input
+        // written and closed (`stdinOnce`) before that would go with the pipe, and leave
+        // the helper waiting for a writer. The container has started by then.
+        if r.stdin.is_some() {
+            tokio::select! {
+                _ = oci.containers.started(&o.id) => {}
+                () = stop.wait() => {}
+            }
+        }
         let (interrupt, mut interrupted) = mpsc::unbounded_channel::<()>();
         let live = self.live(Live {
             interrupt: term.is_some().then_some(interrupt),

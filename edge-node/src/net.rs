@@ -147,8 +147,15 @@ impl PodNet {
     /// in the table `ip outpost`), as the CNI bridge plugin's `ipMasq` does: nothing beyond
     /// the node knows the way back to its pod network. Traffic among its pods, into netd's
     /// TUN device and to other nodes' pod networks (the set `peers`, kept by [`unmasked`])
-    /// keeps the pod's address. Made once per network; idempotent.
+    /// keeps the pod's address. Made once per network; idempotent. The node forwards IPv4
+    /// from here on, as the bridge plugin turns it on: a fresh Debian has it off, and then no
+    /// packet of a pod leaves the node at all.
     pub fn masquerade(&self) -> Result<(), String> {
+        let forward = Path::new("/proc/sys/net/ipv4/ip_forward");
+        if std::fs::read_to_string(forward).is_ok_and(|v| v.trim() != "1") {
+            std::fs::write(forward, "1")
+                .map_err(|e| format!("turning on IPv4 forwarding ({}): {e}", forward.display()))?;
+        }
         let cidr = self.cidr();
         let rule = format!(
             "ip saddr {cidr} ip daddr != {cidr} ip daddr != @peers oifname != {{ \"{BRIDGE}\", \"{}\" }} masquerade",

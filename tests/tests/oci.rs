@@ -126,12 +126,17 @@ fn pod_cgroup(up: &Up, name: &str) -> anyhow::Result<std::path::PathBuf> {
 /// The reason and exit code of pod `name`'s ended container; the pod's description if it
 /// does not end in a minute.
 fn terminated(up: &Up, name: &str) -> anyhow::Result<String> {
-    let s = up.wait_field(
-        60,
-        &["pod", name],
-        "{.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.exitCode}",
-        |s| !s.is_empty(),
-    )?;
+    let s = up
+        .wait_field(
+            60,
+            &["pod", name],
+            "{.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.exitCode}",
+            |s| !s.is_empty(),
+        )
+        .map_err(|e| {
+            let d = up.kubectl(&["describe", "pod", name]).map(|o| o.stdout);
+            e.context(d.unwrap_or_default())
+        })?;
     if !s.starts_with("Completed") {
         eprintln!("{}", up.kubectl(&["describe", "pod", name])?.stdout);
     }
@@ -1081,7 +1086,9 @@ fn oci_pods_reach_beyond_the_node_from_its_address() -> anyhow::Result<()> {
             "egress",
             &image,
             "Never",
-            r#"["sh", "-c", "timeout 10 wget -q -O - http://10.251.0.2:8080/"]"#,
+            // Not exec'd by the shell: as the pid namespace's init, wget would ignore the
+            // SIGTERM of `timeout` and hang on where the network is broken.
+            r#"["sh", "-c", "timeout 10 wget -q -O - http://10.251.0.2:8080/; exit $?"]"#,
             "",
         ),
     )?

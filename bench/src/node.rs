@@ -503,8 +503,10 @@ pub async fn http(secs: u64, conns: u32) -> anyhow::Result<HttpFigures> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    // On the node's network, as the peer below listens: the same loopback path for both,
+    // where a pod network would add a veth and a bridge to ours.
     let spec = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "http-hello"},
-        "spec": {"runtimeClassName": "wasm", "containers": [{"name": "main",
+        "spec": {"runtimeClassName": "wasm", "hostNetwork": true, "containers": [{"name": "main",
             "image": "module:http-hello", "ports": [{"containerPort": port}]}]}});
     post(
         &cl.c,

@@ -38,6 +38,7 @@ use crate::net::{self, Attached, PodNet};
 use crate::pod::{self, Container, Next, State};
 use crate::probe::{self, Probe, Tally};
 use crate::services::{self, Services};
+use crate::spare::Spares;
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -120,6 +121,8 @@ struct StatusUpdate {
 
 pub struct Agent {
     dir: PathBuf,
+    /// Pod directories kept for the next pods (see [`crate::spare`]).
+    spares: Spares,
     /// Pods' configMap, secret, downwardAPI and projected volumes, by pod uid and volume
     /// name (see [`crate::volatile`]).
     volatile: PathBuf,
@@ -336,6 +339,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let agent = Arc::new(Agent {
         dir: cfg.data_dir.clone(),
+        spares: Spares::open(&cfg.data_dir.join("pods"), cfg.max_pods as usize),
         volatile,
         node,
         pki,
@@ -1088,7 +1092,7 @@ impl Agent {
         }
         let _ = self.cache.remove_pod(uid);
         let _ = self.cache.remove_objects_in(TOKENS, uid);
-        let _ = std::fs::remove_dir_all(self.dir.join("pods").join(uid));
+        self.spares.retire(&self.dir.join("pods").join(uid));
         let _ = std::fs::remove_dir_all(self.volatile.join(uid));
     }
 
@@ -2256,14 +2260,14 @@ impl Worker {
                     run.stop_within(pod.grace());
                 })
             };
-            // An OCI container with its own network listens at the pod's address, and runs
+            // A pod with its own network listens at its address; an OCI container runs
             // exec probes' commands.
             let mut run_probes = probes.clone();
             let mut gate = None;
+            if let Some(a) = self.net.get() {
+                run_probes.at(std::net::IpAddr::V4(a.ip));
+            }
             if let (Prepared::Oci(o), Ok(oci)) = (&prepared, &self.agent.oci) {
-                if let Some(a) = self.net.get() {
-                    run_probes.at(std::net::IpAddr::V4(a.ip));
-                }
                 run_probes.exec_in(exec_in(oci.containers.clone(), o.id.clone()));
                 gate = Some((oci.containers.clone(), o.id.clone()));
             }
@@ -2387,6 +2391,13 @@ impl Worker {
     /// Everything a run needs: the compiled module and the command. Errors are a waiting
     /// reason and message, as `kubectl describe` shows them.
     async fn prepare(&self, run: u32) -> Result<Prepared, (String, String)> {
+        let dir = self.agent.dir.join("pods").join(&self.uid);
+        self.agent.spares.make(&dir).map_err(|e| {
+            (
+                "CreateContainerConfigError".to_string(),
+                format!("pod directory {}: {e}", dir.display()),
+            )
+        })?;
         let image = self.spec["image"].as_str().unwrap_or("");
         let wasm = image.starts_with("module:") || self.pod["spec"]["runtimeClassName"] == "wasm";
         if let (false, Ok(oci)) = (wasm, &self.agent.oci) {
@@ -2464,12 +2475,20 @@ impl Worker {
             ),
             None => None,
         };
-        // An HTTP component listens on the container's first port, on every address of the
-        // node (Wasm pods share the node's network; the pod IP is the node's).
+        // An HTTP component listens on the container's first port. Where the node has a pod
+        // network it gets an address of its own there, as an OCI pod does, so that replicas
+        // on one node do not contend for the port; elsewhere (and with `hostNetwork`) it
+        // listens on every address of the node, whose IP is then the pod's.
         let listen = self.spec["ports"][0]["containerPort"]
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .map(|p| std::net::SocketAddr::from(([0, 0, 0, 0], p)));
+        let bind = match &module {
+            outpost_wasm_runtime::Program::Http(_) => self.network().await?.map(|a| {
+                Arc::new(move |addr| net::listen_in(&a.netns, addr)) as outpost_wasm_runtime::Bind
+            }),
+            _ => None,
+        };
         Ok(Prepared::Wasm(
             runtime,
             module,
@@ -2482,6 +2501,7 @@ impl Worker {
                 memory,
                 millicores,
                 listen,
+                bind,
                 grace: Duration::from_secs(
                     self.pod["spec"]["terminationGracePeriodSeconds"]
                         .as_u64()

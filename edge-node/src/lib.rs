@@ -16,6 +16,7 @@ pub mod net;
 pub mod pod;
 pub mod probe;
 pub mod services;
+pub mod spare;
 pub mod volatile;
 
 pub use outpost_api::sha256_hex;

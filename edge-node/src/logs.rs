@@ -50,6 +50,7 @@ pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Res
     // A run number can repeat after the agent restarts from its cache; start clean.
     let _ = std::fs::remove_file(&f);
     let _ = std::fs::remove_file(log::rotated(&f));
+    crate::spare::take_file(&f);
     Ok(f)
 }
 

@@ -53,6 +53,29 @@ fn veth(uid: &str) -> String {
     format!("vo{}", &h[..11])
 }
 
+/// A TCP listener on `addr` in the network namespace at `netns`, made by a thread of its
+/// own that enters the namespace and ends: the socket stays in the pod's network, and no
+/// thread of the agent is left in it.
+pub fn listen_in(
+    netns: &Path,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpListener> {
+    let ns = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            std::net::TcpListener::bind(addr)
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the thread entering the pod's network failed",
+            ))
+        })
+    })
+}
+
 /// Run `ip ARGS` with `batch` as its commands on stdin.
 fn ip(args: &[&str], batch: &str) -> Result<(), String> {
     let mut all = args.to_vec();

@@ -202,6 +202,25 @@ pub async fn status(c: &reqwest::Client, m: &Member) -> anyhow::Result<Value> {
         .await?)
 }
 
+/// `f` until it succeeds, every 200 ms for up to `secs` seconds; its last error, said as
+/// `what`, when it never does.
+pub fn retry<T>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if t.elapsed() > Duration::from_secs(secs) => {
+                anyhow::bail!("{what}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// Wait until `f` holds, polling; fail with `what` after `secs`.
 pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F) -> anyhow::Result<()>
 where

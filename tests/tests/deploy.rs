@@ -477,7 +477,7 @@ fn install_upgrade_and_uninstall_a_node_and_a_member() -> anyhow::Result<()> {
     let port = outpost_tests::free_tcp_port();
     let http = push(&up, "http-hello")?;
     let manifest = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  runtimeClassName: wasm\n  containers:\n  - name: main\n    image: {}\n    ports:\n    - containerPort: {port}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  runtimeClassName: wasm\n  hostNetwork: true\n  containers:\n  - name: main\n    image: {}\n    ports:\n    - containerPort: {port}\n",
         http
     );
     up.kubectl_in(&["apply", "-f", "-"], &manifest)?

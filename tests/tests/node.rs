@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_tests::{example, http_get as get, python, Node, Up};
+use outpost_tests::{example, free_tcp_port, http_get as get, http_get_at, python, Node, Up};
 
 fn push(up: &Up, name: &str) -> anyhow::Result<String> {
     let path = example(name)?;
@@ -49,7 +49,7 @@ fn port_forward_reaches_a_pod_through_its_node() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(dir.path())?;
     let port = http_hello(&up)?;
-    // Pods share the node's network, so a pod declaring the port of an echo server this test
+    // A command pod shares the node's network, so one declaring the port of an echo server this test
     // runs reaches it: bulk bytes both ways, and a half-close that passes through.
     let echo_port = outpost_tests::echo_server()?;
     push(&up, "sleeper")?;
@@ -124,20 +124,27 @@ fn port_forward_reaches_a_pod_through_its_node() -> anyhow::Result<()> {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // A port the pod does not declare: kubectl says why, and the connection gets no answer.
-    let bad = up.port_forward(None, &[], &["pod/http-hello", ":9"])?;
-    let answer = get(bad.local, "/nope");
-    assert!(
-        answer.as_ref().map_or(true, |(code, _)| *code == 0),
-        "{answer:?}"
-    );
-    let t = Instant::now();
-    while !bad
-        .stderr()
-        .contains("port 9 is not a port of pod default/http-hello")
-    {
-        assert!(t.elapsed() < Duration::from_secs(10), "{}", bad.stderr());
-        std::thread::sleep(Duration::from_millis(100));
+    // A port nothing listens on: kubectl says why, and the connection gets no answer. A pod
+    // on the node's network (the echo pod, a command) reaches only the ports it declares; a
+    // pod with an address of its own (the component), any of its own.
+    for (pod, why) in [
+        ("echo", "port 9 is not a port of pod default/echo"),
+        (
+            "http-hello",
+            "error forwarding port 9 to pod default/http-hello: dial tcp",
+        ),
+    ] {
+        let bad = up.port_forward(None, &[], &[&format!("pod/{pod}"), ":9"])?;
+        let answer = get(bad.local, "/nope");
+        assert!(
+            answer.as_ref().map_or(true, |(code, _)| *code == 0),
+            "{answer:?}"
+        );
+        let t = Instant::now();
+        while !bad.stderr().contains(why) {
+            assert!(t.elapsed() < Duration::from_secs(10), "{}", bad.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     Ok(())
 }
@@ -868,6 +875,14 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(dir.path())?;
     let port = http_hello(&up)?;
+    // The node runs as root with a pod network: the component listens at an address of its
+    // own, as an OCI pod does.
+    let ip = up.wait_field(5, &["pod", "http-hello"], "{.status.podIP}", |s| {
+        !s.is_empty()
+    })?;
+    assert!(ip.starts_with("10.88."), "{ip}");
+    let at: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    let get = |_: u16, path: &str| http_get_at(at, path);
     let (code, body) = get(port, "/from/a/test")?;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, "hello from Outpost at /from/a/test\n");
@@ -909,13 +924,41 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         "{}",
         recent.stdout
     );
-    // A second container on the same port cannot listen: a clear reason, not a crash.
-    let clash = format!(
+    // A second pod on the same port serves at its own address.
+    let twin = format!(
         "{}    ports:\n    - containerPort: {port}\n",
-        pod_yaml("clash", "module:http-hello", "Never", "")
+        pod_yaml("twin", "module:http-hello", "Never", "")
     );
-    up.kubectl_in(&["apply", "-f", "-"], &clash)?
-        .expect_ok("apply clash")?;
+    up.kubectl_in(&["apply", "-f", "-"], &twin)?
+        .expect_ok("apply twin")?;
+    let twin_ip = up.wait_field(60, &["pod", "twin"], "{.status.podIP}", |s| {
+        s.starts_with("10.88.")
+    })?;
+    assert_ne!(twin_ip, ip);
+    let twin_at: std::net::SocketAddr = format!("{twin_ip}:{port}").parse()?;
+    let (code, body) =
+        outpost_tests::retry(30, "the twin serves", || http_get_at(twin_at, "/twin"))?;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "hello from Outpost at /twin\n")
+    );
+    // On the node's network, a second component on a port taken there cannot listen: a
+    // clear reason, not a crash.
+    let host = free_tcp_port();
+    for name in ["on-host", "clash"] {
+        let yaml = format!(
+            "{}    ports:\n    - containerPort: {host}\n",
+            pod_yaml(name, "module:http-hello", "Never", "")
+        )
+        .replace("spec:\n", "spec:\n  hostNetwork: true\n");
+        up.kubectl_in(&["apply", "-f", "-"], &yaml)?
+            .expect_ok("apply a host-network component")?;
+        if name == "on-host" {
+            outpost_tests::retry(30, "the host-network component serves", || {
+                http_get_at(([127, 0, 0, 1], host).into(), "/")
+            })?;
+        }
+    }
     let msg = up.wait_field(
         60,
         &["pod", "clash"],
@@ -923,13 +966,13 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         |m| !m.is_empty(),
     )?;
     assert!(
-        msg.contains(&format!("listening on 0.0.0.0:{port}")),
+        msg.contains(&format!("listening on 0.0.0.0:{host}")),
         "{msg}"
     );
     let (code, _) = get(port, "/still/there")?;
     assert_eq!(code, 200);
     // Deleted, it stops accepting, finishes what it serves, and is gone; its port is free.
-    let idle = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let idle = std::net::TcpStream::connect(at)?;
     let t = Instant::now();
     up.kubectl(&["delete", "pod", "http-hello", "--timeout", "30s"])?
         .expect_ok("delete http-hello")?;

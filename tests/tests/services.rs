@@ -7,7 +7,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use outpost_tests::{busybox_layer, example, http_get_at, private_netns, Registry, Up};
+use outpost_tests::{busybox_layer, example, http_get_at, private_netns, retry, Registry, Up};
 use serde_json::json;
 
 fn deployment(name: &str, replicas: u32, pod_spec: &str) -> String {
@@ -31,23 +31,6 @@ fn busybox(args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
-}
-
-fn eventually<T>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let t = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if t.elapsed() > Duration::from_secs(secs) => {
-                anyhow::bail!("{what}: {e:#}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 #[test]
@@ -98,7 +81,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         .expect_ok("cluster ip")?
         .stdout;
     let addr: SocketAddr = format!("{ip}:80").parse()?;
-    let (code, body) = eventually(30, "GET through the ClusterIP", || {
+    let (code, body) = retry(30, "GET through the ClusterIP", || {
         let r = http_get_at(addr, "/through/netd")?;
         anyhow::ensure!(r.0 == 200, "status {}", r.0);
         Ok(r)
@@ -137,7 +120,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         .stdout;
     let saddr: SocketAddr = format!("{sip}:80").parse()?;
     let mut seen = std::collections::HashSet::new();
-    eventually(
+    retry(
         30,
         "all three replicas answer through the ClusterIP",
         || {
@@ -162,7 +145,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         ])?
         .stdout
         .parse::<u16>()?;
-    let (code, _) = eventually(30, "GET through the node port", || {
+    let (code, _) = retry(30, "GET through the node port", || {
         let r = http_get_at(SocketAddr::from(([127, 0, 0, 1], node_port)), "/")?;
         anyhow::ensure!(r.0 == 200, "status {}", r.0);
         Ok(r)
@@ -241,7 +224,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     }
 
     // A Wasm pod's outgoing wasi:http request reaches a Service by its short name.
-    let (code, body) = eventually(30, "a Wasm pod fetching http://spread/", || {
+    let (code, body) = retry(30, "a Wasm pod fetching http://spread/", || {
         let r = http_get_at(addr, "/fetch/spread/")?;
         anyhow::ensure!(r.0 == 200, "status {}: {}", r.0, r.1);
         Ok(r)
@@ -252,7 +235,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     // Scaled to nothing, the service refuses at once rather than hanging.
     up.kubectl(&["scale", "deployment/hello", "--replicas=0"])?
         .expect_ok("scale to 0")?;
-    eventually(30, "refused once no endpoint is left", || {
+    retry(30, "refused once no endpoint is left", || {
         let t = Instant::now();
         match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
             Ok(_) => anyhow::bail!("still accepted"),
@@ -343,7 +326,7 @@ fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Res
         anyhow::ensure!(code == 200, "status {code}");
         Ok(body)
     };
-    let body = eventually(30, "GET through the ClusterIP", get)?;
+    let body = retry(30, "GET through the ClusterIP", get)?;
     assert!(body.contains("from outside"), "{body}");
 
     // UDP: a NodePort Service of an echo server outside the cluster, by node port and by
@@ -376,7 +359,7 @@ fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Res
     let client = std::net::UdpSocket::bind("0.0.0.0:0")?;
     client.set_read_timeout(Some(Duration::from_millis(300)))?;
     for to in [format!("127.0.0.1:{node_port}"), format!("{udp_ip}:53")] {
-        let got = eventually(30, &format!("a UDP echo through {to}"), || {
+        let got = retry(30, &format!("a UDP echo through {to}"), || {
             client.send_to(b"hi", &to)?;
             let mut b = [0u8; 64];
             let (n, _) = client.recv_from(&mut b)?;
@@ -391,7 +374,7 @@ fn cluster_ips_keep_working_offline_and_across_an_agent_restart() -> anyhow::Res
     // The agent restarts with no control plane: its table comes back from its cache.
     edge.kill();
     edge.start(&args)?;
-    let body = eventually(
+    let body = retry(
         30,
         "GET through the ClusterIP after the restart, offline",
         get,
@@ -532,7 +515,7 @@ fn services_reach_pods_on_other_nodes_through_their_addresses() -> anyhow::Resul
         .kubectl(&["get", "service", "far", "-o", "jsonpath={.spec.clusterIP}"])?
         .stdout;
     let addr: SocketAddr = format!("{ip}:80").parse()?;
-    let body = eventually(30, "GET through the ClusterIP to a pod on node b", || {
+    let body = retry(30, "GET through the ClusterIP to a pod on node b", || {
         let (code, body) = http_get_at(addr, "/")?;
         anyhow::ensure!(code == 200, "status {code}");
         Ok(body)

@@ -54,9 +54,18 @@ pub(crate) async fn serve(
         .map_err(unsupported)?;
     let pre = ProxyPre::new(pre).map_err(unsupported)?;
     let addr = cmd.listen.unwrap_or(crate::DEFAULT_LISTEN);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(io(format!("listening on {addr}")))?;
+    let listener = match cmd.bind.clone() {
+        Some(bind) => tokio::task::spawn_blocking(move || bind(addr))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|l| l)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            }),
+        None => TcpListener::bind(addr).await,
+    }
+    .map_err(io(format!("listening on {addr}")))?;
     let server = Arc::new(Server {
         engine: rt.engine.clone(),
         pre,

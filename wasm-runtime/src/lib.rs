@@ -117,6 +117,9 @@ pub struct Command {
     pub millicores: Option<u64>,
     /// Where an HTTP component listens; [`DEFAULT_LISTEN`] when unset.
     pub listen: Option<SocketAddr>,
+    /// Makes the listening socket where the pod's network is not the node's (a socket made
+    /// in a network namespace stays in it); bound in the agent's own network when unset.
+    pub bind: Option<Bind>,
     /// How long a stopped HTTP component may finish the requests in flight
     /// (`terminationGracePeriodSeconds`). A command has no signal to catch and stops at once.
     pub grace: Duration,
@@ -124,6 +127,9 @@ pub struct Command {
     /// resolver.
     pub resolve: Option<Resolve>,
 }
+
+/// Makes a listening socket on an address, blocking while it does.
+pub type Bind = Arc<dyn Fn(SocketAddr) -> std::io::Result<std::net::TcpListener> + Send + Sync>;
 
 /// The read end of a pipe that becomes a guest's stdin.
 pub type Input = Arc<std::sync::Mutex<Option<tokio::net::unix::pipe::Receiver>>>;

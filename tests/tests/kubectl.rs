@@ -441,6 +441,27 @@ fn server_side_apply_conflicts() -> anyhow::Result<()> {
         .expect_ok("csa")?;
     up.kubectl_in(&["apply", "--server-side", "-f", "-"], DEPLOY)?
         .expect_ok("ssa after csa")?;
+    // A change to what client-side apply managed is taken over, not a conflict (the
+    // upgrade kube-apiserver allows kubectl), and the last-applied annotation follows it.
+    let cm2 = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: csa}}\ndata: {{key: \"{v}\"}}\n"
+        )
+    };
+    up.kubectl_in(&["apply", "-f", "-"], &cm2("one"))?
+        .expect_ok("csa")?;
+    up.kubectl_in(&["apply", "--server-side", "-f", "-"], &cm2("two"))?
+        .expect_ok("ssa takes over from csa")?;
+    let j = json(&up.kubectl(&["get", "cm", "csa", "-o", "json"])?.stdout)?;
+    ensure!(j["data"]["key"] == "two", "{j}");
+    let last = j["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(last.contains("\"two\""), "{last}");
+    up.kubectl_in(&["apply", "-f", "-"], &cm2("three"))?
+        .expect_ok("csa again")?;
+    let j = json(&up.kubectl(&["get", "cm", "csa", "-o", "json"])?.stdout)?;
+    ensure!(j["data"]["key"] == "three", "{j}");
     Ok(())
 }
 

@@ -325,8 +325,23 @@ pub fn display(path: &[String]) -> String {
     s
 }
 
+/// The annotation in which kubectl's client-side apply keeps what it applied last.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The fields of `live`'s last client-side apply, if it has one.
+fn last_applied(live: &Value) -> Option<BTreeSet<Field>> {
+    let text = live["metadata"]["annotations"][LAST_APPLIED].as_str()?;
+    let config: Value = serde_json::from_str(text).ok()?;
+    Some(fields(&config))
+}
+
 /// Server-side apply of `config` by `manager` onto `live`. Returns the new object, whose
 /// managedFields are updated, or the conflicts.
+///
+/// kubectl's own server-side apply (manager `kubectl`) upgrades an object it applied
+/// client-side, as kube-apiserver lets it: conflicts on fields of the last-applied
+/// annotation are taken over rather than refused, and the annotation is kept up to date, so
+/// that a later client-side apply still knows what was applied.
 pub fn apply(
     live: &Value,
     config: &Value,
@@ -339,6 +354,11 @@ pub fn apply(
     let applied = fields(config);
     let mut conflicts = Vec::new();
     let mut contested: BTreeSet<Field> = BTreeSet::new();
+    let upgrade = if manager == "kubectl" {
+        last_applied(live)
+    } else {
+        None
+    };
     for e in es.iter().filter(|e| e.manager != manager) {
         for f in e.fields.intersection(&applied) {
             let (a, b) = (value_at(live, f), value_at(config, f));
@@ -353,11 +373,13 @@ pub fn apply(
             };
             if differs {
                 contested.insert(f.clone());
-                conflicts.push(Conflict {
-                    manager: e.manager.clone(),
-                    api_version: e.api_version.clone(),
-                    field: display(f),
-                });
+                if !upgrade.as_ref().is_some_and(|u| u.contains(f)) {
+                    conflicts.push(Conflict {
+                        manager: e.manager.clone(),
+                        api_version: e.api_version.clone(),
+                        field: display(f),
+                    });
+                }
             }
         }
     }
@@ -394,6 +416,15 @@ pub fn apply(
     gone.sort_by_key(|f| std::cmp::Reverse(f.len()));
     for f in gone {
         remove_at(&mut out, f);
+    }
+    if upgrade.is_some() {
+        let mut last = patch.clone();
+        if let Some(a) = last["metadata"]["annotations"].as_object_mut() {
+            a.remove(LAST_APPLIED);
+        }
+        if let Some(a) = out["metadata"]["annotations"].as_object_mut() {
+            a.insert(LAST_APPLIED.into(), Value::String(last.to_string()));
+        }
     }
     match es
         .iter_mut()
@@ -485,6 +516,49 @@ mod tests {
             dropped["metadata"]["labels"].get("a").is_none(),
             "{dropped}"
         );
+    }
+
+    #[test]
+    fn kubectl_takes_over_what_it_applied_client_side() {
+        let now = "t";
+        // Client-side apply: an update by kubectl-client-side-apply that records the config.
+        let mut v = deploy(1, "x");
+        v["metadata"]["annotations"] = json!({LAST_APPLIED: deploy(1, "x").to_string()});
+        record_update(
+            None,
+            &mut v,
+            "kubectl-client-side-apply",
+            "apps/v1",
+            "",
+            now,
+        );
+        // Scaled by another hand: replicas is no longer what kubectl applied.
+        let old = v.clone();
+        let mut scaled = v.clone();
+        scaled["spec"]["template"] = json!({"x": 1});
+        record_update(Some(&old), &mut scaled, "kubectl-edit", "apps/v1", "", now);
+        // kubectl's server-side apply takes the fields of its last client-side apply over.
+        let up = apply(&scaled, &deploy(2, "y"), "kubectl", "apps/v1", false, now).unwrap();
+        assert_eq!(up["spec"]["replicas"], 2);
+        let last: Value = serde_json::from_str(
+            up["metadata"]["annotations"][LAST_APPLIED]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            last["spec"]["replicas"], 2,
+            "the annotation follows: {last}"
+        );
+        // Another manager, or a field kubectl never applied, still conflicts.
+        let err = apply(&scaled, &deploy(2, "y"), "other", "apps/v1", false, now).unwrap_err();
+        assert!(err.iter().any(|c| c.field == ".spec.replicas"), "{err:?}");
+        let mut more = deploy(2, "y");
+        more["spec"]["template"] = json!({"x": 2});
+        let err = apply(&scaled, &more, "kubectl", "apps/v1", false, now).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].field, ".spec.template.x");
+        assert_eq!(err[0].manager, "kubectl-edit");
     }
 
     #[test]

@@ -712,6 +712,53 @@ fn authentication_and_rbac() -> anyhow::Result<()> {
     let other_ns = alice(&["auth", "can-i", "list", "pods", "-n", "kube-system"])?;
     ensure!(other_ns.stdout.trim() == "no");
     alice(&["create", "configmap", "x"])?.expect_err("alice may not create")?;
+    // `--as`: the admin acts as alice, or as a service account with its groups, and gets
+    // their answers; alice may not act as anyone.
+    let as_alice = up.kubectl(&[
+        "auth",
+        "can-i",
+        "create",
+        "configmaps",
+        "--as=alice",
+        "--as-group=devs",
+    ])?;
+    ensure!(as_alice.stdout.trim() == "no", "{as_alice:?}");
+    let as_alice = up.kubectl(&["get", "pods", "--as=alice", "--as-group=devs"])?;
+    ensure!(as_alice.ok, "{as_alice:?}");
+    up.kubectl(&[
+        "create",
+        "rolebinding",
+        "sa-read",
+        "--role=reader",
+        "--serviceaccount=default:bot",
+    ])?
+    .expect_ok("binding for a service account")?;
+    let bot = "--as=system:serviceaccount:default:bot";
+    let r = up.kubectl(&["auth", "can-i", "list", "pods", bot])?;
+    ensure!(r.stdout.trim() == "yes", "{r:?}");
+    let r = up.kubectl(&["auth", "can-i", "delete", "pods", bot])?;
+    ensure!(r.stdout.trim() == "no", "{r:?}");
+    let who = up
+        .kubectl(&["auth", "whoami", bot, "-o", "json"])?
+        .expect_ok("whoami as a service account")?;
+    let info = &json(&who.stdout)?["status"]["userInfo"];
+    ensure!(
+        info["username"] == "system:serviceaccount:default:bot"
+            && info["groups"]
+                .to_string()
+                .contains("system:serviceaccounts:default"),
+        "{info}"
+    );
+    let f = up
+        .kubectl(&["delete", "configmap", "kube-root-ca.crt", bot])?
+        .expect_err("the service account may not delete")?;
+    ensure!(f.stderr.contains("cannot delete"), "{f:?}");
+    let f = alice(&["get", "pods", "--as=admin"])?.expect_err("alice may not impersonate")?;
+    ensure!(
+        f.stderr
+            .contains("User \"alice\" cannot impersonate resource \"users\""),
+        "{f:?}"
+    );
 
     let anon = kubectl_with(
         &kb,

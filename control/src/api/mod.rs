@@ -159,6 +159,89 @@ async fn authenticate(api: &Api, peer: Option<&Peer>, headers: &HeaderMap) -> Op
     })
 }
 
+/// Whom a request acts as: `user`, or the user its `Impersonate-*` headers name (`kubectl
+/// --as`, `--as-group`, `--as-uid`) once `user` may `impersonate` that user (or service
+/// account), each group, the uid and each extra, as kube-apiserver checks them.
+async fn impersonate(api: &Api, user: User, headers: &HeaderMap) -> Result<User, ApiError> {
+    let values = |h: &str| -> Vec<String> {
+        headers
+            .get_all(h)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect()
+    };
+    let names = values("impersonate-user");
+    let groups = values("impersonate-group");
+    let uid = values("impersonate-uid");
+    let extras: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.as_str().strip_prefix("impersonate-extra-")?;
+            Some((key.to_string(), v.to_str().ok()?.to_string()))
+        })
+        .collect();
+    let [name] = names.as_slice() else {
+        if names.is_empty() && groups.is_empty() && uid.is_empty() && extras.is_empty() {
+            return Ok(user);
+        }
+        return Err(ApiError::BadRequest(
+            "impersonating groups, a uid or extras needs exactly one Impersonate-User".into(),
+        ));
+    };
+    let may = |group: &str, resource: &str, ns: &str, name: &str, sub: &str| auth::Attrs {
+        verb: "impersonate".into(),
+        group: group.into(),
+        resource: resource.into(),
+        subresource: sub.into(),
+        namespace: ns.into(),
+        name: name.into(),
+        path: None,
+    };
+    let account = name
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'));
+    let acting = match account {
+        Some((ns, sa)) => may("", "serviceaccounts", ns, sa, ""),
+        None => may("", "users", "", name, ""),
+    };
+    rest::authorize(api, &user, &acting).await?;
+    for g in &groups {
+        rest::authorize(api, &user, &may("", "groups", "", g, "")).await?;
+    }
+    if let Some(u) = uid.first() {
+        rest::authorize(api, &user, &may("authentication.k8s.io", "uids", "", u, "")).await?;
+    }
+    for (k, v) in &extras {
+        rest::authorize(
+            api,
+            &user,
+            &may("authentication.k8s.io", "userextras", "", v, k),
+        )
+        .await?;
+    }
+    let mut groups = groups;
+    if let (Some((ns, _)), true) = (account, groups.is_empty()) {
+        groups = vec![
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{ns}"),
+        ];
+    }
+    let joined = if name == "system:anonymous" {
+        "system:unauthenticated"
+    } else {
+        "system:authenticated"
+    };
+    if !groups.iter().any(|g| g == joined) {
+        groups.push(joined.into());
+    }
+    Ok(User {
+        name: name.clone(),
+        uid: uid.first().cloned().unwrap_or_default(),
+        groups,
+    })
+}
+
 async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
@@ -170,6 +253,10 @@ async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
     }
     let Some(user) = user else {
         return ApiError::Unauthorized.into_response();
+    };
+    let user = match impersonate(&api, user, req.headers()).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
     };
     match dispatch(&api, user, req).instrument(span).await {
         Ok(r) => r,

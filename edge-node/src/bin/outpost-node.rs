@@ -89,7 +89,11 @@ async fn serve() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
         .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+            // The store's own progress (tables flushed, ingestion) is not the node's news.
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing::Level::INFO)
+                .with_target("fjall", tracing::Level::WARN)
+                .with_target("lsm_tree", tracing::Level::WARN)
         });
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))

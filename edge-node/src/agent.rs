@@ -794,7 +794,7 @@ impl Agent {
                      "message": "", "lastHeartbeatTime": t, "lastTransitionTime": t}],
                 "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": self.node}],
                 "nodeInfo": {"architecture": arch, "operatingSystem": "linux",
-                    "kubeletVersion": "v1.33.0-outpost", "kubeProxyVersion": "",
+                    "kubeletVersion": format!("v1.{}.0-outpost", outpost_api::KUBE_MINOR), "kubeProxyVersion": "",
                     "containerRuntimeVersion": if self.oci.is_ok() { "wasmtime://48.0+libcontainer://0.7" } else { "wasmtime://48.0" }, "kernelVersion": kernel,
                     "osImage": os_image(), "machineID": "", "systemUUID": "", "bootID": ""},
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},

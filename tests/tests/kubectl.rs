@@ -982,6 +982,14 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
 #[test]
 fn older_and_newer_kubectl() -> anyhow::Result<()> {
     let (_d, up) = up()?;
+    // The node's kubelet version is the server's: never newer, as version skew allows.
+    let kubelet = up.wait_field(
+        30,
+        &["nodes"],
+        "{.items[0].status.nodeInfo.kubeletVersion}",
+        |v| !v.is_empty(),
+    )?;
+    ensure!(kubelet == "v1.32.0-outpost", "{kubelet}");
     for v in ["1.27", "1.33"] {
         let ns = format!("k{}", v.replace('.', "-"));
         let r = up.kubectl_v(v, &["version"])?.expect_ok("version")?;

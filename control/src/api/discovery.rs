@@ -5,10 +5,11 @@ use serde_json::{json, Value};
 
 use super::resources::{group_version, groups, Resource, RESOURCES};
 
-/// The Kubernetes version we answer to. kubectl's dispatcher picks its client by `minor`.
+/// The Kubernetes version we answer to ([`outpost_api::KUBE_MINOR`]).
 pub fn version() -> Value {
+    let minor = outpost_api::KUBE_MINOR;
     json!({
-        "major": "1", "minor": "32", "gitVersion": "v1.32.0-outpost",
+        "major": "1", "minor": minor.to_string(), "gitVersion": format!("v1.{minor}.0-outpost"),
         "gitCommit": env!("CARGO_PKG_VERSION"), "gitTreeState": "clean",
         "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23.4", "compiler": "gc",
         "platform": format!("linux/{}", match std::env::consts::ARCH {

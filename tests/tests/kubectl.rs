@@ -979,6 +979,45 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pod's spec is fixed but for its images (and a few scheduling fields): another change is
+/// refused with the reason, as by kube-apiserver, and the pod is left as it was.
+#[test]
+fn pod_updates_change_only_images() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    let pod = |image: &str, value: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: fixed}}\nspec:\n  nodeSelector: {{nowhere: \"true\"}}\n  containers:\n  - name: c\n    image: {image}\n    env:\n    - {{name: X, value: \"{value}\"}}\n")
+    };
+    up.kubectl_in(&["apply", "-f", "-"], &pod("busybox:1", "1"))?
+        .expect_ok("create")?;
+    let e = up
+        .kubectl_in(&["apply", "-f", "-"], &pod("busybox:1", "2"))?
+        .expect_err("an env change")?;
+    ensure!(
+        e.stderr.contains("is invalid")
+            && e.stderr.contains("pod updates may not change fields")
+            && e.stderr.contains("spec.containers"),
+        "{}",
+        e.stderr
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &pod("busybox:2", "1"))?
+        .expect_ok("an image change")?;
+    up.kubectl(&["set", "image", "pod/fixed", "c=busybox:3"])?
+        .expect_ok("set image")?;
+    up.kubectl(&["label", "pod", "fixed", "tier=a"])?
+        .expect_ok("label")?;
+    let spec = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "fixed",
+            "-o",
+            "jsonpath={.spec.containers[0].image} {.spec.containers[0].env[0].value}",
+        ])?
+        .expect_ok("get")?;
+    ensure!(spec.stdout == "busybox:3 1", "{}", spec.stdout);
+    Ok(())
+}
+
 #[test]
 fn older_and_newer_kubectl() -> anyhow::Result<()> {
     let (_d, up) = up()?;

@@ -1612,6 +1612,13 @@ fn prepare_update(
         }
     }
     admit::defaults(ctx.res.group, ctx.res.kind, new);
+    if (ctx.res.group, ctx.res.kind, sub) == ("", "Pod", None) && old["spec"] != new["spec"] {
+        // Against the old spec as today's defaults make it: a pod stored by an older build
+        // may lack a default that a label change would otherwise count as a change.
+        let mut was = old.clone();
+        admit::defaults("", "Pod", &mut was);
+        pod_spec_update(&was, new)?;
+    }
     // A status update leaves the rest as it was (above).
     if sub != Some(Sub::Status) && new.get("spec").is_some() && !same_spec(old, new) {
         let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
@@ -1629,6 +1636,98 @@ fn prepare_update(
         );
     }
     Ok(())
+}
+
+/// A pod's spec after an update, as kube-apiserver validates it: only the containers' images,
+/// an `activeDeadlineSeconds` set or shortened, tolerations added, scheduling gates removed
+/// and a negative grace period made 1 may change. Anything else (env, ports, volumes, the
+/// node, ephemeral containers outside their subresource) is 422, and the pod runs on as it
+/// was; a different pod is a new pod (`kubectl replace --force`, or a Deployment's rollout).
+fn pod_spec_update(old: &Value, new: &Value) -> Result<(), ApiError> {
+    let (o, n) = (&old["spec"], &new["spec"]);
+    if o == n {
+        return Ok(());
+    }
+    // `allowed` is the old spec with each permitted change of `n` carried in.
+    let mut allowed = o.clone();
+    let carry = |a: &mut Value, k: &str| match n.get(k) {
+        Some(v) => a[k] = v.clone(),
+        None => {
+            if let Some(m) = a.as_object_mut() {
+                m.remove(k);
+            }
+        }
+    };
+    for list in ["containers", "initContainers"] {
+        // `get_mut`, not an index, which would add the list as null where it is not.
+        let was = allowed.get_mut(list).and_then(Value::as_array_mut);
+        if let (Some(was), Some(now)) = (was, n[list].as_array()) {
+            if was.len() == now.len() {
+                for (c, d) in was.iter_mut().zip(now) {
+                    c["image"] = d["image"].clone();
+                }
+            }
+        }
+    }
+    let deadline = |v: &Value| v.get("activeDeadlineSeconds").and_then(Value::as_i64);
+    if match (deadline(o), deadline(n)) {
+        (None, Some(d)) => d > 0,
+        (Some(was), Some(d)) => d > 0 && d <= was,
+        (was, now) => was == now,
+    } {
+        carry(&mut allowed, "activeDeadlineSeconds");
+    }
+    let list = |v: &Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
+    let (was, now) = (list(o, "tolerations"), list(n, "tolerations"));
+    if was.iter().all(|t| now.contains(t)) {
+        carry(&mut allowed, "tolerations");
+    }
+    let (was, now) = (list(o, "schedulingGates"), list(n, "schedulingGates"));
+    if now.iter().all(|g| was.contains(g)) {
+        carry(&mut allowed, "schedulingGates");
+    }
+    let grace = |v: &Value| {
+        v.get("terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+    };
+    if grace(o).is_some_and(|g| g < 0) && grace(n) == Some(1) {
+        carry(&mut allowed, "terminationGracePeriodSeconds");
+    }
+    if &allowed == n {
+        return Ok(());
+    }
+    let changed: Vec<String> = n
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| allowed.get(k.as_str()) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(
+            allowed
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| n.get(k.as_str()).is_none())
+                .map(|(k, _)| k.clone()),
+        )
+        .collect();
+    Err(ApiError::Invalid {
+        group: String::new(),
+        kind: "Pod".into(),
+        name: name_of(old).into(),
+        causes: vec![Cause::new(
+            "FieldValueForbidden",
+            "spec",
+            format!(
+                "Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative); changed: {}",
+                changed
+                    .iter()
+                    .map(|k| format!("spec.{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )],
+    })
 }
 
 /// Check the ephemeral containers `want` for pod `old`, as the API server does: those it
@@ -2403,6 +2502,60 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_update_changes_only_what_kubernetes_lets_it() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "c", "image": "a", "env": [{"name": "X", "value": "1"}]}],
+            "tolerations": [{"key": "k", "operator": "Exists"}],
+            "activeDeadlineSeconds": 60}});
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut p = pod.clone();
+            f(&mut p);
+            p
+        };
+        for ok in [
+            with(&|p| p["spec"]["containers"][0]["image"] = json!("b")),
+            with(&|p| p["spec"]["activeDeadlineSeconds"] = json!(30)),
+            with(&|p| {
+                p["spec"]["tolerations"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"key": "z", "operator": "Exists"}))
+            }),
+            with(&|p| p["metadata"]["labels"] = json!({"a": "b"})),
+        ] {
+            assert!(pod_spec_update(&pod, &ok).is_ok(), "{ok}");
+        }
+        for (bad, field) in [
+            (
+                with(&|p| p["spec"]["containers"][0]["env"][0]["value"] = json!("2")),
+                "spec.containers",
+            ),
+            (
+                with(&|p| p["spec"]["activeDeadlineSeconds"] = json!(120)),
+                "spec.activeDeadlineSeconds",
+            ),
+            (
+                with(&|p| p["spec"]["tolerations"] = json!([])),
+                "spec.tolerations",
+            ),
+            (
+                with(&|p| p["spec"]["nodeName"] = json!("elsewhere")),
+                "spec.nodeName",
+            ),
+            (
+                with(&|p| p["spec"]["ephemeralContainers"] = json!([{"name": "d", "image": "x"}])),
+                "spec.ephemeralContainers",
+            ),
+        ] {
+            let Err(ApiError::Invalid { causes, .. }) = pod_spec_update(&pod, &bad) else {
+                panic!("accepted: {bad}");
+            };
+            assert_eq!(causes[0].field, "spec");
+            assert!(causes[0].message.contains(field), "{}", causes[0].message);
+        }
+    }
 
     #[test]
     fn ephemeral_containers_only_grow() {

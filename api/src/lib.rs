@@ -18,6 +18,7 @@ pub mod quantity;
 /// kubelet's: one number for both, as the version-skew policy lets no kubelet be newer
 /// than its API server (and kubectl's dispatcher picks its client by the server's minor).
 pub const KUBE_MINOR: u32 = 32;
+
 pub mod store;
 
 /// Lowercase hex of the SHA-256 of `b`: module and layer digests, token secrets, the CA pin.

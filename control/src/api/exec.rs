@@ -49,10 +49,8 @@ pub(super) fn serve(
 ) -> Result<Response, ApiError> {
     let what = if attach { "attach" } else { "exec" };
     let name = pod["metadata"]["name"].as_str().unwrap_or("");
-    let containers = pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let specs = |k: &str| pod["spec"][k].as_array().map_or(&[][..], Vec::as_slice);
+    let containers = specs("containers");
     let container = match q.get("container").filter(|c| !c.is_empty()) {
         Some(c) => c.to_string(),
         None => containers
@@ -62,13 +60,9 @@ pub(super) fn serve(
             .to_string(),
     };
     // An ephemeral container (`kubectl debug`) is attached to and exec'd into as the others.
-    let ephemeral = pod["spec"]["ephemeralContainers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     let Some(spec) = containers
         .iter()
-        .chain(&ephemeral)
+        .chain(specs("ephemeralContainers"))
         .find(|c| c["name"] == container.as_str())
     else {
         return Err(ApiError::BadRequest(format!(

@@ -1039,9 +1039,9 @@ pub(crate) fn keyspace_options() -> fjall::KeyspaceCreateOptions {
     fjall::KeyspaceCreateOptions::default().max_memtable_size(16 * 1024 * 1024)
 }
 
-/// The current key space's memtable. 8 MiB rather than the other keyspaces' 16: a member
-/// with 10,000 pods held 143–151 MB with 16 and 131–140 MB with 8, with the same paced
-/// tail (`outpost-bench api`, session 20).
+/// The current key space's memtable: 8 MiB, where it was 16 like the small keyspaces'. A
+/// member with 10,000 pods held 143–151 MB with 16 and 131–140 MB with 8, with the same
+/// paced tail (`outpost-bench api`, session 20).
 const KV_MEMTABLE: u64 = 8 << 20;
 
 /// Options for the current key space: objects of 512 bytes or more (a pod is about a

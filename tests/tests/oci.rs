@@ -218,6 +218,34 @@ fn busybox_pods_log_exit_and_exec() -> anyhow::Result<()> {
         "a new zygote: {now:?}, was {zygotes:?}"
     );
 
+    // A restarted container starts from the image again, whatever its last run wrote
+    // (the layer directories of ended containers are recycled), with `/` as the image's.
+    // Its runs count themselves in an emptyDir, which outlives them: the first exits 10,
+    // the second 11 if its root was fresh.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "again",
+            &image,
+            "OnFailure",
+            r#"["sh", "-c", "n=$(cat /v/n || echo 0); echo $((n+1)) > /v/n; test -e /seen && exit 3; test $(stat -c %a /) = 755 || exit 4; mkdir -p /d; touch /seen /d/f; exit $((10+n))"]"#,
+            "    volumeMounts:\n    - name: v\n      mountPath: /v\n  volumes:\n  - name: v\n    emptyDir: {}\n",
+        ),
+    )?
+    .expect_ok("apply again")?;
+    let second = up.wait_field(
+        60,
+        &["pod", "again"],
+        "{.status.containerStatuses[0].lastState.terminated.exitCode}",
+        |c| !c.is_empty() && c != "10",
+    )?;
+    assert_eq!(
+        second, "11",
+        "the second run saw its first run's files or mode"
+    );
+    up.kubectl(&["delete", "pod", "again", "--wait=false"])?
+        .expect_ok("delete again")?;
+
     // The image's own command; kubectl exec into it.
     up.kubectl(&["run", "box", &format!("--image={image}")])?
         .expect_ok("run box")?;

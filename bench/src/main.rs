@@ -590,10 +590,14 @@ async fn main() -> anyhow::Result<()> {
                 "  agent RSS idle                    {:>8.1} MB   (target <= 15)",
                 f.rss_idle_mb
             );
-            println!(
-                "  agent RSS with 100 running pods   {:>8.1} MB   (target <= 40)",
-                f.rss_100_mb
-            );
+            match f.rss_100_mb {
+                Some(mb) => {
+                    println!("  agent RSS with 100 running pods   {mb:>8.1} MB   (target <= 40)")
+                }
+                None => {
+                    println!("  agent RSS with 100 running pods   not measured (--pods under 100)")
+                }
+            }
             match f.peer_p50_ms {
                 Some(p) => println!(
                     "  `wasmtime run hello.wasm` p50     {p:>8.1} ms   ratio {:.2}x (its start / our create->Running)",

@@ -57,7 +57,8 @@ pub struct Figures {
     pub control_ms_per_pod: f64,
     pub agent_ms_per_pod: f64,
     pub rss_idle_mb: f64,
-    pub rss_100_mb: f64,
+    /// None when fewer than 100 pods were created (`--pods`).
+    pub rss_100_mb: Option<f64>,
     pub peer_p50_ms: Option<f64>,
 }
 
@@ -315,7 +316,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     create("warm".into(), "module:sleeper", "Always").await?;
     let first = wait(&mut rx, "warm".into(), &["Running"]).await? - t;
     let mut lat = Vec::new();
-    let mut rss_100 = 0.0;
+    let mut rss_100 = None;
     for i in 0..pods {
         let name = format!("sleeper-{i}");
         let t = Instant::now();
@@ -323,7 +324,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         lat.push(wait(&mut rx, name, &["Running"]).await? - t);
         if i + 1 == 100 {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            rss_100 = rss_kib(agent.0.id()) as f64 / 1024.0;
+            rss_100 = Some(rss_kib(agent.0.id()) as f64 / 1024.0);
         }
     }
     lat.sort();

@@ -137,6 +137,11 @@ pub struct Agent {
     /// Config maps, secrets and claims lately read from the control plane, and when: pods
     /// started together share one read, as they share a module name's resolution.
     objects: Mutex<HashMap<String, (Value, Instant)>>,
+    /// Reads of those under way, by object: pods wanting one meanwhile wait for that read
+    /// rather than each make their own (a burst's pods all want their namespace's
+    /// `kube-root-ca.crt` at once, and the control plane answers each such read by looking
+    /// through the namespace's pods).
+    reading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Made on the first registry pull: most nodes never pull, and a TLS client with its
     /// root store costs memory a board should keep.
     registry: std::sync::OnceLock<registry::Client>,
@@ -347,6 +352,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         runtime: tokio::sync::OnceCell::new(),
         names: Mutex::default(),
         objects: Mutex::default(),
+        reading: Mutex::default(),
         registry: std::sync::OnceLock::new(),
         insecure_registries: cfg.insecure_registries.clone(),
         max_pods: cfg.max_pods,
@@ -1518,10 +1524,27 @@ impl Agent {
     /// from the cache.
     async fn object(&self, kind: &str, ns: &str, name: &str) -> Result<Value, String> {
         let memo = format!("{kind}/{ns}/{name}");
-        if let Some((v, at)) = self.objects.lock().ok().and_then(|m| m.get(&memo).cloned()) {
-            if at.elapsed() < NAME_MEMO {
-                return Ok(v);
-            }
+        let memoized = || {
+            self.objects.lock().ok().and_then(|m| {
+                m.get(&memo)
+                    .filter(|(_, at)| at.elapsed() < NAME_MEMO)
+                    .map(|(v, _)| v.clone())
+            })
+        };
+        if let Some(v) = memoized() {
+            return Ok(v);
+        }
+        let gate = self.reading.lock().ok().map(|mut r| {
+            r.retain(|_, g| Arc::strong_count(g) > 1);
+            r.entry(memo.clone()).or_default().clone()
+        });
+        let _turn = match &gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
+        // A read that finished while this one waited serves it too.
+        if let Some(v) = memoized() {
+            return Ok(v);
         }
         let link = self.link.borrow().clone();
         if let Some(link) = link {

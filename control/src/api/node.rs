@@ -138,9 +138,39 @@ async fn node_pod_in(
         .range(&res.prefix(Some(ns)), None, 0, Consistency::Serializable)
         .await?;
     Ok(page.kvs.iter().any(|kv| {
-        serde_json::from_slice::<Value>(&kv.value)
-            .is_ok_and(|p| p["spec"]["nodeName"].as_str() == Some(node) && uses(&p))
+        serde_json::from_slice::<Refs>(&kv.value).is_ok_and(|r| {
+            let s = r.spec;
+            s.node_name.as_deref() == Some(node)
+                && uses(&serde_json::json!({"spec": {
+                    "volumes": s.volumes,
+                    "containers": s.containers,
+                    "initContainers": s.init_containers,
+                    "imagePullSecrets": s.image_pull_secrets,
+                }}))
+        })
     }))
+}
+
+/// What [`pod_uses`] and [`pod_claims`] read of a pod: the rest (its metadata, status and
+/// most of its spec) is skipped rather than built, for each of a namespace's pods.
+#[derive(serde::Deserialize, Default)]
+struct Refs {
+    #[serde(default)]
+    spec: RefSpec,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RefSpec {
+    node_name: Option<String>,
+    #[serde(default)]
+    volumes: Value,
+    #[serde(default)]
+    containers: Value,
+    #[serde(default)]
+    init_containers: Value,
+    #[serde(default)]
+    image_pull_secrets: Value,
 }
 
 /// A PersistentVolume is the node's to read when one of its pods' claims is bound to it,

@@ -259,12 +259,15 @@ fn mount_rootfs(bundle: &Path, layers: &Path, lower: &Path) -> Result<(), String
 /// Where a container's ended layer directories wait for the next container, beside the
 /// containers' own (`DIR/containers/.spare/*`; no container id can be `.spare`, as every id
 /// has a `_`, and the benchmark's have none of a dot).
+#[cfg(feature = "containers")]
 const SPARES: &str = ".spare";
 
 /// How many spare layer directories are kept.
+#[cfg(feature = "containers")]
 const SPARE_CAP: usize = 32;
 
 /// The mode of a fresh upper directory, the container's `/`.
+#[cfg(feature = "containers")]
 const FRESH_MODE: u32 = 0o755;
 
 /// Whether upper directory `dir` (with metadata `m`) is as a fresh one: mode, owner, and no

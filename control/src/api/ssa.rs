@@ -418,11 +418,20 @@ pub fn apply(
         remove_at(&mut out, f);
     }
     if upgrade.is_some() {
+        // `get_mut`, not indexing, which would add a null `annotations` to either.
         let mut last = patch.clone();
-        if let Some(a) = last["metadata"]["annotations"].as_object_mut() {
+        if let Some(a) = last
+            .get_mut("metadata")
+            .and_then(|m| m.get_mut("annotations"))
+            .and_then(Value::as_object_mut)
+        {
             a.remove(LAST_APPLIED);
         }
-        if let Some(a) = out["metadata"]["annotations"].as_object_mut() {
+        if let Some(a) = out
+            .get_mut("metadata")
+            .and_then(|m| m.get_mut("annotations"))
+            .and_then(Value::as_object_mut)
+        {
             a.insert(LAST_APPLIED.into(), Value::String(last.to_string()));
         }
     }
@@ -550,6 +559,8 @@ mod tests {
             last["spec"]["replicas"], 2,
             "the annotation follows: {last}"
         );
+        // What was applied, and nothing it did not hold (`deploy` has no annotations).
+        assert!(last["metadata"].get("annotations").is_none(), "{last}");
         // Another manager, or a field kubectl never applied, still conflicts.
         let err = apply(&scaled, &deploy(2, "y"), "other", "apps/v1", false, now).unwrap_err();
         assert!(err.iter().any(|c| c.field == ".spec.replicas"), "{err:?}");

@@ -1289,20 +1289,49 @@ impl Agent {
 
     /// Post events, oldest first, when the link is up. Offline, the newest [`MAX_EVENTS`]
     /// wait in memory: events are for people watching now, not worth a write to flash.
+    /// An event that happened before (the same object, container, reason, message and type)
+    /// raises the recorded one's count and last time instead of making another, as the
+    /// kubelet's recorder does: a pod restarting all day is a few events, not thousands.
     async fn send_events(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Event>) {
         let mut queue: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+        let mut recorded: HashMap<String, Recorded> = HashMap::new();
         let mut links = self.link.subscribe();
         loop {
             let link = links.borrow_and_update().clone();
             if let Some(link) = link.filter(|_| !queue.is_empty()) {
-                let batch: Vec<Event> = queue.drain(..).collect();
+                let batch = fold(queue.drain(..).collect());
                 let node = self.node.clone();
-                let results = futures::stream::iter(batch)
-                    .map(|e| {
+                let known: Vec<Option<(String, u64)>> = batch
+                    .iter()
+                    .map(|e| recorded.get(&e.key()).map(|r| (r.name.clone(), r.count)))
+                    .collect();
+                let results = futures::stream::iter(batch.into_iter().zip(known))
+                    .map(|(e, known)| {
                         let link = link.clone();
-                        let body = e.json(&node);
+                        let node = node.clone();
                         async move {
                             let path = format!("/api/v1/namespaces/{}/events", e.on.ns);
+                            if let Some((name, count)) = known {
+                                let count = count + e.count;
+                                let patch = json!({"count": count, "lastTimestamp": e.at});
+                                let r = link
+                                    .call(
+                                        "PATCH",
+                                        &format!("{path}/{name}"),
+                                        Some((
+                                            "application/merge-patch+json",
+                                            patch.to_string().into_bytes(),
+                                        )),
+                                    )
+                                    .await;
+                                // Gone (events expire): recorded anew below.
+                                if !matches!(&r, Ok(a) if a.status == 404) {
+                                    return (e, Some((name, count)), r);
+                                }
+                            }
+                            let nanos = jiff::Timestamp::now().as_nanosecond();
+                            let name = format!("{}.{:x}", e.on.pod, nanos);
+                            let body = e.json(&node, &name, e.count);
                             let r = link
                                 .call(
                                     "POST",
@@ -1310,18 +1339,26 @@ impl Agent {
                                     Some(("application/json", body.to_string().into_bytes())),
                                 )
                                 .await;
-                            (e, r)
+                            let count = e.count;
+                            (e, Some((name, count)), r)
                         }
                     })
                     .buffered(16)
                     .collect::<Vec<_>>()
                     .await;
-                for (e, r) in results {
+                for (e, now, r) in results {
                     match r {
                         Ok(a) if !a.ok() => {
                             tracing::debug!(reason = e.reason, error = %a.message(), "event refused")
                         }
-                        Ok(_) => {}
+                        Ok(_) => {
+                            if let Some((name, count)) = now {
+                                if recorded.len() >= RECORDED {
+                                    recorded.clear();
+                                }
+                                recorded.insert(e.key(), Recorded { name, count });
+                            }
+                        }
                         Err(_) => queue.push_back(e),
                     }
                 }
@@ -2148,13 +2185,10 @@ impl Worker {
     }
 
     fn event(&self, warning: bool, reason: &'static str, message: String) {
-        let _ = self.agent.events_tx.send(Event {
-            on: self.on(),
-            warning,
-            reason,
-            message,
-            at: now(),
-        });
+        let _ = self
+            .agent
+            .events_tx
+            .send(Event::new(self.on(), warning, reason, message));
     }
 
     fn probing(&self) -> Probing {
@@ -3324,13 +3358,9 @@ struct Probing {
 
 impl Probing {
     fn unhealthy(&self, message: String) {
-        let _ = self.events.send(Event {
-            on: self.on.clone(),
-            warning: true,
-            reason: "Unhealthy",
-            message,
-            at: now(),
-        });
+        let _ = self
+            .events
+            .send(Event::new(self.on.clone(), true, "Unhealthy", message));
     }
 
     fn set(&self, f: impl FnOnce(&mut Container) -> bool) {
@@ -3439,14 +3469,39 @@ struct Event {
     reason: &'static str,
     message: String,
     at: String,
+    /// When it first happened and how many times, for events that came again before they
+    /// were sent (an agent offline for a while).
+    first: String,
+    count: u64,
 }
 
 impl Event {
-    fn json(&self, node: &str) -> Value {
-        let nanos = jiff::Timestamp::now().as_nanosecond();
+    fn new(on: On, warning: bool, reason: &'static str, message: String) -> Event {
+        let at = now();
+        Event {
+            on,
+            warning,
+            reason,
+            message,
+            first: at.clone(),
+            at,
+            count: 1,
+        }
+    }
+
+    /// What makes two events the same, told as one with a count (as client-go's event
+    /// recorder does: the same object, container, reason, message and type).
+    fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}/{}/{}",
+            self.on.uid, self.on.container, self.reason, self.warning, self.on.ns, self.message
+        )
+    }
+
+    fn json(&self, node: &str, name: &str, count: u64) -> Value {
         json!({
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": format!("{}.{:x}", self.on.pod, nanos), "namespace": self.on.ns},
+            "metadata": {"name": name, "namespace": self.on.ns},
             "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": self.on.ns,
                 "name": self.on.pod, "uid": self.on.uid,
                 "fieldPath": format!("spec.containers{{{}}}", self.on.container)},
@@ -3454,9 +3509,38 @@ impl Event {
             "type": if self.warning { "Warning" } else { "Normal" },
             "source": {"component": "kubelet", "host": node},
             "reportingComponent": "kubelet", "reportingInstance": node,
-            "firstTimestamp": self.at, "lastTimestamp": self.at, "count": 1,
+            "firstTimestamp": self.first, "lastTimestamp": self.at, "count": count,
         })
     }
+}
+
+/// An event already recorded: its name and count, to count the same event again there.
+struct Recorded {
+    name: String,
+    count: u64,
+}
+
+/// How many recorded events are remembered for counting (client-go keeps as many).
+const RECORDED: usize = 4096;
+
+/// Fold events of `batch` that are the same (see [`Event::key`]) into the first of them:
+/// its count grows, its time becomes the last one's.
+fn fold(batch: Vec<Event>) -> Vec<Event> {
+    let mut out: Vec<Event> = Vec::with_capacity(batch.len());
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for e in batch {
+        match at.get(&e.key()) {
+            Some(&i) => {
+                out[i].count += e.count;
+                out[i].at = e.at;
+            }
+            None => {
+                at.insert(e.key(), out.len());
+                out.push(e);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

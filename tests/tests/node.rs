@@ -313,6 +313,21 @@ fn a_crashing_pod_backs_off() -> anyhow::Result<()> {
         .kubectl(&["logs", "crashy", "--previous"])?
         .expect_ok("logs --previous")?;
     assert!(prev.stdout.contains("Hello"), "{}", prev.stdout);
+    // Each run is started the same way: one event, counted, as the kubelet records it.
+    let counts = up.wait_field(
+        10,
+        &[
+            "events",
+            "--field-selector",
+            "involvedObject.name=crashy,reason=Started",
+        ],
+        "{.items[*].count}",
+        |c| c.split_whitespace().any(|n| n != "1"),
+    )?;
+    assert!(
+        counts.split_whitespace().count() == 1 && counts.trim().parse::<u32>()? >= 2,
+        "one Started event with a count of the runs: {counts}"
+    );
     Ok(())
 }
 

@@ -888,16 +888,26 @@ pub(crate) async fn event(
     let ns = m["namespace"].as_str().unwrap_or("default");
     let name = m["name"].as_str().unwrap_or("");
     let now = crate::api::now();
-    let body = json!({"apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": format!("{name}."), "namespace": ns},
+    // Named as client-go's recorder names them, by the time in nanoseconds: a namespace's
+    // events list in the order they happened, which `kubectl describe` keeps for events
+    // of the same second.
+    let nanos = jiff::Timestamp::now().as_nanosecond();
+    let mut body = json!({"apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": format!("{name}.{nanos:x}"), "namespace": ns},
         "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": name,
             "namespace": ns, "uid": m["uid"]},
         "type": kind, "reason": reason, "message": msg,
         "source": {"component": component}, "reportingComponent": component,
         "firstTimestamp": now, "lastTimestamp": now, "count": 1});
     let path = format!("/api/v1/namespaces/{ns}/events");
-    let (status, v) =
+    let (mut status, mut v) =
         crate::api::call_as(api, &manager(), "POST", &path, "application/json", &body).await;
+    if status == 409 {
+        // Two events of one object in the same nanosecond: the second gets a made-up name.
+        body["metadata"] = json!({"generateName": format!("{name}."), "namespace": ns});
+        (status, v) =
+            crate::api::call_as(api, &manager(), "POST", &path, "application/json", &body).await;
+    }
     if !(200..300).contains(&status) {
         tracing::debug!(%name, %status, message = %v["message"], "event not recorded");
     }

@@ -82,6 +82,78 @@ fn collect(v: &Value, field_name: &str, at: &mut Field, out: &mut BTreeSet<Field
     }
 }
 
+/// What [`collect`] would give of `new`, kept only where `old` (the value at the same path
+/// in the old object) differs, without walking a subtree the two hold equal: a status
+/// update, whose spec and metadata are unchanged (and whose status is never tracked),
+/// costs a comparison instead of building every field's path twice over.
+fn collect_changed(
+    old: Option<&Value>,
+    new: &Value,
+    field_name: &str,
+    at: &mut Field,
+    out: &mut BTreeSet<Field>,
+) {
+    if old == Some(new) {
+        return;
+    }
+    match new {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, x) in m {
+                at.push(format!("f:{k}"));
+                if !ignored(at) {
+                    collect_changed(old.and_then(|o| o.get(k)), x, k, at, out);
+                }
+                at.pop();
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            let old_items = old.and_then(Value::as_array);
+            if let Some(key) = merge_key(field_name, items) {
+                for item in items {
+                    let Some(kv) = item.get(key) else {
+                        // The list is owned whole; it differs from the old one.
+                        out.insert(at.clone());
+                        return;
+                    };
+                    // As `value_at` finds an item: the first with the key, in each.
+                    let first = |list: &'_ [Value]| -> Option<usize> {
+                        list.iter().position(|i| i.get(key) == Some(kv))
+                    };
+                    let new_item = first(items).map_or(item, |i| &items[i]);
+                    let old_item = old_items.and_then(|l| first(l).map(|i| &l[i]));
+                    at.push(format!("k:{}", json!({key: kv})));
+                    if old_item != Some(new_item) {
+                        out.insert(at.clone());
+                        collect_changed(old_item, new_item, "", at, out);
+                    }
+                    at.pop();
+                }
+            } else if set_list(field_name) {
+                for item in items {
+                    if !old_items.is_some_and(|l| l.contains(item)) {
+                        at.push(format!("v:{item}"));
+                        out.insert(at.clone());
+                        at.pop();
+                    }
+                }
+            } else {
+                out.insert(at.clone());
+            }
+        }
+        _ => {
+            out.insert(at.clone());
+        }
+    }
+}
+
+/// The fields of `new` whose values differ from those at the same paths in `old` (or that
+/// `old` lacks).
+pub fn changed_fields(old: &Value, new: &Value) -> BTreeSet<Field> {
+    let mut out = BTreeSet::new();
+    collect_changed(Some(old), new, "", &mut Vec::new(), &mut out);
+    out
+}
+
 /// Every field set in `v`.
 pub fn fields(v: &Value) -> BTreeSet<Field> {
     let mut out = BTreeSet::new();
@@ -268,10 +340,10 @@ pub fn record_update(
         Some(o) if o["metadata"]["managedFields"] == new["metadata"]["managedFields"] => entries(o),
         _ => entries(new),
     };
-    let changed: BTreeSet<Field> = fields(new)
-        .into_iter()
-        .filter(|f| old.is_none_or(|o| value_at(o, f) != value_at(new, f)))
-        .collect();
+    let changed: BTreeSet<Field> = match old {
+        Some(o) => changed_fields(o, new),
+        None => fields(new),
+    };
     if changed.is_empty() {
         store_entries(new, &es);
         return;
@@ -525,6 +597,61 @@ mod tests {
             dropped["metadata"]["labels"].get("a").is_none(),
             "{dropped}"
         );
+    }
+
+    #[test]
+    fn changed_fields_are_the_fields_whose_values_changed() {
+        let slow = |old: &Value, new: &Value| -> BTreeSet<Field> {
+            fields(new)
+                .into_iter()
+                .filter(|f| value_at(old, f) != value_at(new, f))
+                .collect()
+        };
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"a": "1"}, "finalizers": ["x", "y"],
+                "annotations": {}},
+            "spec": {"nodeName": "", "containers": [
+                {"name": "c", "image": "i", "env": [{"name": "E", "value": "1"}],
+                 "args": ["a", "b"], "ports": [{"containerPort": 80, "protocol": "TCP"}]},
+                {"name": "d", "image": "j"}],
+                "volumes": [{"name": "v", "emptyDir": {}}], "tolerations": [{"key": "k"}]},
+            "status": {"phase": "Pending"}});
+        let edits: Vec<fn(&mut Value)> = vec![
+            |_| {},
+            |p| p["status"] = json!({"phase": "Running", "podIP": "10.0.0.1"}),
+            |p| p["spec"]["nodeName"] = json!("n"),
+            |p| p["spec"]["containers"][0]["image"] = json!("i2"),
+            |p| p["spec"]["containers"][0]["env"][0]["value"] = json!("2"),
+            |p| p["spec"]["containers"][0]["args"] = json!(["a"]),
+            |p| p["spec"]["containers"].as_array_mut().unwrap().reverse(),
+            |p| {
+                p["spec"]["containers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "e"}))
+            },
+            |p| {
+                p["spec"]["containers"].as_array_mut().unwrap().remove(0);
+            },
+            |p| p["metadata"]["labels"]["b"] = json!("2"),
+            |p| p["metadata"]["finalizers"] = json!(["y", "z"]),
+            |p| p["metadata"]["annotations"] = json!({"n": "1"}),
+            |p| p["spec"]["volumes"][0]["emptyDir"] = json!({"medium": "Memory"}),
+            |p| p["spec"]["tolerations"] = json!([{"key": "k", "effect": "NoSchedule"}]),
+            |p| p["spec"]["containers"] = json!("not a list"),
+            |p| p["spec"]["extra"] = json!({"deep": {"x": [1, 2]}}),
+        ];
+        for (i, edit) in edits.iter().enumerate() {
+            let mut new = pod.clone();
+            edit(&mut new);
+            assert_eq!(changed_fields(&pod, &new), slow(&pod, &new), "edit {i}");
+            assert_eq!(
+                changed_fields(&new, &pod),
+                slow(&new, &pod),
+                "edit {i}, undone"
+            );
+        }
+        assert!(changed_fields(&pod, &pod).is_empty());
     }
 
     #[test]

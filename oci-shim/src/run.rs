@@ -258,7 +258,9 @@ fn mount_rootfs(bundle: &Path, layers: &Path, lower: &Path) -> Result<(), String
 
 /// Where a container's ended layer directories wait for the next container, beside the
 /// containers' own (`DIR/containers/.spare/*`; no container id can be `.spare`, as every id
-/// has a `_`, and the benchmark's have none of a dot).
+/// has a `_`, and the benchmark's have none of a dot). The agent keeps pod directories the
+/// same way (edge-node's `spare.rs`) with its free list in memory; these are retired and
+/// taken by helpers, each a process of its own, so the directory itself is the list.
 #[cfg(feature = "containers")]
 const SPARES: &str = ".spare";
 

@@ -43,50 +43,12 @@ fn ignored(path: &[String]) -> bool {
     }
 }
 
-fn collect(v: &Value, field_name: &str, at: &mut Field, out: &mut BTreeSet<Field>) {
-    match v {
-        Value::Object(m) if !m.is_empty() => {
-            for (k, x) in m {
-                at.push(format!("f:{k}"));
-                if !ignored(at) {
-                    collect(x, k, at, out);
-                }
-                at.pop();
-            }
-        }
-        Value::Array(items) if !items.is_empty() => {
-            if let Some(key) = merge_key(field_name, items) {
-                for item in items {
-                    let Some(kv) = item.get(key) else {
-                        out.insert(at.clone());
-                        return;
-                    };
-                    at.push(format!("k:{}", json!({key: kv})));
-                    out.insert(at.clone());
-                    collect(item, "", at, out);
-                    at.pop();
-                }
-            } else if set_list(field_name) {
-                for item in items {
-                    at.push(format!("v:{item}"));
-                    out.insert(at.clone());
-                    at.pop();
-                }
-            } else {
-                out.insert(at.clone());
-            }
-        }
-        _ => {
-            out.insert(at.clone());
-        }
-    }
-}
-
-/// What [`collect`] would give of `new`, kept only where `old` (the value at the same path
-/// in the old object) differs, without walking a subtree the two hold equal: a status
-/// update, whose spec and metadata are unchanged (and whose status is never tracked),
-/// costs a comparison instead of building every field's path twice over.
-fn collect_changed(
+/// The fields set in `new` (into `out`, under path `at`; `field_name` is the key `new` is
+/// under, which says how a list is merged), kept only where `old`, the value at the same
+/// path in the old object, differs (all of them when there is none). A subtree the two
+/// hold equal is not walked: a status update, whose spec and metadata are unchanged (and
+/// whose status is never tracked), costs a comparison.
+fn collect(
     old: Option<&Value>,
     new: &Value,
     field_name: &str,
@@ -101,7 +63,7 @@ fn collect_changed(
             for (k, x) in m {
                 at.push(format!("f:{k}"));
                 if !ignored(at) {
-                    collect_changed(old.and_then(|o| o.get(k)), x, k, at, out);
+                    collect(old.and_then(|o| o.get(k)), x, k, at, out);
                 }
                 at.pop();
             }
@@ -115,16 +77,13 @@ fn collect_changed(
                         out.insert(at.clone());
                         return;
                     };
-                    // As `value_at` finds an item: the first with the key, in each.
-                    let first = |list: &'_ [Value]| -> Option<usize> {
-                        list.iter().position(|i| i.get(key) == Some(kv))
-                    };
-                    let new_item = first(items).map_or(item, |i| &items[i]);
-                    let old_item = old_items.and_then(|l| first(l).map(|i| &l[i]));
+                    // The old item is found as `value_at` finds one: the first with the key.
+                    let old_item =
+                        old_items.and_then(|l| l.iter().find(|i| i.get(key) == Some(kv)));
                     at.push(format!("k:{}", json!({key: kv})));
-                    if old_item != Some(new_item) {
+                    if old_item != Some(item) {
                         out.insert(at.clone());
-                        collect_changed(old_item, new_item, "", at, out);
+                        collect(old_item, item, "", at, out);
                     }
                     at.pop();
                 }
@@ -150,14 +109,14 @@ fn collect_changed(
 /// `old` lacks).
 pub fn changed_fields(old: &Value, new: &Value) -> BTreeSet<Field> {
     let mut out = BTreeSet::new();
-    collect_changed(Some(old), new, "", &mut Vec::new(), &mut out);
+    collect(Some(old), new, "", &mut Vec::new(), &mut out);
     out
 }
 
 /// Every field set in `v`.
 pub fn fields(v: &Value) -> BTreeSet<Field> {
     let mut out = BTreeSet::new();
-    collect(v, "", &mut Vec::new(), &mut out);
+    collect(None, v, "", &mut Vec::new(), &mut out);
     out
 }
 

@@ -1,6 +1,7 @@
 //! Controllers through the real kubectl on `outpost up`: Deployments create ReplicaSets and
 //! pods, scale, roll out a new template (followed with `kubectl rollout status`), undo, and
-//! take their pods with them when deleted.
+//! take their pods with them when deleted; ReplicationControllers keep their pods as
+//! ReplicaSets do.
 
 use std::time::{Duration, Instant};
 
@@ -1362,5 +1363,105 @@ fn statefulset_claims_get_local_volumes_that_outlive_pods() -> anyhow::Result<()
         "{}",
         out.stderr
     );
+    Ok(())
+}
+
+#[test]
+fn replication_controllers_and_cluster_info_dump() -> anyhow::Result<()> {
+    let (_dir, up) = with_module("sleeper")?;
+    // No selector and no labels: both come from the template's labels.
+    let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      containers:\n      - name: web\n        image: module:sleeper\n";
+    up.kubectl_in(&["apply", "-f", "-"], rc)?
+        .expect_ok("apply rc")?;
+    let pods = web_pods(&up, 2, "module:sleeper")?;
+    let owner = field(
+        &up,
+        &["pod", &pods[0]],
+        "{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+    )?;
+    assert_eq!(owner, "ReplicationController/web");
+    assert_eq!(
+        field(
+            &up,
+            &["rc", "web"],
+            "{.spec.selector.app} {.metadata.labels.app}"
+        )?,
+        "web web"
+    );
+    up.wait_field(30, &["rc", "web"], "{.status.readyReplicas}", |s| s == "2")?;
+    let table = up
+        .kubectl(&["get", "rc", "-o", "wide"])?
+        .expect_ok("get rc")?;
+    let row = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or("");
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols.get(1..4),
+        Some(&["2", "2", "2"][..]),
+        "{}",
+        table.stdout
+    );
+    assert_eq!(cols.last(), Some(&"app=web"), "{}", table.stdout);
+
+    // Scaled through the scale subresource; a pod deleted is replaced.
+    up.kubectl(&["scale", "rc", "web", "--replicas=3"])?
+        .expect_ok("scale rc")?;
+    let pods = web_pods(&up, 3, "module:sleeper")?;
+    up.kubectl(&["delete", "pod", &pods[0]])?
+        .expect_ok("delete pod")?;
+    let again = web_pods(&up, 3, "module:sleeper")?;
+    assert!(!again.contains(&pods[0]), "{again:?}");
+    let described = up
+        .kubectl(&["describe", "rc", "web"])?
+        .expect_ok("describe rc")?;
+    assert!(
+        described.stdout.contains("3 current / 3 desired"),
+        "{}",
+        described.stdout
+    );
+
+    // A template its selector does not take is refused with the field.
+    let bad = rc.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  selector:\n    app: other\n",
+    );
+    let bad = bad.replace("name: web\nspec", "name: bad\nspec");
+    let refused = up
+        .kubectl_in(&["apply", "-f", "-"], &bad)?
+        .expect_err("apply a mismatched rc")?;
+    assert!(
+        refused.stderr.contains("spec.template.metadata.labels"),
+        "{}",
+        refused.stderr
+    );
+
+    // `cluster-info dump` lists every kind it asks for and the pods' logs.
+    let dump = up
+        .kubectl(&["cluster-info", "dump", "--namespaces", "default"])?
+        .expect_ok("cluster-info dump")?;
+    for want in [
+        "\"kind\": \"ReplicationControllerList\"",
+        "\"kind\": \"NodeList\"",
+        "==== START logs for container web of pod default/",
+    ] {
+        assert!(dump.stdout.contains(want), "no {want} in the dump");
+    }
+    assert!(
+        dump.stdout.contains("\nup\n"),
+        "no sleeper output in the dump"
+    );
+
+    // Deleted, it takes its pods with it.
+    up.kubectl(&["delete", "rc", "web", "--cascade=foreground"])?
+        .expect_ok("delete rc")?;
+    up.wait_field(
+        60,
+        &["pods", "-l", "app=web"],
+        "{.items[*].metadata.name}",
+        |s| s.is_empty(),
+    )?;
     Ok(())
 }

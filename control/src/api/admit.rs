@@ -238,6 +238,24 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
             or(child(o, "spec"), "replicas", json!(1));
             default_template(o, "Always");
         }
+        ("", "ReplicationController") => {
+            // Selector and labels come from the template's labels when left out.
+            let labels = o["spec"]["template"]["metadata"]["labels"].clone();
+            let spec = child(o, "spec");
+            or(spec, "replicas", json!(1));
+            if labels.is_object() {
+                if spec["selector"].as_object().is_none_or(|m| m.is_empty()) {
+                    spec["selector"] = labels.clone();
+                }
+                let meta = child(o, "metadata");
+                if meta["labels"].as_object().is_none_or(|m| m.is_empty()) {
+                    meta["labels"] = labels;
+                }
+            }
+            if o["spec"]["template"].is_object() {
+                default_template(o, "Always");
+            }
+        }
         ("apps", "DaemonSet") => {
             let spec = child(o, "spec");
             or(
@@ -561,6 +579,53 @@ fn check_mounts(spec: &Value, out: &mut Vec<Cause>) {
     }
 }
 
+/// A ReplicationController's spec: a label-map selector its template's labels match, and a
+/// template whose pods restart always.
+fn check_controller_spec(spec: &Value, out: &mut Vec<Cause>) {
+    let sel = &spec["selector"];
+    if sel.as_object().is_none_or(|m| m.is_empty()) {
+        out.push(Cause::required("spec.selector"));
+    }
+    check_labels(sel, "spec.selector", out);
+    if let Some(r) = spec["replicas"].as_i64().filter(|r| *r < 0) {
+        out.push(Cause::invalid(
+            "spec.replicas",
+            &r.to_string(),
+            "must be greater than or equal to 0",
+        ));
+    }
+    let tpl = &spec["template"];
+    if !tpl.is_object() {
+        out.push(Cause::required("spec.template"));
+        return;
+    }
+    let labels = &tpl["metadata"]["labels"];
+    let matched = sel
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels[k.as_str()] == *v);
+    if !matched {
+        out.push(Cause::invalid(
+            "spec.template.metadata.labels",
+            &labels.to_string(),
+            "`selector` does not match template `labels`",
+        ));
+    }
+    check_labels(labels, "spec.template.metadata.labels", out);
+    check_pod_spec(&tpl["spec"], "spec.template.spec", out);
+    if let Some(p) = tpl["spec"]["restartPolicy"]
+        .as_str()
+        .filter(|p| *p != "Always")
+    {
+        out.push(Cause::new(
+            "FieldValueNotSupported",
+            "spec.template.spec.restartPolicy",
+            format!("Unsupported value: \"{p}\": supported values: \"Always\""),
+        ));
+    }
+}
+
 fn check_selector_template(o: &Value, out: &mut Vec<Cause>) {
     let spec = &o["spec"];
     match spec.get("selector") {
@@ -777,6 +842,7 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
                 &mut out,
             );
         }
+        ("", "ReplicationController") => check_controller_spec(&o["spec"], &mut out),
         ("batch", "Job") => check_job_spec(&o["spec"], "spec", &mut out),
         ("policy", "PodDisruptionBudget") => check_budget(&o["spec"], &mut out),
         ("batch", "CronJob") => {
@@ -1045,6 +1111,37 @@ mod tests {
                 "spec.template.spec.containers[0].image"
             ]
         );
+    }
+
+    #[test]
+    fn replication_controller_defaults_and_checks() {
+        let mut rc = json!({"metadata": {"name": "web"}, "spec": {"template": {
+            "metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}}}});
+        defaults("", "ReplicationController", &mut rc);
+        assert_eq!(rc["spec"]["replicas"], 1);
+        assert_eq!(rc["spec"]["selector"], json!({"app": "web"}));
+        assert_eq!(rc["metadata"]["labels"], json!({"app": "web"}));
+        assert_eq!(rc["spec"]["template"]["spec"]["restartPolicy"], "Always");
+        assert!(validate("", "ReplicationController", &rc).is_empty());
+
+        rc["spec"]["selector"] = json!({"app": "other"});
+        rc["spec"]["template"]["spec"]["restartPolicy"] = json!("Never");
+        rc["spec"]["replicas"] = json!(-1);
+        let causes = validate("", "ReplicationController", &rc);
+        let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.replicas",
+                "spec.template.metadata.labels",
+                "spec.template.spec.restartPolicy"
+            ]
+        );
+        let none = json!({"metadata": {"name": "web"}, "spec": {"replicas": 1}});
+        let causes = validate("", "ReplicationController", &none);
+        let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(fields, ["spec.selector", "spec.template"]);
     }
 
     #[test]

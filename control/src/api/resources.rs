@@ -199,6 +199,7 @@ resources! {
     core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log, Exec, Attach, PortForward, EphemeralContainers], stored: true },
+    core::ReplicationController => { "", "v1", "ReplicationController", "replicationcontrollers", "replicationcontroller", short: ["rc"], namespaced: true, categories: ["all"], subs: [Status, Scale], stored: true },
     core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },

@@ -2052,7 +2052,7 @@ async fn patch_object(
 }
 
 fn scale_of(o: &Value) -> Value {
-    let selector = Labels::from_selector(&o["spec"]["selector"]).to_query();
+    let selector = Labels::of_owner(o).to_query();
     let m = &o["metadata"];
     json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
         "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],

@@ -147,6 +147,20 @@ impl Labels {
         Labels(reqs)
     }
 
+    /// The selector of `owner`'s pods: a ReplicationController's `spec.selector` is a plain
+    /// label map, every other kind's a LabelSelector.
+    pub fn of_owner(owner: &Value) -> Labels {
+        let sel = &owner["spec"]["selector"];
+        if owner["kind"] != "ReplicationController" {
+            return Labels::from_selector(sel);
+        }
+        let reqs = sel.as_object().into_iter().flatten();
+        Labels(
+            reqs.map(|(k, v)| LabelReq::Eq(k.clone(), v.as_str().unwrap_or("").into()))
+                .collect(),
+        )
+    }
+
     /// The selector in query-string form (`a=b,c in (d)`), as Scale status and kubectl print it.
     pub fn to_query(&self) -> String {
         let parts: Vec<String> = self
@@ -192,6 +206,7 @@ fn supported(kind: &str, field: &str) -> bool {
             "Secret" => field == "type",
             "Namespace" => field == "status.phase",
             "ReplicaSet" | "Job" => field == "status.replicas" || field == "status.successful",
+            "ReplicationController" => field == "status.replicas",
             _ => false,
         }
 }

@@ -46,7 +46,7 @@ fn columns(kind: &str) -> &'static [Col] {
             ("Images", "string", "", 1),
             ("Selector", "string", "", 1),
         ],
-        "ReplicaSet" => &[
+        "ReplicaSet" | "ReplicationController" => &[
             NAME,
             ("Desired", "integer", "", 0),
             ("Current", "integer", "", 0),
@@ -400,8 +400,14 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 json!(selector(&spec["selector"])),
             ]
         }
-        "ReplicaSet" => {
+        "ReplicaSet" | "ReplicationController" => {
             let (c, i) = containers_images(&spec["template"]["spec"]);
+            // A ReplicationController's selector is a plain label map.
+            let sel = if kind == "ReplicaSet" {
+                selector(&spec["selector"])
+            } else {
+                map_selector(&spec["selector"])
+            };
             vec![
                 name,
                 json!(int(&spec["replicas"])),
@@ -410,7 +416,7 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 age,
                 json!(c),
                 json!(i),
-                json!(selector(&spec["selector"])),
+                json!(sel),
             ]
         }
         "DaemonSet" => {

@@ -48,6 +48,7 @@ use crate::store::{Consistency, WatchItem};
 
 const PODS: &str = "/registry/core/pods/";
 const RSS: &str = "/registry/apps/replicasets/";
+const RCS: &str = "/registry/core/replicationcontrollers/";
 const DEPLOYS: &str = "/registry/apps/deployments/";
 const DSS: &str = "/registry/apps/daemonsets/";
 const STSS: &str = "/registry/apps/statefulsets/";
@@ -60,8 +61,8 @@ const SLICES: &str = "/registry/discovery.k8s.io/endpointslices/";
 const PDBS: &str = "/registry/policy/poddisruptionbudgets/";
 const REVS: &str = "/registry/apps/controllerrevisions/";
 /// What the controllers follow, owners before what they own.
-const FOLLOWED: [&str; 13] = [
-    DEPLOYS, DSS, CRONS, JOBS, RSS, STSS, SVCS, EPS, SLICES, NODES, PDBS, REVS, PODS,
+const FOLLOWED: [&str; 14] = [
+    DEPLOYS, DSS, CRONS, JOBS, RSS, RCS, STSS, SVCS, EPS, SLICES, NODES, PDBS, REVS, PODS,
 ];
 const RESYNC: Duration = Duration::from_secs(30);
 /// How long a StatefulSet waits before it makes a pod again under the name of one just
@@ -185,15 +186,10 @@ pub(crate) fn newer(
     })
 }
 
-/// Whether `owner`'s `spec.selector` (a LabelSelector with something in it) matches `o`.
+/// Whether `owner`'s `spec.selector` (with something in it) matches `o`.
 fn selects(owner: &Value, o: &Value) -> bool {
-    let sel = &owner["spec"]["selector"];
-    let some = |k: &str| {
-        sel[k].as_object().is_some_and(|m| !m.is_empty())
-            || sel[k].as_array().is_some_and(|a| !a.is_empty())
-    };
-    (some("matchLabels") || some("matchExpressions"))
-        && crate::api::select::Labels::from_selector(sel).matches(&o["metadata"]["labels"])
+    let sel = crate::api::select::Labels::of_owner(owner);
+    !sel.is_empty() && sel.matches(&o["metadata"]["labels"])
 }
 
 /// Make `owner` the controller of `orphans` (pods or ReplicaSets it selects that nobody
@@ -335,7 +331,7 @@ impl Cache {
         }
         // A pod or ReplicaSet no controller owns may be adopted by one that selects it.
         for (prefix, by) in [
-            (PODS, &[RSS, DSS, STSS, JOBS][..]),
+            (PODS, &[RSS, RCS, DSS, STSS, JOBS][..]),
             (RSS, &[DEPLOYS][..]),
             (REVS, &[DSS, STSS][..]),
         ] {
@@ -347,7 +343,7 @@ impl Cache {
                 self.dirty.extend(adopters);
             }
         }
-        if [PODS, SVCS, RSS, DSS, DEPLOYS, PDBS, STSS, JOBS, REVS]
+        if [PODS, SVCS, RSS, RCS, DSS, DEPLOYS, PDBS, STSS, JOBS, REVS]
             .iter()
             .any(|p| key.starts_with(p))
         {
@@ -489,7 +485,7 @@ impl Cache {
                     continue;
                 }
             }
-            if ![RSS, DEPLOYS, STSS].iter().any(|p| key.starts_with(p)) {
+            if ![RSS, RCS, DEPLOYS, STSS].iter().any(|p| key.starts_with(p)) {
                 let kind = o["kind"].as_str().unwrap_or("controller");
                 return Err(format!("{kind} has no scale: pod \"{name}\""));
             }
@@ -677,7 +673,7 @@ impl Follower for Cache {
                     // CronJobs run on the clock.
                     || (k.starts_with(CRONS) && o["spec"]["suspend"] != true)
                     // Pods ready but not yet for minReadySeconds become available by the clock.
-                    || ((k.starts_with(RSS) || k.starts_with(STSS))
+                    || ([RSS, RCS, STSS].iter().any(|p| k.starts_with(p))
                         && o["status"]["readyReplicas"] != o["status"]["availableReplicas"])
                     || (k.starts_with(DSS)
                         && o["status"]["numberReady"] != o["status"]["numberAvailable"])
@@ -744,7 +740,7 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         // Adopt first; the plan counts them once the watch shows them owned.
         let orphans = match () {
             _ if key.starts_with(DEPLOYS) => cache.orphans(RSS, o),
-            _ if [RSS, JOBS].iter().any(|p| key.starts_with(p)) => cache.orphans(PODS, o),
+            _ if [RSS, RCS, JOBS].iter().any(|p| key.starts_with(p)) => cache.orphans(PODS, o),
             // Their template history too, as a set deleted with its pods orphaned left it.
             _ if key.starts_with(DSS) || key.starts_with(STSS) => {
                 let mut all = cache.orphans(PODS, o);
@@ -760,7 +756,7 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         let children = cache.children_of(o);
         let rev = if key.starts_with(DEPLOYS) {
             sync_deployment(api, o, &children).await
-        } else if key.starts_with(RSS) {
+        } else if key.starts_with(RSS) || key.starts_with(RCS) {
             let (rev, refused) = sync_replicaset(api, o, &children).await;
             cache.refusals(&key, refused);
             rev
@@ -1012,16 +1008,30 @@ async fn sync_budget(api: &Arc<Api>, cache: &Cache, key: &str, pdb: &Value) -> u
     write(api, "PUT", &path, "application/json", &body).await.0
 }
 
-/// The highest revision written, and whether a pod was refused.
+/// Sync a ReplicaSet or a ReplicationController (the same controller in Kubernetes, and
+/// here): the highest revision written, and whether a pod was refused.
 async fn sync_replicaset(api: &Arc<Api>, rs: &Value, pods: &[&Value]) -> (u64, bool) {
-    const ME: &str = "replicaset-controller";
     let plan = replicaset::plan(rs, pods, jiff::Timestamp::now().as_second());
     let (ns, name) = ns_name(rs);
-    let new = vec![replicaset::pod_for(rs); plan.create];
-    let (mut wrote, refused) = create_pods(api, ME, rs, new).await;
-    wrote = wrote.max(delete_pods(api, ME, rs, &plan.delete).await);
+    let (me, base, new) = if rs["kind"] == "ReplicationController" {
+        let pod = replicaset::pod_from(rs, "v1", "ReplicationController");
+        (
+            "replication-controller",
+            format!("/api/v1/namespaces/{ns}/replicationcontrollers"),
+            pod,
+        )
+    } else {
+        let pod = replicaset::pod_for(rs);
+        (
+            "replicaset-controller",
+            format!("/apis/apps/v1/namespaces/{ns}/replicasets"),
+            pod,
+        )
+    };
+    let (mut wrote, refused) = create_pods(api, me, rs, vec![new; plan.create]).await;
+    wrote = wrote.max(delete_pods(api, me, rs, &plan.delete).await);
     if differs(&rs["status"], &plan.status) {
-        let path = format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}/status");
+        let path = format!("{base}/{name}/status");
         let body = json!({"status": plan.status});
         wrote = wrote.max(write(api, "PATCH", &path, MERGE, &body).await.0);
     }

@@ -20,6 +20,7 @@ pub mod node;
 pub mod openapi;
 pub mod outpost;
 pub mod patch;
+pub mod pick;
 pub mod proto;
 mod raw;
 pub mod resources;

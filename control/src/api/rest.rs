@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::auth::{self, Attrs, Policy, User};
 use super::error::{ApiError, Cause};
+use super::pick;
 use super::resources::{self, Resource, Sub};
 use super::select::{Fields, Labels};
 use super::table::{self, Include};
@@ -62,13 +63,28 @@ fn set_rv(v: &mut Value, rv: u64) {
     }
 }
 
+/// `v` as stored: without resourceVersion (the key's revision) and selfLink, written out
+/// as it is rather than from a copy with those removed.
 fn to_stored(v: &Value) -> Vec<u8> {
-    let mut v = v.clone();
-    if let Some(m) = v["metadata"].as_object_mut() {
-        m.remove("resourceVersion");
-        m.remove("selfLink");
+    struct Stored<'a>(&'a Value, bool);
+    impl serde::Serialize for Stored<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let (Value::Object(m), top) = (self.0, self.1) else {
+                return self.0.serialize(s);
+            };
+            let mut out = s.serialize_map(None)?;
+            for (k, x) in m {
+                if top && k == "metadata" {
+                    out.serialize_entry(k, &Stored(x, false))?;
+                } else if top || !matches!(k.as_str(), "resourceVersion" | "selfLink") {
+                    out.serialize_entry(k, x)?;
+                }
+            }
+            out.end()
+        }
     }
-    serde_json::to_vec(&v).unwrap_or_default()
+    serde_json::to_vec(&Stored(v, true)).unwrap_or_default()
 }
 
 fn rv_of(v: &Value) -> Option<u64> {
@@ -732,9 +748,13 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
     let prefix = res.prefix(ctx.ns.as_deref());
     let inc = include(&ctx.q);
     let api_version = res.api_version();
-    // Every change is sent as stored, so events need no decoding.
+    // Every change is sent as stored; with selectors, only what they read is decoded to
+    // decide whether to send it.
     let whole = !table && labels.is_empty() && fields.is_empty();
+    let mut read: Vec<String> = fields.paths().map(String::from).collect();
+    read.push("metadata.labels".into());
     tokio::spawn(async move {
+        let parts: Vec<&str> = read.iter().map(String::as_str).collect();
         let mut headers = true;
         let mut wrap = |o: Value| -> Value {
             if table {
@@ -785,9 +805,16 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
                 }
                 WatchItem::Revision(r) => {
                     for ev in &r.events {
-                        if whole {
-                            let line = raw_line(&ev.kind, &ev.kv, ev.prev.as_ref(), r.revision);
-                            if let Some(line) = line {
+                        let prev = ev.prev.as_ref();
+                        let seen = if whole || table {
+                            None
+                        } else {
+                            let t = event_type(&ev.kind, &ev.kv, prev, &parts, &labels, &fields);
+                            let Some(t) = t else { continue };
+                            Some(t)
+                        };
+                        if !table {
+                            if let Some(line) = raw_line(&ev.kind, &ev.kv, prev, r.revision, seen) {
                                 if tx.send(Ok(line)).await.is_err() {
                                     return;
                                 }
@@ -822,18 +849,20 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
     Ok(r)
 }
 
-/// The watch line of a store change for a watch without selectors, spliced from the stored
-/// bytes: what [`event`] gives for such a watch, without decoding. `None` when the stored
-/// object is not one that [`raw::with_rv`] takes.
+/// The watch line of a store change, spliced from the stored bytes: what [`event`] gives,
+/// without decoding the object. `seen` is the event's type as the watch's selectors decided
+/// it (`None` for a watch without any). `None` when the stored object is not one that
+/// [`raw::with_rv`] takes.
 fn raw_line(
     kind: &EventKind,
     kv: &KeyValue,
     prev: Option<&KeyValue>,
     revision: u64,
+    seen: Option<&'static str>,
 ) -> Option<Bytes> {
     let (kind, obj) = match kind {
         EventKind::Put => (
-            if prev.is_some() { "MODIFIED" } else { "ADDED" },
+            seen.unwrap_or(if prev.is_some() { "MODIFIED" } else { "ADDED" }),
             raw::with_rv(&kv.value, kv.mod_revision)?,
         ),
         EventKind::Delete => (
@@ -848,6 +877,39 @@ fn raw_line(
     line.extend_from_slice(&obj);
     line.extend_from_slice(b"}\n");
     Some(Bytes::from(line))
+}
+
+/// The type of the watch event a store change is, seen through the selectors, deciding on
+/// only the labels and the fields they read (`parts`); `None` if the watch does not see it.
+/// What [`event`] decides, without building whole objects.
+fn event_type(
+    kind: &EventKind,
+    kv: &KeyValue,
+    prev: Option<&KeyValue>,
+    parts: &[&str],
+    labels: &Labels,
+    fields: &Fields,
+) -> Option<&'static str> {
+    let seen = |kv: &KeyValue| -> Option<bool> {
+        let o = pick::only(&kv.value, parts).ok()?;
+        Some(matches(&o, labels, fields))
+    };
+    let old = prev.is_some_and(|p| seen(p) == Some(true));
+    match kind {
+        EventKind::Put => match (seen(kv)?, old) {
+            (true, true) => Some("MODIFIED"),
+            (true, false) => Some("ADDED"),
+            (false, true) => Some("DELETED"),
+            (false, false) => None,
+        },
+        EventKind::Delete => {
+            let last = match prev {
+                Some(_) => old,
+                None => seen(kv)?,
+            };
+            last.then_some("DELETED")
+        }
+    }
 }
 
 /// The watch event a store change is, seen through the selectors.
@@ -1515,6 +1577,33 @@ async fn after_create(ctx: &Ctx<'_>, o: &Value) {
 }
 
 /// Carry what a client may not change from `old` to `new`, bump generation, and validate.
+/// Member `key` of the object `o`, an empty object put there if it has none.
+fn child_of<'a>(o: &'a mut Value, key: &str) -> &'a mut Value {
+    if !o.is_object() {
+        *o = json!({});
+    }
+    if !o[key].is_object() {
+        o[key] = json!({});
+    }
+    &mut o[key]
+}
+
+/// Make the object `new` hold what `old` holds, but for its `own` members, which stay as
+/// they are.
+fn same_as(new: &mut Value, old: &Value, own: &[&str]) {
+    let (Some(n), Some(o)) = (new.as_object_mut(), old.as_object()) else {
+        *new = old.clone();
+        return;
+    };
+    n.retain(|k, _| own.contains(&k.as_str()) || o.contains_key(k));
+    for (k, v) in o {
+        if own.contains(&k.as_str()) || n.get(k) == Some(v) {
+            continue;
+        }
+        n.insert(k.clone(), v.clone());
+    }
+}
+
 fn prepare_update(
     ctx: &Ctx<'_>,
     old: &Value,
@@ -1549,41 +1638,15 @@ fn prepare_update(
         }
     }
     if sub == Some(Sub::Status) {
-        // Taken, not copied: `new` is replaced by `old` with these put back.
-        let status = new.as_object_mut().and_then(|m| m.remove("status"));
-        let m = new.get_mut("metadata").and_then(Value::as_object_mut);
-        let (labels, annotations, managed) = match m {
-            Some(m) => (
-                m.remove("labels"),
-                m.remove("annotations"),
-                m.remove("managedFields"),
-            ),
-            None => (None, None, None),
-        };
-        *new = old.clone();
-        match status {
-            Some(s) => new["status"] = s,
-            None => {
-                if let Some(m) = new.as_object_mut() {
-                    m.remove("status");
-                }
-            }
-        }
-        let m = meta(new);
-        for (k, v) in [
-            ("labels", labels),
-            ("annotations", annotations),
-            ("managedFields", managed),
-        ] {
-            match v {
-                Some(v) => {
-                    m.insert(k.into(), v);
-                }
-                None => {
-                    m.remove(k);
-                }
-            }
-        }
+        // Everything but the status, labels, annotations and managed fields as it was. A
+        // status write usually leaves the rest as it was read: only what differs is copied.
+        same_as(new, old, &["status", "metadata"]);
+        let m = child_of(new, "metadata");
+        same_as(
+            m,
+            &old["metadata"],
+            &["labels", "annotations", "managedFields"],
+        );
     } else if sub == Some(Sub::EphemeralContainers) {
         let added = new["spec"]["ephemeralContainers"].take();
         let managed = new["metadata"]
@@ -2502,6 +2565,79 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_as_keeps_only_its_own_members() {
+        let old = json!({"spec": {"a": 1}, "status": {"phase": "Pending"}, "gone": true,
+            "metadata": {"name": "p", "labels": {"x": "1"}, "uid": "u"}});
+        let mut new = json!({"spec": {"a": 2}, "status": {"phase": "Running"}, "extra": 1,
+            "metadata": {"name": "p", "labels": {"x": "2"}, "uid": "v", "finalizers": ["f"]}});
+        same_as(&mut new, &old, &["status", "metadata"]);
+        same_as(
+            child_of(&mut new, "metadata"),
+            &old["metadata"],
+            &["labels"],
+        );
+        assert_eq!(
+            new,
+            json!({"spec": {"a": 1}, "status": {"phase": "Running"}, "gone": true,
+                "metadata": {"name": "p", "labels": {"x": "2"}, "uid": "u"}})
+        );
+    }
+
+    #[test]
+    fn stored_without_resource_version() {
+        let o = json!({"kind": "Pod", "metadata": {"name": "p", "resourceVersion": "4",
+            "selfLink": "/x", "labels": {"resourceVersion": "l"}}, "spec": {"selfLink": 1}});
+        let back: Value = serde_json::from_slice(&to_stored(&o)).unwrap();
+        assert_eq!(
+            back,
+            json!({"kind": "Pod", "metadata": {"name": "p", "labels": {"resourceVersion": "l"}},
+                   "spec": {"selfLink": 1}})
+        );
+        assert_eq!(to_stored(&json!([1])), b"[1]");
+    }
+
+    #[test]
+    fn selected_watch_lines_spliced_as_decoded() {
+        let kv = |node: &str, app: &str, rev: u64| KeyValue {
+            key: "/registry/core/pods/default/p".into(),
+            value: serde_json::to_vec(&json!({"kind": "Pod", "metadata": {"name": "p",
+                "labels": {"app": app}, "managedFields": [{"manager": "m"}]},
+                "spec": {"nodeName": node}, "status": {"phase": "Running"}}))
+            .unwrap(),
+            create_revision: 2,
+            mod_revision: rev,
+            version: 1,
+        };
+        let (a, b, c) = (kv("n1", "web", 5), kv("n2", "web", 6), kv("n1", "db", 7));
+        let labels = Labels::parse("app=web").unwrap();
+        let fields = Fields::parse("Pod", "spec.nodeName=n1").unwrap();
+        let parts = ["spec.nodeName", "metadata.labels"];
+        let cases: [(EventKind, &KeyValue, Option<&KeyValue>); 7] = [
+            (EventKind::Put, &a, None),
+            (EventKind::Put, &a, Some(&a)),
+            (EventKind::Put, &b, Some(&a)),
+            (EventKind::Put, &a, Some(&b)),
+            (EventKind::Put, &c, Some(&a)),
+            (EventKind::Delete, &a, Some(&a)),
+            (EventKind::Delete, &b, Some(&b)),
+        ];
+        for (kind, kv, prev) in cases {
+            let decoded =
+                event(&kind, kv, prev, 9, &labels, &fields).map(|(t, o)| watch_line(t, o));
+            let spliced = event_type(&kind, kv, prev, &parts, &labels, &fields)
+                .and_then(|t| raw_line(&kind, kv, prev, 9, Some(t)));
+            let as_json =
+                |b: Option<Bytes>| b.map(|b| serde_json::from_slice::<Value>(&b).unwrap());
+            assert_eq!(
+                as_json(spliced),
+                as_json(decoded),
+                "{kind:?} {}",
+                kv.mod_revision
+            );
+        }
+    }
 
     #[test]
     fn a_pod_update_changes_only_what_kubernetes_lets_it() {

@@ -242,6 +242,11 @@ impl Fields {
         self.0.is_empty()
     }
 
+    /// The fields it reads (dotted paths).
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(f, _, _)| f.as_str())
+    }
+
     /// The name this selector pins, if it has `metadata.name=X`.
     pub fn name(&self) -> Option<&str> {
         self.0

@@ -161,12 +161,26 @@ pub(crate) fn fresh(seen: &mut HashMap<String, u64>, prefixes: &[&str], kv: &Key
     true
 }
 
-/// A [`fresh`] change: the object (`None` for a delete).
+/// A [`fresh`] change: the object (`None` for a delete), but for its managed fields, which
+/// no control loop reads.
 pub(crate) fn newer(
     seen: &mut HashMap<String, u64>,
     prefixes: &[&str],
     kind: &EventKind,
     kv: &KeyValue,
+) -> Option<Option<Value>> {
+    newer_by(seen, prefixes, kind, kv, |raw| {
+        crate::api::pick::without(raw, &["metadata.managedFields"])
+    })
+}
+
+/// [`newer`], with the stored object decoded by `decode` (as much of it as the caller reads).
+pub(crate) fn newer_by(
+    seen: &mut HashMap<String, u64>,
+    prefixes: &[&str],
+    kind: &EventKind,
+    kv: &KeyValue,
+    decode: impl FnOnce(&[u8]) -> serde_json::Result<Value>,
 ) -> Option<Option<Value>> {
     if !fresh(seen, prefixes, kv) {
         return None;
@@ -174,14 +188,12 @@ pub(crate) fn newer(
     Some(match kind {
         // Stored values leave the resourceVersion out: it is the key's revision. Put back,
         // it makes writes that carry it (adoptions, budgets' status) conditional.
-        EventKind::Put => serde_json::from_slice::<Value>(&kv.value)
-            .ok()
-            .map(|mut o| {
-                if o["metadata"].is_object() {
-                    o["metadata"]["resourceVersion"] = json!(kv.mod_revision.to_string());
-                }
-                o
-            }),
+        EventKind::Put => decode(&kv.value).ok().map(|mut o| {
+            if o["metadata"].is_object() {
+                o["metadata"]["resourceVersion"] = json!(kv.mod_revision.to_string());
+            }
+            o
+        }),
         EventKind::Delete => None,
     })
 }
@@ -220,6 +232,28 @@ async fn adopt(api: &Arc<Api>, owner: &Value, orphans: &[&Value]) -> u64 {
     }
     wrote
 }
+
+/// What [`trim_pod`] may keep of a pod: the rest is not even decoded.
+const POD_PARTS: [&str; 18] = [
+    "kind",
+    "metadata.name",
+    "metadata.generateName",
+    "metadata.namespace",
+    "metadata.uid",
+    "metadata.labels",
+    "metadata.ownerReferences",
+    "metadata.creationTimestamp",
+    "metadata.deletionTimestamp",
+    "spec.nodeName",
+    "spec.hostname",
+    "spec.subdomain",
+    "spec.affinity",
+    "spec.containers",
+    "status.phase",
+    "status.podIP",
+    "status.conditions",
+    "status.containerStatuses",
+];
 
 /// The parts of a pod the controllers read. The cache holds every pod, so the rest (most of
 /// a pod: its containers' images, commands, env, probes, resources, tolerations, status
@@ -305,7 +339,14 @@ impl Cache {
 
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
-        let Some(obj) = newer(&mut self.seen, &FOLLOWED, kind, kv) else {
+        let pod = key.starts_with(PODS);
+        let Some(obj) = newer_by(&mut self.seen, &FOLLOWED, kind, kv, |raw| {
+            if pod {
+                crate::api::pick::only(raw, &POD_PARTS)
+            } else {
+                crate::api::pick::without(raw, &["metadata.managedFields"])
+            }
+        }) else {
             return;
         };
         if key.starts_with(NODES) {
@@ -1570,6 +1611,10 @@ mod tests {
                 "conditions": [{"type": "Ready", "status": "False"}],
                 "containerStatuses": [{"name": "app", "image": "module:web",
                     "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]}});
+        // Decoding only the parts it may keep changes nothing.
+        let raw = serde_json::to_vec(&pod).unwrap();
+        let picked = crate::api::pick::only(&raw, &POD_PARTS).unwrap();
+        assert_eq!(trim_pod(picked), trim_pod(pod.clone()));
         let t = trim_pod(pod);
         assert_eq!(
             t["spec"],

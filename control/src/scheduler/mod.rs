@@ -154,11 +154,24 @@ fn pod_key(key: &str) -> &str {
 impl Snapshot {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
-        let Some(obj) = crate::controllers::newer(
+        // Neither managed fields nor containers' statuses (a pod's largest parts after its
+        // spec) count in placing pods.
+        let Some(obj) = crate::controllers::newer_by(
             &mut self.seen,
             &[PODS, NODES, CLASSES, NAMESPACES, CLAIMS, VOLUMES, STORAGE],
             kind,
             kv,
+            |raw| {
+                crate::api::pick::without(
+                    raw,
+                    &[
+                        "metadata.managedFields",
+                        "status.containerStatuses",
+                        "status.initContainerStatuses",
+                        "status.ephemeralContainerStatuses",
+                    ],
+                )
+            },
         ) else {
             return;
         };

@@ -1041,7 +1041,7 @@ async fn namespace_ready(ctx: &Ctx<'_>, ns: &str, name: &str) -> Result<(), ApiE
         .get(&nsr.key(None, ns), Consistency::Serializable)
         .await?
         .ok_or_else(|| ApiError::not_found("namespaces", ns))?;
-    let v = from_kv(&kv)?;
+    let v = pick::only(&kv.value, &["metadata.deletionTimestamp"]).map_err(internal)?;
     if !v["metadata"]["deletionTimestamp"].is_null() {
         return Err(ApiError::Forbidden {
             message: format!(
@@ -1075,7 +1075,7 @@ async fn admit_service_account(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiEr
             ),
         });
     };
-    let account = from_kv(&kv)?;
+    let account = pick::only(&kv.value, &["automountServiceAccountToken"]).map_err(internal)?;
     let spec = &mut o["spec"];
     spec["serviceAccountName"] = json!(sa);
     let automount = spec["automountServiceAccountToken"]

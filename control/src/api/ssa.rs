@@ -250,31 +250,41 @@ pub fn entries(obj: &Value) -> Vec<Entry> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|e| Entry {
-            manager: e["manager"].as_str().unwrap_or("").into(),
-            operation: e["operation"].as_str().unwrap_or("Update").into(),
-            api_version: e["apiVersion"].as_str().unwrap_or("").into(),
-            time: e["time"].as_str().unwrap_or("").into(),
-            subresource: e["subresource"].as_str().unwrap_or("").into(),
-            fields: from_v1(&e["fieldsV1"]),
-        })
+        .map(entry)
         .collect()
+}
+
+fn entry(e: &Value) -> Entry {
+    Entry {
+        manager: e["manager"].as_str().unwrap_or("").into(),
+        operation: e["operation"].as_str().unwrap_or("Update").into(),
+        api_version: e["apiVersion"].as_str().unwrap_or("").into(),
+        time: e["time"].as_str().unwrap_or("").into(),
+        subresource: e["subresource"].as_str().unwrap_or("").into(),
+        fields: from_v1(&e["fieldsV1"]),
+    }
+}
+
+fn entry_json(e: &Entry) -> Value {
+    let mut o = json!({"manager": e.manager, "operation": e.operation,
+        "apiVersion": e.api_version, "time": e.time, "fieldsType": "FieldsV1",
+        "fieldsV1": to_v1(&e.fields)});
+    if !e.subresource.is_empty() {
+        o["subresource"] = json!(e.subresource);
+    }
+    o
 }
 
 pub fn store_entries(obj: &mut Value, es: &[Entry]) {
     let list: Vec<Value> = es
         .iter()
         .filter(|e| !e.fields.is_empty())
-        .map(|e| {
-            let mut o = json!({"manager": e.manager, "operation": e.operation,
-                "apiVersion": e.api_version, "time": e.time, "fieldsType": "FieldsV1",
-                "fieldsV1": to_v1(&e.fields)});
-            if !e.subresource.is_empty() {
-                o["subresource"] = json!(e.subresource);
-            }
-            o
-        })
+        .map(entry_json)
         .collect();
+    put_entries(obj, list);
+}
+
+fn put_entries(obj: &mut Value, list: Vec<Value>) {
     if let Some(m) = obj["metadata"].as_object_mut() {
         if list.is_empty() {
             m.remove("managedFields");
@@ -293,41 +303,57 @@ pub fn record_update(
     subresource: &str,
     now: &str,
 ) {
-    // A request that rewrites managedFields itself (kubectl's client-side to server-side
-    // apply migration does) gets what it wrote.
-    let mut es = match old {
-        Some(o) if o["metadata"]["managedFields"] == new["metadata"]["managedFields"] => entries(o),
-        _ => entries(new),
+    // The entries are `new`'s: those it came with (a request that rewrites managedFields
+    // itself, as kubectl's client-side to server-side apply migration does, gets what it
+    // wrote), or the stored ones it carries unchanged. Only the entries this update changes
+    // are written out again; the rest stay as they came.
+    let mut raw = match new["metadata"].get_mut("managedFields").map(Value::take) {
+        Some(Value::Array(a)) => a,
+        _ => Vec::new(),
     };
+    let mut es: Vec<Entry> = raw.iter().map(entry).collect();
+    let mut touched = vec![false; es.len()];
     let changed: BTreeSet<Field> = match old {
         Some(o) => changed_fields(o, new),
         None => fields(new),
     };
-    if changed.is_empty() {
-        store_entries(new, &es);
-        return;
-    }
-    for e in es.iter_mut() {
-        e.fields.retain(|f| !changed.contains(f));
-    }
-    match es
-        .iter_mut()
-        .find(|e| e.manager == manager && e.operation == "Update" && e.subresource == subresource)
-    {
-        Some(e) => {
-            e.fields.extend(changed);
-            e.time = now.into();
+    if !changed.is_empty() {
+        for (e, t) in es.iter_mut().zip(touched.iter_mut()) {
+            let before = e.fields.len();
+            e.fields.retain(|f| !changed.contains(f));
+            *t = e.fields.len() != before;
         }
-        None => es.push(Entry {
-            manager: manager.into(),
-            operation: "Update".into(),
-            api_version: api_version.into(),
-            time: now.into(),
-            subresource: subresource.into(),
-            fields: changed,
-        }),
+        let mine = es.iter().position(|e| {
+            e.manager == manager && e.operation == "Update" && e.subresource == subresource
+        });
+        match mine {
+            Some(i) => {
+                es[i].fields.extend(changed);
+                es[i].time = now.into();
+                touched[i] = true;
+            }
+            None => {
+                es.push(Entry {
+                    manager: manager.into(),
+                    operation: "Update".into(),
+                    api_version: api_version.into(),
+                    time: now.into(),
+                    subresource: subresource.into(),
+                    fields: changed,
+                });
+                touched.push(true);
+                raw.push(Value::Null);
+            }
+        }
     }
-    store_entries(new, &es);
+    let list = es
+        .iter()
+        .zip(raw)
+        .zip(touched)
+        .filter(|((e, _), _)| !e.fields.is_empty())
+        .map(|((e, r), t)| if t { entry_json(e) } else { r })
+        .collect();
+    put_entries(new, list);
 }
 
 /// A field another manager owns with a different value.

@@ -237,7 +237,7 @@ pub async fn issue(api: &Arc<Api>, sa: &Value, req: &Value) -> Result<Value, Api
         let bname = bound["name"].as_str().unwrap_or("");
         let key = format!("/registry/core/{plural}/{ns}/{bname}");
         let obj: Value = match api.store.get(&key, Consistency::Linearizable).await? {
-            Some(kv) => serde_json::from_slice(&kv.value)
+            Some(kv) => super::pick::only(&kv.value, &["metadata.uid"])
                 .map_err(|e| ApiError::Internal(format!("stored {plural} unreadable: {e}")))?,
             None => return Err(ApiError::not_found(plural, bname)),
         };

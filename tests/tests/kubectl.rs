@@ -1051,3 +1051,128 @@ fn older_and_newer_kubectl() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+const EXTRAS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web}
+spec:
+  ingressClassName: edge
+  rules:
+  - host: web.example
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-web}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 2
+  maxReplicas: 5
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+---
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: high}
+value: 1000
+preemptionPolicy: Never
+"#;
+
+/// Kinds common manifests carry beside their workloads (charts' Ingresses, autoscalers,
+/// network policies, priority classes) are stored and printed as kubectl expects; a pod's
+/// priority comes from the class it names.
+#[test]
+fn ingresses_autoscalers_policies_and_priorities() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    up.kubectl_in(&["apply", "-f", "-"], EXTRAS)?
+        .expect_ok("apply extras")?;
+    let got = up
+        .kubectl(&["get", "ingress,netpol,hpa", "--no-headers"])?
+        .expect_ok("get extras")?;
+    let rows: Vec<Vec<&str>> = got
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    ensure!(rows.len() == 3, "{}", got.stdout);
+    ensure!(
+        rows[0][..4] == ["ingress.networking.k8s.io/web", "edge", "web.example", "80"],
+        "{:?}",
+        rows[0]
+    );
+    ensure!(
+        rows[1][..2] == ["networkpolicy.networking.k8s.io/only-web", "app=web"],
+        "{:?}",
+        rows[1]
+    );
+    ensure!(
+        rows[2][..6]
+            == [
+                "horizontalpodautoscaler.autoscaling/web",
+                "Deployment/web",
+                "cpu:",
+                "<unknown>/80%",
+                "2",
+                "5"
+            ],
+        "{:?}",
+        rows[2]
+    );
+    let pcs = up
+        .kubectl(&["get", "priorityclasses", "--no-headers"])?
+        .expect_ok("get pc")?;
+    for want in ["high ", "system-node-critical ", "system-cluster-critical "] {
+        ensure!(pcs.stdout.contains(want), "{}", pcs.stdout);
+    }
+    let res = up
+        .kubectl(&[
+            "api-resources",
+            "--api-group=networking.k8s.io",
+            "-o",
+            "name",
+        ])?
+        .expect_ok("api-resources")?;
+    ensure!(
+        res.stdout.contains("ingresses.networking.k8s.io"),
+        "{}",
+        res.stdout
+    );
+
+    let pod = |name: &str, class: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  priorityClassName: {class}\n  containers: [{{name: c, image: module:x}}]\n")
+    };
+    up.kubectl_in(&["apply", "-f", "-"], &pod("urgent", "high"))?
+        .expect_ok("pod with a class")?;
+    let p = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "urgent",
+            "-o",
+            "jsonpath={.spec.priority} {.spec.preemptionPolicy}",
+        ])?
+        .expect_ok("get pod")?;
+    ensure!(p.stdout == "1000 Never", "{}", p.stdout);
+    let refused = up
+        .kubectl_in(&["apply", "-f", "-"], &pod("lost", "nonesuch"))?
+        .expect_err("pod naming a missing class")?;
+    ensure!(
+        refused
+            .stderr
+            .contains("no PriorityClass with name nonesuch was found"),
+        "{}",
+        refused.stderr
+    );
+    Ok(())
+}

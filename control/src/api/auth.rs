@@ -202,6 +202,21 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
         ("", "Namespace", ns("kube-system")),
         ("", "Namespace", ns("kube-public")),
         ("", "Namespace", ns("kube-node-lease")),
+        // The classes kube-apiserver makes for critical pods.
+        (
+            "scheduling.k8s.io",
+            "PriorityClass",
+            json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                   "metadata": {"name": "system-cluster-critical"}, "value": 2_000_000_000,
+                   "description": "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary."}),
+        ),
+        (
+            "scheduling.k8s.io",
+            "PriorityClass",
+            json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                   "metadata": {"name": "system-node-critical"}, "value": 2_000_001_000,
+                   "description": "Used for system critical pods that must not be moved from their current node."}),
+        ),
         // Pods that name this class run on the nodes' Wasm runtime.
         (
             "node.k8s.io",

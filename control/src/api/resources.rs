@@ -190,9 +190,11 @@ macro_rules! resources {
 }
 
 use k8s_openapi::api::{
-    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz, batch::v1 as batch,
-    coordination::v1 as coord, core::v1 as core, discovery::v1 as disc, events::v1 as events,
-    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, storage::v1 as storage,
+    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz,
+    autoscaling::v2 as autoscaling, batch::v1 as batch, coordination::v1 as coord,
+    core::v1 as core, discovery::v1 as disc, events::v1 as events, networking::v1 as net,
+    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as sched,
+    storage::v1 as storage,
 };
 
 resources! {
@@ -206,6 +208,7 @@ resources! {
     core::Secret => { "", "v1", "Secret", "secrets", "secret", short: [], namespaced: true, categories: [], subs: [], stored: true },
     core::PersistentVolumeClaim => { "", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", "persistentvolumeclaim", short: ["pvc"], namespaced: true, categories: [], subs: [Status], stored: true },
     core::PersistentVolume => { "", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume", short: ["pv"], namespaced: false, categories: [], subs: [Status], stored: true },
+    core::PodTemplate => { "", "v1", "PodTemplate", "podtemplates", "podtemplate", short: [], namespaced: true, categories: [], subs: [], stored: true },
     core::ServiceAccount => { "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", short: ["sa"], namespaced: true, categories: [], subs: [Token], stored: true },
     core::Event => { "", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
     events::Event => { "events.k8s.io", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
@@ -217,6 +220,11 @@ resources! {
     apps::ControllerRevision => { "apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", short: [], namespaced: true, categories: [], subs: [], stored: true },
     batch::Job => { "batch", "v1", "Job", "jobs", "job", short: [], namespaced: true, categories: ["all"], subs: [Status], stored: true },
     batch::CronJob => { "batch", "v1", "CronJob", "cronjobs", "cronjob", short: ["cj"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    autoscaling::HorizontalPodAutoscaler => { "autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", short: ["hpa"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    net::Ingress => { "networking.k8s.io", "v1", "Ingress", "ingresses", "ingress", short: ["ing"], namespaced: true, categories: [], subs: [Status], stored: true },
+    net::IngressClass => { "networking.k8s.io", "v1", "IngressClass", "ingressclasses", "ingressclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    net::NetworkPolicy => { "networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", "networkpolicy", short: ["netpol"], namespaced: true, categories: [], subs: [], stored: true },
+    sched::PriorityClass => { "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", short: ["pc"], namespaced: false, categories: [], subs: [], stored: true },
     node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     storage::StorageClass => { "storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", short: ["sc"], namespaced: false, categories: [], subs: [], stored: true },
     disc::EndpointSlice => { "discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", short: [], namespaced: true, categories: [], subs: [], stored: true },

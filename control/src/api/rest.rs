@@ -1088,6 +1088,38 @@ async fn admit_service_account(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiEr
     Ok(())
 }
 
+/// As the Priority admission plugin, for a new pod naming a PriorityClass: its priority and
+/// preemption policy come from the class, and a class that does not exist refuses the pod.
+/// (A pod naming none keeps priority 0: no class is taken as the cluster's default.)
+async fn admit_priority(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
+    let Some(class) = o["spec"]["priorityClassName"]
+        .as_str()
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+    else {
+        return Ok(());
+    };
+    let res = resources::find("scheduling.k8s.io", "v1", "priorityclasses")
+        .ok_or_else(|| internal("priorityclasses"))?;
+    let key = res.key(None, &class);
+    let Some(kv) = ctx.api.store.get(&key, Consistency::Serializable).await? else {
+        return Err(ApiError::Forbidden {
+            message: format!(
+                "pods \"{}\" is forbidden: no PriorityClass with name {class} was found",
+                name_of(o)
+            ),
+        });
+    };
+    let c = pick::only(&kv.value, &["value", "preemptionPolicy"]).map_err(internal)?;
+    let spec = &mut o["spec"];
+    spec["priority"] = json!(c["value"].as_i64().unwrap_or(0));
+    spec["preemptionPolicy"] = match c["preemptionPolicy"].as_str() {
+        Some(p) => json!(p),
+        None => json!("PreemptLowerPriority"),
+    };
+    Ok(())
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..5)
@@ -1239,6 +1271,7 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     }
     if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
         admit_service_account(ctx, &mut o).await?;
+        admit_priority(ctx, &mut o).await?;
     }
     if ctx.res.group.is_empty()
         && matches!(ctx.res.kind, "PersistentVolumeClaim" | "PersistentVolume")
@@ -2088,6 +2121,7 @@ async fn patch_object(
         }
         if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
             admit_service_account(ctx, &mut o).await?;
+            admit_priority(ctx, &mut o).await?;
         }
         if o.get("spec").is_some() {
             meta(&mut o).insert("generation".into(), json!(1));

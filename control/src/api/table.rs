@@ -180,6 +180,37 @@ fn columns(kind: &str) -> &'static [Col] {
             ("Allowed Disruptions", "integer", "", 0),
             AGE,
         ],
+        "Ingress" => &[
+            NAME,
+            ("Class", "string", "", 0),
+            ("Hosts", "string", "", 0),
+            ("Address", "string", "", 0),
+            ("Ports", "string", "", 0),
+            AGE,
+        ],
+        "IngressClass" => &[
+            NAME,
+            ("Controller", "string", "", 0),
+            ("Parameters", "string", "", 0),
+            AGE,
+        ],
+        "NetworkPolicy" => &[NAME, ("Pod-Selector", "string", "", 0), AGE],
+        "HorizontalPodAutoscaler" => &[
+            NAME,
+            ("Reference", "string", "", 0),
+            ("Targets", "string", "", 0),
+            ("MinPods", "string", "", 0),
+            ("MaxPods", "integer", "", 0),
+            ("Replicas", "integer", "", 0),
+            AGE,
+        ],
+        "PriorityClass" => &[
+            NAME,
+            ("Value", "integer", "", 0),
+            ("Global-Default", "boolean", "", 0),
+            AGE,
+            ("PreemptionPolicy", "string", "", 0),
+        ],
         _ => &[NAME, ("Created At", "date", "", 0)],
     }
 }
@@ -260,6 +291,51 @@ fn or_none(s: String) -> String {
     } else {
         s
     }
+}
+
+/// An autoscaler's targets as kubectl prints them: `cpu: <unknown>/80%` for each resource
+/// metric until a metrics pipeline reports a current value.
+fn hpa_targets(spec: &Value, st: &Value) -> String {
+    let metrics = spec["metrics"].as_array().cloned().unwrap_or_default();
+    if metrics.is_empty() {
+        return "<none>".into();
+    }
+    let current = st["currentMetrics"].as_array().cloned().unwrap_or_default();
+    let parts: Vec<String> = metrics
+        .iter()
+        .map(|m| {
+            let r = &m["resource"];
+            let name = r["name"].as_str().unwrap_or("");
+            let want = &r["target"];
+            let now = current
+                .iter()
+                .find(|c| c["resource"]["name"] == name)
+                .map(|c| &c["resource"]["current"]);
+            let (have, goal) = match want["averageUtilization"].as_i64() {
+                Some(u) => (
+                    now.and_then(|c| c["averageUtilization"].as_i64())
+                        .map(|c| format!("{c}%")),
+                    format!("{u}%"),
+                ),
+                None => (
+                    now.and_then(|c| c["averageValue"].as_str())
+                        .map(String::from),
+                    want["averageValue"]
+                        .as_str()
+                        .or(want["value"].as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                ),
+            };
+            let have = have.unwrap_or_else(|| "<unknown>".into());
+            if m["type"] == "Resource" {
+                format!("{name}: {have}/{goal}")
+            } else {
+                format!("{have}/{goal}")
+            }
+        })
+        .collect();
+    parts.join(", ")
 }
 
 fn containers_images(spec: &Value) -> (String, String) {
@@ -762,6 +838,89 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 age,
             ]
         }
+        "Ingress" => {
+            let rules = spec["rules"].as_array().cloned().unwrap_or_default();
+            let hosts: Vec<&str> = rules.iter().filter_map(|r| r["host"].as_str()).collect();
+            let hosts = if hosts.is_empty() {
+                "*".to_string()
+            } else {
+                hosts.join(",")
+            };
+            let lbs = st["loadBalancer"]["ingress"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let address: Vec<&str> = lbs
+                .iter()
+                .filter_map(|i| i["ip"].as_str().or(i["hostname"].as_str()))
+                .collect();
+            let tls = spec["tls"].as_array().is_some_and(|t| !t.is_empty());
+            vec![
+                name,
+                json!(spec["ingressClassName"].as_str().unwrap_or("<none>")),
+                json!(hosts),
+                json!(address.join(",")),
+                json!(if tls { "80, 443" } else { "80" }),
+                age,
+            ]
+        }
+        "IngressClass" => {
+            let p = &spec["parameters"];
+            let params = match p["kind"].as_str() {
+                Some(k) => {
+                    let group = p["apiGroup"].as_str().map(|g| format!(".{g}"));
+                    format!(
+                        "{k}{}/{}",
+                        group.unwrap_or_default(),
+                        p["name"].as_str().unwrap_or("")
+                    )
+                }
+                None => "<none>".into(),
+            };
+            vec![
+                name,
+                json!(spec["controller"].as_str().unwrap_or("")),
+                json!(params),
+                age,
+            ]
+        }
+        "NetworkPolicy" => {
+            let sel = Labels::from_selector(&spec["podSelector"]).to_query();
+            let sel = if sel.is_empty() {
+                "<none>".to_string()
+            } else {
+                sel
+            };
+            vec![name, json!(sel), age]
+        }
+        "HorizontalPodAutoscaler" => {
+            let r = &spec["scaleTargetRef"];
+            let reference = format!(
+                "{}/{}",
+                r["kind"].as_str().unwrap_or(""),
+                r["name"].as_str().unwrap_or("")
+            );
+            let targets = hpa_targets(spec, st);
+            let min = spec["minReplicas"].as_i64().unwrap_or(1);
+            vec![
+                name,
+                json!(reference),
+                json!(targets),
+                json!(min.to_string()),
+                json!(int(&spec["maxReplicas"])),
+                json!(int(&st["currentReplicas"])),
+                age,
+            ]
+        }
+        "PriorityClass" => vec![
+            name,
+            json!(int(&o["value"])),
+            json!(o["globalDefault"].as_bool().unwrap_or(false)),
+            age,
+            json!(o["preemptionPolicy"]
+                .as_str()
+                .unwrap_or("PreemptLowerPriority")),
+        ],
         _ => vec![name, meta["creationTimestamp"].clone()],
     }
 }

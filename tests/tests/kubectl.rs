@@ -1129,6 +1129,24 @@ fn ingresses_autoscalers_policies_and_priorities() -> anyhow::Result<()> {
         "{:?}",
         rows[2]
     );
+    // `kubectl create` sends protobuf, where an ingress rule's `http` is nested one deeper.
+    up.kubectl(&[
+        "create",
+        "ingress",
+        "simple",
+        "--rule=foo.com/bar=svc1:8080",
+    ])?
+    .expect_ok("create ingress")?;
+    let backend = up
+        .kubectl(&[
+            "get",
+            "ingress",
+            "simple",
+            "-o",
+            "jsonpath={.spec.rules[0].http.paths[0].backend.service.name}",
+        ])?
+        .expect_ok("get ingress")?;
+    ensure!(backend.stdout == "svc1", "{}", backend.stdout);
     let pcs = up
         .kubectl(&["get", "priorityclasses", "--no-headers"])?
         .expect_ok("get pc")?;

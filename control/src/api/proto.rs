@@ -273,12 +273,34 @@ fn message(name: &str, buf: &[u8], depth: usize) -> Result<Value, String> {
                     a.extend(items);
                 }
             }
+            _ if inline(name, json_name) => {
+                if let Value::Object(m) = decode_one(&w)? {
+                    out.extend(m);
+                }
+            }
             _ => {
                 out.insert(json_name.clone(), decode_one(&w)?);
             }
         }
     }
     Ok(Value::Object(out))
+}
+
+/// Whether field `field` of message `name` is a Go struct embedded in its parent
+/// (`json:",inline"`): its fields are the parent's in JSON, though protobuf nests them.
+fn inline(name: &str, field: &str) -> bool {
+    field == "localObjectReference"
+        || matches!(
+            (name.rsplit('.').next().unwrap_or(""), field),
+            ("Volume", "volumeSource")
+                | ("PersistentVolumeSpec", "persistentVolumeSource")
+                | ("Probe", "handler")
+                | ("EphemeralContainer", "ephemeralContainerCommon")
+                | ("IngressRule", "ingressRuleValue")
+                | ("NamedRuleWithOperations", "ruleWithOperations")
+                | ("RuleWithOperations", "rule")
+                | (_, "deviceConfiguration")
+        )
 }
 
 /// Drop what Go's `omitempty` would not have written. `replicas: 0` is kept: it is a pointer
@@ -464,6 +486,37 @@ mod tests {
         assert_eq!(c["ports"][0]["containerPort"], 8080);
         assert_eq!(v["spec"]["replicas"], 0);
         assert_eq!(v["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+    }
+
+    #[test]
+    fn embedded_structs_are_inlined() {
+        // What kubectl 1.32 sent for `kubectl create ingress simple --rule=foo.com/bar=svc1:8080`.
+        let body: &[u8] = b"k8s\x00\x0a\x1f\x0a\x14networking.k8s.io/v1\x12\x07Ingress\x12\x4d\x0a\x16\x0a\x06simple\x12\x00\x1a\x00\x22\x00\x2a\x00\x32\x00\x38\x00\x42\x00\x12\x2f\x1a\x2d\x0a\x07foo.com\x12\x22\x0a\x20\x0a\x1e\x0a\x04/bar\x12\x0f\x22\x0d\x0a\x04svc1\x12\x05\x0a\x00\x10\x90\x3f\x1a\x05Exact\x1a\x02\x0a\x00\x1a\x00\x22\x00";
+        let v = decode(body).unwrap();
+        assert_eq!(
+            v["spec"]["rules"],
+            json!([{"host": "foo.com", "http": {"paths": [{"path": "/bar", "pathType": "Exact",
+                "backend": {"service": {"name": "svc1", "port": {"number": 8080}}}}]}}])
+        );
+        // A volume's source and a key selector's name sit beside their siblings.
+        let mut cm = Vec::new();
+        bytes(&mut cm, 1, b"cfg");
+        let mut lor = Vec::new();
+        bytes(&mut lor, 1, &cm);
+        let mut source = Vec::new();
+        bytes(&mut source, 19, &lor);
+        let mut vol = Vec::new();
+        bytes(&mut vol, 1, b"data");
+        bytes(&mut vol, 2, &source);
+        let mut pod = Vec::new();
+        bytes(&mut pod, 1, &vol);
+        let mut raw = Vec::new();
+        bytes(&mut raw, 2, &pod);
+        let v = decode(&envelope("v1", "Pod", &raw)).unwrap();
+        assert_eq!(
+            v["spec"]["volumes"],
+            json!([{"name": "data", "configMap": {"name": "cfg"}}])
+        );
     }
 
     #[test]

@@ -1102,7 +1102,12 @@ async fn admit_priority(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
     let res = resources::find("scheduling.k8s.io", "v1", "priorityclasses")
         .ok_or_else(|| internal("priorityclasses"))?;
     let key = res.key(None, &class);
-    let Some(kv) = ctx.api.store.get(&key, Consistency::Serializable).await? else {
+    // As for accounts: a follower may not have applied a class created a moment ago.
+    let mut kv = ctx.api.store.get(&key, Consistency::Serializable).await?;
+    if kv.is_none() {
+        kv = ctx.api.store.get(&key, Consistency::Linearizable).await?;
+    }
+    let Some(kv) = kv else {
         return Err(ApiError::Forbidden {
             message: format!(
                 "pods \"{}\" is forbidden: no PriorityClass with name {class} was found",

@@ -1053,6 +1053,16 @@ async fn namespace_ready(ctx: &Ctx<'_>, ns: &str, name: &str) -> Result<(), ApiE
     Ok(())
 }
 
+/// The object at `key` that an admission check reads, from this member's store; if absent,
+/// asked again through the leader before an admission refuses on it, since a follower may
+/// not yet have applied one created a moment ago.
+async fn admission_read(ctx: &Ctx<'_>, key: &str) -> Result<Option<KeyValue>, ApiError> {
+    match ctx.api.store.get(key, Consistency::Serializable).await? {
+        Some(kv) => Ok(Some(kv)),
+        None => Ok(ctx.api.store.get(key, Consistency::Linearizable).await?),
+    }
+}
+
 /// As the ServiceAccount admission plugin, for a new pod: it runs as a service account that
 /// exists, and gets that account's token mounted unless the pod or the account opts out.
 async fn admit_service_account(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
@@ -1061,13 +1071,7 @@ async fn admit_service_account(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiEr
     let res =
         resources::find("", "v1", "serviceaccounts").ok_or_else(|| internal("serviceaccounts"))?;
     let key = res.key(Some(ns), &sa);
-    // A follower may not have applied an account created a moment ago: ask again, through
-    // the leader, before refusing.
-    let mut kv = ctx.api.store.get(&key, Consistency::Serializable).await?;
-    if kv.is_none() {
-        kv = ctx.api.store.get(&key, Consistency::Linearizable).await?;
-    }
-    let Some(kv) = kv else {
+    let Some(kv) = admission_read(ctx, &key).await? else {
         return Err(ApiError::Forbidden {
             message: format!(
                 "pods \"{}\" is forbidden: error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found",
@@ -1102,12 +1106,7 @@ async fn admit_priority(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
     let res = resources::find("scheduling.k8s.io", "v1", "priorityclasses")
         .ok_or_else(|| internal("priorityclasses"))?;
     let key = res.key(None, &class);
-    // As for accounts: a follower may not have applied a class created a moment ago.
-    let mut kv = ctx.api.store.get(&key, Consistency::Serializable).await?;
-    if kv.is_none() {
-        kv = ctx.api.store.get(&key, Consistency::Linearizable).await?;
-    }
-    let Some(kv) = kv else {
+    let Some(kv) = admission_read(ctx, &key).await? else {
         return Err(ApiError::Forbidden {
             message: format!(
                 "pods \"{}\" is forbidden: no PriorityClass with name {class} was found",

@@ -26,8 +26,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Fjall {
             .open()
             .map_err(|e| io(e.to_string()))?;
         let syncer = Syncer::start(db.clone());
-        let log = LogStore::open(&db, syncer.clone()).map_err(|e| io(e.to_string()))?;
-        let sm = StateMachine::open(&db, dir.path(), syncer, Hub::default())
+        let log = LogStore::open(&db, 1, syncer.clone()).map_err(|e| io(e.to_string()))?;
+        let sm = StateMachine::open(&db, 1, dir.path(), syncer, Hub::default())
             .map_err(|e| io(e.to_string()))?;
         Ok((dir, log, sm))
     }

@@ -184,10 +184,11 @@ fn write_err(e: impl ToString) -> StorageError<u64> {
 }
 
 impl LogStore {
-    pub fn open(db: &Database, syncer: Syncer) -> Result<Self, super::Error> {
+    /// Open the log of member `id` (whose id staggers its memtables, see [`super::stagger`]).
+    pub fn open(db: &Database, id: u64, syncer: Syncer) -> Result<Self, super::Error> {
         Ok(LogStore {
             db: db.clone(),
-            log: db.keyspace("raft_log", super::append_options)?,
+            log: db.keyspace("raft_log", || super::append_options(id))?,
             meta: db.keyspace("raft_meta", super::keyspace_options)?,
             syncer,
             recent: Arc::default(),

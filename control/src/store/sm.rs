@@ -111,13 +111,20 @@ fn snap_err(e: impl ToString) -> StorageError<u64> {
 }
 
 impl StateMachine {
-    pub fn open(db: &Database, dir: &Path, syncer: Syncer, hub: Hub) -> Result<Self, Error> {
+    /// Open the state machine of member `id` (see [`super::stagger`]).
+    pub fn open(
+        db: &Database,
+        id: u64,
+        dir: &Path,
+        syncer: Syncer,
+        hub: Hub,
+    ) -> Result<Self, Error> {
         let snap_dir = dir.join("snapshots");
         fs::create_dir_all(&snap_dir).map_err(|e| Error::io(&snap_dir, e))?;
         let shared = Arc::new(Shared {
             db: db.clone(),
-            kv: db.keyspace("kv", super::kv_options)?,
-            history: db.keyspace("history", super::append_options)?,
+            kv: db.keyspace("kv", || super::kv_options(id))?,
+            history: db.keyspace("history", || super::append_options(id))?,
             meta: db.keyspace("sm_meta", super::keyspace_options)?,
             snap_dir,
             state: RwLock::new(SmState::default()),

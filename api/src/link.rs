@@ -162,6 +162,34 @@ pub enum Down {
     /// and, where its spec has `stdin`, input to it; `command` is empty. The frames are
     /// [`Down::Exec`]'s, and the [`ExecFrame::Exit`] comes when the run has ended.
     Attach(ExecRequest),
+    /// What the node and its running containers use now (`kubectl top`, as metrics-server
+    /// asks each kubelet). On a 200 [`Head`] one [`Usage`] frame follows.
+    Usage,
+}
+
+/// A node's resource use: CPU as a rate averaged over the window before `time`, memory as
+/// the working set at `time`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// RFC 3339.
+    pub time: String,
+    pub window_ms: u64,
+    pub node: Use,
+    pub pods: Vec<PodUsage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PodUsage {
+    pub namespace: String,
+    pub name: String,
+    /// Running containers only, by name.
+    pub containers: Vec<(String, Use)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Use {
+    pub nanocores: u64,
+    pub memory: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

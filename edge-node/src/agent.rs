@@ -39,6 +39,7 @@ use crate::pod::{self, Container, Next, State};
 use crate::probe::{self, Probe, Tally};
 use crate::services::{self, Services};
 use crate::spare::Spares;
+use crate::usage;
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -160,8 +161,9 @@ pub struct Agent {
     services: Option<Arc<Services>>,
     compile: Compile,
     /// Containers running now, by container id ([`Containers::id`]): what `kubectl attach`
-    /// joins.
+    /// joins, and what `kubectl top` counts.
     live: Mutex<HashMap<String, Live>>,
+    meters: usage::Meters,
 }
 
 /// A container's current run, as `kubectl attach` sees it.
@@ -174,6 +176,8 @@ struct Live {
     once: bool,
     /// Asks the run to interrupt its foreground (^C typed at its terminal).
     interrupt: Option<mpsc::UnboundedSender<()>>,
+    /// Its counters, for `kubectl top`.
+    usage: Arc<usage::Run>,
 }
 
 /// A container's input.
@@ -366,6 +370,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         services,
         compile: cfg.compile,
         live: Mutex::default(),
+        meters: usage::Meters::default(),
     });
     if let (Some(_), Some(_)) = (&agent.net, &agent.services) {
         // Pods with their own network reach service IPs through this machine.
@@ -399,6 +404,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(agent.clone().report(status_rx));
     tokio::spawn(agent.clone().send_events(events_rx));
     tokio::spawn(agent.clone().collect_images());
+    tokio::spawn(agent.clone().meter());
     match server {
         Some(s) => agent.link_loop(s).await,
         None => {
@@ -1390,12 +1396,41 @@ impl Agent {
                     Ok(Down::PortForward(req)) => me.forward(&req, send, recv).await,
                     Ok(Down::Exec(req)) => me.exec(&req, send, recv).await,
                     Ok(Down::Attach(req)) => me.attach(&req, send, recv).await,
+                    Ok(Down::Usage) => me.usage(&mut send).await,
                     Err(e) => {
                         let _ = reply(&mut send, 400, &format!("refused: {e}")).await;
                     }
                 }
             });
         }
+    }
+
+    /// The counters of every container running now.
+    fn runs(&self) -> Vec<Arc<usage::Run>> {
+        self.live
+            .lock()
+            .map(|l| l.values().map(|x| x.usage.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Read counters every [`usage::TICK`], so `kubectl top` has a window to measure over.
+    async fn meter(self: Arc<Self>) {
+        loop {
+            self.meters.tick(&self.runs());
+            tokio::time::sleep(usage::TICK).await;
+        }
+    }
+
+    async fn usage(&self, send: &mut quinn::SendStream) {
+        let u = self.meters.usage(&self.runs()).await;
+        let head = Head {
+            status: 200,
+            content_type: None,
+        };
+        if write_frame(send, &head, MAX_FRAME).await.is_ok() {
+            let _ = write_frame(send, &u, MAX_FRAME).await;
+        }
+        let _ = send.finish();
     }
 
     async fn logs(&self, req: &LogRequest, send: &mut quinn::SendStream) {
@@ -2352,12 +2387,15 @@ impl Worker {
                             cmd.stdin = Some(Arc::new(Mutex::new(Some(rx))));
                             Input::Pipe(Arc::new(tokio::sync::Mutex::new(Some(tx))))
                         });
+                    let counters = Arc::new(outpost_wasm_runtime::Usage::default());
+                    cmd.usage = Some(counters.clone());
                     let live = cmd.log.clone().map(|log| {
                         self.live(Live {
                             log,
                             stdin: input,
                             once: self.spec["stdinOnce"].as_bool() == Some(true),
                             interrupt: None,
+                            usage: self.run_usage(usage::Meter::Guest(counters)),
                         })
                     });
                     let ran = tokio::spawn(async move { runtime.run(&module, &cmd, &stop).await })
@@ -2572,6 +2610,7 @@ impl Worker {
                     Arc::new(move |host: &str| s.resolve(host, &ns))
                         as outpost_wasm_runtime::Resolve
                 }),
+                usage: None,
             },
         ))
     }
@@ -2821,6 +2860,12 @@ impl Worker {
         Ok(out)
     }
 
+    /// Counters of this container's run, named as `kubectl top` shows them.
+    fn run_usage(&self, meter: usage::Meter) -> Arc<usage::Run> {
+        let on = self.on();
+        Arc::new(usage::Run::new(&on.ns, &on.pod, &on.container, meter))
+    }
+
     /// Make this run the one `kubectl attach` joins, until the guard is dropped (the run and
     /// its output have ended): then attached clients see the end.
     fn live(&self, live: Live) -> LiveGuard {
@@ -2925,6 +2970,11 @@ impl Worker {
                     .map(|w| Input::Pipe(Arc::new(tokio::sync::Mutex::new(Some(w))))),
             },
             once: self.spec["stdinOnce"].as_bool() == Some(true),
+            usage: self.run_usage(usage::Meter::Cgroup(format!(
+                "{}/{}",
+                pod_cgroup(&self.uid),
+                self.name()
+            ))),
         });
         let ended = loop {
             tokio::select! {

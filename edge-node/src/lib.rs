@@ -5,7 +5,8 @@
 //! ([`cache`]), each pod's state machine ([`pod`]), container logs ([`logs`]), and the agent
 //! that reconciles the pods bound to this node with what runs here ([`agent`]), and the
 //! configuration files its binary and the control plane's read ([`conf`]), and the in-memory
-//! files of its pods' volumes ([`volatile`]). Wasm pods run through `outpost-wasm-runtime`.
+//! files of its pods' volumes ([`volatile`]), and what its containers use ([`usage`], for
+//! `kubectl top`). Wasm pods run through `outpost-wasm-runtime`.
 
 pub mod agent;
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod pod;
 pub mod probe;
 pub mod services;
 pub mod spare;
+pub mod usage;
 pub mod volatile;
 
 pub use outpost_api::sha256_hex;

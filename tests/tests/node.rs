@@ -213,6 +213,54 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // `kubectl top` reads what the node measures: the burner holds about its fifth of a
+    // core, and the node shows at least that.
+    let t = Instant::now();
+    let (cpu, memory) = loop {
+        let r = up.kubectl(&["top", "pod", "cpu-burner", "--no-headers"])?;
+        // `cpu-burner   199m   1Mi`
+        let cols: Vec<String> = r.stdout.split_whitespace().map(String::from).collect();
+        if r.ok && cols.len() == 3 {
+            break (cols[1].clone(), cols[2].clone());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "kubectl top pod: {} {}",
+            r.stdout,
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let millis: u64 = cpu.trim_end_matches('m').parse()?;
+    assert!((120..=300).contains(&millis), "the burner at {cpu}");
+    assert!(memory.ends_with("Mi") || memory.ends_with("Ki"), "{memory}");
+    let containers = up
+        .kubectl(&["top", "pod", "--containers", "--no-headers"])?
+        .expect_ok("kubectl top pod --containers")?;
+    assert!(
+        containers
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("cpu-burner") && l.contains("burner")),
+        "{}",
+        containers.stdout
+    );
+    let nodes = up
+        .kubectl(&["top", "node", "--no-headers"])?
+        .expect_ok("kubectl top node")?;
+    let row: Vec<&str> = nodes.stdout.split_whitespace().collect();
+    assert_eq!(row.first(), Some(&node.as_str()), "{}", nodes.stdout);
+    let node_millis: u64 = row.get(1).unwrap_or(&"").trim_end_matches('m').parse()?;
+    assert!(node_millis >= millis / 2, "{}", nodes.stdout);
+    assert!(
+        row.get(2).is_some_and(|p| p.ends_with('%')),
+        "{}",
+        nodes.stdout
+    );
+    let raw = up
+        .kubectl(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes/none"])?
+        .expect_err("metrics of a node that does not exist")?;
+    assert!(raw.stderr.contains("NotFound"), "{}", raw.stderr);
     // Graceful delete: the node stops the guest and removes the pod.
     let t = Instant::now();
     up.kubectl(&["delete", "pod", "cpu-burner", "--timeout", "30s"])?

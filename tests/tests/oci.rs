@@ -449,7 +449,37 @@ fn limits_and_hardening_hold() -> anyhow::Result<()> {
         ),
     )?
     .expect_ok("apply locked")?;
+    // A shell spinning under a limit of 300m: `kubectl top` reads its cgroup's counters.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod(
+            "busy",
+            &image,
+            "Never",
+            r#"["sh", "-c", "while :; do :; done"]"#,
+            "    resources:\n      limits:\n        cpu: 300m\n",
+        ),
+    )?
+    .expect_ok("apply busy")?;
     assert_eq!(terminated(&up, "hog")?, "OOMKilled 137");
+    let t = std::time::Instant::now();
+    let top = loop {
+        let r = up.kubectl(&["top", "pod", "busy", "--no-headers"])?;
+        let cols: Vec<String> = r.stdout.split_whitespace().map(String::from).collect();
+        if r.ok && cols.len() == 3 && cols[1] != "0m" {
+            break cols;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "kubectl top pod busy: {} {}",
+            r.stdout,
+            r.stderr
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let millis: u64 = top[1].trim_end_matches('m').parse()?;
+    assert!((150..=400).contains(&millis), "{top:?}");
+    assert!(top[2].ends_with("Ki") || top[2].ends_with("Mi"), "{top:?}");
     let out = terminated(&up, "unshare")?;
     assert!(out.starts_with("Error ") && !out.ends_with(" 0"), "{out}");
     let logs = up.kubectl(&["logs", "unshare"])?.expect_ok("logs")?.stdout;

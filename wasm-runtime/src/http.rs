@@ -163,10 +163,7 @@ impl Server {
 
     async fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Result<Response, String> {
         let mut b = wasi_builder(&self.cmd).map_err(|e| e.to_string())?;
-        let limits = Limits {
-            memory: self.cmd.memory,
-            hit: false,
-        };
+        let limits = Limits::of(&self.cmd);
         let mut store = store(
             &self.engine,
             Guest2::new(&mut b, limits, self.cmd.resolve.clone()),
@@ -194,6 +191,7 @@ impl Server {
                 Limits {
                     memory: Some(max),
                     hit: true,
+                    ..
                 } => format!("memory limit of {max} bytes reached"),
                 _ => format!("{e:#}"),
             });
@@ -201,7 +199,7 @@ impl Server {
         };
         if let Ok(mut tasks) = self.requests.lock() {
             while tasks.try_join_next().is_some() {}
-            tasks.spawn(run);
+            tasks.spawn(super::metered(run, self.cmd.usage.clone()));
         }
         match rx.await {
             Ok(Ok(resp)) => Ok(resp),

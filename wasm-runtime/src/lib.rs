@@ -5,7 +5,7 @@
 //! container's port with one fresh instance per request (see [`http`]): args, env,
 //! preopened directories, stdout and stderr to rotated CRI log files ([`log`]), a memory
 //! limit enforced by a resource limiter, a CPU limit enforced at epoch deadlines, and a
-//! [`Stop`] signal. Guests run as tokio tasks: a guest waiting in a host call (a sleep) holds
+//! [`Stop`] signal, and what each guest uses ([`Usage`], for `kubectl top`). Guests run as tokio tasks: a guest waiting in a host call (a sleep) holds
 //! no thread and is stopped as promptly as a busy one. It reports what the guest did as an
 //! [`Exit`] that the agent turns into a container state the way the kubelet would.
 
@@ -126,6 +126,44 @@ pub struct Command {
     /// Names for outgoing `wasi:http` requests (cluster Services); others go to the node's
     /// resolver.
     pub resolve: Option<Resolve>,
+    /// Where the guest's CPU time and memory are counted, across all its instances.
+    pub usage: Option<Arc<Usage>>,
+}
+
+/// What a container's guest uses: the CPU time its code ran (the time the executor spent
+/// polling it, which with epoch yields is the guest's own computing and its host calls) and
+/// the linear memory its live instances hold.
+#[derive(Debug, Default)]
+pub struct Usage {
+    cpu_nanos: AtomicU64,
+    memory: AtomicU64,
+}
+
+impl Usage {
+    pub fn cpu(&self) -> Duration {
+        Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of linear memory held now.
+    pub fn memory(&self) -> u64 {
+        self.memory.load(Ordering::Relaxed)
+    }
+}
+
+/// `f`, with the time spent polling it added to `usage`.
+async fn metered<F: std::future::Future>(f: F, usage: Option<Arc<Usage>>) -> F::Output {
+    let Some(usage) = usage else {
+        return f.await;
+    };
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        let t = std::time::Instant::now();
+        let r = f.as_mut().poll(cx);
+        let spent = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        usage.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        r
+    })
+    .await
 }
 
 /// Makes a listening socket on an address, blocking while it does.
@@ -145,6 +183,7 @@ impl std::fmt::Debug for Command {
             .field("listen", &self.listen)
             .field("grace", &self.grace)
             .field("resolve", &self.resolve.is_some())
+            .field("usage", &self.usage)
             .finish()
     }
 }
@@ -433,12 +472,35 @@ impl HasLimits for Guest2 {
 struct Limits {
     memory: Option<u64>,
     hit: bool,
+    usage: Option<Arc<Usage>>,
+    /// Bytes of linear memory this instance's memories were allowed to reach, counted in
+    /// `usage` until the instance goes.
+    held: u64,
+}
+
+impl Limits {
+    fn of(cmd: &Command) -> Limits {
+        Limits {
+            memory: cmd.memory,
+            hit: false,
+            usage: cmd.usage.clone(),
+            held: 0,
+        }
+    }
+}
+
+impl Drop for Limits {
+    fn drop(&mut self) {
+        if let Some(u) = &self.usage {
+            u.memory.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ResourceLimiter for Limits {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -449,7 +511,14 @@ impl ResourceLimiter for Limits {
                     "memory limit of {max} bytes reached (asked for {desired})"
                 )))
             }
-            _ => Ok(true),
+            _ => {
+                let grown = (desired.saturating_sub(current)) as u64;
+                self.held += grown;
+                if let Some(u) = &self.usage {
+                    u.memory.fetch_add(grown, Ordering::Relaxed);
+                }
+                Ok(true)
+            }
         }
     }
 
@@ -631,17 +700,14 @@ impl Runtime {
             return http::serve(self, c, cmd, stop).await;
         }
         tokio::select! {
-            r = self.run_guest(module, cmd) => r,
+            r = metered(self.run_guest(module, cmd), cmd.usage.clone()) => r,
             // Dropping the guest's future tears its fiber and instance down.
             _ = stop.wait() => Ok(Exit::Stopped),
         }
     }
 
     async fn run_guest(&self, program: &Program, cmd: &Command) -> Result<Exit, Error> {
-        let limits = Limits {
-            memory: cmd.memory,
-            hit: false,
-        };
+        let limits = Limits::of(cmd);
         let b = wasi_builder(cmd)?;
         match program {
             Program::Core(module) => {

@@ -215,3 +215,34 @@ fn the_engine_starts_in_a_39_bit_address_space() -> anyhow::Result<()> {
     assert!(said.contains("1 passed"), "{said}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_counts_a_guests_cpu_and_memory_while_it_runs() -> anyhow::Result<()> {
+    let rt = std::sync::Arc::new(Runtime::new()?);
+    let usage = std::sync::Arc::new(outpost_wasm_runtime::Usage::default());
+    let c = Command {
+        millicores: Some(500),
+        usage: Some(usage.clone()),
+        ..cmd()
+    };
+    let stop = Stop::new();
+    let m = rt.module(SPIN, SPIN.as_bytes())?;
+    let task = tokio::spawn({
+        let (rt, stop) = (rt.clone(), stop.clone());
+        async move { rt.run(&m, &c, &stop).await }
+    });
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (cpu, held) = (usage.cpu(), usage.memory());
+    let wall = t.elapsed();
+    stop.stop();
+    assert_eq!(task.await??, Exit::Stopped);
+    // Half a core: about 400 ms of the 800, the rest asleep at its epoch deadlines.
+    assert!(
+        cpu > Duration::from_millis(150) && cpu < wall,
+        "{cpu:?} of CPU in {wall:?}"
+    );
+    assert_eq!(held, 64 << 10, "one page of linear memory");
+    assert_eq!(usage.memory(), 0, "a gone instance holds nothing");
+    Ok(())
+}

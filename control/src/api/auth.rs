@@ -258,7 +258,7 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
             "ClusterRole",
             cr(
                 "edit",
-                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io"],
+                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io", "metrics.k8s.io"],
                         "resources": ["*"], "verbs": read.as_array().into_iter().flatten()
                             .chain(write.as_array().into_iter().flatten()).collect::<Vec<_>>()}]),
             ),
@@ -268,7 +268,7 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
             "ClusterRole",
             cr(
                 "view",
-                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io", "events.k8s.io", "node.k8s.io"],
+                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io", "events.k8s.io", "node.k8s.io", "metrics.k8s.io"],
                         "resources": ["*"], "verbs": read}]),
             ),
         ),

@@ -16,6 +16,7 @@ pub mod error;
 mod evict;
 mod exec;
 mod forward;
+mod metrics;
 pub mod node;
 pub mod openapi;
 pub mod outpost;

@@ -71,6 +71,14 @@ fn build(g: &str, v: &str) -> Doc {
         } else {
             format!("/{}/{}", gv_path(g, v), r.plural)
         };
+        if r.live() {
+            paths.insert(base.clone(), json!({"get": operation(r, "list", false)}));
+            paths.insert(
+                format!("{base}/{{name}}"),
+                json!({"get": operation(r, "get", false)}),
+            );
+            continue;
+        }
         if !r.stored {
             paths.insert(base, json!({"post": operation(r, "post", true)}));
             continue;
@@ -274,6 +282,11 @@ pub mod v2 {
             } else {
                 format!("/{}/{}", gv_path(r.group, r.version), r.plural)
             };
+            if r.live() {
+                out.push((base.clone(), "get", r));
+                out.push((format!("{base}/{{name}}"), "get", r));
+                continue;
+            }
             out.push((base.clone(), "post", r));
             if r.stored {
                 out.push((base.clone(), "get", r));

@@ -91,8 +91,15 @@ impl Resource {
         super::error::qualified(self.group, self.plural)
     }
 
+    /// Read from the nodes when asked (`metrics.k8s.io`), never stored or written.
+    pub fn live(&self) -> bool {
+        self.group == super::metrics::GROUP
+    }
+
     pub fn verbs(&self) -> &'static [&'static str] {
-        if self.stored {
+        if self.live() {
+            &["get", "list"]
+        } else if self.stored {
             &[
                 "create",
                 "delete",
@@ -197,6 +204,8 @@ use k8s_openapi::api::{
     storage::v1 as storage,
 };
 
+use super::metrics;
+
 resources! {
     core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
@@ -236,6 +245,8 @@ resources! {
     authz::SelfSubjectAccessReview => { "authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", "selfsubjectaccessreview", short: [], namespaced: false, categories: [], subs: [], stored: false },
     authz::SelfSubjectRulesReview => { "authorization.k8s.io", "v1", "SelfSubjectRulesReview", "selfsubjectrulesreviews", "selfsubjectrulesreview", short: [], namespaced: false, categories: [], subs: [], stored: false },
     authn::SelfSubjectReview => { "authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", "selfsubjectreview", short: [], namespaced: false, categories: [], subs: [], stored: false },
+    metrics::NodeMetrics => { "metrics.k8s.io", "v1beta1", "NodeMetrics", "nodes", "", short: [], namespaced: false, categories: [], subs: [], stored: false },
+    metrics::PodMetrics => { "metrics.k8s.io", "v1beta1", "PodMetrics", "pods", "", short: [], namespaced: true, categories: [], subs: [], stored: false },
 }
 
 /// The resource `plural` of `group/version`.

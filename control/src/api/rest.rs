@@ -268,7 +268,7 @@ pub(super) async fn serve(
         name: t.name.clone().unwrap_or_default(),
         path: None,
     };
-    let reviews = !t.res.stored;
+    let reviews = !t.res.stored && !t.res.live();
     if let Some(node) = super::node::node_name(&user) {
         super::node::authorize(api, node, &attrs, q.get("fieldSelector")).await?;
     } else if !reviews {
@@ -308,6 +308,15 @@ pub(super) async fn serve(
                 })?,
         ),
     };
+    if t.res.live() {
+        if method != Method::GET || sub.is_some() || watch {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "{method} is not supported on {}",
+                t.res.qualified()
+            )));
+        }
+        return live(&ctx, t.name.as_deref(), table).await;
+    }
     if reviews {
         if method != Method::POST {
             return Err(ApiError::MethodNotAllowed(format!(
@@ -584,6 +593,48 @@ fn selectors(ctx: &Ctx<'_>) -> Result<(Labels, Fields), ApiError> {
 
 fn matches(v: &Value, labels: &Labels, fields: &Fields) -> bool {
     labels.matches(&v["metadata"]["labels"]) && fields.matches(v)
+}
+
+/// Node or pod metrics, read from the nodes now. The selectors are those of the nodes or
+/// pods measured (metrics-server's take the same).
+async fn live(ctx: &Ctx<'_>, name: Option<&str>, table: bool) -> Result<Response, ApiError> {
+    let of = if ctx.res.plural == "nodes" {
+        "Node"
+    } else {
+        "Pod"
+    };
+    let labels =
+        Labels::parse(ctx.q.get("labelSelector").unwrap_or("")).map_err(ApiError::BadRequest)?;
+    let fields = Fields::parse(of, ctx.q.get("fieldSelector").unwrap_or(""))
+        .map_err(ApiError::BadRequest)?;
+    let mut items =
+        super::metrics::read(ctx.api, ctx.res, ctx.ns.as_deref(), name, &labels, &fields).await?;
+    if let Some(n) = name {
+        items.truncate(1);
+        if items.is_empty() {
+            return Err(ctx.nf(n));
+        }
+    }
+    if table {
+        let tbl = table::table(
+            ctx.res.kind,
+            &items,
+            json!({}),
+            include(&ctx.q),
+            true,
+            now_secs(),
+        );
+        return Ok(super::json_response(StatusCode::OK, &tbl, TABLE_CT));
+    }
+    let out = match items.pop() {
+        Some(o) if name.is_some() => o,
+        last => {
+            items.extend(last);
+            json!({"kind": format!("{}List", ctx.res.kind),
+                "apiVersion": ctx.res.api_version(), "metadata": {}, "items": items})
+        }
+    };
+    Ok(respond(StatusCode::OK, &out))
 }
 
 /// Objects of the resource in the request's namespace (or all), filtered, one page.

@@ -24,9 +24,15 @@ pub fn bytes(q: &str) -> Option<u64> {
     (n >= 0.0).then(|| (n * mul).ceil() as u64)
 }
 
-/// A CPU quantity in millicores (`500m`, `1`, `0.25`).
+/// A CPU quantity in millicores (`500m`, `1`, `0.25`, and the metrics API's `179000000n`
+/// and `250000u`, rounded up as Kubernetes' `MilliValue` rounds).
 pub fn millicores(q: &str) -> Option<u64> {
     let q = q.trim();
+    for (suffix, per_milli) in [('n', 1_000_000u64), ('u', 1_000)] {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<u64>().ok().map(|n| n.div_ceil(per_milli));
+        }
+    }
     match q.strip_suffix('m') {
         Some(m) => m.parse().ok(),
         None => q
@@ -50,5 +56,8 @@ mod tests {
         assert_eq!(millicores("250m"), Some(250));
         assert_eq!(millicores("1.5"), Some(1500));
         assert_eq!(millicores("-1"), None);
+        assert_eq!(millicores("179000000n"), Some(179));
+        assert_eq!(millicores("179000001n"), Some(180));
+        assert_eq!(millicores("250000u"), Some(250));
     }
 }

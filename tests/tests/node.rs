@@ -1168,3 +1168,75 @@ fn wasm_artifacts_come_from_an_oci_registry() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn an_autoscaler_scales_a_busy_deployment_on_its_metrics() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    push(&up, "cpu-burner")?;
+    // Each burner uses its 200m limit, twice its 100m request: 200 % against a target of
+    // 50 %, so the autoscaler wants four and stops at its maximum of three.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: burn
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: burn}
+  template:
+    metadata:
+      labels: {app: burn}
+    spec:
+      runtimeClassName: wasm
+      containers:
+      - name: burner
+        image: module:cpu-burner
+        resources:
+          requests: {cpu: 100m}
+          limits: {cpu: 200m, memory: 16Mi}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: burn
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: burn}
+  minReplicas: 1
+  maxReplicas: 3
+  metrics:
+  - type: Resource
+    resource:
+      name: cpu
+      target: {type: Utilization, averageUtilization: 50}
+"#,
+    )?
+    .expect_ok("apply the deployment and its autoscaler")?;
+    up.wait_field(
+        60,
+        &["deployment", "burn"],
+        "{.spec.replicas}/{.status.readyReplicas}",
+        |r| r == "3/3",
+    )?;
+    let hpa = up.wait_field(
+        40,
+        &["hpa", "burn"],
+        "{.status.desiredReplicas} {.status.currentMetrics[0].resource.current.averageUtilization}",
+        |s| s.starts_with("3 ") && s.len() > 2,
+    )?;
+    let util: u64 = hpa.split_whitespace().nth(1).unwrap_or("").parse()?;
+    assert!(util >= 100, "{hpa}");
+    let row = up.kubectl(&["get", "hpa", "burn"])?.expect_ok("get hpa")?;
+    assert!(row.stdout.contains("%/50%"), "{}", row.stdout);
+    let events = up
+        .kubectl(&["describe", "hpa", "burn"])?
+        .expect_ok("events")?;
+    assert!(
+        events.stdout.contains("SuccessfulRescale") && events.stdout.contains("New size: 3"),
+        "{}",
+        events.stdout
+    );
+    Ok(())
+}

@@ -16,7 +16,7 @@ pub mod error;
 mod evict;
 mod exec;
 mod forward;
-mod metrics;
+pub mod metrics;
 pub mod node;
 pub mod openapi;
 pub mod outpost;
@@ -604,6 +604,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
         gateway.iter().map(|(_, t)| t.abort_handle()).collect();
     helpers.push(tokio::spawn(crate::scheduler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::autoscaler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::volumes::run(api.clone())).abort_handle());
     helpers.push(

@@ -18,9 +18,11 @@
 //! ```
 //!
 //! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
-//! client. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`],
+//! client. HorizontalPodAutoscalers have a loop of their own ([`autoscaler`]), which reads
+//! the nodes' metrics every 15 s rather than following the watch. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`],
 //! [`job`], [`cronjob`], [`statefulset`], [`disruption`] and [`history`].
 
+pub mod autoscaler;
 pub mod cron;
 pub mod cronjob;
 pub mod daemonset;

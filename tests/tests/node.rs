@@ -1238,5 +1238,63 @@ spec:
         "{}",
         events.stdout
     );
+    // `kubectl autoscale` writes autoscaling/v1 (as protobuf): served by conversion, read
+    // back in either version. A target scaled to zero is left there.
+    up.kubectl(&[
+        "create",
+        "deployment",
+        "idle",
+        "--image=module:cpu-burner",
+        "--replicas=0",
+    ])?
+    .expect_ok("create deployment")?;
+    let made = up
+        .kubectl(&[
+            "autoscale",
+            "deployment",
+            "idle",
+            "--min=1",
+            "--max=4",
+            "--cpu-percent=60",
+        ])?
+        .expect_ok("kubectl autoscale")?;
+    assert!(made.stdout.contains("autoscaled"), "{}", made.stdout);
+    let v2 = up
+        .kubectl(&[
+            "get",
+            "hpa",
+            "idle",
+            "-o",
+            "jsonpath={.spec.metrics[0].resource.target.averageUtilization} {.spec.maxReplicas}",
+        ])?
+        .expect_ok("get hpa")?;
+    assert_eq!(v2.stdout, "60 4");
+    let v1 = up
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/apis/autoscaling/v1/namespaces/default/horizontalpodautoscalers/idle",
+        ])?
+        .expect_ok("get the v1 form")?;
+    let v1: serde_json::Value = serde_json::from_str(&v1.stdout)?;
+    assert_eq!(v1["apiVersion"], "autoscaling/v1");
+    assert_eq!(v1["spec"]["targetCPUUtilizationPercentage"], 60);
+    assert!(v1["spec"]["metrics"].is_null());
+    std::thread::sleep(autoscale_round());
+    let idle = up
+        .kubectl(&[
+            "get",
+            "deployment",
+            "idle",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ])?
+        .expect_ok("get deployment")?;
+    assert_eq!(idle.stdout, "0");
     Ok(())
+}
+
+/// Longer than one round of the autoscaler (15 s).
+fn autoscale_round() -> Duration {
+    Duration::from_secs(16)
 }

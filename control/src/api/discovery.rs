@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::convert;
 use super::resources::{group_version, groups, Resource, RESOURCES};
 
 /// The Kubernetes version we answer to ([`outpost_api::KUBE_MINOR`]).
@@ -75,19 +76,43 @@ fn aggregated_resource(r: &Resource) -> Value {
     o
 }
 
+/// What an older version served by conversion allows: all but watches.
+fn older_verbs(r: &Resource) -> Vec<&'static str> {
+    r.verbs()
+        .iter()
+        .copied()
+        .filter(|v| *v != "watch")
+        .collect()
+}
+
 /// `/api` (`core` true) or `/apis` as an `APIGroupDiscoveryList`.
 pub fn aggregated(core: bool, version: &str) -> Value {
     let items: Vec<Value> = groups()
         .into_iter()
         .filter(|(g, _)| g.is_empty() == core)
         .map(|(g, v)| {
-            let resources: Vec<Value> = RESOURCES
-                .iter()
-                .filter(|r| r.group == g && r.version == v)
-                .map(aggregated_resource)
-                .collect();
-            json!({"metadata": {"name": g, "creationTimestamp": null},
-                   "versions": [{"version": v, "resources": resources, "freshness": "Current"}]})
+            let mut versions = Vec::new();
+            for (served, stored) in std::iter::once((v, v))
+                .chain(convert::older_versions(g).into_iter().map(|o| (o, v)))
+            {
+                let resources: Vec<Value> = RESOURCES
+                    .iter()
+                    .filter(|r| r.group == g && r.version == stored)
+                    .filter(|r| served == stored || convert::serves(g, served, r.plural))
+                    .map(|r| {
+                        let mut o = aggregated_resource(r);
+                        if served != stored {
+                            o["responseKind"]["version"] = json!(served);
+                            o["verbs"] = json!(older_verbs(r));
+                        }
+                        o
+                    })
+                    .collect();
+                versions.push(
+                    json!({"version": served, "resources": resources, "freshness": "Current"}),
+                );
+            }
+            json!({"metadata": {"name": g, "creationTimestamp": null}, "versions": versions})
         })
         .collect();
     json!({"kind": "APIGroupDiscoveryList", "apiVersion": format!("apidiscovery.k8s.io/{version}"),
@@ -101,8 +126,12 @@ pub fn api_versions(server: &str) -> Value {
 }
 
 fn api_group(g: &str, v: &str) -> Value {
-    let gv = json!({"groupVersion": group_version(g, v), "version": v});
-    json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+    let gv = |v: &str| json!({"groupVersion": group_version(g, v), "version": v});
+    let versions: Vec<Value> = std::iter::once(v)
+        .chain(convert::older_versions(g))
+        .map(gv)
+        .collect();
+    json!({"name": g, "versions": versions, "preferredVersion": gv(v)})
 }
 
 /// Legacy `/apis`.
@@ -131,9 +160,17 @@ pub fn group(name: &str) -> Option<Value> {
 /// Legacy `/api/v1` or `/apis/{group}/{version}`.
 pub fn resource_list(g: &str, v: &str) -> Option<Value> {
     let mut out = Vec::new();
-    for r in RESOURCES.iter().filter(|r| r.group == g && r.version == v) {
+    let stored = convert::stored(g, v).unwrap_or(v);
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == g && r.version == stored)
+        .filter(|r| stored == v || convert::serves(g, v, r.plural))
+    {
         let mut o = json!({"name": r.plural, "singularName": r.singular,
             "namespaced": r.namespaced, "kind": r.kind, "verbs": r.verbs()});
+        if stored != v {
+            o["verbs"] = json!(older_verbs(r));
+        }
         if !r.short.is_empty() {
             o["shortNames"] = json!(r.short);
         }

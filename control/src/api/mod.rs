@@ -11,6 +11,7 @@
 
 pub mod admit;
 pub mod auth;
+mod convert;
 pub mod discovery;
 pub mod error;
 mod evict;
@@ -421,9 +422,91 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
             return non_resource_get(api, &segs, &accept);
         }
     };
-    let target = parse_target(group, version, rest)?;
-    let body = read_body(body).await?;
-    rest::serve(api, user, parts, query, target, body).await
+    let Some(stored) = convert::stored(group, version) else {
+        let target = parse_target(group, version, rest)?;
+        let body = read_body(body).await?;
+        return rest::serve(api, user, parts, query, target, body).await;
+    };
+    older(
+        api,
+        user,
+        parts,
+        query,
+        (group, version, stored),
+        rest,
+        body,
+    )
+    .await
+}
+
+/// A request to an older version of a resource ([`convert`]): its body converted up, the
+/// stored version's handling, and the objects of the answer converted down.
+async fn older(
+    api: &Arc<Api>,
+    user: User,
+    mut parts: axum::http::request::Parts,
+    query: Query,
+    (group, version, stored): (&str, &str, &str),
+    rest: &[&str],
+    body: Body,
+) -> Result<Response, ApiError> {
+    let target = parse_target(group, stored, rest)?;
+    if !convert::serves(group, version, target.res.plural) {
+        return Err(ApiError::NoRoute(
+            "the server could not find the requested resource".into(),
+        ));
+    }
+    if query.flag("watch") {
+        return Err(ApiError::MethodNotAllowed(format!(
+            "watch {}/{stored} instead: {version} is served by conversion, without watches",
+            target.res.qualified()
+        )));
+    }
+    let mut body = read_body(body).await?;
+    if !body.is_empty() {
+        let ct = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .map(String::from);
+        let is_patch = ct.as_deref().is_some_and(|c| c.contains("patch"));
+        let v = if is_patch {
+            serde_json::from_slice(&body)
+                .map_err(|e| ApiError::BadRequest(format!("patch body: {e}")))?
+        } else {
+            decode_body(ct.as_deref(), &body)?
+        };
+        // JSON patches address paths, which are the same in both versions but for the CPU
+        // target; merge patches and whole objects are converted.
+        let v = if v.is_array() { v } else { convert::hpa_up(v) };
+        body = Bytes::from(serde_json::to_vec(&v).map_err(|e| ApiError::Internal(e.to_string()))?);
+        if !is_patch {
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    let resp = rest::serve(api, user, parts, query, target, body).await?;
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json") && !c.contains("as=Table"));
+    if !json {
+        return Ok(resp);
+    }
+    let (head, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let out = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) => serde_json::to_vec(&convert::answer_down(v)).unwrap_or_else(|_| bytes.to_vec()),
+        Err(_) => bytes.to_vec(),
+    };
+    let mut headers = head.headers;
+    headers.remove(header::CONTENT_LENGTH);
+    Ok((head.status, headers, out).into_response())
 }
 
 fn method_verb(m: &Method) -> &'static str {

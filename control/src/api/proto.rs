@@ -326,7 +326,10 @@ fn omit_empty(v: &mut Value) {
 /// The message name for `apiVersion`/`kind`.
 fn message_name(api_version: &str, kind: &str) -> Option<String> {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    if let Some(n) = super::resources::schema_name(group, kind) {
+    // The served type's own name, unless the body is of an older version (autoscaling/v1
+    // beside the served v2), whose message differs.
+    let served = super::resources::by_kind(group, kind).is_some_and(|r| r.version == version);
+    if let Some(n) = super::resources::schema_name(group, kind).filter(|_| served) {
         return Some(n);
     }
     let suffix = format!(".{version}.{kind}").to_lowercase();

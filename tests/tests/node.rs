@@ -1280,6 +1280,22 @@ spec:
     assert_eq!(v1["apiVersion"], "autoscaling/v1");
     assert_eq!(v1["spec"]["targetCPUUtilizationPercentage"], 60);
     assert!(v1["spec"]["metrics"].is_null());
+    // Server-side apply of a v1 manifest (an apply patch in YAML) converts the same way.
+    up.kubectl_in(
+        &["apply", "--server-side", "-f", "-"],
+        "apiVersion: autoscaling/v1\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: applied\nspec:\n  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: idle}\n  maxReplicas: 2\n  targetCPUUtilizationPercentage: 70\n",
+    )?
+    .expect_ok("server-side apply of a v1 autoscaler")?;
+    let applied = up
+        .kubectl(&[
+            "get",
+            "hpa",
+            "applied",
+            "-o",
+            "jsonpath={.spec.metrics[0].resource.target.averageUtilization}",
+        ])?
+        .expect_ok("get the applied autoscaler")?;
+    assert_eq!(applied.stdout, "70");
     std::thread::sleep(autoscale_round());
     let idle = up
         .kubectl(&[

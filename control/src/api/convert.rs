@@ -35,21 +35,21 @@ pub fn serves(group: &str, version: &str, plural: &str) -> bool {
         .any(|(g, v, _, p)| *g == group && *v == version && *p == plural)
 }
 
+/// Remove v1's `{prefix}CPUUtilizationPercentage` from `m`, however spelled: the protobuf
+/// decoder spells the acronym as the generated messages do (`Cpu`).
+fn take(m: &mut serde_json::Map<String, Value>, prefix: &str) -> Option<Value> {
+    let a = m.remove(&format!("{prefix}CPUUtilizationPercentage"));
+    let b = m.remove(&format!("{prefix}CpuUtilizationPercentage"));
+    a.or(b)
+}
+
 /// A v1 HorizontalPodAutoscaler (or a merge patch of one) as v2.
 pub fn hpa_up(mut o: Value) -> Value {
     if o["apiVersion"] == "autoscaling/v1" {
         o["apiVersion"] = json!("autoscaling/v2");
     }
-    // The protobuf decoder spells the acronym as the generated messages do.
     if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
-        let cpu = [
-            "targetCPUUtilizationPercentage",
-            "targetCpuUtilizationPercentage",
-        ]
-        .iter()
-        .filter_map(|k| spec.remove(*k))
-        .next_back();
-        if let Some(cpu) = cpu {
+        if let Some(cpu) = take(spec, "target") {
             let metrics = if cpu.is_null() {
                 Value::Null
             } else {
@@ -60,14 +60,7 @@ pub fn hpa_up(mut o: Value) -> Value {
         }
     }
     if let Some(st) = o.get_mut("status").and_then(Value::as_object_mut) {
-        let cpu = [
-            "currentCPUUtilizationPercentage",
-            "currentCpuUtilizationPercentage",
-        ]
-        .iter()
-        .filter_map(|k| st.remove(*k))
-        .next_back();
-        if let Some(cpu) = cpu {
+        if let Some(cpu) = take(st, "current") {
             if !cpu.is_null() {
                 st.insert(
                     "currentMetrics".into(),

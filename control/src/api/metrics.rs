@@ -62,18 +62,16 @@ pub async fn read(
     labels: &Labels,
     fields: &Fields,
 ) -> Result<Vec<Value>, ApiError> {
-    let of = |plural: &str| super::resources::find("", "v1", plural);
     let wanted = |v: &Value| {
         labels.matches(&v["metadata"]["labels"])
             && fields.matches(v)
             && name.is_none_or(|n| v["metadata"]["name"] == n)
     };
     if res.plural == "nodes" {
-        let nodes = objects(
-            api,
-            &of("nodes").map(|r| r.prefix(None)).unwrap_or_default(),
-        )
-        .await?;
+        let prefix = super::resources::find("", "v1", "nodes")
+            .map(|r| r.prefix(None))
+            .unwrap_or_default();
+        let nodes = objects(api, &prefix).await?;
         let nodes: Vec<Value> = nodes.into_iter().filter(wanted).collect();
         let names: Vec<String> = nodes.iter().map(|n| name_of(n).to_string()).collect();
         let usage = ask_all(api, &names).await;
@@ -92,11 +90,27 @@ pub async fn read(
             })
             .collect());
     }
-    let prefix = of("pods").map(|r| r.prefix(ns)).unwrap_or_default();
+    Ok(pods(api, ns, wanted)
+        .await?
+        .into_iter()
+        .filter_map(|(_, m)| m)
+        .collect())
+}
+
+/// The pods in `ns` (or all) that `wanted` picks, each with its PodMetrics if its node
+/// answered with its usage (a pod not running has none).
+pub async fn pods(
+    api: &Arc<Api>,
+    ns: Option<&str>,
+    wanted: impl Fn(&Value) -> bool,
+) -> Result<Vec<(Value, Option<Value>)>, ApiError> {
+    let prefix = super::resources::find("", "v1", "pods")
+        .map(|r| r.prefix(ns))
+        .unwrap_or_default();
     let pods: Vec<Value> = objects(api, &prefix)
         .await?
         .into_iter()
-        .filter(wanted)
+        .filter(|p| wanted(p))
         .collect();
     let mut nodes: Vec<String> = pods
         .iter()
@@ -108,28 +122,32 @@ pub async fn read(
     nodes.dedup();
     let usage = ask_all(api, &nodes).await;
     Ok(pods
-        .iter()
-        .filter_map(|p| {
-            let u = usage.get(p["spec"]["nodeName"].as_str()?)?;
-            let pu = u.pods.iter().find(|x| {
-                x.namespace == p["metadata"]["namespace"].as_str().unwrap_or("")
-                    && x.name == name_of(p)
-            })?;
-            let containers: Vec<Value> = pu
-                .containers
-                .iter()
-                .map(|(c, use_)| json!({"name": c, "usage": quantities(*use_)}))
-                .collect();
-            Some(json!({
-                "kind": "PodMetrics",
-                "apiVersion": "metrics.k8s.io/v1beta1",
-                "metadata": meta(p),
-                "timestamp": u.time,
-                "window": window(u.window_ms),
-                "containers": containers,
-            }))
+        .into_iter()
+        .map(|p| {
+            let m = pod_metrics(&p, &usage);
+            (p, m)
         })
         .collect())
+}
+
+fn pod_metrics(p: &Value, usage: &BTreeMap<String, Usage>) -> Option<Value> {
+    let u = usage.get(p["spec"]["nodeName"].as_str()?)?;
+    let pu = u.pods.iter().find(|x| {
+        x.namespace == p["metadata"]["namespace"].as_str().unwrap_or("") && x.name == name_of(p)
+    })?;
+    let containers: Vec<Value> = pu
+        .containers
+        .iter()
+        .map(|(c, use_)| json!({"name": c, "usage": quantities(*use_)}))
+        .collect();
+    Some(json!({
+        "kind": "PodMetrics",
+        "apiVersion": "metrics.k8s.io/v1beta1",
+        "metadata": meta(p),
+        "timestamp": u.time,
+        "window": window(u.window_ms),
+        "containers": containers,
+    }))
 }
 
 fn name_of(o: &Value) -> &str {

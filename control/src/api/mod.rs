@@ -469,18 +469,13 @@ async fn older(
             .get(header::CONTENT_TYPE)
             .and_then(|h| h.to_str().ok())
             .map(String::from);
-        let is_patch = ct.as_deref().is_some_and(|c| c.contains("patch"));
-        let v = if is_patch {
-            serde_json::from_slice(&body)
-                .map_err(|e| ApiError::BadRequest(format!("patch body: {e}")))?
-        } else {
-            decode_body(ct.as_deref(), &body)?
-        };
+        let v = decode_body(ct.as_deref(), &body)?;
         // JSON patches address paths, which are the same in both versions but for the CPU
-        // target; merge patches and whole objects are converted.
+        // target; merge and apply patches and whole objects are converted.
         let v = if v.is_array() { v } else { convert::hpa_up(v) };
         body = Bytes::from(serde_json::to_vec(&v).map_err(|e| ApiError::Internal(e.to_string()))?);
-        if !is_patch {
+        // Now JSON, which is also YAML: patches keep their type, objects say JSON.
+        if !ct.as_deref().is_some_and(|c| c.contains("patch")) {
             parts.headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),

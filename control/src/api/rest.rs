@@ -626,13 +626,10 @@ async fn live(ctx: &Ctx<'_>, name: Option<&str>, table: bool) -> Result<Response
         );
         return Ok(super::json_response(StatusCode::OK, &tbl, TABLE_CT));
     }
-    let out = match items.pop() {
-        Some(o) if name.is_some() => o,
-        last => {
-            items.extend(last);
-            json!({"kind": format!("{}List", ctx.res.kind),
-                "apiVersion": ctx.res.api_version(), "metadata": {}, "items": items})
-        }
+    let out = match name {
+        Some(_) => items.swap_remove(0),
+        None => json!({"kind": format!("{}List", ctx.res.kind),
+            "apiVersion": ctx.res.api_version(), "metadata": {}, "items": items}),
     };
     Ok(respond(StatusCode::OK, &out))
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::api::auth::User;
 use crate::api::resources;
-use crate::api::select::{Fields, Labels};
+use crate::api::select::Labels;
 use crate::api::{rfc3339, Api};
 
 /// How often each HPA is looked at (the kube-controller-manager's default).
@@ -389,51 +389,29 @@ async fn measure(
     metrics: &[Value],
 ) -> HashMap<String, Option<Sample>> {
     let mut out: HashMap<String, Option<Sample>> = HashMap::new();
-    let names: Vec<&str> = metrics
+    let labels = match Labels::parse(selector) {
+        Ok(l) if !l.is_empty() => l,
+        _ => return out,
+    };
+    let Ok(pods) = crate::api::metrics::pods(api, Some(ns), |p| {
+        labels.matches(&p["metadata"]["labels"])
+            && p["status"]["phase"] == "Running"
+            && p["metadata"]["deletionTimestamp"].is_null()
+    })
+    .await
+    else {
+        return out;
+    };
+    for name in metrics
         .iter()
         .filter_map(|m| m["resource"]["name"].as_str())
-        .collect();
-    let Ok(labels) = Labels::parse(selector) else {
-        return out;
-    };
-    if labels.is_empty() {
-        return out;
-    }
-    let (code, pods) = call(
-        api,
-        "GET",
-        &format!(
-            "/api/v1/namespaces/{ns}/pods?labelSelector={}",
-            urlencoding(selector)
-        ),
-        "application/json",
-        Value::Null,
-    )
-    .await;
-    let Some(res) = resources::find("metrics.k8s.io", "v1beta1", "pods") else {
-        return out;
-    };
-    let used = crate::api::metrics::read(api, res, Some(ns), None, &labels, &Fields::default())
-        .await
-        .unwrap_or_default();
-    if code != 200 {
-        return out;
-    }
-    for name in names {
+    {
         let mut s = Sample {
             request: Some(0),
             ..Sample::default()
         };
-        for pod in pods["items"].as_array().into_iter().flatten() {
-            let live = pod["status"]["phase"] == "Running"
-                && pod["metadata"]["deletionTimestamp"].is_null();
-            let Some(m) = used
-                .iter()
-                .find(|m| m["metadata"]["name"] == pod["metadata"]["name"])
-                .filter(|_| live)
-            else {
-                continue;
-            };
+        for (pod, m) in &pods {
+            let Some(m) = m else { continue };
             s.pods += 1;
             for c in m["containers"].as_array().into_iter().flatten() {
                 let q = c["usage"][name].as_str().unwrap_or("0");
@@ -443,27 +421,12 @@ async fn measure(
                 let r = c["resources"]["requests"][name]
                     .as_str()
                     .and_then(|q| amount(name, q));
-                s.request = match (s.request, r) {
-                    (Some(a), Some(b)) => Some(a + b),
-                    _ => None,
-                };
+                s.request = s.request.zip(r).map(|(a, b)| a + b);
             }
         }
         out.insert(name.to_string(), (s.pods > 0).then_some(s));
     }
     out
-}
-
-/// `s` as a query value.
-fn urlencoding(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -564,9 +527,5 @@ mod tests {
         let bare = json!({"spec": {"maxReplicas": 4}});
         let p = plan(&bare, 1, &cpu(1, 160, 100), &[], 1000);
         assert_eq!(p.desired, 2);
-        assert_eq!(
-            urlencoding("app=web,tier in (a)"),
-            "app%3Dweb%2Ctier%20in%20%28a%29"
-        );
     }
 }

@@ -190,6 +190,12 @@ impl Netd {
         let _ = self.waker.wake();
     }
 
+    /// Whether the loop has taken the table last given to [`Netd::update`]: it takes a new
+    /// table before it reads the device again, so every packet from then on meets it.
+    pub fn settled(&self) -> bool {
+        !self.shared.changed.load(Ordering::Acquire)
+    }
+
     /// The current table (for NodePorts and tests).
     pub fn table(&self) -> Arc<Table> {
         self.shared.table()

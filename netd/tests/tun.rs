@@ -55,8 +55,18 @@ fn slice(svc: &str, port: u16, proto: &str, eps: &[(&str, bool)]) -> Value {
            "ports": [{"name": "p", "port": port, "protocol": proto}], "endpoints": eps})
 }
 
+/// Give netd a table and wait until its loop has taken it: until then its addresses are
+/// refused.
 fn set(n: &Netd, svcs: &[Value], slices: &[Value]) {
     n.update(Table::build(svcs, slices, n.metrics()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !n.settled() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "netd never took the table"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// A backend on 127.0.0.N that writes its name to each connection, then echoes.
@@ -100,20 +110,6 @@ fn hello(addr: &str) -> std::io::Result<String> {
         line.push(b[0]);
     }
     Ok(String::from_utf8_lossy(&line).to_string())
-}
-
-/// [`hello`] once netd has taken the table just set: the update reaches its loop a moment
-/// after `set` returns, and until then the address is refused.
-fn hello_ready(addr: &str) -> std::io::Result<String> {
-    for _ in 0..100 {
-        match hello(addr) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            r => return r,
-        }
-    }
-    hello(addr)
 }
 
 fn ports(port: u16) -> Value {
@@ -172,7 +168,7 @@ fn three_backends_share_the_load_and_an_unready_one_leaves_at_once() {
         let mut seen = std::collections::HashMap::new();
         for _ in 0..30 {
             *seen
-                .entry(hello_ready("10.96.0.6:80").expect("hello"))
+                .entry(hello("10.96.0.6:80").expect("hello"))
                 .or_insert(0) += 1;
         }
         assert_eq!(seen.len(), 3, "{seen:?}");

@@ -583,8 +583,11 @@ async fn main() -> anyhow::Result<()> {
                 f.writes_per_pod
             );
             println!(
-                "  CPU per burst pod                 {:>8.2} ms control plane, {:.2} ms agent",
-                f.control_ms_per_pod, f.agent_ms_per_pod
+                "  CPU per burst pod                 {:>8.2} ms control plane, {:.2} ms agent   (kernel {:.0} %, {:.0} %)",
+                f.control_ms_per_pod,
+                f.agent_ms_per_pod,
+                f.control_sys * 100.0,
+                f.agent_sys * 100.0
             );
             println!(
                 "  agent RSS idle                    {:>8.1} MB   (target <= 15)",

@@ -56,6 +56,9 @@ pub struct Figures {
     /// steadier than starts/s, which swings with what else the two vCPUs are doing.
     pub control_ms_per_pod: f64,
     pub agent_ms_per_pod: f64,
+    /// The kernel's share of each (system time over user and system).
+    pub control_sys: f64,
+    pub agent_sys: f64,
     pub rss_idle_mb: f64,
     /// None when fewer than 100 pods were created (`--pods`).
     pub rss_100_mb: Option<f64>,
@@ -109,8 +112,8 @@ pub(crate) async fn wait(
     }
 }
 
-/// CPU time (user and system) that process `pid` has used, in ms.
-fn cpu_ms(pid: u32) -> f64 {
+/// User and system CPU time that process `pid` has used, in ms.
+fn cpu_split_ms(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -121,7 +124,10 @@ fn cpu_ms(pid: u32) -> f64 {
         .filter_map(|x| x.parse().ok())
         .collect();
     // In clock ticks of USER_HZ, which Linux fixes at 100 for /proc on x86 and arm.
-    f.iter().sum::<f64>() * 10.0
+    match f[..] {
+        [user, sys] => (user * 10.0, sys * 10.0),
+        _ => (0.0, 0.0),
+    }
 }
 
 /// The store's revision now, from a list's resourceVersion.
@@ -349,7 +355,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     }
     let rev0 = revision(&c, &api).await?;
     let control_pid = cl.members[0].child.id();
-    let cpu0 = (cpu_ms(control_pid), cpu_ms(agent.0.id()));
+    let cpu0 = (cpu_split_ms(control_pid), cpu_split_ms(agent.0.id()));
     let t0 = Instant::now();
     let names: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
     let creates = futures::stream::iter(names.clone())
@@ -405,8 +411,13 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let writes_per_pod = (revision(&c, &api).await? - rev0) as f64 / burst as f64;
-    let control_ms_per_pod = (cpu_ms(control_pid) - cpu0.0) / burst as f64;
-    let agent_ms_per_pod = (cpu_ms(agent.0.id()) - cpu0.1) / burst as f64;
+    let used = |pid: u32, (user0, sys0): (f64, f64)| {
+        let (user, sys) = cpu_split_ms(pid);
+        let (user, sys) = (user - user0, sys - sys0);
+        ((user + sys) / burst as f64, sys / (user + sys).max(1.0))
+    };
+    let (control_ms_per_pod, control_sys) = used(control_pid, cpu0.0);
+    let (agent_ms_per_pod, agent_sys) = used(agent.0.id(), cpu0.1);
     let peer = tokio::task::block_in_place(|| {
         let f = root.join("hello.wasm");
         std::fs::write(&f, example("hello")?)?;
@@ -421,6 +432,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         writes_per_pod,
         control_ms_per_pod,
         agent_ms_per_pod,
+        control_sys,
+        agent_sys,
         rss_idle_mb: rss_idle,
         rss_100_mb: rss_100,
         peer_p50_ms: peer,

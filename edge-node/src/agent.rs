@@ -61,6 +61,71 @@ pub struct Config {
     pub services: services::Config,
     /// Where Wasm modules are compiled for this node.
     pub compile: Compile,
+    /// How fast events are posted.
+    pub events: EventLimit,
+}
+
+/// The rate events are posted at, as the kubelet's `eventRecordQPS` and `eventBurst` (50
+/// and 100 by default): events are for people, and in a burst of pods they wait behind the
+/// pods' own writes instead of doubling the control plane's work. Those over the limit wait
+/// in memory (the newest [`MAX_EVENTS`]); the same event again only raises a count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EventLimit {
+    /// Events per second; 0 for no limit.
+    pub qps: f64,
+    /// Events posted at once after a quiet spell.
+    pub burst: u32,
+}
+
+impl Default for EventLimit {
+    fn default() -> EventLimit {
+        EventLimit {
+            qps: 50.0,
+            burst: 100,
+        }
+    }
+}
+
+/// A token bucket of [`EventLimit`].
+struct Bucket {
+    limit: EventLimit,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(limit: EventLimit) -> Bucket {
+        Bucket {
+            limit,
+            tokens: limit.burst.max(1) as f64,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.limit.qps).min(self.limit.burst.max(1) as f64);
+        self.at = now;
+    }
+
+    /// How many of `want` may go at `now`, taken from the bucket.
+    fn take(&mut self, want: usize, now: Instant) -> usize {
+        if self.limit.qps <= 0.0 {
+            return want;
+        }
+        self.refill(now);
+        let n = want.min(self.tokens.floor() as usize);
+        self.tokens -= n as f64;
+        n
+    }
+
+    /// How long until one more may go.
+    fn wait(&self) -> Duration {
+        if self.limit.qps <= 0.0 || self.tokens >= 1.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / self.limit.qps)
+    }
 }
 
 /// Where a node's Wasm modules are compiled.
@@ -148,6 +213,7 @@ pub struct Agent {
     registry: std::sync::OnceLock<registry::Client>,
     insecure_registries: Vec<String>,
     max_pods: u32,
+    event_limit: EventLimit,
     link: watch::Sender<Option<Link>>,
     pods: Mutex<HashMap<String, PodRun>>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
@@ -360,6 +426,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         registry: std::sync::OnceLock::new(),
         insecure_registries: cfg.insecure_registries.clone(),
         max_pods: cfg.max_pods,
+        event_limit: cfg.events,
         link: watch::channel(None).0,
         pods: Mutex::new(HashMap::new()),
         status_tx,
@@ -1171,6 +1238,10 @@ impl Agent {
         tokio::spawn(async move {
             let mut rx = changed_rx;
             let mut prev = Value::Null;
+            // A pod whose containers start at once goes from Pending straight to their
+            // state: its ContainerCreating status would be a write nobody sees for long (a
+            // third of a short pod's). One that takes longer shows it after QUIET_START.
+            let _ = tokio::time::timeout(QUIET_START, rx.changed()).await;
             loop {
                 let list = containers.lock().map(|c| c.clone()).unwrap_or_default();
                 let ip = me.host_ip();
@@ -1293,19 +1364,23 @@ impl Agent {
         }
     }
 
-    /// Post events, oldest first, when the link is up. Offline, the newest [`MAX_EVENTS`]
-    /// wait in memory: events are for people watching now, not worth a write to flash.
-    /// An event that happened before (the same object, container, reason, message and type)
-    /// raises the recorded one's count and last time instead of making another, as the
-    /// kubelet's recorder does: a pod restarting all day is a few events, not thousands.
+    /// Post events, oldest first, when the link is up, at most as fast as [`EventLimit`]
+    /// lets. Offline, the newest [`MAX_EVENTS`] wait in memory: events are for people
+    /// watching now, not worth a write to flash. An event that happened before (the same
+    /// object, container, reason, message and type) raises the recorded one's count and last
+    /// time instead of making another, as the kubelet's recorder does: a pod restarting all
+    /// day is a few events, not thousands.
     async fn send_events(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Event>) {
         let mut queue: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
         let mut recorded: HashMap<String, Recorded> = HashMap::new();
         let mut links = self.link.subscribe();
+        let mut bucket = Bucket::new(self.event_limit);
         loop {
             let link = links.borrow_and_update().clone();
             if let Some(link) = link.filter(|_| !queue.is_empty()) {
-                let batch = fold(queue.drain(..).collect());
+                let mut batch = fold(queue.drain(..).collect());
+                let n = bucket.take(batch.len(), Instant::now());
+                queue.extend(batch.split_off(n));
                 let node = self.node.clone();
                 let known: Vec<Option<(String, u64)>> = batch
                     .iter()
@@ -1369,13 +1444,18 @@ impl Agent {
                     }
                 }
             }
+            // Failed posts are tried again in 5 s; those over the limit when it allows.
+            let pause = match bucket.wait() {
+                Duration::ZERO => Duration::from_secs(5),
+                d => d.min(Duration::from_secs(5)),
+            };
             tokio::select! {
                 e = rx.recv() => match e {
                     Some(e) => queue.push_back(e),
                     None => return,
                 },
                 r = links.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(5)), if !queue.is_empty() => {}
+                _ = tokio::time::sleep(pause), if !queue.is_empty() => {}
             }
             while let Ok(e) = rx.try_recv() {
                 queue.push_back(e);
@@ -3502,6 +3582,9 @@ async fn until(p: &Probe, pass: bool) -> Result<(), String> {
 /// Events waiting for the link, at most.
 const MAX_EVENTS: usize = 1000;
 
+/// How long a new pod's first status waits for its containers to change state.
+const QUIET_START: Duration = Duration::from_millis(50);
+
 /// The container an event is about.
 #[derive(Debug, Clone)]
 struct On {
@@ -3597,6 +3680,28 @@ fn fold(batch: Vec<Event>) -> Vec<Event> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn events_go_at_the_limit_after_a_burst() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(EventLimit {
+            qps: 50.0,
+            burst: 100,
+        });
+        assert_eq!(b.take(1000, t0), 100, "the burst goes at once");
+        assert_eq!(b.take(900, t0), 0);
+        assert!(b.wait() > Duration::from_millis(15) && b.wait() <= Duration::from_millis(20));
+        assert_eq!(
+            b.take(900, t0 + Duration::from_secs(1)),
+            50,
+            "then 50 a second"
+        );
+        // A quiet spell fills the bucket up to the burst, no further.
+        assert_eq!(b.take(1000, t0 + Duration::from_secs(60)), 100);
+        let mut free = Bucket::new(EventLimit { qps: 0.0, burst: 0 });
+        assert_eq!(free.take(5000, t0), 5000, "0 is no limit");
+        assert_eq!(free.wait(), Duration::ZERO);
+    }
 
     #[test]
     fn pods_get_cluster_dns_as_their_dns_policy_says() {

@@ -2,8 +2,9 @@
 //! Pod objects by uid, the config maps and secrets they use, module bytes by digest, and the
 //! module names last resolved. Writes happen only when something changed, so a board's flash
 //! sees no write per heartbeat. They are synced by a background thread that takes every write
-//! made since its last sync in one fsync (group commit): a burst of pods costs a few syncs, not
-//! one each, and a write is on disk within milliseconds.
+//! made since its last sync in one fsync (group commit), at most one every [`SYNC_GAP`]: a
+//! burst of pods costs a few syncs, not one each, and a write is on disk within tens of
+//! milliseconds.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,6 +19,10 @@ pub struct CacheError(String);
 fn err(e: impl std::fmt::Display) -> CacheError {
     CacheError(e.to_string())
 }
+
+/// The least time between two syncs. A sync each time one ended was two per pod in a
+/// burst of short pods (their specs and tokens written, then removed).
+const SYNC_GAP: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub struct Cache {
     db: Database,
@@ -64,6 +69,7 @@ impl Cache {
                     if let Err(e) = db.persist(PersistMode::SyncData) {
                         tracing::error!(error = %e, "syncing the node cache");
                     }
+                    std::thread::sleep(SYNC_GAP);
                 })
                 .map_err(err)?;
         }

@@ -50,6 +50,7 @@ use crate::store::Store;
 pub use auth::User;
 pub use error::ApiError;
 use resources::Resource;
+pub(crate) use rest::bind_with_event;
 pub use rest::{now, reconcile_api_endpoints, rfc3339, seconds};
 
 /// Request bodies larger than this are refused (the Kubernetes API server's limit is 3 MiB).

@@ -380,6 +380,7 @@ fn local_node(
         pod_cidr: outpost_edge_node::net::DEFAULT_POD_CIDR.to_string(),
         services: service_proxy()?,
         compile: agent::Compile::default(),
+        events: agent::EventLimit::default(),
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

@@ -914,6 +914,31 @@ pub(crate) async fn write_as(
     (rev, v)
 }
 
+/// An event about `obj` from `component`, as a client would post it.
+pub(crate) fn event_body(
+    component: &str,
+    obj: &Value,
+    kind: &str,
+    reason: &str,
+    msg: &str,
+) -> Value {
+    let m = &obj["metadata"];
+    let ns = m["namespace"].as_str().unwrap_or("default");
+    let name = m["name"].as_str().unwrap_or("");
+    let now = crate::api::now();
+    // Named as client-go's recorder names them, by the time in nanoseconds: a namespace's
+    // events list in the order they happened, which `kubectl describe` keeps for events
+    // of the same second.
+    let nanos = jiff::Timestamp::now().as_nanosecond();
+    json!({"apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": format!("{name}.{nanos:x}"), "namespace": ns},
+        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": name,
+            "namespace": ns, "uid": m["uid"]},
+        "type": kind, "reason": reason, "message": msg,
+        "source": {"component": component}, "reportingComponent": component,
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+}
+
 /// Record an event about `obj` from `component`, as `kubectl describe` shows it.
 pub(crate) async fn event(
     api: &Arc<Api>,
@@ -923,21 +948,12 @@ pub(crate) async fn event(
     reason: &str,
     msg: &str,
 ) {
-    let m = &obj["metadata"];
-    let ns = m["namespace"].as_str().unwrap_or("default");
-    let name = m["name"].as_str().unwrap_or("");
-    let now = crate::api::now();
-    // Named as client-go's recorder names them, by the time in nanoseconds: a namespace's
-    // events list in the order they happened, which `kubectl describe` keeps for events
-    // of the same second.
-    let nanos = jiff::Timestamp::now().as_nanosecond();
-    let mut body = json!({"apiVersion": "v1", "kind": "Event",
-        "metadata": {"name": format!("{name}.{nanos:x}"), "namespace": ns},
-        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": name,
-            "namespace": ns, "uid": m["uid"]},
-        "type": kind, "reason": reason, "message": msg,
-        "source": {"component": component}, "reportingComponent": component,
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1});
+    let mut body = event_body(component, obj, kind, reason, msg);
+    let ns = body["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let name = obj["metadata"]["name"].as_str().unwrap_or("");
     let path = format!("/api/v1/namespaces/{ns}/events");
     let (mut status, mut v) =
         crate::api::call_as(api, &manager(), "POST", &path, "application/json", &body).await;

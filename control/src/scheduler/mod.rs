@@ -12,8 +12,9 @@
 //!               (`volume.kubernetes.io/selected-node`) ─▶ bound there ─▶ then the binding
 //! ```
 //!
-//! The decisions are [`fit`]'s pure functions; this module does the IO. Binding goes through
-//! the API's binding subresource, as kube-scheduler's does, under `system:kube-scheduler`.
+//! The decisions are [`fit`]'s pure functions; this module does the IO. A binding and its
+//! Scheduled event are stored in one transaction as the API's binding subresource and an
+//! event's create would store them ([`crate::api::bind_with_event`]).
 
 pub mod fit;
 pub mod topo;
@@ -559,30 +560,22 @@ async fn bind(api: &Arc<Api>, key: &str, uid: &str, node: &str) -> bool {
     let Some((ns, name)) = key.split_once('/') else {
         return false;
     };
-    let body = json!({"apiVersion": "v1", "kind": "Binding",
-        "metadata": {"name": name, "namespace": ns},
-        "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-    let (status, v) = call(
-        api,
-        "POST",
-        &format!("/api/v1/namespaces/{ns}/pods/{name}/binding"),
-        "application/json",
-        body,
-    )
-    .await;
-    if !(200..300).contains(&status) {
-        tracing::debug!(pod = %key, %status, message = %v["message"], "binding failed");
-        return false;
-    }
-    event(
-        api,
-        (ns, name, uid),
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid}});
+    let event = crate::controllers::event_body(
+        "default-scheduler",
+        &pod,
         "Normal",
         "Scheduled",
         &format!("Successfully assigned {ns}/{name} to {node}"),
-    )
-    .await;
-    true
+    );
+    match crate::api::bind_with_event(api, ns, name, node, "kube-scheduler", event).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(pod = %key, error = %e, "binding failed");
+            false
+        }
+    }
 }
 
 /// `PodScheduled=False` with the reasons, and a FailedScheduling event.

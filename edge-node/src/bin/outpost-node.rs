@@ -69,6 +69,13 @@ struct Args {
     /// only choice of an agent built without the compiler).
     #[arg(long, env = "OUTPOST_WASM_COMPILE")]
     wasm_compile: Option<agent::Compile>,
+    /// Events posted per second at most, as kubelet's --event-qps (0: no limit); those over
+    /// it wait in memory.
+    #[arg(long, default_value_t = 50.0, env = "OUTPOST_EVENT_QPS")]
+    event_qps: f64,
+    /// Events posted at once after a quiet spell, as kubelet's --event-burst.
+    #[arg(long, default_value_t = 100, env = "OUTPOST_EVENT_BURST")]
+    event_burst: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,6 +130,10 @@ async fn serve() -> anyhow::Result<()> {
             },
         },
         compile: a.wasm_compile.unwrap_or_default(),
+        events: agent::EventLimit {
+            qps: a.event_qps,
+            burst: a.event_burst,
+        },
     };
     tokio::select! {
         r = agent::run(cfg) => r,

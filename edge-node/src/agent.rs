@@ -119,9 +119,13 @@ impl Bucket {
         n
     }
 
-    /// How long until one more may go.
-    fn wait(&self) -> Duration {
-        if self.limit.qps <= 0.0 || self.tokens >= 1.0 {
+    /// How long after `now` until one more may go.
+    fn wait(&mut self, now: Instant) -> Duration {
+        if self.limit.qps <= 0.0 {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
             return Duration::ZERO;
         }
         Duration::from_secs_f64((1.0 - self.tokens) / self.limit.qps)
@@ -166,6 +170,8 @@ struct PodRun {
     ns: String,
     name: String,
     spec: Value,
+    /// The metadata last cached, without what every write changes (see [`same_meta`]).
+    meta: Value,
     stop: Arc<Stop>,
     containers: Arc<Mutex<Vec<Container>>>,
     /// True once every container task has ended.
@@ -994,6 +1000,15 @@ impl Agent {
         if pod["spec"]["nodeName"].as_str() != Some(self.node.as_str()) {
             return;
         }
+        // Most events of a running pod echo its status writes: the spec and metadata are
+        // those cached already, and nothing is to be done.
+        let echo = self.pods.lock().ok().is_some_and(|p| {
+            p.get(&uid)
+                .is_some_and(|r| r.spec == pod["spec"] && same_meta(&r.meta, &pod["metadata"]))
+        });
+        if echo {
+            return;
+        }
         let mut kept = pod.clone();
         if let Some(m) = kept.as_object_mut() {
             m.remove("status");
@@ -1036,7 +1051,11 @@ impl Agent {
             })
         });
         match same {
-            Some(Spec::Same) => {}
+            Some(Spec::Same) => {
+                if let Some(r) = self.pods.lock().ok().as_mut().and_then(|p| p.get_mut(&uid)) {
+                    r.meta = kept_meta(&pod["metadata"]);
+                }
+            }
             Some(Spec::Ephemeral) => self.add_ephemeral(&uid, &pod),
             Some(Spec::Changed) => {
                 // A changed spec (an image update): stop the old run, start the new.
@@ -1208,6 +1227,7 @@ impl Agent {
                     ns: ns.clone(),
                     name: name.clone(),
                     spec: pod["spec"].clone(),
+                    meta: kept_meta(&pod["metadata"]),
                     stop: stop.clone(),
                     containers: containers.clone(),
                     finished: finished_rx,
@@ -1377,10 +1397,11 @@ impl Agent {
         let mut bucket = Bucket::new(self.event_limit);
         loop {
             let link = links.borrow_and_update().clone();
-            if let Some(link) = link.filter(|_| !queue.is_empty()) {
-                let mut batch = fold(queue.drain(..).collect());
-                let n = bucket.take(batch.len(), Instant::now());
-                queue.extend(batch.split_off(n));
+            // Only when the limit lets one go: each event arriving meanwhile wakes this loop.
+            let ready = bucket.wait(Instant::now()).is_zero();
+            if let Some(link) = link.filter(|_| !queue.is_empty() && ready) {
+                let n = bucket.take(queue.len(), Instant::now());
+                let batch = fold(queue.drain(..n).collect());
                 let node = self.node.clone();
                 let known: Vec<Option<(String, u64)>> = batch
                     .iter()
@@ -1445,7 +1466,7 @@ impl Agent {
                 }
             }
             // Failed posts are tried again in 5 s; those over the limit when it allows.
-            let pause = match bucket.wait() {
+            let pause = match bucket.wait(Instant::now()) {
                 Duration::ZERO => Duration::from_secs(5),
                 d => d.min(Duration::from_secs(5)),
             };
@@ -3656,6 +3677,34 @@ struct Recorded {
 /// How many recorded events are remembered for counting (client-go keeps as many).
 const RECORDED: usize = 4096;
 
+/// Whether metadata key `k` is kept by [`kept_meta`]: every write of the pod changes
+/// its resourceVersion, and its managed fields are most of its metadata.
+fn kept_key(k: &str) -> bool {
+    !matches!(k, "resourceVersion" | "managedFields")
+}
+
+/// Pod metadata `m` without what [`kept_key`] leaves out.
+fn kept_meta(m: &Value) -> Value {
+    match m.as_object() {
+        Some(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| kept_key(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        None => m.clone(),
+    }
+}
+
+/// Whether two pods' metadata are the same but for what every write of the pod changes.
+fn same_meta(a: &Value, b: &Value) -> bool {
+    let kept = |(k, _): &(&String, &Value)| kept_key(k);
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => a.iter().filter(kept).eq(b.iter().filter(kept)),
+        _ => a == b,
+    }
+}
+
 /// Fold events of `batch` that are the same (see [`Event::key`]) into the first of them:
 /// its count grows, its time becomes the last one's.
 fn fold(batch: Vec<Event>) -> Vec<Event> {
@@ -3682,6 +3731,22 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_status_echo_has_the_same_metadata() {
+        let a = json!({"name": "p", "labels": {"app": "x"}, "resourceVersion": "5",
+            "managedFields": [{"manager": "kubectl"}]});
+        let echo = json!({"name": "p", "labels": {"app": "x"}, "resourceVersion": "9",
+            "managedFields": [{"manager": "kubectl"}, {"manager": "outpost-node"}]});
+        assert!(same_meta(&a, &echo));
+        assert!(same_meta(&kept_meta(&a), &echo));
+        assert!(kept_meta(&a).get("managedFields").is_none());
+        let relabeled = json!({"name": "p", "labels": {"app": "y"}, "resourceVersion": "9"});
+        assert!(!same_meta(&a, &relabeled));
+        let deleting = json!({"name": "p", "labels": {"app": "x"},
+            "deletionTimestamp": "2026-12-06T10:00:00Z"});
+        assert!(!same_meta(&a, &deleting));
+    }
+
+    #[test]
     fn events_go_at_the_limit_after_a_burst() {
         let t0 = Instant::now();
         let mut b = Bucket::new(EventLimit {
@@ -3690,9 +3755,11 @@ mod tests {
         });
         assert_eq!(b.take(1000, t0), 100, "the burst goes at once");
         assert_eq!(b.take(900, t0), 0);
-        assert!(b.wait() > Duration::from_millis(15) && b.wait() <= Duration::from_millis(20));
+        let w = b.wait(t0);
+        assert!(w > Duration::from_millis(15) && w <= Duration::from_millis(20));
+        assert_eq!(b.wait(t0 + w + Duration::from_millis(1)), Duration::ZERO);
         assert_eq!(
-            b.take(900, t0 + Duration::from_secs(1)),
+            b.take(900, t0 + Duration::from_millis(1010)),
             50,
             "then 50 a second"
         );
@@ -3700,7 +3767,7 @@ mod tests {
         assert_eq!(b.take(1000, t0 + Duration::from_secs(60)), 100);
         let mut free = Bucket::new(EventLimit { qps: 0.0, burst: 0 });
         assert_eq!(free.take(5000, t0), 5000, "0 is no limit");
-        assert_eq!(free.wait(), Duration::ZERO);
+        assert_eq!(free.wait(t0), Duration::ZERO);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use outpost_api::store::{EventKind, Expect, KeyValue, Op, Outcome};
 use serde_json::{json, Map, Value};
 
@@ -430,8 +430,8 @@ pub(super) async fn serve(
                     ))
                 })?;
             let body = super::decode_body(content_type, &body)?;
-            let (code, o) = patch_object(&ctx, &name, kind, body, sub).await?;
-            Ok(respond(code, &o))
+            let (code, o, stored) = patch_object(&ctx, &name, kind, body, sub).await?;
+            Ok(respond_stored(code, &o, stored))
         }
         (Method::DELETE, None) if t.name.is_some() => {
             let opts = if body.is_empty() {
@@ -563,6 +563,25 @@ async fn logs(ctx: &Ctx<'_>, name: &str) -> Result<Response, ApiError> {
 
 fn respond(code: StatusCode, v: &Value) -> Response {
     super::json_response(code, v, "application/json")
+}
+
+/// [`respond`] with `v` as written to the store (`stored`, when it was), its bytes spliced
+/// with the resourceVersion rather than encoded again.
+fn respond_stored(code: StatusCode, v: &Value, stored: Option<Vec<u8>>) -> Response {
+    match stored
+        .zip(rv_of(v))
+        .and_then(|(b, rv)| super::raw::with_rv(&b, rv))
+    {
+        Some(bytes) => {
+            let mut r = (code, bytes).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        None => respond(code, v),
+    }
 }
 
 async fn get_kv(ctx: &Ctx<'_>, name: &str) -> Result<KeyValue, ApiError> {
@@ -1989,10 +2008,13 @@ async fn update_with<F>(
 where
     F: Fn(&Value) -> Result<(Value, bool), ApiError>,
 {
-    update_and(ctx, name, sub, input_check, change, &[]).await
+    Ok(update_and(ctx, name, sub, input_check, change, &[])
+        .await?
+        .0)
 }
 
-/// [`update_with`], with `extra` written in the same transaction as the object.
+/// [`update_with`], with `extra` written in the same transaction as the object; the object
+/// as stored (without its resourceVersion) comes back too when it was written.
 async fn update_and<F>(
     ctx: &Ctx<'_>,
     name: &str,
@@ -2000,7 +2022,7 @@ async fn update_and<F>(
     input_check: bool,
     change: F,
     extra: &[Op],
-) -> Result<Value, ApiError>
+) -> Result<(Value, Option<Vec<u8>>), ApiError>
 where
     F: Fn(&Value) -> Result<(Value, bool), ApiError>,
 {
@@ -2027,7 +2049,7 @@ where
         }
         set_rv(&mut new, kv.mod_revision);
         if new == old || ctx.dry_run {
-            return Ok(new);
+            return Ok((new, None));
         }
         // A namespace goes only when the namespace controller has emptied it.
         let finalized = !new["metadata"]["deletionTimestamp"].is_null()
@@ -2036,17 +2058,17 @@ where
                 .is_none_or(Vec::is_empty)
             && (ctx.res.group, ctx.res.kind) != ("", "Namespace");
         let key = ctx.key(name);
-        let mut ops = vec![if finalized {
-            Op::Delete {
+        let stored = (!finalized).then(|| to_stored(&new));
+        let mut ops = vec![match &stored {
+            None => Op::Delete {
                 key: key.clone(),
                 expect: Expect::ModRevision(kv.mod_revision),
-            }
-        } else {
-            Op::Put {
+            },
+            Some(value) => Op::Put {
                 key: key.clone(),
-                value: to_stored(&new),
+                value: value.clone(),
                 expect: Expect::ModRevision(kv.mod_revision),
-            }
+            },
         }];
         if finalized {
             ops.extend(release_ops(ctx.res, &new));
@@ -2055,7 +2077,7 @@ where
         match ctx.api.store.txn(ops).await? {
             Outcome::Committed { revision, .. } => {
                 set_rv(&mut new, revision);
-                return Ok(new);
+                return Ok((new, stored));
             }
             Outcome::Failed { .. } if pinned.is_some() => {
                 return Err(ApiError::modified(&ctx.res.qualified(), name))
@@ -2094,7 +2116,7 @@ async fn patch_object(
     kind: patch::Kind,
     body: Value,
     sub: Option<Sub>,
-) -> Result<(StatusCode, Value), ApiError> {
+) -> Result<(StatusCode, Value, Option<Vec<u8>>), ApiError> {
     let apply_patch = |doc: &mut Value| -> Result<(), ApiError> {
         match kind {
             patch::Kind::Json => patch::json_patch(doc, &body),
@@ -2111,10 +2133,10 @@ async fn patch_object(
             Ok(s)
         })
         .await?;
-        return Ok((StatusCode::OK, o));
+        return Ok((StatusCode::OK, o, None));
     }
     if kind != patch::Kind::Apply {
-        let o = update_with(ctx, name, sub, kind != patch::Kind::Json, |old| {
+        let change = |old: &Value| {
             let mut doc = old.clone();
             apply_patch(&mut doc)?;
             // A patch that leaves resourceVersion as it was does not pin it.
@@ -2122,9 +2144,10 @@ async fn patch_object(
                 meta(&mut doc).remove("resourceVersion");
             }
             Ok((doc, true))
-        })
-        .await?;
-        return Ok((StatusCode::OK, o));
+        };
+        let (o, stored) =
+            update_and(ctx, name, sub, kind != patch::Kind::Json, change, &[]).await?;
+        return Ok((StatusCode::OK, o, stored));
     }
     // Server-side apply.
     if ctx.q.get("fieldManager").is_none_or(str::is_empty) {
@@ -2210,7 +2233,7 @@ async fn patch_object(
         }
         check(ctx, &o, &config)?;
         let o = write_new(ctx, o, false).await?;
-        return Ok((StatusCode::CREATED, o));
+        return Ok((StatusCode::CREATED, o, None));
     }
     let o = update_with(ctx, name, sub, false, |old| {
         let mut cfg = config.clone();
@@ -2227,7 +2250,7 @@ async fn patch_object(
         Ok((new, false))
     })
     .await?;
-    Ok((StatusCode::OK, o))
+    Ok((StatusCode::OK, o, None))
 }
 
 fn scale_of(o: &Value) -> Value {

@@ -66,27 +66,60 @@ pub struct Figures {
 }
 
 /// Phase changes of pods in `default`, as (name, phase, when seen).
+/// Of a pod watch event, what [`watch_phases`] reads.
+#[derive(serde::Deserialize)]
+struct PodEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    object: Seen,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Seen {
+    metadata: SeenMeta,
+    status: SeenStatus,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct SeenMeta {
+    name: String,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct SeenStatus {
+    phase: String,
+    container_statuses: Vec<SeenContainer>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct SeenContainer {
+    state: HashMap<String, serde::de::IgnoredAny>,
+}
+
 pub(crate) async fn watch_phases(
     c: reqwest::Client,
     api: String,
     tx: mpsc::UnboundedSender<(String, String, Instant)>,
 ) -> anyhow::Result<()> {
-    let events = super::api::pod_events(&c, &api, "0").await?;
+    let events = super::api::pod_events::<PodEvent>(&c, &api, "0").await?;
     futures::pin_mut!(events);
     while let Some(ev) = events.next().await {
         let Ok(ev) = ev else { continue };
-        let o = &ev["object"];
-        let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
-        let phase = o["status"]["phase"].as_str().unwrap_or("").to_string();
-        let started = o["status"]["containerStatuses"][0]["state"]
-            .as_object()
-            .is_some_and(|s| s.contains_key("running") || s.contains_key("terminated"));
-        let phase = if ev["type"] == "DELETED" {
+        let (name, status) = (ev.object.metadata.name, ev.object.status);
+        let started = status
+            .container_statuses
+            .first()
+            .is_some_and(|c| c.state.contains_key("running") || c.state.contains_key("terminated"));
+        let phase = if ev.kind == "DELETED" {
             "Deleted".to_string()
-        } else if started && phase == "Pending" {
+        } else if started && status.phase == "Pending" {
             "Started".to_string()
         } else {
-            phase
+            status.phase
         };
         if tx.send((name, phase, Instant::now())).is_err() {
             return Ok(());
@@ -356,6 +389,11 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     let rev0 = revision(&c, &api).await?;
     let control_pid = cl.members[0].child.id();
     let cpu0 = (cpu_split_ms(control_pid), cpu_split_ms(agent.0.id()));
+    // For profiling a burst from outside: who to attach to, and when.
+    eprintln!(
+        "burst of {burst} pods starts: control plane pid {control_pid}, agent pid {}",
+        agent.0.id()
+    );
     let t0 = Instant::now();
     let names: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
     let creates = futures::stream::iter(names.clone())

@@ -174,7 +174,7 @@ pub async fn run(nodes: usize, pods: usize) -> anyhow::Result<Figures> {
         }
         last = now;
     }
-    let events = super::api::pod_events(&c, &api, &last.to_string()).await?;
+    let events = super::api::pod_events::<Value>(&c, &api, &last.to_string()).await?;
     futures::pin_mut!(events);
     eprintln!("quiet at revision {last}; releasing");
     let released = Instant::now();

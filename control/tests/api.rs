@@ -360,6 +360,121 @@ async fn watches_with_and_without_selectors_agree() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `omitStatusOnly` (what the node agent asks for) leaves out the changes that only touch a
+/// pod's status, with or without selectors; every other change still comes, and so do
+/// status writes that take the pod in or out of a selector on its status.
+#[tokio::test]
+async fn a_watch_can_leave_out_status_writes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (store, app) = setup(dir.path(), Compaction::Revisions(1000)).await?;
+    let pods = "/api/v1/namespaces/default/pods";
+    let pod = json!({"metadata": {"name": "p"},
+                     "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]}});
+    let (code, o) = call(&app, "POST", pods, None, pod.to_string()).await?;
+    assert_eq!(code, StatusCode::CREATED, "{o}");
+    let from = o["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("")
+        .parse::<u64>()?
+        - 1;
+    let patch = |path: String, body: Value| {
+        let app = app.clone();
+        async move {
+            let (code, o) = call(
+                &app,
+                "PATCH",
+                &path,
+                Some("application/merge-patch+json"),
+                body.to_string(),
+            )
+            .await?;
+            anyhow::ensure!(code == StatusCode::OK, "{o}");
+            anyhow::Ok(())
+        }
+    };
+    patch(
+        format!("{pods}/p/status"),
+        json!({"status": {"phase": "Running"}}),
+    )
+    .await?;
+    patch(
+        format!("{pods}/p"),
+        json!({"metadata": {"labels": {"a": "b"}}}),
+    )
+    .await?;
+    patch(
+        format!("{pods}/p/status"),
+        json!({"status": {"phase": "Succeeded"}}),
+    )
+    .await?;
+    patch(
+        format!("{pods}/p"),
+        json!({"metadata": {"labels": {"a": "c"}}}),
+    )
+    .await?;
+    let seen = |q: &'static str, n: usize| {
+        let app = app.clone();
+        async move {
+            let evs = lines(
+                &app,
+                &format!("{pods}?watch=true&resourceVersion={from}{q}"),
+                |e| e.len() >= n,
+            )
+            .await?;
+            anyhow::Ok(
+                evs.iter()
+                    .map(|e| {
+                        let o = &e["object"];
+                        format!(
+                            "{} {} {}",
+                            e["type"].as_str().unwrap_or(""),
+                            o["status"]["phase"].as_str().unwrap_or("-"),
+                            o["metadata"]["labels"]["a"].as_str().unwrap_or("-")
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let all = seen("&fieldSelector=spec.nodeName%3Dn1", 5).await?;
+    assert_eq!(
+        all,
+        [
+            "ADDED Pending -",
+            "MODIFIED Running -",
+            "MODIFIED Running b",
+            "MODIFIED Succeeded b",
+            "MODIFIED Succeeded c"
+        ]
+    );
+    let want = [
+        "ADDED Pending -",
+        "MODIFIED Running b",
+        "MODIFIED Succeeded c",
+    ];
+    for q in [
+        "&fieldSelector=spec.nodeName%3Dn1&omitStatusOnly=true",
+        "&omitStatusOnly=true",
+    ] {
+        assert_eq!(seen(q, 3).await?, want, "{q}");
+    }
+    // A selector on the status still sees the pod come and go by status writes.
+    assert_eq!(
+        seen(
+            "&fieldSelector=status.phase%3DRunning&omitStatusOnly=true",
+            3
+        )
+        .await?,
+        [
+            "ADDED Running -",
+            "MODIFIED Running b",
+            "DELETED Succeeded b"
+        ]
+    );
+    store.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn watch_resumes_bookmarks_and_expires() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -208,7 +208,7 @@ pub struct Agent {
     names: Mutex<HashMap<String, (String, Instant)>>,
     /// Config maps, secrets and claims lately read from the control plane, and when: pods
     /// started together share one read, as they share a module name's resolution.
-    objects: Mutex<HashMap<String, (Value, Instant)>>,
+    objects: Mutex<HashMap<String, (Arc<Value>, Instant)>>,
     /// Reads of those under way, by object: pods wanting one meanwhile wait for that read
     /// rather than each make their own (a burst's pods all want their namespace's
     /// `kube-root-ca.crt` at once, and the control plane answers each such read by looking
@@ -952,7 +952,12 @@ impl Agent {
 
     /// List, then watch, the pods bound to this node until the link fails.
     async fn watch_pods(self: &Arc<Self>, link: &Link) -> String {
-        let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", self.node);
+        // Without the events that only echo status writes (see `ensure`): they change
+        // nothing here.
+        let path = format!(
+            "/api/v1/pods?fieldSelector=spec.nodeName%3D{}&omitStatusOnly=true",
+            self.node
+        );
         link.list_watch(&path, |c| match c {
             Change::Listed(items) => self.reconcile(items),
             Change::Upsert(pod) => self.ensure(pod),
@@ -1009,15 +1014,7 @@ impl Agent {
         if echo {
             return;
         }
-        let mut kept = pod.clone();
-        if let Some(m) = kept.as_object_mut() {
-            m.remove("status");
-        }
-        if let Some(m) = kept["metadata"].as_object_mut() {
-            m.remove("resourceVersion");
-            m.remove("managedFields");
-        }
-        if let Err(e) = self.cache.put_pod(&uid, &kept) {
+        if let Err(e) = self.cache.put_pod(&uid, &pod) {
             tracing::error!(error = %e, "caching a pod");
         }
         if !pod["metadata"]["deletionTimestamp"].is_null() {
@@ -1087,6 +1084,7 @@ impl Agent {
         let Ok(mut containers) = r.containers.lock() else {
             return;
         };
+        let shared = Arc::new(pod.clone());
         for spec in pod["spec"]["ephemeralContainers"]
             .as_array()
             .into_iter()
@@ -1102,7 +1100,7 @@ impl Agent {
             let w = Worker {
                 agent: self.clone(),
                 uid: uid.to_string(),
-                pod: pod.clone(),
+                pod: shared.clone(),
                 spec: spec.clone(),
                 index: containers.len() - 1,
                 containers: r.containers.clone(),
@@ -1237,6 +1235,7 @@ impl Agent {
             );
         }
         let started = now();
+        let pod = Arc::new(pod);
         for (i, spec) in specs.into_iter().enumerate() {
             let w = Worker {
                 agent: self.clone(),
@@ -1695,7 +1694,7 @@ impl Agent {
 
     /// A config map or secret a pod uses: fresh from the control plane when linked, else
     /// from the cache.
-    async fn object(&self, kind: &str, ns: &str, name: &str) -> Result<Value, String> {
+    async fn object(&self, kind: &str, ns: &str, name: &str) -> Result<Arc<Value>, String> {
         let memo = format!("{kind}/{ns}/{name}");
         let memoized = || {
             self.objects.lock().ok().and_then(|m| {
@@ -1728,7 +1727,7 @@ impl Agent {
             };
             match link.call("GET", &path, None).await {
                 Ok(a) if a.ok() => {
-                    let v = a.json();
+                    let v = Arc::new(a.json());
                     let _ = self.cache.put_object(kind, ns, name, &v);
                     if let Ok(mut m) = self.objects.lock() {
                         m.retain(|_, (_, at)| at.elapsed() < NAME_MEMO);
@@ -1743,12 +1742,15 @@ impl Agent {
                 Err(_) => {}
             }
         }
-        self.cache.object(kind, ns, name).ok_or_else(|| {
-            format!(
-                "{} \"{name}\" is not cached and the control plane is unreachable",
-                singular(kind)
-            )
-        })
+        self.cache
+            .object(kind, ns, name)
+            .map(Arc::new)
+            .ok_or_else(|| {
+                format!(
+                    "{} \"{name}\" is not cached and the control plane is unreachable",
+                    singular(kind)
+                )
+            })
     }
 
     /// Where this node keeps local PersistentVolumes, as an absolute path (it is written
@@ -2282,7 +2284,8 @@ fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
 struct Worker {
     agent: Arc<Agent>,
     uid: String,
-    pod: Value,
+    /// Shared by the pod's containers' workers.
+    pod: Arc<Value>,
     spec: Value,
     index: usize,
     containers: Arc<Mutex<Vec<Container>>>,
@@ -3237,15 +3240,10 @@ impl Worker {
             .unwrap_or("default");
         let vols = self.pod["spec"]["volumes"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
+            .map_or(&[][..], Vec::as_slice);
         let base = self.agent.dir.join("pods").join(&self.uid).join("volumes");
         let mut out = Vec::new();
-        for m in self.spec["volumeMounts"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-        {
+        for m in self.spec["volumeMounts"].as_array().into_iter().flatten() {
             let vname = m["name"].as_str().unwrap_or("");
             let guest = m["mountPath"].as_str().unwrap_or("").to_string();
             if m["subPath"].as_str().is_some_and(|s| !s.is_empty()) {
@@ -3285,10 +3283,10 @@ impl Worker {
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).map_err(io)?;
                 let sources = match v["projected"]["sources"].as_array() {
-                    Some(s) => s.clone(),
-                    None => vec![v.clone()],
+                    Some(s) => s.as_slice(),
+                    None => std::slice::from_ref(v),
                 };
-                for src in &sources {
+                for src in sources {
                     self.project(&dir, src, vname).await?;
                 }
                 out.push((dir, guest, false));
@@ -3323,7 +3321,7 @@ impl Worker {
                 Err(_) if r["optional"].as_bool() == Some(true) => Vec::new(),
                 Err(e) => return Err(format!("volume {vname}: {e}")),
             };
-            let items = r["items"].as_array().cloned().unwrap_or_default();
+            let items = r["items"].as_array().map_or(&[][..], Vec::as_slice);
             for (k, val) in data {
                 let path = if items.is_empty() {
                     Some(k.clone())

@@ -120,8 +120,11 @@ impl Cache {
         serde_json::from_slice(&v).ok()
     }
 
+    /// Keep `pod` as a restart needs it: without its status, resourceVersion and managed
+    /// fields, which change at every write of the pod and are most of its bytes (left out
+    /// as it is encoded, not from a copy).
     pub fn put_pod(&self, uid: &str, pod: &Value) -> Result<bool, CacheError> {
-        let bytes = serde_json::to_vec(pod).map_err(err)?;
+        let bytes = serde_json::to_vec(&Without(pod, &["status"])).map_err(err)?;
         self.put_if_changed(&self.pods, uid, &bytes)
     }
 
@@ -252,10 +255,54 @@ impl Drop for Cache {
     }
 }
 
+/// An object encoded without its members named in the list (its metadata without
+/// resourceVersion and managedFields).
+struct Without<'a>(&'a Value, &'a [&'a str]);
+
+impl serde::Serialize for Without<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Some(m) = self.0.as_object() else {
+            return self.0.serialize(s);
+        };
+        let mut out = s.serialize_map(None)?;
+        for (k, v) in m.iter().filter(|(k, _)| !self.1.contains(&k.as_str())) {
+            if k == "metadata" {
+                out.serialize_entry(k, &Without(v, &["resourceVersion", "managedFields"]))?;
+            } else {
+                out.serialize_entry(k, v)?;
+            }
+        }
+        out.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_pod_is_kept_without_what_each_write_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        let p = json!({"metadata": {"uid": "u1", "name": "a", "resourceVersion": "7",
+                                    "managedFields": [{"manager": "m"}], "labels": {"k": "v"}},
+                       "spec": {"nodeName": "n", "metadata": {"resourceVersion": "deep"}},
+                       "status": {"phase": "Running"}});
+        assert!(c.put_pod("u1", &p).unwrap());
+        let mut echo = p.clone();
+        echo["metadata"]["resourceVersion"] = json!("8");
+        echo["status"]["phase"] = json!("Succeeded");
+        assert!(!c.put_pod("u1", &echo).unwrap(), "nothing kept changed");
+        assert_eq!(
+            c.pods(),
+            [
+                json!({"metadata": {"uid": "u1", "name": "a", "labels": {"k": "v"}},
+                    "spec": {"nodeName": "n", "metadata": {"resourceVersion": "deep"}}})
+            ]
+        );
+    }
 
     #[test]
     fn writes_only_changes_and_survives_reopen() {

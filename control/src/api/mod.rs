@@ -24,7 +24,7 @@ pub mod outpost;
 pub mod patch;
 pub mod pick;
 pub mod proto;
-mod raw;
+pub(crate) mod raw;
 pub mod resources;
 mod rest;
 pub mod select;

@@ -58,6 +58,43 @@ fn metadata_body(raw: &[u8]) -> Option<usize> {
     found
 }
 
+/// Whether stored object `new` differs from `old` only in its `status` and its
+/// `metadata.managedFields`, byte for byte elsewhere: what a status write changes. `false`
+/// when either is not a well-formed object (the caller then treats it as any change).
+pub fn status_only(old: &[u8], new: &[u8]) -> bool {
+    /// A member: its depth (metadata's members at 1), key and value's bytes.
+    type Member<'a> = (u8, &'a [u8], &'a [u8]);
+    /// Each member but those two.
+    fn rest(raw: &[u8]) -> Option<Vec<Member<'_>>> {
+        let mut s = Scan { b: raw, i: 0 };
+        let mut out = Vec::with_capacity(24);
+        s.members(|s, key| {
+            s.ws();
+            let start = s.i;
+            if key == b"metadata" && s.peek()? == b'{' {
+                out.push((0, key, &[][..]));
+                return s.members(|s, k| {
+                    s.ws();
+                    let start = s.i;
+                    s.value()?;
+                    if k != b"managedFields" {
+                        out.push((1, k, &s.b[start..s.i]));
+                    }
+                    Some(())
+                });
+            }
+            s.value()?;
+            if key != b"status" {
+                out.push((0, key, &s.b[start..s.i]));
+            }
+            Some(())
+        })?;
+        s.ws();
+        (s.i == raw.len()).then_some(out)
+    }
+    matches!((rest(old), rest(new)), (Some(a), Some(b)) if a == b)
+}
+
 /// A cursor over JSON bytes that skips values without building them.
 struct Scan<'a> {
     b: &'a [u8],
@@ -191,6 +228,39 @@ mod tests {
             &json!({"spec": {"metadata": {"name": "t"}}, "metadata": {"name": "o"}}),
             9,
         );
+    }
+
+    #[test]
+    fn a_status_write_is_told_from_other_changes() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"a": "b"}, "managedFields": [{"manager": "x"}]},
+            "spec": {"nodeName": "n", "containers": [{"name": "c"}]},
+            "status": {"phase": "Pending"}});
+        let raw = |v: &Value| serde_json::to_vec(v).expect("encode");
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut v = pod.clone();
+            f(&mut v);
+            raw(&v)
+        };
+        let status = with(&|v| {
+            v["status"] = json!({"phase": "Running"});
+            v["metadata"]["managedFields"] = json!([{"manager": "x"}, {"manager": "kubelet"}]);
+        });
+        assert!(status_only(&raw(&pod), &status));
+        assert!(status_only(&raw(&pod), &raw(&pod)));
+        for other in [
+            with(&|v| v["metadata"]["labels"]["a"] = json!("c")),
+            with(&|v| v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")),
+            with(&|v| v["spec"]["nodeName"] = json!("m")),
+            with(&|v| v["spec"]["containers"][0]["image"] = json!("i")),
+            with(&|v| {
+                v.as_object_mut().map(|m| m.remove("status"));
+                v["extra"] = json!(1);
+            }),
+        ] {
+            assert!(!status_only(&raw(&pod), &other));
+        }
+        assert!(!status_only(b"{\"metadata\":{}", b"{\"metadata\":{}}"));
     }
 
     #[test]

@@ -170,9 +170,20 @@ macro_rules! resources {
         ];
 
         /// Decode `v` as the k8s-openapi type of `kind`: a wrong type anywhere is an error.
-        pub fn check_types(group: &str, kind: &str, v: &Value) -> Result<(), String> {
-            match (group, kind) {
-                $( ($group, $kind) => <$ty as serde::Deserialize>::deserialize(v).map(|_| ()).map_err(|e| e.to_string()), )*
+        /// With `only`, just those top-level fields of an object are decoded (the rest as
+        /// if absent): a status write, whose spec is the stored one, checks only what it
+        /// may change.
+        pub fn check_types(group: &str, kind: &str, v: &Value, only: Option<&[&str]>) -> Result<(), String> {
+            match (group, kind, only.zip(v.as_object())) {
+                $( ($group, $kind, None) => <$ty as serde::Deserialize>::deserialize(v).map(|_| ()).map_err(|e| e.to_string()), )*
+                $( ($group, $kind, Some((only, m))) => {
+                    let fields = m
+                        .iter()
+                        .filter(|(k, _)| only.contains(&k.as_str()))
+                        .map(|(k, v)| (k.as_str(), v));
+                    let d = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(fields);
+                    <$ty as serde::Deserialize>::deserialize(d).map(|_| ()).map_err(|e| e.to_string())
+                } )*
                 _ => Ok(()),
             }
         }
@@ -271,4 +282,23 @@ pub fn groups() -> Vec<(&'static str, &'static str)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_status_check_reads_only_the_fields_named() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                         "spec": {"containers": "not a list"}, "status": {"phase": "Running"}});
+        let status: &[&str] = &["apiVersion", "kind", "metadata", "status"];
+        assert!(check_types("", "Pod", &pod, None).is_err());
+        assert_eq!(check_types("", "Pod", &pod, Some(status)), Ok(()));
+        let bad = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                         "status": {"phase": 3}});
+        let e = check_types("", "Pod", &bad, Some(status)).unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+    }
 }

@@ -786,6 +786,13 @@ fn watch_line(kind: &str, object: Value) -> Bytes {
 async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(&ctx)?;
     let bookmarks = ctx.q.flag("allowWatchBookmarks");
+    // Outpost's node agent watches its pods with this: it acts on spec and metadata only,
+    // and most changes to its pods are its own status writes, which it need not be sent
+    // back (half of what its link carried in a burst of short pods).
+    let omit_status = ctx.q.flag("omitStatusOnly");
+    // When no selector reads the status, a status-only change leaves whether the watch sees
+    // the object as it was: it is left out before the selectors decode anything.
+    let omit_early = omit_status && !fields.paths().any(|p| p.starts_with("status"));
     let timeout = ctx
         .q
         .get("timeoutSeconds")
@@ -873,6 +880,13 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
                 WatchItem::Revision(r) => {
                     for ev in &r.events {
                         let prev = ev.prev.as_ref();
+                        let status_only = || {
+                            matches!(ev.kind, EventKind::Put)
+                                && prev.is_some_and(|p| raw::status_only(&p.value, &ev.kv.value))
+                        };
+                        if omit_early && status_only() {
+                            continue;
+                        }
                         let seen = if whole || table {
                             None
                         } else {
@@ -880,6 +894,9 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
                             let Some(t) = t else { continue };
                             Some(t)
                         };
+                        if omit_status && !omit_early && seen == Some("MODIFIED") && status_only() {
+                            continue;
+                        }
                         if !table {
                             if let Some(line) = raw_line(&ev.kind, &ev.kv, prev, r.revision, seen) {
                                 if tx.send(Ok(line)).await.is_err() {
@@ -1088,10 +1105,13 @@ fn strict_fields(ctx: &Ctx<'_>, input: &Value) -> Result<(), ApiError> {
     )))
 }
 
-/// Type check, strict field check and validation.
-fn check(ctx: &Ctx<'_>, o: &Value, input: &Value) -> Result<(), ApiError> {
+/// Type check, strict field check and validation. A status write (`sub`) keeps the stored
+/// spec, so only the fields it may change are type-checked.
+fn check(ctx: &Ctx<'_>, o: &Value, input: &Value, sub: Option<Sub>) -> Result<(), ApiError> {
     strict_fields(ctx, input)?;
-    resources::check_types(ctx.res.group, ctx.res.kind, o)
+    let only: Option<&[&str]> =
+        (sub == Some(Sub::Status)).then_some(&["apiVersion", "kind", "metadata", "status"]);
+    resources::check_types(ctx.res.group, ctx.res.kind, o, only)
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
     let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
     if !causes.is_empty() {
@@ -1383,7 +1403,7 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
         meta(&mut o).insert("generation".into(), json!(1));
     }
     ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
-    check(ctx, &o, &input)?;
+    check(ctx, &o, &input, None)?;
     write_new(ctx, o, generate.is_some() && !named).await
 }
 
@@ -2045,7 +2065,7 @@ where
         // A binding changes a stored, valid pod in two known fields (the scheduler's hot
         // path); anything else is checked whole.
         if sub != Some(Sub::Binding) {
-            check(ctx, &new, &input)?;
+            check(ctx, &new, &input, sub)?;
         }
         set_rv(&mut new, kv.mod_revision);
         if new == old || ctx.dry_run {
@@ -2231,7 +2251,7 @@ async fn patch_object(
         if o.get("spec").is_some() {
             meta(&mut o).insert("generation".into(), json!(1));
         }
-        check(ctx, &o, &config)?;
+        check(ctx, &o, &config, None)?;
         let o = write_new(ctx, o, false).await?;
         return Ok((StatusCode::CREATED, o, None));
     }

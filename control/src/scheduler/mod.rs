@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use outpost_api::store::{EventKind, KeyValue};
+use outpost_api::store::{Event, EventKind, KeyValue};
 use serde_json::{json, Value};
 
 use crate::api::{Api, User};
@@ -153,6 +153,36 @@ fn pod_key(key: &str) -> &str {
 }
 
 impl Snapshot {
+    /// Take in `e` if it is a status write of a placed pod, without decoding the pod: all
+    /// that can change for the scheduler then is whether the pod has ended. `false` for any
+    /// other change, which [`Snapshot::apply`] takes.
+    fn status_write(&mut self, e: &Event) -> bool {
+        let kv = &e.kv;
+        let placed = kv
+            .key
+            .strip_prefix(PODS)
+            .is_some_and(|_| self.placed.contains_key(pod_key(&kv.key)));
+        let status_only = placed
+            && matches!(e.kind, EventKind::Put)
+            && e.prev
+                .as_ref()
+                .is_some_and(|p| crate::api::raw::status_only(&p.value, &kv.value));
+        if !status_only {
+            return false;
+        }
+        if !crate::controllers::fresh(&mut self.seen, &[PODS], kv) {
+            return true;
+        }
+        let Ok(o) = crate::api::pick::only(&kv.value, &["status.phase"]) else {
+            return false;
+        };
+        if matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
+            // An ended pod is only taken off its node, which reads nothing else.
+            self.pod(pod_key(&kv.key), kv.create_revision, Some(o));
+        }
+        true
+    }
+
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
         let key = kv.key.as_str();
         // Neither managed fields nor containers' statuses (a pod's largest parts after its
@@ -421,7 +451,9 @@ async fn lead(api: &Arc<Api>) -> Result<(), String> {
 fn see(snap: &mut Snapshot, item: WatchItem) {
     if let WatchItem::Revision(r) = item {
         for e in &r.events {
-            snap.apply(&e.kind, &e.kv);
+            if !snap.status_write(e) {
+                snap.apply(&e.kind, &e.kv);
+            }
         }
     }
 }
@@ -608,4 +640,62 @@ async fn event(
     let obj = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod, "namespace": ns, "uid": uid}});
     crate::controllers::event(api, "default-scheduler", &obj, kind, reason, msg).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, rev: u64, v: &Value, prev: Option<&KeyValue>) -> Event {
+        Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: key.into(),
+                value: serde_json::to_vec(v).unwrap(),
+                create_revision: prev.map_or(rev, |p| p.create_revision),
+                mod_revision: rev,
+                version: 1,
+            },
+            prev: prev.cloned(),
+        }
+    }
+
+    /// A placed pod's status writes are read for its phase alone: it keeps its place while
+    /// it runs and gives it back once it has ended.
+    #[test]
+    fn a_placed_pod_leaves_its_node_when_a_status_write_ends_it() {
+        let mut snap = Snapshot::default();
+        let node = json!({"metadata": {"name": "n"},
+            "status": {"allocatable": {"cpu": "4", "memory": "4Gi", "pods": "10"}}});
+        let e = put(&format!("{NODES}n"), 1, &node, None);
+        snap.apply(&e.kind, &e.kv);
+        let key = format!("{PODS}default/p");
+        let mut pod = json!({"metadata": {"name": "p", "namespace": "default", "uid": "u"},
+            "spec": {"nodeName": "n", "containers": [{"name": "c", "image": "i",
+                "resources": {"requests": {"cpu": "1"}}}]},
+            "status": {"phase": "Pending"}});
+        let bound = put(&key, 2, &pod, None);
+        assert!(
+            !snap.status_write(&bound),
+            "a pod not placed yet is decoded"
+        );
+        snap.apply(&bound.kind, &bound.kv);
+        assert!(snap.placed.contains_key("default/p"));
+        pod["status"]["phase"] = json!("Running");
+        let running = put(&key, 3, &pod, Some(&bound.kv));
+        assert!(snap.status_write(&running));
+        assert!(snap.placed.contains_key("default/p"));
+        pod["metadata"]["labels"] = json!({"a": "b"});
+        let labelled = put(&key, 4, &pod, Some(&running.kv));
+        assert!(!snap.status_write(&labelled), "not a status write");
+        snap.apply(&labelled.kind, &labelled.kv);
+        pod["status"]["phase"] = json!("Succeeded");
+        let done = put(&key, 5, &pod, Some(&labelled.kv));
+        assert!(snap.status_write(&done));
+        assert!(
+            !snap.placed.contains_key("default/p"),
+            "an ended pod frees its node"
+        );
+        assert_eq!(snap.seen.get(&key), Some(&5));
+    }
 }

@@ -191,6 +191,24 @@ struct StatusUpdate {
     status: Value,
 }
 
+/// A status patch, `{"metadata":{"uid":…},"status":…}` (the uid as the kubelet's carry it),
+/// encoded from the update without copying its status.
+fn json_patch(u: &StatusUpdate) -> impl serde::Serialize + '_ {
+    #[derive(serde::Serialize)]
+    struct Uid<'a> {
+        uid: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Patch<'a> {
+        metadata: Uid<'a>,
+        status: &'a Value,
+    }
+    Patch {
+        metadata: Uid { uid: &u.uid },
+        status: &u.status,
+    }
+}
+
 pub struct Agent {
     dir: PathBuf,
     /// Pod directories kept for the next pods (see [`crate::spare`]).
@@ -1328,7 +1346,7 @@ impl Agent {
                     .map(|u| {
                         let link = link.clone();
                         async move {
-                            let body = json!({"metadata": {"uid": u.uid}, "status": u.status});
+                            let body = serde_json::to_vec(&json_patch(&u)).unwrap_or_default();
                             let path =
                                 format!("/api/v1/namespaces/{}/pods/{}/status", u.ns, u.name);
                             // Strategic: conditions merge by type, so the ones others set
@@ -1337,10 +1355,7 @@ impl Agent {
                                 .call(
                                     "PATCH",
                                     &path,
-                                    Some((
-                                        "application/strategic-merge-patch+json",
-                                        body.to_string().into_bytes(),
-                                    )),
+                                    Some(("application/strategic-merge-patch+json", body)),
                                 )
                                 .await;
                             (u, r)

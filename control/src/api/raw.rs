@@ -117,19 +117,19 @@ impl<'a> Scan<'a> {
         (self.peek()? == c).then(|| self.i += 1)
     }
 
-    /// A string's raw contents, escapes left as they are.
+    /// A string's raw contents, escapes left as they are. Most of an object's bytes are in
+    /// its strings: they are searched for their end, not stepped through.
     fn string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
         loop {
-            match self.peek()? {
-                b'\\' => self.i += 2,
-                b'"' => {
-                    self.i += 1;
-                    return Some(&self.b[start..self.i - 1]);
-                }
-                _ => self.i += 1,
+            self.i += memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
+            if self.b[self.i] == b'\\' {
+                self.i += 2;
+                continue;
             }
+            self.i += 1;
+            return Some(&self.b[start..self.i - 1]);
         }
     }
 
@@ -284,6 +284,8 @@ mod tests {
             br#"{"metadata":{}"#,
             br#"{"metadata":{}} trailing"#,
             br#"{"metadata":{"a":"unterminated}}"#,
+            br#"{"metadata":{},"a":"x\"#,
+            br#"{"metadata":{},"a":"x\""#,
             br#"{"metadata":{},}"#,
             br#"{"a":]}"#,
             b"",

@@ -170,12 +170,14 @@ impl Snapshot {
         if !status_only {
             return false;
         }
-        if !crate::controllers::fresh(&mut self.seen, &[PODS], kv) {
-            return true;
-        }
+        // Read before the revision counts as seen: one that cannot be read is left to
+        // `apply`, whole.
         let Ok(o) = crate::api::pick::only(&kv.value, &["status.phase"]) else {
             return false;
         };
+        if !crate::controllers::fresh(&mut self.seen, &[PODS], kv) {
+            return true;
+        }
         if matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
             // An ended pod is only taken off its node, which reads nothing else.
             self.pod(pod_key(&kv.key), kv.create_revision, Some(o));

@@ -3690,10 +3690,9 @@ struct Recorded {
 /// How many recorded events are remembered for counting (client-go keeps as many).
 const RECORDED: usize = 4096;
 
-/// Whether metadata key `k` is kept by [`kept_meta`]: every write of the pod changes
-/// its resourceVersion, and its managed fields are most of its metadata.
+/// Whether metadata key `k` is kept by [`kept_meta`] (see [`crate::cache::EVERY_WRITE`]).
 fn kept_key(k: &str) -> bool {
-    !matches!(k, "resourceVersion" | "managedFields")
+    !crate::cache::EVERY_WRITE.contains(&k)
 }
 
 /// Pod metadata `m` without what [`kept_key`] leaves out.

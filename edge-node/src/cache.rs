@@ -255,8 +255,12 @@ impl Drop for Cache {
     }
 }
 
+/// The metadata every write of a pod changes: its resourceVersion, and its managed fields
+/// (most of its metadata). Neither is kept, nor compared to tell an echo of a status write.
+pub const EVERY_WRITE: &[&str] = &["resourceVersion", "managedFields"];
+
 /// An object encoded without its members named in the list (its metadata without
-/// resourceVersion and managedFields).
+/// [`EVERY_WRITE`]).
 struct Without<'a>(&'a Value, &'a [&'a str]);
 
 impl serde::Serialize for Without<'_> {
@@ -268,7 +272,7 @@ impl serde::Serialize for Without<'_> {
         let mut out = s.serialize_map(None)?;
         for (k, v) in m.iter().filter(|(k, _)| !self.1.contains(&k.as_str())) {
             if k == "metadata" {
-                out.serialize_entry(k, &Without(v, &["resourceVersion", "managedFields"]))?;
+                out.serialize_entry(k, &Without(v, EVERY_WRITE))?;
             } else {
                 out.serialize_entry(k, v)?;
             }

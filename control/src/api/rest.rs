@@ -2346,14 +2346,9 @@ async fn bind(ctx: &Ctx<'_>, name: &str, body: Value) -> Result<Response, ApiErr
             causes: vec![cause],
         });
     }
-    update_and(
-        ctx,
-        name,
-        Some(Sub::Binding),
-        false,
-        |old| bound(old, name, &node),
-        &[],
-    )
+    update_with(ctx, name, Some(Sub::Binding), false, |old| {
+        bound(old, name, &node)
+    })
     .await?;
     Ok(respond(
         StatusCode::CREATED,

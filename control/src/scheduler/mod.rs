@@ -158,10 +158,7 @@ impl Snapshot {
     /// other change, which [`Snapshot::apply`] takes.
     fn status_write(&mut self, e: &Event) -> bool {
         let kv = &e.kv;
-        let placed = kv
-            .key
-            .strip_prefix(PODS)
-            .is_some_and(|_| self.placed.contains_key(pod_key(&kv.key)));
+        let placed = kv.key.starts_with(PODS) && self.placed.contains_key(pod_key(&kv.key));
         let status_only = placed
             && matches!(e.kind, EventKind::Put)
             && e.prev

@@ -1253,6 +1253,7 @@ impl Agent {
             );
         }
         let started = now();
+        let class_wasm = pod["spec"]["runtimeClassName"] == "wasm";
         let pod = Arc::new(pod);
         for (i, spec) in specs.into_iter().enumerate() {
             let w = Worker {
@@ -1309,8 +1310,13 @@ impl Agent {
                 .await;
             }
             let cgroup = pod_cgroup(&uid);
-            // Only pods that ran a container have one: a Wasm pod pays a stat or three.
-            if me.oci.is_ok() && outpost_oci_shim::run::cgroup_exists(&cgroup) {
+            // Only pods that ran a container have one. A pod whose every container is Wasm
+            // by its image or runtime class never did, and skips the stats.
+            let wasm = class_wasm
+                || containers
+                    .lock()
+                    .is_ok_and(|c| c.iter().all(|c| c.image.starts_with("module:")));
+            if me.oci.is_ok() && !wasm && outpost_oci_shim::run::cgroup_exists(&cgroup) {
                 let removed = tokio::task::spawn_blocking(move || {
                     outpost_oci_shim::run::remove_cgroup(&cgroup, Duration::from_secs(10))
                 })
@@ -3378,11 +3384,11 @@ impl Worker {
             if path.is_empty() || path.starts_with('/') || path.split('/').any(|s| s == "..") {
                 continue;
             }
-            let f = dir.join(path);
-            if let Some(parent) = f.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
+            // `dir` is made: only a nested path needs its directories.
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                std::fs::create_dir_all(dir.join(parent)).map_err(io)?;
             }
-            std::fs::write(&f, val).map_err(io)?;
+            std::fs::write(dir.join(path), val).map_err(io)?;
         }
         Ok(())
     }

@@ -437,10 +437,34 @@ fn server_side_apply_conflicts() -> anyhow::Result<()> {
         .collect();
     ensure!(managers.contains(&"other"), "{managers:?}");
     // Client-side apply, then server-side apply of the same manifest, as users migrate.
-    up.kubectl_in(&["apply", "-f", "-"], DEPLOY)?
-        .expect_ok("csa")?;
-    up.kubectl_in(&["apply", "--server-side", "-f", "-"], DEPLOY)?
-        .expect_ok("ssa after csa")?;
+    // The pod's token volume and the claim's default class are admission's, not the
+    // writer's: an apply that leaves them out keeps them (else the pod's spec would change,
+    // which is refused, and kubectl's re-apply after the move would fail).
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: moving}\nspec:\n  runtimeClassName: wasm\n  containers:\n  - {name: main, image: module:sleeper}\n";
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: moving}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {requests: {storage: 1Mi}}\n";
+    for m in [DEPLOY, pod, claim] {
+        up.kubectl_in(&["apply", "-f", "-"], m)?.expect_ok("csa")?;
+        for _ in 0..2 {
+            let r = up
+                .kubectl_in(&["apply", "--server-side", "-f", "-"], m)?
+                .expect_ok("ssa after csa")?;
+            ensure!(!r.stderr.contains("failed"), "{m}\n{}", r.stderr);
+        }
+    }
+    let vols = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "moving",
+            "-o",
+            "jsonpath={.spec.volumes[*].name}",
+        ])?
+        .expect_ok("get pod")?;
+    ensure!(
+        vols.stdout.starts_with("kube-api-access-"),
+        "{}",
+        vols.stdout
+    );
     // A change to what client-side apply managed is taken over, not a conflict (the
     // upgrade kube-apiserver allows kubectl), and the last-applied annotation follows it.
     let cm2 = |v: &str| {

@@ -693,12 +693,11 @@ fn only_log(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     anyhow::bail!("no log file under {}", pods.display())
 }
 
-#[test]
-fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut up = Up::start_with(dir.path(), &["--no-node"])?;
+/// A control plane without a node of its own, and one node, `edge`, joined to it.
+fn with_edge(dir: &std::path::Path) -> anyhow::Result<(Up, Node)> {
+    let up = Up::start_with(dir, &["--no-node"])?;
     let token = up.token()?;
-    let mut edge = Node::new(&dir.path().join("edge"));
+    let mut edge = Node::new(&dir.join("edge"));
     edge.start(&[
         "--server",
         &up.gateway(),
@@ -707,6 +706,13 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         "--name",
         "edge",
     ])?;
+    Ok((up, edge))
+}
+
+#[test]
+fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut up, mut edge) = with_edge(dir.path())?;
     let image = push(&up, "cpu-burner")?;
     let limits = "    resources:\n      limits:\n        cpu: 500m\n";
     up.kubectl_in(
@@ -809,6 +815,155 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
             edge.logs()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// The text of a run's log of container `main` (any run) that contains `want`, if any.
+fn log_with(dir: &std::path::Path, want: &str) -> Option<String> {
+    let pods = std::fs::read_dir(dir.join("pods")).ok()?;
+    pods.flatten()
+        .filter_map(|p| std::fs::read_dir(p.path()).ok())
+        .flatten()
+        .flatten()
+        .filter(|f| {
+            let n = f.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("main.") && n.ends_with(".log")
+        })
+        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+        .find(|t| t.contains(want))
+}
+
+/// A Wasm pod gets its config map, secret (written with `stringData`), downward API and
+/// hostPath volumes as directories, its env from the config map and the secret, and `$(VAR)`
+/// in its args; and it gets them again from the node's cache when the agent restarts with the
+/// control plane down.
+#[test]
+fn a_wasm_pod_reads_its_volumes_and_env_online_and_from_the_cache() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut up, mut edge) = with_edge(dir.path())?;
+    let image = push(&up, "hello")?;
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(&host)?;
+    std::fs::write(host.join("seed"), "seeded")?;
+    let shown = "/cfg/motd,/cfg/sub/deep,/sec/password,/host/seed,/dapi/labels";
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: greet}}
+data: {{target: volumes, motd: "from a config map", nested: "deep file"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData: {{password: s3cret, user: edge-admin}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: vols
+  labels: {{app: vols}}
+spec:
+  runtimeClassName: wasm
+  restartPolicy: Always
+  containers:
+  - name: main
+    image: {image}
+    args: ["$(USER_NAME)", "$(PREFIX_motd)"]
+    envFrom:
+    - configMapRef: {{name: greet}}
+      prefix: PREFIX_
+    env:
+    - name: GREETING_TARGET
+      valueFrom: {{configMapKeyRef: {{name: greet, key: target}}}}
+    - name: USER_NAME
+      valueFrom: {{secretKeyRef: {{name: creds, key: user}}}}
+    - name: SHOW_FILES
+      value: {shown}
+    volumeMounts:
+    - {{name: cfg, mountPath: /cfg}}
+    - {{name: sec, mountPath: /sec, readOnly: true}}
+    - {{name: host, mountPath: /host}}
+    - {{name: dapi, mountPath: /dapi}}
+  volumes:
+  - name: cfg
+    configMap:
+      name: greet
+      items: [{{key: motd, path: motd}}, {{key: nested, path: sub/deep}}]
+  - name: sec
+    secret: {{secretName: creds}}
+  - name: host
+    hostPath: {{path: {host}, type: Directory}}
+  - name: dapi
+    downwardAPI:
+      items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]
+"#,
+        host = host.display()
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("apply")?;
+    // The secret keeps what stringData said as data, base64-encoded.
+    let user = up
+        .kubectl(&["get", "secret", "creds", "-o", "jsonpath={.data.user}"])?
+        .expect_ok("get secret")?;
+    assert_eq!(user.stdout.trim(), "ZWRnZS1hZG1pbg==");
+    let expected = [
+        "Hello, volumes! A Wasm pod on Outpost.",
+        "args: edge-admin from a config map",
+        "/cfg/motd: from a config map",
+        "/cfg/sub/deep: deep file",
+        "/sec/password: s3cret",
+        "/host/seed: seeded",
+        "/dapi/labels: app=\"vols\"",
+    ];
+    let t = Instant::now();
+    let logs = loop {
+        let out = up.kubectl(&["logs", "vols"])?;
+        if out.stdout.contains("/dapi/labels") {
+            break out.stdout;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no output from the pod: {}\nnode log: {}",
+            out.stderr,
+            edge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for line in expected {
+        assert!(logs.lines().any(|l| l == line), "{line:?} not in:\n{logs}");
+    }
+
+    // Control plane and agent down; the agent starts again with no link, runs the pod from
+    // its cache and mounts the same files, the secret's among them.
+    up.kill();
+    edge.kill();
+    for entry in std::fs::read_dir(edge.dir.join("pods"))?.flatten() {
+        for f in std::fs::read_dir(entry.path())?.flatten() {
+            if f.file_name().to_string_lossy().ends_with(".log") {
+                std::fs::remove_file(f.path())?;
+            }
+        }
+    }
+    edge.start(&[])?;
+    let t = Instant::now();
+    let again = loop {
+        if let Some(text) = log_with(&edge.dir, "/dapi/labels") {
+            break text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the pod did not run again from the cache within 10 s: {}",
+            edge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for line in expected {
+        assert!(
+            again.lines().any(|l| l.ends_with(line)),
+            "{line:?} not in the offline run's log:\n{again}"
+        );
     }
     Ok(())
 }

@@ -333,7 +333,26 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
             or(child(o, "spec"), "finalizers", json!(["kubernetes"]));
             or(child(o, "status"), "phase", json!("Active"));
         }
-        ("", "Secret") => or(o, "type", json!("Opaque")),
+        ("", "Secret") => {
+            or(o, "type", json!("Opaque"));
+            // `stringData` is write-only: its entries go into `data`, base64-encoded, over
+            // any of the same key, as kube-apiserver's conversion does. One that is not all
+            // strings stays for validation to refuse.
+            let strings = o["stringData"]
+                .as_object()
+                .filter(|m| m.values().all(Value::is_string))
+                .cloned();
+            if let Some(strings) = strings {
+                obj(o).remove("stringData");
+                let data = obj(child(o, "data"));
+                for (k, v) in strings {
+                    let text = v.as_str().unwrap_or_default();
+                    let encoded =
+                        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text);
+                    data.insert(k, json!(encoded));
+                }
+            }
+        }
         ("", "PersistentVolumeClaim") => or(child(o, "spec"), "volumeMode", json!("Filesystem")),
         ("", "PersistentVolume") => {
             let spec = child(o, "spec");
@@ -1057,6 +1076,24 @@ mod tests {
         assert_eq!(s["containers"][0]["ports"][0]["protocol"], "TCP");
         assert_eq!(s["containers"][0]["resources"]["limits"]["cpu"], "1");
         assert!(validate("", "Pod", &p).is_empty());
+    }
+
+    #[test]
+    fn a_secrets_string_data_goes_into_its_data() {
+        let mut s = json!({"metadata": {"name": "s"}, "data": {"user": "b2xk", "keep": "eA=="},
+            "stringData": {"user": "edge-admin", "password": "s3cret"}});
+        defaults("", "Secret", &mut s);
+        assert_eq!(s["type"], "Opaque");
+        assert!(s.get("stringData").is_none(), "{s}");
+        assert_eq!(
+            s["data"],
+            json!({"user": "ZWRnZS1hZG1pbg==", "password": "czNjcmV0", "keep": "eA=="})
+        );
+        // Not all strings: left for the type check to refuse, nothing dropped.
+        let mut bad = json!({"metadata": {"name": "s"}, "stringData": {"n": 1}});
+        defaults("", "Secret", &mut bad);
+        assert_eq!(bad["stringData"], json!({"n": 1}));
+        assert!(bad.get("data").is_none(), "{bad}");
     }
 
     #[test]

@@ -1358,6 +1358,11 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     m.insert("uid".into(), json!(uid));
     m.insert("creationTimestamp".into(), json!(ts));
     admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
+    // The writer owns what it sent and the kind's defaults, not what admission adds below (a
+    // pod's token volume, a claim's default class, a Job's selector): kube-apiserver records
+    // managers before admission. Owned, they would be taken away by the writer's next
+    // server-side apply that leaves them out, as kubectl's move from client-side apply does.
+    ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
     if (ctx.res.group, ctx.res.kind) == ("", "PersistentVolumeClaim")
         && o["spec"]["storageClassName"].is_null()
     {
@@ -1402,7 +1407,6 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     if o.get("spec").is_some() {
         meta(&mut o).insert("generation".into(), json!(1));
     }
-    ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
     check(ctx, &o, &input, None)?;
     write_new(ctx, o, generate.is_some() && !named).await
 }

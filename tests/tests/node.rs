@@ -819,8 +819,8 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The text of a run's log of container `main` (any run) that contains `want`, if any.
-fn log_with(dir: &std::path::Path, want: &str) -> Option<String> {
+/// The text of a run's log of `container` (any run) that contains `want`, if any.
+fn log_with(dir: &std::path::Path, container: &str, want: &str) -> Option<String> {
     let pods = std::fs::read_dir(dir.join("pods")).ok()?;
     pods.flatten()
         .filter_map(|p| std::fs::read_dir(p.path()).ok())
@@ -829,21 +829,22 @@ fn log_with(dir: &std::path::Path, want: &str) -> Option<String> {
         .filter(|f| {
             let n = f.file_name();
             let n = n.to_string_lossy();
-            n.starts_with("main.") && n.ends_with(".log")
+            n.starts_with(&format!("{container}.")) && n.ends_with(".log")
         })
         .filter_map(|f| std::fs::read_to_string(f.path()).ok())
         .find(|t| t.contains(want))
 }
 
-/// A Wasm pod gets its config map, secret (written with `stringData`), downward API and
-/// hostPath volumes as directories, its env from the config map and the secret, and `$(VAR)`
-/// in its args; and it gets them again from the node's cache when the agent restarts with the
-/// control plane down.
+/// A Wasm pod gets its config map, secret (written with `stringData`), downward API,
+/// hostPath and emptyDir volumes as directories, its env from the config map and the secret,
+/// and `$(VAR)` in its args; and it gets them again from the node's cache when the agent
+/// restarts with the control plane down, its emptyDir as it was.
 #[test]
 fn a_wasm_pod_reads_its_volumes_and_env_online_and_from_the_cache() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (mut up, mut edge) = with_edge(dir.path())?;
     let image = push(&up, "hello")?;
+    let sleeper = push(&up, "sleeper")?;
     let host = dir.path().join("host");
     std::fs::create_dir_all(&host)?;
     std::fs::write(host.join("seed"), "seeded")?;
@@ -886,7 +887,15 @@ spec:
     - {{name: sec, mountPath: /sec, readOnly: true}}
     - {{name: host, mountPath: /host}}
     - {{name: dapi, mountPath: /dapi}}
+  - name: keeper
+    image: {sleeper}
+    env:
+    - {{name: STATE_FILE, value: /scratch/state}}
+    volumeMounts:
+    - {{name: scratch, mountPath: /scratch}}
   volumes:
+  - name: scratch
+    emptyDir: {{}}
   - name: cfg
     configMap:
       name: greet
@@ -917,23 +926,29 @@ spec:
         "/host/seed: seeded",
         "/dapi/labels: app=\"vols\"",
     ];
-    let t = Instant::now();
-    let logs = loop {
-        let out = up.kubectl(&["logs", "vols"])?;
-        if out.stdout.contains("/dapi/labels") {
-            break out.stdout;
+    let logs_with = |container: &str, want: &str| -> anyhow::Result<String> {
+        let t = Instant::now();
+        loop {
+            let out = up.kubectl(&["logs", "vols", "-c", container])?;
+            if out.stdout.contains(want) {
+                return Ok(out.stdout);
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no {want:?} from {container}: {}{}\nnode log: {}",
+                out.stdout,
+                out.stderr,
+                edge.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no output from the pod: {}\nnode log: {}",
-            out.stderr,
-            edge.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
     };
+    let logs = logs_with("main", "/dapi/labels")?;
     for line in expected {
         assert!(logs.lines().any(|l| l == line), "{line:?} not in:\n{logs}");
     }
+    // The keeper counts its starts in the emptyDir.
+    logs_with("keeper", "starts: 1")?;
 
     // Control plane and agent down; the agent starts again with no link, runs the pod from
     // its cache and mounts the same files, the secret's among them.
@@ -949,7 +964,7 @@ spec:
     edge.start(&[])?;
     let t = Instant::now();
     let again = loop {
-        if let Some(text) = log_with(&edge.dir, "/dapi/labels") {
+        if let Some(text) = log_with(&edge.dir, "main", "/dapi/labels") {
             break text;
         }
         assert!(
@@ -964,6 +979,15 @@ spec:
             again.lines().any(|l| l.ends_with(line)),
             "{line:?} not in the offline run's log:\n{again}"
         );
+    }
+    let t = Instant::now();
+    while log_with(&edge.dir, "keeper", "starts: 2").is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the keeper did not start again on the same emptyDir: {}",
+            edge.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

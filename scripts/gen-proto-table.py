@@ -47,7 +47,8 @@ for dirpath, _, files in os.walk(src):
         fields = []
         body = sm.group(2)
         for chunk in body.split("#[prost(")[1:]:
-            fm = re.match(r"([^\]]*)\)\]\s*pub (\w+):\s*(.*)", chunk, re.S)
+            # `r#type`, `r#continue`: prost writes Rust keywords as raw identifiers.
+            fm = re.match(r"([^\]]*)\)\]\s*pub (?:r#)?(\w+):\s*(.*)", chunk, re.S)
             if not fm or "tag" not in fm.group(1):
                 continue
             attrs, field, ty = fm.group(1), fm.group(2), fm.group(3)

@@ -274,6 +274,45 @@ fn writes_patches_and_errors() -> anyhow::Result<()> {
         "{}",
         dup.stderr
     );
+    // kubectl sends these as protobuf; their `type` must arrive.
+    up.kubectl(&[
+        "create",
+        "service",
+        "nodeport",
+        "np",
+        "--tcp=80:8080",
+        "-n",
+        "team",
+    ])?
+    .expect_ok("create service nodeport")?;
+    up.kubectl(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "reg",
+        "--docker-server=r.example",
+        "--docker-username=u",
+        "--docker-password=p",
+        "-n",
+        "team",
+    ])?
+    .expect_ok("create secret docker-registry")?;
+    let types = up
+        .kubectl(&[
+            "get",
+            "-n",
+            "team",
+            "service/np",
+            "secret/reg",
+            "-o",
+            "jsonpath={.items[*].spec.type} {.items[*].type}",
+        ])?
+        .expect_ok("types")?;
+    ensure!(
+        types.stdout.trim() == "NodePort kubernetes.io/dockerconfigjson",
+        "{}",
+        types.stdout
+    );
     let nons = up
         .kubectl(&["create", "configmap", "x", "-n", "nope"])?
         .expect_err("missing ns")?;

@@ -523,6 +523,22 @@ mod tests {
     }
 
     #[test]
+    fn fields_named_by_rust_keywords_are_kept() {
+        // `type`, which prost spells `r#type`: `kubectl create service nodeport` and
+        // `kubectl create secret tls` send it.
+        let mut spec = Vec::new();
+        bytes(&mut spec, 4, b"NodePort");
+        let mut raw = Vec::new();
+        bytes(&mut raw, 2, &spec);
+        let v = decode(&envelope("v1", "Service", &raw)).unwrap();
+        assert_eq!(v["spec"]["type"], "NodePort");
+        let mut raw = Vec::new();
+        bytes(&mut raw, 3, b"kubernetes.io/tls");
+        let v = decode(&envelope("v1", "Secret", &raw)).unwrap();
+        assert_eq!(v["type"], "kubernetes.io/tls");
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode(b"nope").is_err());
         assert!(decode(b"k8s\0\x0a\xff\xff\xff\xff\x0f").is_err());

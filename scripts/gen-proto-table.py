@@ -17,6 +17,15 @@ for p in root["paths"]:
     doc = json.loads(subprocess.check_output(["kubectl", "get", "--raw", "/openapi/v3/" + p]))
     for n, s in doc.get("components", {}).get("schemas", {}).items():
         names[n.lower()] = {k.replace("_", "").lower(): k for k in s.get("properties", {})}
+# The property names of each package (`io.k8s.api.core.v1`), for messages the server has no
+# schema of (VolumeSource is inlined into Volume): `downward_api` is downwardAPI there, not
+# downwardApi.
+package = {}
+for n, props in names.items():
+    p = package.setdefault(n.rsplit(".", 1)[0], {})
+    for low, k in props.items():
+        if low not in p or (p[low][:1].isupper() and k[:1].islower()):
+            p[low] = k
 
 def camel(snake):
     parts = snake.split("_")
@@ -68,7 +77,9 @@ for dirpath, _, files in os.walk(src):
             elif kind.startswith("bytes"):
                 kind = "bytes"
             known = names.get(name.lower(), {})
-            jname = known.get(field.replace("_", "").lower()) or camel(field)
+            low = field.replace("_", "").lower()
+            same = package.get(name.lower().rsplit(".", 1)[0], {})
+            jname = known.get(low) or same.get(low) or camel(field)
             fields.append([tag, jname, kind, ref, label])
         table[name] = fields
 json.dump(table, sys.stdout, separators=(",", ":"), sort_keys=True)

@@ -539,6 +539,29 @@ mod tests {
     }
 
     #[test]
+    fn acronyms_are_spelled_as_the_api_spells_them() {
+        // A downwardAPI volume (in VolumeSource, which has no schema of its own).
+        let mut file = Vec::new();
+        bytes(&mut file, 1, b"labels");
+        let mut dapi = Vec::new();
+        bytes(&mut dapi, 1, &file);
+        let mut source = Vec::new();
+        bytes(&mut source, 16, &dapi);
+        let mut vol = Vec::new();
+        bytes(&mut vol, 1, b"meta");
+        bytes(&mut vol, 2, &source);
+        let mut pod = Vec::new();
+        bytes(&mut pod, 1, &vol);
+        let mut raw = Vec::new();
+        bytes(&mut raw, 2, &pod);
+        let v = decode(&envelope("v1", "Pod", &raw)).unwrap();
+        assert_eq!(
+            v["spec"]["volumes"],
+            json!([{"name": "meta", "downwardAPI": {"items": [{"path": "labels"}]}}])
+        );
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode(b"nope").is_err());
         assert!(decode(b"k8s\0\x0a\xff\xff\xff\xff\x0f").is_err());

@@ -198,6 +198,30 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
         "{.status.conditions[?(@.type==\"Ready\")].status}",
         |s| s == "True",
     )?;
+    // Its lease, renewed over the link and kept in memory, is there for describe and get.
+    let described = up
+        .kubectl(&["describe", "node", &node])?
+        .expect_ok("describe node")?;
+    assert!(
+        described
+            .stdout
+            .lines()
+            .any(|l| l.trim() == format!("HolderIdentity:  {node}")),
+        "{}",
+        described.stdout
+    );
+    let holder = up
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            &node,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])?
+        .expect_ok("get lease")?;
+    assert_eq!(holder.stdout, node);
     let t = Instant::now();
     loop {
         let r = up

@@ -17,6 +17,7 @@ pub mod error;
 mod evict;
 mod exec;
 mod forward;
+mod leases;
 pub mod metrics;
 pub mod node;
 pub mod openapi;

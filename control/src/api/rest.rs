@@ -330,7 +330,14 @@ pub(super) async fn serve(
     let name = t.name.clone().unwrap_or_default();
     match (method, sub) {
         (Method::GET, None) if t.name.is_some() => {
-            let o = get(&ctx, &name).await?;
+            let o = match get(&ctx, &name).await {
+                Err(ApiError::NotFound { .. }) if node_leases(&ctx) => {
+                    super::leases::get(ctx.api, &name)
+                        .await?
+                        .ok_or_else(|| ctx.nf(&name))?
+                }
+                o => o?,
+            };
             if table {
                 let tbl = table::table(
                     ctx.res.kind,
@@ -592,6 +599,12 @@ async fn get_kv(ctx: &Ctx<'_>, name: &str) -> Result<KeyValue, ApiError> {
         .ok_or_else(|| ctx.nf(name))
 }
 
+/// Whether this is a read of Leases in the namespace of nodes' Leases.
+fn node_leases(ctx: &Ctx<'_>) -> bool {
+    (ctx.res.group, ctx.res.kind) == ("coordination.k8s.io", "Lease")
+        && ctx.ns.as_deref() == Some(super::leases::NAMESPACE)
+}
+
 async fn get(ctx: &Ctx<'_>, name: &str) -> Result<Value, ApiError> {
     from_kv(&get_kv(ctx, name).await?)
 }
@@ -751,7 +764,40 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
         Some("0") => Consistency::Serializable,
         _ => Consistency::Linearizable,
     };
-    let (items, rev, cont) = list_objects(ctx, &labels, &fields, limit, start, consistency).await?;
+    let (mut items, rev, cont) =
+        list_objects(ctx, &labels, &fields, limit, start, consistency).await?;
+    // Nodes' Leases are not stored: on the last page, those no stored Lease stands for.
+    let leases = ctx.res.group == "coordination.k8s.io"
+        && ctx.res.kind == "Lease"
+        && ctx
+            .ns
+            .as_deref()
+            .is_none_or(|ns| ns == super::leases::NAMESPACE);
+    if leases && cont.is_none() {
+        let mut added = false;
+        for l in super::leases::list(ctx.api).await? {
+            let taken = items.iter().any(|i| {
+                i["metadata"]["namespace"] == l["metadata"]["namespace"]
+                    && i["metadata"]["name"] == l["metadata"]["name"]
+            });
+            if !taken && matches(&l, &labels, &fields) {
+                items.push(l);
+                added = true;
+            }
+        }
+        if added {
+            let at = |v: &Value| {
+                (
+                    v["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    v["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                )
+            };
+            items.sort_by_key(at);
+        }
+    }
     let mut lm = json!({"resourceVersion": rev.to_string()});
     if let Some(c) = cont {
         lm["continue"] = json!(c);

@@ -55,6 +55,14 @@ fn discovery_and_reads() -> anyhow::Result<()> {
         .kubectl(&["version", "-o", "json"])?
         .expect_ok("version")?;
     ensure!(json(&v.stdout)?["serverVersion"]["minor"] == "32");
+    let ready = up
+        .kubectl(&["get", "--raw", "/readyz?verbose"])?
+        .expect_ok("readyz")?;
+    ensure!(
+        ready.stdout.contains("[+]etcd ok") && ready.stdout.contains("readyz check passed"),
+        "{}",
+        ready.stdout
+    );
     let res = up.kubectl(&["api-resources"])?.expect_ok("api-resources")?;
     for r in [
         "deployments",

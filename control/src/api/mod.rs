@@ -253,8 +253,13 @@ async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
     let user = authenticate(&api, req.extensions().get::<Peer>(), req.headers()).await;
     let span = tracing::debug_span!("request", %method, %path,
         user = user.as_ref().map(|u| u.name.as_str()).unwrap_or(""));
-    if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {
-        return (StatusCode::OK, "ok").into_response();
+    let probe = ["/livez", "/readyz", "/healthz"]
+        .iter()
+        .any(|p| path.starts_with(p));
+    if probe {
+        if let Some((code, text)) = health(&path, req.uri().query(), api.store.status().leader) {
+            return (code, text).into_response();
+        }
     }
     let Some(user) = user else {
         return ApiError::Unauthorized.into_response();
@@ -267,6 +272,60 @@ async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// `/livez`, `/readyz` and `/healthz` as kube-apiserver answers them, with their checks one by
+/// one under the path (`/readyz/etcd`), `?verbose` and `?exclude=`: live while the process
+/// answers; ready and healthy while the store has a leader too, so a member cut off from
+/// its quorum drops out of a load balancer. `None` for any other path.
+fn health(path: &str, query: Option<&str>, leader: Option<u64>) -> Option<(StatusCode, String)> {
+    let (endpoint, only) = match path.trim_start_matches('/').split_once('/') {
+        Some((e, check)) => (e, Some(check)),
+        None => (path.trim_start_matches('/'), None),
+    };
+    let checks: &[(&str, bool)] = match endpoint {
+        "livez" => &[("ping", true)],
+        "readyz" | "healthz" => &[("ping", true), ("etcd", leader.is_some())],
+        _ => return None,
+    };
+    let q = Query::parse(query);
+    if let Some(check) = only {
+        return Some(match checks.iter().find(|(n, _)| *n == check) {
+            Some((_, true)) => (StatusCode::OK, "ok".into()),
+            Some((n, false)) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("internal server error: {n} check failed"),
+            ),
+            None => (StatusCode::NOT_FOUND, "404 page not found".into()),
+        });
+    }
+    let excluded = q.all("exclude");
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for (name, passed) in checks {
+        if excluded.contains(name) {
+            lines.push(format!("[+]{name} excluded: ok"));
+        } else if *passed {
+            lines.push(format!("[+]{name} ok"));
+        } else {
+            ok = false;
+            lines.push(format!("[-]{name} failed: reason withheld"));
+        }
+    }
+    // Present at all, as kube-apiserver reads it (`?verbose`).
+    let verbose =
+        query.is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some("verbose")));
+    if ok && !verbose {
+        return Some((StatusCode::OK, "ok".into()));
+    }
+    let verdict = if ok { "passed" } else { "failed" };
+    lines.push(format!("{endpoint} check {verdict}"));
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    Some((code, lines.join("\n") + "\n"))
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
@@ -724,4 +783,41 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
         api,
         task,
     })
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn health_checks_say_which_passed() {
+        let ok = |p: &str, q: Option<&str>, l| health(p, q, l).unwrap();
+        assert_eq!(ok("/livez", None, None), (StatusCode::OK, "ok".into()));
+        assert_eq!(ok("/readyz", None, Some(1)), (StatusCode::OK, "ok".into()));
+        assert_eq!(
+            ok("/readyz", Some("verbose"), Some(1)),
+            (
+                StatusCode::OK,
+                "[+]ping ok\n[+]etcd ok\nreadyz check passed\n".into()
+            )
+        );
+        // No leader: not ready, but alive.
+        let (code, text) = ok("/readyz", None, None);
+        assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(text.contains("[-]etcd failed"), "{text}");
+        assert_eq!(
+            ok("/healthz", None, None).0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(ok("/livez", Some("verbose"), None).0, StatusCode::OK);
+        assert_eq!(ok("/readyz", Some("exclude=etcd"), None).0, StatusCode::OK);
+        assert_eq!(ok("/readyz/ping", None, None).0, StatusCode::OK);
+        assert_eq!(
+            ok("/readyz/etcd", None, None).0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(ok("/livez/nope", None, None).0, StatusCode::NOT_FOUND);
+        assert!(health("/version", None, None).is_none());
+        assert!(health("/api", None, None).is_none());
+    }
 }

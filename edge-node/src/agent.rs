@@ -899,7 +899,9 @@ impl Agent {
                 "nodeInfo": {"architecture": arch, "operatingSystem": "linux",
                     "kubeletVersion": format!("v1.{}.0-outpost", outpost_api::KUBE_MINOR), "kubeProxyVersion": "",
                     "containerRuntimeVersion": if self.oci.is_ok() { "wasmtime://48.0+libcontainer://0.7" } else { "wasmtime://48.0" }, "kernelVersion": kernel,
-                    "osImage": os_image(), "machineID": "", "systemUUID": "", "bootID": ""},
+                    "osImage": os_image(), "machineID": host_id(&["/etc/machine-id", "/var/lib/dbus/machine-id"]),
+                    "systemUUID": host_id(&["/sys/class/dmi/id/product_uuid"]),
+                    "bootID": host_id(&["/proc/sys/kernel/random/boot_id"])},
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
                 "images": self.images(),
             }
@@ -2234,6 +2236,16 @@ fn os_image() -> String {
                 .map(|v| v.trim_matches('"').to_string())
         })
         .unwrap_or_else(|| "Linux".into())
+}
+
+/// The first of `files` that can be read, trimmed, as the kubelet reads the host's machine
+/// id, DMI system UUID (absent on most ARM boards) and boot id; empty when none can.
+fn host_id(files: &[&str]) -> String {
+    files
+        .iter()
+        .find_map(|f| std::fs::read_to_string(f).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The address this host uses toward `server`.

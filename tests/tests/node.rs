@@ -222,6 +222,18 @@ fn wasm_examples_run_through_kubectl() -> anyhow::Result<()> {
         ])?
         .expect_ok("get lease")?;
     assert_eq!(holder.stdout, node);
+    // The host's boot id, as a kubelet reports it (a reboot shows as a new one).
+    let boot = up
+        .kubectl(&[
+            "get",
+            "node",
+            &node,
+            "-o",
+            "jsonpath={.status.nodeInfo.bootID}",
+        ])?
+        .expect_ok("boot id")?;
+    let here = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    assert_eq!(boot.stdout, here.trim());
     let t = Instant::now();
     loop {
         let r = up

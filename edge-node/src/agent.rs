@@ -1255,7 +1255,6 @@ impl Agent {
             );
         }
         let started = now();
-        let class_wasm = pod["spec"]["runtimeClassName"] == "wasm";
         let pod = Arc::new(pod);
         for (i, spec) in specs.into_iter().enumerate() {
             let w = Worker {
@@ -1314,10 +1313,9 @@ impl Agent {
             let cgroup = pod_cgroup(&uid);
             // Only pods that ran a container have one. A pod whose every container is Wasm
             // by its image or runtime class never did, and skips the stats.
-            let wasm = class_wasm
-                || containers
-                    .lock()
-                    .is_ok_and(|c| c.iter().all(|c| c.image.starts_with("module:")));
+            let wasm = containers
+                .lock()
+                .is_ok_and(|c| c.iter().all(|c| surely_wasm(&pod, &c.image)));
             if me.oci.is_ok() && !wasm && outpost_oci_shim::run::cgroup_exists(&cgroup) {
                 let removed = tokio::task::spawn_blocking(move || {
                     outpost_oci_shim::run::remove_cgroup(&cgroup, Duration::from_secs(10))
@@ -2238,6 +2236,12 @@ fn os_image() -> String {
         .unwrap_or_else(|| "Linux".into())
 }
 
+/// Whether a container of `pod` with `image` runs on wasmtime whatever its image holds: the
+/// module store's or the pod's runtime class says so. (Other images are looked at.)
+fn surely_wasm(pod: &Value, image: &str) -> bool {
+    image.starts_with("module:") || pod["spec"]["runtimeClassName"] == "wasm"
+}
+
 /// The first of `files` that can be read, trimmed, as the kubelet reads the host's machine
 /// id, DMI system UUID (absent on most ARM boards) and boot id; empty when none can.
 fn host_id(files: &[&str]) -> String {
@@ -2631,7 +2635,7 @@ impl Worker {
             )
         })?;
         let image = self.spec["image"].as_str().unwrap_or("");
-        let wasm = image.starts_with("module:") || self.pod["spec"]["runtimeClassName"] == "wasm";
+        let wasm = surely_wasm(&self.pod, image);
         if let (false, Ok(oci)) = (wasm, &self.agent.oci) {
             if let Some(p) = self.prepare_oci(run, oci).await? {
                 return Ok(p);

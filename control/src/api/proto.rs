@@ -506,20 +506,24 @@ mod tests {
         bytes(&mut cm, 1, b"cfg");
         let mut lor = Vec::new();
         bytes(&mut lor, 1, &cm);
-        let mut source = Vec::new();
-        bytes(&mut source, 19, &lor);
-        let mut vol = Vec::new();
-        bytes(&mut vol, 1, b"data");
-        bytes(&mut vol, 2, &source);
-        let mut pod = Vec::new();
-        bytes(&mut pod, 1, &vol);
-        let mut raw = Vec::new();
-        bytes(&mut raw, 2, &pod);
-        let v = decode(&envelope("v1", "Pod", &raw)).unwrap();
         assert_eq!(
-            v["spec"]["volumes"],
+            pod_volumes(b"data", 19, &lor),
             json!([{"name": "data", "configMap": {"name": "cfg"}}])
         );
+    }
+
+    /// The volumes of a pod whose one volume `name` has source field `tag` set to `source`.
+    fn pod_volumes(name: &[u8], tag: u32, source: &[u8]) -> Value {
+        let mut src = Vec::new();
+        bytes(&mut src, tag, source);
+        let mut vol = Vec::new();
+        bytes(&mut vol, 1, name);
+        bytes(&mut vol, 2, &src);
+        let mut spec = Vec::new();
+        bytes(&mut spec, 1, &vol);
+        let mut raw = Vec::new();
+        bytes(&mut raw, 2, &spec);
+        decode(&envelope("v1", "Pod", &raw)).unwrap()["spec"]["volumes"].take()
     }
 
     #[test]
@@ -545,18 +549,8 @@ mod tests {
         bytes(&mut file, 1, b"labels");
         let mut dapi = Vec::new();
         bytes(&mut dapi, 1, &file);
-        let mut source = Vec::new();
-        bytes(&mut source, 16, &dapi);
-        let mut vol = Vec::new();
-        bytes(&mut vol, 1, b"meta");
-        bytes(&mut vol, 2, &source);
-        let mut pod = Vec::new();
-        bytes(&mut pod, 1, &vol);
-        let mut raw = Vec::new();
-        bytes(&mut raw, 2, &pod);
-        let v = decode(&envelope("v1", "Pod", &raw)).unwrap();
         assert_eq!(
-            v["spec"]["volumes"],
+            pod_volumes(b"meta", 16, &dapi),
             json!([{"name": "meta", "downwardAPI": {"items": [{"path": "labels"}]}}])
         );
     }

@@ -599,10 +599,13 @@ async fn get_kv(ctx: &Ctx<'_>, name: &str) -> Result<KeyValue, ApiError> {
         .ok_or_else(|| ctx.nf(name))
 }
 
-/// Whether this is a read of Leases in the namespace of nodes' Leases.
+/// Whether this reads Leases where nodes' Leases are: in their namespace, or in all.
 fn node_leases(ctx: &Ctx<'_>) -> bool {
     (ctx.res.group, ctx.res.kind) == ("coordination.k8s.io", "Lease")
-        && ctx.ns.as_deref() == Some(super::leases::NAMESPACE)
+        && ctx
+            .ns
+            .as_deref()
+            .is_none_or(|ns| ns == super::leases::NAMESPACE)
 }
 
 async fn get(ctx: &Ctx<'_>, name: &str) -> Result<Value, ApiError> {
@@ -767,13 +770,7 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
     let (mut items, rev, cont) =
         list_objects(ctx, &labels, &fields, limit, start, consistency).await?;
     // Nodes' Leases are not stored: on the last page, those no stored Lease stands for.
-    let leases = ctx.res.group == "coordination.k8s.io"
-        && ctx.res.kind == "Lease"
-        && ctx
-            .ns
-            .as_deref()
-            .is_none_or(|ns| ns == super::leases::NAMESPACE);
-    if leases && cont.is_none() {
+    if node_leases(ctx) && cont.is_none() {
         let mut added = false;
         for l in super::leases::list(ctx.api).await? {
             let taken = items.iter().any(|i| {
@@ -786,16 +783,11 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
             }
         }
         if added {
-            let at = |v: &Value| {
-                (
-                    v["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_string(),
-                    v["metadata"]["name"].as_str().unwrap_or("").to_string(),
-                )
-            };
-            items.sort_by_key(at);
+            fn at(v: &Value) -> (Option<&str>, Option<&str>) {
+                let m = &v["metadata"];
+                (m["namespace"].as_str(), m["name"].as_str())
+            }
+            items.sort_by(|a, b| at(a).cmp(&at(b)));
         }
     }
     let mut lm = json!({"resourceVersion": rev.to_string()});

@@ -590,6 +590,11 @@ async fn main() -> anyhow::Result<()> {
                 f.agent_sys * 100.0
             );
             println!(
+                "  machine in the burst              {:>8.0} % busy   (benchmark client {:.2} ms CPU per pod)",
+                f.busy * 100.0,
+                f.client_ms_per_pod
+            );
+            println!(
                 "  agent RSS idle                    {:>8.1} MB   (target <= 15)",
                 f.rss_idle_mb
             );

@@ -59,6 +59,10 @@ pub struct Figures {
     /// The kernel's share of each (system time over user and system).
     pub control_sys: f64,
     pub agent_sys: f64,
+    /// The benchmark's own CPU per burst pod (its 64 clients and its watch), and how busy
+    /// the whole machine was from the first create to the last start: what bounds the rate.
+    pub client_ms_per_pod: f64,
+    pub busy: f64,
     pub rss_idle_mb: f64,
     /// None when fewer than 100 pods were created (`--pods`).
     pub rss_100_mb: Option<f64>,
@@ -161,6 +165,23 @@ fn cpu_split_ms(pid: u32) -> (f64, f64) {
         [user, sys] => (user * 10.0, sys * 10.0),
         _ => (0.0, 0.0),
     }
+}
+
+/// Busy and total CPU time of the whole machine so far, in clock ticks (/proc/stat).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...; idle and iowait are not busy.
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 /// The store's revision now, from a list's resourceVersion.
@@ -389,6 +410,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     let rev0 = revision(&c, &api).await?;
     let control_pid = cl.members[0].child.id();
     let cpu0 = (cpu_split_ms(control_pid), cpu_split_ms(agent.0.id()));
+    let client0 = cpu_split_ms(std::process::id());
+    let ticks0 = machine_ticks();
     // For profiling a burst from outside: who to attach to, and when.
     eprintln!(
         "burst of {burst} pods starts: control plane pid {control_pid}, agent pid {}",
@@ -436,6 +459,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     watched?;
     let last = started.values().max().copied().unwrap_or(t0);
     let burst_s = (last - t0).as_secs_f64();
+    let ticks1 = machine_ticks();
+    let busy = (ticks1.0 - ticks0.0) as f64 / (ticks1.1 - ticks0.1).max(1) as f64;
     // Every pod's last status lands once all have ended; then nothing more is written.
     let deadline = Instant::now() + Duration::from_secs(60);
     while ended.len() < burst && Instant::now() < deadline {
@@ -456,6 +481,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     };
     let (control_ms_per_pod, control_sys) = used(control_pid, cpu0.0);
     let (agent_ms_per_pod, agent_sys) = used(agent.0.id(), cpu0.1);
+    let (client_ms_per_pod, _) = used(std::process::id(), client0);
     let peer = tokio::task::block_in_place(|| {
         let f = root.join("hello.wasm");
         std::fs::write(&f, example("hello")?)?;
@@ -472,6 +498,8 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         agent_ms_per_pod,
         control_sys,
         agent_sys,
+        client_ms_per_pod,
+        busy,
         rss_idle_mb: rss_idle,
         rss_100_mb: rss_100,
         peer_p50_ms: peer,

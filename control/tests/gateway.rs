@@ -38,6 +38,7 @@ async fn cluster() -> anyhow::Result<Cluster> {
             gateway: Some("127.0.0.1:0".parse()?),
             node_cert_ttl: outpost_control::pki::NODE_CERT_TTL,
             lifecycle: Default::default(),
+            event_ttl: outpost_control::controllers::events::TTL,
         },
     )
     .await?;

@@ -1,6 +1,9 @@
 """The official Python `kubernetes` client against Outpost: list, watch, create, patch,
-server-side apply, errors. Run by tests/tests/python_client.rs with KUBECONFIG set."""
+server-side apply, errors, events in both API groups and their expiry. Run by
+tests/tests/python_client.rs with KUBECONFIG set, against a server whose --event-ttl is 5 s."""
+import datetime
 import threading
+import time
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
@@ -67,4 +70,44 @@ core.delete_namespaced_config_map("c", "py")
 t.join(15)
 kinds = [e[0] for e in events]
 assert kinds[0] == "ADDED" and "MODIFIED" in kinds and kinds[-1] == "DELETED", events
+
+# events.k8s.io/v1 and core/v1 are two views of one set of events, as in Kubernetes.
+ev = client.EventsV1Api()
+seen = []
+
+
+def follow_events():
+    for e in watch.Watch().stream(ev.list_namespaced_event, "py", timeout_seconds=10,
+                                  field_selector="reportingController=example.com/py"):
+        seen.append((e["type"], e["object"].note))
+        return
+
+
+t = threading.Thread(target=follow_events)
+t.start()
+time.sleep(1)
+made = ev.create_namespaced_event("py", client.EventsV1Event(
+    metadata=client.V1ObjectMeta(name="e1"), event_time=datetime.datetime.now(datetime.timezone.utc),
+    reporting_controller="example.com/py", reporting_instance="py-1", action="Testing",
+    reason="Probe", type="Normal", note="from events.k8s.io",
+    regarding=client.V1ObjectReference(kind="ConfigMap", name="c", namespace="py")))
+assert made.api_version == "events.k8s.io/v1" and made.note == "from events.k8s.io", made
+t.join(15)
+assert seen == [("ADDED", "from events.k8s.io")], seen
+old = core.read_namespaced_event("e1", "py")
+assert (old.message, old.involved_object.name, old.reporting_component) == \
+    ("from events.k8s.io", "c", "example.com/py"), old
+assert [e.metadata.name for e in ev.list_namespaced_event("py", field_selector="regarding.name=c").items] == ["e1"]
+ev.patch_namespaced_event("e1", "py", {"note": "patched"})
+assert core.read_namespaced_event("e1", "py").message == "patched"
+try:
+    ev.list_namespaced_event("py", field_selector="involvedObject.name=c")
+    raise SystemExit("a core field name was taken by events.k8s.io")
+except ApiException as e:
+    assert e.status == 400 and "field label not supported" in e.body, e.body
+# Gone once the server's event TTL has passed since its last write.
+deadline = time.time() + 30
+while any(e.metadata.name == "e1" for e in core.list_namespaced_event("py").items):
+    assert time.time() < deadline, "the event outlived the TTL"
+    time.sleep(0.5)
 print("python client: ok", kinds)

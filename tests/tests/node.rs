@@ -412,6 +412,25 @@ fn a_crashing_pod_backs_off() -> anyhow::Result<()> {
         counts.split_whitespace().count() == 1 && counts.trim().parse::<u32>()? >= 2,
         "one Started event with a count of the runs: {counts}"
     );
+    // The same event through events.k8s.io, in that group's names.
+    let new = up
+        .kubectl(&[
+            "get",
+            "events.v1.events.k8s.io",
+            "--field-selector",
+            "regarding.name=crashy,reason=Started",
+            "-o",
+            "jsonpath={.items[*].deprecatedCount} {.items[*].note} {.items[*].reportingController}",
+        ])?
+        .expect_ok("events.k8s.io")?;
+    let count = new.stdout.split_whitespace().next().unwrap_or("");
+    assert!(
+        count.parse::<u32>()? >= counts.trim().parse()?
+            && new.stdout.contains("Started container")
+            && new.stdout.ends_with("kubelet"),
+        "{}",
+        new.stdout
+    );
     Ok(())
 }
 

@@ -7,7 +7,8 @@ use outpost_tests::{python, Up};
 #[test]
 fn list_watch_create_patch() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let up = Up::start(dir.path())?;
+    // Short, so the script sees an event expire.
+    let up = Up::start_with(dir.path(), &["--event-ttl", "5"])?;
     let script = outpost_tests::crate_dir().join("py/client.py");
     let out = std::process::Command::new(python()?)
         .arg(&script)

@@ -76,15 +76,6 @@ fn aggregated_resource(r: &Resource) -> Value {
     o
 }
 
-/// What an older version served by conversion allows: all but watches.
-fn older_verbs(r: &Resource) -> Vec<&'static str> {
-    r.verbs()
-        .iter()
-        .copied()
-        .filter(|v| *v != "watch")
-        .collect()
-}
-
 /// `/api` (`core` true) or `/apis` as an `APIGroupDiscoveryList`.
 pub fn aggregated(core: bool, version: &str) -> Value {
     let items: Vec<Value> = groups()
@@ -103,7 +94,6 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                         let mut o = aggregated_resource(r);
                         if served != stored {
                             o["responseKind"]["version"] = json!(served);
-                            o["verbs"] = json!(older_verbs(r));
                         }
                         o
                     })
@@ -168,9 +158,6 @@ pub fn resource_list(g: &str, v: &str) -> Option<Value> {
     {
         let mut o = json!({"name": r.plural, "singularName": r.singular,
             "namespaced": r.namespaced, "kind": r.kind, "verbs": r.verbs()});
-        if stored != v {
-            o["verbs"] = json!(older_verbs(r));
-        }
         if !r.short.is_empty() {
             o["shortNames"] = json!(r.short);
         }

@@ -400,6 +400,8 @@ pub fn decode_body(content_type: Option<&str>, bytes: &[u8]) -> Result<Value, Ap
 #[derive(Debug)]
 pub(crate) struct Target {
     pub res: &'static Resource,
+    /// The group asked for, which RBAC judges: the resource's own, or a view's.
+    pub group: &'static str,
     pub ns: Option<String>,
     pub name: Option<String>,
     pub sub: Option<String>,
@@ -437,7 +439,13 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
     if name.as_deref() == Some("") {
         return Err(nf());
     }
-    Ok(Target { res, ns, name, sub })
+    Ok(Target {
+        res,
+        group: res.group,
+        ns,
+        name,
+        sub,
+    })
 }
 
 async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, ApiError> {
@@ -483,45 +491,56 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
             return non_resource_get(api, &segs, &accept);
         }
     };
-    let Some(stored) = convert::stored(group, version) else {
-        let target = parse_target(group, version, rest)?;
-        let body = read_body(body).await?;
-        return rest::serve(api, user, parts, query, target, body).await;
-    };
-    older(
-        api,
-        user,
-        parts,
-        query,
-        (group, version, stored),
-        rest,
-        body,
-    )
-    .await
+    if let Some(view) = view_of(group, version, rest)? {
+        return viewed(api, user, parts, query, view, rest, body).await;
+    }
+    let target = parse_target(group, version, rest)?;
+    let body = read_body(body).await?;
+    rest::serve(api, user, parts, query, target, body).await
 }
 
-/// A request to an older version of a resource ([`convert`]): its body converted up, the
-/// stored version's handling, and the objects of the answer converted down.
-async fn older(
+/// The view ([`convert`]) a request for `group`/`version` goes through, if any; a version
+/// served only by views answers nothing else.
+fn view_of(
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<Option<&'static convert::View>, ApiError> {
+    if !convert::has_views(group, version) {
+        return Ok(None);
+    }
+    let plural = match rest {
+        ["namespaces", _, p, ..] => p,
+        [p, ..] => p,
+        [] => "",
+    };
+    match convert::view(group, version, plural) {
+        Some(v) => Ok(Some(v)),
+        None if convert::stored(group, version).is_some() => Err(ApiError::NoRoute(
+            "the server could not find the requested resource".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A request through a view: its body and field selector converted up, the stored
+/// resource's handling, and the objects of the answer (a watch's too) converted down.
+async fn viewed(
     api: &Arc<Api>,
     user: User,
     mut parts: axum::http::request::Parts,
-    query: Query,
-    (group, version, stored): (&str, &str, &str),
+    mut query: Query,
+    view: &'static convert::View,
     rest: &[&str],
     body: Body,
 ) -> Result<Response, ApiError> {
-    let target = parse_target(group, stored, rest)?;
-    if !convert::serves(group, version, target.res.plural) {
-        return Err(ApiError::NoRoute(
-            "the server could not find the requested resource".into(),
-        ));
-    }
-    if query.flag("watch") {
-        return Err(ApiError::MethodNotAllowed(format!(
-            "watch {}/{stored} instead: {version} is served by conversion, without watches",
-            target.res.qualified()
-        )));
+    let mut target = parse_target(view.stored.0, view.stored.1, rest)?;
+    // Permission is for what was asked: events in events.k8s.io are not core events to RBAC.
+    target.group = view.group;
+    for (k, v) in query.0.iter_mut() {
+        if k == "fieldSelector" {
+            *v = view.selector_up(v)?;
+        }
     }
     let mut body = read_body(body).await?;
     if !body.is_empty() {
@@ -531,9 +550,18 @@ async fn older(
             .and_then(|h| h.to_str().ok())
             .map(String::from);
         let v = decode_body(ct.as_deref(), &body)?;
-        // JSON patches address paths, which are the same in both versions but for the CPU
-        // target; merge and apply patches and whole objects are converted.
-        let v = if v.is_array() { v } else { convert::hpa_up(v) };
+        if let Some(check) = view.check.filter(|_| parts.method == Method::POST) {
+            let causes = check(&v);
+            if !causes.is_empty() {
+                return Err(ApiError::Invalid {
+                    group: view.group.into(),
+                    kind: view.kind.into(),
+                    name: v["metadata"]["name"].as_str().unwrap_or("").into(),
+                    causes,
+                });
+            }
+        }
+        let v = view.body_up(v);
         body = Bytes::from(serde_json::to_vec(&v).map_err(|e| ApiError::Internal(e.to_string()))?);
         // Now JSON, which is also YAML: patches keep their type, objects say JSON.
         if !ct.as_deref().is_some_and(|c| c.contains("patch")) {
@@ -543,25 +571,65 @@ async fn older(
             );
         }
     }
+    // The answer is converted as JSON; a client that prefers protobuf takes JSON too.
+    let accept = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("protobuf") {
+        let json: Vec<&str> = accept
+            .split(',')
+            .filter(|a| a.trim().starts_with("application/json"))
+            .collect();
+        let json = if json.is_empty() {
+            "application/json".to_string()
+        } else {
+            json.join(",")
+        };
+        if let Ok(h) = HeaderValue::from_str(&json) {
+            parts.headers.insert(header::ACCEPT, h);
+        }
+    }
+    let watch = query.flag("watch");
     let resp = rest::serve(api, user, parts, query, target, body).await?;
-    let json = resp
+    let ct = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|h| h.to_str().ok())
-        .is_some_and(|c| c.starts_with("application/json") && !c.contains("as=Table"));
-    if !json {
+        .unwrap_or("")
+        .to_string();
+    if !ct.starts_with("application/json") {
         return Ok(resp);
     }
     let (head, body) = resp.into_parts();
+    let mut headers = head.headers;
+    headers.remove(header::CONTENT_LENGTH);
+    if watch {
+        use futures::StreamExt;
+        // One event a line; a line may come in pieces.
+        let mut buf: Vec<u8> = Vec::new();
+        let lines = body.into_data_stream().map(move |chunk| {
+            chunk.map(|c| {
+                buf.extend_from_slice(&c);
+                let mut out = Vec::new();
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    out.extend(view.watch_line_down(&line[..i]));
+                    out.push(b'\n');
+                }
+                Bytes::from(out)
+            })
+        });
+        return Ok((head.status, headers, Body::from_stream(lines)).into_response());
+    }
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let out = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(v) => serde_json::to_vec(&convert::answer_down(v)).unwrap_or_else(|_| bytes.to_vec()),
+        Ok(v) => serde_json::to_vec(&view.answer_down(v)).unwrap_or_else(|_| bytes.to_vec()),
         Err(_) => bytes.to_vec(),
     };
-    let mut headers = head.headers;
-    headers.remove(header::CONTENT_LENGTH);
     Ok((head.status, headers, out).into_response())
 }
 
@@ -656,6 +724,8 @@ pub struct ServeConfig {
     pub node_cert_ttl: std::time::Duration,
     /// When a node without a link is unreachable, and when its pods are evicted.
     pub lifecycle: crate::controllers::nodes::Lifecycle,
+    /// How long an Event lasts after its last write ([`crate::controllers::events::TTL`]).
+    pub event_ttl: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -745,6 +815,9 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::autoscaler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
+    helpers.push(
+        tokio::spawn(crate::controllers::events::run(api.clone(), cfg.event_ttl)).abort_handle(),
+    );
     helpers.push(tokio::spawn(crate::controllers::volumes::run(api.clone())).abort_handle());
     helpers.push(
         tokio::spawn(crate::controllers::nodes::run(api.clone(), cfg.lifecycle)).abort_handle(),

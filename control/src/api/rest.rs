@@ -261,7 +261,7 @@ pub(super) async fn serve(
     };
     let attrs = Attrs {
         verb: verb.into(),
-        group: t.res.group.into(),
+        group: t.group.into(),
         resource: t.res.plural.into(),
         subresource: t.sub.clone().unwrap_or_default(),
         namespace: t.ns.clone().unwrap_or_default(),

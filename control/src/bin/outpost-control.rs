@@ -94,6 +94,9 @@ struct Args {
     /// the Node annotation outpost.dev/autonomy-window overrides it per node).
     #[arg(long, default_value_t = 86400)]
     autonomy_window: u64,
+    /// Seconds an Event is kept after its last write (kube-apiserver's --event-ttl).
+    #[arg(long, default_value_t = outpost_control::controllers::events::TTL.as_secs())]
+    event_ttl: u64,
 }
 
 /// Where a member that joined by token keeps the address it joins through, should it stop
@@ -189,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
                 grace: std::time::Duration::from_secs(a.node_grace),
                 window: std::time::Duration::from_secs(a.autonomy_window),
             },
+            event_ttl: std::time::Duration::from_secs(a.event_ttl.max(1)),
         };
         let started = outpost_control::api::start(store.clone(), cfg).await?;
         api_task = Some(started.task);

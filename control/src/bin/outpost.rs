@@ -53,6 +53,9 @@ enum Cmd {
         /// the Node annotation outpost.dev/autonomy-window overrides it per node).
         #[arg(long, default_value_t = 86400)]
         autonomy_window: u64,
+        /// Seconds an Event is kept after its last write (kube-apiserver's --event-ttl).
+        #[arg(long, default_value_t = outpost_control::controllers::events::TTL.as_secs())]
+        event_ttl: u64,
     },
     /// Bootstrap tokens for nodes to join.
     Token {
@@ -182,6 +185,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             node_name,
             node_grace,
             autonomy_window,
+            event_ttl,
         } => {
             let control = data_dir.join("control");
             let pki_dir = control.join("pki");
@@ -207,6 +211,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                         grace: std::time::Duration::from_secs(node_grace),
                         window: std::time::Duration::from_secs(autonomy_window),
                     },
+                    event_ttl: std::time::Duration::from_secs(event_ttl.max(1)),
                 },
             )
             .await?;

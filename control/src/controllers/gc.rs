@@ -406,10 +406,9 @@ async fn empty_namespace(api: &Arc<Api>, g: &Graph, key: &str, n: &Node) -> u64 
         if !n.finalizers.is_empty() {
             return 0;
         }
-        for events in ["/api/v1", "/apis/events.k8s.io/v1"] {
-            let path = format!("{events}/namespaces/{}/events", n.name);
-            call(api, "DELETE", &path, &json!({})).await;
-        }
+        // events.k8s.io shows the same events.
+        let path = format!("/api/v1/namespaces/{}/events", n.name);
+        call(api, "DELETE", &path, &json!({})).await;
         return match api.store.delete(key, Expect::ModRevision(n.rev)).await {
             Ok(Outcome::Committed { revision, .. }) => revision,
             _ => 0,

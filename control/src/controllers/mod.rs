@@ -29,6 +29,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod events;
 pub mod gc;
 pub mod history;
 pub mod job;

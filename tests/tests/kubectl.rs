@@ -1265,3 +1265,113 @@ fn ingresses_autoscalers_policies_and_priorities() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+const LIMITS: &str = r#"
+apiVersion: v1
+kind: LimitRange
+metadata: {name: team-limits}
+spec:
+  limits:
+  - type: Container
+    default: {memory: 64Mi}
+    defaultRequest: {cpu: 100m}
+    max: {memory: 256Mi}
+---
+apiVersion: v1
+kind: ResourceQuota
+metadata: {name: team-quota}
+spec:
+  hard: {pods: "2", requests.cpu: "1", limits.memory: 1Gi, count/configmaps: "5"}
+"#;
+
+#[test]
+fn quotas_and_limit_ranges() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    up.kubectl(&["create", "namespace", "team"])?
+        .expect_ok("namespace")?;
+    up.kubectl_in(&["apply", "-n", "team", "-f", "-"], LIMITS)?
+        .expect_ok("apply limits")?;
+    // The LimitRange fills in what a container leaves out.
+    up.kubectl(&["-n", "team", "run", "a", "--image=busybox"])?
+        .expect_ok("run a")?;
+    let res = up
+        .kubectl(&[
+            "-n",
+            "team",
+            "get",
+            "pod",
+            "a",
+            "-o",
+            "jsonpath={.spec.containers[0].resources}",
+        ])?
+        .expect_ok("resources")?;
+    let res = json(&res.stdout)?;
+    ensure!(
+        res["limits"]["memory"] == "64Mi" && res["requests"]["cpu"] == "100m",
+        "{res}"
+    );
+    // And refuses what passes its bounds.
+    let big = up
+        .kubectl(&[
+            "-n",
+            "team",
+            "run",
+            "big",
+            "--image=busybox",
+            "--overrides",
+            r#"{"spec":{"containers":[{"name":"big","image":"busybox","resources":{"limits":{"memory":"1Gi"}}}]}}"#,
+        ])?
+        .expect_err("run big")?;
+    ensure!(
+        big.stderr.contains(
+            "pods \"big\" is forbidden: maximum memory usage per Container is 256Mi, but limit is 1Gi"
+        ),
+        "{}",
+        big.stderr
+    );
+    // The quota counts as it admits: the third pod is one too many.
+    up.kubectl(&["-n", "team", "run", "b", "--image=busybox"])?
+        .expect_ok("run b")?;
+    let c = up
+        .kubectl(&["-n", "team", "run", "c", "--image=busybox"])?
+        .expect_err("run c")?;
+    ensure!(
+        c.stderr.contains(
+            "exceeded quota: team-quota, requested: pods=1, used: pods=2, limited: pods=2"
+        ),
+        "{}",
+        c.stderr
+    );
+    let table = up
+        .kubectl(&["-n", "team", "get", "quota", "--no-headers"])?
+        .expect_ok("get quota")?;
+    ensure!(
+        table.stdout.contains("pods: 2/2")
+            && table.stdout.contains("requests.cpu: 200m/1")
+            && table.stdout.contains("limits.memory: 128Mi/1Gi"),
+        "{}",
+        table.stdout
+    );
+    // A delete is given back by the quota controller; then there is room again.
+    up.kubectl(&["-n", "team", "delete", "pod", "a", "--wait=false"])?
+        .expect_ok("delete a")?;
+    up.wait_field(
+        30,
+        &["-n", "team", "quota", "team-quota"],
+        "{.status.used.pods}",
+        |u| u == "1",
+    )?;
+    up.kubectl(&["-n", "team", "run", "c", "--image=busybox"])?
+        .expect_ok("run c again")?;
+    let d = up
+        .kubectl(&["describe", "namespace", "team"])?
+        .expect_ok("describe namespace")?;
+    ensure!(
+        d.stdout.contains("team-quota")
+            && d.stdout.contains("count/configmaps")
+            && d.stdout.contains("Resource Limits"),
+        "{}",
+        d.stdout
+    );
+    Ok(())
+}

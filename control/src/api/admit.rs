@@ -192,6 +192,7 @@ fn default_template(o: &mut Value, restart: &str) {
 pub fn defaults(group: &str, kind: &str, o: &mut Value) {
     normalize_quantities(o);
     match (group, kind) {
+        ("", "LimitRange") => super::quota::default_limit_range(o),
         ("", "Pod") => {
             let spec = child(o, "spec");
             default_pod_spec(spec, "Always");

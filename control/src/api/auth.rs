@@ -180,6 +180,40 @@ impl Policy {
     }
 }
 
+/// Rules granting `verbs` on every resource of `groups` and of the core group, but for what
+/// caps a namespace (ResourceQuotas, LimitRanges), which get only `read`: as Kubernetes'
+/// `admin` and `edit` roles, so whoever a namespace is given to cannot raise its limits.
+fn limited(groups: &[&str], verbs: &[&str], read: &Value) -> Value {
+    const CAPS: [&str; 2] = ["resourcequotas", "limitranges"];
+    let mut core: Vec<String> = Vec::new();
+    for r in super::resources::RESOURCES
+        .iter()
+        .filter(|r| r.group.is_empty() && !CAPS.contains(&r.plural))
+    {
+        core.push(r.plural.to_string());
+        core.extend(
+            r.subresources
+                .iter()
+                .map(|s| format!("{}/{}", r.plural, s.name())),
+        );
+    }
+    let others: Vec<&str> = if groups == ["*"] {
+        super::resources::groups()
+            .into_iter()
+            .map(|(g, _)| g)
+            .filter(|g| !g.is_empty())
+            .collect()
+    } else {
+        groups.to_vec()
+    };
+    json!([
+        {"apiGroups": others, "resources": ["*"], "verbs": verbs},
+        {"apiGroups": [""], "resources": core, "verbs": verbs},
+        {"apiGroups": [""], "resources": ["resourcequotas", "resourcequotas/status", "limitranges"],
+         "verbs": read},
+    ])
+}
+
 /// Objects every cluster starts with: the well-known namespaces and the bootstrap RBAC policy.
 pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
     let ns = |n: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
@@ -248,19 +282,31 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",
-            cr(
-                "admin",
-                json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]),
-            ),
+            cr("admin", limited(&["*"], &["*"], &read)),
         ),
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",
             cr(
                 "edit",
-                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io", "metrics.k8s.io"],
-                        "resources": ["*"], "verbs": read.as_array().into_iter().flatten()
-                            .chain(write.as_array().into_iter().flatten()).collect::<Vec<_>>()}]),
+                limited(
+                    &[
+                        "apps",
+                        "batch",
+                        "policy",
+                        "discovery.k8s.io",
+                        "coordination.k8s.io",
+                        "metrics.k8s.io",
+                    ],
+                    &read
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .chain(write.as_array().into_iter().flatten())
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>(),
+                    &read,
+                ),
             ),
         ),
         (
@@ -370,6 +416,34 @@ mod tests {
             groups: vec!["system:masters".into()],
         };
         assert!(p.allows(&admin, &attrs("delete", "apps", "deployments", "", "x")));
+        // A namespace's admins and editors work in it, but cannot raise its limits.
+        for role in ["admin", "edit"] {
+            p.bindings.push(json!({"metadata": {"namespace": "team"},
+                "roleRef": {"kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "User", "name": role}]}));
+            let u = User {
+                name: role.into(),
+                uid: String::new(),
+                groups: vec!["system:authenticated".into()],
+            };
+            assert!(p.allows(&u, &attrs("create", "", "pods", "", "team")));
+            assert!(p.allows(&u, &attrs("create", "", "pods", "exec", "team")));
+            assert!(p.allows(&u, &attrs("patch", "apps", "deployments", "scale", "team")));
+            assert!(p.allows(&u, &attrs("list", "", "resourcequotas", "", "team")));
+            assert!(p.allows(&u, &attrs("get", "", "limitranges", "", "team")));
+            for res in ["resourcequotas", "limitranges"] {
+                assert!(
+                    !p.allows(&u, &attrs("update", "", res, "", "team")),
+                    "{role} {res}"
+                );
+                assert!(
+                    !p.allows(&u, &attrs("delete", "", res, "", "team")),
+                    "{role} {res}"
+                );
+            }
+            assert!(!p.allows(&u, &attrs("patch", "", "resourcequotas", "status", "team")));
+            assert!(!p.allows(&u, &attrs("create", "", "pods", "", "other")));
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod outpost;
 pub mod patch;
 pub mod pick;
 pub mod proto;
+pub(crate) mod quota;
 pub(crate) mod raw;
 pub mod resources;
 mod rest;
@@ -815,6 +816,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::autoscaler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::quota::run(api.clone())).abort_handle());
     helpers.push(
         tokio::spawn(crate::controllers::events::run(api.clone(), cfg.event_ttl)).abort_handle(),
     );

@@ -230,6 +230,8 @@ resources! {
     core::PersistentVolume => { "", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume", short: ["pv"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::PodTemplate => { "", "v1", "PodTemplate", "podtemplates", "podtemplate", short: [], namespaced: true, categories: [], subs: [], stored: true },
     core::ServiceAccount => { "", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", short: ["sa"], namespaced: true, categories: [], subs: [Token], stored: true },
+    core::LimitRange => { "", "v1", "LimitRange", "limitranges", "limitrange", short: ["limits"], namespaced: true, categories: [], subs: [], stored: true },
+    core::ResourceQuota => { "", "v1", "ResourceQuota", "resourcequotas", "resourcequota", short: ["quota"], namespaced: true, categories: [], subs: [Status], stored: true },
     core::Event => { "", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
     events::Event => { "events.k8s.io", "v1", "Event", "events", "event", short: ["ev"], namespaced: true, categories: [], subs: [], stored: true },
     coord::Lease => { "coordination.k8s.io", "v1", "Lease", "leases", "lease", short: [], namespaced: true, categories: [], subs: [], stored: true },

@@ -18,7 +18,7 @@ use super::pick;
 use super::resources::{self, Resource, Sub};
 use super::select::{Fields, Labels};
 use super::table::{self, Include};
-use super::{admit, openapi, patch, raw, ssa, Api, Query, Target};
+use super::{admit, openapi, patch, quota, raw, ssa, Api, Query, Target};
 use crate::store::{Consistency, WatchItem};
 
 pub fn now() -> String {
@@ -1416,6 +1416,10 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
         admit_service_account(ctx, &mut o).await?;
         admit_priority(ctx, &mut o).await?;
+        admit_limits(ctx, &mut o).await?;
+    }
+    if (ctx.res.group, ctx.res.kind) == ("", "PersistentVolumeClaim") {
+        admit_limits(ctx, &mut o).await?;
     }
     if ctx.res.group.is_empty()
         && matches!(ctx.res.kind, "PersistentVolumeClaim" | "PersistentVolume")
@@ -1446,7 +1450,125 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
         meta(&mut o).insert("generation".into(), json!(1));
     }
     check(ctx, &o, &input, None)?;
+    admit_quota(ctx, &o).await?;
     write_new(ctx, o, generate.is_some() && !named).await
+}
+
+/// A refusal by an admission plugin: `pods "web" is forbidden: …`, the reasons listed as
+/// Kubernetes aggregates them.
+fn refused(ctx: &Ctx<'_>, o: &Value, why: &[String]) -> ApiError {
+    let why = match why {
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    ApiError::Forbidden {
+        message: format!("{} \"{}\" is forbidden: {why}", ctx.res.plural, name_of(o)),
+    }
+}
+
+/// As the LimitRanger admission plugin, for a new pod or claim: its namespace's LimitRanges
+/// fill in its containers' requests and limits and bound them ([`quota::limit_pod`]).
+async fn admit_limits(ctx: &Ctx<'_>, o: &mut Value) -> Result<(), ApiError> {
+    let Some(ns) = &ctx.ns else {
+        return Ok(());
+    };
+    let res = resources::find("", "v1", "limitranges").ok_or_else(|| internal("limitranges"))?;
+    let prefix = res.prefix(Some(ns));
+    if !ctx.api.store.has_prefix(&prefix)? {
+        return Ok(());
+    }
+    let ranges: Vec<Value> = ctx
+        .api
+        .store
+        .range(&prefix, None, 0, Consistency::Serializable)
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| from_kv(kv).ok())
+        .collect();
+    let why = if ctx.res.kind == "Pod" {
+        quota::limit_pod(&ranges, o)
+    } else {
+        quota::limit_claim(&ranges, o)
+    };
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(refused(ctx, o, &why))
+    }
+}
+
+/// As the ResourceQuota admission plugin, for any new object in a namespace with quotas:
+/// refused if it would pass a cap; otherwise its share is added to each quota's
+/// `status.used` before it is stored, on the condition that no other create changed the
+/// quota meanwhile (then all is read and checked again).
+async fn admit_quota(ctx: &Ctx<'_>, o: &Value) -> Result<(), ApiError> {
+    let Some(ns) = &ctx.ns else {
+        return Ok(());
+    };
+    let res =
+        resources::find("", "v1", "resourcequotas").ok_or_else(|| internal("resourcequotas"))?;
+    let prefix = res.prefix(Some(ns));
+    if !ctx.api.store.has_prefix(&prefix)? {
+        return Ok(());
+    }
+    let pod = ctx.res.group.is_empty() && ctx.res.kind == "Pod";
+    for _ in 0..16 {
+        let page = ctx
+            .api
+            .store
+            .range(&prefix, None, 0, Consistency::Linearizable)
+            .await?;
+        let mut ops = Vec::new();
+        for kv in &page.kvs {
+            let q = from_kv(kv)?;
+            if !quota::in_scope(&q, pod.then_some(o)) {
+                continue;
+            }
+            let add: quota::Usage = q["spec"]["hard"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| Some((k.clone(), quota::share(k, ctx.res, o)?)))
+                .collect();
+            if add.is_empty() {
+                continue;
+            }
+            let qname = name_of(&q).to_string();
+            if let Some(m) = pod.then(|| quota::unstated(&q, o)).flatten() {
+                return Err(refused(ctx, o, &[format!("failed quota: {qname}: {m}")]));
+            }
+            let used = match quota::used(&q) {
+                Some(u) => u,
+                None => quota::count(ctx.api, ns, &q).await?,
+            };
+            if let Some(m) = quota::exceeded(&q, &used, &add) {
+                return Err(refused(ctx, o, &[m]));
+            }
+            let mut sum = used;
+            for (k, n) in &add {
+                *sum.entry(k.clone()).or_default() += n;
+            }
+            let mut next = q.clone();
+            next["status"] = quota::status(&q, &sum);
+            ops.push(Op::Put {
+                key: kv.key.clone(),
+                value: to_stored(&next),
+                expect: Expect::ModRevision(kv.mod_revision),
+            });
+        }
+        if ops.is_empty() || ctx.dry_run {
+            return Ok(());
+        }
+        match ctx.api.store.txn(ops).await? {
+            Outcome::Committed { .. } => return Ok(()),
+            Outcome::Failed { .. } => continue,
+            other => return Err(internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "the quotas of namespace {ns} changed too often to be checked; try again"
+    )))
 }
 
 /// The StorageClass marked default (the newest, if several are).

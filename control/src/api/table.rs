@@ -150,6 +150,12 @@ fn columns(kind: &str) -> &'static [Col] {
             AGE,
             ("VolumeMode", "string", "", 1),
         ],
+        "ResourceQuota" => &[
+            NAME,
+            AGE,
+            ("Request", "string", "", 0),
+            ("Limit", "string", "", 0),
+        ],
         "StorageClass" => &[
             NAME,
             ("Provisioner", "string", "", 0),
@@ -631,6 +637,26 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 json!(n.to_string()),
                 age,
             ]
+        }
+        "ResourceQuota" => {
+            // `used/hard` of each cap, by name; limits.* in a column of their own.
+            let (mut req, mut lim) = (Vec::new(), Vec::new());
+            let mut names: Vec<&String> = o["spec"]["hard"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .collect();
+            names.sort();
+            for k in names {
+                let q = |part: &str| st[part][k].as_str().unwrap_or("0").to_string();
+                let cell = format!("{k}: {}/{}", q("used"), q("hard"));
+                if k.starts_with("limits.") {
+                    lim.push(cell);
+                } else {
+                    req.push(cell);
+                }
+            }
+            vec![name, age, json!(req.join(", ")), json!(lim.join(", "))]
         }
         "ServiceAccount" => vec![
             name,

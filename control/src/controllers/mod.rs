@@ -34,6 +34,7 @@ pub mod gc;
 pub mod history;
 pub mod job;
 pub mod nodes;
+pub mod quota;
 pub mod replicaset;
 pub mod statefulset;
 pub mod volumes;

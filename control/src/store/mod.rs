@@ -813,6 +813,14 @@ impl Store {
         }
     }
 
+    /// Whether any key starts with `prefix`, on this member: a cheap look before a range.
+    pub fn has_prefix(&self, prefix: &str) -> Result<bool, Error> {
+        match self.inner.sm.kv.prefix(prefix).next() {
+            None => Ok(false),
+            Some(g) => g.key().map(|_| true).map_err(Error::from),
+        }
+    }
+
     /// Keys starting with `prefix`, in order, after `start_after` if given, at most `limit`
     /// (0 means no limit), all read at one revision.
     pub async fn range(

@@ -1329,6 +1329,20 @@ fn quotas_and_limit_ranges() -> anyhow::Result<()> {
         "{}",
         big.stderr
     );
+    // A server-side apply creates through the same admission.
+    let applied = up
+        .kubectl_in(
+            &["apply", "--server-side", "-n", "team", "-f", "-"],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers:\n  - {name: big, image: busybox, resources: {limits: {memory: 1Gi}}}\n",
+        )?
+        .expect_err("server-side apply big")?;
+    ensure!(
+        applied
+            .stderr
+            .contains("maximum memory usage per Container is 256Mi, but limit is 1Gi"),
+        "{}",
+        applied.stderr
+    );
     // The quota counts as it admits: the third pod is one too many.
     up.kubectl(&["-n", "team", "run", "b", "--image=busybox"])?
         .expect_ok("run b")?;
@@ -1373,5 +1387,15 @@ fn quotas_and_limit_ranges() -> anyhow::Result<()> {
         "{}",
         d.stdout
     );
+    // A pod made by server-side apply is admitted whole: it has its QoS class too.
+    up.kubectl_in(
+        &["apply", "--server-side", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: qos}\nspec:\n  containers:\n  - {name: c, image: busybox, resources: {limits: {memory: 64Mi}}}\n",
+    )?
+    .expect_ok("server-side apply qos")?;
+    let qos = up
+        .kubectl(&["get", "pod", "qos", "-o", "jsonpath={.status.qosClass}"])?
+        .expect_ok("qos class")?;
+    ensure!(qos.stdout == "Burstable", "{}", qos.stdout);
     Ok(())
 }

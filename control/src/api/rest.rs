@@ -1401,6 +1401,17 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     // managers before admission. Owned, they would be taken away by the writer's next
     // server-side apply that leaves them out, as kubectl's move from client-side apply does.
     ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
+    admit_new(ctx, &mut o, &uid).await?;
+    check(ctx, &o, &input, None)?;
+    admit_quota(ctx, &o).await?;
+    write_new(ctx, o, generate.is_some() && !named).await
+}
+
+/// What admission does to any new object, by create or by server-side apply: the claim's
+/// default class, the Job's selector, the pod's service account, priority and limits, a
+/// new claim's or volume's Pending status (and a claim's protection), a new pod's phase and
+/// QoS class, the generation.
+async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiError> {
     if (ctx.res.group, ctx.res.kind) == ("", "PersistentVolumeClaim")
         && o["spec"]["storageClassName"].is_null()
     {
@@ -1411,15 +1422,15 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
         }
     }
     if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
-        admit::job_selector(&mut o, &uid);
+        admit::job_selector(o, uid);
     }
     if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
-        admit_service_account(ctx, &mut o).await?;
-        admit_priority(ctx, &mut o).await?;
-        admit_limits(ctx, &mut o).await?;
+        admit_service_account(ctx, o).await?;
+        admit_priority(ctx, o).await?;
+        admit_limits(ctx, o).await?;
     }
     if (ctx.res.group, ctx.res.kind) == ("", "PersistentVolumeClaim") {
-        admit_limits(ctx, &mut o).await?;
+        admit_limits(ctx, o).await?;
     }
     if ctx.res.group.is_empty()
         && matches!(ctx.res.kind, "PersistentVolumeClaim" | "PersistentVolume")
@@ -1429,9 +1440,7 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
         if ctx.res.kind == "PersistentVolumeClaim" {
             // A claim in use by a pod is not deleted under it (the volume controller lifts
             // this once no pod uses it).
-            let f = &mut meta(&mut o)
-                .entry("finalizers")
-                .or_insert_with(|| json!([]));
+            let f = &mut meta(o).entry("finalizers").or_insert_with(|| json!([]));
             if let Some(list) = f.as_array_mut() {
                 let p = json!(crate::controllers::volumes::PROTECTION);
                 if !list.contains(&p) {
@@ -1447,11 +1456,9 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
         }
     }
     if o.get("spec").is_some() {
-        meta(&mut o).insert("generation".into(), json!(1));
+        meta(o).insert("generation".into(), json!(1));
     }
-    check(ctx, &o, &input, None)?;
-    admit_quota(ctx, &o).await?;
-    write_new(ctx, o, generate.is_some() && !named).await
+    Ok(())
 }
 
 /// A refusal by an admission plugin: `pods "web" is forbidden: …`, the reasons listed as
@@ -2405,17 +2412,9 @@ async fn patch_object(
         meta(&mut o).insert("uid".into(), json!(uid));
         meta(&mut o).insert("creationTimestamp".into(), json!(ts));
         admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
-        if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
-            admit::job_selector(&mut o, &uid);
-        }
-        if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
-            admit_service_account(ctx, &mut o).await?;
-            admit_priority(ctx, &mut o).await?;
-        }
-        if o.get("spec").is_some() {
-            meta(&mut o).insert("generation".into(), json!(1));
-        }
+        admit_new(ctx, &mut o, &uid).await?;
         check(ctx, &o, &config, None)?;
+        admit_quota(ctx, &o).await?;
         let o = write_new(ctx, o, false).await?;
         return Ok((StatusCode::CREATED, o, None));
     }

@@ -63,6 +63,25 @@ fn discovery_and_reads() -> anyhow::Result<()> {
         "{}",
         ready.stdout
     );
+    up.kubectl(&["get", "namespaces"])?
+        .expect_ok("get namespaces")?;
+    let metrics = up
+        .kubectl(&["get", "--raw", "/metrics"])?
+        .expect_ok("metrics")?;
+    let namespaces = metrics
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("apiserver_storage_objects{resource=\"namespaces\"} "))
+        .and_then(|n| n.parse::<u32>().ok());
+    ensure!(
+        namespaces >= Some(4)
+            && metrics.stdout.lines().any(|l| l.starts_with(
+                "apiserver_request_total{verb=\"LIST\",group=\"\",version=\"v1\",resource=\"namespaces\""
+            ))
+            && metrics.stdout.contains("outpost_store_is_leader 1"),
+        "{}",
+        metrics.stdout
+    );
     let res = up.kubectl(&["api-resources"])?.expect_ok("api-resources")?;
     for r in [
         "deployments",

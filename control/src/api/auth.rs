@@ -331,6 +331,24 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
             "rbac.authorization.k8s.io",
             "ClusterRole",
             cr(
+                "system:monitoring",
+                json!([{"nonResourceURLs": ["/metrics", "/livez", "/livez/*", "/readyz", "/readyz/*",
+                        "/healthz", "/healthz/*"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            crb(
+                "system:monitoring",
+                "system:monitoring",
+                "system:monitoring",
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
                 "system:basic-user",
                 json!([{"apiGroups": ["authorization.k8s.io"],
                         "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
@@ -416,6 +434,16 @@ mod tests {
             groups: vec!["system:masters".into()],
         };
         assert!(p.allows(&admin, &attrs("delete", "apps", "deployments", "", "x")));
+        // /metrics: the monitoring group's, not everyone's.
+        let mut metrics = attrs("get", "", "", "", "");
+        metrics.path = Some("/metrics".into());
+        assert!(!p.allows(&alice, &metrics));
+        let prometheus = User {
+            name: "prometheus".into(),
+            uid: String::new(),
+            groups: vec!["system:monitoring".into()],
+        };
+        assert!(p.allows(&prometheus, &metrics));
         // A namespace's admins and editors work in it, but cannot raise its limits.
         for role in ["admin", "edit"] {
             p.bindings.push(json!({"metadata": {"namespace": "team"},

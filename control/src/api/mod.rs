@@ -24,6 +24,7 @@ pub mod openapi;
 pub mod outpost;
 pub mod patch;
 pub mod pick;
+pub mod prom;
 pub mod proto;
 pub(crate) mod quota;
 pub(crate) mod raw;
@@ -75,6 +76,8 @@ pub struct Api {
     pub aot: crate::aot::Aot,
     /// Issues and checks ServiceAccount tokens (the cluster CA's key).
     pub signer: Option<token::Signer>,
+    /// Requests answered, for `/metrics`.
+    pub requests: prom::Requests,
 }
 
 impl Api {
@@ -88,6 +91,7 @@ impl Api {
             links: Arc::default(),
             aot: crate::aot::Aot::default(),
             signer: None,
+            requests: prom::Requests::default(),
         }
     }
 }
@@ -249,9 +253,27 @@ async fn impersonate(api: &Api, user: User, headers: &HeaderMap) -> Result<User,
 }
 
 async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let kind = prom::kind(
+        req.method().as_str(),
+        req.uri().path(),
+        Query::parse(req.uri().query()).flag("watch"),
+        req.headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|c| c.as_bytes().starts_with(b"application/apply-patch")),
+    );
+    let resp = answer(&api, req).await;
+    if let Some(kind) = kind {
+        api.requests
+            .record(kind, resp.status().as_u16(), started.elapsed());
+    }
+    resp
+}
+
+async fn answer(api: &Arc<Api>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let user = authenticate(&api, req.extensions().get::<Peer>(), req.headers()).await;
+    let user = authenticate(api, req.extensions().get::<Peer>(), req.headers()).await;
     let span = tracing::debug_span!("request", %method, %path,
         user = user.as_ref().map(|u| u.name.as_str()).unwrap_or(""));
     let probe = ["/livez", "/readyz", "/healthz"]
@@ -265,11 +287,11 @@ async fn handle(State(api): State<Arc<Api>>, req: Request) -> Response {
     let Some(user) = user else {
         return ApiError::Unauthorized.into_response();
     };
-    let user = match impersonate(&api, user, req.headers()).await {
+    let user = match impersonate(api, user, req.headers()).await {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    match dispatch(&api, user, req).instrument(span).await {
+    match dispatch(api, user, req).instrument(span).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -483,6 +505,17 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
         _ => {
             let p = if path.is_empty() { "/" } else { path.as_str() };
             rest::authorize(api, &user, &non_resource(p)).await?;
+            if p == "/metrics" && parts.method == Method::GET {
+                let text = prom::render(api).await;
+                return Ok((
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+                    .into_response());
+            }
             if parts.method != Method::GET {
                 return Err(ApiError::MethodNotAllowed(format!(
                     "{} is not supported on {p}",

@@ -821,6 +821,22 @@ impl Store {
         }
     }
 
+    /// How many keys start with `prefix`, on this member.
+    pub async fn count_prefix(&self, prefix: &str) -> Result<usize, Error> {
+        let sm = self.inner.sm.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut n = 0;
+            for item in sm.kv.prefix(&prefix) {
+                item.key()?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?
+    }
+
     /// Keys starting with `prefix`, in order, after `start_after` if given, at most `limit`
     /// (0 means no limit), all read at one revision.
     pub async fn range(

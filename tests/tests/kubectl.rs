@@ -1300,7 +1300,7 @@ apiVersion: v1
 kind: ResourceQuota
 metadata: {name: team-quota}
 spec:
-  hard: {pods: "2", requests.cpu: "1", limits.memory: 1Gi, count/configmaps: "5"}
+  hard: {pods: "2", requests.cpu: "1", limits.memory: 1Gi, count/configmaps: "5", services.nodeports: "1"}
 "#;
 
 #[test]
@@ -1405,6 +1405,33 @@ fn quotas_and_limit_ranges() -> anyhow::Result<()> {
             && d.stdout.contains("Resource Limits"),
         "{}",
         d.stdout
+    );
+    // An update that uses more is counted too: a Service turned NodePort.
+    up.kubectl(&[
+        "-n",
+        "team",
+        "create",
+        "service",
+        "clusterip",
+        "s",
+        "--tcp=80,443",
+    ])?
+    .expect_ok("create service")?;
+    let np = up
+        .kubectl(&[
+            "-n",
+            "team",
+            "patch",
+            "service",
+            "s",
+            "-p",
+            r#"{"spec":{"type":"NodePort"}}"#,
+        ])?
+        .expect_err("patch to NodePort")?;
+    ensure!(
+        np.stderr.contains("exceeded quota: team-quota, requested: services.nodeports=2, used: services.nodeports=0, limited: services.nodeports=1"),
+        "{}",
+        np.stderr
     );
     // A pod made by server-side apply is admitted whole: it has its QoS class too.
     up.kubectl_in(

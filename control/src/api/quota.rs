@@ -10,8 +10,9 @@
 //!   not ended, claims' storage, node ports and load balancers. A create that would pass a
 //!   cap is refused (403 `exceeded quota`), and one that is admitted adds its share to the
 //!   quota's `status.used` in the same breath (a conditional write, retried), so creates
-//!   racing each other cannot both take the last unit. Deletes give back at the controller's
-//!   next count (`controllers/quota.rs`), as in Kubernetes.
+//!   racing each other cannot both take the last unit. An update that grows an object's share
+//!   (a Service's node ports, a claim's storage) is checked and counted the same way. Deletes
+//!   give back at the controller's next count (`controllers/quota.rs`), as in Kubernetes.
 //!
 //! Quantities are compared as thousandths (millicores, millibytes): exact for every
 //! quantity Kubernetes writes.

@@ -1461,6 +1461,69 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
     Ok(())
 }
 
+/// As the ResourceQuota admission plugin, for an update that makes an object use more (a
+/// Service turned NodePort or LoadBalancer, a claim grown): refused if it would pass a cap,
+/// else the writes that add the growth to each quota's `status.used`, conditional on the
+/// quota as read.
+async fn quota_growth(ctx: &Ctx<'_>, old: &Value, new: &Value) -> Result<Vec<Op>, ApiError> {
+    let Some(ns) = &ctx.ns else {
+        return Ok(Vec::new());
+    };
+    if !(ctx.res.group.is_empty() && matches!(ctx.res.kind, "Service" | "PersistentVolumeClaim")) {
+        return Ok(Vec::new());
+    }
+    let res =
+        resources::find("", "v1", "resourcequotas").ok_or_else(|| internal("resourcequotas"))?;
+    let prefix = res.prefix(Some(ns));
+    if !ctx.api.store.has_prefix(&prefix)? {
+        return Ok(Vec::new());
+    }
+    let page = ctx
+        .api
+        .store
+        .range(&prefix, None, 0, Consistency::Linearizable)
+        .await?;
+    let mut ops = Vec::new();
+    for kv in &page.kvs {
+        let q = from_kv(kv)?;
+        if !quota::in_scope(&q, None) {
+            continue;
+        }
+        let add: quota::Usage = q["spec"]["hard"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, _)| {
+                let grew = quota::share(k, ctx.res, new)?
+                    .saturating_sub(quota::share(k, ctx.res, old).unwrap_or(0));
+                (grew > 0).then(|| (k.clone(), grew))
+            })
+            .collect();
+        if add.is_empty() {
+            continue;
+        }
+        let used = match quota::used(&q) {
+            Some(u) => u,
+            None => quota::count(ctx.api, ns, &q).await?,
+        };
+        if let Some(m) = quota::exceeded(&q, &used, &add) {
+            return Err(refused(ctx, new, &[m]));
+        }
+        let mut sum = used;
+        for (k, n) in &add {
+            *sum.entry(k.clone()).or_default() += n;
+        }
+        let mut next = q.clone();
+        next["status"] = quota::status(&q, &sum);
+        ops.push(Op::Put {
+            key: kv.key.clone(),
+            value: to_stored(&next),
+            expect: Expect::ModRevision(kv.mod_revision),
+        });
+    }
+    Ok(if ctx.dry_run { Vec::new() } else { ops })
+}
+
 /// A refusal by an admission plugin: `pods "web" is forbidden: …`, the reasons listed as
 /// Kubernetes aggregates them.
 fn refused(ctx: &Ctx<'_>, o: &Value, why: &[String]) -> ApiError {
@@ -2263,6 +2326,9 @@ where
         }];
         if finalized {
             ops.extend(release_ops(ctx.res, &new));
+        } else if sub.is_none() {
+            // In the same transaction: a quota that changed meanwhile retries the whole.
+            ops.extend(quota_growth(ctx, &old, &new).await?);
         }
         ops.extend_from_slice(extra);
         match ctx.api.store.txn(ops).await? {
@@ -2271,7 +2337,10 @@ where
                 return Ok((new, stored));
             }
             Outcome::Failed { .. } if pinned.is_some() => {
-                return Err(ApiError::modified(&ctx.res.qualified(), name))
+                // Stale only if the object moved on, not a quota written in between.
+                if get_kv(ctx, name).await?.mod_revision != kv.mod_revision {
+                    return Err(ApiError::modified(&ctx.res.qualified(), name));
+                }
             }
             Outcome::Failed { .. } => continue,
             other => return Err(internal(format!("unexpected outcome {other:?}"))),

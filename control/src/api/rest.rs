@@ -1483,31 +1483,52 @@ async fn quota_growth(ctx: &Ctx<'_>, old: &Value, new: &Value) -> Result<Vec<Op>
         .store
         .range(&prefix, None, 0, Consistency::Linearizable)
         .await?;
+    let grow = |k: &str| {
+        let more = quota::share(k, ctx.res, new)?
+            .saturating_sub(quota::share(k, ctx.res, old).unwrap_or(0));
+        (more > 0).then_some(more)
+    };
+    let ops = quota_writes(ctx, ns, &page.kvs, None, new, grow).await?;
+    Ok(if ctx.dry_run { Vec::new() } else { ops })
+}
+
+/// For each quota in `quotas` whose scopes take the object `o` in (`pod`, if it is one), what
+/// `grow` says it adds to each cap: refused if a cap would be passed (or a pod leaves out a
+/// compute resource a cap needs), else the writes that add it to each quota's `status.used`,
+/// conditional on the quota as read.
+async fn quota_writes(
+    ctx: &Ctx<'_>,
+    ns: &str,
+    quotas: &[KeyValue],
+    pod: Option<&Value>,
+    o: &Value,
+    grow: impl Fn(&str) -> Option<u128>,
+) -> Result<Vec<Op>, ApiError> {
     let mut ops = Vec::new();
-    for kv in &page.kvs {
+    for kv in quotas {
         let q = from_kv(kv)?;
-        if !quota::in_scope(&q, None) {
+        if !quota::in_scope(&q, pod) {
             continue;
         }
         let add: quota::Usage = q["spec"]["hard"]
             .as_object()
             .into_iter()
             .flatten()
-            .filter_map(|(k, _)| {
-                let grew = quota::share(k, ctx.res, new)?
-                    .saturating_sub(quota::share(k, ctx.res, old).unwrap_or(0));
-                (grew > 0).then(|| (k.clone(), grew))
-            })
+            .filter_map(|(k, _)| Some((k.clone(), grow(k)?)))
             .collect();
         if add.is_empty() {
             continue;
+        }
+        if let Some(m) = pod.and_then(|p| quota::unstated(&q, p)) {
+            let why = format!("failed quota: {}: {m}", name_of(&q));
+            return Err(refused(ctx, o, &[why]));
         }
         let used = match quota::used(&q) {
             Some(u) => u,
             None => quota::count(ctx.api, ns, &q).await?,
         };
         if let Some(m) = quota::exceeded(&q, &used, &add) {
-            return Err(refused(ctx, new, &[m]));
+            return Err(refused(ctx, o, &[m]));
         }
         let mut sum = used;
         for (k, n) in &add {
@@ -1521,7 +1542,7 @@ async fn quota_growth(ctx: &Ctx<'_>, old: &Value, new: &Value) -> Result<Vec<Op>
             expect: Expect::ModRevision(kv.mod_revision),
         });
     }
-    Ok(if ctx.dry_run { Vec::new() } else { ops })
+    Ok(ops)
 }
 
 /// A refusal by an admission plugin: `pods "web" is forbidden: …`, the reasons listed as
@@ -1589,44 +1610,8 @@ async fn admit_quota(ctx: &Ctx<'_>, o: &Value) -> Result<(), ApiError> {
             .store
             .range(&prefix, None, 0, Consistency::Linearizable)
             .await?;
-        let mut ops = Vec::new();
-        for kv in &page.kvs {
-            let q = from_kv(kv)?;
-            if !quota::in_scope(&q, pod.then_some(o)) {
-                continue;
-            }
-            let add: quota::Usage = q["spec"]["hard"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, _)| Some((k.clone(), quota::share(k, ctx.res, o)?)))
-                .collect();
-            if add.is_empty() {
-                continue;
-            }
-            let qname = name_of(&q).to_string();
-            if let Some(m) = pod.then(|| quota::unstated(&q, o)).flatten() {
-                return Err(refused(ctx, o, &[format!("failed quota: {qname}: {m}")]));
-            }
-            let used = match quota::used(&q) {
-                Some(u) => u,
-                None => quota::count(ctx.api, ns, &q).await?,
-            };
-            if let Some(m) = quota::exceeded(&q, &used, &add) {
-                return Err(refused(ctx, o, &[m]));
-            }
-            let mut sum = used;
-            for (k, n) in &add {
-                *sum.entry(k.clone()).or_default() += n;
-            }
-            let mut next = q.clone();
-            next["status"] = quota::status(&q, &sum);
-            ops.push(Op::Put {
-                key: kv.key.clone(),
-                value: to_stored(&next),
-                expect: Expect::ModRevision(kv.mod_revision),
-            });
-        }
+        let grow = |k: &str| quota::share(k, ctx.res, o);
+        let ops = quota_writes(ctx, ns, &page.kvs, pod.then_some(o), o, grow).await?;
         if ops.is_empty() || ctx.dry_run {
             return Ok(());
         }

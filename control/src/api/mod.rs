@@ -625,7 +625,8 @@ async fn viewed(
             parts.headers.insert(header::ACCEPT, h);
         }
     }
-    let watch = query.flag("watch");
+    // A stream only where the answer is one: a GET of a collection asking to watch.
+    let watch = query.flag("watch") && parts.method == Method::GET && target.name.is_none();
     let resp = rest::serve(api, user, parts, query, target, body).await?;
     let ct = resp
         .headers()
@@ -641,20 +642,32 @@ async fn viewed(
     headers.remove(header::CONTENT_LENGTH);
     if watch {
         use futures::StreamExt;
-        // One event a line; a line may come in pieces.
-        let mut buf: Vec<u8> = Vec::new();
-        let lines = body.into_data_stream().map(move |chunk| {
-            chunk.map(|c| {
-                buf.extend_from_slice(&c);
-                let mut out = Vec::new();
-                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    out.extend(view.watch_line_down(&line[..i]));
-                    out.push(b'\n');
-                }
-                Bytes::from(out)
+        // One event a line; a line may come in pieces, and the last may end unterminated.
+        let buf = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let rest = buf.clone();
+        let lines = body
+            .into_data_stream()
+            .map(move |chunk| {
+                chunk.map(|c| {
+                    let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
+                    buf.extend_from_slice(&c);
+                    let mut out = Vec::new();
+                    while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=i).collect();
+                        out.extend(view.watch_line_down(&line[..i]));
+                        out.push(b'\n');
+                    }
+                    Bytes::from(out)
+                })
             })
-        });
+            .chain(futures::stream::once(async move {
+                let left = std::mem::take(&mut *rest.lock().unwrap_or_else(|e| e.into_inner()));
+                Ok(if left.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::from(view.watch_line_down(&left))
+                })
+            }));
         return Ok((head.status, headers, Body::from_stream(lines)).into_response());
     }
     let bytes = axum::body::to_bytes(body, usize::MAX)

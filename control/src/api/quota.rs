@@ -26,42 +26,93 @@ use super::resources::{self, Resource};
 /// What a quota tracks, in thousandths of a unit.
 pub type Usage = BTreeMap<String, u128>;
 
-/// A quantity (`500m`, `1.5`, `64Mi`, `1G`, `2e3`) in thousandths of its unit.
+/// Quantities past this many thousandths are held at it: far beyond anything real, and
+/// sums of a great many of them stay exact.
+const MOST: u128 = 1 << 100;
+
+/// A quantity (`500m`, `1.5`, `64Mi`, `1G`, `2e3`, `1Ei`) in thousandths of its unit,
+/// exactly: decimal digits and powers of ten and two, rounded up once at the end, as
+/// Kubernetes' `MilliValue` does.
 pub fn milli(q: &Value) -> Option<u128> {
     let s = match q {
         Value::String(s) => s.trim().to_string(),
         Value::Number(n) => n.to_string(),
         _ => return None,
     };
-    let split = s
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .or_else(|| {
-            // A trailing `E` is exa, not an exponent.
-            s.ends_with('E').then(|| s.len() - 1)
-        })
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let mul: f64 = match unit {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
+    let b = s.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'+'));
+    let mut digits = String::new();
+    let mut fraction = 0i32;
+    while i < b.len() && b[i].is_ascii_digit() {
+        digits.push(b[i] as char);
+        i += 1;
+    }
+    if i < b.len() && b[i] == b'.' {
+        i += 1;
+        while i < b.len() && b[i].is_ascii_digit() {
+            digits.push(b[i] as char);
+            fraction += 1;
+            i += 1;
+        }
+    }
+    if digits.is_empty() {
+        return None;
+    }
+    // An exponent is `e` or `E` with digits after it; a bare `E` (or `Ei`) is a suffix.
+    let mut exp = 0i32;
+    if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
+        let mut j = i + 1;
+        let negative = b.get(j) == Some(&b'-');
+        if matches!(b.get(j), Some(b'-' | b'+')) {
+            j += 1;
+        }
+        let start = j;
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        if j > start {
+            let e: i32 = s[start..j].parse().unwrap_or(i32::MAX).min(1000);
+            exp = if negative { -e } else { e };
+            i = j;
+        }
+    }
+    let (ten, two): (i32, u32) = match &s[i..] {
+        "" => (0, 0),
+        "n" => (-9, 0),
+        "u" => (-6, 0),
+        "m" => (-3, 0),
+        "k" => (3, 0),
+        "M" => (6, 0),
+        "G" => (9, 0),
+        "T" => (12, 0),
+        "P" => (15, 0),
+        "E" => (18, 0),
+        "Ki" => (0, 10),
+        "Mi" => (0, 20),
+        "Gi" => (0, 30),
+        "Ti" => (0, 40),
+        "Pi" => (0, 50),
+        "Ei" => (0, 60),
         _ => return None,
     };
-    (n.is_finite() && n >= 0.0).then(|| (n * mul * 1000.0).ceil() as u128)
+    let digits = digits.trim_start_matches('0');
+    let mut m: u128 = if digits.len() > 36 {
+        MOST
+    } else {
+        digits.parse().unwrap_or(0)
+    };
+    m = m.saturating_mul(1 << two);
+    let scale = exp + ten + 3 - fraction;
+    if scale >= 0 {
+        for _ in 0..scale.min(40) {
+            m = m.saturating_mul(10);
+        }
+    } else if -scale > 38 {
+        m = u128::from(m > 0);
+    } else {
+        m = m.div_ceil(10u128.pow((-scale) as u32));
+    }
+    Some(m.min(MOST))
 }
 
 /// `m` thousandths as a quantity for resource `name`: CPU in cores or millicores, bytes with
@@ -96,7 +147,11 @@ fn map(v: &Value) -> impl Iterator<Item = (&String, &Value)> {
 /// The defaults Kubernetes gives a LimitRange's `Container` items: a default limit from the
 /// max, a default request from the default limit, else from the min.
 pub fn default_limit_range(o: &mut Value) {
-    let Some(items) = o["spec"]["limits"].as_array_mut() else {
+    let Some(items) = o
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("limits"))
+        .and_then(Value::as_array_mut)
+    else {
         return;
     };
     for item in items.iter_mut().filter(|i| i["type"] == "Container") {
@@ -121,6 +176,18 @@ pub fn default_limit_range(o: &mut Value) {
     }
 }
 
+/// A container whose resources can be filled in: an object, its `resources` and their
+/// `requests` and `limits` objects or absent. Anything else is left for validation to refuse.
+fn well_formed(c: &Value) -> bool {
+    let r = &c["resources"];
+    c.is_object()
+        && (r.is_null() || r.is_object())
+        && ["requests", "limits"]
+            .iter()
+            .all(|f| r[f].is_null() || r[f].is_object())
+}
+
+/// A pod's containers and init containers that are [`well_formed`].
 fn containers_mut(spec: &mut Value) -> impl Iterator<Item = &mut Value> {
     let Some(m) = spec.as_object_mut() else {
         return Vec::new().into_iter();
@@ -129,7 +196,7 @@ fn containers_mut(spec: &mut Value) -> impl Iterator<Item = &mut Value> {
     for (k, v) in m.iter_mut() {
         if k == "containers" || k == "initContainers" {
             if let Some(list) = v.as_array_mut() {
-                out.extend(list.iter_mut());
+                out.extend(list.iter_mut().filter(|c| well_formed(c)));
             }
         }
     }
@@ -144,6 +211,24 @@ pub fn limit_pod(ranges: &[Value], pod: &mut Value) -> Vec<String> {
         .iter()
         .flat_map(|r| r["spec"]["limits"].as_array().into_iter().flatten())
         .collect();
+    // A request left out is its limit, as the API defaults every pod, before any default
+    // request: a container stating only limits stays Guaranteed.
+    for c in containers_mut(&mut pod["spec"]) {
+        let limits: Vec<(String, Value)> = map(&c["resources"]["limits"])
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if limits.is_empty() {
+            continue;
+        }
+        if !c["resources"]["requests"].is_object() {
+            c["resources"]["requests"] = json!({});
+        }
+        if let Some(r) = c["resources"]["requests"].as_object_mut() {
+            for (k, v) in limits {
+                r.entry(k).or_insert(v);
+            }
+        }
+    }
     for item in items.iter().filter(|i| i["type"] == "Container") {
         for c in containers_mut(&mut pod["spec"]) {
             for (field, from) in [("limits", "default"), ("requests", "defaultRequest")] {
@@ -180,7 +265,8 @@ pub fn limit_pod(ranges: &[Value], pod: &mut Value) -> Vec<String> {
                     let mut total: BTreeMap<String, u128> = BTreeMap::new();
                     for c in spec["containers"].as_array().into_iter().flatten() {
                         for (k, v) in map(&c["resources"][field]) {
-                            *total.entry(k.clone()).or_default() += milli(v).unwrap_or(0);
+                            let t = total.entry(k.clone()).or_default();
+                            *t = t.saturating_add(milli(v).unwrap_or(0));
                         }
                     }
                     for (k, m) in total {
@@ -223,54 +309,55 @@ fn bounds(item: &Value, scope: &str, res: &Value, why: &mut Vec<String>) {
             .as_str()
             .map_or_else(|| res[field][k].to_string(), String::from)
     };
+    // One reason per bound and resource, the first found, as the LimitRanger gives.
     for (k, min) in map(&item["min"]) {
         let Some(lo) = milli(min) else { continue };
         let min = min.as_str().unwrap_or_default();
-        match get("requests", k) {
-            None => why.push(format!(
-                "minimum {k} usage per {scope} is {min}.  No request is specified"
-            )),
-            Some(r) if r < lo => why.push(format!(
+        let reason = match (get("requests", k), get("limits", k)) {
+            (None, _) => {
+                format!("minimum {k} usage per {scope} is {min}.  No request is specified")
+            }
+            (Some(r), _) if r < lo => format!(
                 "minimum {k} usage per {scope} is {min}, but request is {}",
                 show("requests", k)
-            )),
-            _ => {}
-        }
-        if get("limits", k).is_some_and(|l| l < lo) {
-            why.push(format!(
+            ),
+            (_, Some(l)) if l < lo => format!(
                 "minimum {k} usage per {scope} is {min}, but limit is {}",
                 show("limits", k)
-            ));
-        }
+            ),
+            _ => continue,
+        };
+        why.push(reason);
     }
     for (k, max) in map(&item["max"]) {
         let Some(hi) = milli(max) else { continue };
         let max = max.as_str().unwrap_or_default();
-        match get("limits", k) {
+        let reason = match (get("limits", k), get("requests", k)) {
             // A claim is bounded by its request; it has no limit.
-            None if scope == "PersistentVolumeClaim" => {}
-            None => why.push(format!(
-                "maximum {k} usage per {scope} is {max}.  No limit is specified"
-            )),
-            Some(l) if l > hi => why.push(format!(
-                "maximum {k} usage per {scope} is {max}, but limit is {}",
-                show("limits", k)
-            )),
-            _ => {}
-        }
-        if get("requests", k).is_some_and(|r| r > hi) {
-            why.push(format!(
+            (None, Some(r)) if scope == "PersistentVolumeClaim" && r > hi => format!(
                 "maximum {k} usage per {scope} is {max}, but request is {}",
                 show("requests", k)
-            ));
-        }
+            ),
+            (None, _) if scope == "PersistentVolumeClaim" => continue,
+            (None, _) => format!("maximum {k} usage per {scope} is {max}.  No limit is specified"),
+            (Some(l), _) if l > hi => format!(
+                "maximum {k} usage per {scope} is {max}, but limit is {}",
+                show("limits", k)
+            ),
+            (_, Some(r)) if r > hi => format!(
+                "maximum {k} usage per {scope} is {max}, but request is {}",
+                show("requests", k)
+            ),
+            _ => continue,
+        };
+        why.push(reason);
     }
     for (k, ratio) in map(&item["maxLimitRequestRatio"]) {
         let (Some(ratio), Some(l)) = (milli(ratio), get("limits", k)) else {
             continue;
         };
         match get("requests", k) {
-            Some(r) if r > 0 && l * 1000 > ratio * r => why.push(format!(
+            Some(r) if r > 0 && l.saturating_mul(1000) > ratio.saturating_mul(r) => why.push(format!(
                 "{k} max limit to request ratio per {scope} is {}, but provided ratio is {:.6}",
                 quantity("", ratio),
                 l as f64 / r as f64
@@ -374,7 +461,7 @@ fn pod_amount(spec: &Value, field: &str, resource: &str) -> u128 {
         v.and_then(milli).unwrap_or(0)
     };
     let list = |k: &str| spec[k].as_array().into_iter().flatten();
-    let sum: u128 = list("containers").map(of).sum();
+    let sum = list("containers").map(of).fold(0u128, u128::saturating_add);
     sum.max(list("initContainers").map(of).max().unwrap_or(0))
 }
 
@@ -489,15 +576,21 @@ pub async fn count(api: &super::Api, ns: &str, q: &Value) -> Result<Usage, crate
             .iter()
             .filter(|o| in_scope(q, pods.then_some(*o)))
             .filter_map(|o| share(name, res, o))
-            .sum();
+            .fold(0, u128::saturating_add);
         usage.insert(name.clone(), total);
     }
     Ok(usage)
 }
 
-/// A quota's `status.used`, if it has one, in thousandths.
+/// A quota's `status.used` in thousandths, if it is known for every cap the spec names
+/// (a cap just added is not: then the quota must be counted afresh).
 pub fn used(q: &Value) -> Option<Usage> {
     let u = q["status"]["used"].as_object()?;
+    if q["status"]["hard"] != q["spec"]["hard"]
+        || map(&q["spec"]["hard"]).any(|(k, _)| !u.contains_key(k))
+    {
+        return None;
+    }
     Some(
         u.iter()
             .filter_map(|(k, v)| Some((k.clone(), milli(v)?)))
@@ -526,7 +619,7 @@ pub fn exceeded(q: &Value, used: &Usage, add: &Usage) -> Option<String> {
             continue;
         };
         let u = used.get(k).copied().unwrap_or(0);
-        if u + n > hard {
+        if u.saturating_add(*n) > hard {
             over.push((k, [*n, u, hard]));
         }
     }
@@ -561,6 +654,21 @@ mod tests {
         assert_eq!(milli(&json!("1G")), Some(1_000_000_000_000));
         assert_eq!(milli(&json!("2e3")), Some(2_000_000));
         assert_eq!(milli(&json!("1E")), Some(1_000_000_000_000_000_000_000));
+        // Exact where floating point would round up a thousandth too many.
+        assert_eq!(milli(&json!("350m")), Some(350));
+        assert_eq!(milli(&json!("700m")), Some(700));
+        assert_eq!(milli(&json!("9m")), Some(9));
+        assert_eq!(milli(&json!("16.1")), Some(16100));
+        assert_eq!(milli(&json!("0.5Ki")), Some(512_000));
+        assert_eq!(milli(&json!("1Ei")), Some((1u128 << 60) * 1000));
+        assert_eq!(milli(&json!("1e-3")), Some(1));
+        assert_eq!(milli(&json!("100n")), Some(1));
+        assert_eq!(milli(&json!("+1")), Some(1000));
+        assert_eq!(milli(&json!("1e36")), Some(MOST));
+        assert_eq!(milli(&json!("9".repeat(60))), Some(MOST));
+        assert_eq!(milli(&json!("1.")), Some(1000));
+        assert_eq!(milli(&json!(".")), None);
+        assert_eq!(milli(&json!("1Q")), None);
         assert_eq!(milli(&json!("x")), None);
         assert_eq!(milli(&json!("-1")), None);
         assert_eq!(quantity("requests.cpu", 1500), "1500m");
@@ -589,7 +697,7 @@ mod tests {
         assert_eq!(
             pod["spec"]["containers"][0]["resources"],
             json!({"limits": {"memory": "256Mi", "cpu": "500m"},
-                   "requests": {"cpu": "500m", "memory": "1Gi"}})
+                   "requests": {"cpu": "500m", "memory": "256Mi"}})
         );
         assert_eq!(
             pod["spec"]["containers"][1]["resources"]["limits"]["memory"],
@@ -598,12 +706,21 @@ mod tests {
         let mut big = json!({"spec": {"containers": [{"name": "a",
             "resources": {"limits": {"memory": "2Gi"}, "requests": {"cpu": "50m"}}}]}});
         assert_eq!(
-            limit_pod(&[lr], &mut big),
+            limit_pod(std::slice::from_ref(&lr), &mut big),
             [
                 "minimum cpu usage per Container is 100m, but request is 50m",
                 "maximum memory usage per Container is 1Gi, but limit is 2Gi"
             ]
         );
+        // Malformed pods and ranges are left for validation, not a panic.
+        let mut odd = json!({"spec": {"containers": ["x", {"name": "a", "resources": "y"},
+            {"name": "b", "resources": {"limits": 3}}]}});
+        let before = odd.clone();
+        limit_pod(std::slice::from_ref(&lr), &mut odd);
+        assert_eq!(odd, before);
+        let mut bad = json!({"spec": "x"});
+        default_limit_range(&mut bad);
+        assert_eq!(bad, json!({"spec": "x"}));
         let pods = json!({"spec": {"limits": [{"type": "Pod", "max": {"cpu": "1"}},
             {"type": "Container", "maxLimitRequestRatio": {"cpu": "2"}}]}});
         let mut two = json!({"spec": {"containers": [
@@ -672,10 +789,13 @@ mod tests {
             json!({"hard": q["spec"]["hard"], "used": {"pods": "2", "limits.cpu": "0",
                 "requests.memory": "0"}})
         );
-        assert_eq!(
-            self::used(&json!({"status": {"used": {"pods": "2"}}})),
-            Some(used)
-        );
+        let counted = json!({"spec": {"hard": {"pods": "3"}},
+            "status": {"hard": {"pods": "3"}, "used": {"pods": "2"}}});
+        assert_eq!(self::used(&counted), Some(used));
+        // A cap added since the last count: unknown until counted again.
+        let mut grown = counted.clone();
+        grown["spec"]["hard"]["secrets"] = json!("1");
+        assert_eq!(self::used(&grown), None);
 
         let scoped = json!({"spec": {"scopes": ["BestEffort"], "hard": {"pods": "1"}}});
         assert!(!in_scope(&scoped, Some(&pod)));

@@ -1481,7 +1481,7 @@ async fn quota_growth(ctx: &Ctx<'_>, old: &Value, new: &Value) -> Result<Vec<Op>
     let page = ctx
         .api
         .store
-        .range(&prefix, None, 0, Consistency::Linearizable)
+        .range(&prefix, None, 0, Consistency::Serializable)
         .await?;
     let grow = |k: &str| {
         let more = quota::share(k, ctx.res, new)?
@@ -1532,7 +1532,8 @@ async fn quota_writes(
         }
         let mut sum = used;
         for (k, n) in &add {
-            *sum.entry(k.clone()).or_default() += n;
+            let u = sum.entry(k.clone()).or_default();
+            *u = u.saturating_add(*n);
         }
         let mut next = q.clone();
         next["status"] = quota::status(&q, &sum);
@@ -1604,12 +1605,30 @@ async fn admit_quota(ctx: &Ctx<'_>, o: &Value) -> Result<(), ApiError> {
         return Ok(());
     }
     let pod = ctx.res.group.is_empty() && ctx.res.kind == "Pod";
-    for _ in 0..16 {
+    for tries in 0..16u64 {
+        if tries > 0 {
+            // Creates racing for the same quota: spread them out.
+            let ms = rand::random::<u64>() % (2 * tries) + 1;
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        // This member's copy: as an informer's cache serves the plugin in Kubernetes. The
+        // conditional write catches a copy that is behind.
         let page = ctx
             .api
             .store
-            .range(&prefix, None, 0, Consistency::Linearizable)
+            .range(&prefix, None, 0, Consistency::Serializable)
             .await?;
+        let counts_it = page.kvs.iter().any(|kv| {
+            pick::only(&kv.value, &["spec.hard"]).is_ok_and(|q| {
+                q["spec"]["hard"].as_object().is_some_and(|h| {
+                    h.keys()
+                        .any(|k| quota::counted(k).is_some_and(|r| std::ptr::eq(r, ctx.res)))
+                })
+            })
+        });
+        if !counts_it {
+            return Ok(());
+        }
         let grow = |k: &str| quota::share(k, ctx.res, o);
         let ops = quota_writes(ctx, ns, &page.kvs, pod.then_some(o), o, grow).await?;
         if ops.is_empty() || ctx.dry_run {
@@ -2287,6 +2306,10 @@ where
             check(ctx, &new, &input, sub)?;
         }
         set_rv(&mut new, kv.mod_revision);
+        if ctx.dry_run && sub.is_none() {
+            // Refused as the real update would be; nothing written.
+            quota_growth(ctx, &old, &new).await?;
+        }
         if new == old || ctx.dry_run {
             return Ok((new, None));
         }

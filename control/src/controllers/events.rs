@@ -1,9 +1,9 @@
 //! Event expiry: an Event lasts [`TTL`] after it was last written, as kube-apiserver's
 //! `--event-ttl` keeps it (there by an etcd lease on each write). Without it a cluster that
 //! runs for months keeps every event it ever recorded. On the leader, every [`SWEEP`] at most,
-//! events whose last write (the newest of their managed fields' times, their timestamps and
-//! their creation) is older than the TTL are deleted, each on the condition that it has not
-//! been written since it was read.
+//! events whose last write (the newest of the times the server wrote: their managed fields'
+//! and their creation) is older than the TTL are deleted, each on the condition that it has
+//! not been written since it was read.
 //!
 //! Events once kept apart for events.k8s.io, before that group became a view of the core
 //! ones ([`crate::api::convert`]), are no longer seen by any reader; they go at the first
@@ -87,19 +87,14 @@ async fn sweep(
     }
 }
 
-/// When a stored event was last written, as well as it shows: the newest of the times its
-/// writers recorded (managed fields), its last timestamp, event time, series' last
-/// observation and creation.
+/// When a stored event was last written, from the times the server wrote: its creation and
+/// each writer's last write (managed fields). The times its reporter sets (lastTimestamp,
+/// eventTime, a series' last observation) are not taken: a node with its clock ahead would
+/// keep its events for ever.
 fn last_write(raw: &[u8]) -> Option<i64> {
     let o = crate::api::pick::only(
         raw,
-        &[
-            "metadata.creationTimestamp",
-            "metadata.managedFields",
-            "lastTimestamp",
-            "eventTime",
-            "series",
-        ],
+        &["metadata.creationTimestamp", "metadata.managedFields"],
     )
     .ok()?;
     let managed = o["metadata"]["managedFields"]
@@ -107,16 +102,10 @@ fn last_write(raw: &[u8]) -> Option<i64> {
         .into_iter()
         .flatten()
         .map(|m| &m["time"]);
-    [
-        &o["metadata"]["creationTimestamp"],
-        &o["lastTimestamp"],
-        &o["eventTime"],
-        &o["series"]["lastObservedTime"],
-    ]
-    .into_iter()
-    .chain(managed)
-    .filter_map(|t: &Value| seconds(t))
-    .max()
+    std::iter::once(&o["metadata"]["creationTimestamp"])
+        .chain(managed)
+        .filter_map(|t: &Value| seconds(t))
+        .max()
 }
 
 #[cfg(test)]
@@ -135,7 +124,7 @@ mod tests {
         let raw = serde_json::to_vec(&e).unwrap();
         assert_eq!(
             last_write(&raw),
-            Some(seconds(&json!("2026-01-01T00:20:00Z")).unwrap())
+            Some(seconds(&json!("2026-01-01T00:10:00Z")).unwrap())
         );
         let bare = json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}});
         assert_eq!(

@@ -1055,7 +1055,30 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
         .expect_ok("apply")?;
     up.kubectl(&["create", "ns", "keep"])?.expect_ok("ns")?;
     let before = json(&up.kubectl(&["get", "deploy", "web", "-o", "json"])?.stdout)?;
+    // Bootstrap roles as an older version left them: put back at start, unless kept.
+    let wide = r#"[{"op":"replace","path":"/rules","value":[{"apiGroups":["*"],"resources":["*"],"verbs":["*"]}]}]"#;
+    for role in ["edit", "view"] {
+        up.kubectl(&["patch", "clusterrole", role, "--type=json", "-p", wide])?
+            .expect_ok("widen role")?;
+    }
+    up.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "clusterrole",
+        "view",
+        "rbac.authorization.kubernetes.io/autoupdate=false",
+    ])?
+    .expect_ok("keep view")?;
     up.restart()?;
+    let rules = |role: &str| -> anyhow::Result<String> {
+        Ok(up
+            .kubectl(&["get", "clusterrole", role, "-o", "jsonpath={.rules[*].apiGroups}"])?
+            .expect_ok("rules")?
+            .stdout)
+    };
+    let (edit, view) = (rules("edit")?, rules("view")?);
+    ensure!(!edit.contains("\"*\"") && edit.contains("apps"), "{edit}");
+    ensure!(view == r#"["*"]"#, "{view}");
     let after = json(
         &up.kubectl(&["get", "deploy", "web", "-o", "json"])?
             .expect_ok("after restart")?

@@ -2953,12 +2953,39 @@ fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>)
 }
 
 /// Create the objects every cluster starts with (idempotent; runs on every start).
+/// A bootstrap ClusterRole stored by an earlier version, given this version's rules unless
+/// its `rbac.authorization.kubernetes.io/autoupdate` annotation says `false` (how an
+/// administrator keeps a changed one). Unlike kube-apiserver, which only adds, the rules are
+/// replaced: a version that narrows a role (admin and edit no longer write quotas) must
+/// narrow it on clusters made before too.
+async fn update_role(ctx: &Ctx<'_>, want: &Value) -> Result<(), ApiError> {
+    let name = name_of(want).to_string();
+    let stored = from_kv(&get_kv(ctx, &name).await?)?;
+    let keep =
+        stored["metadata"]["annotations"]["rbac.authorization.kubernetes.io/autoupdate"] == "false";
+    if keep || stored["rules"] == want["rules"] {
+        return Ok(());
+    }
+    tracing::info!(role = %name, "bootstrap ClusterRole updated to this version's rules");
+    update_with(ctx, &name, None, false, |old| {
+        let mut new = old.clone();
+        new["rules"] = want["rules"].clone();
+        Ok((new, true))
+    })
+    .await
+    .map(|_| ())
+}
+
 pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
     for (group, kind, o) in auth::bootstrap_objects() {
         let r = resources::by_kind(group, kind).ok_or_else(|| internal(kind))?;
         let ctx = system_ctx(api, r, None);
-        match create(&ctx, o).await {
-            Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+        match create(&ctx, o.clone()).await {
+            Ok(_) => {}
+            Err(ApiError::AlreadyExists { .. }) if kind == "ClusterRole" => {
+                update_role(&ctx, &o).await?;
+            }
+            Err(ApiError::AlreadyExists { .. }) => {}
             Err(e) => return Err(e),
         }
     }

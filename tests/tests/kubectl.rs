@@ -1072,7 +1072,13 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
     up.restart()?;
     let rules = |role: &str| -> anyhow::Result<String> {
         Ok(up
-            .kubectl(&["get", "clusterrole", role, "-o", "jsonpath={.rules[*].apiGroups}"])?
+            .kubectl(&[
+                "get",
+                "clusterrole",
+                role,
+                "-o",
+                "jsonpath={.rules[*].apiGroups}",
+            ])?
             .expect_ok("rules")?
             .stdout)
     };
@@ -1429,6 +1435,63 @@ fn quotas_and_limit_ranges() -> anyhow::Result<()> {
         "{}",
         d.stdout
     );
+    // The namespace's admin works in it but cannot lift its caps, not even by granting
+    // itself more: RBAC's escalation check.
+    up.kubectl(&[
+        "-n",
+        "team",
+        "create",
+        "rolebinding",
+        "lead",
+        "--clusterrole=admin",
+        "--user=lead",
+    ])?
+    .expect_ok("admin binding")?;
+    let lead = |args: &[&str]| {
+        let mut a = vec!["-n", "team", "--as=lead"];
+        a.extend_from_slice(args);
+        up.kubectl(&a)
+    };
+    lead(&[
+        "create",
+        "rolebinding",
+        "helper",
+        "--clusterrole=edit",
+        "--user=helper",
+    ])?
+    .expect_ok("lead grants edit")?;
+    lead(&[
+        "patch",
+        "quota",
+        "team-quota",
+        "-p",
+        r#"{"spec":{"hard":{"pods":"100"}}}"#,
+    ])?
+    .expect_err("lead raises the quota")?;
+    for grab in [
+        vec![
+            "create",
+            "rolebinding",
+            "grab",
+            "--clusterrole=cluster-admin",
+            "--user=lead",
+        ],
+        vec![
+            "create",
+            "role",
+            "quotas",
+            "--verb=update",
+            "--resource=resourcequotas",
+        ],
+    ] {
+        let e = lead(&grab)?.expect_err("escalation")?;
+        ensure!(
+            e.stderr
+                .contains("is attempting to grant RBAC permissions not currently held"),
+            "{}",
+            e.stderr
+        );
+    }
     // An update that uses more is counted too: a Service turned NodePort.
     up.kubectl(&[
         "-n",

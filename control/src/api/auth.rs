@@ -282,7 +282,27 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",
-            cr("admin", limited(&["*"], &["*"], &read)),
+            cr("admin", {
+                // What edit may, on every group, without `escalate` or `bind` (RBAC's own
+                // check then keeps an admin from granting more than it holds), and acting
+                // as the namespace's service accounts.
+                let mut rules = limited(
+                    &["*"],
+                    &read
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .chain(write.as_array().into_iter().flatten())
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>(),
+                    &read,
+                );
+                if let Some(list) = rules.as_array_mut() {
+                    list.push(json!({"apiGroups": [""], "resources": ["serviceaccounts"],
+                        "verbs": ["impersonate"]}));
+                }
+                rules
+            }),
         ),
         (
             "rbac.authorization.k8s.io",

@@ -1455,6 +1455,7 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
             o["status"] = json!({"phase": "Pending", "qosClass": admit::qos_class(&o["spec"])});
         }
     }
+    no_escalation(ctx, o).await?;
     if o.get("spec").is_some() {
         meta(o).insert("generation".into(), json!(1));
     }
@@ -1544,6 +1545,112 @@ async fn quota_writes(
         });
     }
     Ok(ops)
+}
+
+/// As kube-apiserver's RBAC escalation check: a Role or ClusterRole may be written only by
+/// someone who holds every permission it grants (or may `escalate` it), and a binding only
+/// by someone who holds every permission of the role it names, where it applies (or may
+/// `bind` that role). Otherwise whoever may write bindings in a namespace could grant
+/// themselves anything there, quotas included.
+async fn no_escalation(ctx: &Ctx<'_>, o: &Value) -> Result<(), ApiError> {
+    const RBAC: &str = "rbac.authorization.k8s.io";
+    if ctx.res.group != RBAC || ctx.user.is_master() {
+        return Ok(());
+    }
+    let ns = ctx.ns.clone().unwrap_or_default();
+    let (rules, verb, role_plural, role) = match ctx.res.kind {
+        "Role" | "ClusterRole" => (
+            o["rules"].clone(),
+            "escalate",
+            ctx.res.plural,
+            name_of(o).to_string(),
+        ),
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let kind = o["roleRef"]["kind"].as_str().unwrap_or("");
+            let role = o["roleRef"]["name"].as_str().unwrap_or("").to_string();
+            let (plural, key_ns) = match kind {
+                "ClusterRole" => ("clusterroles", None),
+                "Role" => ("roles", Some(ns.as_str())),
+                _ => return Ok(()),
+            };
+            let res = resources::find(RBAC, "v1", plural).ok_or_else(|| internal(plural))?;
+            let rules = match admission_read(ctx, &res.key(key_ns, &role)).await? {
+                Some(kv) => pick::only(&kv.value, &["rules"]).map_err(internal)?["rules"].clone(),
+                // A binding to a role not made yet grants nothing until it is.
+                None => Value::Null,
+            };
+            (rules, "bind", plural, role)
+        }
+        _ => return Ok(()),
+    };
+    let policy = load_policy(ctx.api).await?;
+    let may =
+        |verb: &str, group: &str, resource: &str, sub: &str, name: &str, path: Option<&str>| {
+            policy.allows(
+                &ctx.user,
+                &Attrs {
+                    verb: verb.into(),
+                    group: group.into(),
+                    resource: resource.into(),
+                    subresource: sub.into(),
+                    namespace: ns.clone(),
+                    name: name.into(),
+                    path: path.map(String::from),
+                },
+            )
+        };
+    if may(verb, RBAC, role_plural, "", &role, None) {
+        return Ok(());
+    }
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect()
+    };
+    let mut missing = Vec::new();
+    for rule in rules.as_array().into_iter().flatten() {
+        let verbs = strs(&rule["verbs"]);
+        for url in strs(&rule["nonResourceURLs"]) {
+            for v in &verbs {
+                if !may(v, "", "", "", "", Some(&url)) {
+                    missing.push(format!("{v} {url}"));
+                }
+            }
+        }
+        let mut names = strs(&rule["resourceNames"]);
+        if names.is_empty() {
+            names.push(String::new());
+        }
+        for g in strs(&rule["apiGroups"]) {
+            for r in strs(&rule["resources"]) {
+                let (res, sub) = r.split_once('/').unwrap_or((&r, ""));
+                for v in &verbs {
+                    for n in &names {
+                        if !may(v, &g, res, sub, n, None) {
+                            let g = if g.is_empty() { "core" } else { &g };
+                            missing.push(format!("{v} {g}/{r}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.dedup();
+    Err(ApiError::Forbidden {
+        message: format!(
+            "{} \"{}\" is forbidden: user \"{}\" (groups={:?}) is attempting to grant RBAC permissions not currently held: {}",
+            ctx.res.qualified(),
+            name_of(o),
+            ctx.user.name,
+            ctx.user.groups,
+            missing.join(", ")
+        ),
+    })
 }
 
 /// A refusal by an admission plugin: `pods "web" is forbidden: …`, the reasons listed as
@@ -2306,6 +2413,7 @@ where
             check(ctx, &new, &input, sub)?;
         }
         set_rv(&mut new, kv.mod_revision);
+        no_escalation(ctx, &new).await?;
         if ctx.dry_run && sub.is_none() {
             // Refused as the real update would be; nothing written.
             quota_growth(ctx, &old, &new).await?;

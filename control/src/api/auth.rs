@@ -231,6 +231,11 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
     };
     let read = json!(["get", "list", "watch"]);
     let write = json!(["create", "delete", "deletecollection", "patch", "update"]);
+    let read_write: Vec<&str> = [&read, &write]
+        .into_iter()
+        .flat_map(|v| v.as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect();
     vec![
         ("", "Namespace", ns("default")),
         ("", "Namespace", ns("kube-system")),
@@ -286,17 +291,7 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                 // What edit may, on every group, without `escalate` or `bind` (RBAC's own
                 // check then keeps an admin from granting more than it holds), and acting
                 // as the namespace's service accounts.
-                let mut rules = limited(
-                    &["*"],
-                    &read
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .chain(write.as_array().into_iter().flatten())
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>(),
-                    &read,
-                );
+                let mut rules = limited(&["*"], &read_write, &read);
                 if let Some(list) = rules.as_array_mut() {
                     list.push(json!({"apiGroups": [""], "resources": ["serviceaccounts"],
                         "verbs": ["impersonate"]}));
@@ -318,13 +313,7 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                         "coordination.k8s.io",
                         "metrics.k8s.io",
                     ],
-                    &read
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .chain(write.as_array().into_iter().flatten())
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>(),
+                    &read_write,
                     &read,
                 ),
             ),

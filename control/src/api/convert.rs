@@ -16,10 +16,6 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, Cause};
 
-/// (group, older version, stored version, plural).
-pub const OLDER: &[(&str, &str, &str, &str)] =
-    &[("autoscaling", "v1", "v2", "horizontalpodautoscalers")];
-
 /// One resource served over another's storage.
 pub struct View {
     pub group: &'static str,
@@ -77,28 +73,32 @@ pub fn has_views(group: &str, version: &str) -> bool {
         .any(|v| v.group == group && v.version == version)
 }
 
+/// Views that are an older version of their own group's resource (listed in discovery as
+/// that group's versions), as against another group's view of it.
+fn older() -> impl Iterator<Item = &'static View> {
+    VIEWS.iter().filter(|v| v.group == v.stored.0)
+}
+
 /// The stored version behind an older `version` of `group`, if it is one.
 pub fn stored(group: &str, version: &str) -> Option<&'static str> {
-    OLDER
-        .iter()
-        .find(|(g, v, _, _)| *g == group && *v == version)
-        .map(|(_, _, s, _)| *s)
+    older()
+        .find(|v| v.group == group && v.version == version)
+        .map(|v| v.stored.1)
 }
 
 /// Older versions of `group`, newest first.
 pub fn older_versions(group: &str) -> Vec<&'static str> {
-    OLDER
-        .iter()
-        .filter(|(g, _, _, _)| *g == group)
-        .map(|(_, v, _, _)| *v)
-        .collect()
+    let mut out: Vec<&str> = older()
+        .filter(|v| v.group == group)
+        .map(|v| v.version)
+        .collect();
+    out.dedup();
+    out
 }
 
 /// Whether `plural` is served in the older `version` of `group`.
 pub fn serves(group: &str, version: &str, plural: &str) -> bool {
-    OLDER
-        .iter()
-        .any(|(g, v, _, p)| *g == group && *v == version && *p == plural)
+    older().any(|v| v.group == group && v.version == version && v.plural == plural)
 }
 
 impl View {

@@ -1,5 +1,5 @@
 """The official Python `kubernetes` client against Outpost: list, watch, create, patch,
-server-side apply, errors, events in both API groups and their expiry. Run by
+server-side apply, errors, events in both API groups and their expiry, custom resources. Run by
 tests/tests/python_client.rs with KUBECONFIG set, against a server whose --event-ttl is 5 s."""
 import datetime
 import threading
@@ -110,4 +110,32 @@ deadline = time.time() + 30
 while any(e.metadata.name == "e1" for e in core.list_namespaced_event("py").items):
     assert time.time() < deadline, "the event outlived the TTL"
     time.sleep(0.5)
+# Custom resources: a CRD through ApiextensionsV1Api, its objects through CustomObjectsApi.
+ext = client.ApiextensionsV1Api()
+crd = ext.create_custom_resource_definition({
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "doodads.py.example.org"},
+    "spec": {"group": "py.example.org", "scope": "Namespaced",
+             "names": {"plural": "doodads", "kind": "Doodad"},
+             "versions": [{"name": "v1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                               "spec": {"type": "object", "properties": {
+                                   "size": {"type": "integer", "default": 1}}}}}}}]}})
+assert [c.type for c in crd.status.conditions] == ["NamesAccepted", "Established"], crd.status
+co = client.CustomObjectsApi()
+made = co.create_namespaced_custom_object("py.example.org", "v1", "py", "doodads", {
+    "apiVersion": "py.example.org/v1", "kind": "Doodad", "metadata": {"name": "d"},
+    "spec": {"extra": True}})
+assert made["spec"] == {"size": 1}, made["spec"]  # pruned and defaulted
+co.patch_namespaced_custom_object("py.example.org", "v1", "py", "doodads", "d", {"spec": {"size": 4}})
+got = co.list_namespaced_custom_object("py.example.org", "v1", "py", "doodads")["items"]
+assert [(o["metadata"]["name"], o["spec"]["size"]) for o in got] == [("d", 4)], got
+try:
+    co.create_namespaced_custom_object("py.example.org", "v1", "py", "doodads", {
+        "apiVersion": "py.example.org/v1", "kind": "Doodad", "metadata": {"name": "e"},
+        "spec": {"size": "big"}})
+    raise SystemExit("a string size was taken")
+except ApiException as e:
+    assert e.status == 422 and "spec.size in body must be of type integer" in e.body, e.body
+ext.delete_custom_resource_definition("doodads.py.example.org")
 print("python client: ok", kinds)

@@ -685,6 +685,20 @@ impl Up {
 
     /// kubectl 1.NN, from beside the real kubectl.
     pub fn kubectl_v(&self, minor: &str, args: &[&str]) -> anyhow::Result<Run> {
+        self.kubectl_v_with(minor, args, None)
+    }
+
+    /// [`Up::kubectl_v`] with `stdin` as kubectl's input.
+    pub fn kubectl_v_in(&self, minor: &str, args: &[&str], stdin: &str) -> anyhow::Result<Run> {
+        self.kubectl_v_with(minor, args, Some(stdin))
+    }
+
+    fn kubectl_v_with(
+        &self,
+        minor: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<Run> {
         let cache = self.cache.join(minor);
         std::fs::create_dir_all(&cache)?;
         kubectl_with(
@@ -692,7 +706,7 @@ impl Up {
             &self.kubeconfig,
             &cache,
             args,
-            None,
+            stdin,
         )
     }
 

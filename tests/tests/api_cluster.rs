@@ -57,6 +57,23 @@ fn retry_with(root: &Path, cfg: &Path, args: &[&str], stdin: Option<&str>) -> an
     }
 }
 
+const CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gauges.ha.example.com}
+spec:
+  group: ha.example.com
+  scope: Namespaced
+  names: {plural: gauges, kind: Gauge}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties: {spec: {type: object, properties: {level: {type: integer}}}}
+";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_through_every_member_and_after_leader_loss() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -101,6 +118,27 @@ async fn kubectl_through_every_member_and_after_leader_loss() -> anyhow::Result<
             .expect_ok("read back")?;
             ensure!(g.stdout == "1", "{}", g.stdout);
         }
+        // A CRD made through one member is served by every member.
+        retry_in(&r, &c2[0], &["apply", "-f", "-"], CRD)?;
+        retry_in(
+            &r,
+            &c2[1],
+            &["apply", "-n", "ha", "-f", "-"],
+            "apiVersion: ha.example.com/v1\nkind: Gauge\nmetadata: {name: g}\nspec: {level: 3}\n",
+        )?;
+        let g = retry(
+            &r,
+            &c2[2],
+            &[
+                "get",
+                "gauges",
+                "-n",
+                "ha",
+                "-o",
+                "jsonpath={.items[*].spec.level}",
+            ],
+        )?;
+        ensure!(g.stdout == "3", "{}", g.stdout);
         Ok(())
     })
     .await??;

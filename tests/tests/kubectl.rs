@@ -1531,3 +1531,275 @@ fn quotas_and_limit_ranges() -> anyhow::Result<()> {
     ensure!(qos.stdout == "Burstable", "{}", qos.stdout);
     Ok(())
 }
+
+const CRONTAB_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: crontabs.stable.example.com
+spec:
+  group: stable.example.com
+  scope: Namespaced
+  names: {plural: crontabs, kind: CronTab, shortNames: [ct], categories: [all]}
+  versions:
+  - name: v1beta1
+    served: true
+    storage: false
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            required: [cronSpec]
+            properties:
+              cronSpec: {type: string, description: When it runs.}
+              image: {type: string}
+              replicas: {type: integer, minimum: 1, default: 1}
+          status:
+            type: object
+            properties:
+              replicas: {type: integer}
+              selector: {type: string}
+    subresources:
+      status: {}
+      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas, labelSelectorPath: .status.selector}
+    additionalPrinterColumns:
+    - {name: Spec, type: string, jsonPath: .spec.cronSpec}
+    - {name: Replicas, type: integer, jsonPath: .spec.replicas}
+    - {name: Age, type: date, jsonPath: .metadata.creationTimestamp}
+"#;
+
+const CRONTAB: &str = r#"
+apiVersion: stable.example.com/v1
+kind: CronTab
+metadata: {name: nightly}
+spec: {cronSpec: "0 3 * * *", image: backup:1}
+"#;
+
+#[test]
+fn custom_resources() -> anyhow::Result<()> {
+    let (_d, mut up) = up()?;
+    up.kubectl_in(&["apply", "-f", "-"], CRONTAB_CRD)?
+        .expect_ok("apply the CRD")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=20s",
+        "crd/crontabs.stable.example.com",
+    ])?
+    .expect_ok("established")?;
+    up.kubectl_in(&["apply", "-f", "-"], CRONTAB)?
+        .expect_ok("apply a CronTab")?;
+    // Printed with the CRD's columns, found by its short name; defaults filled in.
+    let t = up.kubectl(&["get", "ct"])?.expect_ok("get ct")?;
+    let head: Vec<&str> = t
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    ensure!(head == ["NAME", "SPEC", "REPLICAS", "AGE"], "{}", t.stdout);
+    ensure!(
+        t.stdout.contains("nightly") && t.stdout.contains("0 3 * * *"),
+        "{}",
+        t.stdout
+    );
+    let o = json(
+        &up.kubectl(&["get", "crontab", "nightly", "-o", "json"])?
+            .expect_ok("get")?
+            .stdout,
+    )?;
+    ensure!(
+        o["spec"]["replicas"] == 1 && o["metadata"]["generation"] == 1,
+        "{o}"
+    );
+    ensure!(
+        up.kubectl_in(&["apply", "-f", "-"], CRONTAB)?
+            .expect_ok("again")?
+            .stdout
+            .contains("unchanged"),
+        "a second apply changed something"
+    );
+    // Unknown fields are refused under kubectl's strict validation, bad values field by field.
+    let bad = CRONTAB.replace("image: backup:1", "image: backup:1, colour: red");
+    let e = up
+        .kubectl_in(&["apply", "-f", "-"], &bad)?
+        .expect_err("unknown field")?;
+    ensure!(
+        e.stderr
+            .contains("strict decoding error: unknown field \"spec.colour\""),
+        "{}",
+        e.stderr
+    );
+    let bad = "apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata: {name: bad}\nspec: {cronSpec: 5, replicas: 0}\n";
+    let e = up
+        .kubectl_in(&["create", "-f", "-"], bad)?
+        .expect_err("bad values")?;
+    ensure!(
+        e.stderr.contains("spec.cronSpec: Invalid value: \"integer\": spec.cronSpec in body must be of type string")
+            && e.stderr.contains("spec.replicas in body should be greater than or equal to 1"),
+        "{}",
+        e.stderr
+    );
+    let e = up
+        .kubectl_in(&["create", "-f", "-"], "apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata: {name: bad}\nspec: {image: x}\n")?
+        .expect_err("required")?;
+    ensure!(
+        e.stderr.contains("spec.cronSpec: Required value"),
+        "{}",
+        e.stderr
+    );
+    // The scale and status subresources, at the CRD's paths.
+    up.kubectl(&["scale", "ct", "nightly", "--replicas=3"])?
+        .expect_ok("scale")?;
+    up.kubectl(&[
+        "patch",
+        "ct",
+        "nightly",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":3,"selector":"app=backup"}}"#,
+    ])?
+    .expect_ok("status")?;
+    let scale = json(
+        &up.kubectl(&["get", "ct", "nightly", "--subresource=scale", "-o", "json"])?
+            .expect_ok("get scale")?
+            .stdout,
+    )?;
+    ensure!(
+        scale["spec"]["replicas"] == 3 && scale["status"]["selector"] == "app=backup",
+        "{scale}"
+    );
+    // A main-resource write leaves the status alone.
+    up.kubectl(&[
+        "patch",
+        "ct",
+        "nightly",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":9}}"#,
+    ])?
+    .expect_ok("patch status through the main resource")?;
+    let st = up
+        .kubectl(&["get", "ct", "nightly", "-o", "jsonpath={.status.replicas}"])?
+        .expect_ok("status")?;
+    ensure!(st.stdout == "3", "{}", st.stdout);
+    // The other served version is the same object with its own apiVersion.
+    let av = up
+        .kubectl(&[
+            "get",
+            "crontabs.v1beta1.stable.example.com",
+            "nightly",
+            "-o",
+            "jsonpath={.apiVersion}",
+        ])?
+        .expect_ok("v1beta1")?;
+    ensure!(av.stdout == "stable.example.com/v1beta1", "{}", av.stdout);
+    let explain = up
+        .kubectl(&["explain", "crontab.spec.cronSpec"])?
+        .expect_ok("explain")?;
+    ensure!(
+        explain.stdout.contains("When it runs."),
+        "{}",
+        explain.stdout
+    );
+    let all = up.kubectl(&["get", "all"])?.expect_ok("get all")?;
+    ensure!(
+        all.stdout.contains("crontab.stable.example.com/nightly"),
+        "{}",
+        all.stdout
+    );
+    // kubectl 1.27 reads only OpenAPI v2, and still applies.
+    up.kubectl_v_in(
+        "1.27",
+        &["apply", "-f", "-"],
+        &CRONTAB.replace("nightly", "hourly"),
+    )?
+    .expect_ok("kubectl 1.27 apply")?;
+    // A second CRD claiming the same kind is not established.
+    let clash = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: crontabz.stable.example.com}\nspec:\n  group: stable.example.com\n  scope: Namespaced\n  names: {plural: crontabz, kind: CronTab}\n  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object}}}]\n";
+    up.kubectl_in(&["create", "-f", "-"], clash)?
+        .expect_ok("clashing CRD")?;
+    let cond = up
+        .kubectl(&[
+            "get",
+            "crd",
+            "crontabz.stable.example.com",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"NamesAccepted\")].message}",
+        ])?
+        .expect_ok("clash status")?;
+    ensure!(
+        cond.stdout.contains("\"CronTab\" is already in use"),
+        "{}",
+        cond.stdout
+    );
+    let e = up
+        .kubectl_in(&["create", "-f", "-"], "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: x.example.com}\nspec: {group: example.com, scope: Planet, names: {plural: things, kind: Thing}, versions: [{name: v1, served: true, storage: true}]}\n")?
+        .expect_err("bad CRD")?;
+    ensure!(
+        e.stderr.contains("metadata.name: Invalid value: \"x.example.com\": must be spec.names.plural+\".\"+spec.group")
+            && e.stderr.contains("spec.scope: Unsupported value: \"Planet\"")
+            && e.stderr.contains("spec.versions[0].schema.openAPIV3Schema: Required value"),
+        "{}",
+        e.stderr
+    );
+    // Served again after a restart, before anything is asked of the CRDs.
+    up.restart()?;
+    let got = up
+        .kubectl(&["get", "ct", "-o", "name"])?
+        .expect_ok("after restart")?;
+    ensure!(
+        got.stdout.lines().collect::<Vec<_>>()
+            == [
+                "crontab.stable.example.com/hourly",
+                "crontab.stable.example.com/nightly"
+            ],
+        "{}",
+        got.stdout
+    );
+    // Deleting the CRD deletes its objects, and frees its names: the CRD that waited for
+    // them takes them. Made again, the first has no objects.
+    up.kubectl(&[
+        "delete",
+        "crd",
+        "crontabs.stable.example.com",
+        "--timeout=30s",
+    ])?
+    .expect_ok("delete the CRD")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=20s",
+        "crd/crontabz.stable.example.com",
+    ])?
+    .expect_ok("the waiting CRD established")?;
+    up.kubectl(&[
+        "delete",
+        "crd",
+        "crontabz.stable.example.com",
+        "--timeout=30s",
+    ])?
+    .expect_ok("delete the second CRD")?;
+    up.kubectl_in(&["apply", "-f", "-"], CRONTAB_CRD)?
+        .expect_ok("apply the CRD again")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=20s",
+        "crd/crontabs.stable.example.com",
+    ])?
+    .expect_ok("established again")?;
+    let none = up
+        .kubectl(&["get", "ct", "-A", "-o", "name"])?
+        .expect_ok("empty")?;
+    ensure!(none.stdout.trim().is_empty(), "{}", none.stdout);
+    Ok(())
+}

@@ -190,8 +190,13 @@ fn default_template(o: &mut Value, restart: &str) {
 
 /// Defaults for `kind` (`uid` is the object's new UID, used by Jobs for their selector).
 pub fn defaults(group: &str, kind: &str, o: &mut Value) {
+    // A custom object's fields mean what its CRD's schema says, not what ours would.
+    if super::crd::by_kind(group, kind).is_some() {
+        return;
+    }
     normalize_quantities(o);
     match (group, kind) {
+        (super::crd::GROUP, "CustomResourceDefinition") => super::crd::defaults(o),
         ("", "LimitRange") => super::quota::default_limit_range(o),
         ("", "Pod") => {
             let spec = child(o, "spec");
@@ -423,7 +428,7 @@ pub fn job_selector(o: &mut Value, uid: &str) {
     m.insert("job-name".into(), json!(name));
 }
 
-fn dns_label(s: &str) -> bool {
+pub(crate) fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -432,7 +437,7 @@ fn dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn dns_subdomain(s: &str) -> bool {
+pub(crate) fn dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
 }
 
@@ -845,6 +850,7 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     }
     check_labels(&meta["labels"], "metadata.labels", &mut out);
     match (group, kind) {
+        (super::crd::GROUP, "CustomResourceDefinition") => out.extend(super::crd::validate(o)),
         ("", "Pod") => {
             check_pod_spec(&o["spec"], "spec", &mut out);
             check_mounts(&o["spec"], &mut out);

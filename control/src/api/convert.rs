@@ -126,8 +126,25 @@ impl View {
                     })
                     .collect(),
             ),
-            v => (self.up)(v),
+            v => {
+                let mut v = (self.up)(v);
+                // A view that is another version of the same kind (a CRD's) changes nothing
+                // but the version.
+                if v["apiVersion"] == self.api_version().as_str() {
+                    v["apiVersion"] = json!(self.stored_api_version());
+                }
+                v
+            }
         }
+    }
+
+    /// A stored object in the served shape.
+    fn down(&self, o: Value) -> Value {
+        let mut o = (self.down)(o);
+        if o["apiVersion"] == self.stored_api_version().as_str() {
+            o["apiVersion"] = json!(self.api_version());
+        }
+        o
     }
 
     /// `path` (its segments split by `sep`, led by one when `lead`) with its first segment
@@ -178,13 +195,13 @@ impl View {
         let stored_av = self.stored_api_version();
         let kind = body["kind"].as_str().unwrap_or("");
         if kind == self.kind && body["apiVersion"] == stored_av.as_str() {
-            return (self.down)(body);
+            return self.down(body);
         }
         if kind == format!("{}List", self.kind) {
             body["apiVersion"] = json!(self.api_version());
             if let Some(items) = body["items"].as_array_mut() {
                 for i in items.iter_mut() {
-                    *i = (self.down)(std::mem::take(i));
+                    *i = self.down(std::mem::take(i));
                 }
             }
         } else if kind == "Table" {
@@ -193,7 +210,7 @@ impl View {
                     let o = &mut r["object"];
                     // PartialObjectMetadata rows are the same in both shapes.
                     if o["kind"] == self.kind && o["apiVersion"] == stored_av.as_str() {
-                        *o = (self.down)(std::mem::take(o));
+                        *o = self.down(std::mem::take(o));
                     }
                 }
             }

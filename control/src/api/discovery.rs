@@ -3,8 +3,8 @@
 
 use serde_json::{json, Value};
 
-use super::convert;
 use super::resources::{group_version, groups, Resource, RESOURCES};
+use super::{convert, crd};
 
 /// The Kubernetes version we answer to ([`outpost_api::KUBE_MINOR`]).
 pub fn version() -> Value {
@@ -104,6 +104,23 @@ pub fn aggregated(core: bool, version: &str) -> Value {
             }
             json!({"metadata": {"name": g, "creationTimestamp": null}, "versions": versions})
         })
+        .chain(crd::groups().into_iter().filter(|_| !core).map(|(g, vs)| {
+            let versions: Vec<Value> = vs
+                .iter()
+                .map(|v| {
+                    let resources: Vec<Value> = crd::served_in(g, v)
+                        .iter()
+                        .map(|c| {
+                            let mut o = aggregated_resource(c.res);
+                            o["responseKind"]["version"] = json!(v);
+                            o
+                        })
+                        .collect();
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": g, "creationTimestamp": null}, "versions": versions})
+        }))
         .collect();
     json!({"kind": "APIGroupDiscoveryList", "apiVersion": format!("apidiscovery.k8s.io/{version}"),
            "metadata": {}, "items": items})
@@ -116,12 +133,18 @@ pub fn api_versions(server: &str) -> Value {
 }
 
 fn api_group(g: &str, v: &str) -> Value {
-    let gv = |v: &str| json!({"groupVersion": group_version(g, v), "version": v});
-    let versions: Vec<Value> = std::iter::once(v)
+    let vs: Vec<&str> = std::iter::once(v)
         .chain(convert::older_versions(g))
-        .map(gv)
         .collect();
-    json!({"name": g, "versions": versions, "preferredVersion": gv(v)})
+    api_group_of(g, &vs)
+}
+
+/// A group with `versions`, the preferred first.
+fn api_group_of(g: &str, versions: &[&str]) -> Value {
+    let gv = |v: &str| json!({"groupVersion": group_version(g, v), "version": v});
+    let list: Vec<Value> = versions.iter().map(|v| gv(v)).collect();
+    json!({"name": g, "versions": list,
+           "preferredVersion": versions.first().map_or(Value::Null, |v| gv(v))})
 }
 
 /// Legacy `/apis`.
@@ -130,6 +153,7 @@ pub fn api_group_list() -> Value {
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
         .map(|(g, v)| api_group(g, v))
+        .chain(crd::groups().iter().map(|(g, vs)| api_group_of(g, vs)))
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
@@ -139,8 +163,14 @@ pub fn group(name: &str) -> Option<Value> {
     groups()
         .into_iter()
         .find(|(g, _)| *g == name && !g.is_empty())
-        .map(|(g, v)| {
-            let mut o = api_group(g, v);
+        .map(|(g, v)| api_group(g, v))
+        .or_else(|| {
+            crd::groups()
+                .into_iter()
+                .find(|(g, _)| *g == name)
+                .map(|(g, vs)| api_group_of(g, &vs))
+        })
+        .map(|mut o| {
             o["kind"] = json!("APIGroup");
             o["apiVersion"] = json!("v1");
             o
@@ -151,10 +181,12 @@ pub fn group(name: &str) -> Option<Value> {
 pub fn resource_list(g: &str, v: &str) -> Option<Value> {
     let mut out = Vec::new();
     let stored = convert::stored(g, v).unwrap_or(v);
+    let custom: Vec<&'static Resource> = crd::served_in(g, v).iter().map(|c| c.res).collect();
     for r in RESOURCES
         .iter()
         .filter(|r| r.group == g && r.version == stored)
         .filter(|r| stored == v || convert::serves(g, v, r.plural))
+        .chain(custom)
     {
         let mut o = json!({"name": r.plural, "singularName": r.singular,
             "namespaced": r.namespaced, "kind": r.kind, "verbs": r.verbs()});

@@ -12,6 +12,7 @@
 pub mod admit;
 pub mod auth;
 mod convert;
+pub mod crd;
 pub mod discovery;
 pub mod error;
 mod evict;
@@ -528,7 +529,17 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
     if let Some(view) = view_of(group, version, rest)? {
         return viewed(api, user, parts, query, view, rest, body).await;
     }
-    let target = parse_target(group, version, rest)?;
+    let target = match parse_target(group, version, rest) {
+        Err(ApiError::NoRoute(_)) if !resources::builtin(group) => {
+            // A CRD another member just made is served here once this member has read it.
+            rest::reload_crds(api).await?;
+            if let Some(view) = view_of(group, version, rest)? {
+                return viewed(api, user, parts, query, view, rest, body).await;
+            }
+            parse_target(group, version, rest)?
+        }
+        t => t?,
+    };
     let body = read_body(body).await?;
     rest::serve(api, user, parts, query, target, body).await
 }
@@ -540,14 +551,17 @@ fn view_of(
     version: &str,
     rest: &[&str],
 ) -> Result<Option<&'static convert::View>, ApiError> {
-    if !convert::has_views(group, version) {
-        return Ok(None);
-    }
     let plural = match rest {
         ["namespaces", _, p, ..] => p,
         [p, ..] => p,
         [] => "",
     };
+    if let Some(v) = crd::view(group, version, plural) {
+        return Ok(Some(v));
+    }
+    if !convert::has_views(group, version) {
+        return Ok(None);
+    }
     match convert::view(group, version, plural) {
         Some(v) => Ok(Some(v)),
         None if convert::stored(group, version).is_some() => Err(ApiError::NoRoute(
@@ -862,6 +876,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::controllers::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::autoscaler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::crds::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::quota::run(api.clone())).abort_handle());
     helpers.push(
         tokio::spawn(crate::controllers::events::run(api.clone(), cfg.event_ttl)).abort_handle(),

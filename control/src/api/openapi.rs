@@ -6,7 +6,7 @@
 //! extensions; without it kubectl uses the Go types compiled into it, which have them.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
@@ -31,7 +31,13 @@ pub fn gv_path(g: &str, v: &str) -> String {
 }
 
 fn operation(r: &resources::Resource, verb: &str, kind_body: bool) -> Value {
-    let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+    let name = kind_body.then(|| resources::schema_name(r.group, r.kind).unwrap_or_default());
+    operation_of(r, r.version, verb, name.as_deref())
+}
+
+/// An operation on `r` served as `version`, its body of schema `body` if it takes one.
+fn operation_of(r: &resources::Resource, version: &str, verb: &str, body: Option<&str>) -> Value {
+    let gvk = json!({"group": r.group, "version": version, "kind": r.kind});
     let mut op = json!({
         "operationId": format!("{verb}{}", r.kind),
         "x-kubernetes-action": verb,
@@ -43,12 +49,21 @@ fn operation(r: &resources::Resource, verb: &str, kind_body: bool) -> Value {
         ],
         "responses": {"200": {"description": "OK"}},
     });
-    if kind_body {
-        let schema = json!({"$ref": format!("#/components/schemas/{}",
-            resources::schema_name(r.group, r.kind).unwrap_or_default())});
+    if let Some(name) = body {
+        let schema = json!({"$ref": format!("#/components/schemas/{name}")});
         op["requestBody"] =
             json!({"content": {"application/json": {"schema": schema}}, "required": true});
     }
+    op
+}
+
+/// A PATCH operation with the patch types it takes (not strategic merge: see above).
+fn patch_op(mut op: Value) -> Value {
+    op["requestBody"] = json!({"content": {
+        "application/json-patch+json": {"schema": {"type": "object"}},
+        "application/merge-patch+json": {"schema": {"type": "object"}},
+        "application/apply-patch+yaml": {"schema": {"type": "object"}},
+    }, "required": true});
     op
 }
 
@@ -83,12 +98,7 @@ fn build(g: &str, v: &str) -> Doc {
             paths.insert(base, json!({"post": operation(r, "post", true)}));
             continue;
         }
-        let mut patch = operation(r, "patch", false);
-        patch["requestBody"] = json!({"content": {
-            "application/json-patch+json": {"schema": {"type": "object"}},
-            "application/merge-patch+json": {"schema": {"type": "object"}},
-            "application/apply-patch+yaml": {"schema": {"type": "object"}},
-        }, "required": true});
+        let patch = patch_op(operation(r, "patch", false));
         paths.insert(
             base.clone(),
             json!({"get": operation(r, "list", false), "post": operation(r, "post", true),
@@ -106,6 +116,10 @@ fn build(g: &str, v: &str) -> Doc {
             s.insert("x-kubernetes-group-version-kind".into(), gvk);
         }
     }
+    finish(paths, schemas)
+}
+
+fn finish(paths: Map<String, Value>, schemas: Map<String, Value>) -> Doc {
     let doc = json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": "v1.32.0"},
@@ -122,33 +136,99 @@ fn build(g: &str, v: &str) -> Doc {
     }
 }
 
-fn docs() -> &'static BTreeMap<String, Doc> {
-    static DOCS: OnceLock<BTreeMap<String, Doc>> = OnceLock::new();
+/// Documents by path (`apis/apps/v1`).
+type Docs = BTreeMap<String, Arc<Doc>>;
+
+fn docs() -> &'static Docs {
+    static DOCS: OnceLock<Docs> = OnceLock::new();
     DOCS.get_or_init(|| {
         groups()
             .into_iter()
-            .map(|(g, v)| (gv_path(g, v), build(g, v)))
+            .map(|(g, v)| (gv_path(g, v), Arc::new(build(g, v))))
             .collect()
     })
+}
+
+/// The schema name of a custom kind, as Kubernetes names it (`com.example.v1.Widget`).
+fn custom_schema_name(group: &str, version: &str, kind: &str) -> String {
+    let rev: Vec<&str> = group.split('.').rev().collect();
+    format!("{}.{version}.{kind}", rev.join("."))
+}
+
+/// The document of a CRDs' group/version: their paths, and each kind's schema as its CRD
+/// gives it (what `kubectl explain` reads).
+fn build_custom(g: &str, v: &str) -> Doc {
+    let mut paths = Map::new();
+    let mut schemas = Map::new();
+    for c in super::crd::served_in(g, v) {
+        let r = c.res;
+        let name = custom_schema_name(g, v, r.kind);
+        let mut schema = c
+            .schemas
+            .get(v)
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object"}));
+        schema["x-kubernetes-group-version-kind"] =
+            json!([{"group": g, "version": v, "kind": r.kind}]);
+        schemas.insert(name.clone(), schema);
+        let base = if r.namespaced {
+            format!("/{}/namespaces/{{namespace}}/{}", gv_path(g, v), r.plural)
+        } else {
+            format!("/{}/{}", gv_path(g, v), r.plural)
+        };
+        let op = |verb: &str, body: bool| operation_of(r, v, verb, body.then_some(name.as_str()));
+        let patch = patch_op(op("patch", false));
+        paths.insert(
+            base.clone(),
+            json!({"get": op("list", false), "post": op("post", true),
+                   "delete": op("deletecollection", false)}),
+        );
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({"get": op("get", false), "put": op("put", true),
+                   "patch": patch, "delete": op("delete", false)}),
+        );
+    }
+    finish(paths, schemas)
+}
+
+/// The CRDs' documents, made again whenever the CRDs served change.
+fn custom_docs() -> Docs {
+    static CACHE: Mutex<Option<(u64, Docs)>> = Mutex::new(None);
+    let generation = super::crd::generation();
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, docs)) = c.as_ref().filter(|(g, _)| *g == generation) {
+        return docs.clone();
+    }
+    let docs: Docs = super::crd::groups()
+        .into_iter()
+        .flat_map(|(g, vs)| vs.into_iter().map(move |v| (g, v)))
+        .map(|(g, v)| (gv_path(g, v), Arc::new(build_custom(g, v))))
+        .collect();
+    *c = Some((generation, docs.clone()));
+    docs
 }
 
 /// The `/openapi/v3` root.
 pub fn root() -> Value {
     let paths: Map<String, Value> = docs()
         .iter()
+        .map(|(p, d)| (p.clone(), d.clone()))
+        .chain(custom_docs())
         .map(|(p, d)| {
-            (
-                p.clone(),
-                json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={}", d.hash)}),
-            )
+            let url = json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={}", d.hash)});
+            (p, url)
         })
         .collect();
     json!({"paths": paths})
 }
 
 /// The document for `api/v1` or `apis/{g}/{v}`.
-pub fn doc(path: &str) -> Option<&'static Doc> {
-    docs().get(path)
+pub fn doc(path: &str) -> Option<Arc<Doc>> {
+    docs()
+        .get(path)
+        .cloned()
+        .or_else(|| custom_docs().get(path).cloned())
 }
 
 fn resolve<'a>(schemas: &'a Map<String, Value>, mut s: &'a Value) -> &'a Value {

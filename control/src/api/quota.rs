@@ -385,9 +385,11 @@ pub fn counted(name: &str) -> Option<&'static Resource> {
         n => {
             let what = n.strip_prefix("count/")?;
             let (plural, group) = what.split_once('.').unwrap_or((what, ""));
+            // A CRD's objects are counted by any served version (`count/widgets.example.com`).
             resources::RESOURCES
                 .iter()
                 .find(|r| r.plural == plural && r.group == group && r.stored)
+                .or_else(|| super::crd::of(group, plural).map(|c| c.res))
         }
     }
 }

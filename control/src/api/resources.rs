@@ -66,7 +66,7 @@ impl Sub {
 }
 
 /// One resource type.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Resource {
     pub group: &'static str,
     pub version: &'static str,
@@ -215,6 +215,8 @@ use k8s_openapi::api::{
     storage::v1 as storage,
 };
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
+
 use super::metrics;
 
 resources! {
@@ -246,6 +248,7 @@ resources! {
     net::Ingress => { "networking.k8s.io", "v1", "Ingress", "ingresses", "ingress", short: ["ing"], namespaced: true, categories: [], subs: [Status], stored: true },
     net::IngressClass => { "networking.k8s.io", "v1", "IngressClass", "ingressclasses", "ingressclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     net::NetworkPolicy => { "networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", "networkpolicy", short: ["netpol"], namespaced: true, categories: [], subs: [], stored: true },
+    apiext::CustomResourceDefinition => { "apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", "customresourcedefinition", short: ["crd", "crds"], namespaced: false, categories: ["api-extensions"], subs: [Status], stored: true },
     sched::PriorityClass => { "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", short: ["pc"], namespaced: false, categories: [], subs: [], stored: true },
     node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     storage::StorageClass => { "storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", short: ["sc"], namespaced: false, categories: [], subs: [], stored: true },
@@ -263,16 +266,25 @@ resources! {
 }
 
 /// The resource `plural` of `group/version`.
+/// The resource `plural` of `group/version`: a built-in one, or a CRD's ([`super::crd`]).
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
+        .or_else(|| super::crd::find(group, version, plural))
 }
 
 pub fn by_kind(group: &str, kind: &str) -> Option<&'static Resource> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.kind == kind)
+        .or_else(|| super::crd::by_kind(group, kind))
+}
+
+/// Whether `group` is one of the server's own (not a CRD's).
+pub fn builtin(group: &str) -> bool {
+    RESOURCES.iter().any(|r| r.group == group)
+        || super::convert::VIEWS.iter().any(|v| v.group == group)
 }
 
 /// The API groups, each with its one version, in discovery order (core first).

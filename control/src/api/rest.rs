@@ -18,7 +18,7 @@ use super::pick;
 use super::resources::{self, Resource, Sub};
 use super::select::{Fields, Labels};
 use super::table::{self, Include};
-use super::{admit, openapi, patch, quota, raw, ssa, Api, Query, Target};
+use super::{admit, crd, openapi, patch, quota, raw, ssa, Api, Query, Target};
 use crate::store::{Consistency, WatchItem};
 
 pub fn now() -> String {
@@ -234,6 +234,24 @@ impl Ctx<'_> {
 pub(super) async fn serve(
     api: &Arc<Api>,
     user: User,
+    parts: axum::http::request::Parts,
+    q: Query,
+    t: Target,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let crd_write = (t.res.group, t.res.kind) == (crd::GROUP, "CustomResourceDefinition")
+        && parts.method != Method::GET;
+    let out = serve_one(api, user, parts, q, t, body).await;
+    if crd_write && out.is_ok() {
+        // Served from the next request on, on this member; the others follow the store.
+        reload_crds(api).await?;
+    }
+    out
+}
+
+async fn serve_one(
+    api: &Arc<Api>,
+    user: User,
     mut parts: axum::http::request::Parts,
     q: Query,
     t: Target,
@@ -340,7 +358,7 @@ pub(super) async fn serve(
             };
             if table {
                 let tbl = table::table(
-                    ctx.res.kind,
+                    ctx.res,
                     std::slice::from_ref(&o),
                     json!({"resourceVersion": o["metadata"]["resourceVersion"]}),
                     include(&ctx.q),
@@ -371,7 +389,7 @@ pub(super) async fn serve(
         }
         (Method::GET, Some(Sub::Scale)) => {
             let o = get(&ctx, &name).await?;
-            Ok(respond(StatusCode::OK, &scale_of(&o)))
+            Ok(respond(StatusCode::OK, &scale_of(ctx.res, &o)))
         }
         (Method::POST, None) => {
             let body = super::decode_body(content_type, &body)?;
@@ -652,7 +670,7 @@ async fn live(ctx: &Ctx<'_>, name: Option<&str>, table: bool) -> Result<Response
     }
     if table {
         let tbl = table::table(
-            ctx.res.kind,
+            ctx.res,
             &items,
             json!({}),
             include(&ctx.q),
@@ -795,7 +813,7 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
         lm["continue"] = json!(c);
     }
     if table {
-        let tbl = table::table(ctx.res.kind, &items, lm, include(&ctx.q), true, now_secs());
+        let tbl = table::table(ctx.res, &items, lm, include(&ctx.q), true, now_secs());
         return Ok(super::json_response(StatusCode::OK, &tbl, TABLE_CT));
     }
     let items: Vec<Value> = items
@@ -871,7 +889,7 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
         let mut wrap = |o: Value| -> Value {
             if table {
                 let t = table::table(
-                    res.kind,
+                    res,
                     std::slice::from_ref(&o),
                     json!({"resourceVersion": o["metadata"]["resourceVersion"]}),
                     inc,
@@ -1133,33 +1151,94 @@ fn strict_fields(ctx: &Ctx<'_>, input: &Value) -> Result<(), ApiError> {
     if unknown.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = unknown
+    Err(unknown_fields(&unknown))
+}
+
+/// The 400 for fields a schema does not know, as kube-apiserver's strict decoding words it.
+fn unknown_fields(fields: &[String]) -> ApiError {
+    let list: Vec<String> = fields
         .iter()
         .map(|f| format!("unknown field \"{f}\""))
         .collect();
-    Err(ApiError::BadRequest(format!(
-        "strict decoding error: {}",
-        list.join(", ")
-    )))
+    ApiError::BadRequest(format!("strict decoding error: {}", list.join(", ")))
+}
+
+/// Ok if there are no `causes`, else the 422 listing them.
+fn refuse(ctx: &Ctx<'_>, o: &Value, causes: Vec<Cause>) -> Result<(), ApiError> {
+    if causes.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Invalid {
+        group: ctx.res.group.into(),
+        kind: ctx.res.kind.into(),
+        name: name_of(o).into(),
+        causes,
+    })
 }
 
 /// Type check, strict field check and validation. A status write (`sub`) keeps the stored
 /// spec, so only the fields it may change are type-checked.
-fn check(ctx: &Ctx<'_>, o: &Value, input: &Value, sub: Option<Sub>) -> Result<(), ApiError> {
+fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Result<(), ApiError> {
+    if let Some(c) = custom(ctx.res) {
+        return check_custom(ctx, &c, o);
+    }
     strict_fields(ctx, input)?;
     let only: Option<&[&str]> =
         (sub == Some(Sub::Status)).then_some(&["apiVersion", "kind", "metadata", "status"]);
     resources::check_types(ctx.res.group, ctx.res.kind, o, only)
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
     let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
-    if !causes.is_empty() {
-        return Err(ApiError::Invalid {
-            group: ctx.res.group.into(),
-            kind: ctx.res.kind.into(),
-            name: name_of(o).into(),
-            causes,
-        });
+    refuse(ctx, o, causes)
+}
+
+/// The CRD behind `res`, if it is a custom resource.
+fn custom(res: &'static Resource) -> Option<Arc<crd::Custom>> {
+    crd::of(res.group, res.plural).filter(|c| std::ptr::eq(c.res, res))
+}
+
+/// A custom object pruned, defaulted and checked against its CRD's schema. Unknown fields
+/// are dropped, or refused under `fieldValidation=Strict`.
+fn check_custom(ctx: &Ctx<'_>, c: &crd::Custom, o: &mut Value) -> Result<(), ApiError> {
+    let a = crd::admit(c.schema(), o);
+    if strict(ctx) && !a.unknown.is_empty() {
+        return Err(unknown_fields(&a.unknown));
     }
+    let mut causes = a.causes;
+    causes.extend(admit::validate(ctx.res.group, ctx.res.kind, o));
+    refuse(ctx, o, causes)
+}
+
+/// A CRD's status as the server keeps it: names accepted unless another CRD of its group
+/// holds them, established, the versions it stored.
+async fn crd_status(ctx: &Ctx<'_>, old: Option<&Value>, o: &mut Value) -> Result<(), ApiError> {
+    let others = ctx
+        .api
+        .store
+        .range(crd::PREFIX, None, 0, Consistency::Linearizable)
+        .await?;
+    let others: Vec<Value> = others
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    let conflict = crd::conflict(o, &others);
+    o["status"] = crd::status(o, old, conflict, &now());
+    Ok(())
+}
+
+/// Serve the CRDs as stored now (after this member wrote one, or when a request names a
+/// resource not served yet: another member may have just made it).
+pub(super) async fn reload_crds(api: &Api) -> Result<(), ApiError> {
+    let page = api
+        .store
+        .range(crd::PREFIX, None, 0, Consistency::Serializable)
+        .await?;
+    let crds: Vec<Value> = page
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    crd::load(&crds);
     Ok(())
 }
 
@@ -1402,7 +1481,7 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     // server-side apply that leaves them out, as kubectl's move from client-side apply does.
     ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
     admit_new(ctx, &mut o, &uid).await?;
-    check(ctx, &o, &input, None)?;
+    check(ctx, &mut o, &input, None)?;
     admit_quota(ctx, &o).await?;
     write_new(ctx, o, generate.is_some() && !named).await
 }
@@ -1454,6 +1533,15 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
         if phase {
             o["status"] = json!({"phase": "Pending", "qosClass": admit::qos_class(&o["spec"])});
         }
+    }
+    if (ctx.res.group, ctx.res.kind) == (crd::GROUP, "CustomResourceDefinition") {
+        crd::hold(o);
+        crd_status(ctx, None, o).await?;
+    }
+    if custom(ctx.res).is_some_and(|c| c.terminating) {
+        return Err(ApiError::MethodNotAllowed(
+            "create not allowed while custom resource definition is terminating".into(),
+        ));
     }
     no_escalation(ctx, o).await?;
     if o.get("spec").is_some() {
@@ -2410,7 +2498,10 @@ where
         // A binding changes a stored, valid pod in two known fields (the scheduler's hot
         // path); anything else is checked whole.
         if sub != Some(Sub::Binding) {
-            check(ctx, &new, &input, sub)?;
+            check(ctx, &mut new, &input, sub)?;
+        }
+        if (ctx.res.group, ctx.res.kind) == (crd::GROUP, "CustomResourceDefinition") {
+            crd_status(ctx, Some(&old), &mut new).await?;
         }
         set_rv(&mut new, kv.mod_revision);
         no_escalation(ctx, &new).await?;
@@ -2598,7 +2689,7 @@ async fn patch_object(
         meta(&mut o).insert("creationTimestamp".into(), json!(ts));
         admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
         admit_new(ctx, &mut o, &uid).await?;
-        check(ctx, &o, &config, None)?;
+        check(ctx, &mut o, &config, None)?;
         admit_quota(ctx, &o).await?;
         let o = write_new(ctx, o, false).await?;
         return Ok((StatusCode::CREATED, o, None));
@@ -2621,14 +2712,32 @@ async fn patch_object(
     Ok((StatusCode::OK, o, None))
 }
 
-fn scale_of(o: &Value) -> Value {
-    let selector = Labels::of_owner(o).to_query();
+fn scale_of(res: &'static Resource, o: &Value) -> Value {
     let m = &o["metadata"];
+    let (spec, status, selector) = match custom(res).and_then(|c| c.scale.clone()) {
+        // A CRD's scale subresource names where its replicas and selector are.
+        Some(s) => (
+            crd::value_at(o, &s.spec).and_then(Value::as_i64),
+            crd::value_at(o, &s.status).and_then(Value::as_i64),
+            s.selector
+                .and_then(|p| {
+                    crd::value_at(o, &p)
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                })
+                .unwrap_or_default(),
+        ),
+        None => (
+            o["spec"]["replicas"].as_i64(),
+            o["status"]["replicas"].as_i64(),
+            Labels::of_owner(o).to_query(),
+        ),
+    };
     json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
         "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
                      "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
-        "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(0)},
-        "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector}})
+        "spec": {"replicas": spec.unwrap_or(0)},
+        "status": {"replicas": status.unwrap_or(0), "selector": selector}})
 }
 
 async fn scale_update<F>(ctx: &Ctx<'_>, name: &str, f: F) -> Result<Value, ApiError>
@@ -2636,7 +2745,7 @@ where
     F: Fn(&Value) -> Result<Value, ApiError>,
 {
     let o = update_with(ctx, name, Some(Sub::Scale), false, |old| {
-        let scale = scale_of(old);
+        let scale = scale_of(ctx.res, old);
         let new_scale = f(&scale)?;
         let replicas = new_scale["spec"]["replicas"]
             .as_i64()
@@ -2659,7 +2768,12 @@ where
             });
         }
         let mut new = old.clone();
-        new["spec"]["replicas"] = json!(replicas);
+        match custom(ctx.res).and_then(|c| c.scale.clone()) {
+            Some(s) => {
+                crd::set_at(&mut new, &s.spec, json!(replicas));
+            }
+            None => new["spec"]["replicas"] = json!(replicas),
+        }
         // A resourceVersion is a precondition only when the client set one: a patch leaves
         // the one we filled in, which must not fail against a concurrent write (the
         // controllers write status all the time).
@@ -2672,7 +2786,7 @@ where
         Ok((new, true))
     })
     .await?;
-    Ok(scale_of(&o))
+    Ok(scale_of(ctx.res, &o))
 }
 
 async fn bind(ctx: &Ctx<'_>, name: &str, body: Value) -> Result<Response, ApiError> {

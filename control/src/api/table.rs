@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::resources::Resource;
 use super::seconds;
 use super::select::Labels;
 
@@ -952,13 +953,16 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
 }
 
 /// The Table columns for `kind`.
+/// The Name column's description, as Kubernetes gives it.
+pub const NAME_DESCRIPTION: &str = "Name must be unique within a namespace. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names";
+
 pub fn column_definitions(kind: &str) -> Value {
     Value::Array(
         columns(kind)
             .iter()
             .map(|(name, ty, format, prio)| {
                 let description = if *name == "Name" {
-                    "Name must be unique within a namespace. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names"
+                    NAME_DESCRIPTION
                 } else {
                     name
                 };
@@ -979,7 +983,12 @@ pub enum Include {
 
 /// One Table row for `o`.
 pub fn row(kind: &str, o: &Value, include: Include, now: i64) -> Value {
-    let mut r = json!({"cells": cells(kind, o, now)});
+    row_of(cells(kind, o, now), o, include)
+}
+
+/// A Table row of `cells` for `o`, carrying as much of `o` as `include` asks.
+pub fn row_of(cells: Vec<Value>, o: &Value, include: Include) -> Value {
+    let mut r = json!({"cells": cells});
     match include {
         Include::None => {}
         Include::Metadata => {
@@ -994,13 +1003,17 @@ pub fn row(kind: &str, o: &Value, include: Include, now: i64) -> Value {
 /// A Table of `objects`; `headers` false leaves `columnDefinitions` null (watch events after
 /// the first).
 pub fn table(
-    kind: &str,
+    res: &'static Resource,
     objects: &[Value],
     list_meta: Value,
     include: Include,
     headers: bool,
     now: i64,
 ) -> Value {
+    if let Some(c) = super::crd::of(res.group, res.plural).filter(|c| std::ptr::eq(c.res, res)) {
+        return super::crd::table(&c, objects, list_meta, include, headers, now);
+    }
+    let kind = res.kind;
     json!({
         "kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_meta,
         "columnDefinitions": if headers { column_definitions(kind) } else { Value::Null },

@@ -138,13 +138,25 @@ impl Node {
 /// a namespace's events are deleted with it by collection.
 fn stored() -> Vec<(String, &'static Resource)> {
     let mut out: Vec<(String, &'static Resource)> = vec![];
-    for r in RESOURCES.iter().filter(|r| r.stored && r.kind != "Event") {
+    let custom: Vec<&'static Resource> = crate::api::crd::all().iter().map(|c| c.res).collect();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.stored && r.kind != "Event")
+        .chain(custom)
+    {
         let p = r.prefix(None);
         if !out.iter().any(|(q, _)| *q == p) {
             out.push((p, r));
         }
     }
     out
+}
+
+/// The custom resource whose objects are stored under `key`, if any.
+fn custom_of_key(key: &str) -> Option<&'static Resource> {
+    let mut parts = key.strip_prefix("/registry/")?.split('/');
+    let (group, plural) = (parts.next()?, parts.next()?);
+    crate::api::crd::of(group, plural).map(|c| c.res)
 }
 
 #[derive(Default)]
@@ -199,6 +211,16 @@ impl Graph {
 
 impl Follower for Graph {
     fn apply(&mut self, kind: &EventKind, kv: &KeyValue) {
+        if !self
+            .prefixes
+            .iter()
+            .any(|(p, _)| kv.key.starts_with(p.as_str()))
+        {
+            // A CRD's objects are followed from the first seen.
+            if let Some(r) = custom_of_key(&kv.key) {
+                self.prefixes.push((r.prefix(None), r));
+            }
+        }
         let prefixes: Vec<&str> = self.prefixes.iter().map(|(p, _)| p.as_str()).collect();
         if !fresh(&mut self.seen, &prefixes, kv) {
             return;

@@ -23,6 +23,7 @@
 //! [`job`], [`cronjob`], [`statefulset`], [`disruption`] and [`history`].
 
 pub mod autoscaler;
+pub mod crds;
 pub mod cron;
 pub mod cronjob;
 pub mod daemonset;

@@ -1055,8 +1055,9 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
         .expect_ok("apply")?;
     up.kubectl(&["create", "ns", "keep"])?.expect_ok("ns")?;
     let before = json(&up.kubectl(&["get", "deploy", "web", "-o", "json"])?.stdout)?;
-    // Bootstrap roles as an older version left them: put back at start, unless kept.
-    let wide = r#"[{"op":"replace","path":"/rules","value":[{"apiGroups":["*"],"resources":["*"],"verbs":["*"]}]}]"#;
+    // Bootstrap roles as an older version left them (wider, and not aggregated): put back
+    // at start, unless kept.
+    let wide = r#"[{"op":"replace","path":"/rules","value":[{"apiGroups":["*"],"resources":["*"],"verbs":["*"]}]},{"op":"remove","path":"/aggregationRule"}]"#;
     for role in ["edit", "view"] {
         up.kubectl(&["patch", "clusterrole", role, "--type=json", "-p", wide])?
             .expect_ok("widen role")?;
@@ -1069,6 +1070,14 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
         "rbac.authorization.kubernetes.io/autoupdate=false",
     ])?
     .expect_ok("keep view")?;
+    // Kept out of edit too: an aggregated role takes whatever is labelled to join it.
+    up.kubectl(&[
+        "label",
+        "clusterrole",
+        "view",
+        "rbac.authorization.k8s.io/aggregate-to-edit-",
+    ])?
+    .expect_ok("view out of edit")?;
     up.restart()?;
     let rules = |role: &str| -> anyhow::Result<String> {
         Ok(up
@@ -1085,6 +1094,16 @@ fn restart_keeps_every_object() -> anyhow::Result<()> {
     let (edit, view) = (rules("edit")?, rules("view")?);
     ensure!(!edit.contains("\"*\"") && edit.contains("apps"), "{edit}");
     ensure!(view == r#"["*"]"#, "{view}");
+    let agg = up
+        .kubectl(&[
+            "get",
+            "clusterrole",
+            "edit",
+            "-o",
+            "jsonpath={.aggregationRule}",
+        ])?
+        .expect_ok("aggregation rule")?;
+    ensure!(agg.stdout.contains("aggregate-to-edit"), "{}", agg.stdout);
     let after = json(
         &up.kubectl(&["get", "deploy", "web", "-o", "json"])?
             .expect_ok("after restart")?
@@ -1702,6 +1721,25 @@ fn custom_resources() -> anyhow::Result<()> {
         ])?
         .expect_ok("v1beta1")?;
     ensure!(av.stdout == "stable.example.com/v1beta1", "{}", av.stdout);
+    // Written through it, an object meets that version's schema (which keeps anything), and
+    // is stored as the storage version has it.
+    up.kubectl_in(
+        &["create", "-f", "-"],
+        "apiVersion: stable.example.com/v1beta1\nkind: CronTab\nmetadata: {name: old}\nspec: {cronSpec: '@daily', colour: red}\n",
+    )?
+    .expect_ok("create through v1beta1")?;
+    let old = json(
+        &up.kubectl(&["get", "ct", "old", "-o", "json"])?
+            .expect_ok("get old")?
+            .stdout,
+    )?;
+    ensure!(
+        old["apiVersion"] == "stable.example.com/v1"
+            && old["spec"] == serde_json::json!({"cronSpec": "@daily", "replicas": 1}),
+        "{old}"
+    );
+    up.kubectl(&["delete", "ct", "old"])?
+        .expect_ok("delete old")?;
     let explain = up
         .kubectl(&["explain", "crontab.spec.cronSpec"])?
         .expect_ok("explain")?;
@@ -1751,6 +1789,43 @@ fn custom_resources() -> anyhow::Result<()> {
         "{}",
         e.stderr
     );
+    // A ClusterRole labelled to join edit extends edit, and admin through it, to the CRD's
+    // objects, as an operator's chart does; view still shows no Secrets.
+    let can = |user: &str, what: &[&str]| -> anyhow::Result<String> {
+        let mut a = vec!["auth", "can-i", "-n", "default"];
+        a.extend_from_slice(what);
+        let who = format!("--as={user}");
+        a.push(&who);
+        Ok(up.kubectl(&a)?.stdout.trim().to_string())
+    };
+    for (b, role) in [("lead", "admin"), ("viewer", "view")] {
+        up.kubectl(&[
+            "create",
+            "rolebinding",
+            b,
+            &format!("--clusterrole={role}"),
+            &format!("--user={b}"),
+        ])?
+        .expect_ok("rolebinding")?;
+    }
+    ensure!(can("lead", &["create", "crontabs"])? == "no");
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: crontab-edit\n  labels: {rbac.authorization.k8s.io/aggregate-to-edit: \"true\"}\nrules: [{apiGroups: [stable.example.com], resources: [crontabs], verbs: [\"*\"]}]\n",
+    )?
+    .expect_ok("aggregated role")?;
+    until(10, "admin aggregates the CRD's role", || {
+        Ok(can("lead", &["create", "crontabs"])? == "yes")
+    })?;
+    ensure!(can("viewer", &["get", "crontabs"])? == "no");
+    ensure!(
+        can("viewer", &["get", "secrets"])? == "no" && can("viewer", &["get", "pods"])? == "yes"
+    );
+    up.kubectl(&["delete", "clusterrole", "crontab-edit"])?
+        .expect_ok("delete role")?;
+    until(10, "admin loses it again", || {
+        Ok(can("lead", &["create", "crontabs"])? == "no")
+    })?;
     // Served again after a restart, before anything is asked of the CRDs.
     up.restart()?;
     let got = up

@@ -519,6 +519,25 @@ fn check_labels(labels: &Value, field: &str, out: &mut Vec<Cause>) {
     }
 }
 
+/// Annotations' total size, keys and values, may not pass 256 KiB (which is why a big
+/// CRD cannot be applied client-side: its last-applied annotation would be too long).
+fn check_annotations(annotations: &Value, field: &str, out: &mut Vec<Cause>) {
+    const MAX: usize = 256 * 1024;
+    let size: usize = annotations
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+        .sum();
+    if size > MAX {
+        out.push(Cause::new(
+            "FieldValueTooLong",
+            field,
+            format!("Too long: may not be more than {MAX} bytes"),
+        ));
+    }
+}
+
 fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
     let containers = spec.get("containers").and_then(Value::as_array);
     match containers {
@@ -849,6 +868,7 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
         Some(n) => out.extend(check_name(kind, n)),
     }
     check_labels(&meta["labels"], "metadata.labels", &mut out);
+    check_annotations(&meta["annotations"], "metadata.annotations", &mut out);
     match (group, kind) {
         (super::crd::GROUP, "CustomResourceDefinition") => out.extend(super::crd::validate(o)),
         ("", "Pod") => {
@@ -1066,6 +1086,20 @@ pub fn qos_class(spec: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotations_may_not_pass_256_kib_together() {
+        let half = "x".repeat(130 * 1024);
+        let mut cm = json!({"metadata": {"name": "c", "annotations": {"a": half}}});
+        assert!(validate("", "ConfigMap", &cm).is_empty());
+        cm["metadata"]["annotations"]["b"] = json!(half);
+        let causes = validate("", "ConfigMap", &cm);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(
+            (causes[0].field.as_str(), causes[0].reason.as_str()),
+            ("metadata.annotations", "FieldValueTooLong")
+        );
+    }
 
     #[test]
     fn pod_defaults() {

@@ -236,7 +236,7 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
         .flat_map(|v| v.as_array().into_iter().flatten())
         .filter_map(Value::as_str)
         .collect();
-    vec![
+    let mut out = vec![
         ("", "Namespace", ns("default")),
         ("", "Namespace", ns("kube-system")),
         ("", "Namespace", ns("kube-public")),
@@ -284,49 +284,79 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                        {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
             ),
         ),
-        (
-            "rbac.authorization.k8s.io",
-            "ClusterRole",
-            cr("admin", {
-                // What edit may, on every group, without `escalate` or `bind` (RBAC's own
-                // check then keeps an admin from granting more than it holds), and acting
-                // as the namespace's service accounts.
-                let mut rules = limited(&["*"], &read_write, &read);
-                if let Some(list) = rules.as_array_mut() {
-                    list.push(json!({"apiGroups": [""], "resources": ["serviceaccounts"],
-                        "verbs": ["impersonate"]}));
-                }
-                rules
-            }),
-        ),
-        (
-            "rbac.authorization.k8s.io",
-            "ClusterRole",
-            cr(
-                "edit",
-                limited(
-                    &[
-                        "apps",
-                        "batch",
-                        "policy",
-                        "discovery.k8s.io",
-                        "coordination.k8s.io",
-                        "metrics.k8s.io",
-                    ],
-                    &read_write,
-                    &read,
-                ),
-            ),
-        ),
-        (
-            "rbac.authorization.k8s.io",
-            "ClusterRole",
-            cr(
-                "view",
-                json!([{"apiGroups": ["", "apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io", "events.k8s.io", "node.k8s.io", "metrics.k8s.io"],
-                        "resources": ["*"], "verbs": read}]),
-            ),
-        ),
+    ];
+    // admin, edit and view are aggregated, as in Kubernetes: each is the union of the
+    // ClusterRoles labelled to join it (`rbac.authorization.k8s.io/aggregate-to-edit`, …),
+    // so an operator's ClusterRole so labelled extends them to its CRDs. The server's own
+    // part of each is a `system:aggregate-to-…` role; edit joins admin and view joins edit.
+    let admin_rules = {
+        // What edit may, on every group, without `escalate` or `bind` (RBAC's own check
+        // then keeps an admin from granting more than it holds), and acting as the
+        // namespace's service accounts.
+        let mut rules = limited(&["*"], &read_write, &read);
+        if let Some(list) = rules.as_array_mut() {
+            list.push(json!({"apiGroups": [""], "resources": ["serviceaccounts"],
+                "verbs": ["impersonate"]}));
+        }
+        rules
+    };
+    let edit_rules = limited(
+        &[
+            "apps",
+            "batch",
+            "policy",
+            "discovery.k8s.io",
+            "coordination.k8s.io",
+            "metrics.k8s.io",
+        ],
+        &read_write,
+        &read,
+    );
+    // Everything of these groups but Secrets, which view does not show.
+    let core: Vec<&str> = super::resources::RESOURCES
+        .iter()
+        .filter(|r| r.group.is_empty() && r.plural != "secrets")
+        .map(|r| r.plural)
+        .collect();
+    let view_rules = json!([
+        {"apiGroups": [""], "resources": core, "verbs": read},
+        {"apiGroups": ["apps", "batch", "policy", "discovery.k8s.io", "coordination.k8s.io",
+                       "events.k8s.io", "node.k8s.io", "metrics.k8s.io"],
+         "resources": ["*"], "verbs": read},
+    ]);
+    let label = |o: &mut Value, to: &str| {
+        o["metadata"]["labels"][format!("{AGGREGATE}{to}")] = json!("true");
+    };
+    let mut parts = Vec::new();
+    for (to, rules) in [
+        ("admin", admin_rules),
+        ("edit", edit_rules),
+        ("view", view_rules),
+    ] {
+        let mut o = cr(&format!("system:aggregate-to-{to}"), rules);
+        label(&mut o, to);
+        parts.push(o);
+    }
+    for (name, joins) in [
+        ("view", Some("edit")),
+        ("edit", Some("admin")),
+        ("admin", None),
+    ] {
+        let mut o = cr(name, json!([]));
+        o["aggregationRule"] = json!({"clusterRoleSelectors":
+            [{"matchLabels": {format!("{AGGREGATE}{name}"): "true"}}]});
+        if let Some(to) = joins {
+            label(&mut o, to);
+        }
+        o["rules"] = aggregate(&o, &parts).unwrap_or_default();
+        parts.push(o);
+    }
+    out.extend(
+        parts
+            .into_iter()
+            .map(|o| ("rbac.authorization.k8s.io", "ClusterRole", o)),
+    );
+    out.extend(vec![
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",
@@ -387,7 +417,42 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                 "system:authenticated",
             ),
         ),
-    ]
+    ]);
+    out
+}
+
+/// The label prefix that puts a ClusterRole into an aggregated one.
+pub const AGGREGATE: &str = "rbac.authorization.k8s.io/aggregate-to-";
+
+/// The rules of aggregated ClusterRole `role`: those of every ClusterRole among `roles`
+/// its `aggregationRule` selects, in name order, each once. None if it aggregates nothing.
+pub fn aggregate(role: &Value, roles: &[Value]) -> Option<Value> {
+    let selectors = role["aggregationRule"]["clusterRoleSelectors"].as_array()?;
+    let selectors: Vec<super::select::Labels> = selectors
+        .iter()
+        .map(super::select::Labels::from_selector)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut picked: Vec<&Value> = roles
+        .iter()
+        .filter(|r| r["metadata"]["name"] != role["metadata"]["name"])
+        .filter(|r| {
+            selectors
+                .iter()
+                .any(|l| l.matches(&r["metadata"]["labels"]))
+        })
+        .collect();
+    picked.sort_by_key(|r| r["metadata"]["name"].as_str().unwrap_or(""));
+    let mut rules: Vec<Value> = Vec::new();
+    for rule in picked
+        .iter()
+        .flat_map(|r| r["rules"].as_array().into_iter().flatten())
+    {
+        if !rules.contains(rule) {
+            rules.push(rule.clone());
+        }
+    }
+    Some(Value::Array(rules))
 }
 
 #[cfg(test)]
@@ -404,6 +469,42 @@ mod tests {
             name: "x".into(),
             path: None,
         }
+    }
+
+    #[test]
+    fn aggregated_roles_take_the_rules_of_the_roles_they_select() {
+        let role = |name: &str, label: Option<&str>, rules: Value| {
+            let mut r = json!({"metadata": {"name": name}, "rules": rules});
+            if let Some(l) = label {
+                r["metadata"]["labels"] = json!({format!("{AGGREGATE}{l}"): "true"});
+            }
+            r
+        };
+        let get = json!({"apiGroups": ["x.io"], "resources": ["a"], "verbs": ["get"]});
+        let put = json!({"apiGroups": ["x.io"], "resources": ["a"], "verbs": ["update"]});
+        let mut agg = role("agg", Some("agg"), json!([]));
+        agg["aggregationRule"] =
+            json!({"clusterRoleSelectors": [{"matchLabels": {format!("{AGGREGATE}agg"): "true"}}]});
+        let roles = vec![
+            role("b", Some("agg"), json!([put, get])),
+            role("a", Some("agg"), json!([get])),
+            role("c", Some("other"), json!([{"verbs": ["*"]}])),
+            agg.clone(),
+        ];
+        assert_eq!(aggregate(&agg, &roles), Some(json!([get, put])));
+        assert_eq!(aggregate(&roles[0], &roles), None);
+        // The bootstrap roles come aggregated: admin holds what edit and view hold.
+        let boot = bootstrap_objects();
+        let rules = |n: &str| {
+            boot.iter()
+                .find(|(_, _, o)| o["metadata"]["name"] == n)
+                .map(|(_, _, o)| o["rules"].as_array().cloned().unwrap_or_default())
+                .unwrap_or_default()
+        };
+        let admin = rules("admin");
+        assert!(rules("view").iter().all(|r| admin.contains(r)));
+        assert!(rules("edit").iter().all(|r| admin.contains(r)));
+        assert!(!rules("view").is_empty());
     }
 
     #[test]

@@ -426,6 +426,8 @@ pub(crate) struct Target {
     pub res: &'static Resource,
     /// The group asked for, which RBAC judges: the resource's own, or a view's.
     pub group: &'static str,
+    /// The version asked for: the resource's own, or a view's.
+    pub version: &'static str,
     pub ns: Option<String>,
     pub name: Option<String>,
     pub sub: Option<String>,
@@ -466,6 +468,7 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
     Ok(Target {
         res,
         group: res.group,
+        version: res.version,
         ns,
         name,
         sub,
@@ -585,6 +588,7 @@ async fn viewed(
     let mut target = parse_target(view.stored.0, view.stored.1, rest)?;
     // Permission is for what was asked: events in events.k8s.io are not core events to RBAC.
     target.group = view.group;
+    target.version = view.version;
     for (k, v) in query.0.iter_mut() {
         if k == "fieldSelector" {
             *v = view.selector_up(v)?;
@@ -877,6 +881,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::controllers::autoscaler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::crds::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::rbac::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::quota::run(api.clone())).abort_handle());
     helpers.push(
         tokio::spawn(crate::controllers::events::run(api.clone(), cfg.event_ttl)).abort_handle(),

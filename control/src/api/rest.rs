@@ -216,6 +216,8 @@ struct Ctx<'a> {
     api: &'a Arc<Api>,
     user: User,
     res: &'static Resource,
+    /// The version asked for: `res`'s own, or a view's (whose schema a CRD's objects meet).
+    version: &'static str,
     ns: Option<String>,
     q: Query,
     manager: String,
@@ -304,6 +306,7 @@ async fn serve_one(
         api,
         user,
         res: t.res,
+        version: t.version,
         ns: t.ns.clone(),
         q,
         manager,
@@ -1199,7 +1202,13 @@ fn custom(res: &'static Resource) -> Option<Arc<crd::Custom>> {
 /// A custom object pruned, defaulted and checked against its CRD's schema. Unknown fields
 /// are dropped, or refused under `fieldValidation=Strict`.
 fn check_custom(ctx: &Ctx<'_>, c: &crd::Custom, o: &mut Value) -> Result<(), ApiError> {
-    let a = crd::admit(c.schema(), o);
+    let schema = c.schemas.get(ctx.version).unwrap_or_else(|| c.schema());
+    let a = crd::admit(schema, o);
+    if ctx.version != c.res.version {
+        // Checked as the version asked for; stored as the storage version, which drops
+        // what it does not know and fills in its defaults, as Kubernetes does reading it.
+        let _ = crd::admit(c.schema(), o);
+    }
     if strict(ctx) && !a.unknown.is_empty() {
         return Err(unknown_fields(&a.unknown));
     }
@@ -3069,6 +3078,7 @@ async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiE
             api: ctx.api,
             user: ctx.user.clone(),
             res: ctx.res,
+            version: ctx.version,
             ns: o["metadata"]["namespace"]
                 .as_str()
                 .map(String::from)
@@ -3167,6 +3177,7 @@ fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>)
             groups: vec!["system:masters".into()],
         },
         res,
+        version: res.version,
         ns,
         q: Query::default(),
         manager: "kube-apiserver".into(),
@@ -3185,13 +3196,39 @@ async fn update_role(ctx: &Ctx<'_>, want: &Value) -> Result<(), ApiError> {
     let stored = from_kv(&get_kv(ctx, &name).await?)?;
     let keep =
         stored["metadata"]["annotations"]["rbac.authorization.kubernetes.io/autoupdate"] == "false";
-    if keep || stored["rules"] == want["rules"] {
+    // An aggregated role's rules are the aggregation controller's: only its rule is ours.
+    let same = if want["aggregationRule"].is_object() {
+        stored["aggregationRule"] == want["aggregationRule"]
+    } else {
+        stored["rules"] == want["rules"]
+    };
+    let labels = want["metadata"]["labels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let labelled = labels
+        .iter()
+        .all(|(k, v)| stored["metadata"]["labels"][k] == *v);
+    if keep || (same && labelled) {
         return Ok(());
     }
     tracing::info!(role = %name, "bootstrap ClusterRole updated to this version's rules");
     update_with(ctx, &name, None, false, |old| {
         let mut new = old.clone();
-        new["rules"] = want["rules"].clone();
+        if !same {
+            new["rules"] = want["rules"].clone();
+            match want.get("aggregationRule") {
+                Some(a) => new["aggregationRule"] = a.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("aggregationRule");
+                    }
+                }
+            }
+        }
+        for (k, v) in &labels {
+            new["metadata"]["labels"][k] = v.clone();
+        }
         Ok((new, true))
     })
     .await

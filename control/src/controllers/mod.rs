@@ -36,6 +36,7 @@ pub mod history;
 pub mod job;
 pub mod nodes;
 pub mod quota;
+pub mod rbac;
 pub mod replicaset;
 pub mod statefulset;
 pub mod volumes;

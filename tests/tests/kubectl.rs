@@ -1748,6 +1748,14 @@ fn custom_resources() -> anyhow::Result<()> {
         "{}",
         explain.stdout
     );
+    let explain = up
+        .kubectl(&["explain", "crontab.metadata.labels"])?
+        .expect_ok("explain metadata")?;
+    ensure!(
+        explain.stdout.contains("map[string]string"),
+        "{}",
+        explain.stdout
+    );
     let all = up.kubectl(&["get", "all"])?.expect_ok("get all")?;
     ensure!(
         all.stdout.contains("crontab.stable.example.com/nightly"),

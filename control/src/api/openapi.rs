@@ -158,6 +158,12 @@ fn custom_schema_name(group: &str, version: &str, kind: &str) -> String {
 /// The document of a CRDs' group/version: their paths, and each kind's schema as its CRD
 /// gives it (what `kubectl explain` reads).
 fn build_custom(g: &str, v: &str) -> Doc {
+    let mut generator = SchemaSettings::openapi3()
+        .with(|s| s.meta_schema = None)
+        .into_generator();
+    let meta =
+        generator.subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>();
+    let meta = serde_json::to_value(&meta).unwrap_or_default();
     let mut paths = Map::new();
     let mut schemas = Map::new();
     for c in super::crd::served_in(g, v) {
@@ -170,6 +176,23 @@ fn build_custom(g: &str, v: &str) -> Doc {
             .unwrap_or_else(|| json!({"type": "object"}));
         schema["x-kubernetes-group-version-kind"] =
             json!([{"group": g, "version": v, "kind": r.kind}]);
+        // The fields every object has, as Kubernetes publishes them for a CRD's kind.
+        if let Some(props) = schema
+            .as_object_mut()
+            .map(|m| m.entry("properties").or_insert_with(|| json!({})))
+            .and_then(Value::as_object_mut)
+        {
+            props.entry("apiVersion").or_insert_with(|| {
+                json!({"type": "string", "description": "The group and version of this object's schema."})
+            });
+            props.entry("kind").or_insert_with(
+                || json!({"type": "string", "description": "The kind of object this is."}),
+            );
+            props.insert(
+                "metadata".into(),
+                json!({"allOf": [meta], "description": "The object's metadata: its name, namespace, labels, annotations, owners."}),
+            );
+        }
         schemas.insert(name.clone(), schema);
         let base = if r.namespaced {
             format!("/{}/namespaces/{{namespace}}/{}", gv_path(g, v), r.plural)
@@ -189,6 +212,7 @@ fn build_custom(g: &str, v: &str) -> Doc {
                    "patch": patch, "delete": op("delete", false)}),
         );
     }
+    schemas.extend(generator.take_definitions(true));
     finish(paths, schemas)
 }
 

@@ -1587,6 +1587,7 @@ spec:
     subresources:
       status: {}
       scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas, labelSelectorPath: .status.selector}
+    selectableFields: [{jsonPath: .spec.image}]
     additionalPrinterColumns:
     - {name: Spec, type: string, jsonPath: .spec.cronSpec}
     - {name: Replicas, type: integer, jsonPath: .spec.replicas}
@@ -1740,6 +1741,42 @@ fn custom_resources() -> anyhow::Result<()> {
     );
     up.kubectl(&["delete", "ct", "old"])?
         .expect_ok("delete old")?;
+    // A selectable field picks by value; another is refused as Kubernetes refuses it.
+    let picked = up
+        .kubectl(&[
+            "get",
+            "ct",
+            "--field-selector",
+            "spec.image=backup:1",
+            "-o",
+            "name",
+        ])?
+        .expect_ok("selectable field")?;
+    ensure!(
+        picked.stdout.trim() == "crontab.stable.example.com/nightly",
+        "{}",
+        picked.stdout
+    );
+    let none = up
+        .kubectl(&[
+            "get",
+            "ct",
+            "--field-selector",
+            "spec.image=other",
+            "-o",
+            "name",
+        ])?
+        .expect_ok("selectable field, no match")?;
+    ensure!(none.stdout.trim().is_empty(), "{}", none.stdout);
+    let e = up
+        .kubectl(&["get", "ct", "--field-selector", "spec.cronSpec=x"])?
+        .expect_err("not selectable")?;
+    ensure!(
+        e.stderr
+            .contains("field label not supported: spec.cronSpec"),
+        "{}",
+        e.stderr
+    );
     let explain = up
         .kubectl(&["explain", "crontab.spec.cronSpec"])?
         .expect_ok("explain")?;

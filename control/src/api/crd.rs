@@ -63,6 +63,9 @@ pub struct Custom {
     pub schemas: HashMap<String, Value>,
     pub columns: Vec<Column>,
     pub scale: Option<Scale>,
+    /// Fields a field selector may name besides `metadata.name` and `metadata.namespace`
+    /// (the storage version's `selectableFields`, as `spec.color`).
+    pub selectable: Vec<String>,
     /// Being deleted: its objects are being removed and no new ones are taken.
     pub terminating: bool,
 }
@@ -175,6 +178,7 @@ pub fn load(crds: &[Value]) {
                 && a.served == b.served
                 && a.schemas == b.schemas
                 && a.terminating == b.terminating
+                && a.selectable == b.selectable
                 && a.columns.len() == b.columns.len()
         });
     *reg = out;
@@ -356,8 +360,16 @@ fn custom(crd: &Value) -> Option<Custom> {
             path: ".metadata.creationTimestamp".into(),
         }],
     };
+    let selectable = storage["selectableFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["jsonPath"].as_str())
+        .map(|p| p.trim_start_matches('.').to_string())
+        .collect();
     Some(Custom {
         crd: crd["metadata"]["name"].as_str().unwrap_or("").into(),
+        selectable,
         storage_served: storage["served"] == true,
         res,
         served,
@@ -581,6 +593,28 @@ pub fn validate(crd: &Value) -> Vec<Cause> {
                 ));
             }
             structural(schema, &sat, &mut out);
+        }
+        let fields = v["selectableFields"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        if fields.len() > 8 {
+            out.push(Cause::new(
+                "FieldValueTooMany",
+                format!("{at}.selectableFields"),
+                format!("Too many: {}: must have at most 8 items", fields.len()),
+            ));
+        }
+        for (j, f) in fields.iter().enumerate() {
+            let p = f["jsonPath"].as_str().unwrap_or("");
+            let plain = parse_path(p)
+                .is_some_and(|steps| steps.iter().all(|s| matches!(s, Step::Field(_))));
+            if !plain || !p.starts_with('.') {
+                out.push(Cause::invalid(
+                    format!("{at}.selectableFields[{j}].jsonPath"),
+                    p,
+                    "must be a simple path to a field, as .spec.color",
+                ));
+            }
         }
         for (j, c) in v["additionalPrinterColumns"]
             .as_array()
@@ -1340,6 +1374,7 @@ mod tests {
         c["spec"]["versions"][0]["storage"] = json!(false);
         c["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
             ["x"] = json!({"description": "no type"});
+        c["spec"]["versions"][0]["selectableFields"] = json!([{"jsonPath": ".spec.items[0]"}]);
         defaults(&mut c);
         let fields: Vec<String> = validate(&c).into_iter().map(|c| c.field).collect();
         assert_eq!(
@@ -1348,7 +1383,8 @@ mod tests {
                 "metadata.name",
                 "spec.scope",
                 "spec.versions",
-                "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[x].type"
+                "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[x].type",
+                "spec.versions[0].selectableFields[0].jsonPath"
             ]
         );
         let mut c = crd();

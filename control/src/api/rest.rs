@@ -642,8 +642,15 @@ struct Continue {
 fn selectors(ctx: &Ctx<'_>) -> Result<(Labels, Fields), ApiError> {
     let labels =
         Labels::parse(ctx.q.get("labelSelector").unwrap_or("")).map_err(ApiError::BadRequest)?;
-    let fields = Fields::parse(ctx.res.kind, ctx.q.get("fieldSelector").unwrap_or(""))
-        .map_err(ApiError::BadRequest)?;
+    let extra = custom(ctx.res)
+        .map(|c| c.selectable.clone())
+        .unwrap_or_default();
+    let fields = Fields::parse_with(
+        ctx.res.kind,
+        ctx.q.get("fieldSelector").unwrap_or(""),
+        &extra,
+    )
+    .map_err(ApiError::BadRequest)?;
     Ok((labels, fields))
 }
 

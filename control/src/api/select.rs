@@ -213,6 +213,11 @@ fn supported(kind: &str, field: &str) -> bool {
 
 impl Fields {
     pub fn parse(kind: &str, s: &str) -> Result<Fields, String> {
+        Fields::parse_with(kind, s, &[])
+    }
+
+    /// [`Fields::parse`], with `extra` fields selectable too (a CRD's `selectableFields`).
+    pub fn parse_with(kind: &str, s: &str, extra: &[String]) -> Result<Fields, String> {
         let mut terms = Vec::new();
         if s.trim().is_empty() {
             return Ok(Fields(terms));
@@ -230,7 +235,7 @@ impl Fields {
                 ));
             };
             let field = field.trim();
-            if !supported(kind, field) {
+            if !supported(kind, field) && !extra.iter().any(|x| x == field) {
                 return Err(format!("field label not supported: {field}"));
             }
             terms.push((field.to_string(), eq, value.trim().to_string()));

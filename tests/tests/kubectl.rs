@@ -1871,6 +1871,34 @@ fn custom_resources() -> anyhow::Result<()> {
     until(10, "admin loses it again", || {
         Ok(can("lead", &["create", "crontabs"])? == "no")
     })?;
+    // Quotas count a CRD's objects by `count/PLURAL.GROUP`.
+    up.kubectl(&["create", "namespace", "q"])?
+        .expect_ok("namespace")?;
+    up.kubectl(&[
+        "-n",
+        "q",
+        "create",
+        "quota",
+        "cq",
+        "--hard=count/crontabs.stable.example.com=1",
+    ])?
+    .expect_ok("quota")?;
+    up.kubectl_in(&["-n", "q", "create", "-f", "-"], CRONTAB)?
+        .expect_ok("first in q")?;
+    let e = up
+        .kubectl_in(
+            &["-n", "q", "create", "-f", "-"],
+            &CRONTAB.replace("nightly", "second"),
+        )?
+        .expect_err("second in q")?;
+    ensure!(
+        e.stderr
+            .contains("crontabs.stable.example.com \"second\" is forbidden: exceeded quota: cq"),
+        "{}",
+        e.stderr
+    );
+    up.kubectl(&["delete", "namespace", "q"])?
+        .expect_ok("delete q")?;
     // Served again after a restart, before anything is asked of the CRDs.
     up.restart()?;
     let got = up

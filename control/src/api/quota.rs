@@ -394,6 +394,28 @@ pub fn counted(name: &str) -> Option<&'static Resource> {
     }
 }
 
+/// Whether a pod spec's affinity or anti-affinity to other pods looks beyond its own
+/// namespace (a term naming namespaces, or with a namespace selector, even an empty one).
+fn cross_namespace(spec: &Value) -> bool {
+    let aff = &spec["affinity"];
+    ["podAffinity", "podAntiAffinity"].iter().any(|k| {
+        let a = &aff[*k];
+        let required = a["requiredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .into_iter()
+            .flatten();
+        let preferred = a["preferredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| &w["podAffinityTerm"]);
+        required.chain(preferred).any(|t| {
+            t["namespaces"].as_array().is_some_and(|n| !n.is_empty())
+                || t["namespaceSelector"].is_object()
+        })
+    })
+}
+
 /// Whether quota `q`'s scopes take in pod `pod` (a quota with scopes counts pods only).
 pub fn in_scope(q: &Value, pod: Option<&Value>) -> bool {
     let scopes: Vec<(&str, &str, Vec<&str>)> = q["spec"]["scopes"]
@@ -430,6 +452,7 @@ pub fn in_scope(q: &Value, pod: Option<&Value>) -> bool {
             "NotTerminating" => !spec["activeDeadlineSeconds"].is_number(),
             "BestEffort" => super::admit::qos_class(spec) == "BestEffort",
             "NotBestEffort" => super::admit::qos_class(spec) != "BestEffort",
+            "CrossNamespacePodAffinity" => cross_namespace(spec),
             "PriorityClass" => {
                 let class = spec["priorityClassName"].as_str().unwrap_or("");
                 return match *op {
@@ -813,5 +836,18 @@ mod tests {
             Some(&json!({"spec": {"priorityClassName": "high"}}))
         ));
         assert!(!in_scope(&by_class, Some(&pod)));
+        let cross = json!({"spec": {"scopes": ["CrossNamespacePodAffinity"]}});
+        let term = |t: Value| {
+            json!({"spec": {"affinity": {"podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 1, "podAffinityTerm": t}]}}}})
+        };
+        assert!(in_scope(
+            &cross,
+            Some(&term(json!({"namespaceSelector": {}})))
+        ));
+        assert!(in_scope(&cross, Some(&term(json!({"namespaces": ["b"]})))));
+        assert!(!in_scope(&cross, Some(&term(json!({"topologyKey": "x"})))));
+        assert!(!in_scope(&cross, Some(&pod)));
     }
 }

@@ -1765,7 +1765,11 @@ fn refused(ctx: &Ctx<'_>, o: &Value, why: &[String]) -> ApiError {
         many => format!("[{}]", many.join(", ")),
     };
     ApiError::Forbidden {
-        message: format!("{} \"{}\" is forbidden: {why}", ctx.res.plural, name_of(o)),
+        message: format!(
+            "{} \"{}\" is forbidden: {why}",
+            ctx.res.qualified(),
+            name_of(o)
+        ),
     }
 }
 

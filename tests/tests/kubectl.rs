@@ -1871,6 +1871,34 @@ fn custom_resources() -> anyhow::Result<()> {
     until(10, "admin loses it again", || {
         Ok(can("lead", &["create", "crontabs"])? == "no")
     })?;
+    // Only full authority may make an aggregated role: it would take the rules of any role
+    // it selects (cluster-admin's among them).
+    up.kubectl(&[
+        "create",
+        "clusterrole",
+        "role-maker",
+        "--verb=create",
+        "--resource=clusterroles",
+    ])?
+    .expect_ok("role-maker")?;
+    up.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "maker",
+        "--clusterrole=role-maker",
+        "--user=maker",
+    ])?
+    .expect_ok("maker binding")?;
+    let grab = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: grab}\naggregationRule:\n  clusterRoleSelectors: [{matchLabels: {kubernetes.io/bootstrapping: rbac-defaults}}]\nrules: []\n";
+    let e = up
+        .kubectl_in(&["create", "-f", "-", "--as=maker"], grab)?
+        .expect_err("aggregated role by a non-admin")?;
+    ensure!(
+        e.stderr
+            .contains("must have cluster-admin privileges to use the aggregationRule"),
+        "{}",
+        e.stderr
+    );
     // Quotas count a CRD's objects by `count/PLURAL.GROUP`.
     up.kubectl(&["create", "namespace", "q"])?
         .expect_ok("namespace")?;

@@ -208,7 +208,10 @@ fn intern(s: &str) -> &'static str {
     x
 }
 
+/// A `&'static` list equal to `v`'s strings, made once per distinct list.
 fn intern_strs(v: &Value) -> &'static [&'static str] {
+    static LISTS: LazyLock<Mutex<HashMap<Vec<&'static str>, &'static [&'static str]>>> =
+        LazyLock::new(Mutex::default);
     let list: Vec<&'static str> = v
         .as_array()
         .into_iter()
@@ -219,7 +222,9 @@ fn intern_strs(v: &Value) -> &'static [&'static str] {
     if list.is_empty() {
         return &[];
     }
-    Box::leak(list.into_boxed_slice())
+    let mut all = LISTS.lock().unwrap_or_else(|e| e.into_inner());
+    all.entry(list.clone())
+        .or_insert_with(|| Box::leak(list.into_boxed_slice()))
 }
 
 /// A `&'static Resource` equal to `r`, made once per distinct resource.
@@ -263,7 +268,13 @@ fn intern_view(
 /// The served form of an established CRD; None if it has no storage version.
 fn custom(crd: &Value) -> Option<Custom> {
     let spec = &crd["spec"];
-    let names = &spec["names"];
+    // Served under the names it was given, which a later clash does not take away.
+    let accepted = &crd["status"]["acceptedNames"];
+    let names = if accepted["plural"].as_str().is_some_and(|p| !p.is_empty()) {
+        accepted
+    } else {
+        &spec["names"]
+    };
     let group = intern(spec["group"].as_str()?);
     let plural = intern(names["plural"].as_str()?);
     let kind = intern(names["kind"].as_str()?);
@@ -306,7 +317,12 @@ fn custom(crd: &Value) -> Option<Custom> {
         short: intern_strs(&names["shortNames"]),
         namespaced: spec["scope"] != "Cluster",
         categories: intern_strs(&names["categories"]),
-        subresources: Box::leak(subs.into_boxed_slice()),
+        subresources: match (subs.contains(&Sub::Status), subs.contains(&Sub::Scale)) {
+            (true, true) => &[Sub::Status, Sub::Scale],
+            (true, false) => &[Sub::Status],
+            (false, true) => &[Sub::Scale],
+            (false, false) => &[],
+        },
         stored: true,
     });
     let mut served: Vec<&'static str> = versions
@@ -467,6 +483,16 @@ pub fn validate(crd: &Value) -> Vec<Cause> {
             "is a group this server serves itself",
         ));
     }
+    let approved = crd["metadata"]["annotations"]["api-approved.kubernetes.io"].is_string();
+    let protected = [".k8s.io", ".kubernetes.io"]
+        .iter()
+        .any(|p| group.ends_with(p) || group == &p[1..]);
+    if protected && !approved {
+        out.push(Cause::required_msg(
+            "metadata.annotations[api-approved.kubernetes.io]",
+            "protected groups must have approval annotation \"api-approved.kubernetes.io\", see https://github.com/kubernetes/enhancements/pull/1111",
+        ));
+    }
     for (field, v) in [
         ("plural", plural),
         ("singular", names["singular"].as_str().unwrap_or("")),
@@ -561,7 +587,7 @@ pub fn validate(crd: &Value) -> Vec<Cause> {
         let vname = v["name"].as_str().unwrap_or("");
         if vname.is_empty() {
             out.push(Cause::required(format!("{at}.name")));
-        } else if !dns_label(vname) {
+        } else if !dns_label(vname) || !vname.starts_with(|c: char| c.is_ascii_lowercase()) {
             out.push(Cause::invalid(
                 format!("{at}.name"),
                 vname,
@@ -616,6 +642,30 @@ pub fn validate(crd: &Value) -> Vec<Cause> {
                 ));
             }
         }
+        if let Some(sc) = v["subresources"]["scale"].as_object() {
+            for (f, prefixes, required) in [
+                ("specReplicasPath", &[".spec."][..], true),
+                ("statusReplicasPath", &[".status."][..], true),
+                ("labelSelectorPath", &[".spec.", ".status."][..], false),
+            ] {
+                let field = format!("{at}.subresources.scale.{f}");
+                match sc.get(f).and_then(Value::as_str) {
+                    None if required => out.push(Cause::required(field)),
+                    None => {}
+                    Some(p) => {
+                        let plain = parse_path(p)
+                            .is_some_and(|steps| steps.iter().all(|s| matches!(s, Step::Field(_))));
+                        if !plain || !prefixes.iter().any(|x| p.starts_with(x)) {
+                            out.push(Cause::invalid(
+                                field,
+                                p,
+                                &format!("should be a json path under {}", prefixes.join(" or ")),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         for (j, c) in v["additionalPrinterColumns"]
             .as_array()
             .into_iter()
@@ -650,6 +700,31 @@ pub fn validate(crd: &Value) -> Vec<Cause> {
     out
 }
 
+/// What may not change in an established CRD: its scope and its kind.
+pub fn validate_update(new: &Value, old: &Value) -> Vec<Cause> {
+    let mut out = Vec::new();
+    if !established(old) {
+        return out;
+    }
+    for (field, a, b) in [
+        ("spec.scope", &new["spec"]["scope"], &old["spec"]["scope"]),
+        (
+            "spec.names.kind",
+            &new["spec"]["names"]["kind"],
+            &old["spec"]["names"]["kind"],
+        ),
+    ] {
+        if a != b {
+            out.push(Cause::invalid(
+                field,
+                a.as_str().unwrap_or(""),
+                "field is immutable",
+            ));
+        }
+    }
+    out
+}
+
 /// The structural schema rules this server relies on: every node has a type (unless it
 /// keeps unknown fields or is int-or-string), and `properties` and `additionalProperties`
 /// are not both set.
@@ -666,6 +741,13 @@ fn structural(s: &Value, at: &str, out: &mut Vec<Cause>) {
             "FieldValueNotSupported",
             format!("{at}.type"),
             format!("Unsupported value: \"{ty}\": supported values: \"array\", \"boolean\", \"integer\", \"number\", \"object\", \"string\""),
+        ));
+    }
+    if s["uniqueItems"] == true {
+        out.push(Cause::new(
+            "FieldValueForbidden",
+            format!("{at}.uniqueItems"),
+            "Forbidden: uniqueItems cannot be set to true since the runtime complexity becomes quadratic",
         ));
     }
     if s["properties"].is_object() && s["additionalProperties"].is_object() {
@@ -732,6 +814,16 @@ pub fn status(crd: &Value, old: Option<&Value>, conflict: Option<String>, now: &
     let (accepted, established) = match &conflict {
         None => (
             cond("NamesAccepted", true, "NoConflicts", "no conflicts found"),
+            cond(
+                "Established",
+                true,
+                "InitialNamesAccepted",
+                "the initial names have been accepted",
+            ),
+        ),
+        // Once established, a CRD stays so under the names it had.
+        Some(why) if old.is_some_and(established) => (
+            cond("NamesAccepted", false, "NameConflict", why),
             cond(
                 "Established",
                 true,
@@ -869,6 +961,9 @@ fn shown(v: &Value) -> String {
 }
 
 fn walk(s: &Value, v: &mut Value, at: &str, out: &mut Admitted) {
+    if v.is_null() && s["nullable"] == true {
+        return;
+    }
     let ty = s["type"].as_str().unwrap_or("");
     let int_or_string = s["x-kubernetes-int-or-string"] == true;
     let fits = match (ty, &*v) {
@@ -943,31 +1038,20 @@ fn walk(s: &Value, v: &mut Value, at: &str, out: &mut Admitted) {
                 "items",
                 out,
             );
-            if s["uniqueItems"] == true {
-                let mut seen = Vec::new();
-                for x in items.iter() {
-                    if seen.contains(&x) {
-                        out.causes.push(Cause::new(
-                            "FieldValueDuplicate",
-                            at,
-                            format!("Duplicate value: {x}"),
-                        ));
-                        break;
-                    }
-                    seen.push(x);
-                }
-            }
             if s["x-kubernetes-list-type"] == "set" {
-                let mut seen = Vec::new();
+                // Hashed by their JSON text: linear in the list, whatever its length.
+                let mut seen = HashSet::new();
                 for (i, x) in items.iter().enumerate() {
-                    if seen.contains(&x) {
+                    let text = x.to_string();
+                    if seen.contains(&text) {
                         out.causes.push(Cause::new(
                             "FieldValueDuplicate",
                             format!("{at}[{i}]"),
-                            format!("Duplicate value: {x}"),
+                            format!("Duplicate value: {text}"),
                         ));
+                    } else {
+                        seen.insert(text);
                     }
-                    seen.push(x);
                 }
             }
         }
@@ -1012,7 +1096,9 @@ fn walk(s: &Value, v: &mut Value, at: &str, out: &mut Admitted) {
                 }
             }
             if let Some(k) = s["multipleOf"].as_f64().filter(|k| *k > 0.0) {
-                if (x / k).fract() != 0.0 {
+                // Within rounding, as go-openapi checks it: 0.3 is a multiple of 0.1.
+                let q = x / k;
+                if (q - q.round()).abs() > 1e-9 * q.abs().max(1.0) {
                     out.causes.push(Cause::invalid(
                         at,
                         &shown,
@@ -1390,6 +1476,41 @@ mod tests {
         let mut c = crd();
         c["spec"]["group"] = json!("apps");
         assert_eq!(validate(&c)[0].field, "spec.group");
+    }
+
+    #[test]
+    fn what_kubernetes_forbids_is_refused() {
+        let mut c = crd();
+        defaults(&mut c);
+        let v = &mut c["spec"]["versions"][0];
+        v["name"] = json!("1v");
+        v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["tags"] =
+            json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}});
+        v["subresources"] = json!({"scale": {"specReplicasPath": ".status.replicas",
+                                             "statusReplicasPath": ".status.replicas"}});
+        c["spec"]["group"] = json!("widgets.k8s.io");
+        c["metadata"]["name"] = json!("widgets.widgets.k8s.io");
+        let fields: Vec<String> = validate(&c).into_iter().map(|c| c.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "metadata.annotations[api-approved.kubernetes.io]",
+                "spec.versions[0].name",
+                "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[tags].uniqueItems",
+                "spec.versions[0].subresources.scale.specReplicasPath"
+            ]
+        );
+        // Once established, its scope and kind stay.
+        let mut old = crd();
+        defaults(&mut old);
+        old["status"] = status(&old, None, None, "t");
+        let mut new = old.clone();
+        new["spec"]["scope"] = json!("Cluster");
+        assert_eq!(validate_update(&new, &old)[0].field, "spec.scope");
+        // And a later clash of names does not take it away.
+        let st = status(&new, Some(&old), Some("taken".into()), "t");
+        assert_eq!(st["conditions"][1]["status"], "True");
+        assert_eq!(st["conditions"][0]["status"], "False");
     }
 
     #[test]

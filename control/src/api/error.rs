@@ -25,6 +25,14 @@ impl Cause {
     pub fn required(field: impl Into<String>) -> Self {
         Cause::new("FieldValueRequired", field, "Required value")
     }
+    /// A required value, with why.
+    pub fn required_msg(field: impl Into<String>, why: &str) -> Self {
+        Cause::new(
+            "FieldValueRequired",
+            field,
+            format!("Required value: {why}"),
+        )
+    }
     pub fn invalid(field: impl Into<String>, value: &str, why: &str) -> Self {
         Cause::new(
             "FieldValueInvalid",

@@ -533,7 +533,7 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
         return viewed(api, user, parts, query, view, rest, body).await;
     }
     let target = match parse_target(group, version, rest) {
-        Err(ApiError::NoRoute(_)) if !resources::builtin(group) => {
+        Err(ApiError::NoRoute(_)) if !resources::builtin(group) && crd_reload_due() => {
             // A CRD another member just made is served here once this member has read it.
             rest::reload_crds(api).await?;
             if let Some(view) = view_of(group, version, rest)? {
@@ -545,6 +545,24 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
     };
     let body = read_body(body).await?;
     rest::serve(api, user, parts, query, target, body).await
+}
+
+/// Whether a request for an unknown group may read the CRDs again: at most ten times a
+/// second, so requests for groups nobody serves cost no more than a 404.
+fn crd_reload_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1000;
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last + 100
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// The view ([`convert`]) a request for `group`/`version` goes through, if any; a version

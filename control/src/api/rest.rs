@@ -246,7 +246,9 @@ pub(super) async fn serve(
     let out = serve_one(api, user, parts, q, t, body).await;
     if crd_write && out.is_ok() {
         // Served from the next request on, on this member; the others follow the store.
-        reload_crds(api).await?;
+        if let Err(e) = reload_crds(api).await {
+            tracing::warn!(error = %e, "CRDs not read again after a write; the follower will");
+        }
     }
     out
 }
@@ -1203,7 +1205,9 @@ fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Resul
 
 /// The CRD behind `res`, if it is a custom resource.
 fn custom(res: &'static Resource) -> Option<Arc<crd::Custom>> {
-    crd::of(res.group, res.plural).filter(|c| std::ptr::eq(c.res, res))
+    // By name, not by pointer: a request that began before its CRD changed is still one
+    // for a custom resource (built-in groups are never a CRD's).
+    crd::of(res.group, res.plural)
 }
 
 /// A custom object pruned, defaulted and checked against its CRD's schema. Unknown fields
@@ -1554,13 +1558,20 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
         crd::hold(o);
         crd_status(ctx, None, o).await?;
     }
-    if custom(ctx.res).is_some_and(|c| c.terminating) {
+    let c = custom(ctx.res);
+    if c.as_ref().is_some_and(|c| c.terminating) {
         return Err(ApiError::MethodNotAllowed(
             "create not allowed while custom resource definition is terminating".into(),
         ));
     }
+    if c.is_some() && ctx.res.has(Sub::Status) {
+        // Its status is written through the subresource only, as in Kubernetes.
+        if let Some(m) = o.as_object_mut() {
+            m.remove("status");
+        }
+    }
     no_escalation(ctx, o).await?;
-    if o.get("spec").is_some() {
+    if o.get("spec").is_some() || c.is_some() {
         meta(o).insert("generation".into(), json!(1));
     }
     Ok(())
@@ -1705,6 +1716,20 @@ async fn no_escalation(ctx: &Ctx<'_>, o: &Value) -> Result<(), ApiError> {
         };
     if may(verb, RBAC, role_plural, "", &role, None) {
         return Ok(());
+    }
+    // An aggregated role takes rules from any role it selects: only full authority may
+    // make one, as in Kubernetes.
+    if ctx.res.kind == "ClusterRole"
+        && !o["aggregationRule"].is_null()
+        && !(may("*", "*", "*", "", "", None) && may("*", "", "", "", "", Some("*")))
+    {
+        return Err(ApiError::Forbidden {
+            message: format!(
+                "{} \"{}\" is forbidden: must have cluster-admin privileges to use the aggregationRule",
+                ctx.res.qualified(),
+                name_of(o)
+            ),
+        });
     }
     let strs = |v: &Value| -> Vec<String> {
         v.as_array()
@@ -2270,7 +2295,23 @@ fn prepare_update(
         pod_spec_update(&was, new)?;
     }
     // A status update leaves the rest as it was (above).
-    if sub != Some(Sub::Status) && new.get("spec").is_some() && !same_spec(old, new) {
+    let changed = if custom(ctx.res).is_some() {
+        // A custom object's generation counts changes to anything but its metadata (and its
+        // status, when that is a subresource), as in Kubernetes.
+        let status = ctx.res.has(Sub::Status);
+        let rest = |v: &Value| -> Vec<(String, Value)> {
+            v.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.as_str() != "metadata" && !(status && k.as_str() == "status"))
+                .map(|(k, x)| (k.clone(), x.clone()))
+                .collect()
+        };
+        rest(old) != rest(new)
+    } else {
+        new.get("spec").is_some() && !same_spec(old, new)
+    };
+    if sub != Some(Sub::Status) && changed {
         let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
         meta(new).insert("generation".into(), json!(g));
     }
@@ -2521,6 +2562,7 @@ where
             check(ctx, &mut new, &input, sub)?;
         }
         if (ctx.res.group, ctx.res.kind) == (crd::GROUP, "CustomResourceDefinition") {
+            refuse(ctx, &new, crd::validate_update(&new, &old))?;
             crd_status(ctx, Some(&old), &mut new).await?;
         }
         set_rv(&mut new, kv.mod_revision);

@@ -57,6 +57,11 @@ async fn follow(api: &Arc<Api>) -> Result<(), String> {
                     tracing::warn!(crd = %c["metadata"]["name"], error = %e, "deleting a CRD's objects");
                 }
             }
+            for (_, c) in &crds {
+                if let Err(e) = migrate(api, c).await {
+                    tracing::warn!(crd = %c["metadata"]["name"], error = %e, "objects not moved to the storage version");
+                }
+            }
             // A CRD that waited for names another CRD held takes them once they are free.
             for (_, c) in &crds {
                 if !crd::accepted(c)
@@ -94,6 +99,60 @@ async fn follow(api: &Arc<Api>) -> Result<(), String> {
             return Err("the CRD watch ended".into());
         }
     }
+}
+
+/// Objects of CRD `c` stored under an earlier storage version are written again as the
+/// storage version (its `apiVersion`: versions differ in nothing else), as a storage
+/// migration would; each on the condition that it was not written since it was read.
+async fn migrate(api: &Arc<Api>, c: &Value) -> Result<(), String> {
+    let storage = c["spec"]["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["storage"] == true)
+        .and_then(|v| v["name"].as_str());
+    let earlier = c["status"]["storedVersions"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|v| v.as_str() != storage));
+    let (Some(storage), true) = (storage, earlier) else {
+        return Ok(());
+    };
+    if !c["metadata"]["deletionTimestamp"].is_null() {
+        return Ok(());
+    }
+    let group = c["spec"]["group"].as_str().unwrap_or("");
+    let plural = c["spec"]["names"]["plural"].as_str().unwrap_or("");
+    let av = format!("{group}/{storage}");
+    let page = api
+        .store
+        .range(
+            &format!("/registry/{group}/{plural}/"),
+            None,
+            0,
+            Consistency::Linearizable,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    for kv in &page.kvs {
+        let Ok(mut o) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
+        if o["apiVersion"] == av.as_str() {
+            continue;
+        }
+        o["apiVersion"] = json!(av);
+        let value = serde_json::to_vec(&o).map_err(|e| e.to_string())?;
+        // A write in between wins; the next pass looks again.
+        let _ = api
+            .store
+            .put(
+                &kv.key,
+                value,
+                outpost_api::store::Expect::ModRevision(kv.mod_revision),
+            )
+            .await;
+    }
+    Ok(())
 }
 
 /// One step of deleting CRD `c` (at revision `rv`): delete its objects; once none is left,

@@ -102,6 +102,14 @@ pub fn of(group: &str, plural: &str) -> Option<Arc<Custom>> {
 /// The resource `plural` of `group`/`version`, if that is a served CRD's storage version.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
     of(group, plural)
+        .filter(|c| c.storage_served && c.res.version == version)
+        .map(|c| c.res)
+}
+
+/// The storage version `version` of the custom resource `plural` of `group`, served or not
+/// (its other versions are views over it).
+pub fn stored(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    of(group, plural)
         .filter(|c| c.res.version == version)
         .map(|c| c.res)
 }
@@ -1597,6 +1605,31 @@ mod tests {
         assert_eq!(parse_path("{.a['b.c'][*].d}").unwrap().len(), 4);
         assert!(parse_path(".a[").is_none());
         assert!(parse_path("spec").is_none());
+    }
+
+    #[test]
+    fn the_registry_serves_established_crds_and_their_views() {
+        let mut c = crd();
+        defaults(&mut c);
+        load(std::slice::from_ref(&c));
+        assert!(
+            find("example.com", "v1", "widgets").is_none(),
+            "not established yet"
+        );
+        c["status"] = status(&c, None, None, "t");
+        let mut v2 = c["spec"]["versions"][0].clone();
+        v2["name"] = json!("v2");
+        v2["storage"] = json!(false);
+        c["spec"]["versions"][0]["served"] = json!(false);
+        c["spec"]["versions"].as_array_mut().unwrap().push(v2);
+        load(std::slice::from_ref(&c));
+        // The storage version is not served, but its view is, over it.
+        assert!(find("example.com", "v1", "widgets").is_none());
+        assert!(stored("example.com", "v1", "widgets").is_some());
+        assert_eq!(view("example.com", "v2", "widgets").unwrap().stored.1, "v1");
+        assert_eq!(groups(), vec![("example.com", vec!["v2"])]);
+        load(&[]);
+        assert!(of("example.com", "widgets").is_none());
     }
 
     #[test]

@@ -434,6 +434,16 @@ pub(crate) struct Target {
 }
 
 fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
+    parse_target_in(group, version, rest, resources::find)
+}
+
+/// [`parse_target`], the resource found by `find`.
+fn parse_target_in(
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    find: fn(&str, &str, &str) -> Option<&'static Resource>,
+) -> Result<Target, ApiError> {
     let nf = || ApiError::NoRoute("the server could not find the requested resource".into());
     let (ns, rest) = match rest {
         ["namespaces", ns, plural, tail @ ..]
@@ -455,7 +465,7 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
         [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
         _ => return Err(nf()),
     };
-    let res = resources::find(group, version, plural).ok_or_else(nf)?;
+    let res = find(group, version, plural).ok_or_else(nf)?;
     if ns.is_some() && !res.namespaced {
         return Err(nf());
     }
@@ -603,7 +613,10 @@ async fn viewed(
     rest: &[&str],
     body: Body,
 ) -> Result<Response, ApiError> {
-    let mut target = parse_target(view.stored.0, view.stored.1, rest)?;
+    // A CRD's storage version is there for its views even when not served itself.
+    let mut target = parse_target_in(view.stored.0, view.stored.1, rest, |g, v, p| {
+        resources::find(g, v, p).or_else(|| crd::stored(g, v, p))
+    })?;
     // Permission is for what was asked: events in events.k8s.io are not core events to RBAC.
     target.group = view.group;
     target.version = view.version;

@@ -129,7 +129,7 @@ made = co.create_namespaced_custom_object("py.example.org", "v1", "py", "doodads
 assert made["spec"] == {"size": 1}, made["spec"]  # pruned and defaulted
 co.patch_namespaced_custom_object("py.example.org", "v1", "py", "doodads", "d", {"spec": {"size": 4}})
 got = co.list_namespaced_custom_object("py.example.org", "v1", "py", "doodads")["items"]
-assert [(o["metadata"]["name"], o["spec"]["size"]) for o in got] == [("d", 4)], got
+assert [(o["kind"], o["metadata"]["name"], o["spec"]["size"]) for o in got] == [("Doodad", "d", 4)], got
 try:
     co.create_namespaced_custom_object("py.example.org", "v1", "py", "doodads", {
         "apiVersion": "py.example.org/v1", "kind": "Doodad", "metadata": {"name": "e"},

@@ -1559,7 +1559,7 @@ metadata:
 spec:
   group: stable.example.com
   scope: Namespaced
-  names: {plural: crontabs, kind: CronTab, shortNames: [ct], categories: [all]}
+  names: {plural: crontabs, kind: CronTab, listKind: CronTabCollection, shortNames: [ct], categories: [all]}
   versions:
   - name: v1beta1
     served: true
@@ -1722,6 +1722,24 @@ fn custom_resources() -> anyhow::Result<()> {
         ])?
         .expect_ok("v1beta1")?;
     ensure!(av.stdout == "stable.example.com/v1beta1", "{}", av.stdout);
+    // Lists are of the CRD's listKind, in the version asked for.
+    for (v, want) in [("v1", "v1"), ("v1beta1", "v1beta1")] {
+        let list = json(
+            &up.kubectl(&[
+                "get",
+                "--raw",
+                &format!("/apis/stable.example.com/{v}/namespaces/default/crontabs"),
+            ])?
+            .expect_ok("raw list")?
+            .stdout,
+        )?;
+        ensure!(
+            list["kind"] == "CronTabCollection"
+                && list["apiVersion"] == format!("stable.example.com/{want}").as_str()
+                && list["items"][0]["apiVersion"] == format!("stable.example.com/{want}").as_str(),
+            "{list}"
+        );
+    }
     // Written through it, an object meets that version's schema (which keeps anything), and
     // is stored as the storage version has it.
     up.kubectl_in(

@@ -197,7 +197,8 @@ impl View {
         if kind == self.kind && body["apiVersion"] == stored_av.as_str() {
             return self.down(body);
         }
-        if kind == format!("{}List", self.kind) {
+        // A list (a CRD's may have its own `listKind`).
+        if kind == format!("{}List", self.kind) || (kind != "Table" && body["items"].is_array()) {
             body["apiVersion"] = json!(self.api_version());
             if let Some(items) = body["items"].as_array_mut() {
                 for i in items.iter_mut() {

@@ -63,6 +63,8 @@ pub struct Custom {
     pub schemas: HashMap<String, Value>,
     pub columns: Vec<Column>,
     pub scale: Option<Scale>,
+    /// The kind of its lists (`listKind`).
+    pub list_kind: String,
     /// Fields a field selector may name besides `metadata.name` and `metadata.namespace`
     /// (the storage version's `selectableFields`, as `spec.color`).
     pub selectable: Vec<String>,
@@ -187,6 +189,7 @@ pub fn load(crds: &[Value]) {
                 && a.schemas == b.schemas
                 && a.terminating == b.terminating
                 && a.selectable == b.selectable
+                && a.list_kind == b.list_kind
                 && a.columns.len() == b.columns.len()
         });
     *reg = out;
@@ -391,7 +394,12 @@ fn custom(crd: &Value) -> Option<Custom> {
         .filter_map(|f| f["jsonPath"].as_str())
         .map(|p| p.trim_start_matches('.').to_string())
         .collect();
+    let list_kind = names["listKind"]
+        .as_str()
+        .filter(|k| !k.is_empty())
+        .map_or_else(|| format!("{kind}List"), String::from);
     Some(Custom {
+        list_kind,
         crd: crd["metadata"]["name"].as_str().unwrap_or("").into(),
         selectable,
         storage_served: storage["served"] == true,

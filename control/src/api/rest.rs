@@ -693,7 +693,7 @@ async fn live(ctx: &Ctx<'_>, name: Option<&str>, table: bool) -> Result<Response
     }
     let out = match name {
         Some(_) => items.swap_remove(0),
-        None => json!({"kind": format!("{}List", ctx.res.kind),
+        None => json!({"kind": list_kind(ctx),
             "apiVersion": ctx.res.api_version(), "metadata": {}, "items": items}),
     };
     Ok(respond(StatusCode::OK, &out))
@@ -828,10 +828,13 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
         let tbl = table::table(ctx.res, &items, lm, include(&ctx.q), true, now_secs());
         return Ok(super::json_response(StatusCode::OK, &tbl, TABLE_CT));
     }
+    // A typed list's items leave out their kind, as Kubernetes writes them; a custom
+    // resource's list is unstructured there, and its items keep theirs.
+    let typed = custom(ctx.res).is_none();
     let items: Vec<Value> = items
         .into_iter()
         .map(|mut v| {
-            if let Some(m) = v.as_object_mut() {
+            if let Some(m) = v.as_object_mut().filter(|_| typed) {
                 m.remove("apiVersion");
                 m.remove("kind");
             }
@@ -840,7 +843,7 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
         .collect();
     Ok(respond(
         StatusCode::OK,
-        &json!({"kind": format!("{}List", ctx.res.kind), "apiVersion": ctx.res.api_version(),
+        &json!({"kind": list_kind(ctx), "apiVersion": ctx.res.api_version(),
                 "metadata": lm, "items": items}),
     ))
 }
@@ -1201,6 +1204,13 @@ fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Resul
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
     let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
     refuse(ctx, o, causes)
+}
+
+/// The kind of a list of `ctx`'s resource: `PodList`, or a CRD's `listKind`.
+fn list_kind(ctx: &Ctx<'_>) -> String {
+    custom(ctx.res)
+        .map(|c| c.list_kind.clone())
+        .unwrap_or_else(|| format!("{}List", ctx.res.kind))
 }
 
 /// The CRD behind `res`, if it is a custom resource.
@@ -3148,7 +3158,7 @@ async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiE
     }
     Ok(respond(
         StatusCode::OK,
-        &json!({"kind": format!("{}List", ctx.res.kind), "apiVersion": ctx.res.api_version(),
+        &json!({"kind": list_kind(ctx), "apiVersion": ctx.res.api_version(),
                 "metadata": {}, "items": gone}),
     ))
 }

@@ -165,9 +165,17 @@ pub fn view(group: &str, version: &str, plural: &str) -> Option<&'static View> {
         .find(|v| v.version == version)
 }
 
-/// Whether `r` is a custom resource (of a CRD), not a built-in one.
-pub fn is_custom(r: &Resource) -> bool {
-    of(r.group, r.plural).is_some_and(|c| std::ptr::eq(c.res, r))
+/// The CRD behind `r`, if it is a custom resource. A built-in one is known by its address,
+/// without the registry's lock (every write asks); a custom one by its name, not its
+/// address, so a request that began before its CRD changed still finds it.
+pub fn behind(r: &Resource) -> Option<Arc<Custom>> {
+    if super::resources::RESOURCES
+        .as_ptr_range()
+        .contains(&(r as *const Resource))
+    {
+        return None;
+    }
+    of(r.group, r.plural)
 }
 
 /// Serve exactly the established CRDs among `crds`.

@@ -1215,9 +1215,7 @@ fn list_kind(ctx: &Ctx<'_>) -> String {
 
 /// The CRD behind `res`, if it is a custom resource.
 fn custom(res: &'static Resource) -> Option<Arc<crd::Custom>> {
-    // By name, not by pointer: a request that began before its CRD changed is still one
-    // for a custom resource (built-in groups are never a CRD's).
-    crd::of(res.group, res.plural)
+    crd::behind(res)
 }
 
 /// A custom object pruned, defaulted and checked against its CRD's schema. Unknown fields
@@ -1241,16 +1239,7 @@ fn check_custom(ctx: &Ctx<'_>, c: &crd::Custom, o: &mut Value) -> Result<(), Api
 /// A CRD's status as the server keeps it: names accepted unless another CRD of its group
 /// holds them, established, the versions it stored.
 async fn crd_status(ctx: &Ctx<'_>, old: Option<&Value>, o: &mut Value) -> Result<(), ApiError> {
-    let others = ctx
-        .api
-        .store
-        .range(crd::PREFIX, None, 0, Consistency::Linearizable)
-        .await?;
-    let others: Vec<Value> = others
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect();
+    let others = stored_crds(ctx.api, Consistency::Linearizable).await?;
     let conflict = crd::conflict(o, &others);
     o["status"] = crd::status(o, old, conflict, &now());
     Ok(())
@@ -1259,17 +1248,18 @@ async fn crd_status(ctx: &Ctx<'_>, old: Option<&Value>, o: &mut Value) -> Result
 /// Serve the CRDs as stored now (after this member wrote one, or when a request names a
 /// resource not served yet: another member may have just made it).
 pub(super) async fn reload_crds(api: &Api) -> Result<(), ApiError> {
-    let page = api
-        .store
-        .range(crd::PREFIX, None, 0, Consistency::Serializable)
-        .await?;
-    let crds: Vec<Value> = page
+    crd::load(&stored_crds(api, Consistency::Serializable).await?);
+    Ok(())
+}
+
+/// Every stored CRD.
+async fn stored_crds(api: &Api, c: Consistency) -> Result<Vec<Value>, ApiError> {
+    let page = api.store.range(crd::PREFIX, None, 0, c).await?;
+    Ok(page
         .kvs
         .iter()
         .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect();
-    crd::load(&crds);
-    Ok(())
+        .collect())
 }
 
 async fn namespace_ready(ctx: &Ctx<'_>, ns: &str, name: &str) -> Result<(), ApiError> {
@@ -2309,15 +2299,13 @@ fn prepare_update(
         // A custom object's generation counts changes to anything but its metadata (and its
         // status, when that is a subresource), as in Kubernetes.
         let status = ctx.res.has(Sub::Status);
-        let rest = |v: &Value| -> Vec<(String, Value)> {
-            v.as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, _)| k.as_str() != "metadata" && !(status && k.as_str() == "status"))
-                .map(|(k, x)| (k.clone(), x.clone()))
-                .collect()
-        };
-        rest(old) != rest(new)
+        fn keys(v: &Value) -> impl Iterator<Item = &str> {
+            v.as_object().into_iter().flatten().map(|(k, _)| k.as_str())
+        }
+        keys(old)
+            .chain(keys(new))
+            .filter(|k| *k != "metadata" && !(status && *k == "status"))
+            .any(|k| old.get(k) != new.get(k))
     } else {
         new.get("spec").is_some() && !same_spec(old, new)
     };

@@ -1010,7 +1010,7 @@ pub fn table(
     headers: bool,
     now: i64,
 ) -> Value {
-    if let Some(c) = super::crd::of(res.group, res.plural).filter(|c| std::ptr::eq(c.res, res)) {
+    if let Some(c) = super::crd::behind(res) {
         return super::crd::table(&c, objects, list_meta, include, headers, now);
     }
     let kind = res.kind;

@@ -216,9 +216,11 @@ impl Follower for Graph {
             .iter()
             .any(|(p, _)| kv.key.starts_with(p.as_str()))
         {
-            // A CRD's objects are followed from the first seen.
-            if let Some(r) = custom_of_key(&kv.key) {
-                self.prefixes.push((r.prefix(None), r));
+            // A CRD's objects are followed from the first seen; anything else outside the
+            // prefixes (events, half of all writes) is not looked at again.
+            match custom_of_key(&kv.key) {
+                Some(r) => self.prefixes.push((r.prefix(None), r)),
+                None => return,
             }
         }
         let prefixes: Vec<&str> = self.prefixes.iter().map(|(p, _)| p.as_str()).collect();

@@ -1,6 +1,8 @@
 //! Harness for the end-to-end suite: starts real Outpost processes on loopback, kills them
 //! with SIGKILL, restarts them, and talks to them from outside as a user would.
 
+pub mod hookd;
+
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1997,3 +1997,245 @@ fn custom_resources() -> anyhow::Result<()> {
     ensure!(none.stdout.trim().is_empty(), "{}", none.stdout);
     Ok(())
 }
+
+/// A webhook configuration of `kind` named `name` calling `url` for ConfigMaps in namespaces
+/// labelled `hooked: "yes"`.
+fn webhook_config(kind: &str, name: &str, url: &str, ca: &str, policy: &str) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: {kind}
+metadata: {{name: {name}}}
+webhooks:
+- name: {name}
+  clientConfig: {{url: "{url}", caBundle: "{ca}"}}
+  rules:
+  - {{operations: ["CREATE", "UPDATE", "DELETE"], apiGroups: [""], apiVersions: ["v1"], resources: ["configmaps"]}}
+  - {{operations: ["CONNECT"], apiGroups: [""], apiVersions: ["v1"], resources: ["pods/exec"]}}
+  namespaceSelector: {{matchLabels: {{hooked: "yes"}}}}
+  failurePolicy: {policy}
+  sideEffects: None
+  admissionReviewVersions: ["v1"]
+"#
+    )
+}
+
+#[test]
+fn admission_webhooks() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    let hookd = outpost_tests::hookd::Hookd::start("127.0.0.1")?;
+    let base = format!("https://{}", hookd.addr);
+    up.kubectl(&["create", "namespace", "hooked"])?
+        .expect_ok("namespace")?;
+    up.kubectl(&["label", "namespace", "hooked", "hooked=yes"])?
+        .expect_ok("label")?;
+    let validating = webhook_config(
+        "ValidatingWebhookConfiguration",
+        "deny.hooks.outpost.test",
+        &format!("{base}/validate"),
+        &hookd.ca_bundle,
+        "Fail",
+    );
+    let mutating = webhook_config(
+        "MutatingWebhookConfiguration",
+        "label.hooks.outpost.test",
+        &format!("{base}/mutate"),
+        &hookd.ca_bundle,
+        "Fail",
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &format!("{validating}---{mutating}"))?
+        .expect_ok("apply the webhooks")?;
+    let t = up
+        .kubectl(&["get", "validatingwebhookconfigurations"])?
+        .expect_ok("get")?;
+    ensure!(
+        t.stdout.contains("WEBHOOKS") && t.stdout.contains("deny.hooks.outpost.test"),
+        "{}",
+        t.stdout
+    );
+    let o = json(
+        &up.kubectl(&[
+            "get",
+            "mutatingwebhookconfiguration",
+            "label.hooks.outpost.test",
+            "-o",
+            "json",
+        ])?
+        .expect_ok("get")?
+        .stdout,
+    )?;
+    // Defaults as kube-apiserver fills them in.
+    let w = &o["webhooks"][0];
+    ensure!(
+        w["timeoutSeconds"] == 10
+            && w["matchPolicy"] == "Equivalent"
+            && w["reinvocationPolicy"] == "Never"
+            && w["objectSelector"] == serde_json::json!({})
+            && w["rules"][0]["scope"] == "*",
+        "{w}"
+    );
+
+    // The mutating webhook labels what it sees (with a warning kubectl prints); the
+    // validating one refuses a label.
+    let a = up
+        .kubectl(&[
+            "create",
+            "configmap",
+            "a",
+            "-n",
+            "hooked",
+            "--from-literal=k=v",
+        ])?
+        .expect_ok("create a")?;
+    ensure!(
+        a.stderr.contains("Warning: labelled by hookd"),
+        "{}",
+        a.stderr
+    );
+    let a = json(
+        &up.kubectl(&["get", "cm", "a", "-n", "hooked", "-o", "json"])?
+            .expect_ok("get a")?
+            .stdout,
+    )?;
+    ensure!(a["metadata"]["labels"]["hook/mutated"] == "yes", "{a}");
+    let denied = up
+        .kubectl_in(
+            &["apply", "-f", "-"],
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, namespace: hooked, labels: {hook/deny: x}}\n",
+        )?
+        .expect_err("a denied create")?;
+    ensure!(
+        denied.stderr.contains(
+            "admission webhook \"deny.hooks.outpost.test\" denied the request: label hook/deny is set"
+        ),
+        "{}",
+        denied.stderr
+    );
+    let b = up
+        .kubectl(&[
+            "get",
+            "cm",
+            "b",
+            "-n",
+            "hooked",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])?
+        .expect_ok("get b")?;
+    ensure!(b.stdout.trim().is_empty(), "a denied object was stored");
+    // Updates and deletes go through them too; dry runs as well.
+    up.kubectl(&["label", "cm", "a", "-n", "hooked", "hook/deny=x"])?
+        .expect_err("a denied update")?;
+    up.kubectl(&["label", "cm", "a", "-n", "hooked", "hook/keep=x"])?
+        .expect_ok("label keep")?;
+    let kept = up
+        .kubectl(&["delete", "cm", "a", "-n", "hooked", "--dry-run=server"])?
+        .expect_err("a denied delete")?;
+    ensure!(
+        kept.stderr.contains("this object is kept"),
+        "{}",
+        kept.stderr
+    );
+    up.kubectl(&["label", "cm", "a", "-n", "hooked", "hook/keep-"])?
+        .expect_ok("unlabel keep")?;
+    // An exec is a CONNECT, its options the object.
+    up.kubectl(&["run", "shell", "-n", "hooked", "--image=busybox"])?
+        .expect_ok("a pod")?;
+    let exec = up
+        .kubectl(&["exec", "shell", "-n", "hooked", "--", "rm", "-rf", "/"])?
+        .expect_err("a refused exec")?;
+    ensure!(
+        exec.stderr
+            .contains("denied the request: exec of rm is not allowed"),
+        "{}",
+        exec.stderr
+    );
+    // Outside the selected namespaces nothing is called.
+    up.kubectl(&["create", "configmap", "c", "--from-literal=k=v"])?
+        .expect_ok("create c")?;
+    let c = json(
+        &up.kubectl(&["get", "cm", "c", "-o", "json"])?
+            .expect_ok("get c")?
+            .stdout,
+    )?;
+    ensure!(c["metadata"]["labels"].is_null(), "{c}");
+
+    // A bad configuration is refused field by field.
+    let bad = up
+        .kubectl_in(
+            &["apply", "-f", "-"],
+            &webhook_config(
+                "ValidatingWebhookConfiguration",
+                "bad",
+                "http://127.0.0.1:1/x",
+                "",
+                "Sometimes",
+            ),
+        )?
+        .expect_err("a bad configuration")?;
+    for want in [
+        "webhooks[0].name",
+        "webhooks[0].failurePolicy",
+        "'https' is the only allowed URL scheme",
+    ] {
+        ensure!(bad.stderr.contains(want), "{want}: {}", bad.stderr);
+    }
+
+    // An unreachable webhook refuses under failurePolicy Fail and is passed under Ignore.
+    drop(hookd);
+    let failed = up
+        .kubectl(&["create", "configmap", "d", "-n", "hooked"])?
+        .expect_err("an unreachable webhook")?;
+    ensure!(
+        failed
+            .stderr
+            .contains("failed calling webhook \"label.hooks.outpost.test\""),
+        "{}",
+        failed.stderr
+    );
+    for kind in [
+        "validatingwebhookconfiguration/deny.hooks.outpost.test",
+        "mutatingwebhookconfiguration/label.hooks.outpost.test",
+    ] {
+        up.kubectl(&[
+            "patch",
+            kind,
+            "--type=json",
+            "-p",
+            r#"[{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Ignore"}]"#,
+        ])?
+        .expect_ok("failurePolicy Ignore")?;
+    }
+    up.kubectl(&["create", "configmap", "d", "-n", "hooked"])?
+        .expect_ok("create past an ignored webhook")?;
+    // Only full authority configures webhooks: not admin, even bound cluster-wide.
+    up.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "ops",
+        "--clusterrole=admin",
+        "--user=ops",
+    ])?
+    .expect_ok("bind admin")?;
+    let can = |what: &str| -> anyhow::Result<String> {
+        Ok(up
+            .kubectl(&["auth", "can-i", "create", what, "--as=ops"])?
+            .stdout
+            .trim()
+            .to_string())
+    };
+    ensure!(can("validatingwebhookconfigurations")? == "no");
+    ensure!(can("mutatingwebhookconfigurations")? == "no");
+    ensure!(can("configmaps")? == "yes");
+    // Gone, they are called no more.
+    up.kubectl(&[
+        "delete",
+        "validatingwebhookconfigurations,mutatingwebhookconfigurations",
+        "--all",
+    ])?
+    .expect_ok("delete the webhooks")?;
+    up.kubectl(&["create", "configmap", "e", "-n", "hooked"])?
+        .expect_ok("create e")?;
+    Ok(())
+}

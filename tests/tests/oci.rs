@@ -1197,3 +1197,168 @@ fn a_dead_agent_leaves_no_container_behind() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A layer holding the program `bin` at `/NAME` and the shared libraries it loads (`ldd`).
+fn program_layer(bin: &std::path::Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new("ldd").arg(bin).output()?;
+    let mut b = LayerBuilder::new();
+    b.file(name, &std::fs::read(bin)?, 0o755)?;
+    let mut dirs = std::collections::BTreeSet::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, r)) => r.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        let mut at = std::path::Path::new(rel).parent();
+        let mut parents = Vec::new();
+        while let Some(d) = at.filter(|d| !d.as_os_str().is_empty()) {
+            parents.push(d.to_string_lossy().to_string());
+            at = d.parent();
+        }
+        for d in parents.into_iter().rev() {
+            if dirs.insert(d.clone()) {
+                b.dir(&d)?;
+            }
+        }
+        b.file(rel, &std::fs::read(path)?, 0o755)?;
+    }
+    for d in ["tmp", "proc", "sys", "dev", "tls"] {
+        b.dir(d)?;
+    }
+    b.finish()
+}
+
+#[test]
+#[ignore = "needs root: OCI containers run through libcontainer"]
+fn webhooks_served_by_a_pod_behind_a_service() -> anyhow::Result<()> {
+    let (reg, _busybox, dir, up) = cluster()?;
+    let hookd = std::path::Path::new(env!("CARGO_BIN_EXE_outpost-hookd"));
+    let image = reg.push_image(
+        "test/hookd",
+        "1",
+        &[program_layer(hookd, "hookd")?],
+        json!({"Cmd": ["/hookd", "0.0.0.0:8443", "/tls/tls.crt", "/tls/tls.key"]}),
+    )?;
+    // The webhook's certificate names the Service as the API server calls it.
+    let (ca, cert, key) = outpost_tests::hookd::certs(&["hookd.default.svc"])?;
+    let (crt_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&crt_file, cert)?;
+    std::fs::write(&key_file, key)?;
+    up.kubectl(&[
+        "create",
+        "secret",
+        "tls",
+        "hookd-tls",
+        &format!("--cert={}", crt_file.display()),
+        &format!("--key={}", key_file.display()),
+    ])?
+    .expect_ok("the TLS secret")?;
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: hookd, labels: {{app: hookd}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: hookd
+    image: {image}
+    ports: [{{containerPort: 8443, name: https}}]
+    readinessProbe: {{tcpSocket: {{port: 8443}}, periodSeconds: 1}}
+    volumeMounts: [{{name: tls, mountPath: /tls}}]
+  volumes: [{{name: tls, secret: {{secretName: hookd-tls}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hookd}}
+spec:
+  selector: {{app: hookd}}
+  ports: [{{port: 443, targetPort: https}}]
+"#
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &manifest)?
+        .expect_ok("the webhook's pod and Service")?;
+    up.wait_field(
+        60,
+        &["pod", "hookd"],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        |s| s == "True",
+    )
+    .map_err(|e| {
+        let d = up.kubectl(&["describe", "pod", "hookd"]).map(|o| o.stdout);
+        e.context(d.unwrap_or_default())
+    })?;
+    up.wait_field(
+        30,
+        &["endpoints", "hookd"],
+        "{.subsets[0].addresses[0].ip}",
+        |s| !s.is_empty(),
+    )?;
+    let ca = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(ca)
+    };
+    let config = format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: pods.hooks.outpost.test}}
+webhooks:
+- name: pods.hooks.outpost.test
+  clientConfig:
+    service: {{namespace: default, name: hookd, path: /validate}}
+    caBundle: "{ca}"
+  rules:
+  - {{operations: ["CREATE"], apiGroups: [""], apiVersions: ["v1"], resources: ["configmaps"]}}
+  objectSelector: {{matchExpressions: [{{key: hook/deny, operator: Exists}}]}}
+  sideEffects: None
+  admissionReviewVersions: ["v1", "v1beta1"]
+"#
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &config)?
+        .expect_ok("the webhook configuration")?;
+    // Called through the node's link, the pod refuses; what it does not select goes by.
+    let denied = up
+        .kubectl(&[
+            "create",
+            "configmap",
+            "x",
+            "--from-literal=a=b",
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ])?
+        .expect_ok("a manifest")?;
+    let labelled = denied
+        .stdout
+        .replace("name: x", "name: x\n  labels: {hook/deny: \"yes\"}");
+    let r = up
+        .kubectl_in(&["create", "-f", "-"], &labelled)?
+        .expect_err("a refused ConfigMap")?;
+    anyhow::ensure!(
+        r.stderr.contains(
+            "admission webhook \"pods.hooks.outpost.test\" denied the request: label hook/deny is set"
+        ),
+        "{}",
+        r.stderr
+    );
+    up.kubectl(&["create", "configmap", "y", "--from-literal=a=b"])?
+        .expect_ok("an unselected ConfigMap")?;
+    // With its pod gone, the webhook fails closed with a reason.
+    up.kubectl(&["delete", "pod", "hookd", "--wait=true"])?
+        .expect_ok("delete the pod")?;
+    let r = up
+        .kubectl_in(&["create", "-f", "-"], &labelled)?
+        .expect_err("no webhook to call")?;
+    anyhow::ensure!(
+        r.stderr
+            .contains("failed calling webhook \"pods.hooks.outpost.test\""),
+        "{}",
+        r.stderr
+    );
+    Ok(())
+}

@@ -197,6 +197,12 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
     normalize_quantities(o);
     match (group, kind) {
         (super::crd::GROUP, "CustomResourceDefinition") => super::crd::defaults(o),
+        (super::hooks::GROUP, "MutatingWebhookConfiguration") => {
+            super::hooks::default_config(o, true)
+        }
+        (super::hooks::GROUP, "ValidatingWebhookConfiguration") => {
+            super::hooks::default_config(o, false)
+        }
         ("", "LimitRange") => super::quota::default_limit_range(o),
         ("", "Pod") => {
             let spec = child(o, "spec");
@@ -871,6 +877,12 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     check_annotations(&meta["annotations"], "metadata.annotations", &mut out);
     match (group, kind) {
         (super::crd::GROUP, "CustomResourceDefinition") => out.extend(super::crd::validate(o)),
+        (super::hooks::GROUP, "MutatingWebhookConfiguration") => {
+            out.extend(super::hooks::check_config(o, true))
+        }
+        (super::hooks::GROUP, "ValidatingWebhookConfiguration") => {
+            out.extend(super::hooks::check_config(o, false))
+        }
         ("", "Pod") => {
             check_pod_spec(&o["spec"], "spec", &mut out);
             check_mounts(&o["spec"], &mut out);

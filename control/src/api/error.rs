@@ -85,6 +85,8 @@ pub enum ApiError {
     TooLarge(usize),
     Unavailable(String),
     Internal(String),
+    /// An admission webhook's refusal: the `Status` it gave, with its code (at least 400).
+    Denied(Value),
 }
 
 impl ApiError {
@@ -123,6 +125,11 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Denied(s) => s["code"]
+                .as_u64()
+                .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                .filter(|c| c.as_u16() >= 400)
+                .unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 
@@ -206,6 +213,7 @@ impl ApiError {
             ),
             ApiError::Unavailable(m) => ("ServiceUnavailable", m.clone(), None),
             ApiError::Internal(m) => ("InternalError", m.clone(), None),
+            ApiError::Denied(s) => return s.clone(),
         };
         let mut s = json!({
             "kind": "Status", "apiVersion": "v1", "metadata": {},

@@ -18,6 +18,7 @@ pub mod error;
 mod evict;
 mod exec;
 mod forward;
+pub mod hooks;
 mod leases;
 pub mod metrics;
 pub mod node;
@@ -79,6 +80,8 @@ pub struct Api {
     pub signer: Option<token::Signer>,
     /// Requests answered, for `/metrics`.
     pub requests: prom::Requests,
+    /// The admission webhooks writes go through.
+    pub hooks: hooks::Registry,
 }
 
 impl Api {
@@ -93,6 +96,7 @@ impl Api {
             aot: crate::aot::Aot::default(),
             signer: None,
             requests: prom::Requests::default(),
+            hooks: hooks::Registry::default(),
         }
     }
 }
@@ -912,6 +916,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::controllers::autoscaler::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::crds::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(hooks::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::rbac::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::quota::run(api.clone())).abort_handle());
     helpers.push(

@@ -208,11 +208,11 @@ macro_rules! resources {
 }
 
 use k8s_openapi::api::{
-    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz,
-    autoscaling::v2 as autoscaling, batch::v1 as batch, coordination::v1 as coord,
-    core::v1 as core, discovery::v1 as disc, events::v1 as events, networking::v1 as net,
-    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as sched,
-    storage::v1 as storage,
+    admissionregistration::v1 as admreg, apps::v1 as apps, authentication::v1 as authn,
+    authorization::v1 as authz, autoscaling::v2 as autoscaling, batch::v1 as batch,
+    coordination::v1 as coord, core::v1 as core, discovery::v1 as disc, events::v1 as events,
+    networking::v1 as net, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
+    scheduling::v1 as sched, storage::v1 as storage,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
@@ -249,6 +249,8 @@ resources! {
     net::IngressClass => { "networking.k8s.io", "v1", "IngressClass", "ingressclasses", "ingressclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     net::NetworkPolicy => { "networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", "networkpolicy", short: ["netpol"], namespaced: true, categories: [], subs: [], stored: true },
     apiext::CustomResourceDefinition => { "apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", "customresourcedefinition", short: ["crd", "crds"], namespaced: false, categories: ["api-extensions"], subs: [Status], stored: true },
+    admreg::MutatingWebhookConfiguration => { "admissionregistration.k8s.io", "v1", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations", "mutatingwebhookconfiguration", short: [], namespaced: false, categories: ["api-extensions"], subs: [], stored: true },
+    admreg::ValidatingWebhookConfiguration => { "admissionregistration.k8s.io", "v1", "ValidatingWebhookConfiguration", "validatingwebhookconfigurations", "validatingwebhookconfiguration", short: [], namespaced: false, categories: ["api-extensions"], subs: [], stored: true },
     sched::PriorityClass => { "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", short: ["pc"], namespaced: false, categories: [], subs: [], stored: true },
     node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     storage::StorageClass => { "storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", short: ["sc"], namespaced: false, categories: [], subs: [], stored: true },

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::auth::{self, Attrs, Policy, User};
 use super::error::{ApiError, Cause};
+use super::hooks::{self, Operation};
 use super::pick;
 use super::resources::{self, Resource, Sub};
 use super::select::{Fields, Labels};
@@ -243,7 +244,28 @@ pub(super) async fn serve(
 ) -> Result<Response, ApiError> {
     let crd_write = (t.res.group, t.res.kind) == (crd::GROUP, "CustomResourceDefinition")
         && parts.method != Method::GET;
-    let out = serve_one(api, user, parts, q, t, body).await;
+    let hook_write = t.res.group == hooks::GROUP && parts.method != Method::GET;
+    let (mut out, warnings) = hooks::WARNINGS
+        .scope(Default::default(), async {
+            let out = serve_one(api, user, parts, q, t, body).await;
+            (out, hooks::WARNINGS.with(|w| w.take()))
+        })
+        .await;
+    if let Ok(r) = &mut out {
+        // As kube-apiserver passes webhooks' warnings on; kubectl prints them.
+        for w in warnings {
+            let text = w.replace('\\', "\\\\").replace('"', "\\\"");
+            if let Ok(v) = HeaderValue::from_bytes(format!("299 - \"{text}\"").as_bytes()) {
+                r.headers_mut().append(header::WARNING, v);
+            }
+        }
+    }
+    if hook_write && out.is_ok() {
+        // Called from the next request on, on this member; the others follow the store.
+        if let Err(e) = hooks::reload(api).await {
+            tracing::warn!(error = %e, "webhooks not read again after a write; the follower will");
+        }
+    }
     if crd_write && out.is_ok() {
         // Served from the next request on, on this member; the others follow the store.
         if let Err(e) = reload_crds(api).await {
@@ -377,6 +399,16 @@ async fn serve_one(
         (Method::GET, None) if watch => watch_stream(ctx, table).await,
         (Method::GET, None) => list(&ctx, table).await,
         (Method::GET, Some(Sub::Log)) => logs(&ctx, &name).await,
+        (Method::GET | Method::POST, Some(s @ (Sub::PortForward | Sub::Exec | Sub::Attach)))
+            if ctx.api.hooks.any() =>
+        {
+            connect_hooks(&ctx, &name, s).await?;
+            let pod = get(&ctx, &name).await?;
+            match s {
+                Sub::PortForward => super::forward::serve(ctx.api, &pod, headers, &ctx.q, upgrade),
+                _ => super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade, s == Sub::Attach),
+            }
+        }
         (Method::GET | Method::POST, Some(Sub::PortForward)) => {
             let pod = get(&ctx, &name).await?;
             super::forward::serve(ctx.api, &pod, headers, &ctx.q, upgrade)
@@ -1501,9 +1533,58 @@ async fn create(ctx: &Ctx<'_>, body: Value) -> Result<Value, ApiError> {
     // server-side apply that leaves them out, as kubectl's move from client-side apply does.
     ssa::record_update(None, &mut o, &ctx.manager, &ctx.res.api_version(), "", &ts);
     admit_new(ctx, &mut o, &uid).await?;
+    let name = name_of(&o).to_string();
+    let hook = hook_request(ctx, Operation::Create, &name, None);
+    hooks::mutate(ctx.api, &hook, &mut o, None).await?;
     check(ctx, &mut o, &input, None)?;
     admit_quota(ctx, &o).await?;
+    hooks::validate(ctx.api, &hook, &o, None).await?;
     write_new(ctx, o, generate.is_some() && !named).await
+}
+
+/// As kube-apiserver: `kubectl exec`, `attach` and `port-forward` go through the webhooks
+/// that select their CONNECT, with the request's options as the object.
+async fn connect_hooks(ctx: &Ctx<'_>, name: &str, sub: Sub) -> Result<(), ApiError> {
+    let q = &ctx.q;
+    let options = match sub {
+        Sub::PortForward => json!({"kind": "PodPortForwardOptions", "apiVersion": "v1",
+            "ports": q.all("ports").iter().filter_map(|p| p.parse::<u16>().ok()).collect::<Vec<_>>()}),
+        _ => {
+            let mut o = json!({"kind": if sub == Sub::Exec { "PodExecOptions" } else { "PodAttachOptions" },
+                "apiVersion": "v1", "stdin": q.flag("stdin"), "stdout": q.flag("stdout"),
+                "stderr": q.flag("stderr"), "tty": q.flag("tty")});
+            if let Some(c) = q.get("container") {
+                o["container"] = json!(c);
+            }
+            if sub == Sub::Exec {
+                o["command"] = json!(q.all("command"));
+            }
+            o
+        }
+    };
+    let hook = hook_request(ctx, Operation::Connect, name, Some(sub));
+    hooks::mutate(ctx.api, &hook, &mut options.clone(), None).await?;
+    hooks::validate(ctx.api, &hook, &options, None).await
+}
+
+/// A write as admission webhooks see it.
+fn hook_request<'a>(
+    ctx: &'a Ctx<'_>,
+    op: Operation,
+    name: &'a str,
+    sub: Option<Sub>,
+) -> hooks::Request<'a> {
+    hooks::Request {
+        res: ctx.res,
+        version: ctx.version,
+        sub: sub.map(Sub::name),
+        op,
+        namespace: ctx.ns.as_deref(),
+        name,
+        user: &ctx.user,
+        dry_run: ctx.dry_run,
+        manager: &ctx.manager,
+    }
 }
 
 /// What admission does to any new object, by create or by server-side apply: the claim's
@@ -2554,6 +2635,11 @@ where
             Value::Null
         };
         prepare_update(ctx, &old, &mut new, sub, record)?;
+        let hook = hook_request(ctx, Operation::Update, name, sub);
+        let hooked = matches!(sub, None | Some(Sub::Status | Sub::EphemeralContainers));
+        if hooked {
+            hooks::mutate(ctx.api, &hook, &mut new, Some(&old)).await?;
+        }
         // A binding changes a stored, valid pod in two known fields (the scheduler's hot
         // path); anything else is checked whole.
         if sub != Some(Sub::Binding) {
@@ -2565,6 +2651,14 @@ where
         }
         set_rv(&mut new, kv.mod_revision);
         no_escalation(ctx, &new).await?;
+        if hooked {
+            hooks::validate(ctx.api, &hook, &new, Some(&old)).await?;
+        } else if sub == Some(Sub::Scale) {
+            // Webhooks see a Scale, as the client does (allowed or refused, not patched).
+            let (s, was) = (scale_of(ctx.res, &new), scale_of(ctx.res, &old));
+            hooks::mutate(ctx.api, &hook, &mut s.clone(), Some(&was)).await?;
+            hooks::validate(ctx.api, &hook, &s, Some(&was)).await?;
+        }
         if ctx.dry_run && sub.is_none() {
             // Refused as the real update would be; nothing written.
             quota_growth(ctx, &old, &new).await?;
@@ -2749,8 +2843,11 @@ async fn patch_object(
         meta(&mut o).insert("creationTimestamp".into(), json!(ts));
         admit::defaults(ctx.res.group, ctx.res.kind, &mut o);
         admit_new(ctx, &mut o, &uid).await?;
+        let hook = hook_request(ctx, Operation::Create, name, None);
+        hooks::mutate(ctx.api, &hook, &mut o, None).await?;
         check(ctx, &mut o, &config, None)?;
         admit_quota(ctx, &o).await?;
+        hooks::validate(ctx.api, &hook, &o, None).await?;
         let o = write_new(ctx, o, false).await?;
         return Ok((StatusCode::CREATED, o, None));
     }
@@ -2991,6 +3088,10 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
                 causes: vec![],
             });
         }
+        let mut hook = hook_request(ctx, Operation::Delete, name, None);
+        hook.dry_run = dry;
+        hooks::mutate(ctx.api, &hook, &mut Value::Null, Some(&o)).await?;
+        hooks::validate(ctx.api, &hook, &Value::Null, Some(&o)).await?;
         if dry {
             return Ok(o);
         }

@@ -211,6 +211,9 @@ fn columns(kind: &str) -> &'static [Col] {
             ("Replicas", "integer", "", 0),
             AGE,
         ],
+        "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => {
+            &[NAME, ("Webhooks", "integer", "", 0), AGE]
+        }
         "PriorityClass" => &[
             NAME,
             ("Value", "integer", "", 0),
@@ -939,6 +942,11 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 age,
             ]
         }
+        "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => vec![
+            name,
+            json!(o["webhooks"].as_array().map_or(0, Vec::len)),
+            age,
+        ],
         "PriorityClass" => vec![
             name,
             json!(int(&o["value"])),

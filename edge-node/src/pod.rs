@@ -205,9 +205,11 @@ pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now
             cond("PodScheduled", true, None),
         ],
         "hostIP": host_ip,
-        "hostIPs": [{"ip": host_ip}],
+        // Status goes as a strategic merge patch, where these lists merge by `ip`: the
+        // marker replaces them, so an address the pod had before does not stay first.
+        "hostIPs": [{"$patch": "replace"}, {"ip": host_ip}],
         "podIP": pod_ip,
-        "podIPs": [{"ip": pod_ip}],
+        "podIPs": [{"$patch": "replace"}, {"ip": pod_ip}],
         "startTime": started,
         "containerStatuses": statuses,
     });

@@ -2239,3 +2239,170 @@ fn admission_webhooks() -> anyhow::Result<()> {
         .expect_ok("create e")?;
     Ok(())
 }
+
+#[test]
+fn refusals_and_details_as_in_kubernetes() -> anyhow::Result<()> {
+    let (_d, up) = up()?;
+    // The namespaces the cluster needs stay.
+    let r = up
+        .kubectl(&["delete", "namespace", "default"])?
+        .expect_err("delete default")?;
+    ensure!(
+        r.stderr
+            .contains("namespaces \"default\" is forbidden: this namespace may not be deleted"),
+        "{}",
+        r.stderr
+    );
+    // kube-apiserver's wording for a refusal by RBAC.
+    let r = up
+        .kubectl(&["get", "pods", "--as=nobody"])?
+        .expect_err("nobody lists pods")?;
+    ensure!(
+        r.stderr.contains(
+            "pods is forbidden: User \"nobody\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""
+        ),
+        "{}",
+        r.stderr
+    );
+    // A Service's one unnamed port: its EndpointSlice names it "", which describe needs.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: plain}\nspec:\n  selector: {app: plain}\n  ports: [{port: 80, targetPort: 8080}]\n",
+    )?
+    .expect_ok("a Service")?;
+    up.wait_field(
+        20,
+        &["endpointslices", "-l", "kubernetes.io/service-name=plain"],
+        "{.items[0].ports[0].port}",
+        |s| s == "8080",
+    )?;
+    let name = up
+        .kubectl(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=plain",
+            "-o",
+            "json",
+        ])?
+        .expect_ok("slices")?;
+    ensure!(
+        json(&name.stdout)?["items"][0]["ports"][0]["name"] == "",
+        "{}",
+        name.stdout
+    );
+    up.kubectl(&["describe", "service", "plain"])?
+        .expect_ok("describe")?;
+    // Node ports: in range, and not taken twice.
+    let r = up
+        .kubectl(&[
+            "create",
+            "service",
+            "nodeport",
+            "low",
+            "--tcp=80",
+            "--node-port=80",
+        ])?
+        .expect_err("a node port out of range")?;
+    ensure!(
+        r.stderr
+            .contains("spec.ports[0].nodePort: Invalid value: \"80\": provided port is not in the valid range"),
+        "{}",
+        r.stderr
+    );
+    up.kubectl(&[
+        "create",
+        "service",
+        "nodeport",
+        "np1",
+        "--tcp=80",
+        "--node-port=30080",
+    ])?
+    .expect_ok("a node port")?;
+    let r = up
+        .kubectl(&[
+            "create",
+            "service",
+            "nodeport",
+            "np2",
+            "--tcp=80",
+            "--node-port=30080",
+        ])?
+        .expect_err("a taken node port")?;
+    ensure!(
+        r.stderr.contains("provided port is already allocated"),
+        "{}",
+        r.stderr
+    );
+    // Fields that may not change.
+    let ip = up
+        .kubectl(&["get", "svc", "plain", "-o", "jsonpath={.spec.clusterIP}"])?
+        .expect_ok("ip")?
+        .stdout;
+    let other = if ip.trim() == "10.96.0.99" {
+        "10.96.0.98"
+    } else {
+        "10.96.0.99"
+    };
+    let r = up
+        .kubectl(&[
+            "patch",
+            "svc",
+            "plain",
+            "-p",
+            &format!(r#"{{"spec":{{"clusterIP":"{other}"}}}}"#),
+        ])?
+        .expect_err("a new cluster IP")?;
+    ensure!(r.stderr.contains("may not change once set"), "{}", r.stderr);
+    up.kubectl(&["create", "configmap", "frozen", "--from-literal=k=v"])?
+        .expect_ok("configmap")?;
+    up.kubectl(&["patch", "cm", "frozen", "-p", r#"{"immutable":true}"#])?
+        .expect_ok("immutable")?;
+    let r = up
+        .kubectl(&["patch", "cm", "frozen", "-p", r#"{"data":{"k":"x"}}"#])?
+        .expect_err("data of an immutable ConfigMap")?;
+    ensure!(
+        r.stderr
+            .contains("field is immutable when `immutable` is set"),
+        "{}",
+        r.stderr
+    );
+    up.kubectl_in(&["apply", "-f", "-"], DEPLOY)?
+        .expect_ok("deployment")?;
+    let r = up
+        .kubectl(&[
+            "patch",
+            "deploy",
+            "web",
+            "-p",
+            r#"{"spec":{"selector":{"matchLabels":{"app":"x"}},"template":{"metadata":{"labels":{"app":"x"}}}}}"#,
+        ])?
+        .expect_err("a new selector")?;
+    ensure!(
+        r.stderr.contains("spec.selector") && r.stderr.contains("field is immutable"),
+        "{}",
+        r.stderr
+    );
+    // The change cause goes to the ReplicaSet, so rollout history shows it.
+    up.kubectl(&[
+        "annotate",
+        "deploy",
+        "web",
+        "kubernetes.io/change-cause=nginx 1.26",
+    ])?
+    .expect_ok("annotate")?;
+    up.kubectl(&["set", "image", "deploy/web", "nginx=nginx:1.26"])?
+        .expect_ok("set image")?;
+    let t = Instant::now();
+    loop {
+        let h = up
+            .kubectl(&["rollout", "history", "deploy/web"])?
+            .expect_ok("history")?;
+        if h.stdout.contains("nginx 1.26") {
+            break;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(20), "{}", h.stdout);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

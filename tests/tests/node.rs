@@ -1178,6 +1178,11 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         !s.is_empty()
     })?;
     assert!(ip.starts_with("10.88."), "{ip}");
+    // The address it had before its network was up does not stay in podIPs.
+    let ips = up.wait_field(5, &["pod", "http-hello"], "{.status.podIPs[*].ip}", |s| {
+        !s.is_empty()
+    })?;
+    assert_eq!(ips, ip, "podIPs");
     let at: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
     let get = |_: u16, path: &str| http_get_at(at, path);
     let (code, body) = get(port, "/from/a/test")?;

@@ -862,6 +862,67 @@ const VOLUME_SOURCES: [&str; 12] = [
 ];
 
 /// Field-level problems with `o`, a `kind` object whose defaults are already set.
+/// What an update may not change, refused as kube-apiserver's update validation refuses it:
+/// a workload's selector, a Job's template, a Service's cluster IP, an immutable ConfigMap's
+/// or Secret's data.
+pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value) -> Vec<Cause> {
+    let mut out = Vec::new();
+    let mut fixed = |path: &[&str]| {
+        let at = |v: &Value| path.iter().fold(v.clone(), |v, k| v[*k].clone());
+        let (was, now) = (at(old), at(new));
+        if was != now {
+            out.push(Cause::invalid(
+                path.join("."),
+                &now.to_string(),
+                "field is immutable",
+            ));
+        }
+    };
+    match (group, kind) {
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
+            fixed(&["spec", "selector"]);
+        }
+        ("batch", "Job") => {
+            fixed(&["spec", "selector"]);
+            fixed(&["spec", "template"]);
+            fixed(&["spec", "completionMode"]);
+        }
+        ("", "Service") => {
+            let ip = |v: &Value| v["spec"]["clusterIP"].as_str().unwrap_or("").to_string();
+            let external = |v: &Value| v["spec"]["type"] == "ExternalName";
+            let (was, now) = (ip(old), ip(new));
+            if !was.is_empty() && !now.is_empty() && was != now && !external(old) && !external(new)
+            {
+                out.push(Cause::invalid(
+                    "spec.clusterIPs[0]",
+                    &now,
+                    "may not change once set",
+                ));
+            }
+        }
+        ("", "ConfigMap" | "Secret") if old["immutable"] == true => {
+            let forbidden = |f: &str| {
+                Cause::new(
+                    "FieldValueForbidden",
+                    f,
+                    "Forbidden: field is immutable when `immutable` is set",
+                )
+            };
+            for f in ["data", "binaryData"] {
+                let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|m| m.is_empty());
+                if old[f] != new[f] && !(empty(&old[f]) && empty(&new[f])) {
+                    out.push(forbidden(f));
+                }
+            }
+            if new["immutable"] != true {
+                out.push(forbidden("immutable"));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     let mut out = Vec::new();
     let meta = &o["metadata"];

@@ -183,8 +183,13 @@ pub(super) async fn authorize(api: &Api, user: &User, a: &Attrs) -> Result<(), A
     if user.is_master() || load_policy(api).await?.allows(user, a) {
         return Ok(());
     }
-    let what = match &a.path {
-        Some(p) => format!("path \"{p}\""),
+    // kube-apiserver's wording: `pods "x" is forbidden: User "u" cannot delete resource
+    // "pods" in API group "" in the namespace "t1"`.
+    let message = match &a.path {
+        Some(p) => format!(
+            "forbidden: User \"{}\" cannot {} path \"{p}\"",
+            user.name, a.verb
+        ),
         None => {
             let res = if a.subresource.is_empty() {
                 a.resource.clone()
@@ -196,20 +201,19 @@ pub(super) async fn authorize(api: &Api, user: &User, a: &Attrs) -> Result<(), A
             } else {
                 format!("in the namespace \"{}\"", a.namespace)
             };
-            let name = if a.name.is_empty() {
-                String::new()
+            let what = super::error::qualified(&a.group, &a.resource);
+            let what = if a.name.is_empty() {
+                what
             } else {
-                format!(" \"{}\"", a.name)
+                format!("{what} \"{}\"", a.name)
             };
             format!(
-                "resource \"{res}\" in API group \"{}\"{name} {scope}",
-                a.group
+                "{what} is forbidden: User \"{}\" cannot {} resource \"{res}\" in API group \"{}\" {scope}",
+                user.name, a.verb, a.group
             )
         }
     };
-    Err(ApiError::Forbidden {
-        message: format!("User \"{}\" cannot {} {what}", user.name, a.verb),
-    })
+    Err(ApiError::Forbidden { message })
 }
 
 /// One request on a resource.
@@ -1442,8 +1446,20 @@ fn service_reservations(api: &Api, svc: &mut Value, taken: &[String]) -> Result<
     }
     if ty == "NodePort" || ty == "LoadBalancer" {
         if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
-            for p in ports {
+            for (i, p) in ports.iter_mut().enumerate() {
                 let port = match p["nodePort"].as_u64() {
+                    Some(n) if !(30000..=32767).contains(&n) => {
+                        return Err(ApiError::Invalid {
+                            group: String::new(),
+                            kind: "Service".into(),
+                            name: name_of(svc).into(),
+                            causes: vec![Cause::invalid(
+                                format!("spec.ports[{i}].nodePort"),
+                                &n.to_string(),
+                                "provided port is not in the valid range. The range of valid ports is 30000-32767",
+                            )],
+                        })
+                    }
                     Some(n) => n,
                     None => 30000 + u64::from(rand::random::<u32>() % 2768),
                 };
@@ -1457,6 +1473,20 @@ fn service_reservations(api: &Api, svc: &mut Value, taken: &[String]) -> Result<
         }
     }
     Ok(ops)
+}
+
+/// The index and number of a node port the client chose in `svc` whose reservation `key`
+/// is.
+fn taken_port(svc: &Value, key: &str) -> Option<(usize, u64)> {
+    let port: u64 = key
+        .strip_prefix("/registry/ranges/servicenodeports/")?
+        .parse()
+        .ok()?;
+    svc["spec"]["ports"]
+        .as_array()?
+        .iter()
+        .position(|p| p["nodePort"].as_u64() == Some(port))
+        .map(|i| (i, port))
 }
 
 fn release_ops(res: &Resource, v: &Value) -> Vec<Op> {
@@ -2026,6 +2056,7 @@ async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value
             expect: Expect::Absent,
         }];
         all.extend(ops);
+        let keys: Vec<String> = all.iter().map(|op| op.key().to_string()).collect();
         match ctx.api.store.txn(all).await? {
             Outcome::Committed { revision, .. } => {
                 set_rv(&mut o, revision);
@@ -2046,9 +2077,27 @@ async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value
                     name,
                 })
             }
-            Outcome::Failed { .. }
+            Outcome::Failed { op, .. }
+                if taken_port(&original, keys.get(op).map_or("", String::as_str)).is_some() =>
+            {
+                let (i, port) = taken_port(&original, &keys[op]).unwrap_or_default();
+                return Err(ApiError::Invalid {
+                    group: String::new(),
+                    kind: "Service".into(),
+                    name,
+                    causes: vec![Cause::invalid(
+                        format!("spec.ports[{i}].nodePort"),
+                        &port.to_string(),
+                        "provided port is already allocated",
+                    )],
+                });
+            }
+            Outcome::Failed { op, .. }
                 if o["spec"]["clusterIP"] == original["spec"]["clusterIP"]
-                    && original["spec"]["clusterIP"].is_string() =>
+                    && original["spec"]["clusterIP"].is_string()
+                    && keys
+                        .get(op)
+                        .is_some_and(|k| k.starts_with("/registry/ranges/serviceips/")) =>
             {
                 return Err(ApiError::Invalid {
                     group: String::new(),
@@ -2645,6 +2694,13 @@ where
         if sub != Some(Sub::Binding) {
             check(ctx, &mut new, &input, sub)?;
         }
+        if sub.is_none() {
+            refuse(
+                ctx,
+                &new,
+                admit::validate_update(ctx.res.group, ctx.res.kind, &old, &new),
+            )?;
+        }
         if (ctx.res.group, ctx.res.kind) == (crd::GROUP, "CustomResourceDefinition") {
             refuse(ctx, &new, crd::validate_update(&new, &old))?;
             crd_status(ctx, Some(&old), &mut new).await?;
@@ -3063,7 +3119,17 @@ fn delete_options(ctx: &Ctx<'_>, body: &Value) -> (String, Option<String>, Optio
     (policy, uid, rv, dry)
 }
 
+/// Namespaces the cluster needs, which the NamespaceLifecycle admission plugin keeps.
+const IMMORTAL: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+
 async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiError> {
+    if (ctx.res.group, ctx.res.kind) == ("", "Namespace") && IMMORTAL.contains(&name) {
+        return Err(ApiError::Forbidden {
+            message: format!(
+                "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+            ),
+        });
+    }
     let (policy, uid, rv, dry) = delete_options(ctx, body);
     if !matches!(policy.as_str(), "Background" | "Foreground" | "Orphan") {
         return Err(ApiError::BadRequest(format!(

@@ -18,6 +18,9 @@ pub struct Plan {
     /// (ReplicaSet name, revision) to set: an old template brought back becomes the newest
     /// revision.
     pub revise: Vec<(String, u64)>,
+    /// (ReplicaSet name, annotations) to set on the new ReplicaSet: the Deployment's own,
+    /// as [`copied`] passes them on.
+    pub annotate: Vec<(String, Map<String, Value>)>,
     /// Old ReplicaSets beyond `revisionHistoryLimit`.
     pub delete: Vec<String>,
     /// The Deployment's revision annotation.
@@ -95,6 +98,29 @@ fn count(rs: &Value, k: &str) -> u64 {
     rs["status"][k].as_u64().unwrap_or(0)
 }
 
+/// The Deployment's annotations its ReplicaSets carry too (kubectl's
+/// `kubernetes.io/change-cause`, which `rollout history` shows, among them), as the
+/// Deployment controller copies them: all but those of apply and of the controller itself.
+pub fn copied(d: &Value) -> Map<String, Value> {
+    const SKIP: [&str; 6] = [
+        "kubectl.kubernetes.io/last-applied-configuration",
+        REVISION,
+        "deployment.kubernetes.io/revision-history",
+        "deployment.kubernetes.io/desired-replicas",
+        "deployment.kubernetes.io/max-replicas",
+        "deprecated.deployment.rollback.to",
+    ];
+    d["metadata"]["annotations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !SKIP.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The new ReplicaSet for `d` at `revision` with `replicas`.
 fn new_rs(d: &Value, hash: &str, revision: u64, replicas: u64, surge: u64) -> Value {
     let name = d["metadata"]["name"].as_str().unwrap_or("");
@@ -103,14 +129,22 @@ fn new_rs(d: &Value, hash: &str, revision: u64, replicas: u64, surge: u64) -> Va
     template["metadata"]["labels"][HASH] = json!(hash);
     let mut selector = d["spec"]["selector"].clone();
     selector["matchLabels"][HASH] = json!(hash);
+    let mut annotations = copied(d);
+    annotations.insert(REVISION.into(), json!(revision.to_string()));
+    annotations.insert(
+        "deployment.kubernetes.io/desired-replicas".into(),
+        json!(want.to_string()),
+    );
+    annotations.insert(
+        "deployment.kubernetes.io/max-replicas".into(),
+        json!((want + surge).to_string()),
+    );
     json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
         "metadata": {
             "name": format!("{name}-{hash}"),
             "namespace": d["metadata"]["namespace"],
             "labels": template["metadata"]["labels"],
-            "annotations": {REVISION: revision.to_string(),
-                "deployment.kubernetes.io/desired-replicas": want.to_string(),
-                "deployment.kubernetes.io/max-replicas": (want + surge).to_string()},
+            "annotations": annotations,
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
                 "uid": d["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]},
         "spec": {"replicas": replicas, "selector": selector, "template": template,
@@ -186,6 +220,14 @@ pub fn plan(d: &Value, rss: &[&Value]) -> Plan {
         }
         Some(new) => {
             let new_name = name(new);
+            let have = &new["metadata"]["annotations"];
+            let missing: Map<String, Value> = copied(d)
+                .into_iter()
+                .filter(|(k, v)| have[k] != *v)
+                .collect();
+            if !missing.is_empty() {
+                plan.annotate.push((new_name.clone(), missing));
+            }
             plan.revision = revision(new);
             if revision(new) <= old_max {
                 plan.revise.push((new_name.clone(), old_max + 1));
@@ -421,6 +463,24 @@ mod tests {
         rs["status"] =
             json!({"replicas": ready, "readyReplicas": ready, "availableReplicas": ready});
         rs
+    }
+
+    #[test]
+    fn replicasets_carry_the_change_cause() {
+        let mut d = deploy(1, "module:v1", rolling(json!(1), json!(0)));
+        d["metadata"]["annotations"] = json!({"kubernetes.io/change-cause": "v1",
+            "kubectl.kubernetes.io/last-applied-configuration": "{}", REVISION: "1"});
+        let p = plan(&d, &[]);
+        let rs = made(&p, 1);
+        let a = &rs["metadata"]["annotations"];
+        assert_eq!(a["kubernetes.io/change-cause"], "v1");
+        assert!(a["kubectl.kubernetes.io/last-applied-configuration"].is_null());
+        assert!(plan(&d, &[&rs]).annotate.is_empty());
+        // Annotated after its ReplicaSet was made: passed on to it.
+        d["metadata"]["annotations"]["kubernetes.io/change-cause"] = json!("scaled");
+        let p = plan(&d, &[&rs]);
+        assert_eq!(p.annotate.len(), 1);
+        assert_eq!(p.annotate[0].1["kubernetes.io/change-cause"], "scaled");
     }
 
     #[test]

@@ -159,12 +159,12 @@ pub fn plan(svc: &Value, pods: &[&Value]) -> Want {
             want.subsets.push(s);
         }
         for chunk in slice.chunks(SLICE_MAX) {
-            want.slices.push((chunk.to_vec(), ports.clone()));
+            want.slices.push((chunk.to_vec(), named(&ports)));
         }
     }
     if want.slices.is_empty() {
         // An empty slice still says the Service has no endpoints, as Kubernetes keeps one.
-        let ports = svc_ports
+        let ports: Vec<Value> = svc_ports
             .iter()
             .map(|sp| {
                 let mut port = json!({"port": sp["targetPort"].as_i64().or(sp["port"].as_i64()),
@@ -175,9 +175,24 @@ pub fn plan(svc: &Value, pods: &[&Value]) -> Want {
                 port
             })
             .collect();
-        want.slices.push((vec![], ports));
+        want.slices.push((vec![], named(&ports)));
     }
     want
+}
+
+/// A slice's ports always carry a name, empty for a Service's one unnamed port, as the
+/// EndpointSlice controller writes them (`kubectl describe service` reads it unchecked).
+fn named(ports: &[Value]) -> Vec<Value> {
+    ports
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            if p.get("name").is_none() {
+                p["name"] = json!("");
+            }
+            p
+        })
+        .collect()
 }
 
 /// A new EndpointSlice for `svc` holding `endpoints` at `ports`.

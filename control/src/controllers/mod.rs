@@ -1136,6 +1136,14 @@ async fn sync_deployment(api: &Arc<Api>, d: &Value, rss: &[&Value]) -> u64 {
                 .0,
         );
     }
+    for (rs, annotations) in &plan.annotate {
+        let body = json!({"metadata": {"annotations": annotations}});
+        wrote = wrote.max(
+            write(api, "PATCH", &format!("{base}/{rs}"), MERGE, &body)
+                .await
+                .0,
+        );
+    }
     for (rs, n) in &plan.scale {
         let from = rss
             .iter()

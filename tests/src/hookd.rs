@@ -2,7 +2,7 @@
 //! `url` webhook) or from a pod (`outpost-hookd`, a `service` webhook):
 //! - `/validate` refuses an object labelled `hook/deny` and the deletion of one labelled
 //!   `hook/keep`, and an exec of `rm`;
-//! - `/mutate` labels the object `hook/mutated: "yes"`, with a warning;
+//! - `/mutate` labels a created or updated object `hook/mutated: "yes"`, with a warning;
 //! - `/garbled` answers with something that is not an AdmissionReview.
 
 use std::net::SocketAddr;
@@ -61,7 +61,7 @@ pub fn answer(path: &str, review: &Value) -> Value {
                     "status": {"message": "exec of rm is not allowed"}});
             }
         }
-        "/mutate" => {
+        "/mutate" if req["operation"] == "CREATE" || req["operation"] == "UPDATE" => {
             let ops = if labels(&req["object"]).is_object() {
                 json!([{"op": "add", "path": "/metadata/labels/hook~1mutated", "value": "yes"}])
             } else {

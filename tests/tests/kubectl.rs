@@ -1998,8 +1998,8 @@ fn custom_resources() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A webhook configuration of `kind` named `name` calling `url` for ConfigMaps in namespaces
-/// labelled `hooked: "yes"`.
+/// A webhook configuration of `kind` named `name` calling `url` for ConfigMaps (`configmaps/*`
+/// covers the resource itself too) and execs in namespaces labelled `hooked: "yes"`.
 fn webhook_config(kind: &str, name: &str, url: &str, ca: &str, policy: &str) -> String {
     format!(
         r#"
@@ -2010,7 +2010,7 @@ webhooks:
 - name: {name}
   clientConfig: {{url: "{url}", caBundle: "{ca}"}}
   rules:
-  - {{operations: ["CREATE", "UPDATE", "DELETE"], apiGroups: [""], apiVersions: ["v1"], resources: ["configmaps"]}}
+  - {{operations: ["CREATE", "UPDATE", "DELETE"], apiGroups: [""], apiVersions: ["v1"], resources: ["configmaps/*"]}}
   - {{operations: ["CONNECT"], apiGroups: [""], apiVersions: ["v1"], resources: ["pods/exec"]}}
   namespaceSelector: {{matchLabels: {{hooked: "yes"}}}}
   failurePolicy: {policy}

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::auth::User;
 use super::error::{ApiError, Cause};
-use super::resources::Resource;
+use super::resources::{Resource, Sub};
 use super::select::Labels;
 use super::Api;
 use crate::store::Consistency;
@@ -38,23 +38,62 @@ const MAX_ANSWER: usize = 3 << 20;
 /// How long to wait for a change before reading the configurations again anyway.
 const RESYNC: Duration = Duration::from_secs(30);
 
-tokio::task_local! {
-    /// The warnings webhooks gave while a request was served, for its `Warning` headers.
-    pub static WARNINGS: std::cell::RefCell<Vec<String>>;
+/// How long all the webhooks of one request may take together (kube-apiserver's request
+/// timeout); each call gets what is left, at most its own timeout.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+/// The most of one warning, and of all a request's warnings, passed on.
+const WARNING_MAX: usize = 256;
+const WARNINGS_MAX: usize = 4096;
+
+/// What webhooks leave for the request they are called for: its deadline and their
+/// warnings, for its `Warning` headers.
+pub struct Scope {
+    deadline: tokio::time::Instant,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
-/// Keep the `warnings` of a webhook's answer for the request's response.
-fn keep_warnings(resp: &Value) {
-    let list: Vec<String> = resp["warnings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|w| w.as_str())
-        .map(|w| w.chars().filter(|c| !c.is_control()).take(512).collect())
-        .collect();
-    if !list.is_empty() {
-        let _ = WARNINGS.try_with(|w| w.borrow_mut().extend(list));
+impl Scope {
+    pub fn new() -> Scope {
+        Scope {
+            deadline: tokio::time::Instant::now() + REQUEST_DEADLINE,
+            warnings: Default::default(),
+        }
     }
+
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.warnings.take()
+    }
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope::new()
+    }
+}
+
+tokio::task_local! {
+    /// The request being served.
+    pub static SCOPE: Scope;
+}
+
+/// Keep the `warnings` of a webhook's answer for the request's response: each cut to
+/// [`WARNING_MAX`] characters, repeats dropped, [`WARNINGS_MAX`] bytes in all.
+fn keep_warnings(resp: &Value) {
+    let list = resp["warnings"].as_array().into_iter().flatten();
+    let _ = SCOPE.try_with(|s| {
+        let mut kept = s.warnings.borrow_mut();
+        for w in list.filter_map(Value::as_str) {
+            let w: String = w
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(WARNING_MAX)
+                .collect();
+            let used: usize = kept.iter().map(String::len).sum();
+            if !w.is_empty() && !kept.contains(&w) && used + w.len() <= WARNINGS_MAX {
+                kept.push(w);
+            }
+        }
+    });
 }
 
 /// What a request does, in an `AdmissionReview`'s words.
@@ -113,7 +152,8 @@ struct Hook {
     /// The webhook's name, as errors name it.
     name: String,
     client: Client,
-    tls: Arc<rustls::ClientConfig>,
+    /// The client configuration, or why there is none (each call then fails with it).
+    tls: Result<Arc<rustls::ClientConfig>, String>,
     rules: Vec<Rule>,
     ignore_failure: bool,
     equivalent: bool,
@@ -154,13 +194,7 @@ impl Registry {
             });
             for c in sorted {
                 for w in c["webhooks"].as_array().into_iter().flatten() {
-                    match hook(w, m) {
-                        Ok(h) => list.push(h),
-                        Err(e) => tracing::warn!(
-                            config = %c["metadata"]["name"], webhook = %w["name"], error = %e,
-                            "webhook not usable; not called"
-                        ),
-                    }
+                    list.push(hook(w, m));
                 }
             }
         }
@@ -186,7 +220,7 @@ impl Registry {
 
 /// A webhook from its stored form (already checked and defaulted by [`check_config`] and
 /// [`default_config`]).
-fn hook(w: &Value, mutating: bool) -> Result<Hook, String> {
+fn hook(w: &Value, mutating: bool) -> Hook {
     let cc = &w["clientConfig"];
     let client = if let Some(u) = cc["url"].as_str() {
         Client::Url(u.to_string())
@@ -218,15 +252,18 @@ fn hook(w: &Value, mutating: bool) -> Result<Hook, String> {
             scope: r["scope"].as_str().unwrap_or("*").to_string(),
         })
         .collect();
-    let versions = strings(&w["admissionReviewVersions"]);
-    let review = if versions.iter().any(|v| v == "v1") {
-        "admission.k8s.io/v1"
-    } else {
-        "admission.k8s.io/v1beta1"
-    };
-    Ok(Hook {
+    // The first version of its list that this server speaks, as kube-apiserver picks.
+    let review = strings(&w["admissionReviewVersions"])
+        .iter()
+        .find_map(|v| match v.as_str() {
+            "v1" => Some("admission.k8s.io/v1"),
+            "v1beta1" => Some("admission.k8s.io/v1beta1"),
+            _ => None,
+        })
+        .unwrap_or("admission.k8s.io/v1");
+    Hook {
         name: w["name"].as_str().unwrap_or("").to_string(),
-        tls: tls(&cc["caBundle"])?,
+        tls: tls(&cc["caBundle"]),
         client,
         rules,
         ignore_failure: w["failurePolicy"] == "Ignore",
@@ -236,22 +273,28 @@ fn hook(w: &Value, mutating: bool) -> Result<Hook, String> {
         timeout: Duration::from_secs(w["timeoutSeconds"].as_u64().unwrap_or(10).clamp(1, 30)),
         reinvoke: mutating && w["reinvocationPolicy"] == "IfNeeded",
         review,
-    })
+    }
 }
 
 /// The client configuration trusting `ca_bundle` (base64 PEM), or the system's roots when
 /// there is none, as kube-apiserver does.
 fn tls(ca_bundle: &Value) -> Result<Arc<rustls::ClientConfig>, String> {
-    let pem = match ca_bundle.as_str().filter(|s| !s.is_empty()) {
-        Some(b) => base64::engine::general_purpose::STANDARD
-            .decode(b)
-            .map_err(|e| format!("caBundle is not base64: {e}"))?,
-        None => std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default(),
-    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        let c = c.map_err(|e| format!("caBundle: {e}"))?;
-        roots.add(c).map_err(|e| format!("caBundle: {e}"))?;
+    match ca_bundle.as_str().filter(|s| !s.is_empty()) {
+        Some(b) => {
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| format!("caBundle is not base64: {e}"))?;
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| format!("caBundle: {e}"))?;
+                roots.add(c).map_err(|e| format!("caBundle: {e}"))?;
+            }
+        }
+        None => {
+            // The system's roots: one the TLS library cannot use is left out, not fatal.
+            let pem = std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+            roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).flatten());
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -312,8 +355,8 @@ pub struct Request<'a> {
     pub res: &'static Resource,
     /// The version the client asked for.
     pub version: &'a str,
-    /// `status` or `scale` for a subresource.
-    pub sub: Option<&'static str>,
+    /// The subresource written (status, scale, binding, eviction, token, exec, …).
+    pub sub: Option<Sub>,
     pub op: Operation,
     pub namespace: Option<&'a str>,
     pub name: &'a str,
@@ -323,10 +366,16 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    /// Whether a mutating webhook's patch is applied: not to a delete or a connect, nor to a
-    /// Scale (whose object is made from the resource's, not stored).
+    /// Whether a mutating webhook's patch is applied: to a create or update of the object, its
+    /// status or its ephemeral containers; the objects of other subresources (a Scale, an
+    /// Eviction, a Binding, a TokenRequest, a connect's options) are made for the webhook
+    /// and not kept.
     fn patchable(&self) -> bool {
-        matches!(self.op, Operation::Create | Operation::Update) && self.sub != Some("scale")
+        matches!(self.op, Operation::Create | Operation::Update)
+            && matches!(
+                self.sub,
+                None | Some(Sub::Status | Sub::EphemeralContainers)
+            )
     }
 }
 
@@ -334,9 +383,12 @@ impl Request<'_> {
     fn review(&self, hook: &Hook, uid: &str, object: &Value, old: Option<&Value>) -> Value {
         let (g, v, r) = (self.res.group, self.version, self.res.plural);
         let kind = match (self.sub, self.op) {
-            (Some("scale"), _) => json!({"group": "autoscaling", "version": "v1", "kind": "Scale"}),
             (_, Operation::Connect) => {
                 json!({"group": "", "version": "v1", "kind": object["kind"]})
+            }
+            (Some(s), _) => {
+                let (g, v, k) = s.response_kind(self.res);
+                json!({"group": g, "version": v, "kind": k})
             }
             _ => json!({"group": g, "version": v, "kind": self.res.kind}),
         };
@@ -356,11 +408,20 @@ impl Request<'_> {
             req["userInfo"]["uid"] = json!(self.user.uid);
         }
         if let Some(s) = self.sub {
-            req["subResource"] = json!(s);
-            req["requestSubResource"] = json!(s);
+            req["subResource"] = json!(s.name());
+            req["requestSubResource"] = json!(s.name());
         }
-        if let Some(ns) = self.namespace {
+        // A Namespace's own name is its request's namespace, as kube-apiserver reports it.
+        let namespace = if (self.res.group, self.res.kind) == ("", "Namespace") {
+            Some(self.name)
+        } else {
+            self.namespace
+        };
+        if let Some(ns) = namespace {
             req["namespace"] = json!(ns);
+        }
+        if self.dry_run && self.op.options().is_some() {
+            req["options"]["dryRun"] = json!(["All"]);
         }
         if self.op.options().is_some() && self.op != Operation::Delete && !self.manager.is_empty() {
             req["options"]["fieldManager"] = json!(self.manager);
@@ -391,14 +452,11 @@ fn covers(rule: &Rule, req: &Request<'_>, equivalent: bool) -> bool {
         return false;
     }
     let plural = req.res.plural;
+    // As kube-apiserver's rule matcher: `pods/*` and `*/*` cover the resource itself too.
+    let have = req.sub.map_or("", Sub::name);
     rule.resources.iter().any(|r| {
         let (main, sub) = r.split_once('/').unwrap_or((r, ""));
-        let main_ok = main == "*" || main == plural;
-        match (req.sub, sub) {
-            (None, "") => main_ok,
-            (Some(s), want) if !want.is_empty() => main_ok && (want == "*" || want == s),
-            _ => false,
-        }
+        (main == "*" || main == plural) && (sub == "*" || sub == have)
     })
 }
 
@@ -415,21 +473,23 @@ pub async fn mutate(
     if set.mutating.is_empty() || req.res.group == GROUP {
         return Ok(());
     }
-    let ns_labels = namespace_labels(api, req, o, old).await;
-    let mut changed_by: Vec<usize> = Vec::new();
+    let ns_labels = namespace_labels(api, req, o, old).await?;
+    let mut called = Vec::new();
+    let mut last_change = None;
     for (i, h) in set.mutating.iter().enumerate() {
         if !applies(h, req, o, old, &ns_labels) {
             continue;
         }
+        called.push(i);
         if call_mutating(api, h, req, o, old).await? {
-            changed_by.push(i);
+            last_change = Some(i);
         }
     }
-    // reinvocationPolicy IfNeeded: once more for such a webhook if another changed the object
-    // after it ran.
-    let last = changed_by.last().copied();
-    for (i, h) in set.mutating.iter().enumerate() {
-        if h.reinvoke && last.is_some_and(|l| l > i) && applies(h, req, o, old, &ns_labels) {
+    // reinvocationPolicy IfNeeded: once more for such a webhook, among those called, if
+    // another changed the object after it ran.
+    for i in called {
+        let h = &set.mutating[i];
+        if h.reinvoke && last_change.is_some_and(|l| l > i) {
             call_mutating(api, h, req, o, old).await?;
         }
     }
@@ -449,7 +509,7 @@ pub async fn validate(
     if set.validating.is_empty() || req.res.group == GROUP {
         return Ok(());
     }
-    let ns_labels = namespace_labels(api, req, o, old).await;
+    let ns_labels = namespace_labels(api, req, o, old).await?;
     let calls = set
         .validating
         .iter()
@@ -483,14 +543,21 @@ async fn call_mutating(
         return Ok(false);
     };
     keep_warnings(&resp);
-    if !req.patchable() {
-        return Ok(false);
-    }
-    let Some(patch) = resp["patch"].as_str() else {
+    let Some(patch) = resp["patch"].as_str().filter(|p| !p.is_empty()) else {
         return Ok(false);
     };
     let failed = |e: String| failure(h, &format!("the webhook's patch: {e}"));
-    if resp["patchType"] != "JSONPatch" {
+    if req.op == Operation::Delete {
+        return Err(failed(
+            "attempted to modify the object, which is not supported for this operation".into(),
+        ));
+    }
+    if !req.patchable() {
+        return Ok(false);
+    }
+    // v1beta1 answers may leave the type out; it can only be a JSON patch then.
+    let v1beta1 = h.review.ends_with("v1beta1");
+    if resp["patchType"] != "JSONPatch" && !(v1beta1 && resp["patchType"].is_null()) {
         return fail_or_ignore(
             h,
             failed(format!("unsupported patchType {}", resp["patchType"])),
@@ -505,49 +572,53 @@ async fn call_mutating(
         Ok(v) => v,
         Err(e) => return fail_or_ignore(h, failed(e.to_string())).map(|()| false),
     };
+    // A patch that does not apply fails the request whatever the failure policy, as in
+    // Kubernetes.
     let mut next = o.clone();
-    if let Err(e) = super::patch::json_patch(&mut next, &ops) {
-        return fail_or_ignore(h, failed(e)).map(|()| false);
-    }
+    super::patch::json_patch(&mut next, &ops).map_err(failed)?;
     for k in ["name", "namespace", "uid"] {
         if next["metadata"][k] != o["metadata"][k] {
-            return fail_or_ignore(h, failed(format!("metadata.{k} may not be changed")))
-                .map(|()| false);
+            return Err(failed(format!("metadata.{k} may not be changed")));
         }
     }
     if next == *o {
         return Ok(false);
     }
+    // What the webhook added gets the kind's defaults (an injected container's pull policy).
+    super::admit::defaults(req.res.group, req.res.kind, &mut next);
     *o = next;
     Ok(true)
 }
 
-/// The labels a namespace selector sees: the object's own for a Namespace, its namespace's
-/// for a namespaced object, none for other cluster-scoped ones (which every selector lets by).
+/// The labels a namespace selector sees: the object's own for a Namespace (the old one's
+/// for a delete), its namespace's for a namespaced object, none for other cluster-scoped
+/// ones (which every selector lets by).
 async fn namespace_labels(
     api: &Arc<Api>,
     req: &Request<'_>,
     o: &Value,
     old: Option<&Value>,
-) -> Option<Value> {
+) -> Result<Option<Value>, ApiError> {
     if (req.res.group, req.res.kind) == ("", "Namespace") {
-        let l = &o["metadata"]["labels"];
-        return Some(if l.is_null() {
-            old.map(|x| x["metadata"]["labels"].clone())
-                .unwrap_or(Value::Null)
-        } else {
-            l.clone()
-        });
+        let from = match req.op {
+            Operation::Delete => old.unwrap_or(o),
+            _ => o,
+        };
+        return Ok(Some(from["metadata"]["labels"].clone()));
     }
-    let ns = req.namespace?;
-    let res = super::resources::find("", "v1", "namespaces")?;
+    let Some(ns) = req.namespace else {
+        return Ok(None);
+    };
+    let res = super::resources::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::Internal("no namespaces".into()))?;
     let kv = api
         .store
         .get(&res.key(None, ns), Consistency::Serializable)
-        .await
-        .ok()??;
-    let n: Value = serde_json::from_slice(&kv.value).ok()?;
-    Some(n["metadata"]["labels"].clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found("namespaces", ns))?;
+    let n: Value =
+        serde_json::from_slice(&kv.value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some(n["metadata"]["labels"].clone()))
 }
 
 fn applies(
@@ -620,29 +691,47 @@ fn fail_or_ignore(h: &Hook, e: ApiError) -> Result<(), ApiError> {
 
 /// Send `review` to the webhook and return its `response`, checked to answer this request.
 async fn call(api: &Arc<Api>, h: &Hook, review: &Value, uid: &str) -> Result<Value, String> {
-    let timeout = h.timeout;
+    // At most the webhook's own timeout, and what is left of the request's.
+    let left = SCOPE
+        .try_with(|s| {
+            s.deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+        })
+        .unwrap_or(REQUEST_DEADLINE);
+    let timeout = h.timeout.min(left);
+    let query = format!("timeout={}s", timeout.as_secs().max(1));
     let body = serde_json::to_vec(review).map_err(|e| e.to_string())?;
-    let (url, answer) = match &h.client {
-        Client::Url(u) => (
-            u.clone(),
-            tokio::time::timeout(timeout, post_url(h, u, body)).await,
-        ),
+    let url = match &h.client {
+        Client::Url(u) => u.clone(),
         Client::Service {
             namespace,
             name,
             path,
             port,
-        } => (
-            format!("https://{name}.{namespace}.svc:{port}{path}"),
+        } => format!("https://{name}.{namespace}.svc:{port}{path}"),
+    };
+    let what = format!("Post \"{url}?{query}\"");
+    if timeout.is_zero() {
+        return Err(format!(
+            "failed to call webhook: {what}: context deadline exceeded"
+        ));
+    }
+    let answer = match &h.client {
+        Client::Url(u) => tokio::time::timeout(timeout, post_url(h, u, &query, body)).await,
+        Client::Service {
+            namespace,
+            name,
+            path,
+            port,
+        } => {
+            let path = format!("{path}?{query}");
             tokio::time::timeout(
                 timeout,
-                post_service(api, h, namespace, name, path, *port, body),
+                post_service(api, h, namespace, name, &path, *port, body),
             )
-            .await,
-        ),
+            .await
+        }
     };
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let what = format!("Post \"{url}{sep}timeout={}s\"", timeout.as_secs());
     let (status, bytes) = match answer {
         Err(_) => {
             return Err(format!(
@@ -659,7 +748,9 @@ async fn call(api: &Arc<Api>, h: &Hook, review: &Value, uid: &str) -> Result<Val
     }
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| format!("received invalid webhook response: {e}"))?;
-    if v["kind"] != "AdmissionReview" {
+    // v1beta1 answers were never checked for their kind or uid; v1 ones are.
+    let v1beta1 = h.review.ends_with("v1beta1");
+    if !v1beta1 && v["kind"] != "AdmissionReview" {
         return Err(format!(
             "received invalid webhook response: expected kind AdmissionReview, got {}",
             v["kind"]
@@ -669,7 +760,7 @@ async fn call(api: &Arc<Api>, h: &Hook, review: &Value, uid: &str) -> Result<Val
     if !resp.is_object() {
         return Err("webhook response was absent".into());
     }
-    if resp["uid"] != uid {
+    if !v1beta1 && resp["uid"] != uid {
         return Err(format!(
             "expected response.uid=\"{uid}\", got {}",
             resp["uid"]
@@ -679,7 +770,12 @@ async fn call(api: &Arc<Api>, h: &Hook, review: &Value, uid: &str) -> Result<Val
 }
 
 /// POST to a webhook's `url`.
-async fn post_url(h: &Hook, url: &str, body: Vec<u8>) -> Result<(u16, Vec<u8>), String> {
+async fn post_url(
+    h: &Hook,
+    url: &str,
+    query: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
     let host = uri.host().ok_or("the URL has no host")?.to_string();
     let bare = host
@@ -690,7 +786,7 @@ async fn post_url(h: &Hook, url: &str, body: Vec<u8>) -> Result<(u16, Vec<u8>), 
     let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
         .await
         .map_err(|e| format!("dial tcp {host}:{port}: {e}"))?;
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = format!("{}?{query}", uri.path());
     exchange(h, tcp, &bare, &host, &path, body).await
 }
 
@@ -707,8 +803,6 @@ async fn post_service(
 ) -> Result<(u16, Vec<u8>), String> {
     let host = format!("{name}.{ns}.svc");
     let target = endpoint(api, ns, name, port).await?;
-    let timeout = h.timeout.as_secs();
-    let path = format!("{path}?timeout={timeout}s");
     match target {
         Endpoint::Pod {
             node,
@@ -729,13 +823,13 @@ async fn post_service(
                     String::from_utf8_lossy(&msg).trim()
                 ));
             }
-            exchange(h, tokio::io::join(recv, send), &host, &host, &path, body).await
+            exchange(h, tokio::io::join(recv, send), &host, &host, path, body).await
         }
         Endpoint::Address(ip, port) => {
             let tcp = tokio::net::TcpStream::connect((ip.as_str(), port))
                 .await
                 .map_err(|e| format!("dial tcp {ip}:{port}: {e}"))?;
-            exchange(h, tcp, &host, &host, &path, body).await
+            exchange(h, tcp, &host, &host, path, body).await
         }
     }
 }
@@ -802,7 +896,9 @@ async fn endpoint(api: &Arc<Api>, ns: &str, name: &str, port: u16) -> Result<End
                 (Some("Pod"), Some(pod), Some(node)) => Endpoint::Pod {
                     node: node.to_string(),
                     pod: pod.to_string(),
-                    namespace: r["namespace"].as_str().unwrap_or(ns).to_string(),
+                    // The Service's namespace, whatever the slice says: a slice may not
+                    // lead the API server's calls into another namespace's pod.
+                    namespace: ns.to_string(),
                     port: target as u16,
                 },
                 _ => match e["addresses"][0].as_str() {
@@ -832,7 +928,8 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(h.tls.clone())
+    let config = h.tls.clone().map_err(|e| format!("tls: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, io)
         .await
         .map_err(|e| format!("tls: {e}"))?;
@@ -840,12 +937,6 @@ where
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let path = if let Client::Url(_) = h.client {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        format!("{path}{sep}timeout={}s", h.timeout.as_secs())
-    } else {
-        path.to_string()
-    };
     let req = hyper::Request::builder()
         .method("POST")
         .uri(path)
@@ -1000,6 +1091,9 @@ pub fn check_config(o: &Value, mutating: bool) -> Vec<Cause> {
             ));
         }
         check_client(&w["clientConfig"], &at("clientConfig"), &mut out);
+        for f in ["namespaceSelector", "objectSelector"] {
+            check_selector(&w[f], &at(f), &mut out);
+        }
         for (j, r) in w["rules"].as_array().into_iter().flatten().enumerate() {
             check_rule(r, &at(&format!("rules[{j}]")), &mut out);
         }
@@ -1130,6 +1224,40 @@ fn check_client(cc: &Value, at: &str, out: &mut Vec<Cause>) {
     }
 }
 
+/// A label selector's expressions, as kube-apiserver checks them (an unknown operator would
+/// otherwise select nothing or everything).
+fn check_selector(sel: &Value, at: &str, out: &mut Vec<Cause>) {
+    for (i, e) in sel["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = format!("{at}.matchExpressions[{i}]");
+        if e["key"].as_str().is_none_or(str::is_empty) {
+            out.push(Cause::required(format!("{at}.key")));
+        }
+        let values = e["values"].as_array().map_or(0, Vec::len);
+        match e["operator"].as_str() {
+            Some("In" | "NotIn") if values == 0 => out.push(Cause::required_msg(
+                format!("{at}.values"),
+                "must be specified when `operator` is 'In' or 'NotIn'",
+            )),
+            Some("Exists" | "DoesNotExist") if values > 0 => out.push(Cause::new(
+                "FieldValueForbidden",
+                format!("{at}.values"),
+                "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
+            )),
+            Some("In" | "NotIn" | "Exists" | "DoesNotExist") => {}
+            other => out.push(Cause::invalid(
+                format!("{at}.operator"),
+                other.unwrap_or(""),
+                "not a valid selector operator",
+            )),
+        }
+    }
+}
+
 fn check_rule(r: &Value, at: &str, out: &mut Vec<Cause>) {
     for (f, allowed) in [
         (
@@ -1190,12 +1318,12 @@ mod tests {
     fn hook_of(w: Value) -> Hook {
         let mut c = json!({"webhooks": [w]});
         default_config(&mut c, true);
-        hook(&c["webhooks"][0], true).unwrap()
+        hook(&c["webhooks"][0], true)
     }
 
     fn req<'a>(
         res: &'static Resource,
-        sub: Option<&'static str>,
+        sub: Option<Sub>,
         op: Operation,
         user: &'a User,
     ) -> Request<'a> {
@@ -1229,7 +1357,7 @@ mod tests {
             scope: scope.into(),
         };
         let create = req(pods, None, Operation::Create, &user);
-        let status = req(pods, Some("status"), Operation::Update, &user);
+        let status = req(pods, Some(Sub::Status), Operation::Update, &user);
         assert!(covers(&rule(&["CREATE"], &["pods"], "*"), &create, false));
         assert!(!covers(&rule(&["UPDATE"], &["pods"], "*"), &create, false));
         assert!(covers(&rule(&["*"], &["*"], "*"), &create, false));
@@ -1238,6 +1366,9 @@ mod tests {
         assert!(covers(&rule(&["*"], &["pods/status"], "*"), &status, false));
         assert!(covers(&rule(&["*"], &["*/*"], "*"), &status, false));
         assert!(!covers(&rule(&["*"], &["*/status"], "*"), &create, false));
+        // `*/*` and `pods/*` cover the resource itself too, as in Kubernetes.
+        assert!(covers(&rule(&["*"], &["*/*"], "*"), &create, false));
+        assert!(covers(&rule(&["*"], &["pods/*"], "*"), &create, false));
         assert!(!covers(&rule(&["*"], &["*"], "Cluster"), &create, false));
         let node = req(nodes, None, Operation::Create, &user);
         assert!(covers(&rule(&["*"], &["*"], "Cluster"), &node, false));
@@ -1332,7 +1463,9 @@ mod tests {
              "rules": [{"operations": ["CREATE", "PATCH"], "apiGroups": [], "apiVersions": ["*", "v1"], "resources": ["pods"]}]},
             {"name": "ok.example.com", "admissionReviewVersions": ["v1"], "sideEffects": "None",
              "clientConfig": {"service": {"namespace": "", "name": "s", "path": "x"}},
-             "matchConditions": [{"name": "a", "expression": "true"}]},
+             "matchConditions": [{"name": "a", "expression": "true"}],
+             "namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "in"},
+                                                        {"key": "b", "operator": "In"}]}},
         ]});
         default_config(&mut c, false);
         let fields: Vec<String> = check_config(&c, false)
@@ -1351,6 +1484,8 @@ mod tests {
             "webhooks[1].clientConfig.service.namespace",
             "webhooks[1].clientConfig.service.path",
             "webhooks[1].matchConditions",
+            "webhooks[1].namespaceSelector.matchExpressions[0].operator",
+            "webhooks[1].namespaceSelector.matchExpressions[1].values",
         ] {
             assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
         }
@@ -1369,7 +1504,7 @@ mod tests {
         };
         let h = hook_of(json!({"name": "a.b.c", "sideEffects": "None",
             "admissionReviewVersions": ["v1beta1"], "clientConfig": {"url": "https://h/"}, "rules": []}));
-        let r = req(pods, Some("status"), Operation::Update, &user);
+        let r = req(pods, Some(Sub::Status), Operation::Update, &user);
         let v = r.review(&h, "u1", &json!({"a": 1}), Some(&json!({"a": 0})));
         assert_eq!(v["apiVersion"], "admission.k8s.io/v1beta1");
         let q = &v["request"];
@@ -1383,5 +1518,11 @@ mod tests {
         assert_eq!(q["userInfo"]["username"], "alice");
         assert_eq!(q["oldObject"]["a"], 0);
         assert_eq!(q["options"]["kind"], "UpdateOptions");
+        // A Namespace's request names it as its namespace.
+        let nss = super::super::resources::find("", "v1", "namespaces").unwrap();
+        let mut r = req(nss, None, Operation::Create, &user);
+        r.name = "team";
+        let v = r.review(&h, "u2", &json!({}), None);
+        assert_eq!(v["request"]["namespace"], "team");
     }
 }

@@ -227,6 +227,9 @@ struct Ctx<'a> {
     q: Query,
     manager: String,
     dry_run: bool,
+    /// Whether writes go through admission webhooks (not an eviction's own delete, which
+    /// webhooks saw as the eviction).
+    hooks: bool,
 }
 
 impl Ctx<'_> {
@@ -249,10 +252,10 @@ pub(super) async fn serve(
     let crd_write = (t.res.group, t.res.kind) == (crd::GROUP, "CustomResourceDefinition")
         && parts.method != Method::GET;
     let hook_write = t.res.group == hooks::GROUP && parts.method != Method::GET;
-    let (mut out, warnings) = hooks::WARNINGS
-        .scope(Default::default(), async {
+    let (mut out, warnings) = hooks::SCOPE
+        .scope(hooks::Scope::new(), async {
             let out = serve_one(api, user, parts, q, t, body).await;
-            (out, hooks::WARNINGS.with(|w| w.take()))
+            (out, hooks::SCOPE.with(hooks::Scope::take_warnings))
         })
         .await;
     if let Ok(r) = &mut out {
@@ -339,6 +342,7 @@ async fn serve_one(
         q,
         manager,
         dry_run,
+        hooks: true,
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -446,6 +450,7 @@ async fn serve_one(
         }
         (Method::POST, Some(Sub::Binding)) => {
             let body = super::decode_body(content_type, &body)?;
+            sub_create_hooks(&ctx, &name, Sub::Binding, &body).await?;
             bind(&ctx, &name, body).await
         }
         (Method::POST, Some(Sub::Token)) => {
@@ -455,6 +460,7 @@ async fn serve_one(
                 super::decode_body(content_type, &body)?
             };
             let sa = get(&ctx, &name).await?;
+            sub_create_hooks(&ctx, &name, Sub::Token, &req).await?;
             if let Some(node) = super::node::node_name(&ctx.user) {
                 let ns = ctx.ns.as_deref().unwrap_or("default");
                 super::node::token_request(ctx.api, node, ns, &name, &req).await?;
@@ -471,10 +477,22 @@ async fn serve_one(
             let pod = get(&ctx, &name).await?;
             let opts = &body["deleteOptions"];
             let (_, _, _, dry) = delete_options(&ctx, opts);
+            let eviction = if body.is_object() {
+                body.clone()
+            } else {
+                json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                       "metadata": {"name": name, "namespace": ctx.ns}})
+            };
+            sub_create_hooks(&ctx, &name, Sub::Eviction, &eviction).await?;
             super::evict::admit(ctx.api, &pod, dry).await?;
             if !dry {
                 super::evict::mark(ctx.api, &pod).await;
             }
+            // Webhooks saw the eviction; its delete is the API server's own, as in Kubernetes.
+            let ctx = Ctx {
+                hooks: false,
+                ..ctx
+            };
             delete(&ctx, &name, opts).await?;
             Ok(respond(
                 StatusCode::CREATED,
@@ -1597,6 +1615,22 @@ async fn connect_hooks(ctx: &Ctx<'_>, name: &str, sub: Sub) -> Result<(), ApiErr
     hooks::validate(ctx.api, &hook, &options, None).await
 }
 
+/// A create on a subresource (a binding, an eviction, a token request) as webhooks see it:
+/// the body as the object, allowed or refused (not patched).
+async fn sub_create_hooks(
+    ctx: &Ctx<'_>,
+    name: &str,
+    sub: Sub,
+    body: &Value,
+) -> Result<(), ApiError> {
+    if !ctx.api.hooks.any() {
+        return Ok(());
+    }
+    let hook = hook_request(ctx, Operation::Create, name, Some(sub));
+    hooks::mutate(ctx.api, &hook, &mut body.clone(), None).await?;
+    hooks::validate(ctx.api, &hook, body, None).await
+}
+
 /// A write as admission webhooks see it.
 fn hook_request<'a>(
     ctx: &'a Ctx<'_>,
@@ -1607,7 +1641,7 @@ fn hook_request<'a>(
     hooks::Request {
         res: ctx.res,
         version: ctx.version,
-        sub: sub.map(Sub::name),
+        sub,
         op,
         namespace: ctx.ns.as_deref(),
         name,
@@ -2683,12 +2717,16 @@ where
         } else {
             Value::Null
         };
-        prepare_update(ctx, &old, &mut new, sub, record)?;
         let hook = hook_request(ctx, Operation::Update, name, sub);
-        let hooked = matches!(sub, None | Some(Sub::Status | Sub::EphemeralContainers));
-        if hooked {
+        let hooked =
+            ctx.hooks && matches!(sub, None | Some(Sub::Status | Sub::EphemeralContainers));
+        if hooked && ctx.api.hooks.any() {
+            // As kube-apiserver: webhooks see the decoded (defaulted) object before the
+            // update's own rules (status kept, generation, what a pod may change) apply.
+            admit::defaults(ctx.res.group, ctx.res.kind, &mut new);
             hooks::mutate(ctx.api, &hook, &mut new, Some(&old)).await?;
         }
+        prepare_update(ctx, &old, &mut new, sub, record)?;
         // A binding changes a stored, valid pod in two known fields (the scheduler's hot
         // path); anything else is checked whole.
         if sub != Some(Sub::Binding) {
@@ -2709,7 +2747,7 @@ where
         no_escalation(ctx, &new).await?;
         if hooked {
             hooks::validate(ctx.api, &hook, &new, Some(&old)).await?;
-        } else if sub == Some(Sub::Scale) {
+        } else if ctx.hooks && sub == Some(Sub::Scale) {
             // Webhooks see a Scale, as the client does (allowed or refused, not patched).
             let (s, was) = (scale_of(ctx.res, &new), scale_of(ctx.res, &old));
             hooks::mutate(ctx.api, &hook, &mut s.clone(), Some(&was)).await?;
@@ -3154,10 +3192,12 @@ async fn delete(ctx: &Ctx<'_>, name: &str, body: &Value) -> Result<Value, ApiErr
                 causes: vec![],
             });
         }
-        let mut hook = hook_request(ctx, Operation::Delete, name, None);
-        hook.dry_run = dry;
-        hooks::mutate(ctx.api, &hook, &mut Value::Null, Some(&o)).await?;
-        hooks::validate(ctx.api, &hook, &Value::Null, Some(&o)).await?;
+        if ctx.hooks {
+            let mut hook = hook_request(ctx, Operation::Delete, name, None);
+            hook.dry_run = dry;
+            hooks::mutate(ctx.api, &hook, &mut Value::Null, Some(&o)).await?;
+            hooks::validate(ctx.api, &hook, &Value::Null, Some(&o)).await?;
+        }
         if dry {
             return Ok(o);
         }
@@ -3304,6 +3344,7 @@ async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiE
             q: ctx.q.clone(),
             manager: ctx.manager.clone(),
             dry_run: ctx.dry_run,
+            hooks: ctx.hooks,
         };
         match delete(&sub, &name, body).await {
             Ok(v) => gone.push(v),
@@ -3400,6 +3441,7 @@ fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>)
         q: Query::default(),
         manager: "kube-apiserver".into(),
         dry_run: false,
+        hooks: true,
     }
 }
 

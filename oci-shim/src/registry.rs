@@ -278,7 +278,7 @@ impl Client {
     ) -> Result<reqwest::Response, Error> {
         let url = format!("{}/v2/{}/{path}", self.base(&r.registry), r.repository);
         let what = r.to_string();
-        let fail = |e: reqwest::Error| Error::Registry(what.clone(), e.to_string());
+        let fail = |e: reqwest::Error| Error::Registry(what.clone(), causes(&e));
         let mut token: Option<String> = None;
         let mut basic = false;
         for _ in 0..2 {
@@ -366,10 +366,10 @@ impl Client {
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| Error::Denied(what.into(), e.to_string()))?
+            .map_err(|e| Error::Denied(what.into(), causes(&e)))?
             .json()
             .await
-            .map_err(|e| Error::Denied(what.into(), e.to_string()))?;
+            .map_err(|e| Error::Denied(what.into(), causes(&e)))?;
         v["token"]
             .as_str()
             .or(v["access_token"].as_str())
@@ -389,7 +389,7 @@ impl Client {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| Error::Registry(what.into(), e.to_string()))?
+            .map_err(|e| Error::Registry(what.into(), causes(&e)))?
         {
             if out.len() + chunk.len() > max {
                 return Err(Error::Registry(
@@ -599,9 +599,44 @@ impl Client {
     }
 }
 
+/// An error with what caused it, as containerd reports a failed pull: `error sending request
+/// for url (…): client error (Connect): dns error: failed to lookup address information: …`
+/// rather than its first line alone.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        next = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_says_what_caused_it() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::other("dns error: no such host"));
+        assert_eq!(causes(&e), "error sending request: dns error: no such host");
+    }
 
     #[test]
     fn references_with_defaults() {

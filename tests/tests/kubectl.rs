@@ -2404,5 +2404,34 @@ fn refusals_and_details_as_in_kubernetes() -> anyhow::Result<()> {
         ensure!(t.elapsed() < Duration::from_secs(20), "{}", h.stdout);
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A NoExecute taint evicts the pods that do not tolerate it.
+    let node = up
+        .kubectl(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"])?
+        .expect_ok("node")?
+        .stdout;
+    up.kubectl(&["run", "goes", "--image=module:hello"])?
+        .expect_ok("goes")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: stays}\nspec:\n  tolerations: [{key: maint, operator: Exists}]\n  containers: [{name: c, image: \"module:hello\"}]\n",
+    )?
+    .expect_ok("stays")?;
+    for p in ["goes", "stays"] {
+        up.wait_field(20, &["pod", p], "{.spec.nodeName}", |s| !s.is_empty())?;
+    }
+    up.kubectl(&["taint", "nodes", &node, "maint=now:NoExecute"])?
+        .expect_ok("taint")?;
+    until(20, "the untolerating pod evicted", || gone(&up, "pod/goes"))?;
+    ensure!(!gone(&up, "pod/stays")?, "a tolerating pod was evicted");
+    up.kubectl(&["taint", "nodes", &node, "maint-"])?
+        .expect_ok("untaint")?;
+    // Wide events show where they came from and how often.
+    let ev = up
+        .kubectl(&["get", "events", "-o", "wide"])?
+        .expect_ok("events")?;
+    let head = ev.stdout.lines().next().unwrap_or("");
+    for col in ["SUBOBJECT", "SOURCE", "FIRST SEEN", "COUNT", "NAME"] {
+        ensure!(head.contains(col), "{col}: {head}");
+    }
     Ok(())
 }

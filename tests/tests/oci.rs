@@ -478,7 +478,9 @@ fn limits_and_hardening_hold() -> anyhow::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
     let millis: u64 = top[1].trim_end_matches('m').parse()?;
-    assert!((150..=400).contains(&millis), "{top:?}");
+    // Held near 300m (a spinning shell alone takes a whole core): a short window not
+    // aligned with the CFS periods can count part of one more period's quota.
+    assert!((150..=450).contains(&millis), "{top:?}");
     assert!(top[2].ends_with("Ki") || top[2].ends_with("Mi"), "{top:?}");
     let out = terminated(&up, "unshare")?;
     assert!(out.starts_with("Error ") && !out.ends_with(" 0"), "{out}");

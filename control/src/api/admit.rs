@@ -544,6 +544,25 @@ fn check_annotations(annotations: &Value, field: &str, out: &mut Vec<Cause>) {
     }
 }
 
+/// `o.field`, when set, is one of `allowed` (kube-apiserver's `Unsupported value` otherwise).
+fn one_of(o: &Value, field: &str, allowed: &[&str], at: &str, out: &mut Vec<Cause>) {
+    let Some(v) = o.get(field).filter(|v| !v.is_null()) else {
+        return;
+    };
+    if v.as_str().is_some_and(|s| allowed.contains(&s)) {
+        return;
+    }
+    let list: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+    out.push(Cause::new(
+        "FieldValueNotSupported",
+        format!("{at}.{field}"),
+        format!(
+            "Unsupported value: {v}: supported values: {}",
+            list.join(", ")
+        ),
+    ));
+}
+
 fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
     let containers = spec.get("containers").and_then(Value::as_array);
     match containers {
@@ -572,8 +591,29 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
                 {
                     out.push(Cause::required(format!("{f}.image")));
                 }
+                one_of(
+                    c,
+                    "imagePullPolicy",
+                    &["Always", "IfNotPresent", "Never"],
+                    &f,
+                    out,
+                );
+                one_of(
+                    c,
+                    "terminationMessagePolicy",
+                    &["File", "FallbackToLogsOnError"],
+                    &f,
+                    out,
+                );
                 if let Some(ports) = c.get("ports").and_then(Value::as_array) {
                     for (j, p) in ports.iter().enumerate() {
+                        one_of(
+                            p,
+                            "protocol",
+                            &["SCTP", "TCP", "UDP"],
+                            &format!("{f}.ports[{j}]"),
+                            out,
+                        );
                         let n = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
                         if !(1..=65535).contains(&n) {
                             out.push(Cause::invalid(
@@ -587,6 +627,13 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
             }
         }
     }
+    one_of(
+        spec,
+        "dnsPolicy",
+        &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
+        at,
+        out,
+    );
     if let Some(p) = spec.get("restartPolicy").and_then(Value::as_str) {
         if !matches!(p, "Always" | "OnFailure" | "Never") {
             out.push(Cause::new(
@@ -1159,6 +1206,28 @@ pub fn qos_class(spec: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enumerated_fields_take_only_their_values() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"dnsPolicy": "Cluster",
+            "containers": [{"name": "c", "image": "i", "imagePullPolicy": "Sometimes",
+                            "ports": [{"containerPort": 80, "protocol": "tcp"}]}]}});
+        let causes = validate("", "Pod", &pod);
+        let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.containers[0].imagePullPolicy",
+                "spec.containers[0].ports[0].protocol",
+                "spec.dnsPolicy"
+            ],
+            "{causes:?}"
+        );
+        assert_eq!(
+            causes[0].message,
+            "Unsupported value: \"Sometimes\": supported values: \"Always\", \"IfNotPresent\", \"Never\""
+        );
+    }
 
     #[test]
     fn annotations_may_not_pass_256_kib_together() {

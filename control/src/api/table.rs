@@ -170,7 +170,12 @@ fn columns(kind: &str) -> &'static [Col] {
             ("Type", "string", "", 0),
             ("Reason", "string", "", 0),
             ("Object", "string", "", 0),
+            ("Subobject", "string", "", 1),
+            ("Source", "string", "", 1),
             ("Message", "string", "", 0),
+            ("First Seen", "string", "", 1),
+            ("Count", "string", "", 1),
+            ("Name", "string", "", 1),
         ],
         "RoleBinding" | "ClusterRoleBinding" => &[
             NAME,
@@ -812,12 +817,49 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 io["kind"].as_str().unwrap_or("").to_lowercase(),
                 io["name"].as_str().unwrap_or("")
             );
+            let first = if !o["firstTimestamp"].is_null() {
+                &o["firstTimestamp"]
+            } else if !o["eventTime"].is_null() {
+                &o["eventTime"]
+            } else {
+                &meta["creationTimestamp"]
+            };
+            let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+            let or = |a: &Value, b: &Value| {
+                let a = text(a);
+                if a.is_empty() {
+                    text(b)
+                } else {
+                    a
+                }
+            };
+            // kubectl's "component, host", from the older fields or the newer ones.
+            let component = or(&o["source"]["component"], &o["reportingController"]);
+            let host = or(&o["source"]["host"], &o["reportingInstance"]);
+            let source = if host.is_empty() {
+                component
+            } else {
+                format!("{component}, {host}")
+            };
+            let count = o["series"]["count"]
+                .as_i64()
+                .or(o["count"].as_i64())
+                .unwrap_or(0);
             vec![
                 json!(age_text(last, now)),
                 json!(o["type"].as_str().unwrap_or("")),
                 json!(o["reason"].as_str().unwrap_or("")),
                 json!(object),
-                json!(o["message"].as_str().or(o["note"].as_str()).unwrap_or("")),
+                json!(text(&io["fieldPath"])),
+                json!(source),
+                json!(o["message"]
+                    .as_str()
+                    .or(o["note"].as_str())
+                    .unwrap_or("")
+                    .trim()),
+                json!(age_text(first, now)),
+                json!(count),
+                json!(meta["name"].as_str().unwrap_or("")),
             ]
         }
         "RoleBinding" | "ClusterRoleBinding" => {

@@ -6,6 +6,10 @@
 //! them. When its link returns, the taints go (the agent reports Ready itself, and its pods'
 //! status again).
 //!
+//! Other NoExecute taints (`kubectl taint nodes N key=value:NoExecute`) evict the pods that
+//! do not tolerate them at once, and those that tolerate them for `tolerationSeconds` once
+//! that has passed, as kube-controller-manager's taint eviction controller does.
+//!
 //! Liveness comes from the link records the gateways write when a link comes or goes
 //! (`/outpost/links/NODE`), so a node linked to any member counts, and no heartbeat is ever
 //! a durable write.
@@ -109,15 +113,20 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
     // Linked nodes that may need something (all of them at first); the others are not even
     // decoded, so a large fleet of healthy nodes costs a key scan every 2 s.
     let mut heed: Option<HashSet<String>> = None;
+    let mut seen = Seen::new();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if !api.store.leads() {
             led_since = None;
             heed = None;
+            seen.clear();
             continue;
         }
         // A node with no record has been unaccounted for only since this leadership began.
         let since = *led_since.get_or_insert_with(unix_now);
+        if let Err(e) = taint_evictions(&api, &mut seen).await {
+            tracing::debug!(error = %e, "taint eviction pass failed");
+        }
         if let Err(e) = pass(&api, &l, since, &mut heed).await {
             tracing::debug!(error = %e, "node lifecycle pass failed");
         }
@@ -230,6 +239,133 @@ async fn pass(
 
 const MERGE: &str = "application/merge-patch+json";
 
+/// When each NoExecute taint was first seen on its node (unix seconds), by (node, key,
+/// effect); the clock of `tolerationSeconds`.
+type Seen = HashMap<(String, String, String), i64>;
+
+/// The NoExecute taints the taint eviction controller acts on: all but the lifecycle's own
+/// unreachable taint, whose pods wait for the node's autonomy window instead.
+fn no_execute(node: &Value) -> Vec<&Value> {
+    node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["effect"] == "NoExecute" && t["key"] != UNREACHABLE)
+        .collect()
+}
+
+/// Whether toleration `tol` tolerates `taint`, as the scheduler's helper decides.
+pub fn tolerates(tol: &Value, taint: &Value) -> bool {
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let effect = text(&tol["effect"]);
+    if !effect.is_empty() && effect != text(&taint["effect"]) {
+        return false;
+    }
+    let key = text(&tol["key"]);
+    if !key.is_empty() && key != text(&taint["key"]) {
+        return false;
+    }
+    match tol["operator"].as_str().unwrap_or("Equal") {
+        "Exists" => true,
+        "Equal" => !key.is_empty() && text(&tol["value"]) == text(&taint["value"]),
+        _ => false,
+    }
+}
+
+/// When `pod` is to be evicted from under `taints` (each with when it was first seen): at
+/// once if one is not tolerated, when the shortest `tolerationSeconds` of those tolerating
+/// them has passed, or never.
+pub fn eviction_at(pod: &Value, taints: &[(&Value, i64)]) -> Option<i64> {
+    let tolerations: Vec<&Value> = pod["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut at: Option<i64> = None;
+    for (taint, seen) in taints {
+        // The first toleration that matches is the one that counts, as in Kubernetes.
+        let Some(tol) = tolerations.iter().find(|t| tolerates(t, taint)) else {
+            return Some(*seen);
+        };
+        if let Some(l) = tol["tolerationSeconds"].as_i64() {
+            let when = seen + l.max(0);
+            at = Some(at.map_or(when, |a| a.min(when)));
+        }
+    }
+    at
+}
+
+/// Evict pods from nodes with NoExecute taints they do not tolerate (or no longer do).
+async fn taint_evictions(api: &Arc<Api>, seen: &mut Seen) -> Result<(), String> {
+    const NODES: &str = "/registry/core/nodes/";
+    let page = api
+        .store
+        .range(NODES, None, 0, Consistency::Serializable)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now = unix_now();
+    let mut tainted: HashMap<String, Vec<(Value, i64)>> = HashMap::new();
+    let mut still = HashSet::new();
+    for kv in &page.kvs {
+        // Most nodes have no such taint: only those whose bytes mention one are decoded.
+        if !kv.value.windows(9).any(|w| w == b"NoExecute") {
+            continue;
+        }
+        let Ok(node) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
+        let name = kv.key.trim_start_matches(NODES).to_string();
+        for t in no_execute(&node) {
+            let id = (
+                name.clone(),
+                t["key"].as_str().unwrap_or("").to_string(),
+                t["effect"].as_str().unwrap_or("").to_string(),
+            );
+            let first = *seen.entry(id.clone()).or_insert(now);
+            still.insert(id);
+            tainted
+                .entry(name.clone())
+                .or_default()
+                .push((t.clone(), first));
+        }
+    }
+    seen.retain(|k, _| still.contains(k));
+    if tainted.is_empty() {
+        return Ok(());
+    }
+    let pods = list(api, "/registry/core/pods/").await?;
+    for (_, p) in pods {
+        let Some(taints) = p["spec"]["nodeName"].as_str().and_then(|n| tainted.get(n)) else {
+            continue;
+        };
+        if !p["metadata"]["deletionTimestamp"].is_null() {
+            continue;
+        }
+        let list: Vec<(&Value, i64)> = taints.iter().map(|(t, s)| (t, *s)).collect();
+        if eviction_at(&p, &list).is_none_or(|at| at > now) {
+            continue;
+        }
+        let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+        if call(api, "DELETE", &path, "application/json", &json!({})).await < 300 {
+            let node = p["spec"]["nodeName"].as_str().unwrap_or("");
+            tracing::info!(%node, pod = %format!("{ns}/{name}"), "evicted: a NoExecute taint it does not tolerate");
+            let msg = format!("Marking for deletion Pod {ns}/{name}");
+            super::event(
+                api,
+                "taint-eviction-controller",
+                &p,
+                "Normal",
+                "TaintManagerEviction",
+                &msg,
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
 /// Mark the pods of an unreachable node not ready (Services stop sending to them); the
 /// node's agent reports them again when it is back.
 async fn mark_not_ready(api: &Arc<Api>, node: &str) -> Result<(), String> {
@@ -296,6 +432,45 @@ async fn evict(api: &Arc<Api>, node: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_execute_taints_evict_what_does_not_tolerate_them() {
+        let taint = json!({"key": "maint", "value": "now", "effect": "NoExecute"});
+        let pod = |tols: Value| json!({"spec": {"tolerations": tols}});
+        let t = [(&taint, 100)];
+        assert_eq!(eviction_at(&pod(json!([])), &t), Some(100));
+        assert_eq!(
+            eviction_at(&pod(json!([{"key": "maint", "operator": "Exists"}])), &t),
+            None
+        );
+        assert_eq!(
+            eviction_at(
+                &pod(
+                    json!([{"key": "maint", "value": "now", "effect": "NoExecute", "tolerationSeconds": 30}])
+                ),
+                &t
+            ),
+            Some(130)
+        );
+        // A wrong value, or another effect, tolerates nothing.
+        assert_eq!(
+            eviction_at(&pod(json!([{"key": "maint", "value": "later"}])), &t),
+            Some(100)
+        );
+        assert_eq!(
+            eviction_at(
+                &pod(json!([{"key": "maint", "operator": "Exists", "effect": "NoSchedule"}])),
+                &t
+            ),
+            Some(100)
+        );
+        // An empty key with Exists tolerates every taint.
+        assert_eq!(eviction_at(&pod(json!([{"operator": "Exists"}])), &t), None);
+        // The lifecycle's unreachable taint is left to the autonomy window.
+        let node =
+            json!({"spec": {"taints": [{"key": UNREACHABLE, "effect": "NoExecute"}, taint]}});
+        assert_eq!(no_execute(&node).len(), 1);
+    }
 
     fn node(ready: &str, tainted: bool, window: Option<&str>) -> Value {
         let mut n = json!({"metadata": {"name": "n", "annotations": {}},

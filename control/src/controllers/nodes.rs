@@ -345,25 +345,30 @@ async fn taint_evictions(api: &Arc<Api>, seen: &mut Seen) -> Result<(), String> 
         if eviction_at(&p, &list).is_none_or(|at| at > now) {
             continue;
         }
-        let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
-        let name = p["metadata"]["name"].as_str().unwrap_or("");
-        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
-        if call(api, "DELETE", &path, "application/json", &json!({})).await < 300 {
-            let node = p["spec"]["nodeName"].as_str().unwrap_or("");
-            tracing::info!(%node, pod = %format!("{ns}/{name}"), "evicted: a NoExecute taint it does not tolerate");
-            let msg = format!("Marking for deletion Pod {ns}/{name}");
-            super::event(
-                api,
-                "taint-eviction-controller",
-                &p,
-                "Normal",
-                "TaintManagerEviction",
-                &msg,
-            )
-            .await;
-        }
+        delete_pod(api, &p, "a NoExecute taint it does not tolerate").await;
     }
     Ok(())
+}
+
+/// Delete `p` as the taint eviction controller does, saying so in an event.
+async fn delete_pod(api: &Arc<Api>, p: &Value, why: &str) {
+    let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
+    let name = p["metadata"]["name"].as_str().unwrap_or("");
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+    if call(api, "DELETE", &path, "application/json", &json!({})).await < 300 {
+        let node = p["spec"]["nodeName"].as_str().unwrap_or("");
+        tracing::info!(%node, pod = %format!("{ns}/{name}"), "evicted: {why}");
+        let msg = format!("Marking for deletion Pod {ns}/{name}");
+        super::event(
+            api,
+            "taint-eviction-controller",
+            p,
+            "Normal",
+            "TaintManagerEviction",
+            &msg,
+        )
+        .await;
+    }
 }
 
 /// Mark the pods of an unreachable node not ready (Services stop sending to them); the
@@ -409,22 +414,7 @@ async fn evict(api: &Arc<Api>, node: &str) -> Result<(), String> {
         if !on_node || daemon || !p["metadata"]["deletionTimestamp"].is_null() {
             continue;
         }
-        let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
-        let name = p["metadata"]["name"].as_str().unwrap_or("");
-        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
-        if call(api, "DELETE", &path, "application/json", &json!({})).await < 300 {
-            tracing::info!(%node, pod = %format!("{ns}/{name}"), "evicted: the node's autonomy window is over");
-            let msg = format!("Marking for deletion Pod {ns}/{name}");
-            super::event(
-                api,
-                "taint-eviction-controller",
-                &p,
-                "Normal",
-                "TaintManagerEviction",
-                &msg,
-            )
-            .await;
-        }
+        delete_pod(api, &p, "the node's autonomy window is over").await;
     }
     Ok(())
 }

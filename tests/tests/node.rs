@@ -1200,6 +1200,46 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         assert!(t.elapsed() < Duration::from_secs(10), "{}", logs.stdout);
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The API server's proxy reaches it through its node's link, by pod and by Service.
+    let raw = up
+        .kubectl(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/default/pods/http-hello:{port}/proxy/by/pod?q=1"),
+        ])?
+        .expect_ok("pod proxy")?;
+    assert_eq!(raw.stdout, "hello from Outpost at /by/pod?q=1\n");
+    up.kubectl(&[
+        "expose",
+        "pod",
+        "http-hello",
+        "--name=front",
+        "--port=80",
+        &format!("--target-port={port}"),
+    ])?
+    .expect_ok("expose")?;
+    up.wait_field(
+        20,
+        &["endpoints", "front"],
+        "{.subsets[0].addresses[0].ip}",
+        |s| !s.is_empty(),
+    )?;
+    let raw = up
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/services/front:80/proxy/by/service",
+        ])?
+        .expect_ok("service proxy")?;
+    assert_eq!(raw.stdout, "hello from Outpost at /by/service\n");
+    let none = up
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/services/nothing/proxy/",
+        ])?
+        .expect_err("no such service")?;
+    assert!(none.stderr.contains("not found"), "{}", none.stderr);
     // --timestamps prefixes each line with when it was written; --since leaves older out.
     let stamped = up
         .kubectl(&["logs", "http-hello", "--timestamps"])?

@@ -17,7 +17,6 @@ use std::time::Duration;
 use base64::Engine;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use outpost_api::link::{Down, ForwardRequest};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
@@ -26,6 +25,7 @@ use super::auth::User;
 use super::error::{ApiError, Cause};
 use super::resources::{Resource, Sub};
 use super::select::Labels;
+use super::upstream;
 use super::Api;
 use crate::store::Consistency;
 
@@ -802,117 +802,9 @@ async fn post_service(
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), String> {
     let host = format!("{name}.{ns}.svc");
-    let target = endpoint(api, ns, name, port).await?;
-    match target {
-        Endpoint::Pod {
-            node,
-            pod,
-            namespace,
-            port,
-        } => {
-            let req = Down::PortForward(ForwardRequest {
-                namespace,
-                pod: pod.clone(),
-                port,
-            });
-            let (head, send, mut recv) = api.links.open_duplex(&node, &req).await?;
-            if head.status != 200 {
-                let msg = recv.read_to_end(64 << 10).await.unwrap_or_default();
-                return Err(format!(
-                    "pod {pod} on node {node}: {}",
-                    String::from_utf8_lossy(&msg).trim()
-                ));
-            }
-            exchange(h, tokio::io::join(recv, send), &host, &host, path, body).await
-        }
-        Endpoint::Address(ip, port) => {
-            let tcp = tokio::net::TcpStream::connect((ip.as_str(), port))
-                .await
-                .map_err(|e| format!("dial tcp {ip}:{port}: {e}"))?;
-            exchange(h, tcp, &host, &host, path, body).await
-        }
-    }
-}
-
-enum Endpoint {
-    Pod {
-        node: String,
-        pod: String,
-        namespace: String,
-        port: u16,
-    },
-    Address(String, u16),
-}
-
-/// A ready endpoint of Service `ns/name` for its port `port`.
-async fn endpoint(api: &Arc<Api>, ns: &str, name: &str, port: u16) -> Result<Endpoint, String> {
-    let no_svc = || format!("service \"{name}\" not found");
-    let svcs = super::resources::find("", "v1", "services").ok_or_else(no_svc)?;
-    let kv = api
-        .store
-        .get(&svcs.key(Some(ns), name), Consistency::Serializable)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(no_svc)?;
-    let svc: Value = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
-    let sp = svc["spec"]["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["port"].as_u64() == Some(u64::from(port)))
-        .ok_or_else(|| format!("service \"{name}\" has no port {port}"))?;
-    let port_name = sp["name"].as_str().unwrap_or("");
-    let slices = super::resources::find("discovery.k8s.io", "v1", "endpointslices")
-        .ok_or("no EndpointSlices")?;
-    let page = api
-        .store
-        .range(&slices.prefix(Some(ns)), None, 0, Consistency::Serializable)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut found = Vec::new();
-    for kv in &page.kvs {
-        let Ok(s) = serde_json::from_slice::<Value>(&kv.value) else {
-            continue;
-        };
-        if s["metadata"]["labels"]["kubernetes.io/service-name"] != name {
-            continue;
-        }
-        let Some(target) = s["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"].as_str().unwrap_or("") == port_name)
-            .and_then(|p| p["port"].as_u64())
-        else {
-            continue;
-        };
-        for e in s["endpoints"].as_array().into_iter().flatten() {
-            if e["conditions"]["ready"] == false {
-                continue;
-            }
-            let r = &e["targetRef"];
-            let node = e["nodeName"].as_str().filter(|n| !n.is_empty());
-            found.push(match (r["kind"].as_str(), r["name"].as_str(), node) {
-                (Some("Pod"), Some(pod), Some(node)) => Endpoint::Pod {
-                    node: node.to_string(),
-                    pod: pod.to_string(),
-                    // The Service's namespace, whatever the slice says: a slice may not
-                    // lead the API server's calls into another namespace's pod.
-                    namespace: ns.to_string(),
-                    port: target as u16,
-                },
-                _ => match e["addresses"][0].as_str() {
-                    Some(ip) => Endpoint::Address(ip.to_string(), target as u16),
-                    None => continue,
-                },
-            });
-        }
-    }
-    if found.is_empty() {
-        return Err(format!("no endpoints available for service \"{name}\""));
-    }
-    let i = rand::random::<u32>() as usize % found.len();
-    Ok(found.swap_remove(i))
+    let target = upstream::service(api, ns, name, &port.to_string()).await?;
+    let io = upstream::connect(api, &target).await?;
+    exchange(h, io, &host, &host, path, body).await
 }
 
 /// TLS to `server_name` over `io`, then one HTTP/1.1 POST of `body` to `path`.

@@ -28,6 +28,7 @@ pub mod patch;
 pub mod pick;
 pub mod prom;
 pub mod proto;
+mod proxy;
 pub(crate) mod quota;
 pub(crate) mod raw;
 pub mod resources;
@@ -38,6 +39,7 @@ pub mod spdy;
 pub mod ssa;
 pub mod table;
 pub mod token;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -543,6 +545,9 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
             return non_resource_get(api, &segs, &accept);
         }
     };
+    if let (true, Some(t)) = (group.is_empty(), proxy::target(rest)) {
+        return proxy::serve(api, &user, parts, body, t).await;
+    }
     if let Some(view) = view_of(group, version, rest)? {
         return viewed(api, user, parts, query, view, rest, body).await;
     }

@@ -22,6 +22,8 @@ pub enum Sub {
     /// A pod's ephemeral containers (`kubectl debug`): the only part of a running pod's
     /// spec that may grow.
     EphemeralContainers,
+    /// HTTP to a pod's or a Service's port (`api::proxy`).
+    Proxy,
 }
 
 impl Sub {
@@ -37,6 +39,7 @@ impl Sub {
             Sub::PortForward => "portforward",
             Sub::Token => "token",
             Sub::EphemeralContainers => "ephemeralcontainers",
+            Sub::Proxy => "proxy",
         }
     }
 
@@ -52,6 +55,8 @@ impl Sub {
             Sub::PortForward => ("", "v1", "PodPortForwardOptions"),
             Sub::Token => ("authentication.k8s.io", "v1", "TokenRequest"),
             Sub::EphemeralContainers => ("", "v1", "Pod"),
+            Sub::Proxy if r.kind == "Service" => ("", "v1", "ServiceProxyOptions"),
+            Sub::Proxy => ("", "v1", "PodProxyOptions"),
         }
     }
 
@@ -61,6 +66,7 @@ impl Sub {
             Sub::Binding | Sub::Eviction | Sub::Token => &["create"],
             Sub::Log => &["get"],
             Sub::Exec | Sub::Attach | Sub::PortForward => &["create", "get"],
+            Sub::Proxy => &["create", "delete", "get", "patch", "update"],
         }
     }
 }
@@ -222,9 +228,9 @@ use super::metrics;
 resources! {
     core::Namespace => { "", "v1", "Namespace", "namespaces", "namespace", short: ["ns"], namespaced: false, categories: [], subs: [Status], stored: true },
     core::Node => { "", "v1", "Node", "nodes", "node", short: ["no"], namespaced: false, categories: [], subs: [Status], stored: true },
-    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log, Exec, Attach, PortForward, EphemeralContainers], stored: true },
+    core::Pod => { "", "v1", "Pod", "pods", "pod", short: ["po"], namespaced: true, categories: ["all"], subs: [Status, Binding, Eviction, Log, Exec, Attach, PortForward, EphemeralContainers, Proxy], stored: true },
     core::ReplicationController => { "", "v1", "ReplicationController", "replicationcontrollers", "replicationcontroller", short: ["rc"], namespaced: true, categories: ["all"], subs: [Status, Scale], stored: true },
-    core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status], stored: true },
+    core::Service => { "", "v1", "Service", "services", "service", short: ["svc"], namespaced: true, categories: ["all"], subs: [Status, Proxy], stored: true },
     core::Endpoints => { "", "v1", "Endpoints", "endpoints", "endpoints", short: ["ep"], namespaced: true, categories: [], subs: [], stored: true },
     core::ConfigMap => { "", "v1", "ConfigMap", "configmaps", "configmap", short: ["cm"], namespaced: true, categories: [], subs: [], stored: true },
     core::Secret => { "", "v1", "Secret", "secrets", "secret", short: [], namespaced: true, categories: [], subs: [], stored: true },

@@ -2435,3 +2435,141 @@ fn refusals_and_details_as_in_kubernetes() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn token_secrets_and_reviews_for_other_users() -> anyhow::Result<()> {
+    let (d, up) = up()?;
+    up.kubectl(&["create", "serviceaccount", "robot"])?
+        .expect_ok("sa")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: robot-token\n  annotations: {kubernetes.io/service-account.name: robot}\ntype: kubernetes.io/service-account-token\n",
+    )?
+    .expect_ok("token secret")?;
+    // Filled in as the token controller does: token, CA, namespace.
+    let b64 = up.wait_field(20, &["secret", "robot-token"], "{.data.token}", |s| {
+        !s.is_empty()
+    })?;
+    let s = json(
+        &up.kubectl(&["get", "secret", "robot-token", "-o", "json"])?
+            .expect_ok("get")?
+            .stdout,
+    )?;
+    ensure!(
+        !s["data"]["ca.crt"].is_null() && s["data"]["namespace"] == "ZGVmYXVsdA==",
+        "{s}"
+    );
+    let token = {
+        use base64::Engine;
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim())?)?
+    };
+    let cfg = d.path().join("robot");
+    token_kubeconfig(&up, &cfg, &token)?;
+    let cache = d.path().join("robot-cache");
+    let kb = kubectl_bin(None)?;
+    let robot = |args: &[&str]| kubectl_with(&kb, &cfg, &cache, args, None);
+    let who = robot(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ])?
+    .expect_ok("whoami")?;
+    ensure!(
+        who.stdout == "system:serviceaccount:default:robot",
+        "{}",
+        who.stdout
+    );
+
+    // TokenReview and SubjectAccessReview: RBAC decides who may ask. (kubectl's own
+    // validation of a review kind lists CRDs, which this user may not: skipped, as it must be
+    // against any Kubernetes.)
+    let review = format!(
+        "apiVersion: authentication.k8s.io/v1\nkind: TokenReview\nspec: {{token: {token}}}\n"
+    );
+    let r = kubectl_with(
+        &kb,
+        &cfg,
+        &cache,
+        &["create", "--validate=false", "-f", "-", "-o", "json"],
+        Some(&review),
+    )?
+    .expect_err("a review without rights")?;
+    ensure!(r.stderr.contains("tokenreviews"), "{}", r.stderr);
+    up.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "robot-delegator",
+        "--clusterrole=system:auth-delegator",
+        "--serviceaccount=default:robot",
+    ])?
+    .expect_ok("bind")?;
+    let t = Instant::now();
+    let answer = loop {
+        let r = kubectl_with(
+            &kb,
+            &cfg,
+            &cache,
+            &["create", "--validate=false", "-f", "-", "-o", "json"],
+            Some(&review),
+        )?;
+        if r.ok {
+            break json(&r.stdout)?;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(10), "{}", r.stderr);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(
+        answer["status"]["authenticated"] == true
+            && answer["status"]["user"]["username"] == "system:serviceaccount:default:robot",
+        "{answer}"
+    );
+    let bad = kubectl_with(
+        &kb,
+        &cfg,
+        &cache,
+        &["create", "--validate=false", "-f", "-", "-o", "json"],
+        Some("apiVersion: authentication.k8s.io/v1\nkind: TokenReview\nspec: {token: nonsense}\n"),
+    )?
+    .expect_ok("a bad token reviewed")?;
+    ensure!(
+        json(&bad.stdout)?["status"]["authenticated"] == false,
+        "{}",
+        bad.stdout
+    );
+    let sar = |verb: &str| {
+        format!("apiVersion: authorization.k8s.io/v1\nkind: SubjectAccessReview\nspec:\n  user: alice\n  resourceAttributes: {{verb: {verb}, resource: pods, namespace: default}}\n")
+    };
+    let ask = |verb: &str| -> anyhow::Result<bool> {
+        let r = kubectl_with(
+            &kb,
+            &cfg,
+            &cache,
+            &["create", "--validate=false", "-f", "-", "-o", "json"],
+            Some(&sar(verb)),
+        )?
+        .expect_ok("a subject access review")?;
+        Ok(json(&r.stdout)?["status"]["allowed"] == true)
+    };
+    ensure!(!ask("list")?, "alice may not list pods yet");
+    up.kubectl(&[
+        "create",
+        "rolebinding",
+        "alice-view",
+        "--clusterrole=view",
+        "--user=alice",
+    ])?
+    .expect_ok("bind alice")?;
+    until(10, "alice's binding", || ask("list"))?;
+    ensure!(!ask("delete")?, "view does not delete");
+    // The token holds only while its Secret exists.
+    up.kubectl(&["delete", "secret", "robot-token"])?
+        .expect_ok("delete the secret")?;
+    let r = robot(&["auth", "whoami"])?.expect_err("a token of a deleted secret")?;
+    ensure!(
+        r.stderr.contains("Unauthorized") || r.stderr.contains("logged in"),
+        "{}",
+        r.stderr
+    );
+    Ok(())
+}

@@ -386,6 +386,17 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                 "system:monitoring",
             ),
         ),
+        // What a component that checks its callers through the API server needs (an
+        // operator's kube-rbac-proxy binds its service account to it).
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "system:auth-delegator",
+                json!([{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                       {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]),
+            ),
+        ),
         (
             "rbac.authorization.k8s.io",
             "ClusterRole",

@@ -320,9 +320,11 @@ async fn serve_one(
         path: None,
     };
     let reviews = !t.res.stored && !t.res.live();
+    // Anyone may ask about themselves; asking about others' tokens or rights takes RBAC.
+    let about_self = reviews && t.res.kind.starts_with("Self");
     if let Some(node) = super::node::node_name(&user) {
         super::node::authorize(api, node, &attrs, q.get("fieldSelector")).await?;
-    } else if !reviews {
+    } else if !about_self {
         authorize(api, &user, &attrs).await?;
     }
     let agent = headers
@@ -2336,6 +2338,14 @@ pub async fn reconcile_api_endpoints(store: &crate::store::Store, mine: Option<(
 /// What follows a create: every namespace gets its `default` service account and the
 /// cluster CA's ConfigMap.
 async fn after_create(ctx: &Ctx<'_>, o: &Value) {
+    if (ctx.res.group, ctx.res.kind) == ("", "Secret")
+        && o["type"] == "kubernetes.io/service-account-token"
+        && !ctx.dry_run
+    {
+        if let Err(e) = fill_token_secret(ctx.api, o).await {
+            tracing::warn!(secret = %name_of(o), error = %e, "service account token not filled in");
+        }
+    }
     if (ctx.res.group, ctx.res.kind) == ("", "Namespace") {
         let ns = name_of(o).to_string();
         publish_root_ca(ctx.api, &ns).await;
@@ -2350,6 +2360,59 @@ async fn after_create(ctx: &Ctx<'_>, o: &Value) {
                 .await;
         }
     }
+}
+
+/// A new `kubernetes.io/service-account-token` Secret gets its token, the cluster CA and the
+/// namespace, as kube-controller-manager's token controller gives them: a token of its
+/// ServiceAccount that holds while the Secret exists.
+async fn fill_token_secret(api: &Arc<Api>, secret: &Value) -> Result<(), ApiError> {
+    let m = &secret["metadata"];
+    let (ns, name) = (
+        m["namespace"].as_str().unwrap_or("default"),
+        name_of(secret),
+    );
+    let Some(sa_name) = m["annotations"]["kubernetes.io/service-account.name"].as_str() else {
+        return Ok(());
+    };
+    if !secret["data"]["token"].is_null() {
+        return Ok(());
+    }
+    let sas = resources::find("", "v1", "serviceaccounts").ok_or_else(|| internal("sa"))?;
+    let Some(kv) = api
+        .store
+        .get(&sas.key(Some(ns), sa_name), Consistency::Linearizable)
+        .await?
+    else {
+        return Ok(());
+    };
+    let sa = from_kv(&kv)?;
+    let req = json!({"spec": {"expirationSeconds": super::token::MAX_TTL,
+        "boundObjectRef": {"kind": "Secret", "apiVersion": "v1", "name": name, "uid": m["uid"]}}});
+    let answer = super::token::issue(api, &sa, &req).await?;
+    let token = answer["status"]["token"].as_str().unwrap_or("").to_string();
+    let ca = api
+        .pki_dir
+        .as_ref()
+        .and_then(|d| std::fs::read(d.join("ca.crt")).ok())
+        .unwrap_or_default();
+    let b64 = |b: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    let data = json!({"token": b64(token.as_bytes()), "ca.crt": b64(&ca), "namespace": b64(ns.as_bytes())});
+    let sa_uid = sa["metadata"]["uid"].clone();
+    let res = resources::find("", "v1", "secrets").ok_or_else(|| internal("secrets"))?;
+    let ctx = system_ctx(api, res, Some(ns.to_string()));
+    update_with(&ctx, name, None, false, |old| {
+        let mut new = old.clone();
+        for (k, v) in data.as_object().into_iter().flatten() {
+            new["data"][k] = v.clone();
+        }
+        new["metadata"]["annotations"]["kubernetes.io/service-account.uid"] = sa_uid.clone();
+        Ok((new, false))
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Carry what a client may not change from `old` to `new`, bump generation, and validate.
@@ -3364,31 +3427,71 @@ async fn review(ctx: &Ctx<'_>, mut body: Value) -> Result<Response, ApiError> {
     let user = &ctx.user;
     let policy = load_policy(ctx.api).await?;
     match ctx.res.kind {
-        "SelfSubjectAccessReview" => {
-            let spec = &body["spec"];
-            let attrs = if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
-                let s = |k: &str| ra[k].as_str().unwrap_or("").to_string();
-                Attrs {
-                    verb: s("verb"),
-                    group: s("group"),
-                    resource: s("resource"),
-                    subresource: s("subresource"),
-                    namespace: s("namespace"),
-                    name: s("name"),
-                    path: None,
+        "TokenReview" => {
+            let token = body["spec"]["token"]
+                .as_str()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let who = match ctx.api.tokens.get(&token) {
+                Some(u) => Some(u.clone()),
+                None if super::token::looks_like_jwt(&token) => {
+                    super::token::authenticate(ctx.api, &token).await
                 }
-            } else {
-                let na = &spec["nonResourceAttributes"];
-                Attrs {
-                    verb: na["verb"].as_str().unwrap_or("").into(),
-                    group: String::new(),
-                    resource: String::new(),
-                    subresource: String::new(),
-                    namespace: String::new(),
-                    name: String::new(),
-                    path: Some(na["path"].as_str().unwrap_or("").into()),
-                }
+                None => None,
             };
+            body["status"] = match who {
+                Some(mut u) => {
+                    u.groups.push("system:authenticated".into());
+                    json!({"authenticated": true, "audiences": [super::token::ISSUER],
+                           "user": {"username": u.name, "uid": u.uid, "groups": u.groups}})
+                }
+                None => json!({"authenticated": false, "error": "token not valid"}),
+            };
+        }
+        "SubjectAccessReview" | "LocalSubjectAccessReview" => {
+            let spec = &body["spec"];
+            let subject = User {
+                name: spec["user"].as_str().unwrap_or("").into(),
+                uid: spec["uid"].as_str().unwrap_or("").into(),
+                groups: spec["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|g| g.as_str().map(String::from))
+                    .collect(),
+            };
+            if subject.name.is_empty() && subject.groups.is_empty() {
+                return Err(ApiError::Invalid {
+                    group: ctx.res.group.into(),
+                    kind: ctx.res.kind.into(),
+                    name: String::new(),
+                    causes: vec![Cause::invalid(
+                        "spec.user",
+                        "",
+                        "at least one of user or group must be specified",
+                    )],
+                });
+            }
+            let mut attrs = review_attrs(spec);
+            if ctx.res.kind == "LocalSubjectAccessReview" {
+                // Only about the namespace of the request.
+                attrs.namespace = ctx.ns.clone().unwrap_or_default();
+                if attrs.path.is_some() {
+                    return Err(ApiError::BadRequest(
+                        "a LocalSubjectAccessReview may not ask about a non-resource path".into(),
+                    ));
+                }
+            }
+            let allowed = subject.is_master() || policy.allows(&subject, &attrs);
+            body["status"] = if allowed {
+                json!({"allowed": true, "reason": "allowed by RBAC"})
+            } else {
+                json!({"allowed": false})
+            };
+        }
+        "SelfSubjectAccessReview" => {
+            let attrs = review_attrs(&body["spec"]);
             let allowed = policy.allows(user, &attrs);
             body["status"] = if allowed {
                 json!({"allowed": true, "reason": "allowed by RBAC"})
@@ -3425,6 +3528,33 @@ async fn review(ctx: &Ctx<'_>, mut body: Value) -> Result<Response, ApiError> {
     }
     meta(&mut body).insert("creationTimestamp".into(), Value::Null);
     Ok(respond(StatusCode::CREATED, &body))
+}
+
+/// The request an access review asks about.
+fn review_attrs(spec: &Value) -> Attrs {
+    if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
+        let s = |k: &str| ra[k].as_str().unwrap_or("").to_string();
+        Attrs {
+            verb: s("verb"),
+            group: s("group"),
+            resource: s("resource"),
+            subresource: s("subresource"),
+            namespace: s("namespace"),
+            name: s("name"),
+            path: None,
+        }
+    } else {
+        let na = &spec["nonResourceAttributes"];
+        Attrs {
+            verb: na["verb"].as_str().unwrap_or("").into(),
+            group: String::new(),
+            resource: String::new(),
+            subresource: String::new(),
+            namespace: String::new(),
+            name: String::new(),
+            path: Some(na["path"].as_str().unwrap_or("").into()),
+        }
+    }
 }
 
 fn system_ctx<'a>(api: &'a Arc<Api>, res: &'static Resource, ns: Option<String>) -> Ctx<'a> {

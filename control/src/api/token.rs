@@ -23,7 +23,7 @@ use crate::store::Consistency;
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const DEFAULT_TTL: i64 = 3600;
 const MIN_TTL: i64 = 600;
-const MAX_TTL: i64 = 1 << 32;
+pub const MAX_TTL: i64 = 1 << 32;
 /// How long an admission-injected token is valid (see [`issue`]).
 const EXTENDED_TTL: i64 = 365 * 24 * 3600;
 

@@ -355,6 +355,29 @@ pub fn sign_node(
     Ok(csr.signed_by(&issuer)?.pem())
 }
 
+/// Sign a user's CSR for the `kubernetes.io/kube-apiserver-client` signer: the subject it
+/// asks for (CN the user, O its groups), client authentication only, valid for `ttl`.
+pub fn sign_client(
+    dir: &Path,
+    csr_pem: &str,
+    ttl: std::time::Duration,
+) -> Result<String, PkiError> {
+    let issuer = cluster_issuer(dir)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = csr.params.distinguished_name.clone();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let now = time_now();
+    params.not_before = now - std::time::Duration::from_secs(300);
+    params.not_after = now + ttl;
+    csr.params = params;
+    Ok(csr.signed_by(&issuer)?.pem())
+}
+
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }

@@ -730,6 +730,11 @@ fn watch_streams_changes() -> anyhow::Result<()> {
 /// Write to `path` a kubeconfig for `up`'s cluster whose only credential is the bearer
 /// `token`.
 fn token_kubeconfig(up: &Up, path: &std::path::Path, token: &str) -> anyhow::Result<()> {
+    user_kubeconfig(up, path, &format!("token: {token}"))
+}
+
+/// A kubeconfig for `up`'s cluster whose user is `user` (YAML under `user:`).
+fn user_kubeconfig(up: &Up, path: &std::path::Path, user: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&up.kubeconfig)?;
     let server = text
         .lines()
@@ -740,7 +745,7 @@ fn token_kubeconfig(up: &Up, path: &std::path::Path, token: &str) -> anyhow::Res
         .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
         .context("ca")?;
     std::fs::write(path, format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: default}}\ncurrent-context: c\n"))?;
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: u\n  user:\n    {user}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: default}}\ncurrent-context: c\n"))?;
     Ok(())
 }
 
@@ -2571,5 +2576,136 @@ fn token_secrets_and_reviews_for_other_users() -> anyhow::Result<()> {
         "{}",
         r.stderr
     );
+    Ok(())
+}
+
+/// A CertificateSigningRequest for `user` in `group`, and its private key (PEM).
+fn user_csr(name: &str, user: &str, group: &str, usages: &str) -> anyhow::Result<(String, String)> {
+    use base64::Engine;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, user);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, group);
+    let pem = params.serialize_request(&key)?.pem()?;
+    let request = base64::engine::general_purpose::STANDARD.encode(pem);
+    Ok((
+        format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {name}}}\nspec:\n  request: {request}\n  signerName: kubernetes.io/kube-apiserver-client\n  expirationSeconds: 86400\n  usages: [{usages}]\n"),
+        key.serialize_pem(),
+    ))
+}
+
+#[test]
+fn certificate_signing_requests_add_users() -> anyhow::Result<()> {
+    let (d, up) = up()?;
+    let (csr, key) = user_csr("jane", "jane", "devs", "client auth")?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("create the CSR")?;
+    let t = up.kubectl(&["get", "csr", "jane"])?.expect_ok("get csr")?;
+    ensure!(
+        t.stdout.contains("Pending") && t.stdout.contains("kubernetes.io/kube-apiserver-client"),
+        "{}",
+        t.stdout
+    );
+    up.kubectl(&["certificate", "approve", "jane"])?
+        .expect_ok("approve")?;
+    let cert = up.wait_field(20, &["csr", "jane"], "{.status.certificate}", |s| {
+        !s.is_empty()
+    })?;
+    let t = up.kubectl(&["get", "csr", "jane"])?.expect_ok("get csr")?;
+    ensure!(t.stdout.contains("Approved,Issued"), "{}", t.stdout);
+    // The certificate and key make a kubeconfig for jane, in group devs.
+    let key_b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(key)
+    };
+    let cfg = d.path().join("jane");
+    user_kubeconfig(
+        &up,
+        &cfg,
+        &format!(
+            "client-certificate-data: {}\n    client-key-data: {key_b64}",
+            cert.trim()
+        ),
+    )?;
+    let who = kubectl_with(
+        &kubectl_bin(None)?,
+        &cfg,
+        &d.path().join("jane-cache"),
+        &["auth", "whoami", "-o", "json"],
+        None,
+    )?
+    .expect_ok("whoami")?;
+    let info = &json(&who.stdout)?["status"]["userInfo"];
+    ensure!(
+        info["username"] == "jane"
+            && info["groups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g == "devs")),
+        "{info}"
+    );
+    // A usage this signer does not give fails with the reason; a denied one is never signed.
+    let (csr, _) = user_csr("web", "web", "x", "server auth")?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("a server CSR")?;
+    up.kubectl(&["certificate", "approve", "web"])?
+        .expect_ok("approve web")?;
+    let why = up.wait_field(
+        20,
+        &["csr", "web"],
+        "{.status.conditions[?(@.type==\"Failed\")].message}",
+        |s| !s.is_empty(),
+    )?;
+    ensure!(why.contains("client auth"), "{why}");
+    let (csr, _) = user_csr("mallory", "admin", "system:masters", "client auth")?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("mallory's CSR")?;
+    up.kubectl(&["certificate", "deny", "mallory"])?
+        .expect_ok("deny")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let c = up
+        .kubectl(&[
+            "get",
+            "csr",
+            "mallory",
+            "-o",
+            "jsonpath={.status.certificate}",
+        ])?
+        .expect_ok("get")?;
+    ensure!(c.stdout.is_empty(), "a denied CSR was signed");
+    // Approving takes `approve` on the signer besides the approval subresource.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: csr-approval}\nrules:\n- {apiGroups: [certificates.k8s.io], resources: [certificatesigningrequests, certificatesigningrequests/approval], verbs: [get, list, update]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: ops-csr}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: csr-approval}\nsubjects: [{kind: User, name: ops}]\n",
+    )?
+    .expect_ok("approval rights")?;
+    let (csr, _) = user_csr("late", "late", "x", "client auth")?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("late's CSR")?;
+    let r = up
+        .kubectl(&["certificate", "approve", "late", "--as=ops"])?
+        .expect_err("approve without the signer")?;
+    ensure!(r.stderr.contains("signers"), "{}", r.stderr);
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: signer}\nrules:\n- {apiGroups: [certificates.k8s.io], resources: [signers], resourceNames: [kubernetes.io/*], verbs: [approve]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: ops-signer}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: signer}\nsubjects: [{kind: User, name: ops}]\n",
+    )?
+    .expect_ok("signer rights")?;
+    up.kubectl(&["certificate", "approve", "late", "--as=ops"])?
+        .expect_ok("approve with the signer")?;
+    up.wait_field(20, &["csr", "late"], "{.status.certificate}", |s| {
+        !s.is_empty()
+    })?;
+    // A request that is not one is refused field by field.
+    let bad = up
+        .kubectl_in(
+            &["create", "-f", "-"],
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {name: bad}\nspec: {request: aGVsbG8=, signerName: kubernetes.io/kube-apiserver-client, usages: [client auth]}\n",
+        )?
+        .expect_err("a bad request")?;
+    ensure!(bad.stderr.contains("spec.request"), "{}", bad.stderr);
     Ok(())
 }

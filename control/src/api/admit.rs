@@ -544,6 +544,92 @@ fn check_annotations(annotations: &Value, field: &str, out: &mut Vec<Cause>) {
     }
 }
 
+/// A CertificateSigningRequest as kube-apiserver checks one: a PEM certificate request, a
+/// signer, known usages, and not both approved and denied.
+fn check_csr(o: &Value, out: &mut Vec<Cause>) {
+    use base64::Engine;
+    let spec = &o["spec"];
+    match spec["request"].as_str() {
+        None | Some("") => out.push(Cause::required("spec.request")),
+        Some(b) => {
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .ok()
+                .and_then(|p| String::from_utf8(p).ok());
+            let parsed = pem
+                .as_deref()
+                .is_some_and(|p| rcgen::CertificateSigningRequestParams::from_pem(p).is_ok());
+            if !parsed {
+                out.push(Cause::invalid(
+                    "spec.request",
+                    "",
+                    "PEM block type must be CERTIFICATE REQUEST",
+                ));
+            }
+        }
+    }
+    match spec["signerName"].as_str() {
+        None | Some("") => out.push(Cause::required("spec.signerName")),
+        Some(n)
+            if n.split('/').count() != 2 || !dns_subdomain(n.split('/').next().unwrap_or("")) =>
+        {
+            out.push(Cause::invalid(
+                "spec.signerName",
+                n,
+                "must be a fully qualified domain and path of the form 'example.com/signer-name'",
+            ))
+        }
+        Some(_) => {}
+    }
+    const USAGES: [&str; 22] = [
+        "signing",
+        "digital signature",
+        "content commitment",
+        "key encipherment",
+        "key agreement",
+        "data encipherment",
+        "cert sign",
+        "crl sign",
+        "encipher only",
+        "decipher only",
+        "any",
+        "server auth",
+        "client auth",
+        "code signing",
+        "email protection",
+        "s/mime",
+        "ipsec end system",
+        "ipsec tunnel",
+        "ipsec user",
+        "timestamping",
+        "ocsp signing",
+        "microsoft sgc",
+    ];
+    match spec["usages"].as_array() {
+        None => out.push(Cause::required("spec.usages")),
+        Some(list) => {
+            for (i, u) in list.iter().enumerate() {
+                if !u.as_str().is_some_and(|u| USAGES.contains(&u)) {
+                    out.push(Cause::new(
+                        "FieldValueNotSupported",
+                        format!("spec.usages[{i}]"),
+                        format!("Unsupported value: {u}"),
+                    ));
+                }
+            }
+        }
+    }
+    let conds = o["status"]["conditions"].as_array();
+    let has = |t: &str| conds.is_some_and(|c| c.iter().any(|c| c["type"] == t));
+    if has("Approved") && has("Denied") {
+        out.push(Cause::invalid(
+            "status.conditions",
+            "",
+            "Approved and Denied conditions are mutually exclusive",
+        ));
+    }
+}
+
 /// `o.field`, when set, is one of `allowed` (kube-apiserver's `Unsupported value` otherwise).
 fn one_of(o: &Value, field: &str, allowed: &[&str], at: &str, out: &mut Vec<Cause>) {
     let Some(v) = o.get(field).filter(|v| !v.is_null()) else {
@@ -985,6 +1071,7 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
     check_annotations(&meta["annotations"], "metadata.annotations", &mut out);
     match (group, kind) {
         (super::crd::GROUP, "CustomResourceDefinition") => out.extend(super::crd::validate(o)),
+        ("certificates.k8s.io", "CertificateSigningRequest") => check_csr(o, &mut out),
         (super::hooks::GROUP, "MutatingWebhookConfiguration") => {
             out.extend(super::hooks::check_config(o, true))
         }

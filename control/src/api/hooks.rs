@@ -307,12 +307,7 @@ fn tls(ca_bundle: &Value) -> Result<Arc<rustls::ClientConfig>, String> {
 
 /// Read the configurations again; on every member, until the task is aborted.
 pub async fn run(api: Arc<Api>) {
-    loop {
-        if let Err(e) = follow(&api).await {
-            tracing::debug!(error = %e, "webhook follower starts again");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::controllers::again("webhook follower", || follow(&api)).await
 }
 
 async fn follow(api: &Arc<Api>) -> Result<(), String> {

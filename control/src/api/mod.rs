@@ -922,6 +922,7 @@ pub async fn start(store: Store, cfg: ServeConfig) -> Result<Started, StartError
     helpers.push(tokio::spawn(crate::controllers::gc::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::crds::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(hooks::run(api.clone())).abort_handle());
+    helpers.push(tokio::spawn(crate::controllers::csr::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::rbac::run(api.clone())).abort_handle());
     helpers.push(tokio::spawn(crate::controllers::quota::run(api.clone())).abort_handle());
     helpers.push(

@@ -24,6 +24,8 @@ pub enum Sub {
     EphemeralContainers,
     /// HTTP to a pod's or a Service's port (`api::proxy`).
     Proxy,
+    /// A CertificateSigningRequest's Approved or Denied condition (`kubectl certificate`).
+    Approval,
 }
 
 impl Sub {
@@ -40,6 +42,7 @@ impl Sub {
             Sub::Token => "token",
             Sub::EphemeralContainers => "ephemeralcontainers",
             Sub::Proxy => "proxy",
+            Sub::Approval => "approval",
         }
     }
 
@@ -57,12 +60,15 @@ impl Sub {
             Sub::EphemeralContainers => ("", "v1", "Pod"),
             Sub::Proxy if r.kind == "Service" => ("", "v1", "ServiceProxyOptions"),
             Sub::Proxy => ("", "v1", "PodProxyOptions"),
+            Sub::Approval => (r.group, r.version, r.kind),
         }
     }
 
     pub fn verbs(self) -> &'static [&'static str] {
         match self {
-            Sub::Status | Sub::Scale | Sub::EphemeralContainers => &["get", "patch", "update"],
+            Sub::Status | Sub::Scale | Sub::EphemeralContainers | Sub::Approval => {
+                &["get", "patch", "update"]
+            }
             Sub::Binding | Sub::Eviction | Sub::Token => &["create"],
             Sub::Log => &["get"],
             Sub::Exec | Sub::Attach | Sub::PortForward => &["create", "get"],
@@ -216,9 +222,9 @@ macro_rules! resources {
 use k8s_openapi::api::{
     admissionregistration::v1 as admreg, apps::v1 as apps, authentication::v1 as authn,
     authorization::v1 as authz, autoscaling::v2 as autoscaling, batch::v1 as batch,
-    coordination::v1 as coord, core::v1 as core, discovery::v1 as disc, events::v1 as events,
-    networking::v1 as net, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
-    scheduling::v1 as sched, storage::v1 as storage,
+    certificates::v1 as certs, coordination::v1 as coord, core::v1 as core, discovery::v1 as disc,
+    events::v1 as events, networking::v1 as net, node::v1 as node, policy::v1 as policy,
+    rbac::v1 as rbac, scheduling::v1 as sched, storage::v1 as storage,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
@@ -257,6 +263,7 @@ resources! {
     apiext::CustomResourceDefinition => { "apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", "customresourcedefinition", short: ["crd", "crds"], namespaced: false, categories: ["api-extensions"], subs: [Status], stored: true },
     admreg::MutatingWebhookConfiguration => { "admissionregistration.k8s.io", "v1", "MutatingWebhookConfiguration", "mutatingwebhookconfigurations", "mutatingwebhookconfiguration", short: [], namespaced: false, categories: ["api-extensions"], subs: [], stored: true },
     admreg::ValidatingWebhookConfiguration => { "admissionregistration.k8s.io", "v1", "ValidatingWebhookConfiguration", "validatingwebhookconfigurations", "validatingwebhookconfiguration", short: [], namespaced: false, categories: ["api-extensions"], subs: [], stored: true },
+    certs::CertificateSigningRequest => { "certificates.k8s.io", "v1", "CertificateSigningRequest", "certificatesigningrequests", "certificatesigningrequest", short: ["csr"], namespaced: false, categories: [], subs: [Status, Approval], stored: true },
     sched::PriorityClass => { "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", short: ["pc"], namespaced: false, categories: [], subs: [], stored: true },
     node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     storage::StorageClass => { "storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", short: ["sc"], namespaced: false, categories: [], subs: [], stored: true },

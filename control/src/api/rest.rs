@@ -431,7 +431,7 @@ async fn serve_one(
             let pod = get(&ctx, &name).await?;
             super::exec::serve(ctx.api, &pod, headers, &ctx.q, upgrade, true)
         }
-        (Method::GET, Some(Sub::Status | Sub::EphemeralContainers)) => {
+        (Method::GET, Some(Sub::Status | Sub::EphemeralContainers | Sub::Approval)) => {
             Ok(respond(StatusCode::OK, &get(&ctx, &name).await?))
         }
         (Method::GET, Some(Sub::Scale)) => {
@@ -500,6 +500,42 @@ async fn serve_one(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
             ))
+        }
+        (m @ (Method::PUT | Method::PATCH), Some(Sub::Approval)) if !ctx.user.is_master() => {
+            // Approving also takes `approve` on the request's signer, as in Kubernetes.
+            let csr = get(&ctx, &name).await?;
+            let signer = csr["spec"]["signerName"].as_str().unwrap_or("").to_string();
+            let domain = format!("{}/*", signer.split('/').next().unwrap_or(""));
+            let attrs = |name: &str| Attrs {
+                verb: "approve".into(),
+                group: "certificates.k8s.io".into(),
+                resource: "signers".into(),
+                subresource: String::new(),
+                namespace: String::new(),
+                name: name.into(),
+                path: None,
+            };
+            if authorize(ctx.api, &ctx.user, &attrs(&signer))
+                .await
+                .is_err()
+            {
+                authorize(ctx.api, &ctx.user, &attrs(&domain)).await?;
+            }
+            let body = super::decode_body(content_type, &body)?;
+            let o = match m {
+                Method::PUT => replace(&ctx, &name, body, Some(Sub::Approval)).await?,
+                _ => {
+                    let kind = content_type
+                        .and_then(patch::Kind::from_content_type)
+                        .ok_or_else(|| {
+                            ApiError::UnsupportedMediaType("an unknown patch type".into())
+                        })?;
+                    patch_object(&ctx, &name, kind, body, Some(Sub::Approval))
+                        .await?
+                        .1
+                }
+            };
+            Ok(respond(StatusCode::OK, &o))
         }
         (Method::PUT, sub) => {
             let body = super::decode_body(content_type, &body)?;
@@ -1254,8 +1290,12 @@ fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Resul
         return check_custom(ctx, &c, o);
     }
     strict_fields(ctx, input)?;
-    let only: Option<&[&str]> =
-        (sub == Some(Sub::Status)).then_some(&["apiVersion", "kind", "metadata", "status"]);
+    let only: Option<&[&str]> = matches!(sub, Some(Sub::Status | Sub::Approval)).then_some(&[
+        "apiVersion",
+        "kind",
+        "metadata",
+        "status",
+    ]);
     resources::check_types(ctx.res.group, ctx.res.kind, o, only)
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
     let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
@@ -1669,6 +1709,17 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
     }
     if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
         admit::job_selector(o, uid);
+    }
+    if (ctx.res.group, ctx.res.kind) == ("certificates.k8s.io", "CertificateSigningRequest") {
+        // Who asked, as the API server records it whatever the body says.
+        let u = &ctx.user;
+        let spec = child_of(o, "spec");
+        spec["username"] = json!(u.name);
+        spec["uid"] = json!(u.uid);
+        spec["groups"] = json!(u.groups);
+        if let Some(m) = o.as_object_mut() {
+            m.remove("status");
+        }
     }
     if (ctx.res.group, ctx.res.kind) == ("", "Pod") {
         admit_service_account(ctx, o).await?;
@@ -2476,7 +2527,18 @@ fn prepare_update(
             }
         }
     }
-    if sub == Some(Sub::Status) {
+    if sub == Some(Sub::Approval) {
+        // Only the conditions change (Approved, Denied), as in Kubernetes.
+        let conditions = new["status"]["conditions"].take();
+        let managed = new["metadata"]
+            .as_object_mut()
+            .and_then(|m| m.remove("managedFields"));
+        *new = old.clone();
+        new["status"]["conditions"] = conditions;
+        if let Some(m) = managed {
+            meta(new).insert("managedFields".into(), m);
+        }
+    } else if sub == Some(Sub::Status) {
         // Everything but the status, labels, annotations and managed fields as it was. A
         // status write usually leaves the rest as it was read: only what differs is copied.
         same_as(new, old, &["status", "metadata"]);

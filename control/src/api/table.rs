@@ -219,6 +219,14 @@ fn columns(kind: &str) -> &'static [Col] {
         "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => {
             &[NAME, ("Webhooks", "integer", "", 0), AGE]
         }
+        "CertificateSigningRequest" => &[
+            NAME,
+            AGE,
+            ("SignerName", "string", "", 0),
+            ("Requestor", "string", "", 0),
+            ("RequestedDuration", "string", "", 0),
+            ("Condition", "string", "", 0),
+        ],
         "PriorityClass" => &[
             NAME,
             ("Value", "integer", "", 0),
@@ -982,6 +990,36 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 json!(int(&spec["maxReplicas"])),
                 json!(int(&st["currentReplicas"])),
                 age,
+            ]
+        }
+        "CertificateSigningRequest" => {
+            let conds: Vec<&str> = o["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["type"].as_str())
+                .collect();
+            let mut condition = if conds.is_empty() {
+                "Pending".to_string()
+            } else {
+                conds.join(",")
+            };
+            if o["status"]["certificate"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                condition.push_str(",Issued");
+            }
+            let duration = o["spec"]["expirationSeconds"]
+                .as_i64()
+                .map_or("<none>".to_string(), human_duration);
+            vec![
+                name,
+                age,
+                json!(o["spec"]["signerName"].as_str().unwrap_or("")),
+                json!(o["spec"]["username"].as_str().unwrap_or("")),
+                json!(duration),
+                json!(condition),
             ]
         }
         "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => vec![

@@ -20,12 +20,7 @@ const EMPTYING: Duration = Duration::from_secs(1);
 
 /// Follow the CRDs until the task is aborted.
 pub async fn run(api: Arc<Api>) {
-    loop {
-        if let Err(e) = follow(&api).await {
-            tracing::debug!(error = %e, "CRD follower starts again");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    super::again("CRD follower", || follow(&api)).await
 }
 
 async fn follow(api: &Arc<Api>) -> Result<(), String> {

@@ -26,6 +26,7 @@ pub mod autoscaler;
 pub mod crds;
 pub mod cron;
 pub mod cronjob;
+pub mod csr;
 pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
@@ -87,6 +88,21 @@ pub(crate) fn system_user(name: &str) -> User {
         name: name.into(),
         uid: String::new(),
         groups: vec!["system:masters".into()],
+    }
+}
+
+/// Run `follow` again and again until the task is aborted, half a second after each end
+/// (a watch that ended, a store that failed): the loop of every follower of the store.
+pub async fn again<F, Fut>(what: &str, mut follow: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    loop {
+        if let Err(e) = follow().await {
+            tracing::debug!(error = %e, "{what} starts again");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 

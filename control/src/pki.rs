@@ -364,6 +364,23 @@ pub fn sign_client(
 ) -> Result<String, PkiError> {
     let issuer = cluster_issuer(dir)?;
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    // Identities this CA also stands for on the node gateway are never a user's.
+    for (t, v) in csr.params.distinguished_name.iter() {
+        let v = match v {
+            rcgen::DnValue::Utf8String(s) => s.clone(),
+            rcgen::DnValue::PrintableString(s) => s.as_str().to_string(),
+            rcgen::DnValue::Ia5String(s) => s.as_str().to_string(),
+            _ => String::new(),
+        };
+        let node = *t == DnType::CommonName && v.starts_with("system:node:");
+        let group = *t == DnType::OrganizationName
+            && (v == "system:nodes" || v == outpost_api::link::MEMBERS_GROUP);
+        if node || group {
+            return Err(PkiError::Tls(format!(
+                "this signer does not issue node or member identities ({v})"
+            )));
+        }
+    }
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = csr.params.distinguished_name.clone();
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];

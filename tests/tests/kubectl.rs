@@ -2430,6 +2430,20 @@ fn refusals_and_details_as_in_kubernetes() -> anyhow::Result<()> {
     ensure!(!gone(&up, "pod/stays")?, "a tolerating pod was evicted");
     up.kubectl(&["taint", "nodes", &node, "maint-"])?
         .expect_ok("untaint")?;
+    // The proxy never leads to the control plane's own loopback, whatever a slice says.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: loop}\nspec:\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: loop-1, labels: {kubernetes.io/service-name: loop}}\naddressType: IPv4\nports: [{name: \"\", port: 7481}]\nendpoints: [{addresses: [127.0.0.1]}]\n",
+    )?
+    .expect_ok("a slice to loopback")?;
+    let r = up
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/services/loop:80/proxy/",
+        ])?
+        .expect_err("a proxy to loopback")?;
+    ensure!(r.stderr.contains("not permitted"), "{}", r.stderr);
     // Wide events show where they came from and how often.
     let ev = up
         .kubectl(&["get", "events", "-o", "wide"])?
@@ -2541,6 +2555,22 @@ fn token_secrets_and_reviews_for_other_users() -> anyhow::Result<()> {
         json(&bad.stdout)?["status"]["authenticated"] == false,
         "{}",
         bad.stdout
+    );
+    // A token for the API server is not one for another audience.
+    let other = kubectl_with(
+        &kb,
+        &cfg,
+        &cache,
+        &["create", "--validate=false", "-f", "-", "-o", "json"],
+        Some(&format!(
+            "apiVersion: authentication.k8s.io/v1\nkind: TokenReview\nspec: {{token: {token}, audiences: [vault]}}\n"
+        )),
+    )?
+    .expect_ok("a review for another audience")?;
+    ensure!(
+        json(&other.stdout)?["status"]["authenticated"] == false,
+        "{}",
+        other.stdout
     );
     let sar = |verb: &str| {
         format!("apiVersion: authorization.k8s.io/v1\nkind: SubjectAccessReview\nspec:\n  user: alice\n  resourceAttributes: {{verb: {verb}, resource: pods, namespace: default}}\n")
@@ -2676,6 +2706,43 @@ fn certificate_signing_requests_add_users() -> anyhow::Result<()> {
         ])?
         .expect_ok("get")?;
     ensure!(c.stdout.is_empty(), "a denied CSR was signed");
+    // Approved is set through approval only: a status write does not approve.
+    let (csr, _) = user_csr("sneaky", "sneaky", "x", "client auth")?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("sneaky's CSR")?;
+    up.kubectl(&[
+        "patch",
+        "csr",
+        "sneaky",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Approved","status":"True","reason":"Self","message":"me"}]}}"#,
+    ])?
+    .expect_ok("a status write")?;
+    let c = up
+        .kubectl(&[
+            "get",
+            "csr",
+            "sneaky",
+            "-o",
+            "jsonpath={.status.conditions}",
+        ])?
+        .expect_ok("get")?;
+    ensure!(!c.stdout.contains("Approved"), "{}", c.stdout);
+    // Node identities are not this signer's to give.
+    let (csr, _) = user_csr("node", "system:node:evil", "system:nodes", "client auth")?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("a node's CSR")?;
+    up.kubectl(&["certificate", "approve", "node"])?
+        .expect_ok("approve node")?;
+    let why = up.wait_field(
+        20,
+        &["csr", "node"],
+        "{.status.conditions[?(@.type==\"Failed\")].message}",
+        |s| !s.is_empty(),
+    )?;
+    ensure!(why.contains("node or member"), "{why}");
     // Approving takes `approve` on the signer besides the approval subresource.
     up.kubectl_in(
         &["apply", "-f", "-"],

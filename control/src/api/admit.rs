@@ -25,6 +25,15 @@ fn or(v: &mut Value, key: &str, default: Value) {
     }
 }
 
+/// [`or`], an empty string counting as unset too (an enumerated field's default, as
+/// Kubernetes fills `imagePullPolicy: ""` in).
+fn or_blank(v: &mut Value, key: &str, default: Value) {
+    let m = obj(v);
+    if m.get(key).is_none_or(|x| x.is_null() || x == "") {
+        m.insert(key.to_string(), default);
+    }
+}
+
 fn child<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
     obj(v).entry(key.to_string()).or_insert(json!({}))
 }
@@ -65,13 +74,13 @@ fn default_container(c: &mut Value) {
             Some(_) => "IfNotPresent",
         }
     };
-    or(c, "imagePullPolicy", json!(policy));
+    or_blank(c, "imagePullPolicy", json!(policy));
     or(c, "terminationMessagePath", json!("/dev/termination-log"));
-    or(c, "terminationMessagePolicy", json!("File"));
+    or_blank(c, "terminationMessagePolicy", json!("File"));
     or(c, "resources", json!({}));
     if let Some(Value::Array(ports)) = obj(c).get_mut("ports") {
         for p in ports {
-            or(p, "protocol", json!("TCP"));
+            or_blank(p, "protocol", json!("TCP"));
         }
     }
     for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
@@ -88,8 +97,8 @@ fn default_container(c: &mut Value) {
 
 /// Pod spec defaults (also inside every workload's template).
 pub fn default_pod_spec(spec: &mut Value, restart: &str) {
-    or(spec, "restartPolicy", json!(restart));
-    or(spec, "dnsPolicy", json!("ClusterFirst"));
+    or_blank(spec, "restartPolicy", json!(restart));
+    or_blank(spec, "dnsPolicy", json!("ClusterFirst"));
     or(spec, "terminationGracePeriodSeconds", json!(30));
     or(spec, "schedulerName", json!("default-scheduler"));
     or(spec, "securityContext", json!({}));
@@ -632,7 +641,7 @@ fn check_csr(o: &Value, out: &mut Vec<Cause>) {
 
 /// `o.field`, when set, is one of `allowed` (kube-apiserver's `Unsupported value` otherwise).
 fn one_of(o: &Value, field: &str, allowed: &[&str], at: &str, out: &mut Vec<Cause>) {
-    let Some(v) = o.get(field).filter(|v| !v.is_null()) else {
+    let Some(v) = o.get(field).filter(|v| !v.is_null() && *v != "") else {
         return;
     };
     if v.as_str().is_some_and(|s| allowed.contains(&s)) {
@@ -1017,8 +1026,18 @@ pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value) -> Vec
         }
         ("batch", "Job") => {
             fixed(&["spec", "selector"]);
-            fixed(&["spec", "template"]);
             fixed(&["spec", "completionMode"]);
+            // Against the old template as today's defaults make it: a Job stored by an older
+            // build may lack one, and every later update (a finalizer lifted) would fail.
+            let mut was = old.clone();
+            defaults("batch", "Job", &mut was);
+            if was["spec"]["template"] != new["spec"]["template"] {
+                out.push(Cause::invalid(
+                    "spec.template",
+                    &new["spec"]["template"].to_string(),
+                    "field is immutable",
+                ));
+            }
         }
         ("", "Service") => {
             let ip = |v: &Value| v["spec"]["clusterIP"].as_str().unwrap_or("").to_string();
@@ -1293,6 +1312,19 @@ pub fn qos_class(spec: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_enumerated_fields_are_defaulted() {
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {"dnsPolicy": "",
+            "containers": [{"name": "c", "image": "i:1", "imagePullPolicy": "",
+                            "ports": [{"containerPort": 80, "protocol": ""}]}]}});
+        defaults("", "Pod", &mut pod);
+        assert!(validate("", "Pod", &pod).is_empty());
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(c["ports"][0]["protocol"], "TCP");
+        assert_eq!(pod["spec"]["dnsPolicy"], "ClusterFirst");
+    }
 
     #[test]
     fn enumerated_fields_take_only_their_values() {

@@ -501,13 +501,21 @@ async fn serve_one(
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
             ))
         }
-        (m @ (Method::PUT | Method::PATCH), Some(Sub::Approval)) if !ctx.user.is_master() => {
-            // Approving also takes `approve` on the request's signer, as in Kubernetes.
+        (m @ (Method::PUT | Method::PATCH), Some(s @ (Sub::Approval | Sub::Status)))
+            if !ctx.user.is_master() && ctx.res.kind == "CertificateSigningRequest" =>
+        {
+            // Approving also takes `approve` on the request's signer, and writing its
+            // certificate `sign`, as in Kubernetes.
+            let verb = if s == Sub::Approval {
+                "approve"
+            } else {
+                "sign"
+            };
             let csr = get(&ctx, &name).await?;
             let signer = csr["spec"]["signerName"].as_str().unwrap_or("").to_string();
             let domain = format!("{}/*", signer.split('/').next().unwrap_or(""));
             let attrs = |name: &str| Attrs {
-                verb: "approve".into(),
+                verb: verb.into(),
                 group: "certificates.k8s.io".into(),
                 resource: "signers".into(),
                 subresource: String::new(),
@@ -523,16 +531,14 @@ async fn serve_one(
             }
             let body = super::decode_body(content_type, &body)?;
             let o = match m {
-                Method::PUT => replace(&ctx, &name, body, Some(Sub::Approval)).await?,
+                Method::PUT => replace(&ctx, &name, body, Some(s)).await?,
                 _ => {
                     let kind = content_type
                         .and_then(patch::Kind::from_content_type)
                         .ok_or_else(|| {
                             ApiError::UnsupportedMediaType("an unknown patch type".into())
                         })?;
-                    patch_object(&ctx, &name, kind, body, Some(Sub::Approval))
-                        .await?
-                        .1
+                    patch_object(&ctx, &name, kind, body, Some(s)).await?.1
                 }
             };
             Ok(respond(StatusCode::OK, &o))
@@ -1298,7 +1304,10 @@ fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Resul
     ]);
     resources::check_types(ctx.res.group, ctx.res.kind, o, only)
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
-    let causes = admit::validate(ctx.res.group, ctx.res.kind, o);
+    // A status write keeps the stored spec: as kube-apiserver, only its metadata is checked
+    // again (an object stored by an older build must still take its controllers' status).
+    let kind = if only.is_some() { "" } else { ctx.res.kind };
+    let causes = admit::validate(ctx.res.group, kind, o);
     refuse(ctx, o, causes)
 }
 
@@ -1507,7 +1516,7 @@ fn service_reservations(api: &Api, svc: &mut Value, taken: &[String]) -> Result<
     if ty == "NodePort" || ty == "LoadBalancer" {
         if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
             for (i, p) in ports.iter_mut().enumerate() {
-                let port = match p["nodePort"].as_u64() {
+                let port = match p["nodePort"].as_u64().filter(|n| *n != 0) {
                     Some(n) if !(30000..=32767).contains(&n) => {
                         return Err(ApiError::Invalid {
                             group: String::new(),
@@ -2527,6 +2536,30 @@ fn prepare_update(
             }
         }
     }
+    if (ctx.res.group, ctx.res.kind) == ("certificates.k8s.io", "CertificateSigningRequest") {
+        // What was asked for never changes; Approved and Denied change only through the
+        // approval subresource, as in Kubernetes.
+        new["spec"] = old["spec"].clone();
+        if sub == Some(Sub::Status) {
+            let decided = |c: &Value| c["type"] == "Approved" || c["type"] == "Denied";
+            let mut conds: Vec<Value> = old["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| decided(c))
+                .cloned()
+                .collect();
+            conds.extend(
+                new["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| !decided(c))
+                    .cloned(),
+            );
+            new["status"]["conditions"] = json!(conds);
+        }
+    }
     if sub == Some(Sub::Approval) {
         // Only the conditions change (Approved, Denied), as in Kubernetes.
         let conditions = new["status"]["conditions"].take();
@@ -3495,17 +3528,33 @@ async fn review(ctx: &Ctx<'_>, mut body: Value) -> Result<Response, ApiError> {
                 .unwrap_or("")
                 .trim()
                 .to_string();
+            // The audiences asked about (the API server's own when none), and those of them
+            // the token was meant for.
+            let asked: Vec<String> = body["spec"]["audiences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(String::from))
+                .collect();
+            let mut asked: Vec<&str> = asked.iter().map(String::as_str).collect();
+            if asked.is_empty() {
+                asked.push(super::token::ISSUER);
+            }
             let who = match ctx.api.tokens.get(&token) {
-                Some(u) => Some(u.clone()),
+                // Static tokens are the API server's own.
+                Some(u) if asked.contains(&super::token::ISSUER) => {
+                    Some((u.clone(), vec![super::token::ISSUER.to_string()]))
+                }
+                Some(_) => None,
                 None if super::token::looks_like_jwt(&token) => {
-                    super::token::authenticate(ctx.api, &token).await
+                    super::token::authenticate_for(ctx.api, &token, &asked).await
                 }
                 None => None,
             };
             body["status"] = match who {
-                Some(mut u) => {
+                Some((mut u, audiences)) => {
                     u.groups.push("system:authenticated".into());
-                    json!({"authenticated": true, "audiences": [super::token::ISSUER],
+                    json!({"authenticated": true, "audiences": audiences,
                            "user": {"username": u.name, "uid": u.uid, "groups": u.groups}})
                 }
                 None => json!({"authenticated": false, "error": "token not valid"}),

@@ -101,6 +101,18 @@ pub fn looks_like_jwt(token: &str) -> bool {
 /// The user a ServiceAccount token stands for, if it is valid now: signed by us, for one of
 /// our audiences, not expired, and its ServiceAccount and bound object still there.
 pub async fn authenticate(api: &Api, token: &str) -> Option<User> {
+    authenticate_for(api, token, &[ISSUER])
+        .await
+        .map(|(u, _)| u)
+}
+
+/// [`authenticate`] for a token meant for any of `audiences` (a TokenReview's), with those
+/// of them it was meant for.
+pub async fn authenticate_for(
+    api: &Api,
+    token: &str,
+    audiences: &[&str],
+) -> Option<(User, Vec<String>)> {
     let claims = api.signer.as_ref()?.verify(token)?;
     let now = jiff::Timestamp::now().as_second();
     let exp = claims["exp"].as_i64()?;
@@ -112,12 +124,19 @@ pub async fn authenticate(api: &Api, token: &str) -> Option<User> {
     {
         return None;
     }
-    let aud_ok = match &claims["aud"] {
-        Value::String(a) => a == ISSUER,
-        Value::Array(a) => a.iter().any(|a| a == ISSUER),
-        _ => false,
+    let meant: Vec<String> = match &claims["aud"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect(),
+        _ => Vec::new(),
     };
-    if !aud_ok {
+    let both: Vec<String> = meant
+        .into_iter()
+        .filter(|a| audiences.contains(&a.as_str()))
+        .collect();
+    if both.is_empty() {
         return None;
     }
     let k = &claims["kubernetes.io"];
@@ -152,14 +171,15 @@ pub async fn authenticate(api: &Api, token: &str) -> Option<User> {
             }
         }
     }
-    Some(User {
+    let user = User {
         name: format!("system:serviceaccount:{ns}:{name}"),
         uid: uid.to_string(),
         groups: vec![
             "system:serviceaccounts".into(),
             format!("system:serviceaccounts:{ns}"),
         ],
-    })
+    };
+    Some((user, both))
 }
 
 fn invalid(name: &str, causes: Vec<Cause>) -> ApiError {

@@ -106,6 +106,20 @@ pub async fn service(api: &Arc<Api>, ns: &str, name: &str, port: &str) -> Result
     Ok(found.swap_remove(i))
 }
 
+/// How long a direct dial may take.
+const DIAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the API server may dial `ip` for a client: not its own loopback, nor link-local,
+/// unspecified or multicast addresses, as kube-apiserver's proxy refuses them (a Service's
+/// endpoint would otherwise reach the member's own admin interface).
+pub fn dialable(ip: std::net::IpAddr) -> bool {
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local)
+}
+
 /// Open a connection to `e`.
 pub async fn connect(api: &Arc<Api>, e: &Endpoint) -> Result<Box<dyn Io>, String> {
     match e {
@@ -131,8 +145,16 @@ pub async fn connect(api: &Arc<Api>, e: &Endpoint) -> Result<Box<dyn Io>, String
             Ok(Box::new(tokio::io::join(recv, send)))
         }
         Endpoint::Address(ip, port) => {
-            let tcp = tokio::net::TcpStream::connect((ip.as_str(), *port))
+            // An address, never a name to look up; and one the API server may reach.
+            let addr: std::net::IpAddr = ip
+                .parse()
+                .map_err(|_| format!("address {ip:?} is not an IP address"))?;
+            if !dialable(addr) {
+                return Err(format!("address {ip} is not permitted"));
+            }
+            let tcp = tokio::time::timeout(DIAL, tokio::net::TcpStream::connect((addr, *port)))
                 .await
+                .map_err(|_| format!("dial tcp {ip}:{port}: i/o timeout"))?
                 .map_err(|e| format!("dial tcp {ip}:{port}: {e}"))?;
             Ok(Box::new(tcp))
         }

@@ -113,13 +113,13 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
     // Linked nodes that may need something (all of them at first); the others are not even
     // decoded, so a large fleet of healthy nodes costs a key scan every 2 s.
     let mut heed: Option<HashSet<String>> = None;
-    let mut seen = Seen::new();
+    let mut seen = Seen::default();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if !api.store.leads() {
             led_since = None;
             heed = None;
-            seen.clear();
+            seen = Seen::default();
             continue;
         }
         // A node with no record has been unaccounted for only since this leadership began.
@@ -239,9 +239,14 @@ async fn pass(
 
 const MERGE: &str = "application/merge-patch+json";
 
-/// When each NoExecute taint was first seen on its node (unix seconds), by (node, key,
-/// effect); the clock of `tolerationSeconds`.
-type Seen = HashMap<(String, String, String), i64>;
+/// The clocks of `tolerationSeconds` (unix seconds): when each NoExecute taint was first
+/// seen on its node, by (node, key, effect), and each pod first seen under one, by uid; a
+/// pod's time runs from the later of the two, as the taint eviction controller's does.
+#[derive(Default)]
+struct Seen {
+    taints: HashMap<(String, String, String), i64>,
+    pods: HashMap<String, i64>,
+}
 
 /// The NoExecute taints the taint eviction controller acts on: all but the lifecycle's own
 /// unreachable taint, whose pods wait for the node's autonomy window instead.
@@ -321,7 +326,7 @@ async fn taint_evictions(api: &Arc<Api>, seen: &mut Seen) -> Result<(), String> 
                 t["key"].as_str().unwrap_or("").to_string(),
                 t["effect"].as_str().unwrap_or("").to_string(),
             );
-            let first = *seen.entry(id.clone()).or_insert(now);
+            let first = *seen.taints.entry(id.clone()).or_insert(now);
             still.insert(id);
             tainted
                 .entry(name.clone())
@@ -329,24 +334,50 @@ async fn taint_evictions(api: &Arc<Api>, seen: &mut Seen) -> Result<(), String> 
                 .push((t.clone(), first));
         }
     }
-    seen.retain(|k, _| still.contains(k));
+    seen.taints.retain(|k, _| still.contains(k));
     if tainted.is_empty() {
+        seen.pods.clear();
         return Ok(());
     }
-    let pods = list(api, "/registry/core/pods/").await?;
-    for (_, p) in pods {
+    // Only the pods whose bytes name a tainted node are decoded.
+    let marks: Vec<Vec<u8>> = tainted
+        .keys()
+        .map(|n| format!("\"nodeName\":{}", json!(n)).into_bytes())
+        .collect();
+    let page = api
+        .store
+        .range("/registry/core/pods/", None, 0, Consistency::Serializable)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut present = HashSet::new();
+    for kv in &page.kvs {
+        if !marks
+            .iter()
+            .any(|m| kv.value.windows(m.len()).any(|w| w == m.as_slice()))
+        {
+            continue;
+        }
+        let Ok(p) = serde_json::from_slice::<Value>(&kv.value) else {
+            continue;
+        };
         let Some(taints) = p["spec"]["nodeName"].as_str().and_then(|n| tainted.get(n)) else {
             continue;
         };
-        if !p["metadata"]["deletionTimestamp"].is_null() {
+        // Finished pods stay: a Job counts its completions and failures from them.
+        let done = matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+        if !p["metadata"]["deletionTimestamp"].is_null() || done {
             continue;
         }
-        let list: Vec<(&Value, i64)> = taints.iter().map(|(t, s)| (t, *s)).collect();
+        let uid = p["metadata"]["uid"].as_str().unwrap_or("").to_string();
+        let since = *seen.pods.entry(uid.clone()).or_insert(now);
+        present.insert(uid);
+        let list: Vec<(&Value, i64)> = taints.iter().map(|(t, s)| (t, (*s).max(since))).collect();
         if eviction_at(&p, &list).is_none_or(|at| at > now) {
             continue;
         }
         delete_pod(api, &p, "a NoExecute taint it does not tolerate").await;
     }
+    seen.pods.retain(|k, _| present.contains(k));
     Ok(())
 }
 

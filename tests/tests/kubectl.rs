@@ -2388,6 +2388,28 @@ fn refusals_and_details_as_in_kubernetes() -> anyhow::Result<()> {
         "{}",
         r.stderr
     );
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  serviceName: db\n  replicas: 0\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {containers: [{name: c, image: \"module:hello\"}]}\n",
+    )?
+    .expect_ok("a StatefulSet")?;
+    up.kubectl(&["scale", "statefulset", "db", "--replicas=0"])?
+        .expect_ok("scale")?;
+    let r = up
+        .kubectl(&[
+            "patch",
+            "statefulset",
+            "db",
+            "-p",
+            r#"{"spec":{"serviceName":"other"}}"#,
+        ])?
+        .expect_err("a new service name")?;
+    ensure!(
+        r.stderr
+            .contains("updates to statefulset spec for fields other than"),
+        "{}",
+        r.stderr
+    );
     // The change cause goes to the ReplicaSet, so rollout history shows it.
     up.kubectl(&[
         "annotate",

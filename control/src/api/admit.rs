@@ -1021,7 +1021,36 @@ pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value) -> Vec
         }
     };
     match (group, kind) {
-        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
+        ("apps", "StatefulSet") => {
+            // As kube-apiserver: only these may change; the rest (service name, claim
+            // templates, pod management policy, selector) is fixed once made.
+            const MAY: [&str; 7] = [
+                "replicas",
+                "template",
+                "updateStrategy",
+                "minReadySeconds",
+                "ordinals",
+                "revisionHistoryLimit",
+                "persistentVolumeClaimRetentionPolicy",
+            ];
+            let rest = |v: &Value| {
+                let mut v = v.clone();
+                defaults("apps", "StatefulSet", &mut v);
+                let mut spec = v["spec"].take();
+                if let Some(m) = spec.as_object_mut() {
+                    m.retain(|k, _| !MAY.contains(&k.as_str()));
+                }
+                spec
+            };
+            if rest(old) != rest(new) {
+                out.push(Cause::new(
+                    "FieldValueForbidden",
+                    "spec",
+                    "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+                ));
+            }
+        }
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") => {
             fixed(&["spec", "selector"]);
         }
         ("batch", "Job") => {
@@ -1312,6 +1341,37 @@ pub fn qos_class(spec: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_statefulset_keeps_what_it_was_made_with() {
+        let sts = json!({"metadata": {"name": "db"}, "spec": {"serviceName": "db", "replicas": 1,
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {"metadata": {"labels": {"app": "db"}},
+                         "spec": {"containers": [{"name": "c", "image": "i:1"}]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}});
+        let mut stored = sts.clone();
+        defaults("apps", "StatefulSet", &mut stored);
+        // Scaled, a new image, a new strategy: allowed, against the stored (defaulted) one.
+        let mut ok = sts.clone();
+        ok["spec"]["replicas"] = json!(3);
+        ok["spec"]["template"]["spec"]["containers"][0]["image"] = json!("i:2");
+        ok["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+        assert!(validate_update("apps", "StatefulSet", &stored, &ok).is_empty());
+        // A bigger claim template or another service name: forbidden.
+        let mut bigger = sts.clone();
+        bigger["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] =
+            json!("2Gi");
+        let causes = validate_update("apps", "StatefulSet", &stored, &bigger);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].field, "spec");
+        let mut renamed = sts;
+        renamed["spec"]["serviceName"] = json!("other");
+        assert_eq!(
+            validate_update("apps", "StatefulSet", &stored, &renamed).len(),
+            1
+        );
+    }
 
     #[test]
     fn empty_enumerated_fields_are_defaulted() {

@@ -2650,6 +2650,27 @@ fn user_csr(name: &str, user: &str, group: &str, usages: &str) -> anyhow::Result
     ))
 }
 
+/// Create and approve a CSR the signer will not sign; the message of its Failed condition.
+fn approved_but_failed(
+    up: &Up,
+    name: &str,
+    user: &str,
+    group: &str,
+    usages: &str,
+) -> anyhow::Result<String> {
+    let (csr, _) = user_csr(name, user, group, usages)?;
+    up.kubectl_in(&["create", "-f", "-"], &csr)?
+        .expect_ok("create the CSR")?;
+    up.kubectl(&["certificate", "approve", name])?
+        .expect_ok("approve")?;
+    up.wait_field(
+        20,
+        &["csr", name],
+        "{.status.conditions[?(@.type==\"Failed\")].message}",
+        |s| !s.is_empty(),
+    )
+}
+
 #[test]
 fn certificate_signing_requests_add_users() -> anyhow::Result<()> {
     let (d, up) = up()?;
@@ -2700,17 +2721,7 @@ fn certificate_signing_requests_add_users() -> anyhow::Result<()> {
         "{info}"
     );
     // A usage this signer does not give fails with the reason; a denied one is never signed.
-    let (csr, _) = user_csr("web", "web", "x", "server auth")?;
-    up.kubectl_in(&["create", "-f", "-"], &csr)?
-        .expect_ok("a server CSR")?;
-    up.kubectl(&["certificate", "approve", "web"])?
-        .expect_ok("approve web")?;
-    let why = up.wait_field(
-        20,
-        &["csr", "web"],
-        "{.status.conditions[?(@.type==\"Failed\")].message}",
-        |s| !s.is_empty(),
-    )?;
+    let why = approved_but_failed(&up, "web", "web", "x", "server auth")?;
     ensure!(why.contains("client auth"), "{why}");
     let (csr, _) = user_csr("mallory", "admin", "system:masters", "client auth")?;
     up.kubectl_in(&["create", "-f", "-"], &csr)?
@@ -2753,16 +2764,12 @@ fn certificate_signing_requests_add_users() -> anyhow::Result<()> {
         .expect_ok("get")?;
     ensure!(!c.stdout.contains("Approved"), "{}", c.stdout);
     // Node identities are not this signer's to give.
-    let (csr, _) = user_csr("node", "system:node:evil", "system:nodes", "client auth")?;
-    up.kubectl_in(&["create", "-f", "-"], &csr)?
-        .expect_ok("a node's CSR")?;
-    up.kubectl(&["certificate", "approve", "node"])?
-        .expect_ok("approve node")?;
-    let why = up.wait_field(
-        20,
-        &["csr", "node"],
-        "{.status.conditions[?(@.type==\"Failed\")].message}",
-        |s| !s.is_empty(),
+    let why = approved_but_failed(
+        &up,
+        "node",
+        "system:node:evil",
+        "system:nodes",
+        "client auth",
     )?;
     ensure!(why.contains("node or member"), "{why}");
     // Approving takes `approve` on the signer besides the approval subresource.

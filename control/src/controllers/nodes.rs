@@ -23,8 +23,10 @@ use serde_json::{json, Value};
 use crate::api::{Api, User};
 use crate::gateway::LINK_PREFIX;
 use crate::store::Consistency;
+use outpost_api::store::KeyValue;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+const NODES: &str = "/registry/core/nodes/";
 pub const WINDOW_ANNOTATION: &str = "outpost.dev/autonomy-window";
 
 /// How long a node may be gone before it is called unreachable, and before its pods are
@@ -124,10 +126,22 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
         }
         // A node with no record has been unaccounted for only since this leadership began.
         let since = *led_since.get_or_insert_with(unix_now);
-        if let Err(e) = taint_evictions(&api, &mut seen).await {
+        // One read of the Nodes serves both passes.
+        let nodes = match api
+            .store
+            .range(NODES, None, 0, Consistency::Serializable)
+            .await
+        {
+            Ok(page) => page.kvs,
+            Err(e) => {
+                tracing::debug!(error = %e, "nodes not read");
+                continue;
+            }
+        };
+        if let Err(e) = taint_evictions(&api, &nodes, &mut seen).await {
             tracing::debug!(error = %e, "taint eviction pass failed");
         }
-        if let Err(e) = pass(&api, &l, since, &mut heed).await {
+        if let Err(e) = pass(&api, &nodes, &l, since, &mut heed).await {
             tracing::debug!(error = %e, "node lifecycle pass failed");
         }
     }
@@ -151,21 +165,16 @@ async fn list(api: &Arc<Api>, prefix: &str) -> Result<Vec<(String, Value)>, Stri
 
 async fn pass(
     api: &Arc<Api>,
+    nodes: &[KeyValue],
     l: &Lifecycle,
     since: i64,
     heed: &mut Option<HashSet<String>>,
 ) -> Result<(), String> {
-    const NODES: &str = "/registry/core/nodes/";
-    let page = api
-        .store
-        .range(NODES, None, 0, Consistency::Serializable)
-        .await
-        .map_err(|e| e.to_string())?;
     let links: HashMap<String, Value> = list(api, LINK_PREFIX).await?.into_iter().collect();
     let now = unix_now();
     let first = heed.is_none();
     let heed = heed.get_or_insert_with(HashSet::new);
-    for kv in &page.kvs {
+    for kv in nodes {
         let name = kv.key.trim_start_matches(NODES).to_string();
         let link = links.get(&name);
         let linked = link.is_some_and(|r| r["connected"] == true);
@@ -301,17 +310,15 @@ pub fn eviction_at(pod: &Value, taints: &[(&Value, i64)]) -> Option<i64> {
 }
 
 /// Evict pods from nodes with NoExecute taints they do not tolerate (or no longer do).
-async fn taint_evictions(api: &Arc<Api>, seen: &mut Seen) -> Result<(), String> {
-    const NODES: &str = "/registry/core/nodes/";
-    let page = api
-        .store
-        .range(NODES, None, 0, Consistency::Serializable)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn taint_evictions(
+    api: &Arc<Api>,
+    nodes: &[KeyValue],
+    seen: &mut Seen,
+) -> Result<(), String> {
     let now = unix_now();
     let mut tainted: HashMap<String, Vec<(Value, i64)>> = HashMap::new();
     let mut still = HashSet::new();
-    for kv in &page.kvs {
+    for kv in nodes {
         // Most nodes have no such taint: only those whose bytes mention one are decoded.
         if !kv.value.windows(9).any(|w| w == b"NoExecute") {
             continue;

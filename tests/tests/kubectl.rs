@@ -665,12 +665,38 @@ fn deletes_with_each_cascade() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("waiter panicked"))??;
     w.expect_ok("wait --for=delete")?;
     ensure!(gone(&up, "cm/w")?);
-    // Deleting a namespace removes what it held.
-    up.kubectl(&["create", "ns", "tmp"])?.expect_ok("ns")?;
-    up.kubectl(&["create", "configmap", "x", "-n", "tmp"])?
-        .expect_ok("cm in ns")?;
-    up.kubectl(&["delete", "ns", "tmp", "--timeout=30s"])?
-        .expect_ok("delete ns")?;
+    // Deleting a namespace removes what it held, after a grace in which `delete -f` of a
+    // manifest listing the Namespace first still finds the rest.
+    let app = "apiVersion: v1\nkind: Namespace\nmetadata: {name: tmp}\n---\n\
+        apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: tmp}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: tmp}\n\
+        spec: {ports: [{port: 80}]}\n";
+    up.kubectl_in(&["apply", "-f", "-"], app)?
+        .expect_ok("apply app")?;
+    let del = up
+        .kubectl_in(&["delete", "-f", "-", "--wait=false"], app)?
+        .expect_ok("delete -f with the namespace first")?;
+    for what in ["namespace \"tmp\"", "configmap \"x\"", "service \"s\""] {
+        ensure!(
+            del.stdout.contains(&format!("{what} deleted")),
+            "{}",
+            del.stdout
+        );
+    }
+    let phase = up
+        .kubectl(&["get", "ns", "tmp", "-o", "jsonpath={.status.phase}"])?
+        .expect_ok("terminating")?;
+    ensure!(phase.stdout == "Terminating", "{}", phase.stdout);
+    let refused = up
+        .kubectl(&["create", "configmap", "y", "-n", "tmp"])?
+        .expect_err("create in a terminating namespace")?;
+    ensure!(
+        refused.stderr.contains("because it is being terminated"),
+        "{}",
+        refused.stderr
+    );
+    up.kubectl(&["wait", "--for=delete", "ns/tmp", "--timeout=30s"])?
+        .expect_ok("namespace gone")?;
     ensure!(gone(&up, "ns/tmp")?);
     Ok(())
 }
@@ -1189,7 +1215,7 @@ fn older_and_newer_kubectl() -> anyhow::Result<()> {
         ensure!(g.stdout.contains("DATA"), "{}", g.stdout);
         up.kubectl_v(v, &["label", "cm", "c", "-n", &ns, "x=y"])?
             .expect_ok("label")?;
-        up.kubectl_v(v, &["delete", "namespace", &ns])?
+        up.kubectl_v(v, &["delete", "namespace", &ns, "--wait=false"])?
             .expect_ok("delete ns")?;
     }
     Ok(())

@@ -8,8 +8,8 @@
 //!       the foreground, then the finalizer removed (and the owner with it)
 //!   an owner deleting with the `orphan` finalizer ─▶ its reference removed from each
 //!       dependent, then the finalizer removed
-//!   a namespace deleting ─▶ everything in it deleted through the API (pods stop on their
-//!       nodes first), then the namespace itself once it is empty
+//!   a namespace deleting ─▶ after a 5 s grace, everything in it deleted through the API
+//!       (pods stop on their nodes first), then the namespace itself once it is empty
 //! ```
 //!
 //! Everything it needs is in the store, so a delete interrupted by a restart or a change of
@@ -18,9 +18,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use outpost_api::store::{EventKind, KeyValue};
-use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -33,6 +33,11 @@ use crate::store::Consistency;
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";
+
+/// How long a deleting namespace's contents are left alone, as kube-controller-manager's
+/// namespace controller waits before it starts: `kubectl delete -f` of a manifest that lists
+/// the Namespace first still finds the objects after it.
+const NAMESPACE_GRACE: Duration = Duration::from_secs(5);
 
 fn me() -> User {
     system_user("system:serviceaccount:kube-system:generic-garbage-collector")
@@ -62,6 +67,8 @@ struct Node {
     rev: u64,
     owners: Vec<Ref>,
     deleting: bool,
+    /// When its delete began (Unix seconds), as its `deletionTimestamp` says.
+    since: Option<i64>,
     finalizers: Vec<String>,
 }
 
@@ -82,7 +89,7 @@ struct StoredMeta {
     #[serde(default)]
     uid: String,
     owner_references: Option<Vec<StoredRef>>,
-    deletion_timestamp: Option<IgnoredAny>,
+    deletion_timestamp: Option<String>,
     finalizers: Option<Vec<String>>,
 }
 
@@ -120,6 +127,10 @@ impl Node {
                 })
                 .collect(),
             deleting: m.deletion_timestamp.is_some(),
+            since: m
+                .deletion_timestamp
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .map(|t| t.as_second()),
             finalizers: m.finalizers.unwrap_or_default(),
         }
     }
@@ -171,9 +182,22 @@ struct Graph {
     /// namespace → keys of what it holds.
     by_ns: HashMap<String, BTreeSet<String>>,
     dirty: BTreeSet<String>,
+    /// Deleting namespaces left alone until their grace ends: key → when.
+    waiting: HashMap<String, Instant>,
 }
 
 impl Graph {
+    /// How long the deleting namespace at `key` is still left alone, if it is one.
+    fn grace_left(&self, key: &str) -> Option<Duration> {
+        let n = self
+            .objs
+            .get(key)
+            .filter(|n| n.deleting && n.is_namespace())?;
+        let age = jiff::Timestamp::now().as_second() - n.since?;
+        let left = NAMESPACE_GRACE.as_secs() as i64 - age;
+        (left > 0).then(|| Duration::from_secs(left as u64))
+    }
+
     fn namespace_key(&self, ns: &str) -> String {
         format!("/registry/core/namespaces/{ns}")
     }
@@ -295,8 +319,23 @@ impl Follower for Graph {
     }
 
     async fn round(&mut self, api: &Arc<Api>) -> u64 {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            self.waiting.remove(&k);
+            self.dirty.insert(k);
+        }
         let mut wrote = 0;
         for key in std::mem::take(&mut self.dirty) {
+            if let Some(left) = self.grace_left(&key) {
+                self.waiting.insert(key, now + left);
+                continue;
+            }
             wrote = wrote.max(settle(api, self, &key).await);
         }
         wrote
@@ -527,5 +566,24 @@ mod tests {
         g.apply(&EventKind::Delete, &kv(POD, 3, Value::Null));
         assert!(g.dirty.contains(NS));
         assert!(g.by_ns["default"].is_empty());
+        assert_eq!(g.grace_left(NS), None, "deleted long ago");
+    }
+
+    #[test]
+    fn a_namespace_just_deleted_is_left_alone_for_its_grace() {
+        let mut g = graph();
+        let at = jiff::Timestamp::now().to_string();
+        let ns = json!({"metadata": {"name": "default", "uid": "n1", "deletionTimestamp": at}});
+        g.apply(&EventKind::Put, &kv(NS, 1, ns));
+        let left = g.grace_left(NS).expect("still in its grace");
+        assert!(
+            left <= NAMESPACE_GRACE && left >= Duration::from_secs(4),
+            "{left:?}"
+        );
+        // Only namespaces wait.
+        let mut p = pod();
+        p["metadata"]["deletionTimestamp"] = json!(jiff::Timestamp::now().to_string());
+        g.apply(&EventKind::Put, &kv(POD, 2, p));
+        assert_eq!(g.grace_left(POD), None);
     }
 }

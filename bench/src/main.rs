@@ -582,6 +582,12 @@ async fn main() -> anyhow::Result<()> {
                 "  store writes per burst pod        {:>8.1}",
                 f.writes_per_pod
             );
+            let asked: Vec<String> = f
+                .requests_per_pod
+                .iter()
+                .map(|(k, n)| format!("{k} {n:.2}"))
+                .collect();
+            println!("  API requests per burst pod        {}", asked.join(", "));
             println!(
                 "  CPU per burst pod                 {:>8.2} ms control plane, {:.2} ms agent   (kernel {:.0} %, {:.0} %)",
                 f.control_ms_per_pod,

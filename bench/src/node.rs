@@ -52,6 +52,8 @@ pub struct Figures {
     pub burst_per_s: f64,
     /// Store revisions per burst pod, from the first create until every pod has ended.
     pub writes_per_pod: f64,
+    /// API requests per burst pod over the same span, by verb and resource, most first.
+    pub requests_per_pod: Vec<(String, f64)>,
     /// CPU time per burst pod over the same span, of the control plane and of the agent:
     /// steadier than starts/s, which swings with what else the two vCPUs are doing.
     pub control_ms_per_pod: f64,
@@ -185,6 +187,40 @@ fn machine_ticks() -> (u64, u64) {
 }
 
 /// The store's revision now, from a list's resourceVersion.
+/// The API's request counts by verb, resource and subresource (its `/metrics`).
+async fn requests(c: &reqwest::Client, api: &str) -> anyhow::Result<HashMap<String, f64>> {
+    let text = c
+        .get(format!("https://{api}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, n)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{k}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let (res, sub) = (label("resource"), label("subresource"));
+        let what = match sub.as_str() {
+            "" => format!("{} {res}", label("verb")),
+            _ => format!("{} {res}/{sub}", label("verb")),
+        };
+        *out.entry(what).or_insert(0.0) += n.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
 async fn revision(c: &reqwest::Client, api: &str) -> anyhow::Result<u64> {
     let v: Value = c
         .get(format!(
@@ -408,6 +444,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         }
     }
     let rev0 = revision(&c, &api).await?;
+    let asked0 = requests(&c, &api).await?;
     let control_pid = cl.members[0].child.id();
     let cpu0 = (cpu_split_ms(control_pid), cpu_split_ms(agent.0.id()));
     let client0 = cpu_split_ms(std::process::id());
@@ -474,6 +511,16 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let writes_per_pod = (revision(&c, &api).await? - rev0) as f64 / burst as f64;
+    let mut requests_per_pod: Vec<(String, f64)> = requests(&c, &api)
+        .await?
+        .into_iter()
+        .map(|(k, n)| {
+            let d = (n - asked0.get(&k).copied().unwrap_or(0.0)) / burst as f64;
+            (k, d)
+        })
+        .filter(|(k, d)| *d >= 0.01 && !k.starts_with("WATCH") && !k.starts_with("LIST"))
+        .collect();
+    requests_per_pod.sort_by(|a, b| b.1.total_cmp(&a.1));
     let used = |pid: u32, (user0, sys0): (f64, f64)| {
         let (user, sys) = cpu_split_ms(pid);
         let (user, sys) = (user - user0, sys - sys0);
@@ -494,6 +541,7 @@ pub async fn run(pods: usize, burst: usize, agent: Option<PathBuf>) -> anyhow::R
         burst,
         burst_per_s: burst as f64 / burst_s,
         writes_per_pod,
+        requests_per_pod,
         control_ms_per_pod,
         agent_ms_per_pod,
         control_sys,

@@ -3,7 +3,8 @@
 //! asks for, client authentication, `expirationSeconds` or a year at most) and its
 //! certificate written to its status, as kube-controller-manager's signer does; the API
 //! then takes the certificate's CN as the user and each O as a group. A request it cannot
-//! sign gets a `Failed` condition saying why.
+//! sign gets a `Failed` condition saying why. Old requests go as the CSR cleaner removes
+//! them: an hour after being issued, denied or failed, a day when left pending.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,10 @@ pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 /// The longest a signed certificate is valid.
 const MAX_TTL: u64 = 365 * 86_400;
 const RESYNC: Duration = Duration::from_secs(30);
+/// How long requests are kept, as kube-controller-manager's CSR cleaner keeps them: an hour
+/// after they were issued, denied or failed, a day when nobody decided.
+const DECIDED_KEPT: i64 = 3600;
+const PENDING_KEPT: i64 = 86_400;
 
 /// Sign approved requests until the task is aborted.
 pub async fn run(api: Arc<Api>) {
@@ -38,8 +43,26 @@ async fn follow(api: &Arc<Api>) -> Result<(), String> {
                 let Ok(csr) = serde_json::from_slice::<Value>(&kv.value) else {
                     continue;
                 };
+                let name = csr["metadata"]["name"].as_str().unwrap_or("");
+                if expired(&csr, jiff::Timestamp::now().as_second()) {
+                    let path =
+                        format!("/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}");
+                    let user = system_user("system:kube-controller-manager");
+                    let (code, v) = crate::api::call_as(
+                        api,
+                        &user,
+                        "DELETE",
+                        &path,
+                        "application/json",
+                        &json!({}),
+                    )
+                    .await;
+                    if !(200..300).contains(&code) && code != 404 {
+                        tracing::warn!(csr = name, code, message = %v["message"], "old CSR not removed");
+                    }
+                    continue;
+                }
                 if let Some(status) = decide(api, &csr) {
-                    let name = csr["metadata"]["name"].as_str().unwrap_or("");
                     let path = format!(
                         "/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/status"
                     );
@@ -74,6 +97,36 @@ fn condition(c: &Value, t: &str) -> bool {
     c["status"]["conditions"]
         .as_array()
         .is_some_and(|l| l.iter().any(|x| x["type"] == t && x["status"] != "False"))
+}
+
+/// Whether `csr` has been kept long enough at Unix second `now`: issued, denied or failed
+/// more than an hour ago (by its condition's last update), or pending with no condition for
+/// more than a day.
+fn expired(csr: &Value, now: i64) -> bool {
+    let secs = |v: &Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|t| t.as_second())
+    };
+    let conditions = csr["status"]["conditions"].as_array();
+    let decided_at = |t: &str| {
+        conditions
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == t && c["status"] != "False")
+            .map(|c| secs(&c["lastUpdateTime"]).or(secs(&c["lastTransitionTime"])))
+    };
+    let old = |at: Option<i64>, kept: i64| at.is_some_and(|at| now - at > kept);
+    let issued = csr["status"]["certificate"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty());
+    if conditions.is_none_or(|c| c.is_empty()) {
+        return old(secs(&csr["metadata"]["creationTimestamp"]), PENDING_KEPT);
+    }
+    ["Denied", "Failed"]
+        .iter()
+        .any(|t| decided_at(t).is_some_and(|at| old(at, DECIDED_KEPT)))
+        || (issued && decided_at("Approved").is_some_and(|at| old(at, DECIDED_KEPT)))
 }
 
 /// The status to write for `csr`, if it is this signer's to act on now: its certificate,
@@ -131,5 +184,42 @@ fn decide(api: &Api, csr: &Value) -> Option<Value> {
                 "certificate": base64::engine::general_purpose::STANDARD.encode(cert)}))
         }
         Err(e) => failed(e.to_string(), conditions),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr(created: &str, conditions: Value, cert: &str) -> Value {
+        json!({"metadata": {"name": "x", "creationTimestamp": created},
+            "status": {"conditions": conditions, "certificate": cert}})
+    }
+
+    #[test]
+    fn requests_are_kept_as_the_csr_cleaner_keeps_them() {
+        let now = "2026-12-07T12:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .map(|t| t.as_second())
+            .unwrap_or_default();
+        let cond = |t: &str, at: &str| json!([{"type": t, "status": "True", "lastUpdateTime": at}]);
+        let (early, late) = ("2026-12-07T10:30:00Z", "2026-12-07T11:30:00Z");
+        // Pending: a day from creation.
+        assert!(!expired(&csr(early, Value::Null, ""), now));
+        assert!(expired(&csr("2026-12-06T11:00:00Z", json!([]), ""), now));
+        // Issued, denied, failed: an hour from the decision.
+        assert!(expired(
+            &csr(early, cond("Approved", early), "Y2VydA=="),
+            now
+        ));
+        assert!(!expired(
+            &csr(early, cond("Approved", late), "Y2VydA=="),
+            now
+        ));
+        assert!(expired(&csr(early, cond("Denied", early), ""), now));
+        assert!(expired(&csr(early, cond("Failed", early), ""), now));
+        assert!(!expired(&csr(early, cond("Failed", late), ""), now));
+        // Approved for another signer and never issued: kept.
+        assert!(!expired(&csr(early, cond("Approved", early), ""), now));
     }
 }

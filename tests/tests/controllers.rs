@@ -521,6 +521,56 @@ fn daemonsets_follow_nodes_and_jobs_finish() -> anyhow::Result<()> {
         .expect_ok("get job")?
         .stdout;
     assert!(listed.contains("3/3"), "{listed}");
+    // Its pods deleted (as a drain would): what was counted stays counted.
+    up.kubectl(&["delete", "pods", "-l", "job-name=ok", "--wait=true"])?
+        .expect_ok("delete the job's pods")?;
+    assert_eq!(field(&up, &["job", "ok"], "{.status.succeeded}")?, "3");
+    assert_eq!(
+        field(&up, &["job", "ok"], "{.status.conditions[0].reason}")?,
+        "CompletionsReached"
+    );
+    // Suspended, a Job's running pods go; resumed, they come back.
+    up.kubectl_in(&["apply", "-f", "-"], &job("pause", "module:sleeper", ""))?
+        .expect_ok("apply long job")?;
+    let running = |n: usize| {
+        up.wait_field(
+            60,
+            &["pods", "-l", "job-name=pause"],
+            "{range .items[*]}{.status.phase} {end}",
+            move |s| {
+                s.split_whitespace().filter(|p| *p == "Running").count() == n
+                    && s.split_whitespace().count() == n
+            },
+        )
+    };
+    let suspend = |on: bool| {
+        let body = format!(r#"{{"spec":{{"suspend":{on}}}}}"#);
+        up.kubectl(&["patch", "job", "pause", "--type=merge", "-p", &body])?
+            .expect_ok("suspend or resume")
+    };
+    running(2)?;
+    suspend(true)?;
+    running(0)?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=suspended",
+        "job/pause",
+        "--timeout=30s",
+    ])?
+    .expect_ok("suspended condition")?;
+    assert_eq!(field(&up, &["job", "pause"], "{.status.startTime}")?, "");
+    suspend(false)?;
+    running(2)?;
+    let events = up
+        .kubectl(&["events", "--for", "job/pause"])?
+        .expect_ok("job events")?
+        .stdout;
+    assert!(
+        events.contains("Suspended") && events.contains("Resumed"),
+        "{events}"
+    );
+    up.kubectl(&["delete", "job", "pause", "--wait=false"])?
+        .expect_ok("delete long job")?;
     // An Indexed one runs one pod per index, each told its index, and lists them done.
     up.kubectl_in(
         &["apply", "-f", "-"],

@@ -265,6 +265,35 @@ fn writes_patches_and_errors() -> anyhow::Result<()> {
     ensure!(j["spec"]["replicas"] == 3 && j["metadata"]["generation"] == 2);
     ensure!(j["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27");
     ensure!(j["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "1");
+    // Every new object with a status has one, if only `{}`, whatever the body said.
+    let fresh = json(
+        &up.kubectl_in(
+            &["create", "-f", "-", "-o", "json"],
+            "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  ports: [{port: 80}]\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}\n",
+        )?
+        .expect_ok("create service")?
+        .stdout,
+    )?;
+    ensure!(
+        fresh["status"] == serde_json::json!({"loadBalancer": {}}),
+        "{fresh}"
+    );
+    ensure!(j["status"].is_object(), "{j}");
+    // `kubectl replace` of the manifest a Service was made from keeps its allocations.
+    let (ip, port) = (
+        fresh["spec"]["clusterIP"].clone(),
+        fresh["spec"]["ports"][0]["nodePort"].clone(),
+    );
+    up.kubectl_in(
+        &["replace", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  ports: [{port: 80}]\n",
+    )?
+    .expect_ok("replace service")?;
+    let now = json(&up.kubectl(&["get", "svc", "np", "-o", "json"])?.stdout)?;
+    ensure!(
+        now["spec"]["clusterIP"] == ip && now["spec"]["ports"][0]["nodePort"] == port,
+        "{now}"
+    );
 
     up.kubectl(&["create", "ns", "team"])?
         .expect_ok("create ns")?;
@@ -552,6 +581,52 @@ fn server_side_apply_conflicts() -> anyhow::Result<()> {
         .expect_ok("csa again")?;
     let j = json(&up.kubectl(&["get", "cm", "csa", "-o", "json"])?.stdout)?;
     ensure!(j["data"]["key"] == "three", "{j}");
+    // A value another hand changed since the last client-side apply is a conflict.
+    up.kubectl(&["patch", "cm", "csa", "-p", r#"{"data":{"key":"zzz"}}"#])?
+        .expect_ok("patch")?;
+    let e = up
+        .kubectl_in(&["apply", "--server-side", "-f", "-"], &cm2("four"))?
+        .expect_err("conflict with the patch")?;
+    ensure!(
+        e.stderr.contains("conflict with \"kubectl-patch\"") && e.stderr.contains(".data.key"),
+        "{}",
+        e.stderr
+    );
+    // Items no longer applied go whole: a container, an env var, a Service port.
+    let two = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: sides}\nspec:\n  selector: {matchLabels: {app: sides}}\n  template:\n    metadata: {labels: {app: sides}}\n    spec:\n      runtimeClassName: wasm\n      containers:\n      - name: c1\n        image: module:sleeper\n        env: [{name: E1, value: \"1\"}, {name: E2, value: \"2\"}]\n      - {name: c2, image: module:sleeper}\n";
+    let one = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: sides}\nspec:\n  selector: {matchLabels: {app: sides}}\n  template:\n    metadata: {labels: {app: sides}}\n    spec:\n      runtimeClassName: wasm\n      containers:\n      - name: c1\n        image: module:sleeper\n        env: [{name: E1, value: \"1\"}]\n";
+    let svc = |ports: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: sides}}\nspec:\n  selector: {{app: sides}}\n  ports: [{ports}]\n")
+    };
+    for (m, what) in [
+        (two, "deploy"),
+        (&svc("{name: a, port: 80}, {name: b, port: 81}"), "svc"),
+    ] {
+        up.kubectl_in(&["apply", "--server-side", "-f", "-"], m)?
+            .expect_ok(what)?;
+    }
+    for (m, what) in [(one, "deploy"), (&svc("{name: a, port: 80}"), "svc")] {
+        up.kubectl_in(&["apply", "--server-side", "-f", "-"], m)?
+            .expect_ok(&format!("{what} with an item dropped"))?;
+    }
+    let left = up
+        .kubectl(&["get", "deploy", "sides", "-o", "jsonpath={.spec.template.spec.containers[*].name}/{.spec.template.spec.containers[*].env}"])?
+        .expect_ok("containers")?;
+    ensure!(
+        left.stdout == r#"c1/[{"name":"E1","value":"1"}]"#,
+        "{}",
+        left.stdout
+    );
+    let ports = up
+        .kubectl(&[
+            "get",
+            "svc",
+            "sides",
+            "-o",
+            "jsonpath={.spec.ports[*].name}",
+        ])?
+        .expect_ok("ports")?;
+    ensure!(ports.stdout == "a", "{}", ports.stdout);
     Ok(())
 }
 

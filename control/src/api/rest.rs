@@ -1777,6 +1777,25 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
             m.remove("status");
         }
     }
+    if c.is_none() && ctx.res.has(Sub::Status) {
+        // As the API server's create strategies: a workload's status is the controllers' to
+        // write, and every built-in object with a status has one, if only `{}` (clients read
+        // `status.readyReplicas` of a new Deployment without a None check).
+        let cleared = match (ctx.res.group, ctx.res.kind) {
+            ("", "Service") | ("networking.k8s.io", "Ingress") => Some(json!({"loadBalancer": {}})),
+            ("apps", _)
+            | ("batch", _)
+            | ("autoscaling", "HorizontalPodAutoscaler")
+            | ("policy", "PodDisruptionBudget")
+            | ("", "ReplicationController") => Some(json!({})),
+            _ => None,
+        };
+        match cleared {
+            Some(s) => o["status"] = s,
+            None if o.get("status").is_none_or(Value::is_null) => o["status"] = json!({}),
+            None => {}
+        }
+    }
     no_escalation(ctx, o).await?;
     if o.get("spec").is_some() || c.is_some() {
         meta(o).insert("generation".into(), json!(1));
@@ -2503,6 +2522,40 @@ fn same_as(new: &mut Value, old: &Value, own: &[&str]) {
     }
 }
 
+/// What an update of a Service leaves unsaid keeps its allocated value, as kube-apiserver
+/// keeps it: the cluster IPs (and their families) and each port's node port (matched by port
+/// and protocol), so that `kubectl replace` of the manifest it was made from changes nothing.
+fn keep_allocated(old: &Value, new: &mut Value) {
+    let unset = |v: &Value| v.is_null() || v == "" || v == 0;
+    let (was, spec) = (&old["spec"], child_of(new, "spec"));
+    if spec["type"] != "ExternalName" && was["type"] != "ExternalName" && unset(&spec["clusterIP"])
+    {
+        for f in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+            if unset(&spec[f]) && !was[f].is_null() {
+                spec[f] = was[f].clone();
+            }
+        }
+    }
+    if matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer")) {
+        let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_string();
+        let olds = was["ports"].as_array().cloned().unwrap_or_default();
+        for p in spec["ports"].as_array_mut().into_iter().flatten() {
+            if !unset(&p["nodePort"]) {
+                continue;
+            }
+            if let Some(o) = olds
+                .iter()
+                .find(|o| o["port"] == p["port"] && proto(o) == proto(p) && !unset(&o["nodePort"]))
+            {
+                p["nodePort"] = o["nodePort"].clone();
+            }
+        }
+        if unset(&spec["healthCheckNodePort"]) && !unset(&was["healthCheckNodePort"]) {
+            spec["healthCheckNodePort"] = was["healthCheckNodePort"].clone();
+        }
+    }
+}
+
 fn prepare_update(
     ctx: &Ctx<'_>,
     old: &Value,
@@ -2535,6 +2588,9 @@ fn prepare_update(
                 meta(new).remove(k);
             }
         }
+    }
+    if (ctx.res.group, ctx.res.kind) == ("", "Service") && sub.is_none() {
+        keep_allocated(old, new);
     }
     if (ctx.res.group, ctx.res.kind) == ("certificates.k8s.io", "CertificateSigningRequest") {
         // What was asked for never changes; Approved and Denied change only through the

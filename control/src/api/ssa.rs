@@ -385,20 +385,20 @@ pub fn display(path: &[String]) -> String {
 /// The annotation in which kubectl's client-side apply keeps what it applied last.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// The fields of `live`'s last client-side apply, if it has one.
-fn last_applied(live: &Value) -> Option<BTreeSet<Field>> {
+/// `live`'s last client-side apply, if it has one.
+fn last_applied(live: &Value) -> Option<Value> {
     let text = live["metadata"]["annotations"][LAST_APPLIED].as_str()?;
-    let config: Value = serde_json::from_str(text).ok()?;
-    Some(fields(&config))
+    serde_json::from_str(text).ok()
 }
 
 /// Server-side apply of `config` by `manager` onto `live`. Returns the new object, whose
 /// managedFields are updated, or the conflicts.
 ///
 /// kubectl's own server-side apply (manager `kubectl`) upgrades an object it applied
-/// client-side, as kube-apiserver lets it: conflicts on fields of the last-applied
-/// annotation are taken over rather than refused, and the annotation is kept up to date, so
-/// that a later client-side apply still knows what was applied.
+/// client-side, as kube-apiserver lets it: conflicts on fields that still hold what the
+/// last-applied annotation says are taken over rather than refused (one another hand has
+/// changed since is a conflict), and the annotation is kept up to date, so that a later
+/// client-side apply still knows what was applied.
 pub fn apply(
     live: &Value,
     config: &Value,
@@ -430,7 +430,10 @@ pub fn apply(
             };
             if differs {
                 contested.insert(f.clone());
-                if !upgrade.as_ref().is_some_and(|u| u.contains(f)) {
+                if !upgrade
+                    .as_ref()
+                    .is_some_and(|u| a.is_none() || value_at(u, f) == a)
+                {
                     conflicts.push(Conflict {
                         manager: e.manager.clone(),
                         api_version: e.api_version.clone(),
@@ -464,12 +467,32 @@ pub fn apply(
         .filter(|e| !(e.manager == manager && e.operation == "Apply"))
         .flat_map(|e| e.fields.iter().cloned())
         .collect();
-    // Deepest first, so an item goes before the list that held it.
-    let mut gone: Vec<&Field> = before
+    let dropped: Vec<&Field> = before
         .iter()
         .filter(|f| !applied.contains(*f) && !others.contains(*f))
         .filter(|f| !applied.iter().any(|a| a.starts_with(f)))
         .collect();
+    // A field goes whole, with what is under it, when no other manager owns anything there;
+    // an item another manager still has a hand in keeps its key fields, which name it.
+    let whole = |f: &Field| !others.iter().any(|o| o.len() > f.len() && o.starts_with(f));
+    let names_item = |f: &Field| match f.as_slice() {
+        [.., item, last] => item.strip_prefix("k:").is_some_and(|k| {
+            serde_json::from_str::<Map<String, Value>>(k)
+                .is_ok_and(|key| last.strip_prefix("f:").is_some_and(|n| key.contains_key(n)))
+        }),
+        _ => false,
+    };
+    let mut gone: Vec<&Field> = dropped
+        .iter()
+        .copied()
+        .filter(|f| whole(f) && !names_item(f))
+        .filter(|f| {
+            !dropped
+                .iter()
+                .any(|g| g.len() < f.len() && f.starts_with(g) && whole(g))
+        })
+        .collect();
+    // Deepest first, so an item goes before the list that held it.
     gone.sort_by_key(|f| std::cmp::Reverse(f.len()));
     for f in gone {
         remove_at(&mut out, f);
@@ -682,6 +705,59 @@ mod tests {
         assert_eq!(err.len(), 1, "{err:?}");
         assert_eq!(err[0].field, ".spec.template.x");
         assert_eq!(err[0].manager, "kubectl-edit");
+    }
+
+    #[test]
+    fn an_item_no_longer_applied_goes_whole() {
+        let now = "t";
+        let two = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+            "spec": {"template": {"spec": {"containers": [
+                {"name": "c1", "image": "a", "env": [{"name": "E1", "value": "1"}, {"name": "E2", "value": "2"}]},
+                {"name": "c2", "image": "b"}]}}}});
+        let live = apply(
+            &json!({"metadata": {"name": "d"}}),
+            &two,
+            "m",
+            "apps/v1",
+            false,
+            now,
+        )
+        .unwrap();
+        let mut one = two.clone();
+        one["spec"]["template"]["spec"]["containers"] =
+            json!([{"name": "c1", "image": "a", "env": [{"name": "E1", "value": "1"}]}]);
+        let out = apply(&live, &one, "m", "apps/v1", false, now).unwrap();
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"],
+            one["spec"]["template"]["spec"]["containers"]
+        );
+        // An item another manager also has a hand in keeps that, and the key naming it.
+        let mut edited = live.clone();
+        edited["spec"]["template"]["spec"]["containers"][1]["args"] = json!(["x"]);
+        record_update(Some(&live), &mut edited, "editor", "apps/v1", "", now);
+        let out = apply(&edited, &one, "m", "apps/v1", false, now).unwrap();
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"][1],
+            json!({"name": "c2", "args": ["x"]})
+        );
+    }
+
+    #[test]
+    fn a_value_changed_since_the_last_client_side_apply_conflicts() {
+        let now = "t";
+        let cm = |v: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": v}});
+        let mut v = cm("a");
+        v["metadata"]["annotations"] = json!({LAST_APPLIED: cm("a").to_string()});
+        record_update(None, &mut v, "kubectl-client-side-apply", "v1", "", now);
+        let old = v.clone();
+        let mut patched = v.clone();
+        patched["data"]["k"] = json!("zzz");
+        record_update(Some(&old), &mut patched, "kubectl-patch", "v1", "", now);
+        let err = apply(&patched, &cm("b"), "kubectl", "v1", false, now).unwrap_err();
+        assert_eq!(err[0].field, ".data.k");
+        assert_eq!(err[0].manager, "kubectl-patch");
+        // Unchanged since: taken over.
+        assert!(apply(&v, &cm("b"), "kubectl", "v1", false, now).is_ok());
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! Kubernetes. An `Indexed` Job runs one pod per completion index (0 to `completions`-1, in
 //! the annotation and label `batch.kubernetes.io/job-completion-index`, the environment
 //! variable `JOB_COMPLETION_INDEX` and the host name `JOB-INDEX`), completes when every index
-//! has succeeded once, and reports them as `completedIndexes` (`0-2,5`).
+//! has succeeded once, and reports them as `completedIndexes` (`0-2,5`). What was counted
+//! stays counted: a finished pod deleted later (by hand, by a drain) changes no count. A
+//! suspended Job's running pods are deleted and its start cleared, with a `Suspended`
+//! condition; resumed, it starts again.
 //!
 //! A `podFailurePolicy` looks at each failed pod: the first rule whose exit codes (of a
 //! container that ended non-zero) or pod conditions match decides, `FailJob` ending the Job
@@ -36,6 +39,8 @@ pub struct Plan {
     pub expire: bool,
     /// Pods are held back by the failure back-off: look again later.
     pub backing_off: bool,
+    /// Events to record once the status is written: (type, reason, message).
+    pub events: Vec<(&'static str, String, String)>,
 }
 
 /// How long after its latest failure a Job with `failed` failed pods waits for its next pod.
@@ -160,28 +165,40 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
     }
     let running: Vec<&Value> = pods.iter().copied().filter(|p| active(p)).collect();
     let indexed = spec["completionMode"] == "Indexed";
+    // What was counted stays counted, as the job controller's tracking keeps it: a finished
+    // pod deleted (by hand, by a drain) leaves the Job's counts as they were.
+    let was = &job["status"];
+    succeeded = succeeded.max(was["succeeded"].as_u64().unwrap_or(0));
+    failed = failed.max(was["failed"].as_u64().unwrap_or(0));
+    given_up.extend(parse_ranges(was["failedIndexes"].as_str().unwrap_or("")));
     // An Indexed Job counts each index once however many of its pods succeeded.
-    let done: BTreeSet<u64> = pods
+    let mut done: BTreeSet<u64> = pods
         .iter()
         .filter(|p| p["status"]["phase"] == "Succeeded")
         .filter_map(|p| index_of(p))
         .filter(|i| *i < completions)
         .collect();
+    done.extend(parse_ranges(was["completedIndexes"].as_str().unwrap_or("")));
     if indexed {
         succeeded = done.len() as u64;
     }
+    let suspended = spec["suspend"] == true;
+    let was_suspended = condition_is(was, "Suspended", "True");
     let ready = running
         .iter()
         .filter(|p| super::replicaset::ready(p))
         .count();
-    let start = job["status"]["startTime"]
-        .as_str()
-        .unwrap_or(stamp)
-        .to_string();
+    // A suspended Job has no start; one resumed starts again (its deadline with it).
+    let start = match was["startTime"].as_str() {
+        _ if suspended && finished(job).is_none() => None,
+        Some(t) if !was_suspended => Some(t.to_string()),
+        _ => Some(stamp.to_string()),
+    };
     let mut status = json!({
         "active": running.len(), "succeeded": succeeded, "failed": failed, "ready": ready,
         "startTime": start,
     });
+    let mut conditions = was["conditions"].as_array().cloned().unwrap_or_default();
     if indexed {
         status["completedIndexes"] = json!(ranges(&done));
         if per_index.is_some() {
@@ -199,13 +216,9 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
         plan.status = status;
         return plan;
     }
-    let condition = |t: &str, reason: &str, message: &str| {
-        json!([{"type": t, "status": "True", "reason": reason, "message": message,
-            "lastProbeTime": stamp, "lastTransitionTime": stamp}])
-    };
     let deadline = spec["activeDeadlineSeconds"]
         .as_i64()
-        .zip(seconds(&json!(start)))
+        .zip(start.as_ref().and_then(|s| seconds(&json!(s))))
         .is_some_and(|(d, s)| now >= s + d);
     let max_failed = spec["maxFailedIndexes"].as_u64();
     let every_index_ended = (0..completions).all(|i| done.contains(&i) || given_up.contains(&i));
@@ -231,16 +244,56 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
     } else {
         None
     };
-    if let Some((reason, message)) = failure {
-        status["conditions"] = condition("Failed", reason, message);
-        plan.delete = running
+    let names = || {
+        running
             .iter()
             .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
-            .collect();
+            .collect()
+    };
+    if let Some((reason, message)) = failure {
+        set_condition(&mut conditions, "Failed", "True", reason, message, stamp);
+        plan.events.push(("Warning", reason.into(), message.into()));
+        plan.delete = names();
     } else if succeeded >= completions {
-        status["conditions"] = condition("Complete", "", "");
+        set_condition(
+            &mut conditions,
+            "Complete",
+            "True",
+            "CompletionsReached",
+            "Reached expected number of succeeded pods",
+            stamp,
+        );
         status["completionTime"] = json!(stamp);
-    } else if spec["suspend"] != true {
+        plan.events
+            .push(("Normal", "Completed".into(), "Job completed".into()));
+    } else if suspended {
+        // As Kubernetes: its running pods go, and it says so.
+        plan.delete = names();
+        if !was_suspended {
+            set_condition(
+                &mut conditions,
+                "Suspended",
+                "True",
+                "JobSuspended",
+                "Job suspended",
+                stamp,
+            );
+            plan.events
+                .push(("Normal", "Suspended".into(), "Job suspended".into()));
+        }
+    } else {
+        if was_suspended {
+            set_condition(
+                &mut conditions,
+                "Suspended",
+                "False",
+                "JobResumed",
+                "Job resumed",
+                stamp,
+            );
+            plan.events
+                .push(("Normal", "Resumed".into(), "Job resumed".into()));
+        }
         let want = parallelism.min(completions - succeeded) as usize;
         plan.create = want.saturating_sub(running.len());
         if indexed {
@@ -257,8 +310,46 @@ pub fn plan(job: &Value, pods: &[&Value], now: i64, stamp: &str, failed_at: Opti
             plan.backing_off = true;
         }
     }
+    if !conditions.is_empty() {
+        status["conditions"] = json!(conditions);
+    }
     plan.status = status;
     plan
+}
+
+/// Whether `status` has a condition of type `t` with status `s`.
+fn condition_is(status: &Value, t: &str, s: &str) -> bool {
+    status["conditions"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|c| c["type"] == t && c["status"] == s))
+}
+
+/// Set the condition `t` in `list`, its transition time moving only when its status does.
+fn set_condition(list: &mut Vec<Value>, t: &str, s: &str, reason: &str, message: &str, at: &str) {
+    let new = json!({"type": t, "status": s, "reason": reason, "message": message,
+        "lastProbeTime": at, "lastTransitionTime": at});
+    match list.iter_mut().find(|c| c["type"] == t) {
+        Some(c) if c["status"] == s => {
+            c["reason"] = json!(reason);
+            c["message"] = json!(message);
+            c["lastProbeTime"] = json!(at);
+        }
+        Some(c) => *c = new,
+        None => list.push(new),
+    }
+}
+
+/// The indexes of a `completedIndexes`-style list (`0-2,5`).
+fn parse_ranges(s: &str) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.trim().parse::<u64>(), b.trim().parse::<u64>()) {
+            // A bound keeps a garbled status from making a huge set.
+            out.extend(a..=b.min(a + 100_000));
+        }
+    }
+    out
 }
 
 /// A new pod for `job`.
@@ -428,6 +519,72 @@ mod tests {
             pod["spec"]["containers"][0]["env"],
             json!([{"name": "JOB_COMPLETION_INDEX", "value": "3"}])
         );
+    }
+
+    #[test]
+    fn counted_pods_stay_counted_when_deleted() {
+        let (ok, bad) = (pod("Succeeded"), pod("Failed"));
+        let mut j = job(json!({"backoffLimit": 6}));
+        let p = plan(&j, &[&ok, &ok, &bad], NOW, T0, None);
+        assert_eq!(
+            (&p.status["succeeded"], &p.status["failed"]),
+            (&json!(2), &json!(1))
+        );
+        // Its pods deleted (a drain): the counts hold, and no pod replaces a counted one.
+        j["status"] = p.status;
+        let p = plan(&j, &[], NOW, T0, None);
+        assert_eq!(
+            (&p.status["succeeded"], &p.status["failed"]),
+            (&json!(2), &json!(1))
+        );
+        assert_eq!(p.create, 1);
+        // An Indexed Job keeps its completed indexes.
+        let mut ix = job(json!({"completionMode": "Indexed"}));
+        ix["status"] = json!({"succeeded": 2, "completedIndexes": "0,2"});
+        let p = plan(&ix, &[], NOW, T0, None);
+        assert_eq!(p.status["completedIndexes"], "0,2");
+        assert_eq!(p.indexes, [1]);
+        assert_eq!(parse_ranges("0-2,5,x,7-"), BTreeSet::from([0, 1, 2, 5]));
+    }
+
+    #[test]
+    fn a_suspended_job_stops_its_pods_until_resumed() {
+        let mut running = pod("Running");
+        running["metadata"]["name"] = json!("p1");
+        let mut j = job(json!({"suspend": true}));
+        j["status"] = json!({"startTime": T0, "active": 1});
+        let p = plan(&j, &[&running], NOW, T0, None);
+        assert_eq!(p.delete, ["p1"]);
+        assert_eq!(p.create, 0);
+        assert!(p.status["startTime"].is_null(), "{}", p.status);
+        assert_eq!(p.status["conditions"][0]["type"], "Suspended");
+        assert_eq!(p.status["conditions"][0]["status"], "True");
+        assert_eq!(
+            p.events,
+            [("Normal", "Suspended".into(), "Job suspended".into())]
+        );
+        // Resumed: a new start, pods again, the condition turned False.
+        j["status"] = p.status;
+        j["spec"]["suspend"] = json!(false);
+        let later = "2026-01-01T00:10:00Z";
+        let p = plan(&j, &[], NOW + 600, later, None);
+        assert_eq!(p.create, 2);
+        assert_eq!(p.status["startTime"], later);
+        assert_eq!(p.status["conditions"][0]["status"], "False");
+        assert_eq!(p.status["conditions"][0]["reason"], "JobResumed");
+        assert_eq!(p.events[0].1, "Resumed");
+        // Completing keeps the Suspended condition beside Complete.
+        j["status"] = p.status;
+        let done = pod("Succeeded");
+        let p = plan(&j, &[&done, &done, &done], NOW + 700, later, None);
+        let types: Vec<&Value> = p.status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| &c["type"])
+            .collect();
+        assert_eq!(types, ["Suspended", "Complete"]);
+        assert_eq!(p.status["conditions"][1]["reason"], "CompletionsReached");
     }
 
     #[test]

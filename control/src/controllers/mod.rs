@@ -1616,22 +1616,14 @@ async fn sync_job(
     wrote = wrote.max(delete_pods(api, ME, j, &plan.delete).await);
     if differs(&j["status"], &plan.status) {
         let body = json!({"status": plan.status});
-        wrote = wrote.max(
-            write(api, "PATCH", &format!("{path}/status"), MERGE, &body)
-                .await
-                .0,
-        );
-        let ended = plan.status["conditions"][0].clone();
-        if j["status"]["conditions"].is_null() && ended.is_object() {
-            let (kind, reason, msg) = match ended["type"].as_str() {
-                Some("Complete") => ("Normal", "Completed", "Job completed".to_string()),
-                _ => (
-                    "Warning",
-                    ended["reason"].as_str().unwrap_or("Failed"),
-                    ended["message"].as_str().unwrap_or("").to_string(),
-                ),
-            };
-            event(api, ME, j, kind, reason, &msg).await;
+        let rev = write(api, "PATCH", &format!("{path}/status"), MERGE, &body)
+            .await
+            .0;
+        wrote = wrote.max(rev);
+        if rev > 0 {
+            for (kind, reason, msg) in &plan.events {
+                event(api, ME, j, kind, reason, msg).await;
+            }
         }
     }
     (wrote, backing_off, refused)

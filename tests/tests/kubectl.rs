@@ -279,6 +279,25 @@ fn writes_patches_and_errors() -> anyhow::Result<()> {
         "{fresh}"
     );
     ensure!(j["status"].is_object(), "{j}");
+    // Fields the schema does not know: refused by default (Strict), said and dropped with
+    // --validate=warn, dropped with --validate=false.
+    let odd = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: odd}\nfoo: bar\ndata: {a: b}\n";
+    let r = up
+        .kubectl_in(&["create", "--validate=warn", "-f", "-"], odd)?
+        .expect_ok("create with an unknown field")?;
+    ensure!(r.stderr.contains("unknown field \"foo\""), "{}", r.stderr);
+    let stored = json(&up.kubectl(&["get", "cm", "odd", "-o", "json"])?.stdout)?;
+    ensure!(
+        stored.get("foo").is_none() && stored["data"]["a"] == "b",
+        "{stored}"
+    );
+    up.kubectl_in(
+        &["replace", "--validate=false", "-f", "-"],
+        &odd.replace("foo: bar", "bar: baz"),
+    )?
+    .expect_ok("replace ignoring an unknown field")?;
+    let stored = json(&up.kubectl(&["get", "cm", "odd", "-o", "json"])?.stdout)?;
+    ensure!(stored.get("bar").is_none(), "{stored}");
     // `kubectl replace` of the manifest a Service was made from keeps its allocations.
     let (ip, port) = (
         fresh["spec"]["clusterIP"].clone(),

@@ -700,6 +700,11 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
                     &f,
                     out,
                 );
+                for (j, e) in c["env"].as_array().into_iter().flatten().enumerate() {
+                    if e["name"].as_str().unwrap_or("").is_empty() {
+                        out.push(Cause::required(format!("{f}.env[{j}].name")));
+                    }
+                }
                 if let Some(ports) = c.get("ports").and_then(Value::as_array) {
                     for (j, p) in ports.iter().enumerate() {
                         one_of(
@@ -1081,6 +1086,9 @@ pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value) -> Vec
                 ));
             }
         }
+        ("", "Secret") if old["type"] != new["type"] => {
+            fixed(&["type"]);
+        }
         ("", "ConfigMap" | "Secret") if old["immutable"] == true => {
             let forbidden = |f: &str| {
                 Cause::new(
@@ -1290,6 +1298,10 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
             }
         }
         ("", "ConfigMap" | "Secret") => {
+            check_config_size(kind, o, &mut out);
+            if kind == "Secret" {
+                check_secret_type(o, &mut out);
+            }
             for field in ["data", "binaryData", "stringData"] {
                 if let Some(m) = o[field].as_object() {
                     for k in m.keys() {
@@ -1311,6 +1323,93 @@ pub fn validate(group: &str, kind: &str, o: &Value) -> Vec<Cause> {
         _ => {}
     }
     out
+}
+
+/// The most a ConfigMap's or Secret's data may hold, as in Kubernetes.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+fn check_config_size(kind: &str, o: &Value, out: &mut Vec<Cause>) {
+    // A Secret's and binaryData's values are base64: their bytes are three quarters of it.
+    let decoded = |v: &Value| {
+        v.as_str()
+            .map_or(0, |t| t.trim_end_matches('=').len() * 3 / 4)
+    };
+    let mut total = 0;
+    for field in ["data", "binaryData", "stringData"] {
+        for (k, v) in o[field].as_object().into_iter().flatten() {
+            let plain = kind == "ConfigMap" && field == "data" || field == "stringData";
+            total += k.len() * usize::from(kind == "ConfigMap")
+                + if plain {
+                    v.as_str().map_or(0, str::len)
+                } else {
+                    decoded(v)
+                };
+        }
+    }
+    if total > MAX_CONFIG_BYTES {
+        let at = if kind == "Secret" { "data" } else { "" };
+        out.push(Cause::new(
+            "FieldValueTooLong",
+            at,
+            format!("Too long: must have at most {MAX_CONFIG_BYTES} bytes"),
+        ));
+    }
+}
+
+/// The keys a Secret's type requires, as kube-apiserver's validation requires them.
+fn check_secret_type(o: &Value, out: &mut Vec<Cause>) {
+    let data = &o["data"];
+    let has = |k: &str| data[k].as_str().is_some_and(|v| !v.is_empty());
+    let need = |k: &str, out: &mut Vec<Cause>| {
+        if !has(k) {
+            out.push(Cause::required(format!("data[{k}]")));
+        }
+    };
+    let json_at = |k: &str, out: &mut Vec<Cause>| {
+        use base64::Engine;
+        let text = data[k].as_str().unwrap_or("");
+        let ok = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()
+            .is_some_and(|b| serde_json::from_slice::<Value>(&b).is_ok());
+        if has(k) && !ok {
+            out.push(Cause::invalid(
+                format!("data[{k}]"),
+                "<secret contents redacted>",
+                "must be valid JSON",
+            ));
+        }
+    };
+    match o["type"].as_str().unwrap_or("Opaque") {
+        "kubernetes.io/service-account-token"
+            if o["metadata"]["annotations"]["kubernetes.io/service-account.name"]
+                .as_str()
+                .unwrap_or("")
+                .is_empty() =>
+        {
+            out.push(Cause::required(
+                "metadata.annotations[kubernetes.io/service-account.name]",
+            ));
+        }
+        "kubernetes.io/dockercfg" => {
+            need(".dockercfg", out);
+            json_at(".dockercfg", out);
+        }
+        "kubernetes.io/dockerconfigjson" => {
+            need(".dockerconfigjson", out);
+            json_at(".dockerconfigjson", out);
+        }
+        "kubernetes.io/basic-auth" if !has("username") && !has("password") => {
+            need("username", out);
+            need("password", out);
+        }
+        "kubernetes.io/ssh-auth" => need("ssh-privatekey", out),
+        "kubernetes.io/tls" => {
+            need("tls.key", out);
+            need("tls.crt", out);
+        }
+        _ => {}
+    }
 }
 
 /// A pod's quality-of-service class, as the API server sets it on create: Guaranteed when
@@ -1637,5 +1736,68 @@ mod tests {
             .map(|f| f.replacen("spec.", "spec.jobTemplate.spec.", 1))
             .collect();
         assert_eq!(fields(&cron, "CronJob"), nested);
+    }
+
+    #[test]
+    fn secrets_hold_what_their_type_needs() {
+        let fields = |o: Value| -> Vec<String> {
+            validate("", "Secret", &o)
+                .into_iter()
+                .map(|c| c.field)
+                .collect()
+        };
+        let secret =
+            |t: &str, data: Value| json!({"metadata": {"name": "s"}, "type": t, "data": data});
+        assert_eq!(
+            fields(secret("kubernetes.io/tls", json!({"x": "eQ=="}))),
+            ["data[tls.key]", "data[tls.crt]"]
+        );
+        assert!(fields(secret(
+            "kubernetes.io/tls",
+            json!({"tls.key": "eQ==", "tls.crt": "eQ=="})
+        ))
+        .is_empty());
+        assert_eq!(
+            fields(secret(
+                "kubernetes.io/dockerconfigjson",
+                json!({".dockerconfigjson": "bm90IGpzb24="})
+            )),
+            ["data[.dockerconfigjson]"]
+        );
+        assert!(fields(secret(
+            "kubernetes.io/dockerconfigjson",
+            json!({".dockerconfigjson": "e30="})
+        ))
+        .is_empty());
+        assert_eq!(
+            fields(secret("kubernetes.io/basic-auth", json!({}))),
+            ["data[username]", "data[password]"]
+        );
+        assert_eq!(
+            fields(secret("kubernetes.io/service-account-token", json!({}))),
+            ["metadata.annotations[kubernetes.io/service-account.name]"]
+        );
+        assert!(fields(secret("Opaque", json!({}))).is_empty());
+        // Over a mebibyte.
+        let big = "a".repeat(MAX_CONFIG_BYTES + 1);
+        let cm = json!({"metadata": {"name": "c"}, "data": {"k": big}});
+        assert_eq!(
+            validate("", "ConfigMap", &cm)[0].message,
+            format!("Too long: must have at most {MAX_CONFIG_BYTES} bytes")
+        );
+        // A Secret's type is fixed once made.
+        let (old, new) = (secret("Opaque", json!({})), secret("foo", json!({})));
+        assert_eq!(validate_update("", "Secret", &old, &new)[0].field, "type");
+        // Each env var is named.
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "c", "image": "i", "env": [{"name": "", "value": "2"}]}]}});
+        let causes: Vec<String> = validate("", "Pod", &pod)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert!(
+            causes.contains(&"spec.containers[0].env[0].name".to_string()),
+            "{causes:?}"
+        );
     }
 }

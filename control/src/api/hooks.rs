@@ -80,9 +80,14 @@ tokio::task_local! {
 /// [`WARNING_MAX`] characters, repeats dropped, [`WARNINGS_MAX`] bytes in all.
 fn keep_warnings(resp: &Value) {
     let list = resp["warnings"].as_array().into_iter().flatten();
+    add_warnings(list.filter_map(Value::as_str));
+}
+
+/// Keep `list` for the request's `Warning` headers, as [`keep_warnings`] keeps a webhook's.
+pub fn add_warnings<'a>(list: impl Iterator<Item = &'a str>) {
     let _ = SCOPE.try_with(|s| {
         let mut kept = s.warnings.borrow_mut();
-        for w in list.filter_map(Value::as_str) {
+        for w in list {
             let w: String = w
                 .chars()
                 .filter(|c| !c.is_control())

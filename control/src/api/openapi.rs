@@ -275,34 +275,83 @@ fn resolve<'a>(schemas: &'a Map<String, Value>, mut s: &'a Value) -> &'a Value {
     s
 }
 
-fn walk(schemas: &Map<String, Value>, schema: &Value, v: &Value, at: &str, out: &mut Vec<String>) {
+/// One step of the way to a value: a field, a list index or a map entry.
+enum Step<'a> {
+    Field(&'a str),
+    Index(usize),
+    Entry(&'a str),
+}
+
+/// The way from the object's root, as a linked list up the stack: the path is only spelled
+/// out for a field that is dropped.
+struct Way<'a> {
+    up: Option<&'a Way<'a>>,
+    step: Step<'a>,
+}
+
+fn spell(way: Option<&Way<'_>>, last: &str) -> String {
+    let mut steps: Vec<String> = vec![last.to_string()];
+    let mut cur = way;
+    while let Some(w) = cur {
+        steps.push(match w.step {
+            Step::Field(k) => format!(".{k}"),
+            Step::Index(i) => format!("[{i}]"),
+            Step::Entry(k) => format!("[{k}]"),
+        });
+        cur = w.up;
+    }
+    steps.reverse();
+    let out = steps.concat();
+    out.strip_prefix('.').map(String::from).unwrap_or(out)
+}
+
+fn prune_walk(
+    schemas: &Map<String, Value>,
+    schema: &Value,
+    v: &mut Value,
+    way: Option<&Way<'_>>,
+    out: &mut Vec<String>,
+) {
     let schema = resolve(schemas, schema);
     match v {
         Value::Object(m) => {
             if let Some(Value::Object(props)) = schema.get("properties") {
-                for (k, x) in m {
-                    let path = if at.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{at}.{k}")
-                    };
-                    match props.get(k) {
-                        Some(ps) => walk(schemas, ps, x, &path, out),
-                        None => out.push(path),
+                let unknown: Vec<String> = m
+                    .keys()
+                    .filter(|k| !props.contains_key(k.as_str()))
+                    .cloned()
+                    .collect();
+                for k in unknown {
+                    out.push(spell(way, &format!(".{k}")));
+                    m.remove(&k);
+                }
+                for (k, x) in m.iter_mut() {
+                    if let Some(ps) = props.get(k) {
+                        let w = Way {
+                            up: way,
+                            step: Step::Field(k),
+                        };
+                        prune_walk(schemas, ps, x, Some(&w), out);
                     }
                 }
-            } else if let Some(ap) = schema.get("additionalProperties") {
-                if ap.is_object() {
-                    for (k, x) in m {
-                        walk(schemas, ap, x, &format!("{at}[{k}]"), out);
-                    }
+            } else if let Some(ap) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                for (k, x) in m.iter_mut() {
+                    let w = Way {
+                        up: way,
+                        step: Step::Entry(k),
+                    };
+                    prune_walk(schemas, ap, x, Some(&w), out);
                 }
             }
         }
         Value::Array(items) => {
             if let Some(is) = schema.get("items") {
-                for (i, x) in items.iter().enumerate() {
-                    walk(schemas, is, x, &format!("{at}[{i}]"), out);
+                for (i, x) in items.iter_mut().enumerate() {
+                    let w = Way {
+                        up: way,
+                        step: Step::Index(i),
+                    };
+                    prune_walk(schemas, is, x, Some(&w), out);
                 }
             }
         }
@@ -310,8 +359,9 @@ fn walk(schemas: &Map<String, Value>, schema: &Value, v: &Value, at: &str, out: 
     }
 }
 
-/// Fields of `v` that its kind's schema does not know, as `spec.template.foo` paths.
-pub fn unknown_fields(group: &str, version: &str, kind: &str, v: &Value) -> Vec<String> {
+/// Drop the fields of `v` that its kind's schema does not know, as decoding into
+/// kube-apiserver's types drops them; their paths (`spec.template.foo`) come back.
+pub fn prune_unknown(group: &str, version: &str, kind: &str, v: &mut Value) -> Vec<String> {
     let Some(doc) = doc(&gv_path(group, version)) else {
         return vec![];
     };
@@ -322,8 +372,13 @@ pub fn unknown_fields(group: &str, version: &str, kind: &str, v: &Value) -> Vec<
         return vec![];
     };
     let mut out = Vec::new();
-    walk(&doc.schemas, schema, v, "", &mut out);
+    prune_walk(&doc.schemas, schema, v, None, &mut out);
     out
+}
+
+/// Fields of `v` that its kind's schema does not know, as `spec.template.foo` paths.
+pub fn unknown_fields(group: &str, version: &str, kind: &str, v: &Value) -> Vec<String> {
+    prune_unknown(group, version, kind, &mut v.clone())
 }
 
 #[cfg(test)]
@@ -351,6 +406,18 @@ mod tests {
             unknown_fields("apps", "v1", "Deployment", &v),
             ["spec.foo", "spec.template.spec.containers[0].imagePolicy"]
         );
+        let mut pruned = v.clone();
+        let dropped = prune_unknown("apps", "v1", "Deployment", &mut pruned);
+        assert_eq!(dropped, unknown_fields("apps", "v1", "Deployment", &v));
+        assert!(pruned["spec"].get("foo").is_none());
+        assert!(pruned["spec"]["template"]["spec"]["containers"][0]
+            .get("imagePolicy")
+            .is_none());
+        assert_eq!(
+            pruned["metadata"]["labels"]["a"], "b",
+            "maps keep their entries"
+        );
+        assert!(prune_unknown("apps", "v1", "Deployment", &mut pruned).is_empty());
     }
 }
 

@@ -1295,7 +1295,23 @@ fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Resul
     if let Some(c) = custom(ctx.res) {
         return check_custom(ctx, &c, o);
     }
-    strict_fields(ctx, input)?;
+    match ctx.q.get("fieldValidation") {
+        Some("Strict") => strict_fields(ctx, input)?,
+        // Asked for by name (kubectl's --validate=warn and =false): what the schema does not
+        // know is dropped, as decoding into kube-apiserver's types drops it, and under Warn
+        // said. Without the parameter (the server's own writers) nothing is walked.
+        Some(mode @ ("Warn" | "Ignore")) => {
+            let dropped = openapi::prune_unknown(ctx.res.group, ctx.res.version, ctx.res.kind, o);
+            if mode == "Warn" {
+                let said: Vec<String> = dropped
+                    .iter()
+                    .map(|f| format!("unknown field \"{f}\""))
+                    .collect();
+                hooks::add_warnings(said.iter().map(String::as_str));
+            }
+        }
+        _ => {}
+    }
     let only: Option<&[&str]> = matches!(sub, Some(Sub::Status | Sub::Approval)).then_some(&[
         "apiVersion",
         "kind",

@@ -211,6 +211,18 @@ fn supported(kind: &str, field: &str) -> bool {
         }
 }
 
+/// Where a selectable field's value is, and what it reads as when unset: as kube-apiserver's
+/// field sets, a job's `status.successful` is its `status.succeeded`, and an absent count or
+/// flag is 0 or false.
+fn source(field: &str) -> (&str, &'static str) {
+    match field {
+        "status.successful" => ("status.succeeded", "0"),
+        "status.replicas" => (field, "0"),
+        "spec.unschedulable" | "spec.hostNetwork" => (field, "false"),
+        _ => (field, ""),
+    }
+}
+
 impl Fields {
     pub fn parse(kind: &str, s: &str) -> Result<Fields, String> {
         Fields::parse_with(kind, s, &[])
@@ -249,7 +261,7 @@ impl Fields {
 
     /// The fields it reads (dotted paths).
     pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(f, _, _)| f.as_str())
+        self.0.iter().map(|(f, _, _)| source(f).0)
     }
 
     /// The name this selector pins, if it has `metadata.name=X`.
@@ -262,13 +274,14 @@ impl Fields {
 
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(field, eq, want)| {
+            let (path, unset) = source(field);
             let mut cur = obj;
-            for seg in field.split('.') {
+            for seg in path.split('.') {
                 cur = cur.get(seg).unwrap_or(&Value::Null);
             }
             let have = match cur {
                 Value::String(s) => s.clone(),
-                Value::Null => String::new(),
+                Value::Null => unset.to_string(),
                 Value::Bool(b) => b.to_string(),
                 other => other.to_string(),
             };
@@ -319,6 +332,18 @@ mod tests {
         assert!(Fields::parse("Event", "involvedObject.namespace=")
             .unwrap()
             .matches(&ev));
+        // Unset flags and counts read as false and 0; a Job's `successful` is `succeeded`.
+        let on = |kind: &str, sel: &str, o: Value| Fields::parse(kind, sel).unwrap().matches(&o);
+        assert!(on("Pod", "spec.hostNetwork=false", pod.clone()));
+        assert!(on("Node", "spec.unschedulable=false", json!({"spec": {}})));
+        assert!(on(
+            "Job",
+            "status.successful=1",
+            json!({"status": {"succeeded": 1}})
+        ));
+        assert!(on("ReplicaSet", "status.replicas=0", json!({"status": {}})));
+        let f = Fields::parse("Job", "status.successful=1").unwrap();
+        assert_eq!(f.paths().collect::<Vec<_>>(), ["status.succeeded"]);
     }
 
     #[test]

@@ -860,16 +860,8 @@ impl Agent {
             "aarch64" => "arm64",
             other => other,
         };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mem_kib = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|n| n.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
+        let cpus = node_cpus();
+        let mem_kib = node_memory() / 1024;
         let ip = self.host_ip();
         let t = now();
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -2318,6 +2310,25 @@ fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
     }
 }
 
+/// The node's CPUs, its allocatable CPU.
+fn node_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The node's memory in bytes, its allocatable memory.
+fn node_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 struct Worker {
     agent: Arc<Agent>,
     uid: String,
@@ -3219,12 +3230,61 @@ impl Worker {
                 let v = self.field(path, false)?;
                 set(&mut out, name, v);
             } else if vf["resourceFieldRef"].is_object() {
-                return Err(format!(
-                    "env {name}: resourceFieldRef is not supported for Wasm pods"
-                ));
+                let v = self
+                    .resource_field(&vf["resourceFieldRef"])
+                    .map_err(|e| format!("env {name}: {e}"))?;
+                set(&mut out, name, v);
             }
         }
         Ok(out)
+    }
+
+    /// The value of a downward-API `resourceFieldRef`, as the kubelet gives it: a container's
+    /// limit (the node's allocatable where it sets none) or request (0 where none), divided
+    /// by `divisor` (1 by default) and rounded up.
+    fn resource_field(&self, r: &Value) -> Result<String, String> {
+        let resource = r["resource"].as_str().unwrap_or("");
+        let spec = &self.pod["spec"];
+        let c = match r["containerName"].as_str().filter(|n| !n.is_empty()) {
+            Some(n) => ["containers", "initContainers"]
+                .iter()
+                .flat_map(|k| spec[k].as_array().into_iter().flatten())
+                .find(|c| c["name"] == n)
+                .ok_or_else(|| format!("resourceFieldRef: the pod has no container {n:?}"))?,
+            None => &self.spec,
+        };
+        let text = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let (kind, name) = resource.split_once('.').unwrap_or(("", ""));
+        let set = text(&c["resources"][kind][name]);
+        let divisor = text(&r["divisor"]).unwrap_or_else(|| "1".into());
+        let bad = || format!("resourceFieldRef: unsupported resource {resource:?}");
+        let (have, per) = match (kind, name) {
+            ("limits" | "requests", "cpu") => {
+                let node = (kind == "limits").then(|| node_cpus() as u64 * 1000);
+                let have = set.as_deref().and_then(outpost_api::quantity::millicores);
+                (
+                    have.or(node).unwrap_or(0),
+                    outpost_api::quantity::millicores(&divisor),
+                )
+            }
+            ("limits" | "requests", "memory" | "ephemeral-storage") => {
+                let node = (kind == "limits" && name == "memory").then(node_memory);
+                let have = set.as_deref().and_then(outpost_api::quantity::bytes);
+                (
+                    have.or(node).unwrap_or(0),
+                    outpost_api::quantity::bytes(&divisor),
+                )
+            }
+            _ => return Err(bad()),
+        };
+        let per = per
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("resourceFieldRef: bad divisor {divisor:?}"))?;
+        Ok(have.div_ceil(per).to_string())
     }
 
     /// The value of a downward-API `fieldRef`; `maps` allows the whole label and annotation
@@ -3375,14 +3435,16 @@ impl Worker {
         } else if src["downwardAPI"].is_object() {
             for item in src["downwardAPI"]["items"].as_array().into_iter().flatten() {
                 let path = item["path"].as_str().unwrap_or("").to_string();
-                let Some(f) = item["fieldRef"]["fieldPath"].as_str() else {
-                    return Err(format!(
-                        "volume {vname}: downwardAPI item {path:?}: only fieldRef is supported"
-                    ));
-                };
-                let value = self
-                    .field(f, true)
-                    .map_err(|e| format!("volume {vname}: {e}"))?;
+                let value = match item["fieldRef"]["fieldPath"].as_str() {
+                    Some(f) => self.field(f, true),
+                    None if item["resourceFieldRef"].is_object() => {
+                        self.resource_field(&item["resourceFieldRef"])
+                    }
+                    None => Err(format!(
+                        "downwardAPI item {path:?} has neither fieldRef nor resourceFieldRef"
+                    )),
+                }
+                .map_err(|e| format!("volume {vname}: {e}"))?;
                 files.push((path, value));
             }
         } else if src["serviceAccountToken"].is_object() {

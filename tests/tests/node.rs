@@ -903,7 +903,7 @@ fn a_wasm_pod_reads_its_volumes_and_env_online_and_from_the_cache() -> anyhow::R
     let host = dir.path().join("host");
     std::fs::create_dir_all(&host)?;
     std::fs::write(host.join("seed"), "seeded")?;
-    let shown = "/cfg/motd,/cfg/sub/deep,/sec/password,/host/seed,/dapi/labels";
+    let shown = "/cfg/motd,/cfg/sub/deep,/sec/password,/host/seed,/dapi/cpu,/dapi/labels";
     let manifest = format!(
         r#"apiVersion: v1
 kind: ConfigMap
@@ -926,7 +926,8 @@ spec:
   containers:
   - name: main
     image: {image}
-    args: ["$(USER_NAME)", "$(PREFIX_motd)"]
+    args: ["$(USER_NAME)", "$(PREFIX_motd)", "$(MEMORY_MI)"]
+    resources: {{limits: {{memory: 32Mi}}, requests: {{cpu: 250m}}}}
     envFrom:
     - configMapRef: {{name: greet}}
       prefix: PREFIX_
@@ -935,6 +936,8 @@ spec:
       valueFrom: {{configMapKeyRef: {{name: greet, key: target}}}}
     - name: USER_NAME
       valueFrom: {{secretKeyRef: {{name: creds, key: user}}}}
+    - name: MEMORY_MI
+      valueFrom: {{resourceFieldRef: {{resource: limits.memory, divisor: 1Mi}}}}
     - name: SHOW_FILES
       value: {shown}
     volumeMounts:
@@ -961,7 +964,9 @@ spec:
     hostPath: {{path: {host}, type: Directory}}
   - name: dapi
     downwardAPI:
-      items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]
+      items:
+      - {{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}
+      - {{path: cpu, resourceFieldRef: {{containerName: main, resource: requests.cpu, divisor: 1m}}}}
 "#,
         host = host.display()
     );
@@ -974,11 +979,12 @@ spec:
     assert_eq!(user.stdout.trim(), "ZWRnZS1hZG1pbg==");
     let expected = [
         "Hello, volumes! A Wasm pod on Outpost.",
-        "args: edge-admin from a config map",
+        "args: edge-admin from a config map 32",
         "/cfg/motd: from a config map",
         "/cfg/sub/deep: deep file",
         "/sec/password: s3cret",
         "/host/seed: seeded",
+        "/dapi/cpu: 250",
         "/dapi/labels: app=\"vols\"",
     ];
     let logs_with = |container: &str, want: &str| -> anyhow::Result<String> {

@@ -196,7 +196,7 @@ async fn bad_input_gets_a_status_and_changes_nothing() -> anyhow::Result<()> {
         r#"[{"op":"test","path":"/data/k","value":"other"}]"#,
     )
     .await?;
-    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "as kube-apiserver");
     let (_, o) = call(&app, "GET", &format!("{cms}/ok"), None, Body::empty()).await?;
     assert_eq!(o["data"]["k"], "v");
 

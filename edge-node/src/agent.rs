@@ -2662,7 +2662,8 @@ impl Worker {
             .await?;
         self.update(|c| {
             c.image_id = digest.clone();
-            c.id = format!("wasm://{}", c.name);
+            // A new id for each run, as a container runtime gives one.
+            c.id = format!("wasm://{:032x}", rand::random::<u128>());
         });
         let runtime = self
             .agent

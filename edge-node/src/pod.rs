@@ -168,9 +168,9 @@ pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now
     let cond = |t: &str, ok: bool, reason: Option<&str>| {
         let mut c = json!({"type": t, "status": if ok { "True" } else { "False" },
             "lastProbeTime": null, "lastTransitionTime": now});
-        if let Some(r) = reason {
-            c["reason"] = json!(r);
-        }
+        // Null, not left out: status goes as a strategic merge patch, where a missing reason
+        // would keep the one from before (a Ready pod still saying ContainersNotReady).
+        c["reason"] = json!(reason);
         c
     };
     let not_ready = (!ready).then_some(if phase == "Succeeded" || phase == "Failed" {

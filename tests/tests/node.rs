@@ -39,6 +39,19 @@ fn http_hello(up: &Up) -> anyhow::Result<u16> {
         "{.status.conditions[?(@.type==\"Ready\")].status}",
         |s| s == "True",
     )?;
+    // Ready keeps no reason from before it was; its container has an id of its own.
+    let r = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "http-hello",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}|{.status.containerStatuses[0].containerID}",
+        ])?
+        .expect_ok("ready reason")?;
+    let (reason, id) = r.stdout.split_once('|').unwrap_or_default();
+    anyhow::ensure!(reason.is_empty(), "{}", r.stdout);
+    anyhow::ensure!(id.starts_with("wasm://") && id.len() == 39, "{}", r.stdout);
     Ok(port)
 }
 

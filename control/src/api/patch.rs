@@ -28,10 +28,13 @@ impl Kind {
     }
 }
 
+/// How the error of a JSON patch that is not one begins (the others failed to apply).
+pub const MALFORMED: &str = "invalid JSON patch";
+
 /// RFC 6902.
 pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), String> {
     let ops: json_patch::Patch =
-        serde_json::from_value(patch.clone()).map_err(|e| format!("invalid JSON patch: {e}"))?;
+        serde_json::from_value(patch.clone()).map_err(|e| format!("{MALFORMED}: {e}"))?;
     json_patch::patch(doc, &ops.0).map_err(|e| e.to_string())
 }
 

@@ -111,6 +111,11 @@ impl Resource {
     pub fn verbs(&self) -> &'static [&'static str] {
         if self.live() {
             &["get", "list"]
+        } else if self.stored && (self.group, self.kind) == ("", "Namespace") {
+            // Namespaces go one at a time, each emptied first: no deletecollection.
+            &[
+                "create", "delete", "get", "list", "patch", "update", "watch",
+            ]
         } else if self.stored {
             &[
                 "create",

@@ -498,7 +498,7 @@ async fn serve_one(
             delete(&ctx, &name, opts).await?;
             Ok(respond(
                 StatusCode::CREATED,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
             ))
         }
         (m @ (Method::PUT | Method::PATCH), Some(s @ (Sub::Approval | Sub::Status)))
@@ -1264,16 +1264,24 @@ fn strict_fields(ctx: &Ctx<'_>, input: &Value) -> Result<(), ApiError> {
     if unknown.is_empty() {
         return Ok(());
     }
-    Err(unknown_fields(&unknown))
+    Err(unknown_fields(ctx, &unknown))
 }
 
 /// The 400 for fields a schema does not know, as kube-apiserver's strict decoding words it.
-fn unknown_fields(fields: &[String]) -> ApiError {
+fn unknown_fields(ctx: &Ctx<'_>, fields: &[String]) -> ApiError {
     let list: Vec<String> = fields
         .iter()
         .map(|f| format!("unknown field \"{f}\""))
         .collect();
-    ApiError::BadRequest(format!("strict decoding error: {}", list.join(", ")))
+    let (kind, version) = (ctx.res.kind, ctx.res.version);
+    ApiError::BadRequest(format!(
+        "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+        list.join(", ")
+    ))
+}
+
+fn bad_patch(e: String) -> ApiError {
+    ApiError::BadRequest(format!("the patch could not be applied: {e}"))
 }
 
 /// Ok if there are no `causes`, else the 422 listing them.
@@ -1350,7 +1358,7 @@ fn check_custom(ctx: &Ctx<'_>, c: &crd::Custom, o: &mut Value) -> Result<(), Api
         let _ = crd::admit(c.schema(), o);
     }
     if strict(ctx) && !a.unknown.is_empty() {
-        return Err(unknown_fields(&a.unknown));
+        return Err(unknown_fields(ctx, &a.unknown));
     }
     let mut causes = a.causes;
     causes.extend(admit::validate(ctx.res.group, ctx.res.kind, o));
@@ -1734,6 +1742,15 @@ async fn admit_new(ctx: &Ctx<'_>, o: &mut Value, uid: &str) -> Result<(), ApiErr
     }
     if (ctx.res.group, ctx.res.kind) == ("batch", "Job") {
         admit::job_selector(o, uid);
+        // As batch/v1's defaults: a Job without labels shows its pods' (the generated
+        // job-name and controller-uid among them).
+        let none = o["metadata"]["labels"]
+            .as_object()
+            .is_none_or(|m| m.is_empty());
+        let template = o["spec"]["template"]["metadata"]["labels"].clone();
+        if none && template.is_object() {
+            meta(o).insert("labels".into(), template);
+        }
     }
     if (ctx.res.group, ctx.res.kind) == ("certificates.k8s.io", "CertificateSigningRequest") {
         // Who asked, as the API server records it whatever the body says.
@@ -3064,12 +3081,18 @@ async fn patch_object(
 ) -> Result<(StatusCode, Value, Option<Vec<u8>>), ApiError> {
     let apply_patch = |doc: &mut Value| -> Result<(), ApiError> {
         match kind {
-            patch::Kind::Json => patch::json_patch(doc, &body),
-            patch::Kind::Merge => patch::merge_patch(doc, &body),
-            patch::Kind::Strategic => patch::strategic(doc, &body),
+            // As kube-apiserver: a JSON patch that cannot be applied (a failed `test`, a
+            // missing path) is unprocessable, a 422; a malformed one of the others, a 400.
+            patch::Kind::Json => patch::json_patch(doc, &body).map_err(|e| match e {
+                e if e.starts_with(patch::MALFORMED) => bad_patch(e),
+                e => ApiError::Denied(json!({"kind": "Status", "apiVersion": "v1",
+                    "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422,
+                    "message": format!("the patch could not be applied: {e}")})),
+            }),
+            patch::Kind::Merge => patch::merge_patch(doc, &body).map_err(bad_patch),
+            patch::Kind::Strategic => patch::strategic(doc, &body).map_err(bad_patch),
             patch::Kind::Apply => Ok(()),
         }
-        .map_err(|e| ApiError::BadRequest(format!("the patch could not be applied: {e}")))
     };
     if sub == Some(Sub::Scale) {
         let o = scale_update(ctx, name, |scale| {

@@ -126,6 +126,12 @@ fn columns(kind: &str) -> &'static [Col] {
             AGE,
         ],
         "Lease" => &[NAME, ("Holder", "string", "", 0), AGE],
+        "ControllerRevision" => &[
+            NAME,
+            ("Controller", "string", "", 0),
+            ("Revision", "integer", "", 0),
+            AGE,
+        ],
         "RuntimeClass" => &[NAME, ("Handler", "string", "", 0), AGE],
         "PersistentVolumeClaim" => &[
             NAME,
@@ -736,6 +742,28 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
                 age,
             ]
         }
+        "ControllerRevision" => {
+            // As kubectl's printer: the controlling owner as kind.group/name.
+            let owner = meta["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["controller"] == true);
+            let controller = owner.map_or(String::new(), |r| {
+                let kind = r["kind"].as_str().unwrap_or("").to_lowercase();
+                let group = r["apiVersion"]
+                    .as_str()
+                    .and_then(|v| v.rsplit_once('/'))
+                    .map_or(String::new(), |(g, _)| format!(".{g}"));
+                format!("{kind}{group}/{}", r["name"].as_str().unwrap_or(""))
+            });
+            vec![
+                name,
+                json!(controller),
+                json!(o["revision"].as_i64().unwrap_or(0)),
+                age,
+            ]
+        }
         "Lease" => vec![
             name,
             json!(spec["holderIdentity"].as_str().unwrap_or("")),
@@ -1147,5 +1175,19 @@ mod tests {
             columns("Pod").len(),
             r["cells"].as_array().map_or(0, Vec::len)
         );
+    }
+
+    #[test]
+    fn controller_revision_row() {
+        let cr = json!({"metadata": {"name": "web-5d4f", "creationTimestamp": "2026-01-01T00:00:00Z",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web",
+                "uid": "u", "controller": true}]}, "revision": 2});
+        let now = seconds(&json!("2026-01-01T00:01:00Z")).unwrap();
+        let r = row("ControllerRevision", &cr, Include::Metadata, now);
+        assert_eq!(
+            r["cells"],
+            json!(["web-5d4f", "statefulset.apps/web", 2, "60s"])
+        );
+        assert_eq!(columns("ControllerRevision").len(), 4);
     }
 }

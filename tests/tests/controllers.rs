@@ -517,7 +517,10 @@ fn daemonsets_follow_nodes_and_jobs_finish() -> anyhow::Result<()> {
     .expect_ok("wait complete")?;
     assert_eq!(field(&up, &["job", "ok"], "{.status.succeeded}")?, "3");
     // Made without labels, it shows its pods'.
-    assert_eq!(field(&up, &["job", "ok"], "{.metadata.labels.job-name}")?, "ok");
+    assert_eq!(
+        field(&up, &["job", "ok"], "{.metadata.labels.job-name}")?,
+        "ok"
+    );
     let listed = up
         .kubectl(&["get", "job", "ok"])?
         .expect_ok("get job")?

@@ -2641,6 +2641,25 @@ fn token_secrets_and_reviews_for_other_users() -> anyhow::Result<()> {
         "{}",
         who.stdout
     );
+    // A service account reads how to check its token: the issuer's discovery and keys.
+    let oidc = json(
+        &robot(&["get", "--raw", "/.well-known/openid-configuration"])?
+            .expect_ok("issuer discovery")?
+            .stdout,
+    )?;
+    ensure!(
+        oidc["issuer"] == "https://kubernetes.default.svc.cluster.local"
+            && oidc["jwks_uri"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("/openid/v1/jwks")),
+        "{oidc}"
+    );
+    let keys = json(
+        &robot(&["get", "--raw", "/openid/v1/jwks"])?
+            .expect_ok("issuer keys")?
+            .stdout,
+    )?;
+    ensure!(keys["keys"][0]["kty"] == "EC", "{keys}");
 
     // TokenReview and SubjectAccessReview: RBAC decides who may ask. (kubectl's own
     // validation of a review kind lists CRDs, which this user may not: skipped, as it must be

@@ -389,6 +389,45 @@ pub fn bootstrap_objects() -> Vec<(&'static str, &'static str, Value)> {
                 "system:monitoring",
             ),
         ),
+        // Service accounts may read how to check their tokens (the issuer's discovery and
+        // keys), and anyone signed in the version and health.
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "system:service-account-issuer-discovery",
+                json!([{"nonResourceURLs": ["/.well-known/openid-configuration",
+                        "/.well-known/openid-configuration/", "/openid/v1/jwks",
+                        "/openid/v1/jwks/"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            crb(
+                "system:service-account-issuer-discovery",
+                "system:service-account-issuer-discovery",
+                "system:serviceaccounts",
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            cr(
+                "system:public-info-viewer",
+                json!([{"nonResourceURLs": ["/healthz", "/livez", "/readyz", "/version",
+                        "/version/"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            crb(
+                "system:public-info-viewer",
+                "system:public-info-viewer",
+                "system:authenticated",
+            ),
+        ),
         // What a component that checks its callers through the API server needs (an
         // operator's kube-rbac-proxy binds its service account to it).
         (

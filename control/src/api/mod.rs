@@ -542,6 +542,22 @@ async fn dispatch(api: &Arc<Api>, user: User, req: Request) -> Result<Response, 
                     parts.method
                 )));
             }
+            if let (Some(signer), true) = (
+                &api.signer,
+                matches!(p, "/.well-known/openid-configuration" | "/openid/v1/jwks"),
+            ) {
+                let host = parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or(parts.uri.authority().map(|a| a.as_str()))
+                    .unwrap_or("kubernetes.default.svc");
+                let (ct, v) = match p {
+                    "/openid/v1/jwks" => ("application/jwk-set+json", signer.jwks()),
+                    _ => ("application/json", token::discovery(host)),
+                };
+                return Ok(([(header::CONTENT_TYPE, ct)], v.to_string()).into_response());
+            }
             return non_resource_get(api, &segs, &accept);
         }
     };

@@ -57,6 +57,18 @@ impl Signer {
         Ok(Signer { key, kid })
     }
 
+    /// The public key as a JSON Web Key Set, as `/openid/v1/jwks` serves it.
+    pub fn jwks(&self) -> Value {
+        // An uncompressed P-256 point: 0x04, then x and y.
+        let point = self.key.public_key().as_ref();
+        let (x, y) = point
+            .get(1..)
+            .unwrap_or_default()
+            .split_at(point.len().saturating_sub(1) / 2);
+        json!({"keys": [{"use": "sig", "kty": "EC", "kid": self.kid, "crv": "P-256",
+            "alg": "ES256", "x": B64.encode(x), "y": B64.encode(y)}]})
+    }
+
     /// A signed JWT carrying `claims`.
     pub fn sign(&self, claims: &Value) -> Result<String, String> {
         let header = json!({"alg": "ES256", "kid": self.kid});
@@ -191,6 +203,16 @@ fn invalid(name: &str, causes: Vec<Cause>) -> ApiError {
     }
 }
 
+/// The OpenID provider configuration of the service account issuer, as
+/// `/.well-known/openid-configuration` serves it, its key set at `host` (the address the
+/// client reached the API at), so that a relying party outside the cluster (Vault's JWT
+/// auth, a cloud's workload identity) can check the cluster's tokens.
+pub fn discovery(host: &str) -> Value {
+    json!({"issuer": ISSUER, "jwks_uri": format!("https://{host}/openid/v1/jwks"),
+        "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"]})
+}
+
 /// Answer a TokenRequest for the ServiceAccount `sa` (as stored): the request with its
 /// `status.token` and `status.expirationTimestamp`.
 pub async fn issue(api: &Arc<Api>, sa: &Value, req: &Value) -> Result<Value, ApiError> {
@@ -307,6 +329,34 @@ mod tests {
     fn signer() -> Signer {
         let pair = rcgen::KeyPair::generate().unwrap();
         Signer::from_pkcs8(&pair.serialize_der()).unwrap()
+    }
+
+    #[test]
+    fn the_published_key_checks_the_tokens() {
+        let a = signer();
+        let t = a.sign(&json!({"sub": "x"})).unwrap();
+        let set = a.jwks();
+        let k = &set["keys"][0];
+        assert_eq!(
+            (&k["kty"], &k["crv"], &k["alg"]),
+            (&json!("EC"), &json!("P-256"), &json!("ES256"))
+        );
+        let header: Value =
+            serde_json::from_slice(&B64.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
+        assert_eq!(header["kid"], k["kid"]);
+        // What a relying party does: the point from x and y, the signature over the first two parts.
+        let mut point = vec![4u8];
+        for c in ["x", "y"] {
+            point.extend(B64.decode(k[c].as_str().unwrap()).unwrap());
+        }
+        let (input, sig) = t.rsplit_once('.').unwrap();
+        let key = signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point);
+        assert!(key
+            .verify(input.as_bytes(), &B64.decode(sig).unwrap())
+            .is_ok());
+        let d = discovery("10.0.0.1:6443");
+        assert_eq!(d["issuer"], ISSUER);
+        assert_eq!(d["jwks_uri"], "https://10.0.0.1:6443/openid/v1/jwks");
     }
 
     #[test]

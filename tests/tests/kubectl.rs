@@ -265,6 +265,25 @@ fn writes_patches_and_errors() -> anyhow::Result<()> {
     ensure!(j["spec"]["replicas"] == 3 && j["metadata"]["generation"] == 2);
     ensure!(j["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27");
     ensure!(j["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "1");
+    // What the controllers write is kube-controller-manager's, as its managedFields say.
+    let rs = up
+        .kubectl(&[
+            "get",
+            "rs",
+            "-l",
+            "app=web",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.items[0].metadata.managedFields[*].manager}",
+        ])?
+        .expect_ok("replicaset managers")?;
+    ensure!(
+        rs.stdout
+            .split_whitespace()
+            .all(|m| m == "kube-controller-manager"),
+        "{}",
+        rs.stdout
+    );
     // Every new object with a status has one, if only `{}`, whatever the body said.
     let fresh = json(
         &up.kubectl_in(

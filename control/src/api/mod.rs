@@ -364,7 +364,17 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
         .map_err(|_| ApiError::TooLarge(MAX_BODY))
 }
 
-/// Decode a request body by its Content-Type (JSON when none is given).
+/// The component a control-plane identity belongs to, as Kubernetes names its field
+/// manager: the scheduler's writes are `kube-scheduler`'s, the API server's own
+/// `kube-apiserver`'s, every controller's `kube-controller-manager`'s.
+fn component(user: &str) -> &'static str {
+    match user {
+        "system:kube-scheduler" => "kube-scheduler",
+        u if u.starts_with("system:apiextensions") => "kube-apiserver",
+        _ => "kube-controller-manager",
+    }
+}
+
 /// A request to the API from inside the control plane (scheduler, controllers) as `user`,
 /// through the same router, admission and authorization as any client's: the status and
 /// the JSON body.
@@ -381,6 +391,7 @@ pub async fn call_as(
         .method(method)
         .uri(path)
         .header(header::CONTENT_TYPE, content_type)
+        .header(header::USER_AGENT, component(&user.name))
         .body(Body::from(body.to_string()))
     else {
         return (400, Value::Null);
@@ -397,6 +408,7 @@ pub async fn call_as(
     )
 }
 
+/// Decode a request body by its Content-Type (JSON when none is given).
 pub fn decode_body(content_type: Option<&str>, bytes: &[u8]) -> Result<Value, ApiError> {
     let base = content_type
         .and_then(|c| c.split(';').next())

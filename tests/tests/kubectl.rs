@@ -1379,6 +1379,17 @@ fn ingresses_autoscalers_policies_and_priorities() -> anyhow::Result<()> {
     let (_d, up) = up()?;
     up.kubectl_in(&["apply", "-f", "-"], EXTRAS)?
         .expect_ok("apply extras")?;
+    // What a CSI driver's, metrics-server's or a chart's manifests carry is stored, and the
+    // metrics this API serves itself keep answering.
+    let carried = "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {name: v1beta1.metrics.k8s.io}\nspec: {service: {name: metrics-server, namespace: kube-system}, group: metrics.k8s.io, version: v1beta1, groupPriorityMinimum: 100, versionPriority: 100}\n---\napiVersion: storage.k8s.io/v1\nkind: CSIDriver\nmetadata: {name: nfs.csi.k8s.io}\nspec: {attachRequired: false}\n---\napiVersion: flowcontrol.apiserver.k8s.io/v1\nkind: FlowSchema\nmetadata: {name: fs}\nspec: {priorityLevelConfiguration: {name: global-default}, matchingPrecedence: 1000}\n";
+    up.kubectl_in(&["apply", "-f", "-"], carried)?
+        .expect_ok("apply carried kinds")?;
+    let names = up
+        .kubectl(&["get", "apiservices,csidrivers,flowschemas", "-o", "name"])?
+        .expect_ok("get carried kinds")?;
+    ensure!(names.stdout.lines().count() == 3, "{}", names.stdout);
+    up.kubectl(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes"])?
+        .expect_ok("metrics still served")?;
     let got = up
         .kubectl(&["get", "ingress,netpol,hpa", "--no-headers"])?
         .expect_ok("get extras")?;

@@ -228,9 +228,10 @@ use k8s_openapi::api::{
     admissionregistration::v1 as admreg, apps::v1 as apps, authentication::v1 as authn,
     authorization::v1 as authz, autoscaling::v2 as autoscaling, batch::v1 as batch,
     certificates::v1 as certs, coordination::v1 as coord, core::v1 as core, discovery::v1 as disc,
-    events::v1 as events, networking::v1 as net, node::v1 as node, policy::v1 as policy,
-    rbac::v1 as rbac, scheduling::v1 as sched, storage::v1 as storage,
+    events::v1 as events, flowcontrol::v1 as flow, networking::v1 as net, node::v1 as node,
+    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as sched, storage::v1 as storage,
 };
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1 as apireg;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
 
@@ -272,6 +273,16 @@ resources! {
     sched::PriorityClass => { "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", short: ["pc"], namespaced: false, categories: [], subs: [], stored: true },
     node::RuntimeClass => { "node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", short: [], namespaced: false, categories: [], subs: [], stored: true },
     storage::StorageClass => { "storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", short: ["sc"], namespaced: false, categories: [], subs: [], stored: true },
+    // Stored for the manifests that carry them (a CSI driver's, metrics-server's APIService,
+    // a chart's flow control), not acted on: storage goes through local-path, metrics are
+    // served by this API itself, and requests are not queued by priority.
+    storage::CSIDriver => { "storage.k8s.io", "v1", "CSIDriver", "csidrivers", "csidriver", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    storage::CSINode => { "storage.k8s.io", "v1", "CSINode", "csinodes", "csinode", short: [], namespaced: false, categories: [], subs: [], stored: true },
+    storage::VolumeAttachment => { "storage.k8s.io", "v1", "VolumeAttachment", "volumeattachments", "volumeattachment", short: [], namespaced: false, categories: [], subs: [Status], stored: true },
+    storage::CSIStorageCapacity => { "storage.k8s.io", "v1", "CSIStorageCapacity", "csistoragecapacities", "csistoragecapacity", short: [], namespaced: true, categories: [], subs: [], stored: true },
+    apireg::APIService => { "apiregistration.k8s.io", "v1", "APIService", "apiservices", "apiservice", short: [], namespaced: false, categories: ["api-extensions"], subs: [Status], stored: true },
+    flow::FlowSchema => { "flowcontrol.apiserver.k8s.io", "v1", "FlowSchema", "flowschemas", "flowschema", short: [], namespaced: false, categories: [], subs: [Status], stored: true },
+    flow::PriorityLevelConfiguration => { "flowcontrol.apiserver.k8s.io", "v1", "PriorityLevelConfiguration", "prioritylevelconfigurations", "prioritylevelconfiguration", short: [], namespaced: false, categories: [], subs: [Status], stored: true },
     disc::EndpointSlice => { "discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", short: [], namespaced: true, categories: [], subs: [], stored: true },
     policy::PodDisruptionBudget => { "policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", "poddisruptionbudget", short: ["pdb"], namespaced: true, categories: [], subs: [Status], stored: true },
     rbac::Role => { "rbac.authorization.k8s.io", "v1", "Role", "roles", "role", short: [], namespaced: true, categories: [], subs: [], stored: true },

@@ -435,6 +435,15 @@ impl Run {
         }
         Ok(self)
     }
+
+    /// [`Run::expect_err`], saying `why` on stderr.
+    pub fn expect_refusal(self, what: &str, why: &str) -> anyhow::Result<Run> {
+        let r = self.expect_err(what)?;
+        if !r.stderr.contains(why) {
+            bail!("{what} failed without {why:?}:\nstderr: {}", r.stderr);
+        }
+        Ok(r)
+    }
 }
 
 /// A kubectl binary: the one on PATH, or `kubectl.1.NN` installed beside its real file.

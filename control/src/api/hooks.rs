@@ -575,7 +575,7 @@ async fn call_mutating(
     // A patch that does not apply fails the request whatever the failure policy, as in
     // Kubernetes.
     let mut next = o.clone();
-    super::patch::json_patch(&mut next, &ops).map_err(failed)?;
+    super::patch::json_patch(&mut next, &ops).map_err(|e| failed(e.to_string()))?;
     for k in ["name", "namespace", "uid"] {
         if next["metadata"][k] != o["metadata"][k] {
             return Err(failed(format!("metadata.{k} may not be changed")));

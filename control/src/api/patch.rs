@@ -28,14 +28,28 @@ impl Kind {
     }
 }
 
-/// How the error of a JSON patch that is not one begins (the others failed to apply).
-pub const MALFORMED: &str = "invalid JSON patch";
+/// Why a JSON patch failed: it is not one, or it did not apply (a failed `test`, a missing
+/// path), which kube-apiserver answers differently (400, 422).
+#[derive(Debug)]
+pub enum JsonPatchError {
+    Malformed(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for JsonPatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JsonPatchError::Malformed(e) => write!(f, "invalid JSON patch: {e}"),
+            JsonPatchError::Failed(e) => f.write_str(e),
+        }
+    }
+}
 
 /// RFC 6902.
-pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), String> {
-    let ops: json_patch::Patch =
-        serde_json::from_value(patch.clone()).map_err(|e| format!("{MALFORMED}: {e}"))?;
-    json_patch::patch(doc, &ops.0).map_err(|e| e.to_string())
+pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), JsonPatchError> {
+    let ops: json_patch::Patch = serde_json::from_value(patch.clone())
+        .map_err(|e| JsonPatchError::Malformed(e.to_string()))?;
+    json_patch::patch(doc, &ops.0).map_err(|e| JsonPatchError::Failed(e.to_string()))
 }
 
 /// RFC 7386.

@@ -3084,10 +3084,10 @@ async fn patch_object(
             // As kube-apiserver: a JSON patch that cannot be applied (a failed `test`, a
             // missing path) is unprocessable, a 422; a malformed one of the others, a 400.
             patch::Kind::Json => patch::json_patch(doc, &body).map_err(|e| match e {
-                e if e.starts_with(patch::MALFORMED) => bad_patch(e),
-                e => ApiError::Denied(json!({"kind": "Status", "apiVersion": "v1",
-                    "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422,
-                    "message": format!("the patch could not be applied: {e}")})),
+                patch::JsonPatchError::Malformed(_) => bad_patch(e.to_string()),
+                patch::JsonPatchError::Failed(_) => ApiError::Denied(json!({"kind": "Status",
+                    "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid",
+                    "code": 422, "message": format!("the patch could not be applied: {e}")})),
             }),
             patch::Kind::Merge => patch::merge_patch(doc, &body).map_err(bad_patch),
             patch::Kind::Strategic => patch::strategic(doc, &body).map_err(bad_patch),

@@ -44,41 +44,20 @@ async fn follow(api: &Arc<Api>) -> Result<(), String> {
                     continue;
                 };
                 let name = csr["metadata"]["name"].as_str().unwrap_or("");
+                let path =
+                    format!("/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}");
                 if expired(&csr, jiff::Timestamp::now().as_second()) {
-                    let path =
-                        format!("/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}");
-                    let user = system_user("system:kube-controller-manager");
-                    let (code, v) = crate::api::call_as(
+                    write(api, "DELETE", &path, "application/json", &json!({})).await;
+                } else if let Some(status) = decide(api, &csr) {
+                    let body = json!({"status": status});
+                    write(
                         api,
-                        &user,
-                        "DELETE",
-                        &path,
-                        "application/json",
-                        &json!({}),
-                    )
-                    .await;
-                    if !(200..300).contains(&code) && code != 404 {
-                        tracing::warn!(csr = name, code, message = %v["message"], "old CSR not removed");
-                    }
-                    continue;
-                }
-                if let Some(status) = decide(api, &csr) {
-                    let path = format!(
-                        "/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/status"
-                    );
-                    let user = system_user("system:kube-controller-manager");
-                    let (code, v) = crate::api::call_as(
-                        api,
-                        &user,
                         "PATCH",
-                        &path,
+                        &format!("{path}/status"),
                         "application/merge-patch+json",
-                        &json!({"status": status}),
+                        &body,
                     )
                     .await;
-                    if !(200..300).contains(&code) {
-                        tracing::warn!(csr = name, code, message = %v["message"], "CSR status not written");
-                    }
                 }
             }
         }
@@ -90,6 +69,15 @@ async fn follow(api: &Arc<Api>) -> Result<(), String> {
         if let Ok(None) = tokio::time::timeout(RESYNC, w.next()).await {
             return Err("the CSR watch ended".into());
         }
+    }
+}
+
+/// One write as kube-controller-manager; a refusal other than NotFound is logged.
+async fn write(api: &Arc<Api>, method: &str, path: &str, ct: &str, body: &Value) {
+    let user = system_user("system:kube-controller-manager");
+    let (code, v) = crate::api::call_as(api, &user, method, path, ct, body).await;
+    if !(200..300).contains(&code) && code != 404 {
+        tracing::warn!(%method, %path, code, message = %v["message"], "CSR write refused");
     }
 }
 

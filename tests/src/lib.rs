@@ -295,6 +295,14 @@ pub async fn cluster_with(
         Ok(s["voters"].as_array().map_or(0, |v| v.len()) == n as usize)
     })
     .await?;
+    // A member's Kubernetes API listens a moment after it has joined as a voter.
+    eventually(30, "every member's API to listen", || async {
+        Ok(members
+            .iter()
+            .filter_map(|m| m.api.as_deref())
+            .all(|a| std::net::TcpStream::connect(a).is_ok()))
+    })
+    .await?;
     Ok(members)
 }
 

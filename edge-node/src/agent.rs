@@ -867,7 +867,12 @@ impl Agent {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let resources = json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": self.max_pods.to_string()});
+        let disk = disk_bytes(&self.dir);
+        let capacity = json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"),
+            "pods": self.max_pods.to_string(), "ephemeral-storage": format!("{}Ki", disk / 1024)});
+        let mut allocatable = capacity.clone();
+        // Less the kubelet's default hard eviction threshold (`nodefs.available<10%`).
+        allocatable["ephemeral-storage"] = json!((disk - disk / 10).to_string());
         let mut node = json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": self.node, "labels": {
@@ -876,7 +881,7 @@ impl Agent {
                 "beta.kubernetes.io/os": "linux", "outpost.dev/runtime-wasm": "true",
                 "outpost.dev/runtime-oci": if self.oci.is_ok() { "true" } else { "false" }}},
             "status": {
-                "capacity": resources, "allocatable": resources,
+                "capacity": capacity, "allocatable": allocatable,
                 "conditions": [
                     {"type": "Ready", "status": "True", "reason": "KubeletReady",
                      "message": "outpost-node is posting ready status",
@@ -2313,6 +2318,16 @@ fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
 /// The node's CPUs, its allocatable CPU.
 fn node_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The size in bytes of the file system holding `dir` (the node's pods' logs, empty dirs and
+/// writable layers): its ephemeral storage.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    // The fields are type aliases, 32 bits wide on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    nix::sys::statvfs::statvfs(dir).map_or(0, |s| {
+        (s.blocks() as u64).saturating_mul(s.fragment_size() as u64)
+    })
 }
 
 /// The node's memory in bytes, its allocatable memory.

@@ -191,3 +191,106 @@ fn pods_follow_taints_selectors_cordons_and_room() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn extended_resources_ephemeral_storage_and_bad_quantities() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let module = example("sleeper")?;
+    up.outpost(&["module", "push", module.to_str().unwrap_or_default()])?
+        .expect_ok("module push")?;
+    let node = up
+        .kubectl(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"])?
+        .expect_ok("get nodes")?
+        .stdout;
+    // The node reports its disk as ephemeral storage.
+    let disk = up
+        .kubectl(&[
+            "get",
+            "node",
+            &node,
+            "-o",
+            "jsonpath={.status.allocatable.ephemeral-storage}",
+        ])?
+        .expect_ok("get node")?
+        .stdout;
+    let bytes = outpost_api::quantity::bytes(&disk).unwrap_or(0);
+    assert!(bytes > 1 << 20, "allocatable ephemeral-storage {disk:?}");
+
+    // A quantity that does not parse cannot be decoded, as kube-apiserver answers.
+    let typo = "    resources:\n      limits:\n        memory: 512mb\n";
+    up.kubectl_in(&["apply", "-f", "-"], &pod("typo", "", typo))?
+        .expect_refusal(
+            "a bad quantity",
+            "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$' (spec.containers[0].resources.limits[memory]: \"512mb\")",
+        )?;
+    let over = "    resources:\n      requests:\n        cpu: 2\n      limits:\n        cpu: 1\n";
+    up.kubectl_in(&["apply", "-f", "-"], &pod("over", "", over))?
+        .expect_refusal(
+            "a request over its limit",
+            "spec.containers[0].resources.requests[cpu]: Invalid value: \"2\": must be less than or equal to cpu limit of 1",
+        )?;
+
+    // More disk than the node has, and a resource it does not advertise: both wait.
+    let disk = "    resources:\n      requests:\n        ephemeral-storage: 1Ei\n";
+    up.kubectl_in(&["apply", "-f", "-"], &pod("disk", "", disk))?
+        .expect_ok("apply disk")?;
+    assert_eq!(
+        unschedulable(&up, "disk")?,
+        "0/1 nodes are available: 1 Insufficient ephemeral-storage."
+    );
+    let dongle = "    resources:\n      limits:\n        example.com/dongle: 1\n";
+    up.kubectl_in(&["apply", "-f", "-"], &pod("dongle-0", "", dongle))?
+        .expect_ok("apply dongle-0")?;
+    assert_eq!(
+        unschedulable(&up, "dongle-0")?,
+        "0/1 nodes are available: 1 Insufficient example.com/dongle."
+    );
+    // Advertised as Kubernetes documents it (a JSON patch of the node's capacity), the
+    // resource is allocatable, the waiting pod is placed, and a second one waits for it.
+    up.kubectl(&[
+        "patch",
+        "node",
+        &node,
+        "--subresource=status",
+        "--type=json",
+        "-p",
+        r#"[{"op": "add", "path": "/status/capacity/example.com~1dongle", "value": "1"}]"#,
+    ])?
+    .expect_ok("advertise the dongle")?;
+    up.wait_field(
+        10,
+        &["node", &node],
+        "{.status.allocatable.example\\.com/dongle}",
+        |n| n == "1",
+    )?;
+    assert_eq!(node_of(&up, "dongle-0")?, node);
+    up.wait_field(30, &["pod", "dongle-0"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let requested = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "dongle-0",
+            "-o",
+            "jsonpath={.spec.containers[0].resources.requests.example\\.com/dongle}",
+        ])?
+        .expect_ok("get dongle-0")?
+        .stdout;
+    assert_eq!(requested, "1", "requests default to limits");
+    up.kubectl_in(&["apply", "-f", "-"], &pod("dongle-1", "", dongle))?
+        .expect_ok("apply dongle-1")?;
+    assert_eq!(
+        unschedulable(&up, "dongle-1")?,
+        "0/1 nodes are available: 1 Insufficient example.com/dongle."
+    );
+    up.kubectl(&["delete", "pod", "dongle-0", "--grace-period=1"])?
+        .expect_ok("delete dongle-0")?;
+    assert_eq!(
+        node_of(&up, "dongle-1")?,
+        node,
+        "the freed dongle goes to the waiting pod"
+    );
+    Ok(())
+}

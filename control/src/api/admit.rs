@@ -2,6 +2,7 @@
 //! Pure functions over JSON values; whatever needs the store (service IPs, namespaces) is
 //! done by the caller.
 
+use outpost_api::quantity::Quantity;
 use serde_json::{json, Map, Value};
 
 use super::error::Cause;
@@ -91,6 +92,41 @@ fn default_container(c: &mut Value) {
                 or(p, "successThreshold", json!(1));
                 or(p, "failureThreshold", json!(3));
             }
+        }
+    }
+}
+
+/// A pod's containers request what they limit unless they say otherwise (pods only, not
+/// templates, as in Kubernetes).
+fn requests_from_limits(spec: &mut Value) {
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            let Some(limits) = c["resources"]["limits"].as_object().cloned() else {
+                continue;
+            };
+            let requests = child(child(c, "resources"), "requests");
+            for (k, v) in limits {
+                if requests.get(&k).is_none() {
+                    obj(requests).insert(k, v);
+                }
+            }
+        }
+    }
+}
+
+/// A node offers the extended resources its capacity lists (an administrator advertises
+/// one by patching the capacity, as in Kubernetes), and no others; its agent sets the rest
+/// of its allocatable itself.
+fn allocatable_from_capacity(node: &mut Value) {
+    let Some(capacity) = node["status"]["capacity"].as_object().cloned() else {
+        return;
+    };
+    let extended = |k: &str| k.contains('/') && !k.contains("kubernetes.io/");
+    let alloc = child(child(node, "status"), "allocatable");
+    obj(alloc).retain(|k, _| !extended(k) || capacity.contains_key(k));
+    for (k, v) in capacity {
+        if extended(&k) && alloc.get(&k).is_none() {
+            obj(alloc).insert(k, v);
         }
     }
 }
@@ -213,9 +249,11 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
             super::hooks::default_config(o, false)
         }
         ("", "LimitRange") => super::quota::default_limit_range(o),
+        ("", "Node") => allocatable_from_capacity(o),
         ("", "Pod") => {
             let spec = child(o, "spec");
             default_pod_spec(spec, "Always");
+            requests_from_limits(spec);
             or(spec, "serviceAccountName", json!("default"));
             or(spec, "enableServiceLinks", json!(true));
             or(spec, "priority", json!(0));
@@ -700,6 +738,7 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
                     &f,
                     out,
                 );
+                check_resources(&c["resources"], &format!("{f}.resources"), out);
                 for (j, e) in c["env"].as_array().into_iter().flatten().enumerate() {
                     if e["name"].as_str().unwrap_or("").is_empty() {
                         out.push(Cause::required(format!("{f}.env[{j}].name")));
@@ -727,6 +766,18 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
             }
         }
     }
+    for (i, c) in spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        check_resources(
+            &c["resources"],
+            &format!("{at}.initContainers[{i}].resources"),
+            out,
+        );
+    }
     one_of(
         spec,
         "dnsPolicy",
@@ -743,6 +794,141 @@ fn check_pod_spec(spec: &Value, at: &str, out: &mut Vec<Cause>) {
             ));
         }
     }
+}
+
+/// A container's requests and limits, as kube-apiserver checks them: resource names a
+/// container may ask for, no negative amounts, requests within limits, and extended
+/// resources (`example.com/dongle`) in whole numbers that cannot be overcommitted.
+fn check_resources(r: &Value, at: &str, out: &mut Vec<Cause>) {
+    let amounts = |field: &str| -> Vec<(&str, &str, Quantity)> {
+        r[field]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?, Quantity::parse(v.as_str()?)?)))
+            .collect()
+    };
+    let (requests, limits) = (amounts("requests"), amounts("limits"));
+    for (field, list) in [("limits", &limits), ("requests", &requests)] {
+        for (name, text, q) in list {
+            let path = format!("{at}.{field}[{name}]");
+            let extended = !name.contains("kubernetes.io/") && name.contains('/');
+            let standard = matches!(*name, "cpu" | "memory" | "ephemeral-storage")
+                || name.starts_with("hugepages-");
+            if !standard && !extended {
+                let why = if name.contains('/') || STANDARD_RESOURCES.contains(name) {
+                    "must be a standard resource for containers"
+                } else {
+                    "must be a standard resource type or fully qualified"
+                };
+                out.push(Cause::invalid(&path, name, why));
+            } else if q.is_negative() {
+                out.push(Cause::invalid(
+                    &path,
+                    text,
+                    "must be greater than or equal to 0",
+                ));
+            } else if extended && !q.is_integer() {
+                out.push(Cause::invalid(&path, text, "must be an integer"));
+            }
+        }
+    }
+    for (name, text, q) in &requests {
+        let extended = !name.contains("kubernetes.io/") && name.contains('/');
+        let path = format!("{at}.requests[{name}]");
+        match limits.iter().find(|(n, ..)| n == name) {
+            Some((_, lim, l)) if extended && q.milli() != l.milli() => out.push(Cause::invalid(
+                &path,
+                text,
+                &format!("must be equal to {name} limit of {lim}"),
+            )),
+            Some((_, lim, l)) if q.milli() > l.milli() => out.push(Cause::invalid(
+                &path,
+                text,
+                &format!("must be less than or equal to {name} limit of {lim}"),
+            )),
+            None if extended => out.push(Cause::required_msg(
+                format!("{at}.limits"),
+                "Limit must be set for non overcommitable resources",
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// Resource names Kubernetes knows that are not a container's to ask for.
+const STANDARD_RESOURCES: &[&str] = &[
+    "pods",
+    "services",
+    "storage",
+    "persistentvolumeclaims",
+    "configmaps",
+    "secrets",
+    "replicationcontrollers",
+    "resourcequotas",
+];
+
+/// The first quantity in `o` that does not parse, with where it is: kube-apiserver cannot
+/// decode such an object at all (a 400, not a 422). Looks where built-in kinds hold
+/// quantities: requests and limits, capacity and allocatable, quota amounts, LimitRange
+/// bounds, pod overhead and emptyDir sizes.
+pub fn bad_quantity(o: &Value) -> Option<(String, String)> {
+    fn walk(v: &Value, at: &mut String) -> Option<(String, String)> {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let len = at.len();
+                    if !at.is_empty() {
+                        at.push('.');
+                    }
+                    at.push_str(k);
+                    let holds = matches!(
+                        k.as_str(),
+                        "limits"
+                            | "requests"
+                            | "capacity"
+                            | "allocatable"
+                            | "hard"
+                            | "used"
+                            | "overhead"
+                            | "max"
+                            | "min"
+                            | "default"
+                            | "defaultRequest"
+                    );
+                    let found = match x {
+                        Value::Object(q) if holds => q.iter().find_map(|(name, qv)| {
+                            let text = qv.as_str()?;
+                            Quantity::parse(text)
+                                .is_none()
+                                .then(|| (format!("{at}[{name}]"), text.to_string()))
+                        }),
+                        Value::String(text)
+                            if k == "sizeLimit" && Quantity::parse(text).is_none() =>
+                        {
+                            Some((at.clone(), text.clone()))
+                        }
+                        _ => None,
+                    };
+                    let found = found.or_else(|| walk(x, at));
+                    at.truncate(len);
+                    if found.is_some() {
+                        return found;
+                    }
+                }
+                None
+            }
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, x)| {
+                let len = at.len();
+                at.push_str(&format!("[{i}]"));
+                let found = walk(x, at);
+                at.truncate(len);
+                found
+            }),
+            _ => None,
+        }
+    }
+    walk(o, &mut String::new())
 }
 
 /// Each container's volume mounts name one of the pod's volumes, as the API server checks
@@ -1537,6 +1723,118 @@ mod tests {
         assert_eq!(s["containers"][0]["ports"][0]["protocol"], "TCP");
         assert_eq!(s["containers"][0]["resources"]["limits"]["cpu"], "1");
         assert!(validate("", "Pod", &p).is_empty());
+    }
+
+    #[test]
+    fn container_resources_are_checked() {
+        let pod = |r: Value| {
+            let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+                {"name": "a", "image": "module:x", "resources": r}]}});
+            defaults("", "Pod", &mut p);
+            p
+        };
+        let causes = |r: Value| -> Vec<(String, String)> {
+            validate("", "Pod", &pod(r))
+                .into_iter()
+                .map(|c| (c.field, c.message))
+                .collect()
+        };
+        let at = "spec.containers[0].resources";
+        assert!(causes(json!({"requests": {"cpu": "250m", "memory": "64Mi"},
+            "limits": {"cpu": "1", "memory": "64Mi", "example.com/dongle": "1",
+                "hugepages-2Mi": "2Mi", "ephemeral-storage": "1Gi"}}))
+        .is_empty());
+        // Requests default to limits on pods.
+        let p = pod(json!({"limits": {"cpu": "1", "example.com/dongle": 2}}));
+        assert_eq!(
+            p["spec"]["containers"][0]["resources"]["requests"],
+            json!({"cpu": "1", "example.com/dongle": "2"})
+        );
+        assert_eq!(
+            causes(json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1"}})),
+            [(
+                format!("{at}.requests[cpu]"),
+                "Invalid value: \"2\": must be less than or equal to cpu limit of 1".into()
+            )]
+        );
+        assert_eq!(
+            causes(json!({"limits": {"memory": "-1Mi"}}))[0],
+            (
+                format!("{at}.limits[memory]"),
+                "Invalid value: \"-1Mi\": must be greater than or equal to 0".into()
+            )
+        );
+        assert_eq!(
+            causes(json!({"limits": {"gpu": "1"}}))[0],
+            (
+                format!("{at}.limits[gpu]"),
+                "Invalid value: \"gpu\": must be a standard resource type or fully qualified"
+                    .into()
+            )
+        );
+        assert_eq!(
+            causes(json!({"limits": {"pods": "1"}}))[0].1,
+            "Invalid value: \"pods\": must be a standard resource for containers"
+        );
+        assert_eq!(
+            causes(json!({"limits": {"example.com/dongle": "500m"}}))[0],
+            (
+                format!("{at}.limits[example.com/dongle]"),
+                "Invalid value: \"500m\": must be an integer".into()
+            )
+        );
+        assert_eq!(
+            causes(json!({"requests": {"example.com/dongle": "1"},
+                "limits": {"example.com/dongle": "2"}})),
+            [(
+                format!("{at}.requests[example.com/dongle]"),
+                "Invalid value: \"1\": must be equal to example.com/dongle limit of 2".into()
+            )]
+        );
+        assert_eq!(
+            causes(json!({"requests": {"example.com/dongle": "1"}})),
+            [(
+                format!("{at}.limits"),
+                "Required value: Limit must be set for non overcommitable resources".into()
+            )]
+        );
+        // A template is checked too, but its requests are not defaulted.
+        let mut d = json!({"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"a": "b"}},
+            "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [
+                {"name": "a", "image": "i", "resources": {"requests": {"memory": "2Gi"},
+                    "limits": {"memory": "1Gi"}}}]}}}});
+        defaults("apps", "Deployment", &mut d);
+        assert_eq!(
+            validate("apps", "Deployment", &d)[0].field,
+            "spec.template.spec.containers[0].resources.requests[memory]"
+        );
+    }
+
+    #[test]
+    fn quantities_that_do_not_parse_are_found() {
+        let p = json!({"spec": {"containers": [{"name": "a", "resources": {"limits": {"cpu": "1"}}},
+            {"name": "b", "resources": {"limits": {"memory": "512mb"}}}],
+            "volumes": [{"name": "v", "emptyDir": {"sizeLimit": "1Gi"}}]}});
+        assert_eq!(
+            bad_quantity(&p),
+            Some((
+                "spec.containers[1].resources.limits[memory]".into(),
+                "512mb".into()
+            ))
+        );
+        let v = json!({"spec": {"volumes": [{"name": "v", "emptyDir": {"sizeLimit": "lots"}}]}});
+        assert_eq!(
+            bad_quantity(&v),
+            Some(("spec.volumes[0].emptyDir.sizeLimit".into(), "lots".into()))
+        );
+        let q = json!({"spec": {"hard": {"requests.cpu": "4", "count/pods": "10"}},
+            "status": {"used": {"pods": "1"}}});
+        assert_eq!(bad_quantity(&q), None);
+        let lr = json!({"spec": {"limits": [{"type": "Container", "max": {"cpu": "2x"}}]}});
+        assert_eq!(
+            bad_quantity(&lr),
+            Some(("spec.limits[0].max[cpu]".into(), "2x".into()))
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 
+use outpost_api::quantity::Quantity;
 use serde_json::{json, Map, Value};
 
 use super::resources::{self, Resource};
@@ -31,88 +32,17 @@ pub type Usage = BTreeMap<String, u128>;
 const MOST: u128 = 1 << 100;
 
 /// A quantity (`500m`, `1.5`, `64Mi`, `1G`, `2e3`, `1Ei`) in thousandths of its unit,
-/// exactly: decimal digits and powers of ten and two, rounded up once at the end, as
-/// Kubernetes' `MilliValue` does.
+/// exactly, rounded up as Kubernetes' `MilliValue` does; held at [`MOST`] past it.
 pub fn milli(q: &Value) -> Option<u128> {
-    let s = match q {
-        Value::String(s) => s.trim().to_string(),
-        Value::Number(n) => n.to_string(),
+    let q = match q {
+        Value::String(s) => Quantity::parse(s.trim())?,
+        Value::Number(n) => Quantity::parse(&n.to_string())?,
         _ => return None,
     };
-    let b = s.as_bytes();
-    let mut i = usize::from(b.first() == Some(&b'+'));
-    let mut digits = String::new();
-    let mut fraction = 0i32;
-    while i < b.len() && b[i].is_ascii_digit() {
-        digits.push(b[i] as char);
-        i += 1;
-    }
-    if i < b.len() && b[i] == b'.' {
-        i += 1;
-        while i < b.len() && b[i].is_ascii_digit() {
-            digits.push(b[i] as char);
-            fraction += 1;
-            i += 1;
-        }
-    }
-    if digits.is_empty() {
+    if q.is_negative() {
         return None;
     }
-    // An exponent is `e` or `E` with digits after it; a bare `E` (or `Ei`) is a suffix.
-    let mut exp = 0i32;
-    if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
-        let mut j = i + 1;
-        let negative = b.get(j) == Some(&b'-');
-        if matches!(b.get(j), Some(b'-' | b'+')) {
-            j += 1;
-        }
-        let start = j;
-        while j < b.len() && b[j].is_ascii_digit() {
-            j += 1;
-        }
-        if j > start {
-            let e: i32 = s[start..j].parse().unwrap_or(i32::MAX).min(1000);
-            exp = if negative { -e } else { e };
-            i = j;
-        }
-    }
-    let (ten, two): (i32, u32) = match &s[i..] {
-        "" => (0, 0),
-        "n" => (-9, 0),
-        "u" => (-6, 0),
-        "m" => (-3, 0),
-        "k" => (3, 0),
-        "M" => (6, 0),
-        "G" => (9, 0),
-        "T" => (12, 0),
-        "P" => (15, 0),
-        "E" => (18, 0),
-        "Ki" => (0, 10),
-        "Mi" => (0, 20),
-        "Gi" => (0, 30),
-        "Ti" => (0, 40),
-        "Pi" => (0, 50),
-        "Ei" => (0, 60),
-        _ => return None,
-    };
-    let digits = digits.trim_start_matches('0');
-    let mut m: u128 = if digits.len() > 36 {
-        MOST
-    } else {
-        digits.parse().unwrap_or(0)
-    };
-    m = m.saturating_mul(1 << two);
-    let scale = exp + ten + 3 - fraction;
-    if scale >= 0 {
-        for _ in 0..scale.min(40) {
-            m = m.saturating_mul(10);
-        }
-    } else if -scale > 38 {
-        m = u128::from(m > 0);
-    } else {
-        m = m.div_ceil(10u128.pow((-scale) as u32));
-    }
-    Some(m.min(MOST))
+    Some(q.milli().map_or(MOST, |m| (m as u128).min(MOST)))
 }
 
 /// `m` thousandths as a quantity for resource `name`: CPU in cores or millicores, bytes with

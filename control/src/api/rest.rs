@@ -1328,6 +1328,17 @@ fn check(ctx: &Ctx<'_>, o: &mut Value, input: &Value, sub: Option<Sub>) -> Resul
     ]);
     resources::check_types(ctx.res.group, ctx.res.kind, o, only)
         .map_err(|e| ApiError::BadRequest(format!("{} in body is invalid: {e}", ctx.res.kind)))?;
+    // A CRD's schemas hold `default`s and `max`es of their own; a status write keeps the
+    // stored spec.
+    if only.is_none() && ctx.res.kind != "CustomResourceDefinition" {
+        if let Some((field, text)) = admit::bad_quantity(o) {
+            let (kind, version) = (ctx.res.kind, ctx.res.version);
+            return Err(ApiError::BadRequest(format!(
+                "{kind} in version \"{version}\" cannot be handled as a {kind}: quantities must match the regular expression '{}' ({field}: \"{text}\")",
+                outpost_api::quantity::PATTERN
+            )));
+        }
+    }
     // A status write keeps the stored spec: as kube-apiserver, only its metadata is checked
     // again (an object stored by an older build must still take its controllers' status).
     let kind = if only.is_some() { "" } else { ctx.res.kind };

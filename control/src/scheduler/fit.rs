@@ -15,7 +15,7 @@
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 
-use outpost_api::quantity::{bytes, millicores};
+use outpost_api::quantity::{bytes, millicores, Quantity};
 use serde_json::{Map, Value};
 
 use super::topo::{self, PodMeta, Rules};
@@ -24,12 +24,15 @@ use super::topo::{self, PodMeta, Rules};
 const DEFAULT_CPU: u64 = 100;
 const DEFAULT_MEMORY: u64 = 200 << 20;
 
-/// CPU in millicores, memory in bytes, a count of pods.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// CPU in millicores, memory and ephemeral storage in bytes, a count of pods, and extended
+/// resources (`example.com/dongle`, `hugepages-2Mi`) in whole units.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
     pub cpu: u64,
     pub memory: u64,
     pub pods: u64,
+    pub storage: u64,
+    pub extended: Vec<(String, u64)>,
 }
 
 impl Resources {
@@ -37,12 +40,45 @@ impl Resources {
         self.cpu += o.cpu;
         self.memory += o.memory;
         self.pods += o.pods;
+        self.storage += o.storage;
+        for (k, n) in &o.extended {
+            match self.extended.iter_mut().find(|(e, _)| e == k) {
+                Some((_, have)) => *have += n,
+                None => self.extended.push((k.clone(), *n)),
+            }
+        }
     }
     fn sub(&mut self, o: &Resources) {
         self.cpu = self.cpu.saturating_sub(o.cpu);
         self.memory = self.memory.saturating_sub(o.memory);
         self.pods = self.pods.saturating_sub(o.pods);
+        self.storage = self.storage.saturating_sub(o.storage);
+        for (k, n) in &o.extended {
+            if let Some((_, have)) = self.extended.iter_mut().find(|(e, _)| e == k) {
+                *have = have.saturating_sub(*n);
+            }
+        }
+        self.extended.retain(|(_, n)| *n > 0);
     }
+    fn extended(&self, name: &str) -> u64 {
+        self.extended
+            .iter()
+            .find(|(e, _)| e == name)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Resources a scheduler counts by name alone: all but CPU, memory, ephemeral storage and
+/// pods.
+fn is_extended(name: &str) -> bool {
+    !matches!(name, "cpu" | "memory" | "ephemeral-storage" | "pods")
+}
+
+/// A quantity of an extended resource in whole units (rounded up).
+fn units(q: &str) -> Option<u64> {
+    Quantity::parse(q)?
+        .scaled(0)
+        .and_then(|n| u64::try_from(n).ok())
 }
 
 /// A host port a container asks for: protocol, port, host IP ("" for all addresses).
@@ -226,29 +262,53 @@ fn pairs(v: &Value) -> Vec<(String, String)> {
 }
 
 /// A container's requests (its limits where it states no request, as the API defaults).
-fn container_requests(c: &Value) -> (u64, u64) {
+fn container_requests(c: &Value) -> Resources {
+    let r = &c["resources"];
     let get = |k: &str, parse: fn(&str) -> Option<u64>| {
-        c["resources"]["requests"][k]
+        r["requests"][k]
             .as_str()
-            .or(c["resources"]["limits"][k].as_str())
+            .or(r["limits"][k].as_str())
             .and_then(parse)
             .unwrap_or(0)
     };
-    (get("cpu", millicores), get("memory", bytes))
+    let mut extended: Vec<(String, u64)> = Vec::new();
+    for field in ["requests", "limits"] {
+        for (k, v) in r[field].as_object().into_iter().flatten() {
+            if is_extended(k) && !extended.iter().any(|(e, _)| e == k) {
+                let n = v.as_str().and_then(units).unwrap_or(0);
+                if n > 0 {
+                    extended.push((k.clone(), n));
+                }
+            }
+        }
+    }
+    Resources {
+        cpu: get("cpu", millicores),
+        memory: get("memory", bytes),
+        pods: 0,
+        storage: get("ephemeral-storage", bytes),
+        extended,
+    }
 }
 
 /// Read what `pod` needs; `class_selector` is its RuntimeClass's `scheduling.nodeSelector`.
 pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
     let spec = &pod["spec"];
-    let (mut cpu, mut memory) = (0u64, 0u64);
+    let mut requests = Resources {
+        pods: 1,
+        ..Resources::default()
+    };
     let (mut scored_cpu, mut scored_mem) = (0u64, 0u64);
     let mut host_ports = vec![];
     for c in spec["containers"].as_array().into_iter().flatten() {
-        let (c_cpu, c_mem) = container_requests(c);
-        cpu += c_cpu;
-        memory += c_mem;
-        scored_cpu += if c_cpu == 0 { DEFAULT_CPU } else { c_cpu };
-        scored_mem += if c_mem == 0 { DEFAULT_MEMORY } else { c_mem };
+        let r = container_requests(c);
+        scored_cpu += if r.cpu == 0 { DEFAULT_CPU } else { r.cpu };
+        scored_mem += if r.memory == 0 {
+            DEFAULT_MEMORY
+        } else {
+            r.memory
+        };
+        requests.add(&r);
         for p in c["ports"].as_array().into_iter().flatten() {
             let port = p["hostPort"].as_u64().and_then(|p| u16::try_from(p).ok());
             if let Some(port) = port.filter(|p| *p > 0) {
@@ -259,13 +319,21 @@ pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
     }
     // Init containers run one at a time, before the others: the largest one counts.
     for c in spec["initContainers"].as_array().into_iter().flatten() {
-        let (c_cpu, c_mem) = container_requests(c);
-        cpu = cpu.max(c_cpu);
-        memory = memory.max(c_mem);
+        let r = container_requests(c);
+        requests.cpu = requests.cpu.max(r.cpu);
+        requests.memory = requests.memory.max(r.memory);
+        requests.storage = requests.storage.max(r.storage);
+        for (k, n) in r.extended {
+            let have = requests.extended(&k);
+            if n > have {
+                requests.extended.retain(|(e, _)| *e != k);
+                requests.extended.push((k, n));
+            }
+        }
     }
     let overhead = &spec["overhead"];
-    cpu += overhead["cpu"].as_str().and_then(millicores).unwrap_or(0);
-    memory += overhead["memory"].as_str().and_then(bytes).unwrap_or(0);
+    requests.cpu += overhead["cpu"].as_str().and_then(millicores).unwrap_or(0);
+    requests.memory += overhead["memory"].as_str().and_then(bytes).unwrap_or(0);
     let mut selector = pairs(&spec["nodeSelector"]);
     selector.extend(pairs(class_selector));
     let affinity = &spec["affinity"]["nodeAffinity"];
@@ -302,11 +370,7 @@ pub fn needs(pod: &Value, class_selector: &Value) -> Needs {
         .and_then(|o| o["uid"].as_str())
         .map(String::from);
     Needs {
-        requests: Resources {
-            cpu,
-            memory,
-            pods: 1,
-        },
+        requests,
         scored: (scored_cpu, scored_mem),
         host_ports,
         owner,
@@ -374,6 +438,17 @@ impl NodeInfo {
                     .as_str()
                     .and_then(|p| p.parse().ok())
                     .unwrap_or(110),
+                storage: alloc["ephemeral-storage"]
+                    .as_str()
+                    .and_then(bytes)
+                    .unwrap_or(0),
+                extended: alloc
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| is_extended(k))
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str().and_then(units)?)))
+                    .collect(),
             },
             ready: node["status"]["conditions"].as_array().is_some_and(|c| {
                 c.iter()
@@ -393,7 +468,7 @@ impl NodeInfo {
 
     /// Keep what the pods on `old` take when the node object changes.
     pub fn carry(&mut self, old: &NodeInfo) {
-        self.requested = old.requested;
+        self.requested = old.requested.clone();
         self.scored = old.scored;
         self.ports = old.ports.clone();
         self.owners = old.owners.clone();
@@ -535,6 +610,14 @@ pub fn filter(n: &Needs, node: &NodeInfo) -> Vec<String> {
     }
     if q.memory > 0 && r.memory + q.memory > a.memory {
         short.push("Insufficient memory".to_string());
+    }
+    if q.storage > 0 && r.storage + q.storage > a.storage {
+        short.push("Insufficient ephemeral-storage".to_string());
+    }
+    for (k, n) in &q.extended {
+        if r.extended(k) + n > a.extended(k) {
+            short.push(format!("Insufficient {k}"));
+        }
     }
     short
 }
@@ -923,6 +1006,56 @@ mod tests {
         let udp = pod(wasm(json!({"containers": [{"image": "module:x",
             "ports": [{"containerPort": 80, "hostPort": 8080, "protocol": "UDP"}]}]})));
         assert!(filter(&udp, &empty).is_empty(), "another protocol");
+    }
+
+    #[test]
+    fn ephemeral_storage_and_extended_resources_are_counted() {
+        let n = |alloc: Value| {
+            NodeInfo::of(
+                &json!({"metadata": {"name": "n"}, "status": {"allocatable": alloc,
+                "conditions": [{"type": "Ready", "status": "True"}]}}),
+            )
+        };
+        let ask = |r: Value| {
+            pod(json!({"runtimeClassName": "wasm", "containers": [
+                {"image": "module:x", "resources": r}]}))
+        };
+        let mut board = n(json!({"cpu": "4", "memory": "4Gi", "pods": "10",
+            "ephemeral-storage": "10Gi", "example.com/dongle": "2"}));
+        let bare = n(json!({"cpu": "4", "memory": "4Gi", "pods": "10"}));
+        let disk = ask(json!({"requests": {"ephemeral-storage": "6Gi"}}));
+        assert!(filter(&disk, &board).is_empty());
+        assert_eq!(filter(&disk, &bare), ["Insufficient ephemeral-storage"]);
+        board.add(&disk);
+        assert_eq!(filter(&disk, &board), ["Insufficient ephemeral-storage"]);
+        board.remove(&disk);
+        // Extended resources are asked for by limit (requests default to it) and counted.
+        let dongle = ask(json!({"limits": {"example.com/dongle": "1"}}));
+        assert_eq!(
+            dongle.requests.extended,
+            [("example.com/dongle".to_string(), 1)]
+        );
+        assert_eq!(filter(&dongle, &bare), ["Insufficient example.com/dongle"]);
+        board.add(&dongle);
+        board.add(&dongle);
+        assert_eq!(filter(&dongle, &board), ["Insufficient example.com/dongle"]);
+        board.remove(&dongle);
+        assert!(filter(&dongle, &board).is_empty(), "one is free again");
+        let huge = ask(json!({"limits": {"hugepages-2Mi": "4Mi", "memory": "1Gi"}}));
+        assert_eq!(filter(&huge, &board), ["Insufficient hugepages-2Mi"]);
+        // An init container's larger ask counts, not the sum.
+        let init = needs(
+            &json!({"spec": {"runtimeClassName": "wasm",
+                "initContainers": [{"image": "module:i",
+                    "resources": {"limits": {"example.com/dongle": "2"}}}],
+                "containers": [{"image": "module:x",
+                    "resources": {"limits": {"example.com/dongle": "1"}}}]}}),
+            &Value::Null,
+        );
+        assert_eq!(
+            init.requests.extended,
+            [("example.com/dongle".to_string(), 2)]
+        );
     }
 
     #[test]

@@ -950,10 +950,12 @@ pub(crate) fn event_body(
     // events list in the order they happened, which `kubectl describe` keeps for events
     // of the same second.
     let nanos = jiff::Timestamp::now().as_nanosecond();
+    // A cluster-scoped object's events live in `default` but name no namespace for it, which
+    // is what `kubectl describe node` looks them up by.
     json!({"apiVersion": "v1", "kind": "Event",
         "metadata": {"name": format!("{name}.{nanos:x}"), "namespace": ns},
         "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": name,
-            "namespace": ns, "uid": m["uid"]},
+            "namespace": m["namespace"].as_str().unwrap_or(""), "uid": m["uid"]},
         "type": kind, "reason": reason, "message": msg,
         "source": {"component": component}, "reportingComponent": component,
         "firstTimestamp": now, "lastTimestamp": now, "count": 1})

@@ -116,12 +116,16 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
     // decoded, so a large fleet of healthy nodes costs a key scan every 2 s.
     let mut heed: Option<HashSet<String>> = None;
     let mut seen = Seen::default();
+    // Nodes this leadership has registered (announced with a RegisteredNode event, as
+    // kube-controller-manager's node controller does when it first sees each).
+    let mut known: HashSet<String> = HashSet::new();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if !api.store.leads() {
             led_since = None;
             heed = None;
             seen = Seen::default();
+            known.clear();
             continue;
         }
         // A node with no record has been unaccounted for only since this leadership began.
@@ -138,6 +142,28 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
                 continue;
             }
         };
+        for kv in &nodes {
+            let name = kv.key.trim_start_matches(NODES);
+            if known.insert(name.to_string()) {
+                if let Ok(node) = serde_json::from_slice::<Value>(&kv.value) {
+                    let msg = format!("Node {name} event: Registered Node {name} in Controller");
+                    super::event(
+                        &api,
+                        "node-controller",
+                        &node,
+                        "Normal",
+                        "RegisteredNode",
+                        &msg,
+                    )
+                    .await;
+                }
+            }
+        }
+        let current: HashSet<&str> = nodes
+            .iter()
+            .map(|kv| kv.key.trim_start_matches(NODES))
+            .collect();
+        known.retain(|n| current.contains(n.as_str()));
         if let Err(e) = taint_evictions(&api, &nodes, &mut seen).await {
             tracing::debug!(error = %e, "taint eviction pass failed");
         }
@@ -238,6 +264,10 @@ async fn pass(
                 &json!({"spec": {"taints": taints}}),
             )
             .await;
+        }
+        if v.untaint {
+            let msg = format!("Node {name} status is now: NodeReady");
+            super::event(api, "node-controller", node, "Normal", "NodeReady", &msg).await;
         }
         if v.evict {
             evict(api, name).await?;

@@ -547,6 +547,133 @@ async fn watch_resumes_bookmarks_and_expires() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A list read in pages is one snapshot: later pages show what was there at the first,
+/// whatever changed since; a list can be read at an exact earlier revision; a continue
+/// token whose revision is compacted is 410 Expired.
+#[tokio::test]
+async fn paged_lists_are_one_snapshot() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (store, app) = setup(dir.path(), Compaction::Revisions(1_000_000)).await?;
+    let cms = "/api/v1/namespaces/snap/configmaps";
+    call(
+        &app,
+        "POST",
+        "/api/v1/namespaces",
+        None,
+        json!({"metadata": {"name": "snap"}}).to_string(),
+    )
+    .await?;
+    for n in ["a", "c", "e", "g"] {
+        let (code, _) = call(
+            &app,
+            "POST",
+            cms,
+            None,
+            json!({"metadata": {"name": n}, "data": {"v": "old"}}).to_string(),
+        )
+        .await?;
+        assert_eq!(code, StatusCode::CREATED);
+    }
+    let names = |l: &Value| -> Vec<String> {
+        l["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                format!(
+                    "{}={}",
+                    i["metadata"]["name"].as_str().unwrap_or(""),
+                    i["data"]["v"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let (code, first) = call(&app, "GET", &format!("{cms}?limit=2"), None, "").await?;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(names(&first), ["a=old", "c=old"]);
+    let rv = first["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let token = first["metadata"]["continue"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(!token.is_empty());
+    // Changes after the first page: one added in its range, one deleted, one changed.
+    call(
+        &app,
+        "POST",
+        cms,
+        None,
+        json!({"metadata": {"name": "d"}}).to_string(),
+    )
+    .await?;
+    call(&app, "DELETE", &format!("{cms}/e"), None, "").await?;
+    call(
+        &app,
+        "PATCH",
+        &format!("{cms}/g"),
+        Some("application/merge-patch+json"),
+        json!({"data": {"v": "new"}}).to_string(),
+    )
+    .await?;
+    let (code, rest) = call(
+        &app,
+        "GET",
+        &format!("{cms}?limit=2&continue={token}"),
+        None,
+        "",
+    )
+    .await?;
+    assert_eq!(code, StatusCode::OK, "{rest}");
+    assert_eq!(names(&rest), ["e=old", "g=old"]);
+    assert_eq!(rest["metadata"]["resourceVersion"], rv.as_str());
+    assert!(rest["metadata"]["continue"].is_null(), "{rest}");
+    // The same revision asked for exactly, and today's list.
+    let (_, exact) = call(
+        &app,
+        "GET",
+        &format!("{cms}?resourceVersion={rv}&resourceVersionMatch=Exact"),
+        None,
+        "",
+    )
+    .await?;
+    assert_eq!(names(&exact), ["a=old", "c=old", "e=old", "g=old"]);
+    let (_, now) = call(&app, "GET", cms, None, "").await?;
+    assert_eq!(names(&now), ["a=old", "c=old", "d=", "g=new"]);
+    let (code, bad) = call(
+        &app,
+        "GET",
+        &format!("{cms}?resourceVersionMatch=Exact"),
+        None,
+        "",
+    )
+    .await?;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+    // Once that revision is compacted, the token has expired.
+    let at: u64 = rv.parse()?;
+    store
+        .write(outpost_api::store::Command::Compact { revision: at + 1 })
+        .await?;
+    let (code, gone) = call(
+        &app,
+        "GET",
+        &format!("{cms}?limit=2&continue={token}"),
+        None,
+        "",
+    )
+    .await?;
+    assert_eq!(code, StatusCode::GONE, "{gone}");
+    assert_eq!(gone["reason"], "Expired");
+    assert!(gone["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("continue parameter is too old"));
+    store.shutdown().await;
+    Ok(())
+}
+
 /// Evictions spend a disruption budget's allowance by a compare-and-swap: of three evictions
 /// at once against a budget that allows one, exactly one goes through and the others get 429
 /// with the budget's cause; the budget records the one it let go; a pod two budgets select

@@ -268,6 +268,80 @@ async fn compare_and_swap_and_paged_range() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_range_reads_the_keys_as_they_were_at_a_revision() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let mut cfg = config(dir.path());
+    cfg.compaction = Compaction::Revisions(1_000_000);
+    let store = Store::open(cfg).await?;
+    for i in [1, 3, 5, 7] {
+        store
+            .put(&format!("/r/{i}"), b"old".to_vec(), Expect::Any)
+            .await?;
+    }
+    store.put("/s/1", vec![], Expect::Any).await?;
+    let then = store
+        .range("/r/", None, 0, Consistency::Serializable)
+        .await?;
+    // After: a key added before, between and after the old ones, one changed twice, one
+    // deleted, one deleted and made again, and writes elsewhere.
+    for (k, v) in [
+        ("/r/0", "new"),
+        ("/r/4", "new"),
+        ("/r/9", "new"),
+        ("/r/3", "a"),
+    ] {
+        store.put(k, v.as_bytes().to_vec(), Expect::Any).await?;
+    }
+    store.put("/r/3", b"b".to_vec(), Expect::Any).await?;
+    store.delete("/r/5", Expect::Any).await?;
+    store.delete("/r/7", Expect::Any).await?;
+    store.put("/r/7", b"again".to_vec(), Expect::Any).await?;
+    store.put("/s/2", vec![], Expect::Any).await?;
+    let at = |after: Option<String>, limit: usize| {
+        let store = &store;
+        async move {
+            store
+                .range_at("/r/", after.as_deref(), limit, then.revision)
+                .await
+        }
+    };
+    let whole = at(None, 0).await?;
+    assert_eq!(whole.kvs, then.kvs, "the same keys, values and revisions");
+    assert_eq!(whole.revision, then.revision);
+    assert!(!whole.more);
+    // Page by page, as a list's continue tokens read it.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = at(after, 1).await?;
+        seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+        if !page.more {
+            break;
+        }
+        after = page.kvs.last().map(|kv| kv.key.clone());
+    }
+    assert_eq!(seen, ["/r/1", "/r/3", "/r/5", "/r/7"]);
+    // Today, for comparison, and a revision compacted away.
+    let now = store
+        .range("/r/", None, 0, Consistency::Serializable)
+        .await?;
+    let keys: Vec<&str> = now.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["/r/0", "/r/1", "/r/3", "/r/4", "/r/7", "/r/9"]);
+    assert_eq!(
+        store.range_at("/r/", None, 0, now.revision).await?.kvs,
+        now.kvs
+    );
+    store
+        .write(outpost_api::store::Command::Compact {
+            revision: then.revision + 2,
+        })
+        .await?;
+    assert!(matches!(at(None, 0).await, Err(Error::Compacted { .. })));
+    store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn watch_resumes_exactly_once_and_reports_compaction() -> anyhow::Result<()> {
     let dir = TempDir::new()?;
     let mut cfg = config(dir.path());

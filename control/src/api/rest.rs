@@ -797,20 +797,22 @@ async fn live(ctx: &Ctx<'_>, name: Option<&str>, table: bool) -> Result<Response
     Ok(respond(StatusCode::OK, &out))
 }
 
-/// Objects of the resource in the request's namespace (or all), filtered, one page.
+/// Objects of the resource in the request's namespace (or all), filtered, one page, after
+/// the key `start`; read at revision `at` if given (a continued list, or one asked for at
+/// an exact revision), else now. Every read of one list is at one revision.
 async fn list_objects(
     ctx: &Ctx<'_>,
     labels: &Labels,
     fields: &Fields,
     limit: usize,
     start: Option<String>,
+    at: Option<u64>,
     c: Consistency,
 ) -> Result<(Vec<Value>, u64, Option<String>), ApiError> {
     let prefix = ctx.res.prefix(ctx.ns.as_deref());
     let mut out = Vec::new();
     let mut after = start;
-    let mut revision = 0;
-    let mut consistency = c;
+    let mut revision = at.unwrap_or(0);
     // A field selector on the name reads one key instead of the whole prefix.
     if let Some(name) = fields.name() {
         if ctx.ns.is_some() || !ctx.res.namespaced {
@@ -818,7 +820,10 @@ async fn list_objects(
             // read at. The store's revision read after the object may already include its
             // deletion, and a watch from there would never tell `kubectl delete --wait`.
             let key = ctx.key(name);
-            let r = ctx.api.store.range(&key, None, 1, c).await?;
+            let r = match at {
+                Some(rev) => ctx.api.store.range_at(&key, None, 1, rev).await?,
+                None => ctx.api.store.range(&key, None, 1, c).await?,
+            };
             let rev = r.revision;
             if let Some(kv) = r.kvs.into_iter().find(|kv| kv.key == key) {
                 let v = from_kv(&kv)?;
@@ -835,15 +840,15 @@ async fn list_objects(
         } else {
             (limit - out.len()).max(64)
         };
-        let r = ctx
-            .api
-            .store
-            .range(&prefix, after.as_deref(), page, consistency)
-            .await?;
-        consistency = Consistency::Serializable;
-        if revision == 0 {
-            revision = r.revision;
-        }
+        let store = &ctx.api.store;
+        let r = if revision == 0 {
+            store.range(&prefix, after.as_deref(), page, c).await?
+        } else {
+            store
+                .range_at(&prefix, after.as_deref(), page, revision)
+                .await?
+        };
+        revision = r.revision;
         let mut last = None;
         for (i, kv) in r.kvs.iter().enumerate() {
             last = Some(kv.key.clone());
@@ -877,6 +882,7 @@ async fn list_objects(
 async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(ctx)?;
     let limit: usize = ctx.q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let mut at = None;
     let start = match ctx.q.get("continue").filter(|c| !c.is_empty()) {
         None => None,
         Some(tok) => {
@@ -888,15 +894,48 @@ async fn list(ctx: &Ctx<'_>, table: bool) -> Result<Response, ApiError> {
             if !c.start.starts_with(&ctx.res.prefix(ctx.ns.as_deref())) {
                 return Err(ApiError::BadRequest("continue key is not valid".into()));
             }
+            at = Some(c.rv);
             Some(c.start)
         }
     };
-    let consistency = match ctx.q.get("resourceVersion") {
+    let rv = ctx.q.get("resourceVersion").filter(|v| !v.is_empty());
+    let consistency = match rv {
         Some("0") => Consistency::Serializable,
         _ => Consistency::Linearizable,
     };
-    let (mut items, rev, cont) =
-        list_objects(ctx, &labels, &fields, limit, start, consistency).await?;
+    match (ctx.q.get("resourceVersionMatch"), rv) {
+        (None | Some(""), _) => {}
+        (Some(_), _) if at.is_some() => {
+            return Err(ApiError::BadRequest(
+                "specifying resource version match is not allowed when using continue".into(),
+            ))
+        }
+        (Some("Exact"), Some(v)) => {
+            let v = v.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+                ApiError::BadRequest(format!("invalid resource version: {v}"))
+            })?;
+            at = Some(v);
+        }
+        (Some("NotOlderThan"), Some(_)) => {}
+        (Some(m @ ("Exact" | "NotOlderThan")), None) => {
+            return Err(ApiError::BadRequest(format!(
+                "resourceVersionMatch \"{m}\" is forbidden unless resourceVersion is provided"
+            )))
+        }
+        (Some(m), _) => {
+            return Err(ApiError::BadRequest(format!(
+                "unsupported resourceVersionMatch \"{m}\": supported values: \"Exact\", \"NotOlderThan\""
+            )))
+        }
+    }
+    let (mut items, rev, cont) = list_objects(ctx, &labels, &fields, limit, start, at, consistency)
+        .await
+        .map_err(|e| match e {
+            ApiError::Gone(_) if ctx.q.get("continue").is_some() => ApiError::Gone(
+                "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.".into(),
+            ),
+            e => e,
+        })?;
     // Nodes' Leases are not stored: on the last page, those no stored Lease stands for.
     if node_leases(ctx) && cont.is_none() {
         let mut added = false;
@@ -976,7 +1015,7 @@ async fn watch_stream(ctx: Ctx<'_>, table: bool) -> Result<Response, ApiError> {
             } else {
                 Consistency::Serializable
             };
-            let (items, rev, _) = list_objects(&ctx, &labels, &fields, 0, None, c).await?;
+            let (items, rev, _) = list_objects(&ctx, &labels, &fields, 0, None, None, c).await?;
             (items, rev)
         }
         n => (
@@ -3591,8 +3630,16 @@ fn pod_grace(ctx: &Ctx<'_>, o: &Value, body: &Value) -> Option<i64> {
 
 async fn delete_collection(ctx: &Ctx<'_>, body: &Value) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(ctx)?;
-    let (items, _, _) =
-        list_objects(ctx, &labels, &fields, 0, None, Consistency::Linearizable).await?;
+    let (items, _, _) = list_objects(
+        ctx,
+        &labels,
+        &fields,
+        0,
+        None,
+        None,
+        Consistency::Linearizable,
+    )
+    .await?;
     let mut gone = Vec::new();
     for o in items {
         let name = name_of(&o).to_string();

@@ -884,6 +884,106 @@ impl Store {
         .map_err(|e| Error::Unavailable(e.to_string()))?
     }
 
+    /// [`Store::range`] as the keys stood at `revision`: today's keys with each change made
+    /// since undone from the history (the first change to a key after `revision` holds what
+    /// it was then). What a paginated list's later pages read, so all its pages are one
+    /// snapshot. Fails with [`Error::Compacted`] once that history is gone.
+    pub async fn range_at(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: u64,
+    ) -> Result<RangeResult, Error> {
+        if self.revision() < revision {
+            self.read_barrier().await?;
+        }
+        let sm = self.inner.sm.clone();
+        let prefix = prefix.to_string();
+        let start_after = start_after.map(str::to_string);
+        tokio::task::spawn_blocking(move || -> Result<RangeResult, Error> {
+            use std::ops::Bound;
+            let snap = sm.db.snapshot();
+            let st = sm.state_in(&snap)?;
+            if revision < st.compacted {
+                return Err(Error::Compacted {
+                    requested: revision,
+                    compacted: st.compacted,
+                });
+            }
+            if revision > st.revision {
+                return Err(Error::Invalid(format!(
+                    "revision {revision} is ahead of the store ({})",
+                    st.revision
+                )));
+            }
+            let after = |k: &str| {
+                k.starts_with(prefix.as_str()) && start_after.as_deref().is_none_or(|s| k > s)
+            };
+            let mut then: BTreeMap<String, Option<KeyValue>> = BTreeMap::new();
+            for item in snap.range(
+                &sm.history,
+                sm::rev_key(revision + 1)..=sm::rev_key(st.revision),
+            ) {
+                let events: Vec<outpost_api::store::Event> = decode(&item.value()?)?;
+                for e in events.into_iter().filter(|e| after(&e.kv.key)) {
+                    then.entry(e.kv.key).or_insert(e.prev);
+                }
+            }
+            let start = match &start_after {
+                Some(k) if k.as_str() >= prefix.as_str() => Bound::Excluded(k.clone()),
+                _ => Bound::Included(prefix.clone()),
+            };
+            let end = match prefix_end(&prefix) {
+                Some(e) => Bound::Excluded(e),
+                None => Bound::Unbounded,
+            };
+            // Today's keys and the changed ones, merged in key order; a changed key's old
+            // state (or its absence) stands for today's.
+            let mut now = snap
+                .range(&sm.kv, (start, end))
+                .map(|item| -> Result<KeyValue, Error> { decode(&item.value()?) })
+                .peekable();
+            let mut changed = then.into_iter().peekable();
+            let (mut kvs, mut more) = (Vec::new(), false);
+            loop {
+                let from_history = match (now.peek(), changed.peek()) {
+                    (None, None) => break,
+                    (Some(_), None) | (Some(Err(_)), Some(_)) => false,
+                    (None, Some(_)) => true,
+                    (Some(Ok(kv)), Some((k, _))) => k.as_str() <= kv.key.as_str(),
+                };
+                let kv = if from_history {
+                    let Some((k, was)) = changed.next() else {
+                        break;
+                    };
+                    if matches!(now.peek(), Some(Ok(kv)) if kv.key == k) {
+                        now.next();
+                    }
+                    was
+                } else {
+                    match now.next() {
+                        Some(kv) => Some(kv?),
+                        None => break,
+                    }
+                };
+                let Some(kv) = kv else { continue };
+                if limit > 0 && kvs.len() == limit {
+                    more = true;
+                    break;
+                }
+                kvs.push(kv);
+            }
+            Ok(RangeResult {
+                kvs,
+                more,
+                revision,
+            })
+        })
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?
+    }
+
     /// Follow changes under `prefix` with revisions above `after`.
     ///
     /// Fails with [`Error::Compacted`] if history after `after` is no longer kept.

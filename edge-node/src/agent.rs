@@ -1215,18 +1215,29 @@ impl Agent {
             .unwrap_or("default")
             .to_string();
         let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
-        let specs: Vec<Value> = pod["spec"]["containers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let list = |k: &str| pod["spec"][k].as_array().cloned().unwrap_or_default();
+        let (inits, mains) = (list("initContainers"), list("containers"));
+        // Init containers first, then the others; the others wait in PodInitializing.
+        let specs: Vec<Value> = inits.iter().chain(&mains).cloned().collect();
         let containers = Arc::new(Mutex::new(
             specs
                 .iter()
-                .map(|c| {
-                    Container::new(
+                .enumerate()
+                .map(|(i, c)| {
+                    let (n, image) = (
                         c["name"].as_str().unwrap_or(""),
                         c["image"].as_str().unwrap_or(""),
-                    )
+                    );
+                    if i < inits.len() {
+                        Container::init(n, image, c["restartPolicy"] == "Always")
+                    } else if !inits.is_empty() {
+                        Container {
+                            state: State::waiting("PodInitializing", ""),
+                            ..Container::new(n, image)
+                        }
+                    } else {
+                        Container::new(n, image)
+                    }
                 })
                 .collect::<Vec<_>>(),
         ));
@@ -1253,19 +1264,34 @@ impl Agent {
         }
         let started = now();
         let pod = Arc::new(pod);
-        for (i, spec) in specs.into_iter().enumerate() {
-            let w = Worker {
-                agent: self.clone(),
-                uid: uid.to_string(),
-                pod: pod.clone(),
-                spec,
-                index: i,
-                containers: containers.clone(),
-                stop: stop.clone(),
-                changed: changed_tx.clone(),
-                net: net.clone(),
-            };
-            tokio::spawn(w.run());
+        let worker = |index: usize, spec: Value, stop: Arc<Stop>| Worker {
+            agent: self.clone(),
+            uid: uid.to_string(),
+            pod: pod.clone(),
+            spec,
+            index,
+            containers: containers.clone(),
+            stop,
+            changed: changed_tx.clone(),
+            net: net.clone(),
+        };
+        if inits.is_empty() {
+            for (i, spec) in specs.into_iter().enumerate() {
+                tokio::spawn(worker(i, spec, stop.clone()).run());
+            }
+        } else {
+            let workers: Vec<Worker> = specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    // A sidecar stops once the others have ended, or with the pod.
+                    let own = (i < inits.len() && spec["restartPolicy"] == "Always")
+                        .then(Stop::new)
+                        .unwrap_or_else(|| stop.clone());
+                    worker(i, spec, own)
+                })
+                .collect();
+            tokio::spawn(initialize(workers, inits.len(), stop.clone()));
         }
         drop(changed_tx);
         // The reporter: a status each time a container changes, until all have ended.
@@ -2315,6 +2341,80 @@ fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
     }
 }
 
+/// Run a pod's init containers (the first `inits` of `workers`) one at a time, each until it
+/// has ended well (a sidecar until it has started), then the others; stop the sidecars once
+/// the others have ended. An init container that fails for good fails the pod: nothing
+/// after it runs.
+async fn initialize(workers: Vec<Worker>, inits: usize, pod: Arc<Stop>) {
+    let Some(first) = workers.first() else {
+        return;
+    };
+    let (containers, changed) = (first.containers.clone(), first.changed.clone());
+    let mut sidecars = Vec::new();
+    let mut workers = workers.into_iter();
+    // Until `pred` holds of the container at `index`; false if the pod stopped first.
+    let wait = |index: usize, pred: fn(&Container) -> bool| {
+        let (containers, pod) = (containers.clone(), pod.clone());
+        let mut rx = changed.subscribe();
+        async move {
+            loop {
+                let holds = containers
+                    .lock()
+                    .is_ok_and(|c| c.get(index).is_some_and(pred));
+                if holds {
+                    return true;
+                }
+                tokio::select! {
+                    _ = pod.wait() => return false,
+                    r = rx.changed() => if r.is_err() { return false },
+                }
+            }
+        }
+    };
+    for index in 0..inits {
+        let Some(w) = workers.next() else { return };
+        if !Arc::ptr_eq(&w.stop, &pod) {
+            let (own, pod) = (w.stop.clone(), pod.clone());
+            sidecars.push(own.clone());
+            tokio::spawn(async move {
+                pod.wait().await;
+                own.stop_within(pod.grace());
+            });
+        }
+        tokio::spawn(w.run());
+        let over = |c: &Container| c.initialized() || c.failed_init();
+        if !wait(index, over).await {
+            return;
+        }
+        if containers
+            .lock()
+            .is_ok_and(|c| c.get(index).is_some_and(Container::failed_init))
+        {
+            // The rest never start: they stay waiting, and the pod has failed.
+            for s in &sidecars {
+                s.stop();
+            }
+            changed.send_modify(|n| *n += 1);
+            return;
+        }
+    }
+    let mains: Vec<usize> = (inits..inits + workers.len()).collect();
+    for w in workers {
+        tokio::spawn(w.run());
+    }
+    if sidecars.is_empty() {
+        return;
+    }
+    for index in mains {
+        if !wait(index, |c| c.done).await {
+            return;
+        }
+    }
+    for s in sidecars {
+        s.stop();
+    }
+}
+
 /// The node's CPUs, its allocatable CPU.
 fn node_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -2410,19 +2510,25 @@ impl Worker {
     }
 
     async fn run(self) {
-        let ephemeral = self
+        let (ephemeral, init, sidecar) = self
             .containers
             .lock()
-            .is_ok_and(|c| c.get(self.index).is_some_and(|c| c.ephemeral));
-        // An ephemeral container runs once, whatever the pod's policy.
-        let policy = if ephemeral {
-            "Never".to_string()
-        } else {
-            self.pod["spec"]["restartPolicy"]
-                .as_str()
-                .unwrap_or("Always")
-                .to_string()
-        };
+            .ok()
+            .and_then(|c| c.get(self.index).map(|c| (c.ephemeral, c.init, c.sidecar)))
+            .unwrap_or_default();
+        let pod_policy = self.pod["spec"]["restartPolicy"]
+            .as_str()
+            .unwrap_or("Always");
+        // An ephemeral container runs once, whatever the pod's policy; an init container
+        // runs again after a failure unless the pod never restarts; a sidecar always.
+        let policy = match (ephemeral, init, sidecar) {
+            (true, ..) => "Never",
+            (_, true, true) => "Always",
+            (_, true, false) if pod_policy == "Never" => "Never",
+            (_, true, false) => "OnFailure",
+            _ => pod_policy,
+        }
+        .to_string();
         let mut failures = 0u32;
         let mut restarts = 0u32;
         let probes = match Probes::of(&self.spec) {

@@ -8,6 +8,10 @@
 //!  ErrImagePull, ...)  ◀── back-off (CrashLoopBackOff) ◀── policy says restart
 //! ```
 //!
+//! Init containers run first, one at a time, each to a successful end (a sidecar, one with
+//! `restartPolicy: Always`, only until it has started, and then beside the others); the
+//! pod is Pending until they have, and Failed if one fails for good.
+//!
 //! The transitions and the status are pure functions; [`crate::agent`] drives them with IO.
 
 use std::time::Duration;
@@ -89,6 +93,9 @@ pub struct Container {
     /// An ephemeral container (`kubectl debug`): run once, and neither part of the pod's
     /// phase nor of its readiness.
     pub ephemeral: bool,
+    /// An init container, and whether it is a sidecar (`restartPolicy: Always`).
+    pub init: bool,
+    pub sidecar: bool,
 }
 
 impl Container {
@@ -105,7 +112,33 @@ impl Container {
             started: false,
             ready: false,
             ephemeral: false,
+            init: false,
+            sidecar: false,
         }
+    }
+
+    /// An init container; `sidecar` for one that keeps running beside the others.
+    pub fn init(name: &str, image: &str, sidecar: bool) -> Container {
+        Container {
+            init: true,
+            sidecar,
+            state: State::waiting("PodInitializing", ""),
+            ..Container::new(name, image)
+        }
+    }
+
+    /// Done with initializing: an init container ended well, a sidecar has started.
+    pub fn initialized(&self) -> bool {
+        if self.sidecar {
+            self.started && matches!(self.state, State::Running { .. }) || self.last.is_some()
+        } else {
+            self.done && matches!(self.state, State::Terminated { code: 0, .. })
+        }
+    }
+
+    /// An init container that ended badly and will not run again: the pod has failed.
+    pub fn failed_init(&self) -> bool {
+        self.init && !self.sidecar && self.done && !self.initialized()
     }
 }
 
@@ -157,14 +190,37 @@ pub fn phase(containers: &[&Container]) -> &'static str {
     }
 }
 
+/// Whether the pod's init containers are through: each ended well (or, a sidecar, started),
+/// or the others have begun.
+pub fn initialized(all: &[Container]) -> bool {
+    let begun = all.iter().any(|c| {
+        !c.init
+            && !c.ephemeral
+            && (c.last.is_some() || !matches!(&c.state, State::Waiting { reason, .. } if reason == "PodInitializing"))
+    });
+    begun || all.iter().filter(|c| c.init).all(Container::initialized)
+}
+
 /// The pod's `status`, as the kubelet would write it.
 pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now: &str) -> Value {
-    let (ephemeral, containers): (Vec<&Container>, Vec<&Container>) =
-        all.iter().partition(|c| c.ephemeral);
-    let phase = phase(&containers);
+    let ephemeral: Vec<&Container> = all.iter().filter(|c| c.ephemeral).collect();
+    let inits: Vec<&Container> = all.iter().filter(|c| c.init).collect();
+    let containers: Vec<&Container> = all.iter().filter(|c| !c.ephemeral && !c.init).collect();
+    let initialized = initialized(all);
+    let phase = if inits.iter().any(|c| c.failed_init()) {
+        "Failed"
+    } else if !initialized {
+        "Pending"
+    } else {
+        phase(&containers)
+    };
     let running = |c: &Container| matches!(c.state, State::Running { .. });
     let ready_now = |c: &Container| running(c) && c.ready;
-    let ready = !containers.is_empty() && containers.iter().all(|c| ready_now(c));
+    let sidecars_ready = inits.iter().filter(|c| c.sidecar).all(|c| ready_now(c));
+    let ready = !containers.is_empty()
+        && containers.iter().all(|c| ready_now(c))
+        && sidecars_ready
+        && initialized;
     let cond = |t: &str, ok: bool, reason: Option<&str>| {
         let mut c = json!({"type": t, "status": if ok { "True" } else { "False" },
             "lastProbeTime": null, "lastTransitionTime": now});
@@ -178,6 +234,11 @@ pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now
     } else {
         "ContainersNotReady"
     });
+    let waiting_for: Vec<&str> = inits
+        .iter()
+        .filter(|c| !c.initialized())
+        .map(|c| c.name.as_str())
+        .collect();
     let of = |c: &Container| {
         let mut s = json!({
             "name": c.name, "image": c.image, "imageID": c.image_id,
@@ -199,7 +260,16 @@ pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now
         "phase": phase,
         "conditions": [
             cond("PodReadyToStartContainers", true, None),
-            cond("Initialized", true, None),
+            if initialized {
+                cond("Initialized", true, None)
+            } else {
+                let mut c = cond("Initialized", false, Some("ContainersNotInitialized"));
+                c["message"] = json!(format!(
+                    "containers with incomplete status: [{}]",
+                    waiting_for.join(" ")
+                ));
+                c
+            },
             cond("Ready", ready, not_ready),
             cond("ContainersReady", ready, not_ready),
             cond("PodScheduled", true, None),
@@ -215,6 +285,9 @@ pub fn status(all: &[Container], started: &str, host_ip: &str, pod_ip: &str, now
     });
     if !ephemeral.is_empty() {
         out["ephemeralContainerStatuses"] = ephemeral.iter().map(|c| of(c)).collect();
+    }
+    if !inits.is_empty() {
+        out["initContainerStatuses"] = inits.iter().map(|c| of(c)).collect();
     }
     out
 }
@@ -283,6 +356,62 @@ mod tests {
             s["ephemeralContainerStatuses"][0]["state"]["terminated"]["exitCode"],
             0
         );
+    }
+
+    #[test]
+    fn init_containers_hold_the_pod_pending_or_fail_it() {
+        let waiting_main = || Container {
+            state: State::waiting("PodInitializing", ""),
+            ..Container::new("main", "i")
+        };
+        let running_init = Container {
+            state: State::Running {
+                started: "t".into(),
+            },
+            ..Container::init("init", "i", false)
+        };
+        let s = status(
+            &[running_init, waiting_main()],
+            "t0",
+            "10.0.0.1",
+            "10.0.0.2",
+            "t1",
+        );
+        assert_eq!(s["phase"], "Pending");
+        assert_eq!(s["conditions"][1]["type"], "Initialized");
+        assert_eq!(s["conditions"][1]["status"], "False");
+        assert_eq!(
+            s["conditions"][1]["message"],
+            "containers with incomplete status: [init]"
+        );
+        assert_eq!(s["initContainerStatuses"][0]["name"], "init");
+        assert_eq!(s["containerStatuses"].as_array().map(Vec::len), Some(1));
+        let failed = Container {
+            init: true,
+            ..ended(3, true)
+        };
+        let s = status(&[failed, waiting_main()], "t0", "h", "p", "t1");
+        assert_eq!(s["phase"], "Failed");
+        let ok = Container {
+            init: true,
+            ..ended(0, true)
+        };
+        let mut main = Container::new("main", "i");
+        main.state = State::Running {
+            started: "t".into(),
+        };
+        main.ready = true;
+        let s = status(&[ok, main.clone()], "t0", "h", "p", "t1");
+        assert_eq!(s["phase"], "Running");
+        assert_eq!(s["conditions"][1]["status"], "True");
+        assert_eq!(s["conditions"][2]["status"], "True", "Ready");
+        // A sidecar that has started is through initializing; unready, it holds Ready back.
+        let mut side = Container::init("side", "i", true);
+        side.state = main.state.clone();
+        side.started = true;
+        assert!(side.initialized());
+        let s = status(&[side, main], "t0", "h", "p", "t1");
+        assert_eq!(s["conditions"][2]["status"], "False");
     }
 
     #[test]

@@ -1612,3 +1612,130 @@ spec:
 fn autoscale_round() -> Duration {
     Duration::from_secs(16)
 }
+
+/// Init containers run first, one at a time, and their output is in `kubectl logs -c`; one
+/// that fails for good fails the pod before its containers start; a sidecar (an init
+/// container with `restartPolicy: Always`) runs beside them and stops once they end.
+#[test]
+fn init_containers_run_first_and_sidecars_beside() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let hello = push(&up, "hello")?;
+    let sleeper = push(&up, "sleeper")?;
+    let inits = |list: &str| format!("  initContainers:\n{list}");
+    let init = |name: &str, image: &str, env: &str| {
+        format!("  - name: {name}\n    image: {image}\n    env:\n    - name: GREETING_TARGET\n      value: {name}\n{env}")
+    };
+    // Two that succeed, then the main container.
+    let ok = pod_yaml("init-ok", &sleeper, "Always", "").replace(
+        "  containers:\n",
+        &format!(
+            "{}  containers:\n",
+            inits(&(init("first", &hello, "") + &init("second", &hello, "")))
+        ),
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &ok)?
+        .expect_ok("apply init-ok")?;
+    up.wait_field(60, &["pod", "init-ok"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let ended = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "init-ok",
+            "-o",
+            "jsonpath={range .status.initContainerStatuses[*]}{.name}={.state.terminated.reason} {end}",
+        ])?
+        .expect_ok("get init-ok")?
+        .stdout;
+    assert_eq!(ended.trim(), "first=Completed second=Completed");
+    let initialized = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "init-ok",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Initialized\")].status}",
+        ])?
+        .expect_ok("get init-ok")?
+        .stdout;
+    assert_eq!(initialized, "True");
+    let logs = up
+        .kubectl(&["logs", "init-ok", "-c", "second"])?
+        .expect_ok("logs -c second")?
+        .stdout;
+    assert!(logs.contains("Hello, second!"), "{logs}");
+    // The first one's start came before the second's, and the second's end before main.
+    let times = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "init-ok",
+            "-o",
+            "jsonpath={.status.initContainerStatuses[0].state.terminated.finishedAt} {.status.initContainerStatuses[1].state.terminated.startedAt} {.status.initContainerStatuses[1].state.terminated.finishedAt} {.status.containerStatuses[0].state.running.startedAt}",
+        ])?
+        .expect_ok("get times")?
+        .stdout;
+    let t: Vec<&str> = times.split_whitespace().collect();
+    assert!(t.len() == 4 && t[0] <= t[1] && t[2] <= t[3], "{times}");
+
+    // An init container that fails with restartPolicy Never fails the pod; main never runs.
+    let bad = pod_yaml("init-bad", &hello, "Never", "").replace(
+        "  containers:\n",
+        &format!(
+            "{}  containers:\n",
+            inits(&init(
+                "setup",
+                &hello,
+                "    - name: EXIT_CODE\n      value: \"3\"\n"
+            ))
+        ),
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &bad)?
+        .expect_ok("apply init-bad")?;
+    up.wait_field(60, &["pod", "init-bad"], "{.status.phase}", |p| {
+        p == "Failed"
+    })?;
+    let shown = up
+        .kubectl(&["get", "pod", "init-bad", "--no-headers"])?
+        .expect_ok("get init-bad")?
+        .stdout;
+    assert!(shown.contains("Init:Error"), "{shown}");
+    let main = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "init-bad",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.waiting.reason} {.status.initContainerStatuses[0].state.terminated.exitCode}",
+        ])?
+        .expect_ok("get init-bad")?
+        .stdout;
+    assert_eq!(main, "PodInitializing 3");
+
+    // A sidecar starts first and keeps running beside main; when main ends, so does it.
+    let side = format!("  - name: side\n    image: {sleeper}\n    restartPolicy: Always\n");
+    let with_side = pod_yaml("with-side", &hello, "Never", "").replace(
+        "  containers:\n",
+        &format!("{}  containers:\n", inits(&side)),
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &with_side)?
+        .expect_ok("apply with-side")?;
+    up.wait_field(60, &["pod", "with-side"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let side_state = up.wait_field(
+        30,
+        &["pod", "with-side"],
+        "{.status.initContainerStatuses[0].state.terminated.finishedAt}",
+        |f| !f.is_empty(),
+    )?;
+    assert!(!side_state.is_empty());
+    let main_log = up
+        .kubectl(&["logs", "with-side", "-c", "main"])?
+        .expect_ok("logs main")?
+        .stdout;
+    assert!(main_log.contains("Hello"), "{main_log}");
+    Ok(())
+}

@@ -390,24 +390,101 @@ fn map_selector(sel: &Value) -> String {
     or_none(parts.join(","))
 }
 
-fn pod_status(o: &Value) -> String {
-    if !o["metadata"]["deletionTimestamp"].is_null() {
-        return "Terminating".into();
+/// A pod's STATUS, READY and RESTARTS as kubectl prints them: the phase (or the status's
+/// reason), overridden by the first init container still initializing (`Init:1/2`,
+/// `Init:Error`, `Init:CrashLoopBackOff`), else by the first container that is waiting or
+/// has ended; `Terminating` while a pod that has not ended is being deleted. Sidecars (init
+/// containers that keep running) count among the containers.
+fn pod_summary(o: &Value) -> (String, usize, usize, i64) {
+    let (spec, st) = (&o["spec"], &o["status"]);
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let phase = st["phase"].as_str().unwrap_or("Pending");
+    let mut reason = st["reason"].as_str().unwrap_or(phase).to_string();
+    if list(&st["conditions"])
+        .iter()
+        .any(|c| c["type"] == "PodScheduled" && c["reason"] == "SchedulingGated")
+    {
+        reason = "SchedulingGated".into();
     }
-    let st = &o["status"];
-    let mut reason = st["reason"]
-        .as_str()
-        .or(st["phase"].as_str())
-        .unwrap_or("Pending")
-        .to_string();
-    for c in st["containerStatuses"].as_array().into_iter().flatten() {
-        if let Some(r) = c["state"]["waiting"]["reason"].as_str() {
-            reason = r.into();
-        } else if let Some(r) = c["state"]["terminated"]["reason"].as_str() {
-            reason = r.into();
+    let init_specs = list(&spec["initContainers"]);
+    let sidecar = |name: &Value| {
+        init_specs
+            .iter()
+            .any(|c| c["name"] == *name && c["restartPolicy"] == "Always")
+    };
+    let mut total =
+        list(&spec["containers"]).len() + init_specs.iter().filter(|c| sidecar(&c["name"])).count();
+    let (mut ready, mut restarts, mut sidecar_restarts) = (0usize, 0i64, 0i64);
+    let inits = list(&st["initContainerStatuses"]);
+    let mut initializing = false;
+    for (i, c) in inits.iter().enumerate() {
+        restarts += int(&c["restartCount"]);
+        if sidecar(&c["name"]) {
+            sidecar_restarts += int(&c["restartCount"]);
+        }
+        let (term, wait) = (&c["state"]["terminated"], &c["state"]["waiting"]);
+        if !term.is_null() && int(&term["exitCode"]) == 0 {
+            continue;
+        }
+        if sidecar(&c["name"]) && c["started"] == true {
+            if c["ready"] == true {
+                ready += 1;
+            }
+            continue;
+        }
+        initializing = true;
+        reason = if !term.is_null() {
+            match term["reason"].as_str().filter(|r| !r.is_empty()) {
+                Some(r) => format!("Init:{r}"),
+                None => format!("Init:ExitCode:{}", int(&term["exitCode"])),
+            }
+        } else if let Some(r) = wait["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty() && *r != "PodInitializing")
+        {
+            format!("Init:{r}")
+        } else {
+            format!("Init:{i}/{}", init_specs.len())
+        };
+        break;
+    }
+    let initialized = list(&st["conditions"])
+        .iter()
+        .any(|c| c["type"] == "Initialized" && c["status"] == "True");
+    if !initializing || initialized {
+        restarts = sidecar_restarts;
+        let mut running = false;
+        for c in list(&st["containerStatuses"]).iter().rev() {
+            restarts += int(&c["restartCount"]);
+            let (term, wait) = (&c["state"]["terminated"], &c["state"]["waiting"]);
+            if let Some(r) = wait["reason"].as_str().filter(|r| !r.is_empty()) {
+                reason = r.into();
+            } else if let Some(r) = term["reason"].as_str().filter(|r| !r.is_empty()) {
+                reason = r.into();
+            } else if !term.is_null() {
+                reason = format!("ExitCode:{}", int(&term["exitCode"]));
+            } else if c["ready"] == true && !c["state"]["running"].is_null() {
+                running = true;
+                ready += 1;
+            }
+        }
+        if reason == "Completed" && running {
+            let has_ready = list(&st["conditions"])
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            reason = if has_ready { "Running" } else { "NotReady" }.into();
         }
     }
-    reason
+    let ended = matches!(phase, "Succeeded" | "Failed");
+    if !o["metadata"]["deletionTimestamp"].is_null() {
+        if st["reason"] == "NodeLost" {
+            reason = "Unknown".into();
+        } else if !ended {
+            reason = "Terminating".into();
+        }
+    }
+    total = total.max(ready);
+    (reason, ready, total, restarts)
 }
 
 fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
@@ -418,17 +495,11 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
     let st = &o["status"];
     match kind {
         "Pod" => {
-            let cs = st["containerStatuses"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let total = spec["containers"].as_array().map_or(0, Vec::len);
-            let ready = cs.iter().filter(|c| c["ready"] == true).count();
-            let restarts: i64 = cs.iter().map(|c| int(&c["restartCount"])).sum();
+            let (status, ready, total, restarts) = pod_summary(o);
             vec![
                 name,
                 json!(format!("{ready}/{total}")),
-                json!(pod_status(o)),
+                json!(status),
                 json!(restarts.to_string()),
                 age,
                 json!(or_none(st["podIP"].as_str().unwrap_or("").into())),
@@ -1163,7 +1234,8 @@ mod tests {
         let p = json!({"metadata": {"name": "web", "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"nodeName": "n1", "containers": [{"name": "a"}, {"name": "b"}]},
             "status": {"phase": "Running", "podIP": "10.0.0.5", "containerStatuses": [
-                {"ready": true, "restartCount": 2}, {"ready": false, "restartCount": 1}]}});
+                {"ready": true, "restartCount": 2, "state": {"running": {}}},
+                {"ready": false, "restartCount": 1, "state": {"running": {}}}]}});
         let now = seconds(&json!("2026-01-01T00:01:00Z")).unwrap();
         let r = row("Pod", &p, Include::Metadata, now);
         assert_eq!(
@@ -1175,6 +1247,86 @@ mod tests {
             columns("Pod").len(),
             r["cells"].as_array().map_or(0, Vec::len)
         );
+    }
+
+    #[test]
+    fn pod_status_as_kubectl_prints_it() {
+        let pod = |inits: Value, init_statuses: Value, statuses: Value, extra: Value| {
+            let mut p = json!({"metadata": {"name": "p"},
+                "spec": {"initContainers": inits, "containers": [{"name": "main"}]},
+                "status": {"phase": "Pending", "initContainerStatuses": init_statuses,
+                    "containerStatuses": statuses}});
+            if let (Some(m), Some(e)) = (p["status"].as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+            let (status, ready, total, restarts) = pod_summary(&p);
+            format!("{status} {ready}/{total} {restarts}")
+        };
+        let init = json!([{"name": "init"}]);
+        let waiting = |r: &str| json!([{"name": "main", "state": {"waiting": {"reason": r}}}]);
+        assert_eq!(
+            pod(
+                init.clone(),
+                json!([{"name": "init", "state": {"running": {}}}]),
+                waiting("PodInitializing"),
+                json!({})
+            ),
+            "Init:0/1 0/1 0"
+        );
+        assert_eq!(
+            pod(
+                init.clone(),
+                json!([{"name": "init", "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]),
+                waiting("PodInitializing"),
+                json!({})
+            ),
+            "Init:CrashLoopBackOff 0/1 2"
+        );
+        assert_eq!(
+            pod(
+                init.clone(),
+                json!([{"name": "init",
+                "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]),
+                waiting("PodInitializing"),
+                json!({"phase": "Failed"})
+            ),
+            "Init:Error 0/1 0"
+        );
+        assert_eq!(
+            pod(
+                init.clone(),
+                json!([{"name": "init",
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]),
+                waiting("PodInitializing"),
+                json!({})
+            ),
+            "PodInitializing 0/1 0"
+        );
+        // A sidecar that has started counts as a container, ready or not.
+        let side = json!([{"name": "side", "restartPolicy": "Always"}]);
+        assert_eq!(
+            pod(
+                side,
+                json!([{"name": "side", "started": true, "ready": true,
+                "state": {"running": {}}}]),
+                json!([{"name": "main", "ready": true, "state": {"running": {}}}]),
+                json!({"phase": "Running",
+                    "conditions": [{"type": "Initialized", "status": "True"}]})
+            ),
+            "Running 2/2 0"
+        );
+        let mut ended = json!({"metadata": {"name": "p", "deletionTimestamp": "t"},
+            "spec": {"containers": [{"name": "main"}]},
+            "status": {"phase": "Succeeded", "containerStatuses": [{"name": "main",
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}});
+        assert_eq!(
+            pod_summary(&ended).0,
+            "Completed",
+            "an ended pod being deleted"
+        );
+        ended["status"]["phase"] = json!("Running");
+        assert_eq!(pod_summary(&ended).0, "Terminating");
     }
 
     #[test]

@@ -492,6 +492,27 @@ impl Gateway {
                 req.node
             ));
         }
+        // Two machines with one name (two boards both called raspberrypi) would take the
+        // name's link from each other over and over, and run each other's pods.
+        let link = self
+            .api
+            .store
+            .get(
+                &format!("{LINK_PREFIX}{}", req.node),
+                crate::store::Consistency::Linearizable,
+            )
+            .await
+            .map_err(|e| format!("the control plane could not check the node name: {e}"))?;
+        let linked = link.is_some_and(|kv| {
+            serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .is_ok_and(|v| v["connected"] == true)
+        });
+        if linked {
+            return Err(format!(
+                "a node named \"{}\" is connected to the cluster now; join this machine with another name (--name), or stop that node first (a node that is rejoining itself can try again once its old link has dropped, within a minute)",
+                req.node
+            ));
+        }
         self.spend(&req.id, &req.secret, Kind::Node).await?;
         crate::pki::sign_node(&self.pki_dir, &req.csr, &req.node, self.cert_ttl)
             .map_err(|e| format!("bad certificate signing request: {e}"))

@@ -1246,6 +1246,26 @@ impl Agent {
         let changed_tx = Arc::new(changed_tx);
         let (finished_tx, finished_rx) = watch::channel(false);
         let net = Arc::new(OnceCell::new());
+        // Why the pod failed as a whole (its active deadline), over what its containers say.
+        let verdict: Arc<Mutex<Option<&'static str>>> = Arc::default();
+        if let Some(secs) = pod["spec"]["activeDeadlineSeconds"].as_u64() {
+            let (stop, verdict) = (stop.clone(), verdict.clone());
+            let (changed, mut finished) = (Arc::downgrade(&changed_tx), finished_rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                    _ = finished.wait_for(|d| *d) => return,
+                    _ = stop.wait() => return,
+                }
+                if let Ok(mut v) = verdict.lock() {
+                    *v = Some(DEADLINE_EXCEEDED);
+                }
+                stop.stop_within(None);
+                if let Some(c) = changed.upgrade() {
+                    c.send_modify(|n| *n += 1);
+                }
+            });
+        }
         if let Ok(mut p) = self.pods.lock() {
             p.insert(
                 uid.to_string(),
@@ -1309,6 +1329,12 @@ impl Agent {
                 let ip = me.host_ip();
                 let pod_ip = net.get().map_or(ip.clone(), |a| a.ip.to_string());
                 let mut status = pod::status(&list, &started, &ip, &pod_ip, &now());
+                if let Some(why) = verdict.lock().ok().and_then(|v| *v) {
+                    status["phase"] = json!("Failed");
+                    status["reason"] = json!(why);
+                    status["message"] =
+                        json!("Pod was active on the node longer than the specified deadline");
+                }
                 keep_transition_times(&mut status, &prev);
                 if status != prev {
                     prev = status.clone();
@@ -2341,6 +2367,9 @@ fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
     }
 }
 
+/// A pod's status reason once it has run longer than its `activeDeadlineSeconds`.
+const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+
 /// Run a pod's init containers (the first `inits` of `workers`) one at a time, each until it
 /// has ended well (a sidecar until it has started), then the others; stop the sidecars once
 /// the others have ended. An init container that fails for good fails the pod: nothing
@@ -3363,7 +3392,8 @@ impl Worker {
 
     /// The value of a downward-API `resourceFieldRef`, as the kubelet gives it: a container's
     /// limit (the node's allocatable where it sets none) or request (0 where none), divided
-    /// by `divisor` (1 by default) and rounded up.
+    /// by `divisor` (1 by default, and where it is 0, as typed clients send it unset) and
+    /// rounded up.
     fn resource_field(&self, r: &Value) -> Result<String, String> {
         let resource = r["resource"].as_str().unwrap_or("");
         let spec = &self.pod["spec"];
@@ -3382,7 +3412,11 @@ impl Worker {
         };
         let (kind, name) = resource.split_once('.').unwrap_or(("", ""));
         let set = text(&c["resources"][kind][name]);
-        let divisor = text(&r["divisor"]).unwrap_or_else(|| "1".into());
+        let divisor = text(&r["divisor"])
+            .filter(|d| {
+                outpost_api::quantity::Quantity::parse(d).and_then(|q| q.milli()) != Some(0)
+            })
+            .unwrap_or_else(|| "1".into());
         let bad = || format!("resourceFieldRef: unsupported resource {resource:?}");
         let (have, per) = match (kind, name) {
             ("limits" | "requests", "cpu") => {
@@ -3394,7 +3428,11 @@ impl Worker {
                 )
             }
             ("limits" | "requests", "memory" | "ephemeral-storage") => {
-                let node = (kind == "limits" && name == "memory").then(node_memory);
+                let node = match (kind, name) {
+                    ("limits", "memory") => Some(node_memory()),
+                    ("limits", _) => Some(disk_bytes(&self.agent.dir)),
+                    _ => None,
+                };
                 let have = set.as_deref().and_then(outpost_api::quantity::bytes);
                 (
                     have.or(node).unwrap_or(0),

@@ -195,18 +195,40 @@ impl PodNet {
         nft(&format!("add rule ip outpost postrouting {rule}\n"))
     }
 
-    /// Lease an address for namespace `ns`: the one it holds already, or the first free.
-    /// Agents on one machine take turns through a lock on the lease directory, so a stale
-    /// lease is taken over by one of them only.
+    /// Lease an address for namespace `ns`: the one it holds already, or the next free one
+    /// after the last leased (round the range, as CNI's host-local IPAM goes): an address
+    /// just freed is not handed out again at once, while other pods and the node may still
+    /// hold its old owner's MAC. Agents on one machine take turns through a lock on the
+    /// lease directory, so a stale lease is taken over by one of them only.
     fn lease(&self, ns: &str) -> Result<Ipv4Addr, String> {
         let io = |e: std::io::Error| format!("{}: {e}", self.ipam.display());
         std::fs::create_dir_all(&self.ipam).map_err(io)?;
         let lock = std::fs::File::create(self.ipam.join(".lock")).map_err(io)?;
         lock.lock().map_err(io)?;
         let size = 1u32 << (32 - self.prefix);
+        let last_file = self.ipam.join(".last");
+        let last = std::fs::read_to_string(&last_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+            .map(|a| u32::from(a).wrapping_sub(self.base))
+            .filter(|n| (2..size - 1).contains(n))
+            .unwrap_or(1);
         // The first address is the network, the second the gateway, the last broadcast.
-        for n in 2..size - 1 {
+        // The lease the namespace holds already, wherever it is.
+        for e in std::fs::read_dir(&self.ipam).map_err(io)?.flatten() {
+            if let Ok(addr) = e.file_name().to_string_lossy().parse::<Ipv4Addr>() {
+                if std::fs::read_to_string(e.path()).is_ok_and(|h| h == ns) {
+                    return Ok(addr);
+                }
+            }
+        }
+        let usable = size - 3;
+        for n in (0..usable).map(|i| 2 + (last - 1 + i) % usable) {
             let addr = Ipv4Addr::from(self.base + n);
+            let leased = |addr: Ipv4Addr| {
+                let _ = std::fs::write(&last_file, addr.to_string());
+                Ok(addr)
+            };
             let path = self.ipam.join(addr.to_string());
             match std::fs::OpenOptions::new()
                 .write(true)
@@ -215,7 +237,7 @@ impl PodNet {
             {
                 Ok(mut f) => {
                     f.write_all(ns.as_bytes()).map_err(io)?;
-                    return Ok(addr);
+                    return leased(addr);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -232,7 +254,7 @@ impl PodNet {
                             .open(&path)
                         {
                             f.write_all(ns.as_bytes()).map_err(io)?;
-                            return Ok(addr);
+                            return leased(addr);
                         }
                     }
                 }
@@ -261,10 +283,11 @@ impl PodNet {
         ip(&[], &format!("netns add {ns}\n"))?;
         let done = (|| {
             let addr = self.lease(&ns)?;
+            // The node forgets any MAC it knew for the address from an earlier pod.
             ip(
                 &[],
                 &format!(
-                    "link add {v} type veth peer name eth0 netns {ns}\nlink set {v} master {BRIDGE} up\n"
+                    "link add {v} type veth peer name eth0 netns {ns}\nlink set {v} master {BRIDGE} up\nneigh flush to {addr} dev {BRIDGE}\n"
                 ),
             )?;
             ip(
@@ -482,5 +505,26 @@ mod tests {
             .lease("outpost-more")
             .unwrap_err()
             .contains("no free address"));
+        // Freed, an address waits its turn: the next lease goes round the range first.
+        std::fs::remove_file(n.ipam.join("10.99.0.2")).unwrap();
+        std::fs::remove_file(n.ipam.join("10.99.0.4")).unwrap();
+        assert_eq!(n.lease("outpost-x").unwrap(), Ipv4Addr::new(10, 99, 0, 2));
+        assert_eq!(n.lease("outpost-y").unwrap(), Ipv4Addr::new(10, 99, 0, 4));
+        std::fs::remove_file(n.ipam.join("10.99.0.2")).unwrap();
+        std::fs::remove_file(n.ipam.join("10.99.0.3")).unwrap();
+        assert_eq!(
+            n.lease("outpost-z").unwrap(),
+            Ipv4Addr::new(10, 99, 0, 2),
+            "after .4, round to the first free"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        n.ipam = dir.path().join("ipam");
+        let first = n.lease("outpost-a").unwrap();
+        std::fs::remove_file(n.ipam.join(first.to_string())).unwrap();
+        assert_ne!(
+            n.lease("outpost-b").unwrap(),
+            first,
+            "not the one just freed"
+        );
     }
 }

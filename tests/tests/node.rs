@@ -487,6 +487,35 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
         "{}",
         second.logs()
     );
+    // A second machine under the name of a node that is connected is refused, and the
+    // token is not spent: it still joins a machine of another name.
+    let fresh = up.token()?;
+    let mut twin = Node::new(&dir.path().join("twin"));
+    twin.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &fresh,
+        "--name",
+        "edge-1",
+    ])?;
+    assert!(!twin.wait_exit(30)?.success());
+    assert!(
+        twin.logs()
+            .contains("a node named \"edge-1\" is connected to the cluster now"),
+        "{}",
+        twin.logs()
+    );
+    let mut fourth = Node::new(&dir.path().join("edge-4"));
+    fourth.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &fresh,
+        "--name",
+        "edge-4",
+    ])?;
+    up.node_ready(&fourth, "edge-4", 30)?;
     // A token whose CA hash is not this cluster's: the node will not trust the gateway.
     let mut parts: Vec<String> = token.split('.').map(String::from).collect();
     parts[1] = "0".repeat(64);
@@ -916,7 +945,8 @@ fn a_wasm_pod_reads_its_volumes_and_env_online_and_from_the_cache() -> anyhow::R
     let host = dir.path().join("host");
     std::fs::create_dir_all(&host)?;
     std::fs::write(host.join("seed"), "seeded")?;
-    let shown = "/cfg/motd,/cfg/sub/deep,/sec/password,/host/seed,/dapi/cpu,/dapi/labels";
+    let shown =
+        "/cfg/motd,/cfg/sub/deep,/sec/password,/host/seed,/dapi/cpu,/dapi/cores,/dapi/labels";
     let manifest = format!(
         r#"apiVersion: v1
 kind: ConfigMap
@@ -980,6 +1010,7 @@ spec:
       items:
       - {{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}
       - {{path: cpu, resourceFieldRef: {{containerName: main, resource: requests.cpu, divisor: 1m}}}}
+      - {{path: cores, resourceFieldRef: {{containerName: main, resource: requests.cpu, divisor: "0"}}}}
 "#,
         host = host.display()
     );
@@ -998,6 +1029,7 @@ spec:
         "/sec/password: s3cret",
         "/host/seed: seeded",
         "/dapi/cpu: 250",
+        "/dapi/cores: 1",
         "/dapi/labels: app=\"vols\"",
     ];
     let logs_with = |container: &str, want: &str| -> anyhow::Result<String> {
@@ -1737,5 +1769,46 @@ fn init_containers_run_first_and_sidecars_beside() -> anyhow::Result<()> {
         .expect_ok("logs main")?
         .stdout;
     assert!(main_log.contains("Hello"), "{main_log}");
+    Ok(())
+}
+
+/// A pod running longer than its `activeDeadlineSeconds` is stopped and Failed with reason
+/// DeadlineExceeded, as the kubelet ends it.
+#[test]
+fn a_pod_past_its_active_deadline_fails() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let sleeper = push(&up, "sleeper")?;
+    let pod = pod_yaml("deadline", &sleeper, "Always", "").replace(
+        "  restartPolicy:",
+        "  activeDeadlineSeconds: 2\n  restartPolicy:",
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &pod)?
+        .expect_ok("apply deadline")?;
+    up.wait_field(30, &["pod", "deadline"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let t = Instant::now();
+    let ended = up.wait_field(
+        30,
+        &["pod", "deadline"],
+        "{.status.phase} {.status.reason}",
+        |p| p.starts_with("Failed"),
+    )?;
+    assert_eq!(ended, "Failed DeadlineExceeded");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    // It stays ended: nothing restarts it.
+    std::thread::sleep(Duration::from_secs(2));
+    let state = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "deadline",
+            "-o",
+            "jsonpath={.status.phase} {.status.containerStatuses[0].state.terminated.reason}",
+        ])?
+        .expect_ok("get state")?
+        .stdout;
+    assert!(state.starts_with("Failed "), "{state}");
     Ok(())
 }

@@ -138,9 +138,22 @@ pub fn default_pod_spec(spec: &mut Value, restart: &str) {
     or(spec, "terminationGracePeriodSeconds", json!(30));
     or(spec, "schedulerName", json!("default-scheduler"));
     or(spec, "securityContext", json!({}));
+    let host_network = spec["hostNetwork"] == true;
     for list in ["containers", "initContainers"] {
         if let Some(Value::Array(cs)) = obj(spec).get_mut(list) {
             cs.iter_mut().for_each(default_container);
+            // On the node's network a container's port is the node's: the scheduler keeps
+            // two such pods apart.
+            for p in cs.iter_mut().filter(|_| host_network).flat_map(|c| {
+                c.get_mut("ports")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+            }) {
+                if p["hostPort"].as_i64().unwrap_or(0) == 0 {
+                    p["hostPort"] = p["containerPort"].clone();
+                }
+            }
         }
     }
     if let Some(Value::Array(vols)) = obj(spec).get_mut("volumes") {
@@ -1723,6 +1736,11 @@ mod tests {
         assert_eq!(s["containers"][0]["ports"][0]["protocol"], "TCP");
         assert_eq!(s["containers"][0]["resources"]["limits"]["cpu"], "1");
         assert!(validate("", "Pod", &p).is_empty());
+        assert!(s["containers"][0]["ports"][0].get("hostPort").is_none());
+        let mut h = json!({"metadata": {"name": "h"}, "spec": {"hostNetwork": true,
+            "containers": [{"name": "a", "image": "i", "ports": [{"containerPort": 8080}]}]}});
+        defaults("", "Pod", &mut h);
+        assert_eq!(h["spec"]["containers"][0]["ports"][0]["hostPort"], 8080);
     }
 
     #[test]

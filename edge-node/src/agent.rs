@@ -2647,6 +2647,7 @@ impl Worker {
             });
             // This run ends when the pod stops or a probe gives up on it.
             let stop = Stop::new();
+            let this_run = stop.clone();
             let forward = {
                 let (pod, run) = (self.stop.clone(), stop.clone());
                 tokio::spawn(async move {
@@ -2710,7 +2711,9 @@ impl Worker {
                 Prepared::Oci(o) => Ran::Oci(self.run_oci(o, stop).await),
             };
             forward.abort();
-            let killed = if watch.is_finished() {
+            // A run a probe stopped (not the pod) ended because of it: wait for its reason,
+            // which it gives right after stopping the run.
+            let killed = if watch.is_finished() || (this_run.stopped() && !self.stop.stopped()) {
                 watch.await.ok().flatten()
             } else {
                 watch.abort();
@@ -2733,6 +2736,21 @@ impl Worker {
                 Ran::Wasm(Ok(e)) => (e.code(), e.reason().to_string(), String::new()),
                 Ran::Wasm(Err(e)) => (128, "StartError".into(), e.clone()),
                 Ran::Oci(o) => oci_state(o, killed.as_deref()),
+            };
+            // Wasm guests have no /dev/termination-log; a failed run's last output is its
+            // message when the container asks for that.
+            let message = if message.is_empty()
+                && code != 0
+                && self.spec["terminationMessagePolicy"] == "FallbackToLogsOnError"
+            {
+                logs::last_words(&logs::file(
+                    &self.agent.dir,
+                    &self.uid,
+                    self.name(),
+                    restarts,
+                ))
+            } else {
+                message
             };
             let ended = State::Terminated {
                 code,
@@ -2837,7 +2855,7 @@ impl Worker {
                 .map_err(|e| ("CreateContainerError".to_string(), e))?,
         };
         let config = |m: String| ("CreateContainerConfigError".to_string(), m);
-        let env = self.env().await.map_err(config)?;
+        let mut env = self.env().await.map_err(config)?;
         let dirs = self.volumes().await.map_err(config)?;
         let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
             .and_then(|p| Log::open(&p, log::MAX))
@@ -2858,6 +2876,15 @@ impl Worker {
             args.push(self.name().to_string());
         }
         args.extend(strings("args").into_iter().map(expand));
+        // What a container runtime sets from the pod's hostname (after expansion, which
+        // sees only the container's own variables).
+        if !env.iter().any(|(k, _)| k == "HOSTNAME") {
+            let host = self.pod["spec"]["hostname"]
+                .as_str()
+                .or(self.pod["metadata"]["name"].as_str())
+                .unwrap_or("");
+            env.insert(0, ("HOSTNAME".into(), host.chars().take(63).collect()));
+        }
         let limits = &self.spec["resources"]["limits"];
         let memory = match limits["memory"].as_str() {
             Some(q) => Some(
@@ -3771,6 +3798,12 @@ impl Probing {
             .send(Event::new(self.on.clone(), true, "Unhealthy", message));
     }
 
+    fn killing(&self, message: String) {
+        let _ = self
+            .events
+            .send(Event::new(self.on.clone(), false, "Killing", message));
+    }
+
     fn set(&self, f: impl FnOnce(&mut Container) -> bool) {
         let changed = self
             .containers
@@ -3786,10 +3819,19 @@ impl Probing {
     /// Probe one run as the kubelet does: the startup probe first; then liveness and
     /// readiness side by side. Returns why the run was stopped, if a probe stopped it.
     async fn watch(self, probes: Probes, run: Arc<Stop>) -> Option<String> {
+        // As the kubelet: every failed try is an Unhealthy event (counted as it repeats).
+        let me = &self;
+        let failed = |kind: &str| {
+            let kind = kind.to_string();
+            move |why: &str| me.unhealthy(format!("{kind} probe failed: {why}"))
+        };
         if let Some(p) = &probes.startup {
-            if let Err(why) = until(p, true).await {
+            if let Err(why) = until(p, true, failed("Startup")).await {
                 tracing::info!(container = %self.what, %why, "startup probe failed; killing");
-                self.unhealthy(format!("Startup probe failed: {why}"));
+                self.killing(format!(
+                    "Container {} failed startup probe, will be restarted",
+                    self.on.container
+                ));
                 run.stop();
                 return Some(format!("Startup probe failed: {why}"));
             }
@@ -3802,7 +3844,10 @@ impl Probing {
         }
         let live = async {
             match &probes.liveness {
-                Some(p) => until(p, false).await.err().unwrap_or_default(),
+                Some(p) => until(p, false, failed("Liveness"))
+                    .await
+                    .err()
+                    .unwrap_or_default(),
                 None => std::future::pending().await,
             }
         };
@@ -3812,18 +3857,15 @@ impl Probing {
             };
             tokio::time::sleep(p.delay).await;
             let mut tally = Tally::default();
+            let failed = failed("Readiness");
             loop {
                 let r = p.try_once().await;
+                if let Err(why) = &r {
+                    tracing::debug!(container = %self.what, %why, "readiness probe failed");
+                    failed(why);
+                }
                 if let Some(v) = tally.record(p, r.is_ok()) {
-                    let mut changed = false;
-                    self.set(|c| {
-                        changed = std::mem::replace(&mut c.ready, v) != v;
-                        changed
-                    });
-                    if let (Err(why), true) = (&r, changed) {
-                        tracing::debug!(container = %self.what, %why, "readiness probe failed");
-                        self.unhealthy(format!("Readiness probe failed: {why}"));
-                    }
+                    self.set(|c| std::mem::replace(&mut c.ready, v) != v);
                 }
                 tokio::time::sleep(p.period).await;
             }
@@ -3831,7 +3873,10 @@ impl Probing {
         tokio::select! {
             why = live => {
                 tracing::info!(container = %self.what, %why, "liveness probe failed; restarting");
-                self.unhealthy(format!("Liveness probe failed: {why}"));
+                self.killing(format!(
+                    "Container {} failed liveness probe, will be restarted",
+                    self.on.container
+                ));
                 run.stop();
                 Some(format!("Liveness probe failed: {why}"))
             }
@@ -3843,11 +3888,14 @@ impl Probing {
 /// Try `p` every period after its delay until it passes (`Ok`) when `pass` is true, or
 /// until it fails its threshold (`Err` with the last failure): the startup probe waits
 /// for a pass, then returns; the liveness probe runs until it fails.
-async fn until(p: &Probe, pass: bool) -> Result<(), String> {
+async fn until(p: &Probe, pass: bool, failed: impl Fn(&str)) -> Result<(), String> {
     tokio::time::sleep(p.delay).await;
     let mut tally = Tally::default();
     loop {
         let r = p.try_once().await;
+        if let Err(why) = &r {
+            failed(why);
+        }
         match tally.record(p, r.is_ok()) {
             Some(true) if pass => return Ok(()),
             Some(false) => return Err(r.err().unwrap_or_default()),

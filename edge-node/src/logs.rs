@@ -88,6 +88,16 @@ pub fn render(
     lines[skip..].concat()
 }
 
+/// The end of a run's output, as a termination message under `FallbackToLogsOnError`:
+/// its last 80 lines, at most the last 2048 bytes of them, as the kubelet takes it.
+pub fn last_words(path: &Path) -> String {
+    let mut data = std::fs::read(log::rotated(path)).unwrap_or_default();
+    data.extend(std::fs::read(path).unwrap_or_default());
+    let text = render(&data, false, None, Some(80), &mut true);
+    let from = text.len().saturating_sub(2048);
+    String::from_utf8_lossy(&text[from..]).into_owned()
+}
+
 async fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     match tokio::fs::read(path).await {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),

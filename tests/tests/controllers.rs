@@ -412,6 +412,23 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
         assert!(t.elapsed() < Duration::from_secs(10), "{described}");
         std::thread::sleep(Duration::from_millis(250));
     }
+    // A node deleted by hand takes its pods with it, after the grace period, as the pod
+    // garbage collector deletes pods bound to a node that does not exist.
+    up.kubectl(&["delete", "node", "edge-1"])?
+        .expect_ok("delete node")?;
+    let t = Instant::now();
+    loop {
+        let pods = field(
+            &up,
+            &["pods", "-l", "app=keeper"],
+            "{.items[*].metadata.name}",
+        )?;
+        if pods.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "still {pods}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     Ok(())
 }
 

@@ -1335,23 +1335,35 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         (code, body.as_str()),
         (200, "hello from Outpost at /twin\n")
     );
-    // On the node's network, a second component on a port taken there cannot listen: a
-    // clear reason, not a crash.
-    let host = free_tcp_port();
-    for name in ["on-host", "clash"] {
-        let yaml = format!(
-            "{}    ports:\n    - containerPort: {host}\n",
+    // On the node's network a component's port is the node's: a second pod on it waits
+    // for the scheduler, and one whose port something else on the node holds cannot
+    // listen, with a clear reason, not a crash.
+    let host_pod = |name: &str, port: u16| {
+        format!(
+            "{}    ports:\n    - containerPort: {port}\n",
             pod_yaml(name, "module:http-hello", "Never", "")
         )
-        .replace("spec:\n", "spec:\n  hostNetwork: true\n");
-        up.kubectl_in(&["apply", "-f", "-"], &yaml)?
-            .expect_ok("apply a host-network component")?;
-        if name == "on-host" {
-            outpost_tests::retry(30, "the host-network component serves", || {
-                http_get_at(([127, 0, 0, 1], host).into(), "/")
-            })?;
-        }
-    }
+        .replace("spec:\n", "spec:\n  hostNetwork: true\n")
+    };
+    let host = free_tcp_port();
+    up.kubectl_in(&["apply", "-f", "-"], &host_pod("on-host", host))?
+        .expect_ok("apply a host-network component")?;
+    outpost_tests::retry(30, "the host-network component serves", || {
+        http_get_at(([127, 0, 0, 1], host).into(), "/")
+    })?;
+    up.kubectl_in(&["apply", "-f", "-"], &host_pod("second", host))?
+        .expect_ok("apply a second host-network component")?;
+    let why = up.wait_field(
+        30,
+        &["pod", "second"],
+        "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        |m| !m.is_empty(),
+    )?;
+    assert!(why.contains("didn't have free ports"), "{why}");
+    let taken = std::net::TcpListener::bind(("0.0.0.0", 0))?;
+    let busy = taken.local_addr()?.port();
+    up.kubectl_in(&["apply", "-f", "-"], &host_pod("clash", busy))?
+        .expect_ok("apply a component on a taken port")?;
     let msg = up.wait_field(
         60,
         &["pod", "clash"],
@@ -1359,9 +1371,10 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         |m| !m.is_empty(),
     )?;
     assert!(
-        msg.contains(&format!("listening on 0.0.0.0:{host}")),
+        msg.contains(&format!("listening on 0.0.0.0:{busy}")),
         "{msg}"
     );
+    drop(taken);
     let (code, _) = get(port, "/still/there")?;
     assert_eq!(code, 200);
     // Deleted, it stops accepting, finishes what it serves, and is gone; its port is free.
@@ -1397,6 +1410,17 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         last.starts_with("Liveness probe failed: dial tcp"),
         "{last}"
     );
+    let killed = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "unhealthy",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].lastState.terminated.reason}",
+        ])?
+        .expect_ok("get unhealthy")?
+        .stdout;
+    assert_eq!(killed, "137 Error", "killed, as the kubelet kills");
     let state = up.wait_field(
         5,
         &["pod", "unhealthy"],
@@ -1410,9 +1434,17 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
         let d = up
             .kubectl(&["describe", "pod", "unhealthy"])?
             .expect_ok("describe")?;
-        let seen = ["Started", "Unhealthy", "Liveness probe failed", "kubelet"]
-            .iter()
-            .all(|w| d.stdout.contains(w));
+        let seen = [
+            "Started",
+            "Unhealthy",
+            "Liveness probe failed",
+            "Readiness probe failed",
+            "Killing",
+            "failed liveness probe, will be restarted",
+            "kubelet",
+        ]
+        .iter()
+        .all(|w| d.stdout.contains(w));
         if seen {
             break;
         }
@@ -1773,12 +1805,29 @@ fn init_containers_run_first_and_sidecars_beside() -> anyhow::Result<()> {
 }
 
 /// A pod running longer than its `activeDeadlineSeconds` is stopped and Failed with reason
-/// DeadlineExceeded, as the kubelet ends it.
+/// DeadlineExceeded, as the kubelet ends it; a container that fails with
+/// `terminationMessagePolicy: FallbackToLogsOnError` has its last output as its message.
 #[test]
 fn a_pod_past_its_active_deadline_fails() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(dir.path())?;
     let sleeper = push(&up, "sleeper")?;
+    let hello = push(&up, "hello")?;
+    let words = pod_yaml(
+        "last-words",
+        &hello,
+        "Never",
+        "    terminationMessagePolicy: FallbackToLogsOnError\n    env:\n    - name: EXIT_CODE\n      value: \"2\"\n",
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &words)?
+        .expect_ok("apply last-words")?;
+    let msg = up.wait_field(
+        30,
+        &["pod", "last-words"],
+        "{.status.containerStatuses[0].state.terminated.message}",
+        |m| !m.is_empty(),
+    )?;
+    assert!(msg.contains("Hello, edge! A Wasm pod on Outpost."), "{msg}");
     let pod = pod_yaml("deadline", &sleeper, "Always", "").replace(
         "  restartPolicy:",
         "  activeDeadlineSeconds: 2\n  restartPolicy:",

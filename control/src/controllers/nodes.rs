@@ -119,6 +119,9 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
     // Nodes this leadership has registered (announced with a RegisteredNode event, as
     // kube-controller-manager's node controller does when it first sees each).
     let mut known: HashSet<String> = HashSet::new();
+    // Pods bound to a node that does not exist, by key, and since when (unix seconds).
+    let mut orphans: HashMap<String, i64> = HashMap::new();
+    let mut round = 0u64;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if !api.store.leads() {
@@ -126,8 +129,10 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
             heed = None;
             seen = Seen::default();
             known.clear();
+            orphans.clear();
             continue;
         }
+        round += 1;
         // A node with no record has been unaccounted for only since this leadership began.
         let since = *led_since.get_or_insert_with(unix_now);
         // One read of the Nodes serves both passes.
@@ -164,6 +169,15 @@ pub async fn run(api: Arc<Api>, l: Lifecycle) {
             .map(|kv| kv.key.trim_start_matches(NODES))
             .collect();
         known.retain(|n| current.contains(n.as_str()));
+        // As the pod garbage collector: a pod whose node is gone (`kubectl delete node`) is
+        // deleted once it has been so for the grace period (40 s, as its quarantine); its
+        // controller makes another.
+        if round.is_multiple_of(5) {
+            let grace = l.grace.as_secs() as i64;
+            if let Err(e) = collect_orphans(&api, &current, grace, &mut orphans).await {
+                tracing::debug!(error = %e, "orphaned pods pass failed");
+            }
+        }
         if let Err(e) = taint_evictions(&api, &nodes, &mut seen).await {
             tracing::debug!(error = %e, "taint eviction pass failed");
         }
@@ -467,6 +481,46 @@ async fn mark_not_ready(api: &Arc<Api>, node: &str) -> Result<(), String> {
         )
         .await;
     }
+    Ok(())
+}
+
+/// Delete the pods bound to a node not among `nodes` for `grace` seconds.
+async fn collect_orphans(
+    api: &Arc<Api>,
+    nodes: &HashSet<&str>,
+    grace: i64,
+    orphans: &mut HashMap<String, i64>,
+) -> Result<(), String> {
+    let page = api
+        .store
+        .range("/registry/core/pods/", None, 0, Consistency::Serializable)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now = unix_now();
+    let mut still = HashSet::new();
+    for kv in &page.kvs {
+        let Ok(p) = crate::api::pick::only(&kv.value, &["metadata", "spec.nodeName"]) else {
+            continue;
+        };
+        let node = p["spec"]["nodeName"].as_str().unwrap_or("");
+        if node.is_empty() || nodes.contains(node) {
+            continue;
+        }
+        still.insert(kv.key.clone());
+        let since = *orphans.entry(kv.key.clone()).or_insert(now);
+        if now - since < grace {
+            continue;
+        }
+        let ns = p["metadata"]["namespace"].as_str().unwrap_or("default");
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+        let body = json!({"gracePeriodSeconds": 0,
+            "preconditions": {"uid": p["metadata"]["uid"]}});
+        if call(api, "DELETE", &path, "application/json", &body).await < 300 {
+            tracing::info!(%node, pod = %format!("{ns}/{name}"), "deleted a pod whose node is gone");
+        }
+    }
+    orphans.retain(|k, _| still.contains(k));
     Ok(())
 }
 

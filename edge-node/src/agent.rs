@@ -63,6 +63,9 @@ pub struct Config {
     pub compile: Compile,
     /// How fast events are posted.
     pub events: EventLimit,
+    /// How often running containers' configMap and secret volumes are brought up to date
+    /// (the kubelet's `--sync-frequency`, a minute by default).
+    pub sync: Duration,
 }
 
 /// The rate events are posted at, as the kubelet's `eventRecordQPS` and `eventBurst` (50
@@ -238,6 +241,7 @@ pub struct Agent {
     insecure_registries: Vec<String>,
     max_pods: u32,
     event_limit: EventLimit,
+    sync: Duration,
     link: watch::Sender<Option<Link>>,
     pods: Mutex<HashMap<String, PodRun>>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
@@ -451,6 +455,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         insecure_registries: cfg.insecure_registries.clone(),
         max_pods: cfg.max_pods,
         event_limit: cfg.events,
+        sync: cfg.sync,
         link: watch::channel(None).0,
         pods: Mutex::new(HashMap::new()),
         status_tx,
@@ -2367,6 +2372,48 @@ fn oci_state(o: &Outcome, killed: Option<&str>) -> (i32, String, String) {
     }
 }
 
+/// Make the files under `to` what they are under `from`: changed and new files copied in
+/// by rename, files `from` lacks removed. Returns how many files changed.
+fn sync_files(from: &Path, to: &Path) -> std::io::Result<usize> {
+    fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                files(root, &p, out)?;
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                out.push(rel.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    files(from, from, &mut new)?;
+    files(to, to, &mut old)?;
+    let mut changed = 0;
+    for rel in &new {
+        let (src, dst) = (from.join(rel), to.join(rel));
+        if std::fs::read(&src).ok() == std::fs::read(&dst).ok()
+            && std::fs::metadata(&src).map(|m| m.permissions()).ok()
+                == std::fs::metadata(&dst).map(|m| m.permissions()).ok()
+        {
+            continue;
+        }
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = dst.with_extension("outpost-new");
+        std::fs::copy(&src, &tmp)?;
+        std::fs::rename(&tmp, &dst)?;
+        changed += 1;
+    }
+    for rel in old.iter().filter(|r| !new.contains(r)) {
+        std::fs::remove_file(to.join(rel))?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// A pod's status reason once it has run longer than its `activeDeadlineSeconds`.
 const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
 
@@ -2473,6 +2520,7 @@ fn node_memory() -> u64 {
         * 1024
 }
 
+#[derive(Clone)]
 struct Worker {
     agent: Arc<Agent>,
     uid: String,
@@ -2564,6 +2612,7 @@ impl Worker {
             Ok(p) => p,
             Err(e) => {
                 // The spec cannot change: wait to be deleted, saying why.
+                self.event(true, "Failed", format!("Error: {e}"));
                 self.update(|c| c.state = State::waiting("CreateContainerConfigError", e));
                 self.stop.wait().await;
                 return;
@@ -2626,6 +2675,7 @@ impl Worker {
             if let (Prepared::Wasm(..), Some(key)) = (&prepared, probes.execs()) {
                 // The spec cannot change: wait to be deleted, saying why.
                 let why = format!("{key}: {}", probe::NO_PROCESS);
+                self.event(true, "Failed", format!("Error: {why}"));
                 self.update(|c| c.state = State::waiting("CreateContainerConfigError", why));
                 self.stop.wait().await;
                 return;
@@ -2666,6 +2716,17 @@ impl Worker {
                 run_probes.exec_in(exec_in(oci.containers.clone(), o.id.clone()));
                 gate = Some((oci.containers.clone(), o.id.clone()));
             }
+            // Its configMap and secret volumes follow their objects while it runs.
+            let refresher = self.refreshes().then(|| {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 1000);
+                        tokio::time::sleep(me.agent.sync + jitter).await;
+                        me.refresh_volumes().await;
+                    }
+                })
+            });
             let watch = {
                 let (probing, stop) = (self.probing(), stop.clone());
                 tokio::spawn(async move {
@@ -2711,6 +2772,9 @@ impl Worker {
                 Prepared::Oci(o) => Ran::Oci(self.run_oci(o, stop).await),
             };
             forward.abort();
+            if let Some(r) = refresher {
+                r.abort();
+            }
             // A run a probe stopped (not the pod) ended because of it: wait for its reason,
             // which it gives right after stopping the run.
             let killed = if watch.is_finished() || (this_run.stopped() && !self.stop.stopped()) {
@@ -2734,7 +2798,10 @@ impl Worker {
                 ),
                 Ran::Wasm(Ok(Exit::Trap(t))) => (134, "Error".into(), t.clone()),
                 Ran::Wasm(Ok(e)) => (e.code(), e.reason().to_string(), String::new()),
-                Ran::Wasm(Err(e)) => (128, "StartError".into(), e.clone()),
+                Ran::Wasm(Err(e)) => {
+                    self.event(true, "Failed", format!("Error: {e}"));
+                    (128, "StartError".into(), e.clone())
+                }
                 Ran::Oci(o) => oci_state(o, killed.as_deref()),
             };
             // Wasm guests have no /dev/termination-log; a failed run's last output is its
@@ -3582,6 +3649,76 @@ impl Worker {
         }
         Ok(out)
     }
+    /// The configMap, secret, downwardAPI and projected volumes this container mounts that
+    /// can change under it: those without a service-account token (whose files are not
+    /// asked for again, the token being valid for a year), by name.
+    fn refreshable(&self) -> Vec<(String, Value)> {
+        let vols = self.pod["spec"]["volumes"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        self.spec["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| vols.iter().find(|v| v["name"] == m["name"]))
+            .filter(|v| {
+                ["configMap", "secret", "projected"]
+                    .iter()
+                    .any(|k| v[*k].is_object())
+                    && !v["projected"]["sources"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["serviceAccountToken"].is_object()))
+            })
+            .map(|v| (v["name"].as_str().unwrap_or("").to_string(), v.clone()))
+            .collect()
+    }
+
+    fn refreshes(&self) -> bool {
+        !self.refreshable().is_empty()
+    }
+
+    /// Bring the files of this container's changeable volumes up to what their objects
+    /// hold now, as the kubelet does every sync: each volume is written afresh beside the
+    /// one in use, and only files that differ are replaced (by rename, so a reader sees
+    /// the old file or the new one) or removed. A volume whose object cannot be read keeps
+    /// its files.
+    async fn refresh_volumes(&self) {
+        for (vname, v) in self.refreshable() {
+            let dir = self.agent.volatile.join(&self.uid).join(&vname);
+            let fresh = self
+                .agent
+                .volatile
+                .join(&self.uid)
+                .join(format!(".{vname}.sync"));
+            let _ = std::fs::remove_dir_all(&fresh);
+            if std::fs::create_dir_all(&fresh).is_err() {
+                continue;
+            }
+            let sources = match v["projected"]["sources"].as_array() {
+                Some(s) => s.clone(),
+                None => vec![v.clone()],
+            };
+            let mut ok = true;
+            for src in &sources {
+                if let Err(e) = self.project(&fresh, src, &vname).await {
+                    tracing::debug!(volume = %vname, error = %e, "volume not refreshed");
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                match sync_files(&fresh, &dir) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(pod = %self.pod["metadata"]["name"], volume = %vname, files = n, "volume updated")
+                    }
+                    Err(e) => tracing::warn!(volume = %vname, error = %e, "updating a volume"),
+                }
+            }
+            let _ = std::fs::remove_dir_all(&fresh);
+        }
+    }
+
     /// Write the files of one source of a configMap, secret, downwardAPI or projected
     /// volume `vname` into `dir`.
     async fn project(&self, dir: &Path, src: &Value, vname: &str) -> Result<(), String> {

@@ -1861,3 +1861,119 @@ fn a_pod_past_its_active_deadline_fails() -> anyhow::Result<()> {
     assert!(state.starts_with("Failed "), "{state}");
     Ok(())
 }
+
+/// A running container's configMap and secret volumes follow their objects (every sync,
+/// here a second): a changed key is rewritten, a new one appears, a removed one goes.
+#[test]
+fn config_volumes_follow_their_objects() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    let sleeper = push(&up, "sleeper")?;
+    let mut edge = Node::new(&dir.path().join("edge-1"));
+    edge.start(&[
+        "--server",
+        &up.gateway(),
+        "--token",
+        &up.token()?,
+        "--name",
+        "edge-1",
+        "--sync-frequency",
+        "1",
+    ])?;
+    up.node_ready(&edge, "edge-1", 30)?;
+    up.kubectl(&["create", "configmap", "conf", "--from-literal=motd=one"])?
+        .expect_ok("create configmap")?;
+    up.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=user=ann",
+    ])?
+    .expect_ok("create secret")?;
+    let pod = pod_yaml(
+        "follower",
+        &sleeper,
+        "Always",
+        "    volumeMounts:\n    - {name: cfg, mountPath: /cfg}\n    - {name: sec, mountPath: /sec}\n",
+    )
+    .replace("spec:\n", "spec:\n  nodeSelector: {kubernetes.io/hostname: edge-1}\n")
+        + "  volumes:\n  - name: cfg\n    configMap: {name: conf}\n  - name: sec\n    secret: {secretName: creds}\n";
+    up.kubectl_in(&["apply", "-f", "-"], &pod)?
+        .expect_ok("apply follower")?;
+    up.wait_field(60, &["pod", "follower"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let uid = up
+        .kubectl(&["get", "pod", "follower", "-o", "jsonpath={.metadata.uid}"])?
+        .expect_ok("get uid")?
+        .stdout;
+    // The files live in the agent's own tmpfs: seen through its root.
+    let pid = edge
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the agent is not running"))?;
+    let vols = std::path::PathBuf::from(format!("/proc/{pid}/root"))
+        .join(edge.dir.strip_prefix("/")?)
+        .join("volatile")
+        .join(&uid);
+    let read = |f: &str| std::fs::read_to_string(vols.join(f)).ok();
+    let until = |what: &str, ok: &dyn Fn() -> bool| -> anyhow::Result<()> {
+        let t = Instant::now();
+        while !ok() {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "{what}: {:?}",
+                std::fs::read_dir(vols.join("cfg"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    };
+    assert_eq!(read("cfg/motd").as_deref(), Some("one"));
+    up.kubectl(&[
+        "patch",
+        "configmap",
+        "conf",
+        "--type=merge",
+        "-p",
+        r#"{"data": {"motd": "two", "extra": "new"}}"#,
+    ])?
+    .expect_ok("patch configmap")?;
+    until("the changed and the new key", &|| {
+        read("cfg/motd").as_deref() == Some("two") && read("cfg/extra").as_deref() == Some("new")
+    })?;
+    up.kubectl(&[
+        "patch",
+        "configmap",
+        "conf",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/data/extra"}]"#,
+    ])?
+    .expect_ok("remove a key")?;
+    until("the removed key", &|| read("cfg/extra").is_none())?;
+    up.kubectl(&[
+        "patch",
+        "secret",
+        "creds",
+        "--type=merge",
+        "-p",
+        r#"{"stringData": {"user": "bob"}}"#,
+    ])?
+    .expect_ok("patch secret")?;
+    until("the secret", &|| read("sec/user").as_deref() == Some("bob"))?;
+    // It was not restarted for it.
+    let restarts = up
+        .kubectl(&[
+            "get",
+            "pod",
+            "follower",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ])?
+        .expect_ok("get restarts")?
+        .stdout;
+    assert_eq!(restarts, "0");
+    Ok(())
+}

@@ -154,7 +154,19 @@ fn kubeconfig_for(
     Ok(pki::kubeconfig(server, &ca, &cert, &key, user))
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with their chain on one line, never a backtrace (which
+/// `RUST_BACKTRACE` set for other programs would add).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     outpost_oci_shim::run::dispatch();
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Up { .. }) {
@@ -386,6 +398,7 @@ fn local_node(
         services: service_proxy()?,
         compile: agent::Compile::default(),
         events: agent::EventLimit::default(),
+        sync: std::time::Duration::from_secs(60),
     };
     Ok(tokio::spawn(async move {
         if let Err(e) = agent::run(cfg).await {

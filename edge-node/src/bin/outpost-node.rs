@@ -76,9 +76,24 @@ struct Args {
     /// Events posted at once after a quiet spell, as kubelet's --event-burst.
     #[arg(long, default_value_t = 100, env = "OUTPOST_EVENT_BURST")]
     event_burst: u32,
+    /// Seconds between updates of running containers' configMap and secret volumes from
+    /// their objects, as kubelet's --sync-frequency (one minute).
+    #[arg(long, default_value_t = 60, env = "OUTPOST_SYNC_FREQUENCY")]
+    sync_frequency: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with their chain on one line, never a backtrace.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     outpost_oci_shim::run::dispatch();
     outpost_edge_node::volatile::enter();
     tokio::runtime::Builder::new_multi_thread()
@@ -134,6 +149,7 @@ async fn serve() -> anyhow::Result<()> {
             qps: a.event_qps,
             burst: a.event_burst,
         },
+        sync: std::time::Duration::from_secs(a.sync_frequency.max(1)),
     };
     tokio::select! {
         r = agent::run(cfg) => r,

@@ -55,3 +55,16 @@ pub struct Artifact {
     #[serde(with = "serde_bytes")]
     pub code: Vec<u8>,
 }
+
+/// How a program ends: with its error's whole chain on one line (the alternate form, as
+/// anyhow gives it), and never with a backtrace, which `RUST_BACKTRACE` set for other
+/// programs would add to an error returned from `main`.
+pub fn exit<E: std::fmt::Display>(r: Result<(), E>) -> std::process::ExitCode {
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

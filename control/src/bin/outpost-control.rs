@@ -132,20 +132,13 @@ async fn bootstrap(server: &str, token: &str, id: u64, pki_dir: &Path) -> anyhow
     Ok(files.join)
 }
 
-/// Errors end the process with their chain on one line, never a backtrace.
 fn main() -> std::process::ExitCode {
     let done = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(run()));
-    match done {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    outpost_api::exit(done)
 }
 
 async fn run() -> anyhow::Result<()> {

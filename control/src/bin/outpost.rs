@@ -154,16 +154,8 @@ fn kubeconfig_for(
     Ok(pki::kubeconfig(server, &ca, &cert, &key, user))
 }
 
-/// Errors end the process with their chain on one line, never a backtrace (which
-/// `RUST_BACKTRACE` set for other programs would add).
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    outpost_api::exit(run())
 }
 
 fn run() -> anyhow::Result<()> {

@@ -82,15 +82,8 @@ struct Args {
     sync_frequency: u64,
 }
 
-/// Errors end the process with their chain on one line, never a backtrace.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    outpost_api::exit(run())
 }
 
 fn run() -> anyhow::Result<()> {

@@ -2698,13 +2698,6 @@ impl Worker {
             // This run ends when the pod stops or a probe gives up on it.
             let stop = Stop::new();
             let this_run = stop.clone();
-            let forward = {
-                let (pod, run) = (self.stop.clone(), stop.clone());
-                tokio::spawn(async move {
-                    pod.wait().await;
-                    run.stop_within(pod.grace());
-                })
-            };
             // A pod with its own network listens at its address; an OCI container runs
             // exec probes' commands.
             let mut run_probes = probes.clone();
@@ -2716,6 +2709,34 @@ impl Worker {
                 run_probes.exec_in(exec_in(oci.containers.clone(), o.id.clone()));
                 gate = Some((oci.containers.clone(), o.id.clone()));
             }
+            // Deleted, the pod's container runs its preStop hook first, within the grace
+            // period, then is stopped with what is left of it.
+            let forward = {
+                let (pod, run) = (self.stop.clone(), stop.clone());
+                let (pre_stop, events, on) = (
+                    run_probes.pre_stop.take(),
+                    self.agent.events_tx.clone(),
+                    self.on(),
+                );
+                tokio::spawn(async move {
+                    pod.wait().await;
+                    let t0 = Instant::now();
+                    if let Some(h) = pre_stop {
+                        let limit = pod.grace().unwrap_or(Duration::from_secs(30));
+                        let ran = tokio::time::timeout(limit, h.run(limit)).await;
+                        let failed = match ran {
+                            Ok(Ok(())) => None,
+                            Ok(Err(why)) => Some(why),
+                            Err(_) => Some(format!("did not end within {}s", limit.as_secs())),
+                        };
+                        if let Some(why) = failed {
+                            let msg = format!("PreStopHook failed: {why}");
+                            let _ = events.send(Event::new(on, true, "FailedPreStopHook", msg));
+                        }
+                    }
+                    run.stop_within(pod.grace().map(|g| g.saturating_sub(t0.elapsed())));
+                })
+            };
             // Its configMap and secret volumes follow their objects while it runs.
             let refresher = self.refreshes().then(|| {
                 let me = self.clone();
@@ -2736,6 +2757,24 @@ impl Worker {
                         // run's end aborts this task.
                         while !containers.started(&id).await {
                             tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                    // As the kubelet: postStart first, and a container whose hook fails
+                    // is killed; probes begin once it has run.
+                    if let Some(h) = run_probes.post_start.take() {
+                        // A guest starts beside its hook: one that listens gets two seconds
+                        // to begin before a refused hook counts.
+                        let mut tried = h.run(Duration::from_secs(30)).await;
+                        let t0 = Instant::now();
+                        while tried.is_err() && t0.elapsed() < Duration::from_secs(2) {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            tried = h.run(Duration::from_secs(30)).await;
+                        }
+                        if let Err(why) = tried {
+                            let msg = format!("PostStartHook failed: {why}");
+                            probing.failed_hook(msg.clone());
+                            stop.stop();
+                            return Some(msg);
                         }
                     }
                     probing.watch(run_probes, stop).await
@@ -2788,7 +2827,9 @@ impl Worker {
                 c.started = false;
             });
             let (code, reason, message) = match &ran {
-                Ran::Wasm(Ok(Exit::Stopped)) if killed.is_some() => {
+                // Stopped by a probe or a hook, however the guest ended (an HTTP component
+                // stops serving as if it had finished).
+                Ran::Wasm(Ok(Exit::Stopped | Exit::Code(_))) if killed.is_some() => {
                     (137, "Error".to_string(), killed.clone().unwrap_or_default())
                 }
                 Ran::Wasm(Ok(Exit::OutOfMemory { limit })) => (
@@ -3849,13 +3890,18 @@ struct Probes {
     startup: Option<Probe>,
     liveness: Option<Probe>,
     readiness: Option<Probe>,
+    /// Lifecycle hooks, which reach the container as probes do.
+    post_start: Option<probe::Hook>,
+    pre_stop: Option<probe::Hook>,
 }
 
 impl Probes {
     fn each(&mut self) -> impl Iterator<Item = &mut Probe> {
+        let hooks = probe::hook_probes([&mut self.post_start, &mut self.pre_stop].into_iter());
         [&mut self.startup, &mut self.liveness, &mut self.readiness]
             .into_iter()
             .flatten()
+            .chain(hooks)
     }
 
     /// Probe the container at `host` instead of the node's loopback.
@@ -3881,6 +3927,15 @@ impl Probes {
                 .is_some_and(|p| matches!(p.check, probe::Check::Exec { .. }))
         })
         .map(|(k, _)| k)
+        .or_else(|| {
+            [
+                ("lifecycle.postStart", &self.post_start),
+                ("lifecycle.preStop", &self.pre_stop),
+            ]
+            .into_iter()
+            .find(|(_, h)| h.as_ref().is_some_and(probe::Hook::runs_a_command))
+            .map(|(k, _)| k)
+        })
     }
 
     fn of(spec: &Value) -> Result<Probes, String> {
@@ -3888,6 +3943,8 @@ impl Probes {
             startup: probe::parse(spec, "startupProbe")?,
             liveness: probe::parse(spec, "livenessProbe")?,
             readiness: probe::parse(spec, "readinessProbe")?,
+            post_start: probe::hook(spec, "postStart")?,
+            pre_stop: probe::hook(spec, "preStop")?,
         })
     }
 }
@@ -3933,6 +3990,15 @@ impl Probing {
         let _ = self
             .events
             .send(Event::new(self.on.clone(), true, "Unhealthy", message));
+    }
+
+    fn failed_hook(&self, message: String) {
+        let _ = self.events.send(Event::new(
+            self.on.clone(),
+            true,
+            "FailedPostStartHook",
+            message,
+        ));
     }
 
     fn killing(&self, message: String) {

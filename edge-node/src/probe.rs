@@ -153,6 +153,79 @@ fn port(container: &Value, v: &Value) -> Result<u16, String> {
         .ok_or_else(|| format!("the container has no port named {name:?}"))
 }
 
+/// A lifecycle hook's handler (`postStart`, `preStop`): a probe's check tried once, or a
+/// pause.
+#[derive(Debug, Clone)]
+pub enum Hook {
+    Sleep(Duration),
+    Check {
+        probe: Probe,
+        /// `httpGet.host`: somewhere other than the container.
+        host: Option<IpAddr>,
+    },
+}
+
+/// The container's `lifecycle.KEY` hook, if it has one.
+pub fn hook(container: &Value, key: &str) -> Result<Option<Hook>, String> {
+    let h = &container["lifecycle"][key];
+    if h.is_null() {
+        return Ok(None);
+    }
+    if !h["sleep"].is_null() {
+        let secs = h["sleep"]["seconds"].as_u64().unwrap_or(0);
+        return Ok(Some(Hook::Sleep(Duration::from_secs(secs))));
+    }
+    let mut c = serde_json::json!({"ports": container["ports"]});
+    c[key] = h.clone();
+    let probe = parse(&c, key)?.ok_or_else(|| format!("{key}: no handler"))?;
+    let host = match h["httpGet"]["host"].as_str().filter(|s| !s.is_empty()) {
+        Some(s) => Some(
+            s.parse::<IpAddr>()
+                .map_err(|_| format!("{key}: httpGet.host {s:?} must be an IP address"))?,
+        ),
+        None => None,
+    };
+    Ok(Some(Hook::Check { probe, host }))
+}
+
+impl Hook {
+    /// Run it once, given at most `limit`.
+    pub async fn run(&self, limit: Duration) -> Result<(), String> {
+        match self {
+            Hook::Sleep(d) => {
+                tokio::time::sleep((*d).min(limit)).await;
+                Ok(())
+            }
+            Hook::Check { probe, host } => {
+                let mut p = probe.clone();
+                if let Some(h) = host {
+                    p.host = *h;
+                }
+                p.timeout = limit;
+                p.try_once().await
+            }
+        }
+    }
+
+    fn probe(&mut self) -> Option<&mut Probe> {
+        match self {
+            Hook::Check { probe, .. } => Some(probe),
+            Hook::Sleep(_) => None,
+        }
+    }
+
+    pub fn runs_a_command(&self) -> bool {
+        matches!(self, Hook::Check { probe, .. } if matches!(probe.check, Check::Exec { .. }))
+    }
+}
+
+/// The probe inside each of `hooks` that has one.
+pub fn hook_probes<'a>(
+    hooks: impl Iterator<Item = &'a mut Option<Hook>>,
+) -> impl Iterator<Item = &'a mut Probe> {
+    hooks.flatten().filter_map(Hook::probe)
+}
+
 /// Why an exec probe cannot run in a Wasm container.
 pub const NO_PROCESS: &str =
     "exec probes need a process to run in; a Wasm container has none (use httpGet or tcpSocket)";

@@ -1977,3 +1977,81 @@ fn config_volumes_follow_their_objects() -> anyhow::Result<()> {
     assert_eq!(restarts, "0");
     Ok(())
 }
+
+/// Lifecycle hooks: postStart reaches the container once it has started; preStop runs
+/// when the pod is deleted, before the container is stopped (here it calls a server of the
+/// test's, as `httpGet.host` allows); a hook that fails is a FailedPostStartHook event
+/// and the container is killed.
+#[test]
+fn lifecycle_hooks_run_around_a_container() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path())?;
+    push(&up, "http-hello")?;
+    let port = free_tcp_port();
+    let told = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let told_port = told.local_addr()?.port();
+    let hooked = format!(
+        "{}    ports:\n    - containerPort: {port}\n    lifecycle:\n      postStart:\n        httpGet: {{port: {port}, path: /poststart}}\n      preStop:\n        httpGet: {{host: 127.0.0.1, port: {told_port}, path: /prestop}}\n",
+        pod_yaml("hooked", "module:http-hello", "Always", "")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &hooked)?
+        .expect_ok("apply hooked")?;
+    up.wait_field(60, &["pod", "hooked"], "{.status.phase}", |p| {
+        p == "Running"
+    })?;
+    let t = Instant::now();
+    loop {
+        let logs = up.kubectl(&["logs", "hooked"])?.stdout;
+        if logs.contains("GET /poststart") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no postStart call: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Deleting it calls the preStop hook first.
+    let server = std::thread::spawn(move || -> anyhow::Result<String> {
+        let (mut conn, _) = told.accept()?;
+        let mut buf = [0u8; 1024];
+        let n = std::io::Read::read(&mut conn, &mut buf)?;
+        std::io::Write::write_all(&mut conn, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    up.kubectl(&["delete", "pod", "hooked", "--timeout", "30s"])?
+        .expect_ok("delete hooked")?;
+    let request = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the hook server panicked"))??;
+    assert!(request.starts_with("GET /prestop HTTP/1.1"), "{request}");
+
+    // A postStart hook that cannot reach anything: the container is killed, and says why.
+    let dead = free_tcp_port();
+    let failing = format!(
+        "{}    ports:\n    - containerPort: {port}\n    lifecycle:\n      postStart:\n        tcpSocket: {{port: {dead}}}\n",
+        pod_yaml("bad-hook", "module:http-hello", "Always", "")
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &failing)?
+        .expect_ok("apply bad-hook")?;
+    let last = up.wait_field(
+        40,
+        &["pod", "bad-hook"],
+        "{.status.containerStatuses[0].lastState.terminated.message}",
+        |m| !m.is_empty(),
+    )?;
+    assert!(last.starts_with("PostStartHook failed:"), "{last}");
+    let t = Instant::now();
+    loop {
+        let d = up
+            .kubectl(&["describe", "pod", "bad-hook"])?
+            .expect_ok("describe bad-hook")?
+            .stdout;
+        if d.contains("FailedPostStartHook") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "{d}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(())
+}

@@ -813,6 +813,29 @@ impl Up {
     }
 
     /// `kubectl get` one field with jsonpath, retried until `want` says yes.
+    /// Wait up to `secs` for `kubectl describe WHAT` to show every one of `words` (events
+    /// arrive a little after what they tell of); the description.
+    pub fn wait_described(
+        &self,
+        secs: u64,
+        what: &[&str],
+        words: &[&str],
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut all: Vec<&str> = vec!["describe"];
+        all.extend_from_slice(what);
+        loop {
+            let d = self.kubectl(&all)?.expect_ok("describe")?.stdout;
+            if words.iter().all(|w| d.contains(w)) {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                bail!("waited {secs}s for {words:?} in the description of {what:?}:\n{d}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     pub fn wait_field(
         &self,
         secs: u64,

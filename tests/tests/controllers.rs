@@ -390,28 +390,18 @@ fn an_unreachable_node_keeps_its_pods_for_its_autonomy_window() -> anyhow::Resul
         std::thread::sleep(Duration::from_millis(250));
     }
     // The node's story is in its events, as `kubectl describe node` shows them.
-    let t = Instant::now();
-    loop {
-        let described = up
-            .kubectl(&["describe", "node", "edge-1"])?
-            .expect_ok("describe node")?
-            .stdout;
-        let told = [
+    up.wait_described(
+        10,
+        &["node", "edge-1"],
+        &[
             "RegisteredNode",
             "Registered Node edge-1 in Controller",
             "NodeNotReady",
             "Node edge-1 status is now: NodeNotReady",
             "NodeReady",
             "Node edge-1 status is now: NodeReady",
-        ]
-        .iter()
-        .all(|w| described.contains(w));
-        if told {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "{described}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        ],
+    )?;
     // A node deleted by hand takes its pods with it, after the grace period, as the pod
     // garbage collector deletes pods bound to a node that does not exist.
     up.kubectl(&["delete", "node", "edge-1"])?

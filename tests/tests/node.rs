@@ -1429,12 +1429,10 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
     )?;
     assert_eq!(state, "Running/False");
     // The node reports what happened as events, which `kubectl describe` shows.
-    let t = Instant::now();
-    loop {
-        let d = up
-            .kubectl(&["describe", "pod", "unhealthy"])?
-            .expect_ok("describe")?;
-        let seen = [
+    up.wait_described(
+        15,
+        &["pod", "unhealthy"],
+        &[
             "Started",
             "Unhealthy",
             "Liveness probe failed",
@@ -1442,15 +1440,8 @@ fn an_http_component_serves_and_is_probed() -> anyhow::Result<()> {
             "Killing",
             "failed liveness probe, will be restarted",
             "kubelet",
-        ]
-        .iter()
-        .all(|w| d.stdout.contains(w));
-        if seen {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "{}", d.stdout);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        ],
+    )?;
     // exec probes cannot run in a Wasm container: a clear reason.
     let exec = pod_yaml(
         "exec-probe",
@@ -2041,17 +2032,6 @@ fn lifecycle_hooks_run_around_a_container() -> anyhow::Result<()> {
         |m| !m.is_empty(),
     )?;
     assert!(last.starts_with("PostStartHook failed:"), "{last}");
-    let t = Instant::now();
-    loop {
-        let d = up
-            .kubectl(&["describe", "pod", "bad-hook"])?
-            .expect_ok("describe bad-hook")?
-            .stdout;
-        if d.contains("FailedPostStartHook") {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "{d}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    up.wait_described(15, &["pod", "bad-hook"], &["FailedPostStartHook"])?;
     Ok(())
 }

@@ -2710,32 +2710,35 @@ impl Worker {
                 gate = Some((oci.containers.clone(), o.id.clone()));
             }
             // Deleted, the pod's container runs its preStop hook first, within the grace
-            // period, then is stopped with what is left of it.
+            // period, then is stopped with what is left of it. The task waits out the run, so
+            // a container without the hook gets one that holds nothing else.
             let forward = {
                 let (pod, run) = (self.stop.clone(), stop.clone());
-                let (pre_stop, events, on) = (
-                    run_probes.pre_stop.take(),
-                    self.agent.events_tx.clone(),
-                    self.on(),
-                );
-                tokio::spawn(async move {
-                    pod.wait().await;
-                    let t0 = Instant::now();
-                    if let Some(h) = pre_stop {
-                        let limit = pod.grace().unwrap_or(Duration::from_secs(30));
-                        let ran = tokio::time::timeout(limit, h.run(limit)).await;
-                        let failed = match ran {
-                            Ok(Ok(())) => None,
-                            Ok(Err(why)) => Some(why),
-                            Err(_) => Some(format!("did not end within {}s", limit.as_secs())),
-                        };
-                        if let Some(why) = failed {
-                            let msg = format!("PreStopHook failed: {why}");
-                            let _ = events.send(Event::new(on, true, "FailedPreStopHook", msg));
-                        }
+                match run_probes.pre_stop.take() {
+                    None => tokio::spawn(async move {
+                        pod.wait().await;
+                        run.stop_within(pod.grace());
+                    }),
+                    Some(h) => {
+                        let (events, on) = (self.agent.events_tx.clone(), self.on());
+                        tokio::spawn(async move {
+                            pod.wait().await;
+                            let t0 = Instant::now();
+                            let limit = pod.grace().unwrap_or(Duration::from_secs(30));
+                            let ran = tokio::time::timeout(limit, Box::pin(h.run(limit))).await;
+                            let failed = match ran {
+                                Ok(Ok(())) => None,
+                                Ok(Err(why)) => Some(why),
+                                Err(_) => Some(format!("did not end within {}s", limit.as_secs())),
+                            };
+                            if let Some(why) = failed {
+                                let msg = format!("PreStopHook failed: {why}");
+                                let _ = events.send(Event::new(on, true, "FailedPreStopHook", msg));
+                            }
+                            run.stop_within(pod.grace().map(|g| g.saturating_sub(t0.elapsed())));
+                        })
                     }
-                    run.stop_within(pod.grace().map(|g| g.saturating_sub(t0.elapsed())));
-                })
+                }
             };
             // Its configMap and secret volumes follow their objects while it runs.
             let refresher = self.refreshes().then(|| {
@@ -2764,11 +2767,12 @@ impl Worker {
                     if let Some(h) = run_probes.post_start.take() {
                         // A guest starts beside its hook: one that listens gets two seconds
                         // to begin before a refused hook counts.
-                        let mut tried = h.run(Duration::from_secs(30)).await;
+                        let limit = Duration::from_secs(30);
+                        let mut tried = Box::pin(h.run(limit)).await;
                         let t0 = Instant::now();
                         while tried.is_err() && t0.elapsed() < Duration::from_secs(2) {
                             tokio::time::sleep(Duration::from_millis(100)).await;
-                            tried = h.run(Duration::from_secs(30)).await;
+                            tried = Box::pin(h.run(limit)).await;
                         }
                         if let Err(why) = tried {
                             let msg = format!("PostStartHook failed: {why}");

@@ -547,6 +547,10 @@ async fn watch_resumes_bookmarks_and_expires() -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn get(app: &axum::Router, uri: &str) -> anyhow::Result<(StatusCode, Value)> {
+    call(app, "GET", uri, None, "").await
+}
+
 /// A list read in pages is one snapshot: later pages show what was there at the first,
 /// whatever changed since; a list can be read at an exact earlier revision; a continue
 /// token whose revision is compacted is 410 Expired.
@@ -618,52 +622,28 @@ async fn paged_lists_are_one_snapshot() -> anyhow::Result<()> {
         json!({"data": {"v": "new"}}).to_string(),
     )
     .await?;
-    let (code, rest) = call(
-        &app,
-        "GET",
-        &format!("{cms}?limit=2&continue={token}"),
-        None,
-        "",
-    )
-    .await?;
+    let (code, rest) = get(&app, &format!("{cms}?limit=2&continue={token}")).await?;
     assert_eq!(code, StatusCode::OK, "{rest}");
     assert_eq!(names(&rest), ["e=old", "g=old"]);
     assert_eq!(rest["metadata"]["resourceVersion"], rv.as_str());
     assert!(rest["metadata"]["continue"].is_null(), "{rest}");
     // The same revision asked for exactly, and today's list.
-    let (_, exact) = call(
+    let (_, exact) = get(
         &app,
-        "GET",
         &format!("{cms}?resourceVersion={rv}&resourceVersionMatch=Exact"),
-        None,
-        "",
     )
     .await?;
     assert_eq!(names(&exact), ["a=old", "c=old", "e=old", "g=old"]);
     let (_, now) = call(&app, "GET", cms, None, "").await?;
     assert_eq!(names(&now), ["a=old", "c=old", "d=", "g=new"]);
-    let (code, bad) = call(
-        &app,
-        "GET",
-        &format!("{cms}?resourceVersionMatch=Exact"),
-        None,
-        "",
-    )
-    .await?;
+    let (code, bad) = get(&app, &format!("{cms}?resourceVersionMatch=Exact")).await?;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
     // Once that revision is compacted, the token has expired.
     let at: u64 = rv.parse()?;
     store
         .write(outpost_api::store::Command::Compact { revision: at + 1 })
         .await?;
-    let (code, gone) = call(
-        &app,
-        "GET",
-        &format!("{cms}?limit=2&continue={token}"),
-        None,
-        "",
-    )
-    .await?;
+    let (code, gone) = get(&app, &format!("{cms}?limit=2&continue={token}")).await?;
     assert_eq!(code, StatusCode::GONE, "{gone}");
     assert_eq!(gone["reason"], "Expired");
     assert!(gone["message"]

@@ -121,11 +121,10 @@ fn allocatable_from_capacity(node: &mut Value) {
     let Some(capacity) = node["status"]["capacity"].as_object().cloned() else {
         return;
     };
-    let extended = |k: &str| k.contains('/') && !k.contains("kubernetes.io/");
     let alloc = child(child(node, "status"), "allocatable");
-    obj(alloc).retain(|k, _| !extended(k) || capacity.contains_key(k));
+    obj(alloc).retain(|k, _| !extended_resource(k) || capacity.contains_key(k));
     for (k, v) in capacity {
-        if extended(&k) && alloc.get(&k).is_none() {
+        if extended_resource(&k) && alloc.get(&k).is_none() {
             obj(alloc).insert(k, v);
         }
     }
@@ -825,7 +824,7 @@ fn check_resources(r: &Value, at: &str, out: &mut Vec<Cause>) {
     for (field, list) in [("limits", &limits), ("requests", &requests)] {
         for (name, text, q) in list {
             let path = format!("{at}.{field}[{name}]");
-            let extended = !name.contains("kubernetes.io/") && name.contains('/');
+            let extended = extended_resource(name);
             let standard = matches!(*name, "cpu" | "memory" | "ephemeral-storage")
                 || name.starts_with("hugepages-");
             if !standard && !extended {
@@ -847,7 +846,7 @@ fn check_resources(r: &Value, at: &str, out: &mut Vec<Cause>) {
         }
     }
     for (name, text, q) in &requests {
-        let extended = !name.contains("kubernetes.io/") && name.contains('/');
+        let extended = extended_resource(name);
         let path = format!("{at}.requests[{name}]");
         match limits.iter().find(|(n, ..)| n == name) {
             Some((_, lim, l)) if extended && q.milli() != l.milli() => out.push(Cause::invalid(
@@ -867,6 +866,12 @@ fn check_resources(r: &Value, at: &str, out: &mut Vec<Cause>) {
             _ => {}
         }
     }
+}
+
+/// A resource outside Kubernetes' own names (`example.com/dongle`): whole units, never
+/// overcommitted, offered by what a node's capacity lists.
+fn extended_resource(name: &str) -> bool {
+    name.contains('/') && !name.contains("kubernetes.io/")
 }
 
 /// Resource names Kubernetes knows that are not a container's to ask for.

@@ -412,7 +412,7 @@ fn pod_summary(o: &Value) -> (String, usize, usize, i64) {
             .iter()
             .any(|c| c["name"] == *name && c["restartPolicy"] == "Always")
     };
-    let mut total =
+    let total =
         list(&spec["containers"]).len() + init_specs.iter().filter(|c| sidecar(&c["name"])).count();
     let (mut ready, mut restarts, mut sidecar_restarts) = (0usize, 0i64, 0i64);
     let inits = list(&st["initContainerStatuses"]);
@@ -483,7 +483,6 @@ fn pod_summary(o: &Value) -> (String, usize, usize, i64) {
             reason = "Terminating".into();
         }
     }
-    total = total.max(ready);
     (reason, ready, total, restarts)
 }
 

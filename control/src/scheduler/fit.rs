@@ -5,9 +5,9 @@
 //! Filters, in kube-scheduler's order: node ready, cordon, the runtime the pod needs, taints
 //! (NoSchedule, NoExecute), node selector and required node affinity (the RuntimeClass's
 //! selector too), the node affinity of the pod's bound volumes, host ports, requests against
-//! allocatable (cpu, memory, pods). Scores, with kube-scheduler's default weights: least
-//! allocated and balanced allocation (1 each), preferred node affinity (2), PreferNoSchedule
-//! taints (3), spreading a controller's pods across nodes (2), the share of the pod's modules
+//! allocatable (cpu, memory, ephemeral storage, pods, extended resources). Scores, with
+//! kube-scheduler's default weights: least allocated and balanced allocation (1 each),
+//! preferred node affinity (2), PreferNoSchedule taints (3), spreading a controller's pods across nodes (2), the share of the pod's modules
 //! the node has already (1). Ties go round-robin. Rules about other pods (inter-pod affinity,
 //! topology spread constraints) are [`topo`]'s: a filter and two scores (2 each) on top of
 //! these.

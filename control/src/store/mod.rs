@@ -853,17 +853,9 @@ impl Store {
         let prefix = prefix.to_string();
         let start_after = start_after.map(str::to_string);
         tokio::task::spawn_blocking(move || -> Result<RangeResult, Error> {
-            use std::ops::Bound;
             let snap = sm.db.snapshot();
             let revision = sm.state_in(&snap)?.revision;
-            let start = match &start_after {
-                Some(k) if k.as_str() >= prefix.as_str() => Bound::Excluded(k.clone()),
-                _ => Bound::Included(prefix.clone()),
-            };
-            let end = match prefix_end(&prefix) {
-                Some(e) => Bound::Excluded(e),
-                None => Bound::Unbounded,
-            };
+            let (start, end) = key_bounds(&prefix, start_after.as_deref());
             let mut kvs = Vec::new();
             let mut more = false;
             for item in snap.range(&sm.kv, (start, end)) {
@@ -902,7 +894,6 @@ impl Store {
         let prefix = prefix.to_string();
         let start_after = start_after.map(str::to_string);
         tokio::task::spawn_blocking(move || -> Result<RangeResult, Error> {
-            use std::ops::Bound;
             let snap = sm.db.snapshot();
             let st = sm.state_in(&snap)?;
             if revision < st.compacted {
@@ -930,14 +921,7 @@ impl Store {
                     then.entry(e.kv.key).or_insert(e.prev);
                 }
             }
-            let start = match &start_after {
-                Some(k) if k.as_str() >= prefix.as_str() => Bound::Excluded(k.clone()),
-                _ => Bound::Included(prefix.clone()),
-            };
-            let end = match prefix_end(&prefix) {
-                Some(e) => Bound::Excluded(e),
-                None => Bound::Unbounded,
-            };
+            let (start, end) = key_bounds(&prefix, start_after.as_deref());
             // Today's keys and the changed ones, merged in key order; a changed key's old
             // state (or its absence) stands for today's.
             let mut now = snap
@@ -1234,6 +1218,23 @@ async fn open_db(dir: &Path) -> Result<Database, Error> {
             }
         }
     }
+}
+
+/// The keys under `prefix` after `start_after` (if it falls under the prefix or past it).
+fn key_bounds(
+    prefix: &str,
+    start_after: Option<&str>,
+) -> (std::ops::Bound<String>, std::ops::Bound<String>) {
+    use std::ops::Bound;
+    let start = match start_after {
+        Some(k) if k >= prefix => Bound::Excluded(k.to_string()),
+        _ => Bound::Included(prefix.to_string()),
+    };
+    let end = match prefix_end(prefix) {
+        Some(e) => Bound::Excluded(e),
+        None => Bound::Unbounded,
+    };
+    (start, end)
 }
 
 fn read_history(

@@ -156,9 +156,11 @@ impl Default for Compile {
 }
 
 fn now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    stamp(jiff::Timestamp::now())
+}
+
+fn stamp(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Sleep for `d` unless `stop` comes first; true if stopped.
@@ -1210,6 +1212,7 @@ impl Agent {
         }
         let _ = self.cache.remove_pod(uid);
         let _ = self.cache.remove_objects_in(TOKENS, uid);
+        let _ = self.cache.remove_objects_in(ENDED, uid);
         self.spares.retire(&self.dir.join("pods").join(uid));
         let _ = std::fs::remove_dir_all(self.volatile.join(uid));
     }
@@ -1918,7 +1921,7 @@ impl Agent {
         image: &str,
         policy: Option<&str>,
         auth: Option<(String, String)>,
-    ) -> Result<(String, Vec<u8>), String> {
+    ) -> Result<(String, Vec<u8>, bool), String> {
         let r = registry::Reference::parse(image).map_err(|e| e.to_string())?;
         let key = format!("oci/{r}");
         let cached = self
@@ -1936,20 +1939,20 @@ impl Agent {
             ("Never", None) => Err(format!(
                 "image \"{image}\" is not present on this node and imagePullPolicy is Never"
             )),
-            ("Never" | "IfNotPresent", Some(c)) => Ok(c),
+            ("Never" | "IfNotPresent", Some((d, b))) => Ok((d, b, false)),
             (_, cached) => self.pull(image, &key, cached, auth).await,
         }
     }
 
-    /// Pull `image` from its registry into the cache under `key`; when the registry cannot
-    /// be reached, the `cached` copy.
+    /// Pull `image` from its registry into the cache under `key` (true: pulled); when the
+    /// registry cannot be reached, the `cached` copy.
     async fn pull(
         &self,
         image: &str,
         key: &str,
         cached: Option<(String, Vec<u8>)>,
         auth: Option<(String, String)>,
-    ) -> Result<(String, Vec<u8>), String> {
+    ) -> Result<(String, Vec<u8>, bool), String> {
         let client = self
             .registry
             .get_or_init(|| registry::Client::new(self.insecure_registries.clone()))
@@ -1960,12 +1963,12 @@ impl Agent {
                     .put_module(&w.digest, &w.bytes)
                     .and_then(|()| self.cache.put_meta(key, &w.digest))
                     .map_err(|e| e.to_string())?;
-                Ok((w.digest, w.bytes))
+                Ok((w.digest, w.bytes, true))
             }
             Err(registry::Error::Registry(what, why)) => match cached {
                 Some(c) => {
                     tracing::warn!(image = %what, %why, "registry unreachable; using the copy pulled before");
-                    Ok(c)
+                    Ok((c.0, c.1, false))
                 }
                 None => Err(registry::Error::Registry(what, why).to_string()),
             },
@@ -2071,11 +2074,11 @@ impl Agent {
         image: &str,
         policy: Option<&str>,
         auth: Option<(String, String)>,
-    ) -> Result<(String, Code), (String, String)> {
+    ) -> Result<(String, Code, bool), (String, String)> {
         let pull = |m: String| ("ErrImagePull".to_string(), m);
         let Some(reference) = image.strip_prefix("module:") else {
-            let (digest, bytes) = self.artifact(image, policy, auth).await.map_err(pull)?;
-            return Ok((digest, Code::Bytes(bytes)));
+            let (digest, bytes, pulled) = self.artifact(image, policy, auth).await.map_err(pull)?;
+            return Ok((digest, Code::Bytes(bytes), pulled));
         };
         let hex = match reference.strip_prefix("sha256:") {
             Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => h.to_string(),
@@ -2090,10 +2093,10 @@ impl Agent {
         let digest = format!("sha256:{hex}");
         // Compiled already: the module's bytes (tens of kilobytes from the cache) are not needed.
         if let Some(p) = self.runtime.get().and_then(|r| r.cached(&digest)) {
-            return Ok((digest, Code::Ready(p)));
+            return Ok((digest, Code::Ready(p), false));
         }
         if let Some(b) = self.cache.module(&digest) {
-            return Ok((digest, Code::Bytes(b)));
+            return Ok((digest, Code::Bytes(b), false));
         }
         let link = self.link.borrow().clone();
         let Some(link) = link else {
@@ -2117,7 +2120,7 @@ impl Agent {
             .put_module(&digest, &a.body)
             .map_err(|e| pull(e.to_string()))?;
         self.report_images();
-        Ok((digest, Code::Bytes(a.body)))
+        Ok((digest, Code::Bytes(a.body), true))
     }
 }
 
@@ -2607,7 +2610,42 @@ impl Worker {
         }
         .to_string();
         let mut failures = 0u32;
-        let mut restarts = 0u32;
+        let last = logs::last_run(&self.agent.dir, &self.uid, self.name());
+        // A container that ended for good before the agent restarted stays ended: a pod that
+        // has completed does not run again.
+        if let Some(state) = self
+            .agent
+            .cache
+            .object(ENDED, &self.uid, self.name())
+            .and_then(|v| State::terminated_from(&v))
+        {
+            self.update(|c| {
+                c.state = state;
+                c.done = true;
+                c.restarts = last.map_or(0, |l| l.0);
+            });
+            return;
+        }
+        // A container that ran before the agent restarted goes on counting; its last run
+        // ended unseen, as the kubelet reports a container lost in a reboot.
+        let mut restarts = match last {
+            Some((run, started, finished)) => {
+                let stamp = |t: std::time::SystemTime| {
+                    stamp(jiff::Timestamp::try_from(t).unwrap_or_else(|_| jiff::Timestamp::now()))
+                };
+                self.update(|c| {
+                    c.last = Some(State::Terminated {
+                        code: 255,
+                        reason: "Unknown".into(),
+                        message: String::new(),
+                        started: stamp(started),
+                        finished: stamp(finished),
+                    })
+                });
+                run + 1
+            }
+            None => 0,
+        };
         let probes = match Probes::of(&self.spec) {
             Ok(p) => p,
             Err(e) => {
@@ -2682,6 +2720,11 @@ impl Worker {
             }
             let started = now();
             let t0 = Instant::now();
+            self.event(
+                false,
+                "Created",
+                format!("Created container {}", self.name()),
+            );
             self.event(
                 false,
                 "Started",
@@ -2882,6 +2925,13 @@ impl Worker {
             }
             match pod::after_exit(&policy, code, restarts, t0.elapsed()) {
                 Next::Stay => {
+                    if let Err(e) =
+                        self.agent
+                            .cache
+                            .put_object(ENDED, &self.uid, self.name(), &ended.json())
+                    {
+                        tracing::warn!(error = %e, "caching an ended container");
+                    }
                     self.update(|c| {
                         c.state = ended;
                         c.done = true;
@@ -2936,10 +2986,20 @@ impl Worker {
             Ok(r) if !image.starts_with("module:") => self.pull_auth(&r.registry).await,
             _ => None,
         };
-        let (digest, bytes) = self
+        let t0 = Instant::now();
+        let (digest, bytes, pulled) = self
             .agent
             .module(image, self.spec["imagePullPolicy"].as_str(), auth)
             .await?;
+        // The kubelet's events, a module standing for an image.
+        let pulled = match (&bytes, pulled) {
+            (Code::Bytes(b), true) => {
+                let t = t0.elapsed().as_secs_f64();
+                format!("Successfully pulled image \"{image}\" in {t:.3}s ({t:.3}s including waiting). Image size: {} bytes.", b.len())
+            }
+            _ => format!("Container image \"{image}\" already present on machine"),
+        };
+        self.event(false, "Pulled", pulled);
         self.update(|c| {
             c.image_id = digest.clone();
             // A new id for each run, as a container runtime gives one.
@@ -3851,6 +3911,8 @@ impl Worker {
 
 /// The cache's kind for the service-account tokens of pods (named `pod-uid/volume/path`).
 const TOKENS: &str = "tokens";
+/// The cache's kind for containers that ended for good, by pod uid and container name.
+const ENDED: &str = "ended";
 
 /// Make sure directory `p` is there: made if `create` (world-writable if `open`, for
 /// containers that may run as any user), else an error if it is missing.

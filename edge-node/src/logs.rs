@@ -3,7 +3,7 @@
 //! the link (tail, limit, previous, follow, timestamps, since).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use std::os::unix::fs::MetadataExt;
 
@@ -27,31 +27,50 @@ pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Res
     if let Some(parent) = f.parent() {
         std::fs::create_dir_all(parent)?;
         // Runs 0 and 1 have nothing older than the previous run to remove.
-        let prefix = format!("{container}.");
         let entries = match run {
             0 | 1 => Vec::new(),
             _ => std::fs::read_dir(parent)?.flatten().collect(),
         };
         for entry in entries {
-            let n = entry.file_name();
-            // `CONTAINER.N.log` and its rotated `CONTAINER.N.log.1`; container names have
-            // no dots.
-            let old = n
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
-                .and_then(|n| n.split('.').next())
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_some_and(|r| r + 1 < run);
-            if old {
+            if run_of(&entry.file_name(), container).is_some_and(|r| r + 1 < run) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
     }
-    // A run number can repeat after the agent restarts from its cache; start clean.
+    // Left over from a run that did not get to clear it (the agent died meanwhile): start clean.
     let _ = std::fs::remove_file(&f);
     let _ = std::fs::remove_file(log::rotated(&f));
     crate::spare::take_file(&f);
     Ok(f)
+}
+
+/// The run of `container` a log file `name` belongs to: `CONTAINER.N.log` and its rotated
+/// `CONTAINER.N.log.1` (container names have no dots).
+fn run_of(name: &std::ffi::OsStr, container: &str) -> Option<u32> {
+    name.to_str()?
+        .strip_prefix(container)?
+        .strip_prefix('.')?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The newest run of `container` with a log on disk, and when its log was first and last
+/// written. An agent that restarts goes on from it, so restarts count across the agent's
+/// own, as the kubelet's do across a reboot, and `--previous` shows the run before.
+pub fn last_run(dir: &Path, uid: &str, container: &str) -> Option<(u32, SystemTime, SystemTime)> {
+    let run = std::fs::read_dir(dir.join("pods").join(uid))
+        .ok()?
+        .flatten()
+        .filter_map(|e| run_of(&e.file_name(), container))
+        .max()?;
+    let f = file(dir, uid, container, run);
+    let m = std::fs::metadata(&f)
+        .or_else(|_| std::fs::metadata(log::rotated(&f)))
+        .ok()?;
+    let last = m.modified().ok()?;
+    Some((run, m.created().unwrap_or(last), last))
 }
 
 /// What a request shows of log records `data`: records from `cutoff` on, as the guest's
@@ -233,6 +252,21 @@ mod tests {
                 "app2.2.log.1"
             ]
         );
+    }
+
+    #[test]
+    fn the_last_run_is_the_newest_log_of_that_container() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(last_run(dir.path(), "u", "app").is_none());
+        for (c, run) in [("app", 2), ("app", 3), ("app2", 7)] {
+            let f = prepare(dir.path(), "u", c, run).unwrap();
+            std::fs::write(&f, "x").unwrap();
+        }
+        // Only a rotated file left of the newest run still counts.
+        std::fs::write(dir.path().join("pods/u/app.4.log.1"), "x").unwrap();
+        assert_eq!(last_run(dir.path(), "u", "app").map(|l| l.0), Some(4));
+        assert_eq!(last_run(dir.path(), "u", "app2").map(|l| l.0), Some(7));
+        assert!(last_run(dir.path(), "u", "ap").is_none());
     }
 
     #[test]

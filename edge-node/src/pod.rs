@@ -45,7 +45,8 @@ impl State {
         }
     }
 
-    fn json(&self) -> Value {
+    /// As the API shows it (a container status's `state` or `lastState`).
+    pub fn json(&self) -> Value {
         match self {
             State::Waiting { reason, message } if message.is_empty() => {
                 json!({"waiting": {"reason": reason}})
@@ -69,6 +70,20 @@ impl State {
                 json!({ "terminated": t })
             }
         }
+    }
+
+    /// A terminated state back from its [`State::json`] (the node's cache keeps a run that
+    /// ended for good so).
+    pub fn terminated_from(v: &Value) -> Option<State> {
+        let t = &v["terminated"];
+        let text = |k: &str| t[k].as_str().map(String::from);
+        Some(State::Terminated {
+            code: i32::try_from(t["exitCode"].as_i64()?).ok()?,
+            reason: text("reason")?,
+            message: text("message").unwrap_or_default(),
+            started: text("startedAt")?,
+            finished: text("finishedAt")?,
+        })
     }
 }
 
@@ -308,6 +323,22 @@ mod tests {
             done,
             ..Container::new("c", "i")
         }
+    }
+
+    #[test]
+    fn a_terminated_state_reads_back_from_its_json() {
+        let s = State::Terminated {
+            code: 3,
+            reason: "Error".into(),
+            message: "bye".into(),
+            started: "2026-12-07T05:00:00Z".into(),
+            finished: "2026-12-07T05:00:01Z".into(),
+        };
+        assert_eq!(State::terminated_from(&s.json()), Some(s));
+        assert_eq!(
+            State::terminated_from(&State::waiting("X", "").json()),
+            None
+        );
     }
 
     #[test]

@@ -425,6 +425,30 @@ fn a_crashing_pod_backs_off() -> anyhow::Result<()> {
         counts.split_whitespace().count() == 1 && counts.trim().parse::<u32>()? >= 2,
         "one Started event with a count of the runs: {counts}"
     );
+    // Before each start, the image (a module here) and the container, as the kubelet says:
+    // the module is present once the first run has fetched it.
+    let pulled = up.wait_field(
+        10,
+        &[
+            "events",
+            "--field-selector",
+            "involvedObject.name=crashy,reason=Pulled",
+        ],
+        "{.items[*].message}",
+        |m| m.contains("already present on machine"),
+    )?;
+    assert!(pulled.contains("Container image \"module:"), "{pulled}");
+    let created = up.wait_field(
+        10,
+        &[
+            "events",
+            "--field-selector",
+            "involvedObject.name=crashy,reason=Created",
+        ],
+        "{.items[*].message}",
+        |m| !m.is_empty(),
+    )?;
+    assert_eq!(created, "Created container main");
     // The same event through events.k8s.io, in that group's names.
     let new = up
         .kubectl(&[
@@ -837,6 +861,20 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // A pod that has completed, to see that it stays so.
+    let hello = push(&up, "hello")?;
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("once", &hello, "Never", ""),
+    )?
+    .expect_ok("apply once")?;
+    up.wait_field(60, &["pod", "once"], "{.status.phase}", |p| {
+        p == "Succeeded"
+    })?;
+    let once_uid = up.wait_field(5, &["pod", "once"], "{.metadata.uid}", |u| !u.is_empty())?;
+    let once_dir = edge.dir.join("pods").join(&once_uid);
+    assert!(once_dir.join("main.0.log").exists());
+
     // The control plane goes away: the pod keeps running.
     up.kill();
     let before = log_state(&log);
@@ -853,13 +891,10 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
     edge.kill();
     std::thread::sleep(Duration::from_millis(500));
     edge.start(&[])?;
+    // The new run is the next one, with a log of its own; the run before keeps its log.
+    let log1 = log.with_file_name("main.1.log");
     let t = Instant::now();
-    loop {
-        // A new run starts a new log file: output again, from a different first line.
-        let (lines, first) = log_state(&log);
-        if lines >= 1 && first != after.1 {
-            break;
-        }
+    while log_state(&log1).0 < 1 {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the pod did not come back from the cache within 10 s: {}",
@@ -867,7 +902,13 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let restarted = log_state(&log).1;
+    let restarted = log_state(&log1).1;
+    assert_eq!(log_state(&log).1, after.1, "the run before lost its log");
+    assert!(
+        !once_dir.join("main.1.log").exists(),
+        "the completed pod ran again: {}",
+        edge.logs()
+    );
 
     // The control plane returns: the node reconnects, reports the run it started while
     // offline, and leaves it alone.
@@ -882,20 +923,46 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}\nnode log: {}", edge.logs()))?;
     assert!(again > started);
     std::thread::sleep(Duration::from_secs(2));
-    let now = log_state(&log);
+    let now = log_state(&log1);
     assert_eq!(
         now.1,
         restarted,
         "reconnecting restarted the pod: {}",
         edge.logs()
     );
-    let restarts = up.wait_field(
-        5,
-        &["pod", "burner"],
-        "{.status.containerStatuses[0].restartCount}",
-        |c| !c.is_empty(),
-    )?;
-    assert_eq!(restarts, "0");
+    // The agent's restart counts as the container's, as a reboot does for the kubelet; the
+    // run it cut short ended unseen, and its output is the previous log.
+    let status = |path: &str| up.wait_field(5, &["pod", "burner"], path, |v| !v.is_empty());
+    assert_eq!(status("{.status.containerStatuses[0].restartCount}")?, "1");
+    assert_eq!(
+        status("{.status.containerStatuses[0].lastState.terminated.reason}")?,
+        "Unknown"
+    );
+    assert_eq!(
+        status("{.status.containerStatuses[0].lastState.terminated.exitCode}")?,
+        "255"
+    );
+    assert_eq!(
+        up.wait_field(
+            5,
+            &["pod", "once"],
+            "{.status.phase} {.status.containerStatuses[0].restartCount}",
+            |v| !v.is_empty()
+        )?,
+        "Succeeded 0"
+    );
+    assert!(!once_dir.join("main.1.log").exists());
+    let previous = up
+        .kubectl(&["logs", "burner", "--previous"])?
+        .expect_ok("logs --previous")?;
+    // A CRI record: time, stream, tag, then the text.
+    let first = after.1.splitn(4, ' ').nth(3).unwrap_or_default();
+    assert_eq!(
+        previous.stdout.lines().next(),
+        Some(first),
+        "{}",
+        previous.stdout
+    );
     // Deleted with the node linked (forced, so the control plane forgets it at once): the
     // node stops the pod and clears it away.
     up.kubectl(&["delete", "pod", "burner", "--grace-period=0", "--force"])?

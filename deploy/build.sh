@@ -52,6 +52,11 @@ case "$target" in
       export LIBSECCOMP_LIB_PATH=/usr/lib/aarch64-linux-gnu LIBSECCOMP_LINK_TYPE=static
     fi
     ;;
+  x86_64-*-musl)
+    # For measuring a board's build on this machine (`outpost-bench node --agent`): the
+    # host's gcc serves ring's C as the cross compiler does above.
+    export CC_x86_64_unknown_linux_musl="${CC_x86_64_unknown_linux_musl:-gcc}"
+    ;;
 esac
 features=""
 case "$target" in *-musl) ;; *) features="seccomp" ;; esac

@@ -2630,7 +2630,7 @@ impl Worker {
         // ended unseen, as the kubelet reports a container lost in a reboot.
         let mut restarts = match last {
             Some((run, started, finished)) => {
-                let stamp = |t: std::time::SystemTime| {
+                let at = |t: std::time::SystemTime| {
                     stamp(jiff::Timestamp::try_from(t).unwrap_or_else(|_| jiff::Timestamp::now()))
                 };
                 self.update(|c| {
@@ -2638,8 +2638,8 @@ impl Worker {
                         code: 255,
                         reason: "Unknown".into(),
                         message: String::new(),
-                        started: stamp(started),
-                        finished: stamp(finished),
+                        started: at(started),
+                        finished: at(finished),
                     })
                 });
                 run + 1

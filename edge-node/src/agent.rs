@@ -1256,8 +1256,15 @@ impl Agent {
         let net = Arc::new(OnceCell::new());
         // Why the pod failed as a whole (its active deadline), over what its containers say.
         let verdict: Arc<Mutex<Option<&'static str>>> = Arc::default();
-        if let Some(secs) = pod["spec"]["activeDeadlineSeconds"].as_u64() {
+        if self.cache.object(ENDED, uid, PAST_DEADLINE).is_some() {
+            // Failed so before the agent restarted: nothing runs again.
+            if let Ok(mut v) = verdict.lock() {
+                *v = Some(DEADLINE_EXCEEDED);
+            }
+            stop.stop_within(None);
+        } else if let Some(secs) = pod["spec"]["activeDeadlineSeconds"].as_u64() {
             let (stop, verdict) = (stop.clone(), verdict.clone());
+            let (me, uid) = (self.clone(), uid.to_string());
             let (changed, mut finished) = (Arc::downgrade(&changed_tx), finished_rx.clone());
             tokio::spawn(async move {
                 tokio::select! {
@@ -1267,6 +1274,9 @@ impl Agent {
                 }
                 if let Ok(mut v) = verdict.lock() {
                     *v = Some(DEADLINE_EXCEEDED);
+                }
+                if let Err(e) = me.cache.put_object(ENDED, &uid, PAST_DEADLINE, &json!({})) {
+                    tracing::warn!(error = %e, "caching a pod's deadline");
                 }
                 stop.stop_within(None);
                 if let Some(c) = changed.upgrade() {
@@ -2646,6 +2656,16 @@ impl Worker {
             }
             None => 0,
         };
+        if self.stop.stopped() {
+            // Stopped before this agent ran it (a pod past its deadline): its last run is
+            // how it ended.
+            self.update(|c| {
+                if let Some(l) = c.last.take() {
+                    c.state = l;
+                }
+            });
+            return;
+        }
         let probes = match Probes::of(&self.spec) {
             Ok(p) => p,
             Err(e) => {
@@ -3913,6 +3933,9 @@ impl Worker {
 const TOKENS: &str = "tokens";
 /// The cache's kind for containers that ended for good, by pod uid and container name.
 const ENDED: &str = "ended";
+/// The name in [`ENDED`] that marks a pod failed past its `activeDeadlineSeconds`, one no
+/// container can have.
+const PAST_DEADLINE: &str = "-";
 
 /// Make sure directory `p` is there: made if `create` (world-writable if `open`, for
 /// containers that may run as any user), else an error if it is missing.

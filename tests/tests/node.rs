@@ -874,6 +874,17 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
     let once_uid = up.wait_field(5, &["pod", "once"], "{.metadata.uid}", |u| !u.is_empty())?;
     let once_dir = edge.dir.join("pods").join(&once_uid);
     assert!(once_dir.join("main.0.log").exists());
+    // And one failed past its deadline, to see that it stays so.
+    up.kubectl_in(
+        &["apply", "-f", "-"],
+        &pod_yaml("late", &image, "Always", "  activeDeadlineSeconds: 2\n"),
+    )?
+    .expect_ok("apply late")?;
+    up.wait_field(60, &["pod", "late"], "{.status.reason}", |r| {
+        r == "DeadlineExceeded"
+    })?;
+    let late_uid = up.wait_field(5, &["pod", "late"], "{.metadata.uid}", |u| !u.is_empty())?;
+    let late_dir = edge.dir.join("pods").join(&late_uid);
 
     // The control plane goes away: the pod keeps running.
     up.kill();
@@ -907,6 +918,11 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
     assert!(
         !once_dir.join("main.1.log").exists(),
         "the completed pod ran again: {}",
+        edge.logs()
+    );
+    assert!(
+        !late_dir.join("main.1.log").exists(),
+        "the pod past its deadline ran again: {}",
         edge.logs()
     );
 
@@ -952,6 +968,16 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         "Succeeded 0"
     );
     assert!(!once_dir.join("main.1.log").exists());
+    assert_eq!(
+        up.wait_field(
+            5,
+            &["pod", "late"],
+            "{.status.phase} {.status.reason}",
+            |v| !v.is_empty()
+        )?,
+        "Failed DeadlineExceeded"
+    );
+    assert!(!late_dir.join("main.1.log").exists());
     let previous = up
         .kubectl(&["logs", "burner", "--previous"])?
         .expect_ok("logs --previous")?;

@@ -861,30 +861,27 @@ fn pods_outlive_the_control_plane_and_the_agent() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // A pod that has completed, to see that it stays so.
+    // Pods that have ended, to see that they stay so: one completed, one failed past its
+    // deadline. Each gives its directory on the node.
+    let ended = |name: &str, image: &str, policy: &str, extra: &str, path: &str, want: &str| {
+        up.kubectl_in(&["apply", "-f", "-"], &pod_yaml(name, image, policy, extra))?
+            .expect_ok("apply")?;
+        up.wait_field(60, &["pod", name], path, |v| v == want)?;
+        let uid = up.wait_field(5, &["pod", name], "{.metadata.uid}", |u| !u.is_empty())?;
+        anyhow::Ok(edge.dir.join("pods").join(uid))
+    };
     let hello = push(&up, "hello")?;
-    up.kubectl_in(
-        &["apply", "-f", "-"],
-        &pod_yaml("once", &hello, "Never", ""),
-    )?
-    .expect_ok("apply once")?;
-    up.wait_field(60, &["pod", "once"], "{.status.phase}", |p| {
-        p == "Succeeded"
-    })?;
-    let once_uid = up.wait_field(5, &["pod", "once"], "{.metadata.uid}", |u| !u.is_empty())?;
-    let once_dir = edge.dir.join("pods").join(&once_uid);
+    let once_dir = ended("once", &hello, "Never", "", "{.status.phase}", "Succeeded")?;
     assert!(once_dir.join("main.0.log").exists());
-    // And one failed past its deadline, to see that it stays so.
-    up.kubectl_in(
-        &["apply", "-f", "-"],
-        &pod_yaml("late", &image, "Always", "  activeDeadlineSeconds: 2\n"),
-    )?
-    .expect_ok("apply late")?;
-    up.wait_field(60, &["pod", "late"], "{.status.reason}", |r| {
-        r == "DeadlineExceeded"
-    })?;
-    let late_uid = up.wait_field(5, &["pod", "late"], "{.metadata.uid}", |u| !u.is_empty())?;
-    let late_dir = edge.dir.join("pods").join(&late_uid);
+    let deadline = "  activeDeadlineSeconds: 2\n";
+    let late_dir = ended(
+        "late",
+        &image,
+        "Always",
+        deadline,
+        "{.status.reason}",
+        "DeadlineExceeded",
+    )?;
 
     // The control plane goes away: the pod keeps running.
     up.kill();

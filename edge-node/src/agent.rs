@@ -1256,13 +1256,14 @@ impl Agent {
         let net = Arc::new(OnceCell::new());
         // Why the pod failed as a whole (its active deadline), over what its containers say.
         let verdict: Arc<Mutex<Option<&'static str>>> = Arc::default();
-        if self.cache.object(ENDED, uid, PAST_DEADLINE).is_some() {
+        let deadline = pod["spec"]["activeDeadlineSeconds"].as_u64();
+        if deadline.is_some() && self.cache.object(ENDED, uid, PAST_DEADLINE).is_some() {
             // Failed so before the agent restarted: nothing runs again.
             if let Ok(mut v) = verdict.lock() {
                 *v = Some(DEADLINE_EXCEEDED);
             }
             stop.stop_within(None);
-        } else if let Some(secs) = pod["spec"]["activeDeadlineSeconds"].as_u64() {
+        } else if let Some(secs) = deadline {
             let (stop, verdict) = (stop.clone(), verdict.clone());
             let (me, uid) = (self.clone(), uid.to_string());
             let (changed, mut finished) = (Arc::downgrade(&changed_tx), finished_rx.clone());
@@ -2623,12 +2624,11 @@ impl Worker {
         let last = logs::last_run(&self.agent.dir, &self.uid, self.name());
         // A container that ended for good before the agent restarted stays ended: a pod that
         // has completed does not run again.
-        if let Some(state) = self
-            .agent
-            .cache
-            .object(ENDED, &self.uid, self.name())
-            .and_then(|v| State::terminated_from(&v))
-        {
+        // (A run under `Always` never ends for good: no need to look.)
+        let ended = (policy != "Always")
+            .then(|| self.agent.cache.object(ENDED, &self.uid, self.name()))
+            .flatten();
+        if let Some(state) = ended.and_then(|v| State::terminated_from(&v)) {
             self.update(|c| {
                 c.state = state;
                 c.done = true;

@@ -11,8 +11,8 @@ use outpost_edge_node::services;
 // musl's allocator takes one lock for every allocation: in a burst of pods the board agent
 // (a static musl build) spent 1.7 times the CPU of the glibc build, much of it waiting on
 // that lock. mimalloc, with its arenas committed as they are used (committed up front, it
-// held 29 MB at idle), costs a burst 40 % less CPU for a few MB more (docs/benchmarks.md,
-// session 32).
+// held 29 MB at idle), takes a third off a burst's CPU for a few MB more
+// (docs/benchmarks.md, session 32).
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

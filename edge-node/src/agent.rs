@@ -227,6 +227,10 @@ pub struct Agent {
     /// Made for the first Wasm pod: a node that runs none does not carry the engine, its
     /// linkers and their code in memory.
     runtime: tokio::sync::OnceCell<Arc<Runtime>>,
+    /// A lock per module digest, held while the module is compiled or its artifact fetched:
+    /// pods of a module not yet compiled that start together wait for the first one's work,
+    /// not each on a thread of its own (or with a request of its own) for the same code.
+    compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Module names lately resolved by the control plane: digest (hex) and when.
     names: Mutex<HashMap<String, (String, Instant)>>,
     /// Config maps, secrets and claims lately read from the control plane, and when: pods
@@ -450,6 +454,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pki,
         cache,
         runtime: tokio::sync::OnceCell::new(),
+        compiling: Mutex::default(),
         names: Mutex::default(),
         objects: Mutex::default(),
         reading: Mutex::default(),
@@ -1795,14 +1800,7 @@ impl Agent {
         if let Some(v) = memoized() {
             return Ok(v);
         }
-        let gate = self.reading.lock().ok().map(|mut r| {
-            r.retain(|_, g| Arc::strong_count(g) > 1);
-            r.entry(memo.clone()).or_default().clone()
-        });
-        let _turn = match &gate {
-            Some(g) => Some(g.lock().await),
-            None => None,
-        };
+        let _turn = turn(&self.reading, &memo).await;
         // A read that finished while this one waited serves it too.
         if let Some(v) = memoized() {
             return Ok(v);
@@ -2037,6 +2035,10 @@ impl Agent {
         if let Some(p) = runtime.cached(digest) {
             return Ok(p);
         }
+        let _turn = turn(&self.compiling, digest).await;
+        if let Some(p) = runtime.cached(digest) {
+            return Ok(p);
+        }
         let arch = std::env::consts::ARCH;
         let key = format!("aot/{arch}/{digest}");
         let art = match self.cache.module(&key).map(|b| artifact(&b, digest, arch)) {
@@ -2133,6 +2135,20 @@ impl Agent {
         self.report_images();
         Ok((digest, Code::Bytes(a.body), true))
     }
+}
+
+/// Gates by key: one holder at a time per key, the others waiting without a thread. The
+/// gate of `key` in `gates` is made on first use, and the ones no one holds or waits for
+/// are dropped on the way.
+async fn turn(
+    gates: &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: &str,
+) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    let gate = gates.lock().ok().map(|mut g| {
+        g.retain(|_, l| Arc::strong_count(l) > 1);
+        g.entry(key.to_string()).or_default().clone()
+    })?;
+    Some(gate.lock_owned().await)
 }
 
 /// A Wasm module's code as [`Agent::module`] finds it.
@@ -2985,6 +3001,14 @@ impl Worker {
         }
     }
 
+    /// The log file of run `run`, made ready (see [`logs::prepare`]).
+    fn log(&self, run: u32) -> Result<Arc<Log>, String> {
+        let a = &self.agent;
+        logs::prepare(&a.spares, &a.dir, &self.uid, self.name(), run)
+            .and_then(|p| Log::open(&p, log::MAX))
+            .map_err(|e| format!("log file: {e}"))
+    }
+
     /// Everything a run needs: the compiled module and the command. Errors are a waiting
     /// reason and message, as `kubectl describe` shows them.
     async fn prepare(&self, run: u32) -> Result<Prepared, (String, String)> {
@@ -3033,12 +3057,18 @@ impl Worker {
         let module = match (bytes, self.agent.compile) {
             (Code::Ready(p), _) => p,
             (Code::Bytes(bytes), Compile::Node) => {
-                let runtime = runtime.clone();
-                let d = digest.clone();
-                tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
-                    .await
-                    .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
-                    .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
+                let _turn = turn(&self.agent.compiling, &digest).await;
+                match runtime.cached(&digest) {
+                    Some(p) => p,
+                    None => {
+                        let runtime = runtime.clone();
+                        let d = digest.clone();
+                        tokio::task::spawn_blocking(move || runtime.module(&d, &bytes))
+                            .await
+                            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
+                            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?
+                    }
+                }
             }
             (Code::Bytes(bytes), Compile::Control) => self
                 .agent
@@ -3049,9 +3079,7 @@ impl Worker {
         let config = |m: String| ("CreateContainerConfigError".to_string(), m);
         let mut env = self.env().await.map_err(config)?;
         let dirs = self.volumes().await.map_err(config)?;
-        let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
-            .and_then(|p| Log::open(&p, log::MAX))
-            .map_err(|e| config(format!("log file: {e}")))?;
+        let log = self.log(run).map_err(config)?;
         let strings = |k: &str| -> Vec<String> {
             self.spec[k]
                 .as_array()
@@ -3158,9 +3186,7 @@ impl Worker {
             .as_ref()
             .map_or_else(|| self.agent.host_ip(), |a| a.ip.to_string());
         let files = self.pod_files(&ip).map_err(config)?;
-        let log = logs::prepare(&self.agent.dir, &self.uid, self.name(), run)
-            .and_then(|p| Log::open(&p, log::MAX))
-            .map_err(|e| config(format!("log file: {e}")))?;
+        let log = self.log(run).map_err(config)?;
         let (pod, container) = (self.pod.clone(), self.spec.clone());
         let hostname = self.pod["spec"]["hostname"]
             .as_str()
@@ -4325,6 +4351,28 @@ fn fold(batch: Vec<Event>) -> Vec<Event> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn one_holder_per_key_and_no_thread_for_those_waiting() {
+        let gates = Mutex::default();
+        let a = turn(&gates, "m").await;
+        // Another key is not held up.
+        let b = turn(&gates, "n").await;
+        assert!(a.is_some() && b.is_some());
+        // The same key waits, on this task, until its holder is done.
+        let mut waiting = Box::pin(turn(&gates, "m"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err()
+        );
+        drop(a);
+        assert!(waiting.await.is_some());
+        drop(b);
+        // The gates no one holds or waits for go when the next one is made.
+        let _c = turn(&gates, "o").await;
+        assert_eq!(gates.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn a_status_echo_has_the_same_metadata() {

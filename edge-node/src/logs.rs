@@ -21,11 +21,18 @@ pub fn file(dir: &Path, uid: &str, container: &str, run: u32) -> PathBuf {
         .join(format!("{container}.{run}.log"))
 }
 
-/// Make room for run `run`: its directory exists, runs older than the previous are gone.
-pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Result<PathBuf> {
+/// Make room for run `run`: its directory exists, runs older than the previous are gone,
+/// and its file is a spare one from `spares` where the directory has one.
+pub fn prepare(
+    spares: &crate::spare::Spares,
+    dir: &Path,
+    uid: &str,
+    container: &str,
+    run: u32,
+) -> std::io::Result<PathBuf> {
     let f = file(dir, uid, container, run);
     if let Some(parent) = f.parent() {
-        std::fs::create_dir_all(parent)?;
+        spares.make(parent)?;
         // Runs 0 and 1 have nothing older than the previous run to remove.
         let entries = match run {
             0 | 1 => Vec::new(),
@@ -37,10 +44,12 @@ pub fn prepare(dir: &Path, uid: &str, container: &str, run: u32) -> std::io::Res
             }
         }
     }
-    // Left over from a run that did not get to clear it (the agent died meanwhile): start clean.
-    let _ = std::fs::remove_file(&f);
+    // Left over from a run that did not get to clear it (the agent died meanwhile): start
+    // clean. A spare file taken replaces it.
+    if !spares.take_file(&f) {
+        let _ = std::fs::remove_file(&f);
+    }
     let _ = std::fs::remove_file(log::rotated(&f));
-    crate::spare::take_file(&f);
     Ok(f)
 }
 
@@ -232,14 +241,15 @@ mod tests {
             v.sort();
             v
         };
+        let spares = crate::spare::Spares::open(&dir.path().join("pods"), 4);
         for run in 0..3 {
             for c in ["app", "app2"] {
-                let f = prepare(dir.path(), "u", c, run).unwrap();
+                let f = prepare(&spares, dir.path(), "u", c, run).unwrap();
                 std::fs::write(&f, "x").unwrap();
                 std::fs::write(log::rotated(&f), "x").unwrap();
             }
         }
-        let f = prepare(dir.path(), "u", "app", 3).unwrap();
+        let f = prepare(&spares, dir.path(), "u", "app", 3).unwrap();
         assert_eq!(f, dir.path().join("pods/u/app.3.log"));
         assert_eq!(
             names(),
@@ -258,8 +268,9 @@ mod tests {
     fn the_last_run_is_the_newest_log_of_that_container() {
         let dir = tempfile::tempdir().unwrap();
         assert!(last_run(dir.path(), "u", "app").is_none());
+        let spares = crate::spare::Spares::open(&dir.path().join("pods"), 4);
         for (c, run) in [("app", 2), ("app", 3), ("app2", 7)] {
-            let f = prepare(dir.path(), "u", c, run).unwrap();
+            let f = prepare(&spares, dir.path(), "u", c, run).unwrap();
             std::fs::write(&f, "x").unwrap();
         }
         // Only a rotated file left of the newest run still counts.

@@ -9,6 +9,7 @@
 //! pod's directory and logs are renamed from those. A rename allocates no inode, and on
 //! flash every inode not made and freed is metadata not written.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,9 @@ pub struct Spares {
     free: Mutex<Vec<u64>>,
     next: AtomicU64,
     cap: usize,
+    /// Pod directories made from a spare that may hold spare files still: only these are
+    /// looked in for one, so a new pod's directory costs no failed renames.
+    stocked: Mutex<HashSet<PathBuf>>,
 }
 
 impl Spares {
@@ -41,6 +45,7 @@ impl Spares {
             free: Mutex::new(free),
             next: AtomicU64::new(next),
             cap,
+            stocked: Mutex::default(),
         }
     }
 
@@ -51,7 +56,12 @@ impl Spares {
         }
         if let Some(n) = self.free.lock().ok().and_then(|mut f| f.pop()) {
             match std::fs::rename(self.root.join(n.to_string()), dir) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if let Ok(mut s) = self.stocked.lock() {
+                        s.insert(dir.to_path_buf());
+                    }
+                    return Ok(());
+                }
                 // Made meanwhile by the pod's other container: the spare stays one.
                 Err(_) if dir.is_dir() => {
                     if let Ok(mut f) = self.free.lock() {
@@ -68,6 +78,9 @@ impl Spares {
     /// Retire directory `dir`: its subdirectories and surplus files removed, its files
     /// emptied and kept, itself a spare; removed outright when enough are spare already.
     pub fn retire(&self, dir: &Path) {
+        if let Ok(mut s) = self.stocked.lock() {
+            s.remove(dir);
+        }
         let full = self.free.lock().map_or(true, |f| f.len() >= self.cap);
         if full || self.empty(dir).is_err() {
             let _ = std::fs::remove_dir_all(dir);
@@ -126,16 +139,24 @@ impl Spares {
         }
         Ok(())
     }
-}
 
-/// Make file `f` from a spare file beside it, if there is one (it is then empty); without
-/// one, the caller's open creates it.
-pub fn take_file(f: &Path) {
-    let Some(dir) = f.parent() else { return };
-    for i in 0..FILES {
-        if std::fs::rename(dir.join(format!(".{i}")), f).is_ok() {
-            return;
+    /// Make file `f` from a spare file beside it, if its directory came with some (it is
+    /// then empty, and replaces any `f` there was); `false` when the caller's open is to
+    /// create it.
+    pub fn take_file(&self, f: &Path) -> bool {
+        let Some(dir) = f.parent() else { return false };
+        if !self.stocked.lock().is_ok_and(|s| s.contains(dir)) {
+            return false;
         }
+        for i in 0..FILES {
+            if std::fs::rename(dir.join(format!(".{i}")), f).is_ok() {
+                return true;
+            }
+        }
+        if let Ok(mut s) = self.stocked.lock() {
+            s.remove(dir);
+        }
+        false
     }
 }
 
@@ -173,12 +194,17 @@ mod tests {
             .collect();
         assert_eq!(names, [".0"], "subdirectories go, files stay as spares");
         let log = b.join("side.0.log");
-        take_file(&log);
+        assert!(s.take_file(&log));
         assert_eq!(std::fs::metadata(&log).unwrap().ino(), log_ino);
         assert_eq!(std::fs::read(&log).unwrap(), b"", "a spare file is empty");
         // No spare left: the caller creates the next file.
-        take_file(&b.join("side.1.log"));
+        assert!(!s.take_file(&b.join("side.1.log")));
         assert!(!b.join("side.1.log").exists());
+        // A directory made anew has no spare files to look for.
+        let c = pods.join("c");
+        s.make(&c).unwrap();
+        std::fs::write(c.join(".0"), "").unwrap();
+        assert!(!s.take_file(&c.join("main.0.log")));
     }
 
     #[test]

@@ -188,6 +188,9 @@ pub struct Named {
 #[derive(Debug, Default)]
 pub struct Table {
     pub frontends: HashMap<(Ipv4Addr, u16, Proto), Arc<Port>>,
+    /// Ports open on every address of the node: NodePorts, and the ports of LoadBalancer
+    /// Services of no other class, as K3s's ServiceLB opens them (a NodePort wins a clash,
+    /// and of two balancers the first listed).
     pub node_ports: HashMap<(u16, Proto), Arc<Port>>,
     /// By `name.namespace`.
     pub names: HashMap<String, Named>,
@@ -232,6 +235,8 @@ impl Table {
                         .unwrap_or(10_800),
                 )
             });
+            let balanced = text(&spec["type"]) == "LoadBalancer"
+                && text(&spec["loadBalancerClass"]).is_empty();
             let mut named = Named::default();
             if let Some(ip) = cluster_ip {
                 named.ips.push(ip);
@@ -261,6 +266,11 @@ impl Table {
                 });
                 if let Some(ip) = cluster_ip {
                     t.frontends.insert((ip, port, proto), p.clone());
+                }
+                if balanced {
+                    t.node_ports
+                        .entry((port, proto))
+                        .or_insert_with(|| p.clone());
                 }
                 if let Some(np) = sp["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok()) {
                     t.node_ports.insert((np, proto), p);
@@ -362,6 +372,32 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("address")
+    }
+
+    #[test]
+    fn load_balancers_listen_on_their_ports_on_the_node() {
+        let m = Metrics::default();
+        let lb = json!({"type": "LoadBalancer"});
+        let t = Table::build(
+            &[
+                // Another class's balancer is that implementation's to serve.
+                svc(
+                    "c",
+                    "10.96.0.7",
+                    json!({"type": "LoadBalancer", "loadBalancerClass": "example.com/lb"}),
+                ),
+                svc("a", "10.96.0.5", lb.clone()),
+                // The same port again: the first balancer keeps it.
+                svc("b", "10.96.0.6", lb),
+            ],
+            &[],
+            &m,
+        );
+        assert_eq!(t.node_ports[&(80, Proto::Tcp)].service, "default/a");
+        assert_eq!(t.node_ports[&(53, Proto::Udp)].service, "default/a");
+        let plain = Table::build(&[svc("d", "10.96.0.8", json!({}))], &[], &m);
+        assert!(!plain.node_ports.contains_key(&(80, Proto::Tcp)));
+        assert!(plain.node_ports.contains_key(&(30080, Proto::Tcp)));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Services end to end through netd: `outpost up` in a network namespace of the test's own,
 //! its node running netd on a real TUN device, driven by the real kubectl. A Wasm Deployment
 //! behind a Service answers through its ClusterIP and its DNS name, OCI replicas share the
-//! load, a pod resolves a service by its short name, a NodePort answers on the node, and a
-//! service with no endpoints is refused at once.
+//! load, a pod resolves a service by its short name, a NodePort answers on the node, a
+//! LoadBalancer answers at its ingress, and a service with no endpoints is refused at once.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -94,6 +94,82 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     assert!(ns.contains(&format!("Address: {ip}")), "{ns}");
     let nx = busybox(&["nslookup", "nobody.default.svc.cluster.local", "10.96.0.10"])?;
     assert!(nx.contains("NXDOMAIN"), "{nx}");
+
+    // Made a LoadBalancer, it gets a node port, and the node serves it on its own port at
+    // the node's address, which is its ingress (as K3s's ServiceLB serves one). Made a
+    // ClusterIP again, the ingress, the node port and the listener go.
+    up.kubectl(&[
+        "patch",
+        "service",
+        "hello",
+        "-p",
+        r#"{"spec":{"type":"LoadBalancer"}}"#,
+    ])?
+    .expect_ok("make it a LoadBalancer")?;
+    let ingress = retry(30, "the balancer's ingress", || {
+        let out = up
+            .kubectl(&[
+                "get",
+                "service",
+                "hello",
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress[0].ip}",
+            ])?
+            .stdout;
+        anyhow::ensure!(!out.trim().is_empty(), "no ingress yet");
+        Ok(out.trim().to_string())
+    })?;
+    let node_ip = up
+        .kubectl(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
+        ])?
+        .expect_ok("the node's address")?
+        .stdout;
+    assert_eq!(ingress, node_ip.trim());
+    let shown = up
+        .kubectl(&["get", "service", "hello"])?
+        .expect_ok("get the balancer")?
+        .stdout;
+    assert!(
+        shown.contains("LoadBalancer") && shown.contains(&ingress) && shown.contains("80:3"),
+        "{shown}"
+    );
+    let lb: SocketAddr = format!("{ingress}:80").parse()?;
+    let (_, body) = retry(30, "GET through the load balancer", || {
+        let r = http_get_at(lb, "/through/lb")?;
+        anyhow::ensure!(r.0 == 200, "status {}", r.0);
+        Ok(r)
+    })?;
+    assert!(body.contains("hello from netd at /through/lb"), "{body}");
+    up.kubectl(&[
+        "patch",
+        "service",
+        "hello",
+        "-p",
+        r#"{"spec":{"type":"ClusterIP"}}"#,
+    ])?
+    .expect_ok("make it a ClusterIP again")?;
+    retry(30, "the balancer gone", || {
+        let svc = up
+            .kubectl(&["get", "service", "hello", "-o", "json"])?
+            .expect_ok("get the service")?
+            .stdout;
+        let svc: serde_json::Value = serde_json::from_str(&svc)?;
+        anyhow::ensure!(
+            svc["status"]["loadBalancer"]["ingress"].is_null(),
+            "ingress still {}",
+            svc["status"]
+        );
+        anyhow::ensure!(svc["spec"]["ports"][0]["nodePort"].is_null(), "{svc}");
+        anyhow::ensure!(
+            TcpStream::connect(lb).is_err(),
+            "the node still listens on {lb}"
+        );
+        Ok(())
+    })?;
 
     // Three OCI replicas with their own addresses share the load, and a pod reaches the
     // Wasm service by its short name (cluster DNS as its resolver, search domains).

@@ -389,6 +389,12 @@ pub fn defaults(group: &str, kind: &str, o: &mut Value) {
                 or(spec, "ipFamilyPolicy", json!("SingleStack"));
                 or(spec, "internalTrafficPolicy", json!("Cluster"));
             }
+            if matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer")) {
+                or(spec, "externalTrafficPolicy", json!("Cluster"));
+            }
+            if spec["type"] == "LoadBalancer" {
+                or(spec, "allocateLoadBalancerNodePorts", json!(true));
+            }
             if let Some(Value::Array(ports)) = obj(spec).get_mut("ports") {
                 for p in ports {
                     or(p, "protocol", json!("TCP"));

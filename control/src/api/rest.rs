@@ -2636,7 +2636,126 @@ fn keep_allocated(old: &Value, new: &mut Value) {
         if unset(&spec["healthCheckNodePort"]) && !unset(&was["healthCheckNodePort"]) {
             spec["healthCheckNodePort"] = was["healthCheckNodePort"].clone();
         }
+    } else {
+        // The type has no node ports: the ones the update left as they were go with the old
+        // type, as kube-apiserver drops the fields only a type has.
+        let olds = was["ports"].as_array().cloned().unwrap_or_default();
+        for p in spec["ports"].as_array_mut().into_iter().flatten() {
+            let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_string();
+            let kept = olds.iter().any(|o| {
+                o["port"] == p["port"] && proto(o) == proto(p) && o["nodePort"] == p["nodePort"]
+            });
+            if !unset(&p["nodePort"]) && kept {
+                if let Some(p) = p.as_object_mut() {
+                    p.remove("nodePort");
+                }
+            }
+        }
+        for f in ["healthCheckNodePort", "externalTrafficPolicy"] {
+            drop_same(spec, was, f);
+        }
     }
+    if spec["type"] != "LoadBalancer" {
+        for f in ["allocateLoadBalancerNodePorts", "loadBalancerClass"] {
+            drop_same(spec, was, f);
+        }
+    }
+}
+
+/// Remove field `f` of `spec` where it is what it was in `was`.
+fn drop_same(spec: &mut Value, was: &Value, f: &str) {
+    if spec.get(f).is_some() && spec[f] == was[f] {
+        if let Some(s) = spec.as_object_mut() {
+            s.remove(f);
+        }
+    }
+}
+
+/// The node ports an update of a Service reserves and releases ([`node_port_ops`]).
+#[derive(Default)]
+struct NodePorts {
+    ops: Vec<Op>,
+    /// The ports (index, number) the client chose: their clash is the client's error.
+    chosen: Vec<(usize, u64)>,
+}
+
+/// What an update of a Service does to its node ports, as kube-apiserver's does: a port of a
+/// NodePort or LoadBalancer Service without one is given one, one the client chose is
+/// reserved, and the ones the update leaves are released.
+fn node_port_ops(old: &Value, new: &mut Value) -> Result<NodePorts, ApiError> {
+    let ports_of = |v: &Value| -> Vec<u64> {
+        v["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["nodePort"].as_u64().filter(|n| *n != 0))
+            .collect()
+    };
+    let key = |n: u64| format!("/registry/ranges/servicenodeports/{n}");
+    let had = ports_of(old);
+    let ty = new["spec"]["type"]
+        .as_str()
+        .unwrap_or("ClusterIP")
+        .to_string();
+    let has = ty == "NodePort" || ty == "LoadBalancer";
+    let allocates =
+        ty == "NodePort" || (has && new["spec"]["allocateLoadBalancerNodePorts"] != false);
+    let name = name_of(new).to_string();
+    let invalid = |cause: Cause| ApiError::Invalid {
+        group: String::new(),
+        kind: "Service".into(),
+        name: name.clone(),
+        causes: vec![cause],
+    };
+    let (mut ops, mut chosen) = (Vec::new(), Vec::new());
+    if let Some(Value::Array(ports)) = new["spec"].get_mut("ports") {
+        for (i, p) in ports.iter_mut().enumerate() {
+            let field = format!("spec.ports[{i}].nodePort");
+            match p["nodePort"].as_u64().filter(|n| *n != 0) {
+                Some(_) if !has => {
+                    return Err(invalid(Cause::new(
+                        "FieldValueForbidden",
+                        field,
+                        format!("Forbidden: may not be used when `type` is '{ty}'"),
+                    )))
+                }
+                Some(n) if had.contains(&n) => {}
+                Some(n) if !(30000..=32767).contains(&n) => {
+                    return Err(invalid(Cause::invalid(
+                        field,
+                        &n.to_string(),
+                        "provided port is not in the valid range. The range of valid ports is 30000-32767",
+                    )))
+                }
+                Some(n) => {
+                    chosen.push((i, n));
+                    ops.push(Op::Put {
+                        key: key(n),
+                        value: Vec::new(),
+                        expect: Expect::Absent,
+                    });
+                }
+                None if allocates => {
+                    let n = 30000 + u64::from(rand::random::<u32>() % 2768);
+                    p["nodePort"] = json!(n);
+                    ops.push(Op::Put {
+                        key: key(n),
+                        value: Vec::new(),
+                        expect: Expect::Absent,
+                    });
+                }
+                None => {}
+            }
+        }
+    }
+    let kept = ports_of(new);
+    for n in had.into_iter().filter(|n| !kept.contains(n)) {
+        ops.push(Op::Delete {
+            key: key(n),
+            expect: Expect::Any,
+        });
+    }
+    Ok(NodePorts { ops, chosen })
 }
 
 fn prepare_update(
@@ -3024,6 +3143,13 @@ where
             hooks::mutate(ctx.api, &hook, &mut new, Some(&old)).await?;
         }
         prepare_update(ctx, &old, &mut new, sub, record)?;
+        let NodePorts {
+            ops: reserved,
+            chosen,
+        } = match (ctx.res.group, ctx.res.kind, sub) {
+            ("", "Service", None) => node_port_ops(&old, &mut new)?,
+            _ => Default::default(),
+        };
         // A binding changes a stored, valid pod in two known fields (the scheduler's hot
         // path); anything else is checked whole.
         if sub != Some(Sub::Binding) {
@@ -3076,6 +3202,14 @@ where
                 expect: Expect::ModRevision(kv.mod_revision),
             },
         }];
+        // Their keys by their place in the transaction (after the object's own op).
+        let reserving: Vec<Option<String>> = std::iter::once(None)
+            .chain(reserved.iter().map(|o| match o {
+                Op::Put { key, .. } => Some(key.clone()),
+                _ => None,
+            }))
+            .collect();
+        ops.extend(reserved);
         if finalized {
             ops.extend(release_ops(ctx.res, &new));
         } else if sub.is_none() {
@@ -3087,6 +3221,23 @@ where
             Outcome::Committed { revision, .. } => {
                 set_rv(&mut new, revision);
                 return Ok((new, stored));
+            }
+            Outcome::Failed { op, .. } if op > 0 && op < reserving.len() => {
+                // A node port the client chose is another Service's; one drawn at random
+                // is drawn again.
+                let clash = reserving[op].as_deref().and_then(|k| taken_port(&new, k));
+                if let Some((i, port)) = clash.filter(|c| chosen.contains(c)) {
+                    return Err(ApiError::Invalid {
+                        group: String::new(),
+                        kind: "Service".into(),
+                        name: name.into(),
+                        causes: vec![Cause::invalid(
+                            format!("spec.ports[{i}].nodePort"),
+                            &port.to_string(),
+                            "provided port is already allocated",
+                        )],
+                    });
+                }
             }
             Outcome::Failed { .. } if pinned.is_some() => {
                 // Stale only if the object moved on, not a quota written in between.
@@ -3945,6 +4096,48 @@ pub async fn bootstrap(api: &Arc<Api>) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_services_node_ports_follow_its_type_through_updates() {
+        let key = |n: u64| format!("/registry/ranges/servicenodeports/{n}");
+        let svc = |ty: &str, ports: Value| json!({"metadata": {"name": "web"}, "spec": {"type": ty, "ports": ports}});
+        let plain = svc("ClusterIP", json!([{"port": 80, "protocol": "TCP"}]));
+        // Made a LoadBalancer: its port is given a node port, reserved.
+        let mut lb = svc("LoadBalancer", json!([{"port": 80, "protocol": "TCP"}]));
+        let r = node_port_ops(&plain, &mut lb).unwrap();
+        let n = lb["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
+        assert!((30000..=32767).contains(&n));
+        assert!(matches!(&r.ops[..], [Op::Put { key: k, .. }] if *k == key(n)));
+        assert!(r.chosen.is_empty());
+        // Unchanged, nothing more; a port the client chose is reserved as its choice.
+        let mut same = lb.clone();
+        assert!(node_port_ops(&lb, &mut same).unwrap().ops.is_empty());
+        let mut chosen = svc(
+            "NodePort",
+            json!([{"port": 80, "protocol": "TCP", "nodePort": 30111}]),
+        );
+        let r = node_port_ops(&lb, &mut chosen).unwrap();
+        assert_eq!(r.chosen, [(0, 30111)]);
+        assert!(matches!(&r.ops[1], Op::Delete { key: k, .. } if *k == key(n)));
+        // Back to ClusterIP, keep_allocated has dropped the node port: it is released.
+        let mut back = plain.clone();
+        keep_allocated(&lb, &mut back);
+        let r = node_port_ops(&lb, &mut back).unwrap();
+        assert!(matches!(&r.ops[..], [Op::Delete { key: k, .. }] if *k == key(n)));
+        // A node port the client sets on a ClusterIP is refused.
+        let mut bad = svc(
+            "ClusterIP",
+            json!([{"port": 80, "protocol": "TCP", "nodePort": 30112}]),
+        );
+        assert!(matches!(
+            node_port_ops(&plain, &mut bad),
+            Err(ApiError::Invalid { .. })
+        ));
+        // A balancer that asks for none gets none.
+        let mut bare = svc("LoadBalancer", json!([{"port": 80, "protocol": "TCP"}]));
+        bare["spec"]["allocateLoadBalancerNodePorts"] = json!(false);
+        assert!(node_port_ops(&plain, &mut bare).unwrap().ops.is_empty());
+    }
 
     #[test]
     fn same_as_keeps_only_its_own_members() {

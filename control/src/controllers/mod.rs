@@ -13,6 +13,8 @@
 //!          each dirty Job         ─▶ job::plan        ─▶ pods, completion or failure, TTL
 //!          each dirty StatefulSet ─▶ statefulset::plan ─▶ pods by ordinal, rolling, status
 //!          each dirty PodDisruptionBudget ─▶ disruption::status ─▶ status (healthy, allowed)
+//!          each dirty Service     ─▶ endpoints::plan, servicelb::status ─▶ its Endpoints
+//!                                    and EndpointSlices, a LoadBalancer's ingress
 //!          (DaemonSets and StatefulSets also ─▶ history::plan ─▶ their ControllerRevisions)
 //!   then wait for the watch to show the round's own writes, so the next round sees them
 //! ```
@@ -20,7 +22,7 @@
 //! On the Raft leader only, as `system:kube-controller-manager`, through the API like any
 //! client. HorizontalPodAutoscalers have a loop of their own ([`autoscaler`]), which reads
 //! the nodes' metrics every 15 s rather than following the watch. The decisions are pure functions in [`replicaset`], [`deployment`], [`daemonset`],
-//! [`job`], [`cronjob`], [`statefulset`], [`disruption`] and [`history`].
+//! [`job`], [`cronjob`], [`statefulset`], [`disruption`], [`servicelb`] and [`history`].
 
 pub mod autoscaler;
 pub mod crds;
@@ -39,6 +41,7 @@ pub mod nodes;
 pub mod quota;
 pub mod rbac;
 pub mod replicaset;
+pub mod servicelb;
 pub mod statefulset;
 pub mod volumes;
 
@@ -372,9 +375,17 @@ impl Cache {
             return;
         };
         if key.starts_with(NODES) {
-            // Where DaemonSets should run may have changed.
-            let daemons = self.objs.keys().filter(|k| k.starts_with(DSS)).cloned();
-            self.dirty.extend(daemons.collect::<Vec<_>>());
+            // Where DaemonSets should run, and which nodes serve load balancers, may have
+            // changed.
+            let marked: Vec<String> = self
+                .objs
+                .iter()
+                .filter(|(k, o)| {
+                    k.starts_with(DSS) || (k.starts_with(SVCS) && servicelb::balanced(o))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.dirty.extend(marked);
             match obj {
                 Some(o) => self.objs.insert(key.to_string(), o),
                 None => self.objs.remove(key),
@@ -884,7 +895,8 @@ async fn round(api: &Arc<Api>, cache: &mut Cache) -> u64 {
         } else if key.starts_with(PDBS) {
             sync_budget(api, cache, &key, o).await
         } else if key.starts_with(SVCS) {
-            sync_endpoints(api, cache, &key, o).await
+            let eps = sync_endpoints(api, cache, &key, o).await;
+            eps.max(sync_balancer(api, cache, o).await)
         } else if let Some(rest) = key.strip_prefix(EPS) {
             match cache.objs.get(&format!("{SVCS}{rest}")) {
                 Some(svc) => sync_endpoints(api, cache, &format!("{SVCS}{rest}"), svc).await,
@@ -1355,6 +1367,32 @@ async fn sync_history(api: &Arc<Api>, owner: &Value, revs: &[&Value], pods: &[&V
 }
 
 /// Bring the Endpoints and EndpointSlices of the Service at `key` up to date.
+/// The ingress of a LoadBalancer Service ([`servicelb`]), written where it differs.
+async fn sync_balancer(api: &Arc<Api>, cache: &Cache, svc: &Value) -> u64 {
+    let nodes = cache
+        .objs
+        .iter()
+        .filter(|(k, _)| k.starts_with(NODES))
+        .map(|(_, n)| n);
+    let Some(want) = servicelb::status(svc, nodes) else {
+        return 0;
+    };
+    let had = &svc["status"]["loadBalancer"];
+    if *had == want || (had.is_null() && want == json!({})) {
+        return 0;
+    }
+    // A merge patch replaces the list whole, and removes it with a null.
+    let patch = match want.get("ingress") {
+        Some(_) => json!({"status": {"loadBalancer": want}}),
+        None => json!({"status": {"loadBalancer": {"ingress": null}}}),
+    };
+    let (ns, name) = ns_name(svc);
+    let path = format!("/api/v1/namespaces/{ns}/services/{name}/status");
+    write(api, "PATCH", &path, "application/merge-patch+json", &patch)
+        .await
+        .0
+}
+
 async fn sync_endpoints(api: &Arc<Api>, cache: &Cache, key: &str, svc: &Value) -> u64 {
     let (ns, name) = ns_name(svc);
     let slices: Vec<&Value> = cache

@@ -2336,16 +2336,36 @@ fn host_id(files: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-/// The address this host uses toward `server`.
+/// The address this host is known by: the one it uses toward `server`, unless that is a
+/// loopback address (the control plane on this machine, as `outpost up` runs it), in which
+/// case the one its default route leaves from, as K3s picks a node's address: what other
+/// machines reach its LoadBalancers and its pods' host ports at. Loopback where there is no
+/// such route.
 async fn local_ip(server: &str) -> std::io::Result<String> {
     let to = tokio::net::lookup_host(server)
         .await?
         .next()
         .ok_or_else(|| std::io::Error::other("no address"))?;
+    let ip = source_toward(to).await?;
+    if !ip.is_loopback() {
+        return Ok(ip.to_string());
+    }
+    // A documentation address: only the route is looked up, no datagram is sent.
+    let anywhere: std::net::SocketAddr = if to.is_ipv6() {
+        "[2001:db8::1]:9".parse()
+    } else {
+        "198.51.100.1:9".parse()
+    }
+    .map_err(std::io::Error::other)?;
+    Ok(source_toward(anywhere).await.unwrap_or(ip).to_string())
+}
+
+/// The source address the kernel's routes pick toward `to`.
+async fn source_toward(to: std::net::SocketAddr) -> std::io::Result<std::net::IpAddr> {
     let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     let s = tokio::net::UdpSocket::bind(bind).await?;
     s.connect(to).await?;
-    Ok(s.local_addr()?.ip().to_string())
+    Ok(s.local_addr()?.ip())
 }
 
 /// One container's loop: prepare, run, decide, back off.

@@ -40,6 +40,7 @@ use crate::probe::{self, Probe, Tally};
 use crate::services::{self, Services};
 use crate::spare::Spares;
 use crate::usage;
+use outpost_netd::table::{HostPort, Proto};
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -1373,9 +1374,12 @@ impl Agent {
                     break;
                 }
             }
-            // Every container has ended: the pod's network goes, and its cgroup once the
-            // helpers have removed their containers' own.
+            // Every container has ended: the pod's host ports and network go, and its
+            // cgroup once the helpers have removed their containers' own.
             if let (Some(_), Some(pn)) = (net.get(), me.net.clone()) {
+                if let Some(s) = &me.services {
+                    s.set_host_ports(&uid, Vec::new());
+                }
                 let (uid, mark) = (uid.clone(), me.dir.join("net").join(&uid));
                 let _ = tokio::task::spawn_blocking(move || {
                     pn.detach(&uid);
@@ -2334,6 +2338,35 @@ fn host_id(files: &[&str]) -> String {
         .find_map(|f| std::fs::read_to_string(f).ok())
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// The hostPorts of `pod`'s containers: (node port, protocol, pod `namespace/name`,
+/// container port).
+fn host_ports(pod: &Value) -> Vec<(u16, Proto, String, u16)> {
+    let m = &pod["metadata"];
+    let name = format!(
+        "{}/{}",
+        m["namespace"].as_str().unwrap_or("default"),
+        m["name"].as_str().unwrap_or("")
+    );
+    let port = |v: &Value| {
+        v.as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+    };
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod["spec"][*k].as_array().into_iter().flatten())
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| {
+            Some((
+                port(&p["hostPort"])?,
+                Proto::of(&p["protocol"])?,
+                name.clone(),
+                port(&p["containerPort"])?,
+            ))
+        })
+        .collect()
 }
 
 /// The address this host is known by: the one it uses toward `server`, unless that is a
@@ -3358,17 +3391,31 @@ impl Worker {
         }
         let uid = self.uid.clone();
         let marks = self.agent.dir.join("net");
+        let services = self.agent.services.clone();
+        let wanted = host_ports(&self.pod);
         self.net
             .get_or_try_init(|| async move {
-                tokio::task::spawn_blocking(move || {
+                let u = uid.clone();
+                let a = tokio::task::spawn_blocking(move || {
                     // Marked first, so a crash between the two still finds it at start.
                     std::fs::create_dir_all(&marks)
-                        .and_then(|()| std::fs::write(marks.join(&uid), ""))
+                        .and_then(|()| std::fs::write(marks.join(&u), ""))
                         .map_err(|e| format!("{}: {e}", marks.display()))?;
-                    pn.attach(&uid)
+                    pn.attach(&u)
                 })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())??;
+                // The pod's hostPorts lead to it from the node's addresses until it ends.
+                if let Some(s) = services.filter(|_| !wanted.is_empty()) {
+                    let at = |(port, proto, pod, to): (u16, Proto, String, u16)| HostPort {
+                        port,
+                        proto,
+                        pod,
+                        to: std::net::SocketAddr::from((a.ip, to)),
+                    };
+                    s.set_host_ports(&uid, wanted.into_iter().map(at).collect());
+                }
+                Ok::<_, String>(a)
             })
             .await
             .cloned()

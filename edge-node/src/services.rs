@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_netd::table::{Proto, Table};
+use outpost_netd::table::{HostPort, Proto, Table};
 use outpost_netd::{Config as NetdConfig, Dns, Netd, NetdError};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,6 +88,8 @@ pub struct Services {
     objects: Mutex<HashMap<String, Value>>,
     changed: Notify,
     node_ports: Mutex<HashMap<(u16, Proto), tokio::task::JoinHandle<()>>>,
+    /// The hostPorts of this node's pods with addresses of their own, by pod uid.
+    host_ports: Mutex<HashMap<String, Vec<HostPort>>>,
 }
 
 fn key(kind: &str, o: &Value) -> Option<(String, String, String)> {
@@ -154,6 +156,7 @@ impl Services {
             objects: Mutex::new(objects),
             changed: Notify::new(),
             node_ports: Mutex::default(),
+            host_ports: Mutex::default(),
         });
         s.rebuild();
         tokio::spawn(s.clone().rebuild_loop());
@@ -282,7 +285,11 @@ impl Services {
             }
             (s, e)
         };
-        let t = Table::build(&svcs, &slices, self.netd.metrics());
+        let mut t = Table::build(&svcs, &slices, self.netd.metrics());
+        if let Ok(h) = self.host_ports.lock() {
+            let all: Vec<HostPort> = h.values().flatten().cloned().collect();
+            t.add_host_ports(&all, self.netd.metrics());
+        }
         let ports: Vec<(u16, Proto)> = t.node_ports.keys().copied().collect();
         self.netd.update(t);
         self.sync_node_ports(&ports);
@@ -294,6 +301,21 @@ impl Services {
             // Let a burst of changes (a list, a rollout) land in one table.
             tokio::time::sleep(Duration::from_millis(10)).await;
             self.rebuild();
+        }
+    }
+
+    /// Forward the node's `ports` to the pod `uid` (none: the pod's go).
+    pub fn set_host_ports(&self, uid: &str, ports: Vec<HostPort>) {
+        let changed = match self.host_ports.lock() {
+            Ok(mut h) if ports.is_empty() => h.remove(uid).is_some(),
+            Ok(mut h) if h.get(uid) != Some(&ports) => {
+                h.insert(uid.to_string(), ports);
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.changed.notify_one();
         }
     }
 

@@ -17,7 +17,9 @@ pub enum Proto {
 }
 
 impl Proto {
-    fn of(v: &Value) -> Option<Proto> {
+    /// The protocol a Kubernetes port names (`TCP` when unset); `None` for one netd does not
+    /// carry (SCTP).
+    pub fn of(v: &Value) -> Option<Proto> {
         match v.as_str().unwrap_or("TCP") {
             "TCP" => Some(Proto::Tcp),
             "UDP" => Some(Proto::Udp),
@@ -184,6 +186,17 @@ pub struct Named {
     pub hosts: HashMap<String, Ipv4Addr>,
 }
 
+/// A pod's `hostPort`: the node's `port` forwarded to the pod at `to`, as the kubelet's
+/// portmap plugin forwards it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub port: u16,
+    pub proto: Proto,
+    /// The pod's `namespace/name`.
+    pub pod: String,
+    pub to: SocketAddr,
+}
+
 /// The whole table.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -201,6 +214,25 @@ fn text(v: &Value) -> &str {
 }
 
 impl Table {
+    /// Open pods' `ports` on the node as well, each where no Service's port holds its number.
+    pub fn add_host_ports(&mut self, ports: &[HostPort], metrics: &Metrics) {
+        for h in ports {
+            let key = format!("{}:{}/{}", h.pod, h.port, h.proto.as_str());
+            self.node_ports.entry((h.port, h.proto)).or_insert_with(|| {
+                Arc::new(Port {
+                    service: h.pod.clone(),
+                    port: h.port,
+                    proto: h.proto,
+                    backends: vec![h.to],
+                    affinity: None,
+                    counters: metrics.counters(&key),
+                    next: AtomicUsize::new(0),
+                    sticky: Mutex::default(),
+                })
+            });
+        }
+    }
+
     /// Build the table from Service and EndpointSlice objects (JSON, as the API serves them).
     /// Objects that make no sense (no name, a cluster IP that is not IPv4) are passed over.
     pub fn build(services: &[Value], slices: &[Value], metrics: &Metrics) -> Table {
@@ -375,7 +407,7 @@ mod tests {
     }
 
     #[test]
-    fn load_balancers_listen_on_their_ports_on_the_node() {
+    fn load_balancers_and_host_ports_listen_on_the_node() {
         let m = Metrics::default();
         let lb = json!({"type": "LoadBalancer"});
         let t = Table::build(
@@ -395,9 +427,23 @@ mod tests {
         );
         assert_eq!(t.node_ports[&(80, Proto::Tcp)].service, "default/a");
         assert_eq!(t.node_ports[&(53, Proto::Udp)].service, "default/a");
-        let plain = Table::build(&[svc("d", "10.96.0.8", json!({}))], &[], &m);
+        let mut plain = Table::build(&[svc("d", "10.96.0.8", json!({}))], &[], &m);
         assert!(!plain.node_ports.contains_key(&(80, Proto::Tcp)));
         assert!(plain.node_ports.contains_key(&(30080, Proto::Tcp)));
+        // Pods' host ports open where no Service's port is.
+        let host = |port, pod: &str| HostPort {
+            port,
+            proto: Proto::Tcp,
+            pod: pod.into(),
+            to: sa("10.88.0.9:8080"),
+        };
+        plain.add_host_ports(&[host(8081, "default/p"), host(30080, "default/q")], &m);
+        let p = &plain.node_ports[&(8081, Proto::Tcp)];
+        assert_eq!(
+            (p.service.as_str(), &p.backends[..]),
+            ("default/p", &[sa("10.88.0.9:8080")][..])
+        );
+        assert_eq!(plain.node_ports[&(30080, Proto::Tcp)].service, "default/d");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! its node running netd on a real TUN device, driven by the real kubectl. A Wasm Deployment
 //! behind a Service answers through its ClusterIP and its DNS name, OCI replicas share the
 //! load, a pod resolves a service by its short name, a NodePort answers on the node, a
-//! LoadBalancer answers at its ingress, and a service with no endpoints is refused at once.
+//! LoadBalancer answers at its ingress, a pod's hostPort leads to it, and a service with no
+//! endpoints is refused at once.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -167,6 +168,39 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         anyhow::ensure!(
             TcpStream::connect(lb).is_err(),
             "the node still listens on {lb}"
+        );
+        Ok(())
+    })?;
+
+    // A pod's hostPort leads to it from the node's addresses while it runs.
+    let hosted = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hosted\nspec:\n  runtimeClassName: wasm\n  containers:\n  - name: web\n    image: {module}\n    env:\n    - name: GREETING\n      value: a host port\n    ports:\n    - containerPort: 18080\n      hostPort: 18081\n"
+    );
+    up.kubectl_in(&["apply", "-f", "-"], &hosted)?
+        .expect_ok("apply a pod with a hostPort")?;
+    up.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/hosted",
+        "--timeout=60s",
+    ])?
+    .expect_ok("the pod with a hostPort ready")?;
+    let hp = SocketAddr::from(([127, 0, 0, 1], 18081));
+    let (_, body) = retry(30, "GET through the host port", || {
+        let r = http_get_at(hp, "/via/host-port")?;
+        anyhow::ensure!(r.0 == 200, "status {}", r.0);
+        Ok(r)
+    })?;
+    assert!(
+        body.contains("hello from a host port at /via/host-port"),
+        "{body}"
+    );
+    up.kubectl(&["delete", "pod", "hosted"])?
+        .expect_ok("delete the pod with a hostPort")?;
+    retry(30, "the host port closed", || {
+        anyhow::ensure!(
+            TcpStream::connect(hp).is_err(),
+            "the node still listens on {hp}"
         );
         Ok(())
     })?;

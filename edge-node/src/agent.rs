@@ -58,6 +58,9 @@ pub struct Config {
     pub max_pods: u32,
     /// The network OCI pods take their addresses from (`A.B.C.D/N`).
     pub pod_cidr: String,
+    /// The address the node is known by (its InternalIP), as K3s's `--node-ip`; where unset,
+    /// the one it reaches the control plane from (see `local_ip`).
+    pub node_ip: Option<std::net::IpAddr>,
     /// The service proxy and cluster DNS (netd).
     pub services: services::Config,
     /// Where Wasm modules are compiled for this node.
@@ -254,6 +257,8 @@ pub struct Agent {
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
     events_tx: mpsc::UnboundedSender<Event>,
     host_ip: Mutex<String>,
+    /// The address given with `--node-ip`, which the routes do not override.
+    node_ip: Option<std::net::IpAddr>,
     /// OCI containers: the image store and the helpers, or why this machine cannot run them.
     oci: Result<Oci, String>,
     /// The pod network OCI pods join; `None` where the node cannot make one.
@@ -468,7 +473,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pods: Mutex::new(HashMap::new()),
         status_tx,
         events_tx,
-        host_ip: Mutex::new(String::new()),
+        host_ip: Mutex::new(cfg.node_ip.map(|ip| ip.to_string()).unwrap_or_default()),
+        node_ip: cfg.node_ip,
         oci,
         net,
         services,
@@ -673,7 +679,11 @@ impl Agent {
 
     /// One connected session; returns why it ended.
     async fn session(self: Arc<Self>, server: &str, link: Link) -> String {
-        if let Ok(ip) = local_ip(server).await {
+        let found = match self.node_ip {
+            Some(_) => None,
+            None => local_ip(server).await.ok(),
+        };
+        if let Some(ip) = found {
             if let Ok(mut h) = self.host_ip.lock() {
                 *h = ip;
             }

@@ -485,8 +485,18 @@ fn nodes_join_with_tokens_and_see_only_their_own() -> anyhow::Result<()> {
         &token,
         "--name",
         "edge-1",
+        "--node-ip",
+        "203.0.113.77",
     ])?;
     up.node_ready(&edge, "edge-1", 30)?;
+    // The address it was given, not the one it reaches the control plane from.
+    let ip = up.wait_field(
+        5,
+        &["node", "edge-1"],
+        "{.status.addresses[?(@.type==\"InternalIP\")].address}",
+        |a| !a.is_empty(),
+    )?;
+    assert_eq!(ip, "203.0.113.77");
     let arch = up.wait_field(
         5,
         &["node", "edge-1"],

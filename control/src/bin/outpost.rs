@@ -387,6 +387,7 @@ fn local_node(
         insecure_registries: Vec::new(),
         max_pods: 110,
         pod_cidr: outpost_edge_node::net::DEFAULT_POD_CIDR.to_string(),
+        node_ip: None,
         services: service_proxy()?,
         compile: agent::Compile::default(),
         events: agent::EventLimit::default(),

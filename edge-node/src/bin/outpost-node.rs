@@ -69,6 +69,11 @@ struct Args {
     /// (give each node its own on a LAN).
     #[arg(long, default_value = DEFAULT_POD_CIDR, env = "OUTPOST_POD_CIDR")]
     pod_cidr: String,
+    /// The address the node is known by (its InternalIP: where other nodes route its pods,
+    /// its LoadBalancers' ingress), as K3s's --node-ip. By default the one it reaches the
+    /// control plane from, or its default route's when that is loopback.
+    #[arg(long, env = "OUTPOST_NODE_IP")]
+    node_ip: Option<std::net::IpAddr>,
     /// The service proxy and cluster DNS (netd over a TUN device): auto (where the node can:
     /// root and /dev/net/tun), on (fail if it cannot), or off.
     #[arg(long, default_value = "auto", env = "OUTPOST_SERVICE_PROXY")]
@@ -148,6 +153,7 @@ async fn serve() -> anyhow::Result<()> {
         insecure_registries: a.insecure_registries,
         max_pods: a.max_pods,
         pod_cidr: a.pod_cidr,
+        node_ip: a.node_ip,
         services: services::Config {
             mode: a.service_proxy,
             cidr: a.service_cidr,

@@ -1366,7 +1366,6 @@ async fn sync_history(api: &Arc<Api>, owner: &Value, revs: &[&Value], pods: &[&V
     wrote
 }
 
-/// Bring the Endpoints and EndpointSlices of the Service at `key` up to date.
 /// The ingress of a LoadBalancer Service ([`servicelb`]), written where it differs.
 async fn sync_balancer(api: &Arc<Api>, cache: &Cache, svc: &Value) -> u64 {
     let nodes = cache
@@ -1393,6 +1392,7 @@ async fn sync_balancer(api: &Arc<Api>, cache: &Cache, svc: &Value) -> u64 {
         .0
 }
 
+/// Bring the Endpoints and EndpointSlices of the Service at `key` up to date.
 async fn sync_endpoints(api: &Arc<Api>, cache: &Cache, key: &str, svc: &Value) -> u64 {
     let (ns, name) = ns_name(svc);
     let slices: Vec<&Value> = cache

@@ -3401,8 +3401,7 @@ impl Worker {
         }
         let uid = self.uid.clone();
         let marks = self.agent.dir.join("net");
-        let services = self.agent.services.clone();
-        let wanted = host_ports(&self.pod);
+        let (services, pod) = (self.agent.services.clone(), self.pod.clone());
         self.net
             .get_or_try_init(|| async move {
                 let u = uid.clone();
@@ -3416,6 +3415,7 @@ impl Worker {
                 .await
                 .map_err(|e| e.to_string())??;
                 // The pod's hostPorts lead to it from the node's addresses until it ends.
+                let wanted = host_ports(&pod);
                 if let Some(s) = services.filter(|_| !wanted.is_empty()) {
                     let at = |(port, proto, pod, to): (u16, Proto, String, u16)| HostPort {
                         port,

@@ -23,6 +23,15 @@ fn service(name: &str, ty: &str, port: u16, target: &str) -> String {
     )
 }
 
+/// The body of a `200 OK` to `GET path` at `addr`, asked until one comes within `secs`.
+fn ok_within(secs: u64, what: &str, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    retry(secs, what, || {
+        let (code, body) = http_get_at(addr, path)?;
+        anyhow::ensure!(code == 200, "status {code}: {body}");
+        Ok(body)
+    })
+}
+
 fn busybox(args: &[&str]) -> anyhow::Result<String> {
     let out = std::process::Command::new("/bin/busybox")
         .args(args)
@@ -82,12 +91,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         .expect_ok("cluster ip")?
         .stdout;
     let addr: SocketAddr = format!("{ip}:80").parse()?;
-    let (code, body) = retry(30, "GET through the ClusterIP", || {
-        let r = http_get_at(addr, "/through/netd")?;
-        anyhow::ensure!(r.0 == 200, "status {}", r.0);
-        Ok(r)
-    })?;
-    assert_eq!(code, 200);
+    let body = ok_within(30, "GET through the ClusterIP", addr, "/through/netd")?;
     assert!(body.contains("hello from netd at /through/netd"), "{body}");
 
     // Its DNS name resolves to the ClusterIP through cluster DNS.
@@ -139,11 +143,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         "{shown}"
     );
     let lb: SocketAddr = format!("{ingress}:80").parse()?;
-    let (_, body) = retry(30, "GET through the load balancer", || {
-        let r = http_get_at(lb, "/through/lb")?;
-        anyhow::ensure!(r.0 == 200, "status {}", r.0);
-        Ok(r)
-    })?;
+    let body = ok_within(30, "GET through the load balancer", lb, "/through/lb")?;
     assert!(body.contains("hello from netd at /through/lb"), "{body}");
     up.kubectl(&[
         "patch",
@@ -186,11 +186,7 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
     ])?
     .expect_ok("the pod with a hostPort ready")?;
     let hp = SocketAddr::from(([127, 0, 0, 1], 18081));
-    let (_, body) = retry(30, "GET through the host port", || {
-        let r = http_get_at(hp, "/via/host-port")?;
-        anyhow::ensure!(r.0 == 200, "status {}", r.0);
-        Ok(r)
-    })?;
+    let body = ok_within(30, "GET through the host port", hp, "/via/host-port")?;
     assert!(
         body.contains("hello from a host port at /via/host-port"),
         "{body}"
@@ -255,12 +251,8 @@ fn services_answer_through_cluster_ips_dns_names_and_node_ports() -> anyhow::Res
         ])?
         .stdout
         .parse::<u16>()?;
-    let (code, _) = retry(30, "GET through the node port", || {
-        let r = http_get_at(SocketAddr::from(([127, 0, 0, 1], node_port)), "/")?;
-        anyhow::ensure!(r.0 == 200, "status {}", r.0);
-        Ok(r)
-    })?;
-    assert_eq!(code, 200);
+    let node = SocketAddr::from(([127, 0, 0, 1], node_port));
+    ok_within(30, "GET through the node port", node, "/")?;
 
     // The API as a pod reaches it: the `kubernetes` Service's cluster IP, checked against the
     // CA in the pod's token volume, the pod's token as its credential.

@@ -1587,35 +1587,23 @@ fn service_reservations(api: &Api, svc: &mut Value, taken: &[String]) -> Result<
     } else {
         svc["spec"]["clusterIPs"] = json!(["None"]);
     }
-    if ty == "NodePort" || ty == "LoadBalancer" {
-        if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
-            for (i, p) in ports.iter_mut().enumerate() {
-                let port = match p["nodePort"].as_u64().filter(|n| *n != 0) {
-                    Some(n) if !(30000..=32767).contains(&n) => {
-                        return Err(ApiError::Invalid {
-                            group: String::new(),
-                            kind: "Service".into(),
-                            name: name_of(svc).into(),
-                            causes: vec![Cause::invalid(
-                                format!("spec.ports[{i}].nodePort"),
-                                &n.to_string(),
-                                "provided port is not in the valid range. The range of valid ports is 30000-32767",
-                            )],
-                        })
-                    }
-                    Some(n) => n,
-                    None => 30000 + u64::from(rand::random::<u32>() % 2768),
-                };
-                p["nodePort"] = json!(port);
-                ops.push(Op::Put {
-                    key: format!("/registry/ranges/servicenodeports/{port}"),
-                    value: Vec::new(),
-                    expect: Expect::Absent,
-                });
-            }
-        }
-    }
+    // As an update from nothing: its node ports are drawn or reserved.
+    ops.extend(node_port_ops(&Value::Null, svc)?.ops);
     Ok(ops)
+}
+
+/// Service `name`'s node port `port` (its `i`th) is another Service's.
+fn port_allocated(name: &str, i: usize, port: u64) -> ApiError {
+    ApiError::Invalid {
+        group: String::new(),
+        kind: "Service".into(),
+        name: name.into(),
+        causes: vec![Cause::invalid(
+            format!("spec.ports[{i}].nodePort"),
+            &port.to_string(),
+            "provided port is already allocated",
+        )],
+    }
 }
 
 /// The index and number of a node port the client chose in `svc` whose reservation `key`
@@ -2279,16 +2267,7 @@ async fn write_new(ctx: &Ctx<'_>, mut o: Value, generated: bool) -> Result<Value
                 if taken_port(&original, keys.get(op).map_or("", String::as_str)).is_some() =>
             {
                 let (i, port) = taken_port(&original, &keys[op]).unwrap_or_default();
-                return Err(ApiError::Invalid {
-                    group: String::new(),
-                    kind: "Service".into(),
-                    name,
-                    causes: vec![Cause::invalid(
-                        format!("spec.ports[{i}].nodePort"),
-                        &port.to_string(),
-                        "provided port is already allocated",
-                    )],
-                });
+                return Err(port_allocated(&name, i, port));
             }
             Outcome::Failed { op, .. }
                 if o["spec"]["clusterIP"] == original["spec"]["clusterIP"]
@@ -3227,16 +3206,7 @@ where
                 // is drawn again.
                 let clash = reserving[op].as_deref().and_then(|k| taken_port(&new, k));
                 if let Some((i, port)) = clash.filter(|c| chosen.contains(c)) {
-                    return Err(ApiError::Invalid {
-                        group: String::new(),
-                        kind: "Service".into(),
-                        name: name.into(),
-                        causes: vec![Cause::invalid(
-                            format!("spec.ports[{i}].nodePort"),
-                            &port.to_string(),
-                            "provided port is already allocated",
-                        )],
-                    });
+                    return Err(port_allocated(name, i, port));
                 }
             }
             Outcome::Failed { .. } if pinned.is_some() => {
